@@ -1,0 +1,2 @@
+//! `bulkhead-cni`: placeholder until the plugin lands.
+fn main() {}

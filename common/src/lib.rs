@@ -1,0 +1,383 @@
+//! The ABI between the Bulkhead eBPF datapath and the agent.
+//!
+//! Every map key and value, map name, capacity and verdict constant lives here and
+//! nowhere else. Structs are `#[repr(C)]` with explicit padding so that kernel and user
+//! space agree byte for byte; each has a compile-time size assertion.
+#![no_std]
+
+/// Layout version carried in every pinned map name; bump it when a layout changes.
+pub const LAYOUT_VERSION: u32 = 1;
+
+/// Pinned map names (at most 15 bytes, the kernel's `BPF_OBJ_NAME_LEN` less the NUL).
+pub mod map_names {
+    /// Host-side ifindex → [`EndpointInfo`](super::EndpointInfo).
+    pub const ENDPOINTS: &str = "bh_endp_v1";
+    /// LPM trie IPv4 → [`IpcacheValue`](super::IpcacheValue).
+    pub const IPCACHE: &str = "bh_ipc_v1";
+    /// LPM trie [`PolicyKey`](super::PolicyKey) → [`PolicyValue`](super::PolicyValue).
+    pub const POLICY: &str = "bh_pol_v1";
+    /// LRU hash [`CtKey`](super::CtKey) → [`CtEntry`](super::CtEntry).
+    pub const CONNTRACK: &str = "bh_ct_v1";
+    /// Per-CPU array of [`Counter`](super::Counter), indexed by [`counter_index`](super::counter_index).
+    pub const COUNTERS: &str = "bh_cnt_v1";
+}
+
+/// Program names in the eBPF object.
+pub mod program_names {
+    /// TC ingress of the host-side veth: packets the pod sends (its egress).
+    pub const FROM_POD: &str = "from_pod";
+    /// TC egress of the host-side veth: packets the pod receives (its ingress).
+    pub const TO_POD: &str = "to_pod";
+}
+
+/// Map capacities.
+pub mod capacity {
+    /// Local endpoints per node.
+    pub const ENDPOINTS: u32 = 4096;
+    /// Cluster-wide IPs and CIDRs known to a node.
+    pub const IPCACHE: u32 = 65536;
+    /// Policy entries per node (all local endpoints, both directions).
+    pub const POLICY: u32 = 262_144;
+    /// Tracked connections per node.
+    pub const CONNTRACK: u32 = 262_144;
+}
+
+/// Reserved identities; allocated identities start at [`identity::FIRST_ALLOCATED`].
+pub mod identity {
+    /// Wildcard: in a policy key, any remote identity.
+    pub const ANY: u32 = 0;
+    /// The node itself.
+    pub const HOST: u32 = 1;
+    /// Any address the ipcache does not know.
+    pub const WORLD: u32 = 2;
+    /// First identity handed out for a label set.
+    pub const FIRST_ALLOCATED: u32 = 256;
+}
+
+/// Traffic direction, from the local endpoint's point of view.
+pub mod direction {
+    /// Packets the endpoint receives.
+    pub const INGRESS: u8 = 0;
+    /// Packets the endpoint sends.
+    pub const EGRESS: u8 = 1;
+    /// Number of directions.
+    pub const COUNT: u32 = 2;
+}
+
+/// Isolation flags of an endpoint ([`EndpointInfo::flags`]).
+pub mod endpoint_flags {
+    /// Some policy selects the endpoint for ingress: unmatched inbound flows drop.
+    pub const ISOLATED_INGRESS: u32 = 1 << 0;
+    /// Some policy selects the endpoint for egress: unmatched outbound flows drop.
+    pub const ISOLATED_EGRESS: u32 = 1 << 1;
+}
+
+/// IP protocol numbers the datapath parses.
+pub mod proto {
+    /// ICMP.
+    pub const ICMP: u8 = 1;
+    /// TCP.
+    pub const TCP: u8 = 6;
+    /// UDP.
+    pub const UDP: u8 = 17;
+    /// SCTP.
+    pub const SCTP: u8 = 132;
+    /// Wildcard in a policy key (covered by the prefix length, so never compared).
+    pub const ANY: u8 = 0;
+}
+
+/// Why a packet was dropped; `Forwarded` (0) is the verdict for passed packets.
+///
+/// Numbers are stable: they appear in metrics and flow records. Never reuse one.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DropReason {
+    /// Not dropped.
+    Forwarded = 0,
+    /// The interface is not a known endpoint (fail closed).
+    UnknownEndpoint = 1,
+    /// An ethertype other than IPv4 or ARP.
+    UnsupportedEthertype = 2,
+    /// A header shorter than it claims, or a bad IHL.
+    Malformed = 3,
+    /// Source MAC is not the endpoint's.
+    SpoofedMac = 4,
+    /// Source IP is not the endpoint's.
+    SpoofedIp = 5,
+    /// No policy entry allows the flow while the endpoint is isolated.
+    PolicyDenied = 6,
+    /// A non-first IP fragment, which carries no ports to check.
+    Fragment = 7,
+    /// The conntrack map refused a new entry.
+    CtInsertFailed = 8,
+    /// A packet to the endpoint with another destination address.
+    WrongDestination = 9,
+}
+
+impl DropReason {
+    /// Every reason, in number order.
+    pub const ALL: [DropReason; 10] = [
+        DropReason::Forwarded,
+        DropReason::UnknownEndpoint,
+        DropReason::UnsupportedEthertype,
+        DropReason::Malformed,
+        DropReason::SpoofedMac,
+        DropReason::SpoofedIp,
+        DropReason::PolicyDenied,
+        DropReason::Fragment,
+        DropReason::CtInsertFailed,
+        DropReason::WrongDestination,
+    ];
+    /// Number of counter slots per direction (room for reasons to come).
+    pub const SLOTS: u32 = 32;
+
+    /// The stable snake_case name used in metrics and the CLI.
+    pub const fn name(self) -> &'static str {
+        match self {
+            DropReason::Forwarded => "forwarded",
+            DropReason::UnknownEndpoint => "unknown_endpoint",
+            DropReason::UnsupportedEthertype => "unsupported_ethertype",
+            DropReason::Malformed => "malformed",
+            DropReason::SpoofedMac => "spoofed_mac",
+            DropReason::SpoofedIp => "spoofed_ip",
+            DropReason::PolicyDenied => "policy_denied",
+            DropReason::Fragment => "fragment",
+            DropReason::CtInsertFailed => "ct_insert_failed",
+            DropReason::WrongDestination => "wrong_destination",
+        }
+    }
+}
+
+/// Index into the counters map for a (reason, direction) pair.
+pub const fn counter_index(reason: DropReason, direction: u8) -> u32 {
+    (direction as u32) * DropReason::SLOTS + reason as u32
+}
+
+/// Size of the counters map.
+pub const COUNTER_SLOTS: u32 = DropReason::SLOTS * direction::COUNT;
+
+/// A local endpoint, keyed by the host-side veth's ifindex (host byte order `u32`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct EndpointInfo {
+    /// Agent-assigned endpoint id, the first field of its policy keys.
+    pub endpoint_id: u32,
+    /// Security identity of the pod.
+    pub identity: u32,
+    /// Pod IPv4 address, network byte order (as it sits in the packet).
+    pub ipv4: [u8; 4],
+    /// [`endpoint_flags`] bits.
+    pub flags: u32,
+    /// Pod-side MAC address.
+    pub mac: [u8; 6],
+    /// Explicit padding; zero.
+    pub _pad: [u8; 2],
+}
+
+/// An IPv4 LPM key body for the ipcache; the prefix length is carried by the LPM key.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Ipv4Key {
+    /// Address, network byte order.
+    pub addr: [u8; 4],
+}
+
+/// What the ipcache knows about an address.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct IpcacheValue {
+    /// Security identity of the address.
+    pub identity: u32,
+    /// Reserved; zero.
+    pub flags: u32,
+}
+
+/// Policy LPM key body. All fields are big-endian so that the LPM prefix runs over
+/// endpoint, identity, direction, protocol and then the port's high bits.
+///
+/// Prefix lengths: [`POLICY_PREFIX_ANY_PROTO`] matches every protocol and port,
+/// [`POLICY_PREFIX_ANY_PORT`] one protocol and every port, and
+/// `POLICY_PREFIX_ANY_PORT + n` the ports sharing their top `n` bits.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct PolicyKey {
+    /// Endpoint id, big-endian.
+    pub endpoint_id: [u8; 4],
+    /// Remote identity or [`identity::ANY`], big-endian.
+    pub remote_identity: [u8; 4],
+    /// [`direction`] of the flow relative to the endpoint.
+    pub direction: u8,
+    /// IP protocol, [`proto::ANY`] under a wildcard prefix.
+    pub protocol: u8,
+    /// Destination port, big-endian.
+    pub dport: [u8; 2],
+}
+
+/// Prefix length that ends after the direction: any protocol, any port.
+pub const POLICY_PREFIX_ANY_PROTO: u32 = 72;
+/// Prefix length that ends after the protocol: any port of that protocol.
+pub const POLICY_PREFIX_ANY_PORT: u32 = 80;
+/// Prefix length of an exact key.
+pub const POLICY_PREFIX_FULL: u32 = 96;
+
+impl PolicyKey {
+    /// Builds a key from host-order values.
+    pub const fn new(endpoint_id: u32, remote_identity: u32, direction: u8, protocol: u8, dport: u16) -> Self {
+        PolicyKey {
+            endpoint_id: endpoint_id.to_be_bytes(),
+            remote_identity: remote_identity.to_be_bytes(),
+            direction,
+            protocol,
+            dport: dport.to_be_bytes(),
+        }
+    }
+}
+
+/// The verdict a policy entry gives.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct PolicyValue {
+    /// The agent's id of the rule that allows the flow (names its NetworkPolicy).
+    pub rule_id: u32,
+    /// Reserved; zero.
+    pub flags: u32,
+}
+
+/// A conntrack key: the 5-tuple as seen on the wire, plus the direction of the local
+/// endpoint that created it. Addresses and ports are network byte order.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct CtKey {
+    /// Source address of the flow's first packet.
+    pub saddr: [u8; 4],
+    /// Destination address of the flow's first packet.
+    pub daddr: [u8; 4],
+    /// Source port (ICMP echo: identifier, else 0).
+    pub sport: [u8; 2],
+    /// Destination port.
+    pub dport: [u8; 2],
+    /// IP protocol.
+    pub protocol: u8,
+    /// [`direction`] at the endpoint that admitted the flow.
+    pub direction: u8,
+    /// Explicit padding; zero.
+    pub _pad: [u8; 2],
+}
+
+impl CtKey {
+    /// The key a reply packet's reverse tuple has, in the opposite direction.
+    pub const fn reversed(&self, direction: u8) -> CtKey {
+        CtKey {
+            saddr: self.daddr,
+            daddr: self.saddr,
+            sport: self.dport,
+            dport: self.sport,
+            protocol: self.protocol,
+            direction,
+            _pad: [0; 2],
+        }
+    }
+}
+
+/// State of a tracked connection.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct CtEntry {
+    /// `bpf_ktime_get_ns` of the last packet that refreshed the entry.
+    pub last_seen_ns: u64,
+    /// The rule that admitted the flow (0: the endpoint was not isolated).
+    pub rule_id: u32,
+    /// Reserved; zero.
+    pub flags: u32,
+}
+
+/// Idle time after which a conntrack entry no longer admits packets, by protocol.
+pub const fn ct_lifetime_ns(protocol: u8) -> u64 {
+    const SEC: u64 = 1_000_000_000;
+    match protocol {
+        proto::TCP | proto::SCTP => 6 * 3600 * SEC,
+        _ => 60 * SEC,
+    }
+}
+
+/// A conntrack entry is refreshed at most this often, to keep map writes off most packets.
+pub const CT_REFRESH_NS: u64 = 1_000_000_000;
+
+/// Packets and bytes for one (reason, direction) slot.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Counter {
+    /// Packets seen.
+    pub packets: u64,
+    /// Bytes seen (whole frames).
+    pub bytes: u64,
+}
+
+const _: () = assert!(core::mem::size_of::<EndpointInfo>() == 24);
+const _: () = assert!(core::mem::size_of::<Ipv4Key>() == 4);
+const _: () = assert!(core::mem::size_of::<IpcacheValue>() == 8);
+const _: () = assert!(core::mem::size_of::<PolicyKey>() == 12);
+const _: () = assert!(core::mem::size_of::<PolicyValue>() == 8);
+const _: () = assert!(core::mem::size_of::<CtKey>() == 16);
+const _: () = assert!(core::mem::size_of::<CtEntry>() == 16);
+const _: () = assert!(core::mem::size_of::<Counter>() == 16);
+const _: () = assert!(POLICY_PREFIX_FULL as usize == core::mem::size_of::<PolicyKey>() * 8);
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: each type is #[repr(C)], Copy, has no padding bytes (asserted by size above)
+    // and every bit pattern is a valid value.
+    unsafe impl aya::Pod for super::EndpointInfo {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::Ipv4Key {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::IpcacheValue {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::PolicyKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::PolicyValue {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::CtKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::CtEntry {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::Counter {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counter_slots_do_not_overlap() {
+        for r in DropReason::ALL {
+            assert!((r as u32) < DropReason::SLOTS);
+            assert_ne!(counter_index(r, direction::INGRESS), counter_index(r, direction::EGRESS));
+            assert!(counter_index(r, direction::EGRESS) < COUNTER_SLOTS);
+        }
+    }
+
+    #[test]
+    fn reason_numbers_are_dense_and_named() {
+        for (i, r) in DropReason::ALL.iter().enumerate() {
+            assert_eq!(*r as usize, i);
+            assert!(!r.name().is_empty());
+        }
+    }
+
+    #[test]
+    fn policy_key_is_big_endian_for_lpm() {
+        let k = PolicyKey::new(0x0102_0304, 0x0a0b_0c0d, direction::EGRESS, proto::TCP, 0x1f90);
+        assert_eq!(k.endpoint_id, [1, 2, 3, 4]);
+        assert_eq!(k.remote_identity, [0x0a, 0x0b, 0x0c, 0x0d]);
+        assert_eq!(k.dport, [0x1f, 0x90]);
+    }
+
+    #[test]
+    fn reversed_ct_key_swaps_ends() {
+        let k = CtKey { saddr: [1; 4], daddr: [2; 4], sport: [0, 1], dport: [0, 2], protocol: proto::UDP, direction: 1, _pad: [0; 2] };
+        let r = k.reversed(direction::INGRESS);
+        assert_eq!((r.saddr, r.daddr, r.sport, r.dport, r.direction), ([2; 4], [1; 4], [0, 2], [0, 1], 0));
+        assert_eq!(r.reversed(1), k);
+    }
+}

@@ -1,0 +1,1 @@
+//! The Bulkhead node agent, CLI and lab.
