@@ -1,2 +1,184 @@
+//! TC programs on each pod's host-side veth.
+//!
+//! `from_pod` runs on the veth's TC ingress (what the pod sends: its egress) and `to_pod`
+//! on its TC egress (what the pod receives: its ingress). Per packet: one endpoint lookup,
+//! at most two conntrack lookups, one ipcache lookup and two policy lookups — never a loop
+//! over rules. See DESIGN.md "Datapath model".
 #![no_std]
 #![no_main]
+
+mod packet;
+
+use aya_ebpf::{
+    bindings::{TC_ACT_OK, TC_ACT_SHOT},
+    helpers::bpf_ktime_get_ns,
+    macros::{classifier, map},
+    maps::{lpm_trie::Key, HashMap, LpmTrie, LruHashMap, PerCpuArray},
+    programs::TcContext,
+};
+use bulkhead_common::{
+    capacity, counter_index, ct_lifetime_ns, direction, endpoint_flags, identity, CtEntry, CtKey, Counter, DropReason,
+    EndpointInfo, IpcacheValue, Ipv4Key, PolicyKey, PolicyValue, COUNTER_SLOTS, CT_REFRESH_NS, POLICY_PREFIX_FULL,
+};
+use packet::{Headers, L3};
+
+// Map names must equal bulkhead_common::map_names (the agent looks them up by those).
+#[map(name = "bh_endp_v1")]
+static ENDPOINTS: HashMap<u32, EndpointInfo> = HashMap::pinned(capacity::ENDPOINTS, 0);
+
+#[map(name = "bh_ipc_v1")]
+static IPCACHE: LpmTrie<Ipv4Key, IpcacheValue> = LpmTrie::pinned(capacity::IPCACHE, 0);
+
+#[map(name = "bh_pol_v1")]
+static POLICY: LpmTrie<PolicyKey, PolicyValue> = LpmTrie::pinned(capacity::POLICY, 0);
+
+#[map(name = "bh_ct_v1")]
+static CONNTRACK: LruHashMap<CtKey, CtEntry> = LruHashMap::pinned(capacity::CONNTRACK, 0);
+
+#[map(name = "bh_cnt_v1")]
+static COUNTERS: PerCpuArray<Counter> = PerCpuArray::pinned(COUNTER_SLOTS, 0);
+
+#[classifier]
+pub fn from_pod(ctx: TcContext) -> i32 {
+    finish(&ctx, direction::EGRESS, try_from_pod(&ctx))
+}
+
+#[classifier]
+pub fn to_pod(ctx: TcContext) -> i32 {
+    finish(&ctx, direction::INGRESS, try_to_pod(&ctx))
+}
+
+/// Counts the verdict and turns it into a TC action.
+#[inline(always)]
+fn finish(ctx: &TcContext, dir: u8, verdict: Result<(), DropReason>) -> i32 {
+    let reason = match verdict {
+        Ok(()) => DropReason::Forwarded,
+        Err(reason) => reason,
+    };
+    if let Some(counter) = COUNTERS.get_ptr_mut(counter_index(reason, dir)) {
+        // SAFETY: a per-CPU slot is only written by this CPU, and softirq context does not
+        // preempt itself on it.
+        unsafe {
+            (*counter).packets += 1;
+            (*counter).bytes += u64::from(ctx.len());
+        }
+    }
+    match reason {
+        DropReason::Forwarded => TC_ACT_OK,
+        _ => TC_ACT_SHOT,
+    }
+}
+
+/// The endpoint behind the interface the packet is on; unknown interfaces are isolated.
+#[inline(always)]
+fn endpoint(ctx: &TcContext) -> Result<EndpointInfo, DropReason> {
+    // SAFETY: the context pointer is valid for the program's whole run.
+    let ifindex = unsafe { (*ctx.skb.skb).ifindex };
+    // SAFETY: the value is copied out at once; a concurrent update at worst gives the old
+    // or the new endpoint, both valid.
+    unsafe { ENDPOINTS.get(ifindex) }.copied().ok_or(DropReason::UnknownEndpoint)
+}
+
+fn try_from_pod(ctx: &TcContext) -> Result<(), DropReason> {
+    let ep = endpoint(ctx)?;
+    let headers = packet::parse(ctx)?;
+    let (eth_src, l3) = match headers {
+        Headers::Arp => return Ok(()),
+        Headers::Ipv4 { eth_src, l3 } => (eth_src, l3),
+    };
+    if eth_src != ep.mac {
+        return Err(DropReason::SpoofedMac);
+    }
+    if l3.saddr != ep.ipv4 {
+        return Err(DropReason::SpoofedIp);
+    }
+    admit(&ep, direction::EGRESS, &l3, l3.daddr)
+}
+
+fn try_to_pod(ctx: &TcContext) -> Result<(), DropReason> {
+    let ep = endpoint(ctx)?;
+    let l3 = match packet::parse(ctx)? {
+        Headers::Arp => return Ok(()),
+        Headers::Ipv4 { l3, .. } => l3,
+    };
+    if l3.daddr != ep.ipv4 {
+        return Err(DropReason::WrongDestination);
+    }
+    admit(&ep, direction::INGRESS, &l3, l3.saddr)
+}
+
+/// Conntrack, then policy for a new flow, then a conntrack entry for it.
+#[inline(always)]
+fn admit(ep: &EndpointInfo, dir: u8, l3: &L3, remote: [u8; 4]) -> Result<(), DropReason> {
+    let key = CtKey {
+        saddr: l3.saddr,
+        daddr: l3.daddr,
+        sport: l3.sport,
+        dport: l3.dport,
+        protocol: l3.protocol,
+        direction: dir,
+        _pad: [0; 2],
+    };
+    // SAFETY: bpf_ktime_get_ns has no preconditions.
+    let now = unsafe { bpf_ktime_get_ns() };
+    let reply_dir = if dir == direction::EGRESS { direction::INGRESS } else { direction::EGRESS };
+    if ct_alive(&key, now) || ct_alive(&key.reversed(reply_dir), now) {
+        return Ok(());
+    }
+    let rule_id = policy_verdict(ep, dir, remote, l3)?;
+    let entry = CtEntry { last_seen_ns: now, rule_id, flags: 0 };
+    CONNTRACK.insert(&key, &entry, 0).map_err(|_| DropReason::CtInsertFailed)
+}
+
+/// True when `key` is tracked and not idle past its lifetime; refreshes it at most once
+/// per `CT_REFRESH_NS` so that most packets do no map write.
+#[inline(always)]
+fn ct_alive(key: &CtKey, now: u64) -> bool {
+    let Some(entry) = CONNTRACK.get_ptr_mut(key) else {
+        return false;
+    };
+    // SAFETY: the pointer is valid until the program ends; a racing refresh writes the same
+    // kind of value, so a torn read at worst refreshes twice.
+    unsafe {
+        let idle = now.saturating_sub((*entry).last_seen_ns);
+        if idle > ct_lifetime_ns(key.protocol) {
+            return false;
+        }
+        if idle > CT_REFRESH_NS {
+            (*entry).last_seen_ns = now;
+        }
+    }
+    true
+}
+
+/// The rule that allows a new flow, 0 when the endpoint is not isolated that way.
+#[inline(always)]
+fn policy_verdict(ep: &EndpointInfo, dir: u8, remote: [u8; 4], l3: &L3) -> Result<u32, DropReason> {
+    let isolated = if dir == direction::EGRESS { endpoint_flags::ISOLATED_EGRESS } else { endpoint_flags::ISOLATED_INGRESS };
+    if ep.flags & isolated == 0 {
+        return Ok(0);
+    }
+    let remote_identity = IPCACHE.get(Key::new(32, Ipv4Key { addr: remote })).map_or(identity::WORLD, |v| v.identity);
+    let mut key = PolicyKey {
+        endpoint_id: ep.endpoint_id.to_be_bytes(),
+        remote_identity: remote_identity.to_be_bytes(),
+        direction: dir,
+        protocol: l3.protocol,
+        dport: l3.policy_port(),
+    };
+    if let Some(v) = POLICY.get(Key::new(POLICY_PREFIX_FULL, key)) {
+        return Ok(v.rule_id);
+    }
+    key.remote_identity = identity::ANY.to_be_bytes();
+    POLICY.get(Key::new(POLICY_PREFIX_FULL, key)).map(|v| v.rule_id).ok_or(DropReason::PolicyDenied)
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 4] = *b"GPL\0";

@@ -1,0 +1,177 @@
+//! Loading the eBPF object, pinning its maps, and attaching its programs to pod veths.
+
+use std::path::{Path, PathBuf};
+
+use aya::maps::{MapData, PerCpuArray};
+use aya::programs::tc::{self, NlOptions, SchedClassifier, TcAttachOptions, TcAttachType};
+use aya::{Ebpf, EbpfLoader};
+use bulkhead_common::{counter_index, direction, map_names, program_names, Counter, DropReason};
+
+use crate::maps::BpfMaps;
+
+/// The datapath object, built from `datapath-ebpf/` by `build.rs`.
+static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/bulkhead-datapath"));
+
+/// `statfs` magic of bpffs (`BPF_FS_MAGIC` in linux/magic.h).
+const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+
+/// Why loading or attaching failed.
+#[derive(Debug, thiserror::Error)]
+pub enum DatapathError {
+    /// bpffs could not be mounted or the pin directory made.
+    #[error("cannot prepare bpffs pin directory {path}")]
+    Bpffs {
+        /// Pin directory.
+        path: PathBuf,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The kernel refused the object.
+    #[error("cannot load the datapath object (pins under {path})")]
+    Load {
+        /// Pin directory.
+        path: PathBuf,
+        /// Cause.
+        #[source]
+        source: Box<aya::EbpfError>,
+    },
+    /// A program or map is missing or of the wrong type.
+    #[error("datapath object: {what}")]
+    Object {
+        /// What is wrong.
+        what: String,
+    },
+    /// A program could not be loaded or attached.
+    #[error("{op} program {program} on {ifname} failed")]
+    Program {
+        /// What was attempted.
+        op: &'static str,
+        /// Program name.
+        program: &'static str,
+        /// Interface, or "-" when loading.
+        ifname: String,
+        /// Cause.
+        #[source]
+        source: aya::programs::ProgramError,
+    },
+    /// A map could not be read.
+    #[error("reading map {map} failed")]
+    Map {
+        /// Map name.
+        map: &'static str,
+        /// Cause.
+        #[source]
+        source: aya::maps::MapError,
+    },
+}
+
+/// The loaded datapath: programs ready to attach and the maps the agent writes.
+pub struct Datapath {
+    ebpf: Ebpf,
+    /// Maps the compiler's output is synced into.
+    pub maps: BpfMaps,
+    counters: PerCpuArray<MapData, Counter>,
+    pin_dir: PathBuf,
+}
+
+/// Mounts bpffs at `/sys/fs/bpf` when it is not there (a fresh machine) and creates `dir`.
+pub fn ensure_pin_dir(dir: &Path) -> Result<(), DatapathError> {
+    let err = |source| DatapathError::Bpffs { path: dir.to_path_buf(), source };
+    let root = Path::new("/sys/fs/bpf");
+    if dir.starts_with(root) {
+        let mounted = nix::sys::statfs::statfs(root).map(|s| s.filesystem_type().0 as i64 == BPF_FS_MAGIC).unwrap_or(false);
+        if !mounted {
+            std::fs::create_dir_all(root).map_err(err)?;
+            nix::mount::mount(Some("bpf"), root, Some("bpf"), nix::mount::MsFlags::empty(), Some("mode=0700"))
+                .map_err(|e| err(std::io::Error::from(e)))?;
+        }
+    }
+    std::fs::create_dir_all(dir).map_err(err)
+}
+
+impl Datapath {
+    /// Loads the object; its maps are pinned under `pin_dir` (reused when already pinned, so
+    /// state survives an agent restart).
+    pub fn load(pin_dir: &Path) -> Result<Self, DatapathError> {
+        ensure_pin_dir(pin_dir)?;
+        let mut ebpf = EbpfLoader::new()
+            .default_map_pin_directory(pin_dir)
+            .load(OBJECT)
+            .map_err(|source| DatapathError::Load { path: pin_dir.to_path_buf(), source: Box::new(source) })?;
+        for name in [program_names::FROM_POD, program_names::TO_POD] {
+            classifier(&mut ebpf, name)?.load().map_err(|source| DatapathError::Program { op: "load", program: name, ifname: "-".into(), source })?;
+        }
+        let mut take = |name: &'static str| ebpf.take_map(name).ok_or_else(|| DatapathError::Object { what: format!("no map {name}") });
+        let (endpoints, ipcache, policy, counters) =
+            (take(map_names::ENDPOINTS)?, take(map_names::IPCACHE)?, take(map_names::POLICY)?, take(map_names::COUNTERS)?);
+        let wrong = |map: &'static str| move |source| DatapathError::Map { map, source };
+        let maps = BpfMaps {
+            endpoints: endpoints.try_into().map_err(wrong(map_names::ENDPOINTS))?,
+            ipcache: ipcache.try_into().map_err(wrong(map_names::IPCACHE))?,
+            policy: policy.try_into().map_err(wrong(map_names::POLICY))?,
+        };
+        let counters = counters.try_into().map_err(wrong(map_names::COUNTERS))?;
+        Ok(Datapath { ebpf, maps, counters, pin_dir: pin_dir.to_path_buf() })
+    }
+
+    /// Where the maps are pinned.
+    pub fn pin_dir(&self) -> &Path {
+        &self.pin_dir
+    }
+
+    /// Attaches both programs to the host-side veth `ifname` (clsact, direct action).
+    ///
+    /// Netlink filters, not TCX links: a filter stays in the kernel when the agent exits, so
+    /// pods stay enforced across agent restarts; deleting the veth removes it.
+    pub fn attach(&mut self, ifname: &str) -> Result<(), DatapathError> {
+        if let Err(e) = tc::qdisc_add_clsact(ifname) {
+            // EEXIST: the qdisc is there already (a repeated ADD).
+            let exists = matches!(&e, tc::TcError::NetlinkError(n) if n.raw_os_error() == Some(libc::EEXIST));
+            if !exists {
+                return Err(DatapathError::Object { what: format!("cannot add clsact qdisc to {ifname}: {e}") });
+            }
+        }
+        for (name, attach_type) in [(program_names::FROM_POD, TcAttachType::Ingress), (program_names::TO_POD, TcAttachType::Egress)] {
+            let prog = classifier(&mut self.ebpf, name)?;
+            let err = |op, source| DatapathError::Program { op, program: name, ifname: ifname.to_string(), source };
+            let id = prog.attach_with_options(ifname, attach_type, TcAttachOptions::Netlink(NlOptions::default())).map_err(|e| err("attach", e))?;
+            let link = prog.take_link(id).map_err(|e| err("take link", e))?;
+            // Dropping the link would detach the filter; the kernel owns it from here.
+            std::mem::forget(link);
+        }
+        Ok(())
+    }
+
+    /// A program, for `BPF_PROG_TEST_RUN`.
+    pub fn program(&mut self, name: &'static str) -> Result<&mut SchedClassifier, DatapathError> {
+        classifier(&mut self.ebpf, name)
+    }
+
+    /// Packets and bytes per (reason, direction), summed over CPUs.
+    pub fn counter(&self, reason: DropReason, dir: u8) -> Result<Counter, DatapathError> {
+        let values = self.counters.get(&counter_index(reason, dir), 0).map_err(|source| DatapathError::Map { map: map_names::COUNTERS, source })?;
+        Ok(values.iter().fold(Counter::default(), |acc, c| Counter { packets: acc.packets + c.packets, bytes: acc.bytes + c.bytes }))
+    }
+
+    /// Every non-zero counter.
+    pub fn counters(&self) -> Result<Vec<(DropReason, u8, Counter)>, DatapathError> {
+        let mut out = Vec::new();
+        for dir in [direction::INGRESS, direction::EGRESS] {
+            for reason in DropReason::ALL {
+                let c = self.counter(reason, dir)?;
+                if c.packets > 0 {
+                    out.push((reason, dir, c));
+                }
+            }
+        }
+        Ok(out)
+    }
+}
+
+fn classifier<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut SchedClassifier, DatapathError> {
+    ebpf.program_mut(name)
+        .ok_or_else(|| DatapathError::Object { what: format!("no program {name}") })?
+        .try_into()
+        .map_err(|source| DatapathError::Program { op: "find", program: name, ifname: "-".into(), source })
+}

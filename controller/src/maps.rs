@@ -1,0 +1,226 @@
+//! Writing compiled state into the datapath maps: one trait, a BPF implementation and an
+//! in-memory one for tests, and the diff that decides what to write.
+
+use std::collections::BTreeMap;
+use std::net::Ipv4Addr;
+
+use aya::maps::lpm_trie::{Key, LpmTrie};
+use aya::maps::{HashMap, MapData, MapError};
+use bulkhead_common::{EndpointInfo, IpcacheValue, Ipv4Key, PolicyKey, PolicyValue};
+
+use crate::policy::DatapathState;
+
+/// Why a map write failed.
+#[derive(Debug, thiserror::Error)]
+pub enum MapsError {
+    /// A kernel map operation failed (a full map lands here too).
+    #[error("{op} on map {map} failed")]
+    Map {
+        /// What was attempted.
+        op: &'static str,
+        /// Which map.
+        map: &'static str,
+        /// Cause.
+        #[source]
+        source: MapError,
+    },
+}
+
+/// The writes a sync can make; implemented by the BPF maps and by [`MemoryMaps`].
+pub trait MapWriter {
+    /// Inserts or replaces an endpoint.
+    fn set_endpoint(&mut self, ifindex: u32, value: &EndpointInfo) -> Result<(), MapsError>;
+    /// Removes an endpoint.
+    fn remove_endpoint(&mut self, ifindex: u32) -> Result<(), MapsError>;
+    /// Inserts or replaces an ipcache prefix.
+    fn set_ipcache(&mut self, addr: Ipv4Addr, prefix_len: u8, value: &IpcacheValue) -> Result<(), MapsError>;
+    /// Removes an ipcache prefix.
+    fn remove_ipcache(&mut self, addr: Ipv4Addr, prefix_len: u8) -> Result<(), MapsError>;
+    /// Inserts or replaces a policy entry.
+    fn set_policy(&mut self, key: &PolicyKey, prefix_len: u32, value: &PolicyValue) -> Result<(), MapsError>;
+    /// Removes a policy entry.
+    fn remove_policy(&mut self, key: &PolicyKey, prefix_len: u32) -> Result<(), MapsError>;
+}
+
+/// How many writes a sync made.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SyncStats {
+    /// Entries inserted or changed.
+    pub upserts: usize,
+    /// Entries removed.
+    pub removals: usize,
+}
+
+/// Writes the difference between `old` (what the maps hold) and `new`.
+///
+/// Order keeps the datapath fail-closed and consistent at every step: identities and
+/// policy entries go in before the endpoint that uses them, and an endpoint goes out
+/// before its entries. On error `old` no longer describes the maps; callers resync.
+pub fn sync(w: &mut impl MapWriter, old: &DatapathState, new: &DatapathState) -> Result<SyncStats, MapsError> {
+    let mut stats = SyncStats::default();
+    for (ifindex, _) in removed(&old.endpoints, &new.endpoints) {
+        w.remove_endpoint(*ifindex)?;
+        stats.removals += 1;
+    }
+    for ((addr, len), v) in upserted(&old.ipcache, &new.ipcache) {
+        w.set_ipcache(*addr, *len, v)?;
+        stats.upserts += 1;
+    }
+    for ((key, len), v) in upserted(&old.policy, &new.policy) {
+        w.set_policy(key, *len, v)?;
+        stats.upserts += 1;
+    }
+    for (ifindex, v) in upserted(&old.endpoints, &new.endpoints) {
+        w.set_endpoint(*ifindex, v)?;
+        stats.upserts += 1;
+    }
+    for ((key, len), _) in removed(&old.policy, &new.policy) {
+        w.remove_policy(key, *len)?;
+        stats.removals += 1;
+    }
+    for ((addr, len), _) in removed(&old.ipcache, &new.ipcache) {
+        w.remove_ipcache(*addr, *len)?;
+        stats.removals += 1;
+    }
+    Ok(stats)
+}
+
+fn upserted<'a, K: Ord, V: PartialEq>(old: &'a BTreeMap<K, V>, new: &'a BTreeMap<K, V>) -> impl Iterator<Item = (&'a K, &'a V)> {
+    new.iter().filter(move |(k, v)| old.get(k) != Some(v))
+}
+
+fn removed<'a, K: Ord, V>(old: &'a BTreeMap<K, V>, new: &'a BTreeMap<K, V>) -> impl Iterator<Item = (&'a K, &'a V)> {
+    old.iter().filter(move |(k, _)| !new.contains_key(k))
+}
+
+/// The datapath's maps, as the agent writes them.
+pub struct BpfMaps {
+    /// `bh_endp_v1`.
+    pub endpoints: HashMap<MapData, u32, EndpointInfo>,
+    /// `bh_ipc_v1`.
+    pub ipcache: LpmTrie<MapData, Ipv4Key, IpcacheValue>,
+    /// `bh_pol_v1`.
+    pub policy: LpmTrie<MapData, PolicyKey, PolicyValue>,
+}
+
+fn map_err(op: &'static str, map: &'static str) -> impl FnOnce(MapError) -> MapsError {
+    move |source| MapsError::Map { op, map, source }
+}
+
+/// Removal of an absent key is success: the state wanted is reached.
+fn absent_ok(result: Result<(), MapError>) -> Result<(), MapError> {
+    match result {
+        Err(MapError::SyscallError(ref e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => Ok(()),
+        other => other,
+    }
+}
+
+impl MapWriter for BpfMaps {
+    fn set_endpoint(&mut self, ifindex: u32, value: &EndpointInfo) -> Result<(), MapsError> {
+        self.endpoints.insert(ifindex, value, 0).map_err(map_err("insert", "endpoints"))
+    }
+    fn remove_endpoint(&mut self, ifindex: u32) -> Result<(), MapsError> {
+        absent_ok(self.endpoints.remove(&ifindex)).map_err(map_err("remove", "endpoints"))
+    }
+    fn set_ipcache(&mut self, addr: Ipv4Addr, prefix_len: u8, value: &IpcacheValue) -> Result<(), MapsError> {
+        let key = Key::new(u32::from(prefix_len), Ipv4Key { addr: addr.octets() });
+        self.ipcache.insert(&key, value, 0).map_err(map_err("insert", "ipcache"))
+    }
+    fn remove_ipcache(&mut self, addr: Ipv4Addr, prefix_len: u8) -> Result<(), MapsError> {
+        let key = Key::new(u32::from(prefix_len), Ipv4Key { addr: addr.octets() });
+        absent_ok(self.ipcache.remove(&key)).map_err(map_err("remove", "ipcache"))
+    }
+    fn set_policy(&mut self, key: &PolicyKey, prefix_len: u32, value: &PolicyValue) -> Result<(), MapsError> {
+        self.policy.insert(&Key::new(prefix_len, *key), value, 0).map_err(map_err("insert", "policy"))
+    }
+    fn remove_policy(&mut self, key: &PolicyKey, prefix_len: u32) -> Result<(), MapsError> {
+        absent_ok(self.policy.remove(&Key::new(prefix_len, *key))).map_err(map_err("remove", "policy"))
+    }
+}
+
+/// An in-memory [`MapWriter`] that records what the maps would hold.
+#[derive(Debug, Default)]
+pub struct MemoryMaps {
+    /// The maps' contents.
+    pub state: DatapathState,
+    /// Every write, in order, for tests of ordering.
+    pub log: Vec<String>,
+}
+
+impl MapWriter for MemoryMaps {
+    fn set_endpoint(&mut self, ifindex: u32, value: &EndpointInfo) -> Result<(), MapsError> {
+        self.log.push(format!("set endpoint {ifindex}"));
+        self.state.endpoints.insert(ifindex, *value);
+        Ok(())
+    }
+    fn remove_endpoint(&mut self, ifindex: u32) -> Result<(), MapsError> {
+        self.log.push(format!("remove endpoint {ifindex}"));
+        self.state.endpoints.remove(&ifindex);
+        Ok(())
+    }
+    fn set_ipcache(&mut self, addr: Ipv4Addr, prefix_len: u8, value: &IpcacheValue) -> Result<(), MapsError> {
+        self.log.push(format!("set ipcache {addr}/{prefix_len}"));
+        self.state.ipcache.insert((addr, prefix_len), *value);
+        Ok(())
+    }
+    fn remove_ipcache(&mut self, addr: Ipv4Addr, prefix_len: u8) -> Result<(), MapsError> {
+        self.log.push(format!("remove ipcache {addr}/{prefix_len}"));
+        self.state.ipcache.remove(&(addr, prefix_len));
+        Ok(())
+    }
+    fn set_policy(&mut self, key: &PolicyKey, prefix_len: u32, value: &PolicyValue) -> Result<(), MapsError> {
+        self.log.push(format!("set policy {key:?}/{prefix_len}"));
+        self.state.policy.insert((*key, prefix_len), *value);
+        Ok(())
+    }
+    fn remove_policy(&mut self, key: &PolicyKey, prefix_len: u32) -> Result<(), MapsError> {
+        self.log.push(format!("remove policy {key:?}/{prefix_len}"));
+        self.state.policy.remove(&(*key, prefix_len));
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bulkhead_common::{direction, proto, POLICY_PREFIX_FULL};
+
+    fn state(endpoints: &[(u32, u32)], policies: &[(u32, u16, u32)]) -> DatapathState {
+        let mut s = DatapathState::default();
+        for &(ifindex, identity) in endpoints {
+            s.endpoints.insert(ifindex, EndpointInfo { endpoint_id: ifindex, identity, ..Default::default() });
+            s.ipcache.insert((Ipv4Addr::new(10, 0, 0, ifindex as u8), 32), IpcacheValue { identity, flags: 0 });
+        }
+        for &(ep, port, rule) in policies {
+            let k = PolicyKey::new(ep, 0, direction::INGRESS, proto::TCP, port);
+            s.policy.insert((k, POLICY_PREFIX_FULL), PolicyValue { rule_id: rule, flags: 0 });
+        }
+        s
+    }
+
+    #[test]
+    fn sync_reaches_the_new_state_writing_only_the_difference() {
+        let old = state(&[(1, 300), (2, 301)], &[(1, 80, 1), (1, 81, 2), (2, 80, 3)]);
+        let new = state(&[(1, 300), (3, 302)], &[(1, 80, 1), (1, 81, 9), (3, 80, 4)]);
+        let mut m = MemoryMaps { state: old.clone(), log: vec![] };
+        let stats = sync(&mut m, &old, &new).unwrap();
+        assert_eq!(m.state, new);
+        // endpoint 3 + its ipcache, policy 1:81 changed, policy 3:80 new.
+        assert_eq!(stats.upserts, 4);
+        // endpoint 2 + its ipcache + its policy.
+        assert_eq!(stats.removals, 3);
+        assert_eq!(sync(&mut m, &new, &new).unwrap(), SyncStats::default());
+    }
+
+    #[test]
+    fn endpoints_appear_after_their_policy_and_leave_before_it() {
+        let empty = DatapathState::default();
+        let full = state(&[(7, 300)], &[(7, 80, 1)]);
+        let mut m = MemoryMaps::default();
+        sync(&mut m, &empty, &full).unwrap();
+        assert_eq!(m.log.last().map(String::as_str), Some("set endpoint 7"));
+        m.log.clear();
+        sync(&mut m, &full, &empty).unwrap();
+        assert_eq!(m.log.first().map(String::as_str), Some("remove endpoint 7"));
+    }
+}
