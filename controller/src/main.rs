@@ -1,1 +1,40 @@
-fn main() {}
+//! `bulkhead`: the node agent, the lab and the CLI.
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+/// Label-based network segmentation for Kubernetes, enforced in eBPF.
+#[derive(Parser)]
+#[command(name = "bulkhead", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the node agent.
+    Agent(bulkhead::agent::AgentArgs),
+    /// A cluster on this machine made of network namespaces.
+    Lab(bulkhead::lab::LabArgs),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("BULKHEAD_LOG").unwrap_or_else(|_| "info".into()))
+        .init();
+    let result: anyhow::Result<u8> = match cli.command {
+        Command::Agent(args) => bulkhead::agent::run(args).map(|()| 0).map_err(Into::into),
+        Command::Lab(args) => bulkhead::lab::run(args).map(|code| u8::try_from(code).unwrap_or(1)).map_err(Into::into),
+    };
+    match result {
+        Ok(code) => ExitCode::from(code),
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -103,6 +103,27 @@ pub struct BpfMaps {
     pub policy: LpmTrie<MapData, PolicyKey, PolicyValue>,
 }
 
+impl BpfMaps {
+    /// What the maps hold now: the baseline a restarted agent syncs against, so entries
+    /// an earlier run left behind are removed.
+    pub fn read_state(&self) -> Result<DatapathState, MapsError> {
+        let mut s = DatapathState::default();
+        for item in self.endpoints.iter() {
+            let (k, v) = item.map_err(map_err("iterate", "endpoints"))?;
+            s.endpoints.insert(k, v);
+        }
+        for item in self.ipcache.iter() {
+            let (k, v) = item.map_err(map_err("iterate", "ipcache"))?;
+            s.ipcache.insert((Ipv4Addr::from(k.data().addr), k.prefix_len() as u8), v);
+        }
+        for item in self.policy.iter() {
+            let (k, v) = item.map_err(map_err("iterate", "policy"))?;
+            s.policy.insert((k.data(), k.prefix_len()), v);
+        }
+        Ok(s)
+    }
+}
+
 fn map_err(op: &'static str, map: &'static str) -> impl FnOnce(MapError) -> MapsError {
     move |source| MapsError::Map { op, map, source }
 }

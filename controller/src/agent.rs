@@ -1,0 +1,374 @@
+//! The node agent: keeps the eBPF maps equal to what the cluster model and the local
+//! endpoints compile to, and serves the endpoint socket for the CNI plugin.
+
+use std::collections::BTreeMap;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bulkhead_cni::agent_api::{AgentStatus, EndpointRef, EndpointSpec, Request, Response};
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::Mutex;
+
+use crate::datapath::{Datapath, DatapathError};
+use crate::maps::{self, MapsError};
+use crate::model::Cluster;
+use crate::policy::{Compiler, DatapathState, LocalEndpoint};
+use crate::source::{FileSource, EmptySource, Source, SourceError};
+
+/// CNI "try again later".
+const CODE_TRY_AGAIN: u32 = 11;
+/// Our code: the agent could not program the endpoint.
+const CODE_AGENT_FAILED: u32 = 102;
+/// How long an ADD waits for its pod to appear in the model.
+const POD_WAIT: Duration = Duration::from_secs(10);
+/// How often the source is polled for changes.
+const POLL_INTERVAL: Duration = Duration::from_millis(500);
+
+/// `bulkhead agent` flags.
+#[derive(Clone, Debug, clap::Args)]
+pub struct AgentArgs {
+    /// This node's name.
+    #[arg(long, env = "BULKHEAD_NODE_NAME")]
+    pub node_name: String,
+    /// A directory of Namespace, Pod and NetworkPolicy manifests (local-files source).
+    #[arg(long)]
+    pub manifests: Option<PathBuf>,
+    /// State directory: the endpoint socket (`agent.sock`) and the endpoint registry.
+    #[arg(long, default_value = "/run/bulkhead")]
+    pub state_dir: PathBuf,
+    /// bpffs directory where maps are pinned.
+    #[arg(long, default_value = "/sys/fs/bpf/bulkhead")]
+    pub bpffs: PathBuf,
+    /// This node's pod CIDR (informational; the CNI plugin allocates from it).
+    #[arg(long)]
+    pub pod_cidr: Option<ipnetwork::Ipv4Network>,
+}
+
+/// Why the agent failed.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    /// Loading or attaching the datapath failed.
+    #[error(transparent)]
+    Datapath(#[from] DatapathError),
+    /// Writing the maps failed.
+    #[error(transparent)]
+    Maps(#[from] MapsError),
+    /// The model source failed.
+    #[error(transparent)]
+    Source(#[from] SourceError),
+    /// File or socket I/O failed.
+    #[error("{op} {path}")]
+    Io {
+        /// What was attempted.
+        op: &'static str,
+        /// Path involved.
+        path: PathBuf,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// A registered endpoint, as persisted in the state directory.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+struct EndpointRecord {
+    endpoint_id: u32,
+    spec: EndpointSpec,
+}
+
+/// The agent's state; one lock guards it all, so map syncs never interleave.
+struct Agent {
+    node_name: String,
+    source: Box<dyn Source>,
+    cluster: Cluster,
+    compiler: Compiler,
+    endpoints: BTreeMap<(String, String), EndpointRecord>,
+    /// What the maps hold, as far as the agent knows.
+    applied: DatapathState,
+    datapath: Datapath,
+    generation: u64,
+    registry: PathBuf,
+}
+
+fn parse_mac(text: &str) -> Option<[u8; 6]> {
+    let mut mac = [0u8; 6];
+    let mut parts = text.split(':');
+    for byte in &mut mac {
+        *byte = u8::from_str_radix(parts.next()?, 16).ok()?;
+    }
+    parts.next().is_none().then_some(mac)
+}
+
+impl Agent {
+    fn locals(&self) -> Vec<LocalEndpoint> {
+        self.endpoints
+            .values()
+            .filter_map(|r| {
+                Some(LocalEndpoint {
+                    endpoint_id: r.endpoint_id,
+                    host_ifindex: r.spec.host_ifindex,
+                    namespace: r.spec.pod_namespace.clone(),
+                    pod: r.spec.pod_name.clone(),
+                    ipv4: r.spec.ipv4,
+                    mac: parse_mac(&r.spec.mac)?,
+                })
+            })
+            .collect()
+    }
+
+    /// Recompiles and writes the difference into the maps.
+    fn reprogram(&mut self) -> Result<(), AgentError> {
+        let started = Instant::now();
+        let new = self.compiler.compile(&self.cluster, &self.locals());
+        match maps::sync(&mut self.datapath.maps, &self.applied, &new) {
+            Ok(stats) => {
+                self.applied = new;
+                self.generation += 1;
+                tracing::debug!(upserts = stats.upserts, removals = stats.removals, elapsed = ?started.elapsed(), "maps programmed");
+                Ok(())
+            }
+            Err(e) => {
+                // Some writes happened: treat every key of either state as possibly present,
+                // so the next sync removes what should not be there.
+                let mut merged = std::mem::take(&mut self.applied);
+                merged.endpoints.extend(new.endpoints);
+                merged.ipcache.extend(new.ipcache);
+                merged.policy.extend(new.policy);
+                self.applied = merged;
+                Err(e.into())
+            }
+        }
+    }
+
+    /// Re-reads the source; on a change, reprograms.
+    fn refresh(&mut self, force: bool) -> Result<(), AgentError> {
+        if let Some(cluster) = self.source.poll(force)? {
+            if cluster != self.cluster {
+                self.cluster = cluster;
+                self.reprogram()?;
+            }
+        }
+        Ok(())
+    }
+
+    fn save_registry(&self) -> Result<(), AgentError> {
+        let records: Vec<_> = self.endpoints.values().collect();
+        let io = |source| AgentError::Io { op: "write", path: self.registry.clone(), source };
+        let text = serde_json::to_vec_pretty(&records).map_err(|e| io(e.into()))?;
+        let tmp = self.registry.with_extension("tmp");
+        std::fs::write(&tmp, text).map_err(io)?;
+        std::fs::rename(&tmp, &self.registry).map_err(io)
+    }
+
+    fn add_endpoint(&mut self, spec: EndpointSpec) -> Response {
+        if parse_mac(&spec.mac).is_none() {
+            return Response::Error { code: CODE_AGENT_FAILED, message: format!("malformed mac {:?}", spec.mac) };
+        }
+        let key = (spec.container_id.clone(), spec.ifname.clone());
+        let endpoint_id = match self.endpoints.get(&key) {
+            Some(r) => r.endpoint_id,
+            None => self.endpoints.values().map(|r| r.endpoint_id).max().unwrap_or(0) + 1,
+        };
+        // Programs first: with no endpoint entry yet they drop everything (fail closed).
+        if let Err(e) = self.datapath.attach(&spec.host_ifname) {
+            return Response::Error { code: CODE_AGENT_FAILED, message: error_chain(&e) };
+        }
+        let previous = self.endpoints.insert(key.clone(), EndpointRecord { endpoint_id, spec });
+        if let Err(e) = self.reprogram() {
+            match previous {
+                Some(p) => self.endpoints.insert(key, p),
+                None => self.endpoints.remove(&key),
+            };
+            let _ = self.reprogram();
+            return Response::Error { code: CODE_AGENT_FAILED, message: error_chain(&e) };
+        }
+        if let Err(e) = self.save_registry() {
+            tracing::warn!(error = %error_chain(&e), "cannot persist endpoint registry");
+        }
+        Response::Ok
+    }
+
+    fn del_endpoint(&mut self, r: &EndpointRef) -> Response {
+        if self.endpoints.remove(&(r.container_id.clone(), r.ifname.clone())).is_none() {
+            return Response::Ok;
+        }
+        let result = self.reprogram().and_then(|()| self.save_registry());
+        match result {
+            Ok(()) => Response::Ok,
+            Err(e) => Response::Error { code: CODE_AGENT_FAILED, message: error_chain(&e) },
+        }
+    }
+
+    fn check_endpoint(&self, r: &EndpointRef) -> Response {
+        match self.endpoints.get(&(r.container_id.clone(), r.ifname.clone())) {
+            Some(rec) if self.applied.endpoints.contains_key(&rec.spec.host_ifindex) => Response::Ok,
+            Some(_) => Response::Error { code: CODE_AGENT_FAILED, message: format!("endpoint {}/{} is not programmed", r.container_id, r.ifname) },
+            None => Response::Error { code: CODE_AGENT_FAILED, message: format!("endpoint {}/{} is unknown", r.container_id, r.ifname) },
+        }
+    }
+
+    fn status(&self) -> AgentStatus {
+        AgentStatus {
+            node_name: self.node_name.clone(),
+            ready: true,
+            endpoints: self.endpoints.len(),
+            identities: self.compiler.identities().len(),
+            policies: self.cluster.policies().len(),
+            policy_entries: self.applied.policy.len(),
+            generation: self.generation,
+        }
+    }
+}
+
+/// The error and its causes, one line.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}
+
+async fn handle(agent: &Mutex<Agent>, request: Request) -> Response {
+    match request {
+        Request::AddEndpoint(spec) => {
+            let deadline = Instant::now() + POD_WAIT;
+            loop {
+                {
+                    let mut a = agent.lock().await;
+                    let known = a.cluster.pod(&spec.pod_namespace, &spec.pod_name).is_some();
+                    if known {
+                        return a.add_endpoint(spec);
+                    }
+                    if let Err(e) = a.refresh(true) {
+                        tracing::warn!(error = %error_chain(&e), "reloading the model");
+                    }
+                    if a.cluster.pod(&spec.pod_namespace, &spec.pod_name).is_some() {
+                        return a.add_endpoint(spec);
+                    }
+                }
+                if Instant::now() > deadline {
+                    return Response::Error {
+                        code: CODE_TRY_AGAIN,
+                        message: format!("pod {}/{} is not known to the agent yet", spec.pod_namespace, spec.pod_name),
+                    };
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+        Request::DelEndpoint(r) => agent.lock().await.del_endpoint(&r),
+        Request::CheckEndpoint(r) => agent.lock().await.check_endpoint(&r),
+        Request::Reload => match agent.lock().await.refresh(true) {
+            Ok(()) => Response::Ok,
+            Err(e) => Response::Error { code: CODE_AGENT_FAILED, message: error_chain(&e) },
+        },
+        Request::Status => Response::Status(agent.lock().await.status()),
+    }
+}
+
+async fn serve_connection(agent: Arc<Mutex<Agent>>, stream: UnixStream) {
+    let (read, mut write) = stream.into_split();
+    let mut line = String::new();
+    let response = match BufReader::new(read).read_line(&mut line).await {
+        Ok(_) => match serde_json::from_str::<Request>(&line) {
+            Ok(request) => handle(&agent, request).await,
+            Err(e) => Response::Error { code: 6, message: format!("malformed request: {e}") },
+        },
+        Err(e) => Response::Error { code: 6, message: format!("reading request: {e}") },
+    };
+    let Ok(mut out) = serde_json::to_vec(&response) else { return };
+    out.push(b'\n');
+    if let Err(e) = write.write_all(&out).await {
+        tracing::debug!(error = %e, "client went away");
+    }
+}
+
+fn load_registry(path: &Path) -> BTreeMap<(String, String), EndpointRecord> {
+    let records: Vec<EndpointRecord> = match std::fs::read(path) {
+        Ok(bytes) => serde_json::from_slice(&bytes).unwrap_or_else(|e| {
+            tracing::warn!(path = %path.display(), error = %e, "ignoring unreadable endpoint registry");
+            Vec::new()
+        }),
+        Err(_) => Vec::new(),
+    };
+    records.into_iter().map(|r| ((r.spec.container_id.clone(), r.spec.ifname.clone()), r)).collect()
+}
+
+/// Runs the agent until SIGTERM or SIGINT.
+pub fn run(args: AgentArgs) -> Result<(), AgentError> {
+    let io = |op, path: &Path| {
+        let path = path.to_path_buf();
+        move |source| AgentError::Io { op, path, source }
+    };
+    std::fs::create_dir_all(&args.state_dir).map_err(io("create", &args.state_dir))?;
+    let mut datapath = Datapath::load(&args.bpffs)?;
+    // Reconcile against what the pinned maps really hold (an earlier agent's entries).
+    let applied = datapath.maps.read_state()?;
+    let source: Box<dyn Source> = match &args.manifests {
+        Some(dir) => Box::new(FileSource::new(dir)),
+        None => Box::new(EmptySource::default()),
+    };
+    let registry = args.state_dir.join("endpoints.json");
+    let mut agent = Agent {
+        node_name: args.node_name.clone(),
+        source,
+        cluster: Cluster::new(),
+        compiler: Compiler::new(),
+        endpoints: load_registry(&registry),
+        applied,
+        datapath,
+        generation: 0,
+        registry,
+    };
+    agent.refresh(true)?;
+    agent.reprogram()?;
+    tracing::info!(node = %args.node_name, endpoints = agent.endpoints.len(), pod_cidr = ?args.pod_cidr, "datapath programmed");
+    let _ = &mut agent.datapath;
+
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .map_err(io("start runtime", &args.state_dir))?;
+    runtime.block_on(async move {
+        let socket = args.state_dir.join("agent.sock");
+        let _ = std::fs::remove_file(&socket);
+        let listener = UnixListener::bind(&socket).map_err(io("bind", &socket))?;
+        std::fs::set_permissions(&socket, std::fs::Permissions::from_mode(0o600)).map_err(io("chmod", &socket))?;
+        let agent = Arc::new(Mutex::new(agent));
+        let poller = {
+            let agent = agent.clone();
+            tokio::spawn(async move {
+                loop {
+                    tokio::time::sleep(POLL_INTERVAL).await;
+                    if let Err(e) = agent.lock().await.refresh(false) {
+                        tracing::warn!(error = %error_chain(&e), "model source");
+                    }
+                }
+            })
+        };
+        tracing::info!(socket = %socket.display(), "serving endpoints");
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).map_err(io("signal", &socket))?;
+        loop {
+            tokio::select! {
+                accepted = listener.accept() => match accepted {
+                    Ok((stream, _)) => { tokio::spawn(serve_connection(agent.clone(), stream)); }
+                    Err(e) => tracing::warn!(error = %e, "accept"),
+                },
+                _ = term.recv() => break,
+                _ = tokio::signal::ctrl_c() => break,
+            }
+        }
+        poller.abort();
+        let _ = std::fs::remove_file(&socket);
+        tracing::info!("agent stopped; pinned maps and attached programs keep enforcing");
+        Ok(())
+    })
+}
