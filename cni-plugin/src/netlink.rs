@@ -127,7 +127,14 @@ where
     };
     match netns {
         Some(path) => netns::run_in(path, work)?,
-        None => work(),
+        // A thread of our own even here: the caller may be inside a tokio runtime, where
+        // starting another one on the same thread panics.
+        None => std::thread::scope(|scope| scope.spawn(work).join()).map_err(|_| {
+            NetlinkError::Connection {
+                netns: "node".into(),
+                source: std::io::Error::other("netlink worker thread panicked"),
+            }
+        })?,
     }
 }
 
