@@ -1,0 +1,457 @@
+//! The plugin's inputs: the `CNI_*` environment and the network configuration on stdin.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use ipnetwork::Ipv4Network;
+use serde::Deserialize;
+
+use crate::spec::{self, CniVersion};
+
+/// Default path of the agent's Unix socket.
+pub const DEFAULT_AGENT_SOCKET: &str = "/run/bulkhead/agent.sock";
+/// Default directory of the IPAM store.
+pub const DEFAULT_DATA_DIR: &str = "/var/lib/bulkhead/cni";
+/// Default time to wait for the agent's answer.
+pub const DEFAULT_AGENT_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Why the environment or the network configuration is unusable.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// A required `CNI_*` variable is missing or empty.
+    #[error("required environment variable {var} is missing")]
+    MissingEnv {
+        /// The variable.
+        var: &'static str,
+    },
+    /// A `CNI_*` variable has a value we cannot use.
+    #[error("environment variable {var} is invalid: {reason}")]
+    InvalidEnv {
+        /// The variable.
+        var: &'static str,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// Stdin could not be read.
+    #[error("cannot read the network configuration from stdin")]
+    Stdin {
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Stdin is not JSON.
+    #[error("cannot decode the network configuration")]
+    Decode {
+        /// Cause.
+        #[source]
+        source: serde_json::Error,
+    },
+    /// The configuration asks for a CNI version this plugin does not speak.
+    #[error("incompatible cniVersion {version:?}; supported: {supported}", supported = spec::SUPPORTED_VERSIONS.join(", "))]
+    IncompatibleVersion {
+        /// The requested version.
+        version: String,
+    },
+    /// The configuration is JSON but not a valid Bulkhead network configuration.
+    #[error("invalid network configuration: {reason}")]
+    Invalid {
+        /// What is wrong.
+        reason: String,
+        /// Cause, when a decoder produced one.
+        #[source]
+        source: Option<serde_json::Error>,
+    },
+    /// `subnet` is not an IPv4 CIDR.
+    #[error("invalid network configuration: subnet {subnet:?} is not an ipv4 cidr")]
+    Subnet {
+        /// The configured value.
+        subnet: String,
+        /// Cause.
+        #[source]
+        source: ipnetwork::IpNetworkError,
+    },
+}
+
+impl ConfigError {
+    /// The CNI error code for this failure.
+    pub fn code(&self) -> u32 {
+        match self {
+            Self::MissingEnv { .. } | Self::InvalidEnv { .. } => spec::code::INVALID_ENVIRONMENT,
+            Self::Stdin { .. } | Self::Decode { .. } => spec::code::DECODING_FAILURE,
+            Self::IncompatibleVersion { .. } => spec::code::INCOMPATIBLE_VERSION,
+            Self::Invalid { .. } | Self::Subnet { .. } => spec::code::INVALID_NETWORK_CONFIG,
+        }
+    }
+}
+
+/// A CNI verb.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Command {
+    /// Attach a container.
+    Add,
+    /// Detach a container.
+    Del,
+    /// Verify an attachment.
+    Check,
+    /// Report supported versions.
+    Version,
+    /// Report whether the plugin is ready for ADDs (spec 1.1).
+    Status,
+    /// Collect garbage (spec 1.1).
+    Gc,
+}
+
+impl Command {
+    /// Parses `CNI_COMMAND`.
+    pub fn parse(value: &str) -> Result<Self, ConfigError> {
+        Ok(match value {
+            "ADD" => Self::Add,
+            "DEL" => Self::Del,
+            "CHECK" => Self::Check,
+            "VERSION" => Self::Version,
+            "STATUS" => Self::Status,
+            "GC" => Self::Gc,
+            other => {
+                return Err(ConfigError::InvalidEnv {
+                    var: "CNI_COMMAND",
+                    reason: format!("unknown command {other:?}"),
+                })
+            }
+        })
+    }
+}
+
+/// The `CNI_*` environment of one invocation of ADD, DEL or CHECK.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Env {
+    /// `CNI_CONTAINERID`.
+    pub container_id: String,
+    /// `CNI_NETNS`; may be absent on DEL.
+    pub netns: Option<PathBuf>,
+    /// `CNI_IFNAME`.
+    pub ifname: String,
+    /// `K8S_POD_NAMESPACE` from `CNI_ARGS`.
+    pub pod_namespace: Option<String>,
+    /// `K8S_POD_NAME` from `CNI_ARGS`.
+    pub pod_name: Option<String>,
+    /// `CNI_PATH`, split on `:`; we delegate to no other plugin, so it may be empty.
+    pub cni_path: Vec<PathBuf>,
+}
+
+/// `CNI_ARGS` keys we understand; any other key is an error unless `IgnoreUnknown` is set,
+/// as in the reference plugins.
+const KNOWN_ARGS: &[&str] = &[
+    "IgnoreUnknown",
+    "K8S_POD_NAMESPACE",
+    "K8S_POD_NAME",
+    "K8S_POD_INFRA_CONTAINER_ID",
+    "K8S_POD_UID",
+];
+
+impl Env {
+    /// Reads the environment for `command` through `var` (normally `std::env::var`).
+    pub fn load(
+        command: Command,
+        var: impl Fn(&str) -> Option<String>,
+    ) -> Result<Self, ConfigError> {
+        let get = |name: &'static str| var(name).filter(|v| !v.is_empty());
+        let required = |name: &'static str| get(name).ok_or(ConfigError::MissingEnv { var: name });
+        let container_id = required("CNI_CONTAINERID")?;
+        let netns = match command {
+            // The runtime may call DEL after the sandbox is gone.
+            Command::Del => get("CNI_NETNS").map(PathBuf::from),
+            _ => Some(PathBuf::from(required("CNI_NETNS")?)),
+        };
+        let ifname = required("CNI_IFNAME")?;
+        validate_ifname(&ifname)?;
+        let args = parse_cni_args(get("CNI_ARGS").as_deref().unwrap_or(""))?;
+        let cni_path = get("CNI_PATH")
+            .map(|p| std::env::split_paths(&p).collect())
+            .unwrap_or_default();
+        let env = Self {
+            container_id,
+            netns,
+            ifname,
+            pod_namespace: args.get("K8S_POD_NAMESPACE").cloned(),
+            pod_name: args.get("K8S_POD_NAME").cloned(),
+            cni_path,
+        };
+        if command == Command::Add {
+            if env.pod_namespace.is_none() {
+                return Err(ConfigError::InvalidEnv {
+                    var: "CNI_ARGS",
+                    reason: "K8S_POD_NAMESPACE is missing".into(),
+                });
+            }
+            if env.pod_name.is_none() {
+                return Err(ConfigError::InvalidEnv {
+                    var: "CNI_ARGS",
+                    reason: "K8S_POD_NAME is missing".into(),
+                });
+            }
+        }
+        Ok(env)
+    }
+}
+
+/// Linux interface names: 1 to 15 bytes, no `/`, whitespace or `:`, not `.` or `..`.
+fn validate_ifname(name: &str) -> Result<(), ConfigError> {
+    let bad = name.len() > 15
+        || name == "."
+        || name == ".."
+        || name
+            .chars()
+            .any(|c| c == '/' || c == ':' || c.is_whitespace());
+    if bad {
+        return Err(ConfigError::InvalidEnv {
+            var: "CNI_IFNAME",
+            reason: format!("{name:?} is not a valid interface name"),
+        });
+    }
+    Ok(())
+}
+
+/// Parses `CNI_ARGS`: `K=V` pairs separated by `;`.
+pub fn parse_cni_args(raw: &str) -> Result<BTreeMap<String, String>, ConfigError> {
+    let mut args = BTreeMap::new();
+    for pair in raw.split(';').filter(|p| !p.is_empty()) {
+        let (key, value) = pair
+            .split_once('=')
+            .ok_or_else(|| ConfigError::InvalidEnv {
+                var: "CNI_ARGS",
+                reason: format!("{pair:?} is not KEY=VALUE"),
+            })?;
+        args.insert(key.to_string(), value.to_string());
+    }
+    let ignore_unknown = args
+        .get("IgnoreUnknown")
+        .is_some_and(|v| matches!(v.to_ascii_lowercase().as_str(), "1" | "true"));
+    if !ignore_unknown {
+        if let Some(key) = args.keys().find(|k| !KNOWN_ARGS.contains(&k.as_str())) {
+            return Err(ConfigError::InvalidEnv {
+                var: "CNI_ARGS",
+                reason: format!("unknown key {key:?} (set IgnoreUnknown=1 to allow it)"),
+            });
+        }
+    }
+    Ok(args)
+}
+
+/// The raw JSON shape of our network configuration; unknown keys are ignored.
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct RawNetConf {
+    name: String,
+    #[serde(rename = "type")]
+    #[serde(default)]
+    plugin_type: Option<String>,
+    subnet: Option<String>,
+    agent_socket: Option<PathBuf>,
+    data_dir: Option<PathBuf>,
+    mtu: Option<u32>,
+    agent_timeout_seconds: Option<u64>,
+    prev_result: Option<serde_json::Value>,
+}
+
+/// A validated Bulkhead network configuration.
+#[derive(Clone, Debug, PartialEq)]
+pub struct NetConf {
+    /// The requested CNI version; results are printed in it.
+    pub cni_version: CniVersion,
+    /// Network name; also the IPAM store's directory name.
+    pub name: String,
+    /// This node's pod CIDR (host bits cleared).
+    pub subnet: Ipv4Network,
+    /// The agent's Unix socket.
+    pub agent_socket: PathBuf,
+    /// The IPAM store's root.
+    pub data_dir: PathBuf,
+    /// MTU of both veth ends, when set.
+    pub mtu: Option<u32>,
+    /// How long to wait for the agent.
+    pub agent_timeout: Duration,
+    /// The previous plugin's result in a chain (CHECK compares against it).
+    pub prev_result: Option<serde_json::Value>,
+}
+
+/// Reads just the `cniVersion` of a configuration, for error reporting before full parsing.
+pub fn sniff_version(bytes: &[u8]) -> Option<String> {
+    let value: serde_json::Value = serde_json::from_slice(bytes).ok()?;
+    value.get("cniVersion")?.as_str().map(str::to_string)
+}
+
+impl NetConf {
+    /// Parses and validates the configuration bytes from stdin.
+    pub fn parse(bytes: &[u8]) -> Result<Self, ConfigError> {
+        let value: serde_json::Value =
+            serde_json::from_slice(bytes).map_err(|source| ConfigError::Decode { source })?;
+        let version = match value.get("cniVersion") {
+            Some(serde_json::Value::String(v)) => v.clone(),
+            Some(_) => return Err(invalid("cniVersion must be a string")),
+            None => return Err(invalid("cniVersion is missing")),
+        };
+        let cni_version =
+            CniVersion::parse(&version).ok_or(ConfigError::IncompatibleVersion { version })?;
+        let raw: RawNetConf =
+            serde_json::from_value(value).map_err(|source| ConfigError::Invalid {
+                reason: "bad field".into(),
+                source: Some(source),
+            })?;
+        validate_network_name(&raw.name)?;
+        if let Some(t) = &raw.plugin_type {
+            if t.is_empty() {
+                return Err(invalid("type is empty"));
+            }
+        }
+        let subnet_text = raw.subnet.ok_or_else(|| invalid("subnet is missing"))?;
+        let parsed: Ipv4Network = subnet_text.parse().map_err(|source| ConfigError::Subnet {
+            subnet: subnet_text.clone(),
+            source,
+        })?;
+        // Network, broadcast and .1 are reserved: a /30 is the smallest useful pool.
+        if parsed.prefix() > 30 {
+            return Err(invalid(&format!(
+                "subnet {subnet_text} is too small (at most /30)"
+            )));
+        }
+        let subnet = Ipv4Network::new(parsed.network(), parsed.prefix()).map_err(|source| {
+            ConfigError::Subnet {
+                subnet: subnet_text,
+                source,
+            }
+        })?;
+        if let Some(mtu) = raw.mtu {
+            // 68 is IPv4's minimum MTU; 65535 the largest a veth takes.
+            if !(68..=65535).contains(&mtu) {
+                return Err(invalid(&format!("mtu {mtu} is out of range 68..=65535")));
+            }
+        }
+        let agent_timeout = match raw.agent_timeout_seconds {
+            Some(0) => return Err(invalid("agentTimeoutSeconds must be positive")),
+            Some(s) => Duration::from_secs(s),
+            None => DEFAULT_AGENT_TIMEOUT,
+        };
+        Ok(Self {
+            cni_version,
+            name: raw.name,
+            subnet,
+            agent_socket: raw
+                .agent_socket
+                .unwrap_or_else(|| PathBuf::from(DEFAULT_AGENT_SOCKET)),
+            data_dir: raw
+                .data_dir
+                .unwrap_or_else(|| PathBuf::from(DEFAULT_DATA_DIR)),
+            mtu: raw.mtu,
+            agent_timeout,
+            prev_result: raw.prev_result,
+        })
+    }
+}
+
+fn invalid(reason: &str) -> ConfigError {
+    ConfigError::Invalid {
+        reason: reason.to_string(),
+        source: None,
+    }
+}
+
+/// The name becomes a directory name: keep it to a safe alphabet, as the spec's name rules do.
+fn validate_network_name(name: &str) -> Result<(), ConfigError> {
+    let ok = !name.is_empty()
+        && name != "."
+        && name != ".."
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'));
+    if ok {
+        Ok(())
+    } else {
+        Err(invalid(&format!(
+            "network name {name:?} must be non-empty and use only [a-zA-Z0-9_.-]"
+        )))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env_of(pairs: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> {
+        let map: BTreeMap<String, String> = pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        move |k| map.get(k).cloned()
+    }
+
+    #[test]
+    fn parses_a_full_config() {
+        let c = NetConf::parse(br#"{"cniVersion":"0.4.0","name":"bh","type":"bulkhead-cni","subnet":"10.244.0.7/24","mtu":1400,"agentTimeoutSeconds":5,"other":1}"#).unwrap();
+        assert_eq!(c.cni_version, CniVersion::V0_4_0);
+        assert_eq!(c.subnet.to_string(), "10.244.0.0/24");
+        assert_eq!(c.mtu, Some(1400));
+        assert_eq!(c.agent_timeout, Duration::from_secs(5));
+        assert_eq!(c.agent_socket, PathBuf::from(DEFAULT_AGENT_SOCKET));
+    }
+
+    #[test]
+    fn config_errors_carry_their_codes() {
+        let code = |s: &str| NetConf::parse(s.as_bytes()).unwrap_err().code();
+        assert_eq!(code("{"), 6);
+        assert_eq!(
+            code(r#"{"cniVersion":"2.0.0","name":"a","subnet":"10.0.0.0/24"}"#),
+            1
+        );
+        assert_eq!(code(r#"{"cniVersion":"1.0.0","name":"a"}"#), 7);
+        assert_eq!(
+            code(r#"{"cniVersion":"1.0.0","name":"a","subnet":"10.0.0.0/33"}"#),
+            7
+        );
+        assert_eq!(
+            code(r#"{"cniVersion":"1.0.0","name":"a","subnet":"10.0.0.0/31"}"#),
+            7
+        );
+        assert_eq!(
+            code(r#"{"cniVersion":"1.0.0","name":"../x","subnet":"10.0.0.0/24"}"#),
+            7
+        );
+        assert_eq!(code(r#"{"name":"a","subnet":"10.0.0.0/24"}"#), 7);
+    }
+
+    #[test]
+    fn env_rules() {
+        let full = [
+            ("CNI_CONTAINERID", "c1"),
+            ("CNI_NETNS", "/run/netns/x"),
+            ("CNI_IFNAME", "eth0"),
+            (
+                "CNI_ARGS",
+                "IgnoreUnknown=1;K8S_POD_NAMESPACE=ns;K8S_POD_NAME=p;FOO=bar",
+            ),
+        ];
+        let e = Env::load(Command::Add, env_of(&full)).unwrap();
+        assert_eq!(e.pod_name.as_deref(), Some("p"));
+        assert_eq!(
+            Env::load(Command::Add, env_of(&full[..3]))
+                .unwrap_err()
+                .code(),
+            4
+        );
+        assert_eq!(
+            Env::load(Command::Del, env_of(&[full[0], full[2]]))
+                .unwrap()
+                .netns,
+            None
+        );
+        assert_eq!(
+            Env::load(Command::Check, env_of(&[full[0], full[2]]))
+                .unwrap_err()
+                .code(),
+            4
+        );
+        assert!(parse_cni_args("FOO=bar").is_err());
+        assert!(parse_cni_args("novalue").is_err());
+        assert_eq!(Command::parse("NOPE").unwrap_err().code(), 4);
+    }
+}

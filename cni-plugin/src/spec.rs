@@ -1,0 +1,205 @@
+//! CNI specification types: versions, error codes, and the JSON the plugin prints.
+
+use std::net::Ipv4Addr;
+
+use serde_json::{json, Value};
+
+/// The newest spec version this plugin implements.
+pub const LATEST_VERSION: &str = "1.1.0";
+
+/// Every spec version this plugin accepts, as VERSION reports them.
+pub const SUPPORTED_VERSIONS: &[&str] = &["0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0"];
+
+/// The link-local gateway every pod routes through; the host veth answers for it.
+pub const GATEWAY: Ipv4Addr = Ipv4Addr::new(169, 254, 1, 1);
+
+/// CNI error codes: the spec's, then ours from 100.
+pub mod code {
+    /// Incompatible CNI version.
+    pub const INCOMPATIBLE_VERSION: u32 = 1;
+    /// Invalid necessary environment variables.
+    pub const INVALID_ENVIRONMENT: u32 = 4;
+    /// Failure to decode content.
+    pub const DECODING_FAILURE: u32 = 6;
+    /// Invalid network config.
+    pub const INVALID_NETWORK_CONFIG: u32 = 7;
+    /// Try again later.
+    pub const TRY_AGAIN_LATER: u32 = 11;
+    /// Plugin not available (STATUS).
+    pub const PLUGIN_NOT_AVAILABLE: u32 = 50;
+    /// The address pool is exhausted.
+    pub const POOL_EXHAUSTED: u32 = 100;
+    /// A netlink or namespace operation failed.
+    pub const NETLINK: u32 = 101;
+    /// The agent rejected the endpoint or answered nonsense.
+    pub const AGENT_REJECTED: u32 = 102;
+    /// The IPAM store could not be read or written.
+    pub const IPAM_STORE: u32 = 103;
+    /// CHECK found the attachment not as ADD left it.
+    pub const CHECK_FAILED: u32 = 104;
+}
+
+/// A spec version a configuration may request.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum CniVersion {
+    /// 0.3.0.
+    V0_3_0,
+    /// 0.3.1.
+    V0_3_1,
+    /// 0.4.0.
+    V0_4_0,
+    /// 1.0.0.
+    V1_0_0,
+    /// 1.1.0.
+    V1_1_0,
+}
+
+impl CniVersion {
+    /// Parses a supported version string.
+    pub fn parse(s: &str) -> Option<Self> {
+        Some(match s {
+            "0.3.0" => Self::V0_3_0,
+            "0.3.1" => Self::V0_3_1,
+            "0.4.0" => Self::V0_4_0,
+            "1.0.0" => Self::V1_0_0,
+            "1.1.0" => Self::V1_1_0,
+            _ => return None,
+        })
+    }
+
+    /// The version string.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::V0_3_0 => "0.3.0",
+            Self::V0_3_1 => "0.3.1",
+            Self::V0_4_0 => "0.4.0",
+            Self::V1_0_0 => "1.0.0",
+            Self::V1_1_0 => "1.1.0",
+        }
+    }
+
+    /// CHECK exists from 0.4.0 on.
+    pub fn supports_check(self) -> bool {
+        self >= Self::V0_4_0
+    }
+}
+
+/// One interface in a result.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Interface {
+    /// Interface name.
+    pub name: String,
+    /// MAC, `aa:bb:cc:dd:ee:ff`.
+    pub mac: String,
+    /// The netns path for interfaces inside the container.
+    pub sandbox: Option<String>,
+    /// MTU, reported from 1.1.0 on.
+    pub mtu: Option<u32>,
+}
+
+/// What ADD attached, in spec-neutral form.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AddResult {
+    /// The host-side veth.
+    pub host: Interface,
+    /// The pod-side interface.
+    pub pod: Interface,
+    /// The pod's address.
+    pub ip: Ipv4Addr,
+}
+
+impl AddResult {
+    /// Renders the result JSON in `version`'s format.
+    pub fn to_json(&self, version: CniVersion) -> Value {
+        let iface = |i: &Interface| {
+            let mut v = json!({ "name": i.name, "mac": i.mac });
+            if let Some(s) = &i.sandbox {
+                v["sandbox"] = json!(s);
+            }
+            if let (Some(mtu), CniVersion::V1_1_0) = (i.mtu, version) {
+                v["mtu"] = json!(mtu);
+            }
+            v
+        };
+        let mut ip = json!({ "address": format!("{}/32", self.ip), "gateway": GATEWAY.to_string(), "interface": 1 });
+        if version < CniVersion::V1_0_0 {
+            // 0.x results name the IP family; 1.0 dropped the field.
+            ip["version"] = json!("4");
+        }
+        json!({
+            "cniVersion": version.as_str(),
+            "interfaces": [iface(&self.host), iface(&self.pod)],
+            "ips": [ip],
+            "routes": [{ "dst": "0.0.0.0/0", "gw": GATEWAY.to_string() }],
+            "dns": {},
+        })
+    }
+}
+
+/// The VERSION result.
+pub fn version_result() -> Value {
+    json!({ "cniVersion": LATEST_VERSION, "supportedVersions": SUPPORTED_VERSIONS })
+}
+
+/// The spec's error JSON.
+pub fn error_json(version: &str, code: u32, msg: &str, details: &str) -> Value {
+    json!({ "cniVersion": version, "code": code, "msg": msg, "details": details })
+}
+
+/// Formats a MAC as `aa:bb:cc:dd:ee:ff`.
+pub fn format_mac(mac: &[u8]) -> String {
+    mac.iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> AddResult {
+        AddResult {
+            host: Interface {
+                name: "bh0123456789a".into(),
+                mac: "02:00:00:00:00:01".into(),
+                sandbox: None,
+                mtu: None,
+            },
+            pod: Interface {
+                name: "eth0".into(),
+                mac: "02:00:00:00:00:02".into(),
+                sandbox: Some("/run/netns/p".into()),
+                mtu: None,
+            },
+            ip: Ipv4Addr::new(10, 244, 0, 2),
+        }
+    }
+
+    #[test]
+    fn results_follow_the_requested_version() {
+        let v1 = sample().to_json(CniVersion::V1_1_0);
+        assert_eq!(v1["cniVersion"], "1.1.0");
+        assert_eq!(
+            v1["ips"][0],
+            json!({"address":"10.244.0.2/32","gateway":"169.254.1.1","interface":1})
+        );
+        assert_eq!(v1["interfaces"][1]["sandbox"], "/run/netns/p");
+        assert!(v1["interfaces"][0].get("sandbox").is_none());
+        assert_eq!(
+            v1["routes"],
+            json!([{"dst":"0.0.0.0/0","gw":"169.254.1.1"}])
+        );
+        let v0 = sample().to_json(CniVersion::V0_3_1);
+        assert_eq!(v0["ips"][0]["version"], "4");
+        assert_eq!(v0["cniVersion"], "0.3.1");
+    }
+
+    #[test]
+    fn macs_are_lowercase_colon_separated() {
+        assert_eq!(
+            format_mac(&[0xaa, 0x0b, 0, 1, 2, 0xff]),
+            "aa:0b:00:01:02:ff"
+        );
+    }
+}
