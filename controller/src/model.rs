@@ -372,6 +372,12 @@ fn validate_peer(peer: &NetworkPolicyPeer, at: &str) -> Result<(), FieldError> {
     if let Some(sel) = &peer.namespace_selector {
         selector::validate(sel, &format!("{at}.namespaceSelector"))?;
     }
+    if peer.ip_block.is_none() && peer.pod_selector.is_none() && peer.namespace_selector.is_none() {
+        return Err(FieldError::new(
+            at,
+            "must specify a peer (podSelector, namespaceSelector or ipBlock)",
+        ));
+    }
     if let Some(block) = &peer.ip_block {
         if peer.pod_selector.is_some() || peer.namespace_selector.is_some() {
             return Err(FieldError::new(
@@ -853,6 +859,7 @@ spec:
              "spec.ingress[0].from[0].ipBlock.except[0]: \"11.0.0.0/16\" must be strictly within \"10.0.0.0/8\""),
             (policy_doc(&ing("from: [{ipBlock: {cidr: 10.0.0.0/8, except: [10.0.0.0/8]}}]")), "spec.ingress[0].from[0].ipBlock.except[0]:"),
             (policy_doc(&ing("from: [{ipBlock: {cidr: 10.0.0.0/8}, podSelector: {}}]")), "spec.ingress[0].from[0]: may not specify more than 1 peer type"),
+            (policy_doc(&ing("from: [{}]")), "spec.ingress[0].from[0]: must specify a peer"),
             (policy_doc("  podSelector: {}\n  policyTypes: [Ingress, Sideways]\n"), "spec.policyTypes[1]: unsupported value \"Sideways\""),
             (policy_doc("  podSelector: {}\n  egress:\n  - to: [{podSelector: {matchExpressions: [{key: k, operator: NotIn}]}}]\n"),
              "spec.egress[0].to[0].podSelector.matchExpressions[0].values: must be non-empty"),
