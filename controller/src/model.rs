@@ -100,6 +100,10 @@ impl fmt::Display for Kind {
 
 /// One Kubernetes object of a supported kind.
 #[derive(Clone, Debug, PartialEq)]
+#[expect(
+    clippy::large_enum_variant,
+    reason = "objects are few and short-lived; unboxed variants keep matching and building plain"
+)]
 pub enum Object {
     /// A Namespace.
     Namespace(Namespace),
@@ -695,6 +699,7 @@ pub fn named_ports(pod: &Pod, name: &str, protocol: &str) -> Vec<u16> {
 }
 
 #[cfg(test)]
+#[expect(clippy::expect_used, reason = "tests panic to report failures")]
 mod tests {
     use super::*;
 

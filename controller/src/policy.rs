@@ -714,7 +714,7 @@ pub enum Decision {
     Allowed(RuleRef),
     /// Isolated by these policies (namespace, name), none of which allows the flow.
     Denied(Vec<(String, String)>),
-    /// The pod is not in the cluster.
+    /// The pod or its peer is not in the cluster, so the spec cannot say.
     UnknownPod,
 }
 
@@ -750,17 +750,10 @@ pub fn evaluate(
     let src = cluster.pod(from.0, from.1);
     let dst = cluster.pod(to.0, to.1);
     let (Some(src), Some(dst)) = (src, dst) else {
-        let decide = |p: Option<&Pod>| {
-            if p.is_some() {
-                Decision::Denied(Vec::new())
-            } else {
-                Decision::UnknownPod
-            }
-        };
         return Verdict {
             allowed: false,
-            egress: decide(src),
-            ingress: decide(dst),
+            egress: Decision::UnknownPod,
+            ingress: Decision::UnknownPod,
         };
     };
     let protocol = protocol.to_ascii_uppercase();
@@ -774,6 +767,12 @@ pub fn evaluate(
         ingress,
     }
 }
+
+/// A rule's peers (`from` or `to`) and ports.
+type RuleParts<'s> = (
+    Option<&'s Vec<NetworkPolicyPeer>>,
+    Option<&'s Vec<NetworkPolicyPort>>,
+);
 
 /// One direction of [`evaluate`]: does `subject`'s namespace isolate it, and if so does
 /// some rule admit `peer`? Named ports resolve against `destination`.
@@ -819,10 +818,7 @@ fn decide(
             continue;
         }
         isolating.push((ns.clone(), name.clone()));
-        let rules: Vec<(
-            Option<&Vec<NetworkPolicyPeer>>,
-            Option<&Vec<NetworkPolicyPort>>,
-        )> = match dir {
+        let rules: Vec<RuleParts<'_>> = match dir {
             Direction::Ingress => spec
                 .ingress
                 .iter()
@@ -909,6 +905,11 @@ fn port_admits(p: &NetworkPolicyPort, destination: &Pod, protocol: &str, port: u
 }
 
 #[cfg(test)]
+#[expect(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "tests panic to report failures"
+)]
 mod tests {
     use super::*;
     use crate::model::parse_documents;
@@ -1184,40 +1185,34 @@ mod tests {
 
     #[test]
     fn empty_rule_and_empty_peer_lists_versus_missing_rules() {
-        let outside = ("y/a", "x/a", "TCP", 80);
-        let table: Vec<(&str, bool)> = vec![
-            ("  podSelector: {}\n  ingress: [{}]\n", true),
-            ("  podSelector: {}\n  ingress: [{from: []}]\n", true),
+        // (spec, allowed from another namespace, allowed from the same namespace)
+        let table: Vec<(&str, bool, bool)> = vec![
+            ("  podSelector: {}\n  ingress: [{}]\n", true, true),
+            ("  podSelector: {}\n  ingress: [{from: []}]\n", true, true),
             (
                 "  podSelector: {}\n  ingress: [{from: [], ports: []}]\n",
                 true,
+                true,
             ),
-            ("  podSelector: {}\n  ingress: []\n", false),
-            ("  podSelector: {}\n", false),
+            ("  podSelector: {}\n  ingress: []\n", false, false),
+            ("  podSelector: {}\n", false, false),
             (
                 "  podSelector: {}\n  ingress: [{from: [{podSelector: {}}]}]\n",
                 false,
+                true,
             ),
             (
                 "  podSelector: {}\n  ingress: [{from: [{namespaceSelector: {}}]}]\n",
                 true,
+                true,
             ),
         ];
-        for (spec, want) in table {
-            check(
-                &np("x", "p", spec),
-                &[
-                    (outside.0, outside.1, outside.2, outside.3, want),
-                    (
-                        "x/b",
-                        "x/a",
-                        "TCP",
-                        80,
-                        true && spec != "  podSelector: {}\n  ingress: []\n"
-                            && spec != "  podSelector: {}\n",
-                    ),
-                ],
-            );
+        for (spec, other_ns, same_ns) in table {
+            let cases = [
+                ("y/a", "x/a", "TCP", 80, other_ns),
+                ("x/b", "x/a", "TCP", 80, same_ns),
+            ];
+            check(&np("x", "p", spec), &cases);
         }
         let c = cluster(&np("x", "p", "  podSelector: {}\n  ingress: [{}]\n"));
         let state = Compiler::new().compile(&c, &locals());
@@ -1362,7 +1357,8 @@ mod tests {
 
     #[test]
     fn end_port_prefixes_are_minimal() {
-        let table: Vec<(u16, u16, Vec<(u16, u32)>)> = vec![
+        type Case = (u16, u16, Vec<(u16, u32)>);
+        let table: Vec<Case> = vec![
             (80, 80, vec![(80, 96)]),
             (80, 81, vec![(80, 95)]),
             (79, 81, vec![(79, 96), (80, 95)]),

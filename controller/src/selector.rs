@@ -169,6 +169,7 @@ fn check_name(name: &str) -> Result<(), String> {
 }
 
 #[cfg(test)]
+#[expect(clippy::expect_used, reason = "tests panic to report failures")]
 mod tests {
     use super::*;
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelectorRequirement;
