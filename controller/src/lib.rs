@@ -1,5 +1,11 @@
 //! The Bulkhead node agent, CLI and lab.
 
+pub mod agent;
 pub mod datapath;
+pub mod identity;
+pub mod lab;
 pub mod maps;
+pub mod model;
 pub mod policy;
+pub mod selector;
+pub mod source;

@@ -1,0 +1,908 @@
+//! The cluster model: Namespace, Pod and NetworkPolicy objects parsed from YAML.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::{IpAddr, Ipv4Addr};
+
+use ipnetwork::Ipv4Network;
+use k8s_openapi::api::core::v1::{Namespace, Pod};
+use k8s_openapi::api::networking::v1::{NetworkPolicy, NetworkPolicyPeer, NetworkPolicyPort};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use serde::Deserialize;
+
+use crate::selector::{self, FieldError};
+
+/// Namespace of a Pod or NetworkPolicy that names none.
+pub const DEFAULT_NAMESPACE: &str = "default";
+/// Label the API server puts on every Namespace, holding its name.
+pub const NAMESPACE_NAME_LABEL: &str = "kubernetes.io/metadata.name";
+
+/// Errors from parsing and validating manifests.
+#[derive(Debug, thiserror::Error)]
+pub enum ModelError {
+    /// The text is not YAML.
+    #[error("{origin}: document {document}: invalid yaml")]
+    Yaml {
+        /// File or source the text came from.
+        origin: String,
+        /// 1-based document index in the stream.
+        document: usize,
+        /// The parser's error.
+        #[source]
+        source: serde_yaml_ng::Error,
+    },
+    /// A document is not a supported kind.
+    #[error(
+        "{origin}: document {document}: unsupported object kind {kind:?} apiVersion {api_version:?} \
+         (expected v1 Namespace, v1 Pod or networking.k8s.io/v1 NetworkPolicy)"
+    )]
+    UnknownKind {
+        /// File or source the text came from.
+        origin: String,
+        /// 1-based document index in the stream.
+        document: usize,
+        /// The document's `kind`, empty if missing.
+        kind: String,
+        /// The document's `apiVersion`, empty if missing.
+        api_version: String,
+    },
+    /// A field has the wrong type or shape.
+    #[error("{origin}: document {document}: {object}: {field}: cannot decode")]
+    Decode {
+        /// File or source the text came from.
+        origin: String,
+        /// 1-based document index in the stream.
+        document: usize,
+        /// The object, e.g. `Pod x/a` (name may be missing).
+        object: String,
+        /// Path of the field that failed.
+        field: String,
+        /// The decoder's error.
+        #[source]
+        source: serde_yaml_ng::Error,
+    },
+    /// A field fails the API server's validation.
+    #[error("{origin}: document {document}: {object}: {source}")]
+    Invalid {
+        /// File or source the text came from.
+        origin: String,
+        /// 1-based document index in the stream.
+        document: usize,
+        /// The object, e.g. `NetworkPolicy x/allow-b`.
+        object: String,
+        /// The offending field and what is wrong with it.
+        #[source]
+        source: FieldError,
+    },
+}
+
+/// The object kinds the model holds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Kind {
+    /// `v1 Namespace`.
+    Namespace,
+    /// `v1 Pod`.
+    Pod,
+    /// `networking.k8s.io/v1 NetworkPolicy`.
+    NetworkPolicy,
+}
+
+impl fmt::Display for Kind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Kind::Namespace => "Namespace",
+            Kind::Pod => "Pod",
+            Kind::NetworkPolicy => "NetworkPolicy",
+        })
+    }
+}
+
+/// One Kubernetes object of a supported kind.
+#[derive(Clone, Debug, PartialEq)]
+#[expect(
+    clippy::large_enum_variant,
+    reason = "objects are few and short-lived; unboxed variants keep matching and building plain"
+)]
+pub enum Object {
+    /// A Namespace.
+    Namespace(Namespace),
+    /// A Pod.
+    Pod(Pod),
+    /// A NetworkPolicy.
+    NetworkPolicy(NetworkPolicy),
+}
+
+impl Object {
+    /// The object's kind.
+    pub fn kind(&self) -> Kind {
+        match self {
+            Object::Namespace(_) => Kind::Namespace,
+            Object::Pod(_) => Kind::Pod,
+            Object::NetworkPolicy(_) => Kind::NetworkPolicy,
+        }
+    }
+
+    fn metadata(&self) -> &ObjectMeta {
+        match self {
+            Object::Namespace(o) => &o.metadata,
+            Object::Pod(o) => &o.metadata,
+            Object::NetworkPolicy(o) => &o.metadata,
+        }
+    }
+
+    /// The namespace of a namespaced object (`None` for a Namespace).
+    pub fn namespace(&self) -> Option<&str> {
+        match self {
+            Object::Namespace(_) => None,
+            _ => Some(
+                self.metadata()
+                    .namespace
+                    .as_deref()
+                    .unwrap_or(DEFAULT_NAMESPACE),
+            ),
+        }
+    }
+
+    /// The object's name (empty only if built by hand without one).
+    pub fn name(&self) -> &str {
+        self.metadata().name.as_deref().unwrap_or_default()
+    }
+
+    /// A reference naming this object.
+    pub fn to_ref(&self) -> ObjectRef {
+        ObjectRef {
+            kind: self.kind(),
+            namespace: self.namespace().map(str::to_string),
+            name: self.name().to_string(),
+        }
+    }
+}
+
+/// Names one object: kind, namespace (none for a Namespace) and name.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ObjectRef {
+    /// The kind.
+    pub kind: Kind,
+    /// The namespace of a Pod or NetworkPolicy.
+    pub namespace: Option<String>,
+    /// The name.
+    pub name: String,
+}
+
+impl fmt::Display for ObjectRef {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.namespace {
+            Some(ns) => write!(f, "{} {ns}/{}", self.kind, self.name),
+            None => write!(f, "{} {}", self.kind, self.name),
+        }
+    }
+}
+
+/// Parses a multi-document YAML stream into objects, validating each as the API server would.
+///
+/// Empty documents are skipped. Any error fails the whole text, so nothing is half-applied.
+pub fn parse_documents(text: &str, origin: &str) -> Result<Vec<Object>, ModelError> {
+    let mut objects = Vec::new();
+    for (i, doc) in serde_yaml_ng::Deserializer::from_str(text).enumerate() {
+        let document = i + 1;
+        let value = serde_yaml_ng::Value::deserialize(doc).map_err(|source| ModelError::Yaml {
+            origin: origin.to_string(),
+            document,
+            source,
+        })?;
+        if value.is_null() {
+            continue;
+        }
+        objects.push(parse_value(value, origin, document)?);
+    }
+    Ok(objects)
+}
+
+fn parse_value(
+    value: serde_yaml_ng::Value,
+    origin: &str,
+    document: usize,
+) -> Result<Object, ModelError> {
+    let field = |name: &str| {
+        value
+            .get(name)
+            .and_then(|v| v.as_str())
+            .unwrap_or_default()
+            .to_string()
+    };
+    let (kind, api_version) = (field("kind"), field("apiVersion"));
+    let meta_str = |name: &str| {
+        value
+            .get("metadata")
+            .and_then(|m| m.get(name))
+            .and_then(|v| v.as_str())
+            .map(str::to_string)
+    };
+    let (name, namespace) = (meta_str("name"), meta_str("namespace"));
+    let kind_enum = match (kind.as_str(), api_version.as_str()) {
+        ("Namespace", "v1") => Kind::Namespace,
+        ("Pod", "v1") => Kind::Pod,
+        ("NetworkPolicy", "networking.k8s.io/v1") => Kind::NetworkPolicy,
+        _ => {
+            return Err(ModelError::UnknownKind {
+                origin: origin.to_string(),
+                document,
+                kind,
+                api_version,
+            });
+        }
+    };
+    let object_name = {
+        let n = name.as_deref().unwrap_or("<unnamed>");
+        match (kind_enum, namespace.as_deref()) {
+            (Kind::Namespace, _) => format!("{kind_enum} {n}"),
+            (_, ns) => format!("{kind_enum} {}/{n}", ns.unwrap_or(DEFAULT_NAMESPACE)),
+        }
+    };
+    let decode_err = |e: serde_path_to_error::Error<serde_yaml_ng::Error>| ModelError::Decode {
+        origin: origin.to_string(),
+        document,
+        object: object_name.clone(),
+        field: e.path().to_string(),
+        source: e.into_inner(),
+    };
+    let mut object = match kind_enum {
+        Kind::Namespace => {
+            Object::Namespace(serde_path_to_error::deserialize(value).map_err(decode_err)?)
+        }
+        Kind::Pod => Object::Pod(serde_path_to_error::deserialize(value).map_err(decode_err)?),
+        Kind::NetworkPolicy => {
+            Object::NetworkPolicy(serde_path_to_error::deserialize(value).map_err(decode_err)?)
+        }
+    };
+    let invalid = |source: FieldError| ModelError::Invalid {
+        origin: origin.to_string(),
+        document,
+        object: object_name.clone(),
+        source,
+    };
+    if name.as_deref().is_none_or(str::is_empty) {
+        return Err(invalid(FieldError::new("metadata.name", "required")));
+    }
+    match &mut object {
+        Object::Namespace(ns) => {
+            // Namespaces are cluster-scoped; the API server ignores a namespace here.
+            ns.metadata.namespace = None;
+            validate_meta(&ns.metadata).map_err(invalid)?;
+        }
+        Object::Pod(pod) => {
+            pod.metadata
+                .namespace
+                .get_or_insert_with(|| DEFAULT_NAMESPACE.to_string());
+            validate_meta(&pod.metadata).map_err(invalid)?;
+            validate_pod(pod).map_err(invalid)?;
+        }
+        Object::NetworkPolicy(np) => {
+            np.metadata
+                .namespace
+                .get_or_insert_with(|| DEFAULT_NAMESPACE.to_string());
+            validate_meta(&np.metadata).map_err(invalid)?;
+            validate_network_policy(np).map_err(invalid)?;
+        }
+    }
+    Ok(object)
+}
+
+fn validate_meta(meta: &ObjectMeta) -> Result<(), FieldError> {
+    match &meta.labels {
+        Some(labels) => selector::validate_labels(labels, "metadata.labels"),
+        None => Ok(()),
+    }
+}
+
+fn validate_pod(pod: &Pod) -> Result<(), FieldError> {
+    if let Some(ip) = pod.status.as_ref().and_then(|s| s.pod_ip.as_deref()) {
+        ip.parse::<IpAddr>().map_err(|e| {
+            FieldError::new("status.podIP", format!("{ip:?} is not an ip address: {e}"))
+        })?;
+    }
+    for (c, container) in pod.spec.iter().flat_map(|s| &s.containers).enumerate() {
+        for (p, port) in container.ports.iter().flatten().enumerate() {
+            let at = format!("spec.containers[{c}].ports[{p}]");
+            if !(1..=65535).contains(&port.container_port) {
+                return Err(FieldError::new(
+                    format!("{at}.containerPort"),
+                    "must be between 1 and 65535",
+                ));
+            }
+            if let Some(proto) = &port.protocol {
+                check_protocol(proto).map_err(|m| FieldError::new(format!("{at}.protocol"), m))?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Checks a NetworkPolicy as the API server does; the error names the field.
+pub fn validate_network_policy(np: &NetworkPolicy) -> Result<(), FieldError> {
+    let Some(spec) = &np.spec else {
+        return Ok(());
+    };
+    if let Some(sel) = &spec.pod_selector {
+        selector::validate(sel, "spec.podSelector")?;
+    }
+    for (i, t) in spec.policy_types.iter().flatten().enumerate() {
+        if t != "Ingress" && t != "Egress" {
+            return Err(FieldError::new(
+                format!("spec.policyTypes[{i}]"),
+                format!("unsupported value {t:?} (expected Ingress or Egress)"),
+            ));
+        }
+    }
+    for (i, rule) in spec.ingress.iter().flatten().enumerate() {
+        validate_rule(
+            &format!("spec.ingress[{i}]"),
+            "from",
+            rule.from.as_deref(),
+            rule.ports.as_deref(),
+        )?;
+    }
+    for (i, rule) in spec.egress.iter().flatten().enumerate() {
+        validate_rule(
+            &format!("spec.egress[{i}]"),
+            "to",
+            rule.to.as_deref(),
+            rule.ports.as_deref(),
+        )?;
+    }
+    Ok(())
+}
+
+fn validate_rule(
+    at: &str,
+    peers_field: &str,
+    peers: Option<&[NetworkPolicyPeer]>,
+    ports: Option<&[NetworkPolicyPort]>,
+) -> Result<(), FieldError> {
+    for (j, peer) in peers.unwrap_or_default().iter().enumerate() {
+        validate_peer(peer, &format!("{at}.{peers_field}[{j}]"))?;
+    }
+    for (j, port) in ports.unwrap_or_default().iter().enumerate() {
+        validate_port(port, &format!("{at}.ports[{j}]"))?;
+    }
+    Ok(())
+}
+
+fn validate_peer(peer: &NetworkPolicyPeer, at: &str) -> Result<(), FieldError> {
+    if let Some(sel) = &peer.pod_selector {
+        selector::validate(sel, &format!("{at}.podSelector"))?;
+    }
+    if let Some(sel) = &peer.namespace_selector {
+        selector::validate(sel, &format!("{at}.namespaceSelector"))?;
+    }
+    if peer.ip_block.is_none() && peer.pod_selector.is_none() && peer.namespace_selector.is_none() {
+        return Err(FieldError::new(
+            at,
+            "must specify a peer (podSelector, namespaceSelector or ipBlock)",
+        ));
+    }
+    if let Some(block) = &peer.ip_block {
+        if peer.pod_selector.is_some() || peer.namespace_selector.is_some() {
+            return Err(FieldError::new(
+                at,
+                "may not specify more than 1 peer type: ipBlock excludes podSelector and namespaceSelector",
+            ));
+        }
+        let cidr = parse_cidr(&block.cidr)
+            .map_err(|m| FieldError::new(format!("{at}.ipBlock.cidr"), m))?;
+        for (k, except) in block.except.iter().flatten().enumerate() {
+            let field = format!("{at}.ipBlock.except[{k}]");
+            let e = parse_cidr(except).map_err(|m| FieldError::new(&field, m))?;
+            if e.prefix() <= cidr.prefix() || !cidr.contains(e.network()) {
+                return Err(FieldError::new(
+                    field,
+                    format!("{except:?} must be strictly within {:?}", block.cidr),
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Parses an IPv4 CIDR whose host bits may be set (the API accepts `10.0.0.1/8`);
+/// the result is normalised to its network address.
+pub fn parse_cidr(text: &str) -> Result<Ipv4Network, String> {
+    let (addr, prefix) = text
+        .split_once('/')
+        .ok_or_else(|| format!("{text:?} is not a cidr (missing /prefix)"))?;
+    let addr: Ipv4Addr = addr
+        .parse()
+        .map_err(|e| format!("{text:?} is not an ipv4 cidr: {e}"))?;
+    let prefix: u8 = prefix
+        .parse()
+        .map_err(|e| format!("{text:?} has a bad prefix length: {e}"))?;
+    let net =
+        Ipv4Network::new(addr, prefix).map_err(|e| format!("{text:?} is not an ipv4 cidr: {e}"))?;
+    Ipv4Network::new(net.network(), prefix)
+        .map_err(|e| format!("{text:?} is not an ipv4 cidr: {e}"))
+}
+
+fn check_protocol(proto: &str) -> Result<(), String> {
+    match proto {
+        "TCP" | "UDP" | "SCTP" => Ok(()),
+        other => Err(format!(
+            "unsupported value {other:?} (expected TCP, UDP or SCTP)"
+        )),
+    }
+}
+
+fn validate_port(port: &NetworkPolicyPort, at: &str) -> Result<(), FieldError> {
+    if let Some(proto) = &port.protocol {
+        check_protocol(proto).map_err(|m| FieldError::new(format!("{at}.protocol"), m))?;
+    }
+    match (&port.port, port.end_port) {
+        (Some(IntOrString::Int(p)), end) => {
+            if !(1..=65535).contains(p) {
+                return Err(FieldError::new(
+                    format!("{at}.port"),
+                    format!("{p} must be between 1 and 65535"),
+                ));
+            }
+            if let Some(e) = end {
+                if !(1..=65535).contains(&e) {
+                    return Err(FieldError::new(
+                        format!("{at}.endPort"),
+                        format!("{e} must be between 1 and 65535"),
+                    ));
+                }
+                if e < *p {
+                    return Err(FieldError::new(
+                        format!("{at}.endPort"),
+                        format!("{e} must be greater than or equal to port {p}"),
+                    ));
+                }
+            }
+        }
+        (Some(IntOrString::String(name)), end) => {
+            validate_port_name(name).map_err(|m| FieldError::new(format!("{at}.port"), m))?;
+            if end.is_some() {
+                return Err(FieldError::new(
+                    format!("{at}.endPort"),
+                    "may not be used with a named port",
+                ));
+            }
+        }
+        (None, Some(_)) => {
+            return Err(FieldError::new(
+                format!("{at}.endPort"),
+                "may not be used without a numeric port",
+            ));
+        }
+        (None, None) => {}
+    }
+    Ok(())
+}
+
+/// An IANA service name: 1-15 lowercase alphanumerics or `-`, a letter among them, no `--`,
+/// not starting or ending with `-`.
+fn validate_port_name(name: &str) -> Result<(), String> {
+    let ok = !name.is_empty()
+        && name.len() <= 15
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && name.bytes().any(|b| b.is_ascii_lowercase())
+        && !name.starts_with('-')
+        && !name.ends_with('-')
+        && !name.contains("--");
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "{name:?} is neither a port number nor a valid port name"
+        ))
+    }
+}
+
+/// Every object of the cluster, as the API server would store them.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Cluster {
+    namespaces: BTreeMap<String, Namespace>,
+    pods: BTreeMap<(String, String), Pod>,
+    policies: BTreeMap<(String, String), NetworkPolicy>,
+}
+
+fn namespace_object(name: &str) -> Namespace {
+    Namespace {
+        metadata: ObjectMeta {
+            name: Some(name.to_string()),
+            ..ObjectMeta::default()
+        },
+        ..Namespace::default()
+    }
+}
+
+impl Cluster {
+    /// An empty cluster.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Builds a cluster by applying `objects` in order.
+    pub fn from_objects(objects: impl IntoIterator<Item = Object>) -> Self {
+        let mut c = Self::new();
+        for o in objects {
+            c.apply(o);
+        }
+        c
+    }
+
+    /// Inserts or replaces an object; a Pod or NetworkPolicy in a missing namespace creates it.
+    pub fn apply(&mut self, object: Object) {
+        match object {
+            Object::Namespace(mut ns) => {
+                let name = ns.metadata.name.clone().unwrap_or_default();
+                ns.metadata.namespace = None;
+                // The API server adds this label to every namespace, and policies select on it.
+                ns.metadata
+                    .labels
+                    .get_or_insert_with(BTreeMap::new)
+                    .insert(NAMESPACE_NAME_LABEL.to_string(), name.clone());
+                self.namespaces.insert(name, ns);
+            }
+            Object::Pod(mut pod) => {
+                let ns = pod
+                    .metadata
+                    .namespace
+                    .get_or_insert_with(|| DEFAULT_NAMESPACE.to_string())
+                    .clone();
+                self.ensure_namespace(&ns);
+                self.pods
+                    .insert((ns, pod.metadata.name.clone().unwrap_or_default()), pod);
+            }
+            Object::NetworkPolicy(mut np) => {
+                let ns = np
+                    .metadata
+                    .namespace
+                    .get_or_insert_with(|| DEFAULT_NAMESPACE.to_string())
+                    .clone();
+                self.ensure_namespace(&ns);
+                self.policies
+                    .insert((ns, np.metadata.name.clone().unwrap_or_default()), np);
+            }
+        }
+    }
+
+    fn ensure_namespace(&mut self, name: &str) {
+        if !self.namespaces.contains_key(name) {
+            self.apply(Object::Namespace(namespace_object(name)));
+        }
+    }
+
+    /// Removes an object; removing a Namespace removes its pods and policies.
+    /// Returns whether the object existed.
+    pub fn delete(&mut self, r: &ObjectRef) -> bool {
+        let ns = || {
+            r.namespace
+                .clone()
+                .unwrap_or_else(|| DEFAULT_NAMESPACE.to_string())
+        };
+        match r.kind {
+            Kind::Namespace => {
+                self.pods.retain(|(ns, _), _| ns != &r.name);
+                self.policies.retain(|(ns, _), _| ns != &r.name);
+                self.namespaces.remove(&r.name).is_some()
+            }
+            Kind::Pod => self.pods.remove(&(ns(), r.name.clone())).is_some(),
+            Kind::NetworkPolicy => self.policies.remove(&(ns(), r.name.clone())).is_some(),
+        }
+    }
+
+    /// Every object: namespaces first, then pods, then policies (an order that applies cleanly).
+    pub fn objects(&self) -> Vec<Object> {
+        self.namespaces
+            .values()
+            .cloned()
+            .map(Object::Namespace)
+            .chain(self.pods.values().cloned().map(Object::Pod))
+            .chain(self.policies.values().cloned().map(Object::NetworkPolicy))
+            .collect()
+    }
+
+    /// The cluster as a multi-document YAML stream that [`parse_documents`] reads back.
+    ///
+    /// Serialising these types cannot fail in practice (all map keys are strings); should it,
+    /// the object is written as a YAML comment carrying the error, never silently dropped.
+    pub fn to_yaml(&self) -> String {
+        let mut out = String::new();
+        for o in self.objects() {
+            let doc = match &o {
+                Object::Namespace(x) => serde_yaml_ng::to_string(x),
+                Object::Pod(x) => serde_yaml_ng::to_string(x),
+                Object::NetworkPolicy(x) => serde_yaml_ng::to_string(x),
+            };
+            out.push_str("---\n");
+            match doc {
+                Ok(text) => out.push_str(&text),
+                Err(e) => out.push_str(&format!("# cannot serialise {}: {e}\n", o.to_ref())),
+            }
+        }
+        out
+    }
+
+    /// Namespaces by name.
+    pub fn namespaces(&self) -> &BTreeMap<String, Namespace> {
+        &self.namespaces
+    }
+
+    /// Pods by (namespace, name).
+    pub fn pods(&self) -> &BTreeMap<(String, String), Pod> {
+        &self.pods
+    }
+
+    /// NetworkPolicies by (namespace, name).
+    pub fn policies(&self) -> &BTreeMap<(String, String), NetworkPolicy> {
+        &self.policies
+    }
+
+    /// A namespace by name.
+    pub fn namespace(&self, name: &str) -> Option<&Namespace> {
+        self.namespaces.get(name)
+    }
+
+    /// A pod by namespace and name.
+    pub fn pod(&self, namespace: &str, name: &str) -> Option<&Pod> {
+        self.pods.get(&(namespace.to_string(), name.to_string()))
+    }
+
+    /// A policy by namespace and name.
+    pub fn policy(&self, namespace: &str, name: &str) -> Option<&NetworkPolicy> {
+        self.policies
+            .get(&(namespace.to_string(), name.to_string()))
+    }
+
+    /// A namespace's labels (empty if the namespace is unknown).
+    pub fn namespace_labels(&self, name: &str) -> BTreeMap<String, String> {
+        self.namespaces
+            .get(name)
+            .and_then(|n| n.metadata.labels.clone())
+            .unwrap_or_default()
+    }
+}
+
+/// A pod's labels (empty if none).
+pub fn pod_labels(pod: &Pod) -> BTreeMap<String, String> {
+    pod.metadata.labels.clone().unwrap_or_default()
+}
+
+/// A pod's IPv4 address from `status.podIP`, if it has one.
+pub fn pod_ipv4(pod: &Pod) -> Option<Ipv4Addr> {
+    pod.status.as_ref()?.pod_ip.as_deref()?.parse().ok()
+}
+
+/// A pod's node from `spec.nodeName`, if scheduled.
+pub fn pod_node(pod: &Pod) -> Option<&str> {
+    pod.spec.as_ref()?.node_name.as_deref()
+}
+
+/// The port numbers a pod declares under `name` for `protocol` (default TCP).
+pub fn named_ports(pod: &Pod, name: &str, protocol: &str) -> Vec<u16> {
+    let mut out: Vec<u16> = pod
+        .spec
+        .iter()
+        .flat_map(|s| &s.containers)
+        .flat_map(|c| c.ports.iter().flatten())
+        .filter(|p| {
+            p.name.as_deref() == Some(name) && p.protocol.as_deref().unwrap_or("TCP") == protocol
+        })
+        .filter_map(|p| u16::try_from(p.container_port).ok())
+        .collect();
+    out.sort_unstable();
+    out.dedup();
+    out
+}
+
+#[cfg(test)]
+#[expect(clippy::expect_used, reason = "tests panic to report failures")]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+apiVersion: v1
+kind: Namespace
+metadata:
+  name: x
+  labels: {ns: x}
+---
+apiVersion: v1
+kind: Pod
+metadata:
+  name: a
+  namespace: x
+  labels: {pod: a}
+spec:
+  nodeName: node-1
+  containers:
+  - name: c
+    image: busybox
+    ports:
+    - {name: http, containerPort: 80}
+    - {name: dns, containerPort: 53, protocol: UDP}
+status:
+  podIP: 10.244.1.5
+---
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: lonely, labels: {pod: l}}
+---
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: allow-b, namespace: y}
+spec:
+  podSelector: {matchLabels: {pod: a}}
+  policyTypes: [Ingress, Egress]
+  ingress:
+  - from:
+    - podSelector:
+        matchExpressions: [{key: pod, operator: In, values: [b]}]
+      namespaceSelector: {}
+    - ipBlock: {cidr: 10.0.0.0/8, except: [10.1.0.0/16]}
+    ports:
+    - {port: 80}
+    - {port: http, protocol: TCP}
+    - {port: 1000, endPort: 2000, protocol: UDP}
+  egress:
+  - {}
+"#;
+
+    #[test]
+    fn parses_good_documents_and_defaults_namespaces() {
+        let objs = parse_documents(GOOD, "good.yaml").expect("parses");
+        let refs: Vec<String> = objs.iter().map(|o| o.to_ref().to_string()).collect();
+        assert_eq!(
+            refs,
+            [
+                "Namespace x",
+                "Pod x/a",
+                "Pod default/lonely",
+                "NetworkPolicy y/allow-b"
+            ]
+        );
+        let Object::Pod(a) = &objs[1] else {
+            panic!("not a pod")
+        };
+        assert_eq!(pod_ipv4(a), Some(Ipv4Addr::new(10, 244, 1, 5)));
+        assert_eq!(pod_node(a), Some("node-1"));
+        assert_eq!(named_ports(a, "http", "TCP"), [80]);
+        assert_eq!(named_ports(a, "dns", "UDP"), [53]);
+        assert!(named_ports(a, "dns", "TCP").is_empty());
+    }
+
+    #[test]
+    fn cluster_applies_deletes_and_round_trips() {
+        let mut c = Cluster::from_objects(parse_documents(GOOD, "good.yaml").expect("parses"));
+        assert_eq!(
+            c.namespaces().keys().collect::<Vec<_>>(),
+            ["default", "x", "y"]
+        );
+        assert_eq!(
+            c.namespace_labels("y")
+                .get(NAMESPACE_NAME_LABEL)
+                .map(String::as_str),
+            Some("y")
+        );
+        assert_eq!(
+            c.namespace_labels("x").get("ns").map(String::as_str),
+            Some("x")
+        );
+        let text = c.to_yaml();
+        let back =
+            Cluster::from_objects(parse_documents(&text, "dump.yaml").expect("round trip parses"));
+        assert_eq!(back, c);
+
+        // Re-applying replaces in place.
+        let relabel =
+            "apiVersion: v1\nkind: Pod\nmetadata: {name: a, namespace: x, labels: {pod: z}}\n";
+        for o in parse_documents(relabel, "r.yaml").expect("parses") {
+            c.apply(o);
+        }
+        assert_eq!(c.pods().len(), 2);
+        assert_eq!(
+            c.pod("x", "a")
+                .map(pod_labels)
+                .and_then(|l| l.get("pod").cloned())
+                .as_deref(),
+            Some("z")
+        );
+
+        let ns_ref = ObjectRef {
+            kind: Kind::Namespace,
+            namespace: None,
+            name: "x".into(),
+        };
+        assert!(c.delete(&ns_ref));
+        assert!(c.pod("x", "a").is_none());
+        assert!(!c.delete(&ns_ref));
+        let np = ObjectRef {
+            kind: Kind::NetworkPolicy,
+            namespace: Some("y".into()),
+            name: "allow-b".into(),
+        };
+        assert!(c.delete(&np));
+        assert!(c.policies().is_empty());
+    }
+
+    fn policy_doc(spec: &str) -> String {
+        format!(
+            "apiVersion: v1\nkind: Namespace\nmetadata: {{name: x}}\n---\n\
+             apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {{name: allow-b, namespace: x}}\nspec:\n{spec}"
+        )
+    }
+
+    #[test]
+    fn errors_name_origin_document_object_and_field() {
+        let ing =
+            |peer_or_port: &str| format!("  podSelector: {{}}\n  ingress:\n  - {peer_or_port}\n");
+        let cases: Vec<(String, &str)> = vec![
+            (policy_doc(&ing("from: [{podSelector: {matchExpressions: [{key: pod, operator: Foo, values: [a]}]}}]")),
+             "demo.yaml: document 2: NetworkPolicy x/allow-b: spec.ingress[0].from[0].podSelector.matchExpressions[0].operator: unknown operator \"Foo\" (expected In, NotIn, Exists or DoesNotExist)"),
+            (policy_doc(&ing("from: [{namespaceSelector: {matchExpressions: [{key: ns, operator: In}]}}]")),
+             "demo.yaml: document 2: NetworkPolicy x/allow-b: spec.ingress[0].from[0].namespaceSelector.matchExpressions[0].values: must be non-empty"),
+            (policy_doc(&ing("from: [{podSelector: {matchExpressions: [{key: ns, operator: Exists, values: [a]}]}}]")),
+             "spec.ingress[0].from[0].podSelector.matchExpressions[0].values: must be empty"),
+            (policy_doc(&ing("from: [{podSelector: {matchLabels: {\"bad key\": a}}}]")),
+             "spec.ingress[0].from[0].podSelector.matchLabels: key \"bad key\""),
+            (policy_doc(&ing("from: [{podSelector: {matchLabels: {pod: \"-a\"}}}]")),
+             "spec.ingress[0].from[0].podSelector.matchLabels: value \"-a\""),
+            (policy_doc(&ing("ports: [{protocol: ICMP, port: 1}]")), "spec.ingress[0].ports[0].protocol: unsupported value \"ICMP\""),
+            (policy_doc(&ing("ports: [{port: 0}]")), "spec.ingress[0].ports[0].port: 0 must be between 1 and 65535"),
+            (policy_doc(&ing("ports: [{port: 65536}]")), "spec.ingress[0].ports[0].port: 65536 must be between"),
+            (policy_doc(&ing("ports: [{port: 80, endPort: 79}]")), "spec.ingress[0].ports[0].endPort: 79 must be greater than or equal to port 80"),
+            (policy_doc(&ing("ports: [{port: http, endPort: 90}]")), "spec.ingress[0].ports[0].endPort: may not be used with a named port"),
+            (policy_doc(&ing("ports: [{endPort: 90}]")), "spec.ingress[0].ports[0].endPort: may not be used without a numeric port"),
+            (policy_doc(&ing("ports: [{port: \"Not_A_Name\"}]")), "spec.ingress[0].ports[0].port: \"Not_A_Name\" is neither"),
+            (policy_doc(&ing("from: [{ipBlock: {cidr: 10.0.0.0/33}}]")), "spec.ingress[0].from[0].ipBlock.cidr:"),
+            (policy_doc(&ing("from: [{ipBlock: {cidr: banana}}]")), "spec.ingress[0].from[0].ipBlock.cidr:"),
+            (policy_doc(&ing("from: [{ipBlock: {cidr: 10.0.0.0/8, except: [11.0.0.0/16]}}]")),
+             "spec.ingress[0].from[0].ipBlock.except[0]: \"11.0.0.0/16\" must be strictly within \"10.0.0.0/8\""),
+            (policy_doc(&ing("from: [{ipBlock: {cidr: 10.0.0.0/8, except: [10.0.0.0/8]}}]")), "spec.ingress[0].from[0].ipBlock.except[0]:"),
+            (policy_doc(&ing("from: [{ipBlock: {cidr: 10.0.0.0/8}, podSelector: {}}]")), "spec.ingress[0].from[0]: may not specify more than 1 peer type"),
+            (policy_doc(&ing("from: [{}]")), "spec.ingress[0].from[0]: must specify a peer"),
+            (policy_doc("  podSelector: {}\n  policyTypes: [Ingress, Sideways]\n"), "spec.policyTypes[1]: unsupported value \"Sideways\""),
+            (policy_doc("  podSelector: {}\n  egress:\n  - to: [{podSelector: {matchExpressions: [{key: k, operator: NotIn}]}}]\n"),
+             "spec.egress[0].to[0].podSelector.matchExpressions[0].values: must be non-empty"),
+            (policy_doc("  podSelector: {matchExpressions: [{key: k, operator: bad}]}\n"), "spec.podSelector.matchExpressions[0].operator: unknown operator"),
+            ("apiVersion: v1\nkind: Service\nmetadata: {name: s}\n".into(), "demo.yaml: document 1: unsupported object kind \"Service\""),
+            ("apiVersion: v2\nkind: Pod\nmetadata: {name: s}\n".into(), "demo.yaml: document 1: unsupported object kind \"Pod\" apiVersion \"v2\""),
+            ("metadata: {name: s}\n".into(), "demo.yaml: document 1: unsupported object kind \"\""),
+            ("apiVersion: v1\nkind: Pod\nmetadata: {namespace: x}\n".into(), "demo.yaml: document 1: Pod x/<unnamed>: metadata.name: required"),
+            ("apiVersion: v1\nkind: Pod\nmetadata: {name: a, labels: {\"a b\": c}}\n".into(), "Pod default/a: metadata.labels: key \"a b\""),
+            ("apiVersion: v1\nkind: Pod\nmetadata: {name: a}\nstatus: {podIP: 10.0.0.300}\n".into(), "Pod default/a: status.podIP:"),
+            ("apiVersion: v1\nkind: Pod\nmetadata: {name: a}\nspec: {containers: [{name: c, ports: [{containerPort: 0}]}]}\n".into(),
+             "Pod default/a: spec.containers[0].ports[0].containerPort: must be between"),
+            ("apiVersion: v1\nkind: Pod\nmetadata: {name: a}\nspec: {containers: [{name: c, ports: [{containerPort: abc}]}]}\n".into(),
+             "demo.yaml: document 1: Pod default/a: spec.containers[0].ports[0].containerPort: cannot decode"),
+            ("a: [\n".into(), "demo.yaml: document 1: invalid yaml"),
+        ];
+        for (text, want) in cases {
+            let err = parse_documents(&text, "demo.yaml").expect_err(want);
+            let msg = err.to_string();
+            assert!(
+                msg.contains(want),
+                "got {msg:?}\nwant it to contain {want:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn an_error_anywhere_fails_the_whole_file() {
+        let text = format!("{GOOD}---\napiVersion: v1\nkind: Widget\nmetadata: {{name: w}}\n");
+        let err = parse_documents(&text, "f.yaml").expect_err("widget is unknown");
+        assert!(err.to_string().starts_with("f.yaml: document 6: "), "{err}");
+    }
+
+    #[test]
+    fn empty_text_has_no_objects() {
+        assert!(parse_documents("", "e").expect("empty is fine").is_empty());
+        assert!(parse_documents("---\n---\n", "e")
+            .expect("empty docs are fine")
+            .is_empty());
+    }
+}
