@@ -29,9 +29,9 @@ pub enum NetlinkError {
         op: &'static str,
         /// Interface (or route) concerned.
         ifname: String,
-        /// Cause.
+        /// Cause (boxed: netlink errors carry a whole message).
         #[source]
-        source: rtnetlink::Error,
+        source: Box<rtnetlink::Error>,
     },
     /// An interface that must exist does not.
     #[error("interface {ifname} not found")]
@@ -90,7 +90,7 @@ impl Netlink {
                 Err(source) => Err(NetlinkError::Request {
                     op: "get link",
                     ifname: ifname.to_string(),
-                    source,
+                    source: Box::new(source),
                 }),
             }
         })
@@ -116,7 +116,7 @@ impl Netlink {
             .map_err(|source| NetlinkError::Request {
                 op: "set link up",
                 ifname: ifname.to_string(),
-                source,
+                source: Box::new(source),
             })
     }
 
@@ -136,7 +136,7 @@ impl Netlink {
             Err(source) => Err(NetlinkError::Request {
                 op: "add veth",
                 ifname: ifname.to_string(),
-                source,
+                source: Box::new(source),
             }),
         }
     }
@@ -157,7 +157,7 @@ impl Netlink {
             Err(source) => Err(NetlinkError::Request {
                 op: "add bridge",
                 ifname: ifname.to_string(),
-                source,
+                source: Box::new(source),
             }),
         }
     }
@@ -180,7 +180,7 @@ impl Netlink {
             .map_err(|source| NetlinkError::Request {
                 op: "set bridge port",
                 ifname: ifname.to_string(),
-                source,
+                source: Box::new(source),
             })
     }
 
@@ -203,7 +203,7 @@ impl Netlink {
             .map_err(|source| NetlinkError::Request {
                 op: "move link to netns",
                 ifname: ifname.to_string(),
-                source,
+                source: Box::new(source),
             })
     }
 
@@ -227,7 +227,7 @@ impl Netlink {
             .map_err(|source| NetlinkError::Request {
                 op: "rename link",
                 ifname: from.to_string(),
-                source,
+                source: Box::new(source),
             })
     }
 
@@ -250,7 +250,7 @@ impl Netlink {
             Err(source) => Err(NetlinkError::Request {
                 op: "add address",
                 ifname: ifname.to_string(),
-                source,
+                source: Box::new(source),
             }),
         }
     }
@@ -270,7 +270,7 @@ impl Netlink {
             .map_err(|source| NetlinkError::Request {
                 op: "add route",
                 ifname: destination.to_string(),
-                source,
+                source: Box::new(source),
             })
     }
 }

@@ -4,6 +4,7 @@
 pub const DEMO_YAML: &str = include_str!("demo.yaml");
 
 #[cfg(test)]
+#[expect(clippy::unwrap_used, reason = "tests panic so backtraces survive")]
 mod tests {
     use super::*;
 

@@ -512,6 +512,7 @@ pub fn down(paths: &LabPaths) -> Result<i32, LabError> {
 }
 
 #[cfg(test)]
+#[expect(clippy::unwrap_used, reason = "tests panic so backtraces survive")]
 mod tests {
     use super::*;
 

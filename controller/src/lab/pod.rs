@@ -14,6 +14,9 @@ use super::model::{Object, ObjectRef};
 use super::state::{create_dir, LabPaths, LabState, NodeState, PodState};
 use super::LabError;
 
+/// A pod that CNI ADD wired: its record, server pid and IP.
+type CreatedPod = (PodState, Option<u32>, Ipv4Addr);
+
 /// The ports a pod declares: (TCP ports, UDP ports).
 fn declared_ports(pod: &Pod) -> (Vec<u16>, Vec<u16>) {
     let mut tcp = BTreeSet::new();
@@ -139,30 +142,29 @@ pub fn apply(paths: &LabPaths, state: &mut LabState, objects: Vec<Object>) -> Re
     paths.save(state)?;
     super::publish(paths, state, &cluster)?;
 
-    let results: Vec<Result<(PodState, Option<u32>, Ipv4Addr), LabError>> =
-        std::thread::scope(|scope| {
-            let handles: Vec<_> = created
-                .iter()
-                .map(|pod| {
-                    let node = state.node(&pod.node).cloned().unwrap_or_default();
-                    scope.spawn(move || {
-                        create_pod(paths, &node, pod).map(|(pid, ip)| (pod.clone(), pid, ip))
+    let results: Vec<Result<CreatedPod, LabError>> = std::thread::scope(|scope| {
+        let handles: Vec<_> = created
+            .iter()
+            .map(|pod| {
+                let node = state.node(&pod.node).cloned().unwrap_or_default();
+                scope.spawn(move || {
+                    create_pod(paths, &node, pod).map(|(pid, ip)| (pod.clone(), pid, ip))
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| {
+                h.join().unwrap_or_else(|_| {
+                    Err(LabError::Cni {
+                        command: "ADD",
+                        pod: "?".into(),
+                        message: "pod thread panicked".into(),
                     })
                 })
-                .collect();
-            handles
-                .into_iter()
-                .map(|h| {
-                    h.join().unwrap_or_else(|_| {
-                        Err(LabError::Cni {
-                            command: "ADD",
-                            pod: "?".into(),
-                            message: "pod thread panicked".into(),
-                        })
-                    })
-                })
-                .collect()
-        });
+            })
+            .collect()
+    });
     let mut first_error = None;
     for result in results {
         match result {
@@ -463,6 +465,7 @@ pub fn exec(paths: &LabPaths, target: &str, command: &[String]) -> Result<i32, L
 }
 
 #[cfg(test)]
+#[expect(clippy::unwrap_used, reason = "tests panic so backtraces survive")]
 mod tests {
     use super::*;
 

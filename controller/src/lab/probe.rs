@@ -199,6 +199,7 @@ fn table(pods: &[&PodState], report: &ProbeReport) -> String {
 }
 
 #[cfg(test)]
+#[expect(clippy::unwrap_used, reason = "tests panic so backtraces survive")]
 mod tests {
     use super::*;
 
