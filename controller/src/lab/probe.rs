@@ -232,6 +232,6 @@ mod tests {
             r#"{"port":80,"protocol":"TCP","results":[{"from":"x/a","to":"x/b","allowed":true},{"from":"x/b","to":"x/a","allowed":false}]}"#
         );
         let t = table(&[&a, &b], &report);
-        assert_eq!(t, "TCP/80     x/a x/b\nx/a          -   .\nx/b          X   -\n1 allowed, 1 denied, of 2 pairs\n");
+        assert_eq!(t, "TCP/80    x/a x/b\nx/a         -   .\nx/b         X   -\n1 allowed, 1 denied, of 2 pairs\n");
     }
 }
