@@ -129,16 +129,28 @@ pub enum ApiError {
 
 /// Sends one request and waits up to `timeout` for the answer.
 pub fn call(socket: &Path, request: &Request, timeout: Duration) -> Result<Response, ApiError> {
-    let io = |source| ApiError::Io { path: socket.to_path_buf(), source };
-    let mut stream = UnixStream::connect(socket).map_err(|source| ApiError::Connect { path: socket.to_path_buf(), source })?;
+    let io = |source| ApiError::Io {
+        path: socket.to_path_buf(),
+        source,
+    };
+    let mut stream = UnixStream::connect(socket).map_err(|source| ApiError::Connect {
+        path: socket.to_path_buf(),
+        source,
+    })?;
     stream.set_read_timeout(Some(timeout)).map_err(io)?;
     stream.set_write_timeout(Some(timeout)).map_err(io)?;
-    let mut line = serde_json::to_vec(request).map_err(|source| ApiError::Decode { path: socket.to_path_buf(), source })?;
+    let mut line = serde_json::to_vec(request).map_err(|source| ApiError::Decode {
+        path: socket.to_path_buf(),
+        source,
+    })?;
     line.push(b'\n');
     stream.write_all(&line).map_err(io)?;
     let mut answer = String::new();
     BufReader::new(stream).read_line(&mut answer).map_err(io)?;
-    serde_json::from_str(&answer).map_err(|source| ApiError::Decode { path: socket.to_path_buf(), source })
+    serde_json::from_str(&answer).map_err(|source| ApiError::Decode {
+        path: socket.to_path_buf(),
+        source,
+    })
 }
 
 #[cfg(test)]
@@ -147,11 +159,25 @@ mod tests {
 
     #[test]
     fn requests_are_tagged_json() {
-        let r = Request::DelEndpoint(EndpointRef { container_id: "c1".into(), ifname: "eth0".into() });
+        let r = Request::DelEndpoint(EndpointRef {
+            container_id: "c1".into(),
+            ifname: "eth0".into(),
+        });
         let s = serde_json::to_string(&r).unwrap();
-        assert_eq!(s, r#"{"op":"del_endpoint","container_id":"c1","ifname":"eth0"}"#);
+        assert_eq!(
+            s,
+            r#"{"op":"del_endpoint","container_id":"c1","ifname":"eth0"}"#
+        );
         assert_eq!(serde_json::from_str::<Request>(&s).unwrap(), r);
-        let e: Response = serde_json::from_str(r#"{"result":"error","code":11,"message":"pod unknown"}"#).unwrap();
-        assert_eq!(e, Response::Error { code: 11, message: "pod unknown".into() });
+        let e: Response =
+            serde_json::from_str(r#"{"result":"error","code":11,"message":"pod unknown"}"#)
+                .unwrap();
+        assert_eq!(
+            e,
+            Response::Error {
+                code: 11,
+                message: "pod unknown".into()
+            }
+        );
     }
 }

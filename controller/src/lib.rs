@@ -6,6 +6,7 @@ pub mod identity;
 pub mod lab;
 pub mod maps;
 pub mod model;
+pub mod netlink;
 pub mod policy;
 pub mod selector;
 pub mod source;

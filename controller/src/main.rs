@@ -1,7 +1,5 @@
 //! `bulkhead`: the node agent, the lab and the CLI.
 
-use std::process::ExitCode;
-
 use clap::{Parser, Subcommand};
 
 /// Label-based network segmentation for Kubernetes, enforced in eBPF.
@@ -20,21 +18,20 @@ enum Command {
     Lab(bulkhead::lab::LabArgs),
 }
 
-fn main() -> ExitCode {
+fn main() {
     let cli = Cli::parse();
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("BULKHEAD_LOG").unwrap_or_else(|_| "info".into()))
         .init();
-    let result: anyhow::Result<u8> = match cli.command {
+    let result: anyhow::Result<i32> = match cli.command {
         Command::Agent(args) => bulkhead::agent::run(args).map(|()| 0).map_err(Into::into),
-        Command::Lab(args) => bulkhead::lab::run(args).map(|code| u8::try_from(code).unwrap_or(1)).map_err(Into::into),
+        Command::Lab(args) => bulkhead::lab::run(args).map_err(Into::into),
     };
-    match result {
-        Ok(code) => ExitCode::from(code),
-        Err(e) => {
-            eprintln!("error: {e:#}");
-            ExitCode::FAILURE
-        }
-    }
+    let code = result.unwrap_or_else(|e| {
+        // `{:#}` prints the cause chain on one line.
+        eprintln!("bulkhead: {e:#}");
+        1
+    });
+    std::process::exit(code)
 }

@@ -1,1 +1,336 @@
-//! Helpers for the end-to-end tests.
+//! Helpers for the end-to-end tests: the built binaries and a lab that cleans up after itself.
+#![expect(
+    clippy::expect_used,
+    reason = "test helpers panic so the failing test shows a backtrace"
+)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::atomic::{AtomicU32, Ordering};
+
+/// The workspace's `target/debug` dir (or `CARGO_TARGET_DIR`'s).
+pub fn target_dir() -> PathBuf {
+    match std::env::var_os("CARGO_TARGET_DIR") {
+        Some(d) => PathBuf::from(d).join("debug"),
+        None => Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/debug"),
+    }
+}
+
+/// A built binary; panics with the fix when it is missing.
+pub fn binary(name: &str) -> PathBuf {
+    let path = target_dir().join(name);
+    assert!(
+        path.is_file(),
+        "{} is missing: run `cargo build` at the workspace root before these tests",
+        path.display()
+    );
+    path
+}
+
+/// A test fixture file.
+pub fn fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("fixtures")
+        .join(name)
+}
+
+static COUNTER: AtomicU32 = AtomicU32::new(0);
+
+/// A lab in its own dir, taken down on drop even when the test fails.
+pub struct Lab {
+    /// The lab dir.
+    pub dir: PathBuf,
+    /// Extra environment for every `bulkhead` call (e.g. stand-in agent and plugin).
+    pub env: Vec<(String, PathBuf)>,
+}
+
+impl Lab {
+    /// A lab using the real agent and CNI plugin.
+    pub fn new(test: &str) -> Self {
+        let n = COUNTER.fetch_add(1, Ordering::SeqCst);
+        let dir =
+            std::env::temp_dir().join(format!("bulkhead-e2e-{test}-{}-{n}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("create test dir");
+        Lab {
+            dir: dir.join("lab"),
+            env: Vec::new(),
+        }
+    }
+
+    /// A lab whose agent and CNI plugin are the fixtures' stand-ins (no policy enforcement):
+    /// tests the lab's own plumbing independently of the datapath.
+    pub fn with_stand_ins(test: &str) -> Self {
+        let mut lab = Lab::new(test);
+        lab.env
+            .push(("BULKHEAD_AGENT".into(), fixture("fake-bulkhead-agent.py")));
+        lab.env
+            .push(("BULKHEAD_CNI".into(), fixture("fake-bulkhead-cni.py")));
+        lab
+    }
+
+    /// Runs `bulkhead lab --lab-dir DIR ARGS...`.
+    pub fn run(&self, args: &[&str]) -> Output {
+        let mut cmd = Command::new(binary("bulkhead"));
+        cmd.arg("lab").arg("--lab-dir").arg(&self.dir).args(args);
+        for (k, v) in &self.env {
+            cmd.env(k, v);
+        }
+        cmd.output().expect("run bulkhead")
+    }
+
+    /// Runs a command that must succeed; returns its stdout.
+    pub fn ok(&self, args: &[&str]) -> String {
+        let out = self.run(args);
+        assert!(
+            out.status.success(),
+            "bulkhead lab {args:?} failed ({}):\nstdout: {}\nstderr: {}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// Writes `text` to a file in the test dir and returns its path.
+    pub fn file(&self, name: &str, text: &str) -> String {
+        let path = self.dir.with_file_name(name);
+        std::fs::write(&path, text).expect("write manifest");
+        path.display().to_string()
+    }
+
+    /// The lab id from `status -o json`.
+    pub fn id(&self) -> String {
+        let status: serde_json::Value =
+            serde_json::from_str(&self.ok(&["status", "-o", "json"])).expect("status json");
+        status["id"].as_str().expect("id").to_string()
+    }
+
+    /// `probe -o json` as (from, to) → allowed.
+    pub fn probe(
+        &self,
+        port: u16,
+        protocol: &str,
+    ) -> std::collections::BTreeMap<(String, String), bool> {
+        let out = self.ok(&[
+            "probe",
+            "--port",
+            &port.to_string(),
+            "--protocol",
+            protocol,
+            "-o",
+            "json",
+        ]);
+        let v: serde_json::Value = serde_json::from_str(&out).expect("probe json");
+        assert_eq!(v["port"], port);
+        assert_eq!(v["protocol"], protocol);
+        v["results"]
+            .as_array()
+            .expect("results")
+            .iter()
+            .map(|r| {
+                (
+                    (
+                        r["from"].as_str().unwrap_or_default().to_string(),
+                        r["to"].as_str().unwrap_or_default().to_string(),
+                    ),
+                    r["allowed"].as_bool().unwrap_or_default(),
+                )
+            })
+            .collect()
+    }
+
+    /// Asserts that nothing of lab `id` is left.
+    pub fn assert_gone(&self, id: &str) {
+        let leftovers: Vec<String> = std::fs::read_dir("/run/netns")
+            .map(|rd| {
+                rd.filter_map(|e| e.ok()?.file_name().into_string().ok())
+                    .filter(|n| n.starts_with(&format!("bh{id}-")))
+                    .collect()
+            })
+            .unwrap_or_default();
+        assert!(leftovers.is_empty(), "netns left: {leftovers:?}");
+        let pins = PathBuf::from(format!("/sys/fs/bpf/bulkhead-lab-{id}"));
+        assert!(!pins.exists(), "{} left", pins.display());
+        assert!(!self.dir.exists(), "{} left", self.dir.display());
+        let dir = self.dir.display().to_string();
+        let procs: Vec<String> = std::fs::read_dir("/proc")
+            .expect("read /proc")
+            .filter_map(|e| {
+                let pid: u32 = e.ok()?.file_name().to_str()?.parse().ok()?;
+                let cmdline =
+                    String::from_utf8_lossy(&std::fs::read(format!("/proc/{pid}/cmdline")).ok()?)
+                        .replace('\0', " ");
+                let state = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+                let zombie = state
+                    .rsplit(')')
+                    .next()
+                    .is_some_and(|r| r.trim_start().starts_with('Z'));
+                (cmdline.contains(&dir) && !zombie).then(|| format!("{pid}: {cmdline}"))
+            })
+            .collect();
+        assert!(procs.is_empty(), "processes left: {procs:?}");
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        let _ = self.run(&["down"]);
+        if let Some(parent) = self.dir.parent() {
+            let _ = std::fs::remove_dir_all(parent);
+        }
+    }
+}
+
+/// Namespaces x, y, z with pods a, b, c (label pod=<name>) serving 80 and 81 on TCP and UDP.
+pub fn three_by_three() -> String {
+    let mut out = String::new();
+    for ns in ["x", "y", "z"] {
+        out.push_str(&format!("---\napiVersion: v1\nkind: Namespace\nmetadata: {{name: {ns}, labels: {{ns: {ns}}}}}\n"));
+        for pod in ["a", "b", "c"] {
+            out.push_str(&format!(
+                "---\napiVersion: v1\nkind: Pod\nmetadata: {{name: {pod}, namespace: {ns}, labels: {{pod: {pod}}}}}\nspec:\n  containers:\n  - name: c\n    image: agnhost\n    ports:\n    - {{containerPort: 80, protocol: TCP}}\n    - {{containerPort: 80, protocol: UDP}}\n    - {{containerPort: 81, protocol: TCP}}\n    - {{containerPort: 81, protocol: UDP}}\n"
+            ));
+        }
+    }
+    out
+}
+
+/// Default-deny ingress in x, and x/a admits pods labelled pod=b from any namespace.
+pub const X_A_FROM_B: &str = "---
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: default-deny-ingress, namespace: x}
+spec:
+  podSelector: {}
+  policyTypes: [Ingress]
+---
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: allow-b, namespace: x}
+spec:
+  podSelector: {matchLabels: {pod: a}}
+  ingress:
+  - from:
+    - namespaceSelector: {}
+      podSelector: {matchLabels: {pod: b}}
+";
+
+/// Every `ns/pod` of [`three_by_three`].
+pub fn nine_pods() -> Vec<String> {
+    ["x", "y", "z"]
+        .iter()
+        .flat_map(|ns| ["a", "b", "c"].iter().map(move |p| format!("{ns}/{p}")))
+        .collect()
+}
+
+/// `up` with the 3×3 pods; `down` removes everything; a second `down` succeeds.
+pub fn scenario_up_down(lab: &Lab) {
+    let pods = lab.file("pods.yaml", &three_by_three());
+    lab.ok(&["up", "-f", &pods]);
+    let id = lab.id();
+    assert_eq!(id.len(), 4);
+    assert!(PathBuf::from(format!("/run/netns/bh{id}-node0")).exists());
+    let listed: serde_json::Value =
+        serde_json::from_str(&lab.ok(&["pods", "-o", "json"])).expect("pods json");
+    let names: Vec<String> = listed
+        .as_array()
+        .expect("array")
+        .iter()
+        .map(|p| {
+            format!(
+                "{}/{}",
+                p["namespace"].as_str().unwrap_or(""),
+                p["name"].as_str().unwrap_or("")
+            )
+        })
+        .collect();
+    assert_eq!(names, nine_pods());
+    for p in listed.as_array().expect("array") {
+        assert!(
+            p["ip"]
+                .as_str()
+                .is_some_and(|ip| ip.parse::<std::net::Ipv4Addr>().is_ok()),
+            "pod without ip: {p}"
+        );
+        assert_eq!(p["node"], "node0");
+        assert!(p["labels"]["pod"].is_string());
+    }
+    lab.ok(&["down"]);
+    lab.assert_gone(&id);
+    lab.ok(&["down"]);
+}
+
+/// No policy: all 72 pairs allowed on TCP/80; then x/a only admits */b and x/b, x/c nothing.
+pub fn scenario_three_by_three(lab: &Lab, enforced: bool) {
+    let pods = lab.file("pods.yaml", &three_by_three());
+    lab.ok(&["up", "-f", &pods]);
+    let started = std::time::Instant::now();
+    let open = lab.probe(80, "TCP");
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(5),
+        "probe took {:?}",
+        started.elapsed()
+    );
+    assert_eq!(open.len(), 72);
+    assert!(open.values().all(|a| *a), "denied without policy: {open:?}");
+    assert!(
+        lab.probe(81, "UDP").values().all(|a| *a),
+        "udp denied without policy"
+    );
+    let policy = lab.file("policy.yaml", X_A_FROM_B);
+    lab.ok(&["apply", "-f", &policy]);
+    if !enforced {
+        return;
+    }
+    let got = lab.probe(80, "TCP");
+    for ((from, to), allowed) in &got {
+        let want = match to.as_str() {
+            "x/a" => from.ends_with("/b"),
+            "x/b" | "x/c" => false,
+            _ => true,
+        };
+        assert_eq!(*allowed, want, "{from} -> {to}");
+    }
+}
+
+/// Bad input fails naming the object or field, and changes nothing.
+pub fn scenario_bad_input(lab: &Lab) {
+    let pods = lab.file("pods.yaml", &three_by_three());
+    lab.ok(&["up", "-f", &pods]);
+    let before = lab.ok(&["pods", "-o", "json"]);
+    let cases = [
+        ("bad-yaml.yaml", "apiVersion: v1\nkind: Pod\nmetadata: {name: [oops\n", "bad-yaml.yaml"),
+        ("unknown-kind.yaml", "apiVersion: v1\nkind: Pod\nmetadata: {name: n, namespace: x}\n---\napiVersion: v1\nkind: Gadget\nmetadata: {name: g}\n", "Gadget"),
+        (
+            "bad-operator.yaml",
+            "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: bad, namespace: x}\nspec:\n  podSelector: {}\n  ingress:\n  - from:\n    - podSelector:\n        matchExpressions: [{key: pod, operator: Foo, values: [a]}]\n",
+            "operator",
+        ),
+    ];
+    for (name, text, needle) in cases {
+        let file = lab.file(name, text);
+        let out = lab.run(&["apply", "-f", &file]);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{name} was accepted");
+        assert!(
+            stderr.contains(needle),
+            "{name}: error does not name {needle:?}: {stderr}"
+        );
+        assert_eq!(
+            lab.ok(&["pods", "-o", "json"]),
+            before,
+            "{name} changed the pods"
+        );
+    }
+}
+
+/// `exec` passes the exit code through and runs inside the pod.
+pub fn scenario_exec(lab: &Lab) {
+    let pods = lab.file("pods.yaml", &three_by_three());
+    lab.ok(&["up", "-f", &pods]);
+    let out = lab.run(&["exec", "x/a", "--", "sh", "-c", "exit 3"]);
+    assert_eq!(out.status.code(), Some(3));
+    let inside = lab.ok(&["exec", "x/a", "--", "cat", "/proc/net/dev"]);
+    assert!(inside.contains("eth0"), "not in the pod netns: {inside}");
+}

@@ -1,0 +1,535 @@
+//! `bulkhead lab`: a whole cluster on one machine, nodes and pods as network namespaces.
+//!
+//! Nodes run the real agent and pods are wired by the real `bulkhead-cni`, invoked exactly
+//! as a container runtime does, so the lab exercises the product end to end.
+
+mod demo;
+mod model_standin;
+mod node;
+mod pod;
+mod probe;
+mod serve;
+mod state;
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use bulkhead_cni::agent_api::{self, Request, Response};
+use serde::Serialize;
+
+// TODO(merge): replace with `use crate::model;` once Brief B's model lands.
+use model_standin as model;
+
+pub use state::{LabPaths, LabState, NodeState, PodState};
+
+/// Output format of the read commands.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Output {
+    /// Human-readable.
+    Table,
+    /// Machine-readable.
+    Json,
+}
+
+/// Transport protocol a probe uses.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Protocol {
+    /// TCP: allowed when the handshake completes.
+    #[value(name = "TCP", alias = "tcp")]
+    Tcp,
+    /// UDP: allowed when the request gets a reply.
+    #[value(name = "UDP", alias = "udp")]
+    Udp,
+}
+
+impl Protocol {
+    /// The Kubernetes spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Protocol::Tcp => "TCP",
+            Protocol::Udp => "UDP",
+        }
+    }
+}
+
+/// `bulkhead lab` arguments.
+#[derive(Debug, clap::Args)]
+pub struct LabArgs {
+    /// Where the lab keeps its state.
+    #[arg(
+        long,
+        global = true,
+        env = "BULKHEAD_LAB_DIR",
+        default_value = "/run/bulkhead/lab"
+    )]
+    pub lab_dir: PathBuf,
+    /// What to do.
+    #[command(subcommand)]
+    pub command: LabCommand,
+}
+
+/// The lab's subcommands.
+#[derive(Debug, clap::Subcommand)]
+pub enum LabCommand {
+    /// Create nodes and agents, then apply FILEs (no -f: the built-in demo).
+    Up {
+        /// Number of nodes.
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=200))]
+        nodes: u8,
+        /// Manifests to apply.
+        #[arg(short = 'f', long = "filename")]
+        files: Vec<PathBuf>,
+    },
+    /// Apply Namespace, Pod and NetworkPolicy objects.
+    Apply {
+        /// Multi-document YAML files.
+        #[arg(short = 'f', long = "filename", required = true)]
+        files: Vec<PathBuf>,
+    },
+    /// Delete the objects named in FILEs.
+    Delete {
+        /// Multi-document YAML files.
+        #[arg(short = 'f', long = "filename", required = true)]
+        files: Vec<PathBuf>,
+    },
+    /// List pods.
+    Pods {
+        /// Output format.
+        #[arg(short = 'o', long, value_enum, default_value_t = Output::Table)]
+        output: Output,
+    },
+    /// Try every ordered pair of pods.
+    Probe {
+        /// Destination port.
+        #[arg(long, default_value_t = 80)]
+        port: u16,
+        /// Protocol.
+        #[arg(long, value_enum, default_value_t = Protocol::Tcp)]
+        protocol: Protocol,
+        /// Output format.
+        #[arg(short = 'o', long, value_enum, default_value_t = Output::Table)]
+        output: Output,
+    },
+    /// Nodes, pod CIDRs and agents.
+    Status {
+        /// Output format.
+        #[arg(short = 'o', long, value_enum, default_value_t = Output::Table)]
+        output: Output,
+    },
+    /// Run a command inside a pod's network namespace.
+    Exec {
+        /// `NAMESPACE/POD`.
+        pod: String,
+        /// The command and its arguments.
+        #[arg(last = true, required = true)]
+        command: Vec<String>,
+    },
+    /// Remove everything the lab made.
+    Down,
+    /// Serve a pod's ports (run by the lab inside the pod).
+    #[command(hide = true)]
+    Serve {
+        /// `namespace/pod`, written to TCP clients.
+        #[arg(long)]
+        name: String,
+        /// TCP ports.
+        #[arg(long)]
+        tcp: Vec<u16>,
+        /// UDP ports.
+        #[arg(long)]
+        udp: Vec<u16>,
+    },
+}
+
+/// Why a lab command failed.
+#[derive(Debug, thiserror::Error)]
+pub enum LabError {
+    /// A file operation failed.
+    #[error("{op} {path}")]
+    Io {
+        /// What was being done.
+        op: &'static str,
+        /// The file.
+        path: PathBuf,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// `lab.json` is unreadable.
+    #[error("lab state {path} is corrupt")]
+    State {
+        /// The file.
+        path: PathBuf,
+        /// Cause.
+        #[source]
+        source: serde_json::Error,
+    },
+    /// The lab has not been brought up.
+    #[error("no lab in {lab_dir}: run `bulkhead lab up` first")]
+    NotUp {
+        /// The lab dir.
+        lab_dir: PathBuf,
+    },
+    /// The lab is already up.
+    #[error("a lab is already up in {lab_dir}: run `bulkhead lab down` first")]
+    AlreadyUp {
+        /// The lab dir.
+        lab_dir: PathBuf,
+    },
+    /// A manifest is invalid.
+    #[error("invalid manifest")]
+    Model {
+        /// Cause.
+        #[source]
+        source: model::ModelError,
+    },
+    /// A manifest is valid Kubernetes but not usable in the lab.
+    #[error("{object}: {message}")]
+    Unsupported {
+        /// The object.
+        object: String,
+        /// Why.
+        message: String,
+    },
+    /// A namespace operation failed.
+    #[error("netns {netns}")]
+    Netns {
+        /// The namespace.
+        netns: String,
+        /// Cause.
+        #[source]
+        source: bulkhead_cni::netns::NetnsError,
+    },
+    /// Netlink work inside a namespace failed.
+    #[error("netlink in netns {netns}")]
+    Netlink {
+        /// The namespace.
+        netns: String,
+        /// Cause.
+        #[source]
+        source: crate::netlink::NetlinkError,
+    },
+    /// A process could not be started.
+    #[error("cannot start {what}")]
+    Spawn {
+        /// Which process.
+        what: String,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Talking to an agent failed.
+    #[error("agent of {node}")]
+    Agent {
+        /// The node.
+        node: String,
+        /// Cause.
+        #[source]
+        source: agent_api::ApiError,
+    },
+    /// An agent refused a request or never became ready.
+    #[error("agent of {node}: {message}")]
+    AgentFailed {
+        /// The node.
+        node: String,
+        /// What happened.
+        message: String,
+    },
+    /// The CNI plugin failed.
+    #[error("cni {command} for pod {pod}: {message}")]
+    Cni {
+        /// ADD or DEL.
+        command: &'static str,
+        /// `namespace/name`.
+        pod: String,
+        /// The plugin's message.
+        message: String,
+    },
+    /// No cluster CIDR is free of the host's routes.
+    #[error("no free cluster cidr: 10.244.0.0/16 to 10.254.0.0/16 all overlap host routes")]
+    NoFreeCidr,
+    /// The pod is not in the lab.
+    #[error("no pod {pod} in the lab")]
+    UnknownPod {
+        /// `namespace/name`.
+        pod: String,
+    },
+}
+
+/// How long to wait for an agent to reload its model into the maps.
+const RELOAD_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Runs one lab command; returns the process exit code.
+pub fn run(args: LabArgs) -> Result<i32, LabError> {
+    let paths = LabPaths::new(&args.lab_dir)?;
+    match args.command {
+        LabCommand::Up { nodes, files } => node::up(&paths, usize::from(nodes), &files),
+        LabCommand::Apply { files } => {
+            let _lock = paths.lock()?;
+            let mut state = paths.load_up()?;
+            let objects = read_files(&files)?;
+            pod::apply(&paths, &mut state, objects)?;
+            Ok(0)
+        }
+        LabCommand::Delete { files } => {
+            let _lock = paths.lock()?;
+            let mut state = paths.load_up()?;
+            let objects = read_files(&files)?;
+            pod::delete(&paths, &mut state, &objects)?;
+            Ok(0)
+        }
+        LabCommand::Pods { output } => {
+            let state = paths.load_up()?;
+            print_pods(&paths, &state, output)?;
+            Ok(0)
+        }
+        LabCommand::Probe {
+            port,
+            protocol,
+            output,
+        } => {
+            let state = paths.load_up()?;
+            probe::run(&state, port, protocol, output)
+        }
+        LabCommand::Status { output } => {
+            let state = paths.load_up()?;
+            print_status(&paths, &state, output);
+            Ok(0)
+        }
+        LabCommand::Exec { pod, command } => pod::exec(&paths, &pod, &command),
+        LabCommand::Down => node::down(&paths),
+        LabCommand::Serve { name, tcp, udp } => serve::run(&name, &tcp, &udp),
+    }
+}
+
+/// Parses and validates every file before anything changes.
+fn read_files(files: &[PathBuf]) -> Result<Vec<model::Object>, LabError> {
+    let mut objects = Vec::new();
+    for file in files {
+        let text = std::fs::read_to_string(file).map_err(|source| LabError::Io {
+            op: "read",
+            path: file.clone(),
+            source,
+        })?;
+        objects.extend(
+            model::parse_documents(&text, &file.display().to_string())
+                .map_err(|source| LabError::Model { source })?,
+        );
+    }
+    Ok(objects)
+}
+
+/// The model as last written for the agents.
+fn load_cluster(paths: &LabPaths) -> Result<model::Cluster, LabError> {
+    let path = paths.cluster_yaml();
+    let text = match std::fs::read_to_string(&path) {
+        Ok(text) => text,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
+        Err(source) => {
+            return Err(LabError::Io {
+                op: "read",
+                path,
+                source,
+            })
+        }
+    };
+    let mut cluster = model::Cluster::default();
+    for object in model::parse_documents(&text, &path.display().to_string())
+        .map_err(|source| LabError::Model { source })?
+    {
+        cluster.apply(object);
+    }
+    Ok(cluster)
+}
+
+/// Writes the model atomically, then has every agent load it into its maps.
+fn publish(paths: &LabPaths, state: &LabState, cluster: &model::Cluster) -> Result<(), LabError> {
+    state::write_atomic(&paths.cluster_yaml(), cluster.to_yaml().as_bytes())?;
+    reload_agents(paths, state)
+}
+
+/// Sends `Reload` to every agent, in parallel; waits until each has its maps updated.
+fn reload_agents(paths: &LabPaths, state: &LabState) -> Result<(), LabError> {
+    std::thread::scope(|scope| {
+        let calls: Vec<_> = state
+            .nodes
+            .iter()
+            .map(|node| {
+                scope.spawn(move || {
+                    match agent_api::call(
+                        &paths.agent_socket(&node.name),
+                        &Request::Reload,
+                        RELOAD_TIMEOUT,
+                    ) {
+                        Ok(Response::Ok) => Ok(()),
+                        Ok(Response::Error { code, message }) => Err(LabError::AgentFailed {
+                            node: node.name.clone(),
+                            message: format!("reload failed (code {code}): {message}"),
+                        }),
+                        Ok(other) => Err(LabError::AgentFailed {
+                            node: node.name.clone(),
+                            message: format!("unexpected answer to reload: {other:?}"),
+                        }),
+                        Err(source) => Err(LabError::Agent {
+                            node: node.name.clone(),
+                            source,
+                        }),
+                    }
+                })
+            })
+            .collect();
+        calls.into_iter().try_for_each(|c| {
+            c.join().unwrap_or_else(|_| {
+                Err(LabError::AgentFailed {
+                    node: "?".into(),
+                    message: "reload thread panicked".into(),
+                })
+            })
+        })
+    })
+}
+
+/// One row of `lab pods -o json`.
+#[derive(Debug, Serialize)]
+struct PodRow {
+    namespace: String,
+    name: String,
+    ip: Option<String>,
+    node: String,
+    labels: std::collections::BTreeMap<String, String>,
+}
+
+fn pod_rows(paths: &LabPaths, state: &LabState) -> Result<Vec<PodRow>, LabError> {
+    let cluster = load_cluster(paths)?;
+    let mut rows: Vec<PodRow> = cluster
+        .objects()
+        .into_iter()
+        .filter_map(|o| match o {
+            model::Object::Pod(p) => Some(p),
+            _ => None,
+        })
+        .map(|p| {
+            let namespace = p.metadata.namespace.clone().unwrap_or_default();
+            let name = p.metadata.name.clone().unwrap_or_default();
+            let lab = state.pod(&namespace, &name);
+            PodRow {
+                ip: lab.and_then(|l| l.ip.clone()),
+                node: lab.map(|l| l.node.clone()).unwrap_or_default(),
+                labels: p.metadata.labels.clone().unwrap_or_default(),
+                namespace,
+                name,
+            }
+        })
+        .collect();
+    rows.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
+    Ok(rows)
+}
+
+fn print_pods(paths: &LabPaths, state: &LabState, output: Output) -> Result<(), LabError> {
+    let rows = pod_rows(paths, state)?;
+    match output {
+        Output::Json => println!(
+            "{}",
+            serde_json::to_string_pretty(&rows).unwrap_or_default()
+        ),
+        Output::Table => {
+            println!("{:<32} {:<16} {:<8} LABELS", "POD", "IP", "NODE");
+            for r in rows {
+                let labels: Vec<String> =
+                    r.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+                println!(
+                    "{:<32} {:<16} {:<8} {}",
+                    format!("{}/{}", r.namespace, r.name),
+                    r.ip.as_deref().unwrap_or("<none>"),
+                    r.node,
+                    labels.join(",")
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+/// One node in `lab status -o json`.
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+struct NodeStatus {
+    name: String,
+    netns: String,
+    #[serde(rename = "podCIDR")]
+    pod_cidr: String,
+    agent_socket: PathBuf,
+    bpffs: PathBuf,
+    agent_pid: Option<u32>,
+    agent_ready: bool,
+    #[serde(rename = "metricsURL")]
+    metrics_url: Option<String>,
+}
+
+/// `lab status -o json`.
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+struct LabStatus {
+    lab_dir: PathBuf,
+    id: String,
+    nodes: Vec<NodeStatus>,
+}
+
+fn print_status(paths: &LabPaths, state: &LabState, output: Output) {
+    let nodes = state
+        .nodes
+        .iter()
+        .map(|n| {
+            let socket = paths.agent_socket(&n.name);
+            let ready = matches!(agent_api::call(&socket, &Request::Status, Duration::from_secs(2)), Ok(Response::Status(s)) if s.ready);
+            NodeStatus {
+                name: n.name.clone(),
+                netns: n.netns.clone(),
+                pod_cidr: n.pod_cidr.clone(),
+                agent_socket: socket,
+                bpffs: node::pin_dir(&state.id, &n.name),
+                agent_pid: n.agent_pid,
+                agent_ready: ready,
+                metrics_url: None,
+            }
+        })
+        .collect();
+    let status = LabStatus {
+        lab_dir: paths.dir.clone(),
+        id: state.id.clone(),
+        nodes,
+    };
+    match output {
+        Output::Json => println!(
+            "{}",
+            serde_json::to_string_pretty(&status).unwrap_or_default()
+        ),
+        Output::Table => {
+            println!(
+                "lab {} in {} ({} pods)",
+                status.id,
+                status.lab_dir.display(),
+                state.pods.len()
+            );
+            println!(
+                "{:<8} {:<16} {:<18} {:<8} {:<6} BPFFS",
+                "NODE", "NETNS", "POD CIDR", "AGENT", "READY"
+            );
+            for n in status.nodes {
+                let pid = n
+                    .agent_pid
+                    .map(|p| p.to_string())
+                    .unwrap_or_else(|| "-".into());
+                println!(
+                    "{:<8} {:<16} {:<18} {:<8} {:<6} {}",
+                    n.name,
+                    n.netns,
+                    n.pod_cidr,
+                    pid,
+                    n.agent_ready,
+                    n.bpffs.display()
+                );
+            }
+        }
+    }
+}

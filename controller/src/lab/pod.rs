@@ -1,0 +1,491 @@
+//! Lab pods: namespaces wired by the real CNI plugin, each running a small server.
+
+use std::collections::BTreeSet;
+use std::io::{BufRead, BufReader, Write};
+use std::net::Ipv4Addr;
+use std::os::unix::process::{CommandExt, ExitStatusExt};
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+
+use bulkhead_cni::netns;
+use k8s_openapi::api::core::v1::{Pod, PodStatus};
+
+use super::model::{Object, ObjectRef};
+use super::state::{create_dir, LabPaths, LabState, NodeState, PodState};
+use super::LabError;
+
+/// A pod that CNI ADD wired: its record, server pid and IP.
+type CreatedPod = (PodState, Option<u32>, Ipv4Addr);
+
+/// The ports a pod declares: (TCP ports, UDP ports).
+fn declared_ports(pod: &Pod) -> (Vec<u16>, Vec<u16>) {
+    let mut tcp = BTreeSet::new();
+    let mut udp = BTreeSet::new();
+    let containers = pod
+        .spec
+        .as_ref()
+        .map(|s| s.containers.as_slice())
+        .unwrap_or_default();
+    for port in containers.iter().flat_map(|c| c.ports.iter().flatten()) {
+        let Ok(number) = u16::try_from(port.container_port) else {
+            continue;
+        };
+        match port.protocol.as_deref().unwrap_or("TCP") {
+            "UDP" => udp.insert(number),
+            // SCTP sockets do not exist on the lab's kernel; TCP is the default.
+            "TCP" => tcp.insert(number),
+            _ => false,
+        };
+    }
+    (tcp.into_iter().collect(), udp.into_iter().collect())
+}
+
+/// FNV-1a, for short stable name suffixes.
+fn fnv1a(s: &str) -> u32 {
+    s.bytes().fold(0x811c_9dc5u32, |h, b| {
+        (h ^ u32::from(b)).wrapping_mul(0x0100_0193)
+    })
+}
+
+/// The netns name of a pod: `bh<id>-<ns>-<pod>`, hashed when long or ambiguous.
+fn pod_netns_name(id: &str, namespace: &str, name: &str) -> String {
+    let plain = format!("bh{id}-{namespace}-{name}");
+    // A '-' in the namespace makes `a-b/c` and `a/b-c` collide; long names are unwieldy.
+    if plain.len() <= 40 && !namespace.contains('-') {
+        return plain;
+    }
+    let short: String = plain.chars().take(30).collect();
+    format!("{short}-{:08x}", fnv1a(&format!("{namespace}/{name}")))
+}
+
+fn object_ref(object: &Object) -> ObjectRef {
+    ObjectRef {
+        kind: object.kind().to_string(),
+        namespace: object.namespace().map(str::to_string),
+        name: object.name().to_string(),
+    }
+}
+
+fn pod_key(pod: &Pod) -> (String, String) {
+    (
+        pod.metadata
+            .namespace
+            .clone()
+            .unwrap_or_else(|| "default".into()),
+        pod.metadata.name.clone().unwrap_or_default(),
+    )
+}
+
+/// Applies objects: policies and namespaces go to the model, new pods are created.
+pub fn apply(paths: &LabPaths, state: &mut LabState, objects: Vec<Object>) -> Result<(), LabError> {
+    // Check what the model cannot: that a pinned node exists. Nothing has changed yet.
+    for object in &objects {
+        if let Object::Pod(pod) = object {
+            if let Some(node) = pod.spec.as_ref().and_then(|s| s.node_name.as_deref()) {
+                if state.node(node).is_none() {
+                    let (ns, name) = pod_key(pod);
+                    return Err(LabError::Unsupported {
+                        object: format!("Pod {ns}/{name}"),
+                        message: format!("spec.nodeName: no lab node named \"{node}\""),
+                    });
+                }
+            }
+        }
+    }
+    let mut cluster = super::load_cluster(paths)?;
+    let mut created: Vec<PodState> = Vec::new();
+    let mut restarted: Vec<PodState> = Vec::new();
+    for object in objects {
+        let Object::Pod(mut pod) = object else {
+            cluster.apply(object);
+            continue;
+        };
+        let (namespace, name) = pod_key(&pod);
+        let (tcp_ports, udp_ports) = declared_ports(&pod);
+        let node = if let Some(existing) = state.pod_mut(&namespace, &name) {
+            // Same pod, new spec: labels change in place, the IP stays.
+            if existing.tcp_ports != tcp_ports || existing.udp_ports != udp_ports {
+                existing.tcp_ports = tcp_ports;
+                existing.udp_ports = udp_ports;
+                restarted.push(existing.clone());
+            }
+            existing.node.clone()
+        } else {
+            let node = match pod.spec.as_ref().and_then(|s| s.node_name.clone()) {
+                Some(node) => node,
+                None => least_loaded(state),
+            };
+            let lab_pod = PodState {
+                netns: pod_netns_name(&state.id, &namespace, &name),
+                container_id: format!("bulkhead-lab-{}-{namespace}-{name}", state.id),
+                namespace: namespace.clone(),
+                name: name.clone(),
+                node: node.clone(),
+                ip: None,
+                server_pid: None,
+                tcp_ports,
+                udp_ports,
+            };
+            state.pods.push(lab_pod.clone());
+            created.push(lab_pod);
+            node
+        };
+        pod.spec.get_or_insert_with(Default::default).node_name = Some(node);
+        let ip = state.pod(&namespace, &name).and_then(|p| p.ip.clone());
+        pod.status = Some(PodStatus {
+            pod_ip: ip,
+            ..Default::default()
+        });
+        cluster.apply(Object::Pod(pod));
+    }
+    // Recorded before anything is created, so `down` finds it after a crash.
+    paths.save(state)?;
+    super::publish(paths, state, &cluster)?;
+
+    let results: Vec<Result<CreatedPod, LabError>> = std::thread::scope(|scope| {
+        let handles: Vec<_> = created
+            .iter()
+            .map(|pod| {
+                let node = state.node(&pod.node).cloned().unwrap_or_default();
+                scope.spawn(move || {
+                    create_pod(paths, &node, pod).map(|(pid, ip)| (pod.clone(), pid, ip))
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| {
+                h.join().unwrap_or_else(|_| {
+                    Err(LabError::Cni {
+                        command: "ADD",
+                        pod: "?".into(),
+                        message: "pod thread panicked".into(),
+                    })
+                })
+            })
+            .collect()
+    });
+    let mut first_error = None;
+    for result in results {
+        match result {
+            Ok((pod, pid, ip)) => {
+                if let Some(p) = state.pod_mut(&pod.namespace, &pod.name) {
+                    p.server_pid = pid;
+                    p.ip = Some(ip.to_string());
+                }
+            }
+            Err(e) => {
+                first_error.get_or_insert(e);
+            }
+        }
+    }
+    for pod in &restarted {
+        kill_server(paths, pod);
+        let pid = start_server(paths, pod)?;
+        if let Some(p) = state.pod_mut(&pod.namespace, &pod.name) {
+            p.server_pid = pid;
+        }
+    }
+    paths.save(state)?;
+    if !created.is_empty() {
+        for object in cluster.objects() {
+            if let Object::Pod(mut pod) = object {
+                let (ns, name) = pod_key(&pod);
+                if let Some(ip) = state.pod(&ns, &name).and_then(|p| p.ip.clone()) {
+                    pod.status.get_or_insert_with(Default::default).pod_ip = Some(ip);
+                    cluster.apply(Object::Pod(pod));
+                }
+            }
+        }
+        super::publish(paths, state, &cluster)?;
+    }
+    first_error.map_or(Ok(()), Err)
+}
+
+/// The node with the fewest pods (the first on a tie).
+fn least_loaded(state: &LabState) -> String {
+    state
+        .nodes
+        .iter()
+        .min_by_key(|n| state.pods.iter().filter(|p| p.node == n.name).count())
+        .map(|n| n.name.clone())
+        .unwrap_or_default()
+}
+
+/// Creates a pod's namespace, starts its server and wires it with CNI ADD.
+fn create_pod(
+    paths: &LabPaths,
+    node: &NodeState,
+    pod: &PodState,
+) -> Result<(Option<u32>, Ipv4Addr), LabError> {
+    netns::create_named(&pod.netns).map_err(|source| LabError::Netns {
+        netns: pod.netns.clone(),
+        source,
+    })?;
+    let pid = start_server(paths, pod)?;
+    let result = cni(paths, node, pod, "ADD")?;
+    let ip = serde_json::from_str::<serde_json::Value>(&result)
+        .ok()
+        .and_then(|v| {
+            v.pointer("/ips/0/address")
+                .and_then(|a| a.as_str())
+                .and_then(|a| a.split('/').next())
+                .and_then(|a| a.parse().ok())
+        })
+        .ok_or_else(|| LabError::Cni {
+            command: "ADD",
+            pod: pod.key(),
+            message: format!("result has no ips[0].address: {result}"),
+        })?;
+    Ok((pid, ip))
+}
+
+/// The CNI plugin: `BULKHEAD_CNI`, or `bulkhead-cni` next to this binary.
+fn cni_binary() -> Result<PathBuf, LabError> {
+    if let Some(p) = std::env::var_os("BULKHEAD_CNI") {
+        return Ok(PathBuf::from(p));
+    }
+    let exe = std::env::current_exe().map_err(|source| LabError::Spawn {
+        what: "bulkhead-cni: cannot find own executable".into(),
+        source,
+    })?;
+    Ok(exe.with_file_name("bulkhead-cni"))
+}
+
+/// Runs the CNI plugin as a runtime does, from the node's namespace; returns its stdout.
+fn cni(
+    paths: &LabPaths,
+    node: &NodeState,
+    pod: &PodState,
+    command: &'static str,
+) -> Result<String, LabError> {
+    let bin = cni_binary()?;
+    let state_dir = paths.node_dir(&node.name);
+    let config = serde_json::json!({
+        "cniVersion": "1.1.0",
+        "name": "bulkhead",
+        "type": "bulkhead-cni",
+        "subnet": node.pod_cidr,
+        "agentSocket": state_dir.join("agent.sock"),
+        "dataDir": state_dir.join("cni"),
+    });
+    let mut cmd = Command::new(&bin);
+    cmd.env("CNI_COMMAND", command)
+        .env("CNI_CONTAINERID", &pod.container_id)
+        .env("CNI_NETNS", netns::named_path(&pod.netns))
+        .env("CNI_IFNAME", "eth0")
+        .env("CNI_ARGS", format!("IgnoreUnknown=1;K8S_POD_NAMESPACE={};K8S_POD_NAME={};K8S_POD_INFRA_CONTAINER_ID={}", pod.namespace, pod.name, pod.container_id))
+        .env("CNI_PATH", bin.parent().unwrap_or(&bin))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let spawn_err = |source| LabError::Spawn {
+        what: format!("{} ({command} for pod {})", bin.display(), pod.key()),
+        source,
+    };
+    let output = netns::run_in(&netns::named_path(&node.netns), move || {
+        let mut child = cmd.spawn()?;
+        if let Some(mut stdin) = child.stdin.take() {
+            stdin.write_all(config.to_string().as_bytes())?;
+        }
+        child.wait_with_output()
+    })
+    .map_err(|source| LabError::Netns {
+        netns: node.netns.clone(),
+        source,
+    })?
+    .map_err(spawn_err)?;
+    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+    if output.status.success() {
+        return Ok(stdout);
+    }
+    // The spec's error JSON: {cniVersion, code, msg, details}.
+    let message = match serde_json::from_str::<serde_json::Value>(&stdout) {
+        Ok(v) if v.get("msg").is_some() => {
+            let msg = v["msg"].as_str().unwrap_or_default();
+            let details = v
+                .get("details")
+                .and_then(|d| d.as_str())
+                .filter(|d| !d.is_empty());
+            let code = v.get("code").and_then(|c| c.as_u64()).unwrap_or_default();
+            match details {
+                Some(d) => format!("{msg}: {d} (code {code})"),
+                None => format!("{msg} (code {code})"),
+            }
+        }
+        _ => format!(
+            "{} exited with {}: {}{}",
+            bin.display(),
+            output.status,
+            stdout.trim(),
+            String::from_utf8_lossy(&output.stderr).trim()
+        ),
+    };
+    Err(LabError::Cni {
+        command,
+        pod: pod.key(),
+        message,
+    })
+}
+
+/// Starts the pod's server inside its namespace, detached; `None` when it serves nothing.
+fn start_server(paths: &LabPaths, pod: &PodState) -> Result<Option<u32>, LabError> {
+    if pod.tcp_ports.is_empty() && pod.udp_ports.is_empty() {
+        return Ok(None);
+    }
+    let exe = std::env::current_exe().map_err(|source| LabError::Spawn {
+        what: "pod server: cannot find own executable".into(),
+        source,
+    })?;
+    let log_path = paths.pod_log(pod);
+    create_dir(log_path.parent().unwrap_or(&paths.dir))?;
+    let log = std::fs::File::create(&log_path).map_err(|source| LabError::Io {
+        op: "create",
+        path: log_path.clone(),
+        source,
+    })?;
+    let mut cmd = Command::new(&exe);
+    cmd.arg("lab")
+        .arg("--lab-dir")
+        .arg(&paths.dir)
+        .arg("serve")
+        .arg("--name")
+        .arg(pod.key());
+    for p in &pod.tcp_ports {
+        cmd.arg("--tcp").arg(p.to_string());
+    }
+    for p in &pod.udp_ports {
+        cmd.arg("--udp").arg(p.to_string());
+    }
+    // The server says "ready" on stdout once every socket is bound.
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(log)
+        .process_group(0);
+    let spawn_err = |source| LabError::Spawn {
+        what: format!("pod server for {}", pod.key()),
+        source,
+    };
+    let mut child = netns::run_in(&netns::named_path(&pod.netns), move || cmd.spawn())
+        .map_err(|source| LabError::Netns {
+            netns: pod.netns.clone(),
+            source,
+        })?
+        .map_err(spawn_err)?;
+    let mut line = String::new();
+    if let Some(out) = child.stdout.take() {
+        BufReader::new(out)
+            .read_line(&mut line)
+            .map_err(spawn_err)?;
+    }
+    if line.trim() != "ready" {
+        let log = std::fs::read_to_string(&log_path).unwrap_or_default();
+        return Err(LabError::Spawn {
+            what: format!("pod server for {}", pod.key()),
+            source: std::io::Error::other(format!("server did not start: {}", log.trim())),
+        });
+    }
+    Ok(Some(child.id()))
+}
+
+/// Stops a pod's server.
+fn kill_server(paths: &LabPaths, pod: &PodState) {
+    if let Some(pid) = pod.server_pid {
+        super::node::terminate(&[pid], &paths.dir);
+    }
+}
+
+/// Deletes the objects named: pods are unwired and removed, namespaces take theirs along.
+pub fn delete(paths: &LabPaths, state: &mut LabState, objects: &[Object]) -> Result<(), LabError> {
+    let mut cluster = super::load_cluster(paths)?;
+    let mut doomed: Vec<PodState> = Vec::new();
+    for object in objects {
+        let victims: Vec<PodState> = match object {
+            Object::Namespace(_) => state
+                .pods
+                .iter()
+                .filter(|p| p.namespace == object.name())
+                .cloned()
+                .collect(),
+            Object::Pod(pod) => {
+                let (ns, name) = pod_key(pod);
+                state.pod(&ns, &name).cloned().into_iter().collect()
+            }
+            Object::NetworkPolicy(_) => Vec::new(),
+        };
+        doomed.extend(victims);
+        cluster.delete(&object_ref(object));
+    }
+    doomed.sort_by_key(PodState::key);
+    doomed.dedup_by_key(|p| p.key());
+    for pod in &doomed {
+        if let Some(node) = state.node(&pod.node) {
+            // DEL tells the agent and frees the address; a failure must not block the rest.
+            if let Err(e) = cni(paths, node, pod, "DEL") {
+                eprintln!("bulkhead lab: {e}");
+            }
+        }
+        kill_server(paths, pod);
+        netns::delete(&netns::named_path(&pod.netns)).map_err(|source| LabError::Netns {
+            netns: pod.netns.clone(),
+            source,
+        })?;
+        state.pods.retain(|p| p.key() != pod.key());
+        paths.save(state)?;
+    }
+    super::publish(paths, state, &cluster)
+}
+
+/// `bulkhead lab exec NS/POD -- CMD...`: runs CMD in the pod's namespace, passing its exit code.
+pub fn exec(paths: &LabPaths, target: &str, command: &[String]) -> Result<i32, LabError> {
+    let state = paths.load_up()?;
+    let (ns, name) = target.split_once('/').unwrap_or(("default", target));
+    let pod = state.pod(ns, name).ok_or_else(|| LabError::UnknownPod {
+        pod: format!("{ns}/{name}"),
+    })?;
+    let Some((program, args)) = command.split_first() else {
+        return Err(LabError::UnknownPod {
+            pod: target.to_string(),
+        });
+    };
+    let status = netns::run_in(&netns::named_path(&pod.netns), || {
+        Command::new(program).args(args).status()
+    })
+    .map_err(|source| LabError::Netns {
+        netns: pod.netns.clone(),
+        source,
+    })?
+    .map_err(|source| LabError::Spawn {
+        what: program.clone(),
+        source,
+    })?;
+    Ok(status
+        .code()
+        .unwrap_or_else(|| 128 + status.signal().unwrap_or(0)))
+}
+
+#[cfg(test)]
+#[expect(clippy::unwrap_used, reason = "tests panic so backtraces survive")]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn netns_names_are_short_and_distinct() {
+        assert_eq!(pod_netns_name("ab12", "x", "a"), "bhab12-x-a");
+        let a = pod_netns_name("ab12", "a-b", "c");
+        let b = pod_netns_name("ab12", "a", "b-c");
+        assert_ne!(a, b);
+        assert!(pod_netns_name("ab12", &"n".repeat(63), &"p".repeat(63)).len() <= 40);
+    }
+
+    #[test]
+    fn ports_default_to_tcp() {
+        let pod: Pod = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "a"},
+            "spec": {"containers": [{"name": "c", "ports": [
+                {"containerPort": 80}, {"containerPort": 80, "protocol": "UDP"}, {"containerPort": 81, "protocol": "TCP"}]}]}
+        }))
+        .unwrap();
+        assert_eq!(declared_ports(&pod), (vec![80, 81], vec![80]));
+    }
+}

@@ -1,0 +1,231 @@
+//! The lab's on-disk state: `lab.json`, the model file, the lock, and the paths of everything.
+
+use std::fs::{File, OpenOptions};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use nix::fcntl::{Flock, FlockArg};
+use serde::{Deserialize, Serialize};
+
+use super::LabError;
+
+/// Everything the lab made, written before each resource is created so `down` finds it.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct LabState {
+    /// 4 hex chars used in every name.
+    pub id: String,
+    /// The cluster CIDR the pod CIDRs come from.
+    pub cluster_cidr: String,
+    /// Netns of the underlay bridge, with more than one node.
+    pub underlay_netns: Option<String>,
+    /// The nodes.
+    pub nodes: Vec<NodeState>,
+    /// The pods.
+    pub pods: Vec<PodState>,
+}
+
+/// One lab node.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct NodeState {
+    /// `node0`, `node1`, ...
+    pub name: String,
+    /// Its netns name under /run/netns.
+    pub netns: String,
+    /// Its pod CIDR.
+    pub pod_cidr: String,
+    /// Its address on the underlay, with more than one node.
+    pub underlay_ip: Option<String>,
+    /// The agent's pid once spawned.
+    pub agent_pid: Option<u32>,
+}
+
+/// One lab pod.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PodState {
+    /// Kubernetes namespace.
+    pub namespace: String,
+    /// Pod name.
+    pub name: String,
+    /// Node it runs on.
+    pub node: String,
+    /// Its netns name under /run/netns.
+    pub netns: String,
+    /// `CNI_CONTAINERID`.
+    pub container_id: String,
+    /// Its IP once CNI ADD returned.
+    pub ip: Option<String>,
+    /// The pod server's pid.
+    pub server_pid: Option<u32>,
+    /// Served TCP ports.
+    pub tcp_ports: Vec<u16>,
+    /// Served UDP ports.
+    pub udp_ports: Vec<u16>,
+}
+
+impl PodState {
+    /// `namespace/name`.
+    pub fn key(&self) -> String {
+        format!("{}/{}", self.namespace, self.name)
+    }
+}
+
+impl LabState {
+    /// The node called `name`.
+    pub fn node(&self, name: &str) -> Option<&NodeState> {
+        self.nodes.iter().find(|n| n.name == name)
+    }
+
+    /// The pod `namespace/name`.
+    pub fn pod(&self, namespace: &str, name: &str) -> Option<&PodState> {
+        self.pods
+            .iter()
+            .find(|p| p.namespace == namespace && p.name == name)
+    }
+
+    /// The pod `namespace/name`, mutably.
+    pub fn pod_mut(&mut self, namespace: &str, name: &str) -> Option<&mut PodState> {
+        self.pods
+            .iter_mut()
+            .find(|p| p.namespace == namespace && p.name == name)
+    }
+}
+
+/// Paths inside the lab dir.
+#[derive(Clone, Debug)]
+pub struct LabPaths {
+    /// The lab dir, absolute.
+    pub dir: PathBuf,
+}
+
+impl LabPaths {
+    /// Paths under `dir`, made absolute so they name the same place from any process.
+    pub fn new(dir: &Path) -> Result<Self, LabError> {
+        let dir = std::path::absolute(dir).map_err(|source| LabError::Io {
+            op: "resolve",
+            path: dir.to_path_buf(),
+            source,
+        })?;
+        Ok(Self { dir })
+    }
+
+    /// `lab.json`.
+    pub fn state(&self) -> PathBuf {
+        self.dir.join("lab.json")
+    }
+
+    /// The agents' manifests dir.
+    pub fn manifests(&self) -> PathBuf {
+        self.dir.join("manifests")
+    }
+
+    /// The whole model.
+    pub fn cluster_yaml(&self) -> PathBuf {
+        self.manifests().join("cluster.yaml")
+    }
+
+    /// A node's agent state dir.
+    pub fn node_dir(&self, node: &str) -> PathBuf {
+        self.dir.join("nodes").join(node)
+    }
+
+    /// A node's agent socket.
+    pub fn agent_socket(&self, node: &str) -> PathBuf {
+        self.node_dir(node).join("agent.sock")
+    }
+
+    /// Log file of a pod server.
+    pub fn pod_log(&self, pod: &PodState) -> PathBuf {
+        self.dir
+            .join("pods")
+            .join(format!("{}_{}.log", pod.namespace, pod.name))
+    }
+
+    /// The lock serialising lab commands.
+    pub fn lock_file(&self) -> PathBuf {
+        self.dir.join("lock")
+    }
+
+    /// Takes the lab lock, creating the lab dir; released on drop.
+    pub fn lock(&self) -> Result<Flock<File>, LabError> {
+        create_dir(&self.dir)?;
+        let path = self.lock_file();
+        let file = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .map_err(|source| LabError::Io {
+                op: "open",
+                path: path.clone(),
+                source,
+            })?;
+        Flock::lock(file, FlockArg::LockExclusive).map_err(|(_, e)| LabError::Io {
+            op: "lock",
+            path,
+            source: e.into(),
+        })
+    }
+
+    /// Reads `lab.json`; `None` when the lab is not up.
+    pub fn load(&self) -> Result<Option<LabState>, LabError> {
+        let path = self.state();
+        match std::fs::read(&path) {
+            Ok(bytes) => serde_json::from_slice(&bytes)
+                .map(Some)
+                .map_err(|source| LabError::State { path, source }),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(source) => Err(LabError::Io {
+                op: "read",
+                path,
+                source,
+            }),
+        }
+    }
+
+    /// Reads `lab.json`, failing when the lab is not up.
+    pub fn load_up(&self) -> Result<LabState, LabError> {
+        self.load()?.ok_or_else(|| LabError::NotUp {
+            lab_dir: self.dir.clone(),
+        })
+    }
+
+    /// Writes `lab.json` atomically.
+    pub fn save(&self, state: &LabState) -> Result<(), LabError> {
+        let bytes = serde_json::to_vec_pretty(state).map_err(|source| LabError::State {
+            path: self.state(),
+            source,
+        })?;
+        write_atomic(&self.state(), &bytes)
+    }
+}
+
+/// Creates `dir` and its parents.
+pub fn create_dir(dir: &Path) -> Result<(), LabError> {
+    std::fs::create_dir_all(dir).map_err(|source| LabError::Io {
+        op: "create dir",
+        path: dir.to_path_buf(),
+        source,
+    })
+}
+
+/// Writes `path` through a temp file and a rename, so readers never see half a file.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), LabError> {
+    let io = |op, source| LabError::Io {
+        op,
+        path: path.to_path_buf(),
+        source,
+    };
+    if let Some(parent) = path.parent() {
+        create_dir(parent)?;
+    }
+    let mut name = path.file_name().unwrap_or_default().to_os_string();
+    name.push(format!(".tmp.{}", std::process::id()));
+    let tmp = path.with_file_name(name);
+    let mut file = File::create(&tmp).map_err(|e| io("create", e))?;
+    file.write_all(bytes).map_err(|e| io("write", e))?;
+    file.sync_all().map_err(|e| io("sync", e))?;
+    std::fs::rename(&tmp, path).map_err(|e| io("rename", e))
+}
