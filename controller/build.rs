@@ -4,5 +4,12 @@ use aya_build::{Package, Toolchain};
 
 fn main() -> anyhow::Result<()> {
     let root = concat!(env!("CARGO_MANIFEST_DIR"), "/../datapath-ebpf");
-    aya_build::build_ebpf([Package { name: "bulkhead-ebpf", root_dir: root, ..Default::default() }], Toolchain::default())
+    aya_build::build_ebpf(
+        [Package {
+            name: "bulkhead-ebpf",
+            root_dir: root,
+            ..Default::default()
+        }],
+        Toolchain::default(),
+    )
 }

@@ -164,14 +164,9 @@ mod tests {
             ifname: "eth0".into(),
         });
         let s = serde_json::to_string(&r).unwrap();
-        assert_eq!(
-            s,
-            r#"{"op":"del_endpoint","container_id":"c1","ifname":"eth0"}"#
-        );
+        assert_eq!(s, r#"{"op":"del_endpoint","container_id":"c1","ifname":"eth0"}"#);
         assert_eq!(serde_json::from_str::<Request>(&s).unwrap(), r);
-        let e: Response =
-            serde_json::from_str(r#"{"result":"error","code":11,"message":"pod unknown"}"#)
-                .unwrap();
+        let e: Response = serde_json::from_str(r#"{"result":"error","code":11,"message":"pod unknown"}"#).unwrap();
         assert_eq!(
             e,
             Response::Error {

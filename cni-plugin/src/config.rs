@@ -151,10 +151,7 @@ const KNOWN_ARGS: &[&str] = &[
 
 impl Env {
     /// Reads the environment for `command` through `var` (normally `std::env::var`).
-    pub fn load(
-        command: Command,
-        var: impl Fn(&str) -> Option<String>,
-    ) -> Result<Self, ConfigError> {
+    pub fn load(command: Command, var: impl Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
         let get = |name: &'static str| var(name).filter(|v| !v.is_empty());
         let required = |name: &'static str| get(name).ok_or(ConfigError::MissingEnv { var: name });
         let container_id = required("CNI_CONTAINERID")?;
@@ -166,9 +163,7 @@ impl Env {
         let ifname = required("CNI_IFNAME")?;
         validate_ifname(&ifname)?;
         let args = parse_cni_args(get("CNI_ARGS").as_deref().unwrap_or(""))?;
-        let cni_path = get("CNI_PATH")
-            .map(|p| std::env::split_paths(&p).collect())
-            .unwrap_or_default();
+        let cni_path = get("CNI_PATH").map(|p| std::env::split_paths(&p).collect()).unwrap_or_default();
         let env = Self {
             container_id,
             netns,
@@ -197,12 +192,7 @@ impl Env {
 
 /// Linux interface names: 1 to 15 bytes, no `/`, whitespace or `:`, not `.` or `..`.
 fn validate_ifname(name: &str) -> Result<(), ConfigError> {
-    let bad = name.len() > 15
-        || name == "."
-        || name == ".."
-        || name
-            .chars()
-            .any(|c| c == '/' || c == ':' || c.is_whitespace());
+    let bad = name.len() > 15 || name == "." || name == ".." || name.chars().any(|c| c == '/' || c == ':' || c.is_whitespace());
     if bad {
         return Err(ConfigError::InvalidEnv {
             var: "CNI_IFNAME",
@@ -216,12 +206,10 @@ fn validate_ifname(name: &str) -> Result<(), ConfigError> {
 pub fn parse_cni_args(raw: &str) -> Result<BTreeMap<String, String>, ConfigError> {
     let mut args = BTreeMap::new();
     for pair in raw.split(';').filter(|p| !p.is_empty()) {
-        let (key, value) = pair
-            .split_once('=')
-            .ok_or_else(|| ConfigError::InvalidEnv {
-                var: "CNI_ARGS",
-                reason: format!("{pair:?} is not KEY=VALUE"),
-            })?;
+        let (key, value) = pair.split_once('=').ok_or_else(|| ConfigError::InvalidEnv {
+            var: "CNI_ARGS",
+            reason: format!("{pair:?} is not KEY=VALUE"),
+        })?;
         args.insert(key.to_string(), value.to_string());
     }
     let ignore_unknown = args
@@ -284,20 +272,17 @@ pub fn sniff_version(bytes: &[u8]) -> Option<String> {
 impl NetConf {
     /// Parses and validates the configuration bytes from stdin.
     pub fn parse(bytes: &[u8]) -> Result<Self, ConfigError> {
-        let value: serde_json::Value =
-            serde_json::from_slice(bytes).map_err(|source| ConfigError::Decode { source })?;
+        let value: serde_json::Value = serde_json::from_slice(bytes).map_err(|source| ConfigError::Decode { source })?;
         let version = match value.get("cniVersion") {
             Some(serde_json::Value::String(v)) => v.clone(),
             Some(_) => return Err(invalid("cniVersion must be a string")),
             None => return Err(invalid("cniVersion is missing")),
         };
-        let cni_version =
-            CniVersion::parse(&version).ok_or(ConfigError::IncompatibleVersion { version })?;
-        let raw: RawNetConf =
-            serde_json::from_value(value).map_err(|source| ConfigError::Invalid {
-                reason: "bad field".into(),
-                source: Some(source),
-            })?;
+        let cni_version = CniVersion::parse(&version).ok_or(ConfigError::IncompatibleVersion { version })?;
+        let raw: RawNetConf = serde_json::from_value(value).map_err(|source| ConfigError::Invalid {
+            reason: "bad field".into(),
+            source: Some(source),
+        })?;
         validate_network_name(&raw.name)?;
         if let Some(t) = &raw.plugin_type {
             if t.is_empty() {
@@ -311,15 +296,11 @@ impl NetConf {
         })?;
         // Network, broadcast and .1 are reserved: a /30 is the smallest useful pool.
         if parsed.prefix() > 30 {
-            return Err(invalid(&format!(
-                "subnet {subnet_text} is too small (at most /30)"
-            )));
+            return Err(invalid(&format!("subnet {subnet_text} is too small (at most /30)")));
         }
-        let subnet = Ipv4Network::new(parsed.network(), parsed.prefix()).map_err(|source| {
-            ConfigError::Subnet {
-                subnet: subnet_text,
-                source,
-            }
+        let subnet = Ipv4Network::new(parsed.network(), parsed.prefix()).map_err(|source| ConfigError::Subnet {
+            subnet: subnet_text,
+            source,
         })?;
         if let Some(mtu) = raw.mtu {
             // 68 is IPv4's minimum MTU; 65535 the largest a veth takes.
@@ -336,12 +317,8 @@ impl NetConf {
             cni_version,
             name: raw.name,
             subnet,
-            agent_socket: raw
-                .agent_socket
-                .unwrap_or_else(|| PathBuf::from(DEFAULT_AGENT_SOCKET)),
-            data_dir: raw
-                .data_dir
-                .unwrap_or_else(|| PathBuf::from(DEFAULT_DATA_DIR)),
+            agent_socket: raw.agent_socket.unwrap_or_else(|| PathBuf::from(DEFAULT_AGENT_SOCKET)),
+            data_dir: raw.data_dir.unwrap_or_else(|| PathBuf::from(DEFAULT_DATA_DIR)),
             mtu: raw.mtu,
             agent_timeout,
             prev_result: raw.prev_result,
@@ -358,12 +335,8 @@ fn invalid(reason: &str) -> ConfigError {
 
 /// The name becomes a directory name: keep it to a safe alphabet, as the spec's name rules do.
 fn validate_network_name(name: &str) -> Result<(), ConfigError> {
-    let ok = !name.is_empty()
-        && name != "."
-        && name != ".."
-        && name
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'));
+    let ok =
+        !name.is_empty() && name != "." && name != ".." && name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'));
     if ok {
         Ok(())
     } else {
@@ -378,10 +351,7 @@ mod tests {
     use super::*;
 
     fn env_of(pairs: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> {
-        let map: BTreeMap<String, String> = pairs
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect();
+        let map: BTreeMap<String, String> = pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
         move |k| map.get(k).cloned()
     }
 
@@ -399,23 +369,11 @@ mod tests {
     fn config_errors_carry_their_codes() {
         let code = |s: &str| NetConf::parse(s.as_bytes()).unwrap_err().code();
         assert_eq!(code("{"), 6);
-        assert_eq!(
-            code(r#"{"cniVersion":"2.0.0","name":"a","subnet":"10.0.0.0/24"}"#),
-            1
-        );
+        assert_eq!(code(r#"{"cniVersion":"2.0.0","name":"a","subnet":"10.0.0.0/24"}"#), 1);
         assert_eq!(code(r#"{"cniVersion":"1.0.0","name":"a"}"#), 7);
-        assert_eq!(
-            code(r#"{"cniVersion":"1.0.0","name":"a","subnet":"10.0.0.0/33"}"#),
-            7
-        );
-        assert_eq!(
-            code(r#"{"cniVersion":"1.0.0","name":"a","subnet":"10.0.0.0/31"}"#),
-            7
-        );
-        assert_eq!(
-            code(r#"{"cniVersion":"1.0.0","name":"../x","subnet":"10.0.0.0/24"}"#),
-            7
-        );
+        assert_eq!(code(r#"{"cniVersion":"1.0.0","name":"a","subnet":"10.0.0.0/33"}"#), 7);
+        assert_eq!(code(r#"{"cniVersion":"1.0.0","name":"a","subnet":"10.0.0.0/31"}"#), 7);
+        assert_eq!(code(r#"{"cniVersion":"1.0.0","name":"../x","subnet":"10.0.0.0/24"}"#), 7);
         assert_eq!(code(r#"{"name":"a","subnet":"10.0.0.0/24"}"#), 7);
     }
 
@@ -425,31 +383,13 @@ mod tests {
             ("CNI_CONTAINERID", "c1"),
             ("CNI_NETNS", "/run/netns/x"),
             ("CNI_IFNAME", "eth0"),
-            (
-                "CNI_ARGS",
-                "IgnoreUnknown=1;K8S_POD_NAMESPACE=ns;K8S_POD_NAME=p;FOO=bar",
-            ),
+            ("CNI_ARGS", "IgnoreUnknown=1;K8S_POD_NAMESPACE=ns;K8S_POD_NAME=p;FOO=bar"),
         ];
         let e = Env::load(Command::Add, env_of(&full)).unwrap();
         assert_eq!(e.pod_name.as_deref(), Some("p"));
-        assert_eq!(
-            Env::load(Command::Add, env_of(&full[..3]))
-                .unwrap_err()
-                .code(),
-            4
-        );
-        assert_eq!(
-            Env::load(Command::Del, env_of(&[full[0], full[2]]))
-                .unwrap()
-                .netns,
-            None
-        );
-        assert_eq!(
-            Env::load(Command::Check, env_of(&[full[0], full[2]]))
-                .unwrap_err()
-                .code(),
-            4
-        );
+        assert_eq!(Env::load(Command::Add, env_of(&full[..3])).unwrap_err().code(), 4);
+        assert_eq!(Env::load(Command::Del, env_of(&[full[0], full[2]])).unwrap().netns, None);
+        assert_eq!(Env::load(Command::Check, env_of(&[full[0], full[2]])).unwrap_err().code(), 4);
         assert!(parse_cni_args("FOO=bar").is_err());
         assert!(parse_cni_args("novalue").is_err());
         assert_eq!(Command::parse("NOPE").unwrap_err().code(), 4);

@@ -79,10 +79,7 @@ impl Owner {
         let mut lines = text.lines();
         let container_id = lines.next()?.trim().to_string();
         let ifname = lines.next()?.trim().to_string();
-        Some(Self {
-            container_id,
-            ifname,
-        })
+        Some(Self { container_id, ifname })
     }
 }
 
@@ -135,9 +132,7 @@ impl Store {
         // Start after the last address handed out (host-local's round robin), so a freed
         // address rests while stale state about it (conntrack, ipcache) ages out.
         let start = match self.read_last_reserved()? {
-            Some(ip) if (u32::from(first)..=u32::from(last)).contains(&u32::from(ip)) => {
-                u32::from(ip) - u32::from(first) + 1
-            }
+            Some(ip) if (u32::from(first)..=u32::from(last)).contains(&u32::from(ip)) => u32::from(ip) - u32::from(first) + 1,
             _ => 0,
         };
         for step in 0..size {
@@ -145,16 +140,10 @@ impl Store {
             let path = self.dir.join(ip.to_string());
             match OpenOptions::new().write(true).create_new(true).open(&path) {
                 Ok(mut file) => {
-                    let written = file
-                        .write_all(owner.encode().as_bytes())
-                        .and_then(|()| file.sync_all());
+                    let written = file.write_all(owner.encode().as_bytes()).and_then(|()| file.sync_all());
                     if let Err(source) = written {
                         let _ = fs::remove_file(&path);
-                        return Err(IpamError::Io {
-                            op: "write",
-                            path,
-                            source,
-                        });
+                        return Err(IpamError::Io { op: "write", path, source });
                     }
                     self.write_last_reserved(ip)?;
                     return Ok(Allocation { ip, created: true });
@@ -231,8 +220,7 @@ impl Store {
             })?;
         // flock locks belong to the open file description: a second open (another process
         // or thread) blocks until this one is dropped.
-        Flock::lock(file, FlockArg::LockExclusive)
-            .map_err(|(_, source)| IpamError::Lock { path, source })
+        Flock::lock(file, FlockArg::LockExclusive).map_err(|(_, source)| IpamError::Lock { path, source })
     }
 
     fn find_locked(&self, owner: &Owner) -> Result<Option<Ipv4Addr>, IpamError> {
@@ -256,24 +244,14 @@ impl Store {
                 path: self.dir.clone(),
                 source,
             })?;
-            let Some(ip) = entry
-                .file_name()
-                .to_str()
-                .and_then(|n| n.parse::<Ipv4Addr>().ok())
-            else {
+            let Some(ip) = entry.file_name().to_str().and_then(|n| n.parse::<Ipv4Addr>().ok()) else {
                 continue;
             };
             let path = entry.path();
             let text = match fs::read_to_string(&path) {
                 Ok(t) => t,
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
-                Err(source) => {
-                    return Err(IpamError::Io {
-                        op: "read",
-                        path,
-                        source,
-                    })
-                }
+                Err(source) => return Err(IpamError::Io { op: "read", path, source }),
             };
             match Owner::decode(&text) {
                 Some(owner) => out.push((ip, owner)),
@@ -291,21 +269,13 @@ impl Store {
         match fs::read_to_string(&path) {
             Ok(t) => Ok(t.trim().parse().ok()),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-            Err(source) => Err(IpamError::Io {
-                op: "read",
-                path,
-                source,
-            }),
+            Err(source) => Err(IpamError::Io { op: "read", path, source }),
         }
     }
 
     fn write_last_reserved(&self, ip: Ipv4Addr) -> Result<(), IpamError> {
         let path = self.dir.join(LAST_RESERVED_FILE);
-        fs::write(&path, ip.to_string()).map_err(|source| IpamError::Io {
-            op: "write",
-            path,
-            source,
-        })
+        fs::write(&path, ip.to_string()).map_err(|source| IpamError::Io { op: "write", path, source })
     }
 }
 
@@ -355,13 +325,7 @@ mod tests {
                 created: true
             }
         );
-        assert_eq!(
-            store.allocate(&owner("a")).unwrap(),
-            Allocation {
-                ip: a.ip,
-                created: false
-            }
-        );
+        assert_eq!(store.allocate(&owner("a")).unwrap(), Allocation { ip: a.ip, created: false });
         let b = store.allocate(&owner("b")).unwrap();
         assert_ne!(a.ip, b.ip);
         assert_eq!(store.find(&owner("a")).unwrap(), Some(a.ip));
@@ -382,23 +346,13 @@ mod tests {
         let tmp = TempDir::new();
         // /29: .0 network, .1 reserved, .7 broadcast: .2 to .6 usable.
         let store = Store::open(&tmp.0, "small", "10.9.1.0/29".parse().unwrap()).unwrap();
-        let got: Vec<Ipv4Addr> = (0..5)
-            .map(|i| store.allocate(&owner(&format!("c{i}"))).unwrap().ip)
-            .collect();
-        assert_eq!(
-            got,
-            (2..=6)
-                .map(|h| Ipv4Addr::new(10, 9, 1, h))
-                .collect::<Vec<_>>()
-        );
+        let got: Vec<Ipv4Addr> = (0..5).map(|i| store.allocate(&owner(&format!("c{i}"))).unwrap().ip).collect();
+        assert_eq!(got, (2..=6).map(|h| Ipv4Addr::new(10, 9, 1, h)).collect::<Vec<_>>());
         let err = store.allocate(&owner("late")).unwrap_err();
         assert_eq!(err.code(), 100);
         // A freed address is found again even though the scan starts past it.
         store.release(&owner("c1")).unwrap();
-        assert_eq!(
-            store.allocate(&owner("late")).unwrap().ip,
-            Ipv4Addr::new(10, 9, 1, 3)
-        );
+        assert_eq!(store.allocate(&owner("late")).unwrap().ip, Ipv4Addr::new(10, 9, 1, 3));
     }
 
     #[test]
@@ -427,10 +381,7 @@ mod tests {
                     })
                 })
                 .collect();
-            handles
-                .into_iter()
-                .flat_map(|h| h.join().unwrap())
-                .collect()
+            handles.into_iter().flat_map(|h| h.join().unwrap()).collect()
         });
         assert_eq!(ips.len(), 128);
         assert_eq!(ips.iter().collect::<HashSet<_>>().len(), 128);

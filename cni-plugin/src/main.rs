@@ -12,8 +12,8 @@ use bulkhead_cni::spec::{self, CniVersion};
 use serde_json::Value;
 
 fn main() -> ExitCode {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("BULKHEAD_CNI_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    let filter =
+        tracing_subscriber::EnvFilter::try_from_env("BULKHEAD_CNI_LOG").unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
@@ -23,29 +23,18 @@ fn main() -> ExitCode {
     let (output, status) = match run() {
         Ok(Some(result)) => (Some(result), ExitCode::SUCCESS),
         Ok(None) => (None, ExitCode::SUCCESS),
-        Err(Failure {
-            version,
-            error: err,
-        }) => {
+        Err(Failure { version, error: err }) => {
             let details = err.describe();
             tracing::error!(code = err.code(), error = %details, "command failed");
             (
-                Some(spec::error_json(
-                    version,
-                    err.code(),
-                    &err.to_string(),
-                    &details,
-                )),
+                Some(spec::error_json(version, err.code(), &err.to_string(), &details)),
                 ExitCode::FAILURE,
             )
         }
     };
     if let Some(value) = output {
         let mut stdout = std::io::stdout().lock();
-        if writeln!(stdout, "{value}")
-            .and_then(|()| stdout.flush())
-            .is_err()
-        {
+        if writeln!(stdout, "{value}").and_then(|()| stdout.flush()).is_err() {
             // The runtime went away; nothing left to tell it.
             return ExitCode::FAILURE;
         }
@@ -105,9 +94,7 @@ fn run() -> Result<Option<Value>, Failure> {
             let conf = NetConf::parse(&stdin).map_err(fail(version))?;
             tracing::info!(?command, container = %env.container_id, ifname = %env.ifname, "invoked");
             match command {
-                Command::Add => {
-                    commands::add::run(&env, &conf).map(|r| Some(r.to_json(conf.cni_version)))
-                }
+                Command::Add => commands::add::run(&env, &conf).map(|r| Some(r.to_json(conf.cni_version))),
                 Command::Del => commands::del::run(&env, &conf).map(|()| None),
                 _ => commands::check::run(&env, &conf).map(|()| None),
             }

@@ -129,11 +129,9 @@ where
         Some(path) => netns::run_in(path, work)?,
         // A thread of our own even here: the caller may be inside a tokio runtime, where
         // starting another one on the same thread panics.
-        None => std::thread::scope(|scope| scope.spawn(work).join()).map_err(|_| {
-            NetlinkError::Connection {
-                netns: "node".into(),
-                source: std::io::Error::other("netlink worker thread panicked"),
-            }
+        None => std::thread::scope(|scope| scope.spawn(work).join()).map_err(|_| NetlinkError::Connection {
+            netns: "node".into(),
+            source: std::io::Error::other("netlink worker thread panicked"),
         })?,
     }
 }
@@ -182,14 +180,7 @@ impl LinkInfo {
 
 /// The link named `name`, if any.
 pub async fn link_by_name(handle: &Handle, name: &str) -> Result<Option<LinkInfo>, NetlinkError> {
-    match handle
-        .link()
-        .get()
-        .match_name(name)
-        .execute()
-        .try_next()
-        .await
-    {
+    match handle.link().get().match_name(name).execute().try_next().await {
         Ok(Some(m)) => Ok(Some(LinkInfo::from_message(&m))),
         Ok(None) => Ok(None),
         Err(e) if errno(&e) == Some(ENODEV) => Ok(None),
@@ -198,30 +189,18 @@ pub async fn link_by_name(handle: &Handle, name: &str) -> Result<Option<LinkInfo
 }
 
 /// Like [`link_by_name`], but absence is an error.
-pub async fn require_link(
-    handle: &Handle,
-    name: &str,
-    netns: &str,
-) -> Result<LinkInfo, NetlinkError> {
-    link_by_name(handle, name)
-        .await?
-        .ok_or_else(|| NetlinkError::LinkNotFound {
-            ifname: name.to_string(),
-            netns: netns.to_string(),
-        })
+pub async fn require_link(handle: &Handle, name: &str, netns: &str) -> Result<LinkInfo, NetlinkError> {
+    link_by_name(handle, name).await?.ok_or_else(|| NetlinkError::LinkNotFound {
+        ifname: name.to_string(),
+        netns: netns.to_string(),
+    })
 }
 
 /// Creates a veth pair: `host` here, `peer` directly inside the namespace at `peer_netns`.
 ///
 /// Creating the peer in its namespace (`IFLA_NET_NS_FD` on the peer) avoids a rename step and
 /// a name clash with the node's own interfaces (the pod's `eth0` vs the node's).
-pub async fn create_veth(
-    handle: &Handle,
-    host: &str,
-    peer: &str,
-    peer_netns: &Path,
-    mtu: Option<u32>,
-) -> Result<(), NetlinkError> {
+pub async fn create_veth(handle: &Handle, host: &str, peer: &str, peer_netns: &Path, mtu: Option<u32>) -> Result<(), NetlinkError> {
     let ns = std::fs::File::open(peer_netns).map_err(|source| {
         NetlinkError::Netns(NetnsError::Open {
             netns: peer_netns.to_path_buf(),
@@ -234,9 +213,7 @@ pub async fn create_veth(
         peer_msg = peer_msg.mtu(mtu);
         builder = builder.mtu(mtu);
     }
-    let message = builder
-        .set_info_data(InfoData::Veth(InfoVeth::Peer(peer_msg.build())))
-        .build();
+    let message = builder.set_info_data(InfoData::Veth(InfoVeth::Peer(peer_msg.build()))).build();
     let result = handle
         .link()
         .add(message)
@@ -271,40 +248,21 @@ pub async fn delete_link(handle: &Handle, name: &str) -> Result<bool, NetlinkErr
 }
 
 /// Ensures `ip/prefix` is on the link.
-pub async fn ensure_address(
-    handle: &Handle,
-    index: u32,
-    ip: Ipv4Addr,
-    prefix: u8,
-) -> Result<(), NetlinkError> {
+pub async fn ensure_address(handle: &Handle, index: u32, ip: Ipv4Addr, prefix: u8) -> Result<(), NetlinkError> {
     handle
         .address()
         .add(index, IpAddr::V4(ip), prefix)
         .replace()
         .execute()
         .await
-        .map_err(NetlinkError::request(
-            "add address",
-            format!("{ip}/{prefix}"),
-        ))
+        .map_err(NetlinkError::request("add address", format!("{ip}/{prefix}")))
 }
 
 /// The IPv4 addresses on the link, with prefix lengths.
-pub async fn ipv4_addresses(
-    handle: &Handle,
-    index: u32,
-) -> Result<Vec<(Ipv4Addr, u8)>, NetlinkError> {
-    let mut stream = handle
-        .address()
-        .get()
-        .set_link_index_filter(index)
-        .execute();
+pub async fn ipv4_addresses(handle: &Handle, index: u32) -> Result<Vec<(Ipv4Addr, u8)>, NetlinkError> {
+    let mut stream = handle.address().get().set_link_index_filter(index).execute();
     let mut out = Vec::new();
-    while let Some(m) = stream
-        .try_next()
-        .await
-        .map_err(NetlinkError::request("list addresses", index))?
-    {
+    while let Some(m) = stream.try_next().await.map_err(NetlinkError::request("list addresses", index))? {
         if m.header.family != AddressFamily::Inet || m.header.index != index {
             continue;
         }
@@ -339,19 +297,11 @@ pub async fn ensure_route(
         .replace()
         .execute()
         .await
-        .map_err(NetlinkError::request(
-            "add route",
-            format!("{dst}/{prefix}"),
-        ))
+        .map_err(NetlinkError::request("add route", format!("{dst}/{prefix}")))
 }
 
 /// Ensures a PERMANENT neighbour entry `ip` → `mac` on the link.
-pub async fn ensure_neighbour(
-    handle: &Handle,
-    index: u32,
-    ip: Ipv4Addr,
-    mac: &[u8],
-) -> Result<(), NetlinkError> {
+pub async fn ensure_neighbour(handle: &Handle, index: u32, ip: Ipv4Addr, mac: &[u8]) -> Result<(), NetlinkError> {
     handle
         .neighbours()
         .add(index, IpAddr::V4(ip))
@@ -365,16 +315,11 @@ pub async fn ensure_neighbour(
 
 /// Deletes the route `dst/prefix` from the main table; absence is success.
 pub async fn delete_route(handle: &Handle, dst: Ipv4Addr, prefix: u8) -> Result<(), NetlinkError> {
-    let message = RouteMessageBuilder::<Ipv4Addr>::new()
-        .destination_prefix(dst, prefix)
-        .build();
+    let message = RouteMessageBuilder::<Ipv4Addr>::new().destination_prefix(dst, prefix).build();
     match handle.route().del(message).execute().await {
         Ok(()) => Ok(()),
         Err(e) if matches!(errno(&e), Some(ESRCH | ENOENT)) => Ok(()),
-        Err(e) => Err(NetlinkError::request(
-            "delete route",
-            format!("{dst}/{prefix}"),
-        )(e)),
+        Err(e) => Err(NetlinkError::request("delete route", format!("{dst}/{prefix}"))(e)),
     }
 }
 

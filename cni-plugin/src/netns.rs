@@ -91,29 +91,11 @@ pub fn create_named(name: &str) -> Result<PathBuf, NetnsError> {
     })?;
     // Make /run/netns a shared mount point so the bind mounts propagate to other mount
     // namespaces (containers, other runtimes), like iproute2 does.
-    if let Err(nix::Error::EINVAL) = mount(
-        None::<&str>,
-        dir,
-        None::<&str>,
-        MsFlags::MS_SHARED | MsFlags::MS_REC,
-        None::<&str>,
-    ) {
-        mount(
-            Some(dir),
-            dir,
-            None::<&str>,
-            MsFlags::MS_BIND | MsFlags::MS_REC,
-            None::<&str>,
-        )
-        .map_err(|e| sys("bind mount /run/netns", e))?;
-        mount(
-            None::<&str>,
-            dir,
-            None::<&str>,
-            MsFlags::MS_SHARED | MsFlags::MS_REC,
-            None::<&str>,
-        )
-        .map_err(|e| sys("make /run/netns shared", e))?;
+    if let Err(nix::Error::EINVAL) = mount(None::<&str>, dir, None::<&str>, MsFlags::MS_SHARED | MsFlags::MS_REC, None::<&str>) {
+        mount(Some(dir), dir, None::<&str>, MsFlags::MS_BIND | MsFlags::MS_REC, None::<&str>)
+            .map_err(|e| sys("bind mount /run/netns", e))?;
+        mount(None::<&str>, dir, None::<&str>, MsFlags::MS_SHARED | MsFlags::MS_REC, None::<&str>)
+            .map_err(|e| sys("make /run/netns shared", e))?;
     }
     File::create(&path).map_err(|source| NetnsError::Open {
         netns: path.clone(),
@@ -134,9 +116,7 @@ pub fn create_named(name: &str) -> Result<PathBuf, NetnsError> {
                 .map_err(|e| sys("bind mount", e))
             })
             .join()
-            .map_err(|_| NetnsError::Panicked {
-                netns: path.clone(),
-            })?
+            .map_err(|_| NetnsError::Panicked { netns: path.clone() })?
     });
     if result.is_err() {
         let _ = std::fs::remove_file(&path);
@@ -183,10 +163,7 @@ mod tests {
         let name = format!("bhtest-netns-{}", std::process::id());
         let path = create_named(&name).unwrap();
         assert!(is_netns_mount(&path));
-        let inside = run_in(&path, || {
-            std::fs::read_link("/proc/thread-self/ns/net").unwrap()
-        })
-        .unwrap();
+        let inside = run_in(&path, || std::fs::read_link("/proc/thread-self/ns/net").unwrap()).unwrap();
         let outside = std::fs::read_link("/proc/thread-self/ns/net").unwrap();
         assert_ne!(inside, outside);
         delete(&path).unwrap();

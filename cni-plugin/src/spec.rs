@@ -148,10 +148,7 @@ pub fn error_json(version: &str, code: u32, msg: &str, details: &str) -> Value {
 
 /// Formats a MAC as `aa:bb:cc:dd:ee:ff`.
 pub fn format_mac(mac: &[u8]) -> String {
-    mac.iter()
-        .map(|b| format!("{b:02x}"))
-        .collect::<Vec<_>>()
-        .join(":")
+    mac.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":")
 }
 
 #[cfg(test)]
@@ -186,10 +183,7 @@ mod tests {
         );
         assert_eq!(v1["interfaces"][1]["sandbox"], "/run/netns/p");
         assert!(v1["interfaces"][0].get("sandbox").is_none());
-        assert_eq!(
-            v1["routes"],
-            json!([{"dst":"0.0.0.0/0","gw":"169.254.1.1"}])
-        );
+        assert_eq!(v1["routes"], json!([{"dst":"0.0.0.0/0","gw":"169.254.1.1"}]));
         let v0 = sample().to_json(CniVersion::V0_3_1);
         assert_eq!(v0["ips"][0]["version"], "4");
         assert_eq!(v0["cniVersion"], "0.3.1");
@@ -197,9 +191,6 @@ mod tests {
 
     #[test]
     fn macs_are_lowercase_colon_separated() {
-        assert_eq!(
-            format_mac(&[0xaa, 0x0b, 0, 1, 2, 0xff]),
-            "aa:0b:00:01:02:ff"
-        );
+        assert_eq!(format_mac(&[0xaa, 0x0b, 0, 1, 2, 0xff]), "aa:0b:00:01:02:ff");
     }
 }

@@ -45,10 +45,7 @@ fn add_env() -> Vec<(&'static str, String)> {
         ("CNI_NETNS", "/run/netns/bh-cni-cli-does-not-exist".into()),
         ("CNI_IFNAME", "eth0".into()),
         ("CNI_PATH", "/opt/cni/bin".into()),
-        (
-            "CNI_ARGS",
-            "IgnoreUnknown=1;K8S_POD_NAMESPACE=ns;K8S_POD_NAME=pod".into(),
-        ),
+        ("CNI_ARGS", "IgnoreUnknown=1;K8S_POD_NAMESPACE=ns;K8S_POD_NAME=pod".into()),
     ]
 }
 
@@ -66,29 +63,19 @@ fn run(env: &[(&'static str, String)], stdin: &str) -> (bool, Value) {
     let _ = child.stdin.take().unwrap().write_all(stdin.as_bytes());
     let out = child.wait_with_output().unwrap();
     let stdout = String::from_utf8(out.stdout).unwrap();
-    let value = serde_json::from_str(stdout.trim())
-        .unwrap_or_else(|e| panic!("stdout is not one json value ({e}): {stdout:?}"));
+    let value = serde_json::from_str(stdout.trim()).unwrap_or_else(|e| panic!("stdout is not one json value ({e}): {stdout:?}"));
     (out.status.success(), value)
 }
 
 /// Asserts a failure with `code` in the spec's error format and that no data dir appeared.
-fn assert_error(
-    env: &[(&'static str, String)],
-    stdin: &str,
-    data_dir: &DataDir,
-    code: u64,
-) -> Value {
+fn assert_error(env: &[(&'static str, String)], stdin: &str, data_dir: &DataDir, code: u64) -> Value {
     let (ok, v) = run(env, stdin);
     assert!(!ok, "expected failure, got {v}");
     assert_eq!(v["code"], code, "{v}");
     assert!(v["cniVersion"].is_string(), "{v}");
     assert!(v["msg"].as_str().is_some_and(|m| !m.is_empty()), "{v}");
     assert!(v["details"].is_string(), "{v}");
-    assert!(
-        !data_dir.0.exists(),
-        "bad input must not create {}",
-        data_dir.0.display()
-    );
+    assert!(!data_dir.0.exists(), "bad input must not create {}", data_dir.0.display());
     v
 }
 
@@ -123,19 +110,9 @@ fn missing_environment_is_code_4() {
 #[test]
 fn unsupported_version_is_code_1() {
     let d = DataDir::new();
-    let v = assert_error(
-        &add_env(),
-        &config(&d, "0.2.0", Some("10.251.0.0/24")),
-        &d,
-        1,
-    );
+    let v = assert_error(&add_env(), &config(&d, "0.2.0", Some("10.251.0.0/24")), &d, 1);
     assert_eq!(v["cniVersion"], "1.1.0");
-    assert_error(
-        &add_env(),
-        &config(&d, "9.9.9", Some("10.251.0.0/24")),
-        &d,
-        1,
-    );
+    assert_error(&add_env(), &config(&d, "9.9.9", Some("10.251.0.0/24")), &d, 1);
 }
 
 #[test]
@@ -143,13 +120,7 @@ fn bad_network_config_is_code_7() {
     let d = DataDir::new();
     let v = assert_error(&add_env(), &config(&d, "0.4.0", None), &d, 7);
     assert_eq!(v["cniVersion"], "0.4.0", "errors use the config's version");
-    for bad in [
-        "10.251.0.0",
-        "10.251.0.0/40",
-        "not-a-cidr",
-        "fd00::/64",
-        "10.251.0.0/31",
-    ] {
+    for bad in ["10.251.0.0", "10.251.0.0/40", "not-a-cidr", "fd00::/64", "10.251.0.0/31"] {
         assert_error(&add_env(), &config(&d, "1.0.0", Some(bad)), &d, 7);
     }
     let mut c: Value = serde_json::from_str(&config(&d, "1.0.0", Some("10.251.0.0/24"))).unwrap();

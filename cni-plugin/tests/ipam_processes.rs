@@ -23,12 +23,7 @@ impl Drop for TempDir {
 fn concurrent_processes_get_distinct_addresses() {
     if let (Ok(dir), Ok(id)) = (std::env::var(CHILD_DIR), std::env::var(CHILD_ID)) {
         // In a child (the re-executed test binary): allocate and print the addresses.
-        let store = Store::open(
-            PathBuf::from(dir).as_path(),
-            "procs",
-            "10.252.0.0/24".parse().unwrap(),
-        )
-        .unwrap();
+        let store = Store::open(PathBuf::from(dir).as_path(), "procs", "10.252.0.0/24".parse().unwrap()).unwrap();
         for i in 0..PER_CHILD {
             let ip = store
                 .allocate(&Owner {

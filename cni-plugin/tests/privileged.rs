@@ -1,11 +1,7 @@
 //! The real plugin in a "node" netns wiring a "pod" netns, against an in-test agent.
 //!
 //! Needs root (netns, netlink); fails loudly without it.
-#![expect(
-    clippy::unwrap_used,
-    clippy::expect_used,
-    reason = "test fixtures assert by panicking"
-)]
+#![expect(clippy::unwrap_used, clippy::expect_used, reason = "test fixtures assert by panicking")]
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{Ipv4Addr, TcpListener, TcpStream};
@@ -102,22 +98,14 @@ impl Lab {
                 .env("CNI_NETNS", netns)
                 .env("CNI_IFNAME", "eth0")
                 .env("CNI_PATH", "/opt/cni/bin")
-                .env(
-                    "CNI_ARGS",
-                    "IgnoreUnknown=1;K8S_POD_NAMESPACE=ns1;K8S_POD_NAME=pod1",
-                )
+                .env("CNI_ARGS", "IgnoreUnknown=1;K8S_POD_NAMESPACE=ns1;K8S_POD_NAME=pod1")
                 .env("BULKHEAD_CNI_LOG", "debug")
                 .stdin(Stdio::piped())
                 .stdout(Stdio::piped())
                 .stderr(Stdio::piped())
                 .spawn()
                 .unwrap();
-            child
-                .stdin
-                .take()
-                .unwrap()
-                .write_all(conf.as_bytes())
-                .unwrap();
+            child.stdin.take().unwrap().write_all(conf.as_bytes()).unwrap();
             child.wait_with_output().unwrap()
         })
         .unwrap();
@@ -192,9 +180,7 @@ fn link_exists(ns: &str, name: &str) -> bool {
 
 /// A `scope link` route line starting with `prefix` in `ip route` output.
 fn has_link_route(routes: &str, prefix: &str) -> bool {
-    routes
-        .lines()
-        .any(|l| l.starts_with(prefix) && l.contains("scope link"))
+    routes.lines().any(|l| l.starts_with(prefix) && l.contains("scope link"))
 }
 
 #[test]
@@ -210,10 +196,7 @@ fn add_check_repeat_del() {
     assert_eq!(result["ips"][0]["address"], "10.251.7.2/32");
     assert_eq!(result["ips"][0]["gateway"], "169.254.1.1");
     assert_eq!(result["ips"][0]["interface"], 1);
-    assert_eq!(
-        result["routes"],
-        serde_json::json!([{"dst":"0.0.0.0/0","gw":"169.254.1.1"}])
-    );
+    assert_eq!(result["routes"], serde_json::json!([{"dst":"0.0.0.0/0","gw":"169.254.1.1"}]));
     let host_mac = result["interfaces"][0]["mac"].as_str().unwrap().to_string();
     let pod_mac = result["interfaces"][1]["mac"].as_str().unwrap().to_string();
 
@@ -222,16 +205,10 @@ fn add_check_repeat_del() {
     assert!(addr.contains("inet 10.251.7.2/32"), "{addr}");
     assert!(addr.contains("mtu 1400") && addr.contains("UP"), "{addr}");
     let routes = ip(&lab.pod_name, &["-4", "route", "show"]);
-    assert!(
-        routes.contains("default via 169.254.1.1 dev eth0"),
-        "{routes}"
-    );
+    assert!(routes.contains("default via 169.254.1.1 dev eth0"), "{routes}");
     assert!(has_link_route(&routes, "169.254.1.1 dev eth0"), "{routes}");
     let neigh = ip(&lab.pod_name, &["neigh", "show", "169.254.1.1"]);
-    assert!(
-        neigh.contains(&format!("lladdr {host_mac} PERMANENT")),
-        "{neigh}"
-    );
+    assert!(neigh.contains(&format!("lladdr {host_mac} PERMANENT")), "{neigh}");
     assert!(ip(&lab.pod_name, &["link", "show", "dev", "lo"]).contains(",UP"));
     let v6 = netns::run_in(&lab.pod, || {
         std::fs::read_to_string("/proc/sys/net/ipv6/conf/eth0/disable_ipv6").unwrap()
@@ -243,40 +220,20 @@ fn add_check_repeat_del() {
     let link = ip(&lab.node_name, &["link", "show", "dev", &host]);
     assert!(link.contains(",UP") && link.contains(&host_mac), "{link}");
     let routes = ip(&lab.node_name, &["-4", "route", "show"]);
-    assert!(
-        has_link_route(&routes, &format!("10.251.7.2 dev {host}")),
-        "{routes}"
-    );
+    assert!(has_link_route(&routes, &format!("10.251.7.2 dev {host}")), "{routes}");
     let neigh = ip(&lab.node_name, &["neigh", "show", "10.251.7.2"]);
-    assert!(
-        neigh.contains(&format!("lladdr {pod_mac} PERMANENT")),
-        "{neigh}"
-    );
+    assert!(neigh.contains(&format!("lladdr {pod_mac} PERMANENT")), "{neigh}");
 
     // The agent heard about the endpoint, with the host ifindex it can attach to.
     let ifindex: u32 = link.split(':').next().unwrap().trim().parse().unwrap();
     match &lab.requests.lock().unwrap()[0] {
         Request::AddEndpoint(s) => {
             assert_eq!(
-                (
-                    s.host_ifname.as_str(),
-                    s.host_ifindex,
-                    s.ipv4,
-                    s.mac.as_str()
-                ),
-                (
-                    host.as_str(),
-                    ifindex,
-                    Ipv4Addr::new(10, 251, 7, 2),
-                    pod_mac.as_str()
-                )
+                (s.host_ifname.as_str(), s.host_ifindex, s.ipv4, s.mac.as_str()),
+                (host.as_str(), ifindex, Ipv4Addr::new(10, 251, 7, 2), pod_mac.as_str())
             );
             assert_eq!(
-                (
-                    s.pod_namespace.as_str(),
-                    s.pod_name.as_str(),
-                    s.netns.as_str()
-                ),
+                (s.pod_namespace.as_str(), s.pod_name.as_str(), s.netns.as_str()),
                 ("ns1", "pod1", lab.pod_path().as_str())
             );
         }
@@ -285,21 +242,15 @@ fn add_check_repeat_del() {
 
     // The wiring carries traffic: node → pod over TCP and back.
     ip(&lab.node_name, &["link", "set", "lo", "up"]);
-    ip(
-        &lab.node_name,
-        &["addr", "add", "10.251.7.1/32", "dev", "lo"],
-    );
-    let listener =
-        netns::run_in(&lab.pod, || TcpListener::bind("10.251.7.2:7777").unwrap()).unwrap();
+    ip(&lab.node_name, &["addr", "add", "10.251.7.1/32", "dev", "lo"]);
+    let listener = netns::run_in(&lab.pod, || TcpListener::bind("10.251.7.2:7777").unwrap()).unwrap();
     let server = std::thread::spawn(move || {
         let (mut s, peer) = listener.accept().unwrap();
         s.write_all(b"hi").unwrap();
         peer
     });
     let reply = netns::run_in(&lab.node, || {
-        let mut s =
-            TcpStream::connect_timeout(&"10.251.7.2:7777".parse().unwrap(), Duration::from_secs(5))
-                .unwrap();
+        let mut s = TcpStream::connect_timeout(&"10.251.7.2:7777".parse().unwrap(), Duration::from_secs(5)).unwrap();
         let mut buf = String::new();
         s.read_to_string(&mut buf).unwrap();
         buf
@@ -310,10 +261,7 @@ fn add_check_repeat_del() {
 
     let (ok, v) = lab.cni("CHECK", &lab.pod_path());
     assert!(ok, "{v}");
-    assert!(matches!(
-        lab.requests.lock().unwrap().last(),
-        Some(Request::CheckEndpoint(_))
-    ));
+    assert!(matches!(lab.requests.lock().unwrap().last(), Some(Request::CheckEndpoint(_))));
 
     let (ok, again) = lab.cni("ADD", &lab.pod_path());
     assert!(ok, "{again}");
@@ -326,10 +274,7 @@ fn add_check_repeat_del() {
     assert!(!link_exists(&lab.node_name, &host));
     assert!(!link_exists(&lab.pod_name, "eth0"));
     assert!(lab.allocations().is_empty());
-    assert!(matches!(
-        lab.requests.lock().unwrap().last(),
-        Some(Request::DelEndpoint(_))
-    ));
+    assert!(matches!(lab.requests.lock().unwrap().last(), Some(Request::DelEndpoint(_))));
     let (ok, v) = lab.cni("DEL", &lab.pod_path());
     assert!(ok, "second DEL: {v}");
 
@@ -371,19 +316,9 @@ fn assert_add_rolled_back(lab: &Lab, code: u64) {
     assert!(!ok, "{v}");
     assert_eq!(v["code"], code, "{v}");
     assert_eq!(v["cniVersion"], "1.1.0");
-    assert!(
-        !link_exists(&lab.node_name, &lab.host_veth()),
-        "host veth left behind"
-    );
-    assert!(
-        !link_exists(&lab.pod_name, "eth0"),
-        "pod interface left behind"
-    );
-    assert!(
-        lab.allocations().is_empty(),
-        "allocation left behind: {:?}",
-        lab.allocations()
-    );
+    assert!(!link_exists(&lab.node_name, &lab.host_veth()), "host veth left behind");
+    assert!(!link_exists(&lab.pod_name, "eth0"), "pod interface left behind");
+    assert!(lab.allocations().is_empty(), "allocation left behind: {:?}", lab.allocations());
 }
 
 #[test]

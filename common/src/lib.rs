@@ -222,13 +222,7 @@ pub const POLICY_PREFIX_FULL: u32 = 96;
 
 impl PolicyKey {
     /// Builds a key from host-order values.
-    pub const fn new(
-        endpoint_id: u32,
-        remote_identity: u32,
-        direction: u8,
-        protocol: u8,
-        dport: u16,
-    ) -> Self {
+    pub const fn new(endpoint_id: u32, remote_identity: u32, direction: u8, protocol: u8, dport: u16) -> Self {
         PolicyKey {
             endpoint_id: endpoint_id.to_be_bytes(),
             remote_identity: remote_identity.to_be_bytes(),
@@ -358,10 +352,7 @@ mod tests {
     fn counter_slots_do_not_overlap() {
         for r in DropReason::ALL {
             assert!((r as u32) < DropReason::SLOTS);
-            assert_ne!(
-                counter_index(r, direction::INGRESS),
-                counter_index(r, direction::EGRESS)
-            );
+            assert_ne!(counter_index(r, direction::INGRESS), counter_index(r, direction::EGRESS));
             assert!(counter_index(r, direction::EGRESS) < COUNTER_SLOTS);
         }
     }
@@ -376,13 +367,7 @@ mod tests {
 
     #[test]
     fn policy_key_is_big_endian_for_lpm() {
-        let k = PolicyKey::new(
-            0x0102_0304,
-            0x0a0b_0c0d,
-            direction::EGRESS,
-            proto::TCP,
-            0x1f90,
-        );
+        let k = PolicyKey::new(0x0102_0304, 0x0a0b_0c0d, direction::EGRESS, proto::TCP, 0x1f90);
         assert_eq!(k.endpoint_id, [1, 2, 3, 4]);
         assert_eq!(k.remote_identity, [0x0a, 0x0b, 0x0c, 0x0d]);
         assert_eq!(k.dport, [0x1f, 0x90]);

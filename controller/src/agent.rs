@@ -17,7 +17,7 @@ use crate::datapath::{Datapath, DatapathError};
 use crate::maps::{self, MapsError};
 use crate::model::Cluster;
 use crate::policy::{Compiler, DatapathState, LocalEndpoint};
-use crate::source::{FileSource, EmptySource, Source, SourceError};
+use crate::source::{EmptySource, FileSource, Source, SourceError};
 
 /// CNI "try again later".
 const CODE_TRY_AGAIN: u32 = 11;
@@ -53,7 +53,7 @@ pub struct AgentArgs {
 pub enum AgentError {
     /// Loading or attaching the datapath failed.
     #[error(transparent)]
-    Datapath(#[from] DatapathError),
+    Datapath(Box<DatapathError>),
     /// Writing the maps failed.
     #[error(transparent)]
     Maps(#[from] MapsError),
@@ -71,6 +71,12 @@ pub enum AgentError {
         #[source]
         source: std::io::Error,
     },
+}
+
+impl From<DatapathError> for AgentError {
+    fn from(e: DatapathError) -> Self {
+        AgentError::Datapath(Box::new(e))
+    }
 }
 
 /// A registered endpoint, as persisted in the state directory.
@@ -157,7 +163,11 @@ impl Agent {
 
     fn save_registry(&self) -> Result<(), AgentError> {
         let records: Vec<_> = self.endpoints.values().collect();
-        let io = |source| AgentError::Io { op: "write", path: self.registry.clone(), source };
+        let io = |source| AgentError::Io {
+            op: "write",
+            path: self.registry.clone(),
+            source,
+        };
         let text = serde_json::to_vec_pretty(&records).map_err(|e| io(e.into()))?;
         let tmp = self.registry.with_extension("tmp");
         std::fs::write(&tmp, text).map_err(io)?;
@@ -166,7 +176,10 @@ impl Agent {
 
     fn add_endpoint(&mut self, spec: EndpointSpec) -> Response {
         if parse_mac(&spec.mac).is_none() {
-            return Response::Error { code: CODE_AGENT_FAILED, message: format!("malformed mac {:?}", spec.mac) };
+            return Response::Error {
+                code: CODE_AGENT_FAILED,
+                message: format!("malformed mac {:?}", spec.mac),
+            };
         }
         let key = (spec.container_id.clone(), spec.ifname.clone());
         let endpoint_id = match self.endpoints.get(&key) {
@@ -175,7 +188,10 @@ impl Agent {
         };
         // Programs first: with no endpoint entry yet they drop everything (fail closed).
         if let Err(e) = self.datapath.attach(&spec.host_ifname) {
-            return Response::Error { code: CODE_AGENT_FAILED, message: error_chain(&e) };
+            return Response::Error {
+                code: CODE_AGENT_FAILED,
+                message: error_chain(&e),
+            };
         }
         let previous = self.endpoints.insert(key.clone(), EndpointRecord { endpoint_id, spec });
         if let Err(e) = self.reprogram() {
@@ -184,7 +200,10 @@ impl Agent {
                 None => self.endpoints.remove(&key),
             };
             let _ = self.reprogram();
-            return Response::Error { code: CODE_AGENT_FAILED, message: error_chain(&e) };
+            return Response::Error {
+                code: CODE_AGENT_FAILED,
+                message: error_chain(&e),
+            };
         }
         if let Err(e) = self.save_registry() {
             tracing::warn!(error = %error_chain(&e), "cannot persist endpoint registry");
@@ -199,15 +218,24 @@ impl Agent {
         let result = self.reprogram().and_then(|()| self.save_registry());
         match result {
             Ok(()) => Response::Ok,
-            Err(e) => Response::Error { code: CODE_AGENT_FAILED, message: error_chain(&e) },
+            Err(e) => Response::Error {
+                code: CODE_AGENT_FAILED,
+                message: error_chain(&e),
+            },
         }
     }
 
     fn check_endpoint(&self, r: &EndpointRef) -> Response {
         match self.endpoints.get(&(r.container_id.clone(), r.ifname.clone())) {
             Some(rec) if self.applied.endpoints.contains_key(&rec.spec.host_ifindex) => Response::Ok,
-            Some(_) => Response::Error { code: CODE_AGENT_FAILED, message: format!("endpoint {}/{} is not programmed", r.container_id, r.ifname) },
-            None => Response::Error { code: CODE_AGENT_FAILED, message: format!("endpoint {}/{} is unknown", r.container_id, r.ifname) },
+            Some(_) => Response::Error {
+                code: CODE_AGENT_FAILED,
+                message: format!("endpoint {}/{} is not programmed", r.container_id, r.ifname),
+            },
+            None => Response::Error {
+                code: CODE_AGENT_FAILED,
+                message: format!("endpoint {}/{} is unknown", r.container_id, r.ifname),
+            },
         }
     }
 
@@ -267,7 +295,10 @@ async fn handle(agent: &Mutex<Agent>, request: Request) -> Response {
         Request::CheckEndpoint(r) => agent.lock().await.check_endpoint(&r),
         Request::Reload => match agent.lock().await.refresh(true) {
             Ok(()) => Response::Ok,
-            Err(e) => Response::Error { code: CODE_AGENT_FAILED, message: error_chain(&e) },
+            Err(e) => Response::Error {
+                code: CODE_AGENT_FAILED,
+                message: error_chain(&e),
+            },
         },
         Request::Status => Response::Status(agent.lock().await.status()),
     }
@@ -279,9 +310,15 @@ async fn serve_connection(agent: Arc<Mutex<Agent>>, stream: UnixStream) {
     let response = match BufReader::new(read).read_line(&mut line).await {
         Ok(_) => match serde_json::from_str::<Request>(&line) {
             Ok(request) => handle(&agent, request).await,
-            Err(e) => Response::Error { code: 6, message: format!("malformed request: {e}") },
+            Err(e) => Response::Error {
+                code: 6,
+                message: format!("malformed request: {e}"),
+            },
         },
-        Err(e) => Response::Error { code: 6, message: format!("reading request: {e}") },
+        Err(e) => Response::Error {
+            code: 6,
+            message: format!("reading request: {e}"),
+        },
     };
     let Ok(mut out) = serde_json::to_vec(&response) else { return };
     out.push(b'\n');
@@ -298,7 +335,10 @@ fn load_registry(path: &Path) -> BTreeMap<(String, String), EndpointRecord> {
         }),
         Err(_) => Vec::new(),
     };
-    records.into_iter().map(|r| ((r.spec.container_id.clone(), r.spec.ifname.clone()), r)).collect()
+    records
+        .into_iter()
+        .map(|r| ((r.spec.container_id.clone(), r.spec.ifname.clone()), r))
+        .collect()
 }
 
 /// Runs the agent until SIGTERM or SIGINT.
@@ -308,7 +348,7 @@ pub fn run(args: AgentArgs) -> Result<(), AgentError> {
         move |source| AgentError::Io { op, path, source }
     };
     std::fs::create_dir_all(&args.state_dir).map_err(io("create", &args.state_dir))?;
-    let mut datapath = Datapath::load(&args.bpffs)?;
+    let datapath = Datapath::load(&args.bpffs)?;
     // Reconcile against what the pinned maps really hold (an earlier agent's entries).
     let applied = datapath.maps.read_state()?;
     let source: Box<dyn Source> = match &args.manifests {
@@ -330,7 +370,6 @@ pub fn run(args: AgentArgs) -> Result<(), AgentError> {
     agent.refresh(true)?;
     agent.reprogram()?;
     tracing::info!(node = %args.node_name, endpoints = agent.endpoints.len(), pod_cidr = ?args.pod_cidr, "datapath programmed");
-    let _ = &mut agent.datapath;
 
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

@@ -53,7 +53,7 @@ pub enum DatapathError {
         ifname: String,
         /// Cause.
         #[source]
-        source: aya::programs::ProgramError,
+        source: Box<aya::programs::ProgramError>,
     },
     /// A map could not be read.
     #[error("reading map {map} failed")]
@@ -62,7 +62,7 @@ pub enum DatapathError {
         map: &'static str,
         /// Cause.
         #[source]
-        source: aya::maps::MapError,
+        source: Box<aya::maps::MapError>,
     },
 }
 
@@ -77,10 +77,15 @@ pub struct Datapath {
 
 /// Mounts bpffs at `/sys/fs/bpf` when it is not there (a fresh machine) and creates `dir`.
 pub fn ensure_pin_dir(dir: &Path) -> Result<(), DatapathError> {
-    let err = |source| DatapathError::Bpffs { path: dir.to_path_buf(), source };
+    let err = |source| DatapathError::Bpffs {
+        path: dir.to_path_buf(),
+        source,
+    };
     let root = Path::new("/sys/fs/bpf");
     if dir.starts_with(root) {
-        let mounted = nix::sys::statfs::statfs(root).map(|s| s.filesystem_type().0 as i64 == BPF_FS_MAGIC).unwrap_or(false);
+        let mounted = nix::sys::statfs::statfs(root)
+            .map(|s| s.filesystem_type().0 == BPF_FS_MAGIC)
+            .unwrap_or(false);
         if !mounted {
             std::fs::create_dir_all(root).map_err(err)?;
             nix::mount::mount(Some("bpf"), root, Some("bpf"), nix::mount::MsFlags::empty(), Some("mode=0700"))
@@ -98,21 +103,47 @@ impl Datapath {
         let mut ebpf = EbpfLoader::new()
             .default_map_pin_directory(pin_dir)
             .load(OBJECT)
-            .map_err(|source| DatapathError::Load { path: pin_dir.to_path_buf(), source: Box::new(source) })?;
+            .map_err(|source| DatapathError::Load {
+                path: pin_dir.to_path_buf(),
+                source: Box::new(source),
+            })?;
         for name in [program_names::FROM_POD, program_names::TO_POD] {
-            classifier(&mut ebpf, name)?.load().map_err(|source| DatapathError::Program { op: "load", program: name, ifname: "-".into(), source })?;
+            classifier(&mut ebpf, name)?.load().map_err(|source| DatapathError::Program {
+                op: "load",
+                program: name,
+                ifname: "-".into(),
+                source: Box::new(source),
+            })?;
         }
-        let mut take = |name: &'static str| ebpf.take_map(name).ok_or_else(|| DatapathError::Object { what: format!("no map {name}") });
-        let (endpoints, ipcache, policy, counters) =
-            (take(map_names::ENDPOINTS)?, take(map_names::IPCACHE)?, take(map_names::POLICY)?, take(map_names::COUNTERS)?);
-        let wrong = |map: &'static str| move |source| DatapathError::Map { map, source };
+        let mut take = |name: &'static str| {
+            ebpf.take_map(name).ok_or_else(|| DatapathError::Object {
+                what: format!("no map {name}"),
+            })
+        };
+        let (endpoints, ipcache, policy, counters) = (
+            take(map_names::ENDPOINTS)?,
+            take(map_names::IPCACHE)?,
+            take(map_names::POLICY)?,
+            take(map_names::COUNTERS)?,
+        );
+        let wrong = |map: &'static str| {
+            move |source| DatapathError::Map {
+                map,
+                source: Box::new(source),
+            }
+        };
         let maps = BpfMaps {
             endpoints: endpoints.try_into().map_err(wrong(map_names::ENDPOINTS))?,
             ipcache: ipcache.try_into().map_err(wrong(map_names::IPCACHE))?,
             policy: policy.try_into().map_err(wrong(map_names::POLICY))?,
         };
         let counters = counters.try_into().map_err(wrong(map_names::COUNTERS))?;
-        Ok(Datapath { ebpf, maps, counters, pin_dir: pin_dir.to_path_buf() })
+        Ok(Datapath {
+            ebpf,
+            maps,
+            counters,
+            pin_dir: pin_dir.to_path_buf(),
+        })
     }
 
     /// Where the maps are pinned.
@@ -129,13 +160,25 @@ impl Datapath {
             // EEXIST: the qdisc is there already (a repeated ADD).
             let exists = matches!(&e, tc::TcError::NetlinkError(n) if n.raw_os_error() == Some(libc::EEXIST));
             if !exists {
-                return Err(DatapathError::Object { what: format!("cannot add clsact qdisc to {ifname}: {e}") });
+                return Err(DatapathError::Object {
+                    what: format!("cannot add clsact qdisc to {ifname}: {e}"),
+                });
             }
         }
-        for (name, attach_type) in [(program_names::FROM_POD, TcAttachType::Ingress), (program_names::TO_POD, TcAttachType::Egress)] {
+        for (name, attach_type) in [
+            (program_names::FROM_POD, TcAttachType::Ingress),
+            (program_names::TO_POD, TcAttachType::Egress),
+        ] {
             let prog = classifier(&mut self.ebpf, name)?;
-            let err = |op, source| DatapathError::Program { op, program: name, ifname: ifname.to_string(), source };
-            let id = prog.attach_with_options(ifname, attach_type, TcAttachOptions::Netlink(NlOptions::default())).map_err(|e| err("attach", e))?;
+            let err = |op, source| DatapathError::Program {
+                op,
+                program: name,
+                ifname: ifname.to_string(),
+                source: Box::new(source),
+            };
+            let id = prog
+                .attach_with_options(ifname, attach_type, TcAttachOptions::Netlink(NlOptions::default()))
+                .map_err(|e| err("attach", e))?;
             let link = prog.take_link(id).map_err(|e| err("take link", e))?;
             // Dropping the link would detach the filter; the kernel owns it from here.
             std::mem::forget(link);
@@ -150,8 +193,17 @@ impl Datapath {
 
     /// Packets and bytes per (reason, direction), summed over CPUs.
     pub fn counter(&self, reason: DropReason, dir: u8) -> Result<Counter, DatapathError> {
-        let values = self.counters.get(&counter_index(reason, dir), 0).map_err(|source| DatapathError::Map { map: map_names::COUNTERS, source })?;
-        Ok(values.iter().fold(Counter::default(), |acc, c| Counter { packets: acc.packets + c.packets, bytes: acc.bytes + c.bytes }))
+        let values = self
+            .counters
+            .get(&counter_index(reason, dir), 0)
+            .map_err(|source| DatapathError::Map {
+                map: map_names::COUNTERS,
+                source: Box::new(source),
+            })?;
+        Ok(values.iter().fold(Counter::default(), |acc, c| Counter {
+            packets: acc.packets + c.packets,
+            bytes: acc.bytes + c.bytes,
+        }))
     }
 
     /// Every non-zero counter.
@@ -171,7 +223,14 @@ impl Datapath {
 
 fn classifier<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut SchedClassifier, DatapathError> {
     ebpf.program_mut(name)
-        .ok_or_else(|| DatapathError::Object { what: format!("no program {name}") })?
+        .ok_or_else(|| DatapathError::Object {
+            what: format!("no program {name}"),
+        })?
         .try_into()
-        .map_err(|source| DatapathError::Program { op: "find", program: name, ifname: "-".into(), source })
+        .map_err(|source| DatapathError::Program {
+            op: "find",
+            program: name,
+            ifname: "-".into(),
+            source: Box::new(source),
+        })
 }

@@ -22,11 +22,7 @@ pub struct LabelSet(BTreeMap<String, String>);
 
 impl LabelSet {
     /// Builds the identity labels of a pod in namespace `namespace`.
-    pub fn for_pod(
-        namespace: &str,
-        namespace_labels: &BTreeMap<String, String>,
-        pod_labels: &BTreeMap<String, String>,
-    ) -> Self {
+    pub fn for_pod(namespace: &str, namespace_labels: &BTreeMap<String, String>, pod_labels: &BTreeMap<String, String>) -> Self {
         let mut set = BTreeMap::new();
         for (k, v) in pod_labels {
             set.insert(format!("{POD_LABEL_PREFIX}{k}"), v.clone());
@@ -220,14 +216,7 @@ pub struct RuleRef {
 
 impl fmt::Display for RuleRef {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "{}/{} {}[{}]",
-            self.namespace,
-            self.policy,
-            self.direction.field(),
-            self.index
-        )
+        write!(f, "{}/{} {}[{}]", self.namespace, self.policy, self.direction.field(), self.index)
     }
 }
 
@@ -298,18 +287,11 @@ mod tests {
     use super::*;
 
     fn l(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
-        pairs
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect()
+        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
     }
 
     fn pod(ns: &str, labels: &[(&str, &str)]) -> IdentityKey {
-        IdentityKey::Labels(LabelSet::for_pod(
-            ns,
-            &l(&[("kubernetes.io/metadata.name", ns)]),
-            &l(labels),
-        ))
+        IdentityKey::Labels(LabelSet::for_pod(ns, &l(&[("kubernetes.io/metadata.name", ns)]), &l(labels)))
     }
 
     #[test]
@@ -353,11 +335,7 @@ mod tests {
         let y = a.allocate(pod("x", &[("pod", "b")]));
         a.retain_only(&BTreeSet::from([y]));
         assert_eq!(a.key(x), None);
-        assert_eq!(
-            a.allocate(pod("x", &[("pod", "b")])),
-            y,
-            "kept id is stable"
-        );
+        assert_eq!(a.allocate(pod("x", &[("pod", "b")])), y, "kept id is stable");
         let again = a.allocate(pod("x", &[("pod", "a")]));
         assert!(again > y, "released id {x} must not come back, got {again}");
     }
@@ -375,10 +353,7 @@ mod tests {
         assert_eq!(t.id(r(1)), 2);
         assert_eq!(t.id(r(0)), 1);
         assert_eq!(t.rule(2), Some(&r(1)));
-        assert_eq!(
-            t.rule(2).map(ToString::to_string).as_deref(),
-            Some("x/p ingress[1]")
-        );
+        assert_eq!(t.rule(2).map(ToString::to_string).as_deref(), Some("x/p ingress[1]"));
         t.retain_only(&BTreeSet::from([2]));
         assert_eq!(t.get(&r(0)), None);
         assert_eq!(t.id(r(0)), 3);

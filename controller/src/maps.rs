@@ -152,7 +152,9 @@ impl MapWriter for BpfMaps {
         absent_ok(self.ipcache.remove(&key)).map_err(map_err("remove", "ipcache"))
     }
     fn set_policy(&mut self, key: &PolicyKey, prefix_len: u32, value: &PolicyValue) -> Result<(), MapsError> {
-        self.policy.insert(&Key::new(prefix_len, *key), value, 0).map_err(map_err("insert", "policy"))
+        self.policy
+            .insert(&Key::new(prefix_len, *key), value, 0)
+            .map_err(map_err("insert", "policy"))
     }
     fn remove_policy(&mut self, key: &PolicyKey, prefix_len: u32) -> Result<(), MapsError> {
         absent_ok(self.policy.remove(&Key::new(prefix_len, *key))).map_err(map_err("remove", "policy"))
@@ -209,8 +211,16 @@ mod tests {
     fn state(endpoints: &[(u32, u32)], policies: &[(u32, u16, u32)]) -> DatapathState {
         let mut s = DatapathState::default();
         for &(ifindex, identity) in endpoints {
-            s.endpoints.insert(ifindex, EndpointInfo { endpoint_id: ifindex, identity, ..Default::default() });
-            s.ipcache.insert((Ipv4Addr::new(10, 0, 0, ifindex as u8), 32), IpcacheValue { identity, flags: 0 });
+            s.endpoints.insert(
+                ifindex,
+                EndpointInfo {
+                    endpoint_id: ifindex,
+                    identity,
+                    ..Default::default()
+                },
+            );
+            s.ipcache
+                .insert((Ipv4Addr::new(10, 0, 0, ifindex as u8), 32), IpcacheValue { identity, flags: 0 });
         }
         for &(ep, port, rule) in policies {
             let k = PolicyKey::new(ep, 0, direction::INGRESS, proto::TCP, port);
@@ -223,7 +233,10 @@ mod tests {
     fn sync_reaches_the_new_state_writing_only_the_difference() {
         let old = state(&[(1, 300), (2, 301)], &[(1, 80, 1), (1, 81, 2), (2, 80, 3)]);
         let new = state(&[(1, 300), (3, 302)], &[(1, 80, 1), (1, 81, 9), (3, 80, 4)]);
-        let mut m = MemoryMaps { state: old.clone(), log: vec![] };
+        let mut m = MemoryMaps {
+            state: old.clone(),
+            log: vec![],
+        };
         let stats = sync(&mut m, &old, &new).unwrap();
         assert_eq!(m.state, new);
         // endpoint 3 + its ipcache, policy 1:81 changed, policy 3:80 new.

@@ -135,12 +135,7 @@ impl Object {
     pub fn namespace(&self) -> Option<&str> {
         match self {
             Object::Namespace(_) => None,
-            _ => Some(
-                self.metadata()
-                    .namespace
-                    .as_deref()
-                    .unwrap_or(DEFAULT_NAMESPACE),
-            ),
+            _ => Some(self.metadata().namespace.as_deref().unwrap_or(DEFAULT_NAMESPACE)),
         }
     }
 
@@ -199,18 +194,8 @@ pub fn parse_documents(text: &str, origin: &str) -> Result<Vec<Object>, ModelErr
     Ok(objects)
 }
 
-fn parse_value(
-    value: serde_yaml_ng::Value,
-    origin: &str,
-    document: usize,
-) -> Result<Object, ModelError> {
-    let field = |name: &str| {
-        value
-            .get(name)
-            .and_then(|v| v.as_str())
-            .unwrap_or_default()
-            .to_string()
-    };
+fn parse_value(value: serde_yaml_ng::Value, origin: &str, document: usize) -> Result<Object, ModelError> {
+    let field = |name: &str| value.get(name).and_then(|v| v.as_str()).unwrap_or_default().to_string();
     let (kind, api_version) = (field("kind"), field("apiVersion"));
     let meta_str = |name: &str| {
         value
@@ -248,13 +233,9 @@ fn parse_value(
         source: e.into_inner(),
     };
     let mut object = match kind_enum {
-        Kind::Namespace => {
-            Object::Namespace(serde_path_to_error::deserialize(value).map_err(decode_err)?)
-        }
+        Kind::Namespace => Object::Namespace(serde_path_to_error::deserialize(value).map_err(decode_err)?),
         Kind::Pod => Object::Pod(serde_path_to_error::deserialize(value).map_err(decode_err)?),
-        Kind::NetworkPolicy => {
-            Object::NetworkPolicy(serde_path_to_error::deserialize(value).map_err(decode_err)?)
-        }
+        Kind::NetworkPolicy => Object::NetworkPolicy(serde_path_to_error::deserialize(value).map_err(decode_err)?),
     };
     let invalid = |source: FieldError| ModelError::Invalid {
         origin: origin.to_string(),
@@ -272,16 +253,12 @@ fn parse_value(
             validate_meta(&ns.metadata).map_err(invalid)?;
         }
         Object::Pod(pod) => {
-            pod.metadata
-                .namespace
-                .get_or_insert_with(|| DEFAULT_NAMESPACE.to_string());
+            pod.metadata.namespace.get_or_insert_with(|| DEFAULT_NAMESPACE.to_string());
             validate_meta(&pod.metadata).map_err(invalid)?;
             validate_pod(pod).map_err(invalid)?;
         }
         Object::NetworkPolicy(np) => {
-            np.metadata
-                .namespace
-                .get_or_insert_with(|| DEFAULT_NAMESPACE.to_string());
+            np.metadata.namespace.get_or_insert_with(|| DEFAULT_NAMESPACE.to_string());
             validate_meta(&np.metadata).map_err(invalid)?;
             validate_network_policy(np).map_err(invalid)?;
         }
@@ -298,18 +275,14 @@ fn validate_meta(meta: &ObjectMeta) -> Result<(), FieldError> {
 
 fn validate_pod(pod: &Pod) -> Result<(), FieldError> {
     if let Some(ip) = pod.status.as_ref().and_then(|s| s.pod_ip.as_deref()) {
-        ip.parse::<IpAddr>().map_err(|e| {
-            FieldError::new("status.podIP", format!("{ip:?} is not an ip address: {e}"))
-        })?;
+        ip.parse::<IpAddr>()
+            .map_err(|e| FieldError::new("status.podIP", format!("{ip:?} is not an ip address: {e}")))?;
     }
     for (c, container) in pod.spec.iter().flat_map(|s| &s.containers).enumerate() {
         for (p, port) in container.ports.iter().flatten().enumerate() {
             let at = format!("spec.containers[{c}].ports[{p}]");
             if !(1..=65535).contains(&port.container_port) {
-                return Err(FieldError::new(
-                    format!("{at}.containerPort"),
-                    "must be between 1 and 65535",
-                ));
+                return Err(FieldError::new(format!("{at}.containerPort"), "must be between 1 and 65535"));
             }
             if let Some(proto) = &port.protocol {
                 check_protocol(proto).map_err(|m| FieldError::new(format!("{at}.protocol"), m))?;
@@ -336,20 +309,10 @@ pub fn validate_network_policy(np: &NetworkPolicy) -> Result<(), FieldError> {
         }
     }
     for (i, rule) in spec.ingress.iter().flatten().enumerate() {
-        validate_rule(
-            &format!("spec.ingress[{i}]"),
-            "from",
-            rule.from.as_deref(),
-            rule.ports.as_deref(),
-        )?;
+        validate_rule(&format!("spec.ingress[{i}]"), "from", rule.from.as_deref(), rule.ports.as_deref())?;
     }
     for (i, rule) in spec.egress.iter().flatten().enumerate() {
-        validate_rule(
-            &format!("spec.egress[{i}]"),
-            "to",
-            rule.to.as_deref(),
-            rule.ports.as_deref(),
-        )?;
+        validate_rule(&format!("spec.egress[{i}]"), "to", rule.to.as_deref(), rule.ports.as_deref())?;
     }
     Ok(())
 }
@@ -389,8 +352,7 @@ fn validate_peer(peer: &NetworkPolicyPeer, at: &str) -> Result<(), FieldError> {
                 "may not specify more than 1 peer type: ipBlock excludes podSelector and namespaceSelector",
             ));
         }
-        let cidr = parse_cidr(&block.cidr)
-            .map_err(|m| FieldError::new(format!("{at}.ipBlock.cidr"), m))?;
+        let cidr = parse_cidr(&block.cidr).map_err(|m| FieldError::new(format!("{at}.ipBlock.cidr"), m))?;
         for (k, except) in block.except.iter().flatten().enumerate() {
             let field = format!("{at}.ipBlock.except[{k}]");
             let e = parse_cidr(except).map_err(|m| FieldError::new(&field, m))?;
@@ -411,24 +373,16 @@ pub fn parse_cidr(text: &str) -> Result<Ipv4Network, String> {
     let (addr, prefix) = text
         .split_once('/')
         .ok_or_else(|| format!("{text:?} is not a cidr (missing /prefix)"))?;
-    let addr: Ipv4Addr = addr
-        .parse()
-        .map_err(|e| format!("{text:?} is not an ipv4 cidr: {e}"))?;
-    let prefix: u8 = prefix
-        .parse()
-        .map_err(|e| format!("{text:?} has a bad prefix length: {e}"))?;
-    let net =
-        Ipv4Network::new(addr, prefix).map_err(|e| format!("{text:?} is not an ipv4 cidr: {e}"))?;
-    Ipv4Network::new(net.network(), prefix)
-        .map_err(|e| format!("{text:?} is not an ipv4 cidr: {e}"))
+    let addr: Ipv4Addr = addr.parse().map_err(|e| format!("{text:?} is not an ipv4 cidr: {e}"))?;
+    let prefix: u8 = prefix.parse().map_err(|e| format!("{text:?} has a bad prefix length: {e}"))?;
+    let net = Ipv4Network::new(addr, prefix).map_err(|e| format!("{text:?} is not an ipv4 cidr: {e}"))?;
+    Ipv4Network::new(net.network(), prefix).map_err(|e| format!("{text:?} is not an ipv4 cidr: {e}"))
 }
 
 fn check_protocol(proto: &str) -> Result<(), String> {
     match proto {
         "TCP" | "UDP" | "SCTP" => Ok(()),
-        other => Err(format!(
-            "unsupported value {other:?} (expected TCP, UDP or SCTP)"
-        )),
+        other => Err(format!("unsupported value {other:?} (expected TCP, UDP or SCTP)")),
     }
 }
 
@@ -439,17 +393,11 @@ fn validate_port(port: &NetworkPolicyPort, at: &str) -> Result<(), FieldError> {
     match (&port.port, port.end_port) {
         (Some(IntOrString::Int(p)), end) => {
             if !(1..=65535).contains(p) {
-                return Err(FieldError::new(
-                    format!("{at}.port"),
-                    format!("{p} must be between 1 and 65535"),
-                ));
+                return Err(FieldError::new(format!("{at}.port"), format!("{p} must be between 1 and 65535")));
             }
             if let Some(e) = end {
                 if !(1..=65535).contains(&e) {
-                    return Err(FieldError::new(
-                        format!("{at}.endPort"),
-                        format!("{e} must be between 1 and 65535"),
-                    ));
+                    return Err(FieldError::new(format!("{at}.endPort"), format!("{e} must be between 1 and 65535")));
                 }
                 if e < *p {
                     return Err(FieldError::new(
@@ -462,17 +410,11 @@ fn validate_port(port: &NetworkPolicyPort, at: &str) -> Result<(), FieldError> {
         (Some(IntOrString::String(name)), end) => {
             validate_port_name(name).map_err(|m| FieldError::new(format!("{at}.port"), m))?;
             if end.is_some() {
-                return Err(FieldError::new(
-                    format!("{at}.endPort"),
-                    "may not be used with a named port",
-                ));
+                return Err(FieldError::new(format!("{at}.endPort"), "may not be used with a named port"));
             }
         }
         (None, Some(_)) => {
-            return Err(FieldError::new(
-                format!("{at}.endPort"),
-                "may not be used without a numeric port",
-            ));
+            return Err(FieldError::new(format!("{at}.endPort"), "may not be used without a numeric port"));
         }
         (None, None) => {}
     }
@@ -484,9 +426,7 @@ fn validate_port(port: &NetworkPolicyPort, at: &str) -> Result<(), FieldError> {
 fn validate_port_name(name: &str) -> Result<(), String> {
     let ok = !name.is_empty()
         && name.len() <= 15
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
         && name.bytes().any(|b| b.is_ascii_lowercase())
         && !name.starts_with('-')
         && !name.ends_with('-')
@@ -494,9 +434,7 @@ fn validate_port_name(name: &str) -> Result<(), String> {
     if ok {
         Ok(())
     } else {
-        Err(format!(
-            "{name:?} is neither a port number nor a valid port name"
-        ))
+        Err(format!("{name:?} is neither a port number nor a valid port name"))
     }
 }
 
@@ -547,24 +485,14 @@ impl Cluster {
                 self.namespaces.insert(name, ns);
             }
             Object::Pod(mut pod) => {
-                let ns = pod
-                    .metadata
-                    .namespace
-                    .get_or_insert_with(|| DEFAULT_NAMESPACE.to_string())
-                    .clone();
+                let ns = pod.metadata.namespace.get_or_insert_with(|| DEFAULT_NAMESPACE.to_string()).clone();
                 self.ensure_namespace(&ns);
-                self.pods
-                    .insert((ns, pod.metadata.name.clone().unwrap_or_default()), pod);
+                self.pods.insert((ns, pod.metadata.name.clone().unwrap_or_default()), pod);
             }
             Object::NetworkPolicy(mut np) => {
-                let ns = np
-                    .metadata
-                    .namespace
-                    .get_or_insert_with(|| DEFAULT_NAMESPACE.to_string())
-                    .clone();
+                let ns = np.metadata.namespace.get_or_insert_with(|| DEFAULT_NAMESPACE.to_string()).clone();
                 self.ensure_namespace(&ns);
-                self.policies
-                    .insert((ns, np.metadata.name.clone().unwrap_or_default()), np);
+                self.policies.insert((ns, np.metadata.name.clone().unwrap_or_default()), np);
             }
         }
     }
@@ -578,11 +506,7 @@ impl Cluster {
     /// Removes an object; removing a Namespace removes its pods and policies.
     /// Returns whether the object existed.
     pub fn delete(&mut self, r: &ObjectRef) -> bool {
-        let ns = || {
-            r.namespace
-                .clone()
-                .unwrap_or_else(|| DEFAULT_NAMESPACE.to_string())
-        };
+        let ns = || r.namespace.clone().unwrap_or_else(|| DEFAULT_NAMESPACE.to_string());
         match r.kind {
             Kind::Namespace => {
                 self.pods.retain(|(ns, _), _| ns != &r.name);
@@ -653,8 +577,7 @@ impl Cluster {
 
     /// A policy by namespace and name.
     pub fn policy(&self, namespace: &str, name: &str) -> Option<&NetworkPolicy> {
-        self.policies
-            .get(&(namespace.to_string(), name.to_string()))
+        self.policies.get(&(namespace.to_string(), name.to_string()))
     }
 
     /// A namespace's labels (empty if the namespace is unknown).
@@ -688,9 +611,7 @@ pub fn named_ports(pod: &Pod, name: &str, protocol: &str) -> Vec<u16> {
         .iter()
         .flat_map(|s| &s.containers)
         .flat_map(|c| c.ports.iter().flatten())
-        .filter(|p| {
-            p.name.as_deref() == Some(name) && p.protocol.as_deref().unwrap_or("TCP") == protocol
-        })
+        .filter(|p| p.name.as_deref() == Some(name) && p.protocol.as_deref().unwrap_or("TCP") == protocol)
         .filter_map(|p| u16::try_from(p.container_port).ok())
         .collect();
     out.sort_unstable();
@@ -699,7 +620,6 @@ pub fn named_ports(pod: &Pod, name: &str, protocol: &str) -> Vec<u16> {
 }
 
 #[cfg(test)]
-#[expect(clippy::expect_used, reason = "tests panic to report failures")]
 mod tests {
     use super::*;
 
@@ -756,18 +676,8 @@ spec:
     fn parses_good_documents_and_defaults_namespaces() {
         let objs = parse_documents(GOOD, "good.yaml").expect("parses");
         let refs: Vec<String> = objs.iter().map(|o| o.to_ref().to_string()).collect();
-        assert_eq!(
-            refs,
-            [
-                "Namespace x",
-                "Pod x/a",
-                "Pod default/lonely",
-                "NetworkPolicy y/allow-b"
-            ]
-        );
-        let Object::Pod(a) = &objs[1] else {
-            panic!("not a pod")
-        };
+        assert_eq!(refs, ["Namespace x", "Pod x/a", "Pod default/lonely", "NetworkPolicy y/allow-b"]);
+        let Object::Pod(a) = &objs[1] else { panic!("not a pod") };
         assert_eq!(pod_ipv4(a), Some(Ipv4Addr::new(10, 244, 1, 5)));
         assert_eq!(pod_node(a), Some("node-1"));
         assert_eq!(named_ports(a, "http", "TCP"), [80]);
@@ -778,37 +688,21 @@ spec:
     #[test]
     fn cluster_applies_deletes_and_round_trips() {
         let mut c = Cluster::from_objects(parse_documents(GOOD, "good.yaml").expect("parses"));
-        assert_eq!(
-            c.namespaces().keys().collect::<Vec<_>>(),
-            ["default", "x", "y"]
-        );
-        assert_eq!(
-            c.namespace_labels("y")
-                .get(NAMESPACE_NAME_LABEL)
-                .map(String::as_str),
-            Some("y")
-        );
-        assert_eq!(
-            c.namespace_labels("x").get("ns").map(String::as_str),
-            Some("x")
-        );
+        assert_eq!(c.namespaces().keys().collect::<Vec<_>>(), ["default", "x", "y"]);
+        assert_eq!(c.namespace_labels("y").get(NAMESPACE_NAME_LABEL).map(String::as_str), Some("y"));
+        assert_eq!(c.namespace_labels("x").get("ns").map(String::as_str), Some("x"));
         let text = c.to_yaml();
-        let back =
-            Cluster::from_objects(parse_documents(&text, "dump.yaml").expect("round trip parses"));
+        let back = Cluster::from_objects(parse_documents(&text, "dump.yaml").expect("round trip parses"));
         assert_eq!(back, c);
 
         // Re-applying replaces in place.
-        let relabel =
-            "apiVersion: v1\nkind: Pod\nmetadata: {name: a, namespace: x, labels: {pod: z}}\n";
+        let relabel = "apiVersion: v1\nkind: Pod\nmetadata: {name: a, namespace: x, labels: {pod: z}}\n";
         for o in parse_documents(relabel, "r.yaml").expect("parses") {
             c.apply(o);
         }
         assert_eq!(c.pods().len(), 2);
         assert_eq!(
-            c.pod("x", "a")
-                .map(pod_labels)
-                .and_then(|l| l.get("pod").cloned())
-                .as_deref(),
+            c.pod("x", "a").map(pod_labels).and_then(|l| l.get("pod").cloned()).as_deref(),
             Some("z")
         );
 
@@ -838,8 +732,7 @@ spec:
 
     #[test]
     fn errors_name_origin_document_object_and_field() {
-        let ing =
-            |peer_or_port: &str| format!("  podSelector: {{}}\n  ingress:\n  - {peer_or_port}\n");
+        let ing = |peer_or_port: &str| format!("  podSelector: {{}}\n  ingress:\n  - {peer_or_port}\n");
         let cases: Vec<(String, &str)> = vec![
             (policy_doc(&ing("from: [{podSelector: {matchExpressions: [{key: pod, operator: Foo, values: [a]}]}}]")),
              "demo.yaml: document 2: NetworkPolicy x/allow-b: spec.ingress[0].from[0].podSelector.matchExpressions[0].operator: unknown operator \"Foo\" (expected In, NotIn, Exists or DoesNotExist)"),
@@ -884,10 +777,7 @@ spec:
         for (text, want) in cases {
             let err = parse_documents(&text, "demo.yaml").expect_err(want);
             let msg = err.to_string();
-            assert!(
-                msg.contains(want),
-                "got {msg:?}\nwant it to contain {want:?}"
-            );
+            assert!(msg.contains(want), "got {msg:?}\nwant it to contain {want:?}");
         }
     }
 
@@ -901,8 +791,6 @@ spec:
     #[test]
     fn empty_text_has_no_objects() {
         assert!(parse_documents("", "e").expect("empty is fine").is_empty());
-        assert!(parse_documents("---\n---\n", "e")
-            .expect("empty docs are fine")
-            .is_empty());
+        assert!(parse_documents("---\n---\n", "e").expect("empty docs are fine").is_empty());
     }
 }

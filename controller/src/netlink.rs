@@ -73,20 +73,11 @@ impl Netlink {
     /// The ifindex of `ifname`, or `None` when it does not exist.
     pub fn link_index(&self, ifname: &str) -> Result<Option<u32>, NetlinkError> {
         self.runtime.block_on(async {
-            let mut links = self
-                .handle
-                .link()
-                .get()
-                .match_name(ifname.to_string())
-                .execute();
+            let mut links = self.handle.link().get().match_name(ifname.to_string()).execute();
             match links.try_next().await {
                 Ok(Some(link)) => Ok(Some(link.header.index)),
                 Ok(None) => Ok(None),
-                Err(rtnetlink::Error::NetlinkError(m))
-                    if m.code.map(|c| c.get().abs()) == Some(libc::ENODEV) =>
-                {
-                    Ok(None)
-                }
+                Err(rtnetlink::Error::NetlinkError(m)) if m.code.map(|c| c.get().abs()) == Some(libc::ENODEV) => Ok(None),
                 Err(source) => Err(NetlinkError::Request {
                     op: "get link",
                     ifname: ifname.to_string(),
@@ -97,22 +88,16 @@ impl Netlink {
     }
 
     fn require(&self, ifname: &str) -> Result<u32, NetlinkError> {
-        self.link_index(ifname)?
-            .ok_or_else(|| NetlinkError::NoSuchLink {
-                ifname: ifname.to_string(),
-            })
+        self.link_index(ifname)?.ok_or_else(|| NetlinkError::NoSuchLink {
+            ifname: ifname.to_string(),
+        })
     }
 
     /// Brings `ifname` up.
     pub fn ensure_link_up(&self, ifname: &str) -> Result<(), NetlinkError> {
         let index = self.require(ifname)?;
         self.runtime
-            .block_on(
-                self.handle
-                    .link()
-                    .set(LinkUnspec::new_with_index(index).up().build())
-                    .execute(),
-            )
+            .block_on(self.handle.link().set(LinkUnspec::new_with_index(index).up().build()).execute())
             .map_err(|source| NetlinkError::Request {
                 op: "set link up",
                 ifname: ifname.to_string(),
@@ -125,12 +110,10 @@ impl Netlink {
         if self.link_index(ifname)?.is_some() {
             return Ok(());
         }
-        match self.runtime.block_on(
-            self.handle
-                .link()
-                .add(LinkVeth::new(ifname, peer).build())
-                .execute(),
-        ) {
+        match self
+            .runtime
+            .block_on(self.handle.link().add(LinkVeth::new(ifname, peer).build()).execute())
+        {
             Ok(()) => Ok(()),
             Err(e) if is_exists(&e) => Ok(()),
             Err(source) => Err(NetlinkError::Request {
@@ -146,12 +129,10 @@ impl Netlink {
         if self.link_index(ifname)?.is_some() {
             return Ok(());
         }
-        match self.runtime.block_on(
-            self.handle
-                .link()
-                .add(LinkBridge::new(ifname).build())
-                .execute(),
-        ) {
+        match self
+            .runtime
+            .block_on(self.handle.link().add(LinkBridge::new(ifname).build()).execute())
+        {
             Ok(()) => Ok(()),
             Err(e) if is_exists(&e) => Ok(()),
             Err(source) => Err(NetlinkError::Request {
@@ -170,11 +151,7 @@ impl Netlink {
             .block_on(
                 self.handle
                     .link()
-                    .set(
-                        LinkUnspec::new_with_index(index)
-                            .controller(controller)
-                            .build(),
-                    )
+                    .set(LinkUnspec::new_with_index(index).controller(controller).build())
                     .execute(),
             )
             .map_err(|source| NetlinkError::Request {
@@ -193,11 +170,7 @@ impl Netlink {
             .block_on(
                 self.handle
                     .link()
-                    .set(
-                        LinkUnspec::new_with_index(index)
-                            .setns_by_fd(netns.as_raw_fd())
-                            .build(),
-                    )
+                    .set(LinkUnspec::new_with_index(index).setns_by_fd(netns.as_raw_fd()).build())
                     .execute(),
             )
             .map_err(|source| NetlinkError::Request {
@@ -217,11 +190,7 @@ impl Netlink {
             .block_on(
                 self.handle
                     .link()
-                    .set(
-                        LinkUnspec::new_with_index(index)
-                            .name(to.to_string())
-                            .build(),
-                    )
+                    .set(LinkUnspec::new_with_index(index).name(to.to_string()).build())
                     .execute(),
             )
             .map_err(|source| NetlinkError::Request {
@@ -232,19 +201,12 @@ impl Netlink {
     }
 
     /// Adds `address/prefix` to `ifname` unless present.
-    pub fn ensure_address(
-        &self,
-        ifname: &str,
-        address: Ipv4Addr,
-        prefix: u8,
-    ) -> Result<(), NetlinkError> {
+    pub fn ensure_address(&self, ifname: &str, address: Ipv4Addr, prefix: u8) -> Result<(), NetlinkError> {
         let index = self.require(ifname)?;
-        match self.runtime.block_on(
-            self.handle
-                .address()
-                .add(index, IpAddr::V4(address), prefix)
-                .execute(),
-        ) {
+        match self
+            .runtime
+            .block_on(self.handle.address().add(index, IpAddr::V4(address), prefix).execute())
+        {
             Ok(()) => Ok(()),
             Err(e) if is_exists(&e) => Ok(()),
             Err(source) => Err(NetlinkError::Request {
@@ -256,11 +218,7 @@ impl Netlink {
     }
 
     /// Routes `destination` via `gateway`, replacing any route to the same destination.
-    pub fn ensure_route(
-        &self,
-        destination: Ipv4Network,
-        gateway: Ipv4Addr,
-    ) -> Result<(), NetlinkError> {
+    pub fn ensure_route(&self, destination: Ipv4Network, gateway: Ipv4Addr) -> Result<(), NetlinkError> {
         let route = RouteMessageBuilder::<Ipv4Addr>::new()
             .destination_prefix(destination.network(), destination.prefix())
             .gateway(gateway)

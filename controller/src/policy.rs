@@ -8,14 +8,12 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::net::Ipv4Addr;
 
 use bulkhead_common::{
-    direction, endpoint_flags, identity, proto, EndpointInfo, IpcacheValue, PolicyKey, PolicyValue,
-    POLICY_PREFIX_ANY_PORT, POLICY_PREFIX_ANY_PROTO, POLICY_PREFIX_FULL,
+    direction, endpoint_flags, identity, proto, EndpointInfo, IpcacheValue, PolicyKey, PolicyValue, POLICY_PREFIX_ANY_PORT,
+    POLICY_PREFIX_ANY_PROTO, POLICY_PREFIX_FULL,
 };
 use ipnetwork::Ipv4Network;
 use k8s_openapi::api::core::v1::Pod;
-use k8s_openapi::api::networking::v1::{
-    IPBlock, NetworkPolicy, NetworkPolicyPeer, NetworkPolicyPort, NetworkPolicySpec,
-};
+use k8s_openapi::api::networking::v1::{IPBlock, NetworkPolicy, NetworkPolicyPeer, NetworkPolicyPort, NetworkPolicySpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
@@ -74,10 +72,7 @@ enum Remotes<'p, 'a> {
     /// `from`/`to` missing or empty: every remote.
     Any,
     /// The identities matched by the peers, and the matched pods.
-    Some {
-        ids: BTreeSet<u32>,
-        pods: Vec<&'p PodView<'a>>,
-    },
+    Some { ids: BTreeSet<u32>, pods: Vec<&'p PodView<'a>> },
 }
 
 /// One element of a rule's `ports`, decoded.
@@ -89,11 +84,7 @@ enum PortSpec {
     /// A protocol and an inclusive port range (a single port has `lo == hi`).
     Range { protocol: u8, lo: u16, hi: u16 },
     /// A named container port of the destination pod.
-    Named {
-        protocol: u8,
-        protocol_name: String,
-        name: String,
-    },
+    Named { protocol: u8, protocol_name: String, name: String },
 }
 
 impl Compiler {
@@ -117,9 +108,7 @@ impl Compiler {
         let mut state = DatapathState::default();
         let mut local_by_pod: BTreeMap<(&str, &str), &LocalEndpoint> = BTreeMap::new();
         for ep in local {
-            local_by_pod
-                .entry((ep.namespace.as_str(), ep.pod.as_str()))
-                .or_insert(ep);
+            local_by_pod.entry((ep.namespace.as_str(), ep.pod.as_str())).or_insert(ep);
         }
 
         let mut used_ids = BTreeSet::new();
@@ -129,11 +118,7 @@ impl Compiler {
             let namespace_labels = cluster.namespace_labels(ns);
             let identity = self
                 .identities
-                .allocate(IdentityKey::Labels(LabelSet::for_pod(
-                    ns,
-                    &namespace_labels,
-                    &labels,
-                )));
+                .allocate(IdentityKey::Labels(LabelSet::for_pod(ns, &namespace_labels, &labels)));
             used_ids.insert(identity);
             let ip = match local_by_pod.get(&(ns.as_str(), name.as_str())) {
                 Some(ep) => Some(ep.ipv4),
@@ -170,13 +155,7 @@ impl Compiler {
         // CIDRs first so that a pod's /32 wins over an equal ipBlock /32: the pod's
         // identity then gets the block's entries below.
         for (&key, &id) in &cidrs {
-            state.ipcache.insert(
-                key,
-                IpcacheValue {
-                    identity: id,
-                    flags: 0,
-                },
-            );
+            state.ipcache.insert(key, IpcacheValue { identity: id, flags: 0 });
         }
         for p in &pods {
             if let Some(ip) = p.ip {
@@ -213,9 +192,10 @@ impl Compiler {
             cidrs: &cidrs,
         };
         for ep in local {
-            let Some(me) = pods.iter().find(|p| {
-                p.namespace == ep.namespace && p.pod.metadata.name.as_deref() == Some(&ep.pod)
-            }) else {
+            let Some(me) = pods
+                .iter()
+                .find(|p| p.namespace == ep.namespace && p.pod.metadata.name.as_deref() == Some(&ep.pod))
+            else {
                 // Unknown pod: fail closed until the model catches up.
                 state.endpoints.insert(
                     ep.host_ifindex,
@@ -270,20 +250,12 @@ impl Compiler {
                     }
                 }
             }
-            state
-                .endpoints
-                .insert(ep.host_ifindex, endpoint_info(ep, me.identity, flags));
+            state.endpoints.insert(ep.host_ifindex, endpoint_info(ep, me.identity, flags));
         }
         state
     }
 
-    fn rule_id(
-        &mut self,
-        namespace: &str,
-        policy: &str,
-        direction: Direction,
-        index: usize,
-    ) -> u32 {
+    fn rule_id(&mut self, namespace: &str, policy: &str, direction: Direction, index: usize) -> u32 {
         self.rules.id(RuleRef {
             namespace: namespace.to_string(),
             policy: policy.to_string(),
@@ -312,10 +284,7 @@ fn selector_or_all(sel: Option<&LabelSelector>) -> LabelSelector {
 /// Egress iff the policy has egress rules.
 fn policy_types(spec: &NetworkPolicySpec) -> (bool, bool) {
     match spec.policy_types.as_deref() {
-        Some(types) if !types.is_empty() => (
-            types.iter().any(|t| t == "Ingress"),
-            types.iter().any(|t| t == "Egress"),
-        ),
+        Some(types) if !types.is_empty() => (types.iter().any(|t| t == "Ingress"), types.iter().any(|t| t == "Egress")),
         _ => (true, spec.egress.as_ref().is_some_and(|e| !e.is_empty())),
     }
 }
@@ -397,19 +366,12 @@ pub fn port_prefixes(lo: u16, hi: u16) -> Vec<(u16, u32)> {
     let (mut lo, hi) = (u32::from(lo), u32::from(hi));
     while lo <= hi {
         // The largest power-of-two block starting at `lo` that stays within `hi`.
-        let mut size: u32 = if lo == 0 {
-            1 << 16
-        } else {
-            lo & lo.wrapping_neg()
-        };
+        let mut size: u32 = if lo == 0 { 1 << 16 } else { lo & lo.wrapping_neg() };
         while lo + size - 1 > hi {
             size >>= 1;
         }
         let port_bits = 16 - size.trailing_zeros();
-        #[expect(
-            clippy::cast_possible_truncation,
-            reason = "lo <= hi <= u16::MAX inside the loop"
-        )]
+        #[expect(clippy::cast_possible_truncation, reason = "lo <= hi <= u16::MAX inside the loop")]
         out.push((lo as u16, POLICY_PREFIX_ANY_PORT + port_bits));
         lo += size;
     }
@@ -417,12 +379,7 @@ pub fn port_prefixes(lo: u16, hi: u16) -> Vec<(u16, u32)> {
 }
 
 /// Inserts an allow entry, keeping the lowest rule id when several rules produce it.
-fn insert_entry(
-    policy: &mut BTreeMap<(PolicyKey, u32), PolicyValue>,
-    key: PolicyKey,
-    prefix: u32,
-    rule_id: u32,
-) {
+fn insert_entry(policy: &mut BTreeMap<(PolicyKey, u32), PolicyValue>, key: PolicyKey, prefix: u32, rule_id: u32) {
     policy
         .entry((key, prefix))
         .and_modify(|v| v.rule_id = v.rule_id.min(rule_id))
@@ -442,9 +399,7 @@ impl<'p, 'a> Ctx<'p, 'a> {
             (None, None) => false,
             (Some(ps), None) => p.namespace == policy_ns && selector::matches(ps, &p.labels),
             (None, Some(ns)) => selector::matches(ns, &p.namespace_labels),
-            (Some(ps), Some(ns)) => {
-                selector::matches(ns, &p.namespace_labels) && selector::matches(ps, &p.labels)
-            }
+            (Some(ps), Some(ns)) => selector::matches(ns, &p.namespace_labels) && selector::matches(ps, &p.labels),
         }
     }
 
@@ -458,12 +413,7 @@ impl<'p, 'a> Ctx<'p, 'a> {
     /// identity matches only if every pod of it that has an address lies in the block and
     /// outside every except. This is an approximation that errs closed: when pods sharing
     /// an identity straddle the block's edge, none of them is allowed by the block.
-    fn ip_block_matches(
-        &self,
-        block: &IPBlock,
-        ids: &mut BTreeSet<u32>,
-        pods: &mut Vec<&'p PodView<'a>>,
-    ) {
+    fn ip_block_matches(&self, block: &IPBlock, ids: &mut BTreeSet<u32>, pods: &mut Vec<&'p PodView<'a>>) {
         // A block that does not parse (validation rejects it) matches nothing: fail closed.
         let Ok(cidr) = model::parse_cidr(&block.cidr) else {
             return;
@@ -489,10 +439,7 @@ impl<'p, 'a> Ctx<'p, 'a> {
         for p in self.pods {
             if let Some(ip) = p.ip {
                 let inside = block_contains(block, ip);
-                verdict
-                    .entry(p.identity)
-                    .and_modify(|v| *v &= inside)
-                    .or_insert(inside);
+                verdict.entry(p.identity).and_modify(|v| *v &= inside).or_insert(inside);
             }
         }
         for p in self.pods {
@@ -526,10 +473,7 @@ impl<'p, 'a> Ctx<'p, 'a> {
     }
 
     /// Emits the entries of one rule for one local endpoint.
-    #[expect(
-        clippy::too_many_arguments,
-        reason = "one call site per direction, all plain inputs"
-    )]
+    #[expect(clippy::too_many_arguments, reason = "one call site per direction, all plain inputs")]
     fn emit(
         &self,
         out: &mut BTreeMap<(PolicyKey, u32), PolicyValue>,
@@ -564,23 +508,13 @@ impl<'p, 'a> Ctx<'p, 'a> {
                 }
                 PortSpec::Protocol(protocol) => {
                     for &r in ids {
-                        insert_entry(
-                            out,
-                            PolicyKey::new(endpoint_id, r, d, protocol, 0),
-                            POLICY_PREFIX_ANY_PORT,
-                            rule_id,
-                        );
+                        insert_entry(out, PolicyKey::new(endpoint_id, r, d, protocol, 0), POLICY_PREFIX_ANY_PORT, rule_id);
                     }
                 }
                 PortSpec::Range { protocol, lo, hi } => {
                     for (port, prefix) in port_prefixes(lo, hi) {
                         for &r in ids {
-                            insert_entry(
-                                out,
-                                PolicyKey::new(endpoint_id, r, d, protocol, port),
-                                prefix,
-                                rule_id,
-                            );
+                            insert_entry(out, PolicyKey::new(endpoint_id, r, d, protocol, port), prefix, rule_id);
                         }
                     }
                 }
@@ -593,12 +527,7 @@ impl<'p, 'a> Ctx<'p, 'a> {
                     Direction::Ingress => {
                         for port in model::named_ports(me.pod, &name, &protocol_name) {
                             for &r in ids {
-                                insert_entry(
-                                    out,
-                                    PolicyKey::new(endpoint_id, r, d, protocol, port),
-                                    POLICY_PREFIX_FULL,
-                                    rule_id,
-                                );
+                                insert_entry(out, PolicyKey::new(endpoint_id, r, d, protocol, port), POLICY_PREFIX_FULL, rule_id);
                             }
                         }
                     }
@@ -679,14 +608,7 @@ fn masked(key: &PolicyKey, prefix: u32) -> PolicyKey {
 ///
 /// Mirrors the programs: endpoint by ifindex, isolation flag, ipcache longest prefix, then a
 /// policy LPM lookup with the exact remote identity and, failing that, with `ANY`.
-pub fn lookup(
-    state: &DatapathState,
-    ifindex: u32,
-    dir: u8,
-    remote_ip: Ipv4Addr,
-    protocol: u8,
-    port: u16,
-) -> Option<PolicyValue> {
+pub fn lookup(state: &DatapathState, ifindex: u32, dir: u8, remote_ip: Ipv4Addr, protocol: u8, port: u16) -> Option<PolicyValue> {
     let ep = state.endpoints.get(&ifindex)?;
     let flag = if dir == direction::INGRESS {
         endpoint_flags::ISOLATED_INGRESS
@@ -740,13 +662,7 @@ pub struct Verdict {
 /// Evaluates a connection from pod `from` to pod `to` (each `(namespace, name)`) on
 /// `protocol` (`TCP`, `UDP`, `SCTP`) and destination `port`, straight from the
 /// NetworkPolicy spec. Pod addresses (for ipBlock) come from `status.podIP`.
-pub fn evaluate(
-    cluster: &Cluster,
-    from: (&str, &str),
-    to: (&str, &str),
-    protocol: &str,
-    port: u16,
-) -> Verdict {
+pub fn evaluate(cluster: &Cluster, from: (&str, &str), to: (&str, &str), protocol: &str, port: u16) -> Verdict {
     let src = cluster.pod(from.0, from.1);
     let dst = cluster.pod(to.0, to.1);
     let (Some(src), Some(dst)) = (src, dst) else {
@@ -769,10 +685,7 @@ pub fn evaluate(
 }
 
 /// A rule's peers (`from` or `to`) and ports.
-type RuleParts<'s> = (
-    Option<&'s Vec<NetworkPolicyPeer>>,
-    Option<&'s Vec<NetworkPolicyPort>>,
-);
+type RuleParts<'s> = (Option<&'s Vec<NetworkPolicyPeer>>, Option<&'s Vec<NetworkPolicyPort>>);
 
 /// One direction of [`evaluate`]: does `subject`'s namespace isolate it, and if so does
 /// some rule admit `peer`? Named ports resolve against `destination`.
@@ -792,10 +705,7 @@ fn decide(
             continue;
         }
         let spec = np.spec.clone().unwrap_or_default();
-        let selects = spec
-            .pod_selector
-            .as_ref()
-            .is_none_or(|s| selector::matches(s, &subject_labels));
+        let selects = spec.pod_selector.as_ref().is_none_or(|s| selector::matches(s, &subject_labels));
         if !selects {
             continue;
         }
@@ -819,18 +729,8 @@ fn decide(
         }
         isolating.push((ns.clone(), name.clone()));
         let rules: Vec<RuleParts<'_>> = match dir {
-            Direction::Ingress => spec
-                .ingress
-                .iter()
-                .flatten()
-                .map(|r| (r.from.as_ref(), r.ports.as_ref()))
-                .collect(),
-            Direction::Egress => spec
-                .egress
-                .iter()
-                .flatten()
-                .map(|r| (r.to.as_ref(), r.ports.as_ref()))
-                .collect(),
+            Direction::Ingress => spec.ingress.iter().flatten().map(|r| (r.from.as_ref(), r.ports.as_ref())).collect(),
+            Direction::Egress => spec.egress.iter().flatten().map(|r| (r.to.as_ref(), r.ports.as_ref())).collect(),
         };
         for (index, (peers, ports)) in rules.into_iter().enumerate() {
             let peer_ok = match peers {
@@ -841,9 +741,7 @@ fn decide(
             let port_ok = match ports {
                 None => true,
                 Some(list) if list.is_empty() => true,
-                Some(list) => list
-                    .iter()
-                    .any(|p| port_admits(p, destination.1, protocol, port)),
+                Some(list) => list.iter().any(|p| port_admits(p, destination.1, protocol, port)),
             };
             if peer_ok && port_ok {
                 return Decision::Allowed(RuleRef {
@@ -863,12 +761,7 @@ fn decide(
 }
 
 /// Whether a `from`/`to` element selects the pod `(namespace, pod)`.
-fn peer_admits(
-    cluster: &Cluster,
-    policy_ns: &str,
-    peer: &NetworkPolicyPeer,
-    pod: (&str, &Pod),
-) -> bool {
+fn peer_admits(cluster: &Cluster, policy_ns: &str, peer: &NetworkPolicyPeer, pod: (&str, &Pod)) -> bool {
     if let Some(block) = &peer.ip_block {
         return model::pod_ipv4(pod.1).is_some_and(|ip| block_contains(block, ip));
     }
@@ -898,18 +791,11 @@ fn port_admits(p: &NetworkPolicyPort, destination: &Pod, protocol: &str, port: u
             let end = p.end_port.unwrap_or(*n);
             *n <= i32::from(port) && i32::from(port) <= end
         }
-        Some(IntOrString::String(name)) => {
-            model::named_ports(destination, name, protocol).contains(&port)
-        }
+        Some(IntOrString::String(name)) => model::named_ports(destination, name, protocol).contains(&port),
     }
 }
 
 #[cfg(test)]
-#[expect(
-    clippy::unwrap_used,
-    clippy::expect_used,
-    reason = "tests panic to report failures"
-)]
 mod tests {
     use super::*;
     use crate::model::parse_documents;
@@ -918,12 +804,7 @@ mod tests {
     const PODS: [&str; 3] = ["a", "b", "c"];
 
     fn pod_ip(ns: usize, pod: usize) -> Ipv4Addr {
-        Ipv4Addr::new(
-            10,
-            0,
-            u8::try_from(ns + 1).unwrap(),
-            u8::try_from(pod + 1).unwrap(),
-        )
+        Ipv4Addr::new(10, 0, u8::try_from(ns + 1).unwrap(), u8::try_from(pod + 1).unwrap())
     }
 
     /// Namespaces x, y, z (label ns=<name>), each with pods a, b, c (label pod=<name>).
@@ -931,7 +812,9 @@ mod tests {
     fn base_yaml() -> String {
         let mut out = String::new();
         for (i, ns) in NAMESPACES.iter().enumerate() {
-            out.push_str(&format!("---\napiVersion: v1\nkind: Namespace\nmetadata: {{name: {ns}, labels: {{ns: {ns}}}}}\n"));
+            out.push_str(&format!(
+                "---\napiVersion: v1\nkind: Namespace\nmetadata: {{name: {ns}, labels: {{ns: {ns}}}}}\n"
+            ));
             for (j, pod) in PODS.iter().enumerate() {
                 let http = if *pod == "b" { 8080 } else { 80 };
                 out.push_str(&format!(
@@ -971,10 +854,7 @@ mod tests {
 
     fn ep<'l>(locals: &'l [LocalEndpoint], name: &str) -> &'l LocalEndpoint {
         let (ns, pod) = name.split_once('/').unwrap();
-        locals
-            .iter()
-            .find(|e| e.namespace == ns && e.pod == pod)
-            .unwrap()
+        locals.iter().find(|e| e.namespace == ns && e.pod == pod).unwrap()
     }
 
     fn np(ns: &str, name: &str, spec: &str) -> String {
@@ -986,14 +866,7 @@ mod tests {
     }
 
     /// (egress allowed, ingress allowed) as the datapath would decide.
-    fn datapath(
-        state: &DatapathState,
-        locals: &[LocalEndpoint],
-        from: &str,
-        to: &str,
-        protocol: &str,
-        port: u16,
-    ) -> (bool, bool) {
+    fn datapath(state: &DatapathState, locals: &[LocalEndpoint], from: &str, to: &str, protocol: &str, port: u16) -> (bool, bool) {
         let (f, t) = (ep(locals, from), ep(locals, to));
         let p = proto_num(protocol);
         (
@@ -1028,10 +901,7 @@ mod tests {
                 "datapath {from} -> {to} {protocol}/{port} (egress {e}, ingress {i})\n{policies}"
             );
             let v = spec_says(&c, from, to, protocol, port);
-            assert_eq!(
-                v.allowed, want,
-                "evaluate {from} -> {to} {protocol}/{port}: {v:?}\n{policies}"
-            );
+            assert_eq!(v.allowed, want, "evaluate {from} -> {to} {protocol}/{port}: {v:?}\n{policies}");
         }
     }
 
@@ -1076,10 +946,7 @@ mod tests {
         let state = comp.compile(&c, &l);
         let e = ep(&l, "y/c");
         let info = state.endpoints[&e.host_ifindex];
-        assert_eq!(
-            (info.endpoint_id, info.ipv4, info.mac),
-            (e.endpoint_id, e.ipv4.octets(), e.mac)
-        );
+        assert_eq!((info.endpoint_id, info.ipv4, info.mac), (e.endpoint_id, e.ipv4.octets(), e.mac));
         assert_eq!(state.ipcache[&(e.ipv4, 32)].identity, info.identity);
         assert!(info.identity >= identity::FIRST_ALLOCATED);
         let key = comp.identities().key(info.identity).unwrap();
@@ -1115,27 +982,14 @@ mod tests {
                         PolicyKey::new(xa.endpoint_id, id, direction::INGRESS, 0, 0),
                         POLICY_PREFIX_ANY_PROTO,
                     ),
-                    PolicyValue {
-                        rule_id: rule,
-                        flags: 0,
-                    },
+                    PolicyValue { rule_id: rule, flags: 0 },
                 )
             })
             .collect();
         assert_eq!(state.policy, want);
         assert_eq!(
-            lookup(
-                &state,
-                xa.host_ifindex,
-                direction::INGRESS,
-                ep(&l, "z/b").ipv4,
-                proto::UDP,
-                9
-            ),
-            Some(PolicyValue {
-                rule_id: rule,
-                flags: 0
-            })
+            lookup(&state, xa.host_ifindex, direction::INGRESS, ep(&l, "z/b").ipv4, proto::UDP, 9),
+            Some(PolicyValue { rule_id: rule, flags: 0 })
         );
         assert_eq!(
             lookup(
@@ -1189,29 +1043,14 @@ mod tests {
         let table: Vec<(&str, bool, bool)> = vec![
             ("  podSelector: {}\n  ingress: [{}]\n", true, true),
             ("  podSelector: {}\n  ingress: [{from: []}]\n", true, true),
-            (
-                "  podSelector: {}\n  ingress: [{from: [], ports: []}]\n",
-                true,
-                true,
-            ),
+            ("  podSelector: {}\n  ingress: [{from: [], ports: []}]\n", true, true),
             ("  podSelector: {}\n  ingress: []\n", false, false),
             ("  podSelector: {}\n", false, false),
-            (
-                "  podSelector: {}\n  ingress: [{from: [{podSelector: {}}]}]\n",
-                false,
-                true,
-            ),
-            (
-                "  podSelector: {}\n  ingress: [{from: [{namespaceSelector: {}}]}]\n",
-                true,
-                true,
-            ),
+            ("  podSelector: {}\n  ingress: [{from: [{podSelector: {}}]}]\n", false, true),
+            ("  podSelector: {}\n  ingress: [{from: [{namespaceSelector: {}}]}]\n", true, true),
         ];
         for (spec, other_ns, same_ns) in table {
-            let cases = [
-                ("y/a", "x/a", "TCP", 80, other_ns),
-                ("x/b", "x/a", "TCP", 80, same_ns),
-            ];
+            let cases = [("y/a", "x/a", "TCP", 80, other_ns), ("x/b", "x/a", "TCP", 80, same_ns)];
             check(&np("x", "p", spec), &cases);
         }
         let c = cluster(&np("x", "p", "  podSelector: {}\n  ingress: [{}]\n"));
@@ -1219,8 +1058,7 @@ mod tests {
         assert!(state
             .policy
             .keys()
-            .all(|(k, len)| k.remote_identity == identity::ANY.to_be_bytes()
-                && *len == POLICY_PREFIX_ANY_PROTO));
+            .all(|(k, len)| k.remote_identity == identity::ANY.to_be_bytes() && *len == POLICY_PREFIX_ANY_PROTO));
         // Empty rule allows traffic from outside the cluster too; namespaceSelector: {} does not.
         let xa = ep(&locals(), "x/a").clone();
         assert!(lookup(
@@ -1232,11 +1070,7 @@ mod tests {
             1
         )
         .is_some());
-        let c = cluster(&np(
-            "x",
-            "p",
-            "  podSelector: {}\n  ingress: [{from: [{namespaceSelector: {}}]}]\n",
-        ));
+        let c = cluster(&np("x", "p", "  podSelector: {}\n  ingress: [{from: [{namespaceSelector: {}}]}]\n"));
         let state = Compiler::new().compile(&c, &locals());
         assert!(lookup(
             &state,
@@ -1256,37 +1090,21 @@ mod tests {
             let state = Compiler::new().compile(&cluster(&np("x", "p", spec)), &l);
             state.endpoints[&ep(&l, "x/a").host_ifindex].flags
         };
-        let (i, e) = (
-            endpoint_flags::ISOLATED_INGRESS,
-            endpoint_flags::ISOLATED_EGRESS,
-        );
+        let (i, e) = (endpoint_flags::ISOLATED_INGRESS, endpoint_flags::ISOLATED_EGRESS);
         assert_eq!(flags("  podSelector: {}\n"), i);
         assert_eq!(flags("  podSelector: {}\n  egress: []\n"), i);
         assert_eq!(flags("  podSelector: {}\n  egress: [{}]\n"), i | e);
         assert_eq!(flags("  podSelector: {}\n  policyTypes: [Egress]\n"), e);
-        assert_eq!(
-            flags("  podSelector: {}\n  policyTypes: [Egress]\n  ingress: [{}]\n"),
-            e
-        );
-        assert_eq!(
-            flags("  podSelector: {}\n  policyTypes: [Ingress, Egress]\n"),
-            i | e
-        );
+        assert_eq!(flags("  podSelector: {}\n  policyTypes: [Egress]\n  ingress: [{}]\n"), e);
+        assert_eq!(flags("  podSelector: {}\n  policyTypes: [Ingress, Egress]\n"), i | e);
         assert_eq!(
             flags("  podSelector: {matchLabels: {pod: b}}\n  policyTypes: [Ingress, Egress]\n"),
             0
         );
         // policyTypes [Egress] ignores the ingress rules: ingress stays open.
         check(
-            &np(
-                "x",
-                "p",
-                "  podSelector: {}\n  policyTypes: [Egress]\n  ingress: [{}]\n",
-            ),
-            &[
-                ("y/a", "x/a", "TCP", 80, true),
-                ("x/a", "y/a", "TCP", 80, false),
-            ],
+            &np("x", "p", "  podSelector: {}\n  policyTypes: [Egress]\n  ingress: [{}]\n"),
+            &[("y/a", "x/a", "TCP", 80, true), ("x/a", "y/a", "TCP", 80, false)],
         );
     }
 
@@ -1374,32 +1192,18 @@ mod tests {
         assert_eq!(all.first(), Some(&(1, 96)));
         assert_eq!(all.last(), Some(&(32768, 81)));
         // Exhaustive: the blocks cover exactly the range for a few awkward ranges.
-        for (lo, hi) in [
-            (1u16, 65535u16),
-            (3, 1000),
-            (8000, 8080),
-            (443, 444),
-            (65000, 65535),
-        ] {
+        for (lo, hi) in [(1u16, 65535u16), (3, 1000), (8000, 8080), (443, 444), (65000, 65535)] {
             let blocks = port_prefixes(lo, hi);
             for port in 0..=u16::MAX {
                 let n = blocks
                     .iter()
                     .filter(|(start, len)| {
                         let bits = len - POLICY_PREFIX_ANY_PORT;
-                        let mask = if bits == 0 {
-                            0
-                        } else {
-                            u16::MAX << (16 - bits)
-                        };
+                        let mask = if bits == 0 { 0 } else { u16::MAX << (16 - bits) };
                         port & mask == *start
                     })
                     .count();
-                assert_eq!(
-                    n,
-                    usize::from((lo..=hi).contains(&port)),
-                    "{lo}..={hi} port {port}"
-                );
+                assert_eq!(n, usize::from((lo..=hi).contains(&port)), "{lo}..={hi} port {port}");
             }
         }
         let policies = np(
@@ -1453,10 +1257,7 @@ mod tests {
         )
         .unwrap();
         assert_eq!(
-            comp.rules()
-                .rule(v.rule_id)
-                .map(ToString::to_string)
-                .as_deref(),
+            comp.rules().rule(v.rule_id).map(ToString::to_string).as_deref(),
             Some("x/p1 ingress[0]")
         );
         let v = lookup(
@@ -1469,17 +1270,11 @@ mod tests {
         )
         .unwrap();
         assert_eq!(
-            comp.rules()
-                .rule(v.rule_id)
-                .map(ToString::to_string)
-                .as_deref(),
+            comp.rules().rule(v.rule_id).map(ToString::to_string).as_deref(),
             Some("x/p2 ingress[1]")
         );
         let verdict = spec_says(&c, "x/a", "x/b", "TCP", 80);
-        assert_eq!(
-            verdict.ingress,
-            Decision::Denied(vec![("x".into(), "p2".into())])
-        );
+        assert_eq!(verdict.ingress, Decision::Denied(vec![("x".into(), "p2".into())]));
         assert_eq!(verdict.egress, Decision::NotIsolated);
     }
 
@@ -1524,41 +1319,17 @@ mod tests {
         let state = Compiler::new().compile(&cluster(""), &l);
         let ghost = state.endpoints[&999];
         assert_eq!(ghost.identity, identity::WORLD);
-        assert_eq!(
-            ghost.flags,
-            endpoint_flags::ISOLATED_INGRESS | endpoint_flags::ISOLATED_EGRESS
-        );
-        assert!(state
-            .policy
-            .keys()
-            .all(|(k, _)| k.endpoint_id != 99u32.to_be_bytes()));
-        assert!(lookup(
-            &state,
-            999,
-            direction::EGRESS,
-            ep(&l, "x/a").ipv4,
-            proto::TCP,
-            80
-        )
-        .is_none());
-        assert!(lookup(
-            &state,
-            12345,
-            direction::EGRESS,
-            ep(&l, "x/a").ipv4,
-            proto::TCP,
-            80
-        )
-        .is_none());
+        assert_eq!(ghost.flags, endpoint_flags::ISOLATED_INGRESS | endpoint_flags::ISOLATED_EGRESS);
+        assert!(state.policy.keys().all(|(k, _)| k.endpoint_id != 99u32.to_be_bytes()));
+        assert!(lookup(&state, 999, direction::EGRESS, ep(&l, "x/a").ipv4, proto::TCP, 80).is_none());
+        assert!(lookup(&state, 12345, direction::EGRESS, ep(&l, "x/a").ipv4, proto::TCP, 80).is_none());
     }
 
     #[test]
     fn remote_pods_come_from_status_pod_ip() {
         let c = cluster("---\napiVersion: v1\nkind: Pod\nmetadata: {name: far, namespace: y, labels: {pod: far}}\nspec: {nodeName: n2}\nstatus: {podIP: 10.9.0.7}\n");
         let state = Compiler::new().compile(&c, &locals());
-        assert!(state
-            .ipcache
-            .contains_key(&(Ipv4Addr::new(10, 9, 0, 7), 32)));
+        assert!(state.ipcache.contains_key(&(Ipv4Addr::new(10, 9, 0, 7), 32)));
         assert_eq!(state.endpoints.len(), 9);
     }
 
@@ -1579,33 +1350,29 @@ mod tests {
         let l = locals();
         let state = Compiler::new().compile(&c, &l);
         let xa = ep(&l, "x/a").host_ifindex;
-        let ing = |ip: [u8; 4], port| {
-            lookup(
-                &state,
-                xa,
-                direction::INGRESS,
-                Ipv4Addr::from(ip),
-                proto::TCP,
-                port,
-            )
-            .is_some()
-        };
+        let ing = |ip: [u8; 4], port| lookup(&state, xa, direction::INGRESS, Ipv4Addr::from(ip), proto::TCP, port).is_some();
         assert!(ing([10, 0, 2, 200], 80), "non-pod address inside the block");
         assert!(!ing([10, 0, 3, 200], 80), "outside the block");
         assert!(ing([192, 168, 7, 1], 443));
         assert!(!ing([192, 168, 7, 1], 80));
         assert!(!ing([192, 168, 1, 1], 443), "inside the except");
-        assert!(state
-            .ipcache
-            .contains_key(&(Ipv4Addr::new(192, 168, 1, 0), 24)));
+        assert!(state.ipcache.contains_key(&(Ipv4Addr::new(192, 168, 1, 0), 24)));
     }
 
     #[test]
     fn overlapping_blocks_of_different_policies() {
         let policies = format!(
             "{}{}",
-            np("x", "wide", "  podSelector: {matchLabels: {pod: a}}\n  ingress: [{from: [{ipBlock: {cidr: 172.16.0.0/12}}]}]\n"),
-            np("x", "narrow", "  podSelector: {matchLabels: {pod: b}}\n  ingress: [{from: [{ipBlock: {cidr: 172.16.5.0/24}}]}]\n"),
+            np(
+                "x",
+                "wide",
+                "  podSelector: {matchLabels: {pod: a}}\n  ingress: [{from: [{ipBlock: {cidr: 172.16.0.0/12}}]}]\n"
+            ),
+            np(
+                "x",
+                "narrow",
+                "  podSelector: {matchLabels: {pod: b}}\n  ingress: [{from: [{ipBlock: {cidr: 172.16.5.0/24}}]}]\n"
+            ),
         );
         let c = cluster(&policies);
         let l = locals();
@@ -1703,15 +1470,10 @@ mod tests {
             let op = prop::sample::select(vec!["In", "NotIn", "Exists", "DoesNotExist"]);
             prop_oneof![
                 Just("{}".to_string()),
-                (key.clone(), value.clone())
-                    .prop_map(|(k, v)| format!("{{matchLabels: {{{k}: {v}}}}}")),
+                (key.clone(), value.clone()).prop_map(|(k, v)| format!("{{matchLabels: {{{k}: {v}}}}}")),
                 (key, op, prop::collection::vec(value, 1..3)).prop_map(|(k, op, vs)| match op {
-                    "Exists" | "DoesNotExist" =>
-                        format!("{{matchExpressions: [{{key: {k}, operator: {op}}}]}}"),
-                    _ => format!(
-                        "{{matchExpressions: [{{key: {k}, operator: {op}, values: [{}]}}]}}",
-                        vs.join(", ")
-                    ),
+                    "Exists" | "DoesNotExist" => format!("{{matchExpressions: [{{key: {k}, operator: {op}}}]}}"),
+                    _ => format!("{{matchExpressions: [{{key: {k}, operator: {op}, values: [{}]}}]}}", vs.join(", ")),
                 }),
             ]
         }
@@ -1720,11 +1482,8 @@ mod tests {
             prop_oneof![
                 selector_yaml().prop_map(|s| format!("{{podSelector: {s}}}")),
                 selector_yaml().prop_map(|s| format!("{{namespaceSelector: {s}}}")),
-                (selector_yaml(), selector_yaml())
-                    .prop_map(|(p, n)| format!("{{podSelector: {p}, namespaceSelector: {n}}}")),
-                (1u8..=3, 0u8..=3).prop_map(|(n, m)| format!(
-                    "{{ipBlock: {{cidr: 10.0.{n}.0/24, except: [10.0.{n}.{m}/32]}}}}"
-                )),
+                (selector_yaml(), selector_yaml()).prop_map(|(p, n)| format!("{{podSelector: {p}, namespaceSelector: {n}}}")),
+                (1u8..=3, 0u8..=3).prop_map(|(n, m)| format!("{{ipBlock: {{cidr: 10.0.{n}.0/24, except: [10.0.{n}.{m}/32]}}}}")),
             ]
         }
 
@@ -1782,8 +1541,7 @@ mod tests {
         }
 
         fn policies_yaml() -> impl Strategy<Value = String> {
-            (policy_yaml(0), policy_yaml(1), policy_yaml(2), 1usize..=3)
-                .prop_map(|(a, b, c, n)| [a, b, c][..n].concat())
+            (policy_yaml(0), policy_yaml(1), policy_yaml(2), 1usize..=3).prop_map(|(a, b, c, n)| [a, b, c][..n].concat())
         }
 
         /// Random extra labels on pods and namespaces, so that selectors cut across the grid.

@@ -32,11 +32,7 @@ const OPERATORS: [&str; 4] = ["In", "NotIn", "Exists", "DoesNotExist"];
 /// An empty selector matches everything. An operator the API would reject matches nothing,
 /// so an unvalidated selector fails closed.
 pub fn matches(sel: &LabelSelector, labels: &BTreeMap<String, String>) -> bool {
-    let labels_ok = sel
-        .match_labels
-        .iter()
-        .flatten()
-        .all(|(k, v)| labels.get(k) == Some(v));
+    let labels_ok = sel.match_labels.iter().flatten().all(|(k, v)| labels.get(k) == Some(v));
     labels_ok
         && sel.match_expressions.iter().flatten().all(|req| {
             let values = req.values.as_deref().unwrap_or_default();
@@ -69,8 +65,7 @@ pub fn validate(sel: &LabelSelector, path: &str) -> Result<(), FieldError> {
                     ));
                 }
                 for (j, v) in values.iter().enumerate() {
-                    validate_label_value(v)
-                        .map_err(|m| FieldError::new(format!("{at}.values[{j}]"), m))?;
+                    validate_label_value(v).map_err(|m| FieldError::new(format!("{at}.values[{j}]"), m))?;
                 }
             }
             "Exists" | "DoesNotExist" => {
@@ -84,10 +79,7 @@ pub fn validate(sel: &LabelSelector, path: &str) -> Result<(), FieldError> {
             other => {
                 return Err(FieldError::new(
                     format!("{at}.operator"),
-                    format!(
-                        "unknown operator {other:?} (expected {})",
-                        expected_operators()
-                    ),
+                    format!("unknown operator {other:?} (expected {})", expected_operators()),
                 ));
             }
         }
@@ -104,8 +96,7 @@ fn expected_operators() -> String {
 pub fn validate_labels(labels: &BTreeMap<String, String>, path: &str) -> Result<(), FieldError> {
     for (k, v) in labels {
         validate_label_key(k).map_err(|m| FieldError::new(path, format!("key {k:?}: {m}")))?;
-        validate_label_value(v)
-            .map_err(|m| FieldError::new(path, format!("value {v:?} of key {k:?}: {m}")))?;
+        validate_label_value(v).map_err(|m| FieldError::new(path, format!("value {v:?} of key {k:?}: {m}")))?;
     }
     Ok(())
 }
@@ -124,9 +115,7 @@ pub fn validate_label_key(key: &str) -> Result<(), String> {
         let ok = p.split('.').all(|part| {
             !part.is_empty()
                 && part.len() <= 63
-                && part
-                    .bytes()
-                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+                && part.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
                 && !part.starts_with('-')
                 && !part.ends_with('-')
         });
@@ -154,11 +143,8 @@ fn check_name(name: &str) -> Result<(), String> {
     }
     let alnum = |b: u8| b.is_ascii_alphanumeric();
     let bytes = name.as_bytes();
-    let edges_ok =
-        bytes.first().copied().is_some_and(alnum) && bytes.last().copied().is_some_and(alnum);
-    let body_ok = bytes
-        .iter()
-        .all(|&b| alnum(b) || b == b'-' || b == b'_' || b == b'.');
+    let edges_ok = bytes.first().copied().is_some_and(alnum) && bytes.last().copied().is_some_and(alnum);
+    let body_ok = bytes.iter().all(|&b| alnum(b) || b == b'-' || b == b'_' || b == b'.');
     if edges_ok && body_ok {
         Ok(())
     } else {
@@ -169,16 +155,12 @@ fn check_name(name: &str) -> Result<(), String> {
 }
 
 #[cfg(test)]
-#[expect(clippy::expect_used, reason = "tests panic to report failures")]
 mod tests {
     use super::*;
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelectorRequirement;
 
     fn labels(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
-        pairs
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect()
+        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
     }
 
     fn expr(key: &str, op: &str, values: &[&str]) -> LabelSelectorRequirement {
@@ -195,11 +177,7 @@ mod tests {
 
     fn sel(ml: &[(&str, &str)], exprs: Vec<LabelSelectorRequirement>) -> LabelSelector {
         LabelSelector {
-            match_labels: if ml.is_empty() {
-                None
-            } else {
-                Some(labels(ml))
-            },
+            match_labels: if ml.is_empty() { None } else { Some(labels(ml)) },
             match_expressions: if exprs.is_empty() { None } else { Some(exprs) },
         }
     }
@@ -211,63 +189,23 @@ mod tests {
             ("empty selects all", sel(&[], vec![]), true),
             ("matchLabels hit", sel(&[("pod", "a")], vec![]), true),
             ("matchLabels miss", sel(&[("pod", "b")], vec![]), false),
-            (
-                "matchLabels all must hold",
-                sel(&[("pod", "a"), ("tier", "db")], vec![]),
-                false,
-            ),
-            (
-                "In hit",
-                sel(&[], vec![expr("pod", "In", &["a", "b"])]),
-                true,
-            ),
+            ("matchLabels all must hold", sel(&[("pod", "a"), ("tier", "db")], vec![]), false),
+            ("In hit", sel(&[], vec![expr("pod", "In", &["a", "b"])]), true),
             ("In miss", sel(&[], vec![expr("pod", "In", &["b"])]), false),
-            (
-                "In absent key",
-                sel(&[], vec![expr("x", "In", &["a"])]),
-                false,
-            ),
-            (
-                "NotIn hit",
-                sel(&[], vec![expr("pod", "NotIn", &["b"])]),
-                true,
-            ),
-            (
-                "NotIn miss",
-                sel(&[], vec![expr("pod", "NotIn", &["a"])]),
-                false,
-            ),
-            (
-                "NotIn absent key is true",
-                sel(&[], vec![expr("x", "NotIn", &["a"])]),
-                true,
-            ),
+            ("In absent key", sel(&[], vec![expr("x", "In", &["a"])]), false),
+            ("NotIn hit", sel(&[], vec![expr("pod", "NotIn", &["b"])]), true),
+            ("NotIn miss", sel(&[], vec![expr("pod", "NotIn", &["a"])]), false),
+            ("NotIn absent key is true", sel(&[], vec![expr("x", "NotIn", &["a"])]), true),
             ("Exists", sel(&[], vec![expr("tier", "Exists", &[])]), true),
-            (
-                "Exists absent",
-                sel(&[], vec![expr("x", "Exists", &[])]),
-                false,
-            ),
-            (
-                "DoesNotExist",
-                sel(&[], vec![expr("x", "DoesNotExist", &[])]),
-                true,
-            ),
-            (
-                "DoesNotExist present",
-                sel(&[], vec![expr("pod", "DoesNotExist", &[])]),
-                false,
-            ),
+            ("Exists absent", sel(&[], vec![expr("x", "Exists", &[])]), false),
+            ("DoesNotExist", sel(&[], vec![expr("x", "DoesNotExist", &[])]), true),
+            ("DoesNotExist present", sel(&[], vec![expr("pod", "DoesNotExist", &[])]), false),
             (
                 "labels AND expressions",
                 sel(&[("pod", "a")], vec![expr("tier", "In", &["db"])]),
                 false,
             ),
-            (
-                "unknown operator fails closed",
-                sel(&[], vec![expr("pod", "Foo", &["a"])]),
-                false,
-            ),
+            ("unknown operator fails closed", sel(&[], vec![expr("pod", "Foo", &["a"])]), false),
         ];
         for (name, s, want) in cases {
             assert_eq!(matches(&s, &pod_a), want, "{name}");
@@ -278,11 +216,26 @@ mod tests {
     fn validation_names_the_field() {
         let cases: Vec<(LabelSelector, Option<&str>)> = vec![
             (sel(&[("pod", "a")], vec![expr("k", "In", &["v"])]), None),
-            (sel(&[], vec![expr("k", "Foo", &["v"])]), Some("s.matchExpressions[0].operator: unknown operator \"Foo\" (expected In, NotIn, Exists or DoesNotExist)")),
-            (sel(&[], vec![expr("k", "In", &[])]), Some("s.matchExpressions[0].values: must be non-empty")),
-            (sel(&[], vec![expr("k", "NotIn", &[])]), Some("s.matchExpressions[0].values: must be non-empty")),
-            (sel(&[], vec![expr("k", "Exists", &["v"])]), Some("s.matchExpressions[0].values: must be empty")),
-            (sel(&[], vec![expr("k", "DoesNotExist", &["v"])]), Some("s.matchExpressions[0].values: must be empty")),
+            (
+                sel(&[], vec![expr("k", "Foo", &["v"])]),
+                Some("s.matchExpressions[0].operator: unknown operator \"Foo\" (expected In, NotIn, Exists or DoesNotExist)"),
+            ),
+            (
+                sel(&[], vec![expr("k", "In", &[])]),
+                Some("s.matchExpressions[0].values: must be non-empty"),
+            ),
+            (
+                sel(&[], vec![expr("k", "NotIn", &[])]),
+                Some("s.matchExpressions[0].values: must be non-empty"),
+            ),
+            (
+                sel(&[], vec![expr("k", "Exists", &["v"])]),
+                Some("s.matchExpressions[0].values: must be empty"),
+            ),
+            (
+                sel(&[], vec![expr("k", "DoesNotExist", &["v"])]),
+                Some("s.matchExpressions[0].values: must be empty"),
+            ),
             (sel(&[], vec![expr("bad key!", "Exists", &[])]), Some("s.matchExpressions[0].key:")),
             (sel(&[], vec![expr("k", "In", &["-bad"])]), Some("s.matchExpressions[0].values[0]:")),
             (sel(&[("a/b/c", "v")], vec![]), Some("s.matchLabels: key \"a/b/c\"")),
@@ -294,10 +247,7 @@ mod tests {
                 None => assert_eq!(got, Ok(())),
                 Some(prefix) => {
                     let msg = got.expect_err(prefix).to_string();
-                    assert!(
-                        msg.starts_with(prefix),
-                        "{msg:?} does not start with {prefix:?}"
-                    );
+                    assert!(msg.starts_with(prefix), "{msg:?} does not start with {prefix:?}");
                 }
             }
         }
@@ -305,26 +255,10 @@ mod tests {
 
     #[test]
     fn label_key_and_value_syntax() {
-        for ok in [
-            "app",
-            "app.kubernetes.io/name",
-            "kubernetes.io/metadata.name",
-            "a_b.c-d",
-            "A1",
-        ] {
+        for ok in ["app", "app.kubernetes.io/name", "kubernetes.io/metadata.name", "a_b.c-d", "A1"] {
             assert_eq!(validate_label_key(ok), Ok(()), "{ok}");
         }
-        for bad in [
-            "",
-            "/x",
-            "Upper.Case/x",
-            "x/",
-            "-x",
-            "x-",
-            &"a".repeat(64),
-            "a/b/c",
-            "sp ace",
-        ] {
+        for bad in ["", "/x", "Upper.Case/x", "x/", "-x", "x-", &"a".repeat(64), "a/b/c", "sp ace"] {
             assert!(validate_label_key(bad).is_err(), "{bad:?}");
         }
         for ok in ["", "v", "v-1.2_3", &"a".repeat(63)] {

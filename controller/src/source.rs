@@ -53,11 +53,17 @@ pub struct FileSource {
 impl FileSource {
     /// Watches `dir`.
     pub fn new(dir: &Path) -> Self {
-        FileSource { dir: dir.to_path_buf(), seen: None }
+        FileSource {
+            dir: dir.to_path_buf(),
+            seen: None,
+        }
     }
 
     fn files(&self) -> Result<Vec<(PathBuf, SystemTime, u64)>, SourceError> {
-        let read = |source| SourceError::Read { path: self.dir.clone(), source };
+        let read = |source| SourceError::Read {
+            path: self.dir.clone(),
+            source,
+        };
         let mut files = Vec::new();
         for entry in std::fs::read_dir(&self.dir).map_err(read)? {
             let path = entry.map_err(read)?.path();
@@ -65,7 +71,10 @@ impl FileSource {
             if !yaml {
                 continue;
             }
-            let meta = std::fs::metadata(&path).map_err(|source| SourceError::Read { path: path.clone(), source })?;
+            let meta = std::fs::metadata(&path).map_err(|source| SourceError::Read {
+                path: path.clone(),
+                source,
+            })?;
             files.push((path, meta.modified().unwrap_or(SystemTime::UNIX_EPOCH), meta.len()));
         }
         files.sort();
@@ -81,7 +90,10 @@ impl Source for FileSource {
         }
         let mut objects = Vec::new();
         for (path, _, _) in &files {
-            let text = std::fs::read_to_string(path).map_err(|source| SourceError::Read { path: path.clone(), source })?;
+            let text = std::fs::read_to_string(path).map_err(|source| SourceError::Read {
+                path: path.clone(),
+                source,
+            })?;
             objects.extend(parse_documents(&text, &path.display().to_string())?);
         }
         self.seen = Some(files);

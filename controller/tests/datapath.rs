@@ -1,6 +1,7 @@
 //! The compiled TC programs on crafted packets (`BPF_PROG_TEST_RUN`): verdict and counter.
 //!
 //! Test runs put the packet on `lo` (ifindex 1), so the endpoint under test is keyed 1.
+#![expect(clippy::unwrap_used, clippy::expect_used, reason = "tests assert by panicking (STYLE 14)")]
 
 use std::net::Ipv4Addr;
 use std::path::PathBuf;
@@ -9,8 +10,8 @@ use aya::programs::{TestRun, TestRunOptions};
 use bulkhead::datapath::Datapath;
 use bulkhead::maps::MapWriter;
 use bulkhead_common::{
-    direction, endpoint_flags, program_names, proto, DropReason, EndpointInfo, IpcacheValue, PolicyKey, PolicyValue, POLICY_PREFIX_ANY_PROTO,
-    POLICY_PREFIX_FULL,
+    direction, endpoint_flags, program_names, proto, DropReason, EndpointInfo, IpcacheValue, PolicyKey, PolicyValue,
+    POLICY_PREFIX_ANY_PROTO, POLICY_PREFIX_FULL,
 };
 
 const TC_ACT_OK: i32 = 0;
@@ -43,11 +44,37 @@ fn fixture(name: &str, flags: u32) -> Fixture {
     m.set_ipcache(PEER_A, 32, &IpcacheValue { identity: 301, flags: 0 }).unwrap();
     m.set_ipcache(PEER_B, 32, &IpcacheValue { identity: 302, flags: 0 }).unwrap();
     // Egress: to identity 301 on TCP/80 (rule 7), to anyone on SCTP/80 (rule 9).
-    m.set_policy(&PolicyKey::new(10, 301, direction::EGRESS, proto::TCP, 80), POLICY_PREFIX_FULL, &PolicyValue { rule_id: 7, flags: 0 }).unwrap();
-    m.set_policy(&PolicyKey::new(10, 0, direction::EGRESS, proto::SCTP, 80), POLICY_PREFIX_FULL, &PolicyValue { rule_id: 9, flags: 0 }).unwrap();
+    m.set_policy(
+        &PolicyKey::new(10, 301, direction::EGRESS, proto::TCP, 80),
+        POLICY_PREFIX_FULL,
+        &PolicyValue { rule_id: 7, flags: 0 },
+    )
+    .unwrap();
+    m.set_policy(
+        &PolicyKey::new(10, 0, direction::EGRESS, proto::SCTP, 80),
+        POLICY_PREFIX_FULL,
+        &PolicyValue { rule_id: 9, flags: 0 },
+    )
+    .unwrap();
     // Ingress: from identity 301, anything (rule 8).
-    m.set_policy(&PolicyKey::new(10, 301, direction::INGRESS, 0, 0), POLICY_PREFIX_ANY_PROTO, &PolicyValue { rule_id: 8, flags: 0 }).unwrap();
-    m.set_endpoint(LO, &EndpointInfo { endpoint_id: 10, identity: 300, ipv4: POD.octets(), flags, mac: POD_MAC, _pad: [0; 2] }).unwrap();
+    m.set_policy(
+        &PolicyKey::new(10, 301, direction::INGRESS, 0, 0),
+        POLICY_PREFIX_ANY_PROTO,
+        &PolicyValue { rule_id: 8, flags: 0 },
+    )
+    .unwrap();
+    m.set_endpoint(
+        LO,
+        &EndpointInfo {
+            endpoint_id: 10,
+            identity: 300,
+            ipv4: POD.octets(),
+            flags,
+            mac: POD_MAC,
+            _pad: [0; 2],
+        },
+    )
+    .unwrap();
     Fixture { dp, pin_dir }
 }
 
@@ -100,10 +127,19 @@ fn icmp_echo(src: Ipv4Addr, dst: Ipv4Addr, kind: u8, id: u16) -> Vec<u8> {
 /// Runs `program` on `packet`; returns the TC action and checks that exactly the counter of
 /// `reason` in `dir` moved, by one packet.
 fn run(f: &mut Fixture, program: &'static str, packet: &[u8], reason: DropReason) -> i32 {
-    let dir = if program == program_names::FROM_POD { direction::EGRESS } else { direction::INGRESS };
+    let dir = if program == program_names::FROM_POD {
+        direction::EGRESS
+    } else {
+        direction::INGRESS
+    };
     let before = f.dp.counters().unwrap();
     let prog = f.dp.program(program).unwrap();
-    let result = prog.test_run(TestRunOptions { data_in: Some(packet), ..TestRunOptions::default() }).expect("BPF_PROG_TEST_RUN");
+    let result = prog
+        .test_run(TestRunOptions {
+            data_in: Some(packet),
+            ..TestRunOptions::default()
+        })
+        .expect("BPF_PROG_TEST_RUN");
     let after = f.dp.counters().unwrap();
     let moved: Vec<_> = after
         .iter()
@@ -112,7 +148,10 @@ fn run(f: &mut Fixture, program: &'static str, packet: &[u8], reason: DropReason
         .collect();
     assert_eq!(moved, vec![(reason, dir)], "{program}: counters that moved");
     let c = f.dp.counter(reason, dir).unwrap();
-    let was = before.iter().find(|(r, d, _)| *r == reason && *d == dir).map_or(0, |(_, _, c)| c.packets);
+    let was = before
+        .iter()
+        .find(|(r, d, _)| *r == reason && *d == dir)
+        .map_or(0, |(_, _, c)| c.packets);
     assert_eq!(c.packets, was + 1, "{program}: one packet counted for {reason:?}");
     result.return_value as i32
 }
@@ -133,7 +172,11 @@ fn denied_by_policy_is_dropped_with_its_reason() {
     // 302 has no egress entry on TCP/80, and 301 none on port 81.
     for (dst, port) in [(PEER_B, 80), (PEER_A, 81), (UNKNOWN, 80)] {
         let pkt = tcp(POD_MAC, POD, 40000, dst, port);
-        assert_eq!(run(&mut f, program_names::FROM_POD, &pkt, DropReason::PolicyDenied), TC_ACT_SHOT, "{dst}:{port}");
+        assert_eq!(
+            run(&mut f, program_names::FROM_POD, &pkt, DropReason::PolicyDenied),
+            TC_ACT_SHOT,
+            "{dst}:{port}"
+        );
     }
     let pkt = tcp(HOST_MAC, PEER_B, 5555, POD, 80);
     assert_eq!(run(&mut f, program_names::TO_POD, &pkt, DropReason::PolicyDenied), TC_ACT_SHOT);
@@ -153,7 +196,10 @@ fn replies_pass_through_conntrack_only() {
     // The established flow's next packet passes too; SCTP to another port does not.
     assert_eq!(run(&mut f, program_names::FROM_POD, &sctp_out, DropReason::Forwarded), TC_ACT_OK);
     sctp_out = eth(HOST_MAC, POD_MAC, 0x0800, &ipv4(POD, PEER_B, proto::SCTP, 0, &ports(40000, 81, 12)));
-    assert_eq!(run(&mut f, program_names::FROM_POD, &sctp_out, DropReason::PolicyDenied), TC_ACT_SHOT);
+    assert_eq!(
+        run(&mut f, program_names::FROM_POD, &sctp_out, DropReason::PolicyDenied),
+        TC_ACT_SHOT
+    );
     // A TCP reply from 301 after an allowed connection; its ingress rule would allow it
     // anyway, so also check a reply whose reverse flow was never admitted is dropped.
     let out = tcp(POD_MAC, POD, 40001, PEER_A, 80);
@@ -202,7 +248,11 @@ fn arp_passes_and_other_ethertypes_drop() {
     assert_eq!(run(&mut f, program_names::TO_POD, &arp, DropReason::Forwarded), TC_ACT_OK);
     for ethertype in [0x86dd, 0x88cc, 0x8100] {
         let pkt = eth(HOST_MAC, POD_MAC, ethertype, &[0; 40]);
-        assert_eq!(run(&mut f, program_names::FROM_POD, &pkt, DropReason::UnsupportedEthertype), TC_ACT_SHOT, "{ethertype:#x}");
+        assert_eq!(
+            run(&mut f, program_names::FROM_POD, &pkt, DropReason::UnsupportedEthertype),
+            TC_ACT_SHOT,
+            "{ethertype:#x}"
+        );
     }
 }
 
@@ -212,10 +262,26 @@ fn malformed_and_fragmented_packets_drop() {
     // IHL of 3 words is below the minimum.
     let mut bad = ipv4(POD, PEER_A, proto::TCP, 0, &ports(1, 80, 20));
     bad[0] = 0x43;
-    assert_eq!(run(&mut f, program_names::FROM_POD, &eth(HOST_MAC, POD_MAC, 0x0800, &bad), DropReason::Malformed), TC_ACT_SHOT);
+    assert_eq!(
+        run(
+            &mut f,
+            program_names::FROM_POD,
+            &eth(HOST_MAC, POD_MAC, 0x0800, &bad),
+            DropReason::Malformed
+        ),
+        TC_ACT_SHOT
+    );
     // A non-first fragment (offset 185 × 8 bytes) carries no ports.
     let frag = ipv4(POD, PEER_A, proto::UDP, 185, &[0; 20]);
-    assert_eq!(run(&mut f, program_names::FROM_POD, &eth(HOST_MAC, POD_MAC, 0x0800, &frag), DropReason::Fragment), TC_ACT_SHOT);
+    assert_eq!(
+        run(
+            &mut f,
+            program_names::FROM_POD,
+            &eth(HOST_MAC, POD_MAC, 0x0800, &frag),
+            DropReason::Fragment
+        ),
+        TC_ACT_SHOT
+    );
     // Not isolated: anything well-formed passes, with rule 0.
     let pkt = tcp(POD_MAC, POD, 40000, UNKNOWN, 443);
     assert_eq!(run(&mut f, program_names::FROM_POD, &pkt, DropReason::Forwarded), TC_ACT_OK);

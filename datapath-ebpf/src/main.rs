@@ -17,8 +17,8 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use bulkhead_common::{
-    capacity, counter_index, ct_lifetime_ns, direction, endpoint_flags, identity, CtEntry, CtKey, Counter, DropReason,
-    EndpointInfo, IpcacheValue, Ipv4Key, PolicyKey, PolicyValue, COUNTER_SLOTS, CT_REFRESH_NS, POLICY_PREFIX_FULL,
+    capacity, counter_index, ct_lifetime_ns, direction, endpoint_flags, identity, Counter, CtEntry, CtKey, DropReason, EndpointInfo,
+    IpcacheValue, Ipv4Key, PolicyKey, PolicyValue, COUNTER_SLOTS, CT_REFRESH_NS, POLICY_PREFIX_FULL,
 };
 use packet::{Headers, L3};
 
@@ -121,12 +121,20 @@ fn admit(ep: &EndpointInfo, dir: u8, l3: &L3, remote: [u8; 4]) -> Result<(), Dro
     };
     // SAFETY: bpf_ktime_get_ns has no preconditions.
     let now = unsafe { bpf_ktime_get_ns() };
-    let reply_dir = if dir == direction::EGRESS { direction::INGRESS } else { direction::EGRESS };
+    let reply_dir = if dir == direction::EGRESS {
+        direction::INGRESS
+    } else {
+        direction::EGRESS
+    };
     if ct_alive(&key, now) || ct_alive(&key.reversed(reply_dir), now) {
         return Ok(());
     }
     let rule_id = policy_verdict(ep, dir, remote, l3)?;
-    let entry = CtEntry { last_seen_ns: now, rule_id, flags: 0 };
+    let entry = CtEntry {
+        last_seen_ns: now,
+        rule_id,
+        flags: 0,
+    };
     CONNTRACK.insert(&key, &entry, 0).map_err(|_| DropReason::CtInsertFailed)
 }
 
@@ -154,11 +162,17 @@ fn ct_alive(key: &CtKey, now: u64) -> bool {
 /// The rule that allows a new flow, 0 when the endpoint is not isolated that way.
 #[inline(always)]
 fn policy_verdict(ep: &EndpointInfo, dir: u8, remote: [u8; 4], l3: &L3) -> Result<u32, DropReason> {
-    let isolated = if dir == direction::EGRESS { endpoint_flags::ISOLATED_EGRESS } else { endpoint_flags::ISOLATED_INGRESS };
+    let isolated = if dir == direction::EGRESS {
+        endpoint_flags::ISOLATED_EGRESS
+    } else {
+        endpoint_flags::ISOLATED_INGRESS
+    };
     if ep.flags & isolated == 0 {
         return Ok(0);
     }
-    let remote_identity = IPCACHE.get(Key::new(32, Ipv4Key { addr: remote })).map_or(identity::WORLD, |v| v.identity);
+    let remote_identity = IPCACHE
+        .get(Key::new(32, Ipv4Key { addr: remote }))
+        .map_or(identity::WORLD, |v| v.identity);
     let mut key = PolicyKey {
         endpoint_id: ep.endpoint_id.to_be_bytes(),
         remote_identity: remote_identity.to_be_bytes(),
@@ -170,7 +184,10 @@ fn policy_verdict(ep: &EndpointInfo, dir: u8, remote: [u8; 4], l3: &L3) -> Resul
         return Ok(v.rule_id);
     }
     key.remote_identity = identity::ANY.to_be_bytes();
-    POLICY.get(Key::new(POLICY_PREFIX_FULL, key)).map(|v| v.rule_id).ok_or(DropReason::PolicyDenied)
+    POLICY
+        .get(Key::new(POLICY_PREFIX_FULL, key))
+        .map(|v| v.rule_id)
+        .ok_or(DropReason::PolicyDenied)
 }
 
 #[cfg(not(test))]

@@ -133,5 +133,14 @@ pub fn parse(ctx: &TcContext) -> Result<Headers, DropReason> {
         }
         _ => ([0; 2], [0; 2]),
     };
-    Ok(Headers::Ipv4 { eth_src, l3: L3 { saddr, daddr, protocol, sport, dport } })
+    Ok(Headers::Ipv4 {
+        eth_src,
+        l3: L3 {
+            saddr,
+            daddr,
+            protocol,
+            sport,
+            dport,
+        },
+    })
 }

@@ -2,9 +2,7 @@
 //!
 //! Needs `cargo build` at the workspace root first; runs as root.
 
-use bulkhead_e2e::{
-    scenario_bad_input, scenario_exec, scenario_three_by_three, scenario_up_down, Lab,
-};
+use bulkhead_e2e::{scenario_bad_input, scenario_exec, scenario_three_by_three, scenario_up_down, Lab};
 
 #[test]
 fn up_down_leaves_nothing() {
@@ -13,7 +11,7 @@ fn up_down_leaves_nothing() {
 
 #[test]
 fn three_by_three_policy_matrix() {
-    scenario_three_by_three(&Lab::new("3x3"), true);
+    scenario_three_by_three(&Lab::new("3x3"));
 }
 
 #[test]

@@ -27,10 +27,7 @@ pub struct VethPair {
 
 /// Runs ADD.
 pub fn run(env: &Env, conf: &NetConf) -> Result<AddResult, CommandError> {
-    let pod_ns = env
-        .netns
-        .as_deref()
-        .ok_or(ConfigError::MissingEnv { var: "CNI_NETNS" })?;
+    let pod_ns = env.netns.as_deref().ok_or(ConfigError::MissingEnv { var: "CNI_NETNS" })?;
     let pod_namespace = env.pod_namespace.clone().ok_or(ConfigError::InvalidEnv {
         var: "CNI_ARGS",
         reason: "K8S_POD_NAMESPACE is missing".into(),
@@ -59,9 +56,7 @@ pub fn run(env: &Env, conf: &NetConf) -> Result<AddResult, CommandError> {
     tracing::info!(%ip, container = %env.container_id, created = allocation.created, "ipam: address allocated");
     if allocation.created {
         let (store, owner) = (store.clone(), owner.clone());
-        rollback.push("ipam allocation", move || {
-            store.release(&owner).map(drop).map_err(Into::into)
-        });
+        rollback.push("ipam allocation", move || store.release(&owner).map(drop).map_err(Into::into));
     }
 
     let pair = ensure_veth(&host_ifname, &env.ifname, pod_ns, conf.mtu, &mut rollback)?;
@@ -78,12 +73,7 @@ pub fn run(env: &Env, conf: &NetConf) -> Result<AddResult, CommandError> {
         ipv4: ip,
         mac: pair.pod.mac.clone(),
     };
-    call_agent(
-        &conf.agent_socket,
-        &Request::AddEndpoint(spec),
-        "add_endpoint",
-        conf.agent_timeout,
-    )?;
+    call_agent(&conf.agent_socket, &Request::AddEndpoint(spec), "add_endpoint", conf.agent_timeout)?;
     {
         let (socket, timeout) = (conf.agent_socket.clone(), conf.agent_timeout);
         let endpoint = EndpointRef {
@@ -91,12 +81,7 @@ pub fn run(env: &Env, conf: &NetConf) -> Result<AddResult, CommandError> {
             ifname: env.ifname.clone(),
         };
         rollback.push("agent endpoint", move || {
-            call_agent(
-                &socket,
-                &Request::DelEndpoint(endpoint),
-                "del_endpoint",
-                timeout,
-            )
+            call_agent(&socket, &Request::DelEndpoint(endpoint), "del_endpoint", timeout)
         });
     }
 
@@ -131,22 +116,12 @@ fn ensure_veth(
     rollback: &mut Rollback,
 ) -> Result<VethPair, CommandError> {
     let pod_label = pod_ns.display().to_string();
-    let host = with_handle(None, |h| async move {
-        netlink::link_by_name(&h, host_ifname).await
-    })?;
-    let pod = with_handle(Some(pod_ns), |h| async move {
-        netlink::link_by_name(&h, ifname).await
-    })?;
+    let host = with_handle(None, |h| async move { netlink::link_by_name(&h, host_ifname).await })?;
+    let pod = with_handle(Some(pod_ns), |h| async move { netlink::link_by_name(&h, ifname).await })?;
     match (host, pod) {
-        (Some(host), Some(pod))
-            if host.peer_index == Some(pod.index) && pod.peer_index == Some(host.index) =>
-        {
+        (Some(host), Some(pod)) if host.peer_index == Some(pod.index) && pod.peer_index == Some(host.index) => {
             tracing::info!(host = %host.name, "veth already exists; reusing it");
-            return Ok(VethPair {
-                host,
-                pod,
-                created: false,
-            });
+            return Ok(VethPair { host, pod, created: false });
         }
         (_, Some(_)) => {
             return Err(NetlinkError::LinkConflict {
@@ -159,37 +134,25 @@ fn ensure_veth(
         (Some(stale), None) => {
             // Our name, but its peer is not in this pod: left over from an earlier sandbox.
             tracing::warn!(host = %stale.name, "removing stale host veth");
-            with_handle(None, |h| async move {
-                netlink::delete_link(&h, host_ifname).await
-            })?;
+            with_handle(None, |h| async move { netlink::delete_link(&h, host_ifname).await })?;
         }
         (None, None) => {}
     }
-    with_handle(None, |h| async move {
-        netlink::create_veth(&h, host_ifname, ifname, pod_ns, mtu).await
-    })?;
+    with_handle(
+        None,
+        |h| async move { netlink::create_veth(&h, host_ifname, ifname, pod_ns, mtu).await },
+    )?;
     {
         // Deleting one end of a veth deletes both.
         let name = host_ifname.to_string();
         rollback.push("veth", move || {
-            with_handle(None, |h| async move {
-                netlink::delete_link(&h, &name).await.map(drop)
-            })
-            .map_err(Into::into)
+            with_handle(None, |h| async move { netlink::delete_link(&h, &name).await.map(drop) }).map_err(Into::into)
         });
     }
-    let host = with_handle(None, |h| async move {
-        netlink::require_link(&h, host_ifname, "node").await
-    })?;
-    let pod = with_handle(Some(pod_ns), |h| async move {
-        netlink::require_link(&h, ifname, &pod_label).await
-    })?;
+    let host = with_handle(None, |h| async move { netlink::require_link(&h, host_ifname, "node").await })?;
+    let pod = with_handle(Some(pod_ns), |h| async move { netlink::require_link(&h, ifname, &pod_label).await })?;
     tracing::info!(host = %host.name, pod_if = %pod.name, "veth created");
-    Ok(VethPair {
-        host,
-        pod,
-        created: true,
-    })
+    Ok(VethPair { host, pod, created: true })
 }
 
 /// Inside the pod: the /32 address, links up, a link route to the gateway, the default route
@@ -206,15 +169,7 @@ fn configure_pod(pod_ns: &Path, pair: &VethPair, ip: Ipv4Addr) -> Result<(), Com
         // The kernel refuses routes through a link that is down.
         netlink::set_up(&h, pod.index, &pod.name).await?;
         netlink::ensure_route(&h, GATEWAY, 32, pod.index, None, RouteScope::Link).await?;
-        netlink::ensure_route(
-            &h,
-            Ipv4Addr::UNSPECIFIED,
-            0,
-            pod.index,
-            Some(GATEWAY),
-            RouteScope::Universe,
-        )
-        .await?;
+        netlink::ensure_route(&h, Ipv4Addr::UNSPECIFIED, 0, pod.index, Some(GATEWAY), RouteScope::Universe).await?;
         netlink::ensure_neighbour(&h, pod.index, GATEWAY, host_mac).await
     })?;
     Ok(())

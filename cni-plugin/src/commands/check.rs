@@ -14,32 +14,23 @@ pub fn run(env: &Env, conf: &NetConf) -> Result<(), CommandError> {
             version: conf.cni_version.as_str(),
         });
     }
-    let pod_ns = env
-        .netns
-        .as_deref()
-        .ok_or(ConfigError::MissingEnv { var: "CNI_NETNS" })?;
+    let pod_ns = env.netns.as_deref().ok_or(ConfigError::MissingEnv { var: "CNI_NETNS" })?;
     let failed = |what: String| CommandError::CheckFailed { what };
     let owner = Owner {
         container_id: env.container_id.clone(),
         ifname: env.ifname.clone(),
     };
     let store = Store::open(&conf.data_dir, &conf.name, conf.subnet)?;
-    let ip = store.find(&owner)?.ok_or_else(|| {
-        failed(format!(
-            "no address allocated to {}/{}",
-            env.container_id, env.ifname
-        ))
-    })?;
+    let ip = store
+        .find(&owner)?
+        .ok_or_else(|| failed(format!("no address allocated to {}/{}", env.container_id, env.ifname)))?;
 
     if let Some(prev) = &conf.prev_result {
         let want = format!("{ip}/32");
         let listed = prev
             .get("ips")
             .and_then(|v| v.as_array())
-            .is_some_and(|ips| {
-                ips.iter()
-                    .any(|i| i.get("address").and_then(|a| a.as_str()) == Some(want.as_str()))
-            });
+            .is_some_and(|ips| ips.iter().any(|i| i.get("address").and_then(|a| a.as_str()) == Some(want.as_str())));
         if !listed {
             return Err(failed(format!("prevResult does not list {want}")));
         }
@@ -55,18 +46,12 @@ pub fn run(env: &Env, conf: &NetConf) -> Result<(), CommandError> {
         netlink::ipv4_addresses(&h, link.index).await
     })?;
     if !addresses.contains(&(ip, 32)) {
-        return Err(failed(format!(
-            "{ifname} in {} lacks {ip}/32",
-            pod_ns.display()
-        )));
+        return Err(failed(format!("{ifname} in {} lacks {ip}/32", pod_ns.display())));
     }
 
     let host_ifname = netlink::host_veth_name(&env.container_id, &env.ifname);
     let host = host_ifname.as_str();
-    let host_link = with_handle(
-        None,
-        |h| async move { netlink::link_by_name(&h, host).await },
-    )?;
+    let host_link = with_handle(None, |h| async move { netlink::link_by_name(&h, host).await })?;
     match host_link {
         Some(link) if link.up => {}
         Some(_) => return Err(failed(format!("host veth {host_ifname} is down"))),

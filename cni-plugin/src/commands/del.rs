@@ -33,15 +33,9 @@ pub fn run(env: &Env, conf: &NetConf) -> Result<(), CommandError> {
 
     // A netns that is gone (or only a leftover file) has nothing left to delete.
     // Deleting the pod end removes the pair, and with it the host routes and neighbours.
-    if let Some(pod_ns) = env
-        .netns
-        .as_deref()
-        .filter(|p| crate::netns::is_netns_mount(p))
-    {
+    if let Some(pod_ns) = env.netns.as_deref().filter(|p| crate::netns::is_netns_mount(p)) {
         let ifname = env.ifname.as_str();
-        match with_handle(Some(pod_ns), |h| async move {
-            netlink::delete_link(&h, ifname).await
-        }) {
+        match with_handle(Some(pod_ns), |h| async move { netlink::delete_link(&h, ifname).await }) {
             Ok(deleted) => {
                 tracing::info!(deleted, netns = %pod_ns.display(), "pod interface removed")
             }
@@ -51,10 +45,7 @@ pub fn run(env: &Env, conf: &NetConf) -> Result<(), CommandError> {
     // Also by the host name: the netns may be gone, or its end moved elsewhere.
     let host_ifname = netlink::host_veth_name(&env.container_id, &env.ifname);
     let host = host_ifname.as_str();
-    match with_handle(
-        None,
-        |h| async move { netlink::delete_link(&h, host).await },
-    ) {
+    match with_handle(None, |h| async move { netlink::delete_link(&h, host).await }) {
         Ok(deleted) => tracing::info!(deleted, host = %host_ifname, "host veth removed"),
         Err(e) => errors.push(e.into()),
     }

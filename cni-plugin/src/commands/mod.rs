@@ -98,9 +98,7 @@ impl CommandError {
             Self::Netlink(e) => e.code(),
             Self::AgentUnreachable { .. } => code::TRY_AGAIN_LATER,
             Self::AgentProtocol { .. } => code::AGENT_REJECTED,
-            Self::AgentRejected { code: c, .. } if *c == code::TRY_AGAIN_LATER => {
-                code::TRY_AGAIN_LATER
-            }
+            Self::AgentRejected { code: c, .. } if *c == code::TRY_AGAIN_LATER => code::TRY_AGAIN_LATER,
             Self::AgentRejected { .. } => code::AGENT_REJECTED,
             Self::CheckFailed { .. } => code::CHECK_FAILED,
             Self::Unsupported { .. } => code::INVALID_ENVIRONMENT,
@@ -128,28 +126,19 @@ impl CommandError {
 }
 
 /// Sends `request` to the agent; maps transport failures and refusals to CNI codes.
-pub(crate) fn call_agent(
-    socket: &Path,
-    request: &Request,
-    op: &'static str,
-    timeout: Duration,
-) -> Result<(), CommandError> {
+pub(crate) fn call_agent(socket: &Path, request: &Request, op: &'static str, timeout: Duration) -> Result<(), CommandError> {
     match agent_api::call(socket, request, timeout) {
         Ok(Response::Ok) => Ok(()),
-        Ok(Response::Error { code, message }) => {
-            Err(CommandError::AgentRejected { op, code, message })
-        }
+        Ok(Response::Error { code, message }) => Err(CommandError::AgentRejected { op, code, message }),
         Ok(other) => Err(CommandError::AgentRejected {
             op,
             code: code::AGENT_REJECTED,
             message: format!("unexpected answer {other:?}"),
         }),
-        Err(source @ (ApiError::Connect { .. } | ApiError::Io { .. })) => {
-            Err(CommandError::AgentUnreachable {
-                socket: socket.to_path_buf(),
-                source,
-            })
-        }
+        Err(source @ (ApiError::Connect { .. } | ApiError::Io { .. })) => Err(CommandError::AgentUnreachable {
+            socket: socket.to_path_buf(),
+            source,
+        }),
         Err(source @ ApiError::Decode { .. }) => Err(CommandError::AgentProtocol {
             socket: socket.to_path_buf(),
             source,
@@ -170,11 +159,7 @@ pub struct Rollback {
 
 impl Rollback {
     /// Registers the undo of a step that just succeeded.
-    pub fn push(
-        &mut self,
-        what: &'static str,
-        undo: impl FnOnce() -> Result<(), CommandError> + 'static,
-    ) {
+    pub fn push(&mut self, what: &'static str, undo: impl FnOnce() -> Result<(), CommandError> + 'static) {
         self.steps.push((what, Box::new(undo)));
     }
 

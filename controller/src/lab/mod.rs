@@ -4,7 +4,7 @@
 //! as a container runtime does, so the lab exercises the product end to end.
 
 mod demo;
-mod model_standin;
+
 mod node;
 mod pod;
 mod probe;
@@ -18,7 +18,7 @@ use bulkhead_cni::agent_api::{self, Request, Response};
 use serde::Serialize;
 
 // TODO(merge): replace with `use crate::model;` once Brief B's model lands.
-use model_standin as model;
+use crate::model;
 
 pub use state::{LabPaths, LabState, NodeState, PodState};
 
@@ -56,12 +56,7 @@ impl Protocol {
 #[derive(Debug, clap::Args)]
 pub struct LabArgs {
     /// Where the lab keeps its state.
-    #[arg(
-        long,
-        global = true,
-        env = "BULKHEAD_LAB_DIR",
-        default_value = "/run/bulkhead/lab"
-    )]
+    #[arg(long, global = true, env = "BULKHEAD_LAB_DIR", default_value = "/run/bulkhead/lab")]
     pub lab_dir: PathBuf,
     /// What to do.
     #[command(subcommand)]
@@ -283,11 +278,7 @@ pub fn run(args: LabArgs) -> Result<i32, LabError> {
             print_pods(&paths, &state, output)?;
             Ok(0)
         }
-        LabCommand::Probe {
-            port,
-            protocol,
-            output,
-        } => {
+        LabCommand::Probe { port, protocol, output } => {
             let state = paths.load_up()?;
             probe::run(&state, port, protocol, output)
         }
@@ -311,10 +302,7 @@ fn read_files(files: &[PathBuf]) -> Result<Vec<model::Object>, LabError> {
             path: file.clone(),
             source,
         })?;
-        objects.extend(
-            model::parse_documents(&text, &file.display().to_string())
-                .map_err(|source| LabError::Model { source })?,
-        );
+        objects.extend(model::parse_documents(&text, &file.display().to_string()).map_err(|source| LabError::Model { source })?);
     }
     Ok(objects)
 }
@@ -325,18 +313,10 @@ fn load_cluster(paths: &LabPaths) -> Result<model::Cluster, LabError> {
     let text = match std::fs::read_to_string(&path) {
         Ok(text) => text,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
-        Err(source) => {
-            return Err(LabError::Io {
-                op: "read",
-                path,
-                source,
-            })
-        }
+        Err(source) => return Err(LabError::Io { op: "read", path, source }),
     };
     let mut cluster = model::Cluster::default();
-    for object in model::parse_documents(&text, &path.display().to_string())
-        .map_err(|source| LabError::Model { source })?
-    {
+    for object in model::parse_documents(&text, &path.display().to_string()).map_err(|source| LabError::Model { source })? {
         cluster.apply(object);
     }
     Ok(cluster)
@@ -355,12 +335,8 @@ fn reload_agents(paths: &LabPaths, state: &LabState) -> Result<(), LabError> {
             .nodes
             .iter()
             .map(|node| {
-                scope.spawn(move || {
-                    match agent_api::call(
-                        &paths.agent_socket(&node.name),
-                        &Request::Reload,
-                        RELOAD_TIMEOUT,
-                    ) {
+                scope.spawn(
+                    move || match agent_api::call(&paths.agent_socket(&node.name), &Request::Reload, RELOAD_TIMEOUT) {
                         Ok(Response::Ok) => Ok(()),
                         Ok(Response::Error { code, message }) => Err(LabError::AgentFailed {
                             node: node.name.clone(),
@@ -374,8 +350,8 @@ fn reload_agents(paths: &LabPaths, state: &LabState) -> Result<(), LabError> {
                             node: node.name.clone(),
                             source,
                         }),
-                    }
-                })
+                    },
+                )
             })
             .collect();
         calls.into_iter().try_for_each(|c| {
@@ -428,15 +404,11 @@ fn pod_rows(paths: &LabPaths, state: &LabState) -> Result<Vec<PodRow>, LabError>
 fn print_pods(paths: &LabPaths, state: &LabState, output: Output) -> Result<(), LabError> {
     let rows = pod_rows(paths, state)?;
     match output {
-        Output::Json => println!(
-            "{}",
-            serde_json::to_string_pretty(&rows).unwrap_or_default()
-        ),
+        Output::Json => println!("{}", serde_json::to_string_pretty(&rows).unwrap_or_default()),
         Output::Table => {
             println!("{:<32} {:<16} {:<8} LABELS", "POD", "IP", "NODE");
             for r in rows {
-                let labels: Vec<String> =
-                    r.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+                let labels: Vec<String> = r.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
                 println!(
                     "{:<32} {:<16} {:<8} {}",
                     format!("{}/{}", r.namespace, r.name),
@@ -500,26 +472,15 @@ fn print_status(paths: &LabPaths, state: &LabState, output: Output) {
         nodes,
     };
     match output {
-        Output::Json => println!(
-            "{}",
-            serde_json::to_string_pretty(&status).unwrap_or_default()
-        ),
+        Output::Json => println!("{}", serde_json::to_string_pretty(&status).unwrap_or_default()),
         Output::Table => {
-            println!(
-                "lab {} in {} ({} pods)",
-                status.id,
-                status.lab_dir.display(),
-                state.pods.len()
-            );
+            println!("lab {} in {} ({} pods)", status.id, status.lab_dir.display(), state.pods.len());
             println!(
                 "{:<8} {:<16} {:<18} {:<8} {:<6} BPFFS",
                 "NODE", "NETNS", "POD CIDR", "AGENT", "READY"
             );
             for n in status.nodes {
-                let pid = n
-                    .agent_pid
-                    .map(|p| p.to_string())
-                    .unwrap_or_else(|| "-".into());
+                let pid = n.agent_pid.map(|p| p.to_string()).unwrap_or_else(|| "-".into());
                 println!(
                     "{:<8} {:<16} {:<18} {:<8} {:<6} {}",
                     n.name,

@@ -46,8 +46,7 @@ pub fn up(paths: &LabPaths, nodes: usize, files: &[PathBuf]) -> Result<i32, LabE
     }
     // Validate the manifests before creating anything.
     let objects = if files.is_empty() {
-        super::model::parse_documents(demo::DEMO_YAML, "demo.yaml")
-            .map_err(|source| LabError::Model { source })?
+        super::model::parse_documents(demo::DEMO_YAML, "demo.yaml").map_err(|source| LabError::Model { source })?
     } else {
         super::read_files(files)?
     };
@@ -138,9 +137,7 @@ fn host_routes() -> Vec<Ipv4Network> {
             let mask = u32::from_str_radix(f.get(7)?, 16).ok()?;
             let prefix = u8::try_from(mask.count_ones()).ok()?;
             let net = Ipv4Addr::from(dst.to_ne_bytes());
-            (prefix > 0)
-                .then(|| Ipv4Network::new(net, prefix).ok())
-                .flatten()
+            (prefix > 0).then(|| Ipv4Network::new(net, prefix).ok()).flatten()
         })
         .collect()
 }
@@ -156,20 +153,10 @@ fn pick_cluster_cidr(routes: &[Ipv4Network]) -> Result<Ipv4Network, LabError> {
 /// Mounts bpffs at /sys/fs/bpf unless it is there.
 fn ensure_bpffs() -> Result<(), LabError> {
     use nix::sys::statfs::{statfs, BPF_FS_MAGIC};
-    if statfs(BPFFS)
-        .map(|s| s.filesystem_type() == BPF_FS_MAGIC)
-        .unwrap_or(false)
-    {
+    if statfs(BPFFS).map(|s| s.filesystem_type() == BPF_FS_MAGIC).unwrap_or(false) {
         return Ok(());
     }
-    nix::mount::mount(
-        Some("bpf"),
-        BPFFS,
-        Some("bpf"),
-        nix::mount::MsFlags::empty(),
-        None::<&str>,
-    )
-    .map_err(|e| LabError::Io {
+    nix::mount::mount(Some("bpf"), BPFFS, Some("bpf"), nix::mount::MsFlags::empty(), None::<&str>).map_err(|e| LabError::Io {
         op: "mount bpffs at",
         path: PathBuf::from(BPFFS),
         source: e.into(),
@@ -177,10 +164,7 @@ fn ensure_bpffs() -> Result<(), LabError> {
 }
 
 /// Runs netlink work inside the namespace `name`.
-fn in_netns<T: Send>(
-    name: &str,
-    f: impl FnOnce(&Netlink) -> Result<T, crate::netlink::NetlinkError> + Send,
-) -> Result<T, LabError> {
+fn in_netns<T: Send>(name: &str, f: impl FnOnce(&Netlink) -> Result<T, crate::netlink::NetlinkError> + Send) -> Result<T, LabError> {
     let path = netns::named_path(name);
     netns::run_in(&path, || Netlink::connect().and_then(|nl| f(&nl)))
         .map_err(|source| LabError::Netns {
@@ -202,18 +186,16 @@ fn setup_node(node: &NodeState) -> Result<(), LabError> {
     in_netns(&node.netns, |nl| nl.ensure_link_up("lo"))?;
     // /proc/sys/net shows the namespace of the thread that opens it.
     let path = netns::named_path(&node.netns);
-    netns::run_in(&path, || {
-        std::fs::write("/proc/sys/net/ipv4/ip_forward", "1")
-    })
-    .map_err(|source| LabError::Netns {
-        netns: node.netns.clone(),
-        source,
-    })?
-    .map_err(|source| LabError::Io {
-        op: "enable forwarding via",
-        path: PathBuf::from("/proc/sys/net/ipv4/ip_forward"),
-        source,
-    })
+    netns::run_in(&path, || std::fs::write("/proc/sys/net/ipv4/ip_forward", "1"))
+        .map_err(|source| LabError::Netns {
+            netns: node.netns.clone(),
+            source,
+        })?
+        .map_err(|source| LabError::Io {
+            op: "enable forwarding via",
+            path: PathBuf::from("/proc/sys/net/ipv4/ip_forward"),
+            source,
+        })
 }
 
 /// Bridges the nodes in an underlay namespace and routes each pod CIDR to its node.
@@ -262,17 +244,10 @@ fn setup_underlay(ul: &str, nodes: &[NodeState]) -> Result<(), LabError> {
         let routes: Vec<(Ipv4Network, Ipv4Addr)> = nodes
             .iter()
             .filter(|other| other.name != node.name)
-            .filter_map(|other| {
-                Some((
-                    other.pod_cidr.parse().ok()?,
-                    other.underlay_ip.as_deref()?.parse().ok()?,
-                ))
-            })
+            .filter_map(|other| Some((other.pod_cidr.parse().ok()?, other.underlay_ip.as_deref()?.parse().ok()?)))
             .collect();
         in_netns(&node.netns, |nl| {
-            routes
-                .iter()
-                .try_for_each(|(cidr, via)| nl.ensure_route(*cidr, *via))
+            routes.iter().try_for_each(|(cidr, via)| nl.ensure_route(*cidr, *via))
         })?;
     }
     Ok(())
@@ -337,9 +312,7 @@ fn wait_ready(paths: &LabPaths, node: &NodeState) -> Result<(), LabError> {
     let socket = paths.agent_socket(&node.name);
     let deadline = Instant::now() + AGENT_READY_TIMEOUT;
     loop {
-        if let Ok(Response::Status(s)) =
-            agent_api::call(&socket, &Request::Status, Duration::from_secs(2))
-        {
+        if let Ok(Response::Status(s)) = agent_api::call(&socket, &Request::Status, Duration::from_secs(2)) {
             if s.ready {
                 return Ok(());
             }
@@ -348,16 +321,8 @@ fn wait_ready(paths: &LabPaths, node: &NodeState) -> Result<(), LabError> {
             .agent_pid
             .is_some_and(|pid| Path::new(&format!("/proc/{pid}")).exists() && !is_zombie(pid));
         if !alive || Instant::now() > deadline {
-            let log = std::fs::read_to_string(paths.node_dir(&node.name).join("agent.log"))
-                .unwrap_or_default();
-            let tail: Vec<&str> = log
-                .lines()
-                .rev()
-                .take(10)
-                .collect::<Vec<_>>()
-                .into_iter()
-                .rev()
-                .collect();
+            let log = std::fs::read_to_string(paths.node_dir(&node.name).join("agent.log")).unwrap_or_default();
+            let tail: Vec<&str> = log.lines().rev().take(10).collect::<Vec<_>>().into_iter().rev().collect();
             let why = if alive { "not ready in time" } else { "exited" };
             return Err(LabError::AgentFailed {
                 node: node.name.clone(),
@@ -370,11 +335,7 @@ fn wait_ready(paths: &LabPaths, node: &NodeState) -> Result<(), LabError> {
 
 fn is_zombie(pid: u32) -> bool {
     std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .map(|s| {
-            s.rsplit(')')
-                .next()
-                .is_some_and(|r| r.trim_start().starts_with('Z'))
-        })
+        .map(|s| s.rsplit(')').next().is_some_and(|r| r.trim_start().starts_with('Z')))
         .unwrap_or(true)
 }
 
@@ -397,10 +358,7 @@ fn is_lab_process(pid: u32, dir: &Path) -> bool {
     let dir = dir.to_string_lossy();
     let prefix = format!("{dir}/");
     let names_bulkhead = args.iter().any(|a| a.contains("bulkhead"));
-    names_bulkhead
-        && args
-            .iter()
-            .any(|a| a == dir.as_ref() || a.starts_with(&prefix))
+    names_bulkhead && args.iter().any(|a| a == dir.as_ref() || a.starts_with(&prefix))
 }
 
 /// Sends `signal` to `pid` if it still is one of ours.
@@ -418,10 +376,7 @@ fn signal(pid: u32, dir: &Path, signal: nix::sys::signal::Signal) {
 fn lab_processes(dir: &Path, known: &[u32]) -> Vec<u32> {
     let me = std::process::id();
     let mut pids: Vec<u32> = std::fs::read_dir("/proc")
-        .map(|rd| {
-            rd.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
-                .collect()
-        })
+        .map(|rd| rd.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok()).collect())
         .unwrap_or_default();
     pids.extend_from_slice(known);
     pids.sort_unstable();
@@ -512,7 +467,6 @@ pub fn down(paths: &LabPaths) -> Result<i32, LabError> {
 }
 
 #[cfg(test)]
-#[expect(clippy::unwrap_used, reason = "tests panic so backtraces survive")]
 mod tests {
     use super::*;
 
@@ -520,14 +474,9 @@ mod tests {
     fn cluster_cidr_avoids_host_routes() {
         let r = |s: &str| s.parse::<Ipv4Network>().unwrap();
         assert_eq!(pick_cluster_cidr(&[]).unwrap(), r("10.244.0.0/16"));
+        assert_eq!(pick_cluster_cidr(&[r("10.244.3.0/24")]).unwrap(), r("10.245.0.0/16"));
         assert_eq!(
-            pick_cluster_cidr(&[r("10.244.3.0/24")]).unwrap(),
-            r("10.245.0.0/16")
-        );
-        assert_eq!(
-            pick_cluster_cidr(&[r("10.0.0.0/8")])
-                .unwrap_err()
-                .to_string(),
+            pick_cluster_cidr(&[r("10.0.0.0/8")]).unwrap_err().to_string(),
             LabError::NoFreeCidr.to_string()
         );
         assert_eq!(nth_24(r("10.245.0.0/16"), 3), Ipv4Addr::new(10, 245, 3, 0));

@@ -21,11 +21,7 @@ type CreatedPod = (PodState, Option<u32>, Ipv4Addr);
 fn declared_ports(pod: &Pod) -> (Vec<u16>, Vec<u16>) {
     let mut tcp = BTreeSet::new();
     let mut udp = BTreeSet::new();
-    let containers = pod
-        .spec
-        .as_ref()
-        .map(|s| s.containers.as_slice())
-        .unwrap_or_default();
+    let containers = pod.spec.as_ref().map(|s| s.containers.as_slice()).unwrap_or_default();
     for port in containers.iter().flat_map(|c| c.ports.iter().flatten()) {
         let Ok(number) = u16::try_from(port.container_port) else {
             continue;
@@ -42,9 +38,7 @@ fn declared_ports(pod: &Pod) -> (Vec<u16>, Vec<u16>) {
 
 /// FNV-1a, for short stable name suffixes.
 fn fnv1a(s: &str) -> u32 {
-    s.bytes().fold(0x811c_9dc5u32, |h, b| {
-        (h ^ u32::from(b)).wrapping_mul(0x0100_0193)
-    })
+    s.bytes().fold(0x811c_9dc5u32, |h, b| (h ^ u32::from(b)).wrapping_mul(0x0100_0193))
 }
 
 /// The netns name of a pod: `bh<id>-<ns>-<pod>`, hashed when long or ambiguous.
@@ -59,19 +53,12 @@ fn pod_netns_name(id: &str, namespace: &str, name: &str) -> String {
 }
 
 fn object_ref(object: &Object) -> ObjectRef {
-    ObjectRef {
-        kind: object.kind().to_string(),
-        namespace: object.namespace().map(str::to_string),
-        name: object.name().to_string(),
-    }
+    object.to_ref()
 }
 
 fn pod_key(pod: &Pod) -> (String, String) {
     (
-        pod.metadata
-            .namespace
-            .clone()
-            .unwrap_or_else(|| "default".into()),
+        pod.metadata.namespace.clone().unwrap_or_else(|| "default".into()),
         pod.metadata.name.clone().unwrap_or_default(),
     )
 }
@@ -147,9 +134,7 @@ pub fn apply(paths: &LabPaths, state: &mut LabState, objects: Vec<Object>) -> Re
             .iter()
             .map(|pod| {
                 let node = state.node(&pod.node).cloned().unwrap_or_default();
-                scope.spawn(move || {
-                    create_pod(paths, &node, pod).map(|(pid, ip)| (pod.clone(), pid, ip))
-                })
+                scope.spawn(move || create_pod(paths, &node, pod).map(|(pid, ip)| (pod.clone(), pid, ip)))
             })
             .collect();
         handles
@@ -213,11 +198,7 @@ fn least_loaded(state: &LabState) -> String {
 }
 
 /// Creates a pod's namespace, starts its server and wires it with CNI ADD.
-fn create_pod(
-    paths: &LabPaths,
-    node: &NodeState,
-    pod: &PodState,
-) -> Result<(Option<u32>, Ipv4Addr), LabError> {
+fn create_pod(paths: &LabPaths, node: &NodeState, pod: &PodState) -> Result<(Option<u32>, Ipv4Addr), LabError> {
     netns::create_named(&pod.netns).map_err(|source| LabError::Netns {
         netns: pod.netns.clone(),
         source,
@@ -253,12 +234,7 @@ fn cni_binary() -> Result<PathBuf, LabError> {
 }
 
 /// Runs the CNI plugin as a runtime does, from the node's namespace; returns its stdout.
-fn cni(
-    paths: &LabPaths,
-    node: &NodeState,
-    pod: &PodState,
-    command: &'static str,
-) -> Result<String, LabError> {
+fn cni(paths: &LabPaths, node: &NodeState, pod: &PodState, command: &'static str) -> Result<String, LabError> {
     let bin = cni_binary()?;
     let state_dir = paths.node_dir(&node.name);
     let config = serde_json::json!({
@@ -274,7 +250,13 @@ fn cni(
         .env("CNI_CONTAINERID", &pod.container_id)
         .env("CNI_NETNS", netns::named_path(&pod.netns))
         .env("CNI_IFNAME", "eth0")
-        .env("CNI_ARGS", format!("IgnoreUnknown=1;K8S_POD_NAMESPACE={};K8S_POD_NAME={};K8S_POD_INFRA_CONTAINER_ID={}", pod.namespace, pod.name, pod.container_id))
+        .env(
+            "CNI_ARGS",
+            format!(
+                "IgnoreUnknown=1;K8S_POD_NAMESPACE={};K8S_POD_NAME={};K8S_POD_INFRA_CONTAINER_ID={}",
+                pod.namespace, pod.name, pod.container_id
+            ),
+        )
         .env("CNI_PATH", bin.parent().unwrap_or(&bin))
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
@@ -303,10 +285,7 @@ fn cni(
     let message = match serde_json::from_str::<serde_json::Value>(&stdout) {
         Ok(v) if v.get("msg").is_some() => {
             let msg = v["msg"].as_str().unwrap_or_default();
-            let details = v
-                .get("details")
-                .and_then(|d| d.as_str())
-                .filter(|d| !d.is_empty());
+            let details = v.get("details").and_then(|d| d.as_str()).filter(|d| !d.is_empty());
             let code = v.get("code").and_then(|c| c.as_u64()).unwrap_or_default();
             match details {
                 Some(d) => format!("{msg}: {d} (code {code})"),
@@ -358,10 +337,7 @@ fn start_server(paths: &LabPaths, pod: &PodState) -> Result<Option<u32>, LabErro
         cmd.arg("--udp").arg(p.to_string());
     }
     // The server says "ready" on stdout once every socket is bound.
-    cmd.stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(log)
-        .process_group(0);
+    cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(log).process_group(0);
     let spawn_err = |source| LabError::Spawn {
         what: format!("pod server for {}", pod.key()),
         source,
@@ -374,9 +350,7 @@ fn start_server(paths: &LabPaths, pod: &PodState) -> Result<Option<u32>, LabErro
         .map_err(spawn_err)?;
     let mut line = String::new();
     if let Some(out) = child.stdout.take() {
-        BufReader::new(out)
-            .read_line(&mut line)
-            .map_err(spawn_err)?;
+        BufReader::new(out).read_line(&mut line).map_err(spawn_err)?;
     }
     if line.trim() != "ready" {
         let log = std::fs::read_to_string(&log_path).unwrap_or_default();
@@ -401,12 +375,7 @@ pub fn delete(paths: &LabPaths, state: &mut LabState, objects: &[Object]) -> Res
     let mut doomed: Vec<PodState> = Vec::new();
     for object in objects {
         let victims: Vec<PodState> = match object {
-            Object::Namespace(_) => state
-                .pods
-                .iter()
-                .filter(|p| p.namespace == object.name())
-                .cloned()
-                .collect(),
+            Object::Namespace(_) => state.pods.iter().filter(|p| p.namespace == object.name()).cloned().collect(),
             Object::Pod(pod) => {
                 let (ns, name) = pod_key(pod);
                 state.pod(&ns, &name).cloned().into_iter().collect()
@@ -444,28 +413,21 @@ pub fn exec(paths: &LabPaths, target: &str, command: &[String]) -> Result<i32, L
         pod: format!("{ns}/{name}"),
     })?;
     let Some((program, args)) = command.split_first() else {
-        return Err(LabError::UnknownPod {
-            pod: target.to_string(),
-        });
+        return Err(LabError::UnknownPod { pod: target.to_string() });
     };
-    let status = netns::run_in(&netns::named_path(&pod.netns), || {
-        Command::new(program).args(args).status()
-    })
-    .map_err(|source| LabError::Netns {
-        netns: pod.netns.clone(),
-        source,
-    })?
-    .map_err(|source| LabError::Spawn {
-        what: program.clone(),
-        source,
-    })?;
-    Ok(status
-        .code()
-        .unwrap_or_else(|| 128 + status.signal().unwrap_or(0)))
+    let status = netns::run_in(&netns::named_path(&pod.netns), || Command::new(program).args(args).status())
+        .map_err(|source| LabError::Netns {
+            netns: pod.netns.clone(),
+            source,
+        })?
+        .map_err(|source| LabError::Spawn {
+            what: program.clone(),
+            source,
+        })?;
+    Ok(status.code().unwrap_or_else(|| 128 + status.signal().unwrap_or(0)))
 }
 
 #[cfg(test)]
-#[expect(clippy::unwrap_used, reason = "tests panic so backtraces survive")]
 mod tests {
     use super::*;
 

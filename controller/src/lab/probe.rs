@@ -35,12 +35,7 @@ pub struct ProbeReport {
 }
 
 /// `bulkhead lab probe`.
-pub fn run(
-    state: &LabState,
-    port: u16,
-    protocol: Protocol,
-    output: Output,
-) -> Result<i32, LabError> {
+pub fn run(state: &LabState, port: u16, protocol: Protocol, output: Output) -> Result<i32, LabError> {
     let mut pods: Vec<&PodState> = state.pods.iter().collect();
     pods.sort_by_key(|p| p.key());
     let report = probe_all(&pods, port, protocol)?;
@@ -65,13 +60,8 @@ fn probe_all(pods: &[&PodState], port: u16, protocol: Protocol) -> Result<ProbeR
                                 .filter(|to| to.key() != from.key())
                                 .map(|to| {
                                     inner.spawn(move || {
-                                        let ip = to
-                                            .ip
-                                            .as_deref()
-                                            .and_then(|ip| ip.parse::<Ipv4Addr>().ok());
-                                        let allowed = ip.is_some_and(|ip| {
-                                            probe_one(SocketAddr::from((ip, port)), protocol)
-                                        });
+                                        let ip = to.ip.as_deref().and_then(|ip| ip.parse::<Ipv4Addr>().ok());
+                                        let allowed = ip.is_some_and(|ip| probe_one(SocketAddr::from((ip, port)), protocol));
                                         ProbeResult {
                                             from: from.key(),
                                             to: to.key(),
@@ -143,9 +133,7 @@ fn probe_udp(addr: SocketAddr) -> bool {
         if socket.send(b"bulkhead-probe").is_err() {
             return false;
         }
-        let wait = deadline
-            .saturating_duration_since(Instant::now())
-            .min(Duration::from_millis(300));
+        let wait = deadline.saturating_duration_since(Instant::now()).min(Duration::from_millis(300));
         if wait.is_zero() || socket.set_read_timeout(Some(wait)).is_err() {
             return false;
         }
@@ -159,12 +147,7 @@ fn probe_udp(addr: SocketAddr) -> bool {
 /// The cyclonus-style matrix: rows from, columns to, `.` allowed, `X` denied.
 fn table(pods: &[&PodState], report: &ProbeReport) -> String {
     let names: Vec<String> = pods.iter().map(|p| p.key()).collect();
-    let width = names
-        .iter()
-        .map(String::len)
-        .max()
-        .unwrap_or(1)
-        .max(report.protocol.len() + 6);
+    let width = names.iter().map(String::len).max().unwrap_or(1).max(report.protocol.len() + 6);
     let mut out = format!("{:<width$}", format!("{}/{}", report.protocol, report.port));
     for n in &names {
         out.push_str(&format!(" {n:>w$}", w = n.len().max(1)));
@@ -176,11 +159,7 @@ fn table(pods: &[&PodState], report: &ProbeReport) -> String {
             let mark = if from == to {
                 "-"
             } else {
-                match report
-                    .results
-                    .iter()
-                    .find(|r| &r.from == from && &r.to == to)
-                {
+                match report.results.iter().find(|r| &r.from == from && &r.to == to) {
                     Some(r) if r.allowed => ".",
                     _ => "X",
                 }
@@ -199,7 +178,6 @@ fn table(pods: &[&PodState], report: &ProbeReport) -> String {
 }
 
 #[cfg(test)]
-#[expect(clippy::unwrap_used, reason = "tests panic so backtraces survive")]
 mod tests {
     use super::*;
 
@@ -232,6 +210,9 @@ mod tests {
             r#"{"port":80,"protocol":"TCP","results":[{"from":"x/a","to":"x/b","allowed":true},{"from":"x/b","to":"x/a","allowed":false}]}"#
         );
         let t = table(&[&a, &b], &report);
-        assert_eq!(t, "TCP/80    x/a x/b\nx/a         -   .\nx/b         X   -\n1 allowed, 1 denied, of 2 pairs\n");
+        assert_eq!(
+            t,
+            "TCP/80    x/a x/b\nx/a         -   .\nx/b         X   -\n1 allowed, 1 denied, of 2 pairs\n"
+        );
     }
 }

@@ -14,16 +14,11 @@ pub fn run(name: &str, tcp: &[u16], udp: &[u16]) -> Result<i32, LabError> {
     };
     let mut tcp_listeners = Vec::new();
     for &port in tcp {
-        tcp_listeners.push(
-            TcpListener::bind((Ipv4Addr::UNSPECIFIED, port))
-                .map_err(|e| bind_err("tcp", port, e))?,
-        );
+        tcp_listeners.push(TcpListener::bind((Ipv4Addr::UNSPECIFIED, port)).map_err(|e| bind_err("tcp", port, e))?);
     }
     let mut udp_sockets = Vec::new();
     for &port in udp {
-        udp_sockets.push(
-            UdpSocket::bind((Ipv4Addr::UNSPECIFIED, port)).map_err(|e| bind_err("udp", port, e))?,
-        );
+        udp_sockets.push(UdpSocket::bind((Ipv4Addr::UNSPECIFIED, port)).map_err(|e| bind_err("udp", port, e))?);
     }
     // The lab waits for this line before wiring the pod, so no probe races the bind.
     println!("ready");

@@ -80,16 +80,12 @@ impl LabState {
 
     /// The pod `namespace/name`.
     pub fn pod(&self, namespace: &str, name: &str) -> Option<&PodState> {
-        self.pods
-            .iter()
-            .find(|p| p.namespace == namespace && p.name == name)
+        self.pods.iter().find(|p| p.namespace == namespace && p.name == name)
     }
 
     /// The pod `namespace/name`, mutably.
     pub fn pod_mut(&mut self, namespace: &str, name: &str) -> Option<&mut PodState> {
-        self.pods
-            .iter_mut()
-            .find(|p| p.namespace == namespace && p.name == name)
+        self.pods.iter_mut().find(|p| p.namespace == namespace && p.name == name)
     }
 }
 
@@ -138,9 +134,7 @@ impl LabPaths {
 
     /// Log file of a pod server.
     pub fn pod_log(&self, pod: &PodState) -> PathBuf {
-        self.dir
-            .join("pods")
-            .join(format!("{}_{}.log", pod.namespace, pod.name))
+        self.dir.join("pods").join(format!("{}_{}.log", pod.namespace, pod.name))
     }
 
     /// The lock serialising lab commands.
@@ -177,19 +171,13 @@ impl LabPaths {
                 .map(Some)
                 .map_err(|source| LabError::State { path, source }),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-            Err(source) => Err(LabError::Io {
-                op: "read",
-                path,
-                source,
-            }),
+            Err(source) => Err(LabError::Io { op: "read", path, source }),
         }
     }
 
     /// Reads `lab.json`, failing when the lab is not up.
     pub fn load_up(&self) -> Result<LabState, LabError> {
-        self.load()?.ok_or_else(|| LabError::NotUp {
-            lab_dir: self.dir.clone(),
-        })
+        self.load()?.ok_or_else(|| LabError::NotUp { lab_dir: self.dir.clone() })
     }
 
     /// Writes `lab.json` atomically.
