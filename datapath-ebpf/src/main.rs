@@ -135,7 +135,7 @@ fn admit(ep: &EndpointInfo, dir: u8, l3: &L3, remote: [u8; 4]) -> Result<(), Dro
         rule_id,
         flags: 0,
     };
-    CONNTRACK.insert(&key, &entry, 0).map_err(|_| DropReason::CtInsertFailed)
+    CONNTRACK.insert(key, entry, 0).map_err(|_| DropReason::CtInsertFailed)
 }
 
 /// True when `key` is tracked and not idle past its lifetime; refreshes it at most once
