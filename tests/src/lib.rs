@@ -1,8 +1,5 @@
 //! Helpers for the end-to-end tests: the built binaries and a lab that cleans up after itself.
-#![expect(
-    clippy::expect_used,
-    reason = "test helpers panic so the failing test shows a backtrace"
-)]
+#![expect(clippy::expect_used, reason = "test helpers panic so the failing test shows a backtrace")]
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -29,9 +26,7 @@ pub fn binary(name: &str) -> PathBuf {
 
 /// A test fixture file.
 pub fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("fixtures")
-        .join(name)
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures").join(name)
 }
 
 static COUNTER: AtomicU32 = AtomicU32::new(0);
@@ -48,8 +43,7 @@ impl Lab {
     /// A lab using the real agent and CNI plugin.
     pub fn new(test: &str) -> Self {
         let n = COUNTER.fetch_add(1, Ordering::SeqCst);
-        let dir =
-            std::env::temp_dir().join(format!("bulkhead-e2e-{test}-{}-{n}", std::process::id()));
+        let dir = std::env::temp_dir().join(format!("bulkhead-e2e-{test}-{}-{n}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).expect("create test dir");
         Lab {
@@ -62,10 +56,8 @@ impl Lab {
     /// tests the lab's own plumbing independently of the datapath.
     pub fn with_stand_ins(test: &str) -> Self {
         let mut lab = Lab::new(test);
-        lab.env
-            .push(("BULKHEAD_AGENT".into(), fixture("fake-bulkhead-agent.py")));
-        lab.env
-            .push(("BULKHEAD_CNI".into(), fixture("fake-bulkhead-cni.py")));
+        lab.env.push(("BULKHEAD_AGENT".into(), fixture("fake-bulkhead-agent.py")));
+        lab.env.push(("BULKHEAD_CNI".into(), fixture("fake-bulkhead-cni.py")));
         lab
     }
 
@@ -101,26 +93,13 @@ impl Lab {
 
     /// The lab id from `status -o json`.
     pub fn id(&self) -> String {
-        let status: serde_json::Value =
-            serde_json::from_str(&self.ok(&["status", "-o", "json"])).expect("status json");
+        let status: serde_json::Value = serde_json::from_str(&self.ok(&["status", "-o", "json"])).expect("status json");
         status["id"].as_str().expect("id").to_string()
     }
 
     /// `probe -o json` as (from, to) → allowed.
-    pub fn probe(
-        &self,
-        port: u16,
-        protocol: &str,
-    ) -> std::collections::BTreeMap<(String, String), bool> {
-        let out = self.ok(&[
-            "probe",
-            "--port",
-            &port.to_string(),
-            "--protocol",
-            protocol,
-            "-o",
-            "json",
-        ]);
+    pub fn probe(&self, port: u16, protocol: &str) -> std::collections::BTreeMap<(String, String), bool> {
+        let out = self.ok(&["probe", "--port", &port.to_string(), "--protocol", protocol, "-o", "json"]);
         let v: serde_json::Value = serde_json::from_str(&out).expect("probe json");
         assert_eq!(v["port"], port);
         assert_eq!(v["protocol"], protocol);
@@ -158,14 +137,9 @@ impl Lab {
             .expect("read /proc")
             .filter_map(|e| {
                 let pid: u32 = e.ok()?.file_name().to_str()?.parse().ok()?;
-                let cmdline =
-                    String::from_utf8_lossy(&std::fs::read(format!("/proc/{pid}/cmdline")).ok()?)
-                        .replace('\0', " ");
+                let cmdline = String::from_utf8_lossy(&std::fs::read(format!("/proc/{pid}/cmdline")).ok()?).replace('\0', " ");
                 let state = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-                let zombie = state
-                    .rsplit(')')
-                    .next()
-                    .is_some_and(|r| r.trim_start().starts_with('Z'));
+                let zombie = state.rsplit(')').next().is_some_and(|r| r.trim_start().starts_with('Z'));
                 (cmdline.contains(&dir) && !zombie).then(|| format!("{pid}: {cmdline}"))
             })
             .collect();
@@ -186,7 +160,9 @@ impl Drop for Lab {
 pub fn three_by_three() -> String {
     let mut out = String::new();
     for ns in ["x", "y", "z"] {
-        out.push_str(&format!("---\napiVersion: v1\nkind: Namespace\nmetadata: {{name: {ns}, labels: {{ns: {ns}}}}}\n"));
+        out.push_str(&format!(
+            "---\napiVersion: v1\nkind: Namespace\nmetadata: {{name: {ns}, labels: {{ns: {ns}}}}}\n"
+        ));
         for pod in ["a", "b", "c"] {
             out.push_str(&format!(
                 "---\napiVersion: v1\nkind: Pod\nmetadata: {{name: {pod}, namespace: {ns}, labels: {{pod: {pod}}}}}\nspec:\n  containers:\n  - name: c\n    image: agnhost\n    ports:\n    - {{containerPort: 80, protocol: TCP}}\n    - {{containerPort: 80, protocol: UDP}}\n    - {{containerPort: 81, protocol: TCP}}\n    - {{containerPort: 81, protocol: UDP}}\n"
@@ -231,26 +207,17 @@ pub fn scenario_up_down(lab: &Lab) {
     let id = lab.id();
     assert_eq!(id.len(), 4);
     assert!(PathBuf::from(format!("/run/netns/bh{id}-node0")).exists());
-    let listed: serde_json::Value =
-        serde_json::from_str(&lab.ok(&["pods", "-o", "json"])).expect("pods json");
+    let listed: serde_json::Value = serde_json::from_str(&lab.ok(&["pods", "-o", "json"])).expect("pods json");
     let names: Vec<String> = listed
         .as_array()
         .expect("array")
         .iter()
-        .map(|p| {
-            format!(
-                "{}/{}",
-                p["namespace"].as_str().unwrap_or(""),
-                p["name"].as_str().unwrap_or("")
-            )
-        })
+        .map(|p| format!("{}/{}", p["namespace"].as_str().unwrap_or(""), p["name"].as_str().unwrap_or("")))
         .collect();
     assert_eq!(names, nine_pods());
     for p in listed.as_array().expect("array") {
         assert!(
-            p["ip"]
-                .as_str()
-                .is_some_and(|ip| ip.parse::<std::net::Ipv4Addr>().is_ok()),
+            p["ip"].as_str().is_some_and(|ip| ip.parse::<std::net::Ipv4Addr>().is_ok()),
             "pod without ip: {p}"
         );
         assert_eq!(p["node"], "node0");
@@ -274,10 +241,7 @@ pub fn scenario_three_by_three(lab: &Lab, enforced: bool) {
     );
     assert_eq!(open.len(), 72);
     assert!(open.values().all(|a| *a), "denied without policy: {open:?}");
-    assert!(
-        lab.probe(81, "UDP").values().all(|a| *a),
-        "udp denied without policy"
-    );
+    assert!(lab.probe(81, "UDP").values().all(|a| *a), "udp denied without policy");
     let policy = lab.file("policy.yaml", X_A_FROM_B);
     lab.ok(&["apply", "-f", &policy]);
     if !enforced {
@@ -313,15 +277,8 @@ pub fn scenario_bad_input(lab: &Lab) {
         let out = lab.run(&["apply", "-f", &file]);
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert!(!out.status.success(), "{name} was accepted");
-        assert!(
-            stderr.contains(needle),
-            "{name}: error does not name {needle:?}: {stderr}"
-        );
-        assert_eq!(
-            lab.ok(&["pods", "-o", "json"]),
-            before,
-            "{name} changed the pods"
-        );
+        assert!(stderr.contains(needle), "{name}: error does not name {needle:?}: {stderr}");
+        assert_eq!(lab.ok(&["pods", "-o", "json"]), before, "{name} changed the pods");
     }
 }
 

@@ -2,9 +2,7 @@
 //!
 //! Needs `cargo build` at the workspace root first; runs as root.
 
-use bulkhead_e2e::{
-    scenario_bad_input, scenario_exec, scenario_three_by_three, scenario_up_down, Lab,
-};
+use bulkhead_e2e::{scenario_bad_input, scenario_exec, scenario_three_by_three, scenario_up_down, Lab};
 
 #[test]
 fn up_down_leaves_nothing() {

@@ -2,9 +2,7 @@
 //! which need python3 and iproute2): nodes, pods, servers, probe, exec and cleanup work
 //! independently of the datapath. Policy is not enforced here; `lab.rs` proves that.
 
-use bulkhead_e2e::{
-    scenario_bad_input, scenario_exec, scenario_three_by_three, scenario_up_down, Lab,
-};
+use bulkhead_e2e::{scenario_bad_input, scenario_exec, scenario_three_by_three, scenario_up_down, Lab};
 
 #[test]
 fn up_down_leaves_nothing() {
@@ -31,10 +29,7 @@ fn cni_error_names_pod_and_message() {
     let lab = Lab::with_stand_ins("plumb-cnierr");
     lab.ok(&["up", "-f", &lab.file("empty.yaml", "")]);
     // The stand-in plugin fails for container ids ending in "-x-fail".
-    let pod = lab.file(
-        "fail.yaml",
-        "apiVersion: v1\nkind: Pod\nmetadata: {name: fail, namespace: x}\n",
-    );
+    let pod = lab.file("fail.yaml", "apiVersion: v1\nkind: Pod\nmetadata: {name: fail, namespace: x}\n");
     let out = lab.run(&["apply", "-f", &pod]);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
