@@ -635,7 +635,15 @@ fn pod_ips(lab: &Lab) -> BTreeMap<String, Ipv4Addr> {
 }
 
 fn run_suite(test: &str, nodes: u8) {
-    let cases = load_cases();
+    let mut cases = load_cases();
+    // `BULKHEAD_CONFORMANCE_CASES=a,b` runs only the cases whose names contain a or b, for
+    // iterating on one failure; the summary says so, so a filtered run never passes unnoticed.
+    if let Ok(filter) = std::env::var("BULKHEAD_CONFORMANCE_CASES") {
+        let words: Vec<&str> = filter.split(',').filter(|w| !w.is_empty()).collect();
+        cases.retain(|c| words.iter().any(|w| c.name.contains(w)));
+        assert!(!cases.is_empty(), "BULKHEAD_CONFORMANCE_CASES={filter} matches no case");
+        println!("FILTERED: BULKHEAD_CONFORMANCE_CASES={filter} selects {} cases", cases.len());
+    }
     let fixture_text = std::fs::read_to_string(fixture_path()).expect("read the fixture");
     let fixture = documents(&fixture_text).expect("fixture documents");
     let lab = Lab::new(test);
