@@ -552,7 +552,8 @@ impl Runner {
                         let bad = mismatches(probe, &t);
                         if bad > 0 {
                             println!(
-                                "  step {i} {}: {bad} mismatches after {attempt} probes\n{}",
+                                "  {} step {i} {}: {bad} mismatches after {attempt} probes\n{}",
+                                case.name,
                                 probe.label(),
                                 render_table(probe, &t)
                             );
