@@ -559,7 +559,7 @@ impl Runner {
                             );
                             failures.push(format!("step {i} {}: {bad} mismatches", probe.label()));
                         } else if attempt > 1 {
-                            println!("  step {i} {}: converged after {attempt} probes", probe.label());
+                            println!("  {} step {i} {}: converged after {attempt} probes", case.name, probe.label());
                         }
                     }
                     Err(e) => failures.push(format!("step {i}: {e}")),
