@@ -26,8 +26,15 @@ fn exec_passes_exit_code() {
 
 fn pod_ip(lab: &Lab, pod: &str) -> String {
     let pods: serde_json::Value = serde_json::from_str(&lab.ok(&["pods", "-o", "json"])).expect("pods json");
-    let found = pods.as_array().expect("array").iter().find(|p| format!("{}/{}", p["namespace"].as_str().unwrap_or(""), p["name"].as_str().unwrap_or("")) == pod);
-    found.and_then(|p| p["ip"].as_str()).map(str::to_string).unwrap_or_else(|| panic!("{pod} not listed: {pods}"))
+    let found = pods
+        .as_array()
+        .expect("array")
+        .iter()
+        .find(|p| format!("{}/{}", p["namespace"].as_str().unwrap_or(""), p["name"].as_str().unwrap_or("")) == pod);
+    found
+        .and_then(|p| p["ip"].as_str())
+        .map(str::to_string)
+        .unwrap_or_else(|| panic!("{pod} not listed: {pods}"))
 }
 
 fn reaches(lab: &Lab, from: &str, to: &str) -> bool {
@@ -62,10 +69,15 @@ fn down_after_crash_leaves_nothing() {
     let dir = lab.dir.display().to_string();
     let mut killed = 0;
     for entry in std::fs::read_dir("/proc").expect("read /proc").flatten() {
-        let Some(pid) = entry.file_name().to_str().and_then(|p| p.parse::<u32>().ok()) else { continue };
+        let Some(pid) = entry.file_name().to_str().and_then(|p| p.parse::<u32>().ok()) else {
+            continue;
+        };
         let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
         if String::from_utf8_lossy(&cmdline).contains(&dir) {
-            let status = std::process::Command::new("kill").args(["-9", &pid.to_string()]).status().expect("kill");
+            let status = std::process::Command::new("kill")
+                .args(["-9", &pid.to_string()])
+                .status()
+                .expect("kill");
             assert!(status.success());
             killed += 1;
         }
