@@ -117,6 +117,17 @@ fn tcp(src_mac: [u8; 6], src: Ipv4Addr, sport: u16, dst: Ipv4Addr, dport: u16) -
     eth(HOST_MAC, src_mac, 0x0800, &ipv4(src, dst, proto::TCP, 0, &ports(sport, dport, 20)))
 }
 
+/// A TCP segment with `flags` in byte 13 of its header.
+fn tcp_flags(src: Ipv4Addr, sport: u16, dst: Ipv4Addr, dport: u16, flags: u8) -> Vec<u8> {
+    let mut l4 = ports(sport, dport, 20);
+    l4[12] = 0x50;
+    l4[13] = flags;
+    eth(HOST_MAC, POD_MAC, 0x0800, &ipv4(src, dst, proto::TCP, 0, &l4))
+}
+
+const SYN: u8 = 0x02;
+const ACK: u8 = 0x10;
+
 fn icmp_echo(src: Ipv4Addr, dst: Ipv4Addr, kind: u8, id: u16) -> Vec<u8> {
     let mut l4 = vec![kind, 0, 0, 0];
     l4.extend_from_slice(&id.to_be_bytes());
@@ -285,4 +296,19 @@ fn malformed_and_fragmented_packets_drop() {
     // Not isolated: anything well-formed passes, with rule 0.
     let pkt = tcp(POD_MAC, POD, 40000, UNKNOWN, 443);
     assert_eq!(run(&mut f, program_names::FROM_POD, &pkt, DropReason::Forwarded), TC_ACT_OK);
+}
+
+#[test]
+fn syn_on_a_tracked_tuple_is_checked_as_a_new_connection() {
+    let mut f = fixture("syn", ISOLATED);
+    let syn = tcp_flags(POD, 40002, PEER_A, 80, SYN);
+    assert_eq!(run(&mut f, program_names::FROM_POD, &syn, DropReason::Forwarded), TC_ACT_OK);
+    // The policy that admitted the connection goes away.
+    let key = PolicyKey::new(10, 301, direction::EGRESS, proto::TCP, 80);
+    f.dp.maps.remove_policy(&key, POLICY_PREFIX_FULL).unwrap();
+    // The established connection keeps flowing ...
+    let ack = tcp_flags(POD, 40002, PEER_A, 80, ACK);
+    assert_eq!(run(&mut f, program_names::FROM_POD, &ack, DropReason::Forwarded), TC_ACT_OK);
+    // ... but a new connection on the same 4-tuple meets the policy as it is now.
+    assert_eq!(run(&mut f, program_names::FROM_POD, &syn, DropReason::PolicyDenied), TC_ACT_SHOT);
 }

@@ -126,7 +126,7 @@ fn admit(ep: &EndpointInfo, dir: u8, l3: &L3, remote: [u8; 4]) -> Result<(), Dro
     } else {
         direction::EGRESS
     };
-    if ct_alive(&key, now) || ct_alive(&key.reversed(reply_dir), now) {
+    if !l3.tcp_syn && (ct_alive(&key, now) || ct_alive(&key.reversed(reply_dir), now)) {
         return Ok(());
     }
     let rule_id = policy_verdict(ep, dir, remote, l3)?;

@@ -6,8 +6,10 @@ use bulkhead_common::{proto, DropReason};
 const ETH_HLEN: usize = 14;
 const ETH_P_IP: [u8; 2] = [0x08, 0x00];
 const ETH_P_ARP: [u8; 2] = [0x08, 0x06];
-/// Largest IPv4 header (IHL 15) plus the 8 bytes of L4 header we read.
-const MAX_PARSE: u32 = (ETH_HLEN + 60 + 8) as u32;
+/// Largest IPv4 header (IHL 15) plus the 14 bytes of TCP header we read (up to the flags).
+const MAX_PARSE: u32 = (ETH_HLEN + 60 + 14) as u32;
+const TCP_SYN: u8 = 0x02;
+const TCP_ACK: u8 = 0x10;
 const ICMP_ECHO_REPLY: u8 = 0;
 const ICMP_ECHO_REQUEST: u8 = 8;
 
@@ -39,6 +41,17 @@ struct Ports {
     dport: [u8; 2],
 }
 
+/// The TCP header up to its flags byte.
+#[repr(C)]
+struct TcpHead {
+    sport: [u8; 2],
+    dport: [u8; 2],
+    seq: [u8; 4],
+    ack: [u8; 4],
+    data_offset: u8,
+    flags: u8,
+}
+
 #[repr(C)]
 struct IcmpEcho {
     kind: u8,
@@ -58,6 +71,9 @@ pub struct L3 {
     /// Destination port; ICMP echo: 0 on requests, the identifier on replies, so that a
     /// reply's reverse tuple is its request's tuple.
     pub dport: [u8; 2],
+    /// A TCP SYN without ACK: always a new connection, even on a tuple conntrack still
+    /// holds (a client may reuse a 4-tuple at once when the server closed first).
+    pub tcp_syn: bool,
 }
 
 impl L3 {
@@ -115,8 +131,16 @@ pub fn parse(ctx: &TcContext) -> Result<Headers, DropReason> {
         return Err(DropReason::Fragment);
     }
     let l4 = ETH_HLEN + ihl;
+    let mut tcp_syn = false;
     let (sport, dport) = match protocol {
-        proto::TCP | proto::UDP | proto::SCTP => {
+        proto::TCP => {
+            let t = ptr_at::<TcpHead>(ctx, l4)?;
+            // SAFETY: as above.
+            let (sport, dport, flags) = unsafe { ((*t).sport, (*t).dport, (*t).flags) };
+            tcp_syn = flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
+            (sport, dport)
+        }
+        proto::UDP | proto::SCTP => {
             let p = ptr_at::<Ports>(ctx, l4)?;
             // SAFETY: as above.
             unsafe { ((*p).sport, (*p).dport) }
@@ -141,6 +165,7 @@ pub fn parse(ctx: &TcContext) -> Result<Headers, DropReason> {
             protocol,
             sport,
             dport,
+            tcp_syn,
         },
     })
 }

@@ -49,9 +49,10 @@ const N: usize = 9;
 const SUPPORTED: [&str; 0] = [];
 /// Capabilities a case may name.
 const KNOWN_REQUIREMENTS: [&str; 1] = ["sctp"];
-/// Probes per expectation before a mismatch counts: policy reaches the maps asynchronously
-/// after `lab apply` returns, as upstream's polling `ValidateOrFail` allows for.
-const ATTEMPTS: usize = 4;
+/// Probes per expectation before a mismatch counts. One: `lab apply` returns only once every
+/// agent has the change in its maps, so the first probe after it must already be right
+/// (stricter than upstream's polling `ValidateOrFail`).
+const ATTEMPTS: usize = 1;
 const RETRY_DELAY: Duration = Duration::from_millis(750);
 
 fn pod_name(i: usize) -> String {

@@ -1,6 +1,7 @@
 //! `bulkhead lab` end to end with the real agent, datapath and CNI plugin.
 //!
 //! Needs `cargo build` at the workspace root first; runs as root.
+#![expect(clippy::expect_used, reason = "tests assert by panicking (STYLE 14)")]
 
 use bulkhead_e2e::{scenario_bad_input, scenario_exec, scenario_three_by_three, scenario_up_down, three_by_three, Lab, X_A_FROM_B};
 
