@@ -474,12 +474,19 @@ struct Runner {
     ips: BTreeMap<String, Ipv4Addr>,
     fixture: Vec<Doc>,
     pairs_checked: usize,
+    /// How long each `lab apply` took. It returns once every agent has the change in its maps,
+    /// so this is the time from apply to enforcement.
+    apply_times: std::cell::RefCell<Vec<Duration>>,
 }
 
 impl Runner {
     fn lab_file(&self, verb: &str, text: &str) -> Result<(), String> {
         let path = self.lab.file(&format!("case-{verb}.yaml"), text);
+        let started = std::time::Instant::now();
         let out = self.lab.run(&[verb, "-f", &path]);
+        if verb == "apply" {
+            self.apply_times.borrow_mut().push(started.elapsed());
+        }
         if out.status.success() {
             Ok(())
         } else {
@@ -658,6 +665,7 @@ fn run_suite(test: &str, nodes: u8) {
         ips,
         fixture,
         pairs_checked: 0,
+        apply_times: std::cell::RefCell::default(),
     };
     let started = Instant::now();
     let mut failed = Vec::new();
@@ -676,6 +684,18 @@ fn run_suite(test: &str, nodes: u8) {
         if !failures.is_empty() {
             failed.push(format!("{}: {}", case.name, failures.join("; ")));
         }
+    }
+    let mut times = runner.apply_times.borrow().clone();
+    times.sort();
+    if !times.is_empty() {
+        let at = |q: f64| times[((times.len() - 1) as f64 * q).round() as usize];
+        println!(
+            "lab apply to enforcement over {} applies: median {:?}, p99 {:?}, max {:?}",
+            times.len(),
+            at(0.5),
+            at(0.99),
+            at(1.0)
+        );
     }
     println!(
         "{} cases run ({} not run: {not_run:?}), {} pairs checked, {:.1?} in total",
