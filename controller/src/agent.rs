@@ -271,12 +271,11 @@ async fn handle(agent: &Mutex<Agent>, request: Request) -> Response {
             loop {
                 {
                     let mut a = agent.lock().await;
-                    let known = a.cluster.pod(&spec.pod_namespace, &spec.pod_name).is_some();
-                    if known {
-                        return a.add_endpoint(spec);
-                    }
-                    if let Err(e) = a.refresh(true) {
-                        tracing::warn!(error = %error_chain(&e), "reloading the model");
+                    // The pod may have been written after the last poll: re-read before waiting.
+                    if a.cluster.pod(&spec.pod_namespace, &spec.pod_name).is_none() {
+                        if let Err(e) = a.refresh(true) {
+                            tracing::warn!(error = %error_chain(&e), "reloading the model");
+                        }
                     }
                     if a.cluster.pod(&spec.pod_namespace, &spec.pod_name).is_some() {
                         return a.add_endpoint(spec);
