@@ -20,6 +20,10 @@ pub mod map_names {
     pub const CONNTRACK: &str = "bh_ct_v1";
     /// Per-CPU array of [`Counter`](super::Counter), indexed by [`counter_index`](super::counter_index).
     pub const COUNTERS: &str = "bh_cnt_v1";
+    /// Ring buffer of [`FlowEvent`](crate::FlowEvent)s.
+    pub const FLOWS: &str = "bh_flow_v1";
+    /// Per-CPU array, one `u64` slot: flow events the ring buffer could not take.
+    pub const FLOWS_LOST: &str = "bh_flost_v1";
 }
 
 /// Program names in the eBPF object.
@@ -40,6 +44,8 @@ pub mod capacity {
     pub const POLICY: u32 = 262_144;
     /// Tracked connections per node.
     pub const CONNTRACK: u32 = 262_144;
+    /// Bytes of the flow ring buffer (a power of two, a multiple of the page size).
+    pub const FLOW_RING_BYTES: u32 = 1 << 22;
 }
 
 /// Reserved identities; allocated identities start at [`identity::FIRST_ALLOCATED`].
@@ -70,6 +76,11 @@ pub mod endpoint_flags {
     pub const ISOLATED_INGRESS: u32 = 1 << 0;
     /// Some policy selects the endpoint for egress: unmatched outbound flows drop.
     pub const ISOLATED_EGRESS: u32 = 1 << 1;
+    /// Ingress is isolated only by policies in audit mode: what they would drop is
+    /// forwarded and reported with [`verdict::AUDIT`](crate::verdict::AUDIT).
+    pub const AUDIT_INGRESS: u32 = 1 << 2;
+    /// As [`AUDIT_INGRESS`], for egress.
+    pub const AUDIT_EGRESS: u32 = 1 << 3;
 }
 
 /// IP protocol numbers the datapath parses.
@@ -303,6 +314,69 @@ pub const fn ct_lifetime_ns(protocol: u8) -> u64 {
 /// A conntrack entry is refreshed at most this often, to keep map writes off most packets.
 pub const CT_REFRESH_NS: u64 = 1_000_000_000;
 
+/// What happened to the packet a [`FlowEvent`] reports.
+pub mod verdict {
+    /// Forwarded: allowed by policy, or the endpoint is not isolated that way.
+    pub const FORWARDED: u8 = 0;
+    /// Dropped; [`FlowEvent::reason`](crate::FlowEvent::reason) says why.
+    pub const DROPPED: u8 = 1;
+    /// Forwarded, but an audit-mode policy would have dropped it.
+    pub const AUDIT: u8 = 2;
+}
+
+/// Rule ids with a fixed meaning; the compiler allocates real rules from
+/// [`rule_id::FIRST_ALLOCATED`].
+pub mod rule_id {
+    /// No rule decided: the endpoint is not isolated in that direction, or the packet was
+    /// dropped before policy (spoofing, parse errors). With `PolicyDenied`: default deny.
+    pub const NONE: u32 = 0;
+    /// The first id the compiler hands out.
+    pub const FIRST_ALLOCATED: u32 = 1;
+}
+
+/// One flow record, sent through the [`map_names::FLOWS`] ring buffer for the first
+/// packet of every new flow (conntrack miss) and for every dropped packet — never for
+/// packets of an established flow.
+///
+/// Addresses and ports are in network byte order, as on the wire; `saddr`/`sport` are
+/// the packet's source. For ICMP echo, `sport` is the echo id and `dport` 0.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FlowEvent {
+    /// `bpf_ktime_get_ns()` when the packet was seen.
+    pub timestamp_ns: u64,
+    /// The local endpoint the program runs for (0 when unknown).
+    pub endpoint_id: u32,
+    /// The local endpoint's identity (0 when unknown).
+    pub identity: u32,
+    /// The remote address's identity from the ipcache (0 when not looked up).
+    pub remote_identity: u32,
+    /// The rule that allowed the flow, or [`rule_id::NONE`].
+    pub rule_id: u32,
+    /// Packet source address.
+    pub saddr: [u8; 4],
+    /// Packet destination address.
+    pub daddr: [u8; 4],
+    /// Packet source port.
+    pub sport: [u8; 2],
+    /// Packet destination port.
+    pub dport: [u8; 2],
+    /// Length of the packet in bytes.
+    pub packet_len: u32,
+    /// IP protocol number, 0 when not IPv4.
+    pub protocol: u8,
+    /// [`direction`] from the endpoint's point of view.
+    pub direction: u8,
+    /// A [`verdict`] value.
+    pub verdict: u8,
+    /// A [`DropReason`] value (`Forwarded` unless dropped).
+    pub reason: u8,
+    /// TCP flags of the packet (0 for other protocols).
+    pub tcp_flags: u8,
+    /// Explicit padding; always zero.
+    pub _pad: [u8; 3],
+}
+
 /// Packets and bytes for one (reason, direction) slot.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -321,6 +395,7 @@ const _: () = assert!(core::mem::size_of::<PolicyValue>() == 8);
 const _: () = assert!(core::mem::size_of::<CtKey>() == 16);
 const _: () = assert!(core::mem::size_of::<CtEntry>() == 16);
 const _: () = assert!(core::mem::size_of::<Counter>() == 16);
+const _: () = assert!(core::mem::size_of::<FlowEvent>() == 48);
 const _: () = assert!(POLICY_PREFIX_FULL as usize == core::mem::size_of::<PolicyKey>() * 8);
 
 #[cfg(feature = "user")]
@@ -342,6 +417,8 @@ mod pod {
     unsafe impl aya::Pod for super::CtEntry {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::Counter {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::FlowEvent {}
 }
 
 #[cfg(test)]
