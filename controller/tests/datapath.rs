@@ -11,8 +11,8 @@ use aya::programs::{TestRun, TestRunOptions};
 use bulkhead::datapath::Datapath;
 use bulkhead::maps::MapWriter;
 use bulkhead_common::{
-    capacity, direction, endpoint_flags, program_names, proto, rule_id, verdict, DropReason, EndpointInfo, FlowEvent, IpcacheValue,
-    PolicyKey, PolicyValue, POLICY_PREFIX_ANY_PROTO, POLICY_PREFIX_FULL,
+    capacity, direction, endpoint_flags, identity, program_names, proto, rule_id, verdict, DropReason, EndpointInfo, FlowEvent,
+    IpcacheValue, PolicyKey, PolicyValue, POLICY_PREFIX_ANY_PROTO, POLICY_PREFIX_FULL,
 };
 
 const TC_ACT_OK: i32 = 0;
@@ -448,5 +448,34 @@ fn records_the_ring_cannot_take_are_counted_not_blocking() {
     assert_eq!(
         f.dp.counter(DropReason::PolicyDenied, direction::INGRESS).unwrap().packets,
         u64::from(sent)
+    );
+}
+
+#[test]
+fn the_pods_own_node_is_always_allowed() {
+    let mut f = fixture("host", ISOLATED);
+    let node = Ipv4Addr::new(10, 0, 9, 1);
+    f.dp.maps
+        .set_ipcache(
+            node,
+            32,
+            &IpcacheValue {
+                identity: identity::HOST,
+                flags: 0,
+            },
+        )
+        .unwrap();
+    // A kubelet probe to a port no policy allows, and the pod calling its node.
+    let probe = tcp(HOST_MAC, node, 5555, POD, 8080);
+    assert_eq!(run(&mut f, program_names::TO_POD, &probe, DropReason::Forwarded), TC_ACT_OK);
+    let out = tcp(POD_MAC, POD, 40030, node, 10250);
+    assert_eq!(run(&mut f, program_names::FROM_POD, &out, DropReason::Forwarded), TC_ACT_OK);
+    let summary: Vec<_> = f.drain().iter().map(|e| (e.verdict, e.remote_identity, e.rule_id)).collect();
+    assert_eq!(
+        summary,
+        vec![
+            (verdict::FORWARDED, identity::HOST, rule_id::NONE),
+            (verdict::FORWARDED, identity::HOST, rule_id::NONE)
+        ]
     );
 }

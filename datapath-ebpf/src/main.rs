@@ -227,7 +227,9 @@ fn policy_verdict(ep: &EndpointInfo, dir: u8, remote: [u8; 4], l3: &L3, flow: &m
         .get(Key::new(32, Ipv4Key { addr: remote }))
         .map_or(identity::WORLD, |v| v.identity);
     flow.remote_identity = remote_identity;
-    if ep.flags & (isolated | audit) == 0 {
+    // Traffic between a pod and its own node is always allowed (kubelet probes), as
+    // Kubernetes documents for NetworkPolicy; the agent gives the node's addresses HOST.
+    if ep.flags & (isolated | audit) == 0 || remote_identity == identity::HOST {
         return Ok((rule_id::NONE, verdict::FORWARDED));
     }
     let mut key = PolicyKey {
