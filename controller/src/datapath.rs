@@ -2,7 +2,7 @@
 
 use std::path::{Path, PathBuf};
 
-use aya::maps::{MapData, PerCpuArray};
+use aya::maps::{MapData, PerCpuArray, RingBuf};
 use aya::programs::tc::{self, NlOptions, SchedClassifier, TcAttachOptions, TcAttachType};
 use aya::{Ebpf, EbpfLoader};
 use bulkhead_common::{counter_index, direction, map_names, program_names, Counter, DropReason};
@@ -233,4 +233,35 @@ fn classifier<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut Sche
             ifname: "-".into(),
             source: Box::new(source),
         })
+}
+
+// Flow records (issue 4). Kept in their own block, reading the maps from the object by
+// name, so the struct above stays as it is.
+impl Datapath {
+    /// The flow ring buffer, for the flow reader; `None` once taken or when the object has
+    /// none (an older datapath).
+    pub fn take_flow_ring(&mut self) -> Option<RingBuf<MapData>> {
+        let map = self.ebpf.take_map(map_names::FLOWS)?;
+        match RingBuf::try_from(map) {
+            Ok(ring) => Some(ring),
+            Err(e) => {
+                tracing::warn!(map = map_names::FLOWS, error = %e, "flow map is not a ring buffer");
+                None
+            }
+        }
+    }
+
+    /// Flow events the ring buffer could not take, summed over CPUs (0 when the object has
+    /// no such counter).
+    pub fn flows_lost(&self) -> Result<u64, DatapathError> {
+        let Some(map) = self.ebpf.map(map_names::FLOWS_LOST) else {
+            return Ok(0);
+        };
+        let err = |source| DatapathError::Map {
+            map: map_names::FLOWS_LOST,
+            source: Box::new(source),
+        };
+        let lost: PerCpuArray<&MapData, u64> = PerCpuArray::try_from(map).map_err(err)?;
+        Ok(lost.get(&0, 0).map_err(err)?.iter().sum())
+    }
 }
