@@ -251,10 +251,21 @@ impl Resolver {
     }
 
     fn peer(&self, pod: Option<&PodInfo>, ip: Ipv4Addr, port: u16, identity: u32) -> FlowPeer {
+        // Addresses that are not pods carry their reserved identity as a label, as in Cilium.
+        let reserved = match identity {
+            bulkhead_common::identity::HOST => Some("reserved:host"),
+            bulkhead_common::identity::WORLD => Some("reserved:world"),
+            _ => None,
+        };
+        let labels = match (pod, reserved) {
+            (Some(p), _) => p.labels.clone(),
+            (None, Some(r)) => BTreeMap::from([(r.to_string(), String::new())]),
+            (None, None) => BTreeMap::new(),
+        };
         FlowPeer {
             namespace: pod.map(|p| p.namespace.clone()),
             pod: pod.map(|p| p.name.clone()),
-            labels: pod.map(|p| p.labels.clone()).unwrap_or_default(),
+            labels,
             ip,
             port,
             identity,
@@ -709,6 +720,11 @@ spec:
         assert_eq!(f.source.pod_name().as_deref(), Some("x/a"));
         assert_eq!(f.source.identity, 300, "the local side carries the endpoint's identity");
         assert_eq!(f.destination.pod, None, "an outside address is not a pod");
+        assert!(f.destination.labels.is_empty());
+        let mut from_host = event(1, [10, 9, 0, 254], XA, direction::INGRESS, verdict::FORWARDED, DropReason::Forwarded, 0);
+        from_host.remote_identity = bulkhead_common::identity::HOST;
+        let f = r.resolve(&from_host, 0).unwrap();
+        assert!(f.source.labels.contains_key("reserved:host"), "{:?}", f.source);
         assert_eq!(f.destination.ip, Ipv4Addr::new(192, 0, 2, 1));
         assert!(f.allowed_by.is_empty() && f.isolated_by.is_empty());
     }
