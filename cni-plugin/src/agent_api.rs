@@ -222,8 +222,7 @@ pub fn parse_namespaced(text: &str) -> Result<(&str, &str), String> {
 }
 
 fn peer_is(peer: &FlowPeer, wanted: &str) -> bool {
-    parse_namespaced(wanted)
-        .is_ok_and(|(ns, name)| peer.namespace.as_deref() == Some(ns) && peer.pod.as_deref() == Some(name))
+    parse_namespaced(wanted).is_ok_and(|(ns, name)| peer.namespace.as_deref() == Some(ns) && peer.pod.as_deref() == Some(name))
 }
 
 fn peer_has_labels(peer: &FlowPeer, labels: &[String]) -> bool {
@@ -269,14 +268,8 @@ impl FlowFilter {
                 .is_none_or(|ns| either(&|x| x.namespace.as_deref() == Some(ns)))
             && (self.labels.is_empty() || either(&|x| peer_has_labels(x, &self.labels)))
             && self.verdict.is_none_or(|v| v == flow.verdict)
-            && self
-                .drop_reason
-                .as_deref()
-                .is_none_or(|r| flow.drop_reason.as_deref() == Some(r))
-            && self
-                .protocol
-                .as_deref()
-                .is_none_or(|p| p.eq_ignore_ascii_case(&flow.protocol))
+            && self.drop_reason.as_deref().is_none_or(|r| flow.drop_reason.as_deref() == Some(r))
+            && self.protocol.as_deref().is_none_or(|p| p.eq_ignore_ascii_case(&flow.protocol))
             && self.port.is_none_or(|p| src.port == p || dst.port == p)
             && self.direction.is_none_or(|d| d == flow.direction)
             && self.policy.as_deref().is_none_or(|p| {

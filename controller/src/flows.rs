@@ -10,12 +10,10 @@ use std::net::Ipv4Addr;
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 
 use aya::maps::{MapData, RingBuf};
-use bulkhead_cni::agent_api::{
-    Flow, FlowDirection, FlowPeer, FlowVerdict, ObserveRequest, PolicyName, PolicyRule, Response,
-};
+use bulkhead_cni::agent_api::{Flow, FlowDirection, FlowPeer, FlowVerdict, ObserveRequest, PolicyName, PolicyRule, Response};
 use bulkhead_common::{direction, proto, rule_id, verdict, DropReason, FlowEvent};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufWriter};
 use tokio::io::unix::AsyncFd;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufWriter};
 use tokio::sync::broadcast;
 
 use crate::identity::{Direction, RuleTable};
@@ -273,9 +271,11 @@ impl Resolver {
     }
 }
 
-/// `TCP`, `UDP`, `SCTP`, `ICMP`, or the number.
+/// `TCP`, `UDP`, `SCTP`, `ICMP`, `non-IPv4` (the datapath reports 0 for packets that are
+/// not IPv4), or the number.
 pub fn protocol_name(p: u8) -> String {
     match p {
+        0 => "non-IPv4".into(),
         proto::TCP => "TCP".into(),
         proto::UDP => "UDP".into(),
         proto::SCTP => "SCTP".into(),
@@ -364,11 +364,7 @@ impl FlowStore {
 
     /// Names, stores and broadcasts a batch of events from the ring buffer.
     pub fn record(&self, events: &[FlowEvent]) {
-        let resolver = self
-            .resolver
-            .read()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .clone();
+        let resolver = self.resolver.read().unwrap_or_else(std::sync::PoisonError::into_inner).clone();
         let flows: Vec<Arc<Stored>> = events
             .iter()
             .filter_map(|ev| {
@@ -569,9 +565,9 @@ pub fn spawn_reader(ring: RingBuf<MapData>, store: Arc<FlowStore>) -> Result<tok
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::time::Duration;
     use crate::model::parse_documents;
     use bulkhead_cni::agent_api::FlowFilter;
+    use std::time::Duration;
 
     const MODEL: &str = "
 apiVersion: v1
@@ -673,7 +669,15 @@ spec:
     #[test]
     fn default_deny_drop_names_the_isolating_policy() {
         let (r, _) = resolver();
-        let ev = event(3, B, XC, direction::INGRESS, verdict::DROPPED, DropReason::PolicyDenied, rule_id::NONE);
+        let ev = event(
+            3,
+            B,
+            XC,
+            direction::INGRESS,
+            verdict::DROPPED,
+            DropReason::PolicyDenied,
+            rule_id::NONE,
+        );
         let f = r.resolve(&ev, 1_700_000_000_000_000_007).unwrap();
         assert_eq!(f.time, "2023-11-14T22:13:20.000000007Z");
         assert_eq!(f.node, "node0");
@@ -715,18 +719,34 @@ spec:
         );
         assert!(f.isolated_by.is_empty());
         // x/a not isolated for egress: forwarded with no rule, and names nothing.
-        let ev = event(1, XA, [192, 0, 2, 1], direction::EGRESS, verdict::FORWARDED, DropReason::Forwarded, 0);
+        let ev = event(
+            1,
+            XA,
+            [192, 0, 2, 1],
+            direction::EGRESS,
+            verdict::FORWARDED,
+            DropReason::Forwarded,
+            0,
+        );
         let f = r.resolve(&ev, 0).unwrap();
         assert_eq!(f.source.pod_name().as_deref(), Some("x/a"));
         assert_eq!(f.source.identity, 300, "the local side carries the endpoint's identity");
         assert_eq!(f.destination.pod, None, "an outside address is not a pod");
-        assert!(f.destination.labels.is_empty());
-        let mut from_host = event(1, [10, 9, 0, 254], XA, direction::INGRESS, verdict::FORWARDED, DropReason::Forwarded, 0);
+        assert!(f.destination.labels.is_empty(), "identity 301 is not a reserved one");
+        assert_eq!(f.destination.ip, Ipv4Addr::new(192, 0, 2, 1));
+        assert!(f.allowed_by.is_empty() && f.isolated_by.is_empty());
+        let mut from_host = event(
+            1,
+            [10, 9, 0, 254],
+            XA,
+            direction::INGRESS,
+            verdict::FORWARDED,
+            DropReason::Forwarded,
+            0,
+        );
         from_host.remote_identity = bulkhead_common::identity::HOST;
         let f = r.resolve(&from_host, 0).unwrap();
         assert!(f.source.labels.contains_key("reserved:host"), "{:?}", f.source);
-        assert_eq!(f.destination.ip, Ipv4Addr::new(192, 0, 2, 1));
-        assert!(f.allowed_by.is_empty() && f.isolated_by.is_empty());
     }
 
     #[test]
@@ -749,6 +769,7 @@ spec:
         let f = r.resolve(&udp, 0).unwrap();
         assert_eq!((f.protocol.as_str(), f.tcp_flags.as_deref()), ("UDP", None));
         assert_eq!(protocol_name(47), "47");
+        assert_eq!(protocol_name(0), "non-IPv4");
         assert_eq!(tcp_flags(0x12), "SYN|ACK");
     }
 

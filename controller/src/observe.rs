@@ -81,12 +81,7 @@ fn label(text: &str) -> Result<String, String> {
 }
 
 fn drop_reasons() -> PossibleValuesParser {
-    PossibleValuesParser::new(
-        DropReason::ALL
-            .iter()
-            .filter(|r| **r != DropReason::Forwarded)
-            .map(|r| r.name()),
-    )
+    PossibleValuesParser::new(DropReason::ALL.iter().filter(|r| **r != DropReason::Forwarded).map(|r| r.name()))
 }
 
 /// Parses `--since`: a duration back from now (`30s`, `5m`, `1h30m`, `2d`, `500ms`) or an
@@ -95,8 +90,8 @@ pub fn parse_since(text: &str) -> Result<u64, String> {
     let at = match text.parse::<jiff::Timestamp>() {
         Ok(t) => t.as_nanosecond(),
         Err(_) => {
-            let ago = parse_duration(text)
-                .ok_or_else(|| format!("{text:?} is neither a duration like 5m or 1h30m nor an RFC 3339 time"))?;
+            let ago =
+                parse_duration(text).ok_or_else(|| format!("{text:?} is neither a duration like 5m or 1h30m nor an RFC 3339 time"))?;
             jiff::Timestamp::now().as_nanosecond() - ago as i128
         }
     };
@@ -420,8 +415,12 @@ fn print_flow(out: &mut impl Write, f: &Flow, output: Output) -> std::io::Result
 }
 
 fn endpoint(p: &agent_api::FlowPeer) -> String {
-    let who = p.pod_name().unwrap_or_else(|| p.ip.to_string());
-    format!("{who}:{}", p.port)
+    match p.pod_name() {
+        Some(pod) => format!("{pod}:{}", p.port),
+        // A packet that is not IPv4 has no addresses to show.
+        None if p.ip.is_unspecified() => "-".into(),
+        None => format!("{}:{}", p.ip, p.port),
+    }
 }
 
 /// One readable line for a flow.
@@ -433,7 +432,13 @@ pub fn table_row(f: &Flow) -> String {
         detail.push(r.clone());
     }
     for r in &f.allowed_by {
-        detail.push(format!("allowed by {}/{} {}[{}]", r.namespace, r.name, r.direction.as_str(), r.rule));
+        detail.push(format!(
+            "allowed by {}/{} {}[{}]",
+            r.namespace,
+            r.name,
+            r.direction.as_str(),
+            r.rule
+        ));
     }
     if !f.isolated_by.is_empty() {
         let names: Vec<String> = f.isolated_by.iter().map(|p| format!("{}/{}", p.namespace, p.name)).collect();
@@ -553,7 +558,11 @@ mod tests {
         let _ = std::fs::remove_dir_all(&dir);
         let lab = dir.display().to_string();
         let a = parse(&["--lab-dir", &lab]).unwrap();
-        assert_eq!(targets(&a).unwrap()[0].socket, PathBuf::from(DEFAULT_SOCKET), "no lab: the local agent");
+        assert_eq!(
+            targets(&a).unwrap()[0].socket,
+            PathBuf::from(DEFAULT_SOCKET),
+            "no lab: the local agent"
+        );
         let a = parse(&["--lab-dir", &lab, "--node", "node1"]).unwrap();
         assert!(matches!(targets(&a), Err(ObserveError::NoLab { .. })));
         let paths = LabPaths::new(&dir).unwrap();

@@ -80,11 +80,7 @@ fn dropped_flows_name_isolating_policies_and_allowed_flows_their_policy() {
     lab.ok(&["apply", "-f", &lab.file("policy.yaml", X_A_FROM_B)]);
     let probe = lab.probe(80, "TCP");
     let denied: Vec<&(String, String)> = probe.iter().filter(|(_, ok)| !**ok).map(|(k, _)| k).collect();
-    let allowed_into_xa: Vec<&(String, String)> = probe
-        .iter()
-        .filter(|((_, to), ok)| **ok && to == "x/a")
-        .map(|(k, _)| k)
-        .collect();
+    let allowed_into_xa: Vec<&(String, String)> = probe.iter().filter(|((_, to), ok)| **ok && to == "x/a").map(|(k, _)| k).collect();
     // x/b and x/c admit nothing (16 pairs), x/a admits only the pods labelled pod=b (5 denied).
     assert_eq!(denied.len(), 21, "{probe:?}");
     assert_eq!(allowed_into_xa.len(), 3, "{probe:?}");
@@ -124,7 +120,9 @@ fn dropped_flows_name_isolating_policies_and_allowed_flows_their_policy() {
             };
             let rules = f["allowed_by"].as_array().cloned().unwrap_or_default();
             assert!(
-                rules.iter().any(|r| r["namespace"] == "x" && r["name"] == "allow-b" && r["direction"] == "ingress"),
+                rules
+                    .iter()
+                    .any(|r| r["namespace"] == "x" && r["name"] == "allow-b" && r["direction"] == "ingress"),
                 "{from} -> {to} does not name allow-b: {f}"
             );
             assert!(f.get("isolated_by").is_none(), "{f}");
@@ -205,7 +203,11 @@ fn stalled_followers_do_not_block_the_agent() {
     let recent = flows(&lab, &["--last", "5"]);
     assert_eq!(recent.len(), 5);
     lab.ok(&["apply", "-f", &lab.file("policy.yaml", X_A_FROM_B)]);
-    assert!(started.elapsed() < Duration::from_secs(5), "agent slow with stalled followers: {:?}", started.elapsed());
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "agent slow with stalled followers: {:?}",
+        started.elapsed()
+    );
     let counts: BTreeMap<String, usize> = flows(&lab, &[]).iter().fold(BTreeMap::new(), |mut m, f| {
         *m.entry(f["verdict"].as_str().unwrap_or("?").to_string()).or_default() += 1;
         m
