@@ -15,6 +15,7 @@ use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::Mutex;
 
 use crate::datapath::{Datapath, DatapathError};
+use crate::flows::{self, Clock, FlowStore, Resolver};
 use crate::maps::{self, MapsError};
 use crate::model::Cluster;
 use crate::policy::{Compiler, DatapathState, LocalEndpoint};
@@ -48,6 +49,9 @@ pub struct AgentArgs {
     /// This node's pod CIDR (informational; the CNI plugin allocates from it).
     #[arg(long)]
     pub pod_cidr: Option<ipnetwork::Ipv4Network>,
+    /// Flow records kept in memory for `bulkhead observe` (the oldest fall out).
+    #[arg(long, default_value_t = flows::DEFAULT_HISTORY)]
+    pub flow_history: usize,
 }
 
 /// Why the agent failed.
@@ -102,6 +106,8 @@ struct Agent {
     registry: PathBuf,
     /// This node's own addresses, given the reserved HOST identity.
     host_addresses: Vec<Ipv4Addr>,
+    /// Flow history; its resolver is refreshed after every reprogram.
+    flows: Arc<FlowStore>,
 }
 
 fn parse_mac(text: &str) -> Option<[u8; 6]> {
@@ -133,12 +139,15 @@ impl Agent {
     /// Recompiles and writes the difference into the maps.
     fn reprogram(&mut self) -> Result<(), AgentError> {
         let started = Instant::now();
-        let mut new = self.compiler.compile(&self.cluster, &self.locals());
+        let locals = self.locals();
+        let mut new = self.compiler.compile(&self.cluster, &locals);
         add_host_addresses(&mut new, &self.host_addresses);
         match maps::sync(&mut self.datapath.maps, &self.applied, &new) {
             Ok(stats) => {
                 self.applied = new;
                 self.generation += 1;
+                self.flows
+                    .set_resolver(Resolver::build(&self.node_name, &self.cluster, self.compiler.rules(), &locals));
                 tracing::debug!(upserts = stats.upserts, removals = stats.removals, elapsed = ?started.elapsed(), "maps programmed");
                 Ok(())
             }
@@ -336,14 +345,22 @@ async fn handle(agent: &Mutex<Agent>, request: Request) -> Response {
             },
         },
         Request::Status => Response::Status(agent.lock().await.status()),
+        // Streams are answered by `serve_connection`, which never gets here with one.
+        Request::Observe(_) => Response::Error {
+            code: 6,
+            message: "observe is a stream request".into(),
+        },
     }
 }
 
-async fn serve_connection(agent: Arc<Mutex<Agent>>, stream: UnixStream) {
+async fn serve_connection(agent: Arc<Mutex<Agent>>, flows: Arc<FlowStore>, stream: UnixStream) {
     let (read, mut write) = stream.into_split();
     let mut line = String::new();
-    let response = match BufReader::new(read).read_line(&mut line).await {
+    let mut read = BufReader::new(read);
+    let response = match read.read_line(&mut line).await {
         Ok(_) => match serde_json::from_str::<Request>(&line) {
+            // Needs no agent lock: the flow store has its own, held only briefly.
+            Ok(Request::Observe(request)) => return flows::serve(flows, request, read, write).await,
             Ok(request) => handle(&agent, request).await,
             Err(e) => Response::Error {
                 code: 6,
@@ -383,7 +400,9 @@ pub fn run(args: AgentArgs) -> Result<(), AgentError> {
         move |source| AgentError::Io { op, path, source }
     };
     std::fs::create_dir_all(&args.state_dir).map_err(io("create", &args.state_dir))?;
-    let datapath = Datapath::load(&args.bpffs)?;
+    let mut datapath = Datapath::load(&args.bpffs)?;
+    let flow_ring = datapath.take_flow_ring();
+    let flow_store = Arc::new(FlowStore::new(&args.node_name, args.flow_history, Clock::now()));
     // Reconcile against what the pinned maps really hold (an earlier agent's entries).
     let applied = datapath.maps.read_state()?;
     let source: Box<dyn Source> = match &args.manifests {
@@ -402,6 +421,7 @@ pub fn run(args: AgentArgs) -> Result<(), AgentError> {
         generation: 0,
         registry,
         host_addresses: Vec::new(),
+        flows: flow_store.clone(),
     };
     agent.refresh(true)?;
     agent.reprogram()?;
@@ -418,13 +438,25 @@ pub fn run(args: AgentArgs) -> Result<(), AgentError> {
         let listener = UnixListener::bind(&socket).map_err(io("bind", &socket))?;
         std::fs::set_permissions(&socket, std::fs::Permissions::from_mode(0o600)).map_err(io("chmod", &socket))?;
         let agent = Arc::new(Mutex::new(agent));
+        match flow_ring {
+            Some(ring) => match flows::spawn_reader(ring, flow_store.clone()) {
+                Ok(_) => tracing::info!(history = args.flow_history, "reading flow records"),
+                Err(e) => tracing::warn!(error = %error_chain(&e), "flow records disabled"),
+            },
+            None => tracing::warn!("the datapath has no flow ring buffer: flow records disabled"),
+        }
         let poller = {
             let agent = agent.clone();
             tokio::spawn(async move {
                 loop {
                     tokio::time::sleep(POLL_INTERVAL).await;
-                    if let Err(e) = agent.lock().await.refresh(false) {
+                    let mut a = agent.lock().await;
+                    if let Err(e) = a.refresh(false) {
                         tracing::warn!(error = %error_chain(&e), "model source");
+                    }
+                    match a.datapath.flows_lost() {
+                        Ok(lost) => a.flows.set_lost(lost),
+                        Err(e) => tracing::debug!(error = %error_chain(&e), "reading lost flow events"),
                     }
                 }
             })
@@ -434,7 +466,7 @@ pub fn run(args: AgentArgs) -> Result<(), AgentError> {
         loop {
             tokio::select! {
                 accepted = listener.accept() => match accepted {
-                    Ok((stream, _)) => { tokio::spawn(serve_connection(agent.clone(), stream)); }
+                    Ok((stream, _)) => { tokio::spawn(serve_connection(agent.clone(), flow_store.clone(), stream)); }
                     Err(e) => tracing::warn!(error = %e, "accept"),
                 },
                 _ = term.recv() => break,

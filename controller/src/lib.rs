@@ -2,11 +2,13 @@
 
 pub mod agent;
 pub mod datapath;
+pub mod flows;
 pub mod identity;
 pub mod lab;
 pub mod maps;
 pub mod model;
 pub mod netlink;
+pub mod observe;
 pub mod policy;
 pub mod selector;
 pub mod source;

@@ -289,6 +289,28 @@ fn policy_types(spec: &NetworkPolicySpec) -> (bool, bool) {
     }
 }
 
+/// The policies (namespace, name) of `namespace` that select a pod with `labels` for
+/// `dir`: the ones that isolate it, so that what none of them allows is dropped.
+pub fn isolating_policies(cluster: &Cluster, namespace: &str, labels: &BTreeMap<String, String>, dir: Direction) -> Vec<(String, String)> {
+    cluster
+        .policies()
+        .iter()
+        .filter(|((ns, _), _)| ns == namespace)
+        .filter_map(|((ns, name), np)| {
+            let spec = np.spec.clone().unwrap_or_default();
+            if !selector::matches(&selector_or_all(spec.pod_selector.as_ref()), labels) {
+                return None;
+            }
+            let (ingress, egress) = policy_types(&spec);
+            let isolates = match dir {
+                Direction::Ingress => ingress,
+                Direction::Egress => egress,
+            };
+            isolates.then(|| (ns.clone(), name.clone()))
+        })
+        .collect()
+}
+
 fn ip_blocks(np: &NetworkPolicy) -> impl Iterator<Item = &IPBlock> {
     let spec = np.spec.as_ref();
     let from = spec

@@ -1,0 +1,614 @@
+//! `bulkhead observe`: flow records from the local agent or, in the lab, from every node's
+//! agent (merged by time), filtered, as a table or one JSON object per line.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::sync::mpsc;
+use std::time::Duration;
+
+use bulkhead_cni::agent_api::{self, Flow, FlowDirection, FlowFilter, FlowVerdict, ObserveRequest};
+use bulkhead_common::DropReason;
+use clap::builder::PossibleValuesParser;
+
+use crate::lab::{LabError, LabPaths, Output};
+
+/// The agent socket when neither `--socket` nor a lab is there.
+pub const DEFAULT_SOCKET: &str = "/run/bulkhead/agent.sock";
+/// How long a non-follow request may wait for the agent's next line.
+const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// `--verdict` values.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum VerdictArg {
+    /// Allowed.
+    #[value(alias = "FORWARDED")]
+    Forwarded,
+    /// Dropped.
+    #[value(alias = "DROPPED")]
+    Dropped,
+    /// Forwarded, but an audit-mode policy would have dropped it.
+    #[value(alias = "AUDIT")]
+    Audit,
+}
+
+/// `--direction` values.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum DirectionArg {
+    /// Into the pod.
+    Ingress,
+    /// Out of the pod.
+    Egress,
+}
+
+/// `--protocol` values.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum ProtocolArg {
+    /// TCP.
+    #[value(name = "TCP", alias = "tcp")]
+    Tcp,
+    /// UDP.
+    #[value(name = "UDP", alias = "udp")]
+    Udp,
+    /// SCTP.
+    #[value(name = "SCTP", alias = "sctp")]
+    Sctp,
+    /// ICMP.
+    #[value(name = "ICMP", alias = "icmp")]
+    Icmp,
+}
+
+impl ProtocolArg {
+    fn as_str(self) -> &'static str {
+        match self {
+            ProtocolArg::Tcp => "TCP",
+            ProtocolArg::Udp => "UDP",
+            ProtocolArg::Sctp => "SCTP",
+            ProtocolArg::Icmp => "ICMP",
+        }
+    }
+}
+
+fn namespaced(text: &str) -> Result<String, String> {
+    agent_api::parse_namespaced(text).map(|_| text.to_string())
+}
+
+fn label(text: &str) -> Result<String, String> {
+    let key = text.split_once('=').map_or(text, |(k, _)| k);
+    if key.is_empty() {
+        return Err(format!("{text:?} is not KEY=VALUE"));
+    }
+    crate::selector::validate_label_key(key).map(|()| text.to_string())
+}
+
+fn drop_reasons() -> PossibleValuesParser {
+    PossibleValuesParser::new(DropReason::ALL.iter().filter(|r| **r != DropReason::Forwarded).map(|r| r.name()))
+}
+
+/// Parses `--since`: a duration back from now (`30s`, `5m`, `1h30m`, `2d`, `500ms`) or an
+/// RFC 3339 time; returns Unix nanoseconds.
+pub fn parse_since(text: &str) -> Result<u64, String> {
+    let at = match text.parse::<jiff::Timestamp>() {
+        Ok(t) => t.as_nanosecond(),
+        Err(_) => {
+            let ago =
+                parse_duration(text).ok_or_else(|| format!("{text:?} is neither a duration like 5m or 1h30m nor an RFC 3339 time"))?;
+            jiff::Timestamp::now().as_nanosecond() - ago as i128
+        }
+    };
+    u64::try_from(at.max(0)).map_err(|_| format!("{text:?} is out of range"))
+}
+
+/// `1h30m` → nanoseconds; units ms, s, m, h, d.
+fn parse_duration(text: &str) -> Option<u128> {
+    let mut total: u128 = 0;
+    let mut rest = text.trim();
+    if rest.is_empty() {
+        return None;
+    }
+    while !rest.is_empty() {
+        let digits = rest.find(|c: char| !c.is_ascii_digit())?;
+        if digits == 0 {
+            return None;
+        }
+        let n: u128 = rest[..digits].parse().ok()?;
+        rest = &rest[digits..];
+        let unit_len = rest.find(|c: char| c.is_ascii_digit()).unwrap_or(rest.len());
+        let scale: u128 = match &rest[..unit_len] {
+            "ms" => 1_000_000,
+            "s" => 1_000_000_000,
+            "m" => 60 * 1_000_000_000,
+            "h" => 3600 * 1_000_000_000,
+            "d" => 86_400 * 1_000_000_000,
+            _ => return None,
+        };
+        total = total.checked_add(n.checked_mul(scale)?)?;
+        rest = &rest[unit_len..];
+    }
+    Some(total)
+}
+
+/// `bulkhead observe` flags.
+#[derive(Debug, clap::Args)]
+pub struct ObserveArgs {
+    /// Flows from or to this pod (NAMESPACE/NAME).
+    #[arg(long, value_parser = namespaced)]
+    pub pod: Option<String>,
+    /// Flows from this pod (NAMESPACE/NAME).
+    #[arg(long, value_parser = namespaced)]
+    pub from_pod: Option<String>,
+    /// Flows to this pod (NAMESPACE/NAME).
+    #[arg(long, value_parser = namespaced)]
+    pub to_pod: Option<String>,
+    /// Flows from or to pods of this namespace.
+    #[arg(short = 'n', long)]
+    pub namespace: Option<String>,
+    /// Flows from or to a pod carrying this label (KEY=VALUE, or KEY: present); repeat to
+    /// require several on the same pod.
+    #[arg(short = 'l', long = "label", value_parser = label)]
+    pub labels: Vec<String>,
+    /// Verdict.
+    #[arg(long, value_enum)]
+    pub verdict: Option<VerdictArg>,
+    /// Drop reason.
+    #[arg(long, value_parser = drop_reasons())]
+    pub drop_reason: Option<String>,
+    /// Protocol.
+    #[arg(long, value_enum)]
+    pub protocol: Option<ProtocolArg>,
+    /// Source or destination port.
+    #[arg(long)]
+    pub port: Option<u16>,
+    /// Direction at the pod the flow was seen at.
+    #[arg(long, value_enum)]
+    pub direction: Option<DirectionArg>,
+    /// Flows allowed by, or isolated by, this NetworkPolicy (NAMESPACE/NAME).
+    #[arg(long, value_parser = namespaced)]
+    pub policy: Option<String>,
+    /// Only flows since a time: a duration back from now (5m, 1h30m) or RFC 3339.
+    #[arg(long, value_parser = parse_since)]
+    pub since: Option<u64>,
+    /// Only the last N matching flows (of all nodes together).
+    #[arg(long)]
+    pub last: Option<usize>,
+    /// Keep streaming new flows (without --last or --since: only new ones).
+    #[arg(short = 'f', long)]
+    pub follow: bool,
+    /// Output format.
+    #[arg(short = 'o', long, value_enum, default_value_t = Output::Table)]
+    pub output: Output,
+    /// The agent socket (default: every lab node's agent when a lab is up, else
+    /// /run/bulkhead/agent.sock).
+    #[arg(long, conflicts_with = "node")]
+    pub socket: Option<PathBuf>,
+    /// Lab state dir, to find the nodes' agents.
+    #[arg(long, env = "BULKHEAD_LAB_DIR", default_value = "/run/bulkhead/lab")]
+    pub lab_dir: PathBuf,
+    /// Only this lab node's agent.
+    #[arg(long)]
+    pub node: Option<String>,
+}
+
+impl ObserveArgs {
+    /// The request the flags describe.
+    pub fn request(&self) -> ObserveRequest {
+        let filter = FlowFilter {
+            pod: self.pod.clone(),
+            from_pod: self.from_pod.clone(),
+            to_pod: self.to_pod.clone(),
+            namespace: self.namespace.clone(),
+            labels: self.labels.clone(),
+            verdict: self.verdict.map(|v| match v {
+                VerdictArg::Forwarded => FlowVerdict::Forwarded,
+                VerdictArg::Dropped => FlowVerdict::Dropped,
+                VerdictArg::Audit => FlowVerdict::Audit,
+            }),
+            drop_reason: self.drop_reason.clone(),
+            protocol: self.protocol.map(|p| p.as_str().to_string()),
+            port: self.port,
+            direction: self.direction.map(|d| match d {
+                DirectionArg::Ingress => FlowDirection::Ingress,
+                DirectionArg::Egress => FlowDirection::Egress,
+            }),
+            policy: self.policy.clone(),
+        };
+        // Following with no window asks for new flows only, as `tail -f` would after 0 lines.
+        let last = match (self.last, self.follow, self.since) {
+            (None, true, None) => Some(0),
+            (last, _, _) => last,
+        };
+        ObserveRequest {
+            filter,
+            since: self.since,
+            last,
+            follow: self.follow,
+        }
+    }
+}
+
+/// Why `bulkhead observe` failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ObserveError {
+    /// The lab state could not be read.
+    #[error(transparent)]
+    Lab(#[from] LabError),
+    /// `--node` without a lab.
+    #[error("--node {node}: no lab in {lab_dir}")]
+    NoLab {
+        /// The node asked for.
+        node: String,
+        /// Where the lab was looked for.
+        lab_dir: PathBuf,
+    },
+    /// `--node` names no lab node.
+    #[error("--node {node}: no such lab node (nodes: {known})")]
+    UnknownNode {
+        /// The node asked for.
+        node: String,
+        /// The lab's nodes.
+        known: String,
+    },
+    /// An agent could not be asked or refused.
+    #[error("node {node}")]
+    Agent {
+        /// The node (or the socket path).
+        node: String,
+        /// Cause.
+        #[source]
+        source: agent_api::ObserveError,
+    },
+}
+
+/// An agent to ask: its node name (or socket path) and socket.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Target {
+    /// Node name, for messages.
+    pub node: String,
+    /// The agent socket.
+    pub socket: PathBuf,
+}
+
+/// Which agents the flags point at.
+pub fn targets(args: &ObserveArgs) -> Result<Vec<Target>, ObserveError> {
+    if let Some(socket) = &args.socket {
+        return Ok(vec![Target {
+            node: socket.display().to_string(),
+            socket: socket.clone(),
+        }]);
+    }
+    let paths = LabPaths::new(&args.lab_dir)?;
+    let Some(state) = paths.load()? else {
+        return match &args.node {
+            Some(node) => Err(ObserveError::NoLab {
+                node: node.clone(),
+                lab_dir: paths.dir.clone(),
+            }),
+            None => Ok(vec![Target {
+                node: "local".into(),
+                socket: PathBuf::from(DEFAULT_SOCKET),
+            }]),
+        };
+    };
+    if let Some(node) = &args.node {
+        if state.node(node).is_none() {
+            let known: Vec<&str> = state.nodes.iter().map(|n| n.name.as_str()).collect();
+            return Err(ObserveError::UnknownNode {
+                node: node.clone(),
+                known: known.join(", "),
+            });
+        }
+    }
+    Ok(state
+        .nodes
+        .iter()
+        .filter(|n| args.node.as_ref().is_none_or(|want| *want == n.name))
+        .map(|n| Target {
+            node: n.name.clone(),
+            socket: paths.agent_socket(&n.name),
+        })
+        .collect())
+}
+
+fn fetch(target: &Target, request: &ObserveRequest) -> Result<Vec<Flow>, ObserveError> {
+    let err = |source| ObserveError::Agent {
+        node: target.node.clone(),
+        source,
+    };
+    let stream = agent_api::observe(&target.socket, request, Some(IDLE_TIMEOUT)).map_err(|e| err(e.into()))?;
+    stream.collect::<Result<Vec<_>, _>>().map_err(err)
+}
+
+/// Runs `bulkhead observe`; the exit code.
+pub fn run(args: ObserveArgs) -> Result<i32, ObserveError> {
+    let request = args.request();
+    let targets = targets(&args)?;
+    let stdout = std::io::stdout();
+    let mut out = stdout.lock();
+    if args.output == Output::Table && print_header(&mut out).is_err() {
+        return Ok(0);
+    }
+    if !request.follow {
+        let results: Vec<Result<Vec<Flow>, ObserveError>> = std::thread::scope(|scope| {
+            let handles: Vec<_> = targets.iter().map(|t| scope.spawn(|| fetch(t, &request))).collect();
+            handles
+                .into_iter()
+                .map(|h| {
+                    h.join().unwrap_or_else(|_| {
+                        Ok(Vec::new()) // a panicking thread already printed its message
+                    })
+                })
+                .collect()
+        });
+        let mut flows = Vec::new();
+        for r in results {
+            flows.extend(r?);
+        }
+        // RFC 3339 UTC with fixed nine digits sorts as text; stable keeps each node's order.
+        flows.sort_by(|a, b| a.time.cmp(&b.time));
+        if let Some(n) = request.last {
+            flows.drain(..flows.len().saturating_sub(n));
+        }
+        for f in &flows {
+            if print_flow(&mut out, f, args.output).is_err() {
+                break; // stdout closed (e.g. piped into head)
+            }
+        }
+        return Ok(0);
+    }
+    let (tx, rx) = mpsc::channel::<Result<Flow, ObserveError>>();
+    for t in targets {
+        let tx = tx.clone();
+        let request = request.clone();
+        std::thread::spawn(move || {
+            let err = |source| ObserveError::Agent {
+                node: t.node.clone(),
+                source,
+            };
+            match agent_api::observe(&t.socket, &request, None) {
+                Ok(stream) => {
+                    for item in stream {
+                        if tx.send(item.map_err(err)).is_err() {
+                            return;
+                        }
+                    }
+                }
+                Err(e) => {
+                    let _ = tx.send(Err(err(e.into())));
+                }
+            }
+        });
+    }
+    drop(tx);
+    let mut code = 0;
+    for item in rx {
+        match item {
+            Ok(f) => {
+                if print_flow(&mut out, &f, args.output).is_err() {
+                    return Ok(code);
+                }
+            }
+            Err(e) => {
+                eprintln!("bulkhead: {}", crate::agent::error_chain(&e));
+                code = 1;
+            }
+        }
+    }
+    Ok(code)
+}
+
+fn print_header(out: &mut impl Write) -> std::io::Result<()> {
+    writeln!(
+        out,
+        "{:<18} {:<8} {:<24} {:<24} {:<5} {:<8} {:<10} DETAIL",
+        "TIME", "NODE", "SOURCE", "DESTINATION", "PROTO", "DIR", "VERDICT"
+    )
+}
+
+fn print_flow(out: &mut impl Write, f: &Flow, output: Output) -> std::io::Result<()> {
+    match output {
+        Output::Json => {
+            let line = serde_json::to_string(f).map_err(std::io::Error::other)?;
+            writeln!(out, "{line}")?;
+        }
+        Output::Table => writeln!(out, "{}", table_row(f))?,
+    }
+    out.flush()
+}
+
+fn endpoint(p: &agent_api::FlowPeer) -> String {
+    match p.pod_name() {
+        Some(pod) => format!("{pod}:{}", p.port),
+        // A packet that is not IPv4 has no addresses to show.
+        None if p.ip.is_unspecified() => "-".into(),
+        None => format!("{}:{}", p.ip, p.port),
+    }
+}
+
+/// One readable line for a flow.
+pub fn table_row(f: &Flow) -> String {
+    // `2026-11-28T12:50:08.123456789Z` → `11-28 12:50:08.123`.
+    let time = f.time.get(5..23).map_or_else(|| f.time.clone(), |t| t.replacen('T', " ", 1));
+    let mut detail = Vec::new();
+    if let Some(r) = &f.drop_reason {
+        detail.push(r.clone());
+    }
+    for r in &f.allowed_by {
+        detail.push(format!(
+            "allowed by {}/{} {}[{}]",
+            r.namespace,
+            r.name,
+            r.direction.as_str(),
+            r.rule
+        ));
+    }
+    if !f.isolated_by.is_empty() {
+        let names: Vec<String> = f.isolated_by.iter().map(|p| format!("{}/{}", p.namespace, p.name)).collect();
+        detail.push(format!("isolated by {}", names.join(", ")));
+    }
+    if let Some(flags) = &f.tcp_flags {
+        detail.push(flags.clone());
+    }
+    format!(
+        "{:<18} {:<8} {:<24} {:<24} {:<5} {:<8} {:<10} {}",
+        time,
+        f.node,
+        endpoint(&f.source),
+        endpoint(&f.destination),
+        f.protocol,
+        f.direction.as_str(),
+        f.verdict.as_str(),
+        detail.join("; ")
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        args: ObserveArgs,
+    }
+
+    fn parse(args: &[&str]) -> Result<ObserveArgs, String> {
+        Cli::try_parse_from(std::iter::once("observe").chain(args.iter().copied()))
+            .map(|c| c.args)
+            .map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn flags_build_the_filter() {
+        let a = parse(&[
+            "--pod",
+            "x/a",
+            "--verdict",
+            "dropped",
+            "--drop-reason",
+            "policy_denied",
+            "--protocol",
+            "tcp",
+            "--port",
+            "80",
+            "--direction",
+            "ingress",
+            "--policy",
+            "x/deny",
+            "-l",
+            "pod=a",
+            "--last",
+            "5",
+        ])
+        .unwrap();
+        let r = a.request();
+        assert_eq!(r.filter.pod.as_deref(), Some("x/a"));
+        assert_eq!(r.filter.verdict, Some(FlowVerdict::Dropped));
+        assert_eq!(r.filter.drop_reason.as_deref(), Some("policy_denied"));
+        assert_eq!(r.filter.protocol.as_deref(), Some("TCP"));
+        assert_eq!(r.filter.port, Some(80));
+        assert_eq!(r.filter.direction, Some(FlowDirection::Ingress));
+        assert_eq!(r.filter.policy.as_deref(), Some("x/deny"));
+        assert_eq!(r.filter.labels, vec!["pod=a".to_string()]);
+        assert_eq!((r.last, r.follow), (Some(5), false));
+        assert_eq!(parse(&["--verdict", "DROPPED"]).unwrap().verdict, Some(VerdictArg::Dropped));
+        let follow = parse(&["--follow"]).unwrap().request();
+        assert_eq!((follow.last, follow.follow), (Some(0), true), "follow alone: new flows only");
+    }
+
+    #[test]
+    fn bad_input_is_refused_before_connecting() {
+        for (args, needle) in [
+            (vec!["--verdict", "maybe"], "maybe"),
+            (vec!["--drop-reason", "cosmic_rays"], "cosmic_rays"),
+            (vec!["--drop-reason", "forwarded"], "forwarded"),
+            (vec!["--pod", "nopod"], "NAMESPACE/NAME"),
+            (vec!["--from-pod", "x/"], "NAMESPACE/NAME"),
+            (vec!["--policy", "a/b/c"], "NAMESPACE/NAME"),
+            (vec!["--direction", "sideways"], "sideways"),
+            (vec!["--label", "=v"], "KEY=VALUE"),
+            (vec!["--since", "yesterday"], "yesterday"),
+            (vec!["--socket", "/s", "--node", "node0"], "cannot be used with"),
+        ] {
+            let e = parse(&args).err().unwrap_or_else(|| panic!("{args:?} accepted"));
+            assert!(e.contains(needle), "{args:?}: {e}");
+        }
+        let e = parse(&["--drop-reason", "nope"]).err().unwrap();
+        assert!(e.contains("policy_denied"), "lists the known reasons: {e}");
+    }
+
+    #[test]
+    fn since_takes_durations_and_times() {
+        assert_eq!(parse_duration("90s"), Some(90_000_000_000));
+        assert_eq!(parse_duration("1h30m"), Some(5_400_000_000_000));
+        assert_eq!(parse_duration("500ms"), Some(500_000_000));
+        assert_eq!(parse_duration("2d"), Some(172_800_000_000_000));
+        for bad in ["", "5", "m", "5x", "5m3", "-5m"] {
+            assert_eq!(parse_duration(bad), None, "{bad:?}");
+        }
+        assert_eq!(parse_since("2026-11-28T12:00:00Z").unwrap(), 1_795_867_200_000_000_000);
+        assert_eq!(parse_since("2026-11-28T13:00:00+01:00").unwrap(), 1_795_867_200_000_000_000);
+        let now = jiff::Timestamp::now().as_nanosecond();
+        let five_ago = i128::from(parse_since("5m").unwrap());
+        assert!((now - 300_000_000_000 - five_ago).abs() < 5_000_000_000);
+    }
+
+    #[test]
+    fn targets_come_from_socket_lab_or_default() {
+        let dir = std::env::temp_dir().join(format!("bulkhead-observe-targets-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let lab = dir.display().to_string();
+        let a = parse(&["--lab-dir", &lab]).unwrap();
+        assert_eq!(
+            targets(&a).unwrap()[0].socket,
+            PathBuf::from(DEFAULT_SOCKET),
+            "no lab: the local agent"
+        );
+        let a = parse(&["--lab-dir", &lab, "--node", "node1"]).unwrap();
+        assert!(matches!(targets(&a), Err(ObserveError::NoLab { .. })));
+        let paths = LabPaths::new(&dir).unwrap();
+        let state = crate::lab::LabState {
+            id: "abcd".into(),
+            nodes: ["node0", "node1"]
+                .iter()
+                .map(|n| crate::lab::NodeState {
+                    name: n.to_string(),
+                    ..Default::default()
+                })
+                .collect(),
+            ..Default::default()
+        };
+        paths.save(&state).unwrap();
+        let all = targets(&parse(&["--lab-dir", &lab]).unwrap()).unwrap();
+        assert_eq!(all.len(), 2);
+        assert_eq!(all[1].socket, paths.agent_socket("node1"));
+        let one = targets(&parse(&["--lab-dir", &lab, "--node", "node1"]).unwrap()).unwrap();
+        assert_eq!(one, vec![all[1].clone()]);
+        let e = targets(&parse(&["--lab-dir", &lab, "--node", "node7"]).unwrap()).unwrap_err();
+        assert!(e.to_string().contains("nodes: node0, node1"), "{e}");
+        let s = targets(&parse(&["--lab-dir", &lab, "--socket", "/tmp/a.sock"]).unwrap()).unwrap();
+        assert_eq!(s[0].socket, PathBuf::from("/tmp/a.sock"));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn table_row_reads_well() {
+        let flow: Flow = serde_json::from_str(
+            r#"{"time":"2026-11-28T12:50:08.123456789Z","node":"node0","verdict":"DROPPED","drop_reason":"policy_denied",
+            "direction":"ingress","protocol":"TCP","tcp_flags":"SYN",
+            "source":{"namespace":"y","pod":"b","ip":"10.0.0.5","port":40000,"identity":257},
+            "destination":{"ip":"10.0.0.3","port":80,"identity":0},
+            "isolated_by":[{"namespace":"x","name":"default-deny-ingress"}],"is_reply":false}"#,
+        )
+        .unwrap();
+        let row = table_row(&flow);
+        for part in [
+            "11-28 12:50:08.123",
+            "y/b:40000",
+            "10.0.0.3:80",
+            "DROPPED",
+            "policy_denied; isolated by x/default-deny-ingress; SYN",
+        ] {
+            assert!(row.contains(part), "{part:?} missing in {row}");
+        }
+    }
+}
