@@ -240,6 +240,19 @@ struct RawNetConf {
     mtu: Option<u32>,
     agent_timeout_seconds: Option<u64>,
     prev_result: Option<serde_json::Value>,
+    #[serde(rename = "cni.dev/valid-attachments")]
+    valid_attachments: Option<Vec<Attachment>>,
+}
+
+/// One entry of `cni.dev/valid-attachments` (GC's input, spec 1.1).
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Attachment {
+    /// The container's id.
+    #[serde(rename = "containerID")]
+    pub container_id: String,
+    /// The interface name in the container.
+    pub ifname: String,
 }
 
 /// A validated Bulkhead network configuration.
@@ -261,6 +274,8 @@ pub struct NetConf {
     pub agent_timeout: Duration,
     /// The previous plugin's result in a chain (CHECK compares against it).
     pub prev_result: Option<serde_json::Value>,
+    /// GC's `cni.dev/valid-attachments`: every attachment the runtime still knows.
+    pub valid_attachments: Option<Vec<Attachment>>,
 }
 
 /// Reads just the `cniVersion` of a configuration, for error reporting before full parsing.
@@ -322,6 +337,7 @@ impl NetConf {
             mtu: raw.mtu,
             agent_timeout,
             prev_result: raw.prev_result,
+            valid_attachments: raw.valid_attachments,
         })
     }
 }
@@ -363,6 +379,19 @@ mod tests {
         assert_eq!(c.mtu, Some(1400));
         assert_eq!(c.agent_timeout, Duration::from_secs(5));
         assert_eq!(c.agent_socket, PathBuf::from(DEFAULT_AGENT_SOCKET));
+    }
+
+    #[test]
+    fn parses_gc_valid_attachments() {
+        let c = NetConf::parse(br#"{"cniVersion":"1.1.0","name":"bh","subnet":"10.244.0.0/24","cni.dev/valid-attachments":[{"containerID":"c1","ifname":"eth0"}]}"#).unwrap();
+        assert_eq!(
+            c.valid_attachments,
+            Some(vec![Attachment {
+                container_id: "c1".into(),
+                ifname: "eth0".into()
+            }])
+        );
+        assert_eq!(NetConf::parse(br#"{"cniVersion":"1.1.0","name":"bh","subnet":"10.244.0.0/24","cni.dev/valid-attachments":[{"ifname":"eth0"}]}"#).unwrap_err().code(), 7);
     }
 
     #[test]
