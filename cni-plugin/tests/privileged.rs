@@ -448,10 +448,22 @@ fn every_supported_config_version_adds_checks_and_deletes() {
         assert_eq!(result["ips"][0]["address"], "10.251.7.2/32");
         // 0.x results name the IP family; 1.x dropped the field; mtu is 1.1 only.
         assert_eq!(result["ips"][0].get("version").is_some(), version == "0.4.0", "{version}: {result}");
-        assert_eq!(result["interfaces"][1].get("mtu").is_some(), version == "1.1.0", "{version}: {result}");
-        let (ok, out) = lab.cni_with("CHECK", &lab.pod_path(), &serde_json::json!({ "cniVersion": version, "prevResult": result }));
+        assert_eq!(
+            result["interfaces"][1].get("mtu").is_some(),
+            version == "1.1.0",
+            "{version}: {result}"
+        );
+        let (ok, out) = lab.cni_with(
+            "CHECK",
+            &lab.pod_path(),
+            &serde_json::json!({ "cniVersion": version, "prevResult": result }),
+        );
         assert!(ok, "{version}: {out}");
-        let (ok, out) = lab.cni_with("DEL", &lab.pod_path(), &serde_json::json!({ "cniVersion": version, "prevResult": result }));
+        let (ok, out) = lab.cni_with(
+            "DEL",
+            &lab.pod_path(),
+            &serde_json::json!({ "cniVersion": version, "prevResult": result }),
+        );
         assert!(ok, "{version}: {out}");
         assert!(lab.allocations().is_empty());
         assert!(!link_exists(&lab.node_name, &lab.host_veth()));
@@ -496,7 +508,10 @@ fn gc_removes_attachments_the_runtime_no_longer_lists() {
     match lab.requests.lock().unwrap().iter().rev().find(|r| matches!(r, Request::Gc { .. })) {
         Some(Request::Gc { valid }) => {
             assert_eq!(valid.len(), 1);
-            assert_eq!((valid[0].container_id.as_str(), valid[0].ifname.as_str()), (lab.container_id.as_str(), "eth0"));
+            assert_eq!(
+                (valid[0].container_id.as_str(), valid[0].ifname.as_str()),
+                (lab.container_id.as_str(), "eth0")
+            );
         }
         other => panic!("agent got no GC: {other:?}"),
     }
@@ -595,11 +610,21 @@ fn chained_with_portmap_like_libcni() {
         assert_eq!(last["ips"], first["ips"], "{version}");
         assert_eq!(last["interfaces"], first["interfaces"], "{version}");
         let rules = nat_rules(&lab.node_name);
-        assert!(rules.contains("--to-destination 10.251.7.2:80"), "{version}: no DNAT to the pod:\n{rules}");
+        assert!(
+            rules.contains("--to-destination 10.251.7.2:80"),
+            "{version}: no DNAT to the pod:\n{rules}"
+        );
         assert!(rules.contains("--dport 18080"), "{version}:\n{rules}");
 
         // CHECK: every plugin, in order, with the cached result.
-        let (ok, v) = run_plugin(&lab.node, BIN, "CHECK", &cid, &pod, &ours(serde_json::json!({ "prevResult": last })));
+        let (ok, v) = run_plugin(
+            &lab.node,
+            BIN,
+            "CHECK",
+            &cid,
+            &pod,
+            &ours(serde_json::json!({ "prevResult": last })),
+        );
         assert!(ok, "{version}: {v}");
         let (ok, v) = run_plugin(&lab.node, PORTMAP, "CHECK", &cid, &pod, &portmap(&last));
         // portmap 1.1.1 checks ip6tables rules even for an IPv4-only result and fails
@@ -629,12 +654,20 @@ fn add_after_another_plugin_extends_its_result() {
         "ips": [],
         "dns": { "nameservers": ["10.96.0.10"] },
     });
-    let (ok, out) = lab.cni_with("ADD", &lab.pod_path(), &serde_json::json!({ "cniVersion": "1.0.0", "prevResult": prev }));
+    let (ok, out) = lab.cni_with(
+        "ADD",
+        &lab.pod_path(),
+        &serde_json::json!({ "cniVersion": "1.0.0", "prevResult": prev }),
+    );
     assert!(ok, "{out}");
     assert_eq!(out["interfaces"][0]["name"], "dummy0");
     assert_eq!(out["interfaces"][2]["name"], "eth0");
     assert_eq!(out["ips"][0]["interface"], 2);
     assert_eq!(out["dns"]["nameservers"][0], "10.96.0.10");
-    let (ok, v) = lab.cni_with("CHECK", &lab.pod_path(), &serde_json::json!({ "cniVersion": "1.0.0", "prevResult": out }));
+    let (ok, v) = lab.cni_with(
+        "CHECK",
+        &lab.pod_path(),
+        &serde_json::json!({ "cniVersion": "1.0.0", "prevResult": out }),
+    );
     assert!(ok, "{v}");
 }

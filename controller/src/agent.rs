@@ -68,9 +68,9 @@ pub enum AgentError {
     Link {
         /// What was attempted.
         op: &'static str,
-        /// Cause.
+        /// Cause (boxed: netlink errors are large).
         #[source]
-        source: NetlinkError,
+        source: Box<NetlinkError>,
     },
     /// File or socket I/O failed.
     #[error("{op} {path}")]
@@ -293,7 +293,10 @@ impl Agent {
             return Ok(0);
         }
         let names: Vec<String> = self.endpoints.values().map(|r| r.spec.host_ifname.clone()).collect();
-        let live = live_links(names).map_err(|source| AgentError::Link { op: "list", source })?;
+        let live = live_links(names).map_err(|e| AgentError::Link {
+            op: "list",
+            source: Box::new(e),
+        })?;
         let before = self.endpoints.len();
         self.endpoints
             .retain(|_, r| live.get(&r.spec.host_ifname) == Some(&r.spec.host_ifindex));
@@ -340,7 +343,10 @@ fn delete_links(names: Vec<String>) -> Result<(), AgentError> {
         }
         Ok(())
     })
-    .map_err(|source| AgentError::Link { op: "delete", source })
+    .map_err(|e| AgentError::Link {
+        op: "delete",
+        source: Box::new(e),
+    })
 }
 
 /// The error and its causes, one line.
@@ -489,7 +495,7 @@ pub fn run(args: AgentArgs) -> Result<(), AgentError> {
                         tracing::warn!(error = %error_chain(&e), "model source");
                     }
                     polls = polls.wrapping_add(1);
-                    if polls % RECONCILE_EVERY_POLLS == 0 {
+                    if polls.is_multiple_of(RECONCILE_EVERY_POLLS) {
                         if let Err(e) = a.reconcile_links() {
                             tracing::warn!(error = %error_chain(&e), "reconciling endpoints with host veths");
                         }
