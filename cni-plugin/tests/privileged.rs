@@ -471,7 +471,33 @@ fn every_supported_config_version_adds_checks_and_deletes() {
 }
 
 #[test]
-fn status_and_gc_are_spec_1_1_only() {
+fn status_is_50_until_the_agent_is_ready() {
+    let status = |ready: bool| {
+        format!(
+            r#"{{"result":"status","node_name":"n","ready":{ready},"endpoints":0,"identities":0,"policies":0,"policy_entries":0,"generation":1}}"#
+        )
+    };
+    let ready = Lab::new(Box::leak(status(true).into_boxed_str()));
+    let (ok, v) = ready.cni("STATUS", "");
+    assert!(ok, "{v}");
+    assert_eq!(v, Value::Null, "STATUS prints nothing on success");
+    assert!(matches!(ready.requests.lock().unwrap().last(), Some(Request::Status)));
+    let (ok, v) = ready.cni_with("STATUS", "", &serde_json::json!({ "cniVersion": "1.0.0" }));
+    assert!(!ok);
+    assert_eq!(v["code"], 1, "STATUS is a 1.1 verb: {v}");
+
+    let syncing = Lab::new(Box::leak(status(false).into_boxed_str()));
+    let (ok, v) = syncing.cni("STATUS", "");
+    assert!(!ok);
+    assert_eq!(v["code"], 50, "{v}");
+    std::fs::remove_file(syncing.socket()).unwrap();
+    let (ok, v) = syncing.cni("STATUS", "");
+    assert!(!ok);
+    assert_eq!(v["code"], 50, "no agent: {v}");
+}
+
+#[test]
+fn gc_is_spec_1_1_and_needs_valid_attachments() {
     let lab = Lab::new(r#"{"result":"ok"}"#);
     let old = serde_json::json!({ "cniVersion": "1.0.0", "cni.dev/valid-attachments": [] });
     let (ok, v) = lab.cni_with("GC", "", &old);
