@@ -9,6 +9,9 @@ log() { printf '[setup] %s\n' "$*" >&2; }
 
 export DEBIAN_FRONTEND=noninteractive
 PKGS="llvm-22-dev libpolly-22-dev libzstd-dev iproute2 bpftool iptables tcpdump clang"
+# A real CNI client for the podman test (CNI backend, runc: crun refuses some cgroup setups)
+# and the reference plugins (portmap) for chaining tests.
+PKGS="$PKGS podman runc conmon containernetworking-plugins busybox-static"
 missing=""
 for p in $PKGS; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing="$missing $p"
@@ -16,6 +19,7 @@ done
 if [ -n "$missing" ]; then
   log "installing apt packages:$missing"
   apt-get update -qq
+  # --no-install-recommends keeps netavark out: podman then uses its CNI backend.
   # shellcheck disable=SC2086
   apt-get install -y -qq --no-install-recommends $missing >/dev/null
 fi

@@ -24,6 +24,11 @@ pub enum Request {
     DelEndpoint(EndpointRef),
     /// Check that the agent knows and enforces this endpoint.
     CheckEndpoint(EndpointRef),
+    /// Forget every endpoint not in `valid` (CNI GC), deleting its host veth if still present.
+    Gc {
+        /// The attachments the runtime still knows (`cni.dev/valid-attachments`).
+        valid: Vec<EndpointRef>,
+    },
     /// Re-read the manifests source; answered once the result is in the maps.
     Reload,
     /// The agent's status.
@@ -282,7 +287,7 @@ impl FlowFilter {
 }
 
 /// Names one attachment: a container's interface.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct EndpointRef {
     /// `CNI_CONTAINERID`.
     pub container_id: String,
@@ -515,6 +520,15 @@ mod tests {
         let s = serde_json::to_string(&r).unwrap();
         assert_eq!(s, r#"{"op":"del_endpoint","container_id":"c1","ifname":"eth0"}"#);
         assert_eq!(serde_json::from_str::<Request>(&s).unwrap(), r);
+        let gc = Request::Gc {
+            valid: vec![EndpointRef {
+                container_id: "c2".into(),
+                ifname: "eth0".into(),
+            }],
+        };
+        let s = serde_json::to_string(&gc).unwrap();
+        assert_eq!(s, r#"{"op":"gc","valid":[{"container_id":"c2","ifname":"eth0"}]}"#);
+        assert_eq!(serde_json::from_str::<Request>(&s).unwrap(), gc);
         let e: Response = serde_json::from_str(r#"{"result":"error","code":11,"message":"pod unknown"}"#).unwrap();
         assert_eq!(
             e,

@@ -172,19 +172,12 @@ impl Env {
             pod_name: args.get("K8S_POD_NAME").cloned(),
             cni_path,
         };
-        if command == Command::Add {
-            if env.pod_namespace.is_none() {
-                return Err(ConfigError::InvalidEnv {
-                    var: "CNI_ARGS",
-                    reason: "K8S_POD_NAMESPACE is missing".into(),
-                });
-            }
-            if env.pod_name.is_none() {
-                return Err(ConfigError::InvalidEnv {
-                    var: "CNI_ARGS",
-                    reason: "K8S_POD_NAME is missing".into(),
-                });
-            }
+        // K8S_POD_NAMESPACE may come from the config's `defaultNamespace` instead (ADD checks).
+        if command == Command::Add && env.pod_name.is_none() {
+            return Err(ConfigError::InvalidEnv {
+                var: "CNI_ARGS",
+                reason: "K8S_POD_NAME is missing".into(),
+            });
         }
         Ok(env)
     }
@@ -240,6 +233,20 @@ struct RawNetConf {
     mtu: Option<u32>,
     agent_timeout_seconds: Option<u64>,
     prev_result: Option<serde_json::Value>,
+    default_namespace: Option<String>,
+    #[serde(rename = "cni.dev/valid-attachments")]
+    valid_attachments: Option<Vec<Attachment>>,
+}
+
+/// One entry of `cni.dev/valid-attachments` (GC's input, spec 1.1).
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Attachment {
+    /// The container's id.
+    #[serde(rename = "containerID")]
+    pub container_id: String,
+    /// The interface name in the container.
+    pub ifname: String,
 }
 
 /// A validated Bulkhead network configuration.
@@ -261,6 +268,11 @@ pub struct NetConf {
     pub agent_timeout: Duration,
     /// The previous plugin's result in a chain (CHECK compares against it).
     pub prev_result: Option<serde_json::Value>,
+    /// GC's `cni.dev/valid-attachments`: every attachment the runtime still knows.
+    pub valid_attachments: Option<Vec<Attachment>>,
+    /// The pod namespace when `CNI_ARGS` has no `K8S_POD_NAMESPACE`: runtimes outside
+    /// Kubernetes (podman's CNI backend sends only `K8S_POD_NAME`, the container name).
+    pub default_namespace: Option<String>,
 }
 
 /// Reads just the `cniVersion` of a configuration, for error reporting before full parsing.
@@ -322,6 +334,11 @@ impl NetConf {
             mtu: raw.mtu,
             agent_timeout,
             prev_result: raw.prev_result,
+            valid_attachments: raw.valid_attachments,
+            default_namespace: match raw.default_namespace {
+                Some(ns) if ns.is_empty() => return Err(invalid("defaultNamespace is empty")),
+                other => other,
+            },
         })
     }
 }
@@ -357,12 +374,33 @@ mod tests {
 
     #[test]
     fn parses_a_full_config() {
-        let c = NetConf::parse(br#"{"cniVersion":"0.4.0","name":"bh","type":"bulkhead-cni","subnet":"10.244.0.7/24","mtu":1400,"agentTimeoutSeconds":5,"other":1}"#).unwrap();
+        let c = NetConf::parse(br#"{"cniVersion":"0.4.0","name":"bh","type":"bulkhead-cni","subnet":"10.244.0.7/24","mtu":1400,"agentTimeoutSeconds":5,"defaultNamespace":"podman","other":1}"#).unwrap();
+        assert_eq!(c.default_namespace.as_deref(), Some("podman"));
         assert_eq!(c.cni_version, CniVersion::V0_4_0);
         assert_eq!(c.subnet.to_string(), "10.244.0.0/24");
         assert_eq!(c.mtu, Some(1400));
         assert_eq!(c.agent_timeout, Duration::from_secs(5));
         assert_eq!(c.agent_socket, PathBuf::from(DEFAULT_AGENT_SOCKET));
+    }
+
+    #[test]
+    fn parses_gc_valid_attachments() {
+        let c = NetConf::parse(br#"{"cniVersion":"1.1.0","name":"bh","subnet":"10.244.0.0/24","cni.dev/valid-attachments":[{"containerID":"c1","ifname":"eth0"}]}"#).unwrap();
+        assert_eq!(
+            c.valid_attachments,
+            Some(vec![Attachment {
+                container_id: "c1".into(),
+                ifname: "eth0".into()
+            }])
+        );
+        assert_eq!(
+            NetConf::parse(
+                br#"{"cniVersion":"1.1.0","name":"bh","subnet":"10.244.0.0/24","cni.dev/valid-attachments":[{"ifname":"eth0"}]}"#
+            )
+            .unwrap_err()
+            .code(),
+            7
+        );
     }
 
     #[test]
@@ -388,6 +426,9 @@ mod tests {
         let e = Env::load(Command::Add, env_of(&full)).unwrap();
         assert_eq!(e.pod_name.as_deref(), Some("p"));
         assert_eq!(Env::load(Command::Add, env_of(&full[..3])).unwrap_err().code(), 4);
+        // The namespace may come from the config instead.
+        let no_ns = [full[0], full[1], full[2], ("CNI_ARGS", "IgnoreUnknown=1;K8S_POD_NAME=p")];
+        assert_eq!(Env::load(Command::Add, env_of(&no_ns)).unwrap().pod_namespace, None);
         assert_eq!(Env::load(Command::Del, env_of(&[full[0], full[2]])).unwrap().netns, None);
         assert_eq!(Env::load(Command::Check, env_of(&[full[0], full[2]])).unwrap_err().code(), 4);
         assert!(parse_cni_args("FOO=bar").is_err());

@@ -84,17 +84,18 @@ fn run() -> Result<Option<Value>, Failure> {
             let conf = NetConf::parse(&stdin).map_err(fail(version))?;
             commands::status::run(&conf).map(|()| None)
         }
-        // TODO(#cni-gc): GC against the agent's endpoint list and the IPAM store.
-        Command::Gc => Err(CommandError::Unsupported {
-            command: "GC",
-            reason: "yet".into(),
-        }),
+        Command::Gc => {
+            let conf = NetConf::parse(&stdin).map_err(fail(version))?;
+            commands::gc::run(&conf).map(|()| None)
+        }
         Command::Add | Command::Del | Command::Check => {
             let env = Env::load(command, var).map_err(fail(version))?;
             let conf = NetConf::parse(&stdin).map_err(fail(version))?;
             tracing::info!(?command, container = %env.container_id, ifname = %env.ifname, "invoked");
             match command {
-                Command::Add => commands::add::run(&env, &conf).map(|r| Some(r.to_json(conf.cni_version))),
+                // In a chain, our result extends the previous plugins' (spec: "Chained plugins").
+                Command::Add => commands::add::run(&env, &conf)
+                    .map(|r| Some(spec::chain_result(conf.prev_result.as_ref(), r.to_json(conf.cni_version)))),
                 Command::Del => commands::del::run(&env, &conf).map(|()| None),
                 _ => commands::check::run(&env, &conf).map(|()| None),
             }

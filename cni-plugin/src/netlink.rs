@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use futures::TryStreamExt;
 use netlink_packet_route::link::{InfoData, InfoVeth, LinkAttribute, LinkFlags, LinkMessage};
 use netlink_packet_route::neighbour::NeighbourState;
-use netlink_packet_route::route::RouteScope;
+use netlink_packet_route::route::{RouteAddress, RouteAttribute, RouteHeader, RouteScope};
 use netlink_packet_route::AddressFamily;
 use rtnetlink::{Handle, LinkUnspec, LinkVeth, RouteMessageBuilder};
 
@@ -336,6 +336,51 @@ pub async fn ensure_neighbour(handle: &Handle, index: u32, ip: Ipv4Addr, mac: &[
         .execute()
         .await
         .map_err(NetlinkError::request("add neighbour", ip))
+}
+
+/// One IPv4 route of the main table.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RouteInfo {
+    /// Destination network.
+    pub dst: Ipv4Addr,
+    /// Destination prefix length.
+    pub prefix: u8,
+    /// Next hop, if any.
+    pub gateway: Option<Ipv4Addr>,
+    /// Output interface, if any.
+    pub oif: Option<u32>,
+}
+
+/// The IPv4 routes of the main table.
+pub async fn ipv4_routes(handle: &Handle) -> Result<Vec<RouteInfo>, NetlinkError> {
+    let mut stream = handle.route().get(RouteMessageBuilder::<Ipv4Addr>::new().build()).execute();
+    let mut out = Vec::new();
+    while let Some(m) = stream.try_next().await.map_err(NetlinkError::request("list routes", "ipv4"))? {
+        if m.header.address_family != AddressFamily::Inet {
+            continue;
+        }
+        let mut route = RouteInfo {
+            dst: Ipv4Addr::UNSPECIFIED,
+            prefix: m.header.destination_prefix_length,
+            gateway: None,
+            oif: None,
+        };
+        let mut table = u32::from(m.header.table);
+        for attr in &m.attributes {
+            match attr {
+                RouteAttribute::Destination(RouteAddress::Inet(ip)) => route.dst = *ip,
+                RouteAttribute::Gateway(RouteAddress::Inet(ip)) => route.gateway = Some(*ip),
+                RouteAttribute::Oif(i) => route.oif = Some(*i),
+                // Tables above 255 only fit the attribute.
+                RouteAttribute::Table(t) => table = *t,
+                _ => {}
+            }
+        }
+        if table == u32::from(RouteHeader::RT_TABLE_MAIN) {
+            out.push(route);
+        }
+    }
+    Ok(out)
 }
 
 /// Deletes the route `dst/prefix` from the main table; absence is success.

@@ -136,6 +136,46 @@ impl AddResult {
     }
 }
 
+/// Appends `ours` to a chain's `prevResult`, as the spec asks of a plugin that is not first:
+/// the output carries everything earlier plugins reported plus this plugin's additions.
+///
+/// Our `ips[].interface` indices are shifted past the earlier interfaces; identical routes
+/// are listed once; earlier DNS settings win over our empty ones. A `prevResult` that is not
+/// a JSON object carries nothing to keep.
+pub fn chain_result(prev: Option<&Value>, ours: Value) -> Value {
+    let Some(Value::Object(prev)) = prev else {
+        return ours;
+    };
+    let list = |v: &Value, key: &str| v.get(key).and_then(Value::as_array).cloned().unwrap_or_default();
+    let prev = Value::Object(prev.clone());
+    let mut interfaces = list(&prev, "interfaces");
+    let offset = interfaces.len() as u64;
+    interfaces.extend(list(&ours, "interfaces"));
+    let mut ips = list(&prev, "ips");
+    ips.extend(list(&ours, "ips").into_iter().map(|mut ip| {
+        if let Some(i) = ip.get("interface").and_then(Value::as_u64) {
+            ip["interface"] = json!(i + offset);
+        }
+        ip
+    }));
+    let mut routes = list(&prev, "routes");
+    for r in list(&ours, "routes") {
+        if !routes.contains(&r) {
+            routes.push(r);
+        }
+    }
+    let mut out = prev;
+    out["cniVersion"] = ours["cniVersion"].clone();
+    out["interfaces"] = json!(interfaces);
+    out["ips"] = json!(ips);
+    out["routes"] = json!(routes);
+    let prev_dns_empty = out.get("dns").and_then(Value::as_object).is_none_or(serde_json::Map::is_empty);
+    if prev_dns_empty {
+        out["dns"] = ours["dns"].clone();
+    }
+    out
+}
+
 /// The VERSION result.
 pub fn version_result() -> Value {
     json!({ "cniVersion": LATEST_VERSION, "supportedVersions": SUPPORTED_VERSIONS })
@@ -187,6 +227,27 @@ mod tests {
         let v0 = sample().to_json(CniVersion::V0_3_1);
         assert_eq!(v0["ips"][0]["version"], "4");
         assert_eq!(v0["cniVersion"], "0.3.1");
+    }
+
+    #[test]
+    fn chained_results_keep_earlier_plugins_output() {
+        let ours = sample().to_json(CniVersion::V1_0_0);
+        assert_eq!(chain_result(None, ours.clone()), ours);
+        let prev = json!({
+            "cniVersion": "1.0.0",
+            "interfaces": [{"name": "lo0", "mac": "00:00:00:00:00:00", "sandbox": "/run/netns/p"}],
+            "ips": [{"address": "10.1.0.5/24", "interface": 0}],
+            "routes": [{"dst": "0.0.0.0/0", "gw": "169.254.1.1"}],
+            "dns": {"nameservers": ["10.0.0.10"]},
+        });
+        let out = chain_result(Some(&prev), ours);
+        assert_eq!(out["interfaces"].as_array().unwrap().len(), 3);
+        assert_eq!(out["interfaces"][2]["name"], "eth0");
+        assert_eq!(out["ips"][0]["interface"], 0);
+        assert_eq!(out["ips"][1]["interface"], 2);
+        assert_eq!(out["ips"][1]["address"], "10.244.0.2/32");
+        assert_eq!(out["routes"].as_array().unwrap().len(), 1);
+        assert_eq!(out["dns"]["nameservers"][0], "10.0.0.10");
     }
 
     #[test]

@@ -78,49 +78,31 @@ impl Lab {
         });
     }
 
-    fn config(&self) -> String {
+    fn config(&self) -> Value {
         serde_json::json!({
             "cniVersion": "1.1.0", "name": "bhtest", "type": "bulkhead-cni",
             "subnet": "10.251.7.0/24", "agentSocket": self.socket(), "dataDir": self.dir,
             "mtu": 1400, "agentTimeoutSeconds": 5,
         })
-        .to_string()
     }
 
     /// Runs the plugin inside the node netns, as a runtime on that node would.
     fn cni(&self, command: &str, netns: &str) -> (bool, Value) {
-        let conf = self.config();
-        let out = netns::run_in(&self.node, || {
-            let mut child = Command::new(BIN)
-                .env_clear()
-                .env("CNI_COMMAND", command)
-                .env("CNI_CONTAINERID", &self.container_id)
-                .env("CNI_NETNS", netns)
-                .env("CNI_IFNAME", "eth0")
-                .env("CNI_PATH", "/opt/cni/bin")
-                .env("CNI_ARGS", "IgnoreUnknown=1;K8S_POD_NAMESPACE=ns1;K8S_POD_NAME=pod1")
-                .env("BULKHEAD_CNI_LOG", "debug")
-                .stdin(Stdio::piped())
-                .stdout(Stdio::piped())
-                .stderr(Stdio::piped())
-                .spawn()
-                .unwrap();
-            child.stdin.take().unwrap().write_all(conf.as_bytes()).unwrap();
-            child.wait_with_output().unwrap()
-        })
-        .unwrap();
-        let stdout = String::from_utf8(out.stdout).unwrap();
-        eprintln!(
-            "{command}: exit {:?}\nstdout: {stdout}\nstderr: {}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let value = if stdout.trim().is_empty() {
-            Value::Null
-        } else {
-            serde_json::from_str(stdout.trim()).unwrap()
-        };
-        (out.status.success(), value)
+        self.cni_with(command, netns, &serde_json::json!({}))
+    }
+
+    /// Like [`Lab::cni`], with `extra` keys (`prevResult`, `cniVersion`, …) merged into the config.
+    fn cni_with(&self, command: &str, netns: &str, extra: &Value) -> (bool, Value) {
+        self.cni_as(&self.container_id, command, netns, extra)
+    }
+
+    /// Runs the plugin for `container_id`.
+    fn cni_as(&self, container_id: &str, command: &str, netns: &str, extra: &Value) -> (bool, Value) {
+        let mut conf = self.config();
+        for (k, v) in extra.as_object().unwrap() {
+            conf[k] = v.clone();
+        }
+        run_plugin(&self.node, BIN, command, container_id, netns, &conf)
     }
 
     fn pod_path(&self) -> String {
@@ -150,6 +132,45 @@ impl Drop for Lab {
         let _ = netns::delete(&self.node);
         let _ = std::fs::remove_dir_all(&self.dir);
     }
+}
+
+/// Runs `plugin` in `node` the way a runtime does: `CNI_*` environment, `conf` on stdin.
+/// Returns whether it succeeded and its stdout as JSON (`Null` when empty).
+fn run_plugin(node: &std::path::Path, plugin: &str, command: &str, container_id: &str, netns: &str, conf: &Value) -> (bool, Value) {
+    let conf = conf.to_string();
+    let out = netns::run_in(node, || {
+        let mut child = Command::new(plugin)
+            .env_clear()
+            // portmap execs iptables.
+            .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
+            .env("CNI_COMMAND", command)
+            .env("CNI_CONTAINERID", container_id)
+            .env("CNI_NETNS", netns)
+            .env("CNI_IFNAME", "eth0")
+            .env("CNI_PATH", "/usr/lib/cni")
+            .env("CNI_ARGS", "IgnoreUnknown=1;K8S_POD_NAMESPACE=ns1;K8S_POD_NAME=pod1")
+            .env("BULKHEAD_CNI_LOG", "debug")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot run {plugin}: {e}"));
+        child.stdin.take().unwrap().write_all(conf.as_bytes()).unwrap();
+        child.wait_with_output().unwrap()
+    })
+    .unwrap();
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    eprintln!(
+        "{plugin} {command}: exit {:?}\nstdin: {conf}\nstdout: {stdout}\nstderr: {}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let value = if stdout.trim().is_empty() {
+        Value::Null
+    } else {
+        serde_json::from_str(stdout.trim()).unwrap()
+    };
+    (out.status.success(), value)
 }
 
 /// `ip -n <ns> <args>`; tests may shell out, product code may not.
@@ -259,7 +280,7 @@ fn add_check_repeat_del() {
     assert_eq!(reply, "hi");
     assert_eq!(server.join().unwrap().ip().to_string(), "10.251.7.1");
 
-    let (ok, v) = lab.cni("CHECK", &lab.pod_path());
+    let (ok, v) = lab.cni_with("CHECK", &lab.pod_path(), &serde_json::json!({ "prevResult": result }));
     assert!(ok, "{v}");
     assert!(matches!(lab.requests.lock().unwrap().last(), Some(Request::CheckEndpoint(_))));
 
@@ -279,7 +300,7 @@ fn add_check_repeat_del() {
     assert!(ok, "second DEL: {v}");
 
     // CHECK after DEL fails.
-    let (ok, v) = lab.cni("CHECK", &lab.pod_path());
+    let (ok, v) = lab.cni_with("CHECK", &lab.pod_path(), &serde_json::json!({ "prevResult": result }));
     assert!(!ok);
     assert_eq!(v["code"], 104);
 }
@@ -348,4 +369,331 @@ fn pod_interfaces_only_in_the_netns_they_belong_to() {
     assert!(ok, "{v}");
     assert!(!link_exists(&lab.node_name, "eth0"));
     assert!(!link_exists(&lab.pod_name, &lab.host_veth()));
+}
+
+/// An extra pod namespace, removed on drop.
+struct ExtraPod(PathBuf);
+
+impl ExtraPod {
+    fn new(tag: &str) -> Self {
+        let name = format!("bhcni-x{tag}-{}-{}", std::process::id(), COUNTER.fetch_add(1, Ordering::SeqCst));
+        Self(netns::create_named(&name).unwrap())
+    }
+
+    fn path(&self) -> String {
+        self.0.display().to_string()
+    }
+
+    fn name(&self) -> String {
+        self.0.file_name().unwrap().to_string_lossy().into_owned()
+    }
+}
+
+impl Drop for ExtraPod {
+    fn drop(&mut self) {
+        let _ = netns::delete(&self.0);
+    }
+}
+
+#[test]
+fn check_compares_the_pod_with_prev_result() {
+    let lab = Lab::new(r#"{"result":"ok"}"#);
+    let (ok, result) = lab.cni("ADD", &lab.pod_path());
+    assert!(ok, "{result}");
+    let check = |prev: &Value| lab.cni_with("CHECK", &lab.pod_path(), &serde_json::json!({ "prevResult": prev }));
+    let (ok, v) = check(&result);
+    assert!(ok, "{v}");
+
+    // No prevResult: the config is invalid for CHECK (7), as in the reference plugins.
+    let (ok, v) = lab.cni("CHECK", &lab.pod_path());
+    assert!(!ok);
+    assert_eq!(v["code"], 7, "{v}");
+
+    // A prevResult that disagrees with the pod: 104 with the reason.
+    let mut other_ip = result.clone();
+    other_ip["ips"][0]["address"] = "10.251.7.99/32".into();
+    let (ok, v) = check(&other_ip);
+    assert!(!ok);
+    assert_eq!(v["code"], 104, "{v}");
+    let mut other_mac = result.clone();
+    other_mac["interfaces"][1]["mac"] = "02:de:ad:be:ef:00".into();
+    let (ok, v) = check(&other_mac);
+    assert!(!ok && v["details"].as_str().unwrap().contains("mac"), "{v}");
+    let mut other_sandbox = result.clone();
+    other_sandbox["interfaces"][1]["sandbox"] = "/run/netns/elsewhere".into();
+    let (ok, v) = check(&other_sandbox);
+    assert!(!ok && v["code"] == 104, "{v}");
+
+    // The pod lost its default route: CHECK notices.
+    ip(&lab.pod_name, &["route", "del", "default"]);
+    let (ok, v) = check(&result);
+    assert!(!ok, "{v}");
+    assert!(v["details"].as_str().unwrap().contains("route 0.0.0.0/0 via 169.254.1.1"), "{v}");
+    ip(&lab.pod_name, &["route", "add", "default", "via", "169.254.1.1", "dev", "eth0"]);
+    let (ok, v) = check(&result);
+    assert!(ok, "{v}");
+
+    let (ok, v) = lab.cni("DEL", &lab.pod_path());
+    assert!(ok, "{v}");
+}
+
+#[test]
+fn every_supported_config_version_adds_checks_and_deletes() {
+    for version in ["0.4.0", "1.0.0", "1.1.0"] {
+        let lab = Lab::new(r#"{"result":"ok"}"#);
+        let v = serde_json::json!({ "cniVersion": version });
+        let (ok, result) = lab.cni_with("ADD", &lab.pod_path(), &v);
+        assert!(ok, "{version}: {result}");
+        assert_eq!(result["cniVersion"], version);
+        assert_eq!(result["ips"][0]["address"], "10.251.7.2/32");
+        // 0.x results name the IP family; 1.x dropped the field; mtu is 1.1 only.
+        assert_eq!(result["ips"][0].get("version").is_some(), version == "0.4.0", "{version}: {result}");
+        assert_eq!(
+            result["interfaces"][1].get("mtu").is_some(),
+            version == "1.1.0",
+            "{version}: {result}"
+        );
+        let (ok, out) = lab.cni_with(
+            "CHECK",
+            &lab.pod_path(),
+            &serde_json::json!({ "cniVersion": version, "prevResult": result }),
+        );
+        assert!(ok, "{version}: {out}");
+        let (ok, out) = lab.cni_with(
+            "DEL",
+            &lab.pod_path(),
+            &serde_json::json!({ "cniVersion": version, "prevResult": result }),
+        );
+        assert!(ok, "{version}: {out}");
+        assert!(lab.allocations().is_empty());
+        assert!(!link_exists(&lab.node_name, &lab.host_veth()));
+    }
+}
+
+#[test]
+fn status_is_50_until_the_agent_is_ready() {
+    let status = |ready: bool| {
+        format!(
+            r#"{{"result":"status","node_name":"n","ready":{ready},"endpoints":0,"identities":0,"policies":0,"policy_entries":0,"generation":1}}"#
+        )
+    };
+    let ready = Lab::new(Box::leak(status(true).into_boxed_str()));
+    let (ok, v) = ready.cni("STATUS", "");
+    assert!(ok, "{v}");
+    assert_eq!(v, Value::Null, "STATUS prints nothing on success");
+    assert!(matches!(ready.requests.lock().unwrap().last(), Some(Request::Status)));
+    let (ok, v) = ready.cni_with("STATUS", "", &serde_json::json!({ "cniVersion": "1.0.0" }));
+    assert!(!ok);
+    assert_eq!(v["code"], 1, "STATUS is a 1.1 verb: {v}");
+
+    let syncing = Lab::new(Box::leak(status(false).into_boxed_str()));
+    let (ok, v) = syncing.cni("STATUS", "");
+    assert!(!ok);
+    assert_eq!(v["code"], 50, "{v}");
+    std::fs::remove_file(syncing.socket()).unwrap();
+    let (ok, v) = syncing.cni("STATUS", "");
+    assert!(!ok);
+    assert_eq!(v["code"], 50, "no agent: {v}");
+}
+
+#[test]
+fn gc_is_spec_1_1_and_needs_valid_attachments() {
+    let lab = Lab::new(r#"{"result":"ok"}"#);
+    let old = serde_json::json!({ "cniVersion": "1.0.0", "cni.dev/valid-attachments": [] });
+    let (ok, v) = lab.cni_with("GC", "", &old);
+    assert!(!ok);
+    assert_eq!(v["code"], 1, "{v}");
+    let (ok, v) = lab.cni_with("GC", "", &serde_json::json!({}));
+    assert!(!ok, "GC without valid-attachments");
+    assert_eq!(v["code"], 7, "{v}");
+}
+
+#[test]
+fn gc_removes_attachments_the_runtime_no_longer_lists() {
+    let lab = Lab::new(r#"{"result":"ok"}"#);
+    let other = ExtraPod::new("gc");
+    let stale_id = format!("{}-stale", lab.container_id);
+    let (ok, kept) = lab.cni("ADD", &lab.pod_path());
+    assert!(ok, "{kept}");
+    let (ok, v) = lab.cni_as(&stale_id, "ADD", &other.path(), &serde_json::json!({}));
+    assert!(ok, "{v}");
+    let stale_host = host_veth_name(&stale_id, "eth0");
+    assert!(link_exists(&lab.node_name, &stale_host));
+    assert_eq!(lab.allocations().len(), 2);
+
+    let valid = serde_json::json!({ "cni.dev/valid-attachments": [{ "containerID": lab.container_id, "ifname": "eth0" }] });
+    let (ok, v) = lab.cni_with("GC", "", &valid);
+    assert!(ok, "{v}");
+    assert_eq!(v, Value::Null, "GC prints nothing on success");
+    assert!(!link_exists(&lab.node_name, &stale_host), "stale host veth left");
+    assert!(!link_exists(&other.name(), "eth0"), "stale pod end left");
+    assert_eq!(lab.allocations(), vec!["10.251.7.2".to_string()]);
+    assert!(link_exists(&lab.node_name, &lab.host_veth()), "valid attachment removed");
+    let (ok, v) = lab.cni_with("CHECK", &lab.pod_path(), &serde_json::json!({ "prevResult": kept }));
+    assert!(ok, "valid attachment broken by GC: {v}");
+    match lab.requests.lock().unwrap().iter().rev().find(|r| matches!(r, Request::Gc { .. })) {
+        Some(Request::Gc { valid }) => {
+            assert_eq!(valid.len(), 1);
+            assert_eq!(
+                (valid[0].container_id.as_str(), valid[0].ifname.as_str()),
+                (lab.container_id.as_str(), "eth0")
+            );
+        }
+        other => panic!("agent got no GC: {other:?}"),
+    }
+
+    // With the agent gone, GC still frees what it can locally, and succeeds.
+    std::fs::remove_file(lab.socket()).unwrap();
+    let (ok, v) = lab.cni_with("GC", "", &serde_json::json!({ "cni.dev/valid-attachments": [] }));
+    assert!(ok, "{v}");
+    assert!(lab.allocations().is_empty());
+    assert!(!link_exists(&lab.node_name, &lab.host_veth()));
+}
+
+#[test]
+fn del_succeeds_and_cleans_up_with_the_agent_down() {
+    let lab = Lab::new(r#"{"result":"ok"}"#);
+    let (ok, v) = lab.cni("ADD", &lab.pod_path());
+    assert!(ok, "{v}");
+    std::fs::remove_file(lab.socket()).unwrap();
+    let (ok, v) = lab.cni("DEL", &lab.pod_path());
+    assert!(ok, "DEL must not wedge on a missing agent: {v}");
+    assert!(!link_exists(&lab.node_name, &lab.host_veth()));
+    assert!(!link_exists(&lab.pod_name, "eth0"));
+    assert!(lab.allocations().is_empty());
+}
+
+#[test]
+fn del_succeeds_with_an_agent_that_never_answers() {
+    // A socket that accepts and then says nothing: DEL times out on the agent and carries on.
+    let lab = Lab::new(r#"{"result":"ok"}"#);
+    let (ok, v) = lab.cni("ADD", &lab.pod_path());
+    assert!(ok, "{v}");
+    std::fs::remove_file(lab.socket()).unwrap();
+    let mute = UnixListener::bind(lab.socket()).unwrap();
+    let keep = std::thread::spawn(move || {
+        let held: Vec<_> = mute.incoming().take(1).collect();
+        std::thread::sleep(Duration::from_secs(4));
+        drop(held);
+    });
+    let quick = serde_json::json!({ "agentTimeoutSeconds": 1 });
+    let (ok, v) = lab.cni_with("DEL", &lab.pod_path(), &quick);
+    assert!(ok, "{v}");
+    assert!(!link_exists(&lab.node_name, &lab.host_veth()));
+    assert!(lab.allocations().is_empty());
+    keep.join().unwrap();
+}
+
+/// The reference `portmap` plugin; setup.sh installs containernetworking-plugins.
+const PORTMAP: &str = "/usr/lib/cni/portmap";
+
+/// The nat table of `ns`, as `iptables -S` prints it.
+fn nat_rules(ns: &str) -> String {
+    let out = Command::new("ip")
+        .args(["netns", "exec", ns, "iptables", "-t", "nat", "-S"])
+        .output()
+        .expect("iptables is needed by this test");
+    assert!(out.status.success(), "iptables: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8(out.stdout).unwrap()
+}
+
+#[test]
+fn chained_with_portmap_like_libcni() {
+    assert!(
+        std::path::Path::new(PORTMAP).is_file(),
+        "{PORTMAP} is missing: run scripts/setup.sh (containernetworking-plugins)"
+    );
+    // portmap 1.1.1 speaks up to 1.0.0.
+    for version in ["0.4.0", "1.0.0"] {
+        let lab = Lab::new(r#"{"result":"ok"}"#);
+        // The conflist `[bulkhead-cni, portmap]`, each plugin's config as libcni builds it:
+        // the list's name and cniVersion, then prevResult from the plugin before and
+        // runtimeConfig for the capabilities it declares.
+        let ours = |extra: Value| {
+            let mut c = lab.config();
+            c["cniVersion"] = version.into();
+            for (k, v) in extra.as_object().unwrap() {
+                c[k] = v.clone();
+            }
+            c
+        };
+        let portmap = |prev: &Value| {
+            serde_json::json!({
+                "cniVersion": version, "name": "bhtest", "type": "portmap",
+                "capabilities": { "portMappings": true }, "snat": false,
+                "runtimeConfig": { "portMappings": [{ "hostPort": 18080, "containerPort": 80, "protocol": "tcp" }] },
+                "prevResult": prev,
+            })
+        };
+        let cid = lab.container_id.clone();
+        let pod = lab.pod_path();
+
+        let (ok, first) = run_plugin(&lab.node, BIN, "ADD", &cid, &pod, &ours(serde_json::json!({})));
+        assert!(ok, "{version}: {first}");
+        let (ok, last) = run_plugin(&lab.node, PORTMAP, "ADD", &cid, &pod, &portmap(&first));
+        assert!(ok, "{version}: portmap ADD: {last}");
+        // portmap passes our result on unchanged: it is what the runtime caches.
+        assert_eq!(last["ips"], first["ips"], "{version}");
+        assert_eq!(last["interfaces"], first["interfaces"], "{version}");
+        let rules = nat_rules(&lab.node_name);
+        assert!(
+            rules.contains("--to-destination 10.251.7.2:80"),
+            "{version}: no DNAT to the pod:\n{rules}"
+        );
+        assert!(rules.contains("--dport 18080"), "{version}:\n{rules}");
+
+        // CHECK: every plugin, in order, with the cached result.
+        let (ok, v) = run_plugin(
+            &lab.node,
+            BIN,
+            "CHECK",
+            &cid,
+            &pod,
+            &ours(serde_json::json!({ "prevResult": last })),
+        );
+        assert!(ok, "{version}: {v}");
+        let (ok, v) = run_plugin(&lab.node, PORTMAP, "CHECK", &cid, &pod, &portmap(&last));
+        // portmap 1.1.1 checks ip6tables rules even for an IPv4-only result and fails
+        // (containernetworking/plugins#819, fixed upstream later): only that failure is allowed.
+        let known_bug = v["msg"].as_str().is_some_and(|m| m.contains("could not check ipv6 dnat"));
+        assert!(ok || known_bug, "{version}: portmap CHECK: {v}");
+
+        // DEL: reverse order, each with the cached result.
+        let (ok, v) = run_plugin(&lab.node, PORTMAP, "DEL", &cid, &pod, &portmap(&last));
+        assert!(ok, "{version}: portmap DEL: {v}");
+        let (ok, v) = run_plugin(&lab.node, BIN, "DEL", &cid, &pod, &ours(serde_json::json!({ "prevResult": last })));
+        assert!(ok, "{version}: {v}");
+        let rules = nat_rules(&lab.node_name);
+        assert!(!rules.contains("10.251.7.2"), "{version}: DNAT left behind:\n{rules}");
+        assert!(lab.allocations().is_empty());
+        assert!(!link_exists(&lab.node_name, &lab.host_veth()));
+    }
+}
+
+#[test]
+fn add_after_another_plugin_extends_its_result() {
+    // Not first in a chain: the output is prevResult plus our interfaces, with indices shifted.
+    let lab = Lab::new(r#"{"result":"ok"}"#);
+    let prev = serde_json::json!({
+        "cniVersion": "1.0.0",
+        "interfaces": [{ "name": "dummy0", "mac": "02:00:00:00:00:09" }],
+        "ips": [],
+        "dns": { "nameservers": ["10.96.0.10"] },
+    });
+    let (ok, out) = lab.cni_with(
+        "ADD",
+        &lab.pod_path(),
+        &serde_json::json!({ "cniVersion": "1.0.0", "prevResult": prev }),
+    );
+    assert!(ok, "{out}");
+    assert_eq!(out["interfaces"][0]["name"], "dummy0");
+    assert_eq!(out["interfaces"][2]["name"], "eth0");
+    assert_eq!(out["ips"][0]["interface"], 2);
+    assert_eq!(out["dns"]["nameservers"][0], "10.96.0.10");
+    let (ok, v) = lab.cni_with(
+        "CHECK",
+        &lab.pod_path(),
+        &serde_json::json!({ "cniVersion": "1.0.0", "prevResult": out }),
+    );
+    assert!(ok, "{v}");
 }

@@ -1,7 +1,7 @@
 //! The node agent: keeps the eBPF maps equal to what the cluster model and the local
 //! endpoints compile to, and serves the endpoint socket for the CNI plugin.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::Ipv4Addr;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
@@ -9,6 +9,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bulkhead_cni::agent_api::{AgentStatus, EndpointRef, EndpointSpec, Request, Response};
+use bulkhead_cni::netlink::{self as cni_netlink, with_handle, NetlinkError};
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
@@ -30,6 +31,8 @@ const CODE_AGENT_FAILED: u32 = 102;
 const POD_WAIT: Duration = Duration::from_secs(10);
 /// How often the source is polled for changes.
 const POLL_INTERVAL: Duration = Duration::from_millis(500);
+/// Every this many polls, endpoints whose host veth is gone are dropped (a DEL the agent missed).
+const RECONCILE_EVERY_POLLS: u32 = 10;
 
 /// `bulkhead agent` flags.
 #[derive(Clone, Debug, clap::Args)]
@@ -66,6 +69,15 @@ pub enum AgentError {
     /// The model source failed.
     #[error(transparent)]
     Source(#[from] SourceError),
+    /// Listing or deleting host veths failed.
+    #[error("host links: {op}")]
+    Link {
+        /// What was attempted.
+        op: &'static str,
+        /// Cause (boxed: netlink errors are large).
+        #[source]
+        source: Box<NetlinkError>,
+    },
     /// File or socket I/O failed.
     #[error("{op} {path}")]
     Io {
@@ -263,6 +275,64 @@ impl Agent {
         }
     }
 
+    /// CNI GC: forgets every endpoint not in `valid`, then deletes its host veth if still there.
+    fn gc(&mut self, valid: &[EndpointRef]) -> Response {
+        let keep: BTreeSet<(String, String)> = valid.iter().map(|r| (r.container_id.clone(), r.ifname.clone())).collect();
+        let stale: Vec<EndpointRecord> = self
+            .endpoints
+            .iter()
+            .filter(|(k, _)| !keep.contains(*k))
+            .map(|(_, r)| r.clone())
+            .collect();
+        if stale.is_empty() {
+            return Response::Ok;
+        }
+        for r in &stale {
+            self.endpoints.remove(&(r.spec.container_id.clone(), r.spec.ifname.clone()));
+        }
+        tracing::info!(removed = stale.len(), "gc: dropping endpoints the runtime no longer knows");
+        // Maps first: the veth's ifindex must not be enforced as this endpoint once it is gone.
+        let mut errors = Vec::new();
+        if let Err(e) = self.reprogram().and_then(|()| self.save_registry()) {
+            errors.push(error_chain(&e));
+        }
+        let names: Vec<String> = stale.iter().map(|r| r.spec.host_ifname.clone()).collect();
+        if let Err(e) = delete_links(names) {
+            errors.push(error_chain(&e));
+        }
+        if errors.is_empty() {
+            Response::Ok
+        } else {
+            Response::Error {
+                code: CODE_AGENT_FAILED,
+                message: errors.join("; "),
+            }
+        }
+    }
+
+    /// Drops endpoints whose host veth is gone or was recreated under another ifindex: a DEL
+    /// that ran while the agent was down or unreachable. Returns how many were dropped.
+    fn reconcile_links(&mut self) -> Result<usize, AgentError> {
+        if self.endpoints.is_empty() {
+            return Ok(0);
+        }
+        let names: Vec<String> = self.endpoints.values().map(|r| r.spec.host_ifname.clone()).collect();
+        let live = live_links(names).map_err(|e| AgentError::Link {
+            op: "list",
+            source: Box::new(e),
+        })?;
+        let before = self.endpoints.len();
+        self.endpoints
+            .retain(|_, r| live.get(&r.spec.host_ifname) == Some(&r.spec.host_ifindex));
+        let dropped = before - self.endpoints.len();
+        if dropped > 0 {
+            tracing::info!(dropped, "dropping endpoints whose host veth is gone");
+            self.reprogram()?;
+            self.save_registry()?;
+        }
+        Ok(dropped)
+    }
+
     fn status(&self) -> AgentStatus {
         AgentStatus {
             node_name: self.node_name.clone(),
@@ -279,7 +349,7 @@ impl Agent {
 /// This node's own IPv4 addresses (empty when they cannot be read: the node then gets no
 /// HOST allowance, which fails closed).
 fn host_addresses() -> Vec<Ipv4Addr> {
-    bulkhead_cni::netlink::with_handle(None, |h| async move { bulkhead_cni::netlink::all_ipv4_addresses(&h).await }).unwrap_or_else(|e| {
+    with_handle(None, |h| async move { cni_netlink::all_ipv4_addresses(&h).await }).unwrap_or_else(|e| {
         tracing::warn!(error = %error_chain(&e), "cannot list node addresses");
         Vec::new()
     })
@@ -295,6 +365,33 @@ fn add_host_addresses(state: &mut DatapathState, addresses: &[Ipv4Addr]) {
             flags: 0,
         });
     }
+}
+
+/// The ifindex of each of `names` that exists in the agent's network namespace.
+fn live_links(names: Vec<String>) -> Result<BTreeMap<String, u32>, NetlinkError> {
+    with_handle(None, |h| async move {
+        let mut live = BTreeMap::new();
+        for name in names {
+            if let Some(link) = cni_netlink::link_by_name(&h, &name).await? {
+                live.insert(name, link.index);
+            }
+        }
+        Ok(live)
+    })
+}
+
+/// Deletes each of `names` that exists; absence is success.
+fn delete_links(names: Vec<String>) -> Result<(), AgentError> {
+    with_handle(None, |h| async move {
+        for name in &names {
+            cni_netlink::delete_link(&h, name).await?;
+        }
+        Ok(())
+    })
+    .map_err(|e| AgentError::Link {
+        op: "delete",
+        source: Box::new(e),
+    })
 }
 
 /// The error and its causes, one line.
@@ -337,6 +434,7 @@ async fn handle(agent: &Mutex<Agent>, request: Request) -> Response {
         }
         Request::DelEndpoint(r) => agent.lock().await.del_endpoint(&r),
         Request::CheckEndpoint(r) => agent.lock().await.check_endpoint(&r),
+        Request::Gc { valid } => agent.lock().await.gc(&valid),
         Request::Reload => match agent.lock().await.refresh(true) {
             Ok(()) => Response::Ok,
             Err(e) => Response::Error {
@@ -424,6 +522,11 @@ pub fn run(args: AgentArgs) -> Result<(), AgentError> {
         flows: flow_store.clone(),
     };
     agent.refresh(true)?;
+    // Endpoints deleted while the agent was away (CNI DEL carries on without it).
+    match agent.reconcile_links() {
+        Ok(dropped) => tracing::info!(dropped, "endpoint registry reconciled with host veths"),
+        Err(e) => tracing::warn!(error = %error_chain(&e), "cannot reconcile endpoints with host veths"),
+    }
     agent.reprogram()?;
     tracing::info!(node = %args.node_name, endpoints = agent.endpoints.len(), pod_cidr = ?args.pod_cidr, "datapath programmed");
 
@@ -448,6 +551,7 @@ pub fn run(args: AgentArgs) -> Result<(), AgentError> {
         let poller = {
             let agent = agent.clone();
             tokio::spawn(async move {
+                let mut polls = 0u32;
                 loop {
                     tokio::time::sleep(POLL_INTERVAL).await;
                     let mut a = agent.lock().await;
@@ -457,6 +561,12 @@ pub fn run(args: AgentArgs) -> Result<(), AgentError> {
                     match a.datapath.flows_lost() {
                         Ok(lost) => a.flows.set_lost(lost),
                         Err(e) => tracing::debug!(error = %error_chain(&e), "reading lost flow events"),
+                    }
+                    polls = polls.wrapping_add(1);
+                    if polls.is_multiple_of(RECONCILE_EVERY_POLLS) {
+                        if let Err(e) = a.reconcile_links() {
+                            tracing::warn!(error = %error_chain(&e), "reconciling endpoints with host veths");
+                        }
                     }
                 }
             })

@@ -28,10 +28,14 @@ pub struct VethPair {
 /// Runs ADD.
 pub fn run(env: &Env, conf: &NetConf) -> Result<AddResult, CommandError> {
     let pod_ns = env.netns.as_deref().ok_or(ConfigError::MissingEnv { var: "CNI_NETNS" })?;
-    let pod_namespace = env.pod_namespace.clone().ok_or(ConfigError::InvalidEnv {
-        var: "CNI_ARGS",
-        reason: "K8S_POD_NAMESPACE is missing".into(),
-    })?;
+    let pod_namespace = env
+        .pod_namespace
+        .clone()
+        .or_else(|| conf.default_namespace.clone())
+        .ok_or(ConfigError::InvalidEnv {
+            var: "CNI_ARGS",
+            reason: "K8S_POD_NAMESPACE is missing and the config sets no defaultNamespace".into(),
+        })?;
     let pod_name = env.pod_name.clone().ok_or(ConfigError::InvalidEnv {
         var: "CNI_ARGS",
         reason: "K8S_POD_NAME is missing".into(),
