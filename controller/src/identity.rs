@@ -81,6 +81,16 @@ impl fmt::Display for LabelSet {
 pub enum IdentityKey {
     /// Pods with exactly these identity labels.
     Labels(LabelSet),
+    /// Pods with exactly these identity labels whose address lies in exactly these ipBlock
+    /// networks (CIDRs and excepts of the policies, sorted): pods that share labels but sit
+    /// on different sides of a block's edge get different identities, so an ipBlock peer
+    /// matches whole identities exactly.
+    LabelsInCidrs {
+        /// The identity labels.
+        labels: LabelSet,
+        /// Every policy ipBlock network (address, prefix length) containing the pods.
+        cidrs: Vec<(Ipv4Addr, u8)>,
+    },
     /// Addresses in an ipBlock CIDR (or `except` CIDR) not covered by a longer known prefix.
     Cidr {
         /// Network address, host bits zero.
@@ -94,6 +104,13 @@ impl fmt::Display for IdentityKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             IdentityKey::Labels(l) => write!(f, "{l}"),
+            IdentityKey::LabelsInCidrs { labels, cidrs } => {
+                write!(f, "{labels} in")?;
+                for (addr, prefix) in cidrs {
+                    write!(f, " cidr:{addr}/{prefix}")?;
+                }
+                Ok(())
+            }
             IdentityKey::Cidr { addr, prefix } => write!(f, "cidr:{addr}/{prefix}"),
         }
     }

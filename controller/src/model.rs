@@ -63,7 +63,8 @@ pub enum ModelError {
         source: serde_yaml_ng::Error,
     },
     /// A field fails the API server's validation.
-    #[error("{origin}: document {document}: {object}: {source}")]
+    // The field error is the source, so a cause chain prints it once.
+    #[error("{origin}: document {document}: {object}")]
     Invalid {
         /// File or source the text came from.
         origin: String,
@@ -776,7 +777,8 @@ spec:
         ];
         for (text, want) in cases {
             let err = parse_documents(&text, "demo.yaml").expect_err(want);
-            let msg = err.to_string();
+            // As the CLI and the agent print it: the error and its causes.
+            let msg = crate::agent::error_chain(&err);
             assert!(msg.contains(want), "got {msg:?}\nwant it to contain {want:?}");
         }
     }

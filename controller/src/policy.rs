@@ -111,19 +111,47 @@ impl Compiler {
             local_by_pod.entry((ep.namespace.as_str(), ep.pod.as_str())).or_insert(ep);
         }
 
+        // Every network an ipBlock names (CIDRs and excepts). Each gets an identity for the
+        // addresses no pod has; the ipcache's longest-prefix match then resolves an address
+        // to the most specific of them.
+        let mut networks: BTreeSet<(Ipv4Addr, u8)> = BTreeSet::new();
+        for np in cluster.policies().values() {
+            for block in ip_blocks(np) {
+                networks.extend(block_networks(block).map(|net| (net.network(), net.prefix())));
+            }
+        }
+
         let mut used_ids = BTreeSet::new();
         let mut pods = Vec::new();
         for ((ns, name), pod) in cluster.pods() {
             let labels = model::pod_labels(pod);
             let namespace_labels = cluster.namespace_labels(ns);
-            let identity = self
-                .identities
-                .allocate(IdentityKey::Labels(LabelSet::for_pod(ns, &namespace_labels, &labels)));
-            used_ids.insert(identity);
             let ip = match local_by_pod.get(&(ns.as_str(), name.as_str())) {
                 Some(ep) => Some(ep.ipv4),
                 None => model::pod_ipv4(pod),
             };
+            let label_set = LabelSet::for_pod(ns, &namespace_labels, &labels);
+            // Membership in every ipBlock network is part of the identity, so all pods of
+            // an identity are on the same side of every block edge: ipBlock peers then
+            // match whole identities exactly, and a packet still costs one lookup.
+            let inside: Vec<(Ipv4Addr, u8)> = match ip {
+                Some(ip) => networks
+                    .iter()
+                    .filter(|(addr, prefix)| Ipv4Network::new(*addr, *prefix).is_ok_and(|n| n.contains(ip)))
+                    .copied()
+                    .collect(),
+                None => Vec::new(),
+            };
+            let key = if inside.is_empty() {
+                IdentityKey::Labels(label_set)
+            } else {
+                IdentityKey::LabelsInCidrs {
+                    labels: label_set,
+                    cidrs: inside,
+                }
+            };
+            let identity = self.identities.allocate(key);
+            used_ids.insert(identity);
             pods.push(PodView {
                 namespace: ns,
                 pod,
@@ -134,21 +162,11 @@ impl Compiler {
             });
         }
 
-        // One identity per distinct ipBlock CIDR or except; the ipcache's longest-prefix
-        // match then resolves an address to the most specific of them.
         let mut cidrs: BTreeMap<(Ipv4Addr, u8), u32> = BTreeMap::new();
-        for np in cluster.policies().values() {
-            for block in ip_blocks(np) {
-                for net in block_networks(block) {
-                    let key = (net.network(), net.prefix());
-                    let id = self.identities.allocate(IdentityKey::Cidr {
-                        addr: key.0,
-                        prefix: key.1,
-                    });
-                    used_ids.insert(id);
-                    cidrs.insert(key, id);
-                }
-            }
+        for &(addr, prefix) in &networks {
+            let id = self.identities.allocate(IdentityKey::Cidr { addr, prefix });
+            used_ids.insert(id);
+            cidrs.insert((addr, prefix), id);
         }
         self.identities.retain_only(&used_ids);
 
@@ -431,10 +449,10 @@ impl<'p, 'a> Ctx<'p, 'a> {
     /// CIDR identity matches iff its prefix lies within the block's CIDR and not within any
     /// except (any except containing the address is itself a known, longer prefix).
     ///
-    /// Pod addresses resolve to the pod's identity, which may group several pods. The
-    /// identity matches only if every pod of it that has an address lies in the block and
-    /// outside every except. This is an approximation that errs closed: when pods sharing
-    /// an identity straddle the block's edge, none of them is allowed by the block.
+    /// Pod addresses resolve to the pod's identity, which may group several pods. Their
+    /// membership in every ipBlock network is part of the identity key, so its pods are all
+    /// inside the block or all outside: the identity matches iff they are inside (the
+    /// check over every pod below is then exact, and still errs closed if it ever were not).
     fn ip_block_matches(&self, block: &IPBlock, ids: &mut BTreeSet<u32>, pods: &mut Vec<&'p PodView<'a>>) {
         // A block that does not parse (validation rejects it) matches nothing: fail closed.
         let Ok(cidr) = model::parse_cidr(&block.cidr) else {
@@ -1379,6 +1397,50 @@ mod tests {
         assert!(!ing([192, 168, 7, 1], 80));
         assert!(!ing([192, 168, 1, 1], 443), "inside the except");
         assert!(state.ipcache.contains_key(&(Ipv4Addr::new(192, 168, 1, 0), 24)));
+    }
+
+    /// Two pods with equal labels on either side of an ipBlock edge: the block admits
+    /// exactly the one inside, on ingress and on egress, in the datapath and in the spec.
+    #[test]
+    fn ip_block_edge_splits_pods_with_equal_labels() {
+        let twins = "---\napiVersion: v1\nkind: Namespace\nmetadata: {name: w}\n\
+                     ---\napiVersion: v1\nkind: Pod\nmetadata: {name: in, namespace: w, labels: {app: web}}\nstatus: {podIP: 10.0.9.127}\n\
+                     ---\napiVersion: v1\nkind: Pod\nmetadata: {name: out, namespace: w, labels: {app: web}}\nstatus: {podIP: 10.0.9.128}\n";
+        let policies = format!(
+            "{twins}{}",
+            np(
+                "x",
+                "edge",
+                "  podSelector: {matchLabels: {pod: a}}\n  policyTypes: [Ingress, Egress]\n  ingress: [{from: [{ipBlock: {cidr: 10.0.9.0/25}}]}]\n  egress: [{to: [{ipBlock: {cidr: 10.0.9.0/24, except: [10.0.9.128/25]}}]}]\n"
+            )
+        );
+        let c = cluster(&policies);
+        let l = locals();
+        let mut compiler = Compiler::new();
+        let state = compiler.compile(&c, &l);
+        let xa = ep(&l, "x/a").host_ifindex;
+        let (inside, outside) = (Ipv4Addr::new(10, 0, 9, 127), Ipv4Addr::new(10, 0, 9, 128));
+        let id = |ip| ipcache_lookup(&state, ip);
+        assert_ne!(id(inside), id(outside), "equal labels, different sides: different identities");
+        for (dir, peer, want) in [
+            (direction::INGRESS, inside, true),
+            (direction::INGRESS, outside, false),
+            (direction::EGRESS, inside, true),
+            (direction::EGRESS, outside, false),
+        ] {
+            assert_eq!(
+                lookup(&state, xa, dir, peer, proto::TCP, 80).is_some(),
+                want,
+                "dir {dir} peer {peer}"
+            );
+        }
+        assert!(spec_says(&c, "w/in", "x/a", "TCP", 80).ingress.allows());
+        assert!(!spec_says(&c, "w/out", "x/a", "TCP", 80).ingress.allows());
+        assert!(spec_says(&c, "x/a", "w/in", "TCP", 80).egress.allows());
+        assert!(!spec_says(&c, "x/a", "w/out", "TCP", 80).egress.allows());
+        // Without ipBlocks the twins share one identity again (no needless identities).
+        let plain = compiler.compile(&cluster(twins), &l);
+        assert_eq!(ipcache_lookup(&plain, inside), ipcache_lookup(&plain, outside));
     }
 
     #[test]
