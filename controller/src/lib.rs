@@ -3,6 +3,7 @@
 pub mod agent;
 pub mod datapath;
 pub mod identity;
+pub mod install;
 pub mod lab;
 pub mod maps;
 pub mod model;

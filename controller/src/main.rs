@@ -16,6 +16,8 @@ enum Command {
     Agent(bulkhead::agent::AgentArgs),
     /// A cluster on this machine made of network namespaces.
     Lab(bulkhead::lab::LabArgs),
+    /// Install the bulkhead-cni binary and its conflist on this node (the DaemonSet's init container).
+    InstallCni(bulkhead::install::InstallArgs),
 }
 
 fn main() {
@@ -27,6 +29,7 @@ fn main() {
     let result: anyhow::Result<i32> = match cli.command {
         Command::Agent(args) => bulkhead::agent::run(args).map(|()| 0).map_err(Into::into),
         Command::Lab(args) => bulkhead::lab::run(args).map_err(Into::into),
+        Command::InstallCni(args) => bulkhead::install::run(args).map(|()| 0).map_err(Into::into),
     };
     let code = result.unwrap_or_else(|e| {
         // `{:#}` prints the cause chain on one line.
