@@ -153,7 +153,10 @@ pub fn render_conflist(mut conflist: Value, pod_cidr: Option<Ipv4Network>) -> Re
         .get_mut("plugins")
         .and_then(Value::as_array_mut)
         .ok_or_else(|| bad("plugins is missing or not a list"))?;
-    if plugins.iter().any(|p| p.get("type").and_then(Value::as_str).is_none_or(str::is_empty)) {
+    if plugins
+        .iter()
+        .any(|p| p.get("type").and_then(Value::as_str).is_none_or(str::is_empty))
+    {
         return Err(bad("every plugin needs a non-empty \"type\""));
     }
     let first = plugins
@@ -213,7 +216,8 @@ pub fn write_atomic(dir: &Path, name: &str, bytes: &[u8], mode: u32) -> Result<O
             .map_err(io("create", &tmp))?;
         file.write_all(bytes).map_err(io("write", &tmp))?;
         // The umask may have narrowed the mode given to open.
-        file.set_permissions(std::fs::Permissions::from_mode(mode)).map_err(io("chmod", &tmp))?;
+        file.set_permissions(std::fs::Permissions::from_mode(mode))
+            .map_err(io("chmod", &tmp))?;
         file.sync_all().map_err(io("fsync", &tmp))?;
         std::fs::rename(&tmp, &dest).map_err(io("rename into place", &dest))
     })();
@@ -349,6 +353,9 @@ mod tests {
     fn template_subnet_is_kept_unless_overridden() {
         let t = json!({"cniVersion": "1.1.0", "name": "n", "plugins": [{"type": "bulkhead-cni", "subnet": "10.9.0.0/24"}]});
         assert_eq!(render_conflist(t.clone(), None).unwrap()["plugins"][0]["subnet"], "10.9.0.0/24");
-        assert_eq!(render_conflist(t, cidr("10.8.0.0/24")).unwrap()["plugins"][0]["subnet"], "10.8.0.0/24");
+        assert_eq!(
+            render_conflist(t, cidr("10.8.0.0/24")).unwrap()["plugins"][0]["subnet"],
+            "10.8.0.0/24"
+        );
     }
 }

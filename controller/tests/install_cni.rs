@@ -1,5 +1,6 @@
 //! `bulkhead install-cni` end to end, into a temporary directory (never the host's
 //! /opt/cni or /etc/cni).
+#![expect(clippy::unwrap_used, reason = "tests and their helpers assert by panicking (STYLE 14)")]
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
@@ -50,11 +51,7 @@ fn install(dir: &Path, cni_bin: &Path, extra: &[&str]) -> Output {
 }
 
 fn assert_ok(out: &Output) {
-    assert!(
-        out.status.success(),
-        "install-cni failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "install-cni failed: {}", String::from_utf8_lossy(&out.stderr));
 }
 
 fn mode(p: &Path) -> u32 {
@@ -158,12 +155,20 @@ fn failures_are_clear_and_leave_nothing_behind() {
     // A missing plugin binary names its path.
     let out = install(&tmp.0, &tmp.0.join("nope"), &["--pod-cidr", "10.1.0.0/24"]);
     assert!(!out.status.success());
-    assert!(stderr(&out).contains("read plugin binary") && stderr(&out).contains("nope"), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("read plugin binary") && stderr(&out).contains("nope"),
+        "{}",
+        stderr(&out)
+    );
 
     // A template whose first plugin is not ours.
     let template = tmp.0.join("bad.conflist");
     std::fs::write(&template, r#"{"cniVersion":"1.0.0","name":"x","plugins":[{"type":"bridge"}]}"#).unwrap();
-    let out = install(&tmp.0, &src, &["--pod-cidr", "10.1.0.0/24", "--conflist-template", template.to_str().unwrap()]);
+    let out = install(
+        &tmp.0,
+        &src,
+        &["--pod-cidr", "10.1.0.0/24", "--conflist-template", template.to_str().unwrap()],
+    );
     assert!(!out.status.success());
     assert!(stderr(&out).contains("first plugin must be bulkhead-cni"), "{}", stderr(&out));
 

@@ -6,6 +6,7 @@
 //!
 //! Needs `kubernetes-validate` and `kubectl` (scripts/setup.sh installs or checks them) and
 //! `cargo build` at the workspace root.
+#![expect(clippy::unwrap_used, reason = "tests and their helpers assert by panicking (STYLE 14)")]
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
@@ -31,9 +32,10 @@ fn manifests_dir() -> PathBuf {
 
 /// Runs a tool; a missing tool fails the test with what to do.
 fn tool(program: &str, args: &[&str]) -> Output {
-    Command::new(program).args(args).output().unwrap_or_else(|e| {
-        panic!("cannot run {program} ({e}): run `bash scripts/setup.sh` as root, which installs or checks it")
-    })
+    Command::new(program)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {program} ({e}): run `bash scripts/setup.sh` as root, which installs or checks it"))
 }
 
 /// Every manifest kubernetes-validate should check: all `*.yaml` but the kustomization,
@@ -46,7 +48,11 @@ fn manifest_files() -> Vec<PathBuf> {
         .filter(|p| p.file_name().is_some_and(|n| n != "kustomization.yaml"))
         .collect();
     files.sort();
-    assert!(files.len() >= 6, "expected the manifests in {}, found {files:?}", manifests_dir().display());
+    assert!(
+        files.len() >= 6,
+        "expected the manifests in {}, found {files:?}",
+        manifests_dir().display()
+    );
     files
 }
 
@@ -65,7 +71,11 @@ fn validate(files: &[PathBuf]) -> Output {
 fn render() -> String {
     let dir = manifests_dir();
     let out = tool("kubectl", &["kustomize", dir.to_str().unwrap()]);
-    assert!(out.status.success(), "kubectl kustomize failed: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "kubectl kustomize failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     String::from_utf8(out.stdout).unwrap()
 }
 
@@ -128,7 +138,11 @@ fn every_manifest_validates_against_the_kubernetes_schema() {
     let rendered = tmp.0.join("rendered.yaml");
     std::fs::write(&rendered, render()).unwrap();
     let out = validate(&[rendered]);
-    assert!(out.status.success(), "the rendered kustomization does not validate:\n{}", String::from_utf8_lossy(&out.stdout));
+    assert!(
+        out.status.success(),
+        "the rendered kustomization does not validate:\n{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
 }
 
 #[test]
@@ -150,7 +164,14 @@ fn kustomization_renders_the_expected_objects() {
     let kinds: Vec<&str> = objects.iter().map(kind).collect();
     assert_eq!(
         kinds,
-        ["Namespace", "ServiceAccount", "ClusterRole", "ClusterRoleBinding", "ConfigMap", "DaemonSet"],
+        [
+            "Namespace",
+            "ServiceAccount",
+            "ClusterRole",
+            "ClusterRoleBinding",
+            "ConfigMap",
+            "DaemonSet"
+        ],
         "rendered kinds"
     );
     for o in &objects {
@@ -158,15 +179,26 @@ fn kustomization_renders_the_expected_objects() {
         if namespaced {
             assert_eq!(o["metadata"]["namespace"].as_str(), Some("bulkhead-system"), "{}", kind(o));
         }
-        assert_eq!(o["metadata"]["labels"]["app.kubernetes.io/part-of"].as_str(), Some("bulkhead"), "{}", kind(o));
+        assert_eq!(
+            o["metadata"]["labels"]["app.kubernetes.io/part-of"].as_str(),
+            Some("bulkhead"),
+            "{}",
+            kind(o)
+        );
     }
     let binding = rendered_object(&objects, "ClusterRoleBinding");
     assert_eq!(binding["subjects"][0]["namespace"].as_str(), Some("bulkhead-system"));
-    assert_eq!(binding["subjects"][0]["name"], rendered_object(&objects, "ServiceAccount")["metadata"]["name"]);
+    assert_eq!(
+        binding["subjects"][0]["name"],
+        rendered_object(&objects, "ServiceAccount")["metadata"]["name"]
+    );
     let ds = rendered_object(&objects, "DaemonSet");
     let spec = &ds["spec"]["template"]["spec"];
     let image = spec["containers"][0]["image"].as_str().unwrap();
-    assert!(image.starts_with("ghcr.io/") && image.contains(':'), "image not set by kustomize: {image}");
+    assert!(
+        image.starts_with("ghcr.io/") && image.contains(':'),
+        "image not set by kustomize: {image}"
+    );
     assert_eq!(spec["initContainers"][0]["image"].as_str(), Some(image));
     assert_eq!(spec["serviceAccountName"], binding["subjects"][0]["name"]);
 }
@@ -178,7 +210,11 @@ fn rbac_is_read_only_on_exactly_the_watched_resources() {
     let mut granted = BTreeSet::new();
     for rule in role["rules"].as_sequence().unwrap() {
         let verbs = strings(&rule["verbs"]);
-        assert_eq!(verbs, BTreeSet::from(["get".into(), "list".into(), "watch".into()]), "verbs of {rule:?}");
+        assert_eq!(
+            verbs,
+            BTreeSet::from(["get".into(), "list".into(), "watch".into()]),
+            "verbs of {rule:?}"
+        );
         assert!(rule.get("nonResourceURLs").is_none() && rule.get("resourceNames").is_none());
         for group in strings(&rule["apiGroups"]) {
             for resource in strings(&rule["resources"]) {
@@ -193,7 +229,10 @@ fn rbac_is_read_only_on_exactly_the_watched_resources() {
         .collect();
     assert_eq!(granted, expected);
     // No other RBAC object grants anything.
-    let rbac_kinds = objects.iter().filter(|o| kind(o).starts_with("Role") || kind(o).starts_with("ClusterRole")).count();
+    let rbac_kinds = objects
+        .iter()
+        .filter(|o| kind(o).starts_with("Role") || kind(o).starts_with("ClusterRole"))
+        .count();
     assert_eq!(rbac_kinds, 2, "one ClusterRole and its binding");
 }
 
@@ -205,11 +244,16 @@ fn daemonset_is_unprivileged_with_the_documented_capabilities() {
     let spec = &template["spec"];
     assert_eq!(spec["hostNetwork"].as_bool(), Some(true));
     assert_eq!(spec["dnsPolicy"].as_str(), Some("ClusterFirstWithHostNet"));
-    assert!(spec.get("hostPID").is_none() && spec.get("hostIPC").is_none(), "no host PID/IPC namespace");
+    assert!(
+        spec.get("hostPID").is_none() && spec.get("hostIPC").is_none(),
+        "no host PID/IPC namespace"
+    );
     assert_eq!(spec["priorityClassName"].as_str(), Some("system-node-critical"));
     let tolerations = spec["tolerations"].as_sequence().unwrap();
     assert!(
-        tolerations.iter().any(|t| t["operator"].as_str() == Some("Exists") && t.get("key").is_none() && t.get("effect").is_none()),
+        tolerations
+            .iter()
+            .any(|t| t["operator"].as_str() == Some("Exists") && t.get("key").is_none() && t.get("effect").is_none()),
         "a toleration for every taint: {tolerations:?}"
     );
     let strategy = &ds["spec"]["updateStrategy"];
@@ -228,7 +272,12 @@ fn daemonset_is_unprivileged_with_the_documented_capabilities() {
         .collect();
     for c in &all {
         let sc = &c["securityContext"];
-        assert_ne!(sc["privileged"].as_bool(), Some(true), "{} is privileged", c["name"].as_str().unwrap());
+        assert_ne!(
+            sc["privileged"].as_bool(),
+            Some(true),
+            "{} is privileged",
+            c["name"].as_str().unwrap()
+        );
         assert_eq!(sc["allowPrivilegeEscalation"].as_bool(), Some(false));
         assert_eq!(strings(&sc["capabilities"]["drop"]), BTreeSet::from(["ALL".to_string()]));
         for m in c["volumeMounts"].as_sequence().unwrap() {
@@ -240,9 +289,17 @@ fn daemonset_is_unprivileged_with_the_documented_capabilities() {
     let init = all[0];
     let command = strings(&init["command"]);
     assert!(command.contains("install-cni"), "{command:?}");
-    let mounts: BTreeSet<String> = init["volumeMounts"].as_sequence().unwrap().iter().map(|m| m["name"].as_str().unwrap().into()).collect();
+    let mounts: BTreeSet<String> = init["volumeMounts"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .map(|m| m["name"].as_str().unwrap().into())
+        .collect();
     assert!(mounts.contains("cni-bin-dir") && mounts.contains("cni-conf-dir"));
-    assert!(init["securityContext"]["capabilities"].get("add").is_none(), "install-cni needs no capability");
+    assert!(
+        init["securityContext"]["capabilities"].get("add").is_none(),
+        "install-cni needs no capability"
+    );
 
     let agent = all[1];
     assert_eq!(agent["command"][1].as_str(), Some("agent"));
@@ -258,13 +315,20 @@ fn daemonset_is_unprivileged_with_the_documented_capabilities() {
     assert_eq!(agent["resources"]["requests"]["cpu"].as_str(), Some("100m"));
     assert_eq!(agent["resources"]["requests"]["memory"].as_str(), Some("128Mi"));
     assert_eq!(agent["resources"]["limits"]["memory"].as_str(), Some("512Mi"));
-    let bpffs = agent["volumeMounts"].as_sequence().unwrap().iter().find(|m| m["mountPath"].as_str() == Some("/sys/fs/bpf"));
+    let bpffs = agent["volumeMounts"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .find(|m| m["mountPath"].as_str() == Some("/sys/fs/bpf"));
     assert!(bpffs.is_some(), "pinned maps must live on the host's bpffs to outlive the pod");
 
     // The README documents every capability the agent asks for.
     let readme = std::fs::read_to_string(root().join("README.md")).unwrap();
     for cap in AGENT_CAPABILITIES {
-        assert!(readme.contains(&format!("| `CAP_{cap}` |")), "README's permissions table lacks CAP_{cap}");
+        assert!(
+            readme.contains(&format!("| `CAP_{cap}` |")),
+            "README's permissions table lacks CAP_{cap}"
+        );
     }
 }
 
