@@ -50,4 +50,37 @@ if ! command -v bpf-linker >/dev/null 2>&1 && [ ! -x "$HOME/.cargo/bin/bpf-linke
   log "building bpf-linker against LLVM 22 (about a minute)"
   LLVM_PREFIX=/usr/lib/llvm-22 cargo install bpf-linker --locked --no-default-features --features llvm-22
 fi
+# The manifest tests (tests/tests/manifests.rs): the Kubernetes schema validator, pinned, in
+# its own venv so it neither needs nor disturbs the system Python's packages.
+KV_VERSION=1.37.0
+KV_VENV=/opt/bulkhead-tools/venv
+if [ "$(kubernetes-validate --version 2>/dev/null)" != "$KV_VERSION" ]; then
+  log "installing kubernetes-validate $KV_VERSION into $KV_VENV"
+  if ! python3 -m venv --clear "$KV_VENV" >/dev/null 2>&1; then
+    apt-get update -qq
+    apt-get install -y -qq --no-install-recommends python3 python3-venv >/dev/null
+    python3 -m venv --clear "$KV_VENV"
+  fi
+  "$KV_VENV/bin/pip" install -q --disable-pip-version-check "kubernetes-validate==$KV_VERSION"
+  ln -sf "$KV_VENV/bin/kubernetes-validate" /usr/local/bin/kubernetes-validate
+  hash -r
+  [ "$(kubernetes-validate --version 2>/dev/null)" = "$KV_VERSION" ] || {
+    echo "[setup] kubernetes-validate on PATH ($(command -v kubernetes-validate)) is not $KV_VERSION; put /usr/local/bin first in PATH" >&2
+    exit 1
+  }
+fi
+# `kubectl kustomize` renders manifests/ in the same tests.
+if ! command -v kubectl >/dev/null 2>&1; then
+  if apt-cache show google-cloud-cli-kubectl >/dev/null 2>&1; then
+    log "installing kubectl (google-cloud-cli-kubectl)"
+    apt-get install -y -qq --no-install-recommends google-cloud-cli-kubectl >/dev/null
+  else
+    cat >&2 <<TXT
+[setup] kubectl is missing (the manifest tests run \`kubectl kustomize\`). Install it, e.g.
+[setup]   the apt package google-cloud-cli-kubectl from the Google Cloud SDK repository, or
+[setup]   https://kubernetes.io/docs/tasks/tools/install-kubectl-linux/ (any kubectl >= 1.27).
+TXT
+    exit 1
+  fi
+fi
 log "ready"

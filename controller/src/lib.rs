@@ -4,6 +4,7 @@ pub mod agent;
 pub mod datapath;
 pub mod flows;
 pub mod identity;
+pub mod install;
 pub mod lab;
 pub mod maps;
 pub mod model;

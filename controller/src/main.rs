@@ -18,6 +18,8 @@ enum Command {
     Lab(bulkhead::lab::LabArgs),
     /// Show flow records: what the datapath forwarded and dropped, and which policy decided.
     Observe(bulkhead::observe::ObserveArgs),
+    /// Install the bulkhead-cni binary and its conflist on this node (the DaemonSet's init container).
+    InstallCni(bulkhead::install::InstallArgs),
 }
 
 fn main() {
@@ -30,6 +32,7 @@ fn main() {
         Command::Agent(args) => bulkhead::agent::run(args).map(|()| 0).map_err(Into::into),
         Command::Lab(args) => bulkhead::lab::run(args).map_err(Into::into),
         Command::Observe(args) => bulkhead::observe::run(args).map_err(Into::into),
+        Command::InstallCni(args) => bulkhead::install::run(args).map(|()| 0).map_err(Into::into),
     };
     let code = result.unwrap_or_else(|e| {
         // `{:#}` prints the cause chain on one line.
