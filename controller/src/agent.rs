@@ -15,6 +15,7 @@ use tokio::sync::Mutex;
 
 use crate::datapath::{Datapath, DatapathError};
 use crate::maps::{self, MapsError};
+use crate::metrics::{self, ErrorKind, Metrics, MetricsError, PinnedStats};
 use crate::model::Cluster;
 use crate::policy::{Compiler, DatapathState, LocalEndpoint};
 use crate::source::{EmptySource, FileSource, Source, SourceError};
@@ -46,6 +47,12 @@ pub struct AgentArgs {
     /// This node's pod CIDR (informational; the CNI plugin allocates from it).
     #[arg(long)]
     pub pod_cidr: Option<ipnetwork::Ipv4Network>,
+    /// Address to serve `/metrics` and `/healthz` on; `none` disables.
+    #[arg(long, default_value = metrics::DEFAULT_ADDRESS)]
+    pub metrics_address: String,
+    /// Serve metrics on this inherited listening socket instead (overrides the address).
+    #[arg(long)]
+    pub metrics_fd: Option<i32>,
 }
 
 /// Why the agent failed.
@@ -60,6 +67,9 @@ pub enum AgentError {
     /// The model source failed.
     #[error(transparent)]
     Source(#[from] SourceError),
+    /// Metrics could not be set up.
+    #[error(transparent)]
+    Metrics(#[from] MetricsError),
     /// File or socket I/O failed.
     #[error("{op} {path}")]
     Io {
@@ -71,6 +81,18 @@ pub enum AgentError {
         #[source]
         source: std::io::Error,
     },
+}
+
+impl AgentError {
+    /// The `kind` label this error counts under in `bulkhead_errors_total`.
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            AgentError::Datapath(_) | AgentError::Metrics(_) => ErrorKind::Datapath,
+            AgentError::Maps(_) => ErrorKind::Maps,
+            AgentError::Source(_) => ErrorKind::Source,
+            AgentError::Io { .. } => ErrorKind::Io,
+        }
+    }
 }
 
 impl From<DatapathError> for AgentError {
@@ -98,6 +120,7 @@ struct Agent {
     datapath: Datapath,
     generation: u64,
     registry: PathBuf,
+    metrics: Arc<Metrics>,
 }
 
 fn parse_mac(text: &str) -> Option<[u8; 6]> {
@@ -126,14 +149,24 @@ impl Agent {
             .collect()
     }
 
-    /// Recompiles and writes the difference into the maps.
-    fn reprogram(&mut self) -> Result<(), AgentError> {
+    /// Recompiles and writes the difference into the maps; `seen` is when the agent learnt
+    /// of the change, for the implementation delay histogram.
+    fn reprogram(&mut self, seen: Option<Instant>) -> Result<(), AgentError> {
         let started = Instant::now();
         let new = self.compiler.compile(&self.cluster, &self.locals());
         match maps::sync(&mut self.datapath.maps, &self.applied, &new) {
             Ok(stats) => {
                 self.applied = new;
                 self.generation += 1;
+                self.metrics.set_state(
+                    self.endpoints.len(),
+                    self.compiler.identities().len(),
+                    self.cluster.policies().len(),
+                    &self.applied,
+                );
+                if let Some(seen) = seen {
+                    self.metrics.observe_implementation_delay(seen.elapsed());
+                }
                 tracing::debug!(upserts = stats.upserts, removals = stats.removals, elapsed = ?started.elapsed(), "maps programmed");
                 Ok(())
             }
@@ -153,9 +186,10 @@ impl Agent {
     /// Re-reads the source; on a change, reprograms.
     fn refresh(&mut self, force: bool) -> Result<(), AgentError> {
         if let Some(cluster) = self.source.poll(force)? {
+            let seen = Instant::now();
             if cluster != self.cluster {
                 self.cluster = cluster;
-                self.reprogram()?;
+                self.reprogram(Some(seen))?;
             }
         }
         Ok(())
@@ -175,6 +209,7 @@ impl Agent {
     }
 
     fn add_endpoint(&mut self, spec: EndpointSpec) -> Response {
+        let seen = Instant::now();
         if parse_mac(&spec.mac).is_none() {
             return Response::Error {
                 code: CODE_AGENT_FAILED,
@@ -188,24 +223,29 @@ impl Agent {
         };
         // Programs first: with no endpoint entry yet they drop everything (fail closed).
         if let Err(e) = self.datapath.attach(&spec.host_ifname) {
+            self.metrics.error(ErrorKind::Datapath);
             return Response::Error {
                 code: CODE_AGENT_FAILED,
                 message: error_chain(&e),
             };
         }
         let previous = self.endpoints.insert(key.clone(), EndpointRecord { endpoint_id, spec });
-        if let Err(e) = self.reprogram() {
+        if let Err(e) = self.reprogram(Some(seen)) {
+            self.metrics.error(e.kind());
             match previous {
                 Some(p) => self.endpoints.insert(key, p),
                 None => self.endpoints.remove(&key),
             };
-            let _ = self.reprogram();
+            if let Err(e) = self.reprogram(None) {
+                self.metrics.error(e.kind());
+            }
             return Response::Error {
                 code: CODE_AGENT_FAILED,
                 message: error_chain(&e),
             };
         }
         if let Err(e) = self.save_registry() {
+            self.metrics.error(e.kind());
             tracing::warn!(error = %error_chain(&e), "cannot persist endpoint registry");
         }
         Response::Ok
@@ -215,13 +255,16 @@ impl Agent {
         if self.endpoints.remove(&(r.container_id.clone(), r.ifname.clone())).is_none() {
             return Response::Ok;
         }
-        let result = self.reprogram().and_then(|()| self.save_registry());
+        let result = self.reprogram(Some(Instant::now())).and_then(|()| self.save_registry());
         match result {
             Ok(()) => Response::Ok,
-            Err(e) => Response::Error {
-                code: CODE_AGENT_FAILED,
-                message: error_chain(&e),
-            },
+            Err(e) => {
+                self.metrics.error(e.kind());
+                Response::Error {
+                    code: CODE_AGENT_FAILED,
+                    message: error_chain(&e),
+                }
+            }
         }
     }
 
@@ -264,7 +307,21 @@ pub fn error_chain(e: &dyn std::error::Error) -> String {
     s
 }
 
-async fn handle(agent: &Mutex<Agent>, request: Request) -> Response {
+/// Serves one request and counts it in `bulkhead_cni_requests_total`.
+async fn handle(agent: &Mutex<Agent>, metrics: &Metrics, request: Request) -> Response {
+    let verb = match &request {
+        Request::AddEndpoint(_) => "add",
+        Request::DelEndpoint(_) => "del",
+        Request::CheckEndpoint(_) => "check",
+        Request::Reload => "reload",
+        Request::Status => "status",
+    };
+    let response = dispatch(agent, request).await;
+    metrics.cni_request(verb, !matches!(response, Response::Error { .. }));
+    response
+}
+
+async fn dispatch(agent: &Mutex<Agent>, request: Request) -> Response {
     match request {
         Request::AddEndpoint(spec) => {
             let deadline = Instant::now() + POD_WAIT;
@@ -274,6 +331,7 @@ async fn handle(agent: &Mutex<Agent>, request: Request) -> Response {
                     // The pod may have been written after the last poll: re-read before waiting.
                     if a.cluster.pod(&spec.pod_namespace, &spec.pod_name).is_none() {
                         if let Err(e) = a.refresh(true) {
+                            a.metrics.error(e.kind());
                             tracing::warn!(error = %error_chain(&e), "reloading the model");
                         }
                     }
@@ -292,23 +350,29 @@ async fn handle(agent: &Mutex<Agent>, request: Request) -> Response {
         }
         Request::DelEndpoint(r) => agent.lock().await.del_endpoint(&r),
         Request::CheckEndpoint(r) => agent.lock().await.check_endpoint(&r),
-        Request::Reload => match agent.lock().await.refresh(true) {
-            Ok(()) => Response::Ok,
-            Err(e) => Response::Error {
-                code: CODE_AGENT_FAILED,
-                message: error_chain(&e),
-            },
-        },
+        Request::Reload => {
+            let mut a = agent.lock().await;
+            match a.refresh(true) {
+                Ok(()) => Response::Ok,
+                Err(e) => {
+                    a.metrics.error(e.kind());
+                    Response::Error {
+                        code: CODE_AGENT_FAILED,
+                        message: error_chain(&e),
+                    }
+                }
+            }
+        }
         Request::Status => Response::Status(agent.lock().await.status()),
     }
 }
 
-async fn serve_connection(agent: Arc<Mutex<Agent>>, stream: UnixStream) {
+async fn serve_connection(agent: Arc<Mutex<Agent>>, metrics: Arc<Metrics>, stream: UnixStream) {
     let (read, mut write) = stream.into_split();
     let mut line = String::new();
     let response = match BufReader::new(read).read_line(&mut line).await {
         Ok(_) => match serde_json::from_str::<Request>(&line) {
-            Ok(request) => handle(&agent, request).await,
+            Ok(request) => handle(&agent, &metrics, request).await,
             Err(e) => Response::Error {
                 code: 6,
                 message: format!("malformed request: {e}"),
@@ -348,6 +412,10 @@ pub fn run(args: AgentArgs) -> Result<(), AgentError> {
     };
     std::fs::create_dir_all(&args.state_dir).map_err(io("create", &args.state_dir))?;
     let datapath = Datapath::load(&args.bpffs)?;
+    let metrics = Arc::new(Metrics::new()?);
+    metrics.set_datapath(Box::new(PinnedStats::open(datapath.pin_dir())?));
+    // Validate the flags before the maps change, so a typo fails at once.
+    let listen = metrics::Listen::from_flags(&args.metrics_address, args.metrics_fd)?;
     // Reconcile against what the pinned maps really hold (an earlier agent's entries).
     let applied = datapath.maps.read_state()?;
     let source: Box<dyn Source> = match &args.manifests {
@@ -365,9 +433,11 @@ pub fn run(args: AgentArgs) -> Result<(), AgentError> {
         datapath,
         generation: 0,
         registry,
+        metrics: metrics.clone(),
     };
     agent.refresh(true)?;
-    agent.reprogram()?;
+    agent.reprogram(None)?;
+    metrics.set_ready();
     tracing::info!(node = %args.node_name, endpoints = agent.endpoints.len(), pod_cidr = ?args.pod_cidr, "datapath programmed");
 
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -380,13 +450,23 @@ pub fn run(args: AgentArgs) -> Result<(), AgentError> {
         let _ = std::fs::remove_file(&socket);
         let listener = UnixListener::bind(&socket).map_err(io("bind", &socket))?;
         std::fs::set_permissions(&socket, std::fs::Permissions::from_mode(0o600)).map_err(io("chmod", &socket))?;
+        let metrics_server = match listen.bind()? {
+            Some(listener) => {
+                let addr = listener.local_addr().map(|a| a.to_string()).unwrap_or_default();
+                tracing::info!(address = %addr, "serving metrics");
+                Some(tokio::spawn(metrics::serve(metrics.clone(), listener)))
+            }
+            None => None,
+        };
         let agent = Arc::new(Mutex::new(agent));
         let poller = {
             let agent = agent.clone();
             tokio::spawn(async move {
                 loop {
                     tokio::time::sleep(POLL_INTERVAL).await;
-                    if let Err(e) = agent.lock().await.refresh(false) {
+                    let mut a = agent.lock().await;
+                    if let Err(e) = a.refresh(false) {
+                        a.metrics.error(e.kind());
                         tracing::warn!(error = %error_chain(&e), "model source");
                     }
                 }
@@ -397,7 +477,7 @@ pub fn run(args: AgentArgs) -> Result<(), AgentError> {
         loop {
             tokio::select! {
                 accepted = listener.accept() => match accepted {
-                    Ok((stream, _)) => { tokio::spawn(serve_connection(agent.clone(), stream)); }
+                    Ok((stream, _)) => { tokio::spawn(serve_connection(agent.clone(), metrics.clone(), stream)); }
                     Err(e) => tracing::warn!(error = %e, "accept"),
                 },
                 _ = term.recv() => break,
@@ -405,6 +485,9 @@ pub fn run(args: AgentArgs) -> Result<(), AgentError> {
             }
         }
         poller.abort();
+        if let Some(server) = metrics_server {
+            server.abort();
+        }
         let _ = std::fs::remove_file(&socket);
         tracing::info!("agent stopped; pinned maps and attached programs keep enforcing");
         Ok(())

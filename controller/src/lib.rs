@@ -5,6 +5,7 @@ pub mod datapath;
 pub mod identity;
 pub mod lab;
 pub mod maps;
+pub mod metrics;
 pub mod model;
 pub mod netlink;
 pub mod policy;
