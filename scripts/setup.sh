@@ -8,7 +8,8 @@ log() { printf '[setup] %s\n' "$*" >&2; }
 [ "$(id -u)" = 0 ] || { echo "setup.sh must run as root" >&2; exit 1; }
 
 export DEBIAN_FRONTEND=noninteractive
-PKGS="llvm-22-dev libpolly-22-dev libzstd-dev iproute2 bpftool iptables tcpdump clang"
+# prometheus: the real server (and promtool) the metrics tests run against.
+PKGS="llvm-22-dev libpolly-22-dev libzstd-dev iproute2 bpftool iptables tcpdump clang prometheus"
 missing=""
 for p in $PKGS; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing="$missing $p"

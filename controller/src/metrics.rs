@@ -217,7 +217,11 @@ impl DatapathCollector {
         let labels = &["reason", "direction"][..];
         Ok(DatapathCollector {
             stats: RwLock::new(None),
-            drops: counter_vec("bulkhead_drops_total", "Packets the datapath dropped, by drop reason and direction.", labels)?,
+            drops: counter_vec(
+                "bulkhead_drops_total",
+                "Packets the datapath dropped, by drop reason and direction.",
+                labels,
+            )?,
             dropped_bytes: counter_vec(
                 "bulkhead_dropped_bytes_total",
                 "Bytes (whole frames) the datapath dropped, by drop reason and direction.",
@@ -387,16 +391,16 @@ impl Metrics {
             registry,
             ready: AtomicBool::new(false),
         };
-        let reg = |c: Box<dyn Collector>, name: &'static str| {
-            m.registry
-                .register(c)
-                .map_err(|source| MetricsError::Register { name, source })
-        };
+        let reg =
+            |c: Box<dyn Collector>, name: &'static str| m.registry.register(c).map_err(|source| MetricsError::Register { name, source });
         reg(Box::new(Shared(m.datapath.clone())), "bulkhead_drops_total")?;
         reg(Box::new(m.flows.clone()), "bulkhead_flows_processed_total")?;
         reg(Box::new(m.policy_verdicts.clone()), "bulkhead_policy_verdicts_total")?;
         reg(Box::new(m.flow_events_lost.clone()), "bulkhead_flow_events_lost_total")?;
-        reg(Box::new(m.implementation_delay.clone()), "bulkhead_policy_implementation_delay_seconds")?;
+        reg(
+            Box::new(m.implementation_delay.clone()),
+            "bulkhead_policy_implementation_delay_seconds",
+        )?;
         reg(Box::new(m.endpoints.clone()), "bulkhead_endpoints")?;
         reg(Box::new(m.identities.clone()), "bulkhead_identities")?;
         reg(Box::new(m.policies.clone()), "bulkhead_policies")?;
@@ -578,15 +582,7 @@ fn inherit_listener(fd: i32) -> Result<std::net::TcpListener, MetricsError> {
     let mut len = libc::socklen_t::try_from(std::mem::size_of::<libc::c_int>()).unwrap_or(4);
     // SAFETY: getsockopt writes at most `len` bytes into `listening`; on a number that is
     // not an open socket it fails with EBADF or ENOTSOCK and touches nothing.
-    let rc = unsafe {
-        libc::getsockopt(
-            fd,
-            libc::SOL_SOCKET,
-            libc::SO_ACCEPTCONN,
-            (&raw mut listening).cast(),
-            &raw mut len,
-        )
-    };
+    let rc = unsafe { libc::getsockopt(fd, libc::SOL_SOCKET, libc::SO_ACCEPTCONN, (&raw mut listening).cast(), &raw mut len) };
     if rc != 0 {
         return Err(err("check", std::io::Error::last_os_error()));
     }
@@ -721,10 +717,7 @@ mod tests {
         // Known labels keep counting under their own name once the cap is reached.
         m.record_flow("forwarded", "ingress", Some("ns/p0"));
         let text = m.encode().unwrap();
-        let series = text
-            .lines()
-            .filter(|l| l.starts_with("bulkhead_policy_verdicts_total{"))
-            .count();
+        let series = text.lines().filter(|l| l.starts_with("bulkhead_policy_verdicts_total{")).count();
         assert_eq!(series, MAX_POLICY_LABELS + 1);
         assert!(text.contains("policy=\"other\",verdict=\"forwarded\"} 50"), "{text}");
         assert!(text.contains("policy=\"ns/p0\",verdict=\"forwarded\"} 2"), "{text}");
@@ -758,6 +751,43 @@ mod tests {
             String::from_utf8_lossy(&out.stdout),
             String::from_utf8_lossy(&out.stderr)
         );
+    }
+
+    /// Metric names a text mentions (`bulkhead_...`), histogram suffixes stripped.
+    fn mentioned(text: &str) -> std::collections::BTreeSet<String> {
+        let mut out = std::collections::BTreeSet::new();
+        let mut rest = text;
+        while let Some(i) = rest.find("bulkhead_") {
+            let tail = &rest[i..];
+            let end = tail.find(|c: char| !(c.is_ascii_lowercase() || c == '_')).unwrap_or(tail.len());
+            let name = &tail[..end];
+            let name = ["_bucket", "_sum", "_count"]
+                .iter()
+                .find_map(|s| name.strip_suffix(s))
+                .unwrap_or(name);
+            out.insert(name.to_string());
+            rest = &tail[end..];
+        }
+        out
+    }
+
+    #[test]
+    fn dashboard_and_readme_name_only_exported_metrics() {
+        let exported: std::collections::BTreeSet<String> = sample()
+            .encode()
+            .unwrap()
+            .lines()
+            .filter_map(|l| l.strip_prefix("# TYPE "))
+            .filter_map(|l| l.split_whitespace().next())
+            .map(str::to_string)
+            .collect();
+        let dashboard = include_str!("../../manifests/grafana-dashboard.json");
+        let _: serde_json::Value = serde_json::from_str(dashboard).unwrap();
+        let unknown: Vec<_> = mentioned(dashboard).difference(&exported).cloned().collect();
+        assert!(unknown.is_empty(), "dashboard uses unknown metrics {unknown:?}");
+        let readme = include_str!("../../README.md");
+        let table: String = readme.lines().filter(|l| l.starts_with("| `bulkhead_")).collect();
+        assert_eq!(mentioned(&table), exported, "README metrics table vs the exposition");
     }
 
     #[test]

@@ -76,11 +76,7 @@ impl Prometheus {
             .collect();
         let mut stream = TcpStream::connect((Ipv4Addr::LOCALHOST, self.port)).ok()?;
         stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-        write!(
-            stream,
-            "GET /api/v1/query?query={encoded} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n"
-        )
-        .ok()?;
+        write!(stream, "GET /api/v1/query?query={encoded} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").ok()?;
         let mut response = String::new();
         stream.read_to_string(&mut response).ok()?;
         let body = response.split_once("\r\n\r\n")?.1;
@@ -186,8 +182,8 @@ fn settled(prom: &Prometheus, span: Duration, timeout: Duration) -> Totals {
     loop {
         std::thread::sleep(span);
         let now = totals(prom);
-        if now.is_some() && now == last {
-            return now.expect("checked");
+        if let Some(t) = now.as_ref().filter(|t| Some(*t) == last.as_ref()) {
+            return t.clone();
         }
         assert!(Instant::now() < deadline, "counters never settled: {last:?} then {now:?}");
         last = now;
@@ -218,7 +214,11 @@ fn pin_neighbours(netns: &str) {
         .args(["-n", netns, "-4", "-j", "neigh", "show"])
         .output()
         .expect("run ip neigh");
-    assert!(out.status.success(), "ip -n {netns} neigh: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "ip -n {netns} neigh: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let entries: serde_json::Value = serde_json::from_slice(&out.stdout).expect("ip neigh json");
     for e in entries.as_array().expect("neigh array") {
         let (Some(dst), Some(dev), Some(mac)) = (e["dst"].as_str(), e["dev"].as_str(), e["lladdr"].as_str()) else {
@@ -280,6 +280,17 @@ fn prometheus_sees_exact_forward_and_drop_counts() {
     prom.wait_for("sum(bulkhead_map_entries{map=\"endpoints\"})", 9.0, timeout);
     prom.wait_for("sum(bulkhead_cni_requests_total{verb=\"add\",result=\"ok\"})", 9.0, timeout);
 
+    // Every dashboard query is valid PromQL to the real server.
+    let dashboard: serde_json::Value =
+        serde_json::from_str(include_str!("../../manifests/grafana-dashboard.json")).expect("dashboard json");
+    for panel in dashboard["panels"].as_array().expect("panels") {
+        for target in panel["targets"].as_array().expect("targets") {
+            let expr = target["expr"].as_str().expect("expr");
+            let promql = expr.replace("$instance", ".*").replace("$__rate_interval", "1m");
+            assert!(prom.query(&promql).is_some(), "dashboard query {promql:?} fails:\n{}", prom.log());
+        }
+    }
+
     // Warm up: every pair talks once, so every neighbour entry the measured traffic needs
     // is resolved; then pin them all, pods and nodes alike.
     lab.ok(&["probe", "--port", "80", "--protocol", "UDP"]);
@@ -298,8 +309,16 @@ fn prometheus_sees_exact_forward_and_drop_counts() {
     // y/b may reach x/a (pod=b from any namespace); x/b takes nothing (default deny).
     let x_a: Ipv4Addr = pod_field(&state, "x/a", "ip").parse().expect("x/a ip");
     let x_b: Ipv4Addr = pod_field(&state, "x/b", "ip").parse().expect("x/b ip");
-    assert_eq!(send_udp(&pod_field(&state, "y/b", "netns"), x_a, ALLOWED, true), ALLOWED, "echoes y/b -> x/a");
-    assert_eq!(send_udp(&pod_field(&state, "y/c", "netns"), x_b, DENIED, false), 0, "echoes y/c -> x/b");
+    assert_eq!(
+        send_udp(&pod_field(&state, "y/b", "netns"), x_a, ALLOWED, true),
+        ALLOWED,
+        "echoes y/b -> x/a"
+    );
+    assert_eq!(
+        send_udp(&pod_field(&state, "y/c", "netns"), x_b, DENIED, false),
+        0,
+        "echoes y/c -> x/b"
+    );
 
     // Allowed: request out of y/b (egress) and into x/a (ingress), echo out of x/a and
     // into y/b. Denied: out of y/c (egress, not isolated), then dropped into x/b.
