@@ -275,6 +275,31 @@ pub async fn ipv4_addresses(handle: &Handle, index: u32) -> Result<Vec<(Ipv4Addr
     Ok(out)
 }
 
+/// Every IPv4 address of the namespace, loopback excluded.
+pub async fn all_ipv4_addresses(handle: &Handle) -> Result<Vec<Ipv4Addr>, NetlinkError> {
+    let mut stream = handle.address().get().execute();
+    let mut out = Vec::new();
+    while let Some(m) = stream
+        .try_next()
+        .await
+        .map_err(NetlinkError::request("list addresses", "all links"))?
+    {
+        if m.header.family != AddressFamily::Inet {
+            continue;
+        }
+        for attr in &m.attributes {
+            if let netlink_packet_route::address::AddressAttribute::Address(IpAddr::V4(ip)) = attr {
+                if !ip.is_loopback() {
+                    out.push(*ip);
+                }
+            }
+        }
+    }
+    out.sort();
+    out.dedup();
+    Ok(out)
+}
+
 /// Ensures the route `dst/prefix` out of `oif` (through `gateway`, if any) in the main table.
 pub async fn ensure_route(
     handle: &Handle,

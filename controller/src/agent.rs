@@ -2,6 +2,7 @@
 //! endpoints compile to, and serves the endpoint socket for the CNI plugin.
 
 use std::collections::BTreeMap;
+use std::net::Ipv4Addr;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -19,6 +20,7 @@ use crate::metrics::{self, ErrorKind, Metrics, MetricsError, PinnedStats};
 use crate::model::Cluster;
 use crate::policy::{Compiler, DatapathState, LocalEndpoint};
 use crate::source::{EmptySource, FileSource, Source, SourceError};
+use bulkhead_common::IpcacheValue;
 
 /// CNI "try again later".
 const CODE_TRY_AGAIN: u32 = 11;
@@ -121,6 +123,8 @@ struct Agent {
     generation: u64,
     registry: PathBuf,
     metrics: Arc<Metrics>,
+    /// This node's own addresses, given the reserved HOST identity.
+    host_addresses: Vec<Ipv4Addr>,
 }
 
 fn parse_mac(text: &str) -> Option<[u8; 6]> {
@@ -153,7 +157,8 @@ impl Agent {
     /// of the change, for the implementation delay histogram.
     fn reprogram(&mut self, seen: Option<Instant>) -> Result<(), AgentError> {
         let started = Instant::now();
-        let new = self.compiler.compile(&self.cluster, &self.locals());
+        let mut new = self.compiler.compile(&self.cluster, &self.locals());
+        add_host_addresses(&mut new, &self.host_addresses);
         match maps::sync(&mut self.datapath.maps, &self.applied, &new) {
             Ok(stats) => {
                 self.applied = new;
@@ -183,14 +188,24 @@ impl Agent {
         }
     }
 
-    /// Re-reads the source; on a change, reprograms.
+    /// Re-reads the source and this node's addresses; on a change, reprograms.
     fn refresh(&mut self, force: bool) -> Result<(), AgentError> {
+        // When the first change was seen, for the implementation delay.
+        let mut seen = None;
+        let addresses = host_addresses();
+        if addresses != self.host_addresses {
+            tracing::info!(addresses = ?addresses, "node addresses");
+            self.host_addresses = addresses;
+            seen = Some(Instant::now());
+        }
         if let Some(cluster) = self.source.poll(force)? {
-            let seen = Instant::now();
             if cluster != self.cluster {
                 self.cluster = cluster;
-                self.reprogram(Some(seen))?;
+                seen.get_or_insert_with(Instant::now);
             }
+        }
+        if seen.is_some() {
+            self.reprogram(seen)?;
         }
         Ok(())
     }
@@ -292,6 +307,27 @@ impl Agent {
             policy_entries: self.applied.policy.len(),
             generation: self.generation,
         }
+    }
+}
+
+/// This node's own IPv4 addresses (empty when they cannot be read: the node then gets no
+/// HOST allowance, which fails closed).
+fn host_addresses() -> Vec<Ipv4Addr> {
+    bulkhead_cni::netlink::with_handle(None, |h| async move { bulkhead_cni::netlink::all_ipv4_addresses(&h).await }).unwrap_or_else(|e| {
+        tracing::warn!(error = %error_chain(&e), "cannot list node addresses");
+        Vec::new()
+    })
+}
+
+/// Gives this node's addresses the reserved HOST identity, which the datapath always admits:
+/// Kubernetes documents that traffic between a pod and its own node is allowed whatever the
+/// policy (kubelet probes depend on it). A pod's own /32 is never overridden.
+fn add_host_addresses(state: &mut DatapathState, addresses: &[Ipv4Addr]) {
+    for &addr in addresses {
+        state.ipcache.entry((addr, 32)).or_insert(IpcacheValue {
+            identity: bulkhead_common::identity::HOST,
+            flags: 0,
+        });
     }
 }
 
@@ -434,6 +470,7 @@ pub fn run(args: AgentArgs) -> Result<(), AgentError> {
         generation: 0,
         registry,
         metrics: metrics.clone(),
+        host_addresses: Vec::new(),
     };
     agent.refresh(true)?;
     agent.reprogram(None)?;

@@ -2,7 +2,7 @@
 
 use std::path::{Path, PathBuf};
 
-use aya::maps::{MapData, PerCpuArray};
+use aya::maps::{MapData, PerCpuArray, RingBuf};
 use aya::programs::tc::{self, NlOptions, SchedClassifier, TcAttachOptions, TcAttachType};
 use aya::{Ebpf, EbpfLoader};
 use bulkhead_common::{counter_index, direction, map_names, program_names, Counter, DropReason};
@@ -72,6 +72,8 @@ pub struct Datapath {
     /// Maps the compiler's output is synced into.
     pub maps: BpfMaps,
     counters: PerCpuArray<MapData, Counter>,
+    flows_lost: PerCpuArray<MapData, u64>,
+    flow_ring: Option<RingBuf<MapData>>,
     pin_dir: PathBuf,
 }
 
@@ -120,11 +122,13 @@ impl Datapath {
                 what: format!("no map {name}"),
             })
         };
-        let (endpoints, ipcache, policy, counters) = (
+        let (endpoints, ipcache, policy, counters, flows, flows_lost) = (
             take(map_names::ENDPOINTS)?,
             take(map_names::IPCACHE)?,
             take(map_names::POLICY)?,
             take(map_names::COUNTERS)?,
+            take(map_names::FLOWS)?,
+            take(map_names::FLOWS_LOST)?,
         );
         let wrong = |map: &'static str| {
             move |source| DatapathError::Map {
@@ -138,10 +142,14 @@ impl Datapath {
             policy: policy.try_into().map_err(wrong(map_names::POLICY))?,
         };
         let counters = counters.try_into().map_err(wrong(map_names::COUNTERS))?;
+        let flows_lost = flows_lost.try_into().map_err(wrong(map_names::FLOWS_LOST))?;
+        let flow_ring = Some(flows.try_into().map_err(wrong(map_names::FLOWS))?);
         Ok(Datapath {
             ebpf,
             maps,
             counters,
+            flows_lost,
+            flow_ring,
             pin_dir: pin_dir.to_path_buf(),
         })
     }
@@ -206,7 +214,22 @@ impl Datapath {
         }))
     }
 
-    /// Every non-zero counter.
+    /// The flow-record ring buffer, for the one reader that consumes it; `None` once taken.
+    pub fn take_flow_ring(&mut self) -> Option<RingBuf<MapData>> {
+        self.flow_ring.take()
+    }
+
+    /// Flow records the ring buffer could not take since the maps were created (summed
+    /// over CPUs; the count survives agent restarts with the pinned map).
+    pub fn flows_lost(&self) -> Result<u64, DatapathError> {
+        let values = self.flows_lost.get(&0, 0).map_err(|source| DatapathError::Map {
+            map: map_names::FLOWS_LOST,
+            source: Box::new(source),
+        })?;
+        Ok(values.iter().sum())
+    }
+
+    /// Every non-zero counter, by reason and direction.
     pub fn counters(&self) -> Result<Vec<(DropReason, u8, Counter)>, DatapathError> {
         let mut out = Vec::new();
         for dir in [direction::INGRESS, direction::EGRESS] {

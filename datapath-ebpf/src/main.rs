@@ -13,12 +13,12 @@ use aya_ebpf::{
     bindings::{TC_ACT_OK, TC_ACT_SHOT},
     helpers::bpf_ktime_get_ns,
     macros::{classifier, map},
-    maps::{lpm_trie::Key, HashMap, LpmTrie, LruHashMap, PerCpuArray},
+    maps::{lpm_trie::Key, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf},
     programs::TcContext,
 };
 use bulkhead_common::{
-    capacity, counter_index, ct_lifetime_ns, direction, endpoint_flags, identity, Counter, CtEntry, CtKey, DropReason, EndpointInfo,
-    IpcacheValue, Ipv4Key, PolicyKey, PolicyValue, COUNTER_SLOTS, CT_REFRESH_NS, POLICY_PREFIX_FULL,
+    capacity, counter_index, ct_lifetime_ns, direction, endpoint_flags, identity, rule_id, verdict, Counter, CtEntry, CtKey, DropReason,
+    EndpointInfo, FlowEvent, IpcacheValue, Ipv4Key, PolicyKey, PolicyValue, COUNTER_SLOTS, CT_REFRESH_NS, POLICY_PREFIX_FULL,
 };
 use packet::{Headers, L3};
 
@@ -38,22 +38,43 @@ static CONNTRACK: LruHashMap<CtKey, CtEntry> = LruHashMap::pinned(capacity::CONN
 #[map(name = "bh_cnt_v1")]
 static COUNTERS: PerCpuArray<Counter> = PerCpuArray::pinned(COUNTER_SLOTS, 0);
 
+// Pinned like the other maps, so records written while the agent restarts wait for it.
+#[map(name = "bh_flow_v1")]
+static FLOWS: RingBuf = RingBuf::pinned(capacity::FLOW_RING_BYTES, 0);
+
+#[map(name = "bh_flost_v1")]
+static FLOWS_LOST: PerCpuArray<u64> = PerCpuArray::pinned(1, 0);
+
+/// What became of a packet that was not dropped.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Pass {
+    /// Part of a tracked flow, ARP, or otherwise not worth a record.
+    Quiet,
+    /// The first packet of a new flow, with its verdict (`FORWARDED` or `AUDIT`).
+    NewFlow(u8),
+}
+
 #[classifier]
 pub fn from_pod(ctx: TcContext) -> i32 {
-    finish(&ctx, direction::EGRESS, try_from_pod(&ctx))
+    let mut flow = FlowEvent::default();
+    let result = try_from_pod(&ctx, &mut flow);
+    finish(&ctx, direction::EGRESS, result, &mut flow)
 }
 
 #[classifier]
 pub fn to_pod(ctx: TcContext) -> i32 {
-    finish(&ctx, direction::INGRESS, try_to_pod(&ctx))
+    let mut flow = FlowEvent::default();
+    let result = try_to_pod(&ctx, &mut flow);
+    finish(&ctx, direction::INGRESS, result, &mut flow)
 }
 
-/// Counts the verdict and turns it into a TC action.
+/// Counts the verdict, reports new flows and drops, and turns the verdict into a TC action.
 #[inline(always)]
-fn finish(ctx: &TcContext, dir: u8, verdict: Result<(), DropReason>) -> i32 {
-    let reason = match verdict {
-        Ok(()) => DropReason::Forwarded,
-        Err(reason) => reason,
+fn finish(ctx: &TcContext, dir: u8, result: Result<Pass, DropReason>, flow: &mut FlowEvent) -> i32 {
+    let (reason, report) = match result {
+        Ok(Pass::Quiet) => (DropReason::Forwarded, None),
+        Ok(Pass::NewFlow(v)) => (DropReason::Forwarded, Some(v)),
+        Err(reason) => (reason, Some(verdict::DROPPED)),
     };
     if let Some(counter) = COUNTERS.get_ptr_mut(counter_index(reason, dir)) {
         // SAFETY: a per-CPU slot is only written by this CPU, and softirq context does not
@@ -61,6 +82,21 @@ fn finish(ctx: &TcContext, dir: u8, verdict: Result<(), DropReason>) -> i32 {
         unsafe {
             (*counter).packets += 1;
             (*counter).bytes += u64::from(ctx.len());
+        }
+    }
+    if let Some(v) = report {
+        flow.verdict = v;
+        flow.reason = reason as u8;
+        flow.direction = dir;
+        flow.packet_len = ctx.len();
+        // SAFETY: bpf_ktime_get_ns has no preconditions.
+        flow.timestamp_ns = unsafe { bpf_ktime_get_ns() };
+        if FLOWS.output::<FlowEvent>(&*flow, 0).is_err() {
+            // The agent is behind (or away): count what was lost instead of blocking.
+            if let Some(lost) = FLOWS_LOST.get_ptr_mut(0) {
+                // SAFETY: as for the counters above.
+                unsafe { *lost += 1 };
+            }
         }
     }
     match reason {
@@ -71,19 +107,36 @@ fn finish(ctx: &TcContext, dir: u8, verdict: Result<(), DropReason>) -> i32 {
 
 /// The endpoint behind the interface the packet is on; unknown interfaces are isolated.
 #[inline(always)]
-fn endpoint(ctx: &TcContext) -> Result<EndpointInfo, DropReason> {
+fn endpoint(ctx: &TcContext, flow: &mut FlowEvent) -> Result<EndpointInfo, DropReason> {
     // SAFETY: the context pointer is valid for the program's whole run.
     let ifindex = unsafe { (*ctx.skb.skb).ifindex };
     // SAFETY: the value is copied out at once; a concurrent update at worst gives the old
     // or the new endpoint, both valid.
-    unsafe { ENDPOINTS.get(ifindex) }.copied().ok_or(DropReason::UnknownEndpoint)
+    let ep = unsafe { ENDPOINTS.get(ifindex) }.copied().ok_or(DropReason::UnknownEndpoint)?;
+    flow.endpoint_id = ep.endpoint_id;
+    flow.identity = ep.identity;
+    Ok(ep)
 }
 
-fn try_from_pod(ctx: &TcContext) -> Result<(), DropReason> {
-    let ep = endpoint(ctx)?;
+/// Parses the packet and copies its 5-tuple into the flow record.
+#[inline(always)]
+fn parse(ctx: &TcContext, flow: &mut FlowEvent) -> Result<Headers, DropReason> {
     let headers = packet::parse(ctx)?;
-    let (eth_src, l3) = match headers {
-        Headers::Arp => return Ok(()),
+    if let Headers::Ipv4 { l3, .. } = &headers {
+        flow.saddr = l3.saddr;
+        flow.daddr = l3.daddr;
+        flow.sport = l3.sport;
+        flow.dport = l3.dport;
+        flow.protocol = l3.protocol;
+        flow.tcp_flags = l3.tcp_flags;
+    }
+    Ok(headers)
+}
+
+fn try_from_pod(ctx: &TcContext, flow: &mut FlowEvent) -> Result<Pass, DropReason> {
+    let ep = endpoint(ctx, flow)?;
+    let (eth_src, l3) = match parse(ctx, flow)? {
+        Headers::Arp => return Ok(Pass::Quiet),
         Headers::Ipv4 { eth_src, l3 } => (eth_src, l3),
     };
     if eth_src != ep.mac {
@@ -92,24 +145,24 @@ fn try_from_pod(ctx: &TcContext) -> Result<(), DropReason> {
     if l3.saddr != ep.ipv4 {
         return Err(DropReason::SpoofedIp);
     }
-    admit(&ep, direction::EGRESS, &l3, l3.daddr)
+    admit(&ep, direction::EGRESS, &l3, l3.daddr, flow)
 }
 
-fn try_to_pod(ctx: &TcContext) -> Result<(), DropReason> {
-    let ep = endpoint(ctx)?;
-    let l3 = match packet::parse(ctx)? {
-        Headers::Arp => return Ok(()),
+fn try_to_pod(ctx: &TcContext, flow: &mut FlowEvent) -> Result<Pass, DropReason> {
+    let ep = endpoint(ctx, flow)?;
+    let l3 = match parse(ctx, flow)? {
+        Headers::Arp => return Ok(Pass::Quiet),
         Headers::Ipv4 { l3, .. } => l3,
     };
     if l3.daddr != ep.ipv4 {
         return Err(DropReason::WrongDestination);
     }
-    admit(&ep, direction::INGRESS, &l3, l3.saddr)
+    admit(&ep, direction::INGRESS, &l3, l3.saddr, flow)
 }
 
 /// Conntrack, then policy for a new flow, then a conntrack entry for it.
 #[inline(always)]
-fn admit(ep: &EndpointInfo, dir: u8, l3: &L3, remote: [u8; 4]) -> Result<(), DropReason> {
+fn admit(ep: &EndpointInfo, dir: u8, l3: &L3, remote: [u8; 4], flow: &mut FlowEvent) -> Result<Pass, DropReason> {
     let key = CtKey {
         saddr: l3.saddr,
         daddr: l3.daddr,
@@ -127,15 +180,16 @@ fn admit(ep: &EndpointInfo, dir: u8, l3: &L3, remote: [u8; 4]) -> Result<(), Dro
         direction::EGRESS
     };
     if !l3.tcp_syn && (ct_alive(&key, now) || ct_alive(&key.reversed(reply_dir), now)) {
-        return Ok(());
+        return Ok(Pass::Quiet);
     }
-    let rule_id = policy_verdict(ep, dir, remote, l3)?;
+    let (rule, v) = policy_verdict(ep, dir, remote, l3, flow)?;
     let entry = CtEntry {
         last_seen_ns: now,
-        rule_id,
-        flags: 0,
+        rule_id: rule,
+        flags: u32::from(v),
     };
-    CONNTRACK.insert(key, entry, 0).map_err(|_| DropReason::CtInsertFailed)
+    CONNTRACK.insert(key, entry, 0).map_err(|_| DropReason::CtInsertFailed)?;
+    Ok(Pass::NewFlow(v))
 }
 
 /// True when `key` is tracked and not idle past its lifetime; refreshes it at most once
@@ -159,20 +213,25 @@ fn ct_alive(key: &CtKey, now: u64) -> bool {
     true
 }
 
-/// The rule that allows a new flow, 0 when the endpoint is not isolated that way.
+/// The rule that allows a new flow and the verdict: `FORWARDED` with the rule (or
+/// `rule_id::NONE` when the endpoint is not isolated that way), or `AUDIT` when only
+/// audit-mode policies isolate it and none of their rules matched.
 #[inline(always)]
-fn policy_verdict(ep: &EndpointInfo, dir: u8, remote: [u8; 4], l3: &L3) -> Result<u32, DropReason> {
-    let isolated = if dir == direction::EGRESS {
-        endpoint_flags::ISOLATED_EGRESS
+fn policy_verdict(ep: &EndpointInfo, dir: u8, remote: [u8; 4], l3: &L3, flow: &mut FlowEvent) -> Result<(u32, u8), DropReason> {
+    let (isolated, audit) = if dir == direction::EGRESS {
+        (endpoint_flags::ISOLATED_EGRESS, endpoint_flags::AUDIT_EGRESS)
     } else {
-        endpoint_flags::ISOLATED_INGRESS
+        (endpoint_flags::ISOLATED_INGRESS, endpoint_flags::AUDIT_INGRESS)
     };
-    if ep.flags & isolated == 0 {
-        return Ok(0);
-    }
     let remote_identity = IPCACHE
         .get(Key::new(32, Ipv4Key { addr: remote }))
         .map_or(identity::WORLD, |v| v.identity);
+    flow.remote_identity = remote_identity;
+    // Traffic between a pod and its own node is always allowed (kubelet probes), as
+    // Kubernetes documents for NetworkPolicy; the agent gives the node's addresses HOST.
+    if ep.flags & (isolated | audit) == 0 || remote_identity == identity::HOST {
+        return Ok((rule_id::NONE, verdict::FORWARDED));
+    }
     let mut key = PolicyKey {
         endpoint_id: ep.endpoint_id.to_be_bytes(),
         remote_identity: remote_identity.to_be_bytes(),
@@ -180,14 +239,19 @@ fn policy_verdict(ep: &EndpointInfo, dir: u8, remote: [u8; 4], l3: &L3) -> Resul
         protocol: l3.protocol,
         dport: l3.policy_port(),
     };
-    if let Some(v) = POLICY.get(Key::new(POLICY_PREFIX_FULL, key)) {
-        return Ok(v.rule_id);
+    let mut found = POLICY.get(Key::new(POLICY_PREFIX_FULL, key)).map(|v| v.rule_id);
+    if found.is_none() {
+        key.remote_identity = identity::ANY.to_be_bytes();
+        found = POLICY.get(Key::new(POLICY_PREFIX_FULL, key)).map(|v| v.rule_id);
     }
-    key.remote_identity = identity::ANY.to_be_bytes();
-    POLICY
-        .get(Key::new(POLICY_PREFIX_FULL, key))
-        .map(|v| v.rule_id)
-        .ok_or(DropReason::PolicyDenied)
+    match found {
+        Some(rule) => {
+            flow.rule_id = rule;
+            Ok((rule, verdict::FORWARDED))
+        }
+        None if ep.flags & isolated == 0 => Ok((rule_id::NONE, verdict::AUDIT)),
+        None => Err(DropReason::PolicyDenied),
+    }
 }
 
 #[cfg(not(test))]

@@ -74,6 +74,8 @@ pub struct L3 {
     /// A TCP SYN without ACK: always a new connection, even on a tuple conntrack still
     /// holds (a client may reuse a 4-tuple at once when the server closed first).
     pub tcp_syn: bool,
+    /// TCP flags (0 for other protocols), reported in flow records.
+    pub tcp_flags: u8,
 }
 
 impl L3 {
@@ -103,6 +105,7 @@ fn ptr_at<T>(ctx: &TcContext, offset: usize) -> Result<*const T, DropReason> {
     Ok((start + offset) as *const T)
 }
 
+#[inline(always)]
 pub fn parse(ctx: &TcContext) -> Result<Headers, DropReason> {
     // Headers may sit in paged data; pull what we read into the linear part once.
     let want = if ctx.len() < MAX_PARSE { ctx.len() } else { MAX_PARSE };
@@ -132,12 +135,14 @@ pub fn parse(ctx: &TcContext) -> Result<Headers, DropReason> {
     }
     let l4 = ETH_HLEN + ihl;
     let mut tcp_syn = false;
+    let mut tcp_flags = 0;
     let (sport, dport) = match protocol {
         proto::TCP => {
             let t = ptr_at::<TcpHead>(ctx, l4)?;
             // SAFETY: as above.
             let (sport, dport, flags) = unsafe { ((*t).sport, (*t).dport, (*t).flags) };
             tcp_syn = flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
+            tcp_flags = flags;
             (sport, dport)
         }
         proto::UDP | proto::SCTP => {
@@ -166,6 +171,7 @@ pub fn parse(ctx: &TcContext) -> Result<Headers, DropReason> {
             sport,
             dport,
             tcp_syn,
+            tcp_flags,
         },
     })
 }

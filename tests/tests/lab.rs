@@ -88,3 +88,47 @@ fn down_after_crash_leaves_nothing() {
     lab.ok(&["down"]);
     lab.assert_gone(&id);
 }
+
+/// Whether a TCP connection from the node namespace `netns` to `ip:port` completes within 1 s.
+fn node_connects(netns: &str, ip: &str, port: u16) -> bool {
+    let script = format!("exec 3<>/dev/tcp/{ip}/{port}");
+    std::process::Command::new("ip")
+        .args(["netns", "exec", netns, "timeout", "1", "bash", "-c", &script])
+        .status()
+        .expect("run ip netns exec")
+        .success()
+}
+
+/// A pod's own node always reaches it (kubelet probes), whatever the policy; another node
+/// is an ordinary remote address and meets the policy like any other.
+#[test]
+fn own_node_is_allowed_other_nodes_are_not() {
+    let lab = Lab::new("hostid");
+    lab.ok(&["up", "--nodes", "2", "-f", &lab.file("pods.yaml", &three_by_three())]);
+    let deny = "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: deny-all, namespace: x}\nspec:\n  podSelector: {}\n  policyTypes: [Ingress]\n";
+    lab.ok(&["apply", "-f", &lab.file("deny.yaml", deny)]);
+    let status: serde_json::Value = serde_json::from_str(&lab.ok(&["status", "-o", "json"])).expect("status json");
+    let pods: serde_json::Value = serde_json::from_str(&lab.ok(&["pods", "-o", "json"])).expect("pods json");
+    let netns_of = |node: &str| -> String {
+        status["nodes"]
+            .as_array()
+            .expect("nodes")
+            .iter()
+            .find(|n| n["name"] == node)
+            .and_then(|n| n["netns"].as_str())
+            .expect("node netns")
+            .to_string()
+    };
+    let mut checked = 0;
+    for pod in pods.as_array().expect("pods").iter().filter(|p| p["namespace"] == "x") {
+        let ip = pod["ip"].as_str().expect("ip");
+        let own = pod["node"].as_str().expect("node");
+        let other = if own == "node0" { "node1" } else { "node0" };
+        assert!(node_connects(&netns_of(own), ip, 80), "{own} → x/{} ({ip}) must be allowed", pod["name"]);
+        assert!(!node_connects(&netns_of(other), ip, 80), "{other} → x/{} ({ip}) must be denied", pod["name"]);
+        checked += 1;
+    }
+    assert_eq!(checked, 3);
+    // The pods themselves stay isolated from each other.
+    assert!(!reaches(&lab, "y/a", "x/a"));
+}
