@@ -123,6 +123,8 @@ pub trait DatapathStats: Send + Sync {
     fn counters(&self) -> Result<Vec<(DropReason, u8, Counter)>, MetricsError>;
     /// Entries in the conntrack map.
     fn conntrack_entries(&self) -> Result<u64, MetricsError>;
+    /// Flow events the ring buffer could not take, summed over CPUs.
+    fn flow_events_lost(&self) -> Result<u64, MetricsError>;
 }
 
 /// [`DatapathStats`] over the maps pinned in an agent's bpffs directory.
@@ -131,10 +133,11 @@ pub trait DatapathStats: Send + Sync {
 pub struct PinnedStats {
     counters: PerCpuArray<MapData, Counter>,
     conntrack: HashMap<MapData, CtKey, CtEntry>,
+    flows_lost: PerCpuArray<MapData, u64>,
 }
 
 impl PinnedStats {
-    /// Opens the counters and conntrack maps pinned under `pin_dir`.
+    /// Opens the counters, conntrack and lost-flow-events maps pinned under `pin_dir`.
     pub fn open(pin_dir: &Path) -> Result<Self, MetricsError> {
         let open = |name: &str| {
             let path = pin_dir.join(name);
@@ -155,7 +158,13 @@ impl PinnedStats {
         let counters = PerCpuArray::try_from(counters).map_err(err)?;
         let (conntrack, err) = open(map_names::CONNTRACK)?;
         let conntrack = HashMap::try_from(conntrack).map_err(err)?;
-        Ok(PinnedStats { counters, conntrack })
+        let (flows_lost, err) = open(map_names::FLOWS_LOST)?;
+        let flows_lost = PerCpuArray::try_from(flows_lost).map_err(err)?;
+        Ok(PinnedStats {
+            counters,
+            conntrack,
+            flows_lost,
+        })
     }
 
     fn read_err(name: &'static str) -> impl Fn(MapError) -> MetricsError {
@@ -199,6 +208,11 @@ impl DatapathStats for PinnedStats {
             n += 1;
         }
         Ok(n)
+    }
+
+    fn flow_events_lost(&self) -> Result<u64, MetricsError> {
+        let per_cpu = self.flows_lost.get(&0, 0).map_err(Self::read_err(map_names::FLOWS_LOST))?;
+        Ok(per_cpu.iter().fold(0u64, |acc, v| acc.wrapping_add(*v)))
     }
 }
 
@@ -492,25 +506,27 @@ impl Metrics {
 
     /// The exposition in the text format 0.0.4.
     pub fn encode(&self) -> Result<String, MetricsError> {
-        self.refresh_conntrack();
+        self.refresh_from_datapath();
         TextEncoder::new()
             .encode_to_string(&self.registry.gather())
             .map_err(|source| MetricsError::Encode { source })
     }
 
-    /// Scrape-time refresh of the conntrack size.
-    fn refresh_conntrack(&self) {
+    /// Scrape-time refresh of the conntrack size and the lost flow events.
+    fn refresh_from_datapath(&self) {
         let Ok(guard) = self.datapath.stats.read() else { return };
         let Some(stats) = guard.as_deref() else { return };
-        match stats.conntrack_entries() {
-            Ok(n) => self
-                .map_entries
+        let result = stats.conntrack_entries().and_then(|n| {
+            self.map_entries
                 .with_label_values(&["conntrack"])
-                .set(i64::try_from(n).unwrap_or(i64::MAX)),
-            Err(e) => {
-                tracing::warn!(error = %crate::agent::error_chain(&e), "counting conntrack entries");
-                self.error(ErrorKind::Datapath);
-            }
+                .set(i64::try_from(n).unwrap_or(i64::MAX));
+            // The flow reader may report the same total; the counter takes the larger.
+            self.set_flow_events_lost(stats.flow_events_lost()?);
+            Ok(())
+        });
+        if let Err(e) = result {
+            tracing::warn!(error = %crate::agent::error_chain(&e), "reading datapath maps");
+            self.error(ErrorKind::Datapath);
         }
     }
 }
@@ -667,6 +683,10 @@ mod tests {
 
         fn conntrack_entries(&self) -> Result<u64, MetricsError> {
             Ok(5)
+        }
+
+        fn flow_events_lost(&self) -> Result<u64, MetricsError> {
+            Ok(3)
         }
     }
 

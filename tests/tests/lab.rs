@@ -124,8 +124,16 @@ fn own_node_is_allowed_other_nodes_are_not() {
         let ip = pod["ip"].as_str().expect("ip");
         let own = pod["node"].as_str().expect("node");
         let other = if own == "node0" { "node1" } else { "node0" };
-        assert!(node_connects(&netns_of(own), ip, 80), "{own} → x/{} ({ip}) must be allowed", pod["name"]);
-        assert!(!node_connects(&netns_of(other), ip, 80), "{other} → x/{} ({ip}) must be denied", pod["name"]);
+        assert!(
+            node_connects(&netns_of(own), ip, 80),
+            "{own} → x/{} ({ip}) must be allowed",
+            pod["name"]
+        );
+        assert!(
+            !node_connects(&netns_of(other), ip, 80),
+            "{other} → x/{} ({ip}) must be denied",
+            pod["name"]
+        );
         checked += 1;
     }
     assert_eq!(checked, 3);
