@@ -12,6 +12,8 @@ PKGS="llvm-22-dev libpolly-22-dev libzstd-dev iproute2 bpftool iptables tcpdump 
 # A real CNI client for the podman test (CNI backend, runc: crun refuses some cgroup setups)
 # and the reference plugins (portmap) for chaining tests.
 PKGS="$PKGS podman runc conmon containernetworking-plugins busybox-static"
+# prometheus: the real server (and promtool) the metrics tests run against.
+PKGS="$PKGS prometheus"
 missing=""
 for p in $PKGS; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing="$missing $p"

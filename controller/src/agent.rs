@@ -18,6 +18,7 @@ use tokio::sync::Mutex;
 use crate::datapath::{Datapath, DatapathError};
 use crate::flows::{self, Clock, FlowStore, Resolver};
 use crate::maps::{self, MapsError};
+use crate::metrics::{self, ErrorKind, Metrics, MetricsError, PinnedStats};
 use crate::model::Cluster;
 use crate::policy::{Compiler, DatapathState, LocalEndpoint};
 use crate::source::{EmptySource, FileSource, Source, SourceError};
@@ -55,6 +56,12 @@ pub struct AgentArgs {
     /// Flow records kept in memory for `bulkhead observe` (the oldest fall out).
     #[arg(long, default_value_t = flows::DEFAULT_HISTORY)]
     pub flow_history: usize,
+    /// Address to serve `/metrics` and `/healthz` on; `none` disables.
+    #[arg(long, default_value = metrics::DEFAULT_ADDRESS)]
+    pub metrics_address: String,
+    /// Serve metrics on this inherited listening socket instead (overrides the address).
+    #[arg(long)]
+    pub metrics_fd: Option<i32>,
 }
 
 /// Why the agent failed.
@@ -78,6 +85,9 @@ pub enum AgentError {
         #[source]
         source: Box<NetlinkError>,
     },
+    /// Metrics could not be set up.
+    #[error(transparent)]
+    Metrics(#[from] MetricsError),
     /// File or socket I/O failed.
     #[error("{op} {path}")]
     Io {
@@ -89,6 +99,18 @@ pub enum AgentError {
         #[source]
         source: std::io::Error,
     },
+}
+
+impl AgentError {
+    /// The `kind` label this error counts under in `bulkhead_errors_total`.
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            AgentError::Datapath(_) | AgentError::Metrics(_) | AgentError::Link { .. } => ErrorKind::Datapath,
+            AgentError::Maps(_) => ErrorKind::Maps,
+            AgentError::Source(_) => ErrorKind::Source,
+            AgentError::Io { .. } => ErrorKind::Io,
+        }
+    }
 }
 
 impl From<DatapathError> for AgentError {
@@ -116,6 +138,7 @@ struct Agent {
     datapath: Datapath,
     generation: u64,
     registry: PathBuf,
+    metrics: Arc<Metrics>,
     /// This node's own addresses, given the reserved HOST identity.
     host_addresses: Vec<Ipv4Addr>,
     /// Flow history; its resolver is refreshed after every reprogram.
@@ -148,8 +171,9 @@ impl Agent {
             .collect()
     }
 
-    /// Recompiles and writes the difference into the maps.
-    fn reprogram(&mut self) -> Result<(), AgentError> {
+    /// Recompiles and writes the difference into the maps; `seen` is when the agent learnt
+    /// of the change, for the implementation delay histogram.
+    fn reprogram(&mut self, seen: Option<Instant>) -> Result<(), AgentError> {
         let started = Instant::now();
         let locals = self.locals();
         let mut new = self.compiler.compile(&self.cluster, &locals);
@@ -160,6 +184,15 @@ impl Agent {
                 self.generation += 1;
                 self.flows
                     .set_resolver(Resolver::build(&self.node_name, &self.cluster, self.compiler.rules(), &locals));
+                self.metrics.set_state(
+                    self.endpoints.len(),
+                    self.compiler.identities().len(),
+                    self.cluster.policies().len(),
+                    &self.applied,
+                );
+                if let Some(seen) = seen {
+                    self.metrics.observe_implementation_delay(seen.elapsed());
+                }
                 tracing::debug!(upserts = stats.upserts, removals = stats.removals, elapsed = ?started.elapsed(), "maps programmed");
                 Ok(())
             }
@@ -178,21 +211,22 @@ impl Agent {
 
     /// Re-reads the source and this node's addresses; on a change, reprograms.
     fn refresh(&mut self, force: bool) -> Result<(), AgentError> {
-        let mut changed = false;
+        // When the first change was seen, for the implementation delay.
+        let mut seen = None;
         let addresses = host_addresses();
         if addresses != self.host_addresses {
             tracing::info!(addresses = ?addresses, "node addresses");
             self.host_addresses = addresses;
-            changed = true;
+            seen = Some(Instant::now());
         }
         if let Some(cluster) = self.source.poll(force)? {
             if cluster != self.cluster {
                 self.cluster = cluster;
-                changed = true;
+                seen.get_or_insert_with(Instant::now);
             }
         }
-        if changed {
-            self.reprogram()?;
+        if seen.is_some() {
+            self.reprogram(seen)?;
         }
         Ok(())
     }
@@ -211,6 +245,7 @@ impl Agent {
     }
 
     fn add_endpoint(&mut self, spec: EndpointSpec) -> Response {
+        let seen = Instant::now();
         if parse_mac(&spec.mac).is_none() {
             return Response::Error {
                 code: CODE_AGENT_FAILED,
@@ -224,24 +259,29 @@ impl Agent {
         };
         // Programs first: with no endpoint entry yet they drop everything (fail closed).
         if let Err(e) = self.datapath.attach(&spec.host_ifname) {
+            self.metrics.error(ErrorKind::Datapath);
             return Response::Error {
                 code: CODE_AGENT_FAILED,
                 message: error_chain(&e),
             };
         }
         let previous = self.endpoints.insert(key.clone(), EndpointRecord { endpoint_id, spec });
-        if let Err(e) = self.reprogram() {
+        if let Err(e) = self.reprogram(Some(seen)) {
+            self.metrics.error(e.kind());
             match previous {
                 Some(p) => self.endpoints.insert(key, p),
                 None => self.endpoints.remove(&key),
             };
-            let _ = self.reprogram();
+            if let Err(e) = self.reprogram(None) {
+                self.metrics.error(e.kind());
+            }
             return Response::Error {
                 code: CODE_AGENT_FAILED,
                 message: error_chain(&e),
             };
         }
         if let Err(e) = self.save_registry() {
+            self.metrics.error(e.kind());
             tracing::warn!(error = %error_chain(&e), "cannot persist endpoint registry");
         }
         Response::Ok
@@ -251,13 +291,16 @@ impl Agent {
         if self.endpoints.remove(&(r.container_id.clone(), r.ifname.clone())).is_none() {
             return Response::Ok;
         }
-        let result = self.reprogram().and_then(|()| self.save_registry());
+        let result = self.reprogram(Some(Instant::now())).and_then(|()| self.save_registry());
         match result {
             Ok(()) => Response::Ok,
-            Err(e) => Response::Error {
-                code: CODE_AGENT_FAILED,
-                message: error_chain(&e),
-            },
+            Err(e) => {
+                self.metrics.error(e.kind());
+                Response::Error {
+                    code: CODE_AGENT_FAILED,
+                    message: error_chain(&e),
+                }
+            }
         }
     }
 
@@ -293,7 +336,7 @@ impl Agent {
         tracing::info!(removed = stale.len(), "gc: dropping endpoints the runtime no longer knows");
         // Maps first: the veth's ifindex must not be enforced as this endpoint once it is gone.
         let mut errors = Vec::new();
-        if let Err(e) = self.reprogram().and_then(|()| self.save_registry()) {
+        if let Err(e) = self.reprogram(Some(Instant::now())).and_then(|()| self.save_registry()) {
             errors.push(error_chain(&e));
         }
         let names: Vec<String> = stale.iter().map(|r| r.spec.host_ifname.clone()).collect();
@@ -327,7 +370,7 @@ impl Agent {
         let dropped = before - self.endpoints.len();
         if dropped > 0 {
             tracing::info!(dropped, "dropping endpoints whose host veth is gone");
-            self.reprogram()?;
+            self.reprogram(Some(Instant::now()))?;
             self.save_registry()?;
         }
         Ok(dropped)
@@ -406,7 +449,23 @@ pub fn error_chain(e: &dyn std::error::Error) -> String {
     s
 }
 
-async fn handle(agent: &Mutex<Agent>, request: Request) -> Response {
+/// Serves one request and counts it in `bulkhead_cni_requests_total`.
+async fn handle(agent: &Mutex<Agent>, metrics: &Metrics, request: Request) -> Response {
+    let verb = match &request {
+        Request::AddEndpoint(_) => "add",
+        Request::DelEndpoint(_) => "del",
+        Request::CheckEndpoint(_) => "check",
+        Request::Reload => "reload",
+        Request::Status => "status",
+        Request::Gc { .. } => "gc",
+        Request::Observe(_) => "observe",
+    };
+    let response = dispatch(agent, request).await;
+    metrics.cni_request(verb, !matches!(response, Response::Error { .. }));
+    response
+}
+
+async fn dispatch(agent: &Mutex<Agent>, request: Request) -> Response {
     match request {
         Request::AddEndpoint(spec) => {
             let deadline = Instant::now() + POD_WAIT;
@@ -416,6 +475,7 @@ async fn handle(agent: &Mutex<Agent>, request: Request) -> Response {
                     // The pod may have been written after the last poll: re-read before waiting.
                     if a.cluster.pod(&spec.pod_namespace, &spec.pod_name).is_none() {
                         if let Err(e) = a.refresh(true) {
+                            a.metrics.error(e.kind());
                             tracing::warn!(error = %error_chain(&e), "reloading the model");
                         }
                     }
@@ -435,13 +495,19 @@ async fn handle(agent: &Mutex<Agent>, request: Request) -> Response {
         Request::DelEndpoint(r) => agent.lock().await.del_endpoint(&r),
         Request::CheckEndpoint(r) => agent.lock().await.check_endpoint(&r),
         Request::Gc { valid } => agent.lock().await.gc(&valid),
-        Request::Reload => match agent.lock().await.refresh(true) {
-            Ok(()) => Response::Ok,
-            Err(e) => Response::Error {
-                code: CODE_AGENT_FAILED,
-                message: error_chain(&e),
-            },
-        },
+        Request::Reload => {
+            let mut a = agent.lock().await;
+            match a.refresh(true) {
+                Ok(()) => Response::Ok,
+                Err(e) => {
+                    a.metrics.error(e.kind());
+                    Response::Error {
+                        code: CODE_AGENT_FAILED,
+                        message: error_chain(&e),
+                    }
+                }
+            }
+        }
         Request::Status => Response::Status(agent.lock().await.status()),
         // Streams are answered by `serve_connection`, which never gets here with one.
         Request::Observe(_) => Response::Error {
@@ -451,7 +517,7 @@ async fn handle(agent: &Mutex<Agent>, request: Request) -> Response {
     }
 }
 
-async fn serve_connection(agent: Arc<Mutex<Agent>>, flows: Arc<FlowStore>, stream: UnixStream) {
+async fn serve_connection(agent: Arc<Mutex<Agent>>, flows: Arc<FlowStore>, metrics: Arc<Metrics>, stream: UnixStream) {
     let (read, mut write) = stream.into_split();
     let mut line = String::new();
     let mut read = BufReader::new(read);
@@ -459,7 +525,7 @@ async fn serve_connection(agent: Arc<Mutex<Agent>>, flows: Arc<FlowStore>, strea
         Ok(_) => match serde_json::from_str::<Request>(&line) {
             // Needs no agent lock: the flow store has its own, held only briefly.
             Ok(Request::Observe(request)) => return flows::serve(flows, request, read, write).await,
-            Ok(request) => handle(&agent, request).await,
+            Ok(request) => handle(&agent, &metrics, request).await,
             Err(e) => Response::Error {
                 code: 6,
                 message: format!("malformed request: {e}"),
@@ -500,7 +566,11 @@ pub fn run(args: AgentArgs) -> Result<(), AgentError> {
     std::fs::create_dir_all(&args.state_dir).map_err(io("create", &args.state_dir))?;
     let mut datapath = Datapath::load(&args.bpffs)?;
     let flow_ring = datapath.take_flow_ring();
-    let flow_store = Arc::new(FlowStore::new(&args.node_name, args.flow_history, Clock::now()));
+    let metrics = Arc::new(Metrics::new()?);
+    let flow_store = Arc::new(FlowStore::new(&args.node_name, args.flow_history, Clock::now()).with_metrics(metrics.clone()));
+    metrics.set_datapath(Box::new(PinnedStats::open(datapath.pin_dir())?));
+    // Validate the flags before the maps change, so a typo fails at once.
+    let listen = metrics::Listen::from_flags(&args.metrics_address, args.metrics_fd)?;
     // Reconcile against what the pinned maps really hold (an earlier agent's entries).
     let applied = datapath.maps.read_state()?;
     let source: Box<dyn Source> = match &args.manifests {
@@ -518,6 +588,7 @@ pub fn run(args: AgentArgs) -> Result<(), AgentError> {
         datapath,
         generation: 0,
         registry,
+        metrics: metrics.clone(),
         host_addresses: Vec::new(),
         flows: flow_store.clone(),
     };
@@ -527,7 +598,8 @@ pub fn run(args: AgentArgs) -> Result<(), AgentError> {
         Ok(dropped) => tracing::info!(dropped, "endpoint registry reconciled with host veths"),
         Err(e) => tracing::warn!(error = %error_chain(&e), "cannot reconcile endpoints with host veths"),
     }
-    agent.reprogram()?;
+    agent.reprogram(None)?;
+    metrics.set_ready();
     tracing::info!(node = %args.node_name, endpoints = agent.endpoints.len(), pod_cidr = ?args.pod_cidr, "datapath programmed");
 
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -540,6 +612,14 @@ pub fn run(args: AgentArgs) -> Result<(), AgentError> {
         let _ = std::fs::remove_file(&socket);
         let listener = UnixListener::bind(&socket).map_err(io("bind", &socket))?;
         std::fs::set_permissions(&socket, std::fs::Permissions::from_mode(0o600)).map_err(io("chmod", &socket))?;
+        let metrics_server = match listen.bind()? {
+            Some(listener) => {
+                let addr = listener.local_addr().map(|a| a.to_string()).unwrap_or_default();
+                tracing::info!(address = %addr, "serving metrics");
+                Some(tokio::spawn(metrics::serve(metrics.clone(), listener)))
+            }
+            None => None,
+        };
         let agent = Arc::new(Mutex::new(agent));
         match flow_ring {
             Some(ring) => match flows::spawn_reader(ring, flow_store.clone()) {
@@ -556,6 +636,7 @@ pub fn run(args: AgentArgs) -> Result<(), AgentError> {
                     tokio::time::sleep(POLL_INTERVAL).await;
                     let mut a = agent.lock().await;
                     if let Err(e) = a.refresh(false) {
+                        a.metrics.error(e.kind());
                         tracing::warn!(error = %error_chain(&e), "model source");
                     }
                     match a.datapath.flows_lost() {
@@ -576,7 +657,7 @@ pub fn run(args: AgentArgs) -> Result<(), AgentError> {
         loop {
             tokio::select! {
                 accepted = listener.accept() => match accepted {
-                    Ok((stream, _)) => { tokio::spawn(serve_connection(agent.clone(), flow_store.clone(), stream)); }
+                    Ok((stream, _)) => { tokio::spawn(serve_connection(agent.clone(), flow_store.clone(), metrics.clone(), stream)); }
                     Err(e) => tracing::warn!(error = %e, "accept"),
                 },
                 _ = term.recv() => break,
@@ -584,6 +665,9 @@ pub fn run(args: AgentArgs) -> Result<(), AgentError> {
             }
         }
         poller.abort();
+        if let Some(server) = metrics_server {
+            server.abort();
+        }
         let _ = std::fs::remove_file(&socket);
         tracing::info!("agent stopped; pinned maps and attached programs keep enforcing");
         Ok(())

@@ -329,6 +329,7 @@ pub struct FlowStore {
     followers: broadcast::Sender<Arc<Stored>>,
     resolver: RwLock<Arc<Resolver>>,
     stats: Mutex<FlowStats>,
+    metrics: Option<Arc<crate::metrics::Metrics>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -348,6 +349,7 @@ impl FlowStore {
             followers,
             resolver: RwLock::new(Arc::new(Resolver::empty(node))),
             stats: Mutex::new(FlowStats::default()),
+            metrics: None,
         }
     }
 
@@ -360,6 +362,12 @@ impl FlowStore {
     pub fn set_resolver(&self, resolver: Resolver) {
         let mut r = self.resolver.write().unwrap_or_else(std::sync::PoisonError::into_inner);
         *r = Arc::new(resolver);
+    }
+
+    /// Also counts every recorded flow in `metrics` (flows and policy verdicts).
+    pub fn with_metrics(mut self, metrics: Arc<crate::metrics::Metrics>) -> Self {
+        self.metrics = Some(metrics);
+        self
     }
 
     /// Names, stores and broadcasts a batch of events from the ring buffer.
@@ -383,6 +391,21 @@ impl FlowStore {
                 }
                 for p in &f.isolated_by {
                     *stats.by_policy.entry((p.namespace.clone(), p.name.clone(), f.verdict)).or_default() += 1;
+                }
+                if let Some(m) = &self.metrics {
+                    // The policy that decided: the allowing rule's, or for a default-deny drop
+                    // the first (by name) policy isolating the pod; none when not isolated.
+                    let policy = f
+                        .allowed_by
+                        .first()
+                        .map(|r| format!("{}/{}", r.namespace, r.name))
+                        .or_else(|| f.isolated_by.first().map(|p| format!("{}/{}", p.namespace, p.name)));
+                    let verdict = match f.verdict {
+                        FlowVerdict::Forwarded => "forwarded",
+                        FlowVerdict::Dropped => "dropped",
+                        FlowVerdict::Audit => "audit",
+                    };
+                    m.record_flow(verdict, f.direction.as_str(), policy.as_deref());
                 }
             }
         }

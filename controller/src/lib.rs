@@ -7,6 +7,7 @@ pub mod identity;
 pub mod install;
 pub mod lab;
 pub mod maps;
+pub mod metrics;
 pub mod model;
 pub mod netlink;
 pub mod observe;

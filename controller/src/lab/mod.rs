@@ -462,7 +462,7 @@ fn print_status(paths: &LabPaths, state: &LabState, output: Output) {
                 bpffs: node::pin_dir(&state.id, &n.name),
                 agent_pid: n.agent_pid,
                 agent_ready: ready,
-                metrics_url: None,
+                metrics_url: n.metrics_url(),
             }
         })
         .collect();

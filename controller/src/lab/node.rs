@@ -71,6 +71,7 @@ pub fn up(paths: &LabPaths, nodes: usize, files: &[PathBuf]) -> Result<i32, LabE
                     .and_then(|u| u.nth(u32::try_from(i).unwrap_or(0) + 1))
                     .map(|ip| ip.to_string()),
                 agent_pid: None,
+                metrics_port: None,
             })
             .collect(),
         pods: Vec::new(),
@@ -87,8 +88,9 @@ pub fn up(paths: &LabPaths, nodes: usize, files: &[PathBuf]) -> Result<i32, LabE
         setup_underlay(ul, &state.nodes)?;
     }
     for i in 0..state.nodes.len() {
-        let pid = spawn_agent(paths, &state.id, &state.nodes[i])?;
+        let (pid, port) = spawn_agent(paths, &state.id, &state.nodes[i])?;
         state.nodes[i].agent_pid = Some(pid);
+        state.nodes[i].metrics_port = Some(port);
         paths.save(&state)?;
     }
     for node in &state.nodes {
@@ -264,9 +266,34 @@ fn agent_exe() -> Result<PathBuf, LabError> {
     }
 }
 
-/// Spawns a node's agent, detached, from a thread inside the node's namespace.
-fn spawn_agent(paths: &LabPaths, id: &str, node: &NodeState) -> Result<u32, LabError> {
+/// A TCP listener on 127.0.0.1 in the host namespace, inheritable across exec.
+///
+/// Node namespaces have no route to the host, but Prometheus runs on the host: the lab binds
+/// the socket here and the agent, spawned into its node namespace, serves on the inherited
+/// fd (a socket stays in the namespace it was created in).
+fn metrics_listener() -> Result<(std::net::TcpListener, u16), LabError> {
+    use std::os::fd::AsFd;
+    let err = |op, source| LabError::Io {
+        op,
+        path: PathBuf::from("127.0.0.1:0 (metrics listener)"),
+        source,
+    };
+    let listener = std::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).map_err(|e| err("bind", e))?;
+    let port = listener.local_addr().map_err(|e| err("query", e))?.port();
+    // std opens sockets close-on-exec; clear it so the agent inherits the same fd number.
+    nix::fcntl::fcntl(listener.as_fd(), nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::empty()))
+        .map_err(|e| err("clear FD_CLOEXEC on", e.into()))?;
+    Ok((listener, port))
+}
+
+/// Spawns a node's agent, detached, from a thread inside the node's namespace; returns its
+/// pid and the host port of its metrics.
+fn spawn_agent(paths: &LabPaths, id: &str, node: &NodeState) -> Result<(u32, u16), LabError> {
+    use std::os::fd::AsRawFd;
     let exe = agent_exe()?;
+    // Dropped (closed here) after the spawn: from then on only the agent holds it. Lab
+    // commands spawn one process at a time, so no other child inherits it meanwhile.
+    let (listener, port) = metrics_listener()?;
     let dir = paths.node_dir(&node.name);
     let log_path = dir.join("agent.log");
     let log = File::create(&log_path).map_err(|source| LabError::Io {
@@ -291,6 +318,8 @@ fn spawn_agent(paths: &LabPaths, id: &str, node: &NodeState) -> Result<u32, LabE
         .arg(pin_dir(id, &node.name))
         .arg("--pod-cidr")
         .arg(&node.pod_cidr)
+        .arg("--metrics-fd")
+        .arg(listener.as_raw_fd().to_string())
         .stdin(Stdio::null())
         .stdout(log)
         .stderr(log2)
@@ -304,7 +333,8 @@ fn spawn_agent(paths: &LabPaths, id: &str, node: &NodeState) -> Result<u32, LabE
             what: format!("agent {}", exe.display()),
             source,
         })?;
-    Ok(child.id())
+    drop(listener);
+    Ok((child.id(), port))
 }
 
 /// Waits until the node's agent reports ready.

@@ -39,6 +39,16 @@ pub struct NodeState {
     pub underlay_ip: Option<String>,
     /// The agent's pid once spawned.
     pub agent_pid: Option<u32>,
+    /// The host-namespace loopback port the agent serves `/metrics` on.
+    #[serde(default)]
+    pub metrics_port: Option<u16>,
+}
+
+impl NodeState {
+    /// `http://127.0.0.1:PORT/metrics`, once the agent serves metrics.
+    pub fn metrics_url(&self) -> Option<String> {
+        self.metrics_port.map(|p| format!("http://127.0.0.1:{p}/metrics"))
+    }
 }
 
 /// One lab pod.

@@ -1,0 +1,850 @@
+//! Prometheus metrics of the agent and the HTTP endpoint that serves them.
+//!
+//! Everything lives in one custom [`Registry`] (no process-global state). Datapath
+//! counters are read from the pinned per-CPU map at scrape time by a [`Collector`], so
+//! they are exactly the kernel's monotonic totals; the rest is updated by the agent as
+//! things happen. Names follow Prometheus conventions: `bulkhead_` prefix, `_total` on
+//! counters, seconds and bytes as base units. The README lists every metric.
+
+use std::collections::HashSet;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use aya::maps::{HashMap, Map, MapData, MapError, PerCpuArray};
+use bulkhead_common::{capacity, counter_index, direction, map_names, Counter, CtEntry, CtKey, DropReason};
+use http_body_util::Full;
+use hyper::body::{Bytes, Incoming};
+use hyper::{Method, Request, Response, StatusCode};
+use prometheus::core::{Collector, Desc};
+use prometheus::proto::MetricFamily;
+use prometheus::{Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder};
+
+use crate::policy::DatapathState;
+
+/// Where the agent serves metrics unless told otherwise (Cilium's agent uses 9962 too).
+pub const DEFAULT_ADDRESS: &str = "0.0.0.0:9962";
+/// Distinct `policy` label values of `bulkhead_policy_verdicts_total` before the rest
+/// are folded into [`OTHER_POLICY`]: a bound on the series a cluster can create.
+pub const MAX_POLICY_LABELS: usize = 1000;
+/// The `policy` label value for policies past [`MAX_POLICY_LABELS`].
+pub const OTHER_POLICY: &str = "other";
+/// The `policy` label value of a verdict no policy decided (not isolated, default deny).
+pub const NO_POLICY: &str = "";
+/// Histogram buckets of the policy implementation delay, in seconds.
+const DELAY_BUCKETS: &[f64] = &[0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
+
+/// Why metrics could not be set up or served.
+#[derive(Debug, thiserror::Error)]
+pub enum MetricsError {
+    /// A metric could not be created or registered (a programming error: bad name, duplicate).
+    #[error("cannot register metric {name}")]
+    Register {
+        /// Metric name.
+        name: &'static str,
+        /// Cause.
+        #[source]
+        source: prometheus::Error,
+    },
+    /// The exposition could not be encoded.
+    #[error("cannot encode metrics")]
+    Encode {
+        /// Cause.
+        #[source]
+        source: prometheus::Error,
+    },
+    /// A pinned datapath map could not be opened or read.
+    #[error("{op} pinned map {path}")]
+    Map {
+        /// What was attempted.
+        op: &'static str,
+        /// The pin path.
+        path: PathBuf,
+        /// Cause.
+        #[source]
+        source: Box<MapError>,
+    },
+    /// The listener could not be set up.
+    #[error("{op} metrics listener {address}")]
+    Listen {
+        /// What was attempted.
+        op: &'static str,
+        /// Address or inherited fd.
+        address: String,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// What an agent error was about: the `kind` label of `bulkhead_errors_total`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ErrorKind {
+    /// Reading the cluster model.
+    Source,
+    /// Writing the eBPF maps.
+    Maps,
+    /// Loading, attaching or reading the datapath.
+    Datapath,
+    /// Files and sockets.
+    Io,
+}
+
+impl ErrorKind {
+    /// Every kind, so all series exist from the start.
+    pub const ALL: [ErrorKind; 4] = [ErrorKind::Source, ErrorKind::Maps, ErrorKind::Datapath, ErrorKind::Io];
+
+    /// The label value.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            ErrorKind::Source => "source",
+            ErrorKind::Maps => "maps",
+            ErrorKind::Datapath => "datapath",
+            ErrorKind::Io => "io",
+        }
+    }
+}
+
+/// The `direction` label value of a [`direction`] number.
+pub const fn direction_name(dir: u8) -> &'static str {
+    if dir == direction::EGRESS {
+        "egress"
+    } else {
+        "ingress"
+    }
+}
+
+/// What the metrics read from the kernel at scrape time.
+pub trait DatapathStats: Send + Sync {
+    /// Packets and bytes of every (reason, direction) slot, summed over CPUs.
+    fn counters(&self) -> Result<Vec<(DropReason, u8, Counter)>, MetricsError>;
+    /// Entries in the conntrack map.
+    fn conntrack_entries(&self) -> Result<u64, MetricsError>;
+    /// Flow events the ring buffer could not take, summed over CPUs.
+    fn flow_events_lost(&self) -> Result<u64, MetricsError>;
+}
+
+/// [`DatapathStats`] over the maps pinned in an agent's bpffs directory.
+///
+/// It opens its own handles on the pins so that a scrape never waits for the agent's lock.
+pub struct PinnedStats {
+    counters: PerCpuArray<MapData, Counter>,
+    conntrack: HashMap<MapData, CtKey, CtEntry>,
+    flows_lost: PerCpuArray<MapData, u64>,
+}
+
+impl PinnedStats {
+    /// Opens the counters, conntrack and lost-flow-events maps pinned under `pin_dir`.
+    pub fn open(pin_dir: &Path) -> Result<Self, MetricsError> {
+        let open = |name: &str| {
+            let path = pin_dir.join(name);
+            let err = |op| {
+                let path = path.clone();
+                move |source| MetricsError::Map {
+                    op,
+                    path,
+                    source: Box::new(source),
+                }
+            };
+            MapData::from_pin(&path)
+                .and_then(Map::from_map_data)
+                .map_err(err("open"))
+                .map(|m| (m, err("type-check")))
+        };
+        let (counters, err) = open(map_names::COUNTERS)?;
+        let counters = PerCpuArray::try_from(counters).map_err(err)?;
+        let (conntrack, err) = open(map_names::CONNTRACK)?;
+        let conntrack = HashMap::try_from(conntrack).map_err(err)?;
+        let (flows_lost, err) = open(map_names::FLOWS_LOST)?;
+        let flows_lost = PerCpuArray::try_from(flows_lost).map_err(err)?;
+        Ok(PinnedStats {
+            counters,
+            conntrack,
+            flows_lost,
+        })
+    }
+
+    fn read_err(name: &'static str) -> impl Fn(MapError) -> MetricsError {
+        move |source| MetricsError::Map {
+            op: "read",
+            path: PathBuf::from(name),
+            source: Box::new(source),
+        }
+    }
+}
+
+impl DatapathStats for PinnedStats {
+    fn counters(&self) -> Result<Vec<(DropReason, u8, Counter)>, MetricsError> {
+        let mut out = Vec::with_capacity(DropReason::ALL.len() * 2);
+        for dir in [direction::INGRESS, direction::EGRESS] {
+            for reason in DropReason::ALL {
+                let per_cpu = self
+                    .counters
+                    .get(&counter_index(reason, dir), 0)
+                    .map_err(Self::read_err(map_names::COUNTERS))?;
+                let sum = per_cpu.iter().fold(Counter::default(), |acc, c| Counter {
+                    packets: acc.packets.wrapping_add(c.packets),
+                    bytes: acc.bytes.wrapping_add(c.bytes),
+                });
+                out.push((reason, dir, sum));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Walks the keys: one syscall per entry, about 0.3 s for a full map of 262144, which a
+    /// scrape every 15 s or more affords; the kernel keeps no element count for hash maps.
+    fn conntrack_entries(&self) -> Result<u64, MetricsError> {
+        let mut n = 0u64;
+        for key in self.conntrack.keys() {
+            // An entry evicted while walking ends the walk early; the count is then a
+            // slight underestimate, which a gauge tolerates.
+            if key.is_err() {
+                break;
+            }
+            n += 1;
+        }
+        Ok(n)
+    }
+
+    fn flow_events_lost(&self) -> Result<u64, MetricsError> {
+        let per_cpu = self.flows_lost.get(&0, 0).map_err(Self::read_err(map_names::FLOWS_LOST))?;
+        Ok(per_cpu.iter().fold(0u64, |acc, v| acc.wrapping_add(*v)))
+    }
+}
+
+/// The scrape-time collector of datapath counters.
+struct DatapathCollector {
+    stats: RwLock<Option<Box<dyn DatapathStats>>>,
+    drops: IntCounterVec,
+    dropped_bytes: IntCounterVec,
+    forwarded: IntCounterVec,
+    forwarded_bytes: IntCounterVec,
+    errors: IntCounterVec,
+}
+
+impl DatapathCollector {
+    fn new(errors: IntCounterVec) -> Result<Self, MetricsError> {
+        let labels = &["reason", "direction"][..];
+        Ok(DatapathCollector {
+            stats: RwLock::new(None),
+            drops: counter_vec(
+                "bulkhead_drops_total",
+                "Packets the datapath dropped, by drop reason and direction.",
+                labels,
+            )?,
+            dropped_bytes: counter_vec(
+                "bulkhead_dropped_bytes_total",
+                "Bytes (whole frames) the datapath dropped, by drop reason and direction.",
+                labels,
+            )?,
+            forwarded: counter_vec(
+                "bulkhead_forwarded_packets_total",
+                "Packets the datapath forwarded, by direction.",
+                &["direction"],
+            )?,
+            forwarded_bytes: counter_vec(
+                "bulkhead_forwarded_bytes_total",
+                "Bytes (whole frames) the datapath forwarded, by direction.",
+                &["direction"],
+            )?,
+            errors,
+        })
+    }
+
+    fn templates(&self) -> [&IntCounterVec; 4] {
+        [&self.drops, &self.dropped_bytes, &self.forwarded, &self.forwarded_bytes]
+    }
+}
+
+impl Collector for DatapathCollector {
+    fn desc(&self) -> Vec<&Desc> {
+        self.templates().into_iter().flat_map(Collector::desc).collect()
+    }
+
+    fn collect(&self) -> Vec<MetricFamily> {
+        let counters = match self.stats.read() {
+            Ok(guard) => match guard.as_deref() {
+                Some(stats) => stats.counters(),
+                None => return Vec::new(),
+            },
+            Err(_) => return Vec::new(),
+        };
+        let counters = match counters {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!(error = %crate::agent::error_chain(&e), "reading datapath counters");
+                self.errors.with_label_values(&[ErrorKind::Datapath.as_str()]).inc();
+                return Vec::new();
+            }
+        };
+        // Fresh vectors per scrape carry the kernel's totals as they are, so a counter reset
+        // (maps recreated) shows as a reset, which Prometheus handles.
+        let fresh = self.templates().map(|t| {
+            let desc = t.desc()[0];
+            let opts = Opts::new(desc.fq_name.clone(), desc.help.clone());
+            IntCounterVec::new(opts, &desc.variable_labels.iter().map(String::as_str).collect::<Vec<_>>())
+        });
+        let [Ok(drops), Ok(dropped_bytes), Ok(forwarded), Ok(forwarded_bytes)] = fresh else {
+            return Vec::new();
+        };
+        for (reason, dir, c) in counters {
+            let d = direction_name(dir);
+            if reason == DropReason::Forwarded {
+                forwarded.with_label_values(&[d]).inc_by(c.packets);
+                forwarded_bytes.with_label_values(&[d]).inc_by(c.bytes);
+            } else {
+                drops.with_label_values(&[reason.name(), d]).inc_by(c.packets);
+                dropped_bytes.with_label_values(&[reason.name(), d]).inc_by(c.bytes);
+            }
+        }
+        [drops, dropped_bytes, forwarded, forwarded_bytes]
+            .iter()
+            .flat_map(Collector::collect)
+            .collect()
+    }
+}
+
+fn counter_vec(name: &'static str, help: &str, labels: &[&str]) -> Result<IntCounterVec, MetricsError> {
+    IntCounterVec::new(Opts::new(name, help), labels).map_err(|source| MetricsError::Register { name, source })
+}
+
+fn gauge(name: &'static str, help: &str) -> Result<IntGauge, MetricsError> {
+    IntGauge::new(name, help).map_err(|source| MetricsError::Register { name, source })
+}
+
+fn gauge_vec(name: &'static str, help: &str, labels: &[&str]) -> Result<IntGaugeVec, MetricsError> {
+    IntGaugeVec::new(Opts::new(name, help), labels).map_err(|source| MetricsError::Register { name, source })
+}
+
+/// Every metric of one agent.
+pub struct Metrics {
+    registry: Registry,
+    datapath: Arc<DatapathCollector>,
+    flows: IntCounterVec,
+    policy_verdicts: IntCounterVec,
+    policy_labels: Mutex<HashSet<String>>,
+    flow_events_lost: IntCounter,
+    implementation_delay: Histogram,
+    endpoints: IntGauge,
+    identities: IntGauge,
+    policies: IntGauge,
+    map_entries: IntGaugeVec,
+    map_capacity: IntGaugeVec,
+    cni_requests: IntCounterVec,
+    errors: IntCounterVec,
+    ready: AtomicBool,
+}
+
+/// Lets an `Arc`'d collector be registered while the agent keeps a handle on it.
+struct Shared(Arc<DatapathCollector>);
+
+impl Collector for Shared {
+    fn desc(&self) -> Vec<&Desc> {
+        self.0.desc()
+    }
+
+    fn collect(&self) -> Vec<MetricFamily> {
+        self.0.collect()
+    }
+}
+
+impl Metrics {
+    /// Creates and registers every metric; datapath counters appear once
+    /// [`Metrics::set_datapath`] is called.
+    pub fn new() -> Result<Self, MetricsError> {
+        let registry = Registry::new();
+        let errors = counter_vec("bulkhead_errors_total", "Agent errors, by kind.", &["kind"])?;
+        let datapath = Arc::new(DatapathCollector::new(errors.clone())?);
+        let m = Metrics {
+            flows: counter_vec(
+                "bulkhead_flows_processed_total",
+                "Flow records read from the datapath, by verdict and direction.",
+                &["verdict", "direction"],
+            )?,
+            policy_verdicts: counter_vec(
+                "bulkhead_policy_verdicts_total",
+                "Policy verdicts on new flows, by direction, verdict and deciding policy (namespace/name; \"\" when none decided, \"other\" past the label cap).",
+                &["direction", "verdict", "policy"],
+            )?,
+            policy_labels: Mutex::new(HashSet::new()),
+            flow_events_lost: IntCounter::new(
+                "bulkhead_flow_events_lost_total",
+                "Flow events the datapath could not hand to the agent (ring buffer full).",
+            )
+            .map_err(|source| MetricsError::Register {
+                name: "bulkhead_flow_events_lost_total",
+                source,
+            })?,
+            implementation_delay: Histogram::with_opts(
+                HistogramOpts::new(
+                    "bulkhead_policy_implementation_delay_seconds",
+                    "Time from the agent seeing a change (new model, endpoint add) to the maps being programmed.",
+                )
+                .buckets(DELAY_BUCKETS.to_vec()),
+            )
+            .map_err(|source| MetricsError::Register {
+                name: "bulkhead_policy_implementation_delay_seconds",
+                source,
+            })?,
+            endpoints: gauge("bulkhead_endpoints", "Local endpoints (pods) the agent manages.")?,
+            identities: gauge("bulkhead_identities", "Security identities allocated.")?,
+            policies: gauge("bulkhead_policies", "NetworkPolicies in the cluster model.")?,
+            map_entries: gauge_vec("bulkhead_map_entries", "Entries in each datapath map.", &["map"])?,
+            map_capacity: gauge_vec("bulkhead_map_capacity", "Maximum entries of each datapath map.", &["map"])?,
+            cni_requests: counter_vec(
+                "bulkhead_cni_requests_total",
+                "Requests on the agent's endpoint socket, by verb and result.",
+                &["verb", "result"],
+            )?,
+            errors,
+            datapath,
+            registry,
+            ready: AtomicBool::new(false),
+        };
+        let reg =
+            |c: Box<dyn Collector>, name: &'static str| m.registry.register(c).map_err(|source| MetricsError::Register { name, source });
+        reg(Box::new(Shared(m.datapath.clone())), "bulkhead_drops_total")?;
+        reg(Box::new(m.flows.clone()), "bulkhead_flows_processed_total")?;
+        reg(Box::new(m.policy_verdicts.clone()), "bulkhead_policy_verdicts_total")?;
+        reg(Box::new(m.flow_events_lost.clone()), "bulkhead_flow_events_lost_total")?;
+        reg(
+            Box::new(m.implementation_delay.clone()),
+            "bulkhead_policy_implementation_delay_seconds",
+        )?;
+        reg(Box::new(m.endpoints.clone()), "bulkhead_endpoints")?;
+        reg(Box::new(m.identities.clone()), "bulkhead_identities")?;
+        reg(Box::new(m.policies.clone()), "bulkhead_policies")?;
+        reg(Box::new(m.map_entries.clone()), "bulkhead_map_entries")?;
+        reg(Box::new(m.map_capacity.clone()), "bulkhead_map_capacity")?;
+        reg(Box::new(m.cni_requests.clone()), "bulkhead_cni_requests_total")?;
+        reg(Box::new(m.errors.clone()), "bulkhead_errors_total")?;
+        for (map, cap) in [
+            ("endpoints", capacity::ENDPOINTS),
+            ("ipcache", capacity::IPCACHE),
+            ("policy", capacity::POLICY),
+            ("conntrack", capacity::CONNTRACK),
+        ] {
+            m.map_capacity.with_label_values(&[map]).set(i64::from(cap));
+            m.map_entries.with_label_values(&[map]).set(0);
+        }
+        for kind in ErrorKind::ALL {
+            m.errors.with_label_values(&[kind.as_str()]).inc_by(0);
+        }
+        Ok(m)
+    }
+
+    /// Reads datapath counters and the conntrack size from `stats` at every scrape.
+    pub fn set_datapath(&self, stats: Box<dyn DatapathStats>) {
+        if let Ok(mut slot) = self.datapath.stats.write() {
+            *slot = Some(stats);
+        }
+    }
+
+    /// Counts one flow record; `policy` is the deciding policy's `namespace/name`.
+    pub fn record_flow(&self, verdict: &str, direction: &str, policy: Option<&str>) {
+        self.flows.with_label_values(&[verdict, direction]).inc();
+        let policy = policy.unwrap_or(NO_POLICY);
+        let label = match self.policy_labels.lock() {
+            Ok(seen) if seen.contains(policy) => policy,
+            Ok(mut seen) if seen.len() < MAX_POLICY_LABELS => {
+                seen.insert(policy.to_string());
+                policy
+            }
+            _ => OTHER_POLICY,
+        };
+        self.policy_verdicts.with_label_values(&[direction, verdict, label]).inc();
+    }
+
+    /// Sets the lost flow events to the datapath's running total (never lowers it).
+    pub fn set_flow_events_lost(&self, total: u64) {
+        let now = self.flow_events_lost.get();
+        if total > now {
+            self.flow_events_lost.inc_by(total - now);
+        }
+    }
+
+    /// Records how long a change took to reach the maps.
+    pub fn observe_implementation_delay(&self, delay: Duration) {
+        self.implementation_delay.observe(delay.as_secs_f64());
+    }
+
+    /// Updates the model and map gauges after a sync wrote `applied`.
+    pub fn set_state(&self, endpoints: usize, identities: usize, policies: usize, applied: &DatapathState) {
+        let n = |v: usize| i64::try_from(v).unwrap_or(i64::MAX);
+        self.endpoints.set(n(endpoints));
+        self.identities.set(n(identities));
+        self.policies.set(n(policies));
+        self.map_entries.with_label_values(&["endpoints"]).set(n(applied.endpoints.len()));
+        self.map_entries.with_label_values(&["ipcache"]).set(n(applied.ipcache.len()));
+        self.map_entries.with_label_values(&["policy"]).set(n(applied.policy.len()));
+    }
+
+    /// Counts one request on the endpoint socket.
+    pub fn cni_request(&self, verb: &str, ok: bool) {
+        let result = if ok { "ok" } else { "error" };
+        self.cni_requests.with_label_values(&[verb, result]).inc();
+    }
+
+    /// Counts one agent error.
+    pub fn error(&self, kind: ErrorKind) {
+        self.errors.with_label_values(&[kind.as_str()]).inc();
+    }
+
+    /// Marks the agent ready (its maps programmed): `/healthz` answers 200 from now on.
+    pub fn set_ready(&self) {
+        self.ready.store(true, Ordering::Relaxed);
+    }
+
+    /// True once [`Metrics::set_ready`] was called.
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::Relaxed)
+    }
+
+    /// The exposition in the text format 0.0.4.
+    pub fn encode(&self) -> Result<String, MetricsError> {
+        self.refresh_from_datapath();
+        TextEncoder::new()
+            .encode_to_string(&self.registry.gather())
+            .map_err(|source| MetricsError::Encode { source })
+    }
+
+    /// Scrape-time refresh of the conntrack size and the lost flow events.
+    fn refresh_from_datapath(&self) {
+        let Ok(guard) = self.datapath.stats.read() else { return };
+        let Some(stats) = guard.as_deref() else { return };
+        let result = stats.conntrack_entries().and_then(|n| {
+            self.map_entries
+                .with_label_values(&["conntrack"])
+                .set(i64::try_from(n).unwrap_or(i64::MAX));
+            // The flow reader may report the same total; the counter takes the larger.
+            self.set_flow_events_lost(stats.flow_events_lost()?);
+            Ok(())
+        });
+        if let Err(e) = result {
+            tracing::warn!(error = %crate::agent::error_chain(&e), "reading datapath maps");
+            self.error(ErrorKind::Datapath);
+        }
+    }
+}
+
+/// Where to serve metrics: `--metrics-address` or an inherited listening socket.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Listen {
+    /// Do not serve.
+    Disabled,
+    /// Bind this address.
+    Address(SocketAddr),
+    /// Serve on this inherited, already listening TCP socket (the lab binds it in the host
+    /// namespace, where Prometheus can reach it, and passes it to the agent).
+    Fd(i32),
+}
+
+impl Listen {
+    /// From the agent flags: `fd` wins; the address `none` disables.
+    pub fn from_flags(address: &str, fd: Option<i32>) -> Result<Self, MetricsError> {
+        if let Some(fd) = fd {
+            return Ok(Listen::Fd(fd));
+        }
+        if address == "none" {
+            return Ok(Listen::Disabled);
+        }
+        address.parse().map(Listen::Address).map_err(|e| MetricsError::Listen {
+            op: "parse",
+            address: address.to_string(),
+            source: std::io::Error::new(std::io::ErrorKind::InvalidInput, e),
+        })
+    }
+
+    /// The listening socket, or `None` when disabled. Must run inside a tokio runtime.
+    pub fn bind(&self) -> Result<Option<tokio::net::TcpListener>, MetricsError> {
+        let std_listener = match self {
+            Listen::Disabled => return Ok(None),
+            Listen::Address(addr) => std::net::TcpListener::bind(addr).map_err(|source| MetricsError::Listen {
+                op: "bind",
+                address: addr.to_string(),
+                source,
+            })?,
+            Listen::Fd(fd) => inherit_listener(*fd)?,
+        };
+        let name = format!("{self:?}");
+        std_listener.set_nonblocking(true).map_err(|source| MetricsError::Listen {
+            op: "set nonblocking",
+            address: name.clone(),
+            source,
+        })?;
+        tokio::net::TcpListener::from_std(std_listener)
+            .map(Some)
+            .map_err(|source| MetricsError::Listen {
+                op: "register",
+                address: name,
+                source,
+            })
+    }
+}
+
+/// Takes ownership of an inherited listening TCP socket, after checking that it is one.
+fn inherit_listener(fd: i32) -> Result<std::net::TcpListener, MetricsError> {
+    use std::os::fd::{FromRawFd, OwnedFd};
+    let err = |op, source| MetricsError::Listen {
+        op,
+        address: format!("fd {fd}"),
+        source,
+    };
+    let mut listening: libc::c_int = 0;
+    let mut len = libc::socklen_t::try_from(std::mem::size_of::<libc::c_int>()).unwrap_or(4);
+    // SAFETY: getsockopt writes at most `len` bytes into `listening`; on a number that is
+    // not an open socket it fails with EBADF or ENOTSOCK and touches nothing.
+    let rc = unsafe { libc::getsockopt(fd, libc::SOL_SOCKET, libc::SO_ACCEPTCONN, (&raw mut listening).cast(), &raw mut len) };
+    if rc != 0 {
+        return Err(err("check", std::io::Error::last_os_error()));
+    }
+    if listening == 0 {
+        return Err(err(
+            "check",
+            std::io::Error::new(std::io::ErrorKind::InvalidInput, "not a listening socket"),
+        ));
+    }
+    // SAFETY: fd is an open socket (getsockopt succeeded on it), nothing else in this
+    // process owns it (it was inherited for this purpose only), and ownership moves here once.
+    let owned = unsafe { OwnedFd::from_raw_fd(fd) };
+    Ok(std::net::TcpListener::from(owned))
+}
+
+/// Serves `/metrics` and `/healthz` on `listener` until the task is dropped.
+pub async fn serve(metrics: Arc<Metrics>, listener: tokio::net::TcpListener) {
+    loop {
+        let stream = match listener.accept().await {
+            Ok((stream, _)) => stream,
+            Err(e) => {
+                tracing::warn!(error = %e, "metrics accept");
+                // Out of fds and similar: do not spin.
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let metrics = metrics.clone();
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(move |req| {
+                let metrics = metrics.clone();
+                async move { Ok::<_, Infallible>(respond(&metrics, &req)) }
+            });
+            let io = hyper_util::rt::TokioIo::new(stream);
+            if let Err(e) = hyper::server::conn::http1::Builder::new().serve_connection(io, service).await {
+                tracing::debug!(error = %e, "metrics connection");
+            }
+        });
+    }
+}
+
+fn respond(metrics: &Metrics, req: &Request<Incoming>) -> Response<Full<Bytes>> {
+    let reply = |status: StatusCode, content_type: &str, body: String| {
+        let mut r = Response::new(Full::new(Bytes::from(body)));
+        *r.status_mut() = status;
+        if let Ok(v) = hyper::header::HeaderValue::from_str(content_type) {
+            r.headers_mut().insert(hyper::header::CONTENT_TYPE, v);
+        }
+        r
+    };
+    if req.method() != Method::GET && req.method() != Method::HEAD {
+        return reply(StatusCode::METHOD_NOT_ALLOWED, "text/plain", "use GET\n".into());
+    }
+    match req.uri().path() {
+        "/metrics" => match metrics.encode() {
+            Ok(text) => reply(StatusCode::OK, prometheus::TEXT_FORMAT, text),
+            Err(e) => reply(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "text/plain",
+                format!("{}\n", crate::agent::error_chain(&e)),
+            ),
+        },
+        "/healthz" if metrics.is_ready() => reply(StatusCode::OK, "text/plain", "ok\n".into()),
+        "/healthz" => reply(StatusCode::SERVICE_UNAVAILABLE, "text/plain", "maps not programmed yet\n".into()),
+        _ => reply(StatusCode::NOT_FOUND, "text/plain", "not found: try /metrics or /healthz\n".into()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct Fake;
+
+    impl DatapathStats for Fake {
+        fn counters(&self) -> Result<Vec<(DropReason, u8, Counter)>, MetricsError> {
+            Ok(vec![
+                (DropReason::Forwarded, direction::EGRESS, Counter { packets: 7, bytes: 700 }),
+                (DropReason::PolicyDenied, direction::INGRESS, Counter { packets: 3, bytes: 180 }),
+            ])
+        }
+
+        fn conntrack_entries(&self) -> Result<u64, MetricsError> {
+            Ok(5)
+        }
+
+        fn flow_events_lost(&self) -> Result<u64, MetricsError> {
+            Ok(3)
+        }
+    }
+
+    fn sample() -> Metrics {
+        let m = Metrics::new().unwrap();
+        m.set_datapath(Box::new(Fake));
+        m.record_flow("forwarded", "egress", Some("x/allow-b"));
+        m.record_flow("dropped", "ingress", None);
+        m.set_flow_events_lost(4);
+        m.set_flow_events_lost(2);
+        m.observe_implementation_delay(Duration::from_millis(3));
+        m.set_state(2, 3, 1, &DatapathState::default());
+        m.cni_request("add", true);
+        m.cni_request("del", false);
+        m.error(ErrorKind::Source);
+        m
+    }
+
+    #[test]
+    fn exposition_carries_values() {
+        let text = sample().encode().unwrap();
+        for line in [
+            "bulkhead_forwarded_packets_total{direction=\"egress\"} 7",
+            "bulkhead_forwarded_bytes_total{direction=\"egress\"} 700",
+            "bulkhead_drops_total{direction=\"ingress\",reason=\"policy_denied\"} 3",
+            "bulkhead_dropped_bytes_total{direction=\"ingress\",reason=\"policy_denied\"} 180",
+            "bulkhead_flow_events_lost_total 4",
+            "bulkhead_map_entries{map=\"conntrack\"} 5",
+            "bulkhead_map_capacity{map=\"policy\"} 262144",
+            "bulkhead_policy_verdicts_total{direction=\"egress\",policy=\"x/allow-b\",verdict=\"forwarded\"} 1",
+            "bulkhead_policy_verdicts_total{direction=\"ingress\",policy=\"\",verdict=\"dropped\"} 1",
+            "bulkhead_cni_requests_total{result=\"error\",verb=\"del\"} 1",
+            "bulkhead_errors_total{kind=\"source\"} 1",
+            "bulkhead_errors_total{kind=\"io\"} 0",
+            "bulkhead_policy_implementation_delay_seconds_count 1",
+            "bulkhead_endpoints 2",
+        ] {
+            assert!(text.contains(line), "missing {line:?} in:\n{text}");
+        }
+    }
+
+    #[test]
+    fn policy_label_cardinality_is_bounded() {
+        let m = Metrics::new().unwrap();
+        for i in 0..MAX_POLICY_LABELS + 50 {
+            m.record_flow("forwarded", "ingress", Some(&format!("ns/p{i}")));
+        }
+        // Known labels keep counting under their own name once the cap is reached.
+        m.record_flow("forwarded", "ingress", Some("ns/p0"));
+        let text = m.encode().unwrap();
+        let series = text.lines().filter(|l| l.starts_with("bulkhead_policy_verdicts_total{")).count();
+        assert_eq!(series, MAX_POLICY_LABELS + 1);
+        assert!(text.contains("policy=\"other\",verdict=\"forwarded\"} 50"), "{text}");
+        assert!(text.contains("policy=\"ns/p0\",verdict=\"forwarded\"} 2"), "{text}");
+    }
+
+    /// The real `promtool` accepts the exposition (Debian package `prometheus`, installed by
+    /// scripts/setup.sh).
+    #[test]
+    fn promtool_check_metrics_passes() {
+        use std::io::Write;
+        let text = sample().encode().unwrap();
+        let mut child = std::process::Command::new("promtool")
+            .args(["check", "metrics"])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("promtool is missing: run scripts/setup.sh (Debian package prometheus)");
+        child.stdin.take().unwrap().write_all(text.as_bytes()).unwrap();
+        let out = child.wait_with_output().unwrap();
+        assert!(
+            out.status.success(),
+            "promtool check metrics failed:\n{}{}\n--- exposition:\n{text}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        // promtool prints lint findings (and still exits 0 for some); there must be none.
+        assert!(
+            out.stdout.is_empty() && out.stderr.is_empty(),
+            "promtool findings:\n{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    /// Metric names a text mentions (`bulkhead_...`), histogram suffixes stripped.
+    fn mentioned(text: &str) -> std::collections::BTreeSet<String> {
+        let mut out = std::collections::BTreeSet::new();
+        let mut rest = text;
+        while let Some(i) = rest.find("bulkhead_") {
+            let tail = &rest[i..];
+            let end = tail.find(|c: char| !(c.is_ascii_lowercase() || c == '_')).unwrap_or(tail.len());
+            let name = &tail[..end];
+            let name = ["_bucket", "_sum", "_count"]
+                .iter()
+                .find_map(|s| name.strip_suffix(s))
+                .unwrap_or(name);
+            out.insert(name.to_string());
+            rest = &tail[end..];
+        }
+        out
+    }
+
+    #[test]
+    fn dashboard_and_readme_name_only_exported_metrics() {
+        let exported: std::collections::BTreeSet<String> = sample()
+            .encode()
+            .unwrap()
+            .lines()
+            .filter_map(|l| l.strip_prefix("# TYPE "))
+            .filter_map(|l| l.split_whitespace().next())
+            .map(str::to_string)
+            .collect();
+        let dashboard = include_str!("../../manifests/grafana-dashboard.json");
+        let _: serde_json::Value = serde_json::from_str(dashboard).unwrap();
+        let unknown: Vec<_> = mentioned(dashboard).difference(&exported).cloned().collect();
+        assert!(unknown.is_empty(), "dashboard uses unknown metrics {unknown:?}");
+        let readme = include_str!("../../README.md");
+        let table: String = readme.lines().filter(|l| l.starts_with("| `bulkhead_")).collect();
+        assert_eq!(mentioned(&table), exported, "README metrics table vs the exposition");
+    }
+
+    #[test]
+    fn listen_flags() {
+        assert_eq!(Listen::from_flags("none", None).unwrap(), Listen::Disabled);
+        assert_eq!(Listen::from_flags("none", Some(3)).unwrap(), Listen::Fd(3));
+        assert_eq!(
+            Listen::from_flags(DEFAULT_ADDRESS, None).unwrap(),
+            Listen::Address("0.0.0.0:9962".parse().unwrap())
+        );
+        assert!(Listen::from_flags("nonsense", None).is_err());
+    }
+
+    #[tokio::test]
+    async fn serves_metrics_and_healthz() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let m = Arc::new(sample());
+        let listener = Listen::Address("127.0.0.1:0".parse().unwrap()).bind().unwrap().unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = tokio::spawn(serve(m.clone(), listener));
+        let get = |path: &'static str| async move {
+            let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+            s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes())
+                .await
+                .unwrap();
+            let mut out = String::new();
+            s.read_to_string(&mut out).await.unwrap();
+            out
+        };
+        assert!(get("/healthz").await.starts_with("HTTP/1.1 503"));
+        m.set_ready();
+        assert!(get("/healthz").await.starts_with("HTTP/1.1 200"));
+        let body = get("/metrics").await;
+        assert!(body.starts_with("HTTP/1.1 200"), "{body}");
+        assert!(body.contains("text/plain; version=0.0.4"), "{body}");
+        assert!(body.contains("bulkhead_drops_total"), "{body}");
+        assert!(get("/nope").await.starts_with("HTTP/1.1 404"));
+        server.abort();
+    }
+}
