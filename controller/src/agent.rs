@@ -13,7 +13,9 @@ use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::Mutex;
 
+use crate::config::{self, AgentConfig, AgentFile, ConfigError, Overrides, SourceKind};
 use crate::datapath::{Datapath, DatapathError};
+use crate::kube_source::{self, KubeSource, KubeSourceOptions};
 use crate::maps::{self, MapsError};
 use crate::model::Cluster;
 use crate::policy::{Compiler, DatapathState, LocalEndpoint};
@@ -31,21 +33,52 @@ const POLL_INTERVAL: Duration = Duration::from_millis(500);
 /// `bulkhead agent` flags.
 #[derive(Clone, Debug, clap::Args)]
 pub struct AgentArgs {
-    /// This node's name.
+    /// This node's name (in a DaemonSet: the downward API's `spec.nodeName`).
     #[arg(long, env = "BULKHEAD_NODE_NAME")]
-    pub node_name: String,
+    pub node_name: Option<String>,
+    /// YAML file with the same keys as these flags; flags and `BULKHEAD_*` override it.
+    #[arg(long, env = "BULKHEAD_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Where the model comes from [default: files with --manifests, kubernetes in a pod or
+    /// with --kubeconfig, else none].
+    #[arg(long, env = "BULKHEAD_SOURCE", value_enum)]
+    pub source: Option<SourceKind>,
+    /// Kubeconfig for the kubernetes source [default: KUBECONFIG, ~/.kube/config, in-cluster].
+    #[arg(long, env = "BULKHEAD_KUBECONFIG")]
+    pub kubeconfig: Option<PathBuf>,
     /// A directory of Namespace, Pod and NetworkPolicy manifests (local-files source).
-    #[arg(long)]
+    #[arg(long, env = "BULKHEAD_MANIFESTS")]
     pub manifests: Option<PathBuf>,
-    /// State directory: the endpoint socket (`agent.sock`) and the endpoint registry.
-    #[arg(long, default_value = "/run/bulkhead")]
-    pub state_dir: PathBuf,
-    /// bpffs directory where maps are pinned.
-    #[arg(long, default_value = "/sys/fs/bpf/bulkhead")]
-    pub bpffs: PathBuf,
-    /// This node's pod CIDR (informational; the CNI plugin allocates from it).
-    #[arg(long)]
+    /// State directory: the endpoint socket (`agent.sock`), the endpoint registry and
+    /// `pod-cidr` [default: /run/bulkhead].
+    #[arg(long, env = "BULKHEAD_STATE_DIR")]
+    pub state_dir: Option<PathBuf>,
+    /// bpffs directory where maps are pinned [default: /sys/fs/bpf/bulkhead].
+    #[arg(long, env = "BULKHEAD_BPFFS")]
+    pub bpffs: Option<PathBuf>,
+    /// This node's pod CIDR; the kubernetes source learns it from the Node otherwise.
+    #[arg(long, env = "BULKHEAD_POD_CIDR")]
     pub pod_cidr: Option<ipnetwork::Ipv4Network>,
+}
+
+impl AgentArgs {
+    /// Applies the config file and the defaults (see [`crate::config`] for precedence).
+    pub fn resolve(&self) -> Result<AgentConfig, ConfigError> {
+        let file = match &self.config {
+            Some(path) => AgentFile::read(path)?,
+            None => AgentFile::default(),
+        };
+        let flags = Overrides {
+            node_name: self.node_name.clone(),
+            source: self.source,
+            kubeconfig: self.kubeconfig.clone(),
+            manifests: self.manifests.clone(),
+            state_dir: self.state_dir.clone(),
+            bpffs: self.bpffs.clone(),
+            pod_cidr: self.pod_cidr,
+        };
+        config::resolve(flags, file, std::env::var_os("KUBERNETES_SERVICE_HOST").is_some())
+    }
 }
 
 /// Why the agent failed.
@@ -60,6 +93,9 @@ pub enum AgentError {
     /// The model source failed.
     #[error(transparent)]
     Source(#[from] SourceError),
+    /// The configuration is unusable.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
     /// File or socket I/O failed.
     #[error("{op} {path}")]
     Io {
@@ -98,6 +134,12 @@ struct Agent {
     datapath: Datapath,
     generation: u64,
     registry: PathBuf,
+    /// The source synced and its model reached the maps at least once.
+    ready: bool,
+    /// The pod CIDR last published for the CNI plugin.
+    pod_cidr: Option<ipnetwork::Ipv4Network>,
+    /// The operator set the pod CIDR; the Node's is not published over it.
+    pod_cidr_pinned: bool,
 }
 
 fn parse_mac(text: &str) -> Option<[u8; 6]> {
@@ -157,8 +199,29 @@ impl Agent {
                 self.cluster = cluster;
                 self.reprogram()?;
             }
+            // A source answers only once synced, and its model is now in the maps.
+            self.ready |= self.source.synced();
         }
+        self.publish_pod_cidr();
         Ok(())
+    }
+
+    /// Writes the source's pod CIDR to `<state dir>/pod-cidr` for the CNI plugin's IPAM.
+    fn publish_pod_cidr(&mut self) {
+        if self.pod_cidr_pinned {
+            return;
+        }
+        let Some(cidr) = self.source.pod_cidr().filter(|c| Some(*c) != self.pod_cidr) else {
+            return;
+        };
+        let path = kube_source::pod_cidr_path(self.registry.parent().unwrap_or(Path::new(".")));
+        match std::fs::write(&path, format!("{cidr}\n")) {
+            Ok(()) => {
+                tracing::info!(pod_cidr = %cidr, path = %path.display(), "node pod cidr published");
+                self.pod_cidr = Some(cidr);
+            }
+            Err(e) => tracing::warn!(path = %path.display(), error = %e, "cannot publish the pod cidr"),
+        }
     }
 
     fn save_registry(&self) -> Result<(), AgentError> {
@@ -242,7 +305,7 @@ impl Agent {
     fn status(&self) -> AgentStatus {
         AgentStatus {
             node_name: self.node_name.clone(),
-            ready: true,
+            ready: self.ready,
             endpoints: self.endpoints.len(),
             identities: self.compiler.identities().len(),
             policies: self.cluster.policies().len(),
@@ -277,15 +340,20 @@ async fn handle(agent: &Mutex<Agent>, request: Request) -> Response {
                             tracing::warn!(error = %error_chain(&e), "reloading the model");
                         }
                     }
-                    if a.cluster.pod(&spec.pod_namespace, &spec.pod_name).is_some() {
+                    if a.ready && a.cluster.pod(&spec.pod_namespace, &spec.pod_name).is_some() {
                         return a.add_endpoint(spec);
                     }
-                }
-                if Instant::now() > deadline {
-                    return Response::Error {
-                        code: CODE_TRY_AGAIN,
-                        message: format!("pod {}/{} is not known to the agent yet", spec.pod_namespace, spec.pod_name),
-                    };
+                    if Instant::now() > deadline {
+                        let message = if a.ready {
+                            format!("pod {}/{} is not known to the agent yet", spec.pod_namespace, spec.pod_name)
+                        } else {
+                            "the agent has not finished its first sync with the cluster".to_string()
+                        };
+                        return Response::Error {
+                            code: CODE_TRY_AGAIN,
+                            message,
+                        };
+                    }
                 }
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
@@ -346,14 +414,30 @@ pub fn run(args: AgentArgs) -> Result<(), AgentError> {
         let path = path.to_path_buf();
         move |source| AgentError::Io { op, path, source }
     };
+    let args = args.resolve()?;
     std::fs::create_dir_all(&args.state_dir).map_err(io("create", &args.state_dir))?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .map_err(io("start runtime", &args.state_dir))?;
     let datapath = Datapath::load(&args.bpffs)?;
     // Reconcile against what the pinned maps really hold (an earlier agent's entries).
     let applied = datapath.maps.read_state()?;
-    let source: Box<dyn Source> = match &args.manifests {
-        Some(dir) => Box::new(FileSource::new(dir)),
-        None => Box::new(EmptySource::default()),
+    let source: Box<dyn Source> = match (args.source, &args.manifests) {
+        (SourceKind::Files, Some(dir)) => Box::new(FileSource::new(dir)),
+        (SourceKind::Files, None) => return Err(ConfigError::NoManifests.into()),
+        (SourceKind::Kubernetes, _) => {
+            let client = runtime.block_on(kube_source::client(args.kubeconfig.as_deref()))?;
+            let _entered = runtime.enter();
+            Box::new(KubeSource::start(client, &args.node_name, KubeSourceOptions::default()))
+        }
+        (SourceKind::None, _) => Box::new(EmptySource::default()),
     };
+    if let Some(cidr) = args.pod_cidr {
+        let path = kube_source::pod_cidr_path(&args.state_dir);
+        std::fs::write(&path, format!("{cidr}\n")).map_err(io("write", &path))?;
+    }
     let registry = args.state_dir.join("endpoints.json");
     let mut agent = Agent {
         node_name: args.node_name.clone(),
@@ -365,16 +449,14 @@ pub fn run(args: AgentArgs) -> Result<(), AgentError> {
         datapath,
         generation: 0,
         registry,
+        ready: false,
+        pod_cidr: args.pod_cidr,
+        pod_cidr_pinned: args.pod_cidr.is_some(),
     };
     agent.refresh(true)?;
     agent.reprogram()?;
-    tracing::info!(node = %args.node_name, endpoints = agent.endpoints.len(), pod_cidr = ?args.pod_cidr, "datapath programmed");
+    tracing::info!(node = %args.node_name, source = ?args.source, ready = agent.ready, endpoints = agent.endpoints.len(), pod_cidr = ?args.pod_cidr, "datapath programmed");
 
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .map_err(io("start runtime", &args.state_dir))?;
     runtime.block_on(async move {
         let socket = args.state_dir.join("agent.sock");
         let _ = std::fs::remove_file(&socket);

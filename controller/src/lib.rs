@@ -1,8 +1,10 @@
 //! The Bulkhead node agent, CLI and lab.
 
 pub mod agent;
+pub mod config;
 pub mod datapath;
 pub mod identity;
+pub mod kube_source;
 pub mod lab;
 pub mod maps;
 pub mod model;
