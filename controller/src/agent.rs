@@ -195,11 +195,13 @@ impl Agent {
     /// Re-reads the source; on a change, reprograms.
     fn refresh(&mut self, force: bool) -> Result<(), AgentError> {
         if let Some(cluster) = self.source.poll(force)? {
-            if cluster != self.cluster {
+            // The first synced model is written even when empty: until then the maps hold
+            // what the previous agent left, which is the last known state.
+            let first = !self.ready && self.source.synced();
+            if first || cluster != self.cluster {
                 self.cluster = cluster;
                 self.reprogram()?;
             }
-            // A source answers only once synced, and its model is now in the maps.
             self.ready |= self.source.synced();
         }
         self.publish_pod_cidr();
@@ -278,7 +280,12 @@ impl Agent {
         if self.endpoints.remove(&(r.container_id.clone(), r.ifname.clone())).is_none() {
             return Response::Ok;
         }
-        let result = self.reprogram().and_then(|()| self.save_registry());
+        // Before the first sync the model is empty: compiling it would wipe the last known
+        // state from the maps. The first synced reprogram removes this endpoint.
+        let result = match self.ready {
+            true => self.reprogram().and_then(|()| self.save_registry()),
+            false => self.save_registry(),
+        };
         match result {
             Ok(()) => Response::Ok,
             Err(e) => Response::Error {
@@ -454,7 +461,11 @@ pub fn run(args: AgentArgs) -> Result<(), AgentError> {
         pod_cidr_pinned: args.pod_cidr.is_some(),
     };
     agent.refresh(true)?;
-    agent.reprogram()?;
+    // A source that is not synced yet (Kubernetes) leaves the pinned maps as they are
+    // until its first full sync; the poller then writes the model.
+    if agent.ready {
+        agent.reprogram()?;
+    }
     tracing::info!(node = %args.node_name, source = ?args.source, ready = agent.ready, endpoints = agent.endpoints.len(), pod_cidr = ?args.pod_cidr, "datapath programmed");
 
     runtime.block_on(async move {

@@ -128,7 +128,7 @@ enum ObjectError {
 #[derive(Clone, Debug, PartialEq)]
 enum Item {
     /// A Namespace, Pod or NetworkPolicy, reduced to the fields the compiler reads.
-    Object(Object),
+    Object(Box<Object>),
     /// This node's pod CIDR.
     PodCidr(Option<Ipv4Network>),
 }
@@ -202,7 +202,7 @@ impl Stores {
             .filter_map(|k| self.kinds.get(k))
             .flat_map(|s| s.items.values())
             .filter_map(|item| match item {
-                Item::Object(o) => Some(o.clone()),
+                Item::Object(o) => Some(Object::clone(o)),
                 Item::PodCidr(_) => None,
             });
         Cluster::from_objects(objects)
@@ -252,15 +252,15 @@ fn decode(kind: Watched, obj: DynamicObject, object: &str) -> Result<Option<Item
     Ok(match kind {
         Watched::Namespace => {
             let ns: Namespace = typed(value).map_err(path_err)?;
-            Some(Item::Object(Object::Namespace(Namespace {
+            Some(Item::Object(Box::new(Object::Namespace(Namespace {
                 metadata: slim_meta(ns.metadata),
                 ..Namespace::default()
-            })))
+            }))))
         }
-        Watched::Pod => slim_pod(typed(value).map_err(path_err)?).map(|p| Item::Object(Object::Pod(p))),
+        Watched::Pod => slim_pod(typed(value).map_err(path_err)?).map(|p| Item::Object(Box::new(Object::Pod(p)))),
         Watched::NetworkPolicy => {
             let np = enforceable_policy(typed(value).map_err(path_err)?, object)?;
-            Some(Item::Object(Object::NetworkPolicy(np)))
+            Some(Item::Object(Box::new(Object::NetworkPolicy(np))))
         }
         Watched::Node => {
             let node: Node = typed(value).map_err(path_err)?;

@@ -1,6 +1,7 @@
 //! The Kubernetes source against a fake API server replaying recorded responses
 //! (`tests/kube-recorded/`): the real kube client, watcher and backoff, over HTTP/1.1 on
 //! loopback.
+#![expect(clippy::unwrap_used, reason = "tests assert by panicking (STYLE 14)")]
 
 use std::collections::HashMap;
 use std::net::{Ipv4Addr, SocketAddr};
