@@ -11,6 +11,8 @@ use crate::spec::{self, CniVersion};
 
 /// Default path of the agent's Unix socket.
 pub const DEFAULT_AGENT_SOCKET: &str = "/run/bulkhead/agent.sock";
+/// The file beside the agent socket where the agent publishes this node's pod CIDR.
+pub const POD_CIDR_FILE: &str = "pod-cidr";
 /// Default directory of the IPAM store.
 pub const DEFAULT_DATA_DIR: &str = "/var/lib/bulkhead/cni";
 /// Default time to wait for the agent's answer.
@@ -71,6 +73,15 @@ pub enum ConfigError {
         #[source]
         source: ipnetwork::IpNetworkError,
     },
+    /// No `subnet` is configured and the agent has not published this node's pod CIDR.
+    #[error("no subnet in the network configuration, and the agent's pod cidr file {path} cannot be read (the agent writes it once it knows this node's pod cidr)")]
+    PodCidrUnknown {
+        /// `pod-cidr` beside the agent socket.
+        path: PathBuf,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 impl ConfigError {
@@ -81,6 +92,8 @@ impl ConfigError {
             Self::Stdin { .. } | Self::Decode { .. } => spec::code::DECODING_FAILURE,
             Self::IncompatibleVersion { .. } => spec::code::INCOMPATIBLE_VERSION,
             Self::Invalid { .. } | Self::Subnet { .. } => spec::code::INVALID_NETWORK_CONFIG,
+            // The agent publishes it once it has synced: the runtime should retry.
+            Self::PodCidrUnknown { .. } => spec::code::TRY_AGAIN_LATER,
         }
     }
 }
@@ -301,7 +314,19 @@ impl NetConf {
                 return Err(invalid("type is empty"));
             }
         }
-        let subnet_text = raw.subnet.ok_or_else(|| invalid("subnet is missing"))?;
+        let agent_socket = raw.agent_socket.unwrap_or_else(|| PathBuf::from(DEFAULT_AGENT_SOCKET));
+        // Without `subnet`, this node's pod CIDR is the one the agent learnt (from the Node
+        // object in a cluster) and wrote beside its socket: one conflist fits every node.
+        let subnet_text = match raw.subnet {
+            Some(text) => text,
+            None => {
+                let path = agent_socket.with_file_name(POD_CIDR_FILE);
+                std::fs::read_to_string(&path)
+                    .map_err(|source| ConfigError::PodCidrUnknown { path, source })?
+                    .trim()
+                    .to_string()
+            }
+        };
         let parsed: Ipv4Network = subnet_text.parse().map_err(|source| ConfigError::Subnet {
             subnet: subnet_text.clone(),
             source,
@@ -329,7 +354,7 @@ impl NetConf {
             cni_version,
             name: raw.name,
             subnet,
-            agent_socket: raw.agent_socket.unwrap_or_else(|| PathBuf::from(DEFAULT_AGENT_SOCKET)),
+            agent_socket,
             data_dir: raw.data_dir.unwrap_or_else(|| PathBuf::from(DEFAULT_DATA_DIR)),
             mtu: raw.mtu,
             agent_timeout,
@@ -408,7 +433,11 @@ mod tests {
         let code = |s: &str| NetConf::parse(s.as_bytes()).unwrap_err().code();
         assert_eq!(code("{"), 6);
         assert_eq!(code(r#"{"cniVersion":"2.0.0","name":"a","subnet":"10.0.0.0/24"}"#), 1);
-        assert_eq!(code(r#"{"cniVersion":"1.0.0","name":"a"}"#), 7);
+        // No subnet and no pod CIDR published by the agent: try again later.
+        assert_eq!(
+            code(r#"{"cniVersion":"1.0.0","name":"a","agentSocket":"/nonexistent-bulkhead/agent.sock"}"#),
+            11
+        );
         assert_eq!(code(r#"{"cniVersion":"1.0.0","name":"a","subnet":"10.0.0.0/33"}"#), 7);
         assert_eq!(code(r#"{"cniVersion":"1.0.0","name":"a","subnet":"10.0.0.0/31"}"#), 7);
         assert_eq!(code(r#"{"cniVersion":"1.0.0","name":"../x","subnet":"10.0.0.0/24"}"#), 7);
@@ -434,5 +463,20 @@ mod tests {
         assert!(parse_cni_args("FOO=bar").is_err());
         assert!(parse_cni_args("novalue").is_err());
         assert_eq!(Command::parse("NOPE").unwrap_err().code(), 4);
+    }
+
+    #[test]
+    fn without_subnet_the_agents_pod_cidr_is_used() {
+        let dir = std::env::temp_dir().join(format!("bh-podcidr-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let socket = dir.join("agent.sock");
+        let conf = format!(r#"{{"cniVersion":"1.0.0","name":"bh","agentSocket":"{}"}}"#, socket.display());
+        // The agent has not published it yet: try again later.
+        let err = NetConf::parse(conf.as_bytes()).unwrap_err();
+        assert_eq!(err.code(), spec::code::TRY_AGAIN_LATER, "{err}");
+        std::fs::write(dir.join(POD_CIDR_FILE), "10.244.3.0/24\n").unwrap();
+        let c = NetConf::parse(conf.as_bytes()).unwrap();
+        assert_eq!(c.subnet.to_string(), "10.244.3.0/24");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -47,6 +47,8 @@ pub struct InstallArgs {
     #[arg(long)]
     pub conflist_template: Option<PathBuf>,
     /// This node's pod CIDR; written as the first plugin's `subnet` (overrides the template's).
+    /// Without one (and no `subnet` in the template) the plugin uses the pod CIDR the agent
+    /// publishes from this Node's `spec.podCIDR`, so one conflist fits every node.
     #[arg(long, env = "BULKHEAD_POD_CIDR")]
     pub pod_cidr: Option<Ipv4Network>,
 }
@@ -87,9 +89,6 @@ pub enum InstallError {
         #[source]
         source: bulkhead_cni::config::ConfigError,
     },
-    /// Neither `--pod-cidr` nor the template gives the plugin a subnet.
-    #[error("no pod cidr: pass --pod-cidr (env BULKHEAD_POD_CIDR) or put \"subnet\" in the conflist template")]
-    NoPodCidr,
 }
 
 /// What an install step did; reruns report `Unchanged`.
@@ -170,11 +169,13 @@ pub fn render_conflist(mut conflist: Value, pod_cidr: Option<Ipv4Network>) -> Re
     if let Some(cidr) = pod_cidr {
         first.insert("subnet".into(), Value::String(cidr.to_string()));
     }
-    if !first.contains_key("subnet") {
-        return Err(InstallError::NoPodCidr);
-    }
     // The runtime hands each plugin its entry plus the list's cniVersion and name.
     let mut plugin_conf: Map<String, Value> = first.clone();
+    if !plugin_conf.contains_key("subnet") {
+        // No subnet: the plugin reads the pod CIDR the agent publishes (from this Node's
+        // spec.podCIDR) at ADD time. Check the rest of the entry with a stand-in.
+        plugin_conf.insert("subnet".into(), Value::String("10.0.0.0/24".into()));
+    }
     plugin_conf.insert("cniVersion".into(), Value::String(version));
     plugin_conf.insert("name".into(), Value::String(name));
     let bytes = serde_json::to_vec(&plugin_conf).map_err(|_| bad("cannot encode the plugin entry"))?;
@@ -322,7 +323,9 @@ mod tests {
 
     #[test]
     fn conflist_errors() {
-        assert!(matches!(render_conflist(default_conflist(), None), Err(InstallError::NoPodCidr)));
+        // No pod CIDR: the conflist has no subnet, and the plugin asks the agent's file.
+        let rendered = render_conflist(default_conflist(), None).unwrap();
+        assert!(rendered["plugins"][0].get("subnet").is_none());
         let err = |v: Value| render_conflist(v, cidr("10.0.0.0/24")).unwrap_err();
         assert!(matches!(err(json!([])), InstallError::Conflist { .. }));
         assert!(matches!(err(json!({"name": "a", "plugins": []})), InstallError::Conflist { .. }));

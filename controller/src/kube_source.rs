@@ -479,5 +479,5 @@ impl Source for KubeSource {
 /// Where the agent publishes this node's pod CIDR for the CNI plugin's IPAM: one line, the
 /// CIDR, in the state directory.
 pub fn pod_cidr_path(state_dir: &Path) -> PathBuf {
-    state_dir.join("pod-cidr")
+    state_dir.join(bulkhead_cni::config::POD_CIDR_FILE)
 }

@@ -146,10 +146,10 @@ fn failures_are_clear_and_leave_nothing_behind() {
     let src = fake_plugin(&tmp.0, b"bin");
     let stderr = |o: &Output| String::from_utf8_lossy(&o.stderr).into_owned();
 
-    // No pod CIDR: nothing is installed, not even the binary.
-    let out = install(&tmp.0, &src, &[]);
+    // A bad pod CIDR: nothing is installed, not even the binary.
+    let out = install(&tmp.0, &src, &["--pod-cidr", "10.1.0.0/31"]);
     assert!(!out.status.success());
-    assert!(stderr(&out).contains("no pod cidr"), "{}", stderr(&out));
+    assert!(stderr(&out).contains("too small"), "{}", stderr(&out));
     assert!(!tmp.0.join("opt").exists() && !tmp.0.join("etc").exists());
 
     // A missing plugin binary names its path.
