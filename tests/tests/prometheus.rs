@@ -140,11 +140,6 @@ struct Totals {
     drops: BTreeMap<String, f64>,
 }
 
-/// Drop reasons traffic outside the test's control can produce: the host-side veths
-/// keep IPv6 on and send router solicitations (with backoff) that the datapath drops as
-/// an unsupported ethertype. Every other reason must move exactly as the test implies.
-const UNCONTROLLED_REASONS: &[&str] = &["unsupported_ethertype"];
-
 fn totals(prom: &Prometheus) -> Option<Totals> {
     let by = |q: &str, key: &dyn Fn(&BTreeMap<String, String>) -> String| -> Option<BTreeMap<String, f64>> {
         Some(prom.query(q)?.into_iter().map(|(l, v)| (key(&l), v)).collect())
@@ -159,10 +154,7 @@ fn totals(prom: &Prometheus) -> Option<Totals> {
                 l.get("reason").cloned().unwrap_or_default(),
                 l.get("direction").cloned().unwrap_or_default()
             )
-        })?
-        .into_iter()
-        .filter(|(k, _)| !UNCONTROLLED_REASONS.iter().any(|r| k.starts_with(&format!("{r}/"))))
-        .collect(),
+        })?,
     })
 }
 
