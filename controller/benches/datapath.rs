@@ -71,9 +71,12 @@ fn port(i: usize) -> u16 {
 
 struct Fixture {
     dp: Datapath,
-    ring: RingBuf<MapData>,
+    ring: Option<RingBuf<MapData>>,
     pin_dir: PathBuf,
     entries: usize,
+    cluster: Cluster,
+    compiler: Compiler,
+    local: Vec<LocalEndpoint>,
 }
 
 impl Drop for Fixture {
@@ -88,7 +91,7 @@ fn fixture(policies: usize) -> Fixture {
     let pin_dir = PathBuf::from(format!("/sys/fs/bpf/bulkhead-bench-{}-{policies}", std::process::id()));
     let _ = std::fs::remove_dir_all(&pin_dir);
     let mut dp = Datapath::load(&pin_dir).expect("load datapath (needs root and BPF)");
-    let local = [LocalEndpoint {
+    let local = vec![LocalEndpoint {
         endpoint_id: 1,
         host_ifindex: 1,
         namespace: "bench".into(),
@@ -97,7 +100,9 @@ fn fixture(policies: usize) -> Fixture {
         mac: SERVER_MAC,
     }];
     let started = Instant::now();
-    let state = Compiler::new().compile(&cluster(policies), &local);
+    let cluster = cluster(policies);
+    let mut compiler = Compiler::new();
+    let state = compiler.compile(&cluster, &local);
     bulkhead::maps::sync(&mut dp.maps, &DatapathState::default(), &state).expect("program maps");
     eprintln!(
         "{policies} policies: {} policy entries, compiled and written in {:?}",
@@ -107,9 +112,12 @@ fn fixture(policies: usize) -> Fixture {
     let ring = dp.take_flow_ring().expect("flow ring");
     Fixture {
         dp,
-        ring,
+        ring: Some(ring),
         pin_dir,
         entries: state.policy.len(),
+        cluster,
+        compiler,
+        local,
     }
 }
 
@@ -144,7 +152,9 @@ fn measure(f: &mut Fixture, packet: &[u8], expect: i32) -> f64 {
             .expect("BPF_PROG_TEST_RUN");
         assert_eq!(r.return_value as i32, expect, "verdict");
         samples.push(r.duration.as_nanos() as f64);
-        while f.ring.next().is_some() {}
+        if let Some(ring) = f.ring.as_mut() {
+            while ring.next().is_some() {}
+        }
     }
     samples.sort_by(f64::total_cmp);
     samples[ROUNDS / 2]
@@ -187,6 +197,92 @@ fn row(policies: usize) -> Row {
     }
 }
 
+/// One step of the flow-record rate test.
+struct RateStep {
+    target: u64,
+    achieved: f64,
+    sent: u64,
+    recorded: u64,
+    lost: u64,
+}
+
+/// Flow records per second the agent's own reader (`flows::spawn_reader` into a `FlowStore`
+/// with name resolution and metrics, as in `bulkhead agent`) keeps up with: the datapath
+/// emits one drop record per denied SYN, paced in 1 ms batches at rising target rates; a
+/// step counts records the ring could not take (the pinned lost counter) and records read.
+fn flow_rate() -> Vec<RateStep> {
+    use bulkhead::flows::{self, Clock, FlowStore, Resolver};
+    let mut f = fixture(10);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    let metrics = std::sync::Arc::new(bulkhead::metrics::Metrics::new().expect("metrics"));
+    let store = std::sync::Arc::new(FlowStore::new("bench", flows::DEFAULT_HISTORY, Clock::now()).with_metrics(metrics));
+    store.set_resolver(Resolver::build("bench", &f.cluster, f.compiler.rules(), &f.local));
+    let ring = f.ring.take().expect("ring");
+    let reader = {
+        let _entered = runtime.enter();
+        flows::spawn_reader(ring, store.clone()).expect("start the flow reader")
+    };
+    let recorded = |s: &FlowStore| -> u64 { s.stats().flows.values().sum() };
+    let denied = segment(0, 9, SYN);
+    let mut steps = Vec::new();
+    for target in [50_000u64, 100_000, 200_000, 400_000, 800_000, 1_600_000] {
+        let (lost0, recorded0) = (f.dp.flows_lost().unwrap(), recorded(&store));
+        let started = Instant::now();
+        let window = std::time::Duration::from_secs(2);
+        let mut sent = 0u64;
+        while started.elapsed() < window {
+            let due = (target as f64 * started.elapsed().as_secs_f64()) as u64;
+            if due <= sent {
+                std::thread::sleep(std::time::Duration::from_micros(200));
+                continue;
+            }
+            let n = (due - sent).min(10_000) as u32;
+            let prog = f.dp.program(program_names::TO_POD).unwrap();
+            let r = prog
+                .test_run(TestRunOptions {
+                    data_in: Some(&denied),
+                    repeat: n,
+                    ..TestRunOptions::default()
+                })
+                .expect("BPF_PROG_TEST_RUN");
+            assert_eq!(r.return_value, 2, "denied");
+            sent += u64::from(n);
+        }
+        let elapsed = started.elapsed().as_secs_f64();
+        // Let the reader finish what is in the ring before counting.
+        let deadline = Instant::now() + std::time::Duration::from_secs(5);
+        let lost = loop {
+            let lost = f.dp.flows_lost().unwrap() - lost0;
+            if recorded(&store) - recorded0 + lost >= sent || Instant::now() > deadline {
+                break lost;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        };
+        let step = RateStep {
+            target,
+            achieved: sent as f64 / elapsed,
+            sent,
+            recorded: recorded(&store) - recorded0,
+            lost,
+        };
+        eprintln!(
+            "flow records: target {}/s, achieved {:.0}/s, sent {}, recorded {}, lost {}",
+            step.target, step.achieved, step.sent, step.recorded, step.lost
+        );
+        let stop = step.lost > 0;
+        steps.push(step);
+        if stop {
+            break;
+        }
+    }
+    reader.abort();
+    steps
+}
+
 fn main() {
     // `cargo bench` passes `--bench`; nothing to parse.
     let rows: Vec<Row> = [0, 10, 1_000, 10_000].into_iter().map(row).collect();
@@ -225,6 +321,28 @@ fn main() {
         )
         .unwrap();
     }
+    let steps = flow_rate();
+    writeln!(
+        out,
+        "\n# Flow records the agent keeps up with\n\nThe agent's own reader (`flows::spawn_reader` into a `FlowStore` with name \
+         resolution and metrics) on one tokio worker, while `BPF_PROG_TEST_RUN` makes the datapath emit one drop record per \
+         denied SYN, paced in 1 ms batches for 2 s per step; the ring holds {} records. `lost` is the datapath's pinned \
+         lost-records counter.\n",
+        bulkhead_common::capacity::FLOW_RING_BYTES as usize / (std::mem::size_of::<bulkhead_common::FlowEvent>() + 8)
+    )
+    .unwrap();
+    writeln!(out, "| target records/s | achieved records/s | sent | recorded | lost |").unwrap();
+    writeln!(out, "|---:|---:|---:|---:|---:|").unwrap();
+    for s in &steps {
+        writeln!(
+            out,
+            "| {} | {:.0} | {} | {} | {} |",
+            s.target, s.achieved, s.sent, s.recorded, s.lost
+        )
+        .unwrap();
+    }
+    let clean = steps.iter().filter(|s| s.lost == 0).map(|s| s.achieved).fold(0.0, f64::max);
+    writeln!(out, "\nHighest rate with no lost record in this run: {clean:.0} records/s.").unwrap();
     print!("{out}");
     if let Ok(path) = std::env::var("BULKHEAD_BENCH_REPORT") {
         std::fs::write(&path, &out).expect("write report");
