@@ -2,6 +2,7 @@
 
 pub mod agent;
 pub mod datapath;
+pub mod explain;
 pub mod flows;
 pub mod identity;
 pub mod install;
