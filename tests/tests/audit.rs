@@ -79,7 +79,11 @@ fn audit_mode_forwards_and_reports_then_enforces_without_the_annotation() {
             assert_eq!(f["destination"]["port"], 80, "{f}");
             let isolated_by: Vec<String> = f["isolated_by"]
                 .as_array()
-                .map(|a| a.iter().map(|p| format!("{}/{}", p["namespace"].as_str().unwrap_or("?"), p["name"].as_str().unwrap_or("?"))).collect())
+                .map(|a| {
+                    a.iter()
+                        .map(|p| format!("{}/{}", p["namespace"].as_str().unwrap_or("?"), p["name"].as_str().unwrap_or("?")))
+                        .collect()
+                })
                 .unwrap_or_default();
             assert_eq!(isolated_by, ["x/deny-x"], "{f}");
         }
@@ -101,7 +105,8 @@ fn audit_mode_forwards_and_reports_then_enforces_without_the_annotation() {
     }
 
     // The namespace annotation puts it back in audit mode; `"false"` on the policy wins.
-    let audited_ns = "apiVersion: v1\nkind: Namespace\nmetadata: {name: x, labels: {ns: x}, annotations: {bulkhead.io/policy-audit: \"true\"}}\n";
+    let audited_ns =
+        "apiVersion: v1\nkind: Namespace\nmetadata: {name: x, labels: {ns: x}, annotations: {bulkhead.io/policy-audit: \"true\"}}\n";
     lab.ok(&["apply", "-f", &lab.file("ns-audit.yaml", audited_ns)]);
     assert!(lab.probe(80, "TCP").values().all(|a| *a), "namespace audit mode dropped something");
     lab.ok(&["apply", "-f", &lab.file("deny-false.yaml", &deny_x(Some("false")))]);

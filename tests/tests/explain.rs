@@ -105,7 +105,10 @@ fn explain_agrees_with_probes_over_every_pair() {
     assert_eq!(e["ingress"]["audit_mode"], false);
     assert_eq!(names(&e["ingress"]["isolated_by"]), ["x/allow-b", "x/default-deny-ingress"]);
     let rule = &e["ingress"]["allowed_by"];
-    assert_eq!((&rule["namespace"], &rule["name"], &rule["rule"]), (&"x".into(), &"allow-b".into(), &0.into()));
+    assert_eq!(
+        (&rule["namespace"], &rule["name"], &rule["rule"]),
+        (&"x".into(), &"allow-b".into(), &0.into())
+    );
 
     let e = explain_json(&lab, "x/c", "x/a", "80/tcp");
     assert_eq!((&e["verdict"], &e["protocol"]), (&"DENIED".into(), &"TCP".into()));
