@@ -248,7 +248,8 @@ pub struct Flow {
     /// The rule that allowed the flow at this endpoint.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub allowed_by: Vec<PolicyRule>,
-    /// For a default-deny drop: the policies that isolate the endpoint in this direction.
+    /// For a default-deny drop: the enforcing policies that isolate the endpoint in this
+    /// direction; for an AUDIT flow: the audit-mode policies that would have dropped it.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub isolated_by: Vec<PolicyName>,
     /// Whether the packet is a reply of an established connection.
