@@ -15,8 +15,10 @@ use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::Mutex;
 
+use crate::config::{self, AgentConfig, AgentFile, ConfigError, Overrides, SourceKind};
 use crate::datapath::{Datapath, DatapathError};
 use crate::flows::{self, Clock, FlowStore, Resolver};
+use crate::kube_source::{self, KubeSource, KubeSourceOptions};
 use crate::maps::{self, MapsError};
 use crate::metrics::{self, ErrorKind, Metrics, MetricsError, PinnedStats};
 use crate::model::Cluster;
@@ -38,30 +40,63 @@ const RECONCILE_EVERY_POLLS: u32 = 10;
 /// `bulkhead agent` flags.
 #[derive(Clone, Debug, clap::Args)]
 pub struct AgentArgs {
-    /// This node's name.
+    /// This node's name (in a DaemonSet: the downward API's `spec.nodeName`).
     #[arg(long, env = "BULKHEAD_NODE_NAME")]
-    pub node_name: String,
+    pub node_name: Option<String>,
+    /// YAML file with the same keys as these flags; flags and `BULKHEAD_*` override it.
+    #[arg(long, env = "BULKHEAD_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Where the model comes from [default: files with --manifests, kubernetes in a pod or
+    /// with --kubeconfig, else none].
+    #[arg(long, env = "BULKHEAD_SOURCE", value_enum)]
+    pub source: Option<SourceKind>,
+    /// Kubeconfig for the kubernetes source [default: KUBECONFIG, ~/.kube/config, in-cluster].
+    #[arg(long, env = "BULKHEAD_KUBECONFIG")]
+    pub kubeconfig: Option<PathBuf>,
     /// A directory of Namespace, Pod and NetworkPolicy manifests (local-files source).
-    #[arg(long)]
+    #[arg(long, env = "BULKHEAD_MANIFESTS")]
     pub manifests: Option<PathBuf>,
-    /// State directory: the endpoint socket (`agent.sock`) and the endpoint registry.
-    #[arg(long, default_value = "/run/bulkhead")]
-    pub state_dir: PathBuf,
-    /// bpffs directory where maps are pinned.
-    #[arg(long, default_value = "/sys/fs/bpf/bulkhead")]
-    pub bpffs: PathBuf,
-    /// This node's pod CIDR (informational; the CNI plugin allocates from it).
-    #[arg(long)]
+    /// State directory: the endpoint socket (`agent.sock`), the endpoint registry and
+    /// `pod-cidr` [default: /run/bulkhead].
+    #[arg(long, env = "BULKHEAD_STATE_DIR")]
+    pub state_dir: Option<PathBuf>,
+    /// bpffs directory where maps are pinned [default: /sys/fs/bpf/bulkhead].
+    #[arg(long, env = "BULKHEAD_BPFFS")]
+    pub bpffs: Option<PathBuf>,
+    /// This node's pod CIDR; the kubernetes source learns it from the Node otherwise.
+    #[arg(long, env = "BULKHEAD_POD_CIDR")]
     pub pod_cidr: Option<ipnetwork::Ipv4Network>,
-    /// Flow records kept in memory for `bulkhead observe` (the oldest fall out).
-    #[arg(long, default_value_t = flows::DEFAULT_HISTORY)]
-    pub flow_history: usize,
-    /// Address to serve `/metrics` and `/healthz` on; `none` disables.
-    #[arg(long, default_value = metrics::DEFAULT_ADDRESS)]
-    pub metrics_address: String,
+    /// Flow records kept in memory for `bulkhead observe`; the oldest fall out [default: 8192].
+    #[arg(long, env = "BULKHEAD_FLOW_HISTORY")]
+    pub flow_history: Option<usize>,
+    /// Address to serve `/metrics` and `/healthz` on; `none` disables [default: 0.0.0.0:9962].
+    #[arg(long, env = "BULKHEAD_METRICS_ADDRESS")]
+    pub metrics_address: Option<String>,
     /// Serve metrics on this inherited listening socket instead (overrides the address).
     #[arg(long)]
     pub metrics_fd: Option<i32>,
+}
+
+impl AgentArgs {
+    /// Applies the config file and the defaults (see [`crate::config`] for precedence).
+    pub fn resolve(&self) -> Result<AgentConfig, ConfigError> {
+        let file = match &self.config {
+            Some(path) => AgentFile::read(path)?,
+            None => AgentFile::default(),
+        };
+        let flags = Overrides {
+            node_name: self.node_name.clone(),
+            source: self.source,
+            kubeconfig: self.kubeconfig.clone(),
+            manifests: self.manifests.clone(),
+            state_dir: self.state_dir.clone(),
+            bpffs: self.bpffs.clone(),
+            pod_cidr: self.pod_cidr,
+            metrics_address: self.metrics_address.clone(),
+            flow_history: self.flow_history,
+        };
+        config::resolve(flags, file, std::env::var_os("KUBERNETES_SERVICE_HOST").is_some())
+    }
 }
 
 /// Why the agent failed.
@@ -88,6 +123,9 @@ pub enum AgentError {
     /// Metrics could not be set up.
     #[error(transparent)]
     Metrics(#[from] MetricsError),
+    /// The configuration is unusable.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
     /// File or socket I/O failed.
     #[error("{op} {path}")]
     Io {
@@ -106,6 +144,7 @@ impl AgentError {
     pub fn kind(&self) -> ErrorKind {
         match self {
             AgentError::Datapath(_) | AgentError::Metrics(_) | AgentError::Link { .. } => ErrorKind::Datapath,
+            AgentError::Config(_) => ErrorKind::Io,
             AgentError::Maps(_) => ErrorKind::Maps,
             AgentError::Source(_) => ErrorKind::Source,
             AgentError::Io { .. } => ErrorKind::Io,
@@ -143,6 +182,12 @@ struct Agent {
     host_addresses: Vec<Ipv4Addr>,
     /// Flow history; its resolver is refreshed after every reprogram.
     flows: Arc<FlowStore>,
+    /// The source synced and its model reached the maps at least once.
+    ready: bool,
+    /// The pod CIDR last published for the CNI plugin.
+    pod_cidr: Option<ipnetwork::Ipv4Network>,
+    /// The operator set the pod CIDR; the Node's is not published over it.
+    pod_cidr_pinned: bool,
 }
 
 fn parse_mac(text: &str) -> Option<[u8; 6]> {
@@ -220,15 +265,40 @@ impl Agent {
             seen = Some(Instant::now());
         }
         if let Some(cluster) = self.source.poll(force)? {
-            if cluster != self.cluster {
+            // The first synced model is written even when empty: until then the maps hold
+            // what the previous agent left, which is the last known state.
+            let first = !self.ready && self.source.synced();
+            if first || cluster != self.cluster {
                 self.cluster = cluster;
                 seen.get_or_insert_with(Instant::now);
             }
+            self.ready |= self.source.synced();
         }
-        if seen.is_some() {
+        // Until the source's first sync the model is empty: compiling it would wipe the last
+        // known state from the maps, so nothing is written before then.
+        if seen.is_some() && self.ready {
             self.reprogram(seen)?;
         }
+        self.publish_pod_cidr();
         Ok(())
+    }
+
+    /// Writes the source's pod CIDR to `<state dir>/pod-cidr` for the CNI plugin's IPAM.
+    fn publish_pod_cidr(&mut self) {
+        if self.pod_cidr_pinned {
+            return;
+        }
+        let Some(cidr) = self.source.pod_cidr().filter(|c| Some(*c) != self.pod_cidr) else {
+            return;
+        };
+        let path = kube_source::pod_cidr_path(self.registry.parent().unwrap_or(Path::new(".")));
+        match std::fs::write(&path, format!("{cidr}\n")) {
+            Ok(()) => {
+                tracing::info!(pod_cidr = %cidr, path = %path.display(), "node pod cidr published");
+                self.pod_cidr = Some(cidr);
+            }
+            Err(e) => tracing::warn!(path = %path.display(), error = %e, "cannot publish the pod cidr"),
+        }
     }
 
     fn save_registry(&self) -> Result<(), AgentError> {
@@ -291,7 +361,12 @@ impl Agent {
         if self.endpoints.remove(&(r.container_id.clone(), r.ifname.clone())).is_none() {
             return Response::Ok;
         }
-        let result = self.reprogram(Some(Instant::now())).and_then(|()| self.save_registry());
+        // Before the first sync the model is empty: compiling it would wipe the last known
+        // state from the maps. The first synced reprogram removes this endpoint.
+        let result = match self.ready {
+            true => self.reprogram(Some(Instant::now())).and_then(|()| self.save_registry()),
+            false => self.save_registry(),
+        };
         match result {
             Ok(()) => Response::Ok,
             Err(e) => {
@@ -379,7 +454,7 @@ impl Agent {
     fn status(&self) -> AgentStatus {
         AgentStatus {
             node_name: self.node_name.clone(),
-            ready: true,
+            ready: self.ready,
             endpoints: self.endpoints.len(),
             identities: self.compiler.identities().len(),
             policies: self.cluster.policies().len(),
@@ -480,15 +555,20 @@ async fn dispatch(agent: &Mutex<Agent>, request: Request) -> Response {
                             tracing::warn!(error = %error_chain(&e), "reloading the model");
                         }
                     }
-                    if a.cluster.pod(&spec.pod_namespace, &spec.pod_name).is_some() {
+                    if a.ready && a.cluster.pod(&spec.pod_namespace, &spec.pod_name).is_some() {
                         return a.add_endpoint(spec);
                     }
-                }
-                if Instant::now() > deadline {
-                    return Response::Error {
-                        code: CODE_TRY_AGAIN,
-                        message: format!("pod {}/{} is not known to the agent yet", spec.pod_namespace, spec.pod_name),
-                    };
+                    if Instant::now() > deadline {
+                        let message = if a.ready {
+                            format!("pod {}/{} is not known to the agent yet", spec.pod_namespace, spec.pod_name)
+                        } else {
+                            "the agent has not finished its first sync with the cluster".to_string()
+                        };
+                        return Response::Error {
+                            code: CODE_TRY_AGAIN,
+                            message,
+                        };
+                    }
                 }
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
@@ -565,20 +645,37 @@ pub fn run(args: AgentArgs) -> Result<(), AgentError> {
         let path = path.to_path_buf();
         move |source| AgentError::Io { op, path, source }
     };
+    let metrics_fd = args.metrics_fd;
+    let args = args.resolve()?;
     std::fs::create_dir_all(&args.state_dir).map_err(io("create", &args.state_dir))?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .map_err(io("start runtime", &args.state_dir))?;
     let mut datapath = Datapath::load(&args.bpffs)?;
     let flow_ring = datapath.take_flow_ring();
     let metrics = Arc::new(Metrics::new()?);
     let flow_store = Arc::new(FlowStore::new(&args.node_name, args.flow_history, Clock::now()).with_metrics(metrics.clone()));
     metrics.set_datapath(Box::new(PinnedStats::open(datapath.pin_dir())?));
     // Validate the flags before the maps change, so a typo fails at once.
-    let listen = metrics::Listen::from_flags(&args.metrics_address, args.metrics_fd)?;
+    let listen = metrics::Listen::from_flags(&args.metrics_address, metrics_fd)?;
     // Reconcile against what the pinned maps really hold (an earlier agent's entries).
     let applied = datapath.maps.read_state()?;
-    let source: Box<dyn Source> = match &args.manifests {
-        Some(dir) => Box::new(FileSource::new(dir)),
-        None => Box::new(EmptySource::default()),
+    let source: Box<dyn Source> = match (args.source, &args.manifests) {
+        (SourceKind::Files, Some(dir)) => Box::new(FileSource::new(dir)),
+        (SourceKind::Files, None) => return Err(ConfigError::NoManifests.into()),
+        (SourceKind::Kubernetes, _) => {
+            let client = runtime.block_on(kube_source::client(args.kubeconfig.as_deref()))?;
+            let _entered = runtime.enter();
+            Box::new(KubeSource::start(client, &args.node_name, KubeSourceOptions::default()))
+        }
+        (SourceKind::None, _) => Box::new(EmptySource::default()),
     };
+    if let Some(cidr) = args.pod_cidr {
+        let path = kube_source::pod_cidr_path(&args.state_dir);
+        std::fs::write(&path, format!("{cidr}\n")).map_err(io("write", &path))?;
+    }
     let registry = args.state_dir.join("endpoints.json");
     let mut agent = Agent {
         node_name: args.node_name.clone(),
@@ -593,6 +690,9 @@ pub fn run(args: AgentArgs) -> Result<(), AgentError> {
         metrics: metrics.clone(),
         host_addresses: Vec::new(),
         flows: flow_store.clone(),
+        ready: false,
+        pod_cidr: args.pod_cidr,
+        pod_cidr_pinned: args.pod_cidr.is_some(),
     };
     agent.refresh(true)?;
     // Endpoints deleted while the agent was away (CNI DEL carries on without it).
@@ -600,15 +700,14 @@ pub fn run(args: AgentArgs) -> Result<(), AgentError> {
         Ok(dropped) => tracing::info!(dropped, "endpoint registry reconciled with host veths"),
         Err(e) => tracing::warn!(error = %error_chain(&e), "cannot reconcile endpoints with host veths"),
     }
-    agent.reprogram(None)?;
-    metrics.set_ready();
-    tracing::info!(node = %args.node_name, endpoints = agent.endpoints.len(), pod_cidr = ?args.pod_cidr, "datapath programmed");
+    // A source that is not synced yet (Kubernetes) leaves the pinned maps as they are
+    // until its first full sync; the poller then writes the model.
+    if agent.ready {
+        agent.reprogram(None)?;
+        metrics.set_ready();
+    }
+    tracing::info!(node = %args.node_name, source = ?args.source, ready = agent.ready, endpoints = agent.endpoints.len(), pod_cidr = ?args.pod_cidr, "datapath programmed");
 
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .map_err(io("start runtime", &args.state_dir))?;
     runtime.block_on(async move {
         let socket = args.state_dir.join("agent.sock");
         let _ = std::fs::remove_file(&socket);

@@ -1,5 +1,5 @@
 //! Where the agent's cluster model comes from. The lab and file deployments use
-//! [`FileSource`]; a Kubernetes source (kube-rs reflectors) implements the same trait.
+//! [`FileSource`]; a cluster uses [`crate::kube_source::KubeSource`] (kube-rs watchers).
 
 use std::path::{Path, PathBuf};
 use std::time::SystemTime;
@@ -21,12 +21,35 @@ pub enum SourceError {
     /// A manifests file is invalid; the previous model stays in force.
     #[error(transparent)]
     Model(#[from] ModelError),
+    /// No Kubernetes client configuration could be loaded (kubeconfig or in-cluster).
+    #[error("cannot load the kubernetes client configuration{}", .kubeconfig.as_ref().map(|p| format!(" from {}", p.display())).unwrap_or_default())]
+    KubeConfig {
+        /// The kubeconfig file named by the operator, if any.
+        kubeconfig: Option<PathBuf>,
+        /// Cause.
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    /// The Kubernetes client could not be built from its configuration.
+    #[error("cannot build the kubernetes client")]
+    KubeClient(#[source] kube::Error),
 }
 
 /// A source of the whole cluster model.
 pub trait Source: Send {
     /// The model, when it changed since the last successful call or when `force` is set.
     fn poll(&mut self, force: bool) -> Result<Option<Cluster>, SourceError>;
+
+    /// Whether the source holds a complete view of the cluster (its first full sync is done).
+    /// Until then `poll` returns `Ok(None)` and the agent reports not ready.
+    fn synced(&self) -> bool {
+        true
+    }
+
+    /// This node's pod CIDR, when the source knows it (the Kubernetes Node's `spec.podCIDRs`).
+    fn pod_cidr(&self) -> Option<ipnetwork::Ipv4Network> {
+        None
+    }
 }
 
 /// No source: an empty cluster (an agent that only enforces fail-closed isolation).

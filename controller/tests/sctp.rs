@@ -294,7 +294,10 @@ impl Drop for Fixture {
 
 impl Fixture {
     fn new(name: &str) -> Self {
-        let pin_dir = PathBuf::from(format!("/sys/fs/bpf/bulkhead-test-{}-sctp-{name}", std::process::id()));
+        // Tests run in parallel and may check the same case: a counter keeps pin dirs apart.
+        static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let pin_dir = PathBuf::from(format!("/sys/fs/bpf/bulkhead-test-{}-{n}-sctp-{name}", std::process::id()));
         let _ = std::fs::remove_dir_all(&pin_dir);
         let dp = Datapath::load(&pin_dir).expect("load datapath (needs root and BPF)");
         Fixture {

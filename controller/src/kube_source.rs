@@ -1,0 +1,483 @@
+//! The Kubernetes source: kube-rs watchers on Pods (all namespaces), Namespaces,
+//! NetworkPolicies and this node's Node feed stores that [`KubeSource::poll`] turns into a
+//! [`Cluster`].
+//!
+//! Each watcher lists, then watches from the list's resourceVersion with bookmarks; on a
+//! `410 Gone` it re-lists by itself, on any other error it backs off (client-go's schedule:
+//! 0.8 s doubling to 30 s, with jitter) and resumes. Stores are replaced only by a completed
+//! list and are never cleared on error, so while the API server is unreachable the agent
+//! keeps enforcing the last model it had.
+//!
+//! Watchers receive `DynamicObject`s and decode each object on its own: one object the agent
+//! cannot decode is logged with its name and skipped, and never fails a whole list.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
+
+use futures::StreamExt;
+use ipnetwork::Ipv4Network;
+use k8s_openapi::api::core::v1::{Container, Namespace, Node, Pod, PodSpec, PodStatus};
+use k8s_openapi::api::networking::v1::{NetworkPolicy, NetworkPolicySpec};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use kube::api::{Api, ApiResource, DynamicObject};
+use kube::runtime::watcher::{self, Event};
+use kube::runtime::WatchStreamExt;
+use tokio::task::JoinHandle;
+
+use crate::model::{self, Cluster, Object};
+use crate::selector::FieldError;
+use crate::source::{Source, SourceError};
+
+/// Builds a client from `kubeconfig`, or else as `kubectl` would: `KUBECONFIG` or
+/// `~/.kube/config`, then the in-cluster service account.
+pub async fn client(kubeconfig: Option<&Path>) -> Result<kube::Client, SourceError> {
+    let config = match kubeconfig {
+        Some(path) => {
+            let file = kube::config::Kubeconfig::read_from(path).map_err(|e| config_error(Some(path), e))?;
+            kube::Config::from_custom_kubeconfig(file, &kube::config::KubeConfigOptions::default())
+                .await
+                .map_err(|e| config_error(Some(path), e))?
+        }
+        None => kube::Config::infer().await.map_err(|e| config_error(None, e))?,
+    };
+    kube::Client::try_from(config).map_err(SourceError::KubeClient)
+}
+
+fn config_error(path: Option<&Path>, e: impl std::error::Error + Send + Sync + 'static) -> SourceError {
+    SourceError::KubeConfig {
+        kubeconfig: path.map(Path::to_path_buf),
+        source: Box::new(e),
+    }
+}
+
+/// Tuning for the watchers; the defaults suit a real API server.
+#[derive(Clone, Debug)]
+pub struct KubeSourceOptions {
+    /// Server-side watch timeout; the client also gives up on a watch that stays silent
+    /// 5 s longer than this (a stalled stream) and resumes it from the last resourceVersion.
+    pub watch_timeout: Duration,
+}
+
+impl Default for KubeSourceOptions {
+    fn default() -> Self {
+        // client-go's default range is 5-10 minutes; kube-rs uses 290 s.
+        KubeSourceOptions {
+            watch_timeout: Duration::from_secs(290),
+        }
+    }
+}
+
+/// The kinds this source watches.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum Watched {
+    Namespace,
+    Pod,
+    NetworkPolicy,
+    Node,
+}
+
+const WATCHED: [Watched; 4] = [Watched::Namespace, Watched::Pod, Watched::NetworkPolicy, Watched::Node];
+
+impl Watched {
+    fn api_resource(self) -> ApiResource {
+        match self {
+            Watched::Namespace => ApiResource::erase::<Namespace>(&()),
+            Watched::Pod => ApiResource::erase::<Pod>(&()),
+            Watched::NetworkPolicy => ApiResource::erase::<NetworkPolicy>(&()),
+            Watched::Node => ApiResource::erase::<Node>(&()),
+        }
+    }
+}
+
+impl fmt::Display for Watched {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Watched::Namespace => "Namespace",
+            Watched::Pod => "Pod",
+            Watched::NetworkPolicy => "NetworkPolicy",
+            Watched::Node => "Node",
+        })
+    }
+}
+
+/// Why one API object was left out of the model.
+#[derive(Debug, thiserror::Error)]
+enum ObjectError {
+    /// The object does not decode as its kind.
+    #[error("{object}: {field}: cannot decode")]
+    Decode {
+        object: String,
+        field: String,
+        #[source]
+        source: serde_json::Error,
+    },
+    /// The object decodes but fails validation even without its rules.
+    #[error("{object}: {source}")]
+    Invalid {
+        object: String,
+        #[source]
+        source: FieldError,
+    },
+}
+
+/// What the model keeps of one API object.
+#[derive(Clone, Debug, PartialEq)]
+enum Item {
+    /// A Namespace, Pod or NetworkPolicy, reduced to the fields the compiler reads.
+    Object(Box<Object>),
+    /// This node's pod CIDR.
+    PodCidr(Option<Ipv4Network>),
+}
+
+/// (namespace, name); the namespace is empty for cluster-scoped kinds.
+type Key = (String, String);
+
+#[derive(Debug, Default)]
+struct KindStore {
+    items: BTreeMap<Key, Item>,
+    /// Objects of a list in progress; they replace `items` only once the list completes.
+    listing: Option<BTreeMap<Key, Item>>,
+    synced: bool,
+}
+
+#[derive(Debug, Default)]
+struct Stores {
+    kinds: BTreeMap<Watched, KindStore>,
+    /// Bumped on every change of the model.
+    generation: u64,
+}
+
+impl Stores {
+    fn apply(&mut self, kind: Watched, event: Event<DynamicObject>) {
+        let store = self.kinds.entry(kind).or_default();
+        let changed = match event {
+            Event::Init => {
+                store.listing = Some(BTreeMap::new());
+                false
+            }
+            Event::InitApply(obj) => {
+                let key = key_of(&obj);
+                if let Some(item) = convert(kind, obj) {
+                    store.listing.get_or_insert_with(BTreeMap::new).insert(key, item);
+                }
+                false
+            }
+            Event::InitDone => {
+                let listed = store.listing.take().unwrap_or_default();
+                let changed = !store.synced || listed != store.items;
+                store.items = listed;
+                store.synced = true;
+                changed
+            }
+            Event::Apply(obj) => {
+                let key = key_of(&obj);
+                match convert(kind, obj) {
+                    Some(item) if store.items.get(&key) == Some(&item) => false,
+                    Some(item) => {
+                        store.items.insert(key, item);
+                        true
+                    }
+                    None => store.items.remove(&key).is_some(),
+                }
+            }
+            Event::Delete(obj) => store.items.remove(&key_of(&obj)).is_some(),
+        };
+        if changed {
+            self.generation += 1;
+        }
+    }
+
+    fn synced(&self) -> bool {
+        WATCHED.iter().all(|k| self.kinds.get(k).is_some_and(|s| s.synced))
+    }
+
+    fn cluster(&self) -> Cluster {
+        // Namespaces first, so a pod never creates a label-less stand-in for its namespace.
+        let objects = [Watched::Namespace, Watched::Pod, Watched::NetworkPolicy]
+            .iter()
+            .filter_map(|k| self.kinds.get(k))
+            .flat_map(|s| s.items.values())
+            .filter_map(|item| match item {
+                Item::Object(o) => Some(Object::clone(o)),
+                Item::PodCidr(_) => None,
+            });
+        Cluster::from_objects(objects)
+    }
+
+    fn pod_cidr(&self) -> Option<Ipv4Network> {
+        self.kinds.get(&Watched::Node)?.items.values().find_map(|item| match item {
+            Item::PodCidr(cidr) => *cidr,
+            Item::Object(_) => None,
+        })
+    }
+}
+
+fn key_of(obj: &DynamicObject) -> Key {
+    (
+        obj.metadata.namespace.clone().unwrap_or_default(),
+        obj.metadata.name.clone().unwrap_or_default(),
+    )
+}
+
+/// Decodes and reduces one object; `None` (logged when it is an error) leaves it out.
+fn convert(kind: Watched, obj: DynamicObject) -> Option<Item> {
+    let object = match &obj.metadata.namespace {
+        Some(ns) => format!("{kind} {ns}/{}", obj.metadata.name.as_deref().unwrap_or("<unnamed>")),
+        None => format!("{kind} {}", obj.metadata.name.as_deref().unwrap_or("<unnamed>")),
+    };
+    match decode(kind, obj, &object) {
+        Ok(item) => item,
+        Err(e) => {
+            tracing::warn!(object = %object, error = %crate::agent::error_chain(&e), "skipping an api object the agent cannot use");
+            None
+        }
+    }
+}
+
+fn decode(kind: Watched, obj: DynamicObject, object: &str) -> Result<Option<Item>, ObjectError> {
+    let decode_err = |field: String, source| ObjectError::Decode {
+        object: object.to_string(),
+        field,
+        source,
+    };
+    let value = serde_json::to_value(&obj).map_err(|e| decode_err(".".into(), e))?;
+    fn typed<T: serde::de::DeserializeOwned>(value: serde_json::Value) -> Result<T, serde_path_to_error::Error<serde_json::Error>> {
+        serde_path_to_error::deserialize(value)
+    }
+    let path_err = |e: serde_path_to_error::Error<serde_json::Error>| decode_err(e.path().to_string(), e.into_inner());
+    Ok(match kind {
+        Watched::Namespace => {
+            let ns: Namespace = typed(value).map_err(path_err)?;
+            Some(Item::Object(Box::new(Object::Namespace(Namespace {
+                metadata: slim_meta(ns.metadata),
+                ..Namespace::default()
+            }))))
+        }
+        Watched::Pod => slim_pod(typed(value).map_err(path_err)?).map(|p| Item::Object(Box::new(Object::Pod(p)))),
+        Watched::NetworkPolicy => {
+            let np = enforceable_policy(typed(value).map_err(path_err)?, object)?;
+            Some(Item::Object(Box::new(Object::NetworkPolicy(np))))
+        }
+        Watched::Node => {
+            let node: Node = typed(value).map_err(path_err)?;
+            Some(Item::PodCidr(node_pod_cidr(&node)))
+        }
+    })
+}
+
+/// Name, namespace and labels: what identities and selectors read. Dropping the rest
+/// (resourceVersion, managedFields, annotations) makes a no-op update compare equal.
+fn slim_meta(meta: ObjectMeta) -> ObjectMeta {
+    ObjectMeta {
+        name: meta.name,
+        namespace: meta.namespace,
+        labels: meta.labels,
+        ..ObjectMeta::default()
+    }
+}
+
+/// A pod reduced to labels, node, container ports and its IPv4 address; `None` for pods
+/// that are no endpoint: finished pods (their IP may already belong to a new pod) and
+/// host-network pods (their IP is the node's; NetworkPolicy leaves them undefined).
+fn slim_pod(pod: Pod) -> Option<Pod> {
+    let spec = pod.spec.unwrap_or_default();
+    let status = pod.status.unwrap_or_default();
+    if spec.host_network == Some(true) || matches!(status.phase.as_deref(), Some("Succeeded" | "Failed")) {
+        return None;
+    }
+    // Dual-stack pods list both families; the datapath is IPv4.
+    let ipv4 = status
+        .pod_ips
+        .iter()
+        .flatten()
+        .map(|p| p.ip.as_str())
+        .chain(status.pod_ip.as_deref())
+        .find(|ip| ip.parse::<std::net::Ipv4Addr>().is_ok())
+        .map(str::to_string);
+    Some(Pod {
+        metadata: slim_meta(pod.metadata),
+        spec: Some(PodSpec {
+            node_name: spec.node_name,
+            containers: spec
+                .containers
+                .into_iter()
+                .map(|c| Container {
+                    name: c.name,
+                    ports: c.ports,
+                    ..Container::default()
+                })
+                .collect(),
+            ..PodSpec::default()
+        }),
+        status: Some(PodStatus {
+            pod_ip: ipv4,
+            ..PodStatus::default()
+        }),
+    })
+}
+
+/// The policy as is when the agent can enforce all of it; otherwise (an IPv6 ipBlock, a
+/// protocol the datapath lacks) the policy without its rules, so the pods it selects stay
+/// isolated for its policy types and none of its rules is half-applied. Skipping the policy
+/// instead would open those pods: failing closed is the datapath's rule everywhere.
+fn enforceable_policy(np: NetworkPolicy, object: &str) -> Result<NetworkPolicy, ObjectError> {
+    let np = NetworkPolicy {
+        metadata: slim_meta(np.metadata),
+        spec: np.spec,
+    };
+    let Err(error) = model::validate_network_policy(&np) else {
+        return Ok(np);
+    };
+    let spec = np.spec.clone().unwrap_or_default();
+    let policy_types = match spec.policy_types.clone().filter(|t| !t.is_empty()) {
+        Some(types) => types,
+        None => {
+            let mut types = vec!["Ingress".to_string()];
+            if spec.egress.as_ref().is_some_and(|e| !e.is_empty()) {
+                types.push("Egress".to_string());
+            }
+            types
+        }
+    };
+    let isolating = NetworkPolicy {
+        metadata: np.metadata.clone(),
+        spec: Some(NetworkPolicySpec {
+            pod_selector: spec.pod_selector,
+            policy_types: Some(policy_types),
+            ingress: None,
+            egress: None,
+        }),
+    };
+    match model::validate_network_policy(&isolating) {
+        Ok(()) => {
+            tracing::warn!(
+                object = %object,
+                error = %error,
+                "cannot enforce this policy's rules; the pods it selects are isolated without them"
+            );
+            Ok(isolating)
+        }
+        Err(_) => Err(ObjectError::Invalid {
+            object: object.to_string(),
+            source: error,
+        }),
+    }
+}
+
+/// The node's first IPv4 pod CIDR, from `spec.podCIDRs` or the older `spec.podCIDR`.
+fn node_pod_cidr(node: &Node) -> Option<Ipv4Network> {
+    let spec = node.spec.as_ref()?;
+    spec.pod_cidrs
+        .iter()
+        .flatten()
+        .chain(spec.pod_cidr.as_ref())
+        .find_map(|c| model::parse_cidr(c).ok())
+}
+
+/// A [`Source`] fed by Kubernetes watchers running on the agent's tokio runtime.
+pub struct KubeSource {
+    stores: Arc<Mutex<Stores>>,
+    failures: Arc<AtomicU64>,
+    /// The generation `poll` last returned.
+    served: Option<u64>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl fmt::Debug for KubeSource {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("KubeSource")
+            .field("synced", &self.synced())
+            .field("served", &self.served)
+            .finish_non_exhaustive()
+    }
+}
+
+fn lock(stores: &Mutex<Stores>) -> MutexGuard<'_, Stores> {
+    // A panicking event handler leaves the stores consistent (each event is applied whole).
+    stores.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+impl KubeSource {
+    /// Starts the watchers for `node_name` on the current tokio runtime.
+    ///
+    /// Must be called from within a runtime (`Runtime::enter` or an async context).
+    pub fn start(client: kube::Client, node_name: &str, options: KubeSourceOptions) -> Self {
+        let stores = Arc::new(Mutex::new(Stores::default()));
+        let failures = Arc::new(AtomicU64::new(0));
+        let timeout = u32::try_from(options.watch_timeout.as_secs()).unwrap_or(u32::MAX).max(1);
+        let tasks = WATCHED
+            .iter()
+            .map(|&kind| {
+                let api = Api::<DynamicObject>::all_with(client.clone(), &kind.api_resource());
+                let mut config = watcher::Config::default().timeout(timeout);
+                if kind == Watched::Node {
+                    config = config.fields(&format!("metadata.name={node_name}"));
+                }
+                tokio::spawn(watch(kind, api, config, stores.clone(), failures.clone()))
+            })
+            .collect();
+        KubeSource {
+            stores,
+            failures,
+            served: None,
+            tasks,
+        }
+    }
+
+    /// Watch errors so far (each one is followed by a backoff and a retry).
+    pub fn failures(&self) -> u64 {
+        self.failures.load(Ordering::Relaxed)
+    }
+}
+
+async fn watch(kind: Watched, api: Api<DynamicObject>, config: watcher::Config, stores: Arc<Mutex<Stores>>, failures: Arc<AtomicU64>) {
+    let mut events = watcher::watcher(api, config).default_backoff().boxed();
+    while let Some(event) = events.next().await {
+        match event {
+            Ok(event) => lock(&stores).apply(kind, event),
+            Err(e) => {
+                failures.fetch_add(1, Ordering::Relaxed);
+                // The watcher recovers by itself (re-list on 410, resume otherwise) after
+                // the backoff; the stores keep the last state meanwhile.
+                tracing::warn!(kind = %kind, error = %crate::agent::error_chain(&e), "kubernetes watch failed; retrying");
+            }
+        }
+    }
+}
+
+impl Drop for KubeSource {
+    fn drop(&mut self) {
+        for task in &self.tasks {
+            task.abort();
+        }
+    }
+}
+
+impl Source for KubeSource {
+    fn poll(&mut self, force: bool) -> Result<Option<Cluster>, SourceError> {
+        let stores = lock(&self.stores);
+        if !stores.synced() || (!force && self.served == Some(stores.generation)) {
+            return Ok(None);
+        }
+        self.served = Some(stores.generation);
+        Ok(Some(stores.cluster()))
+    }
+
+    fn synced(&self) -> bool {
+        lock(&self.stores).synced()
+    }
+
+    fn pod_cidr(&self) -> Option<Ipv4Network> {
+        lock(&self.stores).pod_cidr()
+    }
+}
+
+/// Where the agent publishes this node's pod CIDR for the CNI plugin's IPAM: one line, the
+/// CIDR, in the state directory.
+pub fn pod_cidr_path(state_dir: &Path) -> PathBuf {
+    state_dir.join("pod-cidr")
+}
