@@ -36,6 +36,81 @@ pub enum Request {
     /// Stream flow records: one JSON [`Flow`] per line, closed after the history unless
     /// `follow` is set.
     Observe(ObserveRequest),
+    /// What the agent's current model decides for a connection, and why; answered with
+    /// [`Response::Explain`].
+    Explain {
+        /// Client pod, `namespace/name`.
+        from: String,
+        /// Server pod, `namespace/name`.
+        to: String,
+        /// Destination port (numbers only: named ports are not resolved here).
+        port: u16,
+        /// `TCP`, `UDP` or `SCTP` (any case).
+        protocol: String,
+    },
+}
+
+/// The verdict for a connection, or for one side of it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum ExplainVerdict {
+    /// Let through by policy (or nothing isolates the pod that way).
+    Allowed,
+    /// Dropped: isolated, and no rule allows it.
+    Denied,
+    /// Let through, but an audit-mode policy would drop it (flows show verdict AUDIT).
+    Audit,
+}
+
+impl ExplainVerdict {
+    /// The name users see (`ALLOWED`, `DENIED`, `AUDIT`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ExplainVerdict::Allowed => "ALLOWED",
+            ExplainVerdict::Denied => "DENIED",
+            ExplainVerdict::Audit => "AUDIT",
+        }
+    }
+}
+
+/// One side of an explained connection: the client's egress or the server's ingress.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExplainSide {
+    /// The pod whose policies decide this side, `namespace/name`.
+    pub pod: String,
+    /// `egress` (the client's side) or `ingress` (the server's).
+    pub direction: FlowDirection,
+    /// Whether any policy isolates the pod for this direction (enforcing or audit-mode).
+    pub isolated: bool,
+    /// Whether only audit-mode policies isolate it (what they do not allow is audited).
+    pub audit_mode: bool,
+    /// The policies whose rules decide: the enforcing ones when there is one, else the
+    /// audit-mode ones; empty when not isolated.
+    pub isolated_by: Vec<PolicyName>,
+    /// The rule that allows the connection, when one does.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub allowed_by: Option<PolicyRule>,
+    /// This side's verdict.
+    pub verdict: ExplainVerdict,
+}
+
+/// What [`Request::Explain`] answers.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Explanation {
+    /// Client pod, `namespace/name`.
+    pub from: String,
+    /// Server pod, `namespace/name`.
+    pub to: String,
+    /// Destination port.
+    pub port: u16,
+    /// `TCP`, `UDP` or `SCTP`.
+    pub protocol: String,
+    /// DENIED if either side denies, else AUDIT if either side audits, else ALLOWED.
+    pub verdict: ExplainVerdict,
+    /// The client's egress.
+    pub egress: ExplainSide,
+    /// The server's ingress.
+    pub ingress: ExplainSide,
 }
 
 /// What `Request::Observe` asks for.
@@ -173,7 +248,8 @@ pub struct Flow {
     /// The rule that allowed the flow at this endpoint.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub allowed_by: Vec<PolicyRule>,
-    /// For a default-deny drop: the policies that isolate the endpoint in this direction.
+    /// For a default-deny drop: the enforcing policies that isolate the endpoint in this
+    /// direction; for an AUDIT flow: the audit-mode policies that would have dropped it.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub isolated_by: Vec<PolicyName>,
     /// Whether the packet is a reply of an established connection.
@@ -326,6 +402,8 @@ pub enum Response {
     Ok,
     /// The agent's status.
     Status(AgentStatus),
+    /// The answer to [`Request::Explain`].
+    Explain(Box<Explanation>),
     /// Failed; `code` follows the CNI error codes (11: try again later; ours from 100).
     Error {
         /// CNI-style error code.
@@ -529,6 +607,37 @@ mod tests {
         let s = serde_json::to_string(&gc).unwrap();
         assert_eq!(s, r#"{"op":"gc","valid":[{"container_id":"c2","ifname":"eth0"}]}"#);
         assert_eq!(serde_json::from_str::<Request>(&s).unwrap(), gc);
+        let explain = Request::Explain {
+            from: "x/a".into(),
+            to: "y/b".into(),
+            port: 80,
+            protocol: "TCP".into(),
+        };
+        let s = serde_json::to_string(&explain).unwrap();
+        assert_eq!(s, r#"{"op":"explain","from":"x/a","to":"y/b","port":80,"protocol":"TCP"}"#);
+        assert_eq!(serde_json::from_str::<Request>(&s).unwrap(), explain);
+        let side = |pod: &str, direction| ExplainSide {
+            pod: pod.into(),
+            direction,
+            isolated: false,
+            audit_mode: false,
+            isolated_by: Vec::new(),
+            allowed_by: None,
+            verdict: ExplainVerdict::Allowed,
+        };
+        let answer = Response::Explain(Box::new(Explanation {
+            from: "x/a".into(),
+            to: "y/b".into(),
+            port: 80,
+            protocol: "TCP".into(),
+            verdict: ExplainVerdict::Audit,
+            egress: side("x/a", FlowDirection::Egress),
+            ingress: side("y/b", FlowDirection::Ingress),
+        }));
+        let s = serde_json::to_string(&answer).unwrap();
+        assert!(s.starts_with(r#"{"result":"explain","from":"x/a""#), "{s}");
+        assert!(s.contains(r#""verdict":"AUDIT""#), "{s}");
+        assert_eq!(serde_json::from_str::<Response>(&s).unwrap(), answer);
         let e: Response = serde_json::from_str(r#"{"result":"error","code":11,"message":"pod unknown"}"#).unwrap();
         assert_eq!(
             e,

@@ -534,6 +534,7 @@ async fn handle(agent: &Mutex<Agent>, metrics: &Metrics, request: Request) -> Re
         Request::Status => "status",
         Request::Gc { .. } => "gc",
         Request::Observe(_) => "observe",
+        Request::Explain { .. } => "explain",
     };
     let response = dispatch(agent, request).await;
     metrics.cni_request(verb, !matches!(response, Response::Error { .. }));
@@ -589,6 +590,7 @@ async fn dispatch(agent: &Mutex<Agent>, request: Request) -> Response {
             }
         }
         Request::Status => Response::Status(agent.lock().await.status()),
+        Request::Explain { from, to, port, protocol } => crate::explain::respond(&agent.lock().await.cluster, &from, &to, port, &protocol),
         // Streams are answered by `serve_connection`, which never gets here with one.
         Request::Observe(_) => Response::Error {
             code: 6,

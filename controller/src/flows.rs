@@ -628,6 +628,20 @@ spec:
   - from:
     - namespaceSelector: {}
       podSelector: {matchLabels: {pod: b}}
+---
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: audit-ingress, namespace: x, annotations: {bulkhead.io/audit: \"true\"}}
+spec:
+  podSelector: {}
+  policyTypes: [Ingress]
+---
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: audit-egress-c, namespace: x, annotations: {bulkhead.io/audit: \"true\"}}
+spec:
+  podSelector: {matchLabels: {pod: c}}
+  policyTypes: [Egress]
 ";
 
     fn locals() -> Vec<LocalEndpoint> {
@@ -799,10 +813,22 @@ spec:
     #[test]
     fn audit_names_the_would_be_isolating_policies() {
         let (r, _) = resolver();
-        let ev = event(3, B, XC, direction::INGRESS, verdict::AUDIT, DropReason::Forwarded, 0);
+        // x/c's egress is isolated only by an audit-mode policy: the AUDIT flow names it.
+        let ev = event(3, XC, B, direction::EGRESS, verdict::AUDIT, DropReason::Forwarded, 0);
         let f = r.resolve(&ev, 0).unwrap();
         assert_eq!(f.verdict, FlowVerdict::Audit);
-        assert_eq!(f.isolated_by.len(), 1);
+        assert_eq!(
+            f.isolated_by,
+            vec![PolicyName {
+                namespace: "x".into(),
+                name: "audit-egress-c".into()
+            }]
+        );
+        // x/c's ingress is enforced (default-deny) as well as audited: a drop names only
+        // the enforcing policy, which alone decides.
+        let ev = event(3, B, XC, direction::INGRESS, verdict::DROPPED, DropReason::PolicyDenied, 0);
+        let names: Vec<String> = r.resolve(&ev, 0).unwrap().isolated_by.into_iter().map(|p| p.name).collect();
+        assert_eq!(names, ["default-deny-ingress"]);
     }
 
     #[test]

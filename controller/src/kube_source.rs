@@ -269,13 +269,21 @@ fn decode(kind: Watched, obj: DynamicObject, object: &str) -> Result<Option<Item
     })
 }
 
-/// Name, namespace and labels: what identities and selectors read. Dropping the rest
-/// (resourceVersion, managedFields, annotations) makes a no-op update compare equal.
+/// Name, namespace, labels and Bulkhead's own annotations (audit mode): what identities,
+/// selectors and the compiler read. Dropping the rest (resourceVersion, managedFields, other
+/// annotations) makes a no-op update compare equal.
 fn slim_meta(meta: ObjectMeta) -> ObjectMeta {
+    let annotations: BTreeMap<String, String> = meta
+        .annotations
+        .into_iter()
+        .flatten()
+        .filter(|(k, _)| k == model::POLICY_AUDIT_ANNOTATION || k == model::NAMESPACE_AUDIT_ANNOTATION)
+        .collect();
     ObjectMeta {
         name: meta.name,
         namespace: meta.namespace,
         labels: meta.labels,
+        annotations: (!annotations.is_empty()).then_some(annotations),
         ..ObjectMeta::default()
     }
 }

@@ -3,6 +3,7 @@
 pub mod agent;
 pub mod config;
 pub mod datapath;
+pub mod explain;
 pub mod flows;
 pub mod identity;
 pub mod install;

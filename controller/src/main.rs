@@ -18,6 +18,9 @@ enum Command {
     Lab(bulkhead::lab::LabArgs),
     /// Show flow records: what the datapath forwarded and dropped, and which policy decided.
     Observe(bulkhead::observe::ObserveArgs),
+    /// Explain a connection FROM TO PORT/PROTO: its verdict, which policies isolate each
+    /// side and which rule allows it, from the agent's current model.
+    Explain(bulkhead::explain::ExplainArgs),
     /// Install the bulkhead-cni binary and its conflist on this node (the DaemonSet's init container).
     InstallCni(bulkhead::install::InstallArgs),
 }
@@ -32,6 +35,7 @@ fn main() {
         Command::Agent(args) => bulkhead::agent::run(args).map(|()| 0).map_err(Into::into),
         Command::Lab(args) => bulkhead::lab::run(args).map_err(Into::into),
         Command::Observe(args) => bulkhead::observe::run(args).map_err(Into::into),
+        Command::Explain(args) => bulkhead::explain::run(args).map_err(Into::into),
         Command::InstallCni(args) => bulkhead::install::run(args).map(|()| 0).map_err(Into::into),
     };
     let code = result.unwrap_or_else(|e| {

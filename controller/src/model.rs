@@ -17,6 +17,11 @@ use crate::selector::{self, FieldError};
 pub const DEFAULT_NAMESPACE: &str = "default";
 /// Label the API server puts on every Namespace, holding its name.
 pub const NAMESPACE_NAME_LABEL: &str = "kubernetes.io/metadata.name";
+/// NetworkPolicy annotation: `"true"` puts the policy in audit mode, `"false"` keeps it
+/// enforcing even in an audit-mode namespace.
+pub const POLICY_AUDIT_ANNOTATION: &str = "bulkhead.io/audit";
+/// Namespace annotation: `"true"` puts every policy of the namespace in audit mode.
+pub const NAMESPACE_AUDIT_ANNOTATION: &str = "bulkhead.io/policy-audit";
 
 /// Errors from parsing and validating manifests.
 #[derive(Debug, thiserror::Error)]
@@ -579,6 +584,30 @@ impl Cluster {
     /// A policy by namespace and name.
     pub fn policy(&self, namespace: &str, name: &str) -> Option<&NetworkPolicy> {
         self.policies.get(&(namespace.to_string(), name.to_string()))
+    }
+
+    /// Whether the policy `namespace`/`np` is in audit mode: its own
+    /// [`POLICY_AUDIT_ANNOTATION`] when set, else its namespace's
+    /// [`NAMESPACE_AUDIT_ANNOTATION`]. Any value but `true`/`false` (any case) counts as
+    /// unset, so a typo never turns enforcement off.
+    pub fn policy_audited(&self, namespace: &str, np: &NetworkPolicy) -> bool {
+        let flag = |meta: &ObjectMeta, key: &str| {
+            meta.annotations
+                .as_ref()
+                .and_then(|a| a.get(key))
+                .and_then(|v| match v.trim().to_ascii_lowercase().as_str() {
+                    "true" => Some(true),
+                    "false" => Some(false),
+                    _ => None,
+                })
+        };
+        flag(&np.metadata, POLICY_AUDIT_ANNOTATION)
+            .or_else(|| {
+                self.namespaces
+                    .get(namespace)
+                    .and_then(|ns| flag(&ns.metadata, NAMESPACE_AUDIT_ANNOTATION))
+            })
+            .unwrap_or(false)
     }
 
     /// A namespace's labels (empty if the namespace is unknown).

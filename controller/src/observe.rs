@@ -2,7 +2,7 @@
 //! agent (merged by time), filtered, as a table or one JSON object per line.
 
 use std::io::Write;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::mpsc;
 use std::time::Duration;
 
@@ -269,17 +269,23 @@ pub struct Target {
 
 /// Which agents the flags point at.
 pub fn targets(args: &ObserveArgs) -> Result<Vec<Target>, ObserveError> {
-    if let Some(socket) = &args.socket {
+    agent_targets(args.socket.as_deref(), &args.lab_dir, args.node.as_deref())
+}
+
+/// The agents a CLI command asks: `socket` when given; else every node's agent of the lab
+/// in `lab_dir` (only `node`'s when given) when a lab is up; else [`DEFAULT_SOCKET`].
+pub fn agent_targets(socket: Option<&Path>, lab_dir: &Path, node: Option<&str>) -> Result<Vec<Target>, ObserveError> {
+    if let Some(socket) = socket {
         return Ok(vec![Target {
             node: socket.display().to_string(),
-            socket: socket.clone(),
+            socket: socket.to_path_buf(),
         }]);
     }
-    let paths = LabPaths::new(&args.lab_dir)?;
+    let paths = LabPaths::new(lab_dir)?;
     let Some(state) = paths.load()? else {
-        return match &args.node {
+        return match node {
             Some(node) => Err(ObserveError::NoLab {
-                node: node.clone(),
+                node: node.to_string(),
                 lab_dir: paths.dir.clone(),
             }),
             None => Ok(vec![Target {
@@ -288,11 +294,11 @@ pub fn targets(args: &ObserveArgs) -> Result<Vec<Target>, ObserveError> {
             }]),
         };
     };
-    if let Some(node) = &args.node {
+    if let Some(node) = node {
         if state.node(node).is_none() {
             let known: Vec<&str> = state.nodes.iter().map(|n| n.name.as_str()).collect();
             return Err(ObserveError::UnknownNode {
-                node: node.clone(),
+                node: node.to_string(),
                 known: known.join(", "),
             });
         }
@@ -300,7 +306,7 @@ pub fn targets(args: &ObserveArgs) -> Result<Vec<Target>, ObserveError> {
     Ok(state
         .nodes
         .iter()
-        .filter(|n| args.node.as_ref().is_none_or(|want| *want == n.name))
+        .filter(|n| node.is_none_or(|want| want == n.name))
         .map(|n| Target {
             node: n.name.clone(),
             socket: paths.agent_socket(&n.name),

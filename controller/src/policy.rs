@@ -8,7 +8,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::net::Ipv4Addr;
 
 use bulkhead_common::{
-    direction, endpoint_flags, identity, proto, EndpointInfo, IpcacheValue, PolicyKey, PolicyValue, POLICY_PREFIX_ANY_PORT,
+    direction, endpoint_flags, identity, proto, verdict, EndpointInfo, IpcacheValue, PolicyKey, PolicyValue, POLICY_PREFIX_ANY_PORT,
     POLICY_PREFIX_ANY_PROTO, POLICY_PREFIX_FULL,
 };
 use ipnetwork::Ipv4Network;
@@ -226,43 +226,35 @@ impl Compiler {
                 continue;
             };
             let mut flags = 0;
-            for ((ns, name), np) in cluster.policies() {
-                if ns != me.namespace {
-                    continue;
+            for (dir, isolated_flag, audit_flag) in [
+                (Direction::Ingress, endpoint_flags::ISOLATED_INGRESS, endpoint_flags::AUDIT_INGRESS),
+                (Direction::Egress, endpoint_flags::ISOLATED_EGRESS, endpoint_flags::AUDIT_EGRESS),
+            ] {
+                let iso = isolation(cluster, me.namespace, &me.labels, dir);
+                if iso.isolated() {
+                    flags |= isolated_flag;
+                } else if iso.audited() {
+                    flags |= audit_flag;
                 }
-                let spec = np.spec.clone().unwrap_or_default();
-                if !selector::matches(&selector_or_all(spec.pod_selector.as_ref()), &me.labels) {
-                    continue;
-                }
-                let (isolates_ingress, isolates_egress) = policy_types(&spec);
-                if isolates_ingress {
-                    flags |= endpoint_flags::ISOLATED_INGRESS;
-                    for (i, r) in spec.ingress.iter().flatten().enumerate() {
-                        let rule_id = self.rule_id(ns, name, Direction::Ingress, i);
-                        let remotes = ctx.remotes(ns, r.from.as_deref());
+                // Only the deciding policies' rules become entries: with an enforcing policy
+                // present, an audit policy's allow must not open what the enforcing ones deny.
+                for (ns, name) in iso.effective() {
+                    let Some(np) = cluster.policy(ns, name) else { continue };
+                    let spec = np.spec.clone().unwrap_or_default();
+                    let rules: Vec<RuleParts<'_>> = match dir {
+                        Direction::Ingress => spec.ingress.iter().flatten().map(|r| (r.from.as_ref(), r.ports.as_ref())).collect(),
+                        Direction::Egress => spec.egress.iter().flatten().map(|r| (r.to.as_ref(), r.ports.as_ref())).collect(),
+                    };
+                    for (i, (peers, ports)) in rules.into_iter().enumerate() {
+                        let rule_id = self.rule_id(ns, name, dir, i);
+                        let remotes = ctx.remotes(ns, peers.map(Vec::as_slice));
                         ctx.emit(
                             &mut state.policy,
                             ep.endpoint_id,
                             me,
-                            Direction::Ingress,
+                            dir,
                             &remotes,
-                            r.ports.as_deref(),
-                            rule_id,
-                        );
-                    }
-                }
-                if isolates_egress {
-                    flags |= endpoint_flags::ISOLATED_EGRESS;
-                    for (i, r) in spec.egress.iter().flatten().enumerate() {
-                        let rule_id = self.rule_id(ns, name, Direction::Egress, i);
-                        let remotes = ctx.remotes(ns, r.to.as_deref());
-                        ctx.emit(
-                            &mut state.policy,
-                            ep.endpoint_id,
-                            me,
-                            Direction::Egress,
-                            &remotes,
-                            r.ports.as_deref(),
+                            ports.map(Vec::as_slice),
                             rule_id,
                         );
                     }
@@ -307,26 +299,73 @@ fn policy_types(spec: &NetworkPolicySpec) -> (bool, bool) {
     }
 }
 
-/// The policies (namespace, name) of `namespace` that select a pod with `labels` for
-/// `dir`: the ones that isolate it, so that what none of them allows is dropped.
+/// How the policies of a pod's namespace isolate it for one direction.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Isolation {
+    /// Enforcing policies (namespace, name) that select the pod for the direction.
+    pub enforcing: Vec<(String, String)>,
+    /// Audit-mode policies that select it.
+    pub audit: Vec<(String, String)>,
+}
+
+impl Isolation {
+    /// Whether an enforcing policy isolates the pod: what none of them allows is dropped.
+    pub fn isolated(&self) -> bool {
+        !self.enforcing.is_empty()
+    }
+
+    /// Whether only audit-mode policies isolate the pod: what none of them allows is
+    /// forwarded and reported as AUDIT.
+    pub fn audited(&self) -> bool {
+        self.enforcing.is_empty() && !self.audit.is_empty()
+    }
+
+    /// The policies whose rules decide: the enforcing ones if any (audit-mode policies are
+    /// then ignored), else the audit-mode ones.
+    pub fn effective(&self) -> &[(String, String)] {
+        if self.enforcing.is_empty() {
+            &self.audit
+        } else {
+            &self.enforcing
+        }
+    }
+}
+
+/// The policies of `namespace` that select a pod with `labels` for `dir`, split into
+/// enforcing and audit-mode ones.
+pub fn isolation(cluster: &Cluster, namespace: &str, labels: &BTreeMap<String, String>, dir: Direction) -> Isolation {
+    let mut out = Isolation::default();
+    for ((ns, name), np) in cluster.policies() {
+        if ns != namespace {
+            continue;
+        }
+        let spec = np.spec.clone().unwrap_or_default();
+        if !selector::matches(&selector_or_all(spec.pod_selector.as_ref()), labels) {
+            continue;
+        }
+        let (ingress, egress) = policy_types(&spec);
+        let isolates = match dir {
+            Direction::Ingress => ingress,
+            Direction::Egress => egress,
+        };
+        if !isolates {
+            continue;
+        }
+        let list = if cluster.policy_audited(ns, np) {
+            &mut out.audit
+        } else {
+            &mut out.enforcing
+        };
+        list.push((ns.clone(), name.clone()));
+    }
+    out
+}
+
+/// The policies (namespace, name) whose rules decide for a pod with `labels` in
+/// `namespace` for `dir` (see [`Isolation::effective`]): those that isolate it, so that
+/// what none of them allows is dropped, or under audit mode reported.
 pub fn isolating_policies(cluster: &Cluster, namespace: &str, labels: &BTreeMap<String, String>, dir: Direction) -> Vec<(String, String)> {
-    cluster
-        .policies()
-        .iter()
-        .filter(|((ns, _), _)| ns == namespace)
-        .filter_map(|((ns, name), np)| {
-            let spec = np.spec.clone().unwrap_or_default();
-            if !selector::matches(&selector_or_all(spec.pod_selector.as_ref()), labels) {
-                return None;
-            }
-            let (ingress, egress) = policy_types(&spec);
-            let isolates = match dir {
-                Direction::Ingress => ingress,
-                Direction::Egress => egress,
-            };
-            isolates.then(|| (ns.clone(), name.clone()))
-        })
-        .collect()
+    isolation(cluster, namespace, labels, dir).effective().to_vec()
 }
 
 fn ip_blocks(np: &NetworkPolicy) -> impl Iterator<Item = &IPBlock> {
@@ -644,27 +683,47 @@ fn masked(key: &PolicyKey, prefix: u32) -> PolicyKey {
 }
 
 /// What the datapath decides for one flow at one endpoint: `None` drops it, `Some` allows it
-/// naming the rule (0 when the endpoint is not isolated in that direction).
-///
-/// Mirrors the programs: endpoint by ifindex, isolation flag, ipcache longest prefix, then a
-/// policy LPM lookup with the exact remote identity and, failing that, with `ANY`.
+/// naming the rule (0 when the endpoint is not isolated in that direction, or when an
+/// audit-mode direction lets through what no rule allows).
 pub fn lookup(state: &DatapathState, ifindex: u32, dir: u8, remote_ip: Ipv4Addr, protocol: u8, port: u16) -> Option<PolicyValue> {
+    lookup_verdict(state, ifindex, dir, remote_ip, protocol, port).map(|(_, v)| v)
+}
+
+/// As [`lookup`], with the flow verdict the datapath reports: `None` drops it, else
+/// ([`verdict::FORWARDED`] or [`verdict::AUDIT`], the matching entry or a default one).
+///
+/// Mirrors the programs: endpoint by ifindex, isolation and audit flags, ipcache longest
+/// prefix, then a policy LPM lookup with the exact remote identity and, failing that, with
+/// `ANY`; a miss drops on an isolated direction and is audited on an audit-only one.
+pub fn lookup_verdict(
+    state: &DatapathState,
+    ifindex: u32,
+    dir: u8,
+    remote_ip: Ipv4Addr,
+    protocol: u8,
+    port: u16,
+) -> Option<(u8, PolicyValue)> {
     let ep = state.endpoints.get(&ifindex)?;
-    let flag = if dir == direction::INGRESS {
-        endpoint_flags::ISOLATED_INGRESS
+    let (isolated, audit) = if dir == direction::INGRESS {
+        (endpoint_flags::ISOLATED_INGRESS, endpoint_flags::AUDIT_INGRESS)
     } else {
-        endpoint_flags::ISOLATED_EGRESS
+        (endpoint_flags::ISOLATED_EGRESS, endpoint_flags::AUDIT_EGRESS)
     };
-    if ep.flags & flag == 0 {
-        return Some(PolicyValue::default());
+    if ep.flags & (isolated | audit) == 0 {
+        return Some((verdict::FORWARDED, PolicyValue::default()));
     }
     let remote = ipcache_lookup(state, remote_ip);
-    [remote, identity::ANY].into_iter().find_map(|r| {
+    let found = [remote, identity::ANY].into_iter().find_map(|r| {
         let key = PolicyKey::new(ep.endpoint_id, r, dir, protocol, port);
         (POLICY_PREFIX_ANY_PROTO..=POLICY_PREFIX_FULL)
             .rev()
             .find_map(|prefix| state.policy.get(&(masked(&key, prefix), prefix)).copied())
-    })
+    });
+    match found {
+        Some(v) => Some((verdict::FORWARDED, v)),
+        None if ep.flags & isolated == 0 => Some((verdict::AUDIT, PolicyValue::default())),
+        None => None,
+    }
 }
 
 /// The outcome of one direction of a flow.
@@ -676,6 +735,9 @@ pub enum Decision {
     Allowed(RuleRef),
     /// Isolated by these policies (namespace, name), none of which allows the flow.
     Denied(Vec<(String, String)>),
+    /// Isolated only by these audit-mode policies, none of which allows the flow: it would
+    /// be denied, so it is forwarded and reported as audited.
+    Audited(Vec<(String, String)>),
     /// The pod or its peer is not in the cluster, so the spec cannot say.
     UnknownPod,
 }
@@ -683,7 +745,7 @@ pub enum Decision {
 impl Decision {
     /// Whether this direction lets the flow through.
     pub fn allows(&self) -> bool {
-        matches!(self, Decision::NotIsolated | Decision::Allowed(_))
+        matches!(self, Decision::NotIsolated | Decision::Allowed(_) | Decision::Audited(_))
     }
 }
 
@@ -697,6 +759,13 @@ pub struct Verdict {
     pub egress: Decision,
     /// The receiver's ingress decision.
     pub ingress: Decision,
+}
+
+impl Verdict {
+    /// Whether the connection is let through only because a direction is in audit mode.
+    pub fn audited(&self) -> bool {
+        self.allowed && (matches!(self.egress, Decision::Audited(_)) || matches!(self.ingress, Decision::Audited(_)))
+    }
 }
 
 /// Evaluates a connection from pod `from` to pod `to` (each `(namespace, name)`) on
@@ -739,6 +808,7 @@ fn decide(
     port: u16,
 ) -> Decision {
     let subject_labels = model::pod_labels(subject.1);
+    // (namespace, name, spec, audit mode) of every policy isolating the subject.
     let mut isolating = Vec::new();
     for ((ns, name), np) in cluster.policies() {
         if ns != subject.0 {
@@ -767,7 +837,12 @@ fn decide(
         if !types.iter().any(|t| t == wanted) {
             continue;
         }
-        isolating.push((ns.clone(), name.clone()));
+        isolating.push((ns, name, spec, cluster.policy_audited(ns, np)));
+    }
+    // Audit mode: enforcing policies alone decide when there is one; audit-mode policies
+    // decide only when nothing enforces, and what they deny is audited, not dropped.
+    let enforcing = isolating.iter().any(|(_, _, _, audit)| !audit);
+    for (ns, name, spec, _) in isolating.iter().filter(|(_, _, _, audit)| *audit != enforcing) {
         let rules: Vec<RuleParts<'_>> = match dir {
             Direction::Ingress => spec.ingress.iter().flatten().map(|r| (r.from.as_ref(), r.ports.as_ref())).collect(),
             Direction::Egress => spec.egress.iter().flatten().map(|r| (r.to.as_ref(), r.ports.as_ref())).collect(),
@@ -785,18 +860,23 @@ fn decide(
             };
             if peer_ok && port_ok {
                 return Decision::Allowed(RuleRef {
-                    namespace: ns.clone(),
-                    policy: name.clone(),
+                    namespace: (*ns).clone(),
+                    policy: (*name).clone(),
                     direction: dir,
                     index,
                 });
             }
         }
     }
-    if isolating.is_empty() {
-        Decision::NotIsolated
-    } else {
-        Decision::Denied(isolating)
+    let names = isolating
+        .iter()
+        .filter(|(_, _, _, audit)| *audit != enforcing)
+        .map(|(ns, name, _, _)| ((*ns).clone(), (*name).clone()))
+        .collect();
+    match (isolating.is_empty(), enforcing) {
+        (true, _) => Decision::NotIsolated,
+        (false, true) => Decision::Denied(names),
+        (false, false) => Decision::Audited(names),
     }
 }
 
@@ -901,6 +981,22 @@ mod tests {
         format!("---\napiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {{name: {name}, namespace: {ns}}}\nspec:\n{spec}")
     }
 
+    /// A policy with `bulkhead.io/audit` set to `audit`.
+    fn np_audit(ns: &str, name: &str, audit: &str, spec: &str) -> String {
+        format!(
+            "---\napiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\n\
+             metadata: {{name: {name}, namespace: {ns}, annotations: {{bulkhead.io/audit: \"{audit}\"}}}}\nspec:\n{spec}"
+        )
+    }
+
+    /// Namespace `ns` (label ns=<name>) re-applied with `bulkhead.io/policy-audit: "true"`.
+    fn audit_namespace(ns: &str) -> String {
+        format!(
+            "---\napiVersion: v1\nkind: Namespace\n\
+             metadata: {{name: {ns}, labels: {{ns: {ns}}}, annotations: {{bulkhead.io/policy-audit: \"true\"}}}}\n"
+        )
+    }
+
     fn proto_num(p: &str) -> u8 {
         protocol_number(p).unwrap()
     }
@@ -913,6 +1009,32 @@ mod tests {
             lookup(state, f.host_ifindex, direction::EGRESS, t.ipv4, p, port).is_some(),
             lookup(state, t.host_ifindex, direction::INGRESS, f.ipv4, p, port).is_some(),
         )
+    }
+
+    /// (egress, ingress) flow verdicts as the datapath would report them; `None`: dropped.
+    fn datapath_verdicts(
+        state: &DatapathState,
+        locals: &[LocalEndpoint],
+        from: &str,
+        to: &str,
+        protocol: &str,
+        port: u16,
+    ) -> (Option<u8>, Option<u8>) {
+        let (f, t) = (ep(locals, from), ep(locals, to));
+        let p = proto_num(protocol);
+        (
+            lookup_verdict(state, f.host_ifindex, direction::EGRESS, t.ipv4, p, port).map(|(v, _)| v),
+            lookup_verdict(state, t.host_ifindex, direction::INGRESS, f.ipv4, p, port).map(|(v, _)| v),
+        )
+    }
+
+    /// The flow verdict a decision stands for; `None`: dropped.
+    fn flow_verdict(d: &Decision) -> Option<u8> {
+        match d {
+            Decision::NotIsolated | Decision::Allowed(_) => Some(verdict::FORWARDED),
+            Decision::Audited(_) => Some(verdict::AUDIT),
+            Decision::Denied(_) | Decision::UnknownPod => None,
+        }
     }
 
     fn spec_says(c: &Cluster, from: &str, to: &str, protocol: &str, port: u16) -> Verdict {
@@ -1501,7 +1623,155 @@ mod tests {
             np("z", "cidr", "  podSelector: {}\n  policyTypes: [Ingress, Egress]\n  ingress: [{from: [{ipBlock: {cidr: 10.0.0.0/16, except: [10.0.1.0/24, 10.0.2.3/32]}}]}]\n  egress: [{to: [{ipBlock: {cidr: 10.0.1.0/30}}]}]\n"),
             np("x", "egress-types", "  podSelector: {}\n  policyTypes: [Egress]\n  ingress: [{}]\n"),
             np("y", "empty-rules", "  podSelector: {}\n  ingress: [{}]\n  egress: [{}]\n"),
+            np_audit("x", "deny-audit", "true", DENY_X),
+            format!(
+                "{}{}{}",
+                np_audit("x", "audit-a", "true", "  podSelector: {}\n  policyTypes: [Ingress, Egress]\n  ingress: [{from: [{podSelector: {matchLabels: {pod: b}}}]}]\n  egress: [{ports: [{port: 80}]}]\n"),
+                np("x", "enforce-a", "  podSelector: {matchLabels: {pod: a}}\n  ingress: [{from: [{namespaceSelector: {matchLabels: {ns: y}}}]}]\n"),
+                np_audit("z", "not-audit", "false", "  podSelector: {matchLabels: {pod: c}}\n  policyTypes: [Egress]\n"),
+            ),
+            format!(
+                "{}{}{}",
+                audit_namespace("y"),
+                np("y", "or", "  podSelector: {}\n  ingress: [{from: [{namespaceSelector: {matchLabels: {ns: z}}}, {podSelector: {matchExpressions: [{key: pod, operator: NotIn, values: [a]}]}}]}]\n"),
+                np_audit("y", "opt-out", "false", "  podSelector: {matchLabels: {pod: b}}\n  policyTypes: [Egress]\n  egress: [{ports: [{port: 53, protocol: UDP}]}]\n"),
+            ),
         ]
+    }
+
+    #[test]
+    fn audit_policy_alone_flags_audit_and_compiles_its_allows() {
+        let policies = np_audit(
+            "x",
+            "audit",
+            "true",
+            "  podSelector: {matchLabels: {pod: a}}\n  ingress: [{from: [{podSelector: {matchLabels: {pod: b}}}]}]\n",
+        );
+        let c = cluster(&policies);
+        let l = locals();
+        let state = Compiler::new().compile(&c, &l);
+        let xa = ep(&l, "x/a");
+        assert_eq!(state.endpoints[&xa.host_ifindex].flags, endpoint_flags::AUDIT_INGRESS);
+        assert!(!state.policy.is_empty(), "the audit policy's allow rule is compiled");
+        let v = |from| lookup_verdict(&state, xa.host_ifindex, direction::INGRESS, ep(&l, from).ipv4, proto::TCP, 80);
+        assert_eq!(v("x/b").map(|(v, r)| (v, r.rule_id != 0)), Some((verdict::FORWARDED, true)));
+        assert_eq!(v("x/c").map(|(v, r)| (v, r.rule_id)), Some((verdict::AUDIT, 0)));
+        let audit = vec![("x".to_string(), "audit".to_string())];
+        assert_eq!(spec_says(&c, "x/c", "x/a", "TCP", 80).ingress, Decision::Audited(audit.clone()));
+        assert!(spec_says(&c, "x/c", "x/a", "TCP", 80).audited());
+        assert!(matches!(spec_says(&c, "x/b", "x/a", "TCP", 80).ingress, Decision::Allowed(_)));
+        assert!(!spec_says(&c, "x/b", "x/a", "TCP", 80).audited());
+        check(&policies, &[("x/c", "x/a", "TCP", 80, true), ("y/a", "x/a", "UDP", 53, true)]);
+        assert_eq!(
+            isolating_policies(&c, "x", &model::pod_labels(c.pod("x", "a").unwrap()), Direction::Ingress),
+            audit
+        );
+    }
+
+    #[test]
+    fn an_enforcing_policy_on_the_same_pod_wins_and_audit_allows_are_ignored() {
+        // The audit policy allows x/c; the enforcing one allows only x/b. Enforcement decides.
+        let policies = format!(
+            "{}{}",
+            np_audit(
+                "x",
+                "audit",
+                "true",
+                "  podSelector: {}\n  ingress: [{from: [{podSelector: {matchLabels: {pod: c}}}]}]\n"
+            ),
+            np(
+                "x",
+                "enforce",
+                "  podSelector: {matchLabels: {pod: a}}\n  ingress: [{from: [{podSelector: {matchLabels: {pod: b}}}]}]\n"
+            ),
+        );
+        let c = cluster(&policies);
+        let l = locals();
+        let mut comp = Compiler::new();
+        let state = comp.compile(&c, &l);
+        let (xa, xb) = (ep(&l, "x/a"), ep(&l, "x/b"));
+        assert_eq!(state.endpoints[&xa.host_ifindex].flags, endpoint_flags::ISOLATED_INGRESS);
+        assert_eq!(state.endpoints[&xb.host_ifindex].flags, endpoint_flags::AUDIT_INGRESS);
+        let v = |to: &LocalEndpoint, from| lookup_verdict(&state, to.host_ifindex, direction::INGRESS, ep(&l, from).ipv4, proto::TCP, 80);
+        assert_eq!(v(xa, "x/c"), None, "the audit policy's allow does not open the enforced pod");
+        let (_, allowed) = v(xa, "x/b").unwrap();
+        assert_eq!(comp.rules().rule(allowed.rule_id).map(|r| r.policy.as_str()), Some("enforce"));
+        assert_eq!(v(xb, "x/a").map(|(v, _)| v), Some(verdict::AUDIT));
+        assert_eq!(v(xb, "x/c").map(|(v, _)| v), Some(verdict::FORWARDED));
+        assert_eq!(
+            spec_says(&c, "x/c", "x/a", "TCP", 80).ingress,
+            Decision::Denied(vec![("x".into(), "enforce".into())]),
+            "a drop names only the enforcing policy"
+        );
+        assert_eq!(
+            spec_says(&c, "x/a", "x/b", "TCP", 80).ingress,
+            Decision::Audited(vec![("x".into(), "audit".into())])
+        );
+        let labels = |p| model::pod_labels(c.pod("x", p).unwrap());
+        let iso = isolation(&c, "x", &labels("a"), Direction::Ingress);
+        assert_eq!((iso.isolated(), iso.audited(), iso.audit.len()), (true, false, 1));
+        assert_eq!(iso.effective(), [("x".to_string(), "enforce".to_string())]);
+        check(
+            &policies,
+            &[
+                ("x/c", "x/a", "TCP", 80, false),
+                ("x/b", "x/a", "TCP", 80, true),
+                ("x/a", "x/b", "TCP", 80, true),
+            ],
+        );
+    }
+
+    #[test]
+    fn namespace_annotation_audits_all_its_policies_unless_a_policy_opts_out() {
+        let policies = format!(
+            "{}{}{}",
+            audit_namespace("x"),
+            np("x", "deny", DENY_X),
+            np_audit(
+                "x",
+                "deny-egress-of-c",
+                "false",
+                "  podSelector: {matchLabels: {pod: c}}\n  policyTypes: [Egress]\n"
+            ),
+        );
+        let c = cluster(&policies);
+        let l = locals();
+        let state = Compiler::new().compile(&c, &l);
+        for pod in ["x/a", "x/b"] {
+            assert_eq!(
+                state.endpoints[&ep(&l, pod).host_ifindex].flags,
+                endpoint_flags::AUDIT_INGRESS,
+                "{pod}"
+            );
+        }
+        assert_eq!(
+            state.endpoints[&ep(&l, "x/c").host_ifindex].flags,
+            endpoint_flags::AUDIT_INGRESS | endpoint_flags::ISOLATED_EGRESS
+        );
+        assert_eq!(state.endpoints[&ep(&l, "y/a").host_ifindex].flags, 0);
+        assert_eq!(
+            datapath_verdicts(&state, &l, "y/a", "x/a", "TCP", 80),
+            (Some(verdict::FORWARDED), Some(verdict::AUDIT))
+        );
+        assert_eq!(
+            datapath_verdicts(&state, &l, "x/c", "y/a", "TCP", 80),
+            (None, Some(verdict::FORWARDED))
+        );
+        check(
+            &policies,
+            &[
+                ("y/a", "x/a", "TCP", 80, true),
+                ("x/a", "x/b", "UDP", 53, true),
+                ("x/c", "y/a", "TCP", 80, false),
+            ],
+        );
+        let annotations_only = format!("{}{}", audit_namespace("x"), np("x", "deny", DENY_X));
+        assert!(cluster(&annotations_only).policy_audited("x", cluster(&annotations_only).policy("x", "deny").unwrap()));
+        // Without the namespace annotation the same policy enforces.
+        let plain = cluster(&np("x", "deny", DENY_X));
+        assert!(!plain.policy_audited("x", plain.policy("x", "deny").unwrap()));
+        let other = cluster(&np_audit("x", "deny", "yes please", DENY_X));
+        assert!(!other.policy_audited("x", other.policy("x", "deny").unwrap()), "only true audits");
     }
 
     const PROBES: [(&str, u16); 7] = [
@@ -1523,11 +1793,11 @@ mod tests {
                     continue;
                 }
                 for (protocol, port) in PROBES {
-                    let (e, i) = datapath(&state, &l, &from, &to, protocol, port);
+                    let (e, i) = datapath_verdicts(&state, &l, &from, &to, protocol, port);
                     let v = spec_says(c, &from, &to, protocol, port);
                     assert_eq!(
                         (e, i),
-                        (v.egress.allows(), v.ingress.allows()),
+                        (flow_verdict(&v.egress), flow_verdict(&v.ingress)),
                         "{from} -> {to} {protocol}/{port}: datapath (egress, ingress) vs spec {v:?}\n{context}"
                     );
                 }
@@ -1611,8 +1881,9 @@ mod tests {
                 ]),
                 prop::option::of(prop::collection::vec(rule_yaml("from"), 0..3)),
                 prop::option::of(prop::collection::vec(rule_yaml("to"), 0..3)),
+                prop::option::of(prop::sample::select(vec!["true", "false"])),
             )
-                .prop_map(move |(ns, sel, types, ingress, egress)| {
+                .prop_map(move |(ns, sel, types, ingress, egress, audit)| {
                     let mut spec = format!("  podSelector: {sel}\n{types}");
                     if let Some(r) = ingress {
                         spec.push_str(&format!("  ingress: [{}]\n", r.join(", ")));
@@ -1620,7 +1891,10 @@ mod tests {
                     if let Some(r) = egress {
                         spec.push_str(&format!("  egress: [{}]\n", r.join(", ")));
                     }
-                    np(ns, &format!("p{index}"), &spec)
+                    match audit {
+                        Some(value) => np_audit(ns, &format!("p{index}"), value, &spec),
+                        None => np(ns, &format!("p{index}"), &spec),
+                    }
                 })
         }
 
@@ -1636,18 +1910,28 @@ mod tests {
         proptest! {
             #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
             #[test]
-            fn compiled_lookup_agrees_with_the_spec(policies in policies_yaml(), tiers in tiers()) {
+            fn compiled_lookup_agrees_with_the_spec(
+                policies in policies_yaml(),
+                tiers in tiers(),
+                audit_namespaces in prop::collection::vec(any::<bool>(), 3),
+            ) {
                 let mut c = cluster(&policies);
                 let mut objects = c.objects();
                 let mut n = 0;
                 for o in &mut objects {
-                    let meta = match o {
-                        crate::model::Object::Namespace(x) => &mut x.metadata,
-                        crate::model::Object::Pod(x) => &mut x.metadata,
+                    let (meta, is_namespace) = match o {
+                        crate::model::Object::Namespace(x) => (&mut x.metadata, true),
+                        crate::model::Object::Pod(x) => (&mut x.metadata, false),
                         crate::model::Object::NetworkPolicy(_) => continue,
                     };
                     if let Some(Some(t)) = tiers.get(n) {
                         meta.labels.get_or_insert_with(BTreeMap::new).insert("tier".into(), (*t).into());
+                    }
+                    // Namespaces come first: the first three objects are x, y and z.
+                    if is_namespace && audit_namespaces.get(n) == Some(&true) {
+                        meta.annotations
+                            .get_or_insert_with(BTreeMap::new)
+                            .insert(crate::model::NAMESPACE_AUDIT_ANNOTATION.into(), "true".into());
                     }
                     n += 1;
                 }

@@ -252,6 +252,19 @@ async fn initial_lists_build_the_model_and_nothing_is_served_before() {
         kv(&[("kubernetes.io/metadata.name", "prod"), ("team", "shop")])
     );
     assert_eq!(cluster.namespaces().keys().collect::<Vec<_>>(), ["dev", "prod"]);
+    // Of the annotations, only Bulkhead's audit-mode ones are kept.
+    let kept = |meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta| {
+        meta.annotations.clone().unwrap_or_default().into_iter().collect::<Vec<_>>()
+    };
+    assert_eq!(
+        kept(&cluster.namespace("dev").unwrap().metadata),
+        kv(&[("bulkhead.io/policy-audit", "true")])
+    );
+    assert_eq!(kept(&cluster.namespace("prod").unwrap().metadata), kv(&[]));
+    assert_eq!(
+        kept(&cluster.policy("prod", "db-from-v6").unwrap().metadata),
+        kv(&[("bulkhead.io/audit", "false")])
+    );
     // The undecodable policy is skipped; the one with an IPv6 ipBlock keeps only its
     // selector, so the pods it selects stay isolated instead of opening up.
     assert_eq!(

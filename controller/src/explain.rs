@@ -1,0 +1,445 @@
+//! `bulkhead explain FROM TO PORT/PROTO`: the verdict the agent's current model gives a
+//! connection, which policies isolate each side and which rule allows it.
+//!
+//! The agent computes the answer with [`policy::evaluate`], the spec evaluator that the
+//! compiler's tests hold the datapath lookups to, and [`policy::isolation`], which the
+//! compiler itself uses to choose between enforcing and audit-mode policies.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use bulkhead_cni::agent_api::{
+    self, ApiError, ExplainSide, ExplainVerdict, Explanation, FlowDirection, PolicyName, PolicyRule, Request, Response,
+};
+
+use crate::identity::{Direction, RuleRef};
+use crate::lab::Output;
+use crate::model::{self, Cluster};
+use crate::observe::{self, ObserveError};
+use crate::policy::{self, Decision};
+
+/// How long to wait for the agent's answer.
+const TIMEOUT: Duration = Duration::from_secs(10);
+
+/// `bulkhead explain` flags.
+#[derive(Debug, clap::Args)]
+pub struct ExplainArgs {
+    /// The client pod, NAMESPACE/NAME.
+    pub from: String,
+    /// The server pod, NAMESPACE/NAME.
+    pub to: String,
+    /// Destination port and protocol, e.g. 80/TCP, 53/udp; the protocol defaults to TCP.
+    /// Numbers only: named ports are not resolved.
+    #[arg(value_name = "PORT/PROTO")]
+    pub port: String,
+    /// Output format.
+    #[arg(short = 'o', long, value_enum, default_value_t = Output::Table)]
+    pub output: Output,
+    /// The agent socket (default: the first lab node's agent when a lab is up, else
+    /// /run/bulkhead/agent.sock).
+    #[arg(long, conflicts_with = "node")]
+    pub socket: Option<PathBuf>,
+    /// Lab state dir, to find the nodes' agents.
+    #[arg(long, env = "BULKHEAD_LAB_DIR", default_value = "/run/bulkhead/lab")]
+    pub lab_dir: PathBuf,
+    /// Ask this lab node's agent.
+    #[arg(long)]
+    pub node: Option<String>,
+}
+
+/// Why `bulkhead explain` failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ExplainError {
+    /// A pod argument is not `NAMESPACE/NAME`.
+    #[error("{arg}: {reason}")]
+    BadPod {
+        /// `FROM` or `TO`.
+        arg: &'static str,
+        /// What is wrong.
+        reason: String,
+    },
+    /// The model has no such pod.
+    #[error("{arg}: unknown pod {pod}")]
+    UnknownPod {
+        /// `FROM` or `TO`.
+        arg: &'static str,
+        /// The pod asked for.
+        pod: String,
+    },
+    /// `PORT/PROTO` does not parse.
+    #[error("PORT/PROTO: {reason}")]
+    BadPort {
+        /// What is wrong.
+        reason: String,
+    },
+    /// The agent to ask could not be found.
+    #[error("finding the agent")]
+    Target(#[source] ObserveError),
+    /// The lab has no nodes.
+    #[error("the lab in {lab_dir} has no nodes")]
+    NoNodes {
+        /// Where the lab was found.
+        lab_dir: PathBuf,
+    },
+    /// The agent could not be asked.
+    #[error("node {node}")]
+    Agent {
+        /// The node (or socket path).
+        node: String,
+        /// Cause.
+        #[source]
+        source: ApiError,
+    },
+    /// The agent refused the request.
+    #[error("node {node}: {message} (code {code})")]
+    Refused {
+        /// The node (or socket path).
+        node: String,
+        /// CNI-style error code.
+        code: u32,
+        /// The agent's message.
+        message: String,
+    },
+    /// The agent answered something else.
+    #[error("node {node}: unexpected answer {answer}")]
+    Unexpected {
+        /// The node (or socket path).
+        node: String,
+        /// The answer, debug-printed.
+        answer: String,
+    },
+}
+
+/// The agent's error code for an explain request it cannot answer (bad or unknown pod,
+/// port or protocol): CNI's "decoding failure", as for any malformed request.
+pub const CODE_BAD_REQUEST: u32 = 6;
+
+fn pod_ref<'a>(arg: &'static str, text: &'a str) -> Result<(&'a str, &'a str), ExplainError> {
+    agent_api::parse_namespaced(text).map_err(|reason| ExplainError::BadPod { arg, reason })
+}
+
+/// Parses `PORT/PROTO` (or `PORT`, meaning TCP): a port 1-65535 and TCP, UDP or SCTP in
+/// any case; returns the port and the protocol upper-cased.
+pub fn parse_port(text: &str) -> Result<(u16, String), ExplainError> {
+    let bad = |reason: String| ExplainError::BadPort { reason };
+    let (port, protocol) = text.split_once('/').unwrap_or((text, "TCP"));
+    let number: u16 = port
+        .parse()
+        .map_err(|_| bad(format!("{port:?} is not a port number (1-65535; named ports are not supported)")))?;
+    if number == 0 {
+        return Err(bad("port 0 is not a destination port (1-65535)".into()));
+    }
+    Ok((number, protocol_name(protocol)?))
+}
+
+fn protocol_name(text: &str) -> Result<String, ExplainError> {
+    let upper = text.to_ascii_uppercase();
+    match upper.as_str() {
+        "TCP" | "UDP" | "SCTP" => Ok(upper),
+        _ => Err(ExplainError::BadPort {
+            reason: format!("unknown protocol {text:?} (expected TCP, UDP or SCTP)"),
+        }),
+    }
+}
+
+fn flow_direction(dir: Direction) -> FlowDirection {
+    match dir {
+        Direction::Ingress => FlowDirection::Ingress,
+        Direction::Egress => FlowDirection::Egress,
+    }
+}
+
+fn names(list: &[(String, String)]) -> Vec<PolicyName> {
+    list.iter()
+        .map(|(namespace, name)| PolicyName {
+            namespace: namespace.clone(),
+            name: name.clone(),
+        })
+        .collect()
+}
+
+fn rule(r: &RuleRef) -> PolicyRule {
+    PolicyRule {
+        namespace: r.namespace.clone(),
+        name: r.policy.clone(),
+        direction: flow_direction(r.direction),
+        rule: r.index,
+    }
+}
+
+/// One side: `pod`'s policies for `dir`, and what `decision` says.
+fn side(cluster: &Cluster, pod: (&str, &str), dir: Direction, decision: &Decision) -> ExplainSide {
+    let labels = cluster.pod(pod.0, pod.1).map(model::pod_labels).unwrap_or_default();
+    let iso = policy::isolation(cluster, pod.0, &labels, dir);
+    let (verdict, allowed_by) = match decision {
+        Decision::NotIsolated => (ExplainVerdict::Allowed, None),
+        Decision::Allowed(r) => (ExplainVerdict::Allowed, Some(rule(r))),
+        Decision::Audited(_) => (ExplainVerdict::Audit, None),
+        Decision::Denied(_) | Decision::UnknownPod => (ExplainVerdict::Denied, None),
+    };
+    ExplainSide {
+        pod: format!("{}/{}", pod.0, pod.1),
+        direction: flow_direction(dir),
+        isolated: iso.isolated() || iso.audited(),
+        audit_mode: iso.audited(),
+        isolated_by: names(iso.effective()),
+        allowed_by,
+        verdict,
+    }
+}
+
+/// Explains a connection from pod `from` to pod `to` (`namespace/name` each) on
+/// `port`/`protocol` against `cluster`, as the datapath compiled from it decides.
+pub fn explain(cluster: &Cluster, from: &str, to: &str, port: u16, protocol: &str) -> Result<Explanation, ExplainError> {
+    let f = pod_ref("FROM", from)?;
+    let t = pod_ref("TO", to)?;
+    for (arg, (ns, name)) in [("FROM", f), ("TO", t)] {
+        if cluster.pod(ns, name).is_none() {
+            return Err(ExplainError::UnknownPod {
+                arg,
+                pod: format!("{ns}/{name}"),
+            });
+        }
+    }
+    if port == 0 {
+        return Err(ExplainError::BadPort {
+            reason: "port 0 is not a destination port (1-65535)".into(),
+        });
+    }
+    let protocol = protocol_name(protocol)?;
+    let v = policy::evaluate(cluster, f, t, &protocol, port);
+    let verdict = if !v.allowed {
+        ExplainVerdict::Denied
+    } else if v.audited() {
+        ExplainVerdict::Audit
+    } else {
+        ExplainVerdict::Allowed
+    };
+    Ok(Explanation {
+        from: from.to_string(),
+        to: to.to_string(),
+        port,
+        protocol,
+        verdict,
+        egress: side(cluster, f, Direction::Egress, &v.egress),
+        ingress: side(cluster, t, Direction::Ingress, &v.ingress),
+    })
+}
+
+/// The agent's answer to [`Request::Explain`] against its current model.
+pub fn respond(cluster: &Cluster, from: &str, to: &str, port: u16, protocol: &str) -> Response {
+    match explain(cluster, from, to, port, protocol) {
+        Ok(e) => Response::Explain(Box::new(e)),
+        Err(e) => Response::Error {
+            code: CODE_BAD_REQUEST,
+            message: e.to_string(),
+        },
+    }
+}
+
+fn policy_list(list: &[PolicyName]) -> String {
+    if list.is_empty() {
+        return "-".into();
+    }
+    list.iter()
+        .map(|p| format!("{}/{}", p.namespace, p.name))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// The human-readable form: a verdict line, then one row per side.
+pub fn table(e: &Explanation) -> String {
+    let mut rows = vec![[
+        "SIDE".to_string(),
+        "POD".into(),
+        "ISOLATED BY".into(),
+        "MODE".into(),
+        "ALLOWED BY".into(),
+        "VERDICT".into(),
+    ]];
+    for s in [&e.egress, &e.ingress] {
+        let mode = match (s.isolated, s.audit_mode) {
+            (false, _) => "not isolated",
+            (true, false) => "enforce",
+            (true, true) => "audit",
+        };
+        let allowed_by = s.allowed_by.as_ref().map_or_else(
+            || "-".to_string(),
+            |r| format!("{}/{} {}[{}]", r.namespace, r.name, r.direction.as_str(), r.rule),
+        );
+        rows.push([
+            s.direction.as_str().to_string(),
+            s.pod.clone(),
+            policy_list(&s.isolated_by),
+            mode.into(),
+            allowed_by,
+            s.verdict.as_str().into(),
+        ]);
+    }
+    let mut widths = [0usize; 6];
+    for row in &rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.len());
+        }
+    }
+    let mut out = format!("{} -> {} {}/{}: {}\n", e.from, e.to, e.port, e.protocol, e.verdict.as_str());
+    for row in &rows {
+        let cells: Vec<String> = row.iter().zip(widths).map(|(c, w)| format!("{c:<w$}")).collect();
+        out.push_str(cells.join("  ").trim_end());
+        out.push('\n');
+    }
+    out
+}
+
+/// Runs `bulkhead explain`; the exit code.
+pub fn run(args: ExplainArgs) -> Result<i32, ExplainError> {
+    // Checked here too, so bad input fails before any agent is looked for.
+    pod_ref("FROM", &args.from)?;
+    pod_ref("TO", &args.to)?;
+    let (port, protocol) = parse_port(&args.port)?;
+    let targets = observe::agent_targets(args.socket.as_deref(), &args.lab_dir, args.node.as_deref()).map_err(ExplainError::Target)?;
+    // Every lab agent holds the whole cluster's model: the first one answers for all.
+    let target = targets.into_iter().next().ok_or_else(|| ExplainError::NoNodes {
+        lab_dir: args.lab_dir.clone(),
+    })?;
+    let request = Request::Explain {
+        from: args.from.clone(),
+        to: args.to.clone(),
+        port,
+        protocol,
+    };
+    let node = target.node.clone();
+    let explanation = match agent_api::call(&target.socket, &request, TIMEOUT) {
+        Ok(Response::Explain(e)) => *e,
+        Ok(Response::Error { code, message }) => return Err(ExplainError::Refused { node, code, message }),
+        Ok(other) => {
+            return Err(ExplainError::Unexpected {
+                node,
+                answer: format!("{other:?}"),
+            })
+        }
+        Err(source) => return Err(ExplainError::Agent { node, source }),
+    };
+    let text = match args.output {
+        Output::Table => table(&explanation),
+        Output::Json => match serde_json::to_string_pretty(&explanation) {
+            Ok(json) => json + "\n",
+            Err(e) => format!("{{\"error\": {:?}}}\n", e.to_string()),
+        },
+    };
+    // A closed pipe (`| head`) is not an error worth a message.
+    let _ = std::io::stdout().lock().write_all(text.as_bytes());
+    Ok(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::parse_documents;
+
+    const MODEL: &str = "
+apiVersion: v1
+kind: Pod
+metadata: {name: a, namespace: x, labels: {pod: a}}
+status: {podIP: 10.9.0.1}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: b, namespace: x, labels: {pod: b}}
+status: {podIP: 10.9.0.2}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: b, namespace: y, labels: {pod: b}}
+status: {podIP: 10.9.1.2}
+---
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: allow-b, namespace: x}
+spec:
+  podSelector: {matchLabels: {pod: a}}
+  ingress:
+  - from: [{podSelector: {matchLabels: {pod: b}}, namespaceSelector: {}}]
+    ports: [{port: 80}]
+---
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: audit-egress, namespace: y, annotations: {bulkhead.io/audit: \"true\"}}
+spec:
+  podSelector: {}
+  policyTypes: [Egress]
+  egress: [{ports: [{port: 53, protocol: UDP}]}]
+";
+
+    fn cluster() -> Cluster {
+        Cluster::from_objects(parse_documents(MODEL, "test").unwrap())
+    }
+
+    #[test]
+    fn allowed_names_the_rule_and_denied_names_the_isolating_policy() {
+        let c = cluster();
+        let e = explain(&c, "x/b", "x/a", 80, "tcp").unwrap();
+        assert_eq!((e.verdict, e.protocol.as_str()), (ExplainVerdict::Allowed, "TCP"));
+        assert_eq!((e.egress.isolated, e.egress.verdict), (false, ExplainVerdict::Allowed));
+        assert!(e.egress.isolated_by.is_empty() && e.egress.allowed_by.is_none());
+        let allowed = e.ingress.allowed_by.clone().unwrap();
+        assert_eq!((allowed.name.as_str(), allowed.rule), ("allow-b", 0));
+        assert_eq!(policy_list(&e.ingress.isolated_by), "x/allow-b");
+
+        let e = explain(&c, "x/b", "x/a", 81, "TCP").unwrap();
+        assert_eq!(e.verdict, ExplainVerdict::Denied);
+        assert_eq!((e.ingress.isolated, e.ingress.audit_mode), (true, false));
+        assert_eq!(e.ingress.verdict, ExplainVerdict::Denied);
+        let text = table(&e);
+        assert!(text.starts_with("x/b -> x/a 81/TCP: DENIED\n"), "{text}");
+        assert!(text.contains("ingress  x/a  x/allow-b"), "{text}");
+    }
+
+    #[test]
+    fn audit_mode_side_says_audit_and_a_deny_on_the_other_side_wins() {
+        let c = cluster();
+        let e = explain(&c, "y/b", "x/b", 80, "TCP").unwrap();
+        assert_eq!(e.verdict, ExplainVerdict::Audit);
+        assert_eq!((e.egress.isolated, e.egress.audit_mode), (true, true));
+        assert_eq!(policy_list(&e.egress.isolated_by), "y/audit-egress");
+        assert_eq!(e.egress.verdict, ExplainVerdict::Audit);
+        // Allowed by the audit policy's own rule: no audit there.
+        let e = explain(&c, "y/b", "x/b", 53, "UDP").unwrap();
+        assert_eq!(e.verdict, ExplainVerdict::Allowed);
+        assert_eq!(e.egress.allowed_by.map(|r| r.name).as_deref(), Some("audit-egress"));
+        // Egress audited, ingress denied: denied.
+        let e = explain(&c, "y/b", "x/a", 81, "TCP").unwrap();
+        assert_eq!(e.verdict, ExplainVerdict::Denied);
+        assert!(table(&e).contains("audit"), "{}", table(&e));
+    }
+
+    #[test]
+    fn bad_input_is_a_clear_error() {
+        let c = cluster();
+        let err = |from: &str, to: &str, port, proto: &str| explain(&c, from, to, port, proto).unwrap_err().to_string();
+        assert_eq!(err("x/zz", "x/a", 80, "TCP"), "FROM: unknown pod x/zz");
+        assert_eq!(err("x/a", "q/a", 80, "TCP"), "TO: unknown pod q/a");
+        assert!(err("xa", "x/a", 80, "TCP").starts_with("FROM: \"xa\" is not NAMESPACE/NAME"));
+        assert!(err("x/a", "x/b", 80, "ICMP").contains("unknown protocol \"ICMP\""));
+        assert!(err("x/a", "x/b", 0, "TCP").contains("port 0"));
+        assert!(matches!(
+            respond(&c, "x/a", "x/zz", 80, "TCP"),
+            Response::Error {
+                code: CODE_BAD_REQUEST,
+                ..
+            }
+        ));
+
+        assert_eq!(parse_port("80/TCP").unwrap(), (80, "TCP".to_string()));
+        assert_eq!(parse_port("53/udp").unwrap(), (53, "UDP".to_string()));
+        assert_eq!(parse_port("8080").unwrap(), (8080, "TCP".to_string()));
+        for bad in ["http/TCP", "70000/TCP", "0/TCP", "80/ICMP", "80/", "/TCP", ""] {
+            assert!(parse_port(bad).is_err(), "{bad}");
+        }
+        assert!(parse_port("http")
+            .unwrap_err()
+            .to_string()
+            .contains("named ports are not supported"));
+    }
+}
