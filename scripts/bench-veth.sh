@@ -21,8 +21,9 @@ LAB="$BH lab --lab-dir $WORK/lab"
 cleanup() { $LAB down >/dev/null 2>&1 || true; rm -rf "$WORK"; }
 trap cleanup EXIT
 
+# No containerPorts: the lab would serve them itself, and iperf3 needs 5201.
 pod() { # name namespace
-  printf -- '---\napiVersion: v1\nkind: Pod\nmetadata: {name: %s, namespace: %s, labels: {role: %s}}\nspec: {containers: [{name: c, image: iperf3, ports: [{containerPort: 5201, protocol: TCP}]}]}\n' "$1" "$2" "$1"
+  printf -- '---\napiVersion: v1\nkind: Pod\nmetadata: {name: %s, namespace: %s, labels: {role: %s}}\nspec: {containers: [{name: c, image: iperf3}]}\n' "$1" "$2" "$1"
 }
 {
   printf 'apiVersion: v1\nkind: Namespace\nmetadata: {name: e}\n---\napiVersion: v1\nkind: Namespace\nmetadata: {name: u}\n'
@@ -30,8 +31,8 @@ pod() { # name namespace
   # Enforced pair: both directions isolated, with rules that admit the benchmark flow.
   printf -- '---\napiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: iperf, namespace: e}\n'
   printf 'spec:\n  podSelector: {}\n  policyTypes: [Ingress, Egress]\n'
-  printf '  ingress: [{from: [{podSelector: {matchLabels: {role: client}}}], ports: [{port: 5201, protocol: TCP}]}]\n'
-  printf '  egress: [{to: [{podSelector: {matchLabels: {role: server}}}], ports: [{port: 5201, protocol: TCP}]}]\n'
+  printf '  ingress: [{from: [{podSelector: {matchLabels: {role: client}}}], ports: [{port: 5201, protocol: TCP}, {port: 5201, protocol: UDP}]}]\n'
+  printf '  egress: [{to: [{podSelector: {matchLabels: {role: server}}}], ports: [{port: 5201, protocol: TCP}, {port: 5201, protocol: UDP}]}]\n'
 } >"$WORK/bench.yaml"
 $LAB up -f "$WORK/bench.yaml" >/dev/null
 NODE_NS=$($LAB status -o json | python3 -c 'import json,sys; print(json.load(sys.stdin)["nodes"][0]["netns"])')
@@ -55,9 +56,15 @@ run() { # ns server-ip mode -> one number
   if [ "$3" = udp64 ]; then args+=(-u -b 0 -l 64); fi
   $LAB exec "$1/client" -- iperf3 "${args[@]}" | python3 -c '
 import json,sys
-r=json.load(sys.stdin)["end"]
-s=r.get("sum_received") or r.get("sum")
-print(s["bits_per_second"] if "tcp" in sys.argv[1] else s["packets"]/s["seconds"])' "$3"
+doc=json.load(sys.stdin)
+if "error" in doc:
+    sys.exit("iperf3: " + doc["error"])
+r=doc["end"]
+if sys.argv[1] == "tcp":
+    print(r["sum_received"]["bits_per_second"])
+else:
+    s=r["sum"]
+    print((s["packets"] - s.get("lost_packets", 0)) / s["seconds"])' "$3"
 }
 median() { sort -g | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
 
