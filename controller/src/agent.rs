@@ -238,6 +238,11 @@ impl Agent {
                 if let Some(seen) = seen {
                     self.metrics.observe_implementation_delay(seen.elapsed());
                 }
+                if self.ready {
+                    // `/healthz` turns 200 with the first synced model in the maps (the
+                    // Kubernetes source gets there after start, from the poller).
+                    self.metrics.set_ready();
+                }
                 tracing::debug!(upserts = stats.upserts, removals = stats.removals, elapsed = ?started.elapsed(), "maps programmed");
                 Ok(())
             }
