@@ -1,19 +1,25 @@
 //! The Kubernetes source against a fake API server replaying recorded responses
 //! (`tests/kube-recorded/`): the real kube client, watcher and backoff, over HTTP/1.1 on
-//! loopback.
+//! loopback; and the real `bulkhead agent` binary against the same server (runs as root:
+//! it pins maps under /sys/fs/bpf).
 #![expect(clippy::unwrap_used, reason = "tests assert by panicking (STYLE 14)")]
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
+use std::io::{Read, Write};
 use std::net::{Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use bulkhead::datapath::Datapath;
 use bulkhead::kube_source::{KubeSource, KubeSourceOptions};
 use bulkhead::maps::{self, MemoryMaps};
 use bulkhead::model::{self, Cluster};
 use bulkhead::policy::{Compiler, DatapathState, LocalEndpoint};
 use bulkhead::source::Source;
-use bulkhead_common::{direction, endpoint_flags, proto, PolicyKey, POLICY_PREFIX_FULL};
+use bulkhead_cni::agent_api::{self, AgentStatus, Request, Response};
+use bulkhead_common::{direction, endpoint_flags, identity, proto, PolicyKey, POLICY_PREFIX_FULL};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
@@ -446,4 +452,224 @@ async fn the_synced_model_compiles_into_map_entries() {
         .filter(|(k, _)| k.endpoint_id == 1u32.to_be_bytes() && k.direction == direction::INGRESS)
         .collect();
     assert_eq!(web_ingress.len(), 1, "{web_ingress:?}");
+}
+
+/// The real `bulkhead agent` binary with the Kubernetes source pointed at a [`FakeApi`],
+/// in its own temp and pin directories. Dropping it stops the agent (SIGTERM, then SIGKILL)
+/// and removes both, whether the test passed or not.
+struct AgentProcess {
+    child: Child,
+    dir: PathBuf,
+    pin_dir: PathBuf,
+    metrics: SocketAddr,
+}
+
+impl AgentProcess {
+    fn start(api: &FakeApi) -> AgentProcess {
+        let pid = std::process::id();
+        let dir = std::env::temp_dir().join(format!("bulkhead-kubeagent-{pid}"));
+        let pin_dir = PathBuf::from(format!("/sys/fs/bpf/bulkhead-kubeagent-{pid}"));
+        let _ = std::fs::remove_dir_all(&dir);
+        let _ = std::fs::remove_dir_all(&pin_dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let kubeconfig = dir.join("kubeconfig");
+        std::fs::write(
+            &kubeconfig,
+            format!(
+                "apiVersion: v1\nkind: Config\nclusters:\n- name: fake\n  cluster:\n    server: http://{}\n\
+                 users:\n- name: anonymous\n  user: {{}}\ncontexts:\n- name: fake\n  context:\n    cluster: fake\n    user: anonymous\n\
+                 current-context: fake\n",
+                api.addr
+            ),
+        )
+        .unwrap();
+        // The agent wants an address, not a socket: take a free port and hand it over.
+        let metrics = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+        let log = std::fs::File::create(dir.join("agent.log")).unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_bulkhead"))
+            .arg("agent")
+            .args(["--source", "kubernetes", "--node-name", "node-a"])
+            .arg("--kubeconfig")
+            .arg(&kubeconfig)
+            .arg("--state-dir")
+            .arg(dir.join("state"))
+            .arg("--bpffs")
+            .arg(&pin_dir)
+            .arg("--metrics-address")
+            .arg(metrics.to_string())
+            // No BULKHEAD_*, KUBECONFIG, KUBERNETES_SERVICE_HOST or proxy settings from the
+            // test's environment: the flags alone configure the agent.
+            .env_clear()
+            .env("BULKHEAD_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        AgentProcess {
+            child,
+            dir,
+            pin_dir,
+            metrics,
+        }
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("agent.log")).unwrap_or_default()
+    }
+
+    /// Polls `f` until it returns `Some`, failing with the agent's log after `secs` seconds.
+    async fn until<T>(&mut self, what: &str, secs: u64, mut f: impl FnMut(&mut Self) -> Option<T>) -> T {
+        let deadline = Instant::now() + Duration::from_secs(secs);
+        loop {
+            if let Some(v) = f(self) {
+                return v;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "timed out waiting for {what}; agent log:\n{}",
+                self.log()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Fails the test at once, with the agent's log, when the agent has exited.
+    fn assert_running(&mut self) {
+        if let Some(status) = self.child.try_wait().unwrap() {
+            panic!("the agent exited ({status}):\n{}", self.log());
+        }
+    }
+
+    /// The agent's Status over its socket; `None` while it does not answer.
+    fn status(&mut self) -> Option<AgentStatus> {
+        self.assert_running();
+        let socket = self.dir.join("state/agent.sock");
+        let response = tokio::task::block_in_place(|| agent_api::call(&socket, &Request::Status, Duration::from_secs(5)));
+        match response {
+            Ok(Response::Status(status)) => Some(status),
+            Ok(other) => panic!("status answered {other:?}"),
+            Err(_) => None,
+        }
+    }
+
+    /// The HTTP status code of `GET /healthz`; `None` while nothing answers.
+    fn healthz(&mut self) -> Option<u16> {
+        self.assert_running();
+        tokio::task::block_in_place(|| {
+            let mut stream = std::net::TcpStream::connect(self.metrics).ok()?;
+            stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+            stream
+                .write_all(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+                .ok()?;
+            let mut response = String::new();
+            stream.read_to_string(&mut response).ok()?;
+            response.split_whitespace().nth(1)?.parse().ok()
+        })
+    }
+}
+
+impl Drop for AgentProcess {
+    fn drop(&mut self) {
+        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
+        if nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).is_ok() {
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while Instant::now() < deadline && matches!(self.child.try_wait(), Ok(None)) {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.pin_dir);
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// The ipcache's pod entries (all but this node's own addresses, which carry HOST).
+fn pod_ipcache(datapath: &Datapath) -> BTreeMap<(Ipv4Addr, u8), u32> {
+    let state = datapath.maps.read_state().unwrap();
+    state
+        .ipcache
+        .iter()
+        .filter(|(_, v)| v.identity != identity::HOST)
+        .map(|(k, v)| (*k, v.identity))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_agent_binary_programs_the_recorded_cluster_and_outlives_the_api_server() {
+    let api = FakeApi::start().await;
+    api.script(PODS, false, vec![Reply::Held(Box::new(list("pods-list.json")))]);
+    let mut agent = AgentProcess::start(&api);
+
+    // Up and serving, but the pod list has not come: not ready, and nothing written.
+    agent.until("the agent socket", 30, AgentProcess::status).await;
+    until("the agent's other lists", 10, || (api.requests("list").len() >= 4).then_some(())).await;
+    // A few poll intervals, so an agent that marks itself ready too early has done so.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let status = agent.status().unwrap();
+    assert!(!status.ready, "ready before the pod list: {status:?}");
+    assert_eq!(status.generation, 0, "maps written before the first sync: {status:?}");
+    assert_eq!(agent.healthz(), Some(503), "healthz before the first sync");
+    let datapath = Datapath::load(&agent.pin_dir).unwrap();
+    assert_eq!(
+        datapath.maps.read_state().unwrap(),
+        Default::default(),
+        "maps written before the first sync"
+    );
+
+    api.release();
+    let status = agent
+        .until("the agent to become ready", 20, |a| a.status().filter(|s| s.ready))
+        .await;
+    assert_eq!(status.node_name, "node-a");
+    // prod/db-from-v6 and prod/web-from-dev (the undecodable policy is skipped); one identity
+    // per label set of the three running pod-network pods; no local endpoints yet.
+    assert_eq!(
+        (status.policies, status.identities, status.endpoints, status.policy_entries),
+        (2, 3, 0, 0),
+        "{status:?}"
+    );
+    assert!(status.generation >= 1, "{status:?}");
+    agent
+        .until("/healthz to turn 200", 5, |a| (a.healthz() == Some(200)).then_some(()))
+        .await;
+    let pod_cidr = std::fs::read_to_string(agent.dir.join("state/pod-cidr")).unwrap();
+    assert_eq!(pod_cidr.trim(), "10.244.1.0/24");
+
+    // Every running pod-network pod, this node's or not, by its /32; the finished pod, the
+    // host-network pod and the pod without an IP are not there.
+    let pods = pod_ipcache(&datapath);
+    let ips: Vec<_> = pods.keys().copied().collect();
+    let slash32 = |ip: [u8; 4]| (Ipv4Addr::from(ip), 32);
+    assert_eq!(
+        ips,
+        [slash32([10, 244, 1, 5]), slash32([10, 244, 1, 9]), slash32([10, 244, 2, 7])],
+        "{pods:?}"
+    );
+    let mut identities: Vec<u32> = pods.values().copied().collect();
+    identities.sort_unstable();
+    identities.dedup();
+    assert_eq!(identities.len(), 3, "pods with different labels share an identity: {pods:?}");
+    assert!(identities.iter().all(|&i| i >= identity::FIRST_ALLOCATED), "{pods:?}");
+    let state = datapath.maps.read_state().unwrap();
+    assert!(state.endpoints.is_empty() && state.policy.is_empty(), "{state:?}");
+
+    // The API server goes away: first its connections drop, then it refuses them.
+    api.set_down(true);
+    agent
+        .until("the agent to notice the lost api server", 20, |a| {
+            a.log().contains("kubernetes watch failed").then_some(())
+        })
+        .await;
+    drop(api);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let after = agent.status().unwrap();
+    assert!(after.ready, "a lost api server un-readied the agent: {after:?}");
+    assert_eq!((after.policies, after.identities), (2, 3), "{after:?}");
+    assert_eq!(agent.healthz(), Some(200), "healthz with the api server gone");
+    assert_eq!(pod_ipcache(&datapath), pods, "the pod entries changed with the api server gone");
+    let state = datapath.maps.read_state().unwrap();
+    assert!(state.endpoints.is_empty() && state.policy.is_empty(), "{state:?}");
+    agent.assert_running();
 }
