@@ -501,6 +501,8 @@ impl AgentProcess {
             // test's environment: the flags alone configure the agent.
             .env_clear()
             .env("BULKHEAD_LOG", "info")
+            // A log file, not a terminal: no colour codes in the failure messages.
+            .env("NO_COLOR", "1")
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
             .stderr(log)
