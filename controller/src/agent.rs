@@ -711,7 +711,7 @@ pub fn run(args: AgentArgs) -> Result<(), AgentError> {
         agent.reprogram(None)?;
         metrics.set_ready();
     }
-    tracing::info!(node = %args.node_name, source = ?args.source, ready = agent.ready, endpoints = agent.endpoints.len(), pod_cidr = ?args.pod_cidr, "datapath programmed");
+    tracing::info!(node = %args.node_name, source = ?args.source, ready = agent.ready, endpoints = agent.endpoints.len(), pod_cidr = ?agent.pod_cidr, "datapath programmed");
 
     runtime.block_on(async move {
         let socket = args.state_dir.join("agent.sock");
