@@ -14,7 +14,7 @@ use netlink_packet_route::link::{InfoData, InfoVeth, LinkAttribute, LinkFlags, L
 use netlink_packet_route::neighbour::NeighbourState;
 use netlink_packet_route::route::{RouteAddress, RouteAttribute, RouteHeader, RouteScope};
 use netlink_packet_route::AddressFamily;
-use rtnetlink::{Handle, LinkUnspec, LinkVeth, RouteMessageBuilder};
+use rtnetlink::{Handle, LinkBridge, LinkUnspec, LinkVeth, RouteMessageBuilder};
 
 use crate::netns::{self, NetnsError};
 use crate::spec::{code, format_mac};
@@ -24,6 +24,8 @@ const ENODEV: i32 = 19;
 /// `ESRCH`/`ENOENT`: an absent route or neighbour.
 const ESRCH: i32 = 3;
 const ENOENT: i32 = 2;
+/// `EEXIST`: a link created meanwhile by someone else.
+const EEXIST: i32 = 17;
 
 /// Why a netlink operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -233,6 +235,31 @@ pub async fn set_up(handle: &Handle, index: u32, name: &str) -> Result<(), Netli
         .execute()
         .await
         .map_err(NetlinkError::request("set up", name))
+}
+
+/// Ensures a bridge named `name` exists; returns it.
+pub async fn ensure_bridge(handle: &Handle, name: &str, netns: &str) -> Result<LinkInfo, NetlinkError> {
+    if let Some(link) = link_by_name(handle, name).await? {
+        return Ok(link);
+    }
+    match handle.link().add(LinkBridge::new(name).build()).execute().await {
+        Ok(()) => {}
+        Err(e) if errno(&e) == Some(EEXIST) => {}
+        Err(e) => return Err(NetlinkError::request("create bridge", name)(e)),
+    }
+    require_link(handle, name, netns).await
+}
+
+/// Ensures the link is a port of the bridge `bridge_index`.
+///
+/// Setting the master a link already has is a no-op in the kernel, so this needs no check.
+pub async fn ensure_bridge_port(handle: &Handle, index: u32, name: &str, bridge_index: u32) -> Result<(), NetlinkError> {
+    handle
+        .link()
+        .change(LinkUnspec::new_with_index(index).controller(bridge_index).build())
+        .execute()
+        .await
+        .map_err(NetlinkError::request("set bridge port", name))
 }
 
 /// Deletes the link named `name`; returns false if there was none.

@@ -697,3 +697,29 @@ fn add_after_another_plugin_extends_its_result() {
     );
     assert!(ok, "{v}");
 }
+
+#[test]
+fn bridge_and_bridge_port_are_idempotent() {
+    use bulkhead_cni::netlink;
+    let ns = ExtraPod::new("br");
+    let peer_ns = ExtraPod::new("brp");
+    let label = ns.name();
+    let run = || {
+        let (label, peer_path) = (label.as_str(), peer_ns.0.as_path());
+        netlink::with_handle(Some(&ns.0), |h| async move {
+            let bridge = netlink::ensure_bridge(&h, "br0", label).await?;
+            if netlink::link_by_name(&h, "port0").await?.is_none() {
+                netlink::create_veth(&h, "port0", "eth0", peer_path, None).await?;
+            }
+            let port = netlink::require_link(&h, "port0", label).await?;
+            netlink::ensure_bridge_port(&h, port.index, "port0", bridge.index).await?;
+            Ok(bridge.index)
+        })
+        .unwrap()
+    };
+    let first = run();
+    assert_eq!(run(), first, "the second run must find the same bridge, not make another");
+    assert!(ip(&ns.name(), &["-d", "link", "show", "dev", "br0"]).contains("bridge"));
+    assert!(ip(&ns.name(), &["link", "show", "dev", "port0"]).contains("master br0"));
+    assert!(link_exists(&peer_ns.name(), "eth0"));
+}

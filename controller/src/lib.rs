@@ -12,7 +12,6 @@ pub mod lab;
 pub mod maps;
 pub mod metrics;
 pub mod model;
-pub mod netlink;
 pub mod observe;
 pub mod policy;
 pub mod selector;

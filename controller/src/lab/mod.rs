@@ -200,9 +200,9 @@ pub enum LabError {
     Netlink {
         /// The namespace.
         netns: String,
-        /// Cause.
+        /// Cause (boxed: netlink errors are large).
         #[source]
-        source: crate::netlink::NetlinkError,
+        source: Box<bulkhead_cni::netlink::NetlinkError>,
     },
     /// A process could not be started.
     #[error("cannot start {what}")]

@@ -1,6 +1,7 @@
 //! Lab nodes: their namespaces, the underlay between them, their agents; and `down`.
 
 use std::fs::File;
+use std::future::Future;
 use std::io::Read;
 use std::net::Ipv4Addr;
 use std::os::unix::process::CommandExt;
@@ -9,12 +10,14 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use bulkhead_cni::agent_api::{self, Request, Response};
+use bulkhead_cni::netlink::{self, LinkInfo, NetlinkError};
 use bulkhead_cni::netns;
 use ipnetwork::Ipv4Network;
+use netlink_packet_route::route::RouteScope;
+use rtnetlink::Handle;
 
 use super::state::{create_dir, write_atomic, LabPaths, LabState, NodeState};
 use super::{demo, pod, LabError};
-use crate::netlink::Netlink;
 
 /// Where bpffs lives.
 const BPFFS: &str = "/sys/fs/bpf";
@@ -166,17 +169,23 @@ fn ensure_bpffs() -> Result<(), LabError> {
 }
 
 /// Runs netlink work inside the namespace `name`.
-fn in_netns<T: Send>(name: &str, f: impl FnOnce(&Netlink) -> Result<T, crate::netlink::NetlinkError> + Send) -> Result<T, LabError> {
-    let path = netns::named_path(name);
-    netns::run_in(&path, || Netlink::connect().and_then(|nl| f(&nl)))
-        .map_err(|source| LabError::Netns {
-            netns: name.to_string(),
-            source,
-        })?
-        .map_err(|source| LabError::Netlink {
-            netns: name.to_string(),
-            source,
-        })
+fn in_netns<T, F, Fut>(name: &str, f: F) -> Result<T, LabError>
+where
+    T: Send,
+    F: FnOnce(Handle) -> Fut + Send,
+    Fut: Future<Output = Result<T, NetlinkError>>,
+{
+    netlink::with_handle(Some(&netns::named_path(name)), f).map_err(|source| LabError::Netlink {
+        netns: name.to_string(),
+        source: Box::new(source),
+    })
+}
+
+/// Sets the link `ifname` up; returns it.
+async fn link_up(handle: &Handle, ifname: &str, netns: &str) -> Result<LinkInfo, NetlinkError> {
+    let link = netlink::require_link(handle, ifname, netns).await?;
+    netlink::set_up(handle, link.index, ifname).await?;
+    Ok(link)
 }
 
 /// Creates a node's namespace with loopback up and forwarding on.
@@ -185,7 +194,7 @@ fn setup_node(node: &NodeState) -> Result<(), LabError> {
         netns: node.netns.clone(),
         source,
     })?;
-    in_netns(&node.netns, |nl| nl.ensure_link_up("lo"))?;
+    in_netns(&node.netns, |h| async move { link_up(&h, "lo", &node.netns).await.map(drop) })?;
     // /proc/sys/net shows the namespace of the thread that opens it.
     let path = netns::named_path(&node.netns);
     netns::run_in(&path, || std::fs::write("/proc/sys/net/ipv4/ip_forward", "1"))
@@ -206,40 +215,40 @@ fn setup_underlay(ul: &str, nodes: &[NodeState]) -> Result<(), LabError> {
         netns: ul.to_string(),
         source,
     })?;
-    in_netns(ul, |nl| {
-        nl.ensure_link_up("lo")?;
-        nl.ensure_bridge(UNDERLAY_BRIDGE)?;
-        nl.ensure_link_up(UNDERLAY_BRIDGE)
+    let bridge = in_netns(ul, |h| async move {
+        link_up(&h, "lo", ul).await?;
+        let bridge = netlink::ensure_bridge(&h, UNDERLAY_BRIDGE, ul).await?;
+        netlink::set_up(&h, bridge.index, UNDERLAY_BRIDGE).await?;
+        Ok(bridge.index)
     })?;
     for (i, node) in nodes.iter().enumerate() {
+        // Borrowed, not moved, by each of the closures below.
         let port = format!("ul-n{i}");
-        let peer = format!("ul-n{i}p");
+        let port = port.as_str();
         let node_path = netns::named_path(&node.netns);
-        let node_file = File::open(&node_path).map_err(|source| LabError::Io {
-            op: "open",
-            path: node_path.clone(),
-            source,
-        })?;
-        let already = in_netns(&node.netns, |nl| nl.link_index(UNDERLAY_IFNAME))?.is_some();
+        let already = in_netns(&node.netns, |h| async move { netlink::link_by_name(&h, UNDERLAY_IFNAME).await })?.is_some();
         if !already {
-            in_netns(ul, |nl| {
-                nl.ensure_veth(&port, &peer)?;
-                nl.ensure_moved_to_netns(&peer, &node_file)
+            // The peer is created in the node's namespace under its final name; a port left
+            // without that peer is stale and would block the creation.
+            in_netns(ul, |h| async move {
+                netlink::delete_link(&h, port).await?;
+                netlink::create_veth(&h, port, UNDERLAY_IFNAME, &node_path, None).await
             })?;
         }
-        in_netns(ul, |nl| {
-            nl.ensure_bridge_port(&port, UNDERLAY_BRIDGE)?;
-            nl.ensure_link_up(&port)
+        in_netns(ul, |h| async move {
+            let link = netlink::require_link(&h, port, ul).await?;
+            netlink::ensure_bridge_port(&h, link.index, port, bridge).await?;
+            netlink::set_up(&h, link.index, port).await
         })?;
         let ip: Ipv4Addr = node
             .underlay_ip
             .as_deref()
             .and_then(|s| s.parse().ok())
             .unwrap_or(Ipv4Addr::UNSPECIFIED);
-        in_netns(&node.netns, |nl| {
-            nl.ensure_link_name(&peer, UNDERLAY_IFNAME)?;
-            nl.ensure_address(UNDERLAY_IFNAME, ip, 24)?;
-            nl.ensure_link_up(UNDERLAY_IFNAME)
+        in_netns(&node.netns, |h| async move {
+            let link = netlink::require_link(&h, UNDERLAY_IFNAME, &node.netns).await?;
+            netlink::ensure_address(&h, link.index, ip, 24).await?;
+            netlink::set_up(&h, link.index, UNDERLAY_IFNAME).await
         })?;
     }
     for node in nodes {
@@ -248,8 +257,12 @@ fn setup_underlay(ul: &str, nodes: &[NodeState]) -> Result<(), LabError> {
             .filter(|other| other.name != node.name)
             .filter_map(|other| Some((other.pod_cidr.parse().ok()?, other.underlay_ip.as_deref()?.parse().ok()?)))
             .collect();
-        in_netns(&node.netns, |nl| {
-            routes.iter().try_for_each(|(cidr, via)| nl.ensure_route(*cidr, *via))
+        in_netns(&node.netns, |h| async move {
+            let link = netlink::require_link(&h, UNDERLAY_IFNAME, &node.netns).await?;
+            for (cidr, via) in routes {
+                netlink::ensure_route(&h, cidr.network(), cidr.prefix(), link.index, Some(via), RouteScope::Universe).await?;
+            }
+            Ok(())
         })?;
     }
     Ok(())
