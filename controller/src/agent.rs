@@ -738,12 +738,25 @@ pub fn run(args: AgentArgs) -> Result<(), AgentError> {
             let agent = agent.clone();
             tokio::spawn(async move {
                 let mut polls = 0u32;
+                // A bad manifest fails every poll until it is fixed: log it once, and its end.
+                let mut last_error: Option<String> = None;
                 loop {
                     tokio::time::sleep(POLL_INTERVAL).await;
                     let mut a = agent.lock().await;
-                    if let Err(e) = a.refresh(false) {
-                        a.metrics.error(e.kind());
-                        tracing::warn!(error = %error_chain(&e), "model source");
+                    match a.refresh(false) {
+                        Err(e) => {
+                            a.metrics.error(e.kind());
+                            let text = error_chain(&e);
+                            if last_error.as_deref() != Some(text.as_str()) {
+                                tracing::warn!(error = %text, "model source; the previous model stays in force");
+                                last_error = Some(text);
+                            }
+                        }
+                        Ok(()) => {
+                            if last_error.take().is_some() {
+                                tracing::info!("model source readable again");
+                            }
+                        }
                     }
                     match a.datapath.flows_lost() {
                         Ok(lost) => a.flows.set_lost(lost),
