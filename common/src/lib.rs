@@ -314,6 +314,19 @@ pub const fn ct_lifetime_ns(protocol: u8) -> u64 {
 /// A conntrack entry is refreshed at most this often, to keep map writes off most packets.
 pub const CT_REFRESH_NS: u64 = 1_000_000_000;
 
+/// Idle lifetime of a TCP conntrack entry once a FIN or RST was seen on it: the close
+/// handshake finishes in milliseconds, and the table should not hold dead connections
+/// for the established lifetime (Cilium uses the same 10 s).
+pub const CT_CLOSING_LIFETIME_NS: u64 = 10_000_000_000;
+
+/// Bits of [`CtEntry::flags`].
+pub mod ct_flags {
+    /// The low byte: the [`verdict`](crate::verdict) the flow was admitted with.
+    pub const VERDICT_MASK: u32 = 0xff;
+    /// A FIN or RST was seen: the entry ages out after `CT_CLOSING_LIFETIME_NS` idle.
+    pub const CLOSING: u32 = 1 << 8;
+}
+
 /// What happened to the packet a [`FlowEvent`] reports.
 pub mod verdict {
     /// Forwarded: allowed by policy, or the endpoint is not isolated that way.

@@ -479,3 +479,114 @@ fn the_pods_own_node_is_always_allowed() {
         ]
     );
 }
+
+/// The pinned conntrack entry for `key`, if any.
+fn ct_entry(f: &Fixture, key: &bulkhead_common::CtKey) -> Option<bulkhead_common::CtEntry> {
+    let data = aya::maps::MapData::from_pin(f.pin_dir.join(bulkhead_common::map_names::CONNTRACK)).unwrap();
+    let map = aya::maps::Map::from_map_data(data).unwrap();
+    let ct: aya::maps::HashMap<_, bulkhead_common::CtKey, bulkhead_common::CtEntry> = aya::maps::HashMap::try_from(map).unwrap();
+    ct.get(key, 0).ok()
+}
+
+#[test]
+fn fin_or_rst_marks_the_flow_closing() {
+    use bulkhead_common::{ct_flags, CtKey};
+    let mut f = fixture("closing", ISOLATED);
+    let key = CtKey {
+        saddr: POD.octets(),
+        daddr: PEER_A.octets(),
+        sport: 40040u16.to_be_bytes(),
+        dport: 80u16.to_be_bytes(),
+        protocol: proto::TCP,
+        direction: direction::EGRESS,
+        _pad: [0; 2],
+    };
+    let syn = tcp_flags(POD, 40040, PEER_A, 80, SYN);
+    assert_eq!(run(&mut f, program_names::FROM_POD, &syn, DropReason::Forwarded), TC_ACT_OK);
+    let entry = ct_entry(&f, &key).expect("tracked");
+    assert_eq!(entry.flags & ct_flags::CLOSING, 0);
+    assert_eq!(entry.flags & ct_flags::VERDICT_MASK, u32::from(verdict::FORWARDED));
+    // Data keeps the entry open ...
+    let ack = tcp_flags(POD, 40040, PEER_A, 80, ACK);
+    assert_eq!(run(&mut f, program_names::FROM_POD, &ack, DropReason::Forwarded), TC_ACT_OK);
+    assert_eq!(ct_entry(&f, &key).unwrap().flags & ct_flags::CLOSING, 0);
+    // ... a FIN from the pod marks it closing, and the close handshake still passes.
+    let fin = tcp_flags(POD, 40040, PEER_A, 80, ACK | 0x01);
+    assert_eq!(run(&mut f, program_names::FROM_POD, &fin, DropReason::Forwarded), TC_ACT_OK);
+    assert_ne!(ct_entry(&f, &key).unwrap().flags & ct_flags::CLOSING, 0);
+    let mut l4 = ports(80, 40040, 20);
+    l4[12] = 0x50;
+    l4[13] = ACK | 0x01;
+    let fin_reply = eth(POD_MAC, HOST_MAC, 0x0800, &ipv4(PEER_A, POD, proto::TCP, 0, &l4));
+    assert_eq!(run(&mut f, program_names::TO_POD, &fin_reply, DropReason::Forwarded), TC_ACT_OK);
+
+    // An RST arriving as a reply marks the pod's egress entry it matched.
+    let key2 = CtKey {
+        sport: 40041u16.to_be_bytes(),
+        ..key
+    };
+    let syn2 = tcp_flags(POD, 40041, PEER_A, 80, SYN);
+    assert_eq!(run(&mut f, program_names::FROM_POD, &syn2, DropReason::Forwarded), TC_ACT_OK);
+    let mut l4 = ports(80, 40041, 20);
+    l4[12] = 0x50;
+    l4[13] = 0x04;
+    let rst = eth(POD_MAC, HOST_MAC, 0x0800, &ipv4(PEER_A, POD, proto::TCP, 0, &l4));
+    assert_eq!(run(&mut f, program_names::TO_POD, &rst, DropReason::Forwarded), TC_ACT_OK);
+    assert_ne!(ct_entry(&f, &key2).unwrap().flags & ct_flags::CLOSING, 0);
+}
+
+/// CLOCK_MONOTONIC now, the clock of `bpf_ktime_get_ns`.
+fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: clock_gettime writes into the timespec we own.
+    let rc = unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    assert_eq!(rc, 0);
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+#[test]
+fn a_closing_flow_ages_out_after_ten_idle_seconds_an_open_one_does_not() {
+    use bulkhead_common::{ct_flags, CtEntry, CtKey};
+    let mut f = fixture("closing-age", ISOLATED);
+    let key_for = |sport: u16| CtKey {
+        saddr: POD.octets(),
+        daddr: PEER_A.octets(),
+        sport: sport.to_be_bytes(),
+        dport: 80u16.to_be_bytes(),
+        protocol: proto::TCP,
+        direction: direction::EGRESS,
+        _pad: [0; 2],
+    };
+    for sport in [40050, 40051] {
+        let syn = tcp_flags(POD, sport, PEER_A, 80, SYN);
+        assert_eq!(run(&mut f, program_names::FROM_POD, &syn, DropReason::Forwarded), TC_ACT_OK);
+    }
+    // Both flows last saw a packet 11 s ago; only the first is closing.
+    let data = aya::maps::MapData::from_pin(f.pin_dir.join(bulkhead_common::map_names::CONNTRACK)).unwrap();
+    let mut ct: aya::maps::HashMap<_, CtKey, CtEntry> = aya::maps::HashMap::try_from(aya::maps::Map::from_map_data(data).unwrap()).unwrap();
+    let past = monotonic_ns() - 11_000_000_000;
+    for (sport, flags) in [(40050, ct_flags::CLOSING), (40051, 0)] {
+        let e = ct.get(&key_for(sport), 0).unwrap();
+        ct.insert(
+            key_for(sport),
+            CtEntry {
+                last_seen_ns: past,
+                flags: e.flags | flags,
+                ..e
+            },
+            0,
+        )
+        .unwrap();
+    }
+    // With the admitting rule gone, a packet only passes on its conntrack entry.
+    f.dp.maps
+        .remove_policy(&PolicyKey::new(10, 301, direction::EGRESS, proto::TCP, 80), POLICY_PREFIX_FULL)
+        .unwrap();
+    let late_ack = tcp_flags(POD, 40050, PEER_A, 80, ACK);
+    assert_eq!(
+        run(&mut f, program_names::FROM_POD, &late_ack, DropReason::PolicyDenied),
+        TC_ACT_SHOT
+    );
+    let open_ack = tcp_flags(POD, 40051, PEER_A, 80, ACK);
+    assert_eq!(run(&mut f, program_names::FROM_POD, &open_ack, DropReason::Forwarded), TC_ACT_OK);
+}

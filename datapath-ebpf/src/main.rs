@@ -17,8 +17,9 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use bulkhead_common::{
-    capacity, counter_index, ct_lifetime_ns, direction, endpoint_flags, identity, rule_id, verdict, Counter, CtEntry, CtKey, DropReason,
-    EndpointInfo, FlowEvent, IpcacheValue, Ipv4Key, PolicyKey, PolicyValue, COUNTER_SLOTS, CT_REFRESH_NS, POLICY_PREFIX_FULL,
+    capacity, counter_index, ct_flags, ct_lifetime_ns, direction, endpoint_flags, identity, rule_id, verdict, Counter, CtEntry, CtKey,
+    DropReason, EndpointInfo, FlowEvent, IpcacheValue, Ipv4Key, PolicyKey, PolicyValue, COUNTER_SLOTS, CT_CLOSING_LIFETIME_NS,
+    CT_REFRESH_NS, POLICY_PREFIX_FULL,
 };
 use packet::{Headers, L3};
 
@@ -179,7 +180,8 @@ fn admit(ep: &EndpointInfo, dir: u8, l3: &L3, remote: [u8; 4], flow: &mut FlowEv
     } else {
         direction::EGRESS
     };
-    if !l3.tcp_syn && (ct_alive(&key, now) || ct_alive(&key.reversed(reply_dir), now)) {
+    let closing = l3.tcp_closing();
+    if !l3.tcp_syn && (ct_alive(&key, now, closing) || ct_alive(&key.reversed(reply_dir), now, closing)) {
         return Ok(Pass::Quiet);
     }
     let (rule, v) = policy_verdict(ep, dir, remote, l3, flow)?;
@@ -193,20 +195,30 @@ fn admit(ep: &EndpointInfo, dir: u8, l3: &L3, remote: [u8; 4], flow: &mut FlowEv
 }
 
 /// True when `key` is tracked and not idle past its lifetime; refreshes it at most once
-/// per `CT_REFRESH_NS` so that most packets do no map write.
+/// per `CT_REFRESH_NS` so that most packets do no map write. `closing` (a FIN or RST) marks
+/// the entry, which then ages out after `CT_CLOSING_LIFETIME_NS` idle.
 #[inline(always)]
-fn ct_alive(key: &CtKey, now: u64) -> bool {
+fn ct_alive(key: &CtKey, now: u64, closing: bool) -> bool {
     let Some(entry) = CONNTRACK.get_ptr_mut(key) else {
         return false;
     };
     // SAFETY: the pointer is valid until the program ends; a racing refresh writes the same
     // kind of value, so a torn read at worst refreshes twice.
     unsafe {
+        let flags = (*entry).flags;
+        let lifetime = if flags & ct_flags::CLOSING != 0 {
+            CT_CLOSING_LIFETIME_NS
+        } else {
+            ct_lifetime_ns(key.protocol)
+        };
         let idle = now.saturating_sub((*entry).last_seen_ns);
-        if idle > ct_lifetime_ns(key.protocol) {
+        if idle > lifetime {
             return false;
         }
-        if idle > CT_REFRESH_NS {
+        if closing && flags & ct_flags::CLOSING == 0 {
+            (*entry).flags = flags | ct_flags::CLOSING;
+            (*entry).last_seen_ns = now;
+        } else if idle > CT_REFRESH_NS {
             (*entry).last_seen_ns = now;
         }
     }

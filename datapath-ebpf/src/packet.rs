@@ -10,6 +10,8 @@ const ETH_P_ARP: [u8; 2] = [0x08, 0x06];
 const MAX_PARSE: u32 = (ETH_HLEN + 60 + 14) as u32;
 const TCP_SYN: u8 = 0x02;
 const TCP_ACK: u8 = 0x10;
+const TCP_FIN: u8 = 0x01;
+const TCP_RST: u8 = 0x04;
 const ICMP_ECHO_REPLY: u8 = 0;
 const ICMP_ECHO_REQUEST: u8 = 8;
 
@@ -79,6 +81,12 @@ pub struct L3 {
 }
 
 impl L3 {
+    /// A TCP FIN or RST: the connection is closing.
+    #[inline(always)]
+    pub fn tcp_closing(&self) -> bool {
+        self.protocol == proto::TCP && self.tcp_flags & (TCP_FIN | TCP_RST) != 0
+    }
+
     /// Port for the policy lookup: only TCP, UDP and SCTP have one.
     #[inline(always)]
     pub fn policy_port(&self) -> [u8; 2] {
