@@ -269,8 +269,9 @@ pub struct NetConf {
     pub cni_version: CniVersion,
     /// Network name; also the IPAM store's directory name.
     pub name: String,
-    /// This node's pod CIDR (host bits cleared).
-    pub subnet: Ipv4Network,
+    /// The configured pod CIDR (host bits cleared); `None`: the one the agent publishes,
+    /// see [`NetConf::pod_cidr`].
+    pub subnet: Option<Ipv4Network>,
     /// The agent's Unix socket.
     pub agent_socket: PathBuf,
     /// The IPAM store's root.
@@ -288,6 +289,21 @@ pub struct NetConf {
     pub default_namespace: Option<String>,
 }
 
+/// Parses and checks a pod CIDR, clearing host bits.
+fn parse_subnet(text: &str) -> Result<Ipv4Network, ConfigError> {
+    let text = text.trim();
+    let subnet_err = |source| ConfigError::Subnet {
+        subnet: text.to_string(),
+        source,
+    };
+    let parsed: Ipv4Network = text.parse().map_err(subnet_err)?;
+    // Network, broadcast and .1 are reserved: a /30 is the smallest useful pool.
+    if parsed.prefix() > 30 {
+        return Err(invalid(&format!("subnet {text} is too small (at most /30)")));
+    }
+    Ipv4Network::new(parsed.network(), parsed.prefix()).map_err(subnet_err)
+}
+
 /// Reads just the `cniVersion` of a configuration, for error reporting before full parsing.
 pub fn sniff_version(bytes: &[u8]) -> Option<String> {
     let value: serde_json::Value = serde_json::from_slice(bytes).ok()?;
@@ -295,6 +311,18 @@ pub fn sniff_version(bytes: &[u8]) -> Option<String> {
 }
 
 impl NetConf {
+    /// The pool ADD allocates from: the configured `subnet`, else this node's pod CIDR as the
+    /// agent learnt it (from the Node object in a cluster) and wrote beside its socket, so one
+    /// conflist fits every node. Only ADD needs it: DEL, CHECK and GC work without it.
+    pub fn pod_cidr(&self) -> Result<Ipv4Network, ConfigError> {
+        if let Some(subnet) = self.subnet {
+            return Ok(subnet);
+        }
+        let path = self.agent_socket.with_file_name(POD_CIDR_FILE);
+        let text = std::fs::read_to_string(&path).map_err(|source| ConfigError::PodCidrUnknown { path, source })?;
+        parse_subnet(&text)
+    }
+
     /// Parses and validates the configuration bytes from stdin.
     pub fn parse(bytes: &[u8]) -> Result<Self, ConfigError> {
         let value: serde_json::Value = serde_json::from_slice(bytes).map_err(|source| ConfigError::Decode { source })?;
@@ -315,30 +343,7 @@ impl NetConf {
             }
         }
         let agent_socket = raw.agent_socket.unwrap_or_else(|| PathBuf::from(DEFAULT_AGENT_SOCKET));
-        // Without `subnet`, this node's pod CIDR is the one the agent learnt (from the Node
-        // object in a cluster) and wrote beside its socket: one conflist fits every node.
-        let subnet_text = match raw.subnet {
-            Some(text) => text,
-            None => {
-                let path = agent_socket.with_file_name(POD_CIDR_FILE);
-                std::fs::read_to_string(&path)
-                    .map_err(|source| ConfigError::PodCidrUnknown { path, source })?
-                    .trim()
-                    .to_string()
-            }
-        };
-        let parsed: Ipv4Network = subnet_text.parse().map_err(|source| ConfigError::Subnet {
-            subnet: subnet_text.clone(),
-            source,
-        })?;
-        // Network, broadcast and .1 are reserved: a /30 is the smallest useful pool.
-        if parsed.prefix() > 30 {
-            return Err(invalid(&format!("subnet {subnet_text} is too small (at most /30)")));
-        }
-        let subnet = Ipv4Network::new(parsed.network(), parsed.prefix()).map_err(|source| ConfigError::Subnet {
-            subnet: subnet_text,
-            source,
-        })?;
+        let subnet = raw.subnet.as_deref().map(parse_subnet).transpose()?;
         if let Some(mtu) = raw.mtu {
             // 68 is IPv4's minimum MTU; 65535 the largest a veth takes.
             if !(68..=65535).contains(&mtu) {
@@ -402,7 +407,7 @@ mod tests {
         let c = NetConf::parse(br#"{"cniVersion":"0.4.0","name":"bh","type":"bulkhead-cni","subnet":"10.244.0.7/24","mtu":1400,"agentTimeoutSeconds":5,"defaultNamespace":"podman","other":1}"#).unwrap();
         assert_eq!(c.default_namespace.as_deref(), Some("podman"));
         assert_eq!(c.cni_version, CniVersion::V0_4_0);
-        assert_eq!(c.subnet.to_string(), "10.244.0.0/24");
+        assert_eq!(c.subnet.map(|s| s.to_string()).as_deref(), Some("10.244.0.0/24"));
         assert_eq!(c.mtu, Some(1400));
         assert_eq!(c.agent_timeout, Duration::from_secs(5));
         assert_eq!(c.agent_socket, PathBuf::from(DEFAULT_AGENT_SOCKET));
@@ -433,11 +438,10 @@ mod tests {
         let code = |s: &str| NetConf::parse(s.as_bytes()).unwrap_err().code();
         assert_eq!(code("{"), 6);
         assert_eq!(code(r#"{"cniVersion":"2.0.0","name":"a","subnet":"10.0.0.0/24"}"#), 1);
-        // No subnet and no pod CIDR published by the agent: try again later.
-        assert_eq!(
-            code(r#"{"cniVersion":"1.0.0","name":"a","agentSocket":"/nonexistent-bulkhead/agent.sock"}"#),
-            11
-        );
+        // No subnet and no pod CIDR published by the agent: parses (DEL needs no pool), and
+        // ADD's pool lookup says try again later.
+        let conf = NetConf::parse(br#"{"cniVersion":"1.0.0","name":"a","agentSocket":"/nonexistent-bulkhead/agent.sock"}"#).unwrap();
+        assert_eq!(conf.pod_cidr().unwrap_err().code(), 11);
         assert_eq!(code(r#"{"cniVersion":"1.0.0","name":"a","subnet":"10.0.0.0/33"}"#), 7);
         assert_eq!(code(r#"{"cniVersion":"1.0.0","name":"a","subnet":"10.0.0.0/31"}"#), 7);
         assert_eq!(code(r#"{"cniVersion":"1.0.0","name":"../x","subnet":"10.0.0.0/24"}"#), 7);
@@ -471,12 +475,16 @@ mod tests {
         std::fs::create_dir_all(&dir).unwrap();
         let socket = dir.join("agent.sock");
         let conf = format!(r#"{{"cniVersion":"1.0.0","name":"bh","agentSocket":"{}"}}"#, socket.display());
-        // The agent has not published it yet: try again later.
-        let err = NetConf::parse(conf.as_bytes()).unwrap_err();
-        assert_eq!(err.code(), spec::code::TRY_AGAIN_LATER, "{err}");
-        std::fs::write(dir.join(POD_CIDR_FILE), "10.244.3.0/24\n").unwrap();
         let c = NetConf::parse(conf.as_bytes()).unwrap();
-        assert_eq!(c.subnet.to_string(), "10.244.3.0/24");
+        assert_eq!(c.subnet, None);
+        // The agent has not published it yet: try again later.
+        let err = c.pod_cidr().unwrap_err();
+        assert_eq!(err.code(), spec::code::TRY_AGAIN_LATER, "{err}");
+        std::fs::write(dir.join(POD_CIDR_FILE), "10.244.3.7/24\n").unwrap();
+        assert_eq!(c.pod_cidr().unwrap().to_string(), "10.244.3.0/24");
+        // A garbled file is an invalid configuration, not a retry.
+        std::fs::write(dir.join(POD_CIDR_FILE), "10.244.3.0/31\n").unwrap();
+        assert_eq!(c.pod_cidr().unwrap_err().code(), 7);
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -29,6 +29,12 @@ pub enum IpamError {
         /// The pool.
         subnet: Ipv4Network,
     },
+    /// The store was opened without its pool (to find or release), then asked to allocate.
+    #[error("ipam store of network {network} has no address pool to allocate from")]
+    NoPool {
+        /// Network name.
+        network: String,
+    },
     /// A file operation on the store failed.
     #[error("ipam store: {op} {path} failed")]
     Io {
@@ -56,7 +62,7 @@ impl IpamError {
     pub fn code(&self) -> u32 {
         match self {
             Self::Exhausted { .. } => code::POOL_EXHAUSTED,
-            Self::Io { .. } | Self::Lock { .. } => code::IPAM_STORE,
+            Self::Io { .. } | Self::Lock { .. } | Self::NoPool { .. } => code::IPAM_STORE,
         }
     }
 }
@@ -92,17 +98,35 @@ pub struct Allocation {
     pub created: bool,
 }
 
+/// First and last allocatable addresses of `subnet`: skips network, broadcast and the first host.
+fn range(subnet: Ipv4Network) -> (Ipv4Addr, Ipv4Addr) {
+    let network = u32::from(subnet.network());
+    let broadcast = u32::from(subnet.broadcast());
+    (Ipv4Addr::from(network + 2), Ipv4Addr::from(broadcast - 1))
+}
+
 /// The allocation store of one network.
 #[derive(Clone, Debug)]
 pub struct Store {
     dir: PathBuf,
     network: String,
-    subnet: Ipv4Network,
+    /// The pool `allocate` draws from; `None` for a store opened only to find or release.
+    subnet: Option<Ipv4Network>,
 }
 
 impl Store {
-    /// Opens (creating if needed) the store of `network` under `data_dir`.
+    /// Opens (creating if needed) the store of `network` under `data_dir`, allocating from `subnet`.
     pub fn open(data_dir: &Path, network: &str, subnet: Ipv4Network) -> Result<Self, IpamError> {
+        Self::open_with(data_dir, network, Some(subnet))
+    }
+
+    /// Opens the store to find, list or release addresses: DEL, CHECK and GC need no pool, so
+    /// they work even when the node's pod CIDR is not known (the agent is gone).
+    pub fn open_without_pool(data_dir: &Path, network: &str) -> Result<Self, IpamError> {
+        Self::open_with(data_dir, network, None)
+    }
+
+    fn open_with(data_dir: &Path, network: &str, subnet: Option<Ipv4Network>) -> Result<Self, IpamError> {
         let dir = data_dir.join("ipam").join(network);
         fs::create_dir_all(&dir).map_err(|source| IpamError::Io {
             op: "create directory",
@@ -127,7 +151,10 @@ impl Store {
         if let Some(ip) = self.find_locked(owner)? {
             return Ok(Allocation { ip, created: false });
         }
-        let (first, last) = self.range();
+        let subnet = self.subnet.ok_or_else(|| IpamError::NoPool {
+            network: self.network.clone(),
+        })?;
+        let (first, last) = range(subnet);
         let size = u32::from(last) - u32::from(first) + 1;
         // Start after the last address handed out (host-local's round robin), so a freed
         // address rests while stale state about it (conntrack, ipcache) ages out.
@@ -160,7 +187,7 @@ impl Store {
         }
         Err(IpamError::Exhausted {
             network: self.network.clone(),
-            subnet: self.subnet,
+            subnet,
         })
     }
 
@@ -197,13 +224,6 @@ impl Store {
     pub fn allocations(&self) -> Result<Vec<(Ipv4Addr, Owner)>, IpamError> {
         let _lock = self.lock()?;
         self.list_locked()
-    }
-
-    /// First and last allocatable addresses: skips network, broadcast and the first host.
-    fn range(&self) -> (Ipv4Addr, Ipv4Addr) {
-        let network = u32::from(self.subnet.network());
-        let broadcast = u32::from(self.subnet.broadcast());
-        (Ipv4Addr::from(network + 2), Ipv4Addr::from(broadcast - 1))
     }
 
     fn lock(&self) -> Result<Flock<File>, IpamError> {

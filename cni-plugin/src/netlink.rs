@@ -302,8 +302,14 @@ pub async fn ipv4_addresses(handle: &Handle, index: u32) -> Result<Vec<(Ipv4Addr
     Ok(out)
 }
 
-/// Every IPv4 address of the namespace, loopback excluded.
+/// Links whose addresses are not the node's own: kube-proxy's IPVS mode puts every Service
+/// ClusterIP on `kube-ipvs0`, and those must stay subject to policy.
+const NOT_NODE_ADDRESS_LINKS: &[&str] = &["kube-ipvs0"];
+
+/// Every IPv4 address of the namespace that is the node's own: loopback and Service
+/// addresses (`NOT_NODE_ADDRESS_LINKS`) excluded.
 pub async fn all_ipv4_addresses(handle: &Handle) -> Result<Vec<Ipv4Addr>, NetlinkError> {
+    use netlink_packet_route::address::AddressAttribute;
     let mut stream = handle.address().get().execute();
     let mut out = Vec::new();
     while let Some(m) = stream
@@ -312,6 +318,13 @@ pub async fn all_ipv4_addresses(handle: &Handle) -> Result<Vec<Ipv4Addr>, Netlin
         .map_err(NetlinkError::request("list addresses", "all links"))?
     {
         if m.header.family != AddressFamily::Inet {
+            continue;
+        }
+        let service_link = m
+            .attributes
+            .iter()
+            .any(|a| matches!(a, AddressAttribute::Label(l) if NOT_NODE_ADDRESS_LINKS.contains(&l.as_str())));
+        if service_link {
             continue;
         }
         for attr in &m.attributes {

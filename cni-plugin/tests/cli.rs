@@ -118,8 +118,7 @@ fn unsupported_version_is_code_1() {
 #[test]
 fn bad_network_config_is_refused_with_its_code() {
     let d = DataDir::new();
-    // No subnet and no pod CIDR published by the agent beside its socket: try again later.
-    let v = assert_error(&add_env(), &config(&d, "0.4.0", None), &d, 11);
+    let v = assert_error(&add_env(), &config(&d, "0.4.0", Some("not-a-cidr")), &d, 7);
     assert_eq!(v["cniVersion"], "0.4.0", "errors use the config's version");
     for bad in ["10.251.0.0", "10.251.0.0/40", "not-a-cidr", "fd00::/64", "10.251.0.0/31"] {
         assert_error(&add_env(), &config(&d, "1.0.0", Some(bad)), &d, 7);

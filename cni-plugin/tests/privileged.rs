@@ -723,3 +723,27 @@ fn bridge_and_bridge_port_are_idempotent() {
     assert!(ip(&ns.name(), &["link", "show", "dev", "port0"]).contains("master br0"));
     assert!(link_exists(&peer_ns.name(), "eth0"));
 }
+
+#[test]
+fn without_subnet_add_uses_the_agents_pod_cidr_and_del_needs_none() {
+    let lab = Lab::new(r#"{"result":"ok"}"#);
+    let no_subnet = serde_json::json!({ "subnet": null });
+    let pod_cidr_file = lab.socket().with_file_name("pod-cidr");
+    // Before the agent published this node's pod CIDR: try again later, nothing created.
+    let (ok, v) = lab.cni_with("ADD", &lab.pod_path(), &no_subnet);
+    assert!(!ok, "{v}");
+    assert_eq!(v["code"], 11, "{v}");
+    assert!(!link_exists(&lab.node_name, &lab.host_veth()));
+    assert!(lab.allocations().is_empty());
+    std::fs::write(&pod_cidr_file, "10.251.9.0/24\n").unwrap();
+    let (ok, v) = lab.cni_with("ADD", &lab.pod_path(), &no_subnet);
+    assert!(ok, "{v}");
+    assert_eq!(lab.allocations(), vec!["10.251.9.2".to_string()]);
+    // The agent and its file are gone (a node reboot empties /run): DEL still cleans up.
+    std::fs::remove_file(lab.socket()).unwrap();
+    std::fs::remove_file(&pod_cidr_file).unwrap();
+    let (ok, v) = lab.cni_with("DEL", &lab.pod_path(), &no_subnet);
+    assert!(ok, "DEL must not need the pod CIDR: {v}");
+    assert!(!link_exists(&lab.node_name, &lab.host_veth()));
+    assert!(lab.allocations().is_empty());
+}

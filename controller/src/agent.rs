@@ -184,6 +184,9 @@ struct Agent {
     flows: Arc<FlowStore>,
     /// The source synced and its model reached the maps at least once.
     ready: bool,
+    /// A change seen (when) that is not in the maps yet: before the first sync, or after a
+    /// failed map write.
+    pending: Option<Instant>,
     /// The pod CIDR last published for the CNI plugin.
     pod_cidr: Option<ipnetwork::Ipv4Network>,
     /// The operator set the pod CIDR; the Node's is not published over it.
@@ -219,6 +222,12 @@ impl Agent {
     /// Recompiles and writes the difference into the maps; `seen` is when the agent learnt
     /// of the change, for the implementation delay histogram.
     fn reprogram(&mut self, seen: Option<Instant>) -> Result<(), AgentError> {
+        if !self.ready {
+            // Until the source's first sync the model is empty: compiling it would wipe the
+            // last known state from the pinned maps. The first synced refresh catches up.
+            self.pending = self.pending.or(seen).or_else(|| Some(Instant::now()));
+            return Ok(());
+        }
         let started = Instant::now();
         let locals = self.locals();
         let mut new = self.compiler.compile(&self.cluster, &locals);
@@ -227,6 +236,7 @@ impl Agent {
             Ok(stats) => {
                 self.applied = new;
                 self.generation += 1;
+                self.pending = None;
                 self.flows
                     .set_resolver(Resolver::build(&self.node_name, &self.cluster, self.compiler.rules(), &locals));
                 self.metrics.set_state(
@@ -247,6 +257,8 @@ impl Agent {
                 Ok(())
             }
             Err(e) => {
+                // Retried by the next refresh, from when the change was first seen.
+                self.pending = self.pending.or(seen).or_else(|| Some(Instant::now()));
                 // Some writes happened: treat every key of either state as possibly present,
                 // so the next sync removes what should not be there.
                 let mut merged = std::mem::take(&mut self.applied);
@@ -261,31 +273,33 @@ impl Agent {
 
     /// Re-reads the source and this node's addresses; on a change, reprograms.
     fn refresh(&mut self, force: bool) -> Result<(), AgentError> {
-        // When the first change was seen, for the implementation delay.
-        let mut seen = None;
-        let addresses = host_addresses();
-        if addresses != self.host_addresses {
-            tracing::info!(addresses = ?addresses, "node addresses");
-            self.host_addresses = addresses;
-            seen = Some(Instant::now());
-        }
-        if let Some(cluster) = self.source.poll(force)? {
+        let polled = self.source.poll(force);
+        if let Ok(Some(cluster)) = polled.as_ref() {
             // The first synced model is written even when empty: until then the maps hold
             // what the previous agent left, which is the last known state.
             let first = !self.ready && self.source.synced();
-            if first || cluster != self.cluster {
-                self.cluster = cluster;
-                seen.get_or_insert_with(Instant::now);
+            if first || *cluster != self.cluster {
+                self.cluster = cluster.clone();
+                self.pending.get_or_insert_with(Instant::now);
             }
             self.ready |= self.source.synced();
         }
-        // Until the source's first sync the model is empty: compiling it would wipe the last
-        // known state from the maps, so nothing is written before then.
-        if seen.is_some() && self.ready {
-            self.reprogram(seen)?;
+        // A change seen earlier whose sync failed is retried here too, with the last good
+        // model even when the source fails now.
+        if let Some(seen) = self.pending {
+            self.reprogram(Some(seen))?;
         }
         self.publish_pod_cidr();
-        Ok(())
+        polled.map(drop).map_err(Into::into)
+    }
+
+    /// Takes this node's current addresses; a change is programmed by the next refresh.
+    fn note_host_addresses(&mut self, addresses: Vec<Ipv4Addr>) {
+        if addresses != self.host_addresses {
+            tracing::info!(addresses = ?addresses, "node addresses");
+            self.host_addresses = addresses;
+            self.pending.get_or_insert_with(Instant::now);
+        }
     }
 
     /// Writes the source's pod CIDR to `<state dir>/pod-cidr` for the CNI plugin's IPAM.
@@ -297,7 +311,8 @@ impl Agent {
             return;
         };
         let path = kube_source::pod_cidr_path(self.registry.parent().unwrap_or(Path::new(".")));
-        match std::fs::write(&path, format!("{cidr}\n")) {
+        // Atomically: a CNI ADD reading it meanwhile must see the old CIDR or the new one.
+        match write_atomic(&path, format!("{cidr}\n").as_bytes()) {
             Ok(()) => {
                 tracing::info!(pod_cidr = %cidr, path = %path.display(), "node pod cidr published");
                 self.pod_cidr = Some(cidr);
@@ -314,9 +329,7 @@ impl Agent {
             source,
         };
         let text = serde_json::to_vec_pretty(&records).map_err(|e| io(e.into()))?;
-        let tmp = self.registry.with_extension("tmp");
-        std::fs::write(&tmp, text).map_err(io)?;
-        std::fs::rename(&tmp, &self.registry).map_err(io)
+        write_atomic(&self.registry, &text).map_err(io)
     }
 
     fn add_endpoint(&mut self, spec: EndpointSpec) -> Response {
@@ -467,6 +480,13 @@ impl Agent {
             generation: self.generation,
         }
     }
+}
+
+/// Writes `bytes` to `path` through a temporary file and a rename.
+fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, bytes)?;
+    std::fs::rename(&tmp, path)
 }
 
 /// This node's own IPv4 addresses (empty when they cannot be read: the node then gets no
@@ -679,7 +699,7 @@ pub fn run(args: AgentArgs) -> Result<(), AgentError> {
     };
     if let Some(cidr) = args.pod_cidr {
         let path = kube_source::pod_cidr_path(&args.state_dir);
-        std::fs::write(&path, format!("{cidr}\n")).map_err(io("write", &path))?;
+        write_atomic(&path, format!("{cidr}\n").as_bytes()).map_err(io("write", &path))?;
     }
     let registry = args.state_dir.join("endpoints.json");
     let mut agent = Agent {
@@ -696,9 +716,11 @@ pub fn run(args: AgentArgs) -> Result<(), AgentError> {
         host_addresses: Vec::new(),
         flows: flow_store.clone(),
         ready: false,
+        pending: None,
         pod_cidr: args.pod_cidr,
         pod_cidr_pinned: args.pod_cidr.is_some(),
     };
+    agent.note_host_addresses(host_addresses());
     agent.refresh(true)?;
     // Endpoints deleted while the agent was away (CNI DEL carries on without it).
     match agent.reconcile_links() {
@@ -742,7 +764,10 @@ pub fn run(args: AgentArgs) -> Result<(), AgentError> {
                 let mut last_error: Option<String> = None;
                 loop {
                     tokio::time::sleep(POLL_INTERVAL).await;
+                    // A netlink dump on a thread of its own, outside the agent lock.
+                    let addresses = tokio::task::spawn_blocking(host_addresses).await.unwrap_or_default();
                     let mut a = agent.lock().await;
+                    a.note_host_addresses(addresses);
                     match a.refresh(false) {
                         Err(e) => {
                             a.metrics.error(e.kind());

@@ -170,12 +170,8 @@ pub fn render_conflist(mut conflist: Value, pod_cidr: Option<Ipv4Network>) -> Re
         first.insert("subnet".into(), Value::String(cidr.to_string()));
     }
     // The runtime hands each plugin its entry plus the list's cniVersion and name.
+    // Without a subnet the plugin allocates from the pod CIDR the agent publishes.
     let mut plugin_conf: Map<String, Value> = first.clone();
-    if !plugin_conf.contains_key("subnet") {
-        // No subnet: the plugin reads the pod CIDR the agent publishes (from this Node's
-        // spec.podCIDR) at ADD time. Check the rest of the entry with a stand-in.
-        plugin_conf.insert("subnet".into(), Value::String("10.0.0.0/24".into()));
-    }
     plugin_conf.insert("cniVersion".into(), Value::String(version));
     plugin_conf.insert("name".into(), Value::String(name));
     let bytes = serde_json::to_vec(&plugin_conf).map_err(|_| bad("cannot encode the plugin entry"))?;

@@ -54,7 +54,7 @@ pub fn run(env: &Env, conf: &NetConf) -> Result<AddResult, CommandError> {
     let host_ifname = netlink::host_veth_name(&env.container_id, &env.ifname);
     let mut rollback = Rollback::default();
 
-    let store = Store::open(&conf.data_dir, &conf.name, conf.subnet)?;
+    let store = Store::open(&conf.data_dir, &conf.name, conf.pod_cidr()?)?;
     let allocation = store.allocate(&owner)?;
     let ip = allocation.ip;
     tracing::info!(%ip, container = %env.container_id, created = allocation.created, "ipam: address allocated");

@@ -91,7 +91,7 @@ pub fn run(env: &Env, conf: &NetConf) -> Result<(), CommandError> {
         container_id: env.container_id.clone(),
         ifname: env.ifname.clone(),
     };
-    let store = Store::open(&conf.data_dir, &conf.name, conf.subnet)?;
+    let store = Store::open_without_pool(&conf.data_dir, &conf.name)?;
     let ip = store
         .find(&owner)?
         .ok_or_else(|| failed(format!("no address allocated to {}/{}", env.container_id, env.ifname)))?;

@@ -54,7 +54,7 @@ pub fn run(env: &Env, conf: &NetConf) -> Result<(), CommandError> {
         container_id: env.container_id.clone(),
         ifname: env.ifname.clone(),
     };
-    match Store::open(&conf.data_dir, &conf.name, conf.subnet).and_then(|s| s.release(&owner)) {
+    match Store::open_without_pool(&conf.data_dir, &conf.name).and_then(|s| s.release(&owner)) {
         Ok(freed) => tracing::info!(?freed, "ipam: address released"),
         Err(e) => errors.push(e.into()),
     }

@@ -52,7 +52,7 @@ pub fn run(conf: &NetConf) -> Result<(), CommandError> {
         Err(e) => errors.push(e),
     }
 
-    let store = Store::open(&conf.data_dir, &conf.name, conf.subnet)?;
+    let store = Store::open_without_pool(&conf.data_dir, &conf.name)?;
     let stale: Vec<Owner> = store
         .allocations()?
         .into_iter()
