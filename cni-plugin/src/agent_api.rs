@@ -26,6 +26,9 @@ pub enum Request {
     CheckEndpoint(EndpointRef),
     /// Forget every endpoint not in `valid` (CNI GC), deleting its host veth if still present.
     Gc {
+        /// The CNI network collected; endpoints of other networks are left alone.
+        #[serde(default)]
+        network: String,
         /// The attachments the runtime still knows (`cni.dev/valid-attachments`).
         valid: Vec<EndpointRef>,
     },
@@ -392,6 +395,10 @@ pub struct EndpointSpec {
     pub ipv4: Ipv4Addr,
     /// The pod-side MAC, `aa:bb:cc:dd:ee:ff`.
     pub mac: String,
+    /// The CNI network (`name` of the config) the attachment belongs to; GC of one network
+    /// leaves the others' endpoints alone. Empty in records from before it existed.
+    #[serde(default)]
+    pub network: String,
 }
 
 /// The agent's answer.
@@ -599,14 +606,24 @@ mod tests {
         assert_eq!(s, r#"{"op":"del_endpoint","container_id":"c1","ifname":"eth0"}"#);
         assert_eq!(serde_json::from_str::<Request>(&s).unwrap(), r);
         let gc = Request::Gc {
+            network: "bh".into(),
             valid: vec![EndpointRef {
                 container_id: "c2".into(),
                 ifname: "eth0".into(),
             }],
         };
         let s = serde_json::to_string(&gc).unwrap();
-        assert_eq!(s, r#"{"op":"gc","valid":[{"container_id":"c2","ifname":"eth0"}]}"#);
+        assert_eq!(s, r#"{"op":"gc","network":"bh","valid":[{"container_id":"c2","ifname":"eth0"}]}"#);
         assert_eq!(serde_json::from_str::<Request>(&s).unwrap(), gc);
+        // A request from before networks were named still parses, matching any network.
+        let old: Request = serde_json::from_str(r#"{"op":"gc","valid":[]}"#).unwrap();
+        assert_eq!(
+            old,
+            Request::Gc {
+                network: String::new(),
+                valid: vec![]
+            }
+        );
         let explain = Request::Explain {
             from: "x/a".into(),
             to: "y/b".into(),

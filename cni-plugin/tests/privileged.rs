@@ -532,7 +532,8 @@ fn gc_removes_attachments_the_runtime_no_longer_lists() {
     let (ok, v) = lab.cni_with("CHECK", &lab.pod_path(), &serde_json::json!({ "prevResult": kept }));
     assert!(ok, "valid attachment broken by GC: {v}");
     match lab.requests.lock().unwrap().iter().rev().find(|r| matches!(r, Request::Gc { .. })) {
-        Some(Request::Gc { valid }) => {
+        Some(Request::Gc { network, valid }) => {
+            assert_eq!(network, "bhtest");
             assert_eq!(valid.len(), 1);
             assert_eq!(
                 (valid[0].container_id.as_str(), valid[0].ifname.as_str()),

@@ -298,7 +298,7 @@ pub struct CtEntry {
     pub last_seen_ns: u64,
     /// The rule that admitted the flow (0: the endpoint was not isolated).
     pub rule_id: u32,
-    /// Reserved; zero.
+    /// [`ct_flags`] bits: the admitting verdict and whether the flow is closing.
     pub flags: u32,
 }
 

@@ -412,12 +412,15 @@ impl Agent {
     }
 
     /// CNI GC: forgets every endpoint not in `valid`, then deletes its host veth if still there.
-    fn gc(&mut self, valid: &[EndpointRef]) -> Response {
+    fn gc(&mut self, network: &str, valid: &[EndpointRef]) -> Response {
         let keep: BTreeSet<(String, String)> = valid.iter().map(|r| (r.container_id.clone(), r.ifname.clone())).collect();
+        // `valid` lists one network's attachments: another network's endpoints are not stale.
+        // Records (or requests) from before networks were recorded match any network.
+        let ours = |r: &EndpointRecord| network.is_empty() || r.spec.network.is_empty() || r.spec.network == network;
         let stale: Vec<EndpointRecord> = self
             .endpoints
             .iter()
-            .filter(|(k, _)| !keep.contains(*k))
+            .filter(|(k, r)| ours(r) && !keep.contains(*k))
             .map(|(_, r)| r.clone())
             .collect();
         if stale.is_empty() {
@@ -600,7 +603,7 @@ async fn dispatch(agent: &Mutex<Agent>, request: Request) -> Response {
         }
         Request::DelEndpoint(r) => agent.lock().await.del_endpoint(&r),
         Request::CheckEndpoint(r) => agent.lock().await.check_endpoint(&r),
-        Request::Gc { valid } => agent.lock().await.gc(&valid),
+        Request::Gc { network, valid } => agent.lock().await.gc(&network, &valid),
         Request::Reload => {
             let mut a = agent.lock().await;
             match a.refresh(true) {
@@ -762,12 +765,19 @@ pub fn run(args: AgentArgs) -> Result<(), AgentError> {
                 let mut polls = 0u32;
                 // A bad manifest fails every poll until it is fixed: log it once, and its end.
                 let mut last_error: Option<String> = None;
+                let mut source_failures = 0u64;
                 loop {
                     tokio::time::sleep(POLL_INTERVAL).await;
                     // A netlink dump on a thread of its own, outside the agent lock.
                     let addresses = tokio::task::spawn_blocking(host_addresses).await.unwrap_or_default();
                     let mut a = agent.lock().await;
                     a.note_host_addresses(addresses);
+                    // Watch failures the source retried by itself still count as errors.
+                    let failures = a.source.failures();
+                    for _ in source_failures..failures {
+                        a.metrics.error(crate::metrics::ErrorKind::Source);
+                    }
+                    source_failures = failures;
                     match a.refresh(false) {
                         Err(e) => {
                             a.metrics.error(e.kind());

@@ -482,6 +482,10 @@ impl Source for KubeSource {
     fn pod_cidr(&self) -> Option<Ipv4Network> {
         lock(&self.stores).pod_cidr()
     }
+
+    fn failures(&self) -> u64 {
+        KubeSource::failures(self)
+    }
 }
 
 /// Where the agent publishes this node's pod CIDR for the CNI plugin's IPAM: one line, the

@@ -630,7 +630,18 @@ pub async fn serve(metrics: Arc<Metrics>, listener: tokio::net::TcpListener) {
         tokio::spawn(async move {
             let service = hyper::service::service_fn(move |req| {
                 let metrics = metrics.clone();
-                async move { Ok::<_, Infallible>(respond(&metrics, &req)) }
+                // Encoding walks the conntrack map (up to ~0.3 s when full): off the runtime's
+                // workers, which also serve the CNI plugin and read flow records.
+                async move {
+                    let response = tokio::task::spawn_blocking(move || respond(&metrics, &req))
+                        .await
+                        .unwrap_or_else(|_| {
+                            let mut r = Response::new(Full::new(Bytes::from("metrics encoder failed\n")));
+                            *r.status_mut() = StatusCode::INTERNAL_SERVER_ERROR;
+                            r
+                        });
+                    Ok::<_, Infallible>(response)
+                }
             });
             let io = hyper_util::rt::TokioIo::new(stream);
             if let Err(e) = hyper::server::conn::http1::Builder::new().serve_connection(io, service).await {

@@ -50,6 +50,12 @@ pub trait Source: Send {
     fn pod_cidr(&self) -> Option<ipnetwork::Ipv4Network> {
         None
     }
+
+    /// Errors the source recovered from by itself so far (a Kubernetes watch that failed
+    /// and retried), for the agent's error metric; `poll` reports the others.
+    fn failures(&self) -> u64 {
+        0
+    }
 }
 
 /// No source: an empty cluster (an agent that only enforces fail-closed isolation).

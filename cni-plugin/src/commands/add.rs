@@ -76,6 +76,7 @@ pub fn run(env: &Env, conf: &NetConf) -> Result<AddResult, CommandError> {
         host_ifindex: pair.host.index,
         ipv4: ip,
         mac: pair.pod.mac.clone(),
+        network: conf.name.clone(),
     };
     call_agent(&conf.agent_socket, &Request::AddEndpoint(spec), "add_endpoint", conf.agent_timeout)?;
     {

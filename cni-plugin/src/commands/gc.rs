@@ -40,6 +40,7 @@ pub fn run(conf: &NetConf) -> Result<(), CommandError> {
     match call_agent(
         &conf.agent_socket,
         &Request::Gc {
+            network: conf.name.clone(),
             valid: valid.iter().cloned().collect(),
         },
         "gc",
