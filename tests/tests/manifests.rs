@@ -16,7 +16,7 @@ use serde::Deserialize;
 use serde_yaml_ng::Value;
 
 /// The Kubernetes version the manifests are validated against.
-const KUBERNETES_VERSION: &str = "1.34.0";
+const KUBERNETES_VERSION: &str = "1.37.0";
 /// The pinned kubernetes-validate (scripts/setup.sh installs it).
 const KUBERNETES_VALIDATE_VERSION: &str = "1.37.0";
 /// The capabilities the agent container asks for; the README explains each one.
