@@ -90,7 +90,11 @@ impl Drop for Fixture {
 fn fixture(policies: usize) -> Fixture {
     let pin_dir = PathBuf::from(format!("/sys/fs/bpf/bulkhead-bench-{}-{policies}", std::process::id()));
     let _ = std::fs::remove_dir_all(&pin_dir);
-    let mut dp = Datapath::load(&pin_dir).expect("load datapath (needs root and BPF)");
+    let mut dp = Datapath::load(&pin_dir).unwrap_or_else(|e| {
+        // Some maps may be pinned already: leave nothing behind.
+        let _ = std::fs::remove_dir_all(&pin_dir);
+        panic!("load datapath (needs root and BPF): {e:?}")
+    });
     let local = vec![LocalEndpoint {
         endpoint_id: 1,
         host_ifindex: 1,

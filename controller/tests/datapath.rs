@@ -28,7 +28,7 @@ const UNKNOWN: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 77); // world
 /// A loaded datapath with its maps pinned in a directory of its own, removed on drop.
 struct Fixture {
     dp: Datapath,
-    flows: RingBuf<MapData>,
+    flows: Option<RingBuf<MapData>>,
     pin_dir: PathBuf,
 }
 
@@ -41,8 +41,14 @@ impl Drop for Fixture {
 fn fixture(name: &str, flags: u32) -> Fixture {
     let pin_dir = PathBuf::from(format!("/sys/fs/bpf/bulkhead-test-{}-{name}", std::process::id()));
     let _ = std::fs::remove_dir_all(&pin_dir);
-    let mut dp = Datapath::load(&pin_dir).expect("load datapath (needs root and BPF)");
-    let m = &mut dp.maps;
+    let dp = Datapath::load(&pin_dir).unwrap_or_else(|e| {
+        // Some maps may be pinned already: leave nothing behind.
+        let _ = std::fs::remove_dir_all(&pin_dir);
+        panic!("load datapath (needs root and BPF): {e:?}")
+    });
+    // The fixture owns the pin dir from here, so a failing step below still removes it.
+    let mut f = Fixture { dp, flows: None, pin_dir };
+    let m = &mut f.dp.maps;
     m.set_ipcache(PEER_A, 32, &IpcacheValue { identity: 301, flags: 0 }).unwrap();
     m.set_ipcache(PEER_B, 32, &IpcacheValue { identity: 302, flags: 0 }).unwrap();
     // Egress: to identity 301 on TCP/80 (rule 7), to anyone on SCTP/80 (rule 9).
@@ -77,15 +83,15 @@ fn fixture(name: &str, flags: u32) -> Fixture {
         },
     )
     .unwrap();
-    let flows = dp.take_flow_ring().expect("flow ring");
-    Fixture { dp, flows, pin_dir }
+    f.flows = Some(f.dp.take_flow_ring().expect("flow ring"));
+    f
 }
 
 impl Fixture {
     /// Every flow record waiting in the ring buffer.
     fn drain(&mut self) -> Vec<FlowEvent> {
         let mut out = Vec::new();
-        while let Some(item) = self.flows.next() {
+        while let Some(item) = self.flows.as_mut().expect("flow ring").next() {
             assert_eq!(item.len(), std::mem::size_of::<FlowEvent>(), "record size");
             // SAFETY: FlowEvent is plain old data and the length was checked above.
             out.push(unsafe { std::ptr::read_unaligned(item.as_ptr().cast::<FlowEvent>()) });

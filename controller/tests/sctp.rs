@@ -299,7 +299,11 @@ impl Fixture {
         let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         let pin_dir = PathBuf::from(format!("/sys/fs/bpf/bulkhead-test-{}-{n}-sctp-{name}", std::process::id()));
         let _ = std::fs::remove_dir_all(&pin_dir);
-        let dp = Datapath::load(&pin_dir).expect("load datapath (needs root and BPF)");
+        let dp = Datapath::load(&pin_dir).unwrap_or_else(|e| {
+            // Some maps may be pinned already: leave nothing behind.
+            let _ = std::fs::remove_dir_all(&pin_dir);
+            panic!("load datapath (needs root and BPF): {e:?}")
+        });
         Fixture {
             dp,
             pin_dir,
