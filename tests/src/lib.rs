@@ -274,3 +274,31 @@ pub fn scenario_exec(lab: &Lab) {
     let inside = lab.ok(&["exec", "x/a", "--", "cat", "/proc/net/dev"]);
     assert!(inside.contains("eth0"), "not in the pod netns: {inside}");
 }
+
+/// `namespace/pod` of a flow end in `bulkhead observe -o json` (`?` for what is not a pod).
+pub fn flow_pod(peer: &serde_json::Value) -> String {
+    format!(
+        "{}/{}",
+        peer["namespace"].as_str().unwrap_or("?"),
+        peer["pod"].as_str().unwrap_or("?")
+    )
+}
+
+/// `namespace/name` of each policy in a JSON list (`isolated_by`, `allowed_by`, ...).
+pub fn policy_names(list: &serde_json::Value) -> Vec<String> {
+    list.as_array()
+        .map(|a| {
+            a.iter()
+                .map(|p| format!("{}/{}", p["namespace"].as_str().unwrap_or("?"), p["name"].as_str().unwrap_or("?")))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// One JSON object per line (`bulkhead observe -o json`); panics on a line that is not one.
+pub fn json_lines(stdout: &[u8]) -> Vec<serde_json::Value> {
+    String::from_utf8_lossy(stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not a json flow ({e}): {l}")))
+        .collect()
+}

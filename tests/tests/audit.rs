@@ -9,7 +9,7 @@ use std::collections::BTreeSet;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use bulkhead_e2e::{binary, nine_pods, three_by_three, Lab};
+use bulkhead_e2e::{binary, flow_pod, json_lines, nine_pods, three_by_three, Lab};
 use serde_json::Value;
 
 /// Default deny for ingress in x, `bulkhead.io/audit` set to `annotation` (or unset).
@@ -31,18 +31,7 @@ fn audit_flows(lab: &Lab) -> Vec<Value> {
         .output()
         .expect("run bulkhead observe");
     assert!(out.status.success(), "observe failed: {}", String::from_utf8_lossy(&out.stderr));
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not a json flow ({e}): {l}")))
-        .collect()
-}
-
-fn pod(peer: &Value) -> String {
-    format!(
-        "{}/{}",
-        peer["namespace"].as_str().unwrap_or("?"),
-        peer["pod"].as_str().unwrap_or("?")
-    )
+    json_lines(&out.stdout)
 }
 
 /// Every ordered pair of distinct pods whose destination is in x: what deny-x isolates.
@@ -70,9 +59,12 @@ fn audit_mode_forwards_and_reports_then_enforces_without_the_annotation() {
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
         let flows = audit_flows(&lab);
-        let seen: BTreeSet<(String, String)> = flows.iter().map(|f| (pod(&f["source"]), pod(&f["destination"]))).collect();
+        let seen: BTreeSet<(String, String)> = flows
+            .iter()
+            .map(|f| (flow_pod(&f["source"]), flow_pod(&f["destination"])))
+            .collect();
         for f in &flows {
-            let pair = (pod(&f["source"]), pod(&f["destination"]));
+            let pair = (flow_pod(&f["source"]), flow_pod(&f["destination"]));
             assert!(wanted.contains(&pair), "audit flow outside x's ingress: {f}");
             assert_eq!(f["verdict"], "AUDIT", "{f}");
             assert_eq!(f["direction"], "ingress", "{f}");

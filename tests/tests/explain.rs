@@ -8,7 +8,7 @@
 use std::collections::BTreeMap;
 use std::process::{Command, Output};
 
-use bulkhead_e2e::{binary, three_by_three, Lab, X_A_FROM_B};
+use bulkhead_e2e::{binary, policy_names, three_by_three, Lab, X_A_FROM_B};
 use serde_json::Value;
 
 /// y's egress is audited: only namespace z would be allowed. z/c admits only z/a on 80.
@@ -54,16 +54,6 @@ fn explain_json(lab: &Lab, from: &str, to: &str, port: &str) -> Value {
     serde_json::from_slice(&out.stdout).expect("explain json")
 }
 
-fn names(list: &Value) -> Vec<String> {
-    list.as_array()
-        .map(|a| {
-            a.iter()
-                .map(|p| format!("{}/{}", p["namespace"].as_str().unwrap_or("?"), p["name"].as_str().unwrap_or("?")))
-                .collect()
-        })
-        .unwrap_or_default()
-}
-
 #[test]
 fn explain_agrees_with_probes_over_every_pair() {
     let lab = Lab::new("explain");
@@ -100,10 +90,10 @@ fn explain_agrees_with_probes_over_every_pair() {
     assert_eq!(e["verdict"], "AUDIT", "{e:#}");
     assert_eq!((&e["egress"]["pod"], &e["egress"]["direction"]), (&"y/b".into(), &"egress".into()));
     assert_eq!((&e["egress"]["isolated"], &e["egress"]["audit_mode"]), (&true.into(), &true.into()));
-    assert_eq!(names(&e["egress"]["isolated_by"]), ["y/egress-to-z"]);
+    assert_eq!(policy_names(&e["egress"]["isolated_by"]), ["y/egress-to-z"]);
     assert_eq!(e["ingress"]["verdict"], "ALLOWED");
     assert_eq!(e["ingress"]["audit_mode"], false);
-    assert_eq!(names(&e["ingress"]["isolated_by"]), ["x/allow-b", "x/default-deny-ingress"]);
+    assert_eq!(policy_names(&e["ingress"]["isolated_by"]), ["x/allow-b", "x/default-deny-ingress"]);
     let rule = &e["ingress"]["allowed_by"];
     assert_eq!(
         (&rule["namespace"], &rule["name"], &rule["rule"]),

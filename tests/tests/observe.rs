@@ -10,7 +10,7 @@ use std::os::unix::net::UnixStream;
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
-use bulkhead_e2e::{binary, three_by_three, Lab, X_A_FROM_B};
+use bulkhead_e2e::{binary, flow_pod, json_lines, policy_names, three_by_three, Lab, X_A_FROM_B};
 use serde_json::Value;
 
 /// Runs `bulkhead observe --lab-dir DIR ARGS...`.
@@ -34,28 +34,7 @@ fn flows(lab: &Lab, args: &[&str]) -> Vec<Value> {
         "observe {args:?} failed: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not a json flow ({e}): {l}")))
-        .collect()
-}
-
-fn pod(peer: &Value) -> String {
-    format!(
-        "{}/{}",
-        peer["namespace"].as_str().unwrap_or("?"),
-        peer["pod"].as_str().unwrap_or("?")
-    )
-}
-
-fn names(list: &Value) -> Vec<String> {
-    list.as_array()
-        .map(|a| {
-            a.iter()
-                .map(|p| format!("{}/{}", p["namespace"].as_str().unwrap_or("?"), p["name"].as_str().unwrap_or("?")))
-                .collect()
-        })
-        .unwrap_or_default()
+    json_lines(&out.stdout)
 }
 
 /// Polls `check` (flows arrive through a ring buffer and a reader task) for up to 5 s.
@@ -88,7 +67,9 @@ fn dropped_flows_name_isolating_policies_and_allowed_flows_their_policy() {
     eventually("every denied probe is reported", || {
         let dropped = flows(&lab, &["--verdict", "dropped"]);
         for (from, to) in &denied {
-            let hit = dropped.iter().find(|f| pod(&f["source"]) == *from && pod(&f["destination"]) == *to);
+            let hit = dropped
+                .iter()
+                .find(|f| flow_pod(&f["source"]) == *from && flow_pod(&f["destination"]) == *to);
             let Some(f) = hit else {
                 return Err(format!("no dropped flow {from} -> {to} among {} flows", dropped.len()));
             };
@@ -98,7 +79,7 @@ fn dropped_flows_name_isolating_policies_and_allowed_flows_their_policy() {
             assert_eq!(f["protocol"], "TCP", "{f}");
             assert_eq!(f["destination"]["port"], 80, "{f}");
             assert!(
-                names(&f["isolated_by"]).contains(&"x/default-deny-ingress".to_string()),
+                policy_names(&f["isolated_by"]).contains(&"x/default-deny-ingress".to_string()),
                 "{from} -> {to} does not name the default deny: {f}"
             );
             assert!(f.get("allowed_by").is_none(), "{f}");
@@ -106,7 +87,7 @@ fn dropped_flows_name_isolating_policies_and_allowed_flows_their_policy() {
         }
         // Policy dropped nothing else: every such flow is one of the denied probes.
         for f in dropped.iter().filter(|f| f["drop_reason"] == "policy_denied") {
-            let pair = (pod(&f["source"]), pod(&f["destination"]));
+            let pair = (flow_pod(&f["source"]), flow_pod(&f["destination"]));
             assert!(denied.contains(&&pair), "unexpected drop {f}");
         }
         Ok(())
@@ -115,7 +96,7 @@ fn dropped_flows_name_isolating_policies_and_allowed_flows_their_policy() {
     eventually("every allowed flow into x/a names allow-b", || {
         let into_xa = flows(&lab, &["--verdict", "forwarded", "--to-pod", "x/a", "--direction", "ingress"]);
         for (from, to) in &allowed_into_xa {
-            let Some(f) = into_xa.iter().find(|f| pod(&f["source"]) == *from) else {
+            let Some(f) = into_xa.iter().find(|f| flow_pod(&f["source"]) == *from) else {
                 return Err(format!("no forwarded flow {from} -> {to} among {into_xa:?}"));
             };
             let rules = f["allowed_by"].as_array().cloned().unwrap_or_default();
