@@ -1,9 +1,7 @@
-//! Bulkhead's CNI plugin, and the pieces the agent and lab share with it.
+//! `bulkhead-cni`: the CNI spec's verbs, the plugin's configuration and its IPAM. The
+//! library half lets the agent's `install-cni` validate a conflist with the same parser.
 
-pub mod agent_api;
 pub mod commands;
 pub mod config;
 pub mod ipam;
-pub mod netlink;
-pub mod netns;
 pub mod spec;

@@ -13,31 +13,7 @@ pub const SUPPORTED_VERSIONS: &[&str] = &["0.3.0", "0.3.1", "0.4.0", "1.0.0", "1
 /// The link-local gateway every pod routes through; the host veth answers for it.
 pub const GATEWAY: Ipv4Addr = Ipv4Addr::new(169, 254, 1, 1);
 
-/// CNI error codes: the spec's, then ours from 100.
-pub mod code {
-    /// Incompatible CNI version.
-    pub const INCOMPATIBLE_VERSION: u32 = 1;
-    /// Invalid necessary environment variables.
-    pub const INVALID_ENVIRONMENT: u32 = 4;
-    /// Failure to decode content.
-    pub const DECODING_FAILURE: u32 = 6;
-    /// Invalid network config.
-    pub const INVALID_NETWORK_CONFIG: u32 = 7;
-    /// Try again later.
-    pub const TRY_AGAIN_LATER: u32 = 11;
-    /// Plugin not available (STATUS).
-    pub const PLUGIN_NOT_AVAILABLE: u32 = 50;
-    /// The address pool is exhausted.
-    pub const POOL_EXHAUSTED: u32 = 100;
-    /// A netlink or namespace operation failed.
-    pub const NETLINK: u32 = 101;
-    /// The agent rejected the endpoint or answered nonsense.
-    pub const AGENT_REJECTED: u32 = 102;
-    /// The IPAM store could not be read or written.
-    pub const IPAM_STORE: u32 = 103;
-    /// CHECK found the attachment not as ADD left it.
-    pub const CHECK_FAILED: u32 = 104;
-}
+pub use bulkhead_api::code;
 
 /// A spec version a configuration may request.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]

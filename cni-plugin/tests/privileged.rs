@@ -12,9 +12,9 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use bulkhead_cni::agent_api::Request;
-use bulkhead_cni::netlink::host_veth_name;
-use bulkhead_cni::netns;
+use bulkhead_api::Request;
+use bulkhead_hostnet::netlink::host_veth_name;
+use bulkhead_hostnet::netns;
 use serde_json::Value;
 
 const BIN: &str = env!("CARGO_BIN_EXE_bulkhead-cni");
@@ -701,7 +701,7 @@ fn add_after_another_plugin_extends_its_result() {
 
 #[test]
 fn bridge_and_bridge_port_are_idempotent() {
-    use bulkhead_cni::netlink;
+    use bulkhead_hostnet::netlink;
     let ns = ExtraPod::new("br");
     let peer_ns = ExtraPod::new("brp");
     let label = ns.name();

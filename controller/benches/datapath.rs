@@ -15,8 +15,9 @@ use std::time::Instant;
 use aya::maps::{MapData, RingBuf};
 use aya::programs::{TestRun, TestRunOptions};
 use bulkhead::datapath::Datapath;
+use bulkhead::datapath::DatapathState;
 use bulkhead::model::{parse_documents, Cluster};
-use bulkhead::policy::{Compiler, DatapathState, LocalEndpoint};
+use bulkhead::policy::{Compiler, LocalEndpoint};
 use bulkhead_common::{program_names, proto};
 
 const SERVER: Ipv4Addr = Ipv4Addr::new(10, 201, 0, 1);
@@ -107,7 +108,7 @@ fn fixture(policies: usize) -> Fixture {
     let cluster = cluster(policies);
     let mut compiler = Compiler::new();
     let state = compiler.compile(&cluster, &local);
-    bulkhead::maps::sync(&mut dp.maps, &DatapathState::default(), &state).expect("program maps");
+    bulkhead::datapath::sync::sync(&mut dp.maps, &DatapathState::default(), &state).expect("program maps");
     eprintln!(
         "{policies} policies: {} policy entries, compiled and written in {:?}",
         state.policy.len(),

@@ -198,6 +198,68 @@ pub fn resolve(flags: Overrides, file: AgentFile, in_cluster: bool) -> Result<Ag
     })
 }
 
+/// `bulkhead agent` flags.
+#[derive(Clone, Debug, clap::Args)]
+pub struct AgentArgs {
+    /// This node's name (in a DaemonSet: the downward API's `spec.nodeName`).
+    #[arg(long, env = "BULKHEAD_NODE_NAME")]
+    pub node_name: Option<String>,
+    /// YAML file with the same keys as these flags; flags and `BULKHEAD_*` override it.
+    #[arg(long, env = "BULKHEAD_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Where the model comes from [default: files with --manifests, kubernetes in a pod or
+    /// with --kubeconfig, else none].
+    #[arg(long, env = "BULKHEAD_SOURCE", value_enum)]
+    pub source: Option<SourceKind>,
+    /// Kubeconfig for the kubernetes source [default: KUBECONFIG, ~/.kube/config, in-cluster].
+    #[arg(long, env = "BULKHEAD_KUBECONFIG")]
+    pub kubeconfig: Option<PathBuf>,
+    /// A directory of Namespace, Pod and NetworkPolicy manifests (local-files source).
+    #[arg(long, env = "BULKHEAD_MANIFESTS")]
+    pub manifests: Option<PathBuf>,
+    /// State directory: the endpoint socket (`agent.sock`), the endpoint registry and
+    /// `pod-cidr` [default: /run/bulkhead].
+    #[arg(long, env = "BULKHEAD_STATE_DIR")]
+    pub state_dir: Option<PathBuf>,
+    /// bpffs directory where maps are pinned [default: /sys/fs/bpf/bulkhead].
+    #[arg(long, env = "BULKHEAD_BPFFS")]
+    pub bpffs: Option<PathBuf>,
+    /// This node's pod CIDR; the kubernetes source learns it from the Node otherwise.
+    #[arg(long, env = "BULKHEAD_POD_CIDR")]
+    pub pod_cidr: Option<ipnetwork::Ipv4Network>,
+    /// Flow records kept in memory for `bulkhead observe`; the oldest fall out [default: 8192].
+    #[arg(long, env = "BULKHEAD_FLOW_HISTORY")]
+    pub flow_history: Option<usize>,
+    /// Address to serve `/metrics` and `/healthz` on; `none` disables [default: 0.0.0.0:9962].
+    #[arg(long, env = "BULKHEAD_METRICS_ADDRESS")]
+    pub metrics_address: Option<String>,
+    /// Serve metrics on this inherited listening socket instead (overrides the address).
+    #[arg(long)]
+    pub metrics_fd: Option<i32>,
+}
+
+impl AgentArgs {
+    /// Applies the config file and the defaults (see [`resolve`] for precedence).
+    pub fn resolve(&self) -> Result<AgentConfig, ConfigError> {
+        let file = match &self.config {
+            Some(path) => AgentFile::read(path)?,
+            None => AgentFile::default(),
+        };
+        let flags = Overrides {
+            node_name: self.node_name.clone(),
+            source: self.source,
+            kubeconfig: self.kubeconfig.clone(),
+            manifests: self.manifests.clone(),
+            state_dir: self.state_dir.clone(),
+            bpffs: self.bpffs.clone(),
+            pod_cidr: self.pod_cidr,
+            metrics_address: self.metrics_address.clone(),
+            flow_history: self.flow_history,
+        };
+        resolve(flags, file, std::env::var_os("KUBERNETES_SERVICE_HOST").is_some())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

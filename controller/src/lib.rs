@@ -1,18 +1,30 @@
 //! The Bulkhead node agent, CLI and lab.
+//!
+//! The agent is a pipeline; each stage is a module and depends only on the stages before
+//! it: [`source`] → [`model`] → [`policy`] → [`datapath`], with [`flows`] and [`metrics`]
+//! reading what the datapath reports. [`agent`] wires them together; [`cli`] and [`lab`]
+//! talk to agents through their socket (`bulkhead_api`). ARCHITECTURE.md at the root of
+//! the repository has the map.
 
 pub mod agent;
+pub mod cli;
 pub mod config;
 pub mod datapath;
-pub mod explain;
 pub mod flows;
-pub mod identity;
-pub mod install;
-pub mod kube_source;
 pub mod lab;
-pub mod maps;
 pub mod metrics;
 pub mod model;
-pub mod observe;
 pub mod policy;
-pub mod selector;
 pub mod source;
+
+/// The error and its causes, one line.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}

@@ -13,16 +13,16 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run the node agent.
-    Agent(bulkhead::agent::AgentArgs),
+    Agent(bulkhead::config::AgentArgs),
     /// A cluster on this machine made of network namespaces.
     Lab(bulkhead::lab::LabArgs),
     /// Show flow records: what the datapath forwarded and dropped, and which policy decided.
-    Observe(bulkhead::observe::ObserveArgs),
+    Observe(bulkhead::cli::observe::ObserveArgs),
     /// Explain a connection FROM TO PORT/PROTO: its verdict, which policies isolate each
     /// side and which rule allows it, from the agent's current model.
-    Explain(bulkhead::explain::ExplainArgs),
+    Explain(bulkhead::cli::explain::ExplainArgs),
     /// Install the bulkhead-cni binary and its conflist on this node (the DaemonSet's init container).
-    InstallCni(bulkhead::install::InstallArgs),
+    InstallCni(bulkhead::cli::install::InstallArgs),
 }
 
 fn main() {
@@ -34,9 +34,9 @@ fn main() {
     let result: anyhow::Result<i32> = match cli.command {
         Command::Agent(args) => bulkhead::agent::run(args).map(|()| 0).map_err(Into::into),
         Command::Lab(args) => bulkhead::lab::run(args).map_err(Into::into),
-        Command::Observe(args) => bulkhead::observe::run(args).map_err(Into::into),
-        Command::Explain(args) => bulkhead::explain::run(args).map_err(Into::into),
-        Command::InstallCni(args) => bulkhead::install::run(args).map(|()| 0).map_err(Into::into),
+        Command::Observe(args) => bulkhead::cli::observe::run(args).map_err(Into::into),
+        Command::Explain(args) => bulkhead::cli::explain::run(args).map_err(Into::into),
+        Command::InstallCni(args) => bulkhead::cli::install::run(args).map(|()| 0).map_err(Into::into),
     };
     let code = result.unwrap_or_else(|e| {
         // `{:#}` prints the cause chain on one line.

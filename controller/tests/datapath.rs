@@ -8,8 +8,8 @@ use std::path::PathBuf;
 
 use aya::maps::{MapData, RingBuf};
 use aya::programs::{TestRun, TestRunOptions};
+use bulkhead::datapath::sync::MapWriter;
 use bulkhead::datapath::Datapath;
-use bulkhead::maps::MapWriter;
 use bulkhead_common::{
     capacity, direction, endpoint_flags, identity, program_names, proto, rule_id, verdict, DropReason, EndpointInfo, FlowEvent,
     IpcacheValue, PolicyKey, PolicyValue, POLICY_PREFIX_ANY_PROTO, POLICY_PREFIX_FULL,

@@ -12,13 +12,14 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use bulkhead::datapath::sync::{self, MemoryMaps};
 use bulkhead::datapath::Datapath;
-use bulkhead::kube_source::{KubeSource, KubeSourceOptions};
-use bulkhead::maps::{self, MemoryMaps};
+use bulkhead::datapath::DatapathState;
 use bulkhead::model::{self, Cluster};
-use bulkhead::policy::{Compiler, DatapathState, LocalEndpoint};
+use bulkhead::policy::{Compiler, LocalEndpoint};
+use bulkhead::source::kubernetes::{KubeSource, KubeSourceOptions};
 use bulkhead::source::Source;
-use bulkhead_cni::agent_api::{self, AgentStatus, Request, Response};
+use bulkhead_api::{AgentStatus, Request, Response};
 use bulkhead_common::{direction, endpoint_flags, identity, proto, PolicyKey, POLICY_PREFIX_FULL};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -416,7 +417,7 @@ async fn the_synced_model_compiles_into_map_entries() {
     let mut compiler = Compiler::new();
     let state = compiler.compile(&cluster, &locals);
     let mut maps = MemoryMaps::default();
-    maps::sync(&mut maps, &DatapathState::default(), &state).unwrap();
+    sync::sync(&mut maps, &DatapathState::default(), &state).unwrap();
 
     let identity_of = |ip: [u8; 4]| {
         maps.state
@@ -547,7 +548,7 @@ impl AgentProcess {
     fn status(&mut self) -> Option<AgentStatus> {
         self.assert_running();
         let socket = self.dir.join("state/agent.sock");
-        let response = tokio::task::block_in_place(|| agent_api::call(&socket, &Request::Status, Duration::from_secs(5)));
+        let response = tokio::task::block_in_place(|| bulkhead_api::call(&socket, &Request::Status, Duration::from_secs(5)));
         match response {
             Ok(Response::Status(status)) => Some(status),
             Ok(other) => panic!("status answered {other:?}"),

@@ -12,8 +12,9 @@ use std::path::{Path, PathBuf};
 
 use aya::programs::{TestRun, TestRunOptions};
 use bulkhead::datapath::Datapath;
+use bulkhead::datapath::DatapathState;
 use bulkhead::model::{self, Cluster};
-use bulkhead::policy::{evaluate, Compiler, DatapathState, LocalEndpoint};
+use bulkhead::policy::{evaluate, Compiler, LocalEndpoint};
 use bulkhead_common::{direction, program_names, proto, DropReason};
 use serde_yaml_ng::Value;
 
@@ -315,7 +316,7 @@ impl Fixture {
     /// Writes what the compiler makes of `cluster` with pod `i` as the local endpoint.
     fn install(&mut self, compiler: &mut Compiler, cluster: &Cluster, i: usize) {
         let new = compiler.compile(cluster, &[local(i)]);
-        bulkhead::maps::sync(&mut self.dp.maps, &self.state, &new).unwrap();
+        bulkhead::datapath::sync::sync(&mut self.dp.maps, &self.state, &new).unwrap();
         self.state = new;
     }
 

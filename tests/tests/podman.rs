@@ -14,8 +14,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use bulkhead_cni::netns;
 use bulkhead_e2e::binary;
+use bulkhead_hostnet::netns;
 use serde_json::{json, Value};
 
 /// The network podman attaches containers to; its plugin is `bulkhead-cni`.

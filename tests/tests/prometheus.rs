@@ -12,8 +12,8 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use bulkhead_cni::netns;
 use bulkhead_e2e::{three_by_three, Lab, X_A_FROM_B};
+use bulkhead_hostnet::netns;
 
 /// Datagrams the allowed pair exchanges (each one echoed back).
 const ALLOWED: u64 = 5;

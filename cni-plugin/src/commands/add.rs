@@ -8,11 +8,11 @@ use std::path::Path;
 use netlink_packet_route::route::RouteScope;
 
 use super::{call_agent, CommandError, Rollback};
-use crate::agent_api::{EndpointRef, EndpointSpec, Request};
 use crate::config::{ConfigError, Env, NetConf};
 use crate::ipam::{Owner, Store};
-use crate::netlink::{self, with_handle, LinkInfo, NetlinkError};
 use crate::spec::{AddResult, Interface, GATEWAY};
+use bulkhead_api::{EndpointRef, EndpointSpec, Request};
+use bulkhead_hostnet::netlink::{self, with_handle, LinkInfo, NetlinkError};
 
 /// Both ends of a pod's veth.
 #[derive(Clone, Debug, PartialEq, Eq)]

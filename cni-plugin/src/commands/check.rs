@@ -11,10 +11,10 @@ use ipnetwork::Ipv4Network;
 use serde_json::Value;
 
 use super::{call_agent, CommandError};
-use crate::agent_api::{EndpointRef, Request};
 use crate::config::{ConfigError, Env, NetConf};
 use crate::ipam::{Owner, Store};
-use crate::netlink::{self, with_handle};
+use bulkhead_api::{EndpointRef, Request};
+use bulkhead_hostnet::netlink::{self, with_handle};
 
 /// What `prevResult` says about this plugin's attachment.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]

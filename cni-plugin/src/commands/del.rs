@@ -4,10 +4,10 @@
 //! failure is reported.
 
 use super::{call_agent, CommandError};
-use crate::agent_api::{EndpointRef, Request};
 use crate::config::{Env, NetConf};
 use crate::ipam::{Owner, Store};
-use crate::netlink::{self, with_handle};
+use bulkhead_api::{EndpointRef, Request};
+use bulkhead_hostnet::netlink::{self, with_handle};
 
 /// Runs DEL.
 pub fn run(env: &Env, conf: &NetConf) -> Result<(), CommandError> {
@@ -33,7 +33,7 @@ pub fn run(env: &Env, conf: &NetConf) -> Result<(), CommandError> {
 
     // A netns that is gone (or only a leftover file) has nothing left to delete.
     // Deleting the pod end removes the pair, and with it the host routes and neighbours.
-    if let Some(pod_ns) = env.netns.as_deref().filter(|p| crate::netns::is_netns_mount(p)) {
+    if let Some(pod_ns) = env.netns.as_deref().filter(|p| bulkhead_hostnet::netns::is_netns_mount(p)) {
         let ifname = env.ifname.as_str();
         match with_handle(Some(pod_ns), |h| async move { netlink::delete_link(&h, ifname).await }) {
             Ok(deleted) => {

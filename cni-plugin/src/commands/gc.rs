@@ -7,11 +7,11 @@
 use std::collections::BTreeSet;
 
 use super::{call_agent, CommandError};
-use crate::agent_api::{EndpointRef, Request};
 use crate::config::{ConfigError, NetConf};
 use crate::ipam::{Owner, Store};
-use crate::netlink::{self, with_handle};
 use crate::spec::CniVersion;
+use bulkhead_api::{EndpointRef, Request};
+use bulkhead_hostnet::netlink::{self, with_handle};
 
 /// Runs GC.
 pub fn run(conf: &NetConf) -> Result<(), CommandError> {

@@ -11,11 +11,11 @@ use std::error::Error as _;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use crate::agent_api::{self, ApiError, Request, Response};
 use crate::config::ConfigError;
 use crate::ipam::IpamError;
-use crate::netlink::NetlinkError;
 use crate::spec::code;
+use bulkhead_api::{ApiError, Request, Response};
+use bulkhead_hostnet::netlink::NetlinkError;
 
 /// Why a verb failed; every variant knows its CNI error code.
 #[derive(Debug, thiserror::Error)]
@@ -96,7 +96,7 @@ impl CommandError {
         match self {
             Self::Config(e) => e.code(),
             Self::Ipam(e) => e.code(),
-            Self::Netlink(e) => e.code(),
+            Self::Netlink(_) => code::NETLINK,
             Self::AgentUnreachable { .. } => code::TRY_AGAIN_LATER,
             Self::AgentProtocol { .. } => code::AGENT_REJECTED,
             Self::AgentRejected { code: c, .. } if *c == code::TRY_AGAIN_LATER => code::TRY_AGAIN_LATER,
@@ -128,7 +128,7 @@ impl CommandError {
 
 /// Sends `request` to the agent; maps transport failures and refusals to CNI codes.
 pub(crate) fn call_agent(socket: &Path, request: &Request, op: &'static str, timeout: Duration) -> Result<(), CommandError> {
-    match agent_api::call(socket, request, timeout) {
+    match bulkhead_api::call(socket, request, timeout) {
         Ok(Response::Ok) => Ok(()),
         Ok(Response::Error { code, message }) => Err(CommandError::AgentRejected { op, code, message }),
         Ok(other) => Err(CommandError::AgentRejected {

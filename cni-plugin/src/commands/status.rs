@@ -1,9 +1,9 @@
 //! STATUS (spec 1.1): ready for ADDs when the agent answers and reports itself ready.
 
 use super::CommandError;
-use crate::agent_api::{self, Request, Response};
 use crate::config::NetConf;
 use crate::spec::CniVersion;
+use bulkhead_api::{Request, Response};
 
 /// Runs STATUS; success prints nothing.
 pub fn run(conf: &NetConf) -> Result<(), CommandError> {
@@ -14,7 +14,7 @@ pub fn run(conf: &NetConf) -> Result<(), CommandError> {
         });
     }
     let not_ready = |reason: String| CommandError::NotAvailable { reason };
-    match agent_api::call(&conf.agent_socket, &Request::Status, conf.agent_timeout) {
+    match bulkhead_api::call(&conf.agent_socket, &Request::Status, conf.agent_timeout) {
         Ok(Response::Status(s)) if s.ready => Ok(()),
         Ok(Response::Status(_)) => Err(not_ready("agent has not finished its first sync".into())),
         Ok(other) => Err(not_ready(format!("unexpected answer {other:?}"))),

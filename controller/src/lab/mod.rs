@@ -14,7 +14,7 @@ mod state;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use bulkhead_cni::agent_api::{self, Request, Response};
+use bulkhead_api::{Request, Response};
 use serde::Serialize;
 
 // TODO(merge): replace with `use crate::model;` once Brief B's model lands.
@@ -22,14 +22,7 @@ use crate::model;
 
 pub use state::{LabPaths, LabState, NodeState, PodState};
 
-/// Output format of the read commands.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
-pub enum Output {
-    /// Human-readable.
-    Table,
-    /// Machine-readable.
-    Json,
-}
+pub use crate::cli::Output;
 
 /// Transport protocol a probe uses.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -193,7 +186,7 @@ pub enum LabError {
         netns: String,
         /// Cause.
         #[source]
-        source: bulkhead_cni::netns::NetnsError,
+        source: bulkhead_hostnet::netns::NetnsError,
     },
     /// Netlink work inside a namespace failed.
     #[error("netlink in netns {netns}")]
@@ -202,7 +195,7 @@ pub enum LabError {
         netns: String,
         /// Cause (boxed: netlink errors are large).
         #[source]
-        source: Box<bulkhead_cni::netlink::NetlinkError>,
+        source: Box<bulkhead_hostnet::netlink::NetlinkError>,
     },
     /// A process could not be started.
     #[error("cannot start {what}")]
@@ -220,7 +213,7 @@ pub enum LabError {
         node: String,
         /// Cause.
         #[source]
-        source: agent_api::ApiError,
+        source: bulkhead_api::ApiError,
     },
     /// An agent refused a request or never became ready.
     #[error("agent of {node}: {message}")]
@@ -336,7 +329,7 @@ fn reload_agents(paths: &LabPaths, state: &LabState) -> Result<(), LabError> {
             .iter()
             .map(|node| {
                 scope.spawn(
-                    move || match agent_api::call(&paths.agent_socket(&node.name), &Request::Reload, RELOAD_TIMEOUT) {
+                    move || match bulkhead_api::call(&paths.agent_socket(&node.name), &Request::Reload, RELOAD_TIMEOUT) {
                         Ok(Response::Ok) => Ok(()),
                         Ok(Response::Error { code, message }) => Err(LabError::AgentFailed {
                             node: node.name.clone(),
@@ -453,7 +446,7 @@ fn print_status(paths: &LabPaths, state: &LabState, output: Output) {
         .iter()
         .map(|n| {
             let socket = paths.agent_socket(&n.name);
-            let ready = matches!(agent_api::call(&socket, &Request::Status, Duration::from_secs(2)), Ok(Response::Status(s)) if s.ready);
+            let ready = matches!(bulkhead_api::call(&socket, &Request::Status, Duration::from_secs(2)), Ok(Response::Status(s)) if s.ready);
             NodeStatus {
                 name: n.name.clone(),
                 netns: n.netns.clone(),

@@ -9,9 +9,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use bulkhead_cni::agent_api::{self, Request, Response};
-use bulkhead_cni::netlink::{self, LinkInfo, NetlinkError};
-use bulkhead_cni::netns;
+use bulkhead_api::{Request, Response};
+use bulkhead_hostnet::netlink::{self, LinkInfo, NetlinkError};
+use bulkhead_hostnet::netns;
 use ipnetwork::Ipv4Network;
 use netlink_packet_route::route::RouteScope;
 use rtnetlink::Handle;
@@ -355,7 +355,7 @@ fn wait_ready(paths: &LabPaths, node: &NodeState) -> Result<(), LabError> {
     let socket = paths.agent_socket(&node.name);
     let deadline = Instant::now() + AGENT_READY_TIMEOUT;
     loop {
-        if let Ok(Response::Status(s)) = agent_api::call(&socket, &Request::Status, Duration::from_secs(2)) {
+        if let Ok(Response::Status(s)) = bulkhead_api::call(&socket, &Request::Status, Duration::from_secs(2)) {
             if s.ready {
                 return Ok(());
             }

@@ -7,7 +7,7 @@ use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
 
-use bulkhead_cni::netns;
+use bulkhead_hostnet::netns;
 use k8s_openapi::api::core::v1::{Pod, PodStatus};
 
 use super::model::{Object, ObjectRef};

@@ -3,7 +3,7 @@
 use std::net::{Ipv4Addr, SocketAddr, TcpStream, UdpSocket};
 use std::time::{Duration, Instant};
 
-use bulkhead_cni::netns;
+use bulkhead_hostnet::netns;
 use serde::Serialize;
 
 use super::state::{LabState, PodState};

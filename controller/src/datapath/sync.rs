@@ -8,7 +8,7 @@ use aya::maps::lpm_trie::{Key, LpmTrie};
 use aya::maps::{HashMap, MapData, MapError};
 use bulkhead_common::{EndpointInfo, IpcacheValue, Ipv4Key, PolicyKey, PolicyValue};
 
-use crate::policy::DatapathState;
+use crate::datapath::DatapathState;
 
 /// Why a map write failed.
 #[derive(Debug, thiserror::Error)]

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::sync::mpsc;
 use std::time::Duration;
 
-use bulkhead_cni::agent_api::{self, Flow, FlowDirection, FlowFilter, FlowVerdict, ObserveRequest};
+use bulkhead_api::{Flow, FlowDirection, FlowFilter, FlowVerdict, ObserveRequest};
 use bulkhead_common::DropReason;
 use clap::builder::PossibleValuesParser;
 
@@ -69,7 +69,7 @@ impl ProtocolArg {
 }
 
 fn namespaced(text: &str) -> Result<String, String> {
-    agent_api::parse_namespaced(text).map(|_| text.to_string())
+    bulkhead_api::parse_namespaced(text).map(|_| text.to_string())
 }
 
 fn label(text: &str) -> Result<String, String> {
@@ -77,7 +77,7 @@ fn label(text: &str) -> Result<String, String> {
     if key.is_empty() {
         return Err(format!("{text:?} is not KEY=VALUE"));
     }
-    crate::selector::validate_label_key(key).map(|()| text.to_string())
+    crate::model::selector::validate_label_key(key).map(|()| text.to_string())
 }
 
 fn drop_reasons() -> PossibleValuesParser {
@@ -254,7 +254,7 @@ pub enum ObserveError {
         node: String,
         /// Cause.
         #[source]
-        source: agent_api::ObserveError,
+        source: bulkhead_api::ObserveError,
     },
 }
 
@@ -319,7 +319,7 @@ fn fetch(target: &Target, request: &ObserveRequest) -> Result<Vec<Flow>, Observe
         node: target.node.clone(),
         source,
     };
-    let stream = agent_api::observe(&target.socket, request, Some(IDLE_TIMEOUT)).map_err(|e| err(e.into()))?;
+    let stream = bulkhead_api::observe(&target.socket, request, Some(IDLE_TIMEOUT)).map_err(|e| err(e.into()))?;
     stream.collect::<Result<Vec<_>, _>>().map_err(err)
 }
 
@@ -369,7 +369,7 @@ pub fn run(args: ObserveArgs) -> Result<i32, ObserveError> {
                 node: t.node.clone(),
                 source,
             };
-            match agent_api::observe(&t.socket, &request, None) {
+            match bulkhead_api::observe(&t.socket, &request, None) {
                 Ok(stream) => {
                     for item in stream {
                         if tx.send(item.map_err(err)).is_err() {
@@ -393,7 +393,7 @@ pub fn run(args: ObserveArgs) -> Result<i32, ObserveError> {
                 }
             }
             Err(e) => {
-                eprintln!("bulkhead: {}", crate::agent::error_chain(&e));
+                eprintln!("bulkhead: {}", crate::error_chain(&e));
                 code = 1;
             }
         }
@@ -420,7 +420,7 @@ fn print_flow(out: &mut impl Write, f: &Flow, output: Output) -> std::io::Result
     out.flush()
 }
 
-fn endpoint(p: &agent_api::FlowPeer) -> String {
+fn endpoint(p: &bulkhead_api::FlowPeer) -> String {
     match p.pod_name() {
         Some(pod) => format!("{pod}:{}", p.port),
         // A packet that is not IPv4 has no addresses to show.

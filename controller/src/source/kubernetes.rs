@@ -28,8 +28,8 @@ use kube::runtime::watcher::{self, Event};
 use kube::runtime::WatchStreamExt;
 use tokio::task::JoinHandle;
 
+use crate::model::selector::FieldError;
 use crate::model::{self, Cluster, Object};
-use crate::selector::FieldError;
 use crate::source::{Source, SourceError};
 
 /// Builds a client from `kubeconfig`, or else as `kubectl` would: `KUBECONFIG` or
@@ -232,7 +232,7 @@ fn convert(kind: Watched, obj: DynamicObject) -> Option<Item> {
     match decode(kind, obj, &object) {
         Ok(item) => item,
         Err(e) => {
-            tracing::warn!(object = %object, error = %crate::agent::error_chain(&e), "skipping an api object the agent cannot use");
+            tracing::warn!(object = %object, error = %crate::error_chain(&e), "skipping an api object the agent cannot use");
             None
         }
     }
@@ -451,7 +451,7 @@ async fn watch(kind: Watched, api: Api<DynamicObject>, config: watcher::Config, 
                 failures.fetch_add(1, Ordering::Relaxed);
                 // The watcher recovers by itself (re-list on 410, resume otherwise) after
                 // the backoff; the stores keep the last state meanwhile.
-                tracing::warn!(kind = %kind, error = %crate::agent::error_chain(&e), "kubernetes watch failed; retrying");
+                tracing::warn!(kind = %kind, error = %crate::error_chain(&e), "kubernetes watch failed; retrying");
             }
         }
     }

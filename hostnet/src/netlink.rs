@@ -17,7 +17,6 @@ use netlink_packet_route::AddressFamily;
 use rtnetlink::{Handle, LinkBridge, LinkUnspec, LinkVeth, RouteMessageBuilder};
 
 use crate::netns::{self, NetnsError};
-use crate::spec::{code, format_mac};
 
 /// `ENODEV`, what the kernel answers for an unknown link.
 const ENODEV: i32 = 19;
@@ -83,11 +82,6 @@ pub enum NetlinkError {
 }
 
 impl NetlinkError {
-    /// The CNI error code for this failure.
-    pub fn code(&self) -> u32 {
-        code::NETLINK
-    }
-
     fn request(op: &'static str, target: impl ToString) -> impl FnOnce(rtnetlink::Error) -> Self {
         let target = target.to_string();
         move |source| Self::Request { op, target, source }
@@ -460,6 +454,11 @@ pub fn host_veth_name(container_id: &str, ifname: &str) -> String {
         .chain(ifname.bytes())
         .fold(OFFSET, |h, b| (h ^ u64::from(b)).wrapping_mul(PRIME));
     format!("bh{:011x}", hash & ((1 << 44) - 1))
+}
+
+/// `aa:bb:cc:dd:ee:ff`.
+fn format_mac(mac: &[u8]) -> String {
+    mac.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":")
 }
 
 #[cfg(test)]

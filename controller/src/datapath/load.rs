@@ -1,5 +1,4 @@
 //! Loading the eBPF object, pinning its maps, and attaching its programs to pod veths.
-
 use std::path::{Path, PathBuf};
 
 use aya::maps::{MapData, PerCpuArray, RingBuf};
@@ -7,7 +6,7 @@ use aya::programs::tc::{self, NlOptions, SchedClassifier, TcAttachOptions, TcAtt
 use aya::{Ebpf, EbpfLoader};
 use bulkhead_common::{counter_index, direction, map_names, program_names, Counter, DropReason};
 
-use crate::maps::BpfMaps;
+use crate::datapath::sync::BpfMaps;
 
 /// The datapath object, built from `datapath-ebpf/` by `build.rs`.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/bulkhead-datapath"));

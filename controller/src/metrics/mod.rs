@@ -7,23 +7,20 @@
 //! counters, seconds and bytes as base units. The README lists every metric.
 
 use std::collections::HashSet;
-use std::convert::Infallible;
-use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
-use aya::maps::{HashMap, Map, MapData, MapError, PerCpuArray};
-use bulkhead_common::{capacity, counter_index, direction, map_names, Counter, CtEntry, CtKey, DropReason};
-use http_body_util::Full;
-use hyper::body::{Bytes, Incoming};
-use hyper::{Method, Request, Response, StatusCode};
+use bulkhead_common::{capacity, direction, DropReason};
 use prometheus::core::{Collector, Desc};
 use prometheus::proto::MetricFamily;
 use prometheus::{Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder};
 
-use crate::policy::DatapathState;
+use crate::datapath::state::DatapathState;
+use crate::datapath::stats::{DatapathStats, StatsError};
+
+mod server;
+pub use server::{serve, Listen};
 
 /// Where the agent serves metrics unless told otherwise (Cilium's agent uses 9962 too).
 pub const DEFAULT_ADDRESS: &str = "0.0.0.0:9962";
@@ -57,16 +54,8 @@ pub enum MetricsError {
         source: prometheus::Error,
     },
     /// A pinned datapath map could not be opened or read.
-    #[error("{op} pinned map {path}")]
-    Map {
-        /// What was attempted.
-        op: &'static str,
-        /// The pin path.
-        path: PathBuf,
-        /// Cause.
-        #[source]
-        source: Box<MapError>,
-    },
+    #[error(transparent)]
+    Stats(#[from] StatsError),
     /// The listener could not be set up.
     #[error("{op} metrics listener {address}")]
     Listen {
@@ -114,105 +103,6 @@ pub const fn direction_name(dir: u8) -> &'static str {
         "egress"
     } else {
         "ingress"
-    }
-}
-
-/// What the metrics read from the kernel at scrape time.
-pub trait DatapathStats: Send + Sync {
-    /// Packets and bytes of every (reason, direction) slot, summed over CPUs.
-    fn counters(&self) -> Result<Vec<(DropReason, u8, Counter)>, MetricsError>;
-    /// Entries in the conntrack map.
-    fn conntrack_entries(&self) -> Result<u64, MetricsError>;
-    /// Flow events the ring buffer could not take, summed over CPUs.
-    fn flow_events_lost(&self) -> Result<u64, MetricsError>;
-}
-
-/// [`DatapathStats`] over the maps pinned in an agent's bpffs directory.
-///
-/// It opens its own handles on the pins so that a scrape never waits for the agent's lock.
-pub struct PinnedStats {
-    counters: PerCpuArray<MapData, Counter>,
-    conntrack: HashMap<MapData, CtKey, CtEntry>,
-    flows_lost: PerCpuArray<MapData, u64>,
-}
-
-impl PinnedStats {
-    /// Opens the counters, conntrack and lost-flow-events maps pinned under `pin_dir`.
-    pub fn open(pin_dir: &Path) -> Result<Self, MetricsError> {
-        let open = |name: &str| {
-            let path = pin_dir.join(name);
-            let err = |op| {
-                let path = path.clone();
-                move |source| MetricsError::Map {
-                    op,
-                    path,
-                    source: Box::new(source),
-                }
-            };
-            MapData::from_pin(&path)
-                .and_then(Map::from_map_data)
-                .map_err(err("open"))
-                .map(|m| (m, err("type-check")))
-        };
-        let (counters, err) = open(map_names::COUNTERS)?;
-        let counters = PerCpuArray::try_from(counters).map_err(err)?;
-        let (conntrack, err) = open(map_names::CONNTRACK)?;
-        let conntrack = HashMap::try_from(conntrack).map_err(err)?;
-        let (flows_lost, err) = open(map_names::FLOWS_LOST)?;
-        let flows_lost = PerCpuArray::try_from(flows_lost).map_err(err)?;
-        Ok(PinnedStats {
-            counters,
-            conntrack,
-            flows_lost,
-        })
-    }
-
-    fn read_err(name: &'static str) -> impl Fn(MapError) -> MetricsError {
-        move |source| MetricsError::Map {
-            op: "read",
-            path: PathBuf::from(name),
-            source: Box::new(source),
-        }
-    }
-}
-
-impl DatapathStats for PinnedStats {
-    fn counters(&self) -> Result<Vec<(DropReason, u8, Counter)>, MetricsError> {
-        let mut out = Vec::with_capacity(DropReason::ALL.len() * 2);
-        for dir in [direction::INGRESS, direction::EGRESS] {
-            for reason in DropReason::ALL {
-                let per_cpu = self
-                    .counters
-                    .get(&counter_index(reason, dir), 0)
-                    .map_err(Self::read_err(map_names::COUNTERS))?;
-                let sum = per_cpu.iter().fold(Counter::default(), |acc, c| Counter {
-                    packets: acc.packets.wrapping_add(c.packets),
-                    bytes: acc.bytes.wrapping_add(c.bytes),
-                });
-                out.push((reason, dir, sum));
-            }
-        }
-        Ok(out)
-    }
-
-    /// Walks the keys: one syscall per entry, about 0.3 s for a full map of 262144, which a
-    /// scrape every 15 s or more affords; the kernel keeps no element count for hash maps.
-    fn conntrack_entries(&self) -> Result<u64, MetricsError> {
-        let mut n = 0u64;
-        for key in self.conntrack.keys() {
-            // An entry evicted while walking ends the walk early; the count is then a
-            // slight underestimate, which a gauge tolerates.
-            if key.is_err() {
-                break;
-            }
-            n += 1;
-        }
-        Ok(n)
-    }
-
-    fn flow_events_lost(&self) -> Result<u64, MetricsError> {
-        let per_cpu = self.flows_lost.get(&0, 0).map_err(Self::read_err(map_names::FLOWS_LOST))?;
-        Ok(per_cpu.iter().fold(0u64, |acc, v| acc.wrapping_add(*v)))
     }
 }
 
@@ -276,7 +166,7 @@ impl Collector for DatapathCollector {
         let counters = match counters {
             Ok(c) => c,
             Err(e) => {
-                tracing::warn!(error = %crate::agent::error_chain(&e), "reading datapath counters");
+                tracing::warn!(error = %crate::error_chain(&e), "reading datapath counters");
                 self.errors.with_label_values(&[ErrorKind::Datapath.as_str()]).inc();
                 return Vec::new();
             }
@@ -525,178 +415,32 @@ impl Metrics {
             Ok(())
         });
         if let Err(e) = result {
-            tracing::warn!(error = %crate::agent::error_chain(&e), "reading datapath maps");
+            tracing::warn!(error = %crate::error_chain(&e), "reading datapath maps");
             self.error(ErrorKind::Datapath);
         }
-    }
-}
-
-/// Where to serve metrics: `--metrics-address` or an inherited listening socket.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Listen {
-    /// Do not serve.
-    Disabled,
-    /// Bind this address.
-    Address(SocketAddr),
-    /// Serve on this inherited, already listening TCP socket (the lab binds it in the host
-    /// namespace, where Prometheus can reach it, and passes it to the agent).
-    Fd(i32),
-}
-
-impl Listen {
-    /// From the agent flags: `fd` wins; the address `none` disables.
-    pub fn from_flags(address: &str, fd: Option<i32>) -> Result<Self, MetricsError> {
-        if let Some(fd) = fd {
-            return Ok(Listen::Fd(fd));
-        }
-        if address == "none" {
-            return Ok(Listen::Disabled);
-        }
-        address.parse().map(Listen::Address).map_err(|e| MetricsError::Listen {
-            op: "parse",
-            address: address.to_string(),
-            source: std::io::Error::new(std::io::ErrorKind::InvalidInput, e),
-        })
-    }
-
-    /// The listening socket, or `None` when disabled. Must run inside a tokio runtime.
-    pub fn bind(&self) -> Result<Option<tokio::net::TcpListener>, MetricsError> {
-        let std_listener = match self {
-            Listen::Disabled => return Ok(None),
-            Listen::Address(addr) => std::net::TcpListener::bind(addr).map_err(|source| MetricsError::Listen {
-                op: "bind",
-                address: addr.to_string(),
-                source,
-            })?,
-            Listen::Fd(fd) => inherit_listener(*fd)?,
-        };
-        let name = format!("{self:?}");
-        std_listener.set_nonblocking(true).map_err(|source| MetricsError::Listen {
-            op: "set nonblocking",
-            address: name.clone(),
-            source,
-        })?;
-        tokio::net::TcpListener::from_std(std_listener)
-            .map(Some)
-            .map_err(|source| MetricsError::Listen {
-                op: "register",
-                address: name,
-                source,
-            })
-    }
-}
-
-/// Takes ownership of an inherited listening TCP socket, after checking that it is one.
-fn inherit_listener(fd: i32) -> Result<std::net::TcpListener, MetricsError> {
-    use std::os::fd::{FromRawFd, OwnedFd};
-    let err = |op, source| MetricsError::Listen {
-        op,
-        address: format!("fd {fd}"),
-        source,
-    };
-    let mut listening: libc::c_int = 0;
-    let mut len = libc::socklen_t::try_from(std::mem::size_of::<libc::c_int>()).unwrap_or(4);
-    // SAFETY: getsockopt writes at most `len` bytes into `listening`; on a number that is
-    // not an open socket it fails with EBADF or ENOTSOCK and touches nothing.
-    let rc = unsafe { libc::getsockopt(fd, libc::SOL_SOCKET, libc::SO_ACCEPTCONN, (&raw mut listening).cast(), &raw mut len) };
-    if rc != 0 {
-        return Err(err("check", std::io::Error::last_os_error()));
-    }
-    if listening == 0 {
-        return Err(err(
-            "check",
-            std::io::Error::new(std::io::ErrorKind::InvalidInput, "not a listening socket"),
-        ));
-    }
-    // SAFETY: fd is an open socket (getsockopt succeeded on it), nothing else in this
-    // process owns it (it was inherited for this purpose only), and ownership moves here once.
-    let owned = unsafe { OwnedFd::from_raw_fd(fd) };
-    Ok(std::net::TcpListener::from(owned))
-}
-
-/// Serves `/metrics` and `/healthz` on `listener` until the task is dropped.
-pub async fn serve(metrics: Arc<Metrics>, listener: tokio::net::TcpListener) {
-    loop {
-        let stream = match listener.accept().await {
-            Ok((stream, _)) => stream,
-            Err(e) => {
-                tracing::warn!(error = %e, "metrics accept");
-                // Out of fds and similar: do not spin.
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                continue;
-            }
-        };
-        let metrics = metrics.clone();
-        tokio::spawn(async move {
-            let service = hyper::service::service_fn(move |req| {
-                let metrics = metrics.clone();
-                // Encoding walks the conntrack map (up to ~0.3 s when full): off the runtime's
-                // workers, which also serve the CNI plugin and read flow records.
-                async move {
-                    let response = tokio::task::spawn_blocking(move || respond(&metrics, &req))
-                        .await
-                        .unwrap_or_else(|_| {
-                            let mut r = Response::new(Full::new(Bytes::from("metrics encoder failed\n")));
-                            *r.status_mut() = StatusCode::INTERNAL_SERVER_ERROR;
-                            r
-                        });
-                    Ok::<_, Infallible>(response)
-                }
-            });
-            let io = hyper_util::rt::TokioIo::new(stream);
-            if let Err(e) = hyper::server::conn::http1::Builder::new().serve_connection(io, service).await {
-                tracing::debug!(error = %e, "metrics connection");
-            }
-        });
-    }
-}
-
-fn respond(metrics: &Metrics, req: &Request<Incoming>) -> Response<Full<Bytes>> {
-    let reply = |status: StatusCode, content_type: &str, body: String| {
-        let mut r = Response::new(Full::new(Bytes::from(body)));
-        *r.status_mut() = status;
-        if let Ok(v) = hyper::header::HeaderValue::from_str(content_type) {
-            r.headers_mut().insert(hyper::header::CONTENT_TYPE, v);
-        }
-        r
-    };
-    if req.method() != Method::GET && req.method() != Method::HEAD {
-        return reply(StatusCode::METHOD_NOT_ALLOWED, "text/plain", "use GET\n".into());
-    }
-    match req.uri().path() {
-        "/metrics" => match metrics.encode() {
-            Ok(text) => reply(StatusCode::OK, prometheus::TEXT_FORMAT, text),
-            Err(e) => reply(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "text/plain",
-                format!("{}\n", crate::agent::error_chain(&e)),
-            ),
-        },
-        "/healthz" if metrics.is_ready() => reply(StatusCode::OK, "text/plain", "ok\n".into()),
-        "/healthz" => reply(StatusCode::SERVICE_UNAVAILABLE, "text/plain", "maps not programmed yet\n".into()),
-        _ => reply(StatusCode::NOT_FOUND, "text/plain", "not found: try /metrics or /healthz\n".into()),
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use bulkhead_common::Counter;
 
     struct Fake;
 
     impl DatapathStats for Fake {
-        fn counters(&self) -> Result<Vec<(DropReason, u8, Counter)>, MetricsError> {
+        fn counters(&self) -> Result<Vec<(DropReason, u8, Counter)>, StatsError> {
             Ok(vec![
                 (DropReason::Forwarded, direction::EGRESS, Counter { packets: 7, bytes: 700 }),
                 (DropReason::PolicyDenied, direction::INGRESS, Counter { packets: 3, bytes: 180 }),
             ])
         }
 
-        fn conntrack_entries(&self) -> Result<u64, MetricsError> {
+        fn conntrack_entries(&self) -> Result<u64, StatsError> {
             Ok(5)
         }
 
-        fn flow_events_lost(&self) -> Result<u64, MetricsError> {
+        fn flow_events_lost(&self) -> Result<u64, StatsError> {
             Ok(3)
         }
     }
@@ -812,11 +556,11 @@ mod tests {
             .filter_map(|l| l.split_whitespace().next())
             .map(str::to_string)
             .collect();
-        let dashboard = include_str!("../../manifests/grafana-dashboard.json");
+        let dashboard = include_str!("../../../manifests/grafana-dashboard.json");
         let _: serde_json::Value = serde_json::from_str(dashboard).unwrap();
         let unknown: Vec<_> = mentioned(dashboard).difference(&exported).cloned().collect();
         assert!(unknown.is_empty(), "dashboard uses unknown metrics {unknown:?}");
-        let readme = include_str!("../../README.md");
+        let readme = include_str!("../../../README.md");
         let table: String = readme.lines().filter(|l| l.starts_with("| `bulkhead_")).collect();
         assert_eq!(mentioned(&table), exported, "README metrics table vs the exposition");
     }

@@ -1,0 +1,175 @@
+//! The blocking client: one request per connection, or an observe stream.
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::flow::{Flow, ObserveRequest};
+use crate::message::{Request, Response};
+
+/// Why a call to the agent failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    /// The socket could not be reached.
+    #[error("cannot connect to agent socket {path}")]
+    Connect {
+        /// Socket path.
+        path: PathBuf,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Reading or writing the socket failed.
+    #[error("agent socket {path}: i/o error")]
+    Io {
+        /// Socket path.
+        path: PathBuf,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The agent answered something that is not a response.
+    #[error("agent socket {path}: malformed response")]
+    Decode {
+        /// Socket path.
+        path: PathBuf,
+        /// Cause.
+        #[source]
+        source: serde_json::Error,
+    },
+}
+
+/// Why an observe stream failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ObserveError {
+    /// The socket failed or the agent answered garbage.
+    #[error(transparent)]
+    Api(#[from] ApiError),
+    /// The agent refused the request.
+    #[error("agent socket {path}: {message} (code {code})")]
+    Refused {
+        /// Socket path.
+        path: PathBuf,
+        /// CNI-style error code.
+        code: u32,
+        /// The agent's message.
+        message: String,
+    },
+}
+
+/// Sends one request and waits up to `timeout` for the answer.
+pub fn call(socket: &Path, request: &Request, timeout: Duration) -> Result<Response, ApiError> {
+    let io = |source| ApiError::Io {
+        path: socket.to_path_buf(),
+        source,
+    };
+    let mut stream = UnixStream::connect(socket).map_err(|source| ApiError::Connect {
+        path: socket.to_path_buf(),
+        source,
+    })?;
+    stream.set_read_timeout(Some(timeout)).map_err(io)?;
+    stream.set_write_timeout(Some(timeout)).map_err(io)?;
+    let mut line = serde_json::to_vec(request).map_err(|source| ApiError::Decode {
+        path: socket.to_path_buf(),
+        source,
+    })?;
+    line.push(b'\n');
+    stream.write_all(&line).map_err(io)?;
+    let mut answer = String::new();
+    BufReader::new(stream).read_line(&mut answer).map_err(io)?;
+    serde_json::from_str(&answer).map_err(|source| ApiError::Decode {
+        path: socket.to_path_buf(),
+        source,
+    })
+}
+
+/// One line of an observe stream: a flow, or the agent's error (sent instead of any flow).
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum ObserveLine {
+    Flow(Box<Flow>),
+    Response(Response),
+}
+
+/// The flows an agent streams for [`Request::Observe`]; ends when the agent closes.
+pub struct ObserveStream {
+    path: PathBuf,
+    reader: BufReader<UnixStream>,
+    line: String,
+}
+
+impl Iterator for ObserveStream {
+    type Item = Result<Flow, ObserveError>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        self.line.clear();
+        match self.reader.read_line(&mut self.line) {
+            Ok(0) => None,
+            Ok(_) => Some(match serde_json::from_str::<ObserveLine>(&self.line) {
+                Ok(ObserveLine::Flow(f)) => Ok(*f),
+                Ok(ObserveLine::Response(Response::Error { code, message })) => Err(ObserveError::Refused {
+                    path: self.path.clone(),
+                    code,
+                    message,
+                }),
+                Ok(ObserveLine::Response(other)) => Err(ObserveError::Refused {
+                    path: self.path.clone(),
+                    code: 0,
+                    message: format!("unexpected answer {other:?}"),
+                }),
+                Err(source) => Err(ApiError::Decode {
+                    path: self.path.clone(),
+                    source,
+                }
+                .into()),
+            }),
+            Err(source) => Some(Err(ApiError::Io {
+                path: self.path.clone(),
+                source,
+            }
+            .into())),
+        }
+    }
+}
+
+/// Sends an observe request; the flows arrive through the returned iterator.
+///
+/// `idle_timeout` bounds the wait for each line (use `None` with `follow`, where the
+/// agent may stay quiet for as long as nothing happens).
+pub fn observe(socket: &Path, request: &ObserveRequest, idle_timeout: Option<Duration>) -> Result<ObserveStream, ApiError> {
+    let io = |source| ApiError::Io {
+        path: socket.to_path_buf(),
+        source,
+    };
+    let mut stream = UnixStream::connect(socket).map_err(|source| ApiError::Connect {
+        path: socket.to_path_buf(),
+        source,
+    })?;
+    stream.set_read_timeout(idle_timeout).map_err(io)?;
+    stream.set_write_timeout(Some(Duration::from_secs(5))).map_err(io)?;
+    let mut line = serde_json::to_vec(&Request::Observe(request.clone())).map_err(|source| ApiError::Decode {
+        path: socket.to_path_buf(),
+        source,
+    })?;
+    line.push(b'\n');
+    stream.write_all(&line).map_err(io)?;
+    Ok(ObserveStream {
+        path: socket.to_path_buf(),
+        reader: BufReader::new(stream),
+        line: String::new(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_error_line_in_an_observe_stream_is_a_response() {
+        let line: ObserveLine = serde_json::from_str(r#"{"result":"error","code":6,"message":"bad"}"#).unwrap();
+        assert!(matches!(line, ObserveLine::Response(Response::Error { code: 6, .. })));
+    }
+}

@@ -1,0 +1,19 @@
+//! The agent's Unix-socket API, used by the CNI plugin, the lab and the CLI.
+//!
+//! One request per connection: the client writes one JSON object and a newline, the
+//! agent answers with one JSON object and a newline, then closes. The exception is
+//! [`Request::Observe`], answered by a stream of [`Flow`] objects, one per line (see
+//! [`observe`]).
+
+pub mod client;
+pub mod code;
+pub mod endpoint;
+pub mod explain;
+pub mod flow;
+pub mod message;
+
+pub use client::{call, observe, ApiError, ObserveError, ObserveStream};
+pub use endpoint::{EndpointRef, EndpointSpec};
+pub use explain::{ExplainSide, ExplainVerdict, Explanation};
+pub use flow::{parse_namespaced, Flow, FlowDirection, FlowFilter, FlowPeer, FlowVerdict, ObserveRequest, PolicyName, PolicyRule};
+pub use message::{AgentStatus, Request, Response};

@@ -1,0 +1,394 @@
+//! The agent's state and what it does on each event: reprogram, add, delete, check, GC.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+use bulkhead_api::{AgentStatus, EndpointRef, EndpointSpec, Response};
+use bulkhead_hostnet::netlink::{self as cni_netlink, with_handle, NetlinkError};
+
+use crate::datapath::sync::{self};
+use crate::datapath::Datapath;
+use crate::datapath::DatapathState;
+use crate::flows::{FlowStore, Resolver};
+use crate::metrics::{ErrorKind, Metrics};
+use crate::model::Cluster;
+use crate::policy::{Compiler, LocalEndpoint};
+use crate::source::kubernetes::{self as kube_source};
+use crate::source::Source;
+use bulkhead_common::IpcacheValue;
+
+use super::registry::EndpointRecord;
+use super::AgentError;
+use crate::error_chain;
+use bulkhead_api::code;
+
+/// The agent's state; one lock guards it all, so map syncs never interleave.
+pub(super) struct Agent {
+    pub(super) node_name: String,
+    pub(super) source: Box<dyn Source>,
+    pub(super) cluster: Cluster,
+    pub(super) compiler: Compiler,
+    pub(super) endpoints: BTreeMap<(String, String), EndpointRecord>,
+    /// What the maps hold, as far as the agent knows.
+    pub(super) applied: DatapathState,
+    pub(super) datapath: Datapath,
+    pub(super) generation: u64,
+    pub(super) registry: PathBuf,
+    pub(super) metrics: Arc<Metrics>,
+    /// This node's own addresses, given the reserved HOST identity.
+    pub(super) host_addresses: Vec<Ipv4Addr>,
+    /// Flow history; its resolver is refreshed after every reprogram.
+    pub(super) flows: Arc<FlowStore>,
+    /// The source synced and its model reached the maps at least once.
+    pub(super) ready: bool,
+    /// A change seen (when) that is not in the maps yet: before the first sync, or after a
+    /// failed map write.
+    pub(super) pending: Option<Instant>,
+    /// The pod CIDR last published for the CNI plugin.
+    pub(super) pod_cidr: Option<ipnetwork::Ipv4Network>,
+    /// The operator set the pod CIDR; the Node's is not published over it.
+    pub(super) pod_cidr_pinned: bool,
+}
+
+fn parse_mac(text: &str) -> Option<[u8; 6]> {
+    let mut mac = [0u8; 6];
+    let mut parts = text.split(':');
+    for byte in &mut mac {
+        *byte = u8::from_str_radix(parts.next()?, 16).ok()?;
+    }
+    parts.next().is_none().then_some(mac)
+}
+
+impl Agent {
+    pub(super) fn locals(&self) -> Vec<LocalEndpoint> {
+        self.endpoints
+            .values()
+            .filter_map(|r| {
+                Some(LocalEndpoint {
+                    endpoint_id: r.endpoint_id,
+                    host_ifindex: r.spec.host_ifindex,
+                    namespace: r.spec.pod_namespace.clone(),
+                    pod: r.spec.pod_name.clone(),
+                    ipv4: r.spec.ipv4,
+                    mac: parse_mac(&r.spec.mac)?,
+                })
+            })
+            .collect()
+    }
+
+    /// Recompiles and writes the difference into the maps; `seen` is when the agent learnt
+    /// of the change, for the implementation delay histogram.
+    pub(super) fn reprogram(&mut self, seen: Option<Instant>) -> Result<(), AgentError> {
+        if !self.ready {
+            // Until the source's first sync the model is empty: compiling it would wipe the
+            // last known state from the pinned maps. The first synced refresh catches up.
+            self.pending = self.pending.or(seen).or_else(|| Some(Instant::now()));
+            return Ok(());
+        }
+        let started = Instant::now();
+        let locals = self.locals();
+        let mut new = self.compiler.compile(&self.cluster, &locals);
+        add_host_addresses(&mut new, &self.host_addresses);
+        match sync::sync(&mut self.datapath.maps, &self.applied, &new) {
+            Ok(stats) => {
+                self.applied = new;
+                self.generation += 1;
+                self.pending = None;
+                self.flows
+                    .set_resolver(Resolver::build(&self.node_name, &self.cluster, self.compiler.rules(), &locals));
+                self.metrics.set_state(
+                    self.endpoints.len(),
+                    self.compiler.identities().len(),
+                    self.cluster.policies().len(),
+                    &self.applied,
+                );
+                if let Some(seen) = seen {
+                    self.metrics.observe_implementation_delay(seen.elapsed());
+                }
+                if self.ready {
+                    // `/healthz` turns 200 with the first synced model in the maps (the
+                    // Kubernetes source gets there after start, from the poller).
+                    self.metrics.set_ready();
+                }
+                tracing::debug!(upserts = stats.upserts, removals = stats.removals, elapsed = ?started.elapsed(), "maps programmed");
+                Ok(())
+            }
+            Err(e) => {
+                // Retried by the next refresh, from when the change was first seen.
+                self.pending = self.pending.or(seen).or_else(|| Some(Instant::now()));
+                // Some writes happened: treat every key of either state as possibly present,
+                // so the next sync removes what should not be there.
+                let mut merged = std::mem::take(&mut self.applied);
+                merged.endpoints.extend(new.endpoints);
+                merged.ipcache.extend(new.ipcache);
+                merged.policy.extend(new.policy);
+                self.applied = merged;
+                Err(e.into())
+            }
+        }
+    }
+
+    /// Re-reads the source and this node's addresses; on a change, reprograms.
+    pub(super) fn refresh(&mut self, force: bool) -> Result<(), AgentError> {
+        let polled = self.source.poll(force);
+        if let Ok(Some(cluster)) = polled.as_ref() {
+            // The first synced model is written even when empty: until then the maps hold
+            // what the previous agent left, which is the last known state.
+            let first = !self.ready && self.source.synced();
+            if first || *cluster != self.cluster {
+                self.cluster = cluster.clone();
+                self.pending.get_or_insert_with(Instant::now);
+            }
+            self.ready |= self.source.synced();
+        }
+        // A change seen earlier whose sync failed is retried here too, with the last good
+        // model even when the source fails now.
+        if let Some(seen) = self.pending {
+            self.reprogram(Some(seen))?;
+        }
+        self.publish_pod_cidr();
+        polled.map(drop).map_err(Into::into)
+    }
+
+    /// Takes this node's current addresses; a change is programmed by the next refresh.
+    pub(super) fn note_host_addresses(&mut self, addresses: Vec<Ipv4Addr>) {
+        if addresses != self.host_addresses {
+            tracing::info!(addresses = ?addresses, "node addresses");
+            self.host_addresses = addresses;
+            self.pending.get_or_insert_with(Instant::now);
+        }
+    }
+
+    /// Writes the source's pod CIDR to `<state dir>/pod-cidr` for the CNI plugin's IPAM.
+    pub(super) fn publish_pod_cidr(&mut self) {
+        if self.pod_cidr_pinned {
+            return;
+        }
+        let Some(cidr) = self.source.pod_cidr().filter(|c| Some(*c) != self.pod_cidr) else {
+            return;
+        };
+        let path = kube_source::pod_cidr_path(self.registry.parent().unwrap_or(Path::new(".")));
+        // Atomically: a CNI ADD reading it meanwhile must see the old CIDR or the new one.
+        match bulkhead_hostnet::fs::write_atomic(&path, format!("{cidr}\n").as_bytes(), 0o644) {
+            Ok(()) => {
+                tracing::info!(pod_cidr = %cidr, path = %path.display(), "node pod cidr published");
+                self.pod_cidr = Some(cidr);
+            }
+            Err(e) => tracing::warn!(path = %path.display(), error = %e, "cannot publish the pod cidr"),
+        }
+    }
+
+    pub(super) fn save_registry(&self) -> Result<(), AgentError> {
+        let records: Vec<_> = self.endpoints.values().collect();
+        let io = |source| AgentError::Io {
+            op: "write",
+            path: self.registry.clone(),
+            source,
+        };
+        let text = serde_json::to_vec_pretty(&records).map_err(|e| io(e.into()))?;
+        bulkhead_hostnet::fs::write_atomic(&self.registry, &text, 0o600).map_err(Into::into)
+    }
+
+    pub(super) fn add_endpoint(&mut self, spec: EndpointSpec) -> Response {
+        let seen = Instant::now();
+        if parse_mac(&spec.mac).is_none() {
+            return Response::Error {
+                code: code::AGENT_REJECTED,
+                message: format!("malformed mac {:?}", spec.mac),
+            };
+        }
+        let key = (spec.container_id.clone(), spec.ifname.clone());
+        let endpoint_id = match self.endpoints.get(&key) {
+            Some(r) => r.endpoint_id,
+            None => self.endpoints.values().map(|r| r.endpoint_id).max().unwrap_or(0) + 1,
+        };
+        // Programs first: with no endpoint entry yet they drop everything (fail closed).
+        if let Err(e) = self.datapath.attach(&spec.host_ifname) {
+            self.metrics.error(ErrorKind::Datapath);
+            return Response::Error {
+                code: code::AGENT_REJECTED,
+                message: error_chain(&e),
+            };
+        }
+        let previous = self.endpoints.insert(key.clone(), EndpointRecord { endpoint_id, spec });
+        if let Err(e) = self.reprogram(Some(seen)) {
+            self.metrics.error(e.kind());
+            match previous {
+                Some(p) => self.endpoints.insert(key, p),
+                None => self.endpoints.remove(&key),
+            };
+            if let Err(e) = self.reprogram(None) {
+                self.metrics.error(e.kind());
+            }
+            return Response::Error {
+                code: code::AGENT_REJECTED,
+                message: error_chain(&e),
+            };
+        }
+        if let Err(e) = self.save_registry() {
+            self.metrics.error(e.kind());
+            tracing::warn!(error = %error_chain(&e), "cannot persist endpoint registry");
+        }
+        Response::Ok
+    }
+
+    pub(super) fn del_endpoint(&mut self, r: &EndpointRef) -> Response {
+        if self.endpoints.remove(&(r.container_id.clone(), r.ifname.clone())).is_none() {
+            return Response::Ok;
+        }
+        // Before the first sync the model is empty: compiling it would wipe the last known
+        // state from the maps. The first synced reprogram removes this endpoint.
+        let result = match self.ready {
+            true => self.reprogram(Some(Instant::now())).and_then(|()| self.save_registry()),
+            false => self.save_registry(),
+        };
+        match result {
+            Ok(()) => Response::Ok,
+            Err(e) => {
+                self.metrics.error(e.kind());
+                Response::Error {
+                    code: code::AGENT_REJECTED,
+                    message: error_chain(&e),
+                }
+            }
+        }
+    }
+
+    pub(super) fn check_endpoint(&self, r: &EndpointRef) -> Response {
+        match self.endpoints.get(&(r.container_id.clone(), r.ifname.clone())) {
+            Some(rec) if self.applied.endpoints.contains_key(&rec.spec.host_ifindex) => Response::Ok,
+            Some(_) => Response::Error {
+                code: code::AGENT_REJECTED,
+                message: format!("endpoint {}/{} is not programmed", r.container_id, r.ifname),
+            },
+            None => Response::Error {
+                code: code::AGENT_REJECTED,
+                message: format!("endpoint {}/{} is unknown", r.container_id, r.ifname),
+            },
+        }
+    }
+
+    /// CNI GC: forgets every endpoint not in `valid`, then deletes its host veth if still there.
+    pub(super) fn gc(&mut self, network: &str, valid: &[EndpointRef]) -> Response {
+        let keep: BTreeSet<(String, String)> = valid.iter().map(|r| (r.container_id.clone(), r.ifname.clone())).collect();
+        // `valid` lists one network's attachments: another network's endpoints are not stale.
+        // Records (or requests) from before networks were recorded match any network.
+        let ours = |r: &EndpointRecord| network.is_empty() || r.spec.network.is_empty() || r.spec.network == network;
+        let stale: Vec<EndpointRecord> = self
+            .endpoints
+            .iter()
+            .filter(|(k, r)| ours(r) && !keep.contains(*k))
+            .map(|(_, r)| r.clone())
+            .collect();
+        if stale.is_empty() {
+            return Response::Ok;
+        }
+        for r in &stale {
+            self.endpoints.remove(&(r.spec.container_id.clone(), r.spec.ifname.clone()));
+        }
+        tracing::info!(removed = stale.len(), "gc: dropping endpoints the runtime no longer knows");
+        // Maps first: the veth's ifindex must not be enforced as this endpoint once it is gone.
+        let mut errors = Vec::new();
+        if let Err(e) = self.reprogram(Some(Instant::now())).and_then(|()| self.save_registry()) {
+            errors.push(error_chain(&e));
+        }
+        let names: Vec<String> = stale.iter().map(|r| r.spec.host_ifname.clone()).collect();
+        if let Err(e) = delete_links(names) {
+            errors.push(error_chain(&e));
+        }
+        if errors.is_empty() {
+            Response::Ok
+        } else {
+            Response::Error {
+                code: code::AGENT_REJECTED,
+                message: errors.join("; "),
+            }
+        }
+    }
+
+    /// Drops endpoints whose host veth is gone or was recreated under another ifindex: a DEL
+    /// that ran while the agent was down or unreachable. Returns how many were dropped.
+    pub(super) fn reconcile_links(&mut self) -> Result<usize, AgentError> {
+        if self.endpoints.is_empty() {
+            return Ok(0);
+        }
+        let names: Vec<String> = self.endpoints.values().map(|r| r.spec.host_ifname.clone()).collect();
+        let live = live_links(names).map_err(|e| AgentError::Link {
+            op: "list",
+            source: Box::new(e),
+        })?;
+        let before = self.endpoints.len();
+        self.endpoints
+            .retain(|_, r| live.get(&r.spec.host_ifname) == Some(&r.spec.host_ifindex));
+        let dropped = before - self.endpoints.len();
+        if dropped > 0 {
+            tracing::info!(dropped, "dropping endpoints whose host veth is gone");
+            self.reprogram(Some(Instant::now()))?;
+            self.save_registry()?;
+        }
+        Ok(dropped)
+    }
+
+    pub(super) fn status(&self) -> AgentStatus {
+        AgentStatus {
+            node_name: self.node_name.clone(),
+            ready: self.ready,
+            endpoints: self.endpoints.len(),
+            identities: self.compiler.identities().len(),
+            policies: self.cluster.policies().len(),
+            policy_entries: self.applied.policy.len(),
+            generation: self.generation,
+        }
+    }
+}
+
+/// This node's own IPv4 addresses (empty when they cannot be read: the node then gets no
+/// HOST allowance, which fails closed).
+pub(super) fn host_addresses() -> Vec<Ipv4Addr> {
+    with_handle(None, |h| async move { cni_netlink::all_ipv4_addresses(&h).await }).unwrap_or_else(|e| {
+        tracing::warn!(error = %error_chain(&e), "cannot list node addresses");
+        Vec::new()
+    })
+}
+
+/// Gives this node's addresses the reserved HOST identity, which the datapath always admits:
+/// Kubernetes documents that traffic between a pod and its own node is allowed whatever the
+/// policy (kubelet probes depend on it). A pod's own /32 is never overridden.
+fn add_host_addresses(state: &mut DatapathState, addresses: &[Ipv4Addr]) {
+    for &addr in addresses {
+        state.ipcache.entry((addr, 32)).or_insert(IpcacheValue {
+            identity: bulkhead_common::identity::HOST,
+            flags: 0,
+        });
+    }
+}
+
+/// The ifindex of each of `names` that exists in the agent's network namespace.
+fn live_links(names: Vec<String>) -> Result<BTreeMap<String, u32>, NetlinkError> {
+    with_handle(None, |h| async move {
+        let mut live = BTreeMap::new();
+        for name in names {
+            if let Some(link) = cni_netlink::link_by_name(&h, &name).await? {
+                live.insert(name, link.index);
+            }
+        }
+        Ok(live)
+    })
+}
+
+/// Deletes each of `names` that exists; absence is success.
+fn delete_links(names: Vec<String>) -> Result<(), AgentError> {
+    with_handle(None, |h| async move {
+        for name in &names {
+            cni_netlink::delete_link(&h, name).await?;
+        }
+        Ok(())
+    })
+    .map_err(|e| AgentError::Link {
+        op: "delete",
+        source: Box::new(e),
+    })
+}

@@ -1,0 +1,261 @@
+//! The node agent: keeps the eBPF maps equal to what the cluster model and the local
+//! endpoints compile to, and serves the endpoint socket for the CNI plugin.
+
+mod core;
+mod registry;
+mod server;
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bulkhead_hostnet::netlink::NetlinkError;
+use tokio::net::UnixListener;
+use tokio::sync::Mutex;
+
+use crate::config::{AgentArgs, ConfigError, SourceKind};
+use crate::datapath::stats::PinnedStats;
+use crate::datapath::sync::MapsError;
+use crate::datapath::{Datapath, DatapathError};
+use crate::flows::{self, Clock, FlowStore};
+use crate::metrics::{self, ErrorKind, Metrics, MetricsError};
+use crate::model::Cluster;
+use crate::policy::Compiler;
+use crate::source::kubernetes::{self as kube_source, KubeSource, KubeSourceOptions};
+use crate::source::{EmptySource, FileSource, Source, SourceError};
+
+use self::core::{host_addresses, Agent};
+use self::registry::load_registry;
+use self::server::serve_connection;
+use crate::error_chain;
+
+/// How long an ADD waits for its pod to appear in the model.
+const POD_WAIT: Duration = Duration::from_secs(10);
+/// How often the source is polled for changes.
+const POLL_INTERVAL: Duration = Duration::from_millis(500);
+/// Every this many polls, endpoints whose host veth is gone are dropped (a DEL the agent missed).
+const RECONCILE_EVERY_POLLS: u32 = 10;
+
+/// Why the agent failed.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    /// Loading or attaching the datapath failed.
+    #[error(transparent)]
+    Datapath(Box<DatapathError>),
+    /// Writing the maps failed.
+    #[error(transparent)]
+    Maps(#[from] MapsError),
+    /// The model source failed.
+    #[error(transparent)]
+    Source(#[from] SourceError),
+    /// Listing or deleting host veths failed.
+    #[error("host links: {op}")]
+    Link {
+        /// What was attempted.
+        op: &'static str,
+        /// Cause (boxed: netlink errors are large).
+        #[source]
+        source: Box<NetlinkError>,
+    },
+    /// Metrics could not be set up.
+    #[error(transparent)]
+    Metrics(#[from] MetricsError),
+    /// The configuration is unusable.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// A state file could not be written.
+    #[error(transparent)]
+    Write(#[from] bulkhead_hostnet::fs::WriteError),
+    /// File or socket I/O failed.
+    #[error("{op} {path}")]
+    Io {
+        /// What was attempted.
+        op: &'static str,
+        /// Path involved.
+        path: PathBuf,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl AgentError {
+    /// The `kind` label this error counts under in `bulkhead_errors_total`.
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            AgentError::Datapath(_) | AgentError::Metrics(_) | AgentError::Link { .. } => ErrorKind::Datapath,
+            AgentError::Config(_) => ErrorKind::Io,
+            AgentError::Maps(_) => ErrorKind::Maps,
+            AgentError::Source(_) => ErrorKind::Source,
+            AgentError::Io { .. } | AgentError::Write(_) => ErrorKind::Io,
+        }
+    }
+}
+
+impl From<DatapathError> for AgentError {
+    fn from(e: DatapathError) -> Self {
+        AgentError::Datapath(Box::new(e))
+    }
+}
+
+/// Runs the agent until SIGTERM or SIGINT.
+pub fn run(args: AgentArgs) -> Result<(), AgentError> {
+    let io = |op, path: &Path| {
+        let path = path.to_path_buf();
+        move |source| AgentError::Io { op, path, source }
+    };
+    let metrics_fd = args.metrics_fd;
+    let args = args.resolve()?;
+    std::fs::create_dir_all(&args.state_dir).map_err(io("create", &args.state_dir))?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .map_err(io("start runtime", &args.state_dir))?;
+    let mut datapath = Datapath::load(&args.bpffs)?;
+    let flow_ring = datapath.take_flow_ring();
+    let metrics = Arc::new(Metrics::new()?);
+    let flow_store = Arc::new(FlowStore::new(&args.node_name, args.flow_history, Clock::now()).with_metrics(metrics.clone()));
+    metrics.set_datapath(Box::new(PinnedStats::open(datapath.pin_dir()).map_err(MetricsError::from)?));
+    // Validate the flags before the maps change, so a typo fails at once.
+    let listen = metrics::Listen::from_flags(&args.metrics_address, metrics_fd)?;
+    // Reconcile against what the pinned maps really hold (an earlier agent's entries).
+    let applied = datapath.maps.read_state()?;
+    let source: Box<dyn Source> = match (args.source, &args.manifests) {
+        (SourceKind::Files, Some(dir)) => Box::new(FileSource::new(dir)),
+        (SourceKind::Files, None) => return Err(ConfigError::NoManifests.into()),
+        (SourceKind::Kubernetes, _) => {
+            let client = runtime.block_on(kube_source::client(args.kubeconfig.as_deref()))?;
+            let _entered = runtime.enter();
+            Box::new(KubeSource::start(client, &args.node_name, KubeSourceOptions::default()))
+        }
+        (SourceKind::None, _) => Box::new(EmptySource::default()),
+    };
+    if let Some(cidr) = args.pod_cidr {
+        let path = kube_source::pod_cidr_path(&args.state_dir);
+        bulkhead_hostnet::fs::write_atomic(&path, format!("{cidr}\n").as_bytes(), 0o644)?;
+    }
+    let registry = args.state_dir.join("endpoints.json");
+    let mut agent = Agent {
+        node_name: args.node_name.clone(),
+        source,
+        cluster: Cluster::new(),
+        compiler: Compiler::new(),
+        endpoints: load_registry(&registry),
+        applied,
+        datapath,
+        generation: 0,
+        registry,
+        metrics: metrics.clone(),
+        host_addresses: Vec::new(),
+        flows: flow_store.clone(),
+        ready: false,
+        pending: None,
+        pod_cidr: args.pod_cidr,
+        pod_cidr_pinned: args.pod_cidr.is_some(),
+    };
+    agent.note_host_addresses(host_addresses());
+    agent.refresh(true)?;
+    // Endpoints deleted while the agent was away (CNI DEL carries on without it).
+    match agent.reconcile_links() {
+        Ok(dropped) => tracing::info!(dropped, "endpoint registry reconciled with host veths"),
+        Err(e) => tracing::warn!(error = %error_chain(&e), "cannot reconcile endpoints with host veths"),
+    }
+    // A source that is not synced yet (Kubernetes) leaves the pinned maps as they are
+    // until its first full sync; the poller then writes the model.
+    if agent.ready {
+        agent.reprogram(None)?;
+        metrics.set_ready();
+    }
+    tracing::info!(node = %args.node_name, source = ?args.source, ready = agent.ready, endpoints = agent.endpoints.len(), pod_cidr = ?agent.pod_cidr, "datapath programmed");
+
+    runtime.block_on(async move {
+        let socket = args.state_dir.join("agent.sock");
+        let _ = std::fs::remove_file(&socket);
+        let listener = UnixListener::bind(&socket).map_err(io("bind", &socket))?;
+        std::fs::set_permissions(&socket, std::fs::Permissions::from_mode(0o600)).map_err(io("chmod", &socket))?;
+        let metrics_server = match listen.bind()? {
+            Some(listener) => {
+                let addr = listener.local_addr().map(|a| a.to_string()).unwrap_or_default();
+                tracing::info!(address = %addr, "serving metrics");
+                Some(tokio::spawn(metrics::serve(metrics.clone(), listener)))
+            }
+            None => None,
+        };
+        let agent = Arc::new(Mutex::new(agent));
+        match flow_ring {
+            Some(ring) => match flows::spawn_reader(ring, flow_store.clone()) {
+                Ok(_) => tracing::info!(history = args.flow_history, "reading flow records"),
+                Err(e) => tracing::warn!(error = %error_chain(&e), "flow records disabled"),
+            },
+            None => tracing::warn!("the datapath has no flow ring buffer: flow records disabled"),
+        }
+        let poller = {
+            let agent = agent.clone();
+            tokio::spawn(async move {
+                let mut polls = 0u32;
+                // A bad manifest fails every poll until it is fixed: log it once, and its end.
+                let mut last_error: Option<String> = None;
+                let mut source_failures = 0u64;
+                loop {
+                    tokio::time::sleep(POLL_INTERVAL).await;
+                    // A netlink dump on a thread of its own, outside the agent lock.
+                    let addresses = tokio::task::spawn_blocking(host_addresses).await.unwrap_or_default();
+                    let mut a = agent.lock().await;
+                    a.note_host_addresses(addresses);
+                    // Watch failures the source retried by itself still count as errors.
+                    let failures = a.source.failures();
+                    for _ in source_failures..failures {
+                        a.metrics.error(crate::metrics::ErrorKind::Source);
+                    }
+                    source_failures = failures;
+                    match a.refresh(false) {
+                        Err(e) => {
+                            a.metrics.error(e.kind());
+                            let text = error_chain(&e);
+                            if last_error.as_deref() != Some(text.as_str()) {
+                                tracing::warn!(error = %text, "model source; the previous model stays in force");
+                                last_error = Some(text);
+                            }
+                        }
+                        Ok(()) => {
+                            if last_error.take().is_some() {
+                                tracing::info!("model source readable again");
+                            }
+                        }
+                    }
+                    match a.datapath.flows_lost() {
+                        Ok(lost) => a.flows.set_lost(lost),
+                        Err(e) => tracing::debug!(error = %error_chain(&e), "reading lost flow events"),
+                    }
+                    polls = polls.wrapping_add(1);
+                    if polls.is_multiple_of(RECONCILE_EVERY_POLLS) {
+                        if let Err(e) = a.reconcile_links() {
+                            tracing::warn!(error = %error_chain(&e), "reconciling endpoints with host veths");
+                        }
+                    }
+                }
+            })
+        };
+        tracing::info!(socket = %socket.display(), "serving endpoints");
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).map_err(io("signal", &socket))?;
+        loop {
+            tokio::select! {
+                accepted = listener.accept() => match accepted {
+                    Ok((stream, _)) => { tokio::spawn(serve_connection(agent.clone(), flow_store.clone(), metrics.clone(), stream)); }
+                    Err(e) => tracing::warn!(error = %e, "accept"),
+                },
+                _ = term.recv() => break,
+                _ = tokio::signal::ctrl_c() => break,
+            }
+        }
+        poller.abort();
+        if let Some(server) = metrics_server {
+            server.abort();
+        }
+        let _ = std::fs::remove_file(&socket);
+        tracing::info!("agent stopped; pinned maps and attached programs keep enforcing");
+        Ok(())
+    })
+}

@@ -1,0 +1,11 @@
+//! The kernel side as the agent drives it: loading and pinning the programs and maps
+//! ([`load`]), what the maps must hold ([`state`]), writing the difference ([`sync`]) and
+//! reading the datapath's counters ([`stats`]).
+
+pub mod load;
+pub mod state;
+pub mod stats;
+pub mod sync;
+
+pub use load::{ensure_pin_dir, Datapath, DatapathError};
+pub use state::DatapathState;

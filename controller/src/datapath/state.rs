@@ -1,0 +1,17 @@
+//! What the eBPF maps must hold: the compiler's output and the map writer's input.
+
+use std::collections::BTreeMap;
+use std::net::Ipv4Addr;
+
+use bulkhead_common::{EndpointInfo, IpcacheValue, PolicyKey, PolicyValue};
+
+/// Exactly what the eBPF maps must hold.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct DatapathState {
+    /// Host-side ifindex → endpoint.
+    pub endpoints: BTreeMap<u32, EndpointInfo>,
+    /// (address, prefix length) → identity; address host bits are zero.
+    pub ipcache: BTreeMap<(Ipv4Addr, u8), IpcacheValue>,
+    /// (key, LPM prefix length) → verdict; key bits past the prefix are zero.
+    pub policy: BTreeMap<(PolicyKey, u32), PolicyValue>,
+}

@@ -1,0 +1,277 @@
+//! Flow records: the reader of the datapath's ring buffer, the naming of what its numbers
+//! mean (pods, policies), a bounded history and a stream for `bulkhead observe` followers.
+//!
+//! Nothing here waits on a client: the reader pushes into the history and a broadcast
+//! channel and moves on; a follower that reads too slowly misses flows (counted in
+//! [`FlowStats::follower_lag_drops`]), the datapath and the agent never wait for it.
+
+mod reader;
+mod resolve;
+#[cfg(test)]
+mod tests;
+
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+
+use bulkhead_api::{Flow, FlowDirection, FlowVerdict, ObserveRequest, Response};
+use bulkhead_common::{DropReason, FlowEvent};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufWriter};
+use tokio::sync::broadcast;
+
+pub use reader::{decode, rfc3339, spawn_reader, Clock, FlowsError};
+pub use resolve::{protocol_name, Resolver};
+
+/// Flows kept in memory when `--flow-history` is not given.
+pub const DEFAULT_HISTORY: usize = 8192;
+/// Flows a follower may fall behind by before it starts missing some.
+const FOLLOW_BUFFER: usize = 4096;
+/// Events drained from the ring in one go before other tasks get a turn.
+pub(crate) const DRAIN_BATCH: usize = 1024;
+
+/// Counts for metrics; a snapshot from [`FlowStore::stats`].
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct FlowStats {
+    /// Flow records by verdict and direction.
+    pub flows: BTreeMap<(FlowVerdict, FlowDirection), u64>,
+    /// Flow records naming a policy: (namespace, name, verdict) → count. A forwarded flow
+    /// counts for the policy that allowed it, a dropped one for each policy isolating the pod.
+    pub by_policy: BTreeMap<(String, String, FlowVerdict), u64>,
+    /// Events the datapath could not put into the ring buffer (it was full).
+    pub lost_events: u64,
+    /// Flows followers missed because they read too slowly.
+    pub follower_lag_drops: u64,
+    /// Events with a verdict or direction the agent does not know, skipped.
+    pub undecodable: u64,
+    /// Flows in the history now.
+    pub stored: usize,
+}
+
+/// A flow in the history, with its time as a number for `since`.
+#[derive(Debug)]
+struct Stored {
+    unix_ns: i128,
+    flow: Flow,
+}
+
+/// The bounded history of flows and the channel followers listen on.
+pub struct FlowStore {
+    node: String,
+    capacity: usize,
+    clock: Clock,
+    history: Mutex<VecDeque<Arc<Stored>>>,
+    followers: broadcast::Sender<Arc<Stored>>,
+    resolver: RwLock<Arc<Resolver>>,
+    stats: Mutex<FlowStats>,
+    metrics: Option<Arc<crate::metrics::Metrics>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A panic while holding the lock leaves plain data behind, still usable.
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+impl FlowStore {
+    /// A store keeping the last `capacity` flows of node `node`.
+    pub fn new(node: &str, capacity: usize, clock: Clock) -> Self {
+        let (followers, _) = broadcast::channel(FOLLOW_BUFFER);
+        FlowStore {
+            node: node.to_string(),
+            capacity,
+            clock,
+            history: Mutex::new(VecDeque::with_capacity(capacity.min(DEFAULT_HISTORY))),
+            followers,
+            resolver: RwLock::new(Arc::new(Resolver::empty(node))),
+            stats: Mutex::new(FlowStats::default()),
+            metrics: None,
+        }
+    }
+
+    /// The node this store reports for.
+    pub fn node(&self) -> &str {
+        &self.node
+    }
+
+    /// Replaces what flows are named with (after every reprogram).
+    pub fn set_resolver(&self, resolver: Resolver) {
+        let mut r = self.resolver.write().unwrap_or_else(std::sync::PoisonError::into_inner);
+        *r = Arc::new(resolver);
+    }
+
+    /// Also counts every recorded flow in `metrics` (flows and policy verdicts).
+    pub fn with_metrics(mut self, metrics: Arc<crate::metrics::Metrics>) -> Self {
+        self.metrics = Some(metrics);
+        self
+    }
+
+    /// Names, stores and broadcasts a batch of events from the ring buffer.
+    pub fn record(&self, events: &[FlowEvent]) {
+        let resolver = self.resolver.read().unwrap_or_else(std::sync::PoisonError::into_inner).clone();
+        let flows: Vec<Arc<Stored>> = events
+            .iter()
+            .filter_map(|ev| {
+                let unix_ns = self.clock.unix_ns(ev.timestamp_ns);
+                resolver.resolve(ev, unix_ns).map(|flow| Arc::new(Stored { unix_ns, flow }))
+            })
+            .collect();
+        {
+            let mut stats = lock(&self.stats);
+            stats.undecodable += (events.len() - flows.len()) as u64;
+            for s in &flows {
+                let f = &s.flow;
+                *stats.flows.entry((f.verdict, f.direction)).or_default() += 1;
+                for r in &f.allowed_by {
+                    *stats.by_policy.entry((r.namespace.clone(), r.name.clone(), f.verdict)).or_default() += 1;
+                }
+                for p in &f.isolated_by {
+                    *stats.by_policy.entry((p.namespace.clone(), p.name.clone(), f.verdict)).or_default() += 1;
+                }
+                if let Some(m) = &self.metrics {
+                    // The policy that decided: the allowing rule's, or for a default-deny drop
+                    // the first (by name) policy isolating the pod; none when not isolated.
+                    let policy = f
+                        .allowed_by
+                        .first()
+                        .map(|r| format!("{}/{}", r.namespace, r.name))
+                        .or_else(|| f.isolated_by.first().map(|p| format!("{}/{}", p.namespace, p.name)));
+                    let verdict = match f.verdict {
+                        FlowVerdict::Forwarded => "forwarded",
+                        FlowVerdict::Dropped => "dropped",
+                        FlowVerdict::Audit => "audit",
+                    };
+                    m.record_flow(verdict, f.direction.as_str(), policy.as_deref());
+                }
+            }
+        }
+        let mut history = lock(&self.history);
+        for s in flows {
+            if self.capacity == 0 {
+                break;
+            }
+            if history.len() == self.capacity {
+                history.pop_front();
+            }
+            history.push_back(s.clone());
+            // Sent under the history lock so that a new follower sees each flow exactly once
+            // (in its snapshot or on its receiver). No receivers is not an error.
+            let _ = self.followers.send(s);
+        }
+    }
+
+    /// Records the datapath's lost-events count (a running total).
+    pub fn set_lost(&self, total: u64) {
+        lock(&self.stats).lost_events = total;
+    }
+
+    fn note_lagged(&self, missed: u64) {
+        lock(&self.stats).follower_lag_drops += missed;
+    }
+
+    /// A snapshot of the counters.
+    pub fn stats(&self) -> FlowStats {
+        let mut s = lock(&self.stats).clone();
+        s.stored = lock(&self.history).len();
+        s
+    }
+
+    /// The history matching `request`, and for `follow` a receiver of everything after it.
+    fn query(&self, request: &ObserveRequest) -> (Vec<Flow>, Option<broadcast::Receiver<Arc<Stored>>>) {
+        let history = lock(&self.history);
+        let mut out: Vec<Flow> = history
+            .iter()
+            .filter(|s| request.since.is_none_or(|since| s.unix_ns >= i128::from(since)))
+            .filter(|s| request.filter.matches(&s.flow))
+            .map(|s| s.flow.clone())
+            .collect();
+        if let Some(n) = request.last {
+            out.drain(..out.len().saturating_sub(n));
+        }
+        let rx = request.follow.then(|| self.followers.subscribe());
+        (out, rx)
+    }
+
+    /// The flows `request` asks for, read straight from the history (no follow).
+    pub fn snapshot(&self, request: &ObserveRequest) -> Vec<Flow> {
+        self.query(&ObserveRequest {
+            follow: false,
+            ..request.clone()
+        })
+        .0
+    }
+}
+
+/// Checks what the socket protocol cannot: drop reason names.
+pub fn validate(request: &ObserveRequest) -> Result<(), String> {
+    request.filter.validate()?;
+    if let Some(r) = &request.filter.drop_reason {
+        if !DropReason::ALL.iter().any(|d| d.name() == r) {
+            let known: Vec<&str> = DropReason::ALL.iter().map(|d| d.name()).collect();
+            return Err(format!("unknown drop reason {r:?} (known: {})", known.join(", ")));
+        }
+    }
+    Ok(())
+}
+
+async fn write_flow<W: AsyncWrite + Unpin>(out: &mut W, flow: &Flow) -> std::io::Result<()> {
+    let mut line = serde_json::to_vec(flow).map_err(std::io::Error::other)?;
+    line.push(b'\n');
+    out.write_all(&line).await
+}
+
+/// Answers an observe request on a connection: the matching history, then with `follow`
+/// new flows until the client goes away. Only this connection's task ever waits on the
+/// client.
+pub async fn serve<R, W>(store: Arc<FlowStore>, request: ObserveRequest, mut client: R, out: W)
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let mut out = BufWriter::new(out);
+    if let Err(message) = validate(&request) {
+        let answer = Response::Error {
+            code: bulkhead_api::code::INVALID_REQUEST,
+            message,
+        };
+        if let Ok(mut line) = serde_json::to_vec(&answer) {
+            line.push(b'\n');
+            let _ = out.write_all(&line).await;
+            let _ = out.flush().await;
+        }
+        return;
+    }
+    let (history, rx) = store.query(&request);
+    for flow in &history {
+        if write_flow(&mut out, flow).await.is_err() {
+            return;
+        }
+    }
+    if out.flush().await.is_err() {
+        return;
+    }
+    let Some(mut rx) = rx else { return };
+    let mut scratch = [0u8; 64];
+    loop {
+        tokio::select! {
+            received = rx.recv() => match received {
+                Ok(s) => {
+                    if request.filter.matches(&s.flow) && write_flow(&mut out, &s.flow).await.is_err() {
+                        return;
+                    }
+                    // Flush once the burst is written, not per line.
+                    if rx.is_empty() && out.flush().await.is_err() {
+                        return;
+                    }
+                }
+                Err(broadcast::error::RecvError::Lagged(missed)) => {
+                    store.note_lagged(missed);
+                    tracing::debug!(missed, "observe follower too slow; flows skipped");
+                }
+                Err(broadcast::error::RecvError::Closed) => return,
+            },
+            // The client sends nothing after its request: EOF or an error means it left.
+            read = client.read(&mut scratch) => match read {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            },
+        }
+    }
+}

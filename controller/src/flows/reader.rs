@@ -1,0 +1,121 @@
+//! The reader of the datapath's flow ring buffer, and datapath time as Unix time.
+
+use std::sync::Arc;
+
+use aya::maps::{MapData, RingBuf};
+use bulkhead_common::FlowEvent;
+use tokio::io::unix::AsyncFd;
+
+use super::{FlowStore, DRAIN_BATCH};
+
+/// Why the flow reader failed.
+#[derive(Debug, thiserror::Error)]
+pub enum FlowsError {
+    /// The ring buffer fd could not be registered with the runtime.
+    #[error("cannot poll the flow ring buffer")]
+    Poll {
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Converts `bpf_ktime_get_ns` (CLOCK_MONOTONIC) readings into Unix time.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Clock {
+    /// Realtime minus monotonic, in nanoseconds.
+    offset_ns: i128,
+}
+
+impl Clock {
+    /// The offset between the two clocks now.
+    pub fn now() -> Self {
+        let realtime = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as i128)
+            .unwrap_or(0);
+        Clock {
+            offset_ns: realtime - monotonic_ns(),
+        }
+    }
+
+    /// A clock with a given offset (tests).
+    pub fn with_offset(offset_ns: i128) -> Self {
+        Clock { offset_ns }
+    }
+
+    /// Unix time in nanoseconds of a monotonic reading.
+    pub fn unix_ns(&self, monotonic_ns: u64) -> i128 {
+        i128::from(monotonic_ns) + self.offset_ns
+    }
+}
+
+fn monotonic_ns() -> i128 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: `ts` is a valid, writable timespec; CLOCK_MONOTONIC always exists on Linux.
+    let rc = unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    if rc != 0 {
+        return 0;
+    }
+    i128::from(ts.tv_sec) * 1_000_000_000 + i128::from(ts.tv_nsec)
+}
+
+/// RFC 3339 in UTC with all nine fractional digits, so that times sort as text.
+pub fn rfc3339(unix_ns: i128) -> String {
+    match jiff::Timestamp::from_nanosecond(unix_ns) {
+        Ok(t) => t.strftime("%Y-%m-%dT%H:%M:%S.%NZ").to_string(),
+        Err(_) => format!("@{unix_ns}ns"),
+    }
+}
+
+/// Reads one [`FlowEvent`] out of a ring buffer record; `None` when it is too short.
+pub fn decode(bytes: &[u8]) -> Option<FlowEvent> {
+    if bytes.len() < size_of::<FlowEvent>() {
+        return None;
+    }
+    // SAFETY: the length is checked above, FlowEvent is #[repr(C)] plain data for which every
+    // bit pattern is valid (it is aya::Pod), and read_unaligned has no alignment requirement.
+    Some(unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast::<FlowEvent>()) })
+}
+
+/// Starts the task that drains the `bh_flow_v1` ring buffer into `store`; it runs until
+/// the runtime stops. Must be called inside a tokio runtime.
+pub fn spawn_reader(ring: RingBuf<MapData>, store: Arc<FlowStore>) -> Result<tokio::task::JoinHandle<()>, FlowsError> {
+    // SAFETY: the RingBuf owns its map fd; it stays open, and the same fd, until the RingBuf
+    // is dropped, which only happens when this AsyncFd is.
+    let registered = unsafe { AsyncFd::register_with_interest(ring, tokio::io::Interest::READABLE) };
+    let mut ring = registered.map_err(|e| FlowsError::Poll { source: e.into() })?;
+    Ok(tokio::spawn(async move {
+        let mut batch = Vec::with_capacity(DRAIN_BATCH);
+        loop {
+            let mut guard = match ring.readable_mut().await {
+                Ok(g) => g,
+                Err(e) => {
+                    tracing::error!(error = %e, "flow ring buffer poll failed; flow records stop");
+                    return;
+                }
+            };
+            let inner = guard.get_inner_mut();
+            let mut drained = true;
+            while let Some(item) = inner.next() {
+                match decode(&item) {
+                    Some(ev) => batch.push(ev),
+                    None => tracing::debug!(len = item.len(), "short flow record"),
+                }
+                if batch.len() == DRAIN_BATCH {
+                    drained = false;
+                    break;
+                }
+            }
+            // Only an empty ring may wait for the next wakeup; a full batch comes straight back.
+            if drained {
+                guard.clear_ready();
+            }
+            drop(guard);
+            store.record(&batch);
+            batch.clear();
+            // A busy ring must not starve the socket tasks on the agent's two workers.
+            tokio::task::yield_now().await;
+        }
+    }))
+}

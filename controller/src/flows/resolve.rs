@@ -1,0 +1,208 @@
+//! Naming the numbers of a flow event: pods, identities, the policy and rule that decided.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::Ipv4Addr;
+
+use bulkhead_api::{Flow, FlowDirection, FlowPeer, FlowVerdict, PolicyName, PolicyRule};
+use bulkhead_common::{direction, proto, rule_id, verdict, DropReason, FlowEvent};
+
+use super::reader::rfc3339;
+use crate::model::{self, Cluster};
+use crate::policy::identity::{Direction, RuleTable};
+use crate::policy::{self, LocalEndpoint};
+
+/// A pod, as flows name it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct PodInfo {
+    namespace: String,
+    name: String,
+    labels: BTreeMap<String, String>,
+}
+
+/// Everything needed to name the numbers of a flow event, taken from the agent's state
+/// after each reprogram so the reader never takes the agent's lock.
+#[derive(Clone, Debug, Default)]
+pub struct Resolver {
+    node: String,
+    /// Local endpoint id → pod.
+    endpoints: HashMap<u32, PodInfo>,
+    /// Pod IP → pod, cluster-wide.
+    pods_by_ip: HashMap<Ipv4Addr, PodInfo>,
+    /// Rule ids as the compiler handed them out.
+    rules: RuleTable,
+    /// (endpoint id, direction number) → the policies that isolate it.
+    isolating: HashMap<(u32, u8), Vec<PolicyName>>,
+}
+
+impl Resolver {
+    /// A resolver that knows nothing yet (every flow shows addresses only).
+    pub fn empty(node: &str) -> Self {
+        Resolver {
+            node: node.to_string(),
+            ..Resolver::default()
+        }
+    }
+
+    /// Takes what naming flows needs from the model, the rule table and local endpoints.
+    pub fn build(node: &str, cluster: &Cluster, rules: &RuleTable, locals: &[LocalEndpoint]) -> Self {
+        let mut pods_by_ip = HashMap::new();
+        for ((ns, name), pod) in cluster.pods() {
+            if let Some(ip) = model::pod_ipv4(pod) {
+                pods_by_ip.insert(
+                    ip,
+                    PodInfo {
+                        namespace: ns.clone(),
+                        name: name.clone(),
+                        labels: model::pod_labels(pod),
+                    },
+                );
+            }
+        }
+        let mut endpoints = HashMap::new();
+        let mut isolating = HashMap::new();
+        for ep in locals {
+            let labels = cluster.pod(&ep.namespace, &ep.pod).map(model::pod_labels).unwrap_or_default();
+            for dir in [Direction::Ingress, Direction::Egress] {
+                let names = policy::isolating_policies(cluster, &ep.namespace, &labels, dir)
+                    .into_iter()
+                    .map(|(namespace, name)| PolicyName { namespace, name })
+                    .collect();
+                isolating.insert((ep.endpoint_id, dir.as_u8()), names);
+            }
+            let info = PodInfo {
+                namespace: ep.namespace.clone(),
+                name: ep.pod.clone(),
+                labels,
+            };
+            // The CNI plugin assigned a local pod's address: it wins over the model's.
+            pods_by_ip.insert(ep.ipv4, info.clone());
+            endpoints.insert(ep.endpoint_id, info);
+        }
+        Resolver {
+            node: node.to_string(),
+            endpoints,
+            pods_by_ip,
+            rules: rules.clone(),
+            isolating,
+        }
+    }
+
+    /// The flow record for `ev`, seen at `unix_ns`; `None` when the event carries a
+    /// verdict or direction this agent does not know.
+    pub fn resolve(&self, ev: &FlowEvent, unix_ns: i128) -> Option<Flow> {
+        let verdict = match ev.verdict {
+            verdict::FORWARDED => FlowVerdict::Forwarded,
+            verdict::DROPPED => FlowVerdict::Dropped,
+            verdict::AUDIT => FlowVerdict::Audit,
+            _ => return None,
+        };
+        let dir = match ev.direction {
+            direction::INGRESS => FlowDirection::Ingress,
+            direction::EGRESS => FlowDirection::Egress,
+            _ => return None,
+        };
+        let reason = DropReason::ALL.get(usize::from(ev.reason)).copied();
+        let drop_reason = match (verdict, reason) {
+            (FlowVerdict::Forwarded, _) | (_, Some(DropReason::Forwarded)) => None,
+            (_, Some(r)) => Some(r.name().to_string()),
+            (_, None) => Some(format!("unknown_{}", ev.reason)),
+        };
+        let (saddr, daddr) = (Ipv4Addr::from(ev.saddr), Ipv4Addr::from(ev.daddr));
+        let (sport, dport) = (u16::from_be_bytes(ev.sport), u16::from_be_bytes(ev.dport));
+        let local = self.endpoints.get(&ev.endpoint_id);
+        let (source, destination) = match dir {
+            FlowDirection::Egress => (
+                self.peer(local.or_else(|| self.pods_by_ip.get(&saddr)), saddr, sport, ev.identity),
+                self.peer(self.pods_by_ip.get(&daddr), daddr, dport, ev.remote_identity),
+            ),
+            FlowDirection::Ingress => (
+                self.peer(self.pods_by_ip.get(&saddr), saddr, sport, ev.remote_identity),
+                self.peer(local.or_else(|| self.pods_by_ip.get(&daddr)), daddr, dport, ev.identity),
+            ),
+        };
+        let allowed_by = match self.rules.rule(ev.rule_id) {
+            Some(r) if ev.rule_id != rule_id::NONE => vec![PolicyRule {
+                namespace: r.namespace.clone(),
+                name: r.policy.clone(),
+                direction: match r.direction {
+                    Direction::Ingress => FlowDirection::Ingress,
+                    Direction::Egress => FlowDirection::Egress,
+                },
+                rule: r.index,
+            }],
+            _ => Vec::new(),
+        };
+        // Default deny: no rule decided, so the flow is explained by what isolates the pod.
+        let denied_by_default = ev.rule_id == rule_id::NONE
+            && match verdict {
+                FlowVerdict::Dropped => reason == Some(DropReason::PolicyDenied),
+                FlowVerdict::Audit => true,
+                FlowVerdict::Forwarded => false,
+            };
+        let isolated_by = if denied_by_default {
+            self.isolating.get(&(ev.endpoint_id, ev.direction)).cloned().unwrap_or_default()
+        } else {
+            Vec::new()
+        };
+        Some(Flow {
+            time: rfc3339(unix_ns),
+            node: self.node.clone(),
+            verdict,
+            drop_reason,
+            direction: dir,
+            protocol: protocol_name(ev.protocol),
+            tcp_flags: (ev.protocol == proto::TCP && ev.tcp_flags != 0).then(|| tcp_flags(ev.tcp_flags)),
+            source,
+            destination,
+            allowed_by,
+            isolated_by,
+            is_reply: false,
+        })
+    }
+
+    fn peer(&self, pod: Option<&PodInfo>, ip: Ipv4Addr, port: u16, identity: u32) -> FlowPeer {
+        // Addresses that are not pods carry their reserved identity as a label, as in Cilium.
+        let reserved = match identity {
+            bulkhead_common::identity::HOST => Some("reserved:host"),
+            bulkhead_common::identity::WORLD => Some("reserved:world"),
+            _ => None,
+        };
+        let labels = match (pod, reserved) {
+            (Some(p), _) => p.labels.clone(),
+            (None, Some(r)) => BTreeMap::from([(r.to_string(), String::new())]),
+            (None, None) => BTreeMap::new(),
+        };
+        FlowPeer {
+            namespace: pod.map(|p| p.namespace.clone()),
+            pod: pod.map(|p| p.name.clone()),
+            labels,
+            ip,
+            port,
+            identity,
+        }
+    }
+}
+
+/// `TCP`, `UDP`, `SCTP`, `ICMP`, `non-IPv4` (the datapath reports 0 for packets that are
+/// not IPv4), or the number.
+pub fn protocol_name(p: u8) -> String {
+    match p {
+        0 => "non-IPv4".into(),
+        proto::TCP => "TCP".into(),
+        proto::UDP => "UDP".into(),
+        proto::SCTP => "SCTP".into(),
+        proto::ICMP => "ICMP".into(),
+        n => n.to_string(),
+    }
+}
+
+pub(super) fn tcp_flags(bits: u8) -> String {
+    const NAMES: [&str; 8] = ["FIN", "SYN", "RST", "PSH", "ACK", "URG", "ECE", "CWR"];
+    NAMES
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| bits & (1 << i) != 0)
+        .map(|(_, n)| *n)
+        .collect::<Vec<_>>()
+        .join("|")
+}
