@@ -2,7 +2,9 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::flow::{FlowDirection, PolicyName, PolicyRule};
+use crate::flow::{Direction, PolicyName, PolicyRule};
+use crate::name::{self, NamespacedName};
+use crate::protocol::Protocol;
 
 /// The verdict for a connection, or for one side of it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -31,9 +33,10 @@ impl ExplainVerdict {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ExplainSide {
     /// The pod whose policies decide this side, `namespace/name`.
-    pub pod: String,
+    #[serde(with = "name::text")]
+    pub pod: NamespacedName,
     /// `egress` (the client's side) or `ingress` (the server's).
-    pub direction: FlowDirection,
+    pub direction: Direction,
     /// Whether any policy isolates the pod for this direction (enforcing or audit-mode).
     pub isolated: bool,
     /// Whether only audit-mode policies isolate it (what they do not allow is audited).
@@ -52,13 +55,15 @@ pub struct ExplainSide {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Explanation {
     /// Client pod, `namespace/name`.
-    pub from: String,
+    #[serde(with = "name::text")]
+    pub from: NamespacedName,
     /// Server pod, `namespace/name`.
-    pub to: String,
+    #[serde(with = "name::text")]
+    pub to: NamespacedName,
     /// Destination port.
     pub port: u16,
     /// `TCP`, `UDP` or `SCTP`.
-    pub protocol: String,
+    pub protocol: Protocol,
     /// DENIED if either side denies, else AUDIT if either side audits, else ALLOWED.
     pub verdict: ExplainVerdict,
     /// The client's egress.

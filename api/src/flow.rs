@@ -5,6 +5,9 @@ use std::net::Ipv4Addr;
 
 use serde::{Deserialize, Serialize};
 
+use crate::name::{self, NamespacedName};
+use crate::protocol::Protocol;
+
 /// What `Request::Observe` asks for.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ObserveRequest {
@@ -45,23 +48,60 @@ impl FlowVerdict {
     }
 }
 
-/// Direction of a flow from the local endpoint's point of view.
+/// Direction of traffic (or of a policy rule list) from the local endpoint's point of view.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
-pub enum FlowDirection {
-    /// The endpoint receives the packet.
+pub enum Direction {
+    /// The endpoint receives the packet (a `spec.ingress` rule).
     Ingress,
-    /// The endpoint sends the packet.
+    /// The endpoint sends the packet (a `spec.egress` rule).
     Egress,
 }
 
-impl FlowDirection {
-    /// `ingress` or `egress`.
+impl Direction {
+    /// Both directions.
+    pub const ALL: [Direction; 2] = [Direction::Ingress, Direction::Egress];
+
+    /// `ingress` or `egress` (also the field name in a NetworkPolicy spec).
     pub fn as_str(self) -> &'static str {
         match self {
-            FlowDirection::Ingress => "ingress",
-            FlowDirection::Egress => "egress",
+            Direction::Ingress => "ingress",
+            Direction::Egress => "egress",
         }
+    }
+
+    /// The datapath's [`bulkhead_common::direction`] number.
+    pub const fn number(self) -> u8 {
+        match self {
+            Direction::Ingress => bulkhead_common::direction::INGRESS,
+            Direction::Egress => bulkhead_common::direction::EGRESS,
+        }
+    }
+
+    /// The direction with datapath number `n`; `None` for a number the datapath does not use.
+    pub const fn from_number(n: u8) -> Option<Self> {
+        match n {
+            bulkhead_common::direction::INGRESS => Some(Direction::Ingress),
+            bulkhead_common::direction::EGRESS => Some(Direction::Egress),
+            _ => None,
+        }
+    }
+}
+
+impl std::fmt::Display for Direction {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+#[cfg(feature = "clap")]
+impl clap::ValueEnum for Direction {
+    fn value_variants<'a>() -> &'a [Self] {
+        &Direction::ALL
+    }
+
+    fn to_possible_value(&self) -> Option<clap::builder::PossibleValue> {
+        Some(clap::builder::PossibleValue::new(self.as_str()))
     }
 }
 
@@ -86,9 +126,14 @@ pub struct FlowPeer {
 }
 
 impl FlowPeer {
-    /// `namespace/pod`, when known.
-    pub fn pod_name(&self) -> Option<String> {
-        Some(format!("{}/{}", self.namespace.as_deref()?, self.pod.as_deref()?))
+    /// The pod, when known.
+    pub fn pod_name(&self) -> Option<NamespacedName> {
+        Some(NamespacedName::new(self.namespace.as_deref()?, self.pod.as_deref()?))
+    }
+
+    /// Whether the address is the pod `wanted`.
+    pub fn is(&self, wanted: &NamespacedName) -> bool {
+        self.namespace.as_deref() == Some(wanted.namespace.as_str()) && self.pod.as_deref() == Some(wanted.name.as_str())
     }
 }
 
@@ -100,25 +145,49 @@ pub struct PolicyRule {
     /// Policy name.
     pub name: String,
     /// `ingress` or `egress`: the rule list.
-    pub direction: FlowDirection,
+    pub direction: Direction,
     /// Index of the rule in that list.
     pub rule: usize,
 }
 
-/// A policy, by name.
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
-pub struct PolicyName {
-    /// Policy namespace.
-    pub namespace: String,
-    /// Policy name.
-    pub name: String,
+/// A policy, by name; JSON `{"namespace":…,"name":…}`.
+pub type PolicyName = NamespacedName;
+
+impl PolicyRule {
+    /// The policy the rule is in.
+    pub fn policy(&self) -> NamespacedName {
+        NamespacedName::new(&*self.namespace, &*self.name)
+    }
+}
+
+/// Serde for flow times: RFC 3339 in UTC with all nine fractional digits, e.g.
+/// `2026-11-28T13:46:31.533538165Z` (a user-visible format: `observe -o json`).
+pub mod time_text {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    /// The format of [`time_text`](self).
+    pub fn format(t: &jiff::Timestamp) -> impl std::fmt::Display + '_ {
+        t.strftime("%Y-%m-%dT%H:%M:%S.%NZ")
+    }
+
+    /// Writes the time with nine fractional digits.
+    pub fn serialize<S: Serializer>(t: &jiff::Timestamp, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(&format(t))
+    }
+
+    /// Reads any RFC 3339 time.
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<jiff::Timestamp, D::Error> {
+        let text = std::borrow::Cow::<str>::deserialize(d)?;
+        text.parse().map_err(serde::de::Error::custom)
+    }
 }
 
 /// One flow record, as `bulkhead observe -o json` prints it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Flow {
-    /// When the packet was seen, RFC 3339 in UTC with nanoseconds (sorts as text).
-    pub time: String,
+    /// When the packet was seen; RFC 3339 in UTC with nine fractional digits on the wire.
+    #[serde(with = "time_text")]
+    pub time: jiff::Timestamp,
     /// The node whose agent reported it.
     pub node: String,
     /// What happened.
@@ -127,9 +196,9 @@ pub struct Flow {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub drop_reason: Option<String>,
     /// Direction at the local endpoint.
-    pub direction: FlowDirection,
+    pub direction: Direction,
     /// `TCP`, `UDP`, `SCTP`, `ICMP`, or the protocol number.
-    pub protocol: String,
+    pub protocol: Protocol,
     /// TCP flags of the packet, e.g. `SYN`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tcp_flags: Option<String>,
@@ -152,14 +221,14 @@ pub struct Flow {
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FlowFilter {
     /// `namespace/pod` on either side.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub pod: Option<String>,
+    #[serde(default, with = "name::opt_text", skip_serializing_if = "Option::is_none")]
+    pub pod: Option<NamespacedName>,
     /// `namespace/pod` of the source.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub from_pod: Option<String>,
+    #[serde(default, with = "name::opt_text", skip_serializing_if = "Option::is_none")]
+    pub from_pod: Option<NamespacedName>,
     /// `namespace/pod` of the destination.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub to_pod: Option<String>,
+    #[serde(default, with = "name::opt_text", skip_serializing_if = "Option::is_none")]
+    pub to_pod: Option<NamespacedName>,
     /// Namespace of either side.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub namespace: Option<String>,
@@ -172,30 +241,18 @@ pub struct FlowFilter {
     /// Drop reason name.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub drop_reason: Option<String>,
-    /// Protocol name, any case.
+    /// Protocol (its name in any case on the wire).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub protocol: Option<String>,
+    pub protocol: Option<Protocol>,
     /// Port on either side.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub port: Option<u16>,
     /// Direction.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub direction: Option<FlowDirection>,
+    pub direction: Option<Direction>,
     /// `namespace/name` of a policy that allowed or isolated the flow.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub policy: Option<String>,
-}
-
-/// Splits `namespace/name`; both parts non-empty, exactly one slash.
-pub fn parse_namespaced(text: &str) -> Result<(&str, &str), String> {
-    match text.split_once('/') {
-        Some((ns, name)) if !ns.is_empty() && !name.is_empty() && !name.contains('/') => Ok((ns, name)),
-        _ => Err(format!("{text:?} is not NAMESPACE/NAME")),
-    }
-}
-
-fn peer_is(peer: &FlowPeer, wanted: &str) -> bool {
-    parse_namespaced(wanted).is_ok_and(|(ns, name)| peer.namespace.as_deref() == Some(ns) && peer.pod.as_deref() == Some(name))
+    #[serde(default, with = "name::opt_text", skip_serializing_if = "Option::is_none")]
+    pub policy: Option<NamespacedName>,
 }
 
 fn peer_has_labels(peer: &FlowPeer, labels: &[String]) -> bool {
@@ -206,19 +263,9 @@ fn peer_has_labels(peer: &FlowPeer, labels: &[String]) -> bool {
 }
 
 impl FlowFilter {
-    /// Checks the fields that have a syntax: pods and policies are `NAMESPACE/NAME`, label
-    /// keys are not empty. (Drop reason names are checked by the agent, which knows them.)
+    /// Checks the fields that have a syntax the types do not: label keys are not empty.
+    /// (Drop reason names are checked by the agent, which knows them.)
     pub fn validate(&self) -> Result<(), String> {
-        for (flag, value) in [
-            ("pod", &self.pod),
-            ("from-pod", &self.from_pod),
-            ("to-pod", &self.to_pod),
-            ("policy", &self.policy),
-        ] {
-            if let Some(v) = value {
-                parse_namespaced(v).map_err(|e| format!("--{flag}: {e}"))?;
-            }
-        }
         for l in &self.labels {
             let key = l.split_once('=').map_or(l.as_str(), |(k, _)| k);
             if key.is_empty() {
@@ -232,9 +279,9 @@ impl FlowFilter {
     pub fn matches(&self, flow: &Flow) -> bool {
         let (src, dst) = (&flow.source, &flow.destination);
         let either = |f: &dyn Fn(&FlowPeer) -> bool| f(src) || f(dst);
-        self.pod.as_deref().is_none_or(|p| either(&|x| peer_is(x, p)))
-            && self.from_pod.as_deref().is_none_or(|p| peer_is(src, p))
-            && self.to_pod.as_deref().is_none_or(|p| peer_is(dst, p))
+        self.pod.as_ref().is_none_or(|p| either(&|x| x.is(p)))
+            && self.from_pod.as_ref().is_none_or(|p| src.is(p))
+            && self.to_pod.as_ref().is_none_or(|p| dst.is(p))
             && self
                 .namespace
                 .as_deref()
@@ -242,14 +289,11 @@ impl FlowFilter {
             && (self.labels.is_empty() || either(&|x| peer_has_labels(x, &self.labels)))
             && self.verdict.is_none_or(|v| v == flow.verdict)
             && self.drop_reason.as_deref().is_none_or(|r| flow.drop_reason.as_deref() == Some(r))
-            && self.protocol.as_deref().is_none_or(|p| p.eq_ignore_ascii_case(&flow.protocol))
+            && self.protocol.is_none_or(|p| p == flow.protocol)
             && self.port.is_none_or(|p| src.port == p || dst.port == p)
             && self.direction.is_none_or(|d| d == flow.direction)
-            && self.policy.as_deref().is_none_or(|p| {
-                parse_namespaced(p).is_ok_and(|(ns, name)| {
-                    flow.allowed_by.iter().any(|r| r.namespace == ns && r.name == name)
-                        || flow.isolated_by.iter().any(|r| r.namespace == ns && r.name == name)
-                })
+            && self.policy.as_ref().is_none_or(|p| {
+                flow.allowed_by.iter().any(|r| r.namespace == p.namespace && r.name == p.name) || flow.isolated_by.contains(p)
             })
     }
 }
@@ -272,22 +316,23 @@ mod tests {
 
     fn denied() -> Flow {
         Flow {
-            time: "2026-11-28T12:00:00.000000001Z".into(),
+            time: "2026-11-28T12:00:00.000000001Z".parse().unwrap(),
             node: "node0".into(),
             verdict: FlowVerdict::Dropped,
             drop_reason: Some("policy_denied".into()),
-            direction: FlowDirection::Ingress,
-            protocol: "TCP".into(),
+            direction: Direction::Ingress,
+            protocol: Protocol::TCP,
             tcp_flags: Some("SYN".into()),
             source: peer("y", "b", [10, 0, 0, 5], 40000, &[("pod", "b")]),
             destination: peer("x", "c", [10, 0, 0, 3], 80, &[("pod", "c")]),
             allowed_by: vec![],
-            isolated_by: vec![PolicyName {
-                namespace: "x".into(),
-                name: "default-deny-ingress".into(),
-            }],
+            isolated_by: vec![PolicyName::new("x", "default-deny-ingress")],
             is_reply: false,
         }
+    }
+
+    fn nn(text: &str) -> NamespacedName {
+        text.parse().unwrap()
     }
 
     fn f(edit: impl FnOnce(&mut FlowFilter)) -> FlowFilter {
@@ -301,37 +346,37 @@ mod tests {
         let flow = denied();
         let hits = [
             f(|_| {}),
-            f(|x| x.pod = Some("x/c".into())),
-            f(|x| x.pod = Some("y/b".into())),
-            f(|x| x.from_pod = Some("y/b".into())),
-            f(|x| x.to_pod = Some("x/c".into())),
+            f(|x| x.pod = Some(nn("x/c"))),
+            f(|x| x.pod = Some(nn("y/b"))),
+            f(|x| x.from_pod = Some(nn("y/b"))),
+            f(|x| x.to_pod = Some(nn("x/c"))),
             f(|x| x.namespace = Some("y".into())),
             f(|x| x.labels = vec!["pod=c".into()]),
             f(|x| x.labels = vec!["pod".into()]),
             f(|x| x.verdict = Some(FlowVerdict::Dropped)),
             f(|x| x.drop_reason = Some("policy_denied".into())),
-            f(|x| x.protocol = Some("tcp".into())),
+            f(|x| x.protocol = Some(Protocol::TCP)),
             f(|x| x.port = Some(80)),
             f(|x| x.port = Some(40000)),
-            f(|x| x.direction = Some(FlowDirection::Ingress)),
-            f(|x| x.policy = Some("x/default-deny-ingress".into())),
+            f(|x| x.direction = Some(Direction::Ingress)),
+            f(|x| x.policy = Some(nn("x/default-deny-ingress"))),
         ];
         for h in hits {
             assert!(h.matches(&flow), "{h:?} should match");
         }
         let misses = [
-            f(|x| x.pod = Some("x/a".into())),
-            f(|x| x.from_pod = Some("x/c".into())),
-            f(|x| x.to_pod = Some("y/b".into())),
+            f(|x| x.pod = Some(nn("x/a"))),
+            f(|x| x.from_pod = Some(nn("x/c"))),
+            f(|x| x.to_pod = Some(nn("y/b"))),
             f(|x| x.namespace = Some("z".into())),
             // Both labels must be on one side.
             f(|x| x.labels = vec!["pod=c".into(), "pod=b".into()]),
             f(|x| x.verdict = Some(FlowVerdict::Forwarded)),
             f(|x| x.drop_reason = Some("spoofed_ip".into())),
-            f(|x| x.protocol = Some("UDP".into())),
+            f(|x| x.protocol = Some(Protocol::UDP)),
             f(|x| x.port = Some(81)),
-            f(|x| x.direction = Some(FlowDirection::Egress)),
-            f(|x| x.policy = Some("x/allow-b".into())),
+            f(|x| x.direction = Some(Direction::Egress)),
+            f(|x| x.policy = Some(nn("x/allow-b"))),
             // Every field must match.
             f(|x| {
                 x.verdict = Some(FlowVerdict::Dropped);
@@ -352,31 +397,61 @@ mod tests {
         flow.allowed_by.push(PolicyRule {
             namespace: "x".into(),
             name: "allow-b".into(),
-            direction: FlowDirection::Ingress,
+            direction: Direction::Ingress,
             rule: 0,
         });
-        assert!(f(|x| x.policy = Some("x/allow-b".into())).matches(&flow));
+        assert!(f(|x| x.policy = Some(nn("x/allow-b"))).matches(&flow));
         assert!(!f(|x| x.drop_reason = Some("policy_denied".into())).matches(&flow));
     }
 
     #[test]
-    fn filter_validation_names_the_flag() {
-        assert!(f(|x| x.pod = Some("x/a".into())).validate().is_ok());
-        for (bad, flag) in [
-            (f(|x| x.pod = Some("xa".into())), "--pod"),
-            (f(|x| x.from_pod = Some("/a".into())), "--from-pod"),
-            (f(|x| x.to_pod = Some("x/".into())), "--to-pod"),
-            (f(|x| x.policy = Some("x/a/b".into())), "--policy"),
-            (f(|x| x.labels = vec!["=v".into()]), "--label"),
+    fn filter_validation_checks_labels() {
+        assert!(f(|x| x.labels = vec!["k=v".into()]).validate().is_ok());
+        let e = f(|x| x.labels = vec!["=v".into()]).validate().unwrap_err();
+        assert!(e.starts_with("--label"), "{e}");
+        for bad in [
+            r#"{"pod":"xa"}"#,
+            r#"{"from_pod":"/a"}"#,
+            r#"{"to_pod":"x/"}"#,
+            r#"{"policy":"x/a/b"}"#,
         ] {
-            let e = bad.validate().unwrap_err();
-            assert!(e.starts_with(flag), "{e}");
+            let e = serde_json::from_str::<FlowFilter>(bad).unwrap_err();
+            assert!(e.to_string().contains("NAMESPACE/NAME"), "{bad}: {e}");
         }
     }
 
     #[test]
+    fn flows_order_by_time_not_text() {
+        let mut a = denied();
+        let mut b = denied();
+        a.node = "a".into();
+        // As text "…:00.5+…" would not compare; as times a is earlier.
+        a.time = "2026-11-28T12:00:00.900000000Z".parse().unwrap();
+        b.time = "2026-11-28T13:00:00.100000000+01:00".parse().unwrap();
+        let mut flows = [a.clone(), b.clone()];
+        flows.sort_by_key(|f| f.time);
+        assert_eq!(flows, [b.clone(), a.clone()], "13:00+01:00 is 12:00Z, before 12:00:00.9Z");
+        let s = serde_json::to_value(&b).unwrap();
+        assert_eq!(s["time"], "2026-11-28T12:00:00.100000000Z", "written in UTC with nine digits");
+        let mut whole = denied();
+        whole.time = "2026-11-28T12:00:00Z".parse().unwrap();
+        assert_eq!(serde_json::to_value(&whole).unwrap()["time"], "2026-11-28T12:00:00.000000000Z");
+    }
+
+    #[test]
     fn flow_json_is_stable() {
-        let flow = denied();
+        let mut flow = denied();
+        flow.time = "2026-11-28T13:46:31.533538165Z".parse().unwrap();
+        assert_eq!(
+            serde_json::to_string(&flow).unwrap(),
+            concat!(
+                r#"{"time":"2026-11-28T13:46:31.533538165Z","node":"node0","verdict":"DROPPED","#,
+                r#""drop_reason":"policy_denied","direction":"ingress","protocol":"TCP","tcp_flags":"SYN","#,
+                r#""source":{"namespace":"y","pod":"b","labels":{"pod":"b"},"ip":"10.0.0.5","port":40000,"identity":256},"#,
+                r#""destination":{"namespace":"x","pod":"c","labels":{"pod":"c"},"ip":"10.0.0.3","port":80,"identity":256},"#,
+                r#""isolated_by":[{"namespace":"x","name":"default-deny-ingress"}],"is_reply":false}"#
+            )
+        );
         let v: serde_json::Value = serde_json::to_value(&flow).unwrap();
         assert_eq!(v["verdict"], "DROPPED");
         assert_eq!(v["direction"], "ingress");
@@ -394,5 +469,16 @@ mod tests {
         let s = serde_json::to_string(&req).unwrap();
         assert_eq!(s, r#"{"op":"observe","filter":{"verdict":"DROPPED"},"last":3,"follow":false}"#);
         assert_eq!(serde_json::from_str::<Request>(&s).unwrap(), req);
+        let filter = f(|x| {
+            x.pod = Some(nn("x/a"));
+            x.protocol = Some(Protocol::UDP);
+            x.direction = Some(Direction::Egress);
+            x.policy = Some(nn("x/p"));
+        });
+        let s = serde_json::to_string(&filter).unwrap();
+        assert_eq!(s, r#"{"pod":"x/a","protocol":"UDP","direction":"egress","policy":"x/p"}"#);
+        assert_eq!(serde_json::from_str::<FlowFilter>(&s).unwrap(), filter);
+        let old: FlowFilter = serde_json::from_str(r#"{"protocol":"udp"}"#).unwrap();
+        assert_eq!(old.protocol, Some(Protocol::UDP), "old clients sent any case");
     }
 }

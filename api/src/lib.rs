@@ -11,9 +11,13 @@ pub mod endpoint;
 pub mod explain;
 pub mod flow;
 pub mod message;
+pub mod name;
+pub mod protocol;
 
 pub use client::{call, observe, ApiError, ObserveError, ObserveStream};
 pub use endpoint::{EndpointRef, EndpointSpec};
 pub use explain::{ExplainSide, ExplainVerdict, Explanation};
-pub use flow::{parse_namespaced, Flow, FlowDirection, FlowFilter, FlowPeer, FlowVerdict, ObserveRequest, PolicyName, PolicyRule};
+pub use flow::{Direction, Flow, FlowFilter, FlowPeer, FlowVerdict, ObserveRequest, PolicyName, PolicyRule};
 pub use message::{AgentStatus, Request, Response};
+pub use name::NamespacedName;
+pub use protocol::Protocol;

@@ -5,6 +5,8 @@ use serde::{Deserialize, Serialize};
 use crate::endpoint::{EndpointRef, EndpointSpec};
 use crate::explain::Explanation;
 use crate::flow::ObserveRequest;
+use crate::name::{self, NamespacedName};
+use crate::protocol::Protocol;
 
 /// A request to the agent.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -35,13 +37,15 @@ pub enum Request {
     /// [`Response::Explain`].
     Explain {
         /// Client pod, `namespace/name`.
-        from: String,
+        #[serde(with = "name::text")]
+        from: NamespacedName,
         /// Server pod, `namespace/name`.
-        to: String,
+        #[serde(with = "name::text")]
+        to: NamespacedName,
         /// Destination port (numbers only: named ports are not resolved here).
         port: u16,
-        /// `TCP`, `UDP` or `SCTP` (any case).
-        protocol: String,
+        /// `TCP`, `UDP` or `SCTP` (any case on the wire; the agent refuses others).
+        protocol: Protocol,
     },
 }
 
@@ -87,7 +91,7 @@ pub struct AgentStatus {
 mod tests {
     use super::*;
     use crate::explain::{ExplainSide, ExplainVerdict};
-    use crate::flow::FlowDirection;
+    use crate::flow::Direction;
 
     #[test]
     fn requests_are_tagged_json() {
@@ -118,16 +122,16 @@ mod tests {
             }
         );
         let explain = Request::Explain {
-            from: "x/a".into(),
-            to: "y/b".into(),
+            from: NamespacedName::new("x", "a"),
+            to: NamespacedName::new("y", "b"),
             port: 80,
-            protocol: "TCP".into(),
+            protocol: Protocol::TCP,
         };
         let s = serde_json::to_string(&explain).unwrap();
         assert_eq!(s, r#"{"op":"explain","from":"x/a","to":"y/b","port":80,"protocol":"TCP"}"#);
         assert_eq!(serde_json::from_str::<Request>(&s).unwrap(), explain);
         let side = |pod: &str, direction| ExplainSide {
-            pod: pod.into(),
+            pod: pod.parse().unwrap(),
             direction,
             isolated: false,
             audit_mode: false,
@@ -136,13 +140,13 @@ mod tests {
             verdict: ExplainVerdict::Allowed,
         };
         let answer = Response::Explain(Box::new(Explanation {
-            from: "x/a".into(),
-            to: "y/b".into(),
+            from: NamespacedName::new("x", "a"),
+            to: NamespacedName::new("y", "b"),
             port: 80,
-            protocol: "TCP".into(),
+            protocol: Protocol::TCP,
             verdict: ExplainVerdict::Audit,
-            egress: side("x/a", FlowDirection::Egress),
-            ingress: side("y/b", FlowDirection::Ingress),
+            egress: side("x/a", Direction::Egress),
+            ingress: side("y/b", Direction::Ingress),
         }));
         let s = serde_json::to_string(&answer).unwrap();
         assert!(s.starts_with(r#"{"result":"explain","from":"x/a""#), "{s}");

@@ -7,7 +7,7 @@ use std::io::Write;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use bulkhead_api::{self, ApiError, Explanation, PolicyName, Request, Response};
+use bulkhead_api::{self, ApiError, Explanation, PolicyName, Protocol, Request, Response};
 
 use crate::cli::observe::{self, ObserveError};
 use crate::cli::Output;
@@ -87,8 +87,8 @@ pub enum ExplainError {
 }
 
 /// Parses `PORT/PROTO` (or `PORT`, meaning TCP): a port 1-65535 and TCP, UDP or SCTP in
-/// any case; returns the port and the protocol upper-cased.
-pub fn parse_port(text: &str) -> Result<(u16, String), ExplainError> {
+/// any case.
+pub fn parse_port(text: &str) -> Result<(u16, Protocol), ExplainError> {
     let bad = |reason: String| ExplainError::from(policy::explain::ExplainError::BadPort { reason });
     let (port, protocol) = text.split_once('/').unwrap_or((text, "TCP"));
     let number: u16 = port
@@ -97,17 +97,14 @@ pub fn parse_port(text: &str) -> Result<(u16, String), ExplainError> {
     if number == 0 {
         return Err(bad("port 0 is not a destination port (1-65535)".into()));
     }
-    Ok((number, policy::explain::protocol_name(protocol)?))
+    Ok((number, policy::explain::parse_protocol(protocol)?))
 }
 
 pub(crate) fn policy_list(list: &[PolicyName]) -> String {
     if list.is_empty() {
         return "-".into();
     }
-    list.iter()
-        .map(|p| format!("{}/{}", p.namespace, p.name))
-        .collect::<Vec<_>>()
-        .join(",")
+    list.iter().map(ToString::to_string).collect::<Vec<_>>().join(",")
 }
 
 /// The human-readable form: a verdict line, then one row per side.
@@ -132,7 +129,7 @@ pub fn table(e: &Explanation) -> String {
         );
         rows.push([
             s.direction.as_str().to_string(),
-            s.pod.clone(),
+            s.pod.to_string(),
             policy_list(&s.isolated_by),
             mode.into(),
             allowed_by,
@@ -157,20 +154,15 @@ pub fn table(e: &Explanation) -> String {
 /// Runs `bulkhead explain`; the exit code.
 pub fn run(args: ExplainArgs) -> Result<i32, ExplainError> {
     // Checked here too, so bad input fails before any agent is looked for.
-    policy::explain::pod_ref("FROM", &args.from)?;
-    policy::explain::pod_ref("TO", &args.to)?;
+    let from = policy::explain::pod_ref("FROM", &args.from)?;
+    let to = policy::explain::pod_ref("TO", &args.to)?;
     let (port, protocol) = parse_port(&args.port)?;
     let targets = observe::agent_targets(args.socket.as_deref(), &args.lab_dir, args.node.as_deref()).map_err(ExplainError::Target)?;
     // Every lab agent holds the whole cluster's model: the first one answers for all.
     let target = targets.into_iter().next().ok_or_else(|| ExplainError::NoNodes {
         lab_dir: args.lab_dir.clone(),
     })?;
-    let request = Request::Explain {
-        from: args.from.clone(),
-        to: args.to.clone(),
-        port,
-        protocol,
-    };
+    let request = Request::Explain { from, to, port, protocol };
     let node = target.node.clone();
     let explanation = match bulkhead_api::call(&target.socket, &request, TIMEOUT) {
         Ok(Response::Explain(e)) => *e,

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::sync::mpsc;
 use std::time::Duration;
 
-use bulkhead_api::{Flow, FlowDirection, FlowFilter, FlowVerdict, ObserveRequest};
+use bulkhead_api::{Direction, Flow, FlowFilter, FlowVerdict, NamespacedName, ObserveRequest, Protocol};
 use bulkhead_common::DropReason;
 use clap::builder::PossibleValuesParser;
 
@@ -31,45 +31,8 @@ pub enum VerdictArg {
     Audit,
 }
 
-/// `--direction` values.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
-pub enum DirectionArg {
-    /// Into the pod.
-    Ingress,
-    /// Out of the pod.
-    Egress,
-}
-
-/// `--protocol` values.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
-pub enum ProtocolArg {
-    /// TCP.
-    #[value(name = "TCP", alias = "tcp")]
-    Tcp,
-    /// UDP.
-    #[value(name = "UDP", alias = "udp")]
-    Udp,
-    /// SCTP.
-    #[value(name = "SCTP", alias = "sctp")]
-    Sctp,
-    /// ICMP.
-    #[value(name = "ICMP", alias = "icmp")]
-    Icmp,
-}
-
-impl ProtocolArg {
-    fn as_str(self) -> &'static str {
-        match self {
-            ProtocolArg::Tcp => "TCP",
-            ProtocolArg::Udp => "UDP",
-            ProtocolArg::Sctp => "SCTP",
-            ProtocolArg::Icmp => "ICMP",
-        }
-    }
-}
-
-fn namespaced(text: &str) -> Result<String, String> {
-    bulkhead_api::parse_namespaced(text).map(|_| text.to_string())
+fn namespaced(text: &str) -> Result<NamespacedName, String> {
+    text.parse().map_err(|e: bulkhead_api::name::ParseNameError| e.to_string())
 }
 
 fn label(text: &str) -> Result<String, String> {
@@ -88,43 +51,22 @@ fn drop_reasons() -> PossibleValuesParser {
 /// RFC 3339 time; returns Unix nanoseconds.
 pub fn parse_since(text: &str) -> Result<u64, String> {
     let at = match text.parse::<jiff::Timestamp>() {
-        Ok(t) => t.as_nanosecond(),
+        Ok(t) => t,
         Err(_) => {
             let ago =
                 parse_duration(text).ok_or_else(|| format!("{text:?} is neither a duration like 5m or 1h30m nor an RFC 3339 time"))?;
-            jiff::Timestamp::now().as_nanosecond() - ago as i128
+            jiff::Timestamp::now().saturating_sub(ago).map_err(|e| format!("{text:?}: {e}"))?
         }
     };
-    u64::try_from(at.max(0)).map_err(|_| format!("{text:?} is out of range"))
+    u64::try_from(at.as_nanosecond().max(0)).map_err(|_| format!("{text:?} is out of range"))
 }
 
-/// `1h30m` → nanoseconds; units ms, s, m, h, d.
-fn parse_duration(text: &str) -> Option<u128> {
-    let mut total: u128 = 0;
-    let mut rest = text.trim();
-    if rest.is_empty() {
-        return None;
-    }
-    while !rest.is_empty() {
-        let digits = rest.find(|c: char| !c.is_ascii_digit())?;
-        if digits == 0 {
-            return None;
-        }
-        let n: u128 = rest[..digits].parse().ok()?;
-        rest = &rest[digits..];
-        let unit_len = rest.find(|c: char| c.is_ascii_digit()).unwrap_or(rest.len());
-        let scale: u128 = match &rest[..unit_len] {
-            "ms" => 1_000_000,
-            "s" => 1_000_000_000,
-            "m" => 60 * 1_000_000_000,
-            "h" => 3600 * 1_000_000_000,
-            "d" => 86_400 * 1_000_000_000,
-            _ => return None,
-        };
-        total = total.checked_add(n.checked_mul(scale)?)?;
-        rest = &rest[unit_len..];
-    }
-    Some(total)
+/// `1h30m`, `2d`, `500ms` (jiff's friendly format; a day is 24 hours) → a positive duration.
+fn parse_duration(text: &str) -> Option<jiff::SignedDuration> {
+    let span: jiff::Span = text.parse().ok()?;
+    let d = span.to_duration(jiff::SpanRelativeTo::days_are_24_hours()).ok()?;
+    // A bare number parses as nothing useful, and "ago" is already the meaning.
+    (d.is_positive() && text.starts_with(|c: char| c.is_ascii_digit())).then_some(d)
 }
 
 /// `bulkhead observe` flags.
@@ -132,13 +74,13 @@ fn parse_duration(text: &str) -> Option<u128> {
 pub struct ObserveArgs {
     /// Flows from or to this pod (NAMESPACE/NAME).
     #[arg(long, value_parser = namespaced)]
-    pub pod: Option<String>,
+    pub pod: Option<NamespacedName>,
     /// Flows from this pod (NAMESPACE/NAME).
     #[arg(long, value_parser = namespaced)]
-    pub from_pod: Option<String>,
+    pub from_pod: Option<NamespacedName>,
     /// Flows to this pod (NAMESPACE/NAME).
     #[arg(long, value_parser = namespaced)]
-    pub to_pod: Option<String>,
+    pub to_pod: Option<NamespacedName>,
     /// Flows from or to pods of this namespace.
     #[arg(short = 'n', long)]
     pub namespace: Option<String>,
@@ -154,16 +96,16 @@ pub struct ObserveArgs {
     pub drop_reason: Option<String>,
     /// Protocol.
     #[arg(long, value_enum)]
-    pub protocol: Option<ProtocolArg>,
+    pub protocol: Option<Protocol>,
     /// Source or destination port.
     #[arg(long)]
     pub port: Option<u16>,
     /// Direction at the pod the flow was seen at.
     #[arg(long, value_enum)]
-    pub direction: Option<DirectionArg>,
+    pub direction: Option<Direction>,
     /// Flows allowed by, or isolated by, this NetworkPolicy (NAMESPACE/NAME).
     #[arg(long, value_parser = namespaced)]
-    pub policy: Option<String>,
+    pub policy: Option<NamespacedName>,
     /// Only flows since a time: a duration back from now (5m, 1h30m) or RFC 3339.
     #[arg(long, value_parser = parse_since)]
     pub since: Option<u64>,
@@ -203,12 +145,9 @@ impl ObserveArgs {
                 VerdictArg::Audit => FlowVerdict::Audit,
             }),
             drop_reason: self.drop_reason.clone(),
-            protocol: self.protocol.map(|p| p.as_str().to_string()),
+            protocol: self.protocol,
             port: self.port,
-            direction: self.direction.map(|d| match d {
-                DirectionArg::Ingress => FlowDirection::Ingress,
-                DirectionArg::Egress => FlowDirection::Egress,
-            }),
+            direction: self.direction,
             policy: self.policy.clone(),
         };
         // Following with no window asks for new flows only, as `tail -f` would after 0 lines.
@@ -348,8 +287,8 @@ pub fn run(args: ObserveArgs) -> Result<i32, ObserveError> {
         for r in results {
             flows.extend(r?);
         }
-        // RFC 3339 UTC with fixed nine digits sorts as text; stable keeps each node's order.
-        flows.sort_by(|a, b| a.time.cmp(&b.time));
+        // Stable: each node's own order stays for flows of the same nanosecond.
+        flows.sort_by_key(|f| f.time);
         if let Some(n) = request.last {
             flows.drain(..flows.len().saturating_sub(n));
         }
@@ -432,22 +371,16 @@ fn endpoint(p: &bulkhead_api::FlowPeer) -> String {
 /// One readable line for a flow.
 pub fn table_row(f: &Flow) -> String {
     // `2026-11-28T12:50:08.123456789Z` → `11-28 12:50:08.123`.
-    let time = f.time.get(5..23).map_or_else(|| f.time.clone(), |t| t.replacen('T', " ", 1));
+    let time = f.time.strftime("%m-%d %H:%M:%S%.3f").to_string();
     let mut detail = Vec::new();
     if let Some(r) = &f.drop_reason {
         detail.push(r.clone());
     }
     for r in &f.allowed_by {
-        detail.push(format!(
-            "allowed by {}/{} {}[{}]",
-            r.namespace,
-            r.name,
-            r.direction.as_str(),
-            r.rule
-        ));
+        detail.push(format!("allowed by {} {}[{}]", r.policy(), r.direction, r.rule));
     }
     if !f.isolated_by.is_empty() {
-        let names: Vec<String> = f.isolated_by.iter().map(|p| format!("{}/{}", p.namespace, p.name)).collect();
+        let names: Vec<String> = f.isolated_by.iter().map(ToString::to_string).collect();
         detail.push(format!("isolated by {}", names.join(", ")));
     }
     if let Some(flags) = &f.tcp_flags {
@@ -507,13 +440,14 @@ mod tests {
         ])
         .unwrap();
         let r = a.request();
-        assert_eq!(r.filter.pod.as_deref(), Some("x/a"));
+        assert_eq!(r.filter.pod, Some(NamespacedName::new("x", "a")));
         assert_eq!(r.filter.verdict, Some(FlowVerdict::Dropped));
         assert_eq!(r.filter.drop_reason.as_deref(), Some("policy_denied"));
-        assert_eq!(r.filter.protocol.as_deref(), Some("TCP"));
+        assert_eq!(r.filter.protocol, Some(Protocol::TCP));
+        assert_eq!(parse(&["--protocol", "SCTP"]).unwrap().protocol, Some(Protocol::SCTP));
         assert_eq!(r.filter.port, Some(80));
-        assert_eq!(r.filter.direction, Some(FlowDirection::Ingress));
-        assert_eq!(r.filter.policy.as_deref(), Some("x/deny"));
+        assert_eq!(r.filter.direction, Some(Direction::Ingress));
+        assert_eq!(r.filter.policy, Some(NamespacedName::new("x", "deny")));
         assert_eq!(r.filter.labels, vec!["pod=a".to_string()]);
         assert_eq!((r.last, r.follow), (Some(5), false));
         assert_eq!(parse(&["--verdict", "DROPPED"]).unwrap().verdict, Some(VerdictArg::Dropped));
@@ -531,6 +465,7 @@ mod tests {
             (vec!["--from-pod", "x/"], "NAMESPACE/NAME"),
             (vec!["--policy", "a/b/c"], "NAMESPACE/NAME"),
             (vec!["--direction", "sideways"], "sideways"),
+            (vec!["--protocol", "gre"], "gre"),
             (vec!["--label", "=v"], "KEY=VALUE"),
             (vec!["--since", "yesterday"], "yesterday"),
             (vec!["--socket", "/s", "--node", "node0"], "cannot be used with"),
@@ -544,10 +479,11 @@ mod tests {
 
     #[test]
     fn since_takes_durations_and_times() {
-        assert_eq!(parse_duration("90s"), Some(90_000_000_000));
-        assert_eq!(parse_duration("1h30m"), Some(5_400_000_000_000));
-        assert_eq!(parse_duration("500ms"), Some(500_000_000));
-        assert_eq!(parse_duration("2d"), Some(172_800_000_000_000));
+        let ns = |t: &str| parse_duration(t).map(|d| d.as_nanos());
+        assert_eq!(ns("90s"), Some(90_000_000_000));
+        assert_eq!(ns("1h30m"), Some(5_400_000_000_000));
+        assert_eq!(ns("500ms"), Some(500_000_000));
+        assert_eq!(ns("2d"), Some(172_800_000_000_000));
         for bad in ["", "5", "m", "5x", "5m3", "-5m"] {
             assert_eq!(parse_duration(bad), None, "{bad:?}");
         }

@@ -13,13 +13,13 @@ mod tests;
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 
-use bulkhead_api::{Flow, FlowDirection, FlowVerdict, ObserveRequest, Response};
+use bulkhead_api::{Direction, Flow, FlowVerdict, ObserveRequest, Response};
 use bulkhead_common::{DropReason, FlowEvent};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufWriter};
 use tokio::sync::broadcast;
 
-pub use reader::{decode, rfc3339, spawn_reader, Clock, FlowsError};
-pub use resolve::{protocol_name, Resolver};
+pub use reader::{decode, spawn_reader, Clock, FlowsError};
+pub use resolve::Resolver;
 
 /// Flows kept in memory when `--flow-history` is not given.
 pub const DEFAULT_HISTORY: usize = 8192;
@@ -32,7 +32,7 @@ pub(crate) const DRAIN_BATCH: usize = 1024;
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct FlowStats {
     /// Flow records by verdict and direction.
-    pub flows: BTreeMap<(FlowVerdict, FlowDirection), u64>,
+    pub flows: BTreeMap<(FlowVerdict, Direction), u64>,
     /// Flow records naming a policy: (namespace, name, verdict) → count. A forwarded flow
     /// counts for the policy that allowed it, a dropped one for each policy isolating the pod.
     pub by_policy: BTreeMap<(String, String, FlowVerdict), u64>,
@@ -131,8 +131,8 @@ impl FlowStore {
                     let policy = f
                         .allowed_by
                         .first()
-                        .map(|r| format!("{}/{}", r.namespace, r.name))
-                        .or_else(|| f.isolated_by.first().map(|p| format!("{}/{}", p.namespace, p.name)));
+                        .map(|r| r.policy().to_string())
+                        .or_else(|| f.isolated_by.first().map(ToString::to_string));
                     let verdict = match f.verdict {
                         FlowVerdict::Forwarded => "forwarded",
                         FlowVerdict::Dropped => "dropped",

@@ -3,12 +3,11 @@
 use std::collections::{BTreeMap, HashMap};
 use std::net::Ipv4Addr;
 
-use bulkhead_api::{Flow, FlowDirection, FlowPeer, FlowVerdict, PolicyName, PolicyRule};
-use bulkhead_common::{direction, proto, rule_id, verdict, DropReason, FlowEvent};
+use bulkhead_api::{Direction, Flow, FlowPeer, FlowVerdict, PolicyName, PolicyRule, Protocol};
+use bulkhead_common::{rule_id, verdict, DropReason, FlowEvent};
 
-use super::reader::rfc3339;
 use crate::model::{self, Cluster};
-use crate::policy::identity::{Direction, RuleTable};
+use crate::policy::identity::RuleTable;
 use crate::policy::{self, LocalEndpoint};
 
 /// A pod, as flows name it.
@@ -62,12 +61,12 @@ impl Resolver {
         let mut isolating = HashMap::new();
         for ep in locals {
             let labels = cluster.pod(&ep.namespace, &ep.pod).map(model::pod_labels).unwrap_or_default();
-            for dir in [Direction::Ingress, Direction::Egress] {
+            for dir in Direction::ALL {
                 let names = policy::isolating_policies(cluster, &ep.namespace, &labels, dir)
                     .into_iter()
-                    .map(|(namespace, name)| PolicyName { namespace, name })
+                    .map(|(namespace, name)| PolicyName::new(namespace, name))
                     .collect();
-                isolating.insert((ep.endpoint_id, dir.as_u8()), names);
+                isolating.insert((ep.endpoint_id, dir.number()), names);
             }
             let info = PodInfo {
                 namespace: ep.namespace.clone(),
@@ -88,7 +87,7 @@ impl Resolver {
     }
 
     /// The flow record for `ev`, seen at `unix_ns`; `None` when the event carries a
-    /// verdict or direction this agent does not know.
+    /// verdict or direction this agent does not know, or a time out of range.
     pub fn resolve(&self, ev: &FlowEvent, unix_ns: i128) -> Option<Flow> {
         let verdict = match ev.verdict {
             verdict::FORWARDED => FlowVerdict::Forwarded,
@@ -96,11 +95,8 @@ impl Resolver {
             verdict::AUDIT => FlowVerdict::Audit,
             _ => return None,
         };
-        let dir = match ev.direction {
-            direction::INGRESS => FlowDirection::Ingress,
-            direction::EGRESS => FlowDirection::Egress,
-            _ => return None,
-        };
+        let dir = Direction::from_number(ev.direction)?;
+        let time = jiff::Timestamp::from_nanosecond(unix_ns).ok()?;
         let reason = DropReason::ALL.get(usize::from(ev.reason)).copied();
         let drop_reason = match (verdict, reason) {
             (FlowVerdict::Forwarded, _) | (_, Some(DropReason::Forwarded)) => None,
@@ -111,11 +107,11 @@ impl Resolver {
         let (sport, dport) = (u16::from_be_bytes(ev.sport), u16::from_be_bytes(ev.dport));
         let local = self.endpoints.get(&ev.endpoint_id);
         let (source, destination) = match dir {
-            FlowDirection::Egress => (
+            Direction::Egress => (
                 self.peer(local.or_else(|| self.pods_by_ip.get(&saddr)), saddr, sport, ev.identity),
                 self.peer(self.pods_by_ip.get(&daddr), daddr, dport, ev.remote_identity),
             ),
-            FlowDirection::Ingress => (
+            Direction::Ingress => (
                 self.peer(self.pods_by_ip.get(&saddr), saddr, sport, ev.remote_identity),
                 self.peer(local.or_else(|| self.pods_by_ip.get(&daddr)), daddr, dport, ev.identity),
             ),
@@ -124,10 +120,7 @@ impl Resolver {
             Some(r) if ev.rule_id != rule_id::NONE => vec![PolicyRule {
                 namespace: r.namespace.clone(),
                 name: r.policy.clone(),
-                direction: match r.direction {
-                    Direction::Ingress => FlowDirection::Ingress,
-                    Direction::Egress => FlowDirection::Egress,
-                },
+                direction: r.direction,
                 rule: r.index,
             }],
             _ => Vec::new(),
@@ -145,13 +138,13 @@ impl Resolver {
             Vec::new()
         };
         Some(Flow {
-            time: rfc3339(unix_ns),
+            time,
             node: self.node.clone(),
             verdict,
             drop_reason,
             direction: dir,
-            protocol: protocol_name(ev.protocol),
-            tcp_flags: (ev.protocol == proto::TCP && ev.tcp_flags != 0).then(|| tcp_flags(ev.tcp_flags)),
+            protocol: Protocol::from_number(ev.protocol),
+            tcp_flags: (Protocol::from_number(ev.protocol) == Protocol::TCP && ev.tcp_flags != 0).then(|| tcp_flags(ev.tcp_flags)),
             source,
             destination,
             allowed_by,
@@ -180,19 +173,6 @@ impl Resolver {
             port,
             identity,
         }
-    }
-}
-
-/// `TCP`, `UDP`, `SCTP`, `ICMP`, `non-IPv4` (the datapath reports 0 for packets that are
-/// not IPv4), or the number.
-pub fn protocol_name(p: u8) -> String {
-    match p {
-        0 => "non-IPv4".into(),
-        proto::TCP => "TCP".into(),
-        proto::UDP => "UDP".into(),
-        proto::SCTP => "SCTP".into(),
-        proto::ICMP => "ICMP".into(),
-        n => n.to_string(),
     }
 }
 

@@ -24,24 +24,14 @@ pub use state::{LabPaths, LabState, NodeState, PodState};
 
 pub use crate::cli::Output;
 
-/// Transport protocol a probe uses.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
-pub enum Protocol {
-    /// TCP: allowed when the handshake completes.
-    #[value(name = "TCP", alias = "tcp")]
-    Tcp,
-    /// UDP: allowed when the request gets a reply.
-    #[value(name = "UDP", alias = "udp")]
-    Udp,
-}
+pub use bulkhead_api::Protocol;
 
-impl Protocol {
-    /// The Kubernetes spelling.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Protocol::Tcp => "TCP",
-            Protocol::Udp => "UDP",
-        }
+/// `--protocol` of a probe: TCP (allowed when the handshake completes) or UDP (allowed
+/// when the request gets a reply), any case.
+fn probe_protocol(text: &str) -> Result<Protocol, String> {
+    match text.parse() {
+        Ok(p @ (Protocol::TCP | Protocol::UDP)) => Ok(p),
+        _ => Err(format!("{text:?} is not a probe protocol (TCP or UDP)")),
     }
 }
 
@@ -92,7 +82,7 @@ pub enum LabCommand {
         #[arg(long, default_value_t = 80)]
         port: u16,
         /// Protocol.
-        #[arg(long, value_enum, default_value_t = Protocol::Tcp)]
+        #[arg(long, value_parser = probe_protocol, default_value_t = Protocol::TCP)]
         protocol: Protocol,
         /// Output format.
         #[arg(short = 'o', long, value_enum, default_value_t = Output::Table)]

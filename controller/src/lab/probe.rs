@@ -29,7 +29,7 @@ pub struct ProbeReport {
     /// Destination port.
     pub port: u16,
     /// `TCP` or `UDP`.
-    pub protocol: &'static str,
+    pub protocol: Protocol,
     /// Every ordered pair of distinct pods.
     pub results: Vec<ProbeResult>,
 }
@@ -104,18 +104,15 @@ fn probe_all(pods: &[&PodState], port: u16, protocol: Protocol) -> Result<ProbeR
     for row in rows {
         results.extend(row?);
     }
-    Ok(ProbeReport {
-        port,
-        protocol: protocol.as_str(),
-        results,
-    })
+    Ok(ProbeReport { port, protocol, results })
 }
 
 /// Tries one connection from the calling thread's namespace.
 fn probe_one(addr: SocketAddr, protocol: Protocol) -> bool {
     match protocol {
-        Protocol::Tcp => TcpStream::connect_timeout(&addr, PROBE_TIMEOUT).is_ok(),
-        Protocol::Udp => probe_udp(addr),
+        Protocol::UDP => probe_udp(addr),
+        // The flag admits only TCP and UDP.
+        _ => TcpStream::connect_timeout(&addr, PROBE_TIMEOUT).is_ok(),
     }
 }
 
@@ -147,7 +144,12 @@ fn probe_udp(addr: SocketAddr) -> bool {
 /// The cyclonus-style matrix: rows from, columns to, `.` allowed, `X` denied.
 fn table(pods: &[&PodState], report: &ProbeReport) -> String {
     let names: Vec<String> = pods.iter().map(|p| p.key()).collect();
-    let width = names.iter().map(String::len).max().unwrap_or(1).max(report.protocol.len() + 6);
+    let width = names
+        .iter()
+        .map(String::len)
+        .max()
+        .unwrap_or(1)
+        .max(report.protocol.to_string().len() + 6);
     let mut out = format!("{:<width$}", format!("{}/{}", report.protocol, report.port));
     for n in &names {
         out.push_str(&format!(" {n:>w$}", w = n.len().max(1)));
@@ -191,7 +193,7 @@ mod tests {
         let (a, b) = (pod("x", "a"), pod("x", "b"));
         let report = ProbeReport {
             port: 80,
-            protocol: "TCP",
+            protocol: Protocol::TCP,
             results: vec![
                 ProbeResult {
                     from: "x/a".into(),

@@ -466,7 +466,7 @@ impl<'p, 'a> Ctx<'p, 'a> {
         ports: Option<&[NetworkPolicyPort]>,
         rule_id: u32,
     ) {
-        let d = dir.as_u8();
+        let d = dir.number();
         let any = BTreeSet::from([identity::ANY]);
         let ids = match remotes {
             Remotes::Any => &any,

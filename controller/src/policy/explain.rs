@@ -5,10 +5,10 @@
 //! [`isolation`], which the compiler itself uses to choose between enforcing and
 //! audit-mode policies.
 
-use bulkhead_api::{code, parse_namespaced, ExplainSide, ExplainVerdict, Explanation, FlowDirection, PolicyName, PolicyRule, Response};
+use bulkhead_api::{code, Direction, ExplainSide, ExplainVerdict, Explanation, NamespacedName, PolicyName, PolicyRule, Protocol, Response};
 
 use super::evaluate::{evaluate, isolation, Decision};
-use super::identity::{Direction, RuleRef};
+use super::identity::RuleRef;
 use crate::model::{self, Cluster};
 
 /// Why a connection cannot be explained.
@@ -38,49 +38,42 @@ pub enum ExplainError {
     },
 }
 
-pub fn pod_ref<'a>(arg: &'static str, text: &'a str) -> Result<(&'a str, &'a str), ExplainError> {
-    parse_namespaced(text).map_err(|reason| ExplainError::BadPod { arg, reason })
+/// Parses the `arg` (`FROM` or `TO`) pod, `NAMESPACE/NAME`.
+pub fn pod_ref(arg: &'static str, text: &str) -> Result<NamespacedName, ExplainError> {
+    text.parse().map_err(|e: bulkhead_api::name::ParseNameError| ExplainError::BadPod {
+        arg,
+        reason: e.to_string(),
+    })
 }
 
-pub fn protocol_name(text: &str) -> Result<String, ExplainError> {
-    let upper = text.to_ascii_uppercase();
-    match upper.as_str() {
-        "TCP" | "UDP" | "SCTP" => Ok(upper),
-        _ => Err(ExplainError::BadPort {
-            reason: format!("unknown protocol {text:?} (expected TCP, UDP or SCTP)"),
-        }),
-    }
+/// A protocol NetworkPolicy ports can name (TCP, UDP, SCTP), or why `text` is not one.
+pub fn parse_protocol(text: &str) -> Result<Protocol, ExplainError> {
+    text.parse().ok().and_then(policy_protocol).ok_or_else(|| ExplainError::BadPort {
+        reason: format!("unknown protocol {text:?} (expected TCP, UDP or SCTP)"),
+    })
 }
 
-fn flow_direction(dir: Direction) -> FlowDirection {
-    match dir {
-        Direction::Ingress => FlowDirection::Ingress,
-        Direction::Egress => FlowDirection::Egress,
-    }
+fn policy_protocol(p: Protocol) -> Option<Protocol> {
+    [Protocol::TCP, Protocol::UDP, Protocol::SCTP].contains(&p).then_some(p)
 }
 
 fn names(list: &[(String, String)]) -> Vec<PolicyName> {
-    list.iter()
-        .map(|(namespace, name)| PolicyName {
-            namespace: namespace.clone(),
-            name: name.clone(),
-        })
-        .collect()
+    list.iter().map(|(namespace, name)| PolicyName::new(namespace, name)).collect()
 }
 
 fn rule(r: &RuleRef) -> PolicyRule {
     PolicyRule {
         namespace: r.namespace.clone(),
         name: r.policy.clone(),
-        direction: flow_direction(r.direction),
+        direction: r.direction,
         rule: r.index,
     }
 }
 
 /// One side: `pod`'s policies for `dir`, and what `decision` says.
-fn side(cluster: &Cluster, pod: (&str, &str), dir: Direction, decision: &Decision) -> ExplainSide {
-    let labels = cluster.pod(pod.0, pod.1).map(model::pod_labels).unwrap_or_default();
-    let iso = isolation(cluster, pod.0, &labels, dir);
+fn side(cluster: &Cluster, pod: &NamespacedName, dir: Direction, decision: &Decision) -> ExplainSide {
+    let labels = cluster.pod(&pod.namespace, &pod.name).map(model::pod_labels).unwrap_or_default();
+    let iso = isolation(cluster, &pod.namespace, &labels, dir);
     let (verdict, allowed_by) = match decision {
         Decision::NotIsolated => (ExplainVerdict::Allowed, None),
         Decision::Allowed(r) => (ExplainVerdict::Allowed, Some(rule(r))),
@@ -88,8 +81,8 @@ fn side(cluster: &Cluster, pod: (&str, &str), dir: Direction, decision: &Decisio
         Decision::Denied(_) | Decision::UnknownPod => (ExplainVerdict::Denied, None),
     };
     ExplainSide {
-        pod: format!("{}/{}", pod.0, pod.1),
-        direction: flow_direction(dir),
+        pod: pod.clone(),
+        direction: dir,
         isolated: iso.isolated() || iso.audited(),
         audit_mode: iso.audited(),
         isolated_by: names(iso.effective()),
@@ -98,17 +91,18 @@ fn side(cluster: &Cluster, pod: (&str, &str), dir: Direction, decision: &Decisio
     }
 }
 
-/// Explains a connection from pod `from` to pod `to` (`namespace/name` each) on
-/// `port`/`protocol` against `cluster`, as the datapath compiled from it decides.
-pub fn explain(cluster: &Cluster, from: &str, to: &str, port: u16, protocol: &str) -> Result<Explanation, ExplainError> {
-    let f = pod_ref("FROM", from)?;
-    let t = pod_ref("TO", to)?;
-    for (arg, (ns, name)) in [("FROM", f), ("TO", t)] {
-        if cluster.pod(ns, name).is_none() {
-            return Err(ExplainError::UnknownPod {
-                arg,
-                pod: format!("{ns}/{name}"),
-            });
+/// Explains a connection from pod `from` to pod `to` on `port`/`protocol` against
+/// `cluster`, as the datapath compiled from it decides.
+pub fn explain(
+    cluster: &Cluster,
+    from: &NamespacedName,
+    to: &NamespacedName,
+    port: u16,
+    protocol: Protocol,
+) -> Result<Explanation, ExplainError> {
+    for (arg, pod) in [("FROM", from), ("TO", to)] {
+        if cluster.pod(&pod.namespace, &pod.name).is_none() {
+            return Err(ExplainError::UnknownPod { arg, pod: pod.to_string() });
         }
     }
     if port == 0 {
@@ -116,8 +110,14 @@ pub fn explain(cluster: &Cluster, from: &str, to: &str, port: u16, protocol: &st
             reason: "port 0 is not a destination port (1-65535)".into(),
         });
     }
-    let protocol = protocol_name(protocol)?;
-    let v = evaluate(cluster, f, t, &protocol, port);
+    let protocol = policy_protocol(protocol).ok_or_else(|| ExplainError::BadPort {
+        reason: format!("unknown protocol \"{protocol}\" (expected TCP, UDP or SCTP)"),
+    })?;
+    let (f, t) = (
+        (from.namespace.as_str(), from.name.as_str()),
+        (to.namespace.as_str(), to.name.as_str()),
+    );
+    let v = evaluate(cluster, f, t, &protocol.to_string(), port);
     let verdict = if !v.allowed {
         ExplainVerdict::Denied
     } else if v.audited() {
@@ -126,19 +126,19 @@ pub fn explain(cluster: &Cluster, from: &str, to: &str, port: u16, protocol: &st
         ExplainVerdict::Allowed
     };
     Ok(Explanation {
-        from: from.to_string(),
-        to: to.to_string(),
+        from: from.clone(),
+        to: to.clone(),
         port,
         protocol,
         verdict,
-        egress: side(cluster, f, Direction::Egress, &v.egress),
-        ingress: side(cluster, t, Direction::Ingress, &v.ingress),
+        egress: side(cluster, from, Direction::Egress, &v.egress),
+        ingress: side(cluster, to, Direction::Ingress, &v.ingress),
     })
 }
 
 /// The agent's answer to [`Request::Explain`] against its current model.
-pub fn respond(cluster: &Cluster, from: &str, to: &str, port: u16, protocol: &str) -> Response {
-    match explain(cluster, from, to, port, protocol) {
+pub fn respond(cluster: &Cluster, from: &NamespacedName, to: &NamespacedName, port: u16, protocol: &Protocol) -> Response {
+    match explain(cluster, from, to, port, *protocol) {
         Ok(e) => Response::Explain(Box::new(e)),
         Err(e) => Response::Error {
             code: code::INVALID_REQUEST,
@@ -191,11 +191,17 @@ spec:
         Cluster::from_objects(parse_documents(MODEL, "test").unwrap())
     }
 
+    /// What the CLI and the agent do together: parse the arguments, then explain.
+    fn explain(c: &Cluster, from: &str, to: &str, port: u16, protocol: &str) -> Result<Explanation, ExplainError> {
+        let (from, to) = (pod_ref("FROM", from)?, pod_ref("TO", to)?);
+        super::explain(c, &from, &to, port, parse_protocol(protocol)?)
+    }
+
     #[test]
     fn allowed_names_the_rule_and_denied_names_the_isolating_policy() {
         let c = cluster();
         let e = explain(&c, "x/b", "x/a", 80, "tcp").unwrap();
-        assert_eq!((e.verdict, e.protocol.as_str()), (ExplainVerdict::Allowed, "TCP"));
+        assert_eq!((e.verdict, e.protocol), (ExplainVerdict::Allowed, Protocol::TCP));
         assert_eq!((e.egress.isolated, e.egress.verdict), (false, ExplainVerdict::Allowed));
         assert!(e.egress.isolated_by.is_empty() && e.egress.allowed_by.is_none());
         let allowed = e.ingress.allowed_by.clone().unwrap();
@@ -239,16 +245,30 @@ spec:
         assert!(err("x/a", "x/b", 80, "ICMP").contains("unknown protocol \"ICMP\""));
         assert!(err("x/a", "x/b", 0, "TCP").contains("port 0"));
         assert!(matches!(
-            respond(&c, "x/a", "x/zz", 80, "TCP"),
+            respond(
+                &c,
+                &NamespacedName::new("x", "a"),
+                &NamespacedName::new("x", "zz"),
+                80,
+                &Protocol::TCP
+            ),
             Response::Error {
                 code: code::INVALID_REQUEST,
                 ..
             }
         ));
 
-        assert_eq!(parse_port("80/TCP").unwrap(), (80, "TCP".to_string()));
-        assert_eq!(parse_port("53/udp").unwrap(), (53, "UDP".to_string()));
-        assert_eq!(parse_port("8080").unwrap(), (8080, "TCP".to_string()));
+        let icmp = super::explain(
+            &c,
+            &NamespacedName::new("x", "a"),
+            &NamespacedName::new("x", "b"),
+            80,
+            Protocol::ICMP,
+        );
+        assert!(icmp.unwrap_err().to_string().contains("unknown protocol \"ICMP\""));
+        assert_eq!(parse_port("80/TCP").unwrap(), (80, Protocol::TCP));
+        assert_eq!(parse_port("53/udp").unwrap(), (53, Protocol::UDP));
+        assert_eq!(parse_port("8080").unwrap(), (8080, Protocol::TCP));
         for bad in ["http/TCP", "70000/TCP", "0/TCP", "80/ICMP", "80/", "/TCP", ""] {
             assert!(parse_port(bad).is_err(), "{bad}");
         }

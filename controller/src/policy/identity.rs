@@ -191,32 +191,8 @@ impl IdentityAllocator {
     }
 }
 
-/// Direction of a NetworkPolicy rule.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub enum Direction {
-    /// A `spec.ingress` rule.
-    Ingress,
-    /// A `spec.egress` rule.
-    Egress,
-}
-
-impl Direction {
-    /// The datapath's [`bulkhead_common::direction`] number.
-    pub fn as_u8(self) -> u8 {
-        match self {
-            Direction::Ingress => bulkhead_common::direction::INGRESS,
-            Direction::Egress => bulkhead_common::direction::EGRESS,
-        }
-    }
-
-    /// The field name in a NetworkPolicy spec (`ingress` or `egress`).
-    pub fn field(self) -> &'static str {
-        match self {
-            Direction::Ingress => "ingress",
-            Direction::Egress => "egress",
-        }
-    }
-}
+/// Direction of a NetworkPolicy rule: the API's, so flows and explanations name it as is.
+pub use bulkhead_api::Direction;
 
 /// One rule of one NetworkPolicy.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -233,7 +209,7 @@ pub struct RuleRef {
 
 impl fmt::Display for RuleRef {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}/{} {}[{}]", self.namespace, self.policy, self.direction.field(), self.index)
+        write!(f, "{}/{} {}[{}]", self.namespace, self.policy, self.direction.as_str(), self.index)
     }
 }
 
