@@ -2,6 +2,7 @@
 
 use std::net::Ipv4Addr;
 
+use bulkhead_api::mac::{self, MacAddr6};
 use serde_json::{json, Value};
 
 /// The newest spec version this plugin implements.
@@ -65,8 +66,8 @@ impl CniVersion {
 pub struct Interface {
     /// Interface name.
     pub name: String,
-    /// MAC, `aa:bb:cc:dd:ee:ff`.
-    pub mac: String,
+    /// MAC, printed `aa:bb:cc:dd:ee:ff`.
+    pub mac: MacAddr6,
     /// The netns path for interfaces inside the container.
     pub sandbox: Option<String>,
     /// MTU, reported from 1.1.0 on.
@@ -88,7 +89,7 @@ impl AddResult {
     /// Renders the result JSON in `version`'s format.
     pub fn to_json(&self, version: CniVersion) -> Value {
         let iface = |i: &Interface| {
-            let mut v = json!({ "name": i.name, "mac": i.mac });
+            let mut v = json!({ "name": i.name, "mac": mac::to_text(i.mac) });
             if let Some(s) = &i.sandbox {
                 v["sandbox"] = json!(s);
             }
@@ -162,11 +163,6 @@ pub fn error_json(version: &str, code: u32, msg: &str, details: &str) -> Value {
     json!({ "cniVersion": version, "code": code, "msg": msg, "details": details })
 }
 
-/// Formats a MAC as `aa:bb:cc:dd:ee:ff`.
-pub fn format_mac(mac: &[u8]) -> String {
-    mac.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":")
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -175,13 +171,13 @@ mod tests {
         AddResult {
             host: Interface {
                 name: "bh0123456789a".into(),
-                mac: "02:00:00:00:00:01".into(),
+                mac: "02:00:00:00:00:01".parse().unwrap(),
                 sandbox: None,
                 mtu: None,
             },
             pod: Interface {
                 name: "eth0".into(),
-                mac: "02:00:00:00:00:02".into(),
+                mac: "02:00:00:00:00:02".parse().unwrap(),
                 sandbox: Some("/run/netns/p".into()),
                 mtu: None,
             },
@@ -228,6 +224,8 @@ mod tests {
 
     #[test]
     fn macs_are_lowercase_colon_separated() {
-        assert_eq!(format_mac(&[0xaa, 0x0b, 0, 1, 2, 0xff]), "aa:0b:00:01:02:ff");
+        let mut r = sample();
+        r.pod.mac = "AA:0B:00:01:02:FF".parse().unwrap();
+        assert_eq!(r.to_json(CniVersion::V1_0_0)["interfaces"][1]["mac"], "aa:0b:00:01:02:ff");
     }
 }

@@ -250,7 +250,12 @@ fn add_check_repeat_del() {
     match &lab.requests.lock().unwrap()[0] {
         Request::AddEndpoint(s) => {
             assert_eq!(
-                (s.host_ifname.as_str(), s.host_ifindex, s.ipv4, s.mac.as_str()),
+                (
+                    s.host_ifname.as_str(),
+                    s.host_ifindex,
+                    s.ipv4,
+                    bulkhead_api::mac::to_text(s.mac).as_str()
+                ),
                 (host.as_str(), ifindex, Ipv4Addr::new(10, 251, 7, 2), pod_mac.as_str())
             );
             assert_eq!(

@@ -10,6 +10,7 @@ use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 
 use futures::TryStreamExt;
+use macaddr::MacAddr6;
 use netlink_packet_route::link::{InfoData, InfoVeth, LinkAttribute, LinkFlags, LinkMessage};
 use netlink_packet_route::neighbour::NeighbourState;
 use netlink_packet_route::route::{RouteAddress, RouteAttribute, RouteHeader, RouteScope};
@@ -139,10 +140,8 @@ pub struct LinkInfo {
     pub index: u32,
     /// Name.
     pub name: String,
-    /// MAC, `aa:bb:cc:dd:ee:ff`.
-    pub mac: String,
-    /// Raw MAC bytes.
-    pub mac_bytes: Vec<u8>,
+    /// MAC (nil when the link has no 6-byte hardware address).
+    pub mac: MacAddr6,
     /// `IFLA_LINK`: for a veth, the peer's ifindex (in the peer's namespace).
     pub peer_index: Option<u32>,
     /// Administratively up.
@@ -154,8 +153,7 @@ impl LinkInfo {
         let mut info = Self {
             index: m.header.index,
             name: String::new(),
-            mac: String::new(),
-            mac_bytes: Vec::new(),
+            mac: MacAddr6::nil(),
             peer_index: None,
             up: m.header.flags.contains(LinkFlags::Up),
         };
@@ -163,8 +161,9 @@ impl LinkInfo {
             match attr {
                 LinkAttribute::IfName(n) => info.name = n.clone(),
                 LinkAttribute::Address(a) => {
-                    info.mac = format_mac(a);
-                    info.mac_bytes = a.clone();
+                    if let Ok(bytes) = <[u8; 6]>::try_from(a.as_slice()) {
+                        info.mac = MacAddr6::from(bytes);
+                    }
                 }
                 LinkAttribute::Link(i) => info.peer_index = Some(*i),
                 _ => {}
@@ -454,11 +453,6 @@ pub fn host_veth_name(container_id: &str, ifname: &str) -> String {
         .chain(ifname.bytes())
         .fold(OFFSET, |h, b| (h ^ u64::from(b)).wrapping_mul(PRIME));
     format!("bh{:011x}", hash & ((1 << 44) - 1))
-}
-
-/// `aa:bb:cc:dd:ee:ff`.
-fn format_mac(mac: &[u8]) -> String {
-    mac.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":")
 }
 
 #[cfg(test)]

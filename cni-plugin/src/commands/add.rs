@@ -75,7 +75,7 @@ pub fn run(env: &Env, conf: &NetConf) -> Result<AddResult, CommandError> {
         host_ifname: host_ifname.clone(),
         host_ifindex: pair.host.index,
         ipv4: ip,
-        mac: pair.pod.mac.clone(),
+        mac: pair.pod.mac,
         network: conf.name.clone(),
     };
     call_agent(&conf.agent_socket, &Request::AddEndpoint(spec), "add_endpoint", conf.agent_timeout)?;
@@ -98,13 +98,13 @@ pub fn run(env: &Env, conf: &NetConf) -> Result<AddResult, CommandError> {
     Ok(AddResult {
         host: Interface {
             name: pair.host.name.clone(),
-            mac: pair.host.mac.clone(),
+            mac: pair.host.mac,
             sandbox: None,
             mtu: conf.mtu,
         },
         pod: Interface {
             name: env.ifname.clone(),
-            mac: pair.pod.mac.clone(),
+            mac: pair.pod.mac,
             sandbox: Some(pod_ns.display().to_string()),
             mtu: conf.mtu,
         },
@@ -164,7 +164,7 @@ fn ensure_veth(
 /// through it, and a permanent neighbour so the pod never ARPs for the gateway.
 fn configure_pod(pod_ns: &Path, pair: &VethPair, ip: Ipv4Addr) -> Result<(), CommandError> {
     let label = pod_ns.display().to_string();
-    let (pod, host_mac) = (&pair.pod, pair.host.mac_bytes.as_slice());
+    let (pod, host_mac) = (&pair.pod, pair.host.mac.as_bytes());
     with_handle(Some(pod_ns), |h| async move {
         // Before the link is up, so it never sends router solicitations or DAD probes.
         netlink::disable_ipv6(&pod.name)?;
@@ -182,7 +182,7 @@ fn configure_pod(pod_ns: &Path, pair: &VethPair, ip: Ipv4Addr) -> Result<(), Com
 
 /// In the node: host veth up (IPv6 off), the pod's /32 route and a permanent neighbour for the pod.
 fn configure_host(pair: &VethPair, ip: Ipv4Addr) -> Result<(), CommandError> {
-    let (host, pod_mac) = (&pair.host, pair.pod.mac_bytes.as_slice());
+    let (host, pod_mac) = (&pair.host, pair.pod.mac.as_bytes());
     with_handle(None, |h| async move {
         // Bulkhead is IPv4 only: without this the host end sends router solicitations and
         // MLD reports into the pod, which the datapath counts as unsupported_ethertype drops.

@@ -111,8 +111,9 @@ pub fn run(env: &Env, conf: &NetConf) -> Result<(), CommandError> {
         Ok((link, addresses, routes))
     })?;
     if let Some(mac) = &want.mac {
-        if &link.mac != mac {
-            return Err(failed(format!("{ifname} in {label} has mac {}, prevResult says {mac}", link.mac)));
+        let have = bulkhead_api::mac::to_text(link.mac);
+        if &have != mac {
+            return Err(failed(format!("{ifname} in {label} has mac {have}, prevResult says {mac}")));
         }
     }
     for (addr, prefix) in &want.ips {

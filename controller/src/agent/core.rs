@@ -53,28 +53,17 @@ pub(super) struct Agent {
     pub(super) pod_cidr_pinned: bool,
 }
 
-fn parse_mac(text: &str) -> Option<[u8; 6]> {
-    let mut mac = [0u8; 6];
-    let mut parts = text.split(':');
-    for byte in &mut mac {
-        *byte = u8::from_str_radix(parts.next()?, 16).ok()?;
-    }
-    parts.next().is_none().then_some(mac)
-}
-
 impl Agent {
     pub(super) fn locals(&self) -> Vec<LocalEndpoint> {
         self.endpoints
             .values()
-            .filter_map(|r| {
-                Some(LocalEndpoint {
-                    endpoint_id: r.endpoint_id,
-                    host_ifindex: r.spec.host_ifindex,
-                    namespace: r.spec.pod_namespace.clone(),
-                    pod: r.spec.pod_name.clone(),
-                    ipv4: r.spec.ipv4,
-                    mac: parse_mac(&r.spec.mac)?,
-                })
+            .map(|r| LocalEndpoint {
+                endpoint_id: r.endpoint_id,
+                host_ifindex: r.spec.host_ifindex,
+                namespace: r.spec.pod_namespace.clone(),
+                pod: r.spec.pod_name.clone(),
+                ipv4: r.spec.ipv4,
+                mac: r.spec.mac.into_array(),
             })
             .collect()
     }
@@ -194,12 +183,6 @@ impl Agent {
 
     pub(super) fn add_endpoint(&mut self, spec: EndpointSpec) -> Response {
         let seen = Instant::now();
-        if parse_mac(&spec.mac).is_none() {
-            return Response::Error {
-                code: code::AGENT_REJECTED,
-                message: format!("malformed mac {:?}", spec.mac),
-            };
-        }
         let key = (spec.container_id.clone(), spec.ifname.clone());
         let endpoint_id = match self.endpoints.get(&key) {
             Some(r) => r.endpoint_id,
