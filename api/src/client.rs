@@ -1,6 +1,6 @@
 //! The blocking client: one request per connection, or an observe stream.
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufReader, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -8,6 +8,7 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use crate::flow::{Flow, ObserveRequest};
+use crate::frame::{read_line_limited, Envelope, MAX_LINE_BYTES};
 use crate::message::{Request, Response};
 
 /// Why a call to the agent failed.
@@ -72,14 +73,16 @@ pub fn call(socket: &Path, request: &Request, timeout: Duration) -> Result<Respo
     })?;
     stream.set_read_timeout(Some(timeout)).map_err(io)?;
     stream.set_write_timeout(Some(timeout)).map_err(io)?;
-    let mut line = serde_json::to_vec(request).map_err(|source| ApiError::Decode {
+    let mut line = serde_json::to_vec(&Envelope::new(request.clone())).map_err(|source| ApiError::Decode {
         path: socket.to_path_buf(),
         source,
     })?;
     line.push(b'\n');
     stream.write_all(&line).map_err(io)?;
-    let mut answer = String::new();
-    BufReader::new(stream).read_line(&mut answer).map_err(io)?;
+    // The agent closing without an answer reads as an empty line: a decode error.
+    let answer = read_line_limited(&mut BufReader::new(stream), MAX_LINE_BYTES)
+        .map_err(io)?
+        .unwrap_or_default();
     serde_json::from_str(&answer).map_err(|source| ApiError::Decode {
         path: socket.to_path_buf(),
         source,
@@ -98,17 +101,15 @@ enum ObserveLine {
 pub struct ObserveStream {
     path: PathBuf,
     reader: BufReader<UnixStream>,
-    line: String,
 }
 
 impl Iterator for ObserveStream {
     type Item = Result<Flow, ObserveError>;
 
     fn next(&mut self) -> Option<Self::Item> {
-        self.line.clear();
-        match self.reader.read_line(&mut self.line) {
-            Ok(0) => None,
-            Ok(_) => Some(match serde_json::from_str::<ObserveLine>(&self.line) {
+        match read_line_limited(&mut self.reader, MAX_LINE_BYTES) {
+            Ok(None) => None,
+            Ok(Some(line)) => Some(match serde_json::from_str::<ObserveLine>(&line) {
                 Ok(ObserveLine::Flow(f)) => Ok(*f),
                 Ok(ObserveLine::Response(Response::Error { code, message })) => Err(ObserveError::Refused {
                     path: self.path.clone(),
@@ -150,7 +151,7 @@ pub fn observe(socket: &Path, request: &ObserveRequest, idle_timeout: Option<Dur
     })?;
     stream.set_read_timeout(idle_timeout).map_err(io)?;
     stream.set_write_timeout(Some(Duration::from_secs(5))).map_err(io)?;
-    let mut line = serde_json::to_vec(&Request::Observe(request.clone())).map_err(|source| ApiError::Decode {
+    let mut line = serde_json::to_vec(&Envelope::new(Request::Observe(request.clone()))).map_err(|source| ApiError::Decode {
         path: socket.to_path_buf(),
         source,
     })?;
@@ -159,7 +160,6 @@ pub fn observe(socket: &Path, request: &ObserveRequest, idle_timeout: Option<Dur
     Ok(ObserveStream {
         path: socket.to_path_buf(),
         reader: BufReader::new(stream),
-        line: String::new(),
     })
 }
 
@@ -171,5 +171,39 @@ mod tests {
     fn an_error_line_in_an_observe_stream_is_a_response() {
         let line: ObserveLine = serde_json::from_str(r#"{"result":"error","code":6,"message":"bad"}"#).unwrap();
         assert!(matches!(line, ObserveLine::Response(Response::Error { code: 6, .. })));
+    }
+
+    #[test]
+    fn call_sends_the_version_and_refuses_an_overlong_answer() {
+        use std::io::{BufRead, Write};
+        use std::os::unix::net::UnixListener;
+
+        let dir = std::env::temp_dir().join(format!("bulkhead-api-call-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let socket = dir.join("agent.sock");
+        let listener = UnixListener::bind(&socket).unwrap();
+        let server = std::thread::spawn(move || {
+            let mut got = Vec::new();
+            for answer in [r#"{"result":"ok"}"#.to_string(), "x".repeat(MAX_LINE_BYTES + 1)] {
+                let (stream, _) = listener.accept().unwrap();
+                let mut reader = BufReader::new(stream);
+                let mut line = String::new();
+                reader.read_line(&mut line).unwrap();
+                got.push(line);
+                // The client may hang up early on the long answer: ignore write errors.
+                let _ = writeln!(reader.get_mut(), "{answer}");
+            }
+            got
+        });
+        let timeout = Duration::from_secs(5);
+        assert_eq!(call(&socket, &Request::Status, timeout).unwrap(), Response::Ok);
+        match call(&socket, &Request::Status, timeout) {
+            Err(ApiError::Io { source, .. }) => assert!(source.to_string().contains("longer than"), "{source}"),
+            other => panic!("{other:?}"),
+        }
+        let got = server.join().unwrap();
+        assert_eq!(got[0], "{\"v\":1,\"op\":\"status\"}\n");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }
