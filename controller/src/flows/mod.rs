@@ -13,7 +13,7 @@ mod tests;
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 
-use bulkhead_api::{Direction, Flow, FlowVerdict, ObserveRequest, Response};
+use bulkhead_api::{Direction, Flow, FlowVerdict, NamespacedName, ObserveRequest, Response};
 use bulkhead_common::{DropReason, FlowEvent};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufWriter};
 use tokio::sync::broadcast;
@@ -33,9 +33,9 @@ pub(crate) const DRAIN_BATCH: usize = 1024;
 pub struct FlowStats {
     /// Flow records by verdict and direction.
     pub flows: BTreeMap<(FlowVerdict, Direction), u64>,
-    /// Flow records naming a policy: (namespace, name, verdict) → count. A forwarded flow
+    /// Flow records naming a policy: (policy, verdict) → count. A forwarded flow
     /// counts for the policy that allowed it, a dropped one for each policy isolating the pod.
-    pub by_policy: BTreeMap<(String, String, FlowVerdict), u64>,
+    pub by_policy: BTreeMap<(NamespacedName, FlowVerdict), u64>,
     /// Events the datapath could not put into the ring buffer (it was full).
     pub lost_events: u64,
     /// Flows followers missed because they read too slowly.
@@ -120,10 +120,10 @@ impl FlowStore {
                 let f = &s.flow;
                 *stats.flows.entry((f.verdict, f.direction)).or_default() += 1;
                 for r in &f.allowed_by {
-                    *stats.by_policy.entry((r.namespace.clone(), r.name.clone(), f.verdict)).or_default() += 1;
+                    *stats.by_policy.entry((r.policy(), f.verdict)).or_default() += 1;
                 }
                 for p in &f.isolated_by {
-                    *stats.by_policy.entry((p.namespace.clone(), p.name.clone(), f.verdict)).or_default() += 1;
+                    *stats.by_policy.entry((p.clone(), f.verdict)).or_default() += 1;
                 }
                 if let Some(m) = &self.metrics {
                     // The policy that decided: the allowing rule's, or for a default-deny drop

@@ -322,7 +322,7 @@ fn history_is_bounded_and_answers_since_last_and_filters() {
     assert_eq!(
         stats
             .by_policy
-            .get(&("x".to_string(), "default-deny-ingress".to_string(), FlowVerdict::Dropped)),
+            .get(&(PolicyName::new("x", "default-deny-ingress"), FlowVerdict::Dropped)),
         Some(&6)
     );
     let zero = store(0);
