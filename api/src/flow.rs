@@ -140,10 +140,9 @@ impl FlowPeer {
 /// The policy rule that allowed a flow.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PolicyRule {
-    /// Policy namespace.
-    pub namespace: String,
-    /// Policy name.
-    pub name: String,
+    /// The policy (JSON: its `namespace` and `name` fields inline).
+    #[serde(flatten)]
+    pub policy: NamespacedName,
     /// `ingress` or `egress`: the rule list.
     pub direction: Direction,
     /// Index of the rule in that list.
@@ -152,13 +151,6 @@ pub struct PolicyRule {
 
 /// A policy, by name; JSON `{"namespace":…,"name":…}`.
 pub type PolicyName = NamespacedName;
-
-impl PolicyRule {
-    /// The policy the rule is in.
-    pub fn policy(&self) -> NamespacedName {
-        NamespacedName::new(&*self.namespace, &*self.name)
-    }
-}
 
 /// Serde for flow times: RFC 3339 in UTC with all nine fractional digits, e.g.
 /// `2026-11-28T13:46:31.533538165Z` (a user-visible format: `observe -o json`).
@@ -292,9 +284,10 @@ impl FlowFilter {
             && self.protocol.is_none_or(|p| p == flow.protocol)
             && self.port.is_none_or(|p| src.port == p || dst.port == p)
             && self.direction.is_none_or(|d| d == flow.direction)
-            && self.policy.as_ref().is_none_or(|p| {
-                flow.allowed_by.iter().any(|r| r.namespace == p.namespace && r.name == p.name) || flow.isolated_by.contains(p)
-            })
+            && self
+                .policy
+                .as_ref()
+                .is_none_or(|p| flow.allowed_by.iter().any(|r| r.policy == *p) || flow.isolated_by.contains(p))
     }
 }
 
@@ -395,11 +388,14 @@ mod tests {
         flow.drop_reason = None;
         flow.isolated_by.clear();
         flow.allowed_by.push(PolicyRule {
-            namespace: "x".into(),
-            name: "allow-b".into(),
+            policy: nn("x/allow-b"),
             direction: Direction::Ingress,
             rule: 0,
         });
+        assert_eq!(
+            serde_json::to_string(&flow.allowed_by).unwrap(),
+            r#"[{"namespace":"x","name":"allow-b","direction":"ingress","rule":0}]"#
+        );
         assert!(f(|x| x.policy = Some(nn("x/allow-b"))).matches(&flow));
         assert!(!f(|x| x.drop_reason = Some("policy_denied".into())).matches(&flow));
     }

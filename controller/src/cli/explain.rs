@@ -123,10 +123,10 @@ pub fn table(e: &Explanation) -> String {
             (true, false) => "enforce",
             (true, true) => "audit",
         };
-        let allowed_by = s.allowed_by.as_ref().map_or_else(
-            || "-".to_string(),
-            |r| format!("{}/{} {}[{}]", r.namespace, r.name, r.direction.as_str(), r.rule),
-        );
+        let allowed_by = s
+            .allowed_by
+            .as_ref()
+            .map_or_else(|| "-".to_string(), |r| format!("{} {}[{}]", r.policy, r.direction, r.rule));
         rows.push([
             s.direction.as_str().to_string(),
             s.pod.to_string(),

@@ -377,7 +377,7 @@ pub fn table_row(f: &Flow) -> String {
         detail.push(r.clone());
     }
     for r in &f.allowed_by {
-        detail.push(format!("allowed by {} {}[{}]", r.policy(), r.direction, r.rule));
+        detail.push(format!("allowed by {} {}[{}]", r.policy, r.direction, r.rule));
     }
     if !f.isolated_by.is_empty() {
         let names: Vec<String> = f.isolated_by.iter().map(ToString::to_string).collect();

@@ -120,7 +120,7 @@ impl FlowStore {
                 let f = &s.flow;
                 *stats.flows.entry((f.verdict, f.direction)).or_default() += 1;
                 for r in &f.allowed_by {
-                    *stats.by_policy.entry((r.policy(), f.verdict)).or_default() += 1;
+                    *stats.by_policy.entry((r.policy.clone(), f.verdict)).or_default() += 1;
                 }
                 for p in &f.isolated_by {
                     *stats.by_policy.entry((p.clone(), f.verdict)).or_default() += 1;
@@ -131,7 +131,7 @@ impl FlowStore {
                     let policy = f
                         .allowed_by
                         .first()
-                        .map(|r| r.policy().to_string())
+                        .map(|r| r.policy.to_string())
                         .or_else(|| f.isolated_by.first().map(ToString::to_string));
                     let verdict = match f.verdict {
                         FlowVerdict::Forwarded => "forwarded",

@@ -118,8 +118,7 @@ impl Resolver {
         };
         let allowed_by = match self.rules.rule(ev.rule_id) {
             Some(r) if ev.rule_id != rule_id::NONE => vec![PolicyRule {
-                namespace: r.namespace.clone(),
-                name: r.policy.clone(),
+                policy: PolicyName::new(&*r.namespace, &*r.policy),
                 direction: r.direction,
                 rule: r.index,
             }],

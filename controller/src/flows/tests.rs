@@ -170,8 +170,7 @@ fn allowed_flow_names_its_rule_and_an_egress_flow_is_local_on_the_source_side() 
     assert_eq!(
         f.allowed_by,
         vec![PolicyRule {
-            namespace: "x".into(),
-            name: "allow-b".into(),
+            policy: PolicyName::new("x", "allow-b"),
             direction: Direction::Ingress,
             rule: 0
         }]

@@ -63,8 +63,7 @@ fn names(list: &[(String, String)]) -> Vec<PolicyName> {
 
 fn rule(r: &RuleRef) -> PolicyRule {
     PolicyRule {
-        namespace: r.namespace.clone(),
-        name: r.policy.clone(),
+        policy: PolicyName::new(&*r.namespace, &*r.policy),
         direction: r.direction,
         rule: r.index,
     }
@@ -205,7 +204,7 @@ spec:
         assert_eq!((e.egress.isolated, e.egress.verdict), (false, ExplainVerdict::Allowed));
         assert!(e.egress.isolated_by.is_empty() && e.egress.allowed_by.is_none());
         let allowed = e.ingress.allowed_by.clone().unwrap();
-        assert_eq!((allowed.name.as_str(), allowed.rule), ("allow-b", 0));
+        assert_eq!((allowed.policy.name.as_str(), allowed.rule), ("allow-b", 0));
         assert_eq!(policy_list(&e.ingress.isolated_by), "x/allow-b");
 
         let e = explain(&c, "x/b", "x/a", 81, "TCP").unwrap();
@@ -228,7 +227,7 @@ spec:
         // Allowed by the audit policy's own rule: no audit there.
         let e = explain(&c, "y/b", "x/b", 53, "UDP").unwrap();
         assert_eq!(e.verdict, ExplainVerdict::Allowed);
-        assert_eq!(e.egress.allowed_by.map(|r| r.name).as_deref(), Some("audit-egress"));
+        assert_eq!(e.egress.allowed_by.map(|r| r.policy.name).as_deref(), Some("audit-egress"));
         // Egress audited, ingress denied: denied.
         let e = explain(&c, "y/b", "x/a", 81, "TCP").unwrap();
         assert_eq!(e.verdict, ExplainVerdict::Denied);
