@@ -4,10 +4,14 @@ use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use bulkhead_api::{code, EndpointRef, EndpointSpec, Response};
 use bulkhead_common::{EndpointInfo, IpcacheValue, PolicyKey, PolicyValue};
 
+use tokio::sync::Notify;
+
+use super::actor::AgentHandle;
 use super::core::Agent;
 use super::host::{HostLinks, Programs, RegistryStore};
 use super::registry::{EndpointRecord, Endpoints};
@@ -425,4 +429,39 @@ fn before_the_first_sync_nothing_reaches_the_maps() {
     f.agent.on_change();
     assert!(f.agent.ready && f.maps.writes() > 0);
     assert!(matches!(f.agent.try_add(&add), Some(Response::Ok)));
+}
+
+#[tokio::test]
+async fn a_source_signal_wakes_the_agent_at_once() {
+    let f = fixture(true);
+    let (source, maps) = (f.source.clone(), f.maps.clone());
+    let (agent, _thread) = AgentHandle::spawn(f.agent).unwrap();
+    let changes = Arc::new(Notify::new());
+    let events = tokio::spawn(super::wake_loop(agent.clone(), Some(changes.clone())));
+    // Past the first slow tick, which fires at once.
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let before = agent.call(|a| a.generation).await.unwrap();
+    *source.cluster.lock().unwrap() = cluster(POLICY);
+    changes.notify_one();
+    // Well before the next slow tick.
+    let deadline = Instant::now() + Duration::from_millis(500);
+    while agent.call(|a| a.generation).await.unwrap() == before {
+        assert!(Instant::now() < deadline, "the signal did not wake the agent");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(agent.call(|a| a.cluster.policies().len()).await.unwrap(), 1);
+    assert_eq!(agent.call(|a| a.applied.clone()).await.unwrap(), maps.held());
+    events.abort();
+}
+
+#[tokio::test]
+async fn requests_are_answered_from_the_agent_thread() {
+    let f = fixture(true);
+    let (agent, _thread) = AgentHandle::spawn(f.agent).unwrap();
+    let status = super::server::dispatch(&agent, bulkhead_api::Request::Status).await;
+    assert!(matches!(status, Response::Status(s) if s.ready && s.node_name == "node"));
+    let del = super::server::dispatch(&agent, bulkhead_api::Request::DelEndpoint(reference("gone"))).await;
+    assert!(matches!(del, Response::Ok), "DEL of an unknown endpoint is done");
+    let thread = agent.call(|_| std::thread::current().name().map(str::to_string)).await.unwrap();
+    assert_eq!(thread.as_deref(), Some("bulkhead-agent"));
 }

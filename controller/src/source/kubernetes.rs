@@ -517,3 +517,31 @@ impl Source for KubeSource {
 pub fn pod_cidr_path(state_dir: &Path) -> PathBuf {
     state_dir.join(bulkhead_cni::config::POD_CIDR_FILE)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn namespace(name: &str, labels: &[(&str, &str)]) -> DynamicObject {
+        let mut o = DynamicObject::new(name, &Watched::Namespace.api_resource());
+        o.metadata.labels = Some(labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect());
+        o
+    }
+
+    /// What `apply` reports is what wakes the agent: every change, and nothing else.
+    #[test]
+    fn the_stores_report_every_change_of_the_model_and_only_those() {
+        let mut s = Stores::default();
+        let kind = Watched::Namespace;
+        assert!(!s.apply(kind, Event::Init));
+        assert!(!s.apply(kind, Event::InitApply(namespace("x", &[]))));
+        assert!(s.apply(kind, Event::InitDone), "the first listing is a change");
+        assert!(!s.apply(kind, Event::Apply(namespace("x", &[]))));
+        assert!(s.apply(kind, Event::Apply(namespace("x", &[("team", "a")]))));
+        assert!(s.apply(kind, Event::Delete(namespace("x", &[]))));
+        assert!(!s.apply(kind, Event::Delete(namespace("x", &[]))));
+        // A relist that finds what the store holds changes nothing.
+        assert!(!s.apply(kind, Event::Init));
+        assert!(!s.apply(kind, Event::InitDone));
+    }
+}
