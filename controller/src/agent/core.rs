@@ -136,7 +136,7 @@ impl Agent {
                 }
                 if self.ready {
                     // `/healthz` turns 200 with the first synced model in the maps (the
-                    // Kubernetes source gets there after start, from the poller).
+                    // Kubernetes source gets there after start, when it signals its first sync).
                     self.metrics.set_ready();
                 }
                 tracing::debug!(upserts = stats.upserts, removals = stats.removals, elapsed = ?started.elapsed(), "maps programmed");

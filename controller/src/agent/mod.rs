@@ -80,6 +80,9 @@ pub enum AgentError {
         #[source]
         source: Box<dyn std::error::Error + Send + Sync>,
     },
+    /// The thread holding the agent's state stopped (it panicked).
+    #[error("the agent's state thread stopped")]
+    Stopped,
     /// A state file could not be written.
     #[error(transparent)]
     Write(#[from] bulkhead_hostnet::fs::WriteError),
@@ -100,7 +103,7 @@ impl AgentError {
     /// The `kind` label this error counts under in `bulkhead_errors_total`.
     pub fn kind(&self) -> ErrorKind {
         match self {
-            AgentError::Datapath(_) | AgentError::Metrics(_) | AgentError::Link { .. } => ErrorKind::Datapath,
+            AgentError::Datapath(_) | AgentError::Metrics(_) | AgentError::Link { .. } | AgentError::Stopped => ErrorKind::Datapath,
             AgentError::Config(_) => ErrorKind::Io,
             AgentError::Maps(_) => ErrorKind::Maps,
             AgentError::Source(_) => ErrorKind::Source,
@@ -219,7 +222,7 @@ pub fn run(args: AgentArgs) -> Result<(), AgentError> {
             },
             None => tracing::warn!("the datapath has no flow ring buffer: flow records disabled"),
         }
-        let events = tokio::spawn(wake_loop(agent.clone(), changes));
+        let mut events = tokio::spawn(wake_loop(agent.clone(), changes));
         tracing::info!(socket = %socket.display(), "serving endpoints");
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).map_err(io("signal", &socket))?;
         loop {
@@ -230,6 +233,12 @@ pub fn run(args: AgentArgs) -> Result<(), AgentError> {
                 },
                 _ = term.recv() => break,
                 _ = tokio::signal::ctrl_c() => break,
+                // The wake loop ends only when the agent's thread is gone (a panic): without
+                // it nothing is programmed any more, so the agent exits to be restarted.
+                _ = &mut events => {
+                    let _ = std::fs::remove_file(&socket);
+                    return Err(AgentError::Stopped);
+                }
             }
         }
         events.abort();
