@@ -1,16 +1,14 @@
 //! The agent's state and what it does on each event: reprogram, add, delete, check, GC.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 use std::net::Ipv4Addr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Instant;
 
 use bulkhead_api::{AgentStatus, EndpointRef, EndpointSpec, Response};
-use bulkhead_hostnet::netlink::{self as cni_netlink, with_handle, NetlinkError};
 
 use crate::datapath::sync::{self};
-use crate::datapath::Datapath;
 use crate::datapath::DatapathState;
 use crate::flows::{FlowStore, Resolver};
 use crate::metrics::{ErrorKind, Metrics};
@@ -20,23 +18,29 @@ use crate::source::kubernetes::{self as kube_source};
 use crate::source::Source;
 use bulkhead_common::IpcacheValue;
 
-use super::registry::EndpointRecord;
+use super::host::{Dataplane, HostLinks, RegistryStore};
+use super::registry::{EndpointRecord, Endpoints};
 use super::AgentError;
 use crate::error_chain;
 use bulkhead_api::code;
 
-/// The agent's state; one lock guards it all, so map syncs never interleave.
+/// The agent's state; one thread owns it all, so map syncs never interleave.
 pub(super) struct Agent {
     pub(super) node_name: String,
     pub(super) source: Box<dyn Source>,
     pub(super) cluster: Cluster,
     pub(super) compiler: Compiler,
-    pub(super) endpoints: BTreeMap<(String, String), EndpointRecord>,
+    pub(super) endpoints: Endpoints,
     /// What the maps hold, as far as the agent knows.
     pub(super) applied: DatapathState,
-    pub(super) datapath: Datapath,
+    pub(super) datapath: Box<dyn Dataplane>,
+    /// Host veths and addresses.
+    pub(super) links: Box<dyn HostLinks>,
+    /// Where the endpoint registry persists.
+    pub(super) store: Box<dyn RegistryStore>,
     pub(super) generation: u64,
-    pub(super) registry: PathBuf,
+    /// The state directory, where the pod CIDR is published.
+    pub(super) state_dir: PathBuf,
     pub(super) metrics: Arc<Metrics>,
     /// This node's own addresses, given the reserved HOST identity.
     pub(super) host_addresses: Vec<Ipv4Addr>,
@@ -47,6 +51,15 @@ pub(super) struct Agent {
     /// A change seen (when) that is not in the maps yet: before the first sync, or after a
     /// failed map write.
     pub(super) pending: Option<Instant>,
+    /// A map write failed and the maps could not be read back: `applied` is not trusted, the
+    /// next reprogram reads them first.
+    pub(super) maps_unknown: bool,
+    /// The source's last error, logged once until it clears.
+    pub(super) last_source_error: Option<String>,
+    /// Source failures already counted in the error metric.
+    pub(super) source_failures: u64,
+    /// Slow ticks so far.
+    pub(super) ticks: u32,
     /// The pod CIDR last published for the CNI plugin.
     pub(super) pod_cidr: Option<ipnetwork::Ipv4Network>,
     /// The operator set the pod CIDR; the Node's is not published over it.
@@ -77,11 +90,24 @@ impl Agent {
             self.pending = self.pending.or(seen).or_else(|| Some(Instant::now()));
             return Ok(());
         }
+        if self.maps_unknown {
+            // A write failed and the maps could not be read back: no diff against a guess.
+            match self.datapath.read_state() {
+                Ok(held) => {
+                    self.applied = held;
+                    self.maps_unknown = false;
+                }
+                Err(e) => {
+                    self.pending = self.pending.or(seen).or_else(|| Some(Instant::now()));
+                    return Err(e.into());
+                }
+            }
+        }
         let started = Instant::now();
         let locals = self.locals();
         let mut new = self.compiler.compile(&self.cluster, &locals);
         add_host_addresses(&mut new, &self.host_addresses);
-        match sync::sync(&mut self.datapath.maps, &self.applied, &new) {
+        match sync::sync(&mut *self.datapath, &self.applied, &new) {
             Ok(stats) => {
                 self.applied = new;
                 self.generation += 1;
@@ -99,7 +125,7 @@ impl Agent {
                 }
                 if self.ready {
                     // `/healthz` turns 200 with the first synced model in the maps (the
-                    // Kubernetes source gets there after start, from the poller).
+                    // Kubernetes source gets there after start, when it signals its first sync).
                     self.metrics.set_ready();
                 }
                 tracing::debug!(upserts = stats.upserts, removals = stats.removals, elapsed = ?started.elapsed(), "maps programmed");
@@ -108,13 +134,15 @@ impl Agent {
             Err(e) => {
                 // Retried by the next refresh, from when the change was first seen.
                 self.pending = self.pending.or(seen).or_else(|| Some(Instant::now()));
-                // Some writes happened: treat every key of either state as possibly present,
-                // so the next sync removes what should not be there.
-                let mut merged = std::mem::take(&mut self.applied);
-                merged.endpoints.extend(new.endpoints);
-                merged.ipcache.extend(new.ipcache);
-                merged.policy.extend(new.policy);
-                self.applied = merged;
+                // Some writes happened: only the maps know which, so the next sync starts
+                // from what they hold.
+                match self.datapath.read_state() {
+                    Ok(held) => self.applied = held,
+                    Err(read) => {
+                        tracing::warn!(error = %error_chain(&read), "cannot read the maps back after a failed write");
+                        self.maps_unknown = true;
+                    }
+                }
                 Err(e.into())
             }
         }
@@ -159,7 +187,7 @@ impl Agent {
         let Some(cidr) = self.source.pod_cidr().filter(|c| Some(*c) != self.pod_cidr) else {
             return;
         };
-        let path = kube_source::pod_cidr_path(self.registry.parent().unwrap_or(Path::new(".")));
+        let path = kube_source::pod_cidr_path(&self.state_dir);
         // Atomically: a CNI ADD reading it meanwhile must see the old CIDR or the new one.
         match bulkhead_hostnet::fs::write_atomic(&path, format!("{cidr}\n").as_bytes(), 0o644) {
             Ok(()) => {
@@ -170,15 +198,9 @@ impl Agent {
         }
     }
 
-    pub(super) fn save_registry(&self) -> Result<(), AgentError> {
+    pub(super) fn save_registry(&mut self) -> Result<(), AgentError> {
         let records: Vec<_> = self.endpoints.values().collect();
-        let io = |source| AgentError::Io {
-            op: "write",
-            path: self.registry.clone(),
-            source,
-        };
-        let text = serde_json::to_vec_pretty(&records).map_err(|e| io(e.into()))?;
-        bulkhead_hostnet::fs::write_atomic(&self.registry, &text, 0o600).map_err(Into::into)
+        self.store.save(&records)
     }
 
     pub(super) fn add_endpoint(&mut self, spec: EndpointSpec) -> Response {
@@ -279,7 +301,7 @@ impl Agent {
             errors.push(error_chain(&e));
         }
         let names: Vec<String> = stale.iter().map(|r| r.spec.host_ifname.clone()).collect();
-        if let Err(e) = delete_links(names) {
+        if let Err(e) = self.links.delete(names) {
             errors.push(error_chain(&e));
         }
         if errors.is_empty() {
@@ -299,10 +321,7 @@ impl Agent {
             return Ok(0);
         }
         let names: Vec<String> = self.endpoints.values().map(|r| r.spec.host_ifname.clone()).collect();
-        let live = live_links(names).map_err(|e| AgentError::Link {
-            op: "list",
-            source: Box::new(e),
-        })?;
+        let live = self.links.live(names)?;
         let before = self.endpoints.len();
         self.endpoints
             .retain(|_, r| live.get(&r.spec.host_ifname) == Some(&r.spec.host_ifindex));
@@ -328,15 +347,6 @@ impl Agent {
     }
 }
 
-/// This node's own IPv4 addresses (empty when they cannot be read: the node then gets no
-/// HOST allowance, which fails closed).
-pub(super) fn host_addresses() -> Vec<Ipv4Addr> {
-    with_handle(None, |h| async move { cni_netlink::all_ipv4_addresses(&h).await }).unwrap_or_else(|e| {
-        tracing::warn!(error = %error_chain(&e), "cannot list node addresses");
-        Vec::new()
-    })
-}
-
 /// Gives this node's addresses the reserved HOST identity, which the datapath always admits:
 /// Kubernetes documents that traffic between a pod and its own node is allowed whatever the
 /// policy (kubelet probes depend on it). A pod's own /32 is never overridden.
@@ -347,31 +357,4 @@ fn add_host_addresses(state: &mut DatapathState, addresses: &[Ipv4Addr]) {
             flags: 0,
         });
     }
-}
-
-/// The ifindex of each of `names` that exists in the agent's network namespace.
-fn live_links(names: Vec<String>) -> Result<BTreeMap<String, u32>, NetlinkError> {
-    with_handle(None, |h| async move {
-        let mut live = BTreeMap::new();
-        for name in names {
-            if let Some(link) = cni_netlink::link_by_name(&h, &name).await? {
-                live.insert(name, link.index);
-            }
-        }
-        Ok(live)
-    })
-}
-
-/// Deletes each of `names` that exists; absence is success.
-fn delete_links(names: Vec<String>) -> Result<(), AgentError> {
-    with_handle(None, |h| async move {
-        for name in &names {
-            cni_netlink::delete_link(&h, name).await?;
-        }
-        Ok(())
-    })
-    .map_err(|e| AgentError::Link {
-        op: "delete",
-        source: Box::new(e),
-    })
 }

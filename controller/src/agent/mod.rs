@@ -1,9 +1,14 @@
 //! The node agent: keeps the eBPF maps equal to what the cluster model and the local
 //! endpoints compile to, and serves the endpoint socket for the CNI plugin.
 
+mod actor;
 mod core;
+mod events;
+mod host;
 mod registry;
 mod server;
+#[cfg(test)]
+mod tests;
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
@@ -12,7 +17,7 @@ use std::time::Duration;
 
 use bulkhead_hostnet::netlink::NetlinkError;
 use tokio::net::UnixListener;
-use tokio::sync::Mutex;
+use tokio::sync::Notify;
 
 use crate::config::{AgentArgs, ConfigError, SourceKind};
 use crate::datapath::stats::PinnedStats;
@@ -25,17 +30,18 @@ use crate::policy::Compiler;
 use crate::source::kubernetes::{self as kube_source, KubeSource, KubeSourceOptions};
 use crate::source::{EmptySource, FileSource, Source, SourceError};
 
-use self::core::{host_addresses, Agent};
-use self::registry::load_registry;
+use self::actor::AgentHandle;
+use self::core::Agent;
+use self::host::{HostLinks, NetlinkLinks, RegistryFile, RegistryStore};
 use self::server::serve_connection;
 use crate::error_chain;
 
 /// How long an ADD waits for its pod to appear in the model.
 const POD_WAIT: Duration = Duration::from_secs(10);
-/// How often the source is polled for changes.
+/// How often a source that cannot signal its changes (files) is polled.
 const POLL_INTERVAL: Duration = Duration::from_millis(500);
-/// Every this many polls, endpoints whose host veth is gone are dropped (a DEL the agent missed).
-const RECONCILE_EVERY_POLLS: u32 = 10;
+/// How often this node's addresses, host veths and lost flow records are checked.
+const SLOW_TICK: Duration = Duration::from_secs(1);
 
 /// Why the agent failed.
 #[derive(Debug, thiserror::Error)]
@@ -64,6 +70,19 @@ pub enum AgentError {
     /// The configuration is unusable.
     #[error(transparent)]
     Config(#[from] ConfigError),
+    /// The endpoint registry exists but cannot be read or parsed: starting with an empty
+    /// one would forget every pod on this node.
+    #[error("cannot read the endpoint registry {path}; fix or remove it (pods on this node then need re-adding)")]
+    Registry {
+        /// The registry file.
+        path: PathBuf,
+        /// Cause.
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    /// The thread holding the agent's state stopped (it panicked).
+    #[error("the agent's state thread stopped")]
+    Stopped,
     /// A state file could not be written.
     #[error(transparent)]
     Write(#[from] bulkhead_hostnet::fs::WriteError),
@@ -84,11 +103,11 @@ impl AgentError {
     /// The `kind` label this error counts under in `bulkhead_errors_total`.
     pub fn kind(&self) -> ErrorKind {
         match self {
-            AgentError::Datapath(_) | AgentError::Metrics(_) | AgentError::Link { .. } => ErrorKind::Datapath,
+            AgentError::Datapath(_) | AgentError::Metrics(_) | AgentError::Link { .. } | AgentError::Stopped => ErrorKind::Datapath,
             AgentError::Config(_) => ErrorKind::Io,
             AgentError::Maps(_) => ErrorKind::Maps,
             AgentError::Source(_) => ErrorKind::Source,
-            AgentError::Io { .. } | AgentError::Write(_) => ErrorKind::Io,
+            AgentError::Io { .. } | AgentError::Write(_) | AgentError::Registry { .. } => ErrorKind::Io,
         }
     }
 }
@@ -136,26 +155,38 @@ pub fn run(args: AgentArgs) -> Result<(), AgentError> {
         let path = kube_source::pod_cidr_path(&args.state_dir);
         bulkhead_hostnet::fs::write_atomic(&path, format!("{cidr}\n").as_bytes(), 0o644)?;
     }
-    let registry = args.state_dir.join("endpoints.json");
+    let store = RegistryFile {
+        path: args.state_dir.join("endpoints.json"),
+    };
+    let endpoints = store.load()?;
+    let changes = source.changes();
+    let links = NetlinkLinks;
+    let addresses = links.addresses();
     let mut agent = Agent {
         node_name: args.node_name.clone(),
         source,
         cluster: Cluster::new(),
         compiler: Compiler::new(),
-        endpoints: load_registry(&registry),
+        endpoints,
         applied,
-        datapath,
+        datapath: Box::new(datapath),
+        links: Box::new(links),
+        store: Box::new(store),
         generation: 0,
-        registry,
+        state_dir: args.state_dir.clone(),
         metrics: metrics.clone(),
         host_addresses: Vec::new(),
         flows: flow_store.clone(),
         ready: false,
         pending: None,
+        maps_unknown: false,
+        last_source_error: None,
+        source_failures: 0,
+        ticks: 0,
         pod_cidr: args.pod_cidr,
         pod_cidr_pinned: args.pod_cidr.is_some(),
     };
-    agent.note_host_addresses(host_addresses());
+    agent.note_host_addresses(addresses);
     agent.refresh(true)?;
     // Endpoints deleted while the agent was away (CNI DEL carries on without it).
     match agent.reconcile_links() {
@@ -163,7 +194,7 @@ pub fn run(args: AgentArgs) -> Result<(), AgentError> {
         Err(e) => tracing::warn!(error = %error_chain(&e), "cannot reconcile endpoints with host veths"),
     }
     // A source that is not synced yet (Kubernetes) leaves the pinned maps as they are
-    // until its first full sync; the poller then writes the model.
+    // until its first full sync; its change signal then gets the model written.
     if agent.ready {
         agent.reprogram(None)?;
         metrics.set_ready();
@@ -183,7 +214,7 @@ pub fn run(args: AgentArgs) -> Result<(), AgentError> {
             }
             None => None,
         };
-        let agent = Arc::new(Mutex::new(agent));
+        let (agent, agent_thread) = AgentHandle::spawn(agent).map_err(io("start the agent thread", &socket))?;
         match flow_ring {
             Some(ring) => match flows::spawn_reader(ring, flow_store.clone()) {
                 Ok(_) => tracing::info!(history = args.flow_history, "reading flow records"),
@@ -191,53 +222,7 @@ pub fn run(args: AgentArgs) -> Result<(), AgentError> {
             },
             None => tracing::warn!("the datapath has no flow ring buffer: flow records disabled"),
         }
-        let poller = {
-            let agent = agent.clone();
-            tokio::spawn(async move {
-                let mut polls = 0u32;
-                // A bad manifest fails every poll until it is fixed: log it once, and its end.
-                let mut last_error: Option<String> = None;
-                let mut source_failures = 0u64;
-                loop {
-                    tokio::time::sleep(POLL_INTERVAL).await;
-                    // A netlink dump on a thread of its own, outside the agent lock.
-                    let addresses = tokio::task::spawn_blocking(host_addresses).await.unwrap_or_default();
-                    let mut a = agent.lock().await;
-                    a.note_host_addresses(addresses);
-                    // Watch failures the source retried by itself still count as errors.
-                    let failures = a.source.failures();
-                    for _ in source_failures..failures {
-                        a.metrics.error(crate::metrics::ErrorKind::Source);
-                    }
-                    source_failures = failures;
-                    match a.refresh(false) {
-                        Err(e) => {
-                            a.metrics.error(e.kind());
-                            let text = error_chain(&e);
-                            if last_error.as_deref() != Some(text.as_str()) {
-                                tracing::warn!(error = %text, "model source; the previous model stays in force");
-                                last_error = Some(text);
-                            }
-                        }
-                        Ok(()) => {
-                            if last_error.take().is_some() {
-                                tracing::info!("model source readable again");
-                            }
-                        }
-                    }
-                    match a.datapath.flows_lost() {
-                        Ok(lost) => a.flows.set_lost(lost),
-                        Err(e) => tracing::debug!(error = %error_chain(&e), "reading lost flow events"),
-                    }
-                    polls = polls.wrapping_add(1);
-                    if polls.is_multiple_of(RECONCILE_EVERY_POLLS) {
-                        if let Err(e) = a.reconcile_links() {
-                            tracing::warn!(error = %error_chain(&e), "reconciling endpoints with host veths");
-                        }
-                    }
-                }
-            })
-        };
+        let mut events = tokio::spawn(wake_loop(agent.clone(), changes));
         tracing::info!(socket = %socket.display(), "serving endpoints");
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).map_err(io("signal", &socket))?;
         loop {
@@ -248,9 +233,19 @@ pub fn run(args: AgentArgs) -> Result<(), AgentError> {
                 },
                 _ = term.recv() => break,
                 _ = tokio::signal::ctrl_c() => break,
+                // The wake loop ends only when the agent's thread is gone (a panic): without
+                // it nothing is programmed any more, so the agent exits to be restarted.
+                _ = &mut events => {
+                    let _ = std::fs::remove_file(&socket);
+                    return Err(AgentError::Stopped);
+                }
             }
         }
-        poller.abort();
+        events.abort();
+        // The last handle goes with the accept loop: the agent's thread ends its current job
+        // and stops (connections still being served keep it until they finish).
+        drop(agent);
+        drop(agent_thread);
         if let Some(server) = metrics_server {
             server.abort();
         }
@@ -258,4 +253,32 @@ pub fn run(args: AgentArgs) -> Result<(), AgentError> {
         tracing::info!("agent stopped; pinned maps and attached programs keep enforcing");
         Ok(())
     })
+}
+
+/// Wakes the agent when its source signals a change (or every [`POLL_INTERVAL`] for a
+/// source that cannot), and on every [`SLOW_TICK`].
+async fn wake_loop(agent: AgentHandle, changes: Option<Arc<Notify>>) {
+    let mut slow = tokio::time::interval(SLOW_TICK);
+    slow.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        let tick = tokio::select! {
+            () = changed(changes.as_deref()) => false,
+            _ = slow.tick() => true,
+        };
+        let done = match tick {
+            true => agent.call(Agent::on_tick).await,
+            false => agent.call(Agent::on_change).await,
+        };
+        if done.is_err() {
+            return;
+        }
+    }
+}
+
+/// Returns when `changes` is signalled, or after [`POLL_INTERVAL`] without a signal.
+async fn changed(changes: Option<&Notify>) {
+    match changes {
+        Some(signal) => signal.notified().await,
+        None => tokio::time::sleep(POLL_INTERVAL).await,
+    }
 }

@@ -3,21 +3,20 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use bulkhead_api::{Request, Response};
+use bulkhead_api::{EndpointSpec, Request, Response};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::UnixStream;
-use tokio::sync::Mutex;
 
 use crate::flows::{self, FlowStore};
 use crate::metrics::Metrics;
 
-use super::core::Agent;
+use super::actor::{AgentHandle, Stopped};
 use super::POD_WAIT;
 use crate::error_chain;
 use bulkhead_api::code;
 
 /// Serves one request and counts it in `bulkhead_cni_requests_total`.
-pub(super) async fn handle(agent: &Mutex<Agent>, metrics: &Metrics, request: Request) -> Response {
+pub(super) async fn handle(agent: &AgentHandle, metrics: &Metrics, request: Request) -> Response {
     let verb = match &request {
         Request::AddEndpoint(_) => "add",
         Request::DelEndpoint(_) => "del",
@@ -33,73 +32,72 @@ pub(super) async fn handle(agent: &Mutex<Agent>, metrics: &Metrics, request: Req
     response
 }
 
-pub(super) async fn dispatch(agent: &Mutex<Agent>, request: Request) -> Response {
-    match request {
-        Request::AddEndpoint(spec) => {
-            let deadline = Instant::now() + POD_WAIT;
-            loop {
-                {
-                    let mut a = agent.lock().await;
-                    // The pod may have been written after the last poll: re-read before waiting.
-                    if a.cluster.pod(&spec.pod_namespace, &spec.pod_name).is_none() {
-                        if let Err(e) = a.refresh(true) {
-                            a.metrics.error(e.kind());
-                            tracing::warn!(error = %error_chain(&e), "reloading the model");
+pub(super) async fn dispatch(agent: &AgentHandle, request: Request) -> Response {
+    let answer = match request {
+        Request::AddEndpoint(spec) => add(agent, spec).await,
+        Request::DelEndpoint(r) => agent.call(move |a| a.del_endpoint(&r)).await,
+        Request::CheckEndpoint(r) => agent.call(move |a| a.check_endpoint(&r)).await,
+        Request::Gc { network, valid } => agent.call(move |a| a.gc(&network, &valid)).await,
+        Request::Reload => {
+            agent
+                .call(|a| match a.refresh(true) {
+                    Ok(()) => Response::Ok,
+                    Err(e) => {
+                        a.metrics.error(e.kind());
+                        Response::Error {
+                            code: code::AGENT_REJECTED,
+                            message: error_chain(&e),
                         }
                     }
-                    if a.ready && a.cluster.pod(&spec.pod_namespace, &spec.pod_name).is_some() {
-                        return a.add_endpoint(spec);
-                    }
-                    if Instant::now() > deadline {
-                        let message = if a.ready {
-                            format!("pod {}/{} is not known to the agent yet", spec.pod_namespace, spec.pod_name)
-                        } else {
-                            "the agent has not finished its first sync with the cluster".to_string()
-                        };
-                        return Response::Error {
-                            code: code::TRY_AGAIN_LATER,
-                            message,
-                        };
-                    }
-                }
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
+                })
+                .await
         }
-        Request::DelEndpoint(r) => agent.lock().await.del_endpoint(&r),
-        Request::CheckEndpoint(r) => agent.lock().await.check_endpoint(&r),
-        Request::Gc { network, valid } => agent.lock().await.gc(&network, &valid),
-        Request::Reload => {
-            let mut a = agent.lock().await;
-            match a.refresh(true) {
-                Ok(()) => Response::Ok,
-                Err(e) => {
-                    a.metrics.error(e.kind());
-                    Response::Error {
-                        code: code::AGENT_REJECTED,
-                        message: error_chain(&e),
-                    }
-                }
-            }
-        }
-        Request::Status => Response::Status(agent.lock().await.status()),
+        Request::Status => agent.call(|a| Response::Status(a.status())).await,
         Request::Explain { from, to, port, protocol } => {
-            crate::policy::explain::respond(&agent.lock().await.cluster, &from, &to, port, &protocol)
+            agent
+                .call(move |a| crate::policy::explain::respond(&a.cluster, &from, &to, port, &protocol))
+                .await
         }
         // Streams are answered by `serve_connection`, which never gets here with one.
-        Request::Observe(_) => Response::Error {
+        Request::Observe(_) => Ok(Response::Error {
             code: code::DECODING_FAILURE,
             message: "observe is a stream request".into(),
-        },
+        }),
+    };
+    answer.unwrap_or_else(|e| Response::Error {
+        code: code::AGENT_REJECTED,
+        message: e.to_string(),
+    })
+}
+
+/// An ADD waits (off the agent's thread) for the agent's first sync and for its pod.
+async fn add(agent: &AgentHandle, spec: EndpointSpec) -> Result<Response, Stopped> {
+    let spec = Arc::new(spec);
+    let deadline = Instant::now() + POD_WAIT;
+    loop {
+        let attempt = spec.clone();
+        let expired = Instant::now() > deadline;
+        let answer = agent
+            .call(move |a| match a.try_add(&attempt) {
+                Some(response) => Some(response),
+                None if expired => Some(a.not_yet(&attempt)),
+                None => None,
+            })
+            .await?;
+        if let Some(response) = answer {
+            return Ok(response);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
 
-pub(super) async fn serve_connection(agent: Arc<Mutex<Agent>>, flows: Arc<FlowStore>, metrics: Arc<Metrics>, stream: UnixStream) {
+pub(super) async fn serve_connection(agent: AgentHandle, flows: Arc<FlowStore>, metrics: Arc<Metrics>, stream: UnixStream) {
     let (read, mut write) = stream.into_split();
     let mut line = String::new();
     let mut read = BufReader::new(read);
     let response = match read.read_line(&mut line).await {
         Ok(_) => match serde_json::from_str::<Request>(&line) {
-            // Needs no agent lock: the flow store has its own, held only briefly.
+            // Not on the agent's thread: the flow store has its own lock, held only briefly.
             Ok(Request::Observe(request)) => return flows::serve(flows, request, read, write).await,
             Ok(request) => handle(&agent, &metrics, request).await,
             Err(e) => Response::Error {

@@ -7,11 +7,7 @@
 //! a half-written file. Writing a new binary beside the old one and renaming over it also
 //! avoids `ETXTBSY` when the old binary is running.
 
-use std::fs::{File, OpenOptions};
-use std::io::Write;
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU32, Ordering};
 
 use bulkhead_cni::config::{NetConf, DEFAULT_AGENT_SOCKET};
 use ipnetwork::Ipv4Network;
@@ -67,6 +63,9 @@ pub enum InstallError {
         #[source]
         source: std::io::Error,
     },
+    /// A file could not be written into place.
+    #[error(transparent)]
+    Write(#[from] bulkhead_hostnet::fs::WriteError),
     /// The conflist template is not JSON.
     #[error("conflist template {path} is not json")]
     TemplateJson {
@@ -91,14 +90,7 @@ pub enum InstallError {
     },
 }
 
-/// What an install step did; reruns report `Unchanged`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Outcome {
-    /// The file was created or replaced.
-    Written,
-    /// The file already had exactly this content and mode.
-    Unchanged,
-}
+pub use bulkhead_hostnet::fs::Outcome;
 
 /// What `install` did to each file.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -179,52 +171,11 @@ pub fn render_conflist(mut conflist: Value, pod_cidr: Option<Ipv4Network>) -> Re
     Ok(conflist)
 }
 
-/// Writes `bytes` to `dir/name` with `mode` atomically, unless it already holds exactly that.
+/// Writes `bytes` to `dir/name` with `mode` atomically (a uniquely named dot file beside it,
+/// fsynced and renamed: the runtime only reads `*.conf`, `*.conflist` and `*.json`), unless
+/// it already holds exactly that.
 pub fn write_atomic(dir: &Path, name: &str, bytes: &[u8], mode: u32) -> Result<Outcome, InstallError> {
-    let dest = dir.join(name);
-    let io = |op, path: &Path| {
-        let path = path.to_path_buf();
-        move |source| InstallError::Io { op, path, source }
-    };
-    if let Ok(meta) = std::fs::metadata(&dest) {
-        if meta.is_file() && meta.permissions().mode() & 0o7777 == mode {
-            if let Ok(existing) = std::fs::read(&dest) {
-                if existing == bytes {
-                    return Ok(Outcome::Unchanged);
-                }
-            }
-        }
-    }
-    std::fs::create_dir_all(dir).map_err(io("create directory", dir))?;
-    // A dot name: the runtime only reads *.conf, *.conflist and *.json, and a leftover from
-    // a crash is recognisable.
-    static COUNTER: AtomicU32 = AtomicU32::new(0);
-    let tmp = dir.join(format!(
-        ".{name}.tmp.{}.{}",
-        std::process::id(),
-        COUNTER.fetch_add(1, Ordering::Relaxed)
-    ));
-    let result = (|| {
-        let mut file = OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(mode)
-            .open(&tmp)
-            .map_err(io("create", &tmp))?;
-        file.write_all(bytes).map_err(io("write", &tmp))?;
-        // The umask may have narrowed the mode given to open.
-        file.set_permissions(std::fs::Permissions::from_mode(mode))
-            .map_err(io("chmod", &tmp))?;
-        file.sync_all().map_err(io("fsync", &tmp))?;
-        std::fs::rename(&tmp, &dest).map_err(io("rename into place", &dest))
-    })();
-    if result.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    result?;
-    // The rename is durable only once the directory entry is.
-    File::open(dir).and_then(|d| d.sync_all()).map_err(io("fsync", dir))?;
-    Ok(Outcome::Written)
+    Ok(bulkhead_hostnet::fs::write_atomic_if_changed(&dir.join(name), bytes, mode)?)
 }
 
 /// The plugin binary to install: `--cni-bin`, else `bulkhead-cni` next to this executable.

@@ -40,6 +40,8 @@ pub trait MapWriter {
     fn set_policy(&mut self, key: &PolicyKey, prefix_len: u32, value: &PolicyValue) -> Result<(), MapsError>;
     /// Removes a policy entry.
     fn remove_policy(&mut self, key: &PolicyKey, prefix_len: u32) -> Result<(), MapsError>;
+    /// What the maps hold now: after a failed sync, the only trustworthy baseline.
+    fn read_state(&self) -> Result<DatapathState, MapsError>;
 }
 
 /// How many writes a sync made.
@@ -56,7 +58,7 @@ pub struct SyncStats {
 /// Order keeps the datapath fail-closed and consistent at every step: identities and
 /// policy entries go in before the endpoint that uses them, and an endpoint goes out
 /// before its entries. On error `old` no longer describes the maps; callers resync.
-pub fn sync(w: &mut impl MapWriter, old: &DatapathState, new: &DatapathState) -> Result<SyncStats, MapsError> {
+pub fn sync(w: &mut (impl MapWriter + ?Sized), old: &DatapathState, new: &DatapathState) -> Result<SyncStats, MapsError> {
     let mut stats = SyncStats::default();
     for (ifindex, _) in removed(&old.endpoints, &new.endpoints) {
         w.remove_endpoint(*ifindex)?;
@@ -159,6 +161,9 @@ impl MapWriter for BpfMaps {
     fn remove_policy(&mut self, key: &PolicyKey, prefix_len: u32) -> Result<(), MapsError> {
         absent_ok(self.policy.remove(&Key::new(prefix_len, *key))).map_err(map_err("remove", "policy"))
     }
+    fn read_state(&self) -> Result<DatapathState, MapsError> {
+        BpfMaps::read_state(self)
+    }
 }
 
 /// An in-memory [`MapWriter`] that records what the maps would hold.
@@ -200,6 +205,9 @@ impl MapWriter for MemoryMaps {
         self.log.push(format!("remove policy {key:?}/{prefix_len}"));
         self.state.policy.remove(&(*key, prefix_len));
         Ok(())
+    }
+    fn read_state(&self) -> Result<DatapathState, MapsError> {
+        Ok(self.state.clone())
     }
 }
 

@@ -1,7 +1,6 @@
 //! The lab's on-disk state: `lab.json`, the model file, the lock, and the paths of everything.
 
 use std::fs::{File, OpenOptions};
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use nix::fcntl::{Flock, FlockArg};
@@ -209,21 +208,11 @@ pub fn create_dir(dir: &Path) -> Result<(), LabError> {
     })
 }
 
-/// Writes `path` through a temp file and a rename, so readers never see half a file.
+/// Writes `path` atomically (readers never see half a file).
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), LabError> {
-    let io = |op, source| LabError::Io {
-        op,
-        path: path.to_path_buf(),
-        source,
-    };
-    if let Some(parent) = path.parent() {
-        create_dir(parent)?;
-    }
-    let mut name = path.file_name().unwrap_or_default().to_os_string();
-    name.push(format!(".tmp.{}", std::process::id()));
-    let tmp = path.with_file_name(name);
-    let mut file = File::create(&tmp).map_err(|e| io("create", e))?;
-    file.write_all(bytes).map_err(|e| io("write", e))?;
-    file.sync_all().map_err(|e| io("sync", e))?;
-    std::fs::rename(&tmp, path).map_err(|e| io("rename", e))
+    bulkhead_hostnet::fs::write_atomic(path, bytes, 0o644).map_err(|e| LabError::Io {
+        op: e.op,
+        path: e.path,
+        source: e.source,
+    })
 }

@@ -26,6 +26,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::api::{Api, ApiResource, DynamicObject};
 use kube::runtime::watcher::{self, Event};
 use kube::runtime::WatchStreamExt;
+use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 
 use crate::model::selector::FieldError;
@@ -152,7 +153,8 @@ struct Stores {
 }
 
 impl Stores {
-    fn apply(&mut self, kind: Watched, event: Event<DynamicObject>) {
+    /// Applies one watch event; true when the model or the sync state changed.
+    fn apply(&mut self, kind: Watched, event: Event<DynamicObject>) -> bool {
         let store = self.kinds.entry(kind).or_default();
         let changed = match event {
             Event::Init => {
@@ -189,6 +191,7 @@ impl Stores {
         if changed {
             self.generation += 1;
         }
+        changed
     }
 
     fn synced(&self) -> bool {
@@ -390,6 +393,8 @@ fn node_pod_cidr(node: &Node) -> Option<Ipv4Network> {
 pub struct KubeSource {
     stores: Arc<Mutex<Stores>>,
     failures: Arc<AtomicU64>,
+    /// Signalled by the watchers on every change of the stores.
+    changes: Arc<Notify>,
     /// The generation `poll` last returned.
     served: Option<u64>,
     tasks: Vec<JoinHandle<()>>,
@@ -416,6 +421,7 @@ impl KubeSource {
     pub fn start(client: kube::Client, node_name: &str, options: KubeSourceOptions) -> Self {
         let stores = Arc::new(Mutex::new(Stores::default()));
         let failures = Arc::new(AtomicU64::new(0));
+        let changes = Arc::new(Notify::new());
         let timeout = u32::try_from(options.watch_timeout.as_secs()).unwrap_or(u32::MAX).max(1);
         let tasks = WATCHED
             .iter()
@@ -425,12 +431,13 @@ impl KubeSource {
                 if kind == Watched::Node {
                     config = config.fields(&format!("metadata.name={node_name}"));
                 }
-                tokio::spawn(watch(kind, api, config, stores.clone(), failures.clone()))
+                tokio::spawn(watch(kind, api, config, stores.clone(), failures.clone(), changes.clone()))
             })
             .collect();
         KubeSource {
             stores,
             failures,
+            changes,
             served: None,
             tasks,
         }
@@ -442,11 +449,24 @@ impl KubeSource {
     }
 }
 
-async fn watch(kind: Watched, api: Api<DynamicObject>, config: watcher::Config, stores: Arc<Mutex<Stores>>, failures: Arc<AtomicU64>) {
+async fn watch(
+    kind: Watched,
+    api: Api<DynamicObject>,
+    config: watcher::Config,
+    stores: Arc<Mutex<Stores>>,
+    failures: Arc<AtomicU64>,
+    changes: Arc<Notify>,
+) {
     let mut events = watcher::watcher(api, config).default_backoff().boxed();
     while let Some(event) = events.next().await {
         match event {
-            Ok(event) => lock(&stores).apply(kind, event),
+            Ok(event) => {
+                let changed = lock(&stores).apply(kind, event);
+                if changed {
+                    // A stored permit when the agent is busy: a change is never missed.
+                    changes.notify_one();
+                }
+            }
             Err(e) => {
                 failures.fetch_add(1, Ordering::Relaxed);
                 // The watcher recovers by itself (re-list on 410, resume otherwise) after
@@ -486,10 +506,42 @@ impl Source for KubeSource {
     fn failures(&self) -> u64 {
         KubeSource::failures(self)
     }
+
+    fn changes(&self) -> Option<Arc<Notify>> {
+        Some(self.changes.clone())
+    }
 }
 
 /// Where the agent publishes this node's pod CIDR for the CNI plugin's IPAM: one line, the
 /// CIDR, in the state directory.
 pub fn pod_cidr_path(state_dir: &Path) -> PathBuf {
     state_dir.join(bulkhead_cni::config::POD_CIDR_FILE)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn namespace(name: &str, labels: &[(&str, &str)]) -> DynamicObject {
+        let mut o = DynamicObject::new(name, &Watched::Namespace.api_resource());
+        o.metadata.labels = Some(labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect());
+        o
+    }
+
+    /// What `apply` reports is what wakes the agent: every change, and nothing else.
+    #[test]
+    fn the_stores_report_every_change_of_the_model_and_only_those() {
+        let mut s = Stores::default();
+        let kind = Watched::Namespace;
+        assert!(!s.apply(kind, Event::Init));
+        assert!(!s.apply(kind, Event::InitApply(namespace("x", &[]))));
+        assert!(s.apply(kind, Event::InitDone), "the first listing is a change");
+        assert!(!s.apply(kind, Event::Apply(namespace("x", &[]))));
+        assert!(s.apply(kind, Event::Apply(namespace("x", &[("team", "a")]))));
+        assert!(s.apply(kind, Event::Delete(namespace("x", &[]))));
+        assert!(!s.apply(kind, Event::Delete(namespace("x", &[]))));
+        // A relist that finds what the store holds changes nothing.
+        assert!(!s.apply(kind, Event::Init));
+        assert!(!s.apply(kind, Event::InitDone));
+    }
 }

@@ -5,6 +5,9 @@ mod files;
 pub mod kubernetes;
 
 use std::path::PathBuf;
+use std::sync::Arc;
+
+use tokio::sync::Notify;
 
 use crate::model::{Cluster, ModelError};
 
@@ -60,6 +63,12 @@ pub trait Source: Send {
     /// and retried), for the agent's error metric; `poll` reports the others.
     fn failures(&self) -> u64 {
         0
+    }
+
+    /// Signalled whenever the model may have changed, so the agent reacts at once; `None`
+    /// (the default) means the source must be polled instead.
+    fn changes(&self) -> Option<Arc<Notify>> {
+        None
     }
 }
 

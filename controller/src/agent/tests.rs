@@ -1,0 +1,467 @@
+//! The agent's failure paths, against in-memory maps, links, registry and source.
+
+use std::collections::BTreeMap;
+use std::net::Ipv4Addr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bulkhead_api::{code, EndpointRef, EndpointSpec, Response};
+use bulkhead_common::{EndpointInfo, IpcacheValue, PolicyKey, PolicyValue};
+
+use tokio::sync::Notify;
+
+use super::actor::AgentHandle;
+use super::core::Agent;
+use super::host::{HostLinks, Programs, RegistryStore};
+use super::registry::{EndpointRecord, Endpoints};
+use super::AgentError;
+use crate::datapath::sync::{MapWriter, MapsError, MemoryMaps};
+use crate::datapath::{DatapathError, DatapathState};
+use crate::flows::{Clock, FlowStore};
+use crate::metrics::Metrics;
+use crate::model::{parse_documents, Cluster};
+use crate::policy::Compiler;
+use crate::source::{Source, SourceError};
+
+const MODEL: &str = "
+apiVersion: v1
+kind: Namespace
+metadata: {name: x}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: a, namespace: x, labels: {pod: a}}
+status: {podIP: 10.9.0.1}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: b, namespace: x, labels: {pod: b}}
+status: {podIP: 10.9.0.2}
+";
+
+const POLICY: &str = "
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: allow-b, namespace: x}
+spec:
+  podSelector: {matchLabels: {pod: a}}
+  ingress:
+  - from: [{podSelector: {matchLabels: {pod: b}}}]
+    ports: [{port: 80}]
+";
+
+fn cluster(extra: &str) -> Cluster {
+    let mut objects = parse_documents(MODEL, "model").unwrap();
+    objects.extend(parse_documents(extra, "extra").unwrap());
+    Cluster::from_objects(objects)
+}
+
+/// Maps in memory that fail every write once `writes_left` runs out.
+#[derive(Debug, Default)]
+struct Maps {
+    maps: MemoryMaps,
+    writes_left: Option<usize>,
+    read_fails: bool,
+    attach_fails: bool,
+    attached: Vec<String>,
+}
+
+#[derive(Clone, Debug, Default)]
+struct FakeDatapath(Arc<Mutex<Maps>>);
+
+impl FakeDatapath {
+    fn write(&self, f: impl FnOnce(&mut MemoryMaps)) -> Result<(), MapsError> {
+        let mut m = self.0.lock().unwrap();
+        match &mut m.writes_left {
+            Some(0) => {
+                return Err(MapsError::Map {
+                    op: "insert",
+                    map: "test",
+                    source: aya::maps::MapError::KeyNotFound,
+                })
+            }
+            Some(n) => *n -= 1,
+            None => {}
+        }
+        f(&mut m.maps);
+        Ok(())
+    }
+    fn held(&self) -> DatapathState {
+        self.0.lock().unwrap().maps.state.clone()
+    }
+    fn writes(&self) -> usize {
+        self.0.lock().unwrap().maps.log.len()
+    }
+    fn set(&self, f: impl FnOnce(&mut Maps)) {
+        f(&mut self.0.lock().unwrap());
+    }
+}
+
+impl MapWriter for FakeDatapath {
+    fn set_endpoint(&mut self, ifindex: u32, value: &EndpointInfo) -> Result<(), MapsError> {
+        self.write(|m| drop(m.set_endpoint(ifindex, value)))
+    }
+    fn remove_endpoint(&mut self, ifindex: u32) -> Result<(), MapsError> {
+        self.write(|m| drop(m.remove_endpoint(ifindex)))
+    }
+    fn set_ipcache(&mut self, addr: Ipv4Addr, prefix_len: u8, value: &IpcacheValue) -> Result<(), MapsError> {
+        self.write(|m| drop(m.set_ipcache(addr, prefix_len, value)))
+    }
+    fn remove_ipcache(&mut self, addr: Ipv4Addr, prefix_len: u8) -> Result<(), MapsError> {
+        self.write(|m| drop(m.remove_ipcache(addr, prefix_len)))
+    }
+    fn set_policy(&mut self, key: &PolicyKey, prefix_len: u32, value: &PolicyValue) -> Result<(), MapsError> {
+        self.write(|m| drop(m.set_policy(key, prefix_len, value)))
+    }
+    fn remove_policy(&mut self, key: &PolicyKey, prefix_len: u32) -> Result<(), MapsError> {
+        self.write(|m| drop(m.remove_policy(key, prefix_len)))
+    }
+    fn read_state(&self) -> Result<DatapathState, MapsError> {
+        let m = self.0.lock().unwrap();
+        match m.read_fails {
+            true => Err(MapsError::Map {
+                op: "iterate",
+                map: "test",
+                source: aya::maps::MapError::KeyNotFound,
+            }),
+            false => Ok(m.maps.state.clone()),
+        }
+    }
+}
+
+impl Programs for FakeDatapath {
+    fn attach(&mut self, ifname: &str) -> Result<(), DatapathError> {
+        let mut m = self.0.lock().unwrap();
+        if m.attach_fails {
+            return Err(DatapathError::Object {
+                what: format!("cannot attach to {ifname}"),
+            });
+        }
+        m.attached.push(ifname.to_string());
+        Ok(())
+    }
+    fn flows_lost(&self) -> Result<u64, DatapathError> {
+        Ok(0)
+    }
+}
+
+/// Host links in memory: live ones by name, and the names deleted.
+#[derive(Debug, Default)]
+struct Links {
+    live: BTreeMap<String, u32>,
+    deleted: Vec<String>,
+}
+
+#[derive(Clone, Debug, Default)]
+struct FakeLinks(Arc<Mutex<Links>>);
+
+impl HostLinks for FakeLinks {
+    fn addresses(&self) -> Vec<Ipv4Addr> {
+        vec![Ipv4Addr::new(192, 168, 0, 1)]
+    }
+    fn live(&self, names: Vec<String>) -> Result<BTreeMap<String, u32>, AgentError> {
+        let links = self.0.lock().unwrap();
+        Ok(names.into_iter().filter_map(|n| Some((n.clone(), *links.live.get(&n)?))).collect())
+    }
+    fn delete(&self, names: Vec<String>) -> Result<(), AgentError> {
+        let mut links = self.0.lock().unwrap();
+        for name in names {
+            links.live.remove(&name);
+            links.deleted.push(name);
+        }
+        Ok(())
+    }
+}
+
+/// The registry in memory: what was saved last.
+#[derive(Clone, Debug, Default)]
+struct FakeStore(Arc<Mutex<Option<Vec<EndpointRecord>>>>);
+
+impl FakeStore {
+    fn saved(&self) -> Vec<String> {
+        let saved = self.0.lock().unwrap();
+        saved.iter().flatten().map(|r| r.spec.container_id.clone()).collect()
+    }
+}
+
+impl RegistryStore for FakeStore {
+    fn load(&self) -> Result<Endpoints, AgentError> {
+        Ok(Endpoints::new())
+    }
+    fn save(&mut self, records: &[&EndpointRecord]) -> Result<(), AgentError> {
+        *self.0.lock().unwrap() = Some(records.iter().map(|r| (*r).clone()).collect());
+        Ok(())
+    }
+}
+
+/// A source whose model and sync state the test sets.
+#[derive(Clone, Debug)]
+struct FakeSource {
+    cluster: Arc<Mutex<Cluster>>,
+    synced: Arc<AtomicBool>,
+}
+
+impl Source for FakeSource {
+    fn poll(&mut self, _force: bool) -> Result<Option<Cluster>, SourceError> {
+        Ok(self.synced().then(|| self.cluster.lock().unwrap().clone()))
+    }
+    fn synced(&self) -> bool {
+        self.synced.load(Ordering::SeqCst)
+    }
+}
+
+struct Fixture {
+    agent: Agent,
+    maps: FakeDatapath,
+    links: FakeLinks,
+    store: FakeStore,
+    source: FakeSource,
+}
+
+fn fixture(synced: bool) -> Fixture {
+    let maps = FakeDatapath::default();
+    let links = FakeLinks::default();
+    let store = FakeStore::default();
+    let source = FakeSource {
+        cluster: Arc::new(Mutex::new(cluster(""))),
+        synced: Arc::new(AtomicBool::new(synced)),
+    };
+    let metrics = Arc::new(Metrics::new().unwrap());
+    let agent = Agent {
+        node_name: "node".into(),
+        source: Box::new(source.clone()),
+        cluster: Cluster::new(),
+        compiler: Compiler::new(),
+        endpoints: Endpoints::new(),
+        applied: DatapathState::default(),
+        datapath: Box::new(maps.clone()),
+        links: Box::new(links.clone()),
+        store: Box::new(store.clone()),
+        generation: 0,
+        state_dir: std::env::temp_dir(),
+        metrics,
+        host_addresses: Vec::new(),
+        flows: Arc::new(FlowStore::new("node", 16, Clock::now())),
+        ready: false,
+        pending: None,
+        maps_unknown: false,
+        last_source_error: None,
+        source_failures: 0,
+        ticks: 0,
+        pod_cidr: None,
+        // Keeps the tests from publishing a pod CIDR file.
+        pod_cidr_pinned: true,
+    };
+    let mut f = Fixture {
+        agent,
+        maps,
+        links,
+        store,
+        source,
+    };
+    f.agent.on_change();
+    f
+}
+
+fn spec(container: &str, pod: &str, ifindex: u32, network: &str) -> EndpointSpec {
+    EndpointSpec {
+        container_id: container.into(),
+        ifname: "eth0".into(),
+        netns: format!("/var/run/netns/{container}"),
+        pod_namespace: "x".into(),
+        pod_name: pod.into(),
+        host_ifname: format!("bh{ifindex}"),
+        host_ifindex: ifindex,
+        ipv4: if pod == "a" {
+            Ipv4Addr::new(10, 9, 0, 1)
+        } else {
+            Ipv4Addr::new(10, 9, 0, 2)
+        },
+        mac: "02:00:00:00:00:01".into(),
+        network: network.into(),
+    }
+}
+
+fn reference(container: &str) -> EndpointRef {
+    EndpointRef {
+        container_id: container.into(),
+        ifname: "eth0".into(),
+    }
+}
+
+fn code_of(response: &Response) -> Option<u32> {
+    match response {
+        Response::Error { code, .. } => Some(*code),
+        _ => None,
+    }
+}
+
+#[test]
+fn an_add_whose_map_write_fails_half_way_leaves_the_pod_isolated_and_is_retried() {
+    let mut f = fixture(true);
+    let writes = f.maps.writes();
+    // The policy set compiles to several writes before the endpoint's: fail after one.
+    *f.source.cluster.lock().unwrap() = cluster(POLICY);
+    f.agent.on_change();
+    f.maps.set(|m| m.writes_left = Some(1));
+    let response = f.agent.try_add(&spec("c1", "a", 7, "net")).expect("the pod is known");
+    assert_eq!(code_of(&response), Some(code::AGENT_REJECTED), "{response:?}");
+    assert!(f.maps.writes() > writes, "some writes happened");
+    // The endpoint entry goes last: the pod's programs keep dropping everything.
+    assert!(!f.maps.held().endpoints.contains_key(&7));
+    // What the agent believes is what the maps hold, not old ∪ new.
+    assert_eq!(f.agent.applied, f.maps.held());
+    assert!(f.agent.endpoints.is_empty() && f.store.saved().is_empty());
+    assert!(f.agent.pending.is_some(), "retried by the next refresh");
+
+    f.maps.set(|m| m.writes_left = None);
+    f.agent.on_change();
+    assert!(f.agent.pending.is_none());
+    assert_eq!(f.agent.applied, f.maps.held());
+    assert!(!f.maps.held().endpoints.contains_key(&7));
+    let response = f.agent.try_add(&spec("c1", "a", 7, "net")).expect("the pod is known");
+    assert!(matches!(response, Response::Ok), "{response:?}");
+    assert!(f.maps.held().endpoints.contains_key(&7));
+    assert_eq!(f.store.saved(), ["c1"]);
+}
+
+#[test]
+fn a_model_change_whose_write_fails_is_read_back_and_retried() {
+    let mut f = fixture(true);
+    assert!(matches!(f.agent.try_add(&spec("c1", "a", 7, "net")), Some(Response::Ok)));
+    let before = f.maps.held();
+    *f.source.cluster.lock().unwrap() = cluster(POLICY);
+    f.maps.set(|m| m.writes_left = Some(1));
+    f.agent.on_change();
+    assert!(f.agent.pending.is_some());
+    assert_ne!(f.maps.held(), before, "one write landed");
+    assert_eq!(f.agent.applied, f.maps.held());
+    assert!(f.agent.last_source_error.is_some(), "logged once");
+
+    f.maps.set(|m| m.writes_left = None);
+    f.agent.on_change();
+    assert!(f.agent.pending.is_none() && f.agent.last_source_error.is_none());
+    assert_eq!(f.agent.applied, f.maps.held());
+    assert!(f.maps.held().policy.len() > before.policy.len());
+}
+
+#[test]
+fn maps_that_cannot_be_read_back_are_read_before_the_next_sync() {
+    let mut f = fixture(true);
+    assert!(matches!(f.agent.try_add(&spec("c1", "a", 7, "net")), Some(Response::Ok)));
+    *f.source.cluster.lock().unwrap() = cluster(POLICY);
+    f.maps.set(|m| {
+        m.writes_left = Some(1);
+        m.read_fails = true;
+    });
+    f.agent.on_change();
+    assert!(f.agent.maps_unknown && f.agent.pending.is_some());
+    // Still unreadable: nothing is written against a guess.
+    f.maps.set(|m| m.writes_left = None);
+    let writes = f.maps.writes();
+    f.agent.on_change();
+    assert_eq!(f.maps.writes(), writes);
+    f.maps.set(|m| m.read_fails = false);
+    f.agent.on_change();
+    assert!(!f.agent.maps_unknown && f.agent.pending.is_none());
+    assert_eq!(f.agent.applied, f.maps.held());
+}
+
+#[test]
+fn an_add_whose_attach_fails_is_rejected_and_writes_nothing() {
+    let mut f = fixture(true);
+    f.maps.set(|m| m.attach_fails = true);
+    let writes = f.maps.writes();
+    let response = f.agent.try_add(&spec("c1", "a", 7, "net")).expect("the pod is known");
+    assert_eq!(code_of(&response), Some(code::AGENT_REJECTED));
+    assert_eq!(f.maps.writes(), writes);
+    assert!(f.agent.endpoints.is_empty());
+}
+
+#[test]
+fn gc_keeps_the_endpoints_of_another_network() {
+    let mut f = fixture(true);
+    f.links
+        .0
+        .lock()
+        .unwrap()
+        .live
+        .extend([("bh7".to_string(), 7), ("bh8".to_string(), 8)]);
+    assert!(matches!(f.agent.try_add(&spec("c1", "a", 7, "one")), Some(Response::Ok)));
+    assert!(matches!(f.agent.try_add(&spec("c2", "b", 8, "two")), Some(Response::Ok)));
+    let response = f.agent.gc("one", &[]);
+    assert!(matches!(response, Response::Ok), "{response:?}");
+    assert_eq!(f.store.saved(), ["c2"]);
+    assert_eq!(f.links.0.lock().unwrap().deleted, ["bh7"]);
+    let held = f.maps.held();
+    assert!(!held.endpoints.contains_key(&7) && held.endpoints.contains_key(&8));
+    // A valid list keeps its own network's endpoints too.
+    assert!(matches!(f.agent.gc("two", &[reference("c2")]), Response::Ok));
+    assert_eq!(f.store.saved(), ["c2"]);
+}
+
+#[test]
+fn before_the_first_sync_nothing_reaches_the_maps() {
+    let mut f = fixture(false);
+    // An endpoint a previous agent registered.
+    f.agent.endpoints.insert(
+        ("c0".into(), "eth0".into()),
+        EndpointRecord {
+            endpoint_id: 1,
+            spec: spec("c0", "b", 6, "net"),
+        },
+    );
+    f.agent.on_change();
+    f.agent.on_tick();
+    assert_eq!(f.maps.writes(), 0);
+    assert!(!f.agent.ready);
+    // ADD waits, then is told to try again later.
+    let add = spec("c1", "a", 7, "net");
+    assert!(f.agent.try_add(&add).is_none());
+    assert_eq!(code_of(&f.agent.not_yet(&add)), Some(code::TRY_AGAIN_LATER));
+    // DEL only updates the registry.
+    assert!(matches!(f.agent.del_endpoint(&reference("c0")), Response::Ok));
+    assert_eq!(f.maps.writes(), 0);
+    assert!(f.store.0.lock().unwrap().as_ref().is_some_and(Vec::is_empty));
+
+    f.source.synced.store(true, Ordering::SeqCst);
+    f.agent.on_change();
+    assert!(f.agent.ready && f.maps.writes() > 0);
+    assert!(matches!(f.agent.try_add(&add), Some(Response::Ok)));
+}
+
+#[tokio::test]
+async fn a_source_signal_wakes_the_agent_at_once() {
+    let f = fixture(true);
+    let (source, maps) = (f.source.clone(), f.maps.clone());
+    let (agent, _thread) = AgentHandle::spawn(f.agent).unwrap();
+    let changes = Arc::new(Notify::new());
+    let events = tokio::spawn(super::wake_loop(agent.clone(), Some(changes.clone())));
+    // Past the first slow tick, which fires at once.
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let before = agent.call(|a| a.generation).await.unwrap();
+    *source.cluster.lock().unwrap() = cluster(POLICY);
+    changes.notify_one();
+    // Well before the next slow tick.
+    let deadline = Instant::now() + Duration::from_millis(500);
+    while agent.call(|a| a.generation).await.unwrap() == before {
+        assert!(Instant::now() < deadline, "the signal did not wake the agent");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(agent.call(|a| a.cluster.policies().len()).await.unwrap(), 1);
+    assert_eq!(agent.call(|a| a.applied.clone()).await.unwrap(), maps.held());
+    events.abort();
+}
+
+#[tokio::test]
+async fn requests_are_answered_from_the_agent_thread() {
+    let f = fixture(true);
+    let (agent, _thread) = AgentHandle::spawn(f.agent).unwrap();
+    let status = super::server::dispatch(&agent, bulkhead_api::Request::Status).await;
+    assert!(matches!(status, Response::Status(s) if s.ready && s.node_name == "node"));
+    let del = super::server::dispatch(&agent, bulkhead_api::Request::DelEndpoint(reference("gone"))).await;
+    assert!(matches!(del, Response::Ok), "DEL of an unknown endpoint is done");
+    let thread = agent.call(|_| std::thread::current().name().map(str::to_string)).await.unwrap();
+    assert_eq!(thread.as_deref(), Some("bulkhead-agent"));
+}
