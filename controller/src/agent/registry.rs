@@ -68,7 +68,7 @@ mod tests {
                 host_ifname: "bh1".into(),
                 host_ifindex: 7,
                 ipv4: "10.9.0.1".parse().unwrap(),
-                mac: "02:00:00:00:00:01".into(),
+                mac: "02:00:00:00:00:01".parse().unwrap(),
                 network: String::new(),
             },
         }

@@ -278,7 +278,7 @@ fn spec(container: &str, pod: &str, ifindex: u32, network: &str) -> EndpointSpec
         } else {
             Ipv4Addr::new(10, 9, 0, 2)
         },
-        mac: "02:00:00:00:00:01".into(),
+        mac: "02:00:00:00:00:01".parse().unwrap(),
         network: network.into(),
     }
 }
