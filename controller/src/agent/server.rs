@@ -3,8 +3,8 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use bulkhead_api::{EndpointSpec, Request, Response};
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use bulkhead_api::{EndpointSpec, Envelope, Request, Response, MAX_LINE_BYTES};
+use tokio::io::{AsyncBufRead, AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::UnixStream;
 
 use crate::flows::{self, FlowStore};
@@ -91,28 +91,78 @@ async fn add(agent: &AgentHandle, spec: EndpointSpec) -> Result<Response, Stoppe
     }
 }
 
+/// How long a client may take to send its request line.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Reads one request line: at most [`MAX_LINE_BYTES`], within [`REQUEST_TIMEOUT`], at a
+/// protocol version this agent speaks.
+async fn read_request<R: AsyncBufRead + Unpin>(read: &mut R) -> Result<Request, Response> {
+    let refuse = |message: String| Response::Error {
+        code: code::DECODING_FAILURE,
+        message,
+    };
+    let mut line = String::new();
+    let limit = u64::try_from(MAX_LINE_BYTES).unwrap_or(u64::MAX).saturating_add(1);
+    match tokio::time::timeout(REQUEST_TIMEOUT, read.take(limit).read_line(&mut line)).await {
+        Err(_) => return Err(refuse(format!("no request within {REQUEST_TIMEOUT:?}"))),
+        Ok(Err(e)) => return Err(refuse(format!("reading request: {e}"))),
+        Ok(Ok(n)) if n > MAX_LINE_BYTES => return Err(refuse(format!("request longer than {MAX_LINE_BYTES} bytes"))),
+        Ok(Ok(_)) => {}
+    }
+    serde_json::from_str::<Envelope>(&line)
+        .map_err(|e| refuse(format!("malformed request: {e}")))?
+        .into_request()
+}
+
 pub(super) async fn serve_connection(agent: AgentHandle, flows: Arc<FlowStore>, metrics: Arc<Metrics>, stream: UnixStream) {
     let (read, mut write) = stream.into_split();
-    let mut line = String::new();
     let mut read = BufReader::new(read);
-    let response = match read.read_line(&mut line).await {
-        Ok(_) => match serde_json::from_str::<Request>(&line) {
-            // Not on the agent's thread: the flow store has its own lock, held only briefly.
-            Ok(Request::Observe(request)) => return flows::serve(flows, request, read, write).await,
-            Ok(request) => handle(&agent, &metrics, request).await,
-            Err(e) => Response::Error {
-                code: code::DECODING_FAILURE,
-                message: format!("malformed request: {e}"),
-            },
-        },
-        Err(e) => Response::Error {
-            code: code::DECODING_FAILURE,
-            message: format!("reading request: {e}"),
-        },
+    let response = match read_request(&mut read).await {
+        // Not on the agent's thread: the flow store has its own lock, held only briefly.
+        Ok(Request::Observe(request)) => return flows::serve(flows, request, read, write).await,
+        Ok(request) => handle(&agent, &metrics, request).await,
+        Err(refused) => refused,
     };
     let Ok(mut out) = serde_json::to_vec(&response) else { return };
     out.push(b'\n');
     if let Err(e) = write.write_all(&out).await {
         tracing::debug!(error = %e, "client went away");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn read(text: &[u8]) -> Result<Request, Response> {
+        read_request(&mut BufReader::new(text)).await
+    }
+
+    fn code_of(r: Result<Request, Response>) -> u32 {
+        match r {
+            Err(Response::Error { code, .. }) => code,
+            other => panic!("expected a refusal, got {other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn requests_are_framed_versioned_and_bounded() {
+        assert_eq!(read(b"{\"v\":1,\"op\":\"status\"}\n").await.unwrap(), Request::Status);
+        // A client from before versions: v defaults to 1.
+        assert_eq!(read(b"{\"op\":\"status\"}\n").await.unwrap(), Request::Status);
+        assert_eq!(code_of(read(b"{\"v\":2,\"op\":\"status\"}\n").await), code::INCOMPATIBLE_VERSION);
+        assert_eq!(code_of(read(b"{\"op\":\"nope\"}\n").await), code::DECODING_FAILURE);
+        let mut long = b"{\"op\":\"status\",\"pad\":\"".to_vec();
+        long.resize(MAX_LINE_BYTES + 10, b'x');
+        long.extend_from_slice(b"\"}\n");
+        let r = read(&long).await;
+        assert_eq!(code_of(r), code::DECODING_FAILURE);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_silent_client_times_out() {
+        let (_client, server) = tokio::io::duplex(64);
+        let r = read_request(&mut BufReader::new(server)).await;
+        assert_eq!(code_of(r), code::DECODING_FAILURE);
     }
 }
