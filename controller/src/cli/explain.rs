@@ -10,7 +10,7 @@ use std::time::Duration;
 use bulkhead_api::{self, ApiError, Explanation, PolicyName, Protocol, Request, Response};
 
 use crate::cli::observe::{self, ObserveError};
-use crate::cli::Output;
+use crate::cli::{AgentSelect, Output};
 use crate::policy::{self};
 
 /// How long to wait for the agent's answer.
@@ -30,16 +30,9 @@ pub struct ExplainArgs {
     /// Output format.
     #[arg(short = 'o', long, value_enum, default_value_t = Output::Table)]
     pub output: Output,
-    /// The agent socket (default: the first lab node's agent when a lab is up, else
-    /// /run/bulkhead/agent.sock).
-    #[arg(long, conflicts_with = "node")]
-    pub socket: Option<PathBuf>,
-    /// Lab state dir, to find the nodes' agents.
-    #[arg(long, env = "BULKHEAD_LAB_DIR", default_value = "/run/bulkhead/lab")]
-    pub lab_dir: PathBuf,
-    /// Ask this lab node's agent.
-    #[arg(long)]
-    pub node: Option<String>,
+    /// Which agent to ask (in a lab, the first node's holds the whole model).
+    #[command(flatten)]
+    pub agents: AgentSelect,
 }
 
 /// Why `bulkhead explain` failed.
@@ -100,7 +93,7 @@ pub fn parse_port(text: &str) -> Result<(u16, Protocol), ExplainError> {
     Ok((number, policy::explain::parse_protocol(protocol)?))
 }
 
-pub(crate) fn policy_list(list: &[PolicyName]) -> String {
+fn policy_list(list: &[PolicyName]) -> String {
     if list.is_empty() {
         return "-".into();
     }
@@ -157,10 +150,10 @@ pub fn run(args: ExplainArgs) -> Result<i32, ExplainError> {
     let from = policy::explain::pod_ref("FROM", &args.from)?;
     let to = policy::explain::pod_ref("TO", &args.to)?;
     let (port, protocol) = parse_port(&args.port)?;
-    let targets = observe::agent_targets(args.socket.as_deref(), &args.lab_dir, args.node.as_deref()).map_err(ExplainError::Target)?;
+    let targets = observe::agent_targets(&args.agents).map_err(ExplainError::Target)?;
     // Every lab agent holds the whole cluster's model: the first one answers for all.
     let target = targets.into_iter().next().ok_or_else(|| ExplainError::NoNodes {
-        lab_dir: args.lab_dir.clone(),
+        lab_dir: args.agents.lab_dir.clone(),
     })?;
     let request = Request::Explain { from, to, port, protocol };
     let node = target.node.clone();
@@ -185,4 +178,137 @@ pub fn run(args: ExplainArgs) -> Result<i32, ExplainError> {
     // A closed pipe (`| head`) is not an error worth a message.
     let _ = std::io::stdout().lock().write_all(text.as_bytes());
     Ok(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{parse_documents, Cluster};
+    use crate::policy::explain::{self as model_explain, parse_protocol, pod_ref, respond};
+    use bulkhead_api::{code, ExplainVerdict, NamespacedName};
+
+    const MODEL: &str = "
+apiVersion: v1
+kind: Pod
+metadata: {name: a, namespace: x, labels: {pod: a}}
+status: {podIP: 10.9.0.1}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: b, namespace: x, labels: {pod: b}}
+status: {podIP: 10.9.0.2}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: b, namespace: y, labels: {pod: b}}
+status: {podIP: 10.9.1.2}
+---
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: allow-b, namespace: x}
+spec:
+  podSelector: {matchLabels: {pod: a}}
+  ingress:
+  - from: [{podSelector: {matchLabels: {pod: b}}, namespaceSelector: {}}]
+    ports: [{port: 80}]
+---
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: audit-egress, namespace: y, annotations: {bulkhead.io/audit: \"true\"}}
+spec:
+  podSelector: {}
+  policyTypes: [Egress]
+  egress: [{ports: [{port: 53, protocol: UDP}]}]
+";
+
+    fn cluster() -> Cluster {
+        Cluster::from_objects(parse_documents(MODEL, "test").unwrap())
+    }
+
+    /// What the CLI and the agent do together: parse the arguments, then explain.
+    fn explain(c: &Cluster, from: &str, to: &str, port: u16, protocol: &str) -> Result<Explanation, model_explain::ExplainError> {
+        let (from, to) = (pod_ref("FROM", from)?, pod_ref("TO", to)?);
+        model_explain::explain(c, &from, &to, port, parse_protocol(protocol)?)
+    }
+
+    #[test]
+    fn allowed_names_the_rule_and_denied_names_the_isolating_policy() {
+        let c = cluster();
+        let e = explain(&c, "x/b", "x/a", 80, "tcp").unwrap();
+        assert_eq!((e.verdict, e.protocol), (ExplainVerdict::Allowed, Protocol::TCP));
+        assert_eq!((e.egress.isolated, e.egress.verdict), (false, ExplainVerdict::Allowed));
+        assert!(e.egress.isolated_by.is_empty() && e.egress.allowed_by.is_none());
+        let allowed = e.ingress.allowed_by.clone().unwrap();
+        assert_eq!((allowed.policy.name.as_str(), allowed.rule), ("allow-b", 0));
+        assert_eq!(policy_list(&e.ingress.isolated_by), "x/allow-b");
+
+        let e = explain(&c, "x/b", "x/a", 81, "TCP").unwrap();
+        assert_eq!(e.verdict, ExplainVerdict::Denied);
+        assert_eq!((e.ingress.isolated, e.ingress.audit_mode), (true, false));
+        assert_eq!(e.ingress.verdict, ExplainVerdict::Denied);
+        let text = table(&e);
+        assert!(text.starts_with("x/b -> x/a 81/TCP: DENIED\n"), "{text}");
+        assert!(text.contains("ingress  x/a  x/allow-b"), "{text}");
+    }
+
+    #[test]
+    fn audit_mode_side_says_audit_and_a_deny_on_the_other_side_wins() {
+        let c = cluster();
+        let e = explain(&c, "y/b", "x/b", 80, "TCP").unwrap();
+        assert_eq!(e.verdict, ExplainVerdict::Audit);
+        assert_eq!((e.egress.isolated, e.egress.audit_mode), (true, true));
+        assert_eq!(policy_list(&e.egress.isolated_by), "y/audit-egress");
+        assert_eq!(e.egress.verdict, ExplainVerdict::Audit);
+        // Allowed by the audit policy's own rule: no audit there.
+        let e = explain(&c, "y/b", "x/b", 53, "UDP").unwrap();
+        assert_eq!(e.verdict, ExplainVerdict::Allowed);
+        assert_eq!(e.egress.allowed_by.map(|r| r.policy.name).as_deref(), Some("audit-egress"));
+        // Egress audited, ingress denied: denied.
+        let e = explain(&c, "y/b", "x/a", 81, "TCP").unwrap();
+        assert_eq!(e.verdict, ExplainVerdict::Denied);
+        assert!(table(&e).contains("audit"), "{}", table(&e));
+    }
+
+    #[test]
+    fn bad_input_is_a_clear_error() {
+        let c = cluster();
+        let err = |from: &str, to: &str, port, proto: &str| explain(&c, from, to, port, proto).unwrap_err().to_string();
+        assert_eq!(err("x/zz", "x/a", 80, "TCP"), "FROM: unknown pod x/zz");
+        assert_eq!(err("x/a", "q/a", 80, "TCP"), "TO: unknown pod q/a");
+        assert!(err("xa", "x/a", 80, "TCP").starts_with("FROM: \"xa\" is not NAMESPACE/NAME"));
+        assert!(err("x/a", "x/b", 80, "ICMP").contains("unknown protocol \"ICMP\""));
+        assert!(err("x/a", "x/b", 0, "TCP").contains("port 0"));
+        assert!(matches!(
+            respond(
+                &c,
+                &NamespacedName::new("x", "a"),
+                &NamespacedName::new("x", "zz"),
+                80,
+                &Protocol::TCP
+            ),
+            Response::Error {
+                code: code::INVALID_REQUEST,
+                ..
+            }
+        ));
+
+        let icmp = model_explain::explain(
+            &c,
+            &NamespacedName::new("x", "a"),
+            &NamespacedName::new("x", "b"),
+            80,
+            Protocol::ICMP,
+        );
+        assert!(icmp.unwrap_err().to_string().contains("unknown protocol \"ICMP\""));
+        assert_eq!(parse_port("80/TCP").unwrap(), (80, Protocol::TCP));
+        assert_eq!(parse_port("53/udp").unwrap(), (53, Protocol::UDP));
+        assert_eq!(parse_port("8080").unwrap(), (8080, Protocol::TCP));
+        for bad in ["http/TCP", "70000/TCP", "0/TCP", "80/ICMP", "80/", "/TCP", ""] {
+            assert!(parse_port(bad).is_err(), "{bad}");
+        }
+        assert!(parse_port("http")
+            .unwrap_err()
+            .to_string()
+            .contains("named ports are not supported"));
+    }
 }

@@ -2,7 +2,7 @@
 //! agent (merged by time), filtered, as a table or one JSON object per line.
 
 use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::mpsc;
 use std::time::Duration;
 
@@ -10,7 +10,8 @@ use bulkhead_api::{Direction, Flow, FlowFilter, FlowVerdict, NamespacedName, Obs
 use bulkhead_common::DropReason;
 use clap::builder::PossibleValuesParser;
 
-use crate::lab::{LabError, LabPaths, Output};
+use crate::cli::{AgentSelect, Output};
+use crate::lab::{LabError, LabPaths};
 
 /// The agent socket when neither `--socket` nor a lab is there.
 pub const DEFAULT_SOCKET: &str = "/run/bulkhead/agent.sock";
@@ -118,16 +119,9 @@ pub struct ObserveArgs {
     /// Output format.
     #[arg(short = 'o', long, value_enum, default_value_t = Output::Table)]
     pub output: Output,
-    /// The agent socket (default: every lab node's agent when a lab is up, else
-    /// /run/bulkhead/agent.sock).
-    #[arg(long, conflicts_with = "node")]
-    pub socket: Option<PathBuf>,
-    /// Lab state dir, to find the nodes' agents.
-    #[arg(long, env = "BULKHEAD_LAB_DIR", default_value = "/run/bulkhead/lab")]
-    pub lab_dir: PathBuf,
-    /// Only this lab node's agent.
-    #[arg(long)]
-    pub node: Option<String>,
+    /// Which agents to ask (observe merges every lab node's flows by time).
+    #[command(flatten)]
+    pub agents: AgentSelect,
 }
 
 impl ObserveArgs {
@@ -208,12 +202,13 @@ pub struct Target {
 
 /// Which agents the flags point at.
 pub fn targets(args: &ObserveArgs) -> Result<Vec<Target>, ObserveError> {
-    agent_targets(args.socket.as_deref(), &args.lab_dir, args.node.as_deref())
+    agent_targets(&args.agents)
 }
 
 /// The agents a CLI command asks: `socket` when given; else every node's agent of the lab
 /// in `lab_dir` (only `node`'s when given) when a lab is up; else [`DEFAULT_SOCKET`].
-pub fn agent_targets(socket: Option<&Path>, lab_dir: &Path, node: Option<&str>) -> Result<Vec<Target>, ObserveError> {
+pub fn agent_targets(select: &AgentSelect) -> Result<Vec<Target>, ObserveError> {
+    let (socket, lab_dir, node) = (select.socket.as_deref(), select.lab_dir.as_path(), select.node.as_deref());
     if let Some(socket) = socket {
         return Ok(vec![Target {
             node: socket.display().to_string(),
