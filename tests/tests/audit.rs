@@ -97,8 +97,15 @@ fn audit_mode_forwards_and_reports_then_enforces_without_the_annotation() {
     for ((from, to), allowed) in enforced {
         assert_eq!(allowed, !to.starts_with("x/"), "{from} -> {to} with deny-x enforcing");
     }
+}
 
-    // The namespace annotation puts it back in audit mode; `"false"` on the policy wins.
+/// The namespace annotation puts an enforcing policy in audit mode; `"false"` on the policy
+/// wins over it. Its own lab, so a failure here does not hide the flow checks above.
+#[test]
+fn namespace_annotation_audits_and_a_policy_can_opt_out() {
+    let lab = Lab::new("auditns");
+    lab.ok(&["up", "-f", &lab.file("pods.yaml", &three_by_three())]);
+    lab.ok(&["apply", "-f", &lab.file("deny.yaml", &deny_x(None))]);
     let audited_ns =
         "apiVersion: v1\nkind: Namespace\nmetadata: {name: x, labels: {ns: x}, annotations: {bulkhead.io/policy-audit: \"true\"}}\n";
     lab.ok(&["apply", "-f", &lab.file("ns-audit.yaml", audited_ns)]);
