@@ -10,18 +10,14 @@
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 
-use aya::programs::{TestRun, TestRunOptions};
-use bulkhead::datapath::Datapath;
-use bulkhead::datapath::DatapathState;
+mod testrun;
+
 use bulkhead::model::{self, Cluster};
 use bulkhead::policy::{evaluate, Compiler, LocalEndpoint};
-use bulkhead_common::{direction, program_names, proto, DropReason};
+use bulkhead_common::program_names;
 use serde_yaml_ng::Value;
+use testrun::{protocol_number, Addr, PinnedDatapath, LO};
 
-const TC_ACT_OK: i32 = 0;
-const TC_ACT_SHOT: i32 = 2;
-const LO: u32 = 1;
-const HOST_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0xfe];
 const NAMESPACES: [&str; 3] = ["x", "y", "z"];
 const PODS: [&str; 3] = ["a", "b", "c"];
 const N: usize = 9;
@@ -36,6 +32,13 @@ fn pod_ip(i: usize) -> Ipv4Addr {
 
 fn pod_mac(i: usize) -> [u8; 6] {
     [0x02, 0, 0, 0, 1, i as u8]
+}
+
+fn addr(i: usize) -> Addr {
+    Addr {
+        ip: pod_ip(i),
+        mac: pod_mac(i),
+    }
 }
 
 /// Upstream's 3×3 cluster with its port names, SCTP included, and fixed pod IPs.
@@ -221,7 +224,7 @@ fn cluster_for(case: &Case) -> Cluster {
     cluster
 }
 
-fn local(i: usize) -> LocalEndpoint {
+fn endpoint(i: usize) -> LocalEndpoint {
     LocalEndpoint {
         endpoint_id: 100 + i as u32,
         host_ifindex: LO,
@@ -232,150 +235,12 @@ fn local(i: usize) -> LocalEndpoint {
     }
 }
 
-fn frame(dst_mac: [u8; 6], src_mac: [u8; 6], src: Ipv4Addr, dst: Ipv4Addr, protocol: u8, l4: &[u8]) -> Vec<u8> {
-    let mut p = Vec::new();
-    p.extend_from_slice(&dst_mac);
-    p.extend_from_slice(&src_mac);
-    p.extend_from_slice(&0x0800u16.to_be_bytes());
-    let total = u16::try_from(20 + l4.len()).unwrap();
-    p.extend_from_slice(&[0x45, 0]);
-    p.extend_from_slice(&total.to_be_bytes());
-    p.extend_from_slice(&[0, 1, 0x40, 0, 64, protocol, 0, 0]);
-    p.extend_from_slice(&src.octets());
-    p.extend_from_slice(&dst.octets());
-    p.extend_from_slice(l4);
-    p.resize(p.len().max(60), 0);
-    p
-}
-
-/// The first packet of a connection: an SCTP INIT chunk, a TCP SYN or a UDP datagram.
-fn opening_l4(protocol: u8, sport: u16, dport: u16) -> Vec<u8> {
-    let mut l4 = Vec::new();
-    l4.extend_from_slice(&sport.to_be_bytes());
-    l4.extend_from_slice(&dport.to_be_bytes());
-    match protocol {
-        proto::SCTP => {
-            // Common header (verification tag 0 on INIT, checksum unchecked by TC), then
-            // INIT: type 1, flags, length 20, initiate tag, a_rwnd, streams, initial TSN.
-            l4.extend_from_slice(&[0; 8]);
-            l4.extend_from_slice(&[1, 0, 0, 20, 0xde, 0xad, 0xbe, 0xef, 0, 1, 0, 0, 0, 10, 0, 10, 0, 0, 0, 1]);
-        }
-        proto::TCP => {
-            l4.extend_from_slice(&[0, 0, 0, 1, 0, 0, 0, 0, 0x50, 0x02, 0xff, 0xff, 0, 0, 0, 0]);
-        }
-        _ => {
-            l4.extend_from_slice(&[0, 12, 0, 0, b'p', b'i', b'n', b'g']);
-        }
-    }
-    l4
-}
-
-fn protocol_number(name: &str) -> u8 {
-    match name {
-        "TCP" => proto::TCP,
-        "UDP" => proto::UDP,
-        "SCTP" => proto::SCTP,
-        other => panic!("protocol {other}"),
-    }
-}
-
-/// A loaded datapath pinned in its own directory, removed on drop.
-struct Fixture {
-    dp: Datapath,
-    pin_dir: PathBuf,
-    state: DatapathState,
-    sport: u16,
-}
-
-impl Drop for Fixture {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.pin_dir);
-    }
-}
-
-impl Fixture {
-    fn new(name: &str) -> Self {
-        // Tests run in parallel and may check the same case: a counter keeps pin dirs apart.
-        static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
-        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-        let pin_dir = PathBuf::from(format!("/sys/fs/bpf/bulkhead-test-{}-{n}-sctp-{name}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&pin_dir);
-        let dp = Datapath::load(&pin_dir).unwrap_or_else(|e| {
-            // Some maps may be pinned already: leave nothing behind.
-            let _ = std::fs::remove_dir_all(&pin_dir);
-            panic!("load datapath (needs root and BPF): {e:?}")
-        });
-        Fixture {
-            dp,
-            pin_dir,
-            state: DatapathState::default(),
-            sport: 20000,
-        }
-    }
-
-    /// Writes what the compiler makes of `cluster` with pod `i` as the local endpoint.
-    fn install(&mut self, compiler: &mut Compiler, cluster: &Cluster, i: usize) {
-        let new = compiler.compile(cluster, &[local(i)]);
-        bulkhead::datapath::sync::sync(&mut self.dp.maps, &self.state, &new).unwrap();
-        self.state = new;
-    }
-
-    /// Runs `program` on a fresh flow's first packet; checks the verdict's counter moved by
-    /// one and returns whether the packet was forwarded.
-    fn passes(&mut self, program: &'static str, from: usize, to: usize, protocol: u8, port: u16) -> bool {
-        // A source port per packet, so no earlier packet's conntrack entry answers for it.
-        self.sport += 1;
-        let l4 = opening_l4(protocol, self.sport, port);
-        let (packet, dir) = if program == program_names::FROM_POD {
-            (
-                frame(HOST_MAC, pod_mac(from), pod_ip(from), pod_ip(to), protocol, &l4),
-                direction::EGRESS,
-            )
-        } else {
-            (
-                frame(pod_mac(to), HOST_MAC, pod_ip(from), pod_ip(to), protocol, &l4),
-                direction::INGRESS,
-            )
-        };
-        let before = [DropReason::Forwarded, DropReason::PolicyDenied].map(|r| self.dp.counter(r, dir).unwrap().packets);
-        let result = self
-            .dp
-            .program(program)
-            .unwrap()
-            .test_run(TestRunOptions {
-                data_in: Some(&packet),
-                ..TestRunOptions::default()
-            })
-            .expect("BPF_PROG_TEST_RUN");
-        let after = [DropReason::Forwarded, DropReason::PolicyDenied].map(|r| self.dp.counter(r, dir).unwrap().packets);
-        let action = result.return_value as i32;
-        let forwarded = match action {
-            TC_ACT_OK => true,
-            TC_ACT_SHOT => false,
-            other => panic!("{program}: action {other}"),
-        };
-        let want = if forwarded {
-            [before[0] + 1, before[1]]
-        } else {
-            [before[0], before[1] + 1]
-        };
-        assert_eq!(
-            after,
-            want,
-            "{program} {}->{} {protocol}/{port}: forwarded/denied counters",
-            pod_name(from),
-            pod_name(to)
-        );
-        forwarded
-    }
-}
-
 /// Checks every probe of `case` on packets: a flow passes when the sender's egress program
 /// and the receiver's ingress program both forward its first packet. Also checks that the
 /// spec evaluator agrees with the truth table. Returns the mismatches.
 fn check_case(case: &Case) -> Vec<String> {
     let cluster = cluster_for(case);
-    let mut f = Fixture::new(&case.name);
+    let mut f = PinnedDatapath::new(&format!("sctp-{}", case.name));
     let mut compiler = Compiler::new();
     let mut errors = Vec::new();
     for probe in &case.probes {
@@ -383,10 +248,10 @@ fn check_case(case: &Case) -> Vec<String> {
         let mut egress = [[false; N]; N];
         let mut ingress = [[false; N]; N];
         for local in 0..N {
-            f.install(&mut compiler, &cluster, local);
+            f.install(compiler.compile(&cluster, &[endpoint(local)]));
             for other in (0..N).filter(|o| *o != local) {
-                egress[local][other] = f.passes(program_names::FROM_POD, local, other, protocol, probe.port);
-                ingress[other][local] = f.passes(program_names::TO_POD, other, local, protocol, probe.port);
+                egress[local][other] = f.passes(program_names::FROM_POD, addr(local), addr(other), protocol, probe.port);
+                ingress[other][local] = f.passes(program_names::TO_POD, addr(other), addr(local), protocol, probe.port);
             }
         }
         for from in 0..N {

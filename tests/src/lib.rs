@@ -83,23 +83,51 @@ impl Lab {
         status["id"].as_str().expect("id").to_string()
     }
 
-    /// `probe -o json` as (from, to) → allowed.
+    /// `probe -o json` as (from, to) → allowed. Asserts the matrix is whole: one result per
+    /// ordered pair of distinct pods that `pods -o json` lists (at least two pods), so a
+    /// comparison over the map cannot pass on a short or empty answer.
     pub fn probe(&self, port: u16, protocol: &str) -> std::collections::BTreeMap<(String, String), bool> {
         let out = self.ok(&["probe", "--port", &port.to_string(), "--protocol", protocol, "-o", "json"]);
         let v: serde_json::Value = serde_json::from_str(&out).expect("probe json");
         assert_eq!(v["port"], port);
         assert_eq!(v["protocol"], protocol);
-        v["results"]
-            .as_array()
-            .expect("results")
+        let results = v["results"].as_array().expect("results");
+        let got: std::collections::BTreeMap<(String, String), bool> = results
             .iter()
             .map(|r| {
                 (
                     (
-                        r["from"].as_str().unwrap_or_default().to_string(),
-                        r["to"].as_str().unwrap_or_default().to_string(),
+                        r["from"].as_str().expect("from").to_string(),
+                        r["to"].as_str().expect("to").to_string(),
                     ),
-                    r["allowed"].as_bool().unwrap_or_default(),
+                    r["allowed"].as_bool().expect("allowed"),
+                )
+            })
+            .collect();
+        assert_eq!(got.len(), results.len(), "probe {port}/{protocol} repeats a pair: {out}");
+        let pods = self.pod_names();
+        assert!(pods.len() >= 2, "probe {port}/{protocol} with pods {pods:?}");
+        let want: std::collections::BTreeSet<(String, String)> = pods
+            .iter()
+            .flat_map(|from| pods.iter().filter(move |to| *to != from).map(move |to| (from.clone(), to.clone())))
+            .collect();
+        let keys: std::collections::BTreeSet<(String, String)> = got.keys().cloned().collect();
+        assert_eq!(keys, want, "probe {port}/{protocol}: not every ordered pair of {} pods", pods.len());
+        got
+    }
+
+    /// `namespace/name` of every pod `pods -o json` lists.
+    pub fn pod_names(&self) -> Vec<String> {
+        let listed: serde_json::Value = serde_json::from_str(&self.ok(&["pods", "-o", "json"])).expect("pods json");
+        listed
+            .as_array()
+            .expect("pods: a list")
+            .iter()
+            .map(|p| {
+                format!(
+                    "{}/{}",
+                    p["namespace"].as_str().expect("namespace"),
+                    p["name"].as_str().expect("name")
                 )
             })
             .collect()
@@ -178,6 +206,9 @@ spec:
       podSelector: {matchLabels: {pod: b}}
 ";
 
+/// Ordered pairs of distinct pods among [`nine_pods`]: the size of a 3×3 probe matrix.
+pub const PAIRS: usize = 72;
+
 /// Every `ns/pod` of [`three_by_three`].
 pub fn nine_pods() -> Vec<String> {
     ["x", "y", "z"]
@@ -225,12 +256,15 @@ pub fn scenario_three_by_three(lab: &Lab) {
         "probe took {:?}",
         started.elapsed()
     );
-    assert_eq!(open.len(), 72);
+    assert_eq!(open.len(), PAIRS);
     assert!(open.values().all(|a| *a), "denied without policy: {open:?}");
-    assert!(lab.probe(81, "UDP").values().all(|a| *a), "udp denied without policy");
+    let udp = lab.probe(81, "UDP");
+    assert_eq!(udp.len(), PAIRS);
+    assert!(udp.values().all(|a| *a), "udp denied without policy");
     let policy = lab.file("policy.yaml", X_A_FROM_B);
     lab.ok(&["apply", "-f", &policy]);
     let got = lab.probe(80, "TCP");
+    assert_eq!(got.len(), PAIRS);
     for ((from, to), allowed) in &got {
         let want = match to.as_str() {
             "x/a" => from.ends_with("/b"),

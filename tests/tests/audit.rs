@@ -9,7 +9,7 @@ use std::collections::BTreeSet;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use bulkhead_e2e::{binary, flow_pod, json_lines, nine_pods, three_by_three, Lab};
+use bulkhead_e2e::{binary, flow_pod, json_lines, nine_pods, three_by_three, Lab, PAIRS};
 use serde_json::Value;
 
 /// Default deny for ingress in x, `bulkhead.io/audit` set to `annotation` (or unset).
@@ -50,7 +50,7 @@ fn audit_mode_forwards_and_reports_then_enforces_without_the_annotation() {
     lab.ok(&["apply", "-f", &lab.file("deny-audit.yaml", &deny_x(Some("true")))]);
 
     let probe = lab.probe(80, "TCP");
-    assert_eq!(probe.len(), 72);
+    assert_eq!(probe.len(), PAIRS);
     assert!(probe.values().all(|a| *a), "audit mode dropped something: {probe:?}");
 
     let wanted = into_x();
@@ -92,17 +92,30 @@ fn audit_mode_forwards_and_reports_then_enforces_without_the_annotation() {
 
     // Re-applied without the annotation, the same policy enforces.
     lab.ok(&["apply", "-f", &lab.file("deny.yaml", &deny_x(None))]);
-    for ((from, to), allowed) in lab.probe(80, "TCP") {
+    let enforced = lab.probe(80, "TCP");
+    assert_eq!(enforced.len(), PAIRS);
+    for ((from, to), allowed) in enforced {
         assert_eq!(allowed, !to.starts_with("x/"), "{from} -> {to} with deny-x enforcing");
     }
+}
 
-    // The namespace annotation puts it back in audit mode; `"false"` on the policy wins.
+/// The namespace annotation puts an enforcing policy in audit mode; `"false"` on the policy
+/// wins over it. Its own lab, so a failure here does not hide the flow checks above.
+#[test]
+fn namespace_annotation_audits_and_a_policy_can_opt_out() {
+    let lab = Lab::new("auditns");
+    lab.ok(&["up", "-f", &lab.file("pods.yaml", &three_by_three())]);
+    lab.ok(&["apply", "-f", &lab.file("deny.yaml", &deny_x(None))]);
     let audited_ns =
         "apiVersion: v1\nkind: Namespace\nmetadata: {name: x, labels: {ns: x}, annotations: {bulkhead.io/policy-audit: \"true\"}}\n";
     lab.ok(&["apply", "-f", &lab.file("ns-audit.yaml", audited_ns)]);
-    assert!(lab.probe(80, "TCP").values().all(|a| *a), "namespace audit mode dropped something");
+    let audited = lab.probe(80, "TCP");
+    assert_eq!(audited.len(), PAIRS);
+    assert!(audited.values().all(|a| *a), "namespace audit mode dropped something");
     lab.ok(&["apply", "-f", &lab.file("deny-false.yaml", &deny_x(Some("false")))]);
-    for ((from, to), allowed) in lab.probe(80, "TCP") {
+    let opted_out = lab.probe(80, "TCP");
+    assert_eq!(opted_out.len(), PAIRS);
+    for ((from, to), allowed) in opted_out {
         assert_eq!(allowed, !to.starts_with("x/"), "{from} -> {to}: the policy opts out of audit");
     }
 }

@@ -6,7 +6,7 @@
 
 use std::time::{Duration, Instant};
 
-use bulkhead_e2e::{three_by_three, Lab, X_A_FROM_B};
+use bulkhead_e2e::{three_by_three, Lab, PAIRS, X_A_FROM_B};
 
 /// A policy that would change the matrix if it went in: z is cut off entirely.
 const DENY_Z: &str = "---
@@ -67,23 +67,30 @@ fn lab_apply_refuses_invalid_policies_and_changes_nothing() {
     lab.ok(&["up", "-f", &lab.file("pods.yaml", &three_by_three())]);
     lab.ok(&["apply", "-f", &lab.file("policy.yaml", X_A_FROM_B)]);
     let before = lab.probe(80, "TCP");
+    assert_eq!(before.len(), PAIRS);
     assert!(!before[&("y/a".into(), "x/a".into())], "x/a admits only pod=b");
     assert!(before[&("y/b".into(), "x/a".into())], "x/a admits pod=b");
     assert!(before[&("y/a".into(), "z/a".into())], "z is open");
+    // Every case is checked and every failure reported: one bad case does not hide the rest.
+    let mut failures = Vec::new();
     for (name, policy, field, reason) in cases() {
         let file = lab.file(&format!("{name}.yaml"), &format!("{DENY_Z}{policy}"));
         let out = lab.run(&["apply", "-f", &file]);
         let stderr = String::from_utf8_lossy(&out.stderr);
-        assert!(!out.status.success(), "{name} was accepted: {stderr}");
-        assert_eq!(out.status.code(), Some(1), "{name}: exit code");
-        assert!(stderr.contains(field), "{name}: error does not name {field}: {stderr}");
-        assert!(stderr.contains(reason), "{name}: error does not say why ({reason:?}): {stderr}");
-        assert!(
-            stderr.contains("NetworkPolicy y/bad"),
-            "{name}: error does not name the object: {stderr}"
-        );
-        assert_eq!(lab.probe(80, "TCP"), before, "{name} changed what is enforced");
+        let checks = [
+            (out.status.code() == Some(1), format!("exit code {:?}, not 1", out.status.code())),
+            (stderr.contains(field), format!("error does not name {field}")),
+            (stderr.contains(reason), format!("error does not say why ({reason:?})")),
+            (stderr.contains("NetworkPolicy y/bad"), "error does not name the object".to_string()),
+            (lab.probe(80, "TCP") == before, "changed what is enforced".to_string()),
+        ];
+        for (ok, what) in checks {
+            if !ok {
+                failures.push(format!("{name}: {what}; stderr: {}", stderr.trim()));
+            }
+        }
     }
+    assert!(failures.is_empty(), "{} failures:\n{}", failures.len(), failures.join("\n"));
 }
 
 /// The agent's log of node0.
@@ -106,6 +113,7 @@ fn agent_survives_an_invalid_manifest_and_keeps_its_model() {
     lab.ok(&["up", "-f", &lab.file("pods.yaml", &three_by_three())]);
     lab.ok(&["apply", "-f", &lab.file("policy.yaml", X_A_FROM_B)]);
     let before = lab.probe(80, "TCP");
+    assert_eq!(before.len(), PAIRS);
     let pid = agent_pid(&lab);
     let manifests = lab.dir.join("manifests");
     assert!(
@@ -152,6 +160,7 @@ fn agent_survives_an_invalid_manifest_and_keeps_its_model() {
     // With the bad file gone the agent follows the manifests again.
     lab.ok(&["apply", "-f", &lab.file("deny-z.yaml", DENY_Z)]);
     let after = lab.probe(80, "TCP");
+    assert_eq!(after.len(), PAIRS);
     assert!(
         !after[&("y/a".into(), "z/a".into())],
         "deny-z is enforced once the bad file is gone"

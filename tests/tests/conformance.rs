@@ -520,8 +520,19 @@ impl Runner {
         if v["port"] != probe.port || v["protocol"] != probe.protocol.as_str() {
             return Err(format!("lab probe {}: answered for {v}", probe.label()));
         }
+        let results = v["results"].as_array().map_or(&[][..], Vec::as_slice);
+        // A short answer would leave cells `None` and fail as mismatches, but a repeated or
+        // self pair could hide a missing one: the count and each cell are checked here.
+        if results.len() != N * (N - 1) {
+            return Err(format!(
+                "lab probe {}: {} results, not {}",
+                probe.label(),
+                results.len(),
+                N * (N - 1)
+            ));
+        }
         let mut t: Table = [[None; N]; N];
-        for r in v["results"].as_array().into_iter().flatten() {
+        for r in results {
             let (Some(f), Some(d), Some(a)) = (
                 r["from"].as_str().and_then(pod_index),
                 r["to"].as_str().and_then(pod_index),
@@ -529,6 +540,9 @@ impl Runner {
             ) else {
                 return Err(format!("lab probe {}: bad result {r}", probe.label()));
             };
+            if f == d || t[f][d].is_some() {
+                return Err(format!("lab probe {}: repeated or self pair {r}", probe.label()));
+            }
             t[f][d] = Some(a);
         }
         Ok(t)

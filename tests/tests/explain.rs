@@ -8,7 +8,7 @@
 use std::collections::BTreeMap;
 use std::process::{Command, Output};
 
-use bulkhead_e2e::{binary, policy_names, three_by_three, Lab, X_A_FROM_B};
+use bulkhead_e2e::{binary, policy_names, three_by_three, Lab, PAIRS, X_A_FROM_B};
 use serde_json::Value;
 
 /// y's egress is audited: only namespace z would be allowed. z/c admits only z/a on 80.
@@ -61,7 +61,7 @@ fn explain_agrees_with_probes_over_every_pair() {
     lab.ok(&["apply", "-f", &lab.file("policies.yaml", &format!("{X_A_FROM_B}{MORE}"))]);
     for (port, protocol) in [(80, "TCP"), (81, "TCP")] {
         let probe = lab.probe(port, protocol);
-        assert_eq!(probe.len(), 72);
+        assert_eq!(probe.len(), PAIRS);
         let mut counts: BTreeMap<String, usize> = BTreeMap::new();
         for ((from, to), allowed) in &probe {
             let e = explain_json(&lab, from, to, &format!("{port}/{protocol}"));

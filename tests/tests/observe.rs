@@ -10,7 +10,7 @@ use std::os::unix::net::UnixStream;
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
-use bulkhead_e2e::{binary, flow_pod, json_lines, policy_names, three_by_three, Lab, X_A_FROM_B};
+use bulkhead_e2e::{binary, flow_pod, json_lines, policy_names, three_by_three, Lab, PAIRS, X_A_FROM_B};
 use serde_json::Value;
 
 /// Runs `bulkhead observe --lab-dir DIR ARGS...`.
@@ -58,6 +58,7 @@ fn dropped_flows_name_isolating_policies_and_allowed_flows_their_policy() {
     lab.ok(&["up", "--nodes", "2", "-f", &lab.file("pods.yaml", &three_by_three())]);
     lab.ok(&["apply", "-f", &lab.file("policy.yaml", X_A_FROM_B)]);
     let probe = lab.probe(80, "TCP");
+    assert_eq!(probe.len(), PAIRS);
     let denied: Vec<&(String, String)> = probe.iter().filter(|(_, ok)| !**ok).map(|(k, _)| k).collect();
     let allowed_into_xa: Vec<&(String, String)> = probe.iter().filter(|((_, to), ok)| **ok && to == "x/a").map(|(k, _)| k).collect();
     // x/b and x/c admit nothing (16 pairs), x/a admits only the pods labelled pod=b (5 denied).
@@ -175,7 +176,7 @@ fn stalled_followers_do_not_block_the_agent() {
         let started = Instant::now();
         let probe = lab.probe(if round % 2 == 0 { 80 } else { 81 }, "TCP");
         slowest = slowest.max(started.elapsed());
-        assert_eq!(probe.len(), 72);
+        assert_eq!(probe.len(), PAIRS);
         assert!(!probe[&("y/a".to_string(), "x/b".to_string())], "policy still enforced");
     }
     assert!(slowest < Duration::from_secs(10), "a probe round took {slowest:?}");

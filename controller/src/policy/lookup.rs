@@ -1,5 +1,7 @@
-//! A user-space copy of the datapath's lookups over a compiled [`DatapathState`], for
-//! the compiler's unit tests.
+//! A user-space model of the datapath's lookups over a compiled [`DatapathState`], for
+//! the compiler's table-driven unit tests. It is not the datapath (it has no HOST rule,
+//! for one): `controller/tests/policy_property.rs` checks the compiler against the real
+//! programs.
 
 use std::net::Ipv4Addr;
 
