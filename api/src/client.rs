@@ -61,8 +61,8 @@ pub enum ObserveError {
     },
 }
 
-/// Sends one request and waits up to `timeout` for the answer.
-pub fn call(socket: &Path, request: &Request, timeout: Duration) -> Result<Response, ApiError> {
+/// Connects to `socket`, sets the timeouts and writes `request` as one framed line.
+fn send(socket: &Path, request: Request, read_timeout: Option<Duration>, write_timeout: Duration) -> Result<UnixStream, ApiError> {
     let io = |source| ApiError::Io {
         path: socket.to_path_buf(),
         source,
@@ -71,17 +71,26 @@ pub fn call(socket: &Path, request: &Request, timeout: Duration) -> Result<Respo
         path: socket.to_path_buf(),
         source,
     })?;
-    stream.set_read_timeout(Some(timeout)).map_err(io)?;
-    stream.set_write_timeout(Some(timeout)).map_err(io)?;
-    let mut line = serde_json::to_vec(&Envelope::new(request.clone())).map_err(|source| ApiError::Decode {
+    stream.set_read_timeout(read_timeout).map_err(io)?;
+    stream.set_write_timeout(Some(write_timeout)).map_err(io)?;
+    let mut line = serde_json::to_vec(&Envelope::new(request)).map_err(|source| ApiError::Decode {
         path: socket.to_path_buf(),
         source,
     })?;
     line.push(b'\n');
     stream.write_all(&line).map_err(io)?;
+    Ok(stream)
+}
+
+/// Sends one request and waits up to `timeout` for the answer.
+pub fn call(socket: &Path, request: &Request, timeout: Duration) -> Result<Response, ApiError> {
+    let stream = send(socket, request.clone(), Some(timeout), timeout)?;
     // The agent closing without an answer reads as an empty line: a decode error.
     let answer = read_line_limited(&mut BufReader::new(stream), MAX_LINE_BYTES)
-        .map_err(io)?
+        .map_err(|source| ApiError::Io {
+            path: socket.to_path_buf(),
+            source,
+        })?
         .unwrap_or_default();
     serde_json::from_str(&answer).map_err(|source| ApiError::Decode {
         path: socket.to_path_buf(),
@@ -141,22 +150,7 @@ impl Iterator for ObserveStream {
 /// `idle_timeout` bounds the wait for each line (use `None` with `follow`, where the
 /// agent may stay quiet for as long as nothing happens).
 pub fn observe(socket: &Path, request: &ObserveRequest, idle_timeout: Option<Duration>) -> Result<ObserveStream, ApiError> {
-    let io = |source| ApiError::Io {
-        path: socket.to_path_buf(),
-        source,
-    };
-    let mut stream = UnixStream::connect(socket).map_err(|source| ApiError::Connect {
-        path: socket.to_path_buf(),
-        source,
-    })?;
-    stream.set_read_timeout(idle_timeout).map_err(io)?;
-    stream.set_write_timeout(Some(Duration::from_secs(5))).map_err(io)?;
-    let mut line = serde_json::to_vec(&Envelope::new(Request::Observe(request.clone()))).map_err(|source| ApiError::Decode {
-        path: socket.to_path_buf(),
-        source,
-    })?;
-    line.push(b'\n');
-    stream.write_all(&line).map_err(io)?;
+    let stream = send(socket, Request::Observe(request.clone()), idle_timeout, Duration::from_secs(5))?;
     Ok(ObserveStream {
         path: socket.to_path_buf(),
         reader: BufReader::new(stream),
