@@ -231,6 +231,30 @@ fn pod_names(cluster: &Cluster) -> Vec<String> {
     cluster.pods().keys().map(|(ns, n)| format!("{ns}/{n}")).collect()
 }
 
+/// The model's nodes as a table, one `name pod-cidr internal-ip` row each in name order
+/// (`-` for what a node lacks): what routing turns into routes.
+fn node_table(cluster: &Cluster) -> Vec<String> {
+    let or_dash = |v: Option<String>| v.unwrap_or_else(|| "-".into());
+    cluster
+        .nodes()
+        .map(|n| {
+            format!(
+                "{} {} {}",
+                n.name,
+                or_dash(n.pod_cidr.map(|c| c.to_string())),
+                or_dash(n.internal_ip.map(|ip| ip.to_string()))
+            )
+        })
+        .collect()
+}
+
+/// The node table of `nodes-list.json`: node-c has no pod CIDR yet (kept, not routable).
+const LISTED_NODES: [&str; 3] = [
+    "node-a 10.244.1.0/24 192.168.0.1",
+    "node-b 10.244.2.0/24 192.168.0.2",
+    "node-c - 192.168.0.3",
+];
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn initial_lists_build_the_model_and_nothing_is_served_before() {
     let api = FakeApi::start().await;
@@ -284,8 +308,10 @@ async fn initial_lists_build_the_model_and_nothing_is_served_before() {
     let web_policy = cluster.policy("prod", "web-from-dev").unwrap().spec.clone().unwrap();
     assert_eq!(web_policy.ingress.unwrap().len(), 1);
     assert_eq!(source.pod_cidr(), Some("10.244.1.0/24".parse().unwrap()));
-    // The Node is watched by name only.
-    assert!(api.requests("list /api/v1/nodes")[0].contains("fieldSelector=metadata.name%3Dnode-a"));
+    // Every Node is watched, reduced to its first IPv4 pod CIDR and InternalIP.
+    assert!(!api.requests("list /api/v1/nodes")[0].contains("fieldSelector"));
+    assert_eq!(node_table(&cluster), LISTED_NODES);
+    assert!(cluster.node("node-c").unwrap().route().is_none());
     // Nothing changed since: no new model.
     assert!(source.poll(false).unwrap().is_none());
 }
@@ -397,6 +423,60 @@ async fn a_stalled_watch_is_resumed_from_the_last_resource_version() {
     let watches = api.requests("watch /api/v1/pods");
     assert!(watches.len() >= 2 && watches[1].contains("resourceVersion=100"), "{watches:?}");
     assert_eq!(api.requests("list /api/v1/pods").len(), 1, "a stall must not cost a re-list");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn node_watch_events_update_the_model() {
+    let api = FakeApi::start().await;
+    api.script(NODES, true, vec![events("nodes-watch-events.jsonl"), quiet_watch()]);
+    let mut source = api.source(KubeSourceOptions::default());
+    // node-d added, node-a's heartbeat, node-b's pod CIDR changed, node-c deleted (last).
+    let cluster = until("the node watch events", 10, || {
+        source.poll(false).unwrap().filter(|c| c.node("node-c").is_none())
+    })
+    .await;
+    assert_eq!(
+        node_table(&cluster),
+        [
+            "node-a 10.244.1.0/24 192.168.0.1",
+            "node-b 10.244.12.0/24 192.168.0.2",
+            "node-d 10.244.4.0/24 192.168.0.4",
+        ]
+    );
+    // This node's pod CIDR is still its own.
+    assert_eq!(source.pod_cidr(), Some("10.244.1.0/24".parse().unwrap()));
+    let watch = &api.requests("watch /api/v1/nodes")[0];
+    assert!(
+        watch.contains("resourceVersion=100") && watch.contains("allowWatchBookmarks=true"),
+        "{watch}"
+    );
+    assert_eq!(source.failures(), 0);
+    // Nothing changed since.
+    assert!(source.poll(false).unwrap().is_none());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_410_gone_relists_the_nodes() {
+    let api = FakeApi::start().await;
+    api.script(NODES, false, vec![list("nodes-list.json"), list("nodes-list-relisted.json")]);
+    api.script(NODES, true, vec![events("nodes-watch-gone.jsonl"), quiet_watch()]);
+    let mut source = api.source(KubeSourceOptions::default());
+    // The re-list lacks node-b and gives node-c its pod CIDR.
+    let cluster = until("the node re-list", 15, || {
+        source.poll(false).unwrap().filter(|c| c.node("node-b").is_none())
+    })
+    .await;
+    assert_eq!(
+        node_table(&cluster),
+        ["node-a 10.244.1.0/24 192.168.0.1", "node-c 10.244.3.0/24 192.168.0.3"]
+    );
+    assert_eq!(api.requests("list /api/v1/nodes").len(), 2);
+    let watches = api.requests("watch /api/v1/nodes");
+    assert!(watches.last().unwrap().contains("resourceVersion=300"), "{watches:?}");
+    assert!(source.failures() >= 1);
+    assert_eq!(source.pod_cidr(), Some("10.244.1.0/24".parse().unwrap()));
+    // The other kinds were not re-listed.
+    assert_eq!(api.requests("list /api/v1/pods").len(), 1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1,4 +1,4 @@
-//! The cluster model: Namespace, Pod and NetworkPolicy objects parsed from YAML.
+//! The cluster model: Namespace, Pod, NetworkPolicy and Node objects parsed from YAML.
 
 mod parse;
 pub mod selector;
@@ -6,11 +6,12 @@ pub mod selector;
 use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
 
-use k8s_openapi::api::core::v1::{Namespace, Pod};
+use ipnetwork::Ipv4Network;
+use k8s_openapi::api::core::v1::{Namespace, Node, NodeAddress, NodeSpec, NodeStatus, Pod};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 
-pub use parse::{parse_cidr, parse_documents, validate_network_policy, Kind, ModelError, Object, ObjectRef};
+pub use parse::{parse_cidr, parse_documents, validate_network_policy, validate_node, Kind, ModelError, Object, ObjectRef};
 
 /// Namespace of a Pod or NetworkPolicy that names none.
 pub const DEFAULT_NAMESPACE: &str = "default";
@@ -28,6 +29,95 @@ pub struct Cluster {
     namespaces: BTreeMap<String, Namespace>,
     pods: BTreeMap<(String, String), Pod>,
     policies: BTreeMap<(String, String), NetworkPolicy>,
+    nodes: BTreeMap<String, NodeInfo>,
+}
+
+/// What routing needs of one Node: where its pods live and how to reach it.
+///
+/// A node lacking either address is kept (so it is known, and can be reported) but is not
+/// routable: see [`NodeInfo::route`] and [`NodeInfo::unroutable`].
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct NodeInfo {
+    /// The Node's name.
+    pub name: String,
+    /// Its first IPv4 pod CIDR, from `spec.podCIDRs` or else `spec.podCIDR`.
+    pub pod_cidr: Option<Ipv4Network>,
+    /// Its first IPv4 `InternalIP` from `status.addresses`.
+    pub internal_ip: Option<Ipv4Addr>,
+}
+
+impl NodeInfo {
+    /// The routing view of a Node (unparsable or IPv6 values count as absent).
+    pub fn from_node(node: &Node) -> NodeInfo {
+        NodeInfo {
+            name: node.metadata.name.clone().unwrap_or_default(),
+            pod_cidr: node_pod_cidr(node),
+            internal_ip: node_internal_ip(node),
+        }
+    }
+
+    /// The node's pod CIDR and the address to reach it by, when it has both.
+    pub fn route(&self) -> Option<(Ipv4Network, Ipv4Addr)> {
+        Some((self.pod_cidr?, self.internal_ip?))
+    }
+
+    /// Why the node cannot be routed to, for a log line; `None` when it can.
+    pub fn unroutable(&self) -> Option<&'static str> {
+        match (self.pod_cidr, self.internal_ip) {
+            (Some(_), Some(_)) => None,
+            (None, Some(_)) => Some("no IPv4 pod CIDR"),
+            (Some(_), None) => Some("no IPv4 InternalIP"),
+            (None, None) => Some("no IPv4 pod CIDR and no IPv4 InternalIP"),
+        }
+    }
+
+    /// The smallest Node object carrying this view (what [`Cluster::objects`] returns).
+    pub fn to_node(&self) -> Node {
+        Node {
+            metadata: ObjectMeta {
+                name: Some(self.name.clone()),
+                ..ObjectMeta::default()
+            },
+            spec: self.pod_cidr.map(|cidr| NodeSpec {
+                pod_cidr: Some(cidr.to_string()),
+                pod_cidrs: Some(vec![cidr.to_string()]),
+                ..NodeSpec::default()
+            }),
+            status: self.internal_ip.map(|ip| NodeStatus {
+                addresses: Some(vec![NodeAddress {
+                    type_: NODE_INTERNAL_IP.to_string(),
+                    address: ip.to_string(),
+                }]),
+                ..NodeStatus::default()
+            }),
+        }
+    }
+}
+
+/// The `status.addresses[].type` of a node's address inside the cluster network.
+pub const NODE_INTERNAL_IP: &str = "InternalIP";
+
+/// A node's first IPv4 pod CIDR, from `spec.podCIDRs` or the older `spec.podCIDR`
+/// (normalised to its network address).
+pub fn node_pod_cidr(node: &Node) -> Option<Ipv4Network> {
+    let spec = node.spec.as_ref()?;
+    spec.pod_cidrs
+        .iter()
+        .flatten()
+        .chain(spec.pod_cidr.as_ref())
+        .find_map(|c| parse_cidr(c).ok())
+}
+
+/// A node's first IPv4 `InternalIP` from `status.addresses` (dual-stack nodes list one per
+/// family).
+pub fn node_internal_ip(node: &Node) -> Option<Ipv4Addr> {
+    node.status
+        .as_ref()?
+        .addresses
+        .iter()
+        .flatten()
+        .filter(|a| a.type_ == NODE_INTERNAL_IP)
+        .find_map(|a| a.address.parse().ok())
 }
 
 fn namespace_object(name: &str) -> Namespace {
@@ -78,6 +168,10 @@ impl Cluster {
                 self.ensure_namespace(&ns);
                 self.policies.insert((ns, np.metadata.name.clone().unwrap_or_default()), np);
             }
+            Object::Node(node) => {
+                let info = NodeInfo::from_node(&node);
+                self.nodes.insert(info.name.clone(), info);
+            }
         }
     }
 
@@ -99,15 +193,18 @@ impl Cluster {
             }
             Kind::Pod => self.pods.remove(&(ns(), r.name.clone())).is_some(),
             Kind::NetworkPolicy => self.policies.remove(&(ns(), r.name.clone())).is_some(),
+            Kind::Node => self.nodes.remove(&r.name).is_some(),
         }
     }
 
-    /// Every object: namespaces first, then pods, then policies (an order that applies cleanly).
+    /// Every object: namespaces first, then nodes (as [`NodeInfo::to_node`]), pods and
+    /// policies (an order that applies cleanly).
     pub fn objects(&self) -> Vec<Object> {
         self.namespaces
             .values()
             .cloned()
             .map(Object::Namespace)
+            .chain(self.nodes.values().map(|n| Object::Node(n.to_node())))
             .chain(self.pods.values().cloned().map(Object::Pod))
             .chain(self.policies.values().cloned().map(Object::NetworkPolicy))
             .collect()
@@ -124,6 +221,7 @@ impl Cluster {
                 Object::Namespace(x) => serde_yaml_ng::to_string(x),
                 Object::Pod(x) => serde_yaml_ng::to_string(x),
                 Object::NetworkPolicy(x) => serde_yaml_ng::to_string(x),
+                Object::Node(x) => serde_yaml_ng::to_string(x),
             };
             out.push_str("---\n");
             match doc {
@@ -147,6 +245,16 @@ impl Cluster {
     /// NetworkPolicies by (namespace, name).
     pub fn policies(&self) -> &BTreeMap<(String, String), NetworkPolicy> {
         &self.policies
+    }
+
+    /// Every node, routable or not, in name order.
+    pub fn nodes(&self) -> impl Iterator<Item = &NodeInfo> {
+        self.nodes.values()
+    }
+
+    /// A node by name.
+    pub fn node(&self, name: &str) -> Option<&NodeInfo> {
+        self.nodes.get(name)
     }
 
     /// A namespace by name.
@@ -395,6 +503,172 @@ spec:
         let text = format!("{GOOD}---\napiVersion: v1\nkind: Widget\nmetadata: {{name: w}}\n");
         let err = parse_documents(&text, "f.yaml").expect_err("widget is unknown");
         assert!(err.to_string().starts_with("f.yaml: document 6: "), "{err}");
+    }
+
+    const NODES: &str = r#"
+apiVersion: v1
+kind: Node
+metadata: {name: node-b, labels: {kubernetes.io/hostname: node-b}}
+spec: {podCIDR: 10.244.2.0/24}
+status:
+  addresses:
+  - {type: Hostname, address: node-b}
+  - {type: InternalIP, address: "fd00::2"}
+  - {type: InternalIP, address: 192.168.0.2}
+---
+apiVersion: v1
+kind: Node
+metadata: {name: node-a, namespace: ignored}
+spec: {podCIDR: "fd00:1::/64", podCIDRs: ["fd00:1::/64", 10.244.1.7/24]}
+status: {addresses: [{type: InternalIP, address: 192.168.0.1}]}
+---
+apiVersion: v1
+kind: Node
+metadata: {name: no-cidr}
+status: {addresses: [{type: InternalIP, address: 192.168.0.3}]}
+---
+apiVersion: v1
+kind: Node
+metadata: {name: v6-only}
+spec: {podCIDR: "fd00:4::/64"}
+status: {addresses: [{type: InternalIP, address: "fd00::4"}, {type: ExternalIP, address: 203.0.113.4}]}
+"#;
+
+    fn node(name: &str, cidr: Option<&str>, ip: Option<[u8; 4]>) -> NodeInfo {
+        NodeInfo {
+            name: name.into(),
+            pod_cidr: cidr.map(|c| c.parse().expect("test cidr")),
+            internal_ip: ip.map(Ipv4Addr::from),
+        }
+    }
+
+    #[test]
+    fn nodes_parse_into_their_routing_view() {
+        let objs = parse_documents(NODES, "nodes.yaml").expect("parses");
+        let refs: Vec<String> = objs.iter().map(|o| o.to_ref().to_string()).collect();
+        assert_eq!(refs, ["Node node-b", "Node node-a", "Node no-cidr", "Node v6-only"]);
+        assert!(objs.iter().all(|o| o.kind() == Kind::Node && o.namespace().is_none()));
+        let c = Cluster::from_objects(objs);
+        // In name order; the first IPv4 of each list, host bits cleared; IPv6 ignored.
+        assert_eq!(
+            c.nodes().cloned().collect::<Vec<_>>(),
+            [
+                node("no-cidr", None, Some([192, 168, 0, 3])),
+                node("node-a", Some("10.244.1.0/24"), Some([192, 168, 0, 1])),
+                node("node-b", Some("10.244.2.0/24"), Some([192, 168, 0, 2])),
+                node("v6-only", None, None),
+            ]
+        );
+        // Nodes without both addresses are kept, flagged for routing to skip.
+        let routes: Vec<_> = c.nodes().filter_map(|n| Some((n.name.as_str(), n.route()?))).collect();
+        assert_eq!(
+            routes,
+            [
+                ("node-a", ("10.244.1.0/24".parse().expect("cidr"), Ipv4Addr::new(192, 168, 0, 1))),
+                ("node-b", ("10.244.2.0/24".parse().expect("cidr"), Ipv4Addr::new(192, 168, 0, 2))),
+            ]
+        );
+        assert_eq!(c.node("no-cidr").and_then(NodeInfo::unroutable), Some("no IPv4 pod CIDR"));
+        assert_eq!(
+            c.node("v6-only").and_then(NodeInfo::unroutable),
+            Some("no IPv4 pod CIDR and no IPv4 InternalIP")
+        );
+        assert_eq!(node("x", Some("10.0.0.0/24"), None).unroutable(), Some("no IPv4 InternalIP"));
+        assert_eq!(c.node("node-a").and_then(NodeInfo::unroutable), None);
+    }
+
+    #[test]
+    fn nodes_round_trip_apply_replace_and_delete() {
+        let mut c = Cluster::from_objects(parse_documents(&format!("{GOOD}---\n{NODES}"), "all.yaml").expect("parses"));
+        let text = c.to_yaml();
+        let back = Cluster::from_objects(parse_documents(&text, "dump.yaml").expect("round trip parses"));
+        assert_eq!(back, c);
+        assert_eq!(back.nodes().count(), 4);
+
+        // A new pod CIDR replaces the old in place.
+        let moved = "apiVersion: v1\nkind: Node\nmetadata: {name: node-b}\nspec: {podCIDR: 10.244.9.0/24}\n";
+        for o in parse_documents(moved, "m.yaml").expect("parses") {
+            c.apply(o);
+        }
+        assert_eq!(c.node("node-b"), Some(&node("node-b", Some("10.244.9.0/24"), None)));
+        // Nodes are not namespaced: they neither create nor follow a namespace.
+        assert_eq!(c.namespaces().keys().collect::<Vec<_>>(), ["default", "x", "y"]);
+        let node_ref = ObjectRef {
+            kind: Kind::Node,
+            namespace: None,
+            name: "node-b".into(),
+        };
+        assert_eq!(node_ref.to_string(), "Node node-b");
+        assert!(c.delete(&node_ref));
+        assert!(!c.delete(&node_ref));
+        assert!(c.node("node-b").is_none());
+        assert_eq!(c.nodes().count(), 3);
+        assert_eq!(c.pods().len(), 2, "deleting a node leaves pods alone");
+    }
+
+    #[test]
+    fn node_errors_name_the_field() {
+        let doc = |body: &str| format!("apiVersion: v1\nkind: Node\nmetadata: {{name: n1}}\n{body}");
+        let cases: Vec<(String, &str)> = vec![
+            (
+                doc("spec: {podCIDR: x}\n"),
+                "demo.yaml: document 1: Node n1: spec.podCIDR: \"x\" is not an IPv4 or IPv6 CIDR",
+            ),
+            (
+                doc("spec: {podCIDR: 10.0.0.0/33}\n"),
+                "Node n1: spec.podCIDR: \"10.0.0.0/33\" is not an IPv4 or IPv6 CIDR",
+            ),
+            (
+                doc("spec: {podCIDR: 10.0.0.0}\n"),
+                "Node n1: spec.podCIDR: \"10.0.0.0\" is not an IPv4 or IPv6 CIDR",
+            ),
+            (
+                doc("spec: {podCIDR: \"fd00::\"}\n"),
+                "Node n1: spec.podCIDR: \"fd00::\" is not an IPv4 or IPv6 CIDR",
+            ),
+            (
+                doc("spec: {podCIDRs: [10.0.0.0/24, banana]}\n"),
+                "Node n1: spec.podCIDRs[1]: \"banana\" is not an IPv4 or IPv6 CIDR",
+            ),
+            (
+                doc("spec: {podCIDRs: [10.0.0.0/24, 10.1.0.0/24]}\n"),
+                "Node n1: spec.podCIDRs: may specify no more than one CIDR for each IP family",
+            ),
+            (
+                doc("spec: {podCIDR: 10.0.0.0/24, podCIDRs: [10.1.0.0/24]}\n"),
+                "Node n1: spec.podCIDRs[0]: \"10.1.0.0/24\" must equal spec.podCIDR \"10.0.0.0/24\"",
+            ),
+            (
+                doc("status: {addresses: [{type: Hostname, address: n1}, {type: InternalIP, address: 10.0.0.300}]}\n"),
+                "Node n1: status.addresses[1].address: \"10.0.0.300\" is not an ip address",
+            ),
+            (
+                doc("status: {addresses: [{type: ExternalIP, address: nope}]}\n"),
+                "Node n1: status.addresses[0].address: \"nope\"",
+            ),
+            (
+                doc("status: {addresses: [{type: InternalIP}]}\n"),
+                "Node n1: status.addresses[0].address: \"\" is not an ip address",
+            ),
+            (doc("spec: {podCIDR: [a]}\n"), "Node n1: spec.podCIDR: cannot decode"),
+            (
+                "apiVersion: v1\nkind: Node\nmetadata: {labels: {a: b}}\n".into(),
+                "Node <unnamed>: metadata.name: required",
+            ),
+            (
+                "apiVersion: v1\nkind: Node\nmetadata: {name: n1, labels: {\"a b\": c}}\n".into(),
+                "Node n1: metadata.labels: key \"a b\"",
+            ),
+            (
+                "apiVersion: v2\nkind: Node\nmetadata: {name: s}\n".into(),
+                "unsupported object kind \"Node\" apiVersion \"v2\" (expected v1 Namespace, v1 Node,",
+            ),
+        ];
+        for (text, want) in cases {
+            let err = parse_documents(&text, "demo.yaml").expect_err(want);
+            let msg = crate::error_chain(&err);
+            assert!(msg.contains(want), "got {msg:?}\nwant it to contain {want:?}");
+        }
     }
 
     #[test]

@@ -4,8 +4,10 @@
 use std::fmt;
 use std::net::{IpAddr, Ipv4Addr};
 
+use ipnetwork::IpNetwork;
+
 use ipnetwork::Ipv4Network;
-use k8s_openapi::api::core::v1::{Namespace, Pod};
+use k8s_openapi::api::core::v1::{Namespace, Node, Pod};
 use k8s_openapi::api::networking::v1::{NetworkPolicy, NetworkPolicyPeer, NetworkPolicyPort};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
@@ -31,7 +33,7 @@ pub enum ModelError {
     /// A document is not a supported kind.
     #[error(
         "{origin}: document {document}: unsupported object kind {kind:?} apiVersion {api_version:?} \
-         (expected v1 Namespace, v1 Pod or networking.k8s.io/v1 NetworkPolicy)"
+         (expected v1 Namespace, v1 Node, v1 Pod or networking.k8s.io/v1 NetworkPolicy)"
     )]
     UnknownKind {
         /// File or source the text came from.
@@ -83,6 +85,8 @@ pub enum Kind {
     Pod,
     /// `networking.k8s.io/v1 NetworkPolicy`.
     NetworkPolicy,
+    /// `v1 Node`.
+    Node,
 }
 
 impl fmt::Display for Kind {
@@ -91,6 +95,7 @@ impl fmt::Display for Kind {
             Kind::Namespace => "Namespace",
             Kind::Pod => "Pod",
             Kind::NetworkPolicy => "NetworkPolicy",
+            Kind::Node => "Node",
         })
     }
 }
@@ -108,6 +113,8 @@ pub enum Object {
     Pod(Pod),
     /// A NetworkPolicy.
     NetworkPolicy(NetworkPolicy),
+    /// A Node (the model keeps what routing reads: see [`super::NodeInfo`]).
+    Node(Node),
 }
 
 impl Object {
@@ -117,6 +124,7 @@ impl Object {
             Object::Namespace(_) => Kind::Namespace,
             Object::Pod(_) => Kind::Pod,
             Object::NetworkPolicy(_) => Kind::NetworkPolicy,
+            Object::Node(_) => Kind::Node,
         }
     }
 
@@ -125,13 +133,14 @@ impl Object {
             Object::Namespace(o) => &o.metadata,
             Object::Pod(o) => &o.metadata,
             Object::NetworkPolicy(o) => &o.metadata,
+            Object::Node(o) => &o.metadata,
         }
     }
 
-    /// The namespace of a namespaced object (`None` for a Namespace).
+    /// The namespace of a namespaced object (`None` for a Namespace or Node).
     pub fn namespace(&self) -> Option<&str> {
         match self {
-            Object::Namespace(_) => None,
+            Object::Namespace(_) | Object::Node(_) => None,
             _ => Some(self.metadata().namespace.as_deref().unwrap_or(DEFAULT_NAMESPACE)),
         }
     }
@@ -206,6 +215,7 @@ fn parse_value(value: serde_yaml_ng::Value, origin: &str, document: usize) -> Re
         ("Namespace", "v1") => Kind::Namespace,
         ("Pod", "v1") => Kind::Pod,
         ("NetworkPolicy", "networking.k8s.io/v1") => Kind::NetworkPolicy,
+        ("Node", "v1") => Kind::Node,
         _ => {
             return Err(ModelError::UnknownKind {
                 origin: origin.to_string(),
@@ -218,7 +228,7 @@ fn parse_value(value: serde_yaml_ng::Value, origin: &str, document: usize) -> Re
     let object_name = {
         let n = name.as_deref().unwrap_or("<unnamed>");
         match (kind_enum, namespace.as_deref()) {
-            (Kind::Namespace, _) => format!("{kind_enum} {n}"),
+            (Kind::Namespace | Kind::Node, _) => format!("{kind_enum} {n}"),
             (_, ns) => format!("{kind_enum} {}/{n}", ns.unwrap_or(DEFAULT_NAMESPACE)),
         }
     };
@@ -233,6 +243,7 @@ fn parse_value(value: serde_yaml_ng::Value, origin: &str, document: usize) -> Re
         Kind::Namespace => Object::Namespace(serde_path_to_error::deserialize(value).map_err(decode_err)?),
         Kind::Pod => Object::Pod(serde_path_to_error::deserialize(value).map_err(decode_err)?),
         Kind::NetworkPolicy => Object::NetworkPolicy(serde_path_to_error::deserialize(value).map_err(decode_err)?),
+        Kind::Node => Object::Node(serde_path_to_error::deserialize(value).map_err(decode_err)?),
     };
     let invalid = |source: FieldError| ModelError::Invalid {
         origin: origin.to_string(),
@@ -259,6 +270,12 @@ fn parse_value(value: serde_yaml_ng::Value, origin: &str, document: usize) -> Re
             validate_meta(&np.metadata).map_err(invalid)?;
             validate_network_policy(np).map_err(invalid)?;
         }
+        Object::Node(node) => {
+            // Nodes are cluster-scoped, like Namespaces.
+            node.metadata.namespace = None;
+            validate_meta(&node.metadata).map_err(invalid)?;
+            validate_node(node).map_err(invalid)?;
+        }
     }
     Ok(object)
 }
@@ -284,6 +301,56 @@ fn validate_pod(pod: &Pod) -> Result<(), FieldError> {
             if let Some(proto) = &port.protocol {
                 check_protocol(proto).map_err(|m| FieldError::new(format!("{at}.protocol"), m))?;
             }
+        }
+    }
+    Ok(())
+}
+
+/// Checks the fields of a Node the model reads, as the API server does: every pod CIDR is
+/// a CIDR, at most one per IP family, and `spec.podCIDR` is `spec.podCIDRs[0]` when both
+/// are set; an InternalIP or ExternalIP is an IP address. IPv6 values are valid (the model
+/// ignores them).
+pub fn validate_node(node: &Node) -> Result<(), FieldError> {
+    let any_cidr = |field: &str, text: &str| {
+        if parse_cidr(text).is_ok() || (text.contains('/') && text.parse::<IpNetwork>().is_ok_and(|n| n.is_ipv6())) {
+            Ok(())
+        } else {
+            Err(FieldError::new(field, format!("{text:?} is not an IPv4 or IPv6 CIDR")))
+        }
+    };
+    if let Some(spec) = &node.spec {
+        if let Some(cidr) = &spec.pod_cidr {
+            any_cidr("spec.podCIDR", cidr)?;
+        }
+        let cidrs = spec.pod_cidrs.as_deref().unwrap_or_default();
+        for (i, cidr) in cidrs.iter().enumerate() {
+            any_cidr(&format!("spec.podCIDRs[{i}]"), cidr)?;
+        }
+        let v4 = cidrs.iter().filter(|c| parse_cidr(c).is_ok()).count();
+        if v4 > 1 || cidrs.len() - v4 > 1 {
+            return Err(FieldError::new(
+                "spec.podCIDRs",
+                "may specify no more than one CIDR for each IP family",
+            ));
+        }
+        if let (Some(single), Some(first)) = (&spec.pod_cidr, cidrs.first()) {
+            if single != first {
+                return Err(FieldError::new(
+                    "spec.podCIDRs[0]",
+                    format!("{first:?} must equal spec.podCIDR {single:?}"),
+                ));
+            }
+        }
+    }
+    for (i, address) in node.status.iter().flat_map(|s| s.addresses.iter().flatten()).enumerate() {
+        if matches!(address.type_.as_str(), "InternalIP" | "ExternalIP") {
+            let ip = &address.address;
+            ip.parse::<IpAddr>().map_err(|e| {
+                FieldError::new(
+                    format!("status.addresses[{i}].address"),
+                    format!("{ip:?} is not an ip address: {e}"),
+                )
+            })?;
         }
     }
     Ok(())

@@ -1,6 +1,6 @@
 //! The Kubernetes source: kube-rs watchers on Pods (all namespaces), Namespaces,
-//! NetworkPolicies and this node's Node feed stores that [`KubeSource::poll`] turns into a
-//! [`Cluster`].
+//! NetworkPolicies and Nodes feed stores that [`KubeSource::poll`] turns into a [`Cluster`];
+//! this node's own Node also gives its pod CIDR ([`Source::pod_cidr`]).
 //!
 //! Each watcher lists, then watches from the list's resourceVersion with bookmarks; on a
 //! `410 Gone` it re-lists by itself, on any other error it backs off (client-go's schedule:
@@ -125,23 +125,15 @@ enum ObjectError {
     },
 }
 
-/// What the model keeps of one API object.
-#[derive(Clone, Debug, PartialEq)]
-enum Item {
-    /// A Namespace, Pod or NetworkPolicy, reduced to the fields the compiler reads.
-    Object(Box<Object>),
-    /// This node's pod CIDR.
-    PodCidr(Option<Ipv4Network>),
-}
-
 /// (namespace, name); the namespace is empty for cluster-scoped kinds.
 type Key = (String, String);
 
 #[derive(Debug, Default)]
 struct KindStore {
-    items: BTreeMap<Key, Item>,
+    /// Objects reduced to the fields the model reads.
+    items: BTreeMap<Key, Object>,
     /// Objects of a list in progress; they replace `items` only once the list completes.
-    listing: Option<BTreeMap<Key, Item>>,
+    listing: Option<BTreeMap<Key, Object>>,
     synced: bool,
 }
 
@@ -200,22 +192,20 @@ impl Stores {
 
     fn cluster(&self) -> Cluster {
         // Namespaces first, so a pod never creates a label-less stand-in for its namespace.
-        let objects = [Watched::Namespace, Watched::Pod, Watched::NetworkPolicy]
+        let objects = [Watched::Namespace, Watched::Node, Watched::Pod, Watched::NetworkPolicy]
             .iter()
             .filter_map(|k| self.kinds.get(k))
             .flat_map(|s| s.items.values())
-            .filter_map(|item| match item {
-                Item::Object(o) => Some(Object::clone(o)),
-                Item::PodCidr(_) => None,
-            });
+            .cloned();
         Cluster::from_objects(objects)
     }
 
-    fn pod_cidr(&self) -> Option<Ipv4Network> {
-        self.kinds.get(&Watched::Node)?.items.values().find_map(|item| match item {
-            Item::PodCidr(cidr) => *cidr,
-            Item::Object(_) => None,
-        })
+    /// The pod CIDR of the Node named `node_name`.
+    fn pod_cidr(&self, node_name: &str) -> Option<Ipv4Network> {
+        match self.kinds.get(&Watched::Node)?.items.get(&(String::new(), node_name.to_string()))? {
+            Object::Node(node) => model::node_pod_cidr(node),
+            _ => None,
+        }
     }
 }
 
@@ -227,7 +217,7 @@ fn key_of(obj: &DynamicObject) -> Key {
 }
 
 /// Decodes and reduces one object; `None` (logged when it is an error) leaves it out.
-fn convert(kind: Watched, obj: DynamicObject) -> Option<Item> {
+fn convert(kind: Watched, obj: DynamicObject) -> Option<Object> {
     let object = match &obj.metadata.namespace {
         Some(ns) => format!("{kind} {ns}/{}", obj.metadata.name.as_deref().unwrap_or("<unnamed>")),
         None => format!("{kind} {}", obj.metadata.name.as_deref().unwrap_or("<unnamed>")),
@@ -241,7 +231,7 @@ fn convert(kind: Watched, obj: DynamicObject) -> Option<Item> {
     }
 }
 
-fn decode(kind: Watched, obj: DynamicObject, object: &str) -> Result<Option<Item>, ObjectError> {
+fn decode(kind: Watched, obj: DynamicObject, object: &str) -> Result<Option<Object>, ObjectError> {
     let decode_err = |field: String, source| ObjectError::Decode {
         object: object.to_string(),
         field,
@@ -255,20 +245,14 @@ fn decode(kind: Watched, obj: DynamicObject, object: &str) -> Result<Option<Item
     Ok(match kind {
         Watched::Namespace => {
             let ns: Namespace = typed(value).map_err(path_err)?;
-            Some(Item::Object(Box::new(Object::Namespace(Namespace {
+            Some(Object::Namespace(Namespace {
                 metadata: slim_meta(ns.metadata),
                 ..Namespace::default()
-            }))))
+            }))
         }
-        Watched::Pod => slim_pod(typed(value).map_err(path_err)?).map(|p| Item::Object(Box::new(Object::Pod(p)))),
-        Watched::NetworkPolicy => {
-            let np = enforceable_policy(typed(value).map_err(path_err)?, object)?;
-            Some(Item::Object(Box::new(Object::NetworkPolicy(np))))
-        }
-        Watched::Node => {
-            let node: Node = typed(value).map_err(path_err)?;
-            Some(Item::PodCidr(node_pod_cidr(&node)))
-        }
+        Watched::Pod => slim_pod(typed(value).map_err(path_err)?).map(Object::Pod),
+        Watched::NetworkPolicy => Some(Object::NetworkPolicy(enforceable_policy(typed(value).map_err(path_err)?, object)?)),
+        Watched::Node => Some(Object::Node(slim_node(&typed(value).map_err(path_err)?))),
     })
 }
 
@@ -379,18 +363,17 @@ fn enforceable_policy(np: NetworkPolicy, object: &str) -> Result<NetworkPolicy, 
     }
 }
 
-/// The node's first IPv4 pod CIDR, from `spec.podCIDRs` or the older `spec.podCIDR`.
-fn node_pod_cidr(node: &Node) -> Option<Ipv4Network> {
-    let spec = node.spec.as_ref()?;
-    spec.pod_cidrs
-        .iter()
-        .flatten()
-        .chain(spec.pod_cidr.as_ref())
-        .find_map(|c| model::parse_cidr(c).ok())
+/// A node reduced to its name, first IPv4 pod CIDR and first IPv4 InternalIP: what routing
+/// and this node's IPAM read. Dropping the rest (conditions, heartbeats, images, labels)
+/// makes the frequent status updates compare equal, so they wake nothing.
+fn slim_node(node: &Node) -> Node {
+    model::NodeInfo::from_node(node).to_node()
 }
 
 /// A [`Source`] fed by Kubernetes watchers running on the agent's tokio runtime.
 pub struct KubeSource {
+    /// This node's name: whose pod CIDR [`Source::pod_cidr`] reports.
+    node_name: String,
     stores: Arc<Mutex<Stores>>,
     failures: Arc<AtomicU64>,
     /// Signalled by the watchers on every change of the stores.
@@ -415,7 +398,8 @@ fn lock(stores: &Mutex<Stores>) -> MutexGuard<'_, Stores> {
 }
 
 impl KubeSource {
-    /// Starts the watchers for `node_name` on the current tokio runtime.
+    /// Starts the watchers (every node's included) for the agent of `node_name` on the
+    /// current tokio runtime.
     ///
     /// Must be called from within a runtime (`Runtime::enter` or an async context).
     pub fn start(client: kube::Client, node_name: &str, options: KubeSourceOptions) -> Self {
@@ -427,14 +411,12 @@ impl KubeSource {
             .iter()
             .map(|&kind| {
                 let api = Api::<DynamicObject>::all_with(client.clone(), &kind.api_resource());
-                let mut config = watcher::Config::default().timeout(timeout);
-                if kind == Watched::Node {
-                    config = config.fields(&format!("metadata.name={node_name}"));
-                }
+                let config = watcher::Config::default().timeout(timeout);
                 tokio::spawn(watch(kind, api, config, stores.clone(), failures.clone(), changes.clone()))
             })
             .collect();
         KubeSource {
+            node_name: node_name.to_string(),
             stores,
             failures,
             changes,
@@ -500,7 +482,7 @@ impl Source for KubeSource {
     }
 
     fn pod_cidr(&self) -> Option<Ipv4Network> {
-        lock(&self.stores).pod_cidr()
+        lock(&self.stores).pod_cidr(&self.node_name)
     }
 
     fn failures(&self) -> u64 {
@@ -543,5 +525,58 @@ mod tests {
         // A relist that finds what the store holds changes nothing.
         assert!(!s.apply(kind, Event::Init));
         assert!(!s.apply(kind, Event::InitDone));
+    }
+
+    /// A Node as the API server sends it; `version` (a digit) moves its resourceVersion and
+    /// heartbeat.
+    fn node(name: &str, cidrs: &[&str], addresses: &[(&str, &str)], version: &str) -> DynamicObject {
+        let value = serde_json::json!({
+            "apiVersion": "v1",
+            "kind": "Node",
+            "metadata": {"name": name, "resourceVersion": version, "labels": {"kubernetes.io/hostname": name}},
+            "spec": {"podCIDRs": cidrs},
+            "status": {
+                "addresses": addresses.iter().map(|(t, a)| serde_json::json!({"type": t, "address": a})).collect::<Vec<_>>(),
+                "conditions": [{"type": "Ready", "status": "True", "lastHeartbeatTime": format!("2026-01-10T09:0{version}:00Z")}],
+            },
+        });
+        serde_json::from_value(value).expect("a node object")
+    }
+
+    /// Every node reaches the model slimmed to its routing view, and this node's pod CIDR is
+    /// found by name among them.
+    #[test]
+    fn nodes_reach_the_model_and_give_this_nodes_pod_cidr() {
+        let mut s = Stores::default();
+        let kind = Watched::Node;
+        let a = |t: &str| node("node-a", &["fd00:1::/64", "10.244.1.0/24"], &[("InternalIP", "192.168.0.1")], t);
+        let b = |cidr: &str, t: &str| node("node-b", &[cidr], &[("InternalIP", "fd00::2"), ("InternalIP", "192.168.0.2")], t);
+        assert!(!s.apply(kind, Event::Init));
+        assert!(!s.apply(kind, Event::InitApply(b("10.244.2.0/24", "1"))));
+        assert!(!s.apply(kind, Event::InitApply(a("1"))));
+        assert!(s.apply(kind, Event::InitDone));
+        assert_eq!(s.pod_cidr("node-a"), "10.244.1.0/24".parse().ok());
+        assert_eq!(s.pod_cidr("node-b"), "10.244.2.0/24".parse().ok());
+        assert_eq!(s.pod_cidr("node-z"), None);
+        let nodes: Vec<model::NodeInfo> = s.cluster().nodes().cloned().collect();
+        let info = |name: &str, cidr: &str, ip: [u8; 4]| model::NodeInfo {
+            name: name.into(),
+            pod_cidr: cidr.parse().ok(),
+            internal_ip: Some(ip.into()),
+        };
+        assert_eq!(
+            nodes,
+            [
+                info("node-a", "10.244.1.0/24", [192, 168, 0, 1]),
+                info("node-b", "10.244.2.0/24", [192, 168, 0, 2])
+            ]
+        );
+        // A heartbeat (status and resourceVersion only) is no change; a new pod CIDR is.
+        assert!(!s.apply(kind, Event::Apply(b("10.244.2.0/24", "2"))));
+        assert!(s.apply(kind, Event::Apply(b("10.244.9.0/24", "3"))));
+        assert_eq!(s.cluster().node("node-b").and_then(|n| n.pod_cidr), "10.244.9.0/24".parse().ok());
+        assert!(s.apply(kind, Event::Delete(b("10.244.9.0/24", "4"))));
+        assert!(s.cluster().node("node-b").is_none());
+        assert_eq!(s.pod_cidr("node-a"), "10.244.1.0/24".parse().ok());
     }
 }
