@@ -63,3 +63,51 @@ impl Source for FileSource {
         Ok(Some(Cluster::from_objects(objects)))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Removes its directory when dropped, whether the test passed or not.
+    struct TempDir(PathBuf);
+
+    impl Drop for TempDir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    #[test]
+    fn nodes_in_manifests_reach_the_model_and_bad_ones_fail_the_poll() {
+        let dir = TempDir(std::env::temp_dir().join(format!("bulkhead-files-nodes-{}", std::process::id())));
+        let _ = std::fs::remove_dir_all(&dir.0);
+        std::fs::create_dir_all(&dir.0).expect("temp dir");
+        let nodes = "apiVersion: v1\nkind: Node\nmetadata: {name: node-b}\nspec: {podCIDR: 10.244.2.0/24}\n\
+                     status: {addresses: [{type: InternalIP, address: 192.168.0.2}]}\n---\n\
+                     apiVersion: v1\nkind: Node\nmetadata: {name: node-a}\nspec: {podCIDRs: [10.244.1.0/24]}\n";
+        std::fs::write(dir.0.join("nodes.yaml"), nodes).expect("write");
+        let mut source = FileSource::new(&dir.0);
+        let cluster = source.poll(false).expect("valid manifests").expect("a first model");
+        let table: Vec<String> = cluster
+            .nodes()
+            .map(|n| format!("{} {:?} {:?}", n.name, n.pod_cidr.map(|c| c.to_string()), n.internal_ip))
+            .collect();
+        assert_eq!(
+            table,
+            [
+                "node-a Some(\"10.244.1.0/24\") None",
+                "node-b Some(\"10.244.2.0/24\") Some(192.168.0.2)",
+            ]
+        );
+        assert_eq!(cluster.node("node-a").and_then(|n| n.unroutable()), Some("no IPv4 InternalIP"));
+
+        std::fs::write(
+            dir.0.join("nodes.yaml"),
+            "apiVersion: v1\nkind: Node\nmetadata: {name: n}\nspec: {podCIDR: x}\n",
+        )
+        .expect("write");
+        let err = source.poll(true).expect_err("an invalid pod cidr");
+        let msg = crate::error_chain(&err);
+        assert!(msg.contains("Node n: spec.podCIDR: \"x\" is not an IPv4 or IPv6 CIDR"), "{msg}");
+    }
+}
