@@ -160,6 +160,22 @@ fn icmp_echo(src: Ipv4Addr, dst: Ipv4Addr, kind: u8, id: u16) -> Vec<u8> {
 /// Runs `program` on `packet`; returns the TC action and checks that exactly the counter of
 /// `reason` in `dir` moved, by one packet.
 fn run(f: &mut Fixture, program: &'static str, packet: &[u8], reason: DropReason) -> i32 {
+    run_marked(f, program, packet, 0, reason)
+}
+
+/// The `struct __sk_buff` a test run starts from, with only `mark` set: `BPF_PROG_TEST_RUN`
+/// takes a prefix of it and rejects non-zero fields it does not copy into the skb
+/// (`convert___skb_to_skb` in net/bpf/test_run.c; `mark` is one it copies).
+fn skb_ctx_with_mark(mark: u32) -> [u8; 12] {
+    // struct __sk_buff { __u32 len; __u32 pkt_type; __u32 mark; ... } (uapi/linux/bpf.h).
+    let mut ctx = [0u8; 12];
+    ctx[8..12].copy_from_slice(&mark.to_ne_bytes());
+    ctx
+}
+
+/// As [`run`], with the skb mark set to `mark` (0: no context passed at all).
+fn run_marked(f: &mut Fixture, program: &'static str, packet: &[u8], mark: u32, reason: DropReason) -> i32 {
+    let ctx = skb_ctx_with_mark(mark);
     let dir = if program == program_names::FROM_POD {
         direction::EGRESS
     } else {
@@ -170,6 +186,7 @@ fn run(f: &mut Fixture, program: &'static str, packet: &[u8], reason: DropReason
     let result = prog
         .test_run(TestRunOptions {
             data_in: Some(packet),
+            ctx_in: (mark != 0).then_some(&ctx[..]),
             ..TestRunOptions::default()
         })
         .expect("BPF_PROG_TEST_RUN");
@@ -482,6 +499,107 @@ fn the_pods_own_node_is_always_allowed() {
         vec![
             (verdict::FORWARDED, identity::HOST, rule_id::NONE),
             (verdict::FORWARDED, identity::HOST, rule_id::NONE)
+        ]
+    );
+}
+
+/// Sets the ipcache entry `addr/prefix` to `id`.
+fn ipcache(f: &mut Fixture, addr: Ipv4Addr, prefix: u8, id: u32) {
+    f.dp.maps
+        .set_ipcache(addr, prefix, &IpcacheValue { identity: id, flags: 0 })
+        .unwrap();
+}
+
+/// An ingress rule on the fixture's endpoint: from `remote`, any protocol and port.
+fn allow_ingress_from(f: &mut Fixture, remote: u32, rule: u32) {
+    f.dp.maps
+        .set_policy(
+            &PolicyKey::new(10, remote, direction::INGRESS, 0, 0),
+            POLICY_PREFIX_ANY_PROTO,
+            &PolicyValue { rule_id: rule, flags: 0 },
+        )
+        .unwrap();
+}
+
+const NODE: Ipv4Addr = Ipv4Addr::new(10, 0, 9, 1);
+
+/// (verdict, reason, remote identity, rule) of every waiting flow record.
+fn verdicts(f: &mut Fixture) -> Vec<(u8, u8, u32, u32)> {
+    f.drain()
+        .iter()
+        .map(|e| (e.verdict, e.reason, e.remote_identity, e.rule_id))
+        .collect()
+}
+
+#[test]
+fn traffic_kube_proxy_masquerades_to_the_node_address_is_world_not_host() {
+    let mut f = fixture("masq-world", ISOLATED);
+    ipcache(&mut f, NODE, 32, identity::HOST);
+    let mark = bulkhead_common::KUBE_PROXY_MASQ_MARK;
+    assert_eq!(mark, 0x4000);
+    // A NodePort client, masqueraded to the node's address: the pod is default deny.
+    let syn = tcp_flags(NODE, 5555, POD, 8080, SYN);
+    assert_eq!(
+        run_marked(&mut f, program_names::TO_POD, &syn, mark, DropReason::PolicyDenied),
+        TC_ACT_SHOT
+    );
+    // Other mark bits (kube-proxy's 0x8000 drop bit) change nothing.
+    let syn = tcp_flags(NODE, 5556, POD, 8080, SYN);
+    assert_eq!(
+        run_marked(&mut f, program_names::TO_POD, &syn, mark | 0x8001, DropReason::PolicyDenied),
+        TC_ACT_SHOT
+    );
+    // The node itself (a kubelet probe, no mark) is still HOST and allowed.
+    let probe = tcp_flags(NODE, 5557, POD, 8080, SYN);
+    assert_eq!(
+        run_marked(&mut f, program_names::TO_POD, &probe, 0x8000, DropReason::Forwarded),
+        TC_ACT_OK
+    );
+    let drop = (verdict::DROPPED, DropReason::PolicyDenied as u8, identity::WORLD, rule_id::NONE);
+    assert_eq!(
+        verdicts(&mut f),
+        vec![
+            drop,
+            drop,
+            (verdict::FORWARDED, DropReason::Forwarded as u8, identity::HOST, rule_id::NONE)
+        ]
+    );
+}
+
+#[test]
+fn masqueraded_traffic_meets_ingress_policy_like_any_outside_address() {
+    let mut f = fixture("masq-ipblock", ISOLATED);
+    // ipBlock identities as the compiler makes them: the node's own /24 (rule 21), and
+    // 0.0.0.0/0 (rule 20). The node's /32 is HOST.
+    ipcache(&mut f, Ipv4Addr::UNSPECIFIED, 0, 400);
+    ipcache(&mut f, Ipv4Addr::new(10, 0, 9, 0), 24, 401);
+    ipcache(&mut f, NODE, 32, identity::HOST);
+    let mark = bulkhead_common::KUBE_PROXY_MASQ_MARK;
+    allow_ingress_from(&mut f, 401, 21);
+    // The real client is unknown: an ipBlock around the node's address does not cover it.
+    let syn = tcp_flags(NODE, 6000, POD, 8080, SYN);
+    assert_eq!(
+        run_marked(&mut f, program_names::TO_POD, &syn, mark, DropReason::PolicyDenied),
+        TC_ACT_SHOT
+    );
+    // ipBlock 0.0.0.0/0 covers every client.
+    allow_ingress_from(&mut f, 400, 20);
+    let syn = tcp_flags(NODE, 6001, POD, 8080, SYN);
+    assert_eq!(
+        run_marked(&mut f, program_names::TO_POD, &syn, mark, DropReason::Forwarded),
+        TC_ACT_OK
+    );
+    // kube-proxy marks only a connection's first packet (later ones skip the nat table):
+    // the rest of the flow and the pod's replies pass on conntrack.
+    let ack = tcp_flags(NODE, 6001, POD, 8080, ACK);
+    assert_eq!(run(&mut f, program_names::TO_POD, &ack, DropReason::Forwarded), TC_ACT_OK);
+    let reply = tcp_flags(POD, 8080, NODE, 6001, SYN | ACK);
+    assert_eq!(run(&mut f, program_names::FROM_POD, &reply, DropReason::Forwarded), TC_ACT_OK);
+    assert_eq!(
+        verdicts(&mut f),
+        vec![
+            (verdict::DROPPED, DropReason::PolicyDenied as u8, 400, rule_id::NONE),
+            (verdict::FORWARDED, DropReason::Forwarded as u8, 400, 20),
         ]
     );
 }
