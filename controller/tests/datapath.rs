@@ -549,6 +549,18 @@ fn traffic_kube_proxy_masquerades_to_the_node_address_is_world_not_host() {
         run_marked(&mut f, program_names::TO_POD, &syn, mark | 0x8001, DropReason::PolicyDenied),
         TC_ACT_SHOT
     );
+    // The agent's own mark for connections the node source-NATed says the same.
+    let syn = tcp_flags(NODE, 5558, POD, 8080, SYN);
+    assert_eq!(
+        run_marked(
+            &mut f,
+            program_names::TO_POD,
+            &syn,
+            bulkhead_common::SNAT_MARK,
+            DropReason::PolicyDenied
+        ),
+        TC_ACT_SHOT
+    );
     // The node itself (a kubelet probe, no mark) is still HOST and allowed.
     let probe = tcp_flags(NODE, 5557, POD, 8080, SYN);
     assert_eq!(
@@ -559,6 +571,7 @@ fn traffic_kube_proxy_masquerades_to_the_node_address_is_world_not_host() {
     assert_eq!(
         verdicts(&mut f),
         vec![
+            drop,
             drop,
             drop,
             (verdict::FORWARDED, DropReason::Forwarded as u8, identity::HOST, rule_id::NONE)

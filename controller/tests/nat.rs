@@ -206,3 +206,131 @@ fn topology_cleans_up_its_namespaces() {
     }
     assert!(names.iter().all(|n| !netns::named_path(n).exists()));
 }
+
+/// Runs `iptables -t nat ARGS` in the node namespace.
+fn iptables_nat(t: &Topology, args: &[&str]) {
+    let mut all = vec!["netns", "exec", t.names[1].as_str(), "iptables", "-t", "nat"];
+    all.extend_from_slice(args);
+    ip(&all);
+}
+
+/// kube-proxy's iptables rules for one NodePort (pkg/proxy/iptables/proxier.go): mark the
+/// first packet 0x4000 in the nat table, DNAT it to the pod, and in KUBE-POSTROUTING clear
+/// the mark and masquerade.
+fn kube_proxy_nodeport(t: &Topology, node_port: u16, pod_port: u16) {
+    let (node_port, to) = (node_port.to_string(), format!("{POD_IP}:{pod_port}"));
+    iptables_nat(t, &["-N", "KUBE-MARK-MASQ"]);
+    iptables_nat(t, &["-A", "KUBE-MARK-MASQ", "-j", "MARK", "--or-mark", "0x4000"]);
+    iptables_nat(t, &["-N", "KUBE-POSTROUTING"]);
+    iptables_nat(
+        t,
+        &[
+            "-A",
+            "KUBE-POSTROUTING",
+            "-m",
+            "mark",
+            "!",
+            "--mark",
+            "0x4000/0x4000",
+            "-j",
+            "RETURN",
+        ],
+    );
+    iptables_nat(t, &["-A", "KUBE-POSTROUTING", "-j", "MARK", "--xor-mark", "0x4000"]);
+    iptables_nat(t, &["-A", "KUBE-POSTROUTING", "-j", "MASQUERADE"]);
+    iptables_nat(t, &["-A", "POSTROUTING", "-j", "KUBE-POSTROUTING"]);
+    iptables_nat(t, &["-A", "PREROUTING", "-p", "tcp", "--dport", &node_port, "-j", "KUBE-MARK-MASQ"]);
+    iptables_nat(
+        t,
+        &[
+            "-A",
+            "PREROUTING",
+            "-p",
+            "tcp",
+            "--dport",
+            &node_port,
+            "-j",
+            "DNAT",
+            "--to-destination",
+            &to,
+        ],
+    );
+}
+
+/// Packets counted by the rule commented `label` in the node's `netdev probe` table.
+fn probe_count(t: &Topology, label: &str) -> u64 {
+    let out = t
+        .in_node(|| Command::new("nft").args(["list", "table", "netdev", "probe"]).output())
+        .expect("nft list");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let line = text
+        .lines()
+        .find(|l| l.contains(&format!("comment \"{label}\"")))
+        .unwrap_or_else(|| panic!("no rule {label} in {text}"));
+    let packets = line.split("packets ").nth(1).and_then(|r| r.split_whitespace().next()).unwrap();
+    packets.parse().unwrap()
+}
+
+/// One NodePort connection from the world to the pod, a few segments each way.
+fn nodeport_exchange(t: &Topology, node_port: u16, listener: &TcpListener) -> Ipv4Addr {
+    let mut client = netns::run_in(&t.world, || {
+        TcpStream::connect_timeout(&SocketAddr::from((NODE_WORLD_SIDE, node_port)), Duration::from_secs(3))
+    })
+    .unwrap()
+    .expect("connect to the NodePort");
+    let (mut served, peer) = listener.accept().expect("accept");
+    for _ in 0..3 {
+        client.write_all(b"ping").unwrap();
+        let mut buf = [0u8; 4];
+        served.read_exact(&mut buf).unwrap();
+        served.write_all(b"pong").unwrap();
+        client.read_exact(&mut buf).unwrap();
+    }
+    let SocketAddr::V4(peer) = peer else { panic!("peer {peer}") };
+    *peer.ip()
+}
+
+#[test]
+fn traffic_kube_proxy_masquerades_to_a_pod_carries_the_snat_mark_on_every_packet() {
+    let t = topology("nodeport");
+    kube_proxy_nodeport(&t, 30080, 8080);
+    // What TC egress on the pod's veth would see: nft's netdev egress hook runs just before
+    // it on the same device, with the same mark.
+    let probe = "table netdev probe {
+        chain eg {
+            type filter hook egress device topod priority 0;
+            meta l4proto tcp meta mark & 0x4000 == 0x4000 counter comment \"kube\"
+            meta l4proto tcp meta mark & 0x1000 == 0x1000 counter comment \"snat\"
+            meta l4proto tcp counter comment \"all\"
+        }
+    }";
+    t.in_node(|| {
+        let mut child = Command::new("nft")
+            .args(["-f", "-"])
+            .stdin(std::process::Stdio::piped())
+            .spawn()
+            .expect("nft");
+        child.stdin.take().unwrap().write_all(probe.as_bytes()).unwrap();
+        assert!(child.wait().unwrap().success(), "probe table");
+    });
+    let listener = netns::run_in(&t.pod, || TcpListener::bind((POD_IP, 8080)))
+        .unwrap()
+        .expect("bind in pod");
+
+    // kube-proxy alone: the pod sees the node's address, and no packet keeps its mark.
+    assert_eq!(nodeport_exchange(&t, 30080, &listener), NODE_POD_SIDE);
+    let all = probe_count(&t, "all");
+    assert!(all >= 5, "handshake and data reached the pod: {all}");
+    assert_eq!(probe_count(&t, "kube"), 0, "kube-proxy clears 0x4000 before the packet leaves");
+    assert_eq!(probe_count(&t, "snat"), 0);
+
+    // With the agent's table, every packet of the next connection carries the SNAT mark.
+    let masq = Masquerade::new();
+    t.in_node(|| masq.reconcile(&config(&[]))).expect("reconcile");
+    assert_eq!(nodeport_exchange(&t, 30080, &listener), NODE_POD_SIDE);
+    let (all_after, snat) = (probe_count(&t, "all"), probe_count(&t, "snat"));
+    assert!(all_after - all >= 5, "second connection reached the pod");
+    assert_eq!(snat, all_after - all, "every packet of the masqueraded connection is marked");
+    assert_eq!(probe_count(&t, "kube"), 0);
+    t.in_node(|| masq.remove()).expect("remove");
+}

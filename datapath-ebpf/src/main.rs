@@ -238,8 +238,9 @@ fn policy_verdict(ep: &EndpointInfo, dir: u8, remote: [u8; 4], mark: u32, l3: &L
     } else {
         (endpoint_flags::ISOLATED_INGRESS, endpoint_flags::AUDIT_INGRESS)
     };
-    // A packet kube-proxy masquerades to the node's address for a client elsewhere resolves
-    // as an unknown address would (prefix 0), never to the node's HOST identity.
+    // A packet the node masquerades to its own address for a client elsewhere (kube-proxy's
+    // mark, or the agent's SNAT mark) resolves as an unknown address would (prefix 0),
+    // never to the node's HOST identity.
     let remote_identity = IPCACHE
         .get(Key::new(remote_lookup_prefix(dir, mark), Ipv4Key { addr: remote }))
         .map_or(identity::WORLD, |v| v.identity);

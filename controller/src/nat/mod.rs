@@ -9,6 +9,16 @@
 //! ip saddr @cluster ip daddr != @cluster ip daddr != @nomasq ip daddr != @nodes masquerade fully-random
 //! ```
 //!
+//! A second chain, after every srcnat chain, sets [`SNAT_MARK`] on each packet of a
+//! connection the node source-NATed (whoever did: kube-proxy for a NodePort, this table):
+//!
+//! ```text
+//! ct direction original ct status snat meta mark set meta mark | 0x1000
+//! ```
+//!
+//! so that the datapath can tell such traffic to a pod from what the node itself sends:
+//! kube-proxy's own mark is cleared before the packet reaches TC (see `bulkhead_common`).
+//!
 //! Replies find their way back to the pod through the connection's conntrack entry. The
 //! table is written as one `nft -j -f -` transaction that deletes and re-adds it, so a
 //! reader never sees a half-written table. `nft` acts in the network namespace of the
@@ -23,11 +33,12 @@ use std::net::Ipv4Addr;
 use std::path::PathBuf;
 use std::process::{Command, ExitStatus, Stdio};
 
+use bulkhead_common::SNAT_MARK;
 use ipnetwork::Ipv4Network;
 use nftables::batch::Batch;
-use nftables::expr::{Expression, NamedExpression, Payload, PayloadField, Prefix};
+use nftables::expr::{BinaryOperation, Expression, Meta, MetaKey, NamedExpression, Payload, PayloadField, Prefix, CT};
 use nftables::schema::{Chain, NfListObject, NfObject, Nftables, Rule, Set, SetFlag, SetType, SetTypeValue, Table};
-use nftables::stmt::{Match, NATFlag, Operator, Statement, NAT};
+use nftables::stmt::{Mangle, Match, NATFlag, Operator, Statement, NAT};
 use nftables::types::{NfChainPolicy, NfChainType, NfFamily, NfHook};
 
 #[cfg(test)]
@@ -43,6 +54,8 @@ pub const SET_CLUSTER: &str = "cluster";
 pub const SET_NON_MASQUERADE: &str = "nomasq";
 /// Set of every node's InternalIP: pod → node traffic keeps the pod's address.
 pub const SET_NODES: &str = "nodes";
+/// The table's chain that marks source-NATed packets, after every srcnat chain.
+pub const MARK_CHAIN: &str = "snat_mark";
 /// `srcnat`, the priority of NAT on the postrouting hook (nft(8), "CHAINS").
 const SRCNAT_PRIORITY: i32 = 100;
 
@@ -266,7 +279,7 @@ pub fn masquerade_ruleset(table: &str, config: &MasqueradeConfig) -> Nftables<'s
     }));
     batch.add(NfListObject::Rule(Rule {
         family: NfFamily::INet,
-        table,
+        table: table.clone(),
         chain: Cow::Borrowed(CHAIN),
         expr: Cow::Owned(vec![
             in_set("saddr", Operator::EQ, SET_CLUSTER),
@@ -285,6 +298,50 @@ pub fn masquerade_ruleset(table: &str, config: &MasqueradeConfig) -> Nftables<'s
         handle: None,
         index: None,
         comment: Some(Cow::Borrowed("bulkhead: pod traffic leaving the cluster")),
+    }));
+    batch.add(NfListObject::Chain(Chain {
+        family: NfFamily::INet,
+        table: table.clone(),
+        name: Cow::Borrowed(MARK_CHAIN),
+        _type: Some(NfChainType::Filter),
+        hook: Some(NfHook::Postrouting),
+        // After kube-proxy's and our own srcnat (100): the NAT binding exists by then,
+        // also on a connection's first packet.
+        prio: Some(SRCNAT_PRIORITY + 1),
+        policy: Some(NfChainPolicy::Accept),
+        ..Chain::default()
+    }));
+    let ct = |key: &'static str| {
+        Expression::Named(NamedExpression::CT(CT {
+            key: Cow::Borrowed(key),
+            family: None,
+            dir: None,
+        }))
+    };
+    let mark = || Expression::Named(NamedExpression::Meta(Meta { key: MetaKey::Mark }));
+    batch.add(NfListObject::Rule(Rule {
+        family: NfFamily::INet,
+        table,
+        chain: Cow::Borrowed(MARK_CHAIN),
+        expr: Cow::Owned(vec![
+            Statement::Match(Match {
+                left: ct("direction"),
+                right: Expression::String(Cow::Borrowed("original")),
+                op: Operator::EQ,
+            }),
+            Statement::Match(Match {
+                left: ct("status"),
+                right: Expression::String(Cow::Borrowed("snat")),
+                op: Operator::IN,
+            }),
+            Statement::Mangle(Mangle {
+                key: mark(),
+                value: Expression::BinaryOperation(Box::new(BinaryOperation::OR(vec![mark(), Expression::Number(SNAT_MARK)]))),
+            }),
+        ]),
+        handle: None,
+        index: None,
+        comment: Some(Cow::Borrowed("bulkhead: traffic the node source-NATed is not the node's own")),
     }));
     batch.to_nftables()
 }

@@ -70,6 +70,8 @@ fn replace_deletes_whatever_the_table_held_then_adds_it_in_one_transaction() {
             "add set",
             "add set",
             "add chain",
+            "add rule",
+            "add chain",
             "add rule"
         ]
     );
@@ -121,7 +123,11 @@ fn one_srcnat_rule_masquerades_cluster_sources_to_outside_destinations() {
         (&chain["name"], &chain["type"], &chain["hook"], &chain["prio"], &chain["policy"]),
         (&json!(CHAIN), &json!("nat"), &json!("postrouting"), &json!(100), &json!("accept"))
     );
-    let rules: Vec<&Value> = cmds.iter().filter_map(|c| c["add"].get("rule")).collect();
+    let rules: Vec<&Value> = cmds
+        .iter()
+        .filter_map(|c| c["add"].get("rule"))
+        .filter(|r| r["chain"] == CHAIN)
+        .collect();
     assert_eq!(rules.len(), 1);
     let m = |field: &str, op: &str, set: &str| json!({"match": {"left": {"payload": {"protocol": "ip", "field": field}}, "right": format!("@{set}"), "op": op}});
     assert_eq!(
@@ -142,4 +148,33 @@ fn removal_is_add_then_delete_so_an_absent_table_is_done() {
     let cmds = commands(&removal_ruleset("gone"));
     let table = json!({"family": "inet", "name": "gone"});
     assert_eq!(cmds, [json!({"add": {"table": table}}), json!({"delete": {"table": table}})]);
+}
+
+#[test]
+fn every_packet_the_node_source_nated_gets_the_snat_mark_after_srcnat() {
+    let cmds = commands(&masquerade_ruleset(TABLE, &MasqueradeConfig::default()));
+    let chain = cmds
+        .iter()
+        .filter_map(|c| c["add"].get("chain"))
+        .find(|c| c["name"] == MARK_CHAIN)
+        .unwrap();
+    assert_eq!(
+        (&chain["type"], &chain["hook"], &chain["prio"]),
+        (&json!("filter"), &json!("postrouting"), &json!(101)),
+        "after kube-proxy's and our own srcnat (100)"
+    );
+    let rule = cmds
+        .iter()
+        .filter_map(|c| c["add"].get("rule"))
+        .find(|r| r["chain"] == MARK_CHAIN)
+        .unwrap();
+    assert_eq!(bulkhead_common::SNAT_MARK, 0x1000);
+    assert_eq!(
+        rule["expr"],
+        json!([
+            {"match": {"left": {"ct": {"key": "direction"}}, "right": "original", "op": "=="}},
+            {"match": {"left": {"ct": {"key": "status"}}, "right": "snat", "op": "in"}},
+            {"mangle": {"key": {"meta": {"key": "mark"}}, "value": {"|": [{"meta": {"key": "mark"}}, 0x1000]}}}
+        ])
+    );
 }
