@@ -231,8 +231,9 @@ impl Masquerade {
 /// The nft transaction that replaces `table` with one that says `config`.
 ///
 /// `add table` first so that `delete table` cannot fail on a fresh node; then the table,
-/// its three sets and the chain with its one rule. CIDRs are normalised (host bits cleared,
-/// duplicates and networks inside another dropped): nft rejects overlapping intervals.
+/// its three sets, the masquerade chain and the SNAT-mark chain, one rule each. CIDRs are
+/// normalised (host bits cleared, duplicates and networks inside another dropped): nft
+/// rejects overlapping intervals.
 pub fn masquerade_ruleset(table: &str, config: &MasqueradeConfig) -> Nftables<'static> {
     let table: Cow<'static, str> = Cow::Owned(table.to_string());
     let mut batch = removal_batch(&table);
