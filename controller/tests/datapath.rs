@@ -727,3 +727,78 @@ fn a_closing_flow_ages_out_after_ten_idle_seconds_an_open_one_does_not() {
     let open_ack = tcp_flags(POD, 40051, PEER_A, 80, ACK);
     assert_eq!(run(&mut f, program_names::FROM_POD, &open_ack, DropReason::Forwarded), TC_ACT_OK);
 }
+
+#[test]
+fn a_compiled_ipblock_covering_every_address_admits_masqueraded_traffic_and_a_narrower_one_does_not() {
+    use bulkhead::datapath::DatapathState;
+    use bulkhead::model::{self, Cluster};
+    use bulkhead::policy::{Compiler, LocalEndpoint};
+    // Port 8080 from anywhere; port 9090 only from the node's own /24.
+    let yaml = format!(
+        "---
+apiVersion: v1
+kind: Namespace
+metadata: {{name: x, labels: {{kubernetes.io/metadata.name: x}}}}
+---
+apiVersion: v1
+kind: Pod
+metadata: {{name: a, namespace: x, labels: {{app: a}}}}
+spec: {{containers: [{{name: c, image: i}}]}}
+status: {{podIP: {POD}}}
+---
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {{name: outside, namespace: x}}
+spec:
+  podSelector: {{}}
+  ingress:
+  - from: [{{ipBlock: {{cidr: 0.0.0.0/0}}}}]
+    ports: [{{port: 8080, protocol: TCP}}]
+  - from: [{{ipBlock: {{cidr: 10.0.9.0/24}}}}]
+    ports: [{{port: 9090, protocol: TCP}}]
+"
+    );
+    let cluster = Cluster::from_objects(model::parse_documents(&yaml, "test").unwrap());
+    let local = LocalEndpoint {
+        endpoint_id: 77,
+        host_ifindex: LO,
+        namespace: "x".into(),
+        pod: "a".into(),
+        ipv4: POD,
+        mac: POD_MAC,
+    };
+    let state = Compiler::new().compile(&cluster, &[local]);
+    let mut f = fixture("masq-compiled", 0);
+    bulkhead::datapath::sync::sync(&mut f.dp.maps, &DatapathState::default(), &state).unwrap();
+    // The agent gives the node's addresses HOST.
+    ipcache(&mut f, NODE, 32, identity::HOST);
+    let mark = bulkhead_common::KUBE_PROXY_MASQ_MARK;
+    let syn = |sport, dport| tcp_flags(NODE, sport, POD, dport, SYN);
+    assert_eq!(
+        run_marked(&mut f, program_names::TO_POD, &syn(7000, 8080), mark, DropReason::Forwarded),
+        TC_ACT_OK
+    );
+    assert_eq!(
+        run_marked(&mut f, program_names::TO_POD, &syn(7001, 9090), mark, DropReason::PolicyDenied),
+        TC_ACT_SHOT
+    );
+    assert_eq!(
+        run(&mut f, program_names::TO_POD, &syn(7002, 9090), DropReason::Forwarded),
+        TC_ACT_OK
+    );
+    let records = f.drain();
+    let everywhere = records[0].remote_identity;
+    assert!(
+        everywhere >= identity::FIRST_ALLOCATED,
+        "the 0.0.0.0/0 block's identity: {everywhere}"
+    );
+    assert_ne!(records[0].rule_id, rule_id::NONE);
+    assert_eq!(
+        records.iter().map(|e| (e.verdict, e.remote_identity)).collect::<Vec<_>>(),
+        vec![
+            (verdict::FORWARDED, everywhere),
+            (verdict::DROPPED, everywhere),
+            (verdict::FORWARDED, identity::HOST)
+        ]
+    );
+}
