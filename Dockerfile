@@ -27,9 +27,10 @@ RUN --mount=type=cache,target=/usr/local/cargo/registry \
 
 FROM debian:bookworm-slim
 # iproute2: `ip`/`tc` for debugging a node from `kubectl exec`; ca-certificates: TLS to the API
-# server through a proxy or an external kubeconfig.
+# server through a proxy or an external kubeconfig; nftables: `nft`, which the agent runs
+# (`nft -j`) to write its masquerade table.
 RUN apt-get update \
- && apt-get install -y --no-install-recommends iproute2 ca-certificates \
+ && apt-get install -y --no-install-recommends iproute2 ca-certificates nftables \
  && rm -rf /var/lib/apt/lists/*
 # install-cni looks for bulkhead-cni next to its own executable.
 COPY --from=builder /out/bulkhead /out/bulkhead-cni /usr/local/bin/

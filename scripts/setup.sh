@@ -14,6 +14,8 @@ PKGS="llvm-22-dev libpolly-22-dev libzstd-dev iproute2 bpftool iptables tcpdump 
 PKGS="$PKGS podman runc conmon containernetworking-plugins busybox-static"
 # prometheus: the real server (and promtool) the metrics tests run against.
 PKGS="$PKGS prometheus"
+# nftables: `nft`, which the agent drives (JSON) for masquerade; its tests run it in netns.
+PKGS="$PKGS nftables"
 missing=""
 for p in $PKGS; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing="$missing $p"

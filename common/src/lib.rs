@@ -60,6 +60,42 @@ pub mod identity {
     pub const FIRST_ALLOCATED: u32 = 256;
 }
 
+/// The skb mark bit kube-proxy sets (chain `KUBE-MARK-MASQ`) on packets it will masquerade
+/// to the node's address: NodePort and `externalTrafficPolicy: Cluster` traffic the node
+/// forwards for a client elsewhere. kube-proxy's `--iptables-masquerade-bit` defaults to 14:
+/// <https://kubernetes.io/docs/reference/command-line-tools-reference/kube-proxy/>.
+pub const KUBE_PROXY_MASQ_MARK: u32 = 1 << 14;
+
+/// The skb mark bit the agent's nftables table sets on every packet the node source-NATed
+/// (conntrack `snat` status, original direction), after all srcnat chains have run.
+///
+/// kube-proxy clears [`KUBE_PROXY_MASQ_MARK`] in `KUBE-POSTROUTING` just before it
+/// masquerades (so that a re-traversing packet is not masqueraded twice), and sets it only
+/// on a connection's first packet: at TC egress of a pod's veth, after POSTROUTING, it is
+/// gone. This bit says the same thing on every packet of such a connection, whoever
+/// masqueraded it. Bit 12: clear of kube-proxy's 14 and 15, Cilium's 0x0f00 and
+/// Calico's upper half.
+pub const SNAT_MARK: u32 = 1 << 12;
+
+/// Mark bits that say the node forwarded the packet for someone else under its own address.
+pub const MASQUERADED_MARKS: u32 = KUBE_PROXY_MASQ_MARK | SNAT_MARK;
+
+/// IPv4 prefix length of the ipcache lookup that names a packet's remote end.
+///
+/// A packet the node forwards and masquerades for someone else ([`MASQUERADED_MARKS`] on
+/// a packet to the pod) carries a node address that is not its real source, so it must not
+/// resolve to [`identity::HOST`]: it is an unknown remote. Looking it up with prefix length
+/// 0 gives exactly what an unknown address gets: the identity of an ipBlock `0.0.0.0/0`
+/// when a policy names one, else [`identity::WORLD`]. Everything else resolves its address
+/// in full (32).
+pub const fn remote_lookup_prefix(dir: u8, mark: u32) -> u32 {
+    if dir == direction::INGRESS && mark & MASQUERADED_MARKS != 0 {
+        0
+    } else {
+        32
+    }
+}
+
 /// Traffic direction, from the local endpoint's point of view.
 pub mod direction {
     /// Packets the endpoint receives.
@@ -480,5 +516,19 @@ mod tests {
             ([2; 4], [1; 4], [0, 2], [0, 1], 0)
         );
         assert_eq!(r.reversed(1), k);
+    }
+
+    #[test]
+    fn only_inbound_masqueraded_packets_are_unknown_remotes() {
+        assert_eq!(KUBE_PROXY_MASQ_MARK, 0x4000);
+        assert_eq!(remote_lookup_prefix(direction::INGRESS, 0x4000), 0);
+        // Other bits (kube-proxy's drop mark 0x8000, anyone's) do not matter.
+        assert_eq!(remote_lookup_prefix(direction::INGRESS, 0xc001), 0);
+        assert_eq!(remote_lookup_prefix(direction::INGRESS, SNAT_MARK), 0);
+        assert_eq!(MASQUERADED_MARKS & 0x8f00, 0, "kube-proxy's drop bit, Cilium's magic marks");
+        assert_eq!(remote_lookup_prefix(direction::INGRESS, 0), 32);
+        assert_eq!(remote_lookup_prefix(direction::INGRESS, 0x8000), 32);
+        // A pod's own packets are never forwarded-for-someone-else at its veth.
+        assert_eq!(remote_lookup_prefix(direction::EGRESS, 0x4000), 32);
     }
 }

@@ -14,6 +14,7 @@ pub mod flows;
 pub mod lab;
 pub mod metrics;
 pub mod model;
+pub mod nat;
 pub mod policy;
 pub mod source;
 

@@ -160,6 +160,22 @@ fn icmp_echo(src: Ipv4Addr, dst: Ipv4Addr, kind: u8, id: u16) -> Vec<u8> {
 /// Runs `program` on `packet`; returns the TC action and checks that exactly the counter of
 /// `reason` in `dir` moved, by one packet.
 fn run(f: &mut Fixture, program: &'static str, packet: &[u8], reason: DropReason) -> i32 {
+    run_marked(f, program, packet, 0, reason)
+}
+
+/// The `struct __sk_buff` a test run starts from, with only `mark` set: `BPF_PROG_TEST_RUN`
+/// takes a prefix of it and rejects non-zero fields it does not copy into the skb
+/// (`convert___skb_to_skb` in net/bpf/test_run.c; `mark` is one it copies).
+fn skb_ctx_with_mark(mark: u32) -> [u8; 12] {
+    // struct __sk_buff { __u32 len; __u32 pkt_type; __u32 mark; ... } (uapi/linux/bpf.h).
+    let mut ctx = [0u8; 12];
+    ctx[8..12].copy_from_slice(&mark.to_ne_bytes());
+    ctx
+}
+
+/// As [`run`], with the skb mark set to `mark` (0: no context passed at all).
+fn run_marked(f: &mut Fixture, program: &'static str, packet: &[u8], mark: u32, reason: DropReason) -> i32 {
+    let ctx = skb_ctx_with_mark(mark);
     let dir = if program == program_names::FROM_POD {
         direction::EGRESS
     } else {
@@ -170,6 +186,7 @@ fn run(f: &mut Fixture, program: &'static str, packet: &[u8], reason: DropReason
     let result = prog
         .test_run(TestRunOptions {
             data_in: Some(packet),
+            ctx_in: (mark != 0).then_some(&ctx[..]),
             ..TestRunOptions::default()
         })
         .expect("BPF_PROG_TEST_RUN");
@@ -486,6 +503,120 @@ fn the_pods_own_node_is_always_allowed() {
     );
 }
 
+/// Sets the ipcache entry `addr/prefix` to `id`.
+fn ipcache(f: &mut Fixture, addr: Ipv4Addr, prefix: u8, id: u32) {
+    f.dp.maps
+        .set_ipcache(addr, prefix, &IpcacheValue { identity: id, flags: 0 })
+        .unwrap();
+}
+
+/// An ingress rule on the fixture's endpoint: from `remote`, any protocol and port.
+fn allow_ingress_from(f: &mut Fixture, remote: u32, rule: u32) {
+    f.dp.maps
+        .set_policy(
+            &PolicyKey::new(10, remote, direction::INGRESS, 0, 0),
+            POLICY_PREFIX_ANY_PROTO,
+            &PolicyValue { rule_id: rule, flags: 0 },
+        )
+        .unwrap();
+}
+
+const NODE: Ipv4Addr = Ipv4Addr::new(10, 0, 9, 1);
+
+/// (verdict, reason, remote identity, rule) of every waiting flow record.
+fn verdicts(f: &mut Fixture) -> Vec<(u8, u8, u32, u32)> {
+    f.drain()
+        .iter()
+        .map(|e| (e.verdict, e.reason, e.remote_identity, e.rule_id))
+        .collect()
+}
+
+#[test]
+fn traffic_kube_proxy_masquerades_to_the_node_address_is_world_not_host() {
+    let mut f = fixture("masq-world", ISOLATED);
+    ipcache(&mut f, NODE, 32, identity::HOST);
+    let mark = bulkhead_common::KUBE_PROXY_MASQ_MARK;
+    assert_eq!(mark, 0x4000);
+    // A NodePort client, masqueraded to the node's address: the pod is default deny.
+    let syn = tcp_flags(NODE, 5555, POD, 8080, SYN);
+    assert_eq!(
+        run_marked(&mut f, program_names::TO_POD, &syn, mark, DropReason::PolicyDenied),
+        TC_ACT_SHOT
+    );
+    // Other mark bits (kube-proxy's 0x8000 drop bit) change nothing.
+    let syn = tcp_flags(NODE, 5556, POD, 8080, SYN);
+    assert_eq!(
+        run_marked(&mut f, program_names::TO_POD, &syn, mark | 0x8001, DropReason::PolicyDenied),
+        TC_ACT_SHOT
+    );
+    // The agent's own mark for connections the node source-NATed says the same.
+    let syn = tcp_flags(NODE, 5558, POD, 8080, SYN);
+    assert_eq!(
+        run_marked(
+            &mut f,
+            program_names::TO_POD,
+            &syn,
+            bulkhead_common::SNAT_MARK,
+            DropReason::PolicyDenied
+        ),
+        TC_ACT_SHOT
+    );
+    // The node itself (a kubelet probe, no mark) is still HOST and allowed.
+    let probe = tcp_flags(NODE, 5557, POD, 8080, SYN);
+    assert_eq!(
+        run_marked(&mut f, program_names::TO_POD, &probe, 0x8000, DropReason::Forwarded),
+        TC_ACT_OK
+    );
+    let drop = (verdict::DROPPED, DropReason::PolicyDenied as u8, identity::WORLD, rule_id::NONE);
+    assert_eq!(
+        verdicts(&mut f),
+        vec![
+            drop,
+            drop,
+            drop,
+            (verdict::FORWARDED, DropReason::Forwarded as u8, identity::HOST, rule_id::NONE)
+        ]
+    );
+}
+
+#[test]
+fn masqueraded_traffic_meets_ingress_policy_like_any_outside_address() {
+    let mut f = fixture("masq-ipblock", ISOLATED);
+    // ipBlock identities as the compiler makes them: the node's own /24 (rule 21), and
+    // 0.0.0.0/0 (rule 20). The node's /32 is HOST.
+    ipcache(&mut f, Ipv4Addr::UNSPECIFIED, 0, 400);
+    ipcache(&mut f, Ipv4Addr::new(10, 0, 9, 0), 24, 401);
+    ipcache(&mut f, NODE, 32, identity::HOST);
+    let mark = bulkhead_common::KUBE_PROXY_MASQ_MARK;
+    allow_ingress_from(&mut f, 401, 21);
+    // The real client is unknown: an ipBlock around the node's address does not cover it.
+    let syn = tcp_flags(NODE, 6000, POD, 8080, SYN);
+    assert_eq!(
+        run_marked(&mut f, program_names::TO_POD, &syn, mark, DropReason::PolicyDenied),
+        TC_ACT_SHOT
+    );
+    // ipBlock 0.0.0.0/0 covers every client.
+    allow_ingress_from(&mut f, 400, 20);
+    let syn = tcp_flags(NODE, 6001, POD, 8080, SYN);
+    assert_eq!(
+        run_marked(&mut f, program_names::TO_POD, &syn, mark, DropReason::Forwarded),
+        TC_ACT_OK
+    );
+    // kube-proxy marks only a connection's first packet (later ones skip the nat table):
+    // the rest of the flow and the pod's replies pass on conntrack.
+    let ack = tcp_flags(NODE, 6001, POD, 8080, ACK);
+    assert_eq!(run(&mut f, program_names::TO_POD, &ack, DropReason::Forwarded), TC_ACT_OK);
+    let reply = tcp_flags(POD, 8080, NODE, 6001, SYN | ACK);
+    assert_eq!(run(&mut f, program_names::FROM_POD, &reply, DropReason::Forwarded), TC_ACT_OK);
+    assert_eq!(
+        verdicts(&mut f),
+        vec![
+            (verdict::DROPPED, DropReason::PolicyDenied as u8, 400, rule_id::NONE),
+            (verdict::FORWARDED, DropReason::Forwarded as u8, 400, 20),
+        ]
+    );
+}
+
 /// The pinned conntrack entry for `key`, if any.
 fn ct_entry(f: &Fixture, key: &bulkhead_common::CtKey) -> Option<bulkhead_common::CtEntry> {
     let data = aya::maps::MapData::from_pin(f.pin_dir.join(bulkhead_common::map_names::CONNTRACK)).unwrap();
@@ -595,4 +726,79 @@ fn a_closing_flow_ages_out_after_ten_idle_seconds_an_open_one_does_not() {
     );
     let open_ack = tcp_flags(POD, 40051, PEER_A, 80, ACK);
     assert_eq!(run(&mut f, program_names::FROM_POD, &open_ack, DropReason::Forwarded), TC_ACT_OK);
+}
+
+#[test]
+fn a_compiled_ipblock_covering_every_address_admits_masqueraded_traffic_and_a_narrower_one_does_not() {
+    use bulkhead::datapath::DatapathState;
+    use bulkhead::model::{self, Cluster};
+    use bulkhead::policy::{Compiler, LocalEndpoint};
+    // Port 8080 from anywhere; port 9090 only from the node's own /24.
+    let yaml = format!(
+        "---
+apiVersion: v1
+kind: Namespace
+metadata: {{name: x, labels: {{kubernetes.io/metadata.name: x}}}}
+---
+apiVersion: v1
+kind: Pod
+metadata: {{name: a, namespace: x, labels: {{app: a}}}}
+spec: {{containers: [{{name: c, image: i}}]}}
+status: {{podIP: {POD}}}
+---
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {{name: outside, namespace: x}}
+spec:
+  podSelector: {{}}
+  ingress:
+  - from: [{{ipBlock: {{cidr: 0.0.0.0/0}}}}]
+    ports: [{{port: 8080, protocol: TCP}}]
+  - from: [{{ipBlock: {{cidr: 10.0.9.0/24}}}}]
+    ports: [{{port: 9090, protocol: TCP}}]
+"
+    );
+    let cluster = Cluster::from_objects(model::parse_documents(&yaml, "test").unwrap());
+    let local = LocalEndpoint {
+        endpoint_id: 77,
+        host_ifindex: LO,
+        namespace: "x".into(),
+        pod: "a".into(),
+        ipv4: POD,
+        mac: POD_MAC,
+    };
+    let state = Compiler::new().compile(&cluster, &[local]);
+    let mut f = fixture("masq-compiled", 0);
+    bulkhead::datapath::sync::sync(&mut f.dp.maps, &DatapathState::default(), &state).unwrap();
+    // The agent gives the node's addresses HOST.
+    ipcache(&mut f, NODE, 32, identity::HOST);
+    let mark = bulkhead_common::KUBE_PROXY_MASQ_MARK;
+    let syn = |sport, dport| tcp_flags(NODE, sport, POD, dport, SYN);
+    assert_eq!(
+        run_marked(&mut f, program_names::TO_POD, &syn(7000, 8080), mark, DropReason::Forwarded),
+        TC_ACT_OK
+    );
+    assert_eq!(
+        run_marked(&mut f, program_names::TO_POD, &syn(7001, 9090), mark, DropReason::PolicyDenied),
+        TC_ACT_SHOT
+    );
+    assert_eq!(
+        run(&mut f, program_names::TO_POD, &syn(7002, 9090), DropReason::Forwarded),
+        TC_ACT_OK
+    );
+    let records = f.drain();
+    let everywhere = records[0].remote_identity;
+    assert!(
+        everywhere >= identity::FIRST_ALLOCATED,
+        "the 0.0.0.0/0 block's identity: {everywhere}"
+    );
+    assert_ne!(records[0].rule_id, rule_id::NONE);
+    assert_eq!(
+        records.iter().map(|e| (e.verdict, e.remote_identity)).collect::<Vec<_>>(),
+        vec![
+            (verdict::FORWARDED, everywhere),
+            (verdict::DROPPED, everywhere),
+            (verdict::FORWARDED, identity::HOST)
+        ]
+    );
 }

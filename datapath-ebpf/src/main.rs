@@ -17,9 +17,9 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use bulkhead_common::{
-    capacity, counter_index, ct_flags, ct_lifetime_ns, direction, endpoint_flags, identity, rule_id, verdict, Counter, CtEntry, CtKey,
-    DropReason, EndpointInfo, FlowEvent, IpcacheValue, Ipv4Key, PolicyKey, PolicyValue, COUNTER_SLOTS, CT_CLOSING_LIFETIME_NS,
-    CT_REFRESH_NS, POLICY_PREFIX_FULL,
+    capacity, counter_index, ct_flags, ct_lifetime_ns, direction, endpoint_flags, identity, remote_lookup_prefix, rule_id, verdict,
+    Counter, CtEntry, CtKey, DropReason, EndpointInfo, FlowEvent, IpcacheValue, Ipv4Key, PolicyKey, PolicyValue, COUNTER_SLOTS,
+    CT_CLOSING_LIFETIME_NS, CT_REFRESH_NS, POLICY_PREFIX_FULL,
 };
 use packet::{Headers, L3};
 
@@ -146,7 +146,7 @@ fn try_from_pod(ctx: &TcContext, flow: &mut FlowEvent) -> Result<Pass, DropReaso
     if l3.saddr != ep.ipv4 {
         return Err(DropReason::SpoofedIp);
     }
-    admit(&ep, direction::EGRESS, &l3, l3.daddr, flow)
+    admit(&ep, direction::EGRESS, &l3, l3.daddr, 0, flow)
 }
 
 fn try_to_pod(ctx: &TcContext, flow: &mut FlowEvent) -> Result<Pass, DropReason> {
@@ -158,12 +158,15 @@ fn try_to_pod(ctx: &TcContext, flow: &mut FlowEvent) -> Result<Pass, DropReason>
     if l3.daddr != ep.ipv4 {
         return Err(DropReason::WrongDestination);
     }
-    admit(&ep, direction::INGRESS, &l3, l3.saddr, flow)
+    // SAFETY: the context pointer is valid for the program's whole run.
+    let mark = unsafe { (*ctx.skb.skb).mark };
+    admit(&ep, direction::INGRESS, &l3, l3.saddr, mark, flow)
 }
 
-/// Conntrack, then policy for a new flow, then a conntrack entry for it.
+/// Conntrack, then policy for a new flow, then a conntrack entry for it. `mark` is the
+/// skb mark: it tells traffic the node forwards for someone else from its own.
 #[inline(always)]
-fn admit(ep: &EndpointInfo, dir: u8, l3: &L3, remote: [u8; 4], flow: &mut FlowEvent) -> Result<Pass, DropReason> {
+fn admit(ep: &EndpointInfo, dir: u8, l3: &L3, remote: [u8; 4], mark: u32, flow: &mut FlowEvent) -> Result<Pass, DropReason> {
     let key = CtKey {
         saddr: l3.saddr,
         daddr: l3.daddr,
@@ -184,7 +187,7 @@ fn admit(ep: &EndpointInfo, dir: u8, l3: &L3, remote: [u8; 4], flow: &mut FlowEv
     if !l3.tcp_syn && (ct_alive(&key, now, closing) || ct_alive(&key.reversed(reply_dir), now, closing)) {
         return Ok(Pass::Quiet);
     }
-    let (rule, v) = policy_verdict(ep, dir, remote, l3, flow)?;
+    let (rule, v) = policy_verdict(ep, dir, remote, mark, l3, flow)?;
     let entry = CtEntry {
         last_seen_ns: now,
         rule_id: rule,
@@ -229,18 +232,22 @@ fn ct_alive(key: &CtKey, now: u64, closing: bool) -> bool {
 /// `rule_id::NONE` when the endpoint is not isolated that way), or `AUDIT` when only
 /// audit-mode policies isolate it and none of their rules matched.
 #[inline(always)]
-fn policy_verdict(ep: &EndpointInfo, dir: u8, remote: [u8; 4], l3: &L3, flow: &mut FlowEvent) -> Result<(u32, u8), DropReason> {
+fn policy_verdict(ep: &EndpointInfo, dir: u8, remote: [u8; 4], mark: u32, l3: &L3, flow: &mut FlowEvent) -> Result<(u32, u8), DropReason> {
     let (isolated, audit) = if dir == direction::EGRESS {
         (endpoint_flags::ISOLATED_EGRESS, endpoint_flags::AUDIT_EGRESS)
     } else {
         (endpoint_flags::ISOLATED_INGRESS, endpoint_flags::AUDIT_INGRESS)
     };
+    // A packet the node masquerades to its own address for a client elsewhere (kube-proxy's
+    // mark, or the agent's SNAT mark) resolves as an unknown address would (prefix 0),
+    // never to the node's HOST identity.
     let remote_identity = IPCACHE
-        .get(Key::new(32, Ipv4Key { addr: remote }))
+        .get(Key::new(remote_lookup_prefix(dir, mark), Ipv4Key { addr: remote }))
         .map_or(identity::WORLD, |v| v.identity);
     flow.remote_identity = remote_identity;
     // Traffic between a pod and its own node is always allowed (kubelet probes), as
     // Kubernetes documents for NetworkPolicy; the agent gives the node's addresses HOST.
+    // Only what the node originates gets HOST (see `remote_lookup_prefix`).
     if ep.flags & (isolated | audit) == 0 || remote_identity == identity::HOST {
         return Ok((rule_id::NONE, verdict::FORWARDED));
     }
