@@ -218,8 +218,27 @@ fn native_routes_carry_pod_traffic_and_reconcile_is_idempotent() {
     ip_in(cluster.ns(0), &format!("route add {FOREIGN}"));
     assert!(transfer(&cluster, 0, 1).is_err(), "pods reachable before any route");
 
+    // A peer off the underlay's subnet has no native route: an error, but the others get
+    // theirs.
+    let stray = Peer {
+        name: "far".into(),
+        pod_cidr: "10.77.9.0/24".parse().unwrap(),
+        internal_ip: Ipv4Addr::new(10, 99, 0, 5),
+    };
+    let mut with_stray = peers_of(0);
+    with_stray.push(stray);
+    let err = router(0, RoutingMode::Native)
+        .reconcile_in(Some(&cluster.path(0)), &with_stray)
+        .unwrap_err();
+    assert!(
+        bulkhead::error_chain(&err).contains("replace route"),
+        "{}",
+        bulkhead::error_chain(&err)
+    );
+
     reconcile_all(&cluster, &RoutingMode::Native);
     let routes = our_routes(cluster.ns(0));
+    assert!(!routes.contains("10.77.9.0"), "{routes}");
     assert!(routes.contains("10.77.1.0/24 via 192.168.77.11 dev ul0"), "{routes}");
     assert!(routes.contains("10.77.2.0/24 via 192.168.77.12 dev ul0"), "{routes}");
     assert_eq!(transfer(&cluster, 0, 1).unwrap(), PAYLOAD as u64);

@@ -74,6 +74,16 @@ pub enum NetlinkError {
         /// Our host-side veth.
         host_ifname: String,
     },
+    /// A name we need is taken by a link of another kind.
+    #[error("link {ifname} in {netns} exists and is not a {kind} device")]
+    WrongKind {
+        /// Interface name.
+        ifname: String,
+        /// Namespace, or `node`.
+        netns: String,
+        /// The kind we need.
+        kind: &'static str,
+    },
     /// A sysctl write failed.
     #[error("cannot write sysctl {path}")]
     Sysctl {
@@ -612,9 +622,18 @@ pub async fn create_vxlan(handle: &Handle, spec: &VxlanSpec, netns: &str) -> Res
         Err(e) if errno(&e) == Some(EEXIST) => {}
         Err(e) => return Err(NetlinkError::request("create vxlan", &spec.name)(e)),
     }
-    vxlan_by_name(handle, &spec.name).await?.ok_or_else(|| NetlinkError::LinkNotFound {
-        ifname: spec.name.clone(),
-        netns: netns.to_string(),
+    if let Some(link) = vxlan_by_name(handle, &spec.name).await? {
+        return Ok(link);
+    }
+    let ifname = spec.name.clone();
+    let netns = netns.to_string();
+    Err(match link_by_name(handle, &spec.name).await? {
+        Some(_) => NetlinkError::WrongKind {
+            ifname,
+            netns,
+            kind: "vxlan",
+        },
+        None => NetlinkError::LinkNotFound { ifname, netns },
     })
 }
 

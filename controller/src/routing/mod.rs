@@ -147,8 +147,8 @@ pub enum RoutingError {
         /// The MTU.
         mtu: u32,
     },
-    /// Some removals failed (the others were done).
-    #[error("routing on node {node}: {count} removals failed")]
+    /// Several operations failed (the others were done).
+    #[error("routing on node {node}: {count} operations failed")]
     Incomplete {
         /// This node's name.
         node: String,
@@ -296,6 +296,56 @@ pub enum Change {
     DeleteRoute(Ipv4Network),
 }
 
+/// What a reconcile changed and which of its steps failed.
+struct Outcome {
+    node: String,
+    changes: Vec<Change>,
+    errors: Vec<RoutingError>,
+}
+
+impl Outcome {
+    fn new(node: &str) -> Self {
+        Self {
+            node: node.to_string(),
+            changes: Vec::new(),
+            errors: Vec::new(),
+        }
+    }
+
+    /// Notes `change` if `result` is a success, the failure of `op` otherwise.
+    fn record(&mut self, op: &'static str, result: Result<(), NetlinkError>, change: Change) {
+        match result {
+            Ok(()) => self.changes.push(change),
+            Err(source) => self.errors.push(RoutingError::Netlink {
+                node: self.node.clone(),
+                op,
+                source: Box::new(source),
+            }),
+        }
+    }
+
+    /// Logs the changes; the changes, or the failures (an abort from `result` first).
+    fn finish(mut self, result: Result<(), RoutingError>) -> Result<Vec<Change>, RoutingError> {
+        for change in &self.changes {
+            tracing::info!(node = %self.node, ?change, "routing");
+        }
+        if let Err(abort) = result {
+            self.errors.insert(0, abort);
+        }
+        let count = self.errors.len();
+        let mut errors = self.errors.into_iter();
+        match (errors.next(), count) {
+            (None, _) => Ok(self.changes),
+            (Some(only), 1) => Err(only),
+            (Some(first), _) => Err(RoutingError::Incomplete {
+                node: self.node,
+                count,
+                first: Box::new(first),
+            }),
+        }
+    }
+}
+
 /// Reconciles this node's routes to its peers; holds no state but its configuration (the
 /// kernel is the state).
 #[derive(Clone, Debug)]
@@ -346,9 +396,19 @@ impl Router {
     }
 
     /// Brings the plane to the desired state for `peers`; returns what it changed (nothing
-    /// when already there). Stops at the first failure: the next reconcile resumes.
+    /// when already there).
+    ///
+    /// A failure to read the kernel's state or to set up the device stops it; a failure on
+    /// one peer's entry does not stop the others (a peer the kernel cannot route to must not
+    /// cut off the rest) and is reported as [`RoutingError::Incomplete`] at the end. The
+    /// next reconcile retries either way.
     pub async fn reconcile<P: RoutePlane>(&self, plane: &mut P, peers: &[Peer]) -> Result<Vec<Change>, RoutingError> {
-        let mut changes = Vec::new();
+        let mut out = Outcome::new(&self.local.name);
+        let result = self.reconcile_into(plane, peers, &mut out).await;
+        out.finish(result)
+    }
+
+    async fn reconcile_into<P: RoutePlane>(&self, plane: &mut P, peers: &[Peer], out: &mut Outcome) -> Result<(), RoutingError> {
         let underlay_mtu = match &self.mode {
             RoutingMode::Vxlan(VxlanConfig { mtu: None, .. }) => plane
                 .underlay_mtu(self.local.internal_ip)
@@ -358,44 +418,35 @@ impl Router {
         };
         let want = desired(&self.local, peers, &self.mode, underlay_mtu)?;
         let device_index = match &want.device {
-            Some((spec, overlay)) => Some(self.reconcile_device(plane, spec, *overlay, &want, &mut changes).await?),
+            Some((spec, overlay)) => Some(self.reconcile_device(plane, spec, *overlay, &want, out).await?),
             None => None,
         };
         let keep_device = want.device.as_ref().map(|(spec, _)| spec.name.as_str());
 
         let have = plane.routes().await.map_err(self.netlink_err("list routes"))?;
         for (cidr, hop) in &want.routes {
-            let route = match (hop, device_index) {
-                (NextHop::Underlay(gw), _) => ProtocolRoute {
-                    dst: cidr.network(),
-                    prefix: cidr.prefix(),
-                    gateway: Some(*gw),
-                    oif: None,
-                    onlink: false,
-                    protocol: ROUTE_PROTOCOL,
-                },
-                (NextHop::Overlay(gw), index) => ProtocolRoute {
-                    dst: cidr.network(),
-                    prefix: cidr.prefix(),
-                    gateway: Some(*gw),
-                    oif: index,
-                    onlink: true,
-                    protocol: ROUTE_PROTOCOL,
-                },
+            let (gateway, oif, onlink) = match hop {
+                // Native routes leave the link to the kernel.
+                NextHop::Underlay(gw) => (*gw, None, false),
+                NextHop::Overlay(gw) => (*gw, device_index, true),
+            };
+            let route = ProtocolRoute {
+                dst: cidr.network(),
+                prefix: cidr.prefix(),
+                gateway: Some(gateway),
+                oif,
+                onlink,
+                protocol: ROUTE_PROTOCOL,
             };
             let present = have.iter().any(|r| {
                 r.dst == route.dst
                     && r.prefix == route.prefix
                     && r.gateway == route.gateway
                     && r.onlink == route.onlink
-                    // Native routes leave the link to the kernel.
                     && (route.oif.is_none() || r.oif == route.oif)
             });
-            // Two routes of ours to one CIDR (another metric) would be ambiguous: replace
-            // leaves one, the stale pass below removes none of the wanted CIDR.
             if !present {
-                plane.replace_route(&route).await.map_err(self.netlink_err("replace route"))?;
-                changes.push(Change::ReplaceRoute(*cidr));
+                out.record("replace route", plane.replace_route(&route).await, Change::ReplaceRoute(*cidr));
             }
         }
         for r in &have {
@@ -403,25 +454,21 @@ impl Router {
                 continue;
             };
             if !want.routes.contains_key(&cidr) {
-                plane
-                    .delete_route(r.dst, r.prefix)
-                    .await
-                    .map_err(self.netlink_err("delete route"))?;
-                changes.push(Change::DeleteRoute(cidr));
+                out.record("delete route", plane.delete_route(r.dst, r.prefix).await, Change::DeleteRoute(cidr));
             }
         }
 
         // Last, so that routes have moved off a device before it goes.
         for name in &self.devices {
             if Some(name.as_str()) != keep_device && plane.vxlan(name).await.map_err(self.netlink_err("get vxlan device"))?.is_some() {
-                plane.delete_link(name).await.map_err(self.netlink_err("delete vxlan device"))?;
-                changes.push(Change::DeleteDevice(name.clone()));
+                out.record(
+                    "delete vxlan device",
+                    plane.delete_link(name).await,
+                    Change::DeleteDevice(name.clone()),
+                );
             }
         }
-        for change in &changes {
-            tracing::info!(node = %self.local.name, ?change, "routing");
-        }
-        Ok(changes)
+        Ok(())
     }
 
     /// Ensures the device, its address, FDB and neighbours; returns its ifindex.
@@ -431,7 +478,7 @@ impl Router {
         spec: &VxlanSpec,
         overlay: Ipv4Addr,
         want: &DesiredState,
-        changes: &mut Vec<Change>,
+        out: &mut Outcome,
     ) -> Result<u32, RoutingError> {
         let existing = plane.vxlan(&spec.name).await.map_err(self.netlink_err("get vxlan device"))?;
         // VNI, port, local address and learning cannot be changed on a live device.
@@ -446,7 +493,7 @@ impl Router {
                     .delete_link(&spec.name)
                     .await
                     .map_err(self.netlink_err("delete vxlan device"))?;
-                changes.push(Change::DeleteDevice(spec.name.clone()));
+                out.changes.push(Change::DeleteDevice(spec.name.clone()));
                 None
             }
             other => other,
@@ -455,22 +502,22 @@ impl Router {
             Some(dev) => dev,
             None => {
                 let dev = plane.create_vxlan(spec).await.map_err(self.netlink_err("create vxlan device"))?;
-                changes.push(Change::CreateDevice(spec.name.clone()));
+                out.changes.push(Change::CreateDevice(spec.name.clone()));
                 dev
             }
         };
         let link = &dev.link;
         if dev.spec.mtu != spec.mtu {
             plane.set_mtu(link, spec.mtu).await.map_err(self.netlink_err("set vxlan mtu"))?;
-            changes.push(Change::SetMtu(spec.mtu));
+            out.changes.push(Change::SetMtu(spec.mtu));
         }
         if dev.spec.mac != spec.mac {
             plane.set_mac(link, spec.mac).await.map_err(self.netlink_err("set vxlan mac"))?;
-            changes.push(Change::SetMac(spec.mac));
+            out.changes.push(Change::SetMac(spec.mac));
         }
         if !link.up {
             plane.set_up(link).await.map_err(self.netlink_err("set vxlan up"))?;
-            changes.push(Change::SetUp);
+            out.changes.push(Change::SetUp);
         }
 
         let addresses = plane
@@ -482,14 +529,11 @@ impl Router {
                 .add_address(link.index, overlay, 32)
                 .await
                 .map_err(self.netlink_err("add overlay address"))?;
-            changes.push(Change::AddAddress(overlay, 32));
+            out.changes.push(Change::AddAddress(overlay, 32));
         }
         for &(ip, prefix) in addresses.iter().filter(|a| **a != (overlay, 32)) {
-            plane
-                .delete_address(link.index, ip, prefix)
-                .await
-                .map_err(self.netlink_err("delete overlay address"))?;
-            changes.push(Change::DeleteAddress(ip, prefix));
+            let result = plane.delete_address(link.index, ip, prefix).await;
+            out.record("delete overlay address", result, Change::DeleteAddress(ip, prefix));
         }
 
         let fdb = plane.fdb(link.index).await.map_err(self.netlink_err("list fdb"))?;
@@ -499,38 +543,31 @@ impl Router {
             let right = matches!((remotes.next(), remotes.next()), (Some(e), None) if e.dst == dst);
             if !right {
                 let entry = FdbEntry { mac, dst };
-                plane
-                    .replace_fdb(link.index, entry)
-                    .await
-                    .map_err(self.netlink_err("replace fdb entry"))?;
-                changes.push(Change::ReplaceFdb(entry));
+                out.record(
+                    "replace fdb entry",
+                    plane.replace_fdb(link.index, entry).await,
+                    Change::ReplaceFdb(entry),
+                );
             }
         }
         let stale: BTreeSet<MacAddr6> = fdb.iter().map(|e| e.mac).filter(|m| !want.fdb.contains_key(m)).collect();
         for mac in stale {
-            plane
-                .delete_fdb(link.index, mac)
-                .await
-                .map_err(self.netlink_err("delete fdb entry"))?;
-            changes.push(Change::DeleteFdb(mac));
+            out.record("delete fdb entry", plane.delete_fdb(link.index, mac).await, Change::DeleteFdb(mac));
         }
 
         let neighbours = plane.neighbours(link.index).await.map_err(self.netlink_err("list neighbours"))?;
         for (&ip, &mac) in &want.neighbours {
             if !neighbours.contains(&(ip, mac)) {
-                plane
-                    .replace_neighbour(link.index, ip, mac)
-                    .await
-                    .map_err(self.netlink_err("replace neighbour"))?;
-                changes.push(Change::ReplaceNeighbour(ip, mac));
+                let result = plane.replace_neighbour(link.index, ip, mac).await;
+                out.record("replace neighbour", result, Change::ReplaceNeighbour(ip, mac));
             }
         }
         for &(ip, _) in neighbours.iter().filter(|(ip, _)| !want.neighbours.contains_key(ip)) {
-            plane
-                .delete_neighbour(link.index, ip)
-                .await
-                .map_err(self.netlink_err("delete neighbour"))?;
-            changes.push(Change::DeleteNeighbour(ip));
+            out.record(
+                "delete neighbour",
+                plane.delete_neighbour(link.index, ip).await,
+                Change::DeleteNeighbour(ip),
+            );
         }
         Ok(link.index)
     }
@@ -538,42 +575,29 @@ impl Router {
     /// Removes everything this router owns: its routes and its VXLAN devices (with their
     /// FDB entries, neighbours and addresses). Keeps going after a failure and reports all.
     pub async fn remove_all<P: RoutePlane>(&self, plane: &mut P) -> Result<Vec<Change>, RoutingError> {
-        let mut changes = Vec::new();
-        let mut errors = Vec::new();
+        let mut out = Outcome::new(&self.local.name);
         match plane.routes().await {
             Ok(routes) => {
                 for r in routes {
-                    match plane.delete_route(r.dst, r.prefix).await {
-                        Ok(()) => {
-                            if let Ok(cidr) = Ipv4Network::new(r.dst, r.prefix) {
-                                changes.push(Change::DeleteRoute(cidr));
-                            }
-                        }
-                        Err(e) => errors.push(self.netlink_err("delete route")(e)),
+                    if let Ok(cidr) = Ipv4Network::new(r.dst, r.prefix) {
+                        out.record("delete route", plane.delete_route(r.dst, r.prefix).await, Change::DeleteRoute(cidr));
                     }
                 }
             }
-            Err(e) => errors.push(self.netlink_err("list routes")(e)),
+            Err(e) => out.errors.push(self.netlink_err("list routes")(e)),
         }
         for name in &self.devices {
             match plane.vxlan(name).await {
                 Ok(None) => {}
-                Ok(Some(_)) => match plane.delete_link(name).await {
-                    Ok(_) => changes.push(Change::DeleteDevice(name.clone())),
-                    Err(e) => errors.push(self.netlink_err("delete vxlan device")(e)),
-                },
-                Err(e) => errors.push(self.netlink_err("get vxlan device")(e)),
+                Ok(Some(_)) => out.record(
+                    "delete vxlan device",
+                    plane.delete_link(name).await,
+                    Change::DeleteDevice(name.clone()),
+                ),
+                Err(e) => out.errors.push(self.netlink_err("get vxlan device")(e)),
             }
         }
-        let count = errors.len();
-        match errors.into_iter().next() {
-            None => Ok(changes),
-            Some(first) => Err(RoutingError::Incomplete {
-                node: self.local.name.clone(),
-                count,
-                first: Box::new(first),
-            }),
-        }
+        out.finish(Ok(()))
     }
 
     /// [`Router::reconcile`] through netlink in the namespace at `netns` (`None`: the

@@ -27,6 +27,8 @@ struct FakePlane {
     routes: BTreeMap<(Ipv4Addr, u8), ProtocolRoute>,
     underlay: BTreeMap<Ipv4Addr, u32>,
     next_index: u32,
+    /// Gateways the kernel cannot reach: a route through one fails.
+    unreachable: Vec<Ipv4Addr>,
 }
 
 impl FakePlane {
@@ -37,6 +39,7 @@ impl FakePlane {
             routes: BTreeMap::new(),
             underlay: BTreeMap::from([(ip, 1500)]),
             next_index: 10,
+            unreachable: vec![],
         };
         plane.links.insert(
             "ul0".into(),
@@ -88,6 +91,12 @@ impl RoutePlane for FakePlane {
         Ok(self.routes.values().filter(|r| r.protocol == ROUTE_PROTOCOL).copied().collect())
     }
     async fn replace_route(&mut self, route: &ProtocolRoute) -> Result<(), NetlinkError> {
+        if route.gateway.is_some_and(|gw| self.unreachable.contains(&gw)) {
+            return Err(NetlinkError::LinkNotFound {
+                ifname: "ul0".into(),
+                netns: "fake".into(),
+            });
+        }
         let mut route = *route;
         // The kernel picks the link that reaches the gateway.
         route.oif = route.oif.or(Some(2));
@@ -512,4 +521,19 @@ fn vtep_macs_and_overlay_addresses_are_derived() {
     assert_eq!(vtep_mac(ip("10.1.2.3")).to_string(), "02:B5:0A:01:02:03");
     assert_eq!(overlay_address(net("10.244.7.0/24")), ip("10.244.7.0"));
     assert_eq!(overlay_address(net("10.244.7.128/25")), ip("10.244.7.128"));
+}
+
+#[tokio::test]
+async fn a_peer_the_kernel_cannot_route_to_does_not_cut_off_the_others() {
+    let router = Router::new(local(), RoutingMode::Native);
+    let mut plane = FakePlane::node(local().internal_ip);
+    plane.unreachable = vec![peer(1).internal_ip, peer(2).internal_ip];
+    let err = router.reconcile(&mut plane, &[peer(1), peer(2), peer(3)]).await.unwrap_err();
+    assert!(matches!(err, RoutingError::Incomplete { count: 2, .. }), "{err}");
+    assert_eq!(plane.our_routes(), vec![(net("10.244.3.0/24"), Some(ip("192.168.50.13")))]);
+
+    plane.unreachable = vec![peer(1).internal_ip];
+    let err = router.reconcile(&mut plane, &[peer(1), peer(2), peer(3)]).await.unwrap_err();
+    assert!(matches!(err, RoutingError::Netlink { op: "replace route", .. }), "{err}");
+    assert_eq!(plane.our_routes().len(), 2);
 }
