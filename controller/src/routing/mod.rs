@@ -10,7 +10,10 @@
 //!   addresses on it.
 //!
 //! The kernel is the state: a restarted agent finds the entries of its previous run by
-//! their marker and removes those of nodes that vanished meanwhile.
+//! their marker and removes those of nodes that vanished meanwhile. A route to a peer's pod
+//! CIDR is ours by definition: adding it replaces a foreign route with the same destination
+//! and metric (the kernel's `replace` ignores the protocol), as the lab's static routes are
+//! until the lab stops installing them.
 //!
 //! # VXLAN layout
 //! Flannel's `vxlan` backend, without its annotations:
