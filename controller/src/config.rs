@@ -4,7 +4,8 @@
 //! (clap reads both into [`AgentArgs::settings`]), the `--config` file, the default
 //! ([`Settings::defaults`]). The file's keys are the long flag names: `node-name`, `source`,
 //! `kubeconfig`, `manifests`, `state-dir`, `bpffs`, `pod-cidr`, `metrics-address`,
-//! `flow-history`. In a DaemonSet the node name comes from the downward API
+//! `flow-history`, `routing`, `vxlan-vni`, `vxlan-port`, `cluster-cidr`,
+//! `non-masquerade-cidrs`, `masquerade`. In a DaemonSet the node name comes from the downward API
 //! (`BULKHEAD_NODE_NAME` from `spec.nodeName`) and the rest from a ConfigMap file.
 //!
 //! Every setting is declared once, in [`Settings`]: the same struct is the flags (clap), the
@@ -130,15 +131,58 @@ settings! {
     /// Address to serve `/metrics` and `/healthz` on; `none` disables [default: 0.0.0.0:9962].
     #[arg(long, env = "BULKHEAD_METRICS_ADDRESS")]
     metrics_address: String,
+    /// How pods on other nodes are reached: `native` (a route to each node's pod CIDR via
+    /// its InternalIP), `vxlan` (a VXLAN overlay) or `none` (someone else routes) [default: native].
+    #[arg(long, env = "BULKHEAD_ROUTING", value_enum)]
+    routing: RoutingKind,
+    /// The VXLAN network identifier in `vxlan` routing [default: 1].
+    #[arg(long, env = "BULKHEAD_VXLAN_VNI")]
+    vxlan_vni: u32,
+    /// The VXLAN UDP port in `vxlan` routing [default: 4789].
+    #[arg(long, env = "BULKHEAD_VXLAN_PORT")]
+    vxlan_port: u16,
+    /// The cluster's pod address range: traffic from it to anywhere outside it, outside
+    /// `non-masquerade-cidrs` and to no node is masqueraded. Without it nothing is.
+    #[arg(long, env = "BULKHEAD_CLUSTER_CIDR")]
+    #[serde(default, deserialize_with = "optional_cidr")]
+    cluster_cidr: Ipv4Network,
+    /// Destinations pod traffic reaches with its pod address (comma-separated CIDRs).
+    #[arg(long, env = "BULKHEAD_NON_MASQUERADE_CIDRS", value_delimiter = ',')]
+    #[serde(default, deserialize_with = "optional_cidrs")]
+    non_masquerade_cidrs: Vec<Ipv4Network>,
+    /// Masquerade pod traffic leaving the cluster (`--masquerade=false` turns it off)
+    /// [default: true].
+    #[arg(long, env = "BULKHEAD_MASQUERADE", action = clap::ArgAction::Set)]
+    masquerade: bool,
 }
 
 fn optional_cidr<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Ipv4Network>, D::Error> {
     let text: Option<String> = Option::deserialize(d)?;
-    text.map(|t| {
-        t.parse()
-            .map_err(|e| serde::de::Error::custom(format!("pod-cidr: {t:?} is not an ipv4 cidr: {e}")))
-    })
-    .transpose()
+    text.map(|t| parse_cidr::<D::Error>(&t)).transpose()
+}
+
+fn optional_cidrs<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Vec<Ipv4Network>>, D::Error> {
+    let list: Option<Vec<String>> = Option::deserialize(d)?;
+    list.map(|l| l.iter().map(|t| parse_cidr::<D::Error>(t)).collect()).transpose()
+}
+
+/// The file parser does not name the key of a value a custom deserializer rejects; the
+/// message names the value instead.
+fn parse_cidr<E: serde::de::Error>(text: &str) -> Result<Ipv4Network, E> {
+    text.parse()
+        .map_err(|e| E::custom(format!("{text:?} is not an ipv4 cidr: {e}")))
+}
+
+/// How pods on other nodes are reached.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RoutingKind {
+    /// A route to each other node's pod CIDR via its InternalIP (nodes share a link).
+    Native,
+    /// A VXLAN device and a route per remote pod CIDR through it.
+    Vxlan,
+    /// The agent installs no routes (the network routes pod CIDRs itself).
+    None,
 }
 
 impl Settings {
@@ -150,6 +194,11 @@ impl Settings {
             bpffs: Some(DEFAULT_BPFFS.into()),
             metrics_address: Some(DEFAULT_METRICS_ADDRESS.into()),
             flow_history: Some(DEFAULT_FLOW_HISTORY),
+            routing: Some(RoutingKind::Native),
+            vxlan_vni: Some(crate::routing::DEFAULT_VXLAN_VNI),
+            vxlan_port: Some(crate::routing::DEFAULT_VXLAN_PORT),
+            non_masquerade_cidrs: Some(Vec::new()),
+            masquerade: Some(true),
             ..Settings::default()
         }
     }
@@ -198,6 +247,12 @@ impl Settings {
             pod_cidr: s.pod_cidr,
             metrics_address: required(s.metrics_address, "metrics-address", "BULKHEAD_METRICS_ADDRESS")?,
             flow_history: required(s.flow_history, "flow-history", "BULKHEAD_FLOW_HISTORY")?,
+            routing: required(s.routing, "routing", "BULKHEAD_ROUTING")?,
+            vxlan_vni: required(s.vxlan_vni, "vxlan-vni", "BULKHEAD_VXLAN_VNI")?,
+            vxlan_port: required(s.vxlan_port, "vxlan-port", "BULKHEAD_VXLAN_PORT")?,
+            cluster_cidr: s.cluster_cidr,
+            non_masquerade_cidrs: s.non_masquerade_cidrs.unwrap_or_default(),
+            masquerade: required(s.masquerade, "masquerade", "BULKHEAD_MASQUERADE")?,
         })
     }
 }
@@ -227,6 +282,18 @@ pub struct AgentConfig {
     pub metrics_address: String,
     /// Flow records kept in memory for `bulkhead observe`.
     pub flow_history: usize,
+    /// How pods on other nodes are reached.
+    pub routing: RoutingKind,
+    /// VXLAN network identifier.
+    pub vxlan_vni: u32,
+    /// VXLAN UDP port.
+    pub vxlan_port: u16,
+    /// The cluster's pod range, for masquerade.
+    pub cluster_cidr: Option<Ipv4Network>,
+    /// Destinations never masqueraded.
+    pub non_masquerade_cidrs: Vec<Ipv4Network>,
+    /// Whether pod traffic leaving the cluster is masqueraded.
+    pub masquerade: bool,
 }
 
 /// `bulkhead agent` flags.
