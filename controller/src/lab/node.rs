@@ -91,7 +91,7 @@ pub fn up(paths: &LabPaths, nodes: usize, routing: Routing, files: &[PathBuf]) -
     if let Some(ul) = &state.underlay_netns {
         setup_underlay(ul, &state.nodes)?;
     }
-    world::setup(paths, &mut state)?;
+    world::setup(paths, &mut state, underlay)?;
     for i in 0..state.nodes.len() {
         let (pid, port) = spawn_agent(paths, &state.id, &state.nodes[i])?;
         state.nodes[i].agent_pid = Some(pid);

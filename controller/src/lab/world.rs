@@ -58,22 +58,11 @@ pub fn plan(id: &str, underlay: Ipv4Network) -> WorldState {
 ///
 /// Its only route is the underlay's connected /24: replies to a pod address have nowhere to
 /// go, as on the internet, until the node masquerades.
-pub fn setup(paths: &LabPaths, state: &mut LabState) -> Result<(), LabError> {
+pub fn setup(paths: &LabPaths, state: &mut LabState, underlay: Ipv4Network) -> Result<(), LabError> {
     let (Some(world), Some(ul)) = (state.world.clone(), state.underlay_netns.clone()) else {
         return Ok(());
     };
-    let underlay: Ipv4Network = state
-        .underlay_cidr
-        .as_deref()
-        .and_then(|c| c.parse().ok())
-        .ok_or_else(|| LabError::Unsupported {
-            object: "lab state".into(),
-            message: format!("no underlay cidr for {}", world.netns),
-        })?;
-    let ip: Ipv4Addr = world.ip.parse().map_err(|_| LabError::Unsupported {
-        object: "lab state".into(),
-        message: format!("bad outside host address {:?}", world.ip),
-    })?;
+    let ip = underlay.nth(WORLD_HOST).ok_or(LabError::NoFreeUnderlay)?;
     let netns_name = world.netns.as_str();
     netns::create_named(netns_name).map_err(|source| LabError::Netns {
         netns: netns_name.to_string(),
