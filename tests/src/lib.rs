@@ -100,7 +100,7 @@ impl Lab {
                         r["from"].as_str().expect("from").to_string(),
                         r["to"].as_str().expect("to").to_string(),
                     ),
-                    r["allowed"].as_bool().expect("allowed"),
+                    probe_allowed(r),
                 )
             })
             .collect();
@@ -114,6 +114,77 @@ impl Lab {
         let keys: std::collections::BTreeSet<(String, String)> = got.keys().cloned().collect();
         assert_eq!(keys, want, "probe {port}/{protocol}: not every ordered pair of {} pods", pods.len());
         got
+    }
+
+    /// `probe -o json` as (from, to) → `result` (`connected`, `dropped` or `refused`), over
+    /// the same whole matrix as [`Lab::probe`].
+    pub fn probe_outcomes(&self, port: u16, protocol: &str) -> std::collections::BTreeMap<(String, String), String> {
+        let out = self.ok(&["probe", "--port", &port.to_string(), "--protocol", protocol, "-o", "json"]);
+        let v: serde_json::Value = serde_json::from_str(&out).expect("probe json");
+        let got: std::collections::BTreeMap<(String, String), String> = v["results"]
+            .as_array()
+            .expect("results")
+            .iter()
+            .map(|r| {
+                probe_allowed(r);
+                let key = (
+                    r["from"].as_str().expect("from").to_string(),
+                    r["to"].as_str().expect("to").to_string(),
+                );
+                (key, r["result"].as_str().expect("result").to_string())
+            })
+            .collect();
+        let pods = self.pod_names();
+        assert_eq!(
+            got.len(),
+            pods.len() * pods.len().saturating_sub(1),
+            "probe {port}/{protocol}: {out}"
+        );
+        got
+    }
+
+    /// `probe --to world -o json` as from → `result`: one result per pod, each `"to": "world"`.
+    pub fn probe_world(&self, port: u16, protocol: &str) -> std::collections::BTreeMap<String, String> {
+        let out = self.ok(&[
+            "probe",
+            "--to",
+            "world",
+            "--port",
+            &port.to_string(),
+            "--protocol",
+            protocol,
+            "-o",
+            "json",
+        ]);
+        let v: serde_json::Value = serde_json::from_str(&out).expect("probe json");
+        assert_eq!(v["port"], port);
+        assert_eq!(v["protocol"], protocol);
+        let got: std::collections::BTreeMap<String, String> = v["results"]
+            .as_array()
+            .expect("results")
+            .iter()
+            .map(|r| {
+                probe_allowed(r);
+                assert_eq!(r["to"], "world", "{out}");
+                (
+                    r["from"].as_str().expect("from").to_string(),
+                    r["result"].as_str().expect("result").to_string(),
+                )
+            })
+            .collect();
+        let mut pods = self.pod_names();
+        pods.sort();
+        assert_eq!(
+            got.keys().cloned().collect::<Vec<_>>(),
+            pods,
+            "probe --to world: one result per pod: {out}"
+        );
+        got
+    }
+
+    /// `lab status -o json`.
+    pub fn status(&self) -> serde_json::Value {
+        serde_json::from_str(&self.ok(&["status", "-o", "json"])).expect("status json")
     }
 
     /// `namespace/name` of every pod `pods -o json` lists.
@@ -143,6 +214,9 @@ impl Lab {
             })
             .unwrap_or_default();
         assert!(leftovers.is_empty(), "netns left: {leftovers:?}");
+        // Named too, so a change of prefix cannot hide the outside host.
+        let world = PathBuf::from(format!("/run/netns/bh{id}-world"));
+        assert!(!world.exists(), "{} left", world.display());
         let pins = PathBuf::from(format!("/sys/fs/bpf/bulkhead-lab-{id}"));
         assert!(!pins.exists(), "{} left", pins.display());
         assert!(!self.dir.exists(), "{} left", self.dir.display());
@@ -224,6 +298,7 @@ pub fn scenario_up_down(lab: &Lab) {
     let id = lab.id();
     assert_eq!(id.len(), 4);
     assert!(PathBuf::from(format!("/run/netns/bh{id}-node0")).exists());
+    assert!(PathBuf::from(format!("/run/netns/bh{id}-world")).exists());
     let listed: serde_json::Value = serde_json::from_str(&lab.ok(&["pods", "-o", "json"])).expect("pods json");
     let names: Vec<String> = listed
         .as_array()
@@ -307,6 +382,16 @@ pub fn scenario_exec(lab: &Lab) {
     assert_eq!(out.status.code(), Some(3));
     let inside = lab.ok(&["exec", "x/a", "--", "cat", "/proc/net/dev"]);
     assert!(inside.contains("eth0"), "not in the pod netns: {inside}");
+}
+
+/// `allowed` of one `probe -o json` result, checked against its `result`: a known outcome,
+/// and allowed exactly when connected.
+pub fn probe_allowed(r: &serde_json::Value) -> bool {
+    let allowed = r["allowed"].as_bool().expect("allowed");
+    let result = r["result"].as_str().expect("result");
+    assert!(["connected", "dropped", "refused"].contains(&result), "unknown result: {r}");
+    assert_eq!(allowed, result == "connected", "allowed must mean connected: {r}");
+    allowed
 }
 
 /// `namespace/pod` of a flow end in `bulkhead observe -o json` (`?` for what is not a pod).

@@ -10,6 +10,7 @@ mod pod;
 mod probe;
 mod serve;
 mod state;
+mod world;
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -20,7 +21,7 @@ use serde::Serialize;
 // TODO(merge): replace with `use crate::model;` once Brief B's model lands.
 use crate::model;
 
-pub use state::{LabPaths, LabState, NodeState, PodState};
+pub use state::{LabPaths, LabState, NodeState, PodState, WorldState};
 
 pub use crate::cli::Output;
 
@@ -33,6 +34,32 @@ fn probe_protocol(text: &str) -> Result<Protocol, String> {
         Ok(p @ (Protocol::TCP | Protocol::UDP)) => Ok(p),
         _ => Err(format!("{text:?} is not a probe protocol (TCP or UDP)")),
     }
+}
+
+/// How the agents route between nodes (`lab up --routing`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum Routing {
+    /// Each node routes the other nodes' pod CIDRs over the underlay.
+    #[default]
+    Native,
+    /// Pod traffic between nodes rides a VXLAN overlay.
+    Vxlan,
+}
+
+impl std::fmt::Display for Routing {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Routing::Native => "native",
+            Routing::Vxlan => "vxlan",
+        })
+    }
+}
+
+/// `lab probe --to`: a destination other than the pods.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum ProbeTo {
+    /// The outside host: every pod -> world.
+    World,
 }
 
 /// `bulkhead lab` arguments.
@@ -54,6 +81,9 @@ pub enum LabCommand {
         /// Number of nodes.
         #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=200))]
         nodes: u8,
+        /// How the agents route between nodes (stored for the agents; native today).
+        #[arg(long, value_enum, default_value_t = Routing::Native)]
+        routing: Routing,
         /// Manifests to apply.
         #[arg(short = 'f', long = "filename")]
         files: Vec<PathBuf>,
@@ -76,8 +106,11 @@ pub enum LabCommand {
         #[arg(short = 'o', long, value_enum, default_value_t = Output::Table)]
         output: Output,
     },
-    /// Try every ordered pair of pods.
+    /// Try every ordered pair of pods (or every pod to the outside host with `--to world`).
     Probe {
+        /// Probe every pod -> this instead of every pair of pods.
+        #[arg(long, value_enum)]
+        to: Option<ProbeTo>,
         /// Destination port.
         #[arg(long, default_value_t = 80)]
         port: u16,
@@ -94,9 +127,9 @@ pub enum LabCommand {
         #[arg(short = 'o', long, value_enum, default_value_t = Output::Table)]
         output: Output,
     },
-    /// Run a command inside a pod's network namespace.
+    /// Run a command inside a pod's network namespace, or the outside host's (`world`).
     Exec {
-        /// `NAMESPACE/POD`.
+        /// `NAMESPACE/POD`, or `world` for the outside host.
         pod: String,
         /// The command and its arguments.
         #[arg(last = true, required = true)]
@@ -104,16 +137,22 @@ pub enum LabCommand {
     },
     /// Remove everything the lab made.
     Down,
-    /// Serve a pod's ports (run by the lab inside the pod).
+    /// Serve a pod's ports (run by the lab inside the pod or the outside host).
     #[command(hide = true)]
     Serve {
-        /// `namespace/pod`, written to TCP clients.
+        /// `namespace/pod`, written to TCP clients of `--tcp` ports.
         #[arg(long)]
         name: String,
-        /// TCP ports.
+        /// TCP ports that write the name and close.
         #[arg(long)]
         tcp: Vec<u16>,
-        /// UDP ports.
+        /// TCP ports that echo.
+        #[arg(long)]
+        tcp_echo: Vec<u16>,
+        /// TCP ports that write the client's address and close.
+        #[arg(long)]
+        tcp_peer: Vec<u16>,
+        /// UDP echo ports.
         #[arg(long)]
         udp: Vec<u16>,
     },
@@ -226,6 +265,9 @@ pub enum LabError {
     /// No cluster CIDR is free of the host's routes.
     #[error("no free cluster cidr: 10.244.0.0/16 to 10.254.0.0/16 all overlap host routes")]
     NoFreeCidr,
+    /// No /24 for the underlay is free of the cluster CIDR and host routes.
+    #[error("no free underlay: every 10.255.N.0/24 overlaps a host route")]
+    NoFreeUnderlay,
     /// The pod is not in the lab.
     #[error("no pod {pod} in the lab")]
     UnknownPod {
@@ -241,7 +283,7 @@ const RELOAD_TIMEOUT: Duration = Duration::from_secs(60);
 pub fn run(args: LabArgs) -> Result<i32, LabError> {
     let paths = LabPaths::new(&args.lab_dir)?;
     match args.command {
-        LabCommand::Up { nodes, files } => node::up(&paths, usize::from(nodes), &files),
+        LabCommand::Up { nodes, routing, files } => node::up(&paths, usize::from(nodes), routing, &files),
         LabCommand::Apply { files } => {
             let _lock = paths.lock()?;
             let mut state = paths.load_up()?;
@@ -261,9 +303,17 @@ pub fn run(args: LabArgs) -> Result<i32, LabError> {
             print_pods(&paths, &state, output)?;
             Ok(0)
         }
-        LabCommand::Probe { port, protocol, output } => {
+        LabCommand::Probe {
+            to,
+            port,
+            protocol,
+            output,
+        } => {
             let state = paths.load_up()?;
-            probe::run(&state, port, protocol, output)
+            match to {
+                None => probe::run(&state, port, protocol, output),
+                Some(ProbeTo::World) => probe::run_to_world(&state, port, protocol, output),
+            }
         }
         LabCommand::Status { output } => {
             let state = paths.load_up()?;
@@ -272,7 +322,21 @@ pub fn run(args: LabArgs) -> Result<i32, LabError> {
         }
         LabCommand::Exec { pod, command } => pod::exec(&paths, &pod, &command),
         LabCommand::Down => node::down(&paths),
-        LabCommand::Serve { name, tcp, udp } => serve::run(&name, &tcp, &udp),
+        LabCommand::Serve {
+            name,
+            tcp,
+            tcp_echo,
+            tcp_peer,
+            udp,
+        } => serve::run(
+            &name,
+            &serve::Ports {
+                tcp,
+                tcp_echo,
+                tcp_peer,
+                udp,
+            },
+        ),
     }
 }
 
@@ -413,6 +477,8 @@ struct NodeStatus {
     netns: String,
     #[serde(rename = "podCIDR")]
     pod_cidr: String,
+    #[serde(rename = "underlayIP")]
+    underlay_ip: Option<String>,
     agent_socket: PathBuf,
     bpffs: PathBuf,
     agent_pid: Option<u32>,
@@ -421,13 +487,22 @@ struct NodeStatus {
     metrics_url: Option<String>,
 }
 
+/// The outside host in `lab status -o json`.
+#[derive(Debug, Serialize)]
+struct ExternalStatus {
+    ip: String,
+    ports: Vec<u16>,
+}
+
 /// `lab status -o json`.
 #[derive(Debug, Serialize)]
 #[serde(rename_all = "camelCase")]
 struct LabStatus {
     lab_dir: PathBuf,
     id: String,
+    routing: String,
     nodes: Vec<NodeStatus>,
+    external: Option<ExternalStatus>,
 }
 
 fn print_status(paths: &LabPaths, state: &LabState, output: Output) {
@@ -441,6 +516,7 @@ fn print_status(paths: &LabPaths, state: &LabState, output: Output) {
                 name: n.name.clone(),
                 netns: n.netns.clone(),
                 pod_cidr: n.pod_cidr.clone(),
+                underlay_ip: n.underlay_ip.clone(),
                 agent_socket: socket,
                 bpffs: node::pin_dir(&state.id, &n.name),
                 agent_pid: n.agent_pid,
@@ -452,12 +528,23 @@ fn print_status(paths: &LabPaths, state: &LabState, output: Output) {
     let status = LabStatus {
         lab_dir: paths.dir.clone(),
         id: state.id.clone(),
+        routing: state.routing.clone(),
         nodes,
+        external: state.world.as_ref().map(|w| ExternalStatus {
+            ip: w.ip.clone(),
+            ports: w.ports(),
+        }),
     };
     match output {
         Output::Json => println!("{}", serde_json::to_string_pretty(&status).unwrap_or_default()),
         Output::Table => {
-            println!("lab {} in {} ({} pods)", status.id, status.lab_dir.display(), state.pods.len());
+            println!(
+                "lab {} in {} ({} pods, {} routing)",
+                status.id,
+                status.lab_dir.display(),
+                state.pods.len(),
+                status.routing
+            );
             println!(
                 "{:<8} {:<16} {:<18} {:<8} {:<6} BPFFS",
                 "NODE", "NETNS", "POD CIDR", "AGENT", "READY"
@@ -473,6 +560,10 @@ fn print_status(paths: &LabPaths, state: &LabState, output: Output) {
                     n.agent_ready,
                     n.bpffs.display()
                 );
+            }
+            if let Some(w) = &status.external {
+                let ports: Vec<String> = w.ports.iter().map(u16::to_string).collect();
+                println!("outside host {} ({}), ports {}", world::WORLD, w.ip, ports.join(", "));
             }
         }
     }

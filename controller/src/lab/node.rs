@@ -17,7 +17,7 @@ use netlink_packet_route::route::RouteScope;
 use rtnetlink::Handle;
 
 use super::state::{create_dir, write_atomic, LabPaths, LabState, NodeState};
-use super::{demo, pod, LabError};
+use super::{demo, pod, world, LabError, Routing};
 
 /// Where bpffs lives.
 const BPFFS: &str = "/sys/fs/bpf";
@@ -26,7 +26,7 @@ const AGENT_READY_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long a process gets between SIGTERM and SIGKILL.
 const KILL_GRACE: Duration = Duration::from_secs(3);
 /// The bridge in the underlay namespace.
-const UNDERLAY_BRIDGE: &str = "br0";
+pub(super) const UNDERLAY_BRIDGE: &str = "br0";
 /// A node's interface on the underlay.
 const UNDERLAY_IFNAME: &str = "ul0";
 
@@ -40,7 +40,7 @@ fn lab_pin_root(id: &str) -> PathBuf {
 }
 
 /// `bulkhead lab up`.
-pub fn up(paths: &LabPaths, nodes: usize, files: &[PathBuf]) -> Result<i32, LabError> {
+pub fn up(paths: &LabPaths, nodes: usize, routing: Routing, files: &[PathBuf]) -> Result<i32, LabError> {
     let _lock = paths.lock()?;
     if paths.load()?.is_some() {
         return Err(LabError::AlreadyUp {
@@ -54,29 +54,30 @@ pub fn up(paths: &LabPaths, nodes: usize, files: &[PathBuf]) -> Result<i32, LabE
         super::read_files(files)?
     };
     let id = random_id(&paths.dir)?;
-    let cluster_cidr = pick_cluster_cidr(&host_routes())?;
+    let routes = host_routes();
+    let cluster_cidr = pick_cluster_cidr(&routes)?;
     let subnets: Vec<Ipv4Network> = (0..=255u8)
         .filter_map(|i| Ipv4Network::new(nth_24(cluster_cidr, i), 24).ok())
         .collect();
-    // The last /24 of the cluster CIDR is the underlay; no node gets it.
-    let underlay = subnets.last().copied();
+    // Nodes and the outside host meet on a /24 outside the cluster CIDR.
+    let underlay = world::pick_underlay(cluster_cidr, &routes)?;
     let mut state = LabState {
         id: id.clone(),
         cluster_cidr: cluster_cidr.to_string(),
-        underlay_netns: (nodes > 1).then(|| format!("bh{id}-ul")),
+        underlay_netns: Some(format!("bh{id}-ul")),
+        underlay_cidr: Some(underlay.to_string()),
+        routing: routing.to_string(),
         nodes: (0..nodes)
             .map(|i| NodeState {
                 name: format!("node{i}"),
                 netns: format!("bh{id}-node{i}"),
                 pod_cidr: subnets.get(i).map(|s| s.to_string()).unwrap_or_default(),
-                underlay_ip: underlay
-                    .filter(|_| nodes > 1)
-                    .and_then(|u| u.nth(u32::try_from(i).unwrap_or(0) + 1))
-                    .map(|ip| ip.to_string()),
+                underlay_ip: world::node_ip(underlay, i).map(|ip| ip.to_string()),
                 agent_pid: None,
                 metrics_port: None,
             })
             .collect(),
+        world: Some(world::plan(&id, underlay)),
         pods: Vec::new(),
     };
     paths.save(&state)?;
@@ -90,6 +91,7 @@ pub fn up(paths: &LabPaths, nodes: usize, files: &[PathBuf]) -> Result<i32, LabE
     if let Some(ul) = &state.underlay_netns {
         setup_underlay(ul, &state.nodes)?;
     }
+    world::setup(paths, &mut state, underlay)?;
     for i in 0..state.nodes.len() {
         let (pid, port) = spawn_agent(paths, &state.id, &state.nodes[i])?;
         state.nodes[i].agent_pid = Some(pid);
@@ -105,6 +107,7 @@ pub fn up(paths: &LabPaths, nodes: usize, files: &[PathBuf]) -> Result<i32, LabE
     println!("lab {id} is up with {nodes} node(s). Next:");
     println!("  bulkhead lab probe --port 80          # who can reach whom");
     println!("  bulkhead lab exec NS/POD -- ip addr   # run a command in a pod");
+    println!("  bulkhead lab probe --to world --port 80   # every pod -> the outside host");
     println!("  bulkhead lab apply -f policy.yaml     # change the cluster");
     println!("  bulkhead lab down                     # remove everything");
     Ok(0)
@@ -169,7 +172,7 @@ fn ensure_bpffs() -> Result<(), LabError> {
 }
 
 /// Runs netlink work inside the namespace `name`.
-fn in_netns<T, F, Fut>(name: &str, f: F) -> Result<T, LabError>
+pub(super) fn in_netns<T, F, Fut>(name: &str, f: F) -> Result<T, LabError>
 where
     T: Send,
     F: FnOnce(Handle) -> Fut + Send,
@@ -182,7 +185,7 @@ where
 }
 
 /// Sets the link `ifname` up; returns it.
-async fn link_up(handle: &Handle, ifname: &str, netns: &str) -> Result<LinkInfo, NetlinkError> {
+pub(super) async fn link_up(handle: &Handle, ifname: &str, netns: &str) -> Result<LinkInfo, NetlinkError> {
     let link = netlink::require_link(handle, ifname, netns).await?;
     netlink::set_up(handle, link.index, ifname).await?;
     Ok(link)
@@ -460,6 +463,7 @@ pub fn down(paths: &LabPaths) -> Result<i32, LabError> {
     if let Some(s) = &state {
         known.extend(s.nodes.iter().filter_map(|n| n.agent_pid));
         known.extend(s.pods.iter().filter_map(|p| p.server_pid));
+        known.extend(s.world.iter().filter_map(|w| w.server_pid));
     }
     terminate(&lab_processes(&paths.dir, &known), &paths.dir);
     let mut errors: Vec<String> = Vec::new();
@@ -467,6 +471,7 @@ pub fn down(paths: &LabPaths) -> Result<i32, LabError> {
         let mut names: Vec<String> = s.pods.iter().map(|p| p.netns.clone()).collect();
         names.extend(s.nodes.iter().map(|n| n.netns.clone()));
         names.extend(s.underlay_netns.clone());
+        names.extend(s.world.iter().map(|w| w.netns.clone()));
         if s.id.len() == 4 {
             let prefix = format!("bh{}-", s.id);
             if let Ok(rd) = std::fs::read_dir(netns::NETNS_RUN_DIR) {

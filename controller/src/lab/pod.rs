@@ -1,9 +1,9 @@
 //! Lab pods: namespaces wired by the real CNI plugin, each running a small server.
 
 use std::collections::BTreeSet;
-use std::io::{BufRead, BufReader, Write};
+use std::io::Write;
 use std::net::Ipv4Addr;
-use std::os::unix::process::{CommandExt, ExitStatusExt};
+use std::os::unix::process::ExitStatusExt;
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
 
@@ -11,7 +11,8 @@ use bulkhead_hostnet::netns;
 use k8s_openapi::api::core::v1::{Pod, PodStatus};
 
 use super::model::{Object, ObjectRef};
-use super::state::{create_dir, LabPaths, LabState, NodeState, PodState};
+use super::serve::{self, Ports};
+use super::state::{LabPaths, LabState, NodeState, PodState};
 use super::LabError;
 
 /// A pod that CNI ADD wired: its record, server pid and IP.
@@ -309,57 +310,15 @@ fn cni(paths: &LabPaths, node: &NodeState, pod: &PodState, command: &'static str
 
 /// Starts the pod's server inside its namespace, detached; `None` when it serves nothing.
 fn start_server(paths: &LabPaths, pod: &PodState) -> Result<Option<u32>, LabError> {
-    if pod.tcp_ports.is_empty() && pod.udp_ports.is_empty() {
+    let ports = Ports {
+        tcp: pod.tcp_ports.clone(),
+        udp: pod.udp_ports.clone(),
+        ..Ports::default()
+    };
+    if ports.is_empty() {
         return Ok(None);
     }
-    let exe = std::env::current_exe().map_err(|source| LabError::Spawn {
-        what: "pod server: cannot find own executable".into(),
-        source,
-    })?;
-    let log_path = paths.pod_log(pod);
-    create_dir(log_path.parent().unwrap_or(&paths.dir))?;
-    let log = std::fs::File::create(&log_path).map_err(|source| LabError::Io {
-        op: "create",
-        path: log_path.clone(),
-        source,
-    })?;
-    let mut cmd = Command::new(&exe);
-    cmd.arg("lab")
-        .arg("--lab-dir")
-        .arg(&paths.dir)
-        .arg("serve")
-        .arg("--name")
-        .arg(pod.key());
-    for p in &pod.tcp_ports {
-        cmd.arg("--tcp").arg(p.to_string());
-    }
-    for p in &pod.udp_ports {
-        cmd.arg("--udp").arg(p.to_string());
-    }
-    // The server says "ready" on stdout once every socket is bound.
-    cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(log).process_group(0);
-    let spawn_err = |source| LabError::Spawn {
-        what: format!("pod server for {}", pod.key()),
-        source,
-    };
-    let mut child = netns::run_in(&netns::named_path(&pod.netns), move || cmd.spawn())
-        .map_err(|source| LabError::Netns {
-            netns: pod.netns.clone(),
-            source,
-        })?
-        .map_err(spawn_err)?;
-    let mut line = String::new();
-    if let Some(out) = child.stdout.take() {
-        BufReader::new(out).read_line(&mut line).map_err(spawn_err)?;
-    }
-    if line.trim() != "ready" {
-        let log = std::fs::read_to_string(&log_path).unwrap_or_default();
-        return Err(LabError::Spawn {
-            what: format!("pod server for {}", pod.key()),
-            source: std::io::Error::other(format!("server did not start: {}", log.trim())),
-        });
-    }
-    Ok(Some(child.id()))
+    serve::spawn(paths, &pod.netns, &pod.key(), &ports, &paths.pod_log(pod)).map(Some)
 }
 
 /// Stops a pod's server.
@@ -406,18 +365,26 @@ pub fn delete(paths: &LabPaths, state: &mut LabState, objects: &[Object]) -> Res
 }
 
 /// `bulkhead lab exec NS/POD -- CMD...`: runs CMD in the pod's namespace, passing its exit code.
+/// `world` (no namespace) is the outside host; `default/world` is a pod of that name.
 pub fn exec(paths: &LabPaths, target: &str, command: &[String]) -> Result<i32, LabError> {
     let state = paths.load_up()?;
-    let (ns, name) = target.split_once('/').unwrap_or(("default", target));
-    let pod = state.pod(ns, name).ok_or_else(|| LabError::UnknownPod {
-        pod: format!("{ns}/{name}"),
-    })?;
+    let netns_name = if target == super::world::WORLD {
+        state.world.as_ref().map(|w| w.netns.clone()).ok_or_else(|| LabError::UnknownPod {
+            pod: format!("{target} (this lab has no outside host)"),
+        })?
+    } else {
+        let (ns, name) = target.split_once('/').unwrap_or(("default", target));
+        let pod = state.pod(ns, name).ok_or_else(|| LabError::UnknownPod {
+            pod: format!("{ns}/{name}"),
+        })?;
+        pod.netns.clone()
+    };
     let Some((program, args)) = command.split_first() else {
         return Err(LabError::UnknownPod { pod: target.to_string() });
     };
-    let status = netns::run_in(&netns::named_path(&pod.netns), || Command::new(program).args(args).status())
+    let status = netns::run_in(&netns::named_path(&netns_name), || Command::new(program).args(args).status())
         .map_err(|source| LabError::Netns {
-            netns: pod.netns.clone(),
+            netns: netns_name.clone(),
             source,
         })?
         .map_err(|source| LabError::Spawn {

@@ -1,5 +1,7 @@
-//! `bulkhead lab probe`: every ordered pair of pods, in parallel, from inside the source pod.
+//! `bulkhead lab probe`: every ordered pair of pods (or every pod to the outside host), in
+//! parallel, from inside the source pod.
 
+use std::io::ErrorKind;
 use std::net::{Ipv4Addr, SocketAddr, TcpStream, UdpSocket};
 use std::time::{Duration, Instant};
 
@@ -7,20 +9,58 @@ use bulkhead_hostnet::netns;
 use serde::Serialize;
 
 use super::state::{LabState, PodState};
+use super::world::WORLD;
 use super::{LabError, Output, Protocol};
 
 /// How long one probe may take.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// What came back from one probe.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Outcome {
+    /// The handshake completed (TCP) or the request got a reply (UDP).
+    Connected,
+    /// Nothing came back in time: something dropped the packets.
+    Dropped,
+    /// A TCP RST or an ICMP port unreachable came back: the way is open, nothing listens.
+    Refused,
+}
+
+impl Outcome {
+    /// The matrix mark: `.` connected, `X` dropped, `r` refused.
+    fn mark(self) -> &'static str {
+        match self {
+            Outcome::Connected => ".",
+            Outcome::Dropped => "X",
+            Outcome::Refused => "r",
+        }
+    }
+}
 
 /// One probed pair.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct ProbeResult {
     /// `namespace/pod` the connection came from.
     pub from: String,
-    /// `namespace/pod` it went to.
+    /// `namespace/pod` it went to, or `world`.
     pub to: String,
-    /// True when the handshake completed (TCP) or the request got a reply (UDP).
+    /// True when the handshake completed (TCP) or the request got a reply (UDP): `result`
+    /// is `connected`.
     pub allowed: bool,
+    /// What came back.
+    pub result: Outcome,
+}
+
+impl ProbeResult {
+    fn new(from: String, to: String, result: Outcome) -> Self {
+        Self {
+            from,
+            to,
+            allowed: result == Outcome::Connected,
+            result,
+        }
+    }
 }
 
 /// The whole matrix, as `probe -o json` prints it.
@@ -30,23 +70,65 @@ pub struct ProbeReport {
     pub port: u16,
     /// `TCP` or `UDP`.
     pub protocol: Protocol,
-    /// Every ordered pair of distinct pods.
+    /// Every ordered pair of distinct pods, or every pod to the outside host.
     pub results: Vec<ProbeResult>,
+}
+
+/// A probe destination: its name in the results and its address, if it has one yet.
+struct Target {
+    name: String,
+    ip: Option<Ipv4Addr>,
 }
 
 /// `bulkhead lab probe`.
 pub fn run(state: &LabState, port: u16, protocol: Protocol, output: Output) -> Result<i32, LabError> {
-    let mut pods: Vec<&PodState> = state.pods.iter().collect();
-    pods.sort_by_key(|p| p.key());
-    let report = probe_all(&pods, port, protocol)?;
-    match output {
-        Output::Json => println!("{}", serde_json::to_string(&report).unwrap_or_default()),
-        Output::Table => print!("{}", table(&pods, &report)),
-    }
+    let pods = sorted_pods(state);
+    let targets: Vec<Target> = pods
+        .iter()
+        .map(|p| Target {
+            name: p.key(),
+            ip: p.ip.as_deref().and_then(|ip| ip.parse().ok()),
+        })
+        .collect();
+    let report = probe_all(&pods, &targets, port, protocol)?;
+    print(&pods, &targets, &report, output);
     Ok(0)
 }
 
-fn probe_all(pods: &[&PodState], port: u16, protocol: Protocol) -> Result<ProbeReport, LabError> {
+/// `bulkhead lab probe --to world`: every pod to the outside host.
+pub fn run_to_world(state: &LabState, port: u16, protocol: Protocol, output: Output) -> Result<i32, LabError> {
+    let world = state.world.as_ref().ok_or_else(|| LabError::UnknownPod {
+        pod: format!("{WORLD} (this lab has no outside host)"),
+    })?;
+    let pods = sorted_pods(state);
+    let targets = [Target {
+        name: WORLD.to_string(),
+        ip: world.ip.parse().ok(),
+    }];
+    let report = probe_all(&pods, &targets, port, protocol)?;
+    print(&pods, &targets, &report, output);
+    Ok(0)
+}
+
+fn sorted_pods(state: &LabState) -> Vec<&PodState> {
+    let mut pods: Vec<&PodState> = state.pods.iter().collect();
+    pods.sort_by_key(|p| p.key());
+    pods
+}
+
+fn print(pods: &[&PodState], targets: &[Target], report: &ProbeReport, output: Output) {
+    match output {
+        Output::Json => println!("{}", serde_json::to_string(report).unwrap_or_default()),
+        Output::Table => {
+            let rows: Vec<String> = pods.iter().map(|p| p.key()).collect();
+            let columns: Vec<String> = targets.iter().map(|t| t.name.clone()).collect();
+            print!("{}", table(&rows, &columns, report));
+        }
+    }
+}
+
+/// Probes from every pod to every target but itself.
+fn probe_all(pods: &[&PodState], targets: &[Target], port: u16, protocol: Protocol) -> Result<ProbeReport, LabError> {
     let rows: Vec<Result<Vec<ProbeResult>, LabError>> = std::thread::scope(|scope| {
         let handles: Vec<_> = pods
             .iter()
@@ -55,29 +137,23 @@ fn probe_all(pods: &[&PodState], port: u16, protocol: Protocol) -> Result<ProbeR
                     // Threads started inside run_in inherit the source pod's namespace.
                     netns::run_in(&netns::named_path(&from.netns), || {
                         std::thread::scope(|inner| {
-                            let probes: Vec<_> = pods
+                            let probes: Vec<_> = targets
                                 .iter()
-                                .filter(|to| to.key() != from.key())
+                                .filter(|to| to.name != from.key())
                                 .map(|to| {
                                     inner.spawn(move || {
-                                        let ip = to.ip.as_deref().and_then(|ip| ip.parse::<Ipv4Addr>().ok());
-                                        let allowed = ip.is_some_and(|ip| probe_one(SocketAddr::from((ip, port)), protocol));
-                                        ProbeResult {
-                                            from: from.key(),
-                                            to: to.key(),
-                                            allowed,
-                                        }
+                                        let result = to
+                                            .ip
+                                            .map_or(Outcome::Dropped, |ip| probe_one(SocketAddr::from((ip, port)), protocol));
+                                        ProbeResult::new(from.key(), to.name.clone(), result)
                                     })
                                 })
                                 .collect();
                             probes
                                 .into_iter()
                                 .map(|h| {
-                                    h.join().unwrap_or_else(|_| ProbeResult {
-                                        from: from.key(),
-                                        to: String::new(),
-                                        allowed: false,
-                                    })
+                                    h.join()
+                                        .unwrap_or_else(|_| ProbeResult::new(from.key(), String::new(), Outcome::Dropped))
                                 })
                                 .collect()
                         })
@@ -108,72 +184,87 @@ fn probe_all(pods: &[&PodState], port: u16, protocol: Protocol) -> Result<ProbeR
 }
 
 /// Tries one connection from the calling thread's namespace.
-fn probe_one(addr: SocketAddr, protocol: Protocol) -> bool {
+fn probe_one(addr: SocketAddr, protocol: Protocol) -> Outcome {
     match protocol {
         Protocol::UDP => probe_udp(addr),
         // The flag admits only TCP and UDP.
-        _ => TcpStream::connect_timeout(&addr, PROBE_TIMEOUT).is_ok(),
+        _ => match TcpStream::connect_timeout(&addr, PROBE_TIMEOUT) {
+            Ok(_) => Outcome::Connected,
+            // An RST (or an ICMP port unreachable) answered the SYN.
+            Err(e) if e.kind() == ErrorKind::ConnectionRefused => Outcome::Refused,
+            // A timeout, or an ICMP host/net unreachable: nothing got through.
+            Err(_) => Outcome::Dropped,
+        },
     }
 }
 
-fn probe_udp(addr: SocketAddr) -> bool {
+fn probe_udp(addr: SocketAddr) -> Outcome {
     let Ok(socket) = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0)) else {
-        return false;
+        return Outcome::Dropped;
     };
+    // Connected, so the kernel reports an ICMP port unreachable as ECONNREFUSED on this socket.
     if socket.connect(addr).is_err() {
-        return false;
+        return Outcome::Dropped;
     }
+    let refused = |e: &std::io::Error| e.kind() == ErrorKind::ConnectionRefused;
     let deadline = Instant::now() + PROBE_TIMEOUT;
     let mut buf = [0u8; 64];
     // UDP may lose a datagram; resend a few times within the timeout.
     while Instant::now() < deadline {
-        if socket.send(b"bulkhead-probe").is_err() {
-            return false;
+        match socket.send(b"bulkhead-probe") {
+            Ok(_) => {}
+            // The error of an earlier datagram surfaces on the next call.
+            Err(e) if refused(&e) => return Outcome::Refused,
+            Err(_) => return Outcome::Dropped,
         }
         let wait = deadline.saturating_duration_since(Instant::now()).min(Duration::from_millis(300));
         if wait.is_zero() || socket.set_read_timeout(Some(wait)).is_err() {
-            return false;
+            return Outcome::Dropped;
         }
-        if let Ok(n) = socket.recv(&mut buf) {
-            return n > 0;
+        match socket.recv(&mut buf) {
+            Ok(n) if n > 0 => return Outcome::Connected,
+            Err(e) if refused(&e) => return Outcome::Refused,
+            _ => {}
         }
     }
-    false
+    Outcome::Dropped
 }
 
-/// The cyclonus-style matrix: rows from, columns to, `.` allowed, `X` denied.
-fn table(pods: &[&PodState], report: &ProbeReport) -> String {
-    let names: Vec<String> = pods.iter().map(|p| p.key()).collect();
-    let width = names
+/// The cyclonus-style matrix: rows from, columns to; `.` connected, `X` dropped, `r` refused.
+fn table(rows: &[String], columns: &[String], report: &ProbeReport) -> String {
+    let width = rows
         .iter()
         .map(String::len)
         .max()
         .unwrap_or(1)
         .max(report.protocol.to_string().len() + 6);
     let mut out = format!("{:<width$}", format!("{}/{}", report.protocol, report.port));
-    for n in &names {
+    for n in columns {
         out.push_str(&format!(" {n:>w$}", w = n.len().max(1)));
     }
     out.push('\n');
-    for from in &names {
+    for from in rows {
         out.push_str(&format!("{from:<width$}"));
-        for to in &names {
+        for to in columns {
             let mark = if from == to {
                 "-"
             } else {
-                match report.results.iter().find(|r| &r.from == from && &r.to == to) {
-                    Some(r) if r.allowed => ".",
-                    _ => "X",
-                }
+                report
+                    .results
+                    .iter()
+                    .find(|r| &r.from == from && &r.to == to)
+                    .map_or(Outcome::Dropped.mark(), |r| r.result.mark())
             };
             out.push_str(&format!(" {mark:>w$}", w = to.len().max(1)));
         }
         out.push('\n');
     }
-    let allowed = report.results.iter().filter(|r| r.allowed).count();
+    let count = |o: Outcome| report.results.iter().filter(|r| r.result == o).count();
     out.push_str(&format!(
-        "{allowed} allowed, {} denied, of {} pairs\n",
-        report.results.len() - allowed,
+        "{} connected, {} dropped, {} refused, of {} pairs (. connected, X dropped, r refused)\n",
+        count(Outcome::Connected),
+        count(Outcome::Dropped),
+        count(Outcome::Refused),
         report.results.len()
     ));
     out
@@ -185,36 +276,37 @@ mod tests {
 
     #[test]
     fn json_shape_and_table() {
-        let pod = |ns: &str, name: &str| PodState {
-            namespace: ns.into(),
-            name: name.into(),
-            ..Default::default()
-        };
-        let (a, b) = (pod("x", "a"), pod("x", "b"));
         let report = ProbeReport {
             port: 80,
             protocol: Protocol::TCP,
             results: vec![
-                ProbeResult {
-                    from: "x/a".into(),
-                    to: "x/b".into(),
-                    allowed: true,
-                },
-                ProbeResult {
-                    from: "x/b".into(),
-                    to: "x/a".into(),
-                    allowed: false,
-                },
+                ProbeResult::new("x/a".into(), "x/b".into(), Outcome::Connected),
+                ProbeResult::new("x/b".into(), "x/a".into(), Outcome::Dropped),
             ],
         };
         assert_eq!(
             serde_json::to_string(&report).unwrap(),
-            r#"{"port":80,"protocol":"TCP","results":[{"from":"x/a","to":"x/b","allowed":true},{"from":"x/b","to":"x/a","allowed":false}]}"#
+            r#"{"port":80,"protocol":"TCP","results":[{"from":"x/a","to":"x/b","allowed":true,"result":"connected"},{"from":"x/b","to":"x/a","allowed":false,"result":"dropped"}]}"#
         );
-        let t = table(&[&a, &b], &report);
+        let names = ["x/a".to_string(), "x/b".to_string()];
+        let t = table(&names, &names, &report);
         assert_eq!(
             t,
-            "TCP/80    x/a x/b\nx/a         -   .\nx/b         X   -\n1 allowed, 1 denied, of 2 pairs\n"
+            "TCP/80    x/a x/b\nx/a         -   .\nx/b         X   -\n1 connected, 1 dropped, 0 refused, of 2 pairs (. connected, X dropped, r refused)\n"
         );
+    }
+
+    #[test]
+    fn refused_is_not_allowed_and_marks_r() {
+        let r = ProbeResult::new("x/a".into(), WORLD.into(), Outcome::Refused);
+        assert!(!r.allowed);
+        assert_eq!(serde_json::to_value(&r).unwrap()["result"], "refused");
+        let report = ProbeReport {
+            port: 9,
+            protocol: Protocol::UDP,
+            results: vec![r],
+        };
+        let t = table(&["x/a".into()], &[WORLD.into()], &report);
+        assert!(t.starts_with("UDP/9     world\nx/a           r\n"), "{t}");
     }
 }

@@ -16,12 +16,51 @@ pub struct LabState {
     pub id: String,
     /// The cluster CIDR the pod CIDRs come from.
     pub cluster_cidr: String,
-    /// Netns of the underlay bridge, with more than one node.
+    /// Netns of the underlay bridge (labs made before the outside host had none with one node).
     pub underlay_netns: Option<String>,
+    /// The underlay /24, outside the cluster CIDR (absent in older labs).
+    #[serde(default)]
+    pub underlay_cidr: Option<String>,
+    /// How the agents route between nodes: `native` or `vxlan`.
+    #[serde(default = "default_routing")]
+    pub routing: String,
     /// The nodes.
     pub nodes: Vec<NodeState>,
+    /// The outside host on the underlay (absent in older labs).
+    #[serde(default)]
+    pub world: Option<WorldState>,
     /// The pods.
     pub pods: Vec<PodState>,
+}
+
+fn default_routing() -> String {
+    "native".into()
+}
+
+/// The lab's outside host: a namespace on the underlay with no route to any pod CIDR.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct WorldState {
+    /// Its netns name under /run/netns.
+    pub netns: String,
+    /// Its address on the underlay, outside the cluster CIDR.
+    pub ip: String,
+    /// TCP and UDP echo ports.
+    pub echo_ports: Vec<u16>,
+    /// TCP ports that answer with the peer's address.
+    pub peer_ports: Vec<u16>,
+    /// Its server's pid.
+    pub server_pid: Option<u32>,
+}
+
+impl WorldState {
+    /// Every port it serves, sorted.
+    pub fn ports(&self) -> Vec<u16> {
+        let mut ports: Vec<u16> = self.echo_ports.iter().chain(&self.peer_ports).copied().collect();
+        ports.sort_unstable();
+        ports.dedup();
+        ports
+    }
 }
 
 /// One lab node.
@@ -34,7 +73,7 @@ pub struct NodeState {
     pub netns: String,
     /// Its pod CIDR.
     pub pod_cidr: String,
-    /// Its address on the underlay, with more than one node.
+    /// Its address on the underlay.
     pub underlay_ip: Option<String>,
     /// The agent's pid once spawned.
     pub agent_pid: Option<u32>,
@@ -139,6 +178,11 @@ impl LabPaths {
     /// A node's agent socket.
     pub fn agent_socket(&self, node: &str) -> PathBuf {
         self.node_dir(node).join("agent.sock")
+    }
+
+    /// Log file of the outside host's server.
+    pub fn world_log(&self) -> PathBuf {
+        self.dir.join("world.log")
     }
 
     /// Log file of a pod server.
