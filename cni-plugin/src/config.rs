@@ -13,6 +13,9 @@ use crate::spec::{self, CniVersion};
 pub const DEFAULT_AGENT_SOCKET: &str = "/run/bulkhead/agent.sock";
 /// The file beside the agent socket where the agent publishes this node's pod CIDR.
 pub const POD_CIDR_FILE: &str = "pod-cidr";
+/// Beside the agent socket: the MTU pod interfaces need (an overlay's, lower than the
+/// link's), written by the agent when it routes over VXLAN.
+pub const POD_MTU_FILE: &str = "pod-mtu";
 /// Default directory of the IPAM store.
 pub const DEFAULT_DATA_DIR: &str = "/var/lib/bulkhead/cni";
 /// Default time to wait for the agent's answer.
@@ -321,6 +324,16 @@ impl NetConf {
         let path = self.agent_socket.with_file_name(POD_CIDR_FILE);
         let text = std::fs::read_to_string(&path).map_err(|source| ConfigError::PodCidrUnknown { path, source })?;
         parse_subnet(&text)
+    }
+
+    /// The pod interfaces' MTU: the configured `mtu`, else the one the agent published beside
+    /// its socket (its VXLAN overlay's), else the kernel's default. A published value that
+    /// does not parse is ignored (the kernel default still carries traffic, fragmented).
+    pub fn pod_mtu(&self) -> Option<u32> {
+        self.mtu.or_else(|| {
+            let text = std::fs::read_to_string(self.agent_socket.with_file_name(POD_MTU_FILE)).ok()?;
+            text.trim().parse().ok().filter(|m| (68..=65535).contains(m))
+        })
     }
 
     /// Parses and validates the configuration bytes from stdin.

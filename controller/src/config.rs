@@ -123,7 +123,7 @@ settings! {
     bpffs: PathBuf,
     /// This node's pod CIDR; the kubernetes source learns it from the Node otherwise.
     #[arg(long, env = "BULKHEAD_POD_CIDR")]
-    #[serde(default, deserialize_with = "optional_cidr")]
+    #[serde(default, deserialize_with = "optional_pod_cidr")]
     pod_cidr: Ipv4Network,
     /// Flow records kept in memory for `bulkhead observe`; the oldest fall out [default: 8192].
     #[arg(long, env = "BULKHEAD_FLOW_HISTORY")]
@@ -144,7 +144,7 @@ settings! {
     /// The cluster's pod address range: traffic from it to anywhere outside it, outside
     /// `non-masquerade-cidrs` and to no node is masqueraded. Without it nothing is.
     #[arg(long, env = "BULKHEAD_CLUSTER_CIDR")]
-    #[serde(default, deserialize_with = "optional_cidr")]
+    #[serde(default, deserialize_with = "optional_cluster_cidr")]
     cluster_cidr: Ipv4Network,
     /// Destinations pod traffic reaches with its pod address (comma-separated CIDRs).
     #[arg(long, env = "BULKHEAD_NON_MASQUERADE_CIDRS", value_delimiter = ',')]
@@ -156,21 +156,27 @@ settings! {
     masquerade: bool,
 }
 
-fn optional_cidr<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Ipv4Network>, D::Error> {
+fn optional_pod_cidr<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Ipv4Network>, D::Error> {
     let text: Option<String> = Option::deserialize(d)?;
-    text.map(|t| parse_cidr::<D::Error>(&t)).transpose()
+    text.map(|t| parse_cidr::<D::Error>("pod-cidr", &t)).transpose()
+}
+
+fn optional_cluster_cidr<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Ipv4Network>, D::Error> {
+    let text: Option<String> = Option::deserialize(d)?;
+    text.map(|t| parse_cidr::<D::Error>("cluster-cidr", &t)).transpose()
 }
 
 fn optional_cidrs<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Vec<Ipv4Network>>, D::Error> {
     let list: Option<Vec<String>> = Option::deserialize(d)?;
-    list.map(|l| l.iter().map(|t| parse_cidr::<D::Error>(t)).collect()).transpose()
+    list.map(|l| l.iter().map(|t| parse_cidr::<D::Error>("non-masquerade-cidrs", t)).collect())
+        .transpose()
 }
 
-/// The file parser does not name the key of a value a custom deserializer rejects; the
-/// message names the value instead.
-fn parse_cidr<E: serde::de::Error>(text: &str) -> Result<Ipv4Network, E> {
+/// The file parser does not name the key of a value a custom deserializer rejects: the
+/// message does.
+fn parse_cidr<E: serde::de::Error>(key: &str, text: &str) -> Result<Ipv4Network, E> {
     text.parse()
-        .map_err(|e| E::custom(format!("{text:?} is not an ipv4 cidr: {e}")))
+        .map_err(|e| E::custom(format!("{key}: {text:?} is not an ipv4 cidr: {e}")))
 }
 
 /// How pods on other nodes are reached.

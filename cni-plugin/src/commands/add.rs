@@ -63,7 +63,8 @@ pub fn run(env: &Env, conf: &NetConf) -> Result<AddResult, CommandError> {
         rollback.push("ipam allocation", move || store.release(&owner).map(drop).map_err(Into::into));
     }
 
-    let pair = ensure_veth(&host_ifname, &env.ifname, pod_ns, conf.mtu, &mut rollback)?;
+    let mtu = conf.pod_mtu();
+    let pair = ensure_veth(&host_ifname, &env.ifname, pod_ns, mtu, &mut rollback)?;
     configure_pod(pod_ns, &pair, ip)?;
 
     let spec = EndpointSpec {
@@ -100,13 +101,13 @@ pub fn run(env: &Env, conf: &NetConf) -> Result<AddResult, CommandError> {
             name: pair.host.name.clone(),
             mac: pair.host.mac,
             sandbox: None,
-            mtu: conf.mtu,
+            mtu,
         },
         pod: Interface {
             name: env.ifname.clone(),
             mac: pair.pod.mac,
             sandbox: Some(pod_ns.display().to_string()),
-            mtu: conf.mtu,
+            mtu,
         },
         ip,
     })

@@ -19,6 +19,7 @@ use crate::source::Source;
 use bulkhead_common::IpcacheValue;
 
 use super::host::{Dataplane, HostLinks, RegistryStore};
+use super::network::Network;
 use super::registry::{EndpointRecord, Endpoints};
 use super::AgentError;
 use crate::error_chain;
@@ -64,6 +65,11 @@ pub(super) struct Agent {
     pub(super) pod_cidr: Option<ipnetwork::Ipv4Network>,
     /// The operator set the pod CIDR; the Node's is not published over it.
     pub(super) pod_cidr_pinned: bool,
+    /// Routes to other nodes and masquerade.
+    pub(super) network: Network,
+    /// The pod MTU last published for the CNI plugin (`Some(None)`: the file removed);
+    /// `None` until the first publication, which also clears a previous agent's file.
+    pub(super) pod_mtu_published: Option<Option<u32>>,
 }
 
 impl Agent {
@@ -167,7 +173,48 @@ impl Agent {
             self.reprogram(Some(seen))?;
         }
         self.publish_pod_cidr();
+        self.sync_network();
         polled.map(drop).map_err(Into::into)
+    }
+
+    /// Routes and masquerade in step with the model's Nodes, once the source has synced;
+    /// a failure is logged and counted, and retried by the next refresh.
+    pub(super) fn sync_network(&mut self) {
+        if !self.ready {
+            return;
+        }
+        if let Err(e) = self.network.sync(&self.cluster, &self.node_name) {
+            self.metrics.error(ErrorKind::Network);
+            tracing::warn!(error = %e, "node network; retried");
+        }
+        self.publish_pod_mtu();
+    }
+
+    /// Writes the pod MTU routing needs (VXLAN) to `<state dir>/pod-mtu` for the CNI plugin,
+    /// or removes the file when routing needs none.
+    fn publish_pod_mtu(&mut self) {
+        let mtu = self.network.pod_mtu();
+        if self.pod_mtu_published == Some(mtu) {
+            return;
+        }
+        let path = self.state_dir.join(bulkhead_cni::config::POD_MTU_FILE);
+        let result = match mtu {
+            Some(m) => bulkhead_hostnet::fs::write_atomic(&path, format!("{m}\n").as_bytes(), 0o644).map_err(|e| error_chain(&e)),
+            None => match std::fs::remove_file(&path) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e.to_string()),
+                _ => Ok(()),
+            },
+        };
+        match result {
+            Ok(()) => {
+                tracing::info!(pod_mtu = ?mtu, path = %path.display(), "pod mtu published");
+                self.pod_mtu_published = Some(mtu);
+            }
+            Err(e) => {
+                self.metrics.error(ErrorKind::Io);
+                tracing::warn!(path = %path.display(), error = %e, "cannot publish the pod mtu");
+            }
+        }
     }
 
     /// Takes this node's current addresses; a change is programmed by the next refresh.

@@ -5,6 +5,7 @@ mod actor;
 mod core;
 mod events;
 mod host;
+mod network;
 mod registry;
 mod server;
 #[cfg(test)]
@@ -185,6 +186,8 @@ pub fn run(args: AgentArgs) -> Result<(), AgentError> {
         ticks: 0,
         pod_cidr: args.pod_cidr,
         pod_cidr_pinned: args.pod_cidr.is_some(),
+        network: network::Network::new(&args, Box::new(network::KernelNetwork)),
+        pod_mtu_published: None,
     };
     agent.note_host_addresses(addresses);
     agent.refresh(true)?;

@@ -5,6 +5,7 @@
 
 use std::net::Ipv4Addr;
 
+use bulkhead_hostnet::netlink;
 use ipnetwork::Ipv4Network;
 
 use crate::config::{AgentConfig, RoutingKind};
@@ -15,8 +16,9 @@ use crate::routing::{LocalNode, Peer, Router, RoutingMode, VxlanConfig};
 /// What the network needs from the kernel, behind a trait so the agent's use of it is
 /// unit-tested without root.
 pub(super) trait NodeNetwork: Send {
-    /// Makes this node's routes to `peers` exactly those of `mode`.
-    fn routes(&mut self, local: &LocalNode, mode: &RoutingMode, peers: &[Peer]) -> Result<usize, String>;
+    /// Makes this node's routes to `peers` exactly those of `mode`; returns the MTU pod
+    /// interfaces need when it is lower than the link's (the VXLAN device's).
+    fn routes(&mut self, local: &LocalNode, mode: &RoutingMode, peers: &[Peer]) -> Result<Option<u32>, String>;
     /// Makes the masquerade table exactly `config`.
     fn masquerade(&mut self, config: &MasqueradeConfig) -> Result<(), String>;
 }
@@ -25,11 +27,18 @@ pub(super) trait NodeNetwork: Send {
 pub(super) struct KernelNetwork;
 
 impl NodeNetwork for KernelNetwork {
-    fn routes(&mut self, local: &LocalNode, mode: &RoutingMode, peers: &[Peer]) -> Result<usize, String> {
-        Router::new(local.clone(), mode.clone())
+    fn routes(&mut self, local: &LocalNode, mode: &RoutingMode, peers: &[Peer]) -> Result<Option<u32>, String> {
+        let changes = Router::new(local.clone(), mode.clone())
             .reconcile_in(None, peers)
-            .map(|changes| changes.len())
-            .map_err(|e| crate::error_chain(&e))
+            .map_err(|e| crate::error_chain(&e))?;
+        tracing::debug!(changes = changes.len(), "routes reconciled");
+        let RoutingMode::Vxlan(vxlan) = mode else {
+            return Ok(None);
+        };
+        let device = vxlan.device.clone();
+        let link =
+            netlink::with_handle(None, |h| async move { netlink::vxlan_by_name(&h, &device).await }).map_err(|e| crate::error_chain(&e))?;
+        Ok(link.map(|l| l.spec.mtu))
     }
 
     fn masquerade(&mut self, config: &MasqueradeConfig) -> Result<(), String> {
@@ -49,6 +58,8 @@ pub(super) struct Network {
     applied_masquerade: Option<MasqueradeConfig>,
     /// The last reason routing could not run, logged once.
     last_problem: Option<String>,
+    /// The MTU pod interfaces need, when routing lowers it.
+    pod_mtu: Option<u32>,
 }
 
 /// What the model asks of the network now.
@@ -116,6 +127,27 @@ impl Network {
             applied_routes: None,
             applied_masquerade: None,
             last_problem: None,
+            pod_mtu: None,
+        }
+    }
+
+    /// The MTU pod interfaces need, when routing lowers it (VXLAN).
+    pub(super) fn pod_mtu(&self) -> Option<u32> {
+        self.pod_mtu
+    }
+
+    /// Routing and masquerade both off (tests of the rest of the agent).
+    #[cfg(test)]
+    pub(super) fn off() -> Self {
+        Network {
+            kernel: Box::new(KernelNetwork),
+            mode: None,
+            cluster_cidr: None,
+            non_masquerade: Vec::new(),
+            applied_routes: None,
+            applied_masquerade: None,
+            last_problem: None,
+            pod_mtu: None,
         }
     }
 
@@ -131,8 +163,9 @@ impl Network {
                         tracing::info!(node = %name, reason = why, "no route to node");
                     }
                     match self.kernel.routes(&routes.0, mode, &routes.1) {
-                        Ok(changes) => {
-                            tracing::info!(peers = routes.1.len(), changes, "routes to other nodes in step");
+                        Ok(pod_mtu) => {
+                            tracing::info!(peers = routes.1.len(), pod_mtu, "routes to other nodes in step");
+                            self.pod_mtu = pod_mtu;
                             self.applied_routes = Some(routes);
                             self.last_problem = None;
                         }
@@ -191,13 +224,19 @@ mod tests {
     struct Fake(Arc<Mutex<Calls>>);
 
     impl NodeNetwork for Fake {
-        fn routes(&mut self, local: &LocalNode, _: &RoutingMode, peers: &[Peer]) -> Result<usize, String> {
+        fn routes(&mut self, local: &LocalNode, _: &RoutingMode, peers: &[Peer]) -> Result<Option<u32>, String> {
             let mut c = self.0.lock().unwrap();
             if c.fail {
                 return Err("netlink says no".into());
             }
-            c.routes.push((local.name.clone(), peers.iter().map(|p| format!("{} {} {}", p.name, p.pod_cidr, p.internal_ip)).collect()));
-            Ok(peers.len())
+            c.routes.push((
+                local.name.clone(),
+                peers
+                    .iter()
+                    .map(|p| format!("{} {} {}", p.name, p.pod_cidr, p.internal_ip))
+                    .collect(),
+            ));
+            Ok(None)
         }
 
         fn masquerade(&mut self, config: &MasqueradeConfig) -> Result<(), String> {
@@ -211,7 +250,11 @@ mod tests {
     }
 
     fn node(name: &str, cidr: &str, ip: &str) -> String {
-        let spec = if cidr.is_empty() { String::new() } else { format!("spec: {{podCIDR: {cidr}}}\n") };
+        let spec = if cidr.is_empty() {
+            String::new()
+        } else {
+            format!("spec: {{podCIDR: {cidr}}}\n")
+        };
         let status = if ip.is_empty() {
             String::new()
         } else {
@@ -259,7 +302,10 @@ mod tests {
         net.sync(&c, "a").unwrap();
         net.sync(&c, "a").unwrap();
         let calls = calls.lock().unwrap();
-        assert_eq!(calls.routes, vec![("a".to_string(), vec!["b 10.244.1.0/24 172.20.0.2".to_string()])]);
+        assert_eq!(
+            calls.routes,
+            vec![("a".to_string(), vec!["b 10.244.1.0/24 172.20.0.2".to_string()])]
+        );
         assert_eq!(calls.masquerade.len(), 1, "written once");
         let m = &calls.masquerade[0];
         assert_eq!(m.cluster_cidrs, vec!["10.244.0.0/16".parse::<Ipv4Network>().unwrap()]);
@@ -272,16 +318,26 @@ mod tests {
     fn a_node_change_reaches_the_routes_and_a_removed_node_leaves_them() {
         let calls = Arc::new(Mutex::new(Calls::default()));
         let mut net = network(&calls, None);
-        net.sync(&cluster(&[("a", "10.244.0.0/24", "172.20.0.1"), ("b", "10.244.1.0/24", "172.20.0.2")]), "a")
-            .unwrap();
-        net.sync(&cluster(&[("a", "10.244.0.0/24", "172.20.0.1"), ("b", "10.244.9.0/24", "172.20.0.2")]), "a")
-            .unwrap();
+        net.sync(
+            &cluster(&[("a", "10.244.0.0/24", "172.20.0.1"), ("b", "10.244.1.0/24", "172.20.0.2")]),
+            "a",
+        )
+        .unwrap();
+        net.sync(
+            &cluster(&[("a", "10.244.0.0/24", "172.20.0.1"), ("b", "10.244.9.0/24", "172.20.0.2")]),
+            "a",
+        )
+        .unwrap();
         net.sync(&cluster(&[("a", "10.244.0.0/24", "172.20.0.1")]), "a").unwrap();
         let calls = calls.lock().unwrap();
         let peers: Vec<_> = calls.routes.iter().map(|(_, p)| p.clone()).collect();
         assert_eq!(
             peers,
-            vec![vec!["b 10.244.1.0/24 172.20.0.2".to_string()], vec!["b 10.244.9.0/24 172.20.0.2".to_string()], vec![]]
+            vec![
+                vec!["b 10.244.1.0/24 172.20.0.2".to_string()],
+                vec!["b 10.244.9.0/24 172.20.0.2".to_string()],
+                vec![]
+            ]
         );
         assert!(calls.masquerade.is_empty(), "no cluster-cidr: no masquerade");
     }
@@ -306,7 +362,10 @@ mod tests {
         let mut net = network(&calls, Some("10.244.0.0/16"));
         let c = cluster(&[("a", "10.244.0.0/24", "172.20.0.1"), ("b", "10.244.1.0/24", "172.20.0.2")]);
         let e = net.sync(&c, "a").unwrap_err();
-        assert!(e.contains("routes: netlink says no") && e.contains("masquerade: nft says no"), "{e}");
+        assert!(
+            e.contains("routes: netlink says no") && e.contains("masquerade: nft says no"),
+            "{e}"
+        );
         calls.lock().unwrap().fail = false;
         net.sync(&c, "a").unwrap();
         let calls = calls.lock().unwrap();

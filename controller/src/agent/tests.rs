@@ -252,6 +252,8 @@ fn fixture(synced: bool) -> Fixture {
         pod_cidr: None,
         // Keeps the tests from publishing a pod CIDR file.
         pod_cidr_pinned: true,
+        network: super::network::Network::off(),
+        pod_mtu_published: None,
     };
     let mut f = Fixture {
         agent,

@@ -18,7 +18,7 @@ use std::time::Duration;
 use bulkhead_api::{Request, Response};
 use serde::Serialize;
 
-// TODO(merge): replace with `use crate::model;` once Brief B's model lands.
+use crate::config::RoutingKind;
 use crate::model;
 
 pub use state::{LabPaths, LabState, NodeState, PodState, WorldState};
@@ -33,25 +33,6 @@ fn probe_protocol(text: &str) -> Result<Protocol, String> {
     match text.parse() {
         Ok(p @ (Protocol::TCP | Protocol::UDP)) => Ok(p),
         _ => Err(format!("{text:?} is not a probe protocol (TCP or UDP)")),
-    }
-}
-
-/// How the agents route between nodes (`lab up --routing`).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
-pub enum Routing {
-    /// Each node routes the other nodes' pod CIDRs over the underlay.
-    #[default]
-    Native,
-    /// Pod traffic between nodes rides a VXLAN overlay.
-    Vxlan,
-}
-
-impl std::fmt::Display for Routing {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            Routing::Native => "native",
-            Routing::Vxlan => "vxlan",
-        })
     }
 }
 
@@ -82,8 +63,8 @@ pub enum LabCommand {
         #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=200))]
         nodes: u8,
         /// How the agents route between nodes (stored for the agents; native today).
-        #[arg(long, value_enum, default_value_t = Routing::Native)]
-        routing: Routing,
+        #[arg(long, value_enum, default_value_t = RoutingKind::Native)]
+        routing: RoutingKind,
         /// Manifests to apply.
         #[arg(short = 'f', long = "filename")]
         files: Vec<PathBuf>,

@@ -13,11 +13,12 @@ use bulkhead_api::{Request, Response};
 use bulkhead_hostnet::netlink::{self, LinkInfo, NetlinkError};
 use bulkhead_hostnet::netns;
 use ipnetwork::Ipv4Network;
-use netlink_packet_route::route::RouteScope;
 use rtnetlink::Handle;
 
+use super::model;
 use super::state::{create_dir, write_atomic, LabPaths, LabState, NodeState};
-use super::{demo, pod, world, LabError, Routing};
+use super::{demo, pod, world, LabError};
+use crate::config::RoutingKind;
 
 /// Where bpffs lives.
 const BPFFS: &str = "/sys/fs/bpf";
@@ -40,7 +41,7 @@ fn lab_pin_root(id: &str) -> PathBuf {
 }
 
 /// `bulkhead lab up`.
-pub fn up(paths: &LabPaths, nodes: usize, routing: Routing, files: &[PathBuf]) -> Result<i32, LabError> {
+pub fn up(paths: &LabPaths, nodes: usize, routing: RoutingKind, files: &[PathBuf]) -> Result<i32, LabError> {
     let _lock = paths.lock()?;
     if paths.load()?.is_some() {
         return Err(LabError::AlreadyUp {
@@ -66,7 +67,7 @@ pub fn up(paths: &LabPaths, nodes: usize, routing: Routing, files: &[PathBuf]) -
         cluster_cidr: cluster_cidr.to_string(),
         underlay_netns: Some(format!("bh{id}-ul")),
         underlay_cidr: Some(underlay.to_string()),
-        routing: routing.to_string(),
+        routing: routing_name(routing).to_string(),
         nodes: (0..nodes)
             .map(|i| NodeState {
                 name: format!("node{i}"),
@@ -81,7 +82,13 @@ pub fn up(paths: &LabPaths, nodes: usize, routing: Routing, files: &[PathBuf]) -
         pods: Vec::new(),
     };
     paths.save(&state)?;
-    write_atomic(&paths.cluster_yaml(), b"")?;
+    // The lab plays the cloud and kubelet: every node is a Node object with its pod CIDR
+    // and InternalIP. The agents route between them from these; the lab installs no route.
+    let node_objects = state.nodes.iter().filter_map(node_object);
+    write_atomic(
+        &paths.cluster_yaml(),
+        model::Cluster::from_objects(node_objects).to_yaml().as_bytes(),
+    )?;
     ensure_bpffs()?;
     for node in &state.nodes {
         create_dir(&paths.node_dir(&node.name))?;
@@ -93,7 +100,7 @@ pub fn up(paths: &LabPaths, nodes: usize, routing: Routing, files: &[PathBuf]) -
     }
     world::setup(paths, &mut state, underlay)?;
     for i in 0..state.nodes.len() {
-        let (pid, port) = spawn_agent(paths, &state.id, &state.nodes[i])?;
+        let (pid, port) = spawn_agent(paths, &state, &state.nodes[i])?;
         state.nodes[i].agent_pid = Some(pid);
         state.nodes[i].metrics_port = Some(port);
         paths.save(&state)?;
@@ -212,7 +219,8 @@ fn setup_node(node: &NodeState) -> Result<(), LabError> {
         })
 }
 
-/// Bridges the nodes in an underlay namespace and routes each pod CIDR to its node.
+/// Bridges the nodes in an underlay namespace. Routes between the nodes' pod CIDRs are
+/// the agents' work, as in a cluster.
 fn setup_underlay(ul: &str, nodes: &[NodeState]) -> Result<(), LabError> {
     netns::create_named(ul).map_err(|source| LabError::Netns {
         netns: ul.to_string(),
@@ -254,21 +262,27 @@ fn setup_underlay(ul: &str, nodes: &[NodeState]) -> Result<(), LabError> {
             netlink::set_up(&h, link.index, UNDERLAY_IFNAME).await
         })?;
     }
-    for node in nodes {
-        let routes: Vec<(Ipv4Network, Ipv4Addr)> = nodes
-            .iter()
-            .filter(|other| other.name != node.name)
-            .filter_map(|other| Some((other.pod_cidr.parse().ok()?, other.underlay_ip.as_deref()?.parse().ok()?)))
-            .collect();
-        in_netns(&node.netns, |h| async move {
-            let link = netlink::require_link(&h, UNDERLAY_IFNAME, &node.netns).await?;
-            for (cidr, via) in routes {
-                netlink::ensure_route(&h, cidr.network(), cidr.prefix(), link.index, Some(via), RouteScope::Universe).await?;
-            }
-            Ok(())
-        })?;
-    }
     Ok(())
+}
+
+/// `--routing`'s value for a mode.
+fn routing_name(kind: RoutingKind) -> &'static str {
+    match kind {
+        RoutingKind::Native => "native",
+        RoutingKind::Vxlan => "vxlan",
+        RoutingKind::None => "none",
+    }
+}
+
+/// A lab node as the Node object a cluster would have: its pod CIDR and its underlay
+/// address as the InternalIP.
+fn node_object(node: &NodeState) -> Option<model::Object> {
+    let info = model::NodeInfo {
+        name: node.name.clone(),
+        pod_cidr: node.pod_cidr.parse().ok(),
+        internal_ip: node.underlay_ip.as_deref()?.parse().ok(),
+    };
+    Some(model::Object::Node(info.to_node()))
 }
 
 /// The agent executable: `BULKHEAD_AGENT` (for tests) or this binary.
@@ -304,7 +318,8 @@ fn metrics_listener() -> Result<(std::net::TcpListener, u16), LabError> {
 
 /// Spawns a node's agent, detached, from a thread inside the node's namespace; returns its
 /// pid and the host port of its metrics.
-fn spawn_agent(paths: &LabPaths, id: &str, node: &NodeState) -> Result<(u32, u16), LabError> {
+fn spawn_agent(paths: &LabPaths, state: &LabState, node: &NodeState) -> Result<(u32, u16), LabError> {
+    let id = &state.id;
     use std::os::fd::AsRawFd;
     let exe = agent_exe()?;
     // Dropped (closed here) after the spawn: from then on only the agent holds it. Lab
@@ -334,6 +349,10 @@ fn spawn_agent(paths: &LabPaths, id: &str, node: &NodeState) -> Result<(u32, u16
         .arg(pin_dir(id, &node.name))
         .arg("--pod-cidr")
         .arg(&node.pod_cidr)
+        .arg("--routing")
+        .arg(&state.routing)
+        .arg("--cluster-cidr")
+        .arg(&state.cluster_cidr)
         .arg("--metrics-fd")
         .arg(listener.as_raw_fd().to_string())
         .stdin(Stdio::null())

@@ -80,11 +80,19 @@ pub enum ErrorKind {
     Datapath,
     /// Files and sockets.
     Io,
+    /// Routes to other nodes, the VXLAN device, masquerade.
+    Network,
 }
 
 impl ErrorKind {
     /// Every kind, so all series exist from the start.
-    pub const ALL: [ErrorKind; 4] = [ErrorKind::Source, ErrorKind::Maps, ErrorKind::Datapath, ErrorKind::Io];
+    pub const ALL: [ErrorKind; 5] = [
+        ErrorKind::Source,
+        ErrorKind::Maps,
+        ErrorKind::Datapath,
+        ErrorKind::Io,
+        ErrorKind::Network,
+    ];
 
     /// The label value.
     pub const fn as_str(self) -> &'static str {
@@ -93,6 +101,7 @@ impl ErrorKind {
             ErrorKind::Maps => "maps",
             ErrorKind::Datapath => "datapath",
             ErrorKind::Io => "io",
+            ErrorKind::Network => "network",
         }
     }
 }
