@@ -421,3 +421,56 @@ pub fn json_lines(stdout: &[u8]) -> Vec<serde_json::Value> {
         .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not a json flow ({e}): {l}")))
         .collect()
 }
+
+/// Every pod's node, from `lab pods -o json`: `ns/name` → node.
+pub fn pod_nodes(lab: &Lab) -> std::collections::BTreeMap<String, String> {
+    let pods: serde_json::Value = serde_json::from_str(&lab.ok(&["pods", "-o", "json"])).expect("pods json");
+    pods.as_array()
+        .expect("pods list")
+        .iter()
+        .map(|p| {
+            (
+                format!("{}/{}", p["namespace"].as_str().unwrap_or(""), p["name"].as_str().unwrap_or("")),
+                p["node"].as_str().unwrap_or("").to_string(),
+            )
+        })
+        .collect()
+}
+
+/// The route protocol the agent marks its routes with (`bulkhead::routing::ROUTE_PROTOCOL`).
+pub const AGENT_ROUTE_PROTOCOL: u8 = 181;
+
+/// `ip -4 route` of a node namespace, one line per route.
+pub fn node_routes(netns: &str) -> Vec<String> {
+    let out = std::process::Command::new("ip")
+        .args(["-n", netns, "-4", "route", "show"])
+        .output()
+        .expect("run ip route");
+    assert!(
+        out.status.success(),
+        "ip -n {netns} route: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).lines().map(str::to_string).collect()
+}
+
+/// Each node namespace routes every other node's pod CIDR with one route, which the agent
+/// installed (its protocol); nothing else routes a pod CIDR.
+pub fn assert_agent_routes(lab: &Lab) {
+    let status: serde_json::Value = serde_json::from_str(&lab.ok(&["status", "-o", "json"])).expect("status json");
+    let nodes = status["nodes"].as_array().expect("nodes");
+    for node in nodes {
+        let netns = node["netns"].as_str().expect("netns");
+        let routes = node_routes(netns);
+        for other in nodes.iter().filter(|o| o["name"] != node["name"]) {
+            let cidr = other["podCIDR"].as_str().expect("podCIDR");
+            let matching: Vec<&String> = routes.iter().filter(|r| r.starts_with(&format!("{cidr} "))).collect();
+            assert_eq!(matching.len(), 1, "{netns}: one route to {cidr}: {routes:?}");
+            assert!(
+                matching[0].contains(&format!("proto {AGENT_ROUTE_PROTOCOL}")),
+                "{netns}: the route to {cidr} is not the agent's: {}",
+                matching[0]
+            );
+        }
+    }
+}

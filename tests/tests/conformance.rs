@@ -657,7 +657,7 @@ fn pod_ips(lab: &Lab) -> BTreeMap<String, Ipv4Addr> {
     ips
 }
 
-fn run_suite(test: &str, nodes: u8) {
+fn run_suite(test: &str, nodes: u8, routing: &str) {
     let mut cases = load_cases();
     // `BULKHEAD_CONFORMANCE_CASES=a,b` runs only the cases whose names contain a or b, for
     // iterating on one failure; the summary says so, so a filtered run never passes unnoticed.
@@ -671,9 +671,25 @@ fn run_suite(test: &str, nodes: u8) {
     let fixture = documents(&fixture_text).expect("fixture documents");
     let lab = Lab::new(test);
     let started = Instant::now();
-    lab.ok(&["up", "--nodes", &nodes.to_string(), "-f", &fixture_path().display().to_string()]);
+    lab.ok(&[
+        "up",
+        "--nodes",
+        &nodes.to_string(),
+        "--routing",
+        routing,
+        "-f",
+        &fixture_path().display().to_string(),
+    ]);
     let ips = pod_ips(&lab);
-    println!("lab up with {nodes} node(s) in {:.1?}; pods {ips:?}", started.elapsed());
+    println!(
+        "lab up with {nodes} node(s), {routing} routing, in {:.1?}; pods {ips:?}",
+        started.elapsed()
+    );
+    let spread: std::collections::BTreeSet<String> = bulkhead_e2e::pod_nodes(&lab).into_values().collect();
+    assert_eq!(spread.len(), usize::from(nodes), "pods spread over every node: {spread:?}");
+    if nodes > 1 {
+        bulkhead_e2e::assert_agent_routes(&lab);
+    }
     let mut runner = Runner {
         lab,
         ips,
@@ -729,12 +745,19 @@ fn run_suite(test: &str, nodes: u8) {
 
 #[test]
 fn conformance_one_node() {
-    run_suite("conf1", 1);
+    run_suite("conf1", 1, "native");
 }
 
+/// Three nodes, the agents routing natively between them (the lab installs no route).
 #[test]
-fn conformance_two_nodes() {
-    run_suite("conf2", 2);
+fn conformance_three_nodes_native() {
+    run_suite("conf3n", 3, "native");
+}
+
+/// Three nodes over the agents' VXLAN overlay.
+#[test]
+fn conformance_three_nodes_vxlan() {
+    run_suite("conf3v", 3, "vxlan");
 }
 
 /// Pure: every case file parses, its tables expand and its manifests are well formed.

@@ -124,12 +124,12 @@ fn world_serves_and_probes_tell_refused_from_dropped() {
     let table = lab.ok(&["probe", "--port", &CLOSED_PORT.to_string()]);
     assert!(table.contains(" r") && table.contains(" X"), "matrix marks: {table}");
 
-    // Pods -> world: the shape holds; the outcome is `dropped` until the agents masquerade
-    // traffic leaving the cluster (issue 10): the outside host has no route back to a pod.
+    // Pods -> world: the agent masquerades traffic leaving the cluster, so the outside host
+    // (which has no route to a pod) answers.
     let to_world = lab.probe_world(8080, "TCP");
     assert_eq!(to_world.len(), 3);
     for (from, result) in &to_world {
-        assert_eq!(result, "dropped", "{from} -> world:8080 before masquerade");
+        assert_eq!(result, "connected", "{from} -> world:8080 (masqueraded)");
     }
     let table = lab.ok(&["probe", "--to", "world", "--port", "80"]);
     assert!(table.lines().next().is_some_and(|l| l.ends_with("world")), "{table}");
