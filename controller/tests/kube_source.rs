@@ -570,6 +570,9 @@ impl AgentProcess {
         let child = Command::new(env!("CARGO_BIN_EXE_bulkhead"))
             .arg("agent")
             .args(["--source", "kubernetes", "--node-name", "node-a"])
+            // This agent runs in the host's own namespace: it must not route to the recorded
+            // nodes there (nor masquerade: no cluster CIDR is given).
+            .args(["--routing", "none"])
             .arg("--kubeconfig")
             .arg(&kubeconfig)
             .arg("--state-dir")
