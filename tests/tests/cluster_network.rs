@@ -253,3 +253,43 @@ fn traffic_the_node_forwards_for_others_meets_ingress_policy() {
     lab.ok(&["down"]);
     lab.assert_gone(&id);
 }
+
+/// Egress ipBlock against a real outside address, with masquerade on: a policy decides on
+/// the world's own address (masquerade happens after the pod's egress is judged).
+#[test]
+fn egress_ip_blocks_are_enforced_against_the_outside_host() {
+    let lab = Lab::new("ipblock");
+    lab.ok(&["up", "-f", &lab.file("pods.yaml", &three_by_three())]);
+    let world = status(&lab)["external"]["ip"].as_str().expect("world ip").to_string();
+    let octets: Vec<&str> = world.split('.').collect();
+    let world_24 = format!("{}.{}.{}.0/24", octets[0], octets[1], octets[2]);
+    // x/a may reach only the world's /32; x/b the world's /24 except the world itself;
+    // x/c 10.0.0.0/8, which holds the pods and the world alike.
+    let policy = |pod: &str, to: &str| {
+        format!(
+            "---\napiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {{name: egress-{pod}, namespace: x}}\nspec:\n  podSelector: {{matchLabels: {{pod: {pod}}}}}\n  policyTypes: [Egress]\n  egress: [{{to: [{{ipBlock: {to}}}]}}]\n"
+        )
+    };
+    let policies = [
+        policy("a", &format!("{{cidr: {world}/32}}")),
+        policy("b", &format!("{{cidr: {world_24}, except: [{world}/32]}}")),
+        policy("c", "{cidr: 10.0.0.0/8}"),
+    ]
+    .concat();
+    lab.ok(&["apply", "-f", &lab.file("egress.yaml", &policies)]);
+    let to_world = lab.probe_world(80, "TCP");
+    assert_eq!(to_world.len(), 9);
+    for (from, result) in &to_world {
+        let want = if from == "x/b" { "dropped" } else { "connected" };
+        assert_eq!(result, want, "{from} -> world:80");
+    }
+    // The pods: x/a and x/b reach none (their blocks hold no pod), x/c every one.
+    let pods = lab.probe(80, "TCP");
+    for ((from, to), allowed) in &pods {
+        let want = !matches!(from.as_str(), "x/a" | "x/b");
+        assert_eq!(*allowed, want, "{from} -> {to}");
+    }
+    let id = lab.id();
+    lab.ok(&["down"]);
+    lab.assert_gone(&id);
+}
