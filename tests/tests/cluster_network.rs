@@ -293,3 +293,69 @@ fn egress_ip_blocks_are_enforced_against_the_outside_host() {
     lab.ok(&["down"]);
     lab.assert_gone(&id);
 }
+
+/// An agent restarted (SIGKILL, as a crash or a rollout) keeps every route in place while it
+/// is down and after — nothing flaps — and removes on its return the routes of a node that
+/// was deleted while it was away.
+#[test]
+fn a_restarted_agent_keeps_its_routes_and_drops_a_node_gone_meanwhile() {
+    let lab = Lab::new("rtrestart");
+    lab.ok(&["up", "--nodes", "3", "-f", &lab.file("pods.yaml", &three_by_three())]);
+    let all = nodes(&lab);
+    let (netns, kept_cidr) = (all[0].1.clone(), all[1].2.clone());
+    let (gone, gone_cidr, gone_ip) = (all[2].0.clone(), all[2].2.clone(), all[2].3.clone());
+    let routes_to = |cidr: &str| {
+        node_routes(&netns)
+            .into_iter()
+            .filter(|r| r.starts_with(&format!("{cidr} ")))
+            .count()
+    };
+    assert_eq!((routes_to(&kept_cidr), routes_to(&gone_cidr)), (1, 1));
+
+    // Watch node0's route to node1 all along: it must never be missing.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let watcher = {
+        let (stop, netns, cidr) = (stop.clone(), netns.clone(), kept_cidr.clone());
+        std::thread::spawn(move || {
+            let (mut samples, mut missing) = (0u32, 0u32);
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                samples += 1;
+                if !node_routes(&netns).iter().any(|r| r.starts_with(&format!("{cidr} "))) {
+                    missing += 1;
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            (samples, missing)
+        })
+    };
+    let pid = status(&lab)["nodes"][0]["agentPid"].as_u64().expect("agent pid");
+    let killed = Command::new("kill").args(["-KILL", &pid.to_string()]).status().expect("kill");
+    assert!(killed.success());
+    // node2 leaves while node0's agent is down: the lab records it, node0's reload fails.
+    let node_file = lab.file("node.yaml", &node_yaml(&gone, &gone_cidr, &gone_ip));
+    let deleted = lab.run(&["delete", "-f", &node_file]);
+    assert!(!deleted.status.success(), "node0's agent is down: its reload cannot succeed");
+    assert_eq!(routes_to(&gone_cidr), 1, "nobody removed node0's route while its agent was down");
+    lab.ok(&["restart-agent", "--node", "node0", "--signal", "KILL"]);
+    assert!(
+        eventually(Duration::from_secs(10), || routes_to(&gone_cidr) == 0),
+        "the restarted agent keeps the route of {gone}: {:?}",
+        node_routes(&netns)
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (samples, missing) = watcher.join().expect("watcher");
+    assert!(samples > 10, "the watcher ran ({samples} samples)");
+    assert_eq!(missing, 0, "the route to node1 went missing in {missing} of {samples} samples");
+    assert_eq!(routes_to(&kept_cidr), 1);
+    // The restarted agent serves: pods on the nodes still routed connect (those on the
+    // deleted node are, rightly, cut off).
+    let on = pod_nodes(&lab);
+    let matrix = lab.probe(80, "TCP");
+    let routed: Vec<_> = matrix.iter().filter(|((f, t), _)| on[f] != gone && on[t] != gone).collect();
+    assert!(!routed.is_empty());
+    assert!(routed.iter().all(|(_, a)| **a), "{routed:?}");
+    let id = lab.id();
+    lab.ok(&["down"]);
+    lab.assert_gone(&id);
+}

@@ -36,6 +36,17 @@ fn probe_protocol(text: &str) -> Result<Protocol, String> {
     }
 }
 
+/// How `lab restart-agent` ends the old agent.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum StopSignal {
+    /// SIGTERM: the agent shuts down cleanly.
+    #[value(name = "TERM", alias = "term")]
+    Term,
+    /// SIGKILL: the agent dies where it stands.
+    #[value(name = "KILL", alias = "kill")]
+    Kill,
+}
+
 /// `lab probe --to`: a destination other than the pods.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum ProbeTo {
@@ -115,6 +126,16 @@ pub enum LabCommand {
         /// The command and its arguments.
         #[arg(last = true, required = true)]
         command: Vec<String>,
+    },
+    /// Restart node agents as a DaemonSet rollout does: the old agent ends by SIGNAL, a new
+    /// one starts on the same pinned state and socket; returns once it is ready.
+    RestartAgent {
+        /// Only this node's agent (default: every node's, one after the other).
+        #[arg(long)]
+        node: Option<String>,
+        /// How the old agent ends.
+        #[arg(long, value_enum, default_value_t = StopSignal::Term)]
+        signal: StopSignal,
     },
     /// Remove everything the lab made.
     Down,
@@ -255,6 +276,14 @@ pub enum LabError {
         /// `namespace/name`.
         pod: String,
     },
+    /// The node is not in the lab.
+    #[error("no node {node} in the lab (nodes: {known})")]
+    UnknownNode {
+        /// The name asked for.
+        node: String,
+        /// The lab's nodes.
+        known: String,
+    },
 }
 
 /// How long to wait for an agent to reload its model into the maps.
@@ -302,6 +331,7 @@ pub fn run(args: LabArgs) -> Result<i32, LabError> {
             Ok(0)
         }
         LabCommand::Exec { pod, command } => pod::exec(&paths, &pod, &command),
+        LabCommand::RestartAgent { node, signal } => node::restart_agents(&paths, node.as_deref(), signal),
         LabCommand::Down => node::down(&paths),
         LabCommand::Serve {
             name,

@@ -472,6 +472,47 @@ pub fn terminate(pids: &[u32], dir: &Path) {
     }
 }
 
+/// `bulkhead lab restart-agent`: for `node` (else every node in turn) the old agent ends by
+/// `how`, then a new one starts with the same flags on the same pinned maps, state directory
+/// and socket, as a DaemonSet rollout replaces it; returns once each new agent is ready.
+pub fn restart_agents(paths: &LabPaths, node: Option<&str>, how: super::StopSignal) -> Result<i32, LabError> {
+    use nix::sys::signal::Signal;
+    let _lock = paths.lock()?;
+    let mut state = paths.load_up()?;
+    let chosen: Vec<usize> = match node {
+        Some(name) => vec![state
+            .nodes
+            .iter()
+            .position(|n| n.name == name)
+            .ok_or_else(|| LabError::UnknownNode {
+                node: name.to_string(),
+                known: state.nodes.iter().map(|n| n.name.as_str()).collect::<Vec<_>>().join(", "),
+            })?],
+        None => (0..state.nodes.len()).collect(),
+    };
+    let sig = match how {
+        super::StopSignal::Term => Signal::SIGTERM,
+        super::StopSignal::Kill => Signal::SIGKILL,
+    };
+    for i in chosen {
+        if let Some(pid) = state.nodes[i].agent_pid {
+            signal(pid, &paths.dir, sig);
+            let deadline = Instant::now() + KILL_GRACE;
+            while is_lab_process(pid, &paths.dir) && !is_zombie(pid) && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            // A SIGTERM the agent did not honour in time: what the kubelet does next.
+            signal(pid, &paths.dir, Signal::SIGKILL);
+        }
+        let (pid, port) = spawn_agent(paths, &state, &state.nodes[i])?;
+        state.nodes[i].agent_pid = Some(pid);
+        state.nodes[i].metrics_port = Some(port);
+        paths.save(&state)?;
+        wait_ready(paths, &state.nodes[i])?;
+    }
+    Ok(0)
+}
+
 /// `bulkhead lab down`: removes everything, whatever state it is in.
 pub fn down(paths: &LabPaths) -> Result<i32, LabError> {
     let exists = paths.dir.exists();
