@@ -384,51 +384,6 @@ pub async fn ensure_neighbour(handle: &Handle, index: u32, ip: Ipv4Addr, mac: &[
         .map_err(NetlinkError::request("add neighbour", ip))
 }
 
-/// One IPv4 route of the main table.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct RouteInfo {
-    /// Destination network.
-    pub dst: Ipv4Addr,
-    /// Destination prefix length.
-    pub prefix: u8,
-    /// Next hop, if any.
-    pub gateway: Option<Ipv4Addr>,
-    /// Output interface, if any.
-    pub oif: Option<u32>,
-}
-
-/// The IPv4 routes of the main table.
-pub async fn ipv4_routes(handle: &Handle) -> Result<Vec<RouteInfo>, NetlinkError> {
-    let mut stream = handle.route().get(RouteMessageBuilder::<Ipv4Addr>::new().build()).execute();
-    let mut out = Vec::new();
-    while let Some(m) = stream.try_next().await.map_err(NetlinkError::request("list routes", "ipv4"))? {
-        if m.header.address_family != AddressFamily::Inet {
-            continue;
-        }
-        let mut route = RouteInfo {
-            dst: Ipv4Addr::UNSPECIFIED,
-            prefix: m.header.destination_prefix_length,
-            gateway: None,
-            oif: None,
-        };
-        let mut table = u32::from(m.header.table);
-        for attr in &m.attributes {
-            match attr {
-                RouteAttribute::Destination(RouteAddress::Inet(ip)) => route.dst = *ip,
-                RouteAttribute::Gateway(RouteAddress::Inet(ip)) => route.gateway = Some(*ip),
-                RouteAttribute::Oif(i) => route.oif = Some(*i),
-                // Tables above 255 only fit the attribute.
-                RouteAttribute::Table(t) => table = *t,
-                _ => {}
-            }
-        }
-        if table == u32::from(RouteHeader::RT_TABLE_MAIN) {
-            out.push(route);
-        }
-    }
-    Ok(out)
-}
-
 /// Deletes the route `dst/prefix` from the main table; absence is success.
 pub async fn delete_route(handle: &Handle, dst: Ipv4Addr, prefix: u8) -> Result<(), NetlinkError> {
     let message = RouteMessageBuilder::<Ipv4Addr>::new().destination_prefix(dst, prefix).build();
@@ -442,7 +397,7 @@ pub async fn delete_route(handle: &Handle, dst: Ipv4Addr, prefix: u8) -> Result<
 /// A route of the main table tagged with a route protocol (`rtm_protocol`), the marker that
 /// tells a route's owner.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct ProtocolRoute {
+pub struct Route {
     /// Destination network.
     pub dst: Ipv4Addr,
     /// Destination prefix length.
@@ -458,7 +413,7 @@ pub struct ProtocolRoute {
 }
 
 /// Adds the route, or replaces the main-table route with the same destination (and metric).
-pub async fn replace_protocol_route(handle: &Handle, route: &ProtocolRoute) -> Result<(), NetlinkError> {
+pub async fn replace_protocol_route(handle: &Handle, route: &Route) -> Result<(), NetlinkError> {
     let mut builder = RouteMessageBuilder::<Ipv4Addr>::new()
         .destination_prefix(route.dst, route.prefix)
         .protocol(RouteProtocol::from(route.protocol))
@@ -482,14 +437,22 @@ pub async fn replace_protocol_route(handle: &Handle, route: &ProtocolRoute) -> R
 }
 
 /// The IPv4 routes of the main table whose protocol is `protocol`.
-pub async fn ipv4_routes_by_protocol(handle: &Handle, protocol: u8) -> Result<Vec<ProtocolRoute>, NetlinkError> {
+pub async fn ipv4_routes_by_protocol(handle: &Handle, protocol: u8) -> Result<Vec<Route>, NetlinkError> {
+    let mut routes = ipv4_routes(handle).await?;
+    routes.retain(|r| r.protocol == protocol);
+    Ok(routes)
+}
+
+/// The IPv4 routes of the main table.
+pub async fn ipv4_routes(handle: &Handle) -> Result<Vec<Route>, NetlinkError> {
     let mut stream = handle.route().get(RouteMessageBuilder::<Ipv4Addr>::new().build()).execute();
     let mut out = Vec::new();
     while let Some(m) = stream.try_next().await.map_err(NetlinkError::request("list routes", "ipv4"))? {
-        if m.header.address_family != AddressFamily::Inet || u8::from(m.header.protocol) != protocol {
+        if m.header.address_family != AddressFamily::Inet {
             continue;
         }
-        let mut route = ProtocolRoute {
+        let protocol = u8::from(m.header.protocol);
+        let mut route = Route {
             dst: Ipv4Addr::UNSPECIFIED,
             prefix: m.header.destination_prefix_length,
             gateway: None,

@@ -40,7 +40,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::net::Ipv4Addr;
 use std::path::Path;
 
-use bulkhead_hostnet::netlink::{self, FdbEntry, MacAddr6, NetlinkError, ProtocolRoute, VxlanSpec};
+use bulkhead_hostnet::netlink::{self, FdbEntry, MacAddr6, NetlinkError, Route, VxlanSpec};
 use ipnetwork::Ipv4Network;
 
 pub use plane::{NetlinkPlane, RoutePlane};
@@ -433,7 +433,7 @@ impl Router {
                 NextHop::Underlay(gw) => (*gw, None, false),
                 NextHop::Overlay(gw) => (*gw, device_index, true),
             };
-            let route = ProtocolRoute {
+            let route = Route {
                 dst: cidr.network(),
                 prefix: cidr.prefix(),
                 gateway: Some(gateway),

@@ -3,7 +3,7 @@
 
 use std::net::Ipv4Addr;
 
-use bulkhead_hostnet::netlink::{self, FdbEntry, LinkInfo, MacAddr6, NetlinkError, ProtocolRoute, VxlanLink, VxlanSpec};
+use bulkhead_hostnet::netlink::{self, FdbEntry, LinkInfo, MacAddr6, NetlinkError, Route, VxlanLink, VxlanSpec};
 use rtnetlink::Handle;
 
 use super::ROUTE_PROTOCOL;
@@ -13,9 +13,9 @@ use super::ROUTE_PROTOCOL;
 #[expect(async_fn_in_trait, reason = "used through generics on one thread, never boxed or sent")]
 pub trait RoutePlane {
     /// Routes of the main table with protocol [`ROUTE_PROTOCOL`].
-    async fn routes(&mut self) -> Result<Vec<ProtocolRoute>, NetlinkError>;
+    async fn routes(&mut self) -> Result<Vec<Route>, NetlinkError>;
     /// Adds or replaces the route to `route.dst/route.prefix`.
-    async fn replace_route(&mut self, route: &ProtocolRoute) -> Result<(), NetlinkError>;
+    async fn replace_route(&mut self, route: &Route) -> Result<(), NetlinkError>;
     /// Deletes our route to `dst/prefix` (never one with another protocol).
     async fn delete_route(&mut self, dst: Ipv4Addr, prefix: u8) -> Result<(), NetlinkError>;
     /// The MTU of the link holding `ip`.
@@ -69,11 +69,11 @@ impl NetlinkPlane {
 }
 
 impl RoutePlane for NetlinkPlane {
-    async fn routes(&mut self) -> Result<Vec<ProtocolRoute>, NetlinkError> {
+    async fn routes(&mut self) -> Result<Vec<Route>, NetlinkError> {
         netlink::ipv4_routes_by_protocol(&self.handle, ROUTE_PROTOCOL).await
     }
 
-    async fn replace_route(&mut self, route: &ProtocolRoute) -> Result<(), NetlinkError> {
+    async fn replace_route(&mut self, route: &Route) -> Result<(), NetlinkError> {
         netlink::replace_protocol_route(&self.handle, route).await
     }
 

@@ -5,7 +5,7 @@
 use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
 
-use bulkhead_hostnet::netlink::{FdbEntry, LinkInfo, MacAddr6, NetlinkError, ProtocolRoute, VxlanLink, VxlanSpec};
+use bulkhead_hostnet::netlink::{FdbEntry, LinkInfo, MacAddr6, NetlinkError, Route, VxlanLink, VxlanSpec};
 
 use super::*;
 
@@ -24,7 +24,7 @@ struct FakeLink {
 #[derive(Debug)]
 struct FakePlane {
     links: BTreeMap<String, FakeLink>,
-    routes: BTreeMap<(Ipv4Addr, u8), ProtocolRoute>,
+    routes: BTreeMap<(Ipv4Addr, u8), Route>,
     underlay: BTreeMap<Ipv4Addr, u32>,
     next_index: u32,
     /// Gateways the kernel cannot reach: a route through one fails.
@@ -87,10 +87,10 @@ impl FakePlane {
 }
 
 impl RoutePlane for FakePlane {
-    async fn routes(&mut self) -> Result<Vec<ProtocolRoute>, NetlinkError> {
+    async fn routes(&mut self) -> Result<Vec<Route>, NetlinkError> {
         Ok(self.routes.values().filter(|r| r.protocol == ROUTE_PROTOCOL).copied().collect())
     }
-    async fn replace_route(&mut self, route: &ProtocolRoute) -> Result<(), NetlinkError> {
+    async fn replace_route(&mut self, route: &Route) -> Result<(), NetlinkError> {
         if route.gateway.is_some_and(|gw| self.unreachable.contains(&gw)) {
             return Err(NetlinkError::LinkNotFound {
                 ifname: "ul0".into(),
@@ -280,7 +280,7 @@ async fn a_peers_new_ip_or_cidr_moves_its_route() {
 async fn a_removed_peer_loses_its_route_and_foreign_routes_stay() {
     let router = Router::new(local(), RoutingMode::Native);
     let mut plane = FakePlane::node(local().internal_ip);
-    let foreign = ProtocolRoute {
+    let foreign = Route {
         dst: ip("172.16.0.0"),
         prefix: 16,
         gateway: Some(ip("192.168.50.1")),
@@ -383,7 +383,7 @@ async fn restart_removes_what_a_vanished_node_left_and_nothing_else() {
     converge(&router, &mut plane, &[peer(1), peer(2), peer(3)]).await;
     // Node 3 vanished while the agent was down; a foreign route and a neighbour on
     // another link are not ours.
-    let foreign = ProtocolRoute {
+    let foreign = Route {
         dst: ip("10.244.3.0"),
         prefix: 25,
         gateway: Some(ip("192.168.50.1")),
