@@ -1,14 +1,16 @@
 //! The Kubernetes source against a fake API server replaying recorded responses
 //! (`tests/kube-recorded/`): the real kube client, watcher and backoff, over HTTP/1.1 on
 //! loopback; and the real `bulkhead agent` binary against the same server (runs as root:
-//! it pins maps under /sys/fs/bpf).
+//! it pins maps under /sys/fs/bpf), once in a network namespace of its own where its routes
+//! to the other nodes are read back from the kernel.
 #![expect(clippy::unwrap_used, reason = "tests assert by panicking (STYLE 14)")]
 
 use std::collections::{BTreeMap, HashMap};
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, SocketAddr};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -21,6 +23,7 @@ use bulkhead::source::kubernetes::{KubeSource, KubeSourceOptions};
 use bulkhead::source::Source;
 use bulkhead_api::{AgentStatus, Request, Response};
 use bulkhead_common::{direction, endpoint_flags, identity, proto, PolicyKey, POLICY_PREFIX_FULL};
+use bulkhead_hostnet::netns;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
@@ -59,6 +62,30 @@ fn quiet_watch() -> Reply {
     Reply::Stream(Vec::new())
 }
 
+/// The one event of the recorded watch stream `name` of type `kind` about the object
+/// `object`, as a stream of its own: to deliver a recording's events one at a time.
+fn event(name: &str, kind: &str, object: &str) -> Reply {
+    let matching: Vec<String> = recorded(name)
+        .lines()
+        .filter(|line| {
+            let event: serde_json::Value = serde_json::from_str(line).unwrap();
+            event["type"] == kind && event["object"]["metadata"]["name"] == object
+        })
+        .map(str::to_string)
+        .collect();
+    assert_eq!(matching.len(), 1, "{kind} {object} in {name}: {matching:?}");
+    Reply::Stream(matching)
+}
+
+/// Runs `f` on a thread in the network namespace at `netns`, or right here when `None`.
+/// Sockets and processes `f` creates stay in that namespace.
+fn in_netns<T: Send>(netns: Option<&Path>, f: impl FnOnce() -> T + Send) -> T {
+    match netns {
+        None => f(),
+        Some(path) => netns::run_in(path, f).unwrap_or_else(|e| panic!("entering {}: {e}", path.display())),
+    }
+}
+
 #[derive(Default)]
 struct Script {
     /// (path, is watch) → replies; the last one repeats.
@@ -72,6 +99,8 @@ struct FakeApi {
     script: Arc<Mutex<Script>>,
     down: watch::Sender<bool>,
     released: watch::Sender<bool>,
+    /// Bumped to end the open watch streams.
+    watches_ended: watch::Sender<u32>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -85,19 +114,31 @@ impl FakeApi {
     /// A server answering the four resources: lists from `lists`, quiet watches, unless
     /// scripted otherwise with [`FakeApi::script`].
     async fn start() -> FakeApi {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        FakeApi::start_in(None).await
+    }
+
+    /// As [`FakeApi::start`], listening on loopback in the network namespace at `netns`
+    /// (the host's when `None`): a socket keeps the namespace it was created in, so only
+    /// clients in that namespace reach it.
+    async fn start_in(netns: Option<&Path>) -> FakeApi {
+        let listener = in_netns(netns, || std::net::TcpListener::bind("127.0.0.1:0").unwrap());
+        listener.set_nonblocking(true).unwrap();
+        let listener = TcpListener::from_std(listener).unwrap();
         let addr = listener.local_addr().unwrap();
         let script = Arc::new(Mutex::new(Script::default()));
         let (down, _) = watch::channel(false);
         let (released, _) = watch::channel(false);
+        let (watches_ended, _) = watch::channel(0);
         let task = {
             let script = script.clone();
             let down = down.clone();
             let released = released.clone();
+            let watches_ended = watches_ended.clone();
             tokio::spawn(async move {
                 loop {
                     let Ok((stream, _)) = listener.accept().await else { continue };
-                    tokio::spawn(serve(stream, script.clone(), down.subscribe(), released.subscribe()));
+                    let signals = (down.subscribe(), released.subscribe(), watches_ended.subscribe());
+                    tokio::spawn(serve(stream, script.clone(), signals));
                 }
             })
         };
@@ -106,6 +147,7 @@ impl FakeApi {
             script,
             down,
             released,
+            watches_ended,
             task,
         };
         api.script(NAMESPACES, false, vec![list("namespaces-list.json")]);
@@ -135,6 +177,12 @@ impl FakeApi {
         self.released.send_replace(true);
     }
 
+    /// Ends every open watch stream, as an API server does at its watch timeout: clients
+    /// watch again from the last resourceVersion they saw, and get what is scripted now.
+    fn end_watches(&self) {
+        self.watches_ended.send_modify(|n| *n += 1);
+    }
+
     fn source(&self, options: KubeSourceOptions) -> KubeSource {
         let config = kube::Config::new(format!("http://{}", self.addr).parse().unwrap());
         let client = kube::Client::try_from(config).unwrap();
@@ -142,7 +190,11 @@ impl FakeApi {
     }
 }
 
-async fn serve(mut stream: TcpStream, script: Arc<Mutex<Script>>, mut down: watch::Receiver<bool>, mut released: watch::Receiver<bool>) {
+/// What a connection waits for: the server going down, held replies released, watch
+/// streams ended.
+type Signals = (watch::Receiver<bool>, watch::Receiver<bool>, watch::Receiver<u32>);
+
+async fn serve(mut stream: TcpStream, script: Arc<Mutex<Script>>, (mut down, mut released, mut watches_ended): Signals) {
     let mut head = Vec::new();
     let mut buf = [0u8; 4096];
     while !head.windows(4).any(|w| w == b"\r\n\r\n") {
@@ -199,8 +251,15 @@ async fn serve(mut stream: TcpStream, script: Arc<Mutex<Script>>, mut down: watc
                 }
             }
             let _ = stream.flush().await;
-            // Open and silent until the server goes down; then the connection drops.
-            let _ = down.wait_for(|d| *d).await;
+            // Open and silent until the server goes down (the connection drops) or ends its
+            // watches (the stream ends cleanly, with the last chunk).
+            let ended = tokio::select! {
+                _ = down.wait_for(|d| *d) => false,
+                _ = watches_ended.changed() => true,
+            };
+            if ended {
+                let _ = stream.write_all(b"0\r\n\r\n").await;
+            }
         }
         Reply::Held(_) => unreachable!("unwrapped above"),
     }
@@ -538,6 +597,9 @@ async fn the_synced_model_compiles_into_map_entries() {
 /// The real `bulkhead agent` binary with the Kubernetes source pointed at a [`FakeApi`],
 /// in its own temp and pin directories. Dropping it stops the agent (SIGTERM, then SIGKILL)
 /// and removes both, whether the test passed or not.
+///
+/// It runs in the network namespace the [`FakeApi`] listens in: the host's, with routing
+/// off so the host's routes stay untouched, or a [`TestNetns`].
 struct AgentProcess {
     child: Child,
     dir: PathBuf,
@@ -546,10 +608,18 @@ struct AgentProcess {
 }
 
 impl AgentProcess {
-    fn start(api: &FakeApi) -> AgentProcess {
-        let pid = std::process::id();
-        let dir = std::env::temp_dir().join(format!("bulkhead-kubeagent-{pid}"));
-        let pin_dir = PathBuf::from(format!("/sys/fs/bpf/bulkhead-kubeagent-{pid}"));
+    /// Starts `bulkhead agent --routing ROUTING` in the network namespace at `netns` (the
+    /// host's when `None`).
+    fn start(api: &FakeApi, routing: &str, netns: Option<&Path>) -> AgentProcess {
+        // Tests run in parallel in one process: the pid alone does not tell agents apart.
+        static STARTED: AtomicU32 = AtomicU32::new(0);
+        let name = format!(
+            "bulkhead-kubeagent-{}-{}",
+            std::process::id(),
+            STARTED.fetch_add(1, Ordering::Relaxed)
+        );
+        let dir = std::env::temp_dir().join(&name);
+        let pin_dir = Path::new("/sys/fs/bpf").join(&name);
         let _ = std::fs::remove_dir_all(&dir);
         let _ = std::fs::remove_dir_all(&pin_dir);
         std::fs::create_dir_all(&dir).unwrap();
@@ -564,15 +634,13 @@ impl AgentProcess {
             ),
         )
         .unwrap();
-        // The agent wants an address, not a socket: take a free port and hand it over.
-        let metrics = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+        // The agent wants an address, not a socket: take a port free in its namespace.
+        let metrics = in_netns(netns, || std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap());
         let log = std::fs::File::create(dir.join("agent.log")).unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_bulkhead"))
+        let mut command = Command::new(env!("CARGO_BIN_EXE_bulkhead"));
+        command
             .arg("agent")
-            .args(["--source", "kubernetes", "--node-name", "node-a"])
-            // This agent runs in the host's own namespace: it must not route to the recorded
-            // nodes there (nor masquerade: no cluster CIDR is given).
-            .args(["--routing", "none"])
+            .args(["--source", "kubernetes", "--node-name", "node-a", "--routing", routing])
             .arg("--kubeconfig")
             .arg(&kubeconfig)
             .arg("--state-dir")
@@ -589,9 +657,10 @@ impl AgentProcess {
             .env("NO_COLOR", "1")
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .unwrap();
+            .stderr(log);
+        // Spawned from a thread in the namespace, the agent starts in it; unlike
+        // `ip netns exec` this keeps the mount namespace, where the pin directory is.
+        let child = in_netns(netns, || command.spawn()).unwrap();
         AgentProcess {
             child,
             dir,
@@ -639,7 +708,8 @@ impl AgentProcess {
         }
     }
 
-    /// The HTTP status code of `GET /healthz`; `None` while nothing answers.
+    /// The HTTP status code of `GET /healthz`; `None` while nothing answers. From this
+    /// thread's namespace: an agent in the host's only.
     fn healthz(&mut self) -> Option<u16> {
         self.assert_running();
         tokio::task::block_in_place(|| {
@@ -686,7 +756,7 @@ fn pod_ipcache(datapath: &Datapath) -> BTreeMap<(Ipv4Addr, u8), u32> {
 async fn the_agent_binary_programs_the_recorded_cluster_and_outlives_the_api_server() {
     let api = FakeApi::start().await;
     api.script(PODS, false, vec![Reply::Held(Box::new(list("pods-list.json")))]);
-    let mut agent = AgentProcess::start(&api);
+    let mut agent = AgentProcess::start(&api, "none", None);
 
     // Up and serving, but the pod list has not come: not ready, and nothing written.
     agent.until("the agent socket", 30, AgentProcess::status).await;
@@ -757,5 +827,153 @@ async fn the_agent_binary_programs_the_recorded_cluster_and_outlives_the_api_ser
     assert_eq!(pod_ipcache(&datapath), pods, "the pod entries changed with the api server gone");
     let state = datapath.maps.read_state().unwrap();
     assert!(state.endpoints.is_empty() && state.policy.is_empty(), "{state:?}");
+    agent.assert_running();
+}
+
+/// A fresh network namespace, deleted on drop whether the test passed or not (declare it
+/// before what runs in it, so it is dropped after): `lo` up and the bridge `ul0` holding
+/// node-a's InternalIP, 192.168.0.1/24, so routes via the other nodes' InternalIPs are valid.
+struct TestNetns {
+    name: String,
+    path: PathBuf,
+}
+
+impl TestNetns {
+    fn create(tag: &str) -> TestNetns {
+        let name = format!("bhkube-{}-{tag}", std::process::id());
+        // A namespace of an earlier run with this pid would not be fresh.
+        netns::delete(&netns::named_path(&name)).unwrap();
+        let path = netns::create_named(&name).unwrap();
+        let ns = TestNetns { name, path };
+        ns.ip(&["link", "set", "lo", "up"]);
+        ns.ip(&["link", "add", "ul0", "type", "bridge"]);
+        ns.ip(&["addr", "add", "192.168.0.1/24", "dev", "ul0"]);
+        ns.ip(&["link", "set", "ul0", "up"]);
+        ns
+    }
+
+    /// `ip -n NAME ARGS`, which must succeed; its output.
+    fn ip(&self, args: &[&str]) -> String {
+        let out = Command::new("ip").arg("-n").arg(&self.name).args(args).output().unwrap();
+        assert!(
+            out.status.success(),
+            "ip -n {} {}: {}",
+            self.name,
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    }
+
+    /// The main table's routes with `args` (`ip route show ARGS`), one trimmed line each,
+    /// sorted.
+    fn routes(&self, args: &[&str]) -> Vec<String> {
+        let out = self.ip(&[&["route", "show"], args].concat());
+        let mut routes: Vec<String> = out.lines().map(|l| l.trim().to_string()).collect();
+        routes.sort();
+        routes
+    }
+}
+
+impl Drop for TestNetns {
+    fn drop(&mut self) {
+        if let Err(e) = netns::delete(&self.path) {
+            eprintln!("removing netns {}: {e}", self.name);
+        }
+    }
+}
+
+/// Polls until the agent's routes (protocol 181) in `ns` are exactly `want`, failing after
+/// 10 s with what they were and the agent's log. A foreign route must never be touched.
+async fn routes_reach(agent: &mut AgentProcess, ns: &TestNetns, what: &str, want: &[&str]) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let routes = ns.routes(&["proto", "181"]);
+        if routes == want {
+            break;
+        }
+        agent.assert_running();
+        assert!(
+            Instant::now() < deadline,
+            "{what}: the agent's routes are {routes:#?}, not {want:#?}; agent log:\n{}",
+            agent.log()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        ns.routes(&["10.99.0.0/24"]),
+        [FOREIGN_ROUTE],
+        "{what}: the foreign route was touched"
+    );
+}
+
+/// A route the agent does not own (`proto static`), as `ip route` shows it.
+const FOREIGN_ROUTE: &str = "10.99.0.0/24 via 192.168.0.9 dev ul0 proto static";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn node_changes_reach_the_agents_routes() {
+    let ns = TestNetns::create("routes");
+    ns.ip(&["route", "add", "10.99.0.0/24", "via", "192.168.0.9", "proto", "static"]);
+    let api = FakeApi::start_in(Some(&ns.path)).await;
+    let mut agent = AgentProcess::start(&api, "native", Some(&ns.path));
+
+    // The first sync: node-b's pod CIDR via its InternalIP; node-c has no pod CIDR yet, and
+    // node-a is this node.
+    agent
+        .until("the agent to become ready", 30, |a| a.status().filter(|s| s.ready))
+        .await;
+    routes_reach(&mut agent, &ns, "the first sync", &["10.244.2.0/24 via 192.168.0.2 dev ul0"]).await;
+
+    // Each change comes as a watch event on a new watch (the server ends the open one).
+    api.script(
+        NODES,
+        true,
+        vec![event("nodes-watch-events.jsonl", "ADDED", "node-d"), quiet_watch()],
+    );
+    api.end_watches();
+    routes_reach(
+        &mut agent,
+        &ns,
+        "node-d added",
+        &["10.244.2.0/24 via 192.168.0.2 dev ul0", "10.244.4.0/24 via 192.168.0.4 dev ul0"],
+    )
+    .await;
+
+    api.script(
+        NODES,
+        true,
+        vec![event("nodes-watch-events.jsonl", "MODIFIED", "node-b"), quiet_watch()],
+    );
+    api.end_watches();
+    routes_reach(
+        &mut agent,
+        &ns,
+        "node-b's pod CIDR changed",
+        &["10.244.12.0/24 via 192.168.0.2 dev ul0", "10.244.4.0/24 via 192.168.0.4 dev ul0"],
+    )
+    .await;
+
+    api.script(
+        NODES,
+        true,
+        vec![event("nodes-watch-deleted.jsonl", "DELETED", "node-d"), quiet_watch()],
+    );
+    api.end_watches();
+    routes_reach(&mut agent, &ns, "node-d deleted", &["10.244.12.0/24 via 192.168.0.2 dev ul0"]).await;
+    // All of it came by watch events: no re-list so far.
+    assert_eq!(api.requests("list /api/v1/nodes").len(), 1);
+
+    // 410 Gone: the re-list lacks node-b and gives node-c its pod CIDR.
+    api.script(NODES, false, vec![list("nodes-list-relisted.json")]);
+    api.script(NODES, true, vec![events("nodes-watch-gone.jsonl"), quiet_watch()]);
+    api.end_watches();
+    routes_reach(
+        &mut agent,
+        &ns,
+        "the re-list without node-b",
+        &["10.244.3.0/24 via 192.168.0.3 dev ul0"],
+    )
+    .await;
+    assert_eq!(api.requests("list /api/v1/nodes").len(), 2);
     agent.assert_running();
 }
