@@ -7,27 +7,20 @@
 # medians and the enforced/unenforced ratio. Usage (root): bash scripts/bench-veth.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
-[ "$(id -u)" = 0 ] || { echo "needs root (network namespaces, BPF)" >&2; exit 1; }
-bash scripts/setup.sh
-dpkg-query -W -f='${Status}' iperf3 2>/dev/null | grep -q 'install ok installed' || {
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends iperf3 >/dev/null
-}
-cargo build --locked --release --bins
-BH=$PWD/target/release/bulkhead
+# shellcheck source=scripts/bench-lib.sh
+. scripts/bench-lib.sh
+bench_prepare
 ROUNDS=${ROUNDS:-5}
 SECONDS_PER_RUN=${SECONDS_PER_RUN:-3}
 WORK=$(mktemp -d /tmp/bulkhead-bench-veth.XXXXXX)
 LAB="$BH lab --lab-dir $WORK/lab"
-cleanup() { $LAB down >/dev/null 2>&1 || true; rm -rf "$WORK"; }
+cleanup() { bench_stop_servers "$WORK"/*.pid; $LAB down >/dev/null 2>&1 || true; rm -rf "$WORK"; }
 trap cleanup EXIT
 
-# No containerPorts: the lab would serve them itself, and iperf3 needs 5201.
-pod() { # name namespace
-  printf -- '---\napiVersion: v1\nkind: Pod\nmetadata: {name: %s, namespace: %s, labels: {role: %s}}\nspec: {containers: [{name: c, image: iperf3}]}\n' "$1" "$2" "$1"
-}
 {
   printf 'apiVersion: v1\nkind: Namespace\nmetadata: {name: e}\n---\napiVersion: v1\nkind: Namespace\nmetadata: {name: u}\n'
-  pod client e; pod server e; pod client u; pod server u
+  # No containerPorts: the lab would serve them itself, and iperf3 needs 5201.
+  bench_pod client e; bench_pod server e; bench_pod client u; bench_pod server u
   # Enforced pair: both directions isolated, with rules that admit the benchmark flow.
   printf -- '---\napiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: iperf, namespace: e}\n'
   printf 'spec:\n  podSelector: {}\n  policyTypes: [Ingress, Egress]\n'
@@ -36,47 +29,29 @@ pod() { # name namespace
 } >"$WORK/bench.yaml"
 $LAB up -f "$WORK/bench.yaml" >/dev/null
 NODE_NS=$($LAB status -o json | python3 -c 'import json,sys; print(json.load(sys.stdin)["nodes"][0]["netns"])')
-ip_of() { $LAB pods -o json | python3 -c "import json,sys; print([p['ip'] for p in json.load(sys.stdin) if p['namespace']=='$1' and p['name']=='$2'][0])"; }
-E_SERVER=$(ip_of e server); U_SERVER=$(ip_of u server)
+E_SERVER=$(bench_ip_of e server); U_SERVER=$(bench_ip_of u server)
 
 # Detach the programs from the unenforced pair's host veths: each veth is found by the
 # /32 route the CNI plugin installed for its pod.
-for pip in "$(ip_of u client)" "$U_SERVER"; do
+for pip in "$(bench_ip_of u client)" "$U_SERVER"; do
   dev=$(ip -n "$NODE_NS" -4 route show "$pip/32" | awk '{for (i=1;i<NF;i++) if ($i=="dev") print $(i+1)}')
   [ -n "$dev" ] || { echo "no route to $pip" >&2; exit 1; }
   tc -n "$NODE_NS" qdisc del dev "$dev" clsact
 done
 
-$LAB exec e/server -- iperf3 -s -D -p 5201 >/dev/null
-$LAB exec u/server -- iperf3 -s -D -p 5201 >/dev/null
+bench_iperf3_server e/server "$WORK/e.pid"
+bench_iperf3_server u/server "$WORK/u.pid"
 sleep 0.5
-
-run() { # ns server-ip mode -> one number
-  local args=(-c "$2" -p 5201 -t "$SECONDS_PER_RUN" -J)
-  if [ "$3" = udp64 ]; then args+=(-u -b 0 -l 64); fi
-  $LAB exec "$1/client" -- iperf3 "${args[@]}" | python3 -c '
-import json,sys
-doc=json.load(sys.stdin)
-if "error" in doc:
-    sys.exit("iperf3: " + doc["error"])
-r=doc["end"]
-if sys.argv[1] == "tcp":
-    print(r["sum_received"]["bits_per_second"])
-else:
-    s=r["sum"]
-    print((s["packets"] - s.get("lost_packets", 0)) / s["seconds"])' "$3"
-}
-median() { sort -g | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
 
 declare -A results
 for mode in tcp udp64; do
   : >"$WORK/e.$mode"; : >"$WORK/u.$mode"
   for _ in $(seq "$ROUNDS"); do
-    run e "$E_SERVER" "$mode" >>"$WORK/e.$mode"
-    run u "$U_SERVER" "$mode" >>"$WORK/u.$mode"
+    bench_iperf3 e/client "$E_SERVER" "$mode" "$SECONDS_PER_RUN" >>"$WORK/e.$mode"
+    bench_iperf3 u/client "$U_SERVER" "$mode" "$SECONDS_PER_RUN" >>"$WORK/u.$mode"
   done
-  results[e.$mode]=$(median <"$WORK/e.$mode")
-  results[u.$mode]=$(median <"$WORK/u.$mode")
+  results[e.$mode]=$(bench_median <"$WORK/e.$mode")
+  results[u.$mode]=$(bench_median <"$WORK/u.$mode")
 done
 
 mkdir -p bench
