@@ -162,6 +162,29 @@ impl ServiceTable {
     pub fn is_empty(&self) -> bool {
         self.entries.is_empty()
     }
+
+    /// What changed from `old` to this table: the keys whose entry is new or different, and
+    /// the keys no longer present, each in key order (what a map sync writes and deletes).
+    pub fn diff(&self, old: &ServiceTable) -> ServiceTableDiff {
+        ServiceTableDiff {
+            upserted: self
+                .entries
+                .iter()
+                .filter(|(k, e)| old.entries.get(k) != Some(e))
+                .map(|(k, _)| *k)
+                .collect(),
+            removed: old.entries.keys().filter(|k| !self.entries.contains_key(k)).copied().collect(),
+        }
+    }
+}
+
+/// The difference between two service tables ([`ServiceTable::diff`]).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ServiceTableDiff {
+    /// Keys whose entry is new or changed.
+    pub upserted: Vec<ServiceKey>,
+    /// Keys that are gone.
+    pub removed: Vec<ServiceKey>,
 }
 
 /// Ready beats serving beats neither; a terminating copy loses to a live one.

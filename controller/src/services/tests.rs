@@ -297,3 +297,38 @@ fn lookups_by_key_and_by_service() {
     assert_eq!(t.of_service(&web).map(|(k, _)| k.port).collect::<Vec<_>>(), [80, 443]);
     assert!(ServiceTable::from_cluster(&Cluster::new()).is_empty());
 }
+
+#[test]
+fn diffs_name_new_changed_and_removed_keys() {
+    let http = "[{name: http, port: 80}]";
+    let before = table(
+        &[
+            service("x", "a", "10.96.0.1", "", http),
+            service("x", "b", "10.96.0.2", "", http),
+            service("x", "c", "10.96.0.3", "", http),
+        ]
+        .concat(),
+    );
+    let after = table(
+        &[
+            service("x", "a", "10.96.0.1", "", http),
+            service("x", "b", "10.96.0.2", "", http),
+            slice("x", "b-1", "b", "[{name: http, port: 80}]", "[{addresses: [10.244.1.2]}]"),
+            service("x", "d", "10.96.0.4", "", http),
+        ]
+        .concat(),
+    );
+    let key = |last: u8| ServiceKey {
+        vip: Ipv4Addr::new(10, 96, 0, last),
+        port: 80,
+        protocol: Protocol::TCP,
+    };
+    assert_eq!(
+        after.diff(&before),
+        ServiceTableDiff {
+            upserted: vec![key(2), key(4)],
+            removed: vec![key(3)],
+        }
+    );
+    assert_eq!(after.diff(&after), ServiceTableDiff::default());
+}
