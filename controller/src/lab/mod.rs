@@ -321,8 +321,8 @@ pub fn run(args: LabArgs) -> Result<i32, LabError> {
         } => {
             let state = paths.load_up()?;
             match to {
-                None => probe::run(&state, port, protocol, output),
-                Some(ProbeTo::World) => probe::run_to_world(&state, port, protocol, output),
+                None => probe::run(&paths, &state, port, protocol, output),
+                Some(ProbeTo::World) => probe::run_to_world(&paths, &state, port, protocol, output),
             }
         }
         LabCommand::Status { output } => {

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use bulkhead_hostnet::netns;
 use serde::Serialize;
 
-use super::state::{LabState, PodState};
+use super::state::{LabPaths, LabState, PodState};
 use super::world::WORLD;
 use super::{LabError, Output, Protocol};
 
@@ -81,7 +81,7 @@ struct Target {
 }
 
 /// `bulkhead lab probe`.
-pub fn run(state: &LabState, port: u16, protocol: Protocol, output: Output) -> Result<i32, LabError> {
+pub fn run(paths: &LabPaths, state: &LabState, port: u16, protocol: Protocol, output: Output) -> Result<i32, LabError> {
     let pods = sorted_pods(state);
     let targets: Vec<Target> = pods
         .iter()
@@ -90,13 +90,13 @@ pub fn run(state: &LabState, port: u16, protocol: Protocol, output: Output) -> R
             ip: p.ip.as_deref().and_then(|ip| ip.parse().ok()),
         })
         .collect();
-    let report = probe_all(&pods, &targets, port, protocol)?;
+    let report = probe_all(paths, &pods, &targets, port, protocol)?;
     print(&pods, &targets, &report, output);
     Ok(0)
 }
 
 /// `bulkhead lab probe --to world`: every pod to the outside host.
-pub fn run_to_world(state: &LabState, port: u16, protocol: Protocol, output: Output) -> Result<i32, LabError> {
+pub fn run_to_world(paths: &LabPaths, state: &LabState, port: u16, protocol: Protocol, output: Output) -> Result<i32, LabError> {
     let world = state.world.as_ref().ok_or_else(|| LabError::UnknownPod {
         pod: format!("{WORLD} (this lab has no outside host)"),
     })?;
@@ -105,7 +105,7 @@ pub fn run_to_world(state: &LabState, port: u16, protocol: Protocol, output: Out
         name: WORLD.to_string(),
         ip: world.ip.parse().ok(),
     }];
-    let report = probe_all(&pods, &targets, port, protocol)?;
+    let report = probe_all(paths, &pods, &targets, port, protocol)?;
     print(&pods, &targets, &report, output);
     Ok(0)
 }
@@ -128,23 +128,29 @@ fn print(pods: &[&PodState], targets: &[Target], report: &ProbeReport, output: O
 }
 
 /// Probes from every pod to every target but itself.
-fn probe_all(pods: &[&PodState], targets: &[Target], port: u16, protocol: Protocol) -> Result<ProbeReport, LabError> {
+fn probe_all(paths: &LabPaths, pods: &[&PodState], targets: &[Target], port: u16, protocol: Protocol) -> Result<ProbeReport, LabError> {
+    let pairs = u16::try_from(pods.len() * targets.len()).unwrap_or(u16::MAX);
+    let first_port = paths.take_probe_ports(pairs)?;
+    let source_port = |i: usize, j: usize| u16::try_from(i * targets.len() + j).ok().and_then(|k| first_port.checked_add(k));
     let rows: Vec<Result<Vec<ProbeResult>, LabError>> = std::thread::scope(|scope| {
         let handles: Vec<_> = pods
             .iter()
-            .map(|from| {
+            .enumerate()
+            .map(|(i, from)| {
                 scope.spawn(move || {
                     // Threads started inside run_in inherit the source pod's namespace.
                     netns::run_in(&netns::named_path(&from.netns), || {
                         std::thread::scope(|inner| {
                             let probes: Vec<_> = targets
                                 .iter()
-                                .filter(|to| to.name != from.key())
-                                .map(|to| {
+                                .enumerate()
+                                .filter(|(_, to)| to.name != from.key())
+                                .map(|(j, to)| {
+                                    let sport = source_port(i, j);
                                     inner.spawn(move || {
                                         let result = to
                                             .ip
-                                            .map_or(Outcome::Dropped, |ip| probe_one(SocketAddr::from((ip, port)), protocol));
+                                            .map_or(Outcome::Dropped, |ip| probe_one(SocketAddr::from((ip, port)), protocol, sport));
                                         ProbeResult::new(from.key(), to.name.clone(), result)
                                     })
                                 })
@@ -184,9 +190,9 @@ fn probe_all(pods: &[&PodState], targets: &[Target], port: u16, protocol: Protoc
 }
 
 /// Tries one connection from the calling thread's namespace.
-fn probe_one(addr: SocketAddr, protocol: Protocol) -> Outcome {
+fn probe_one(addr: SocketAddr, protocol: Protocol, udp_source_port: Option<u16>) -> Outcome {
     match protocol {
-        Protocol::UDP => probe_udp(addr),
+        Protocol::UDP => probe_udp(addr, udp_source_port),
         // The flag admits only TCP and UDP.
         _ => match TcpStream::connect_timeout(&addr, PROBE_TIMEOUT) {
             Ok(_) => Outcome::Connected,
@@ -198,8 +204,14 @@ fn probe_one(addr: SocketAddr, protocol: Protocol) -> Outcome {
     }
 }
 
-fn probe_udp(addr: SocketAddr) -> Outcome {
-    let Ok(socket) = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0)) else {
+/// TCP needs no chosen source port: the client's TIME_WAIT keeps the kernel from reusing a
+/// recent 4-tuple. UDP has no such memory, so the lab hands out ports ([`LabPaths::take_probe_ports`]);
+/// a port in use (the pod serves it) falls back to one the kernel picks.
+fn probe_udp(addr: SocketAddr, source_port: Option<u16>) -> Outcome {
+    let bound = source_port
+        .and_then(|p| UdpSocket::bind((Ipv4Addr::UNSPECIFIED, p)).ok())
+        .or_else(|| UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0)).ok());
+    let Some(socket) = bound else {
         return Outcome::Dropped;
     };
     // Connected, so the kernel reports an ICMP port unreachable as ECONNREFUSED on this socket.

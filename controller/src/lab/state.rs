@@ -144,6 +144,10 @@ pub struct LabPaths {
     pub dir: PathBuf,
 }
 
+/// Source ports the lab's UDP probes use: below the kernel's ephemeral range (32768 and up),
+/// so they never meet a port the kernel handed out.
+pub const PROBE_PORTS: std::ops::Range<u16> = 20_000..32_000;
+
 impl LabPaths {
     /// Paths under `dir`, made absolute so they name the same place from any process.
     pub fn new(dir: &Path) -> Result<Self, LabError> {
@@ -216,6 +220,27 @@ impl LabPaths {
         })
     }
 
+    /// Reserves `count` UDP source ports for one probe run and returns the first. Successive
+    /// runs take successive blocks of [`PROBE_PORTS`], wrapping around, so a probe never reuses
+    /// the 5-tuple of a recent one: a conntrack entry a previous (allowed) probe left would
+    /// otherwise admit a datagram the current policy denies, as any established flow is.
+    pub fn take_probe_ports(&self, count: u16) -> Result<u16, LabError> {
+        let _lock = self.lock()?;
+        let path = self.dir.join("probe-port");
+        let next = std::fs::read_to_string(&path)
+            .ok()
+            .and_then(|t| t.trim().parse::<u16>().ok())
+            .filter(|p| PROBE_PORTS.contains(p))
+            .unwrap_or(PROBE_PORTS.start);
+        let base = if next.saturating_add(count) > PROBE_PORTS.end {
+            PROBE_PORTS.start
+        } else {
+            next
+        };
+        write_atomic(&path, format!("{}\n", base.saturating_add(count)).as_bytes())?;
+        Ok(base)
+    }
+
     /// Reads `lab.json`; `None` when the lab is not up.
     pub fn load(&self) -> Result<Option<LabState>, LabError> {
         let path = self.state();
@@ -259,4 +284,25 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), LabError> {
         path: e.path,
         source: e.source,
     })
+}
+
+#[cfg(test)]
+mod probe_port_tests {
+    use super::*;
+
+    #[test]
+    fn probe_port_blocks_follow_each_other_and_wrap() {
+        let dir = std::env::temp_dir().join(format!("bh-probe-ports-{}", std::process::id()));
+        let paths = LabPaths::new(&dir).unwrap();
+        assert_eq!(paths.take_probe_ports(72).unwrap(), PROBE_PORTS.start);
+        assert_eq!(paths.take_probe_ports(72).unwrap(), PROBE_PORTS.start + 72);
+        assert_eq!(paths.take_probe_ports(8).unwrap(), PROBE_PORTS.start + 144);
+        // A block that would run past the range starts over at its beginning.
+        std::fs::write(dir.join("probe-port"), format!("{}\n", PROBE_PORTS.end - 10)).unwrap();
+        assert_eq!(paths.take_probe_ports(72).unwrap(), PROBE_PORTS.start);
+        // Garbage in the file restarts the sequence rather than failing the probe.
+        std::fs::write(dir.join("probe-port"), "x\n").unwrap();
+        assert_eq!(paths.take_probe_ports(1).unwrap(), PROBE_PORTS.start);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }
