@@ -53,7 +53,7 @@ pub fn forward(l3: &L3, now: u64) -> Result<Option<Translation>, DropReason> {
     }
     let mut skey = ServiceKey::new(l3.daddr, u16::from_be_bytes(l3.dport), l3.protocol, 0);
     // SAFETY: the value is copied out at once; a concurrent update gives the old or the new one.
-    let Some(header) = (unsafe { SERVICES.get(&skey) }).copied() else {
+    let Some(header) = (unsafe { SERVICES.get(skey) }).copied() else {
         return Ok(None);
     };
     let key = CtKey {
@@ -66,7 +66,7 @@ pub fn forward(l3: &L3, now: u64) -> Result<Option<Translation>, DropReason> {
         _pad: [0; 2],
     };
     // SAFETY: as above.
-    if let Some(nat) = unsafe { LB_NAT.get(&key) }.copied() {
+    if let Some(nat) = unsafe { LB_NAT.get(key) }.copied() {
         // A record left by an earlier Service on this VIP:port is not this one's.
         if nat.service_id == header.service_id {
             return Ok(Some(Translation { nat, key, new: false }));
@@ -74,7 +74,7 @@ pub fn forward(l3: &L3, now: u64) -> Result<Option<Translation>, DropReason> {
     }
     let backend_id = pick(&header, &mut skey, l3, now)?;
     // SAFETY: as above.
-    let backend = unsafe { BACKENDS.get(&backend_id) }.copied().ok_or(DropReason::NoServiceBackend)?;
+    let backend = unsafe { BACKENDS.get(backend_id) }.copied().ok_or(DropReason::NoServiceBackend)?;
     let nat = LbNat {
         addr: backend.ip,
         port: backend.port,
@@ -95,14 +95,14 @@ fn pick(header: &ServiceValue, skey: &mut ServiceKey, l3: &L3, now: u64) -> Resu
         service_id: header.service_id,
     };
     if affinity {
-        if let Some(a) = AFFINITY.get_ptr_mut(&akey) {
+        if let Some(a) = AFFINITY.get_ptr_mut(akey) {
             // SAFETY: the pointer is valid until the program ends; a racing writer stores
             // the same kind of value.
             unsafe {
                 let timeout = u64::from(header.affinity_timeout_s) * NS_PER_SEC;
                 let id = (*a).backend_id;
                 // A backend since removed frees the client to pick again.
-                let alive = BACKENDS.get(&id).is_some();
+                let alive = BACKENDS.get(id).is_some();
                 if alive && now.saturating_sub((*a).last_used_ns) <= timeout {
                     (*a).last_used_ns = now;
                     return Ok(id);
@@ -114,7 +114,7 @@ fn pick(header: &ServiceValue, skey: &mut ServiceKey, l3: &L3, now: u64) -> Resu
     let pick = unsafe { bpf_get_prandom_u32() };
     skey.slot = backend_slot(pick, header.backend_count).ok_or(DropReason::NoServiceBackend)?;
     // SAFETY: copied out at once, as above.
-    let id = unsafe { SERVICES.get(&*skey) }
+    let id = unsafe { SERVICES.get(*skey) }
         .map(|v| v.backend_id)
         .ok_or(DropReason::NoServiceBackend)?;
     if affinity {
@@ -124,7 +124,7 @@ fn pick(header: &ServiceValue, skey: &mut ServiceKey, l3: &L3, now: u64) -> Resu
             _pad: 0,
         };
         // A full LRU evicts; failing to remember affinity must not fail the connection.
-        let _ = AFFINITY.insert(&akey, &value, 0);
+        let _ = AFFINITY.insert(akey, value, 0);
     }
     Ok(id)
 }
@@ -133,7 +133,7 @@ fn pick(header: &ServiceValue, skey: &mut ServiceKey, l3: &L3, now: u64) -> Resu
 /// reply tuple at the client's `to_pod`).
 #[inline(always)]
 pub fn record(t: &Translation) -> Result<(), DropReason> {
-    LB_NAT.insert(&t.key, &t.nat, 0).map_err(|_| DropReason::CtInsertFailed)?;
+    LB_NAT.insert(t.key, t.nat, 0).map_err(|_| DropReason::CtInsertFailed)?;
     let reply = CtKey {
         saddr: t.nat.addr,
         daddr: t.key.saddr,
@@ -148,7 +148,7 @@ pub fn record(t: &Translation) -> Result<(), DropReason> {
         port: t.key.dport,
         ..t.nat
     };
-    LB_NAT.insert(&reply, &back, 0).map_err(|_| DropReason::CtInsertFailed)
+    LB_NAT.insert(reply, back, 0).map_err(|_| DropReason::CtInsertFailed)
 }
 
 /// For a reply on a translated connection at the client's `to_pod`: the VIP and port to
@@ -165,7 +165,7 @@ pub fn reverse(l3: &L3) -> Option<LbNat> {
         _pad: [0; 2],
     };
     // SAFETY: copied out at once.
-    unsafe { LB_NAT.get(&key) }.copied()
+    unsafe { LB_NAT.get(key) }.copied()
 }
 
 /// Which end of the packet a rewrite changes.
