@@ -29,10 +29,12 @@ pub mod map_names {
     pub const SERVICES: &str = "bh_svc_v1";
     /// Hash backend id (`u32`, host order) → [`Backend`](super::Backend).
     pub const BACKENDS: &str = "bh_be_v1";
-    /// LRU hash [`CtKey`](super::CtKey) → [`LbNat`](super::LbNat): the translation of each
-    /// Service connection, forward (client→VIP tuple, egress) and reverse (backend→client
-    /// tuple, ingress).
+    /// LRU hash [`CtKey`](super::CtKey) (the client→VIP tuple, egress) →
+    /// [`LbNat`](super::LbNat): the backend each Service connection was given.
     pub const LB_NAT: &str = "bh_lbnat_v1";
+    /// Hash reverse-NAT index (`u32`, host order: a [`ServiceValue::service_id`](super::ServiceValue))
+    /// → [`RevNat`](super::RevNat): the VIP and port replies get back as their source.
+    pub const REV_NAT: &str = "bh_lbrev_v1";
     /// LRU hash [`AffinityKey`](super::AffinityKey) → [`AffinityValue`](super::AffinityValue)
     /// for `sessionAffinity: ClientIP`.
     pub const AFFINITY: &str = "bh_lbaff_v1";
@@ -62,14 +64,21 @@ pub mod capacity {
     pub const SERVICES: u32 = 65536;
     /// Backends per node (every backend of every Service, shared between Services).
     pub const BACKENDS: u32 = 65536;
-    /// Translation records: two per tracked Service connection.
-    pub const LB_NAT: u32 = 2 * CONNTRACK;
+    /// Translation records: one per tracked Service connection.
+    pub const LB_NAT: u32 = CONNTRACK;
+    /// Reverse-NAT entries: one per Service port ([`MAX_SERVICE_ID`](super::MAX_SERVICE_ID)).
+    pub const REV_NAT: u32 = 65536;
     /// Clients remembered per Service with `sessionAffinity: ClientIP`.
     pub const AFFINITY: u32 = 65536;
 }
 
 /// Most backends one Service port can have (slots 1..=this); the agent keeps to it.
 pub const MAX_SERVICE_BACKENDS: u16 = 0xfffe;
+
+/// Largest [`ServiceValue::service_id`]: it travels in the upper 16 bits of
+/// [`CtEntry::flags`] as the reverse-NAT index (Cilium's `rev_nat_index` is 16 bits too).
+/// 0 is not a Service.
+pub const MAX_SERVICE_ID: u32 = 0xffff;
 
 /// Reserved identities; allocated identities start at [`identity::FIRST_ALLOCATED`].
 pub mod identity {
@@ -388,9 +397,26 @@ pub mod ct_flags {
     pub const VERDICT_MASK: u32 = 0xff;
     /// A FIN or RST was seen: the entry ages out after `CT_CLOSING_LIFETIME_NS` idle.
     pub const CLOSING: u32 = 1 << 8;
-    /// The flow is a translated Service connection: its replies look up
-    /// [`map_names::LB_NAT`](crate::map_names::LB_NAT) to restore the VIP.
+    /// The flow is a translated Service connection: its replies look up the reverse-NAT
+    /// index (bits [`REV_NAT_SHIFT`]..) in [`map_names::REV_NAT`](crate::map_names::REV_NAT)
+    /// to restore the VIP.
     pub const SERVICE: u32 = 1 << 9;
+    /// Where the reverse-NAT index (a `service_id`, at most 16 bits) sits in the flags.
+    pub const REV_NAT_SHIFT: u32 = 16;
+
+    /// The flags a translated flow's conntrack entry carries for Service port `service_id`.
+    pub const fn service(service_id: u32) -> u32 {
+        SERVICE | (service_id & crate::MAX_SERVICE_ID) << REV_NAT_SHIFT
+    }
+
+    /// The reverse-NAT index in `flags`, 0 when the flow is no Service connection.
+    pub const fn rev_nat_index(flags: u32) -> u32 {
+        if flags & SERVICE == 0 {
+            0
+        } else {
+            flags >> REV_NAT_SHIFT
+        }
+    }
 }
 
 /// What happened to the packet a [`FlowEvent`] reports.
@@ -507,9 +533,22 @@ pub struct ServiceValue {
     pub _pad: u8,
     /// Header only: idle seconds after which a client's affinity lapses. Host byte order.
     pub affinity_timeout_s: u32,
-    /// The agent's id of the Service port (names it in flow records and affinity keys;
-    /// also the revision a reader can compare). Host byte order.
+    /// The agent's id of the Service port, 1..=[`MAX_SERVICE_ID`]: its reverse-NAT index
+    /// ([`map_names::REV_NAT`]), its name in affinity keys and translation records. Host byte
+    /// order.
     pub service_id: u32,
+}
+
+/// What a reply on a Service connection gets back as its source.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct RevNat {
+    /// The ClusterIP, network byte order.
+    pub vip: [u8; 4],
+    /// The Service port, network byte order.
+    pub port: [u8; 2],
+    /// Explicit padding; zero.
+    pub _pad: [u8; 2],
 }
 
 /// Bits of [`ServiceValue::flags`].
@@ -532,15 +571,14 @@ pub struct Backend {
     pub _pad: u8,
 }
 
-/// One half of a Service connection's translation, keyed by a [`CtKey`]: forward (key: the
-/// client→VIP tuple, [`direction::EGRESS`]) gives the backend; reverse (key: the
-/// backend→client reply tuple, [`direction::INGRESS`]) gives the VIP to restore.
+/// A Service connection's translation, keyed by its client→VIP [`CtKey`]
+/// ([`direction::EGRESS`]): the backend every packet of it goes to.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct LbNat {
-    /// Address to write (forward: destination; reverse: source), network byte order.
+    /// Backend address, network byte order.
     pub addr: [u8; 4],
-    /// Port to write, network byte order.
+    /// Backend port, network byte order.
     pub port: [u8; 2],
     /// Explicit padding; zero.
     pub _pad: [u8; 2],
@@ -607,6 +645,7 @@ const _: () = assert!(core::mem::size_of::<Backend>() == 8);
 const _: () = assert!(core::mem::size_of::<LbNat>() == 16);
 const _: () = assert!(core::mem::size_of::<AffinityKey>() == 8);
 const _: () = assert!(core::mem::size_of::<AffinityValue>() == 16);
+const _: () = assert!(core::mem::size_of::<RevNat>() == 8);
 const _: () = assert!(POLICY_PREFIX_FULL as usize == core::mem::size_of::<PolicyKey>() * 8);
 
 #[cfg(feature = "user")]
@@ -642,6 +681,8 @@ mod pod {
     unsafe impl aya::Pod for super::AffinityKey {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::AffinityValue {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::RevNat {}
 }
 
 #[cfg(test)]
@@ -704,6 +745,17 @@ mod tests {
         assert_eq!(seen[0], 0);
         assert!(seen[1..].iter().all(|&n| n >= 60), "{seen:?}");
         assert_eq!(backend_slot(u32::MAX, MAX_SERVICE_BACKENDS), Some((u32::MAX % 0xfffe) as u16 + 1));
+    }
+
+    #[test]
+    fn the_reverse_nat_index_rides_in_the_conntrack_flags() {
+        let flags = u32::from(verdict::AUDIT) | ct_flags::CLOSING | ct_flags::service(MAX_SERVICE_ID);
+        assert_eq!(ct_flags::rev_nat_index(flags), MAX_SERVICE_ID);
+        assert_eq!(flags & ct_flags::VERDICT_MASK, u32::from(verdict::AUDIT));
+        assert_ne!(flags & ct_flags::CLOSING, 0);
+        assert_eq!(ct_flags::rev_nat_index(ct_flags::service(7)), 7);
+        assert_eq!(ct_flags::rev_nat_index(7 << ct_flags::REV_NAT_SHIFT), 0, "no SERVICE bit, no index");
+        assert_eq!(ct_flags::REV_NAT_SHIFT, 16, "verdict and flag bits end below it");
     }
 
     #[test]

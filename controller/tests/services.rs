@@ -15,7 +15,7 @@ use aya::programs::{TestRun, TestRunOptions};
 use bulkhead::datapath::{Datapath, DatapathState};
 use bulkhead_common::{
     ct_flags, direction, endpoint_flags, map_names, program_names, proto, service_flags, verdict, Backend, CtEntry, CtKey, DropReason,
-    EndpointInfo, FlowEvent, IpcacheValue, LbNat, PolicyKey, PolicyValue, ServiceKey, ServiceValue, POLICY_PREFIX_FULL,
+    EndpointInfo, FlowEvent, IpcacheValue, LbNat, PolicyKey, PolicyValue, RevNat, ServiceKey, ServiceValue, POLICY_PREFIX_FULL,
 };
 
 const TC_ACT_OK: u32 = 0;
@@ -59,6 +59,12 @@ fn services() -> DatapathState {
             ..Default::default()
         };
         s.services.insert(ServiceKey::new(vip.octets(), port, protocol, 0), header);
+        let rev = RevNat {
+            vip: vip.octets(),
+            port: port.to_be_bytes(),
+            _pad: [0; 2],
+        };
+        s.rev_nat.insert(id, rev);
         for (i, &b) in backends.iter().enumerate() {
             let slot = ServiceValue {
                 backend_id: b,
@@ -378,13 +384,15 @@ fn a_syn_to_a_vip_goes_to_its_backend_and_the_reply_comes_back_from_the_vip() {
         (backend_ip(1).octets(), TARGET_PORT.to_be_bytes())
     );
 
-    // Conntrack holds the backend tuple, marked as a Service flow; the translation records
-    // the backend (forward) and the VIP (reverse).
+    // Conntrack holds the backend tuple, marked as a Service flow with the Service port's
+    // reverse-NAT index; the translation record holds the backend, keyed by the VIP tuple;
+    // no per-connection reverse record exists.
     let ct = f.pinned::<CtKey, CtEntry>(map_names::CONNTRACK);
     let fwd = ct_key(CLIENT, 40000, backend_ip(1), TARGET_PORT, proto::TCP, direction::EGRESS);
     let entry = ct.get(&fwd, 0).expect("conntrack entry on the backend tuple");
     assert_eq!(entry.rule_id, 7);
     assert_ne!(entry.flags & ct_flags::SERVICE, 0, "service flag");
+    assert_eq!(ct_flags::rev_nat_index(entry.flags), 1, "reverse-NAT index: service id 1");
     let nat = f.pinned::<CtKey, LbNat>(map_names::LB_NAT);
     let to_backend = nat
         .get(&ct_key(CLIENT, 40000, VIP_ONE, SERVICE_PORT, proto::TCP, direction::EGRESS), 0)
@@ -393,13 +401,7 @@ fn a_syn_to_a_vip_goes_to_its_backend_and_the_reply_comes_back_from_the_vip() {
         (to_backend.addr, to_backend.port, to_backend.backend_id, to_backend.service_id),
         (backend_ip(1).octets(), TARGET_PORT.to_be_bytes(), 1, 1)
     );
-    let to_vip = nat
-        .get(
-            &ct_key(backend_ip(1), TARGET_PORT, CLIENT, 40000, proto::TCP, direction::INGRESS),
-            0,
-        )
-        .unwrap();
-    assert_eq!((to_vip.addr, to_vip.port), (VIP_ONE.octets(), SERVICE_PORT.to_be_bytes()));
+    assert_eq!(nat.keys().count(), 1, "one translation record per connection");
 
     // The next packet of the flow: same backend, no new flow record.
     let out = f.run(
@@ -449,6 +451,7 @@ fn egress_policy_that_allows_another_pod_drops_the_connection_to_the_backend() {
     );
     assert_eq!((r.daddr, r.dport), (backend_ip(2).octets(), TARGET_PORT.to_be_bytes()));
     // Nothing recorded for a denied connection.
+    assert_eq!(f.pinned::<CtKey, CtEntry>(map_names::CONNTRACK).keys().count(), 0);
     let nat = f.pinned::<CtKey, LbNat>(map_names::LB_NAT);
     assert!(nat
         .get(&ct_key(CLIENT, 40000, VIP_DENIED, SERVICE_PORT, proto::TCP, direction::EGRESS), 0)

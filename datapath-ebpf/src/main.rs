@@ -154,7 +154,7 @@ fn try_from_pod(ctx: &TcContext, flow: &mut FlowEvent) -> Result<Pass, DropReaso
     };
     // From here the flow is the client's to the backend: conntrack keys on that tuple and
     // egress policy decides on the backend's identity and port, as if the pod dialled it.
-    service::rewrite(ctx, &l3, service::End::Destination, &t.nat)?;
+    service::rewrite(ctx, &l3, service::End::Destination, t.nat.addr, t.nat.port)?;
     let l3 = L3 {
         daddr: t.nat.addr,
         dport: t.nat.port,
@@ -162,7 +162,7 @@ fn try_from_pod(ctx: &TcContext, flow: &mut FlowEvent) -> Result<Pass, DropReaso
     };
     flow.daddr = l3.daddr;
     flow.dport = l3.dport;
-    let (pass, _) = admit(&ep, direction::EGRESS, &l3, l3.daddr, 0, flow, ct_flags::SERVICE)?;
+    let (pass, _) = admit(&ep, direction::EGRESS, &l3, l3.daddr, 0, flow, ct_flags::service(t.nat.service_id))?;
     if t.new {
         service::record(&t)?;
     }
@@ -182,9 +182,10 @@ fn try_to_pod(ctx: &TcContext, flow: &mut FlowEvent) -> Result<Pass, DropReason>
     let mark = unsafe { (*ctx.skb.skb).mark };
     let (pass, reply_flags) = admit(&ep, direction::INGRESS, &l3, l3.saddr, mark, flow, 0)?;
     // A reply on a connection this pod made to a Service: give it the VIP back.
-    if reply_flags & ct_flags::SERVICE != 0 {
-        if let Some(vip) = service::reverse(&l3) {
-            service::rewrite(ctx, &l3, service::End::Source, &vip)?;
+    let index = ct_flags::rev_nat_index(reply_flags);
+    if index != 0 {
+        if let Some(vip) = service::reverse(index) {
+            service::rewrite(ctx, &l3, service::End::Source, vip.vip, vip.port)?;
         }
     }
     Ok(pass)

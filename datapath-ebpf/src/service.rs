@@ -1,8 +1,10 @@
 //! ClusterIP translation (Cilium's lb4 is the model): a Service port's header and backend
 //! slots in one hash map, backends in another, and each connection's choice in an LRU map
-//! beside conntrack, so that every later packet goes to the same backend and replies get
-//! the VIP back. Per packet: one header lookup, then one translation lookup; a new
-//! connection adds one slot and one backend lookup (two more with ClientIP affinity).
+//! beside conntrack, so that every later packet goes to the same backend. Replies find the
+//! VIP through the reverse-NAT index their conntrack entry carries (one static entry per
+//! Service port, no per-connection record). Per packet: one header lookup, then one
+//! translation lookup; a new connection adds one slot and one backend lookup (two more with
+//! ClientIP affinity) and one LRU insert. See datapath-ebpf/SERVICES.md.
 
 use aya_ebpf::{
     bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR},
@@ -12,8 +14,8 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use bulkhead_common::{
-    backend_slot, capacity, direction, proto, service_flags, AffinityKey, AffinityValue, Backend, CtKey, DropReason, LbNat, ServiceKey,
-    ServiceValue,
+    backend_slot, capacity, direction, proto, service_flags, AffinityKey, AffinityValue, Backend, CtKey, DropReason, LbNat, RevNat,
+    ServiceKey, ServiceValue,
 };
 
 use crate::packet::{IP_CHECK_OFF, IP_DADDR_OFF, IP_SADDR_OFF, L3, TCP_CHECK_OFF, UDP_CHECK_OFF};
@@ -27,6 +29,9 @@ static BACKENDS: HashMap<u32, Backend> = HashMap::pinned(capacity::BACKENDS, 0);
 
 #[map(name = "bh_lbnat_v1")]
 static LB_NAT: LruHashMap<CtKey, LbNat> = LruHashMap::pinned(capacity::LB_NAT, 0);
+
+#[map(name = "bh_lbrev_v1")]
+static REV_NAT: HashMap<u32, RevNat> = HashMap::pinned(capacity::REV_NAT, 0);
 
 #[map(name = "bh_lbaff_v1")]
 static AFFINITY: LruHashMap<AffinityKey, AffinityValue> = LruHashMap::pinned(capacity::AFFINITY, 0);
@@ -129,43 +134,17 @@ fn pick(header: &ServiceValue, skey: &mut ServiceKey, l3: &L3, now: u64) -> Resu
     Ok(id)
 }
 
-/// Stores a new connection's translation: forward (client→VIP) and reverse (the backend's
-/// reply tuple at the client's `to_pod`).
+/// Stores a new connection's translation, for its later packets.
 #[inline(always)]
 pub fn record(t: &Translation) -> Result<(), DropReason> {
-    LB_NAT.insert(t.key, t.nat, 0).map_err(|_| DropReason::CtInsertFailed)?;
-    let reply = CtKey {
-        saddr: t.nat.addr,
-        daddr: t.key.saddr,
-        sport: t.nat.port,
-        dport: t.key.sport,
-        protocol: t.key.protocol,
-        direction: direction::INGRESS,
-        _pad: [0; 2],
-    };
-    let back = LbNat {
-        addr: t.key.daddr,
-        port: t.key.dport,
-        ..t.nat
-    };
-    LB_NAT.insert(reply, back, 0).map_err(|_| DropReason::CtInsertFailed)
+    LB_NAT.insert(t.key, t.nat, 0).map_err(|_| DropReason::CtInsertFailed)
 }
 
-/// For a reply on a translated connection at the client's `to_pod`: the VIP and port to
-/// put back as its source.
+/// The VIP and port a reply on a connection with reverse-NAT index `index` gets back.
 #[inline(always)]
-pub fn reverse(l3: &L3) -> Option<LbNat> {
-    let key = CtKey {
-        saddr: l3.saddr,
-        daddr: l3.daddr,
-        sport: l3.sport,
-        dport: l3.dport,
-        protocol: l3.protocol,
-        direction: direction::INGRESS,
-        _pad: [0; 2],
-    };
+pub fn reverse(index: u32) -> Option<RevNat> {
     // SAFETY: copied out at once.
-    unsafe { LB_NAT.get(key) }.copied()
+    unsafe { REV_NAT.get(index) }.copied()
 }
 
 /// Which end of the packet a rewrite changes.
@@ -177,10 +156,10 @@ pub enum End {
     Source,
 }
 
-/// Rewrites one end's address and port to `to`, fixing the IPv4 and the TCP/UDP checksums
+/// Rewrites one end's address and port to `addr`/`port`, fixing the IPv4 and the TCP/UDP checksums
 /// incrementally (the address is in the L4 pseudo-header, hence `BPF_F_PSEUDO_HDR`).
 #[inline(always)]
-pub fn rewrite(ctx: &TcContext, l3: &L3, end: End, to: &LbNat) -> Result<(), DropReason> {
+pub fn rewrite(ctx: &TcContext, l3: &L3, end: End, addr: [u8; 4], port: [u8; 2]) -> Result<(), DropReason> {
     let (addr_off, port_off, old_addr, old_port) = match end {
         End::Destination => (IP_DADDR_OFF, l3.l4_off + 2, l3.daddr, l3.dport),
         End::Source => (IP_SADDR_OFF, l3.l4_off, l3.saddr, l3.sport),
@@ -192,16 +171,16 @@ pub fn rewrite(ctx: &TcContext, l3: &L3, end: End, to: &LbNat) -> Result<(), Dro
         _ => (l3.l4_off + UDP_CHECK_OFF, u64::from(BPF_F_MARK_MANGLED_0)),
     };
     let from_addr = u64::from(u32::from_ne_bytes(old_addr));
-    let to_addr = u64::from(u32::from_ne_bytes(to.addr));
+    let to_addr = u64::from(u32::from_ne_bytes(addr));
     let from_port = u64::from(u16::from_ne_bytes(old_port));
-    let to_port = u64::from(u16::from_ne_bytes(to.port));
+    let to_port = u64::from(u16::from_ne_bytes(port));
     let fail = |_| DropReason::Malformed;
     ctx.l4_csum_replace(check_off, from_addr, to_addr, u64::from(BPF_F_PSEUDO_HDR) | mangled | 4)
         .map_err(fail)?;
-    if old_port != to.port {
+    if old_port != port {
         ctx.l4_csum_replace(check_off, from_port, to_port, mangled | 2).map_err(fail)?;
-        ctx.store(port_off, &to.port, 0).map_err(fail)?;
+        ctx.store(port_off, &port, 0).map_err(fail)?;
     }
     ctx.l3_csum_replace(IP_CHECK_OFF, from_addr, to_addr, 4).map_err(fail)?;
-    ctx.store(addr_off, &to.addr, 0).map_err(fail)
+    ctx.store(addr_off, &addr, 0).map_err(fail)
 }

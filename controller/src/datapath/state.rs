@@ -3,7 +3,7 @@
 use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
 
-use bulkhead_common::{Backend, EndpointInfo, IpcacheValue, PolicyKey, PolicyValue, ServiceKey, ServiceValue};
+use bulkhead_common::{Backend, EndpointInfo, IpcacheValue, PolicyKey, PolicyValue, RevNat, ServiceKey, ServiceValue};
 
 /// Exactly what the eBPF maps must hold.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -20,4 +20,7 @@ pub struct DatapathState {
     pub services: BTreeMap<ServiceKey, ServiceValue>,
     /// Backend id → address and port, for every id a slot names.
     pub backends: BTreeMap<u32, Backend>,
+    /// Service id → the VIP and port replies get back, for every `service_id` a header
+    /// names (1..=`MAX_SERVICE_ID`).
+    pub rev_nat: BTreeMap<u32, RevNat>,
 }

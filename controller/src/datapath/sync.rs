@@ -6,7 +6,7 @@ use std::net::Ipv4Addr;
 
 use aya::maps::lpm_trie::{Key, LpmTrie};
 use aya::maps::{HashMap, MapData, MapError};
-use bulkhead_common::{Backend, EndpointInfo, IpcacheValue, Ipv4Key, PolicyKey, PolicyValue, ServiceKey, ServiceValue};
+use bulkhead_common::{Backend, EndpointInfo, IpcacheValue, Ipv4Key, PolicyKey, PolicyValue, RevNat, ServiceKey, ServiceValue};
 
 use crate::datapath::DatapathState;
 
@@ -71,6 +71,16 @@ pub trait MapWriter {
         let _ = id;
         Err(MapsError::Unsupported { map: "backends" })
     }
+    /// Inserts or replaces a reverse-NAT entry.
+    fn set_rev_nat(&mut self, id: u32, value: &RevNat) -> Result<(), MapsError> {
+        let _ = (id, value);
+        Err(MapsError::Unsupported { map: "rev_nat" })
+    }
+    /// Removes a reverse-NAT entry.
+    fn remove_rev_nat(&mut self, id: u32) -> Result<(), MapsError> {
+        let _ = id;
+        Err(MapsError::Unsupported { map: "rev_nat" })
+    }
 }
 
 /// How many writes a sync made.
@@ -86,8 +96,8 @@ pub struct SyncStats {
 ///
 /// Order keeps the datapath fail-closed and consistent at every step: identities and
 /// policy entries go in before the endpoint that uses them, and an endpoint goes out
-/// before its entries. Services: backends go in before the slots that name them, slots
-/// before the header that counts them, and out in the reverse order, so a new connection
+/// before its entries. Services: backends and reverse-NAT entries go in before the slots
+/// that name them, slots before the header that counts them, and out in the reverse order, so a new connection
 /// is never sent to a slot not yet written or a backend already removed. On error `old`
 /// no longer describes the maps; callers resync.
 pub fn sync(w: &mut (impl MapWriter + ?Sized), old: &DatapathState, new: &DatapathState) -> Result<SyncStats, MapsError> {
@@ -131,6 +141,10 @@ fn sync_services(
         w.set_backend(*id, v)?;
         stats.upserts += 1;
     }
+    for (id, v) in upserted(&old.rev_nat, &new.rev_nat) {
+        w.set_rev_nat(*id, v)?;
+        stats.upserts += 1;
+    }
     // Slots, then headers: a header's count never covers a slot not yet written.
     for header in [false, true] {
         for (k, v) in upserted(&old.services, &new.services).filter(|(k, _)| (k.slot == 0) == header) {
@@ -147,6 +161,12 @@ fn sync_services(
     }
     for (id, _) in removed(&old.backends, &new.backends) {
         w.remove_backend(*id)?;
+        stats.removals += 1;
+    }
+    // Last: replies of connections still open to a removed Service keep their VIP as long
+    // as anything else of it is left.
+    for (id, _) in removed(&old.rev_nat, &new.rev_nat) {
+        w.remove_rev_nat(*id)?;
         stats.removals += 1;
     }
     Ok(())
@@ -172,6 +192,8 @@ pub struct BpfMaps {
     pub services: HashMap<MapData, ServiceKey, ServiceValue>,
     /// `bh_be_v1`.
     pub backends: HashMap<MapData, u32, Backend>,
+    /// `bh_lbrev_v1`.
+    pub rev_nat: HashMap<MapData, u32, RevNat>,
 }
 
 impl BpfMaps {
@@ -198,6 +220,10 @@ impl BpfMaps {
         for item in self.backends.iter() {
             let (k, v) = item.map_err(map_err("iterate", "backends"))?;
             s.backends.insert(k, v);
+        }
+        for item in self.rev_nat.iter() {
+            let (k, v) = item.map_err(map_err("iterate", "rev_nat"))?;
+            s.rev_nat.insert(k, v);
         }
         Ok(s)
     }
@@ -252,6 +278,12 @@ impl MapWriter for BpfMaps {
     }
     fn remove_backend(&mut self, id: u32) -> Result<(), MapsError> {
         absent_ok(self.backends.remove(&id)).map_err(map_err("remove", "backends"))
+    }
+    fn set_rev_nat(&mut self, id: u32, value: &RevNat) -> Result<(), MapsError> {
+        self.rev_nat.insert(id, value, 0).map_err(map_err("insert", "rev_nat"))
+    }
+    fn remove_rev_nat(&mut self, id: u32) -> Result<(), MapsError> {
+        absent_ok(self.rev_nat.remove(&id)).map_err(map_err("remove", "rev_nat"))
     }
 }
 
@@ -330,6 +362,16 @@ impl MapWriter for MemoryMaps {
         self.state.backends.remove(&id);
         Ok(())
     }
+    fn set_rev_nat(&mut self, id: u32, value: &RevNat) -> Result<(), MapsError> {
+        self.log.push(format!("set rev_nat {id}"));
+        self.state.rev_nat.insert(id, *value);
+        Ok(())
+    }
+    fn remove_rev_nat(&mut self, id: u32) -> Result<(), MapsError> {
+        self.log.push(format!("remove rev_nat {id}"));
+        self.state.rev_nat.remove(&id);
+        Ok(())
+    }
 }
 
 #[cfg(test)]
@@ -386,6 +428,12 @@ mod tests {
             ..Default::default()
         };
         s.services.insert(ServiceKey::new(vip, 53, proto::UDP, 0), header);
+        let rev = RevNat {
+            vip,
+            port: 53u16.to_be_bytes(),
+            _pad: [0; 2],
+        };
+        s.rev_nat.insert(5, rev);
         for (i, &id) in backends.iter().enumerate() {
             let slot = ServiceValue {
                 backend_id: id,
@@ -414,6 +462,7 @@ mod tests {
                 "set backend 1",
                 "set backend 2",
                 "set backend 3",
+                "set rev_nat 5",
                 "set service 10.96.0.10:53/17 slot 1",
                 "set service 10.96.0.10:53/17 slot 2",
                 "set service 10.96.0.10:53/17 slot 3",
@@ -435,6 +484,10 @@ mod tests {
             ]
         );
         assert_eq!(m.state, two);
+        m.log.clear();
+        sync(&mut m, &two, &DatapathState::default()).unwrap();
+        assert_eq!(m.log.first().map(String::as_str), Some("remove service 10.96.0.10:53/17 slot 0"));
+        assert_eq!(m.log.last().map(String::as_str), Some("remove rev_nat 5"));
     }
 
     #[test]
