@@ -492,6 +492,53 @@ fn new_connections_spread_over_every_backend_and_each_keeps_its_own() {
 }
 
 #[test]
+fn a_removed_backend_gets_no_new_connection_and_the_others_keep_theirs() {
+    let mut f = fixture("churn", 0);
+    let before = f.dp.maps.read_state().unwrap();
+    // Open connections until each backend has one.
+    let mut open: BTreeMap<Ipv4Addr, u16> = BTreeMap::new();
+    for sport in 32000..32300u16 {
+        let out = f.run(
+            program_names::FROM_POD,
+            &client_tcp(sport, VIP_THREE, SERVICE_PORT, SYN),
+            DropReason::Forwarded,
+        );
+        open.entry(out.dst().0).or_insert(sport);
+    }
+    assert_eq!(open.len(), 3);
+    // Backend 2 leaves VIP_THREE as the compiler would write it: backend 3 moves into slot
+    // 2, the count drops to 2 (backend 2 stays: VIP_DENIED still names it).
+    let mut after = before.clone();
+    let three = |slot| ServiceKey::new(VIP_THREE.octets(), SERVICE_PORT, proto::TCP, slot);
+    after.services.get_mut(&three(0)).unwrap().backend_count = 2;
+    after.services.get_mut(&three(2)).unwrap().backend_id = 3;
+    after.services.remove(&three(3));
+    bulkhead::datapath::sync::sync(&mut f.dp.maps, &before, &after).unwrap();
+    assert_eq!(f.dp.maps.read_state().unwrap(), after);
+    for sport in 33000..33200u16 {
+        let out = f.run(
+            program_names::FROM_POD,
+            &client_tcp(sport, VIP_THREE, SERVICE_PORT, SYN),
+            DropReason::Forwarded,
+        );
+        assert_ne!(
+            out.dst().0,
+            backend_ip(2),
+            "new connection from port {sport} to the removed backend"
+        );
+    }
+    // Established connections to the remaining backends keep them.
+    for ip in [backend_ip(1), backend_ip(3)] {
+        let out = f.run(
+            program_names::FROM_POD,
+            &client_tcp(open[&ip], VIP_THREE, SERVICE_PORT, ACK),
+            DropReason::Forwarded,
+        );
+        assert_eq!(out.dst().0, ip);
+    }
+}
+
+#[test]
 fn client_ip_affinity_holds_a_client_to_one_backend() {
     let mut f = fixture("sticky", 0);
     let mut seen = std::collections::BTreeSet::new();
