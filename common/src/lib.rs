@@ -109,6 +109,12 @@ pub const KUBE_PROXY_MASQ_MARK: u32 = 1 << 14;
 /// Calico's upper half.
 pub const SNAT_MARK: u32 = 1 << 12;
 
+/// The skb mark bit `from_pod` sets on a reply it crafts itself and sends back to the pod
+/// (the TCP RST for a Service port without backends): `to_pod` delivers it without
+/// conntrack or policy. Pods cannot forge it: the kernel clears the mark when a packet
+/// crosses network namespaces (`skb_scrub_packet`). Bit 13: clear of the other marks above.
+pub const GENERATED_REPLY_MARK: u32 = 1 << 13;
+
 /// Mark bits that say the node forwarded the packet for someone else under its own address.
 pub const MASQUERADED_MARKS: u32 = KUBE_PROXY_MASQ_MARK | SNAT_MARK;
 

@@ -12,7 +12,7 @@ mod service;
 
 use aya_ebpf::{
     bindings::{TC_ACT_OK, TC_ACT_SHOT},
-    helpers::bpf_ktime_get_ns,
+    helpers::{bpf_ktime_get_ns, bpf_redirect},
     macros::{classifier, map},
     maps::{lpm_trie::Key, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf},
     programs::TcContext,
@@ -20,7 +20,7 @@ use aya_ebpf::{
 use bulkhead_common::{
     capacity, counter_index, ct_flags, ct_lifetime_ns, direction, endpoint_flags, identity, remote_lookup_prefix, rule_id, verdict,
     Counter, CtEntry, CtKey, DropReason, EndpointInfo, FlowEvent, IpcacheValue, Ipv4Key, PolicyKey, PolicyValue, COUNTER_SLOTS,
-    CT_CLOSING_LIFETIME_NS, CT_REFRESH_NS, POLICY_PREFIX_FULL,
+    CT_CLOSING_LIFETIME_NS, CT_REFRESH_NS, GENERATED_REPLY_MARK, POLICY_PREFIX_FULL,
 };
 use packet::{Headers, L3};
 
@@ -54,6 +54,9 @@ enum Pass {
     Quiet,
     /// The first packet of a new flow, with its verdict (`FORWARDED` or `AUDIT`).
     NewFlow(u8),
+    /// Refused for this reason, and turned into the refusal (a TCP RST) sent back to the
+    /// pod through its veth: counted and reported as a drop, redirected rather than shot.
+    Refused(DropReason),
 }
 
 #[classifier]
@@ -76,7 +79,7 @@ fn finish(ctx: &TcContext, dir: u8, result: Result<Pass, DropReason>, flow: &mut
     let (reason, report) = match result {
         Ok(Pass::Quiet) => (DropReason::Forwarded, None),
         Ok(Pass::NewFlow(v)) => (DropReason::Forwarded, Some(v)),
-        Err(reason) => (reason, Some(verdict::DROPPED)),
+        Ok(Pass::Refused(reason)) | Err(reason) => (reason, Some(verdict::DROPPED)),
     };
     if let Some(counter) = COUNTERS.get_ptr_mut(counter_index(reason, dir)) {
         // SAFETY: a per-CPU slot is only written by this CPU, and softirq context does not
@@ -101,8 +104,16 @@ fn finish(ctx: &TcContext, dir: u8, result: Result<Pass, DropReason>, flow: &mut
             }
         }
     }
-    match reason {
-        DropReason::Forwarded => TC_ACT_OK,
+    match (reason, result) {
+        (DropReason::Forwarded, _) => TC_ACT_OK,
+        (_, Ok(Pass::Refused(_))) => {
+            // SAFETY: the context pointer is valid for the program's whole run.
+            let ifindex = unsafe { (*ctx.skb.skb).ifindex };
+            ctx.set_mark(GENERATED_REPLY_MARK);
+            // SAFETY: bpf_redirect has no preconditions; it returns TC_ACT_REDIRECT (or
+            // TC_ACT_SHOT for flags it does not know: none are passed).
+            unsafe { bpf_redirect(ifindex, 0) as i32 }
+        }
         _ => TC_ACT_SHOT,
     }
 }
@@ -149,7 +160,16 @@ fn try_from_pod(ctx: &TcContext, flow: &mut FlowEvent) -> Result<Pass, DropReaso
     }
     // SAFETY: bpf_ktime_get_ns has no preconditions.
     let now = unsafe { bpf_ktime_get_ns() };
-    let Some(t) = service::forward(&l3, now)? else {
+    let t = match service::forward(&l3, now) {
+        // A connect to a Service port without backends fails at once, as kube-proxy's
+        // REJECT does. TODO(issue 11): ICMP port unreachable for UDP.
+        Err(DropReason::NoServiceBackend) if l3.tcp_syn => {
+            service::reset(ctx, &l3)?;
+            return Ok(Pass::Refused(DropReason::NoServiceBackend));
+        }
+        other => other?,
+    };
+    let Some(t) = t else {
         return admit(&ep, direction::EGRESS, &l3, l3.daddr, 0, flow, 0).map(|(pass, _)| pass);
     };
     // From here the flow is the client's to the backend: conntrack keys on that tuple and
@@ -180,6 +200,10 @@ fn try_to_pod(ctx: &TcContext, flow: &mut FlowEvent) -> Result<Pass, DropReason>
     }
     // SAFETY: the context pointer is valid for the program's whole run.
     let mark = unsafe { (*ctx.skb.skb).mark };
+    // Our own refusal, sent back by this pod's from_pod (the mark cannot come from a pod).
+    if mark & GENERATED_REPLY_MARK != 0 {
+        return Ok(Pass::Quiet);
+    }
     let (pass, reply_flags) = admit(&ep, direction::INGRESS, &l3, l3.saddr, mark, flow, 0)?;
     // A reply on a connection this pod made to a Service: give it the VIP back.
     let index = ct_flags::rev_nat_index(reply_flags);

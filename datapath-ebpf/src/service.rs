@@ -147,6 +147,44 @@ pub fn reverse(index: u32) -> Option<RevNat> {
     unsafe { REV_NAT.get(index) }.copied()
 }
 
+const TCP_RST_ACK: u8 = 0x14;
+
+/// Turns a TCP SYN into the RST|ACK its destination would answer with (RFC 9293 3.10.7.1:
+/// seq 0, ack = SEG.SEQ + SEG.LEN) in place: ends swapped (which leaves both checksums
+/// as they are: a ones' complement sum does not depend on order), seq, ack and flags
+/// changed with incremental checksum updates. The caller redirects it back to the pod.
+#[inline(always)]
+pub fn reset(ctx: &TcContext, l3: &L3) -> Result<(), DropReason> {
+    let fail = |_| DropReason::Malformed;
+    let l4 = l3.l4_off;
+    let eth: [u8; 12] = ctx.load(0).map_err(fail)?;
+    let tot_len: [u8; 2] = ctx.load(IP_CHECK_OFF - 8).map_err(fail)?;
+    let seq: [u8; 4] = ctx.load(l4 + 4).map_err(fail)?;
+    let old_ack: [u8; 4] = ctx.load(l4 + 8).map_err(fail)?;
+    let off_flags: [u8; 2] = ctx.load(l4 + 12).map_err(fail)?;
+    let ihl = l4 - crate::packet::ETH_HLEN;
+    let doff = usize::from(off_flags[0] >> 4) * 4;
+    // SYN counts one, then any payload it carries.
+    let payload = usize::from(u16::from_be_bytes(tot_len)).saturating_sub(ihl + doff) as u32;
+    let ack = u32::from_be_bytes(seq).wrapping_add(1).wrapping_add(payload).to_be_bytes();
+    let new_off_flags = [off_flags[0], TCP_RST_ACK];
+    let check = l4 + TCP_CHECK_OFF;
+    let word = |b: [u8; 4]| u64::from(u32::from_ne_bytes(b));
+    ctx.l4_csum_replace(check, word(seq), 0, 4).map_err(fail)?;
+    ctx.l4_csum_replace(check, word(old_ack), word(ack), 4).map_err(fail)?;
+    let half = |b: [u8; 2]| u64::from(u16::from_ne_bytes(b));
+    ctx.l4_csum_replace(check, half(off_flags), half(new_off_flags), 2).map_err(fail)?;
+    ctx.store(l4 + 4, &[0u8; 4], 0).map_err(fail)?;
+    ctx.store(l4 + 8, &ack, 0).map_err(fail)?;
+    ctx.store(l4 + 12, &new_off_flags, 0).map_err(fail)?;
+    ctx.store(l4, &[l3.dport, l3.sport], 0).map_err(fail)?;
+    ctx.store(IP_SADDR_OFF, &[l3.daddr, l3.saddr], 0).map_err(fail)?;
+    let mut swapped = [0u8; 12];
+    swapped[..6].copy_from_slice(&eth[6..]);
+    swapped[6..].copy_from_slice(&eth[..6]);
+    ctx.store(0, &swapped, 0).map_err(fail)
+}
+
 /// Which end of the packet a rewrite changes.
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub enum End {
