@@ -14,7 +14,7 @@ echo "== pods"
 $BH lab pods -o json
 for port in 80 8080 5432 9090; do
   echo
-  echo "== probe TCP/$port (. allowed, X denied)"
+  echo "== probe TCP/$port (. connected, X dropped by policy, r refused: nothing listens)"
   $BH lab probe --port "$port"
 done
 echo

@@ -3,7 +3,8 @@
 //! The agent is a pipeline; each stage is a module and depends only on the stages before
 //! it: [`source`] → [`model`] → [`policy`] → [`datapath`], with [`flows`] and [`metrics`]
 //! reading what the datapath reports; [`routing`] makes other nodes' pod CIDRs reachable
-//! (natively or over VXLAN). [`agent`] wires them together; [`cli`] and [`lab`]
+//! (natively or over VXLAN); [`services`] turns the model's Services and EndpointSlices into
+//! the service table the datapath translates ClusterIPs from. [`agent`] wires them together; [`cli`] and [`lab`]
 //! talk to agents through their socket (`bulkhead_api`). ARCHITECTURE.md at the root of
 //! the repository has the map.
 
@@ -18,6 +19,7 @@ pub mod model;
 pub mod nat;
 pub mod policy;
 pub mod routing;
+pub mod services;
 pub mod source;
 
 /// The error and its causes, one line.

@@ -19,6 +19,7 @@ use bulkhead::datapath::Datapath;
 use bulkhead::datapath::DatapathState;
 use bulkhead::model::{self, Cluster};
 use bulkhead::policy::{Compiler, LocalEndpoint};
+use bulkhead::services::ServiceTable;
 use bulkhead::source::kubernetes::{KubeSource, KubeSourceOptions};
 use bulkhead::source::Source;
 use bulkhead_api::{AgentStatus, Request, Response};
@@ -32,6 +33,8 @@ const NAMESPACES: &str = "/api/v1/namespaces";
 const PODS: &str = "/api/v1/pods";
 const POLICIES: &str = "/apis/networking.k8s.io/v1/networkpolicies";
 const NODES: &str = "/api/v1/nodes";
+const SERVICES: &str = "/api/v1/services";
+const SLICES: &str = "/apis/discovery.k8s.io/v1/endpointslices";
 
 fn recorded(name: &str) -> String {
     let path = format!("{}/tests/kube-recorded/{name}", env!("CARGO_MANIFEST_DIR"));
@@ -111,7 +114,7 @@ impl Drop for FakeApi {
 }
 
 impl FakeApi {
-    /// A server answering the four resources: lists from `lists`, quiet watches, unless
+    /// A server answering the six resources: lists from `lists`, quiet watches, unless
     /// scripted otherwise with [`FakeApi::script`].
     async fn start() -> FakeApi {
         FakeApi::start_in(None).await
@@ -154,7 +157,9 @@ impl FakeApi {
         api.script(PODS, false, vec![list("pods-list.json")]);
         api.script(POLICIES, false, vec![list("networkpolicies-list.json")]);
         api.script(NODES, false, vec![list("nodes-list.json")]);
-        for path in [NAMESPACES, PODS, POLICIES, NODES] {
+        api.script(SERVICES, false, vec![list("services-list.json")]);
+        api.script(SLICES, false, vec![list("endpointslices-list.json")]);
+        for path in [NAMESPACES, PODS, POLICIES, NODES, SERVICES, SLICES] {
             api.script(path, true, vec![quiet_watch()]);
         }
         api
@@ -320,7 +325,7 @@ async fn initial_lists_build_the_model_and_nothing_is_served_before() {
     api.script(PODS, false, vec![Reply::Held(Box::new(list("pods-list.json")))]);
     let mut source = api.source(KubeSourceOptions::default());
 
-    until("the other lists", 10, || (api.requests("list").len() >= 4).then_some(())).await;
+    until("the other lists", 10, || (api.requests("list").len() >= 6).then_some(())).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert!(!source.synced(), "synced before the pod list arrived");
     assert!(source.poll(true).unwrap().is_none(), "served a model before the first full sync");
@@ -373,6 +378,188 @@ async fn initial_lists_build_the_model_and_nothing_is_served_before() {
     assert!(cluster.node("node-c").unwrap().route().is_none());
     // Nothing changed since: no new model.
     assert!(source.poll(false).unwrap().is_none());
+}
+
+/// The service table, one line per `{vip, port, protocol}`: the Service and port name,
+/// session affinity, every backend (`ip:port`, `R` ready, `S` serving, `T` terminating, its
+/// pod) and, after `|`, the backends new connections go to.
+fn service_table(cluster: &Cluster) -> Vec<String> {
+    ServiceTable::from_cluster(cluster)
+        .iter()
+        .map(|(k, e)| {
+            let flag = |on: bool, c: char| if on { c } else { '-' };
+            let all: Vec<String> = e
+                .backends
+                .iter()
+                .map(|b| {
+                    let pod = b.pod.as_ref().map(|p| p.to_string()).unwrap_or_else(|| "-".into());
+                    format!(
+                        "{}:{} {}{}{} {pod}",
+                        b.ip,
+                        b.port,
+                        flag(b.ready, 'R'),
+                        flag(b.serving, 'S'),
+                        flag(b.terminating, 'T')
+                    )
+                })
+                .collect();
+            let selected: Vec<String> = e.selected().iter().map(|b| format!("{}:{}", b.ip, b.port)).collect();
+            format!(
+                "{}:{}/{} {}[{}] {:?} -> {} | {}",
+                k.vip,
+                k.port,
+                k.protocol,
+                e.service,
+                e.port_name,
+                e.affinity,
+                all.join(", "),
+                selected.join(" ")
+            )
+        })
+        .collect()
+}
+
+/// The service table of the recorded lists: `web`'s named targetPort resolves to 8080 in one
+/// slice (with a terminating pod, not selected while others are ready) and 8081 in another;
+/// `dns`'s two slices merge; the hand-written slice of `external` has no pod; the headless
+/// `db` has no entry.
+const LISTED_SERVICES: [&str; 4] = [
+    "10.96.0.10:53/TCP prod/dns[dns-tcp] ClientIp { timeout_seconds: 10800 } -> \
+     10.244.1.20:53 RS- prod/dns-1, 10.244.2.20:53 RS- prod/dns-2 | 10.244.1.20:53 10.244.2.20:53",
+    "10.96.0.10:53/UDP prod/dns[dns] ClientIp { timeout_seconds: 10800 } -> \
+     10.244.1.20:53 RS- prod/dns-1, 10.244.2.20:53 RS- prod/dns-2 | 10.244.1.20:53 10.244.2.20:53",
+    "10.96.0.20:80/TCP prod/web[http] None -> \
+     10.244.1.5:8080 RS- prod/web, 10.244.2.5:8080 -ST prod/web-old, 10.244.2.8:8081 RS- prod/web-canary \
+     | 10.244.1.5:8080 10.244.2.8:8081",
+    "10.96.0.30:5432/TCP prod/external[] None -> 192.0.2.10:5432 RS- - | 192.0.2.10:5432",
+];
+
+fn slice_names(cluster: &Cluster) -> Vec<String> {
+    cluster.endpoint_slices().map(|s| format!("{}/{}", s.namespace, s.name)).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn services_and_endpoint_slices_reach_the_model_and_the_service_table() {
+    let api = FakeApi::start().await;
+    api.script(SLICES, false, vec![Reply::Held(Box::new(list("endpointslices-list.json")))]);
+    let mut source = api.source(KubeSourceOptions::default());
+    until("the other lists", 10, || (api.requests("list").len() >= 6).then_some(())).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(source.poll(true).unwrap().is_none(), "served a model before the slices were listed");
+    api.release();
+    let cluster = until("the first sync", 10, || source.poll(false).unwrap()).await;
+    let services: Vec<String> = cluster.services().map(|s| s.namespaced_name().to_string()).collect();
+    assert_eq!(services, ["prod/db", "prod/dns", "prod/external", "prod/web"]);
+    // The IPv6 slice is not for the IPv4 datapath; the undecodable one is skipped.
+    assert_eq!(
+        slice_names(&cluster),
+        [
+            "prod/db-m3n8v",
+            "prod/dns-k2x7p",
+            "prod/dns-q9w4z",
+            "prod/external-1",
+            "prod/web-abcde",
+            "prod/web-fghij"
+        ]
+    );
+    let web = cluster.service("prod", "web").unwrap();
+    assert_eq!(web.cluster_ip, model::ClusterIp::Ipv4(Ipv4Addr::new(10, 96, 0, 20)));
+    assert_eq!(web.ports[0].target_port, model::TargetPort::Name("http".into()));
+    assert_eq!(cluster.service("prod", "db").unwrap().cluster_ip, model::ClusterIp::Headless);
+    assert!(cluster.service("prod", "external").unwrap().selector.is_none());
+    assert_eq!(cluster.endpoint_slices_of("prod", "web").count(), 2);
+    assert_eq!(
+        service_table(&cluster),
+        LISTED_SERVICES.map(|l| l.split_whitespace().collect::<Vec<_>>().join(" "))
+    );
+    // Services and slices do not invent namespaces the namespace list lacks.
+    assert_eq!(cluster.namespaces().keys().collect::<Vec<_>>(), ["dev", "prod"]);
+    for path in [SERVICES, SLICES] {
+        assert!(
+            !api.requests(&format!("list {path}"))[0].contains("Selector"),
+            "all of them are watched"
+        );
+    }
+    assert!(source.poll(false).unwrap().is_none());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn service_and_endpoint_slice_watch_events_update_the_service_table() {
+    let api = FakeApi::start().await;
+    api.script(SLICES, true, vec![events("endpointslices-watch-events.jsonl"), quiet_watch()]);
+    api.script(SERVICES, true, vec![events("services-watch-events.jsonl"), quiet_watch()]);
+    let mut source = api.source(KubeSourceOptions::default());
+    // The last events delete dns-q9w4z and the external Service.
+    let cluster = until("the watch events", 10, || {
+        source
+            .poll(false)
+            .unwrap()
+            .filter(|c| c.endpoint_slices_of("prod", "dns").count() == 1 && c.service("prod", "external").is_none())
+    })
+    .await;
+    let want = [
+        "10.96.0.10:53/TCP prod/dns[dns-tcp] ClientIp { timeout_seconds: 10800 } -> 10.244.1.20:53 RS- prod/dns-1 | 10.244.1.20:53",
+        "10.96.0.10:53/UDP prod/dns[dns] ClientIp { timeout_seconds: 10800 } -> 10.244.1.20:53 RS- prod/dns-1 | 10.244.1.20:53",
+        // The terminating pod is gone, the new one is not ready yet; affinity came by watch.
+        "10.96.0.20:80/TCP prod/web[http] ClientIp { timeout_seconds: 60 } -> \
+         10.244.1.5:8080 RS- prod/web, 10.244.1.6:8080 --- prod/web-new, 10.244.2.8:8081 RS- prod/web-canary \
+         | 10.244.1.5:8080 10.244.2.8:8081",
+    ];
+    assert_eq!(
+        service_table(&cluster),
+        want.map(|l| l.split_whitespace().collect::<Vec<_>>().join(" "))
+    );
+    for path in [SERVICES, SLICES] {
+        let watch = &api.requests(&format!("watch {path}"))[0];
+        assert!(
+            watch.contains("resourceVersion=100") && watch.contains("allowWatchBookmarks=true"),
+            "{watch}"
+        );
+    }
+    assert_eq!(source.failures(), 0);
+    assert!(source.poll(false).unwrap().is_none());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_410_gone_relists_the_endpoint_slices() {
+    let api = FakeApi::start().await;
+    api.script(
+        SLICES,
+        false,
+        vec![list("endpointslices-list.json"), list("endpointslices-list-relisted.json")],
+    );
+    api.script(SLICES, true, vec![events("endpointslices-watch-gone.jsonl"), quiet_watch()]);
+    let mut source = api.source(KubeSourceOptions::default());
+    let cluster = until("the re-list", 15, || {
+        source
+            .poll(false)
+            .unwrap()
+            .filter(|c| c.endpoint_slices_of("prod", "dns").count() == 1)
+    })
+    .await;
+    assert_eq!(
+        slice_names(&cluster),
+        [
+            "prod/db-m3n8v",
+            "prod/dns-k2x7p",
+            "prod/external-1",
+            "prod/web-abcde",
+            "prod/web-fghij"
+        ]
+    );
+    let table = service_table(&cluster);
+    assert_eq!(
+        table[2],
+        "10.96.0.20:80/TCP prod/web[http] None -> 10.244.1.5:8080 RS- prod/web, 10.244.2.8:8081 RS- prod/web-canary \
+         | 10.244.1.5:8080 10.244.2.8:8081"
+            .split_whitespace()
+            .collect::<Vec<_>>()
+            .join(" ")
+    );
+    assert_eq!(api.requests(&format!("list {SLICES}")).len(), 2);
+    let resumed = api.requests(&format!("watch {SLICES}")).last().cloned().unwrap();
+    assert!(resumed.contains("resourceVersion=300"), "{resumed}");
+    assert!(source.failures() >= 1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -93,7 +93,7 @@ fn cluster(policies: &str, tiers: &[Option<&str>], audit_namespaces: &[bool]) ->
         let (meta, is_namespace) = match o {
             Object::Namespace(x) => (&mut x.metadata, true),
             Object::Pod(x) => (&mut x.metadata, false),
-            Object::NetworkPolicy(_) | Object::Node(_) => continue,
+            Object::NetworkPolicy(_) | Object::Node(_) | Object::Service(_) | Object::EndpointSlice(_) => continue,
         };
         if let Some(Some(t)) = tiers.get(n) {
             meta.labels.get_or_insert_with(BTreeMap::new).insert("tier".into(), (*t).into());

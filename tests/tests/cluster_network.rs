@@ -359,3 +359,33 @@ fn a_restarted_agent_keeps_its_routes_and_drops_a_node_gone_meanwhile() {
     lab.ok(&["down"]);
     lab.assert_gone(&id);
 }
+
+/// The lab builds machines and an underlay, nothing more: with the agents told not to route
+/// (`--routing none`) no node has any route to another node's pod CIDR, so every route the
+/// other tests see is the agents' own work.
+#[test]
+fn the_lab_itself_installs_no_pod_route() {
+    let lab = Lab::new("noroute");
+    lab.ok(&[
+        "up",
+        "--nodes",
+        "2",
+        "--routing",
+        "none",
+        "-f",
+        &lab.file("pods.yaml", &three_by_three()),
+    ]);
+    let all = nodes(&lab);
+    for (name, netns, _, _) in &all {
+        let routes = node_routes(netns);
+        for (other, _, cidr, _) in all.iter().filter(|(o, ..)| o != name) {
+            assert!(
+                !routes.iter().any(|r| r.starts_with(&format!("{cidr} "))),
+                "{netns} routes {other}'s pod CIDR though no agent routes: {routes:?}"
+            );
+        }
+    }
+    let id = lab.id();
+    lab.ok(&["down"]);
+    lab.assert_gone(&id);
+}

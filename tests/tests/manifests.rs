@@ -223,10 +223,17 @@ fn rbac_is_read_only_on_exactly_the_watched_resources() {
             }
         }
     }
-    let expected: BTreeSet<String> = ["/pods", "/namespaces", "/nodes", "networking.k8s.io/networkpolicies"]
-        .into_iter()
-        .map(String::from)
-        .collect();
+    let expected: BTreeSet<String> = [
+        "/pods",
+        "/namespaces",
+        "/nodes",
+        "/services",
+        "discovery.k8s.io/endpointslices",
+        "networking.k8s.io/networkpolicies",
+    ]
+    .into_iter()
+    .map(String::from)
+    .collect();
     assert_eq!(granted, expected);
     // No other RBAC object grants anything.
     let rbac_kinds = objects

@@ -339,7 +339,7 @@ pub fn delete(paths: &LabPaths, state: &mut LabState, objects: &[Object]) -> Res
                 let (ns, name) = pod_key(pod);
                 state.pod(&ns, &name).cloned().into_iter().collect()
             }
-            Object::NetworkPolicy(_) | Object::Node(_) => Vec::new(),
+            Object::NetworkPolicy(_) | Object::Node(_) | Object::Service(_) | Object::EndpointSlice(_) => Vec::new(),
         };
         doomed.extend(victims);
         cluster.delete(&object_ref(object));

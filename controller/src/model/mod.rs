@@ -1,7 +1,9 @@
-//! The cluster model: Namespace, Pod, NetworkPolicy and Node objects parsed from YAML.
+//! The cluster model: Namespace, Pod, NetworkPolicy, Node, Service and EndpointSlice
+//! objects parsed from YAML.
 
 mod parse;
 pub mod selector;
+mod service;
 
 use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
@@ -12,6 +14,11 @@ use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 
 pub use parse::{parse_cidr, parse_documents, validate_network_policy, validate_node, Kind, ModelError, Object, ObjectRef};
+pub use service::{
+    validate_endpoint_slice, validate_service, ClusterIp, EndpointInfo, EndpointPortInfo, EndpointSliceInfo, ServiceInfo, ServicePortInfo,
+    SessionAffinity, TargetPort, ADDRESS_TYPE_IPV4, DEFAULT_AFFINITY_TIMEOUT_SECONDS, HEADLESS, MAX_AFFINITY_TIMEOUT_SECONDS,
+    SERVICE_NAME_LABEL,
+};
 
 /// Namespace of a Pod or NetworkPolicy that names none.
 pub const DEFAULT_NAMESPACE: &str = "default";
@@ -30,6 +37,8 @@ pub struct Cluster {
     pods: BTreeMap<(String, String), Pod>,
     policies: BTreeMap<(String, String), NetworkPolicy>,
     nodes: BTreeMap<String, NodeInfo>,
+    services: BTreeMap<(String, String), ServiceInfo>,
+    endpoint_slices: BTreeMap<(String, String), EndpointSliceInfo>,
 }
 
 /// What routing needs of one Node: where its pods live and how to reach it.
@@ -145,7 +154,8 @@ impl Cluster {
         c
     }
 
-    /// Inserts or replaces an object; a Pod or NetworkPolicy in a missing namespace creates it.
+    /// Inserts or replaces an object; a namespaced object in a missing namespace creates it.
+    /// An EndpointSlice whose address type is not IPv4 is left out (the datapath is IPv4).
     pub fn apply(&mut self, object: Object) {
         match object {
             Object::Namespace(mut ns) => {
@@ -172,6 +182,17 @@ impl Cluster {
                 let info = NodeInfo::from_node(&node);
                 self.nodes.insert(info.name.clone(), info);
             }
+            Object::Service(svc) => {
+                let info = ServiceInfo::from_service(&svc);
+                self.ensure_namespace(&info.namespace);
+                self.services.insert((info.namespace.clone(), info.name.clone()), info);
+            }
+            Object::EndpointSlice(slice) => {
+                if let Some(info) = EndpointSliceInfo::from_slice(&slice) {
+                    self.ensure_namespace(&info.namespace);
+                    self.endpoint_slices.insert((info.namespace.clone(), info.name.clone()), info);
+                }
+            }
         }
     }
 
@@ -181,7 +202,7 @@ impl Cluster {
         }
     }
 
-    /// Removes an object; removing a Namespace removes its pods and policies.
+    /// Removes an object; removing a Namespace removes every object in it.
     /// Returns whether the object existed.
     pub fn delete(&mut self, r: &ObjectRef) -> bool {
         let ns = || r.namespace.clone().unwrap_or_else(|| DEFAULT_NAMESPACE.to_string());
@@ -189,16 +210,21 @@ impl Cluster {
             Kind::Namespace => {
                 self.pods.retain(|(ns, _), _| ns != &r.name);
                 self.policies.retain(|(ns, _), _| ns != &r.name);
+                self.services.retain(|(ns, _), _| ns != &r.name);
+                self.endpoint_slices.retain(|(ns, _), _| ns != &r.name);
                 self.namespaces.remove(&r.name).is_some()
             }
             Kind::Pod => self.pods.remove(&(ns(), r.name.clone())).is_some(),
             Kind::NetworkPolicy => self.policies.remove(&(ns(), r.name.clone())).is_some(),
             Kind::Node => self.nodes.remove(&r.name).is_some(),
+            Kind::Service => self.services.remove(&(ns(), r.name.clone())).is_some(),
+            Kind::EndpointSlice => self.endpoint_slices.remove(&(ns(), r.name.clone())).is_some(),
         }
     }
 
-    /// Every object: namespaces first, then nodes (as [`NodeInfo::to_node`]), pods and
-    /// policies (an order that applies cleanly).
+    /// Every object: namespaces first, then nodes (as [`NodeInfo::to_node`]), pods,
+    /// policies, Services ([`ServiceInfo::to_service`]) and EndpointSlices
+    /// ([`EndpointSliceInfo::to_endpoint_slice`]): an order that applies cleanly.
     pub fn objects(&self) -> Vec<Object> {
         self.namespaces
             .values()
@@ -207,6 +233,8 @@ impl Cluster {
             .chain(self.nodes.values().map(|n| Object::Node(n.to_node())))
             .chain(self.pods.values().cloned().map(Object::Pod))
             .chain(self.policies.values().cloned().map(Object::NetworkPolicy))
+            .chain(self.services.values().map(|s| Object::Service(s.to_service())))
+            .chain(self.endpoint_slices.values().map(|s| Object::EndpointSlice(s.to_endpoint_slice())))
             .collect()
     }
 
@@ -222,6 +250,8 @@ impl Cluster {
                 Object::Pod(x) => serde_yaml_ng::to_string(x),
                 Object::NetworkPolicy(x) => serde_yaml_ng::to_string(x),
                 Object::Node(x) => serde_yaml_ng::to_string(x),
+                Object::Service(x) => serde_yaml_ng::to_string(x),
+                Object::EndpointSlice(x) => serde_yaml_ng::to_string(x),
             };
             out.push_str("---\n");
             match doc {
@@ -255,6 +285,31 @@ impl Cluster {
     /// A node by name.
     pub fn node(&self, name: &str) -> Option<&NodeInfo> {
         self.nodes.get(name)
+    }
+
+    /// Every Service, by namespace then name.
+    pub fn services(&self) -> impl Iterator<Item = &ServiceInfo> {
+        self.services.values()
+    }
+
+    /// A Service by namespace and name.
+    pub fn service(&self, namespace: &str, name: &str) -> Option<&ServiceInfo> {
+        self.services.get(&(namespace.to_string(), name.to_string()))
+    }
+
+    /// Every IPv4 EndpointSlice, by namespace then name.
+    pub fn endpoint_slices(&self) -> impl Iterator<Item = &EndpointSliceInfo> {
+        self.endpoint_slices.values()
+    }
+
+    /// The EndpointSlices of the Service `namespace`/`service`: those in its namespace
+    /// labelled [`SERVICE_NAME_LABEL`] with its name, in name order.
+    pub fn endpoint_slices_of<'a>(&'a self, namespace: &'a str, service: &'a str) -> impl Iterator<Item = &'a EndpointSliceInfo> + 'a {
+        self.endpoint_slices
+            .range((namespace.to_string(), String::new())..)
+            .take_while(move |((ns, _), _)| ns == namespace)
+            .map(|(_, s)| s)
+            .filter(move |s| s.service.as_deref() == Some(service))
     }
 
     /// A namespace by name.
@@ -478,7 +533,8 @@ spec:
             (policy_doc("  podSelector: {}\n  egress:\n  - to: [{podSelector: {matchExpressions: [{key: k, operator: NotIn}]}}]\n"),
              "spec.egress[0].to[0].podSelector.matchExpressions[0].values: must be non-empty"),
             (policy_doc("  podSelector: {matchExpressions: [{key: k, operator: bad}]}\n"), "spec.podSelector.matchExpressions[0].operator: unknown operator"),
-            ("apiVersion: v1\nkind: Service\nmetadata: {name: s}\n".into(), "demo.yaml: document 1: unsupported object kind \"Service\""),
+            ("apiVersion: v1\nkind: ConfigMap\nmetadata: {name: s}\n".into(), "demo.yaml: document 1: unsupported object kind \"ConfigMap\""),
+            ("apiVersion: v1\nkind: EndpointSlice\nmetadata: {name: s}\n".into(), "unsupported object kind \"EndpointSlice\" apiVersion \"v1\""),
             ("apiVersion: v2\nkind: Pod\nmetadata: {name: s}\n".into(), "demo.yaml: document 1: unsupported object kind \"Pod\" apiVersion \"v2\""),
             ("metadata: {name: s}\n".into(), "demo.yaml: document 1: unsupported object kind \"\""),
             ("apiVersion: v1\nkind: Pod\nmetadata: {namespace: x}\n".into(), "demo.yaml: document 1: Pod x/<unnamed>: metadata.name: required"),

@@ -7,13 +7,15 @@ use std::net::{IpAddr, Ipv4Addr};
 use ipnetwork::IpNetwork;
 
 use ipnetwork::Ipv4Network;
-use k8s_openapi::api::core::v1::{Namespace, Node, Pod};
+use k8s_openapi::api::core::v1::{Namespace, Node, Pod, Service};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::api::networking::v1::{NetworkPolicy, NetworkPolicyPeer, NetworkPolicyPort};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use serde::Deserialize;
 
 use super::selector::{self, FieldError};
+use super::service::{validate_endpoint_slice, validate_service};
 use super::DEFAULT_NAMESPACE;
 
 /// Errors from parsing and validating manifests.
@@ -33,7 +35,8 @@ pub enum ModelError {
     /// A document is not a supported kind.
     #[error(
         "{origin}: document {document}: unsupported object kind {kind:?} apiVersion {api_version:?} \
-         (expected v1 Namespace, v1 Node, v1 Pod or networking.k8s.io/v1 NetworkPolicy)"
+         (expected v1 Namespace, v1 Node, v1 Pod, v1 Service, discovery.k8s.io/v1 EndpointSlice \
+         or networking.k8s.io/v1 NetworkPolicy)"
     )]
     UnknownKind {
         /// File or source the text came from.
@@ -87,6 +90,10 @@ pub enum Kind {
     NetworkPolicy,
     /// `v1 Node`.
     Node,
+    /// `v1 Service`.
+    Service,
+    /// `discovery.k8s.io/v1 EndpointSlice`.
+    EndpointSlice,
 }
 
 impl fmt::Display for Kind {
@@ -96,6 +103,8 @@ impl fmt::Display for Kind {
             Kind::Pod => "Pod",
             Kind::NetworkPolicy => "NetworkPolicy",
             Kind::Node => "Node",
+            Kind::Service => "Service",
+            Kind::EndpointSlice => "EndpointSlice",
         })
     }
 }
@@ -115,6 +124,10 @@ pub enum Object {
     NetworkPolicy(NetworkPolicy),
     /// A Node (the model keeps what routing reads: see [`super::NodeInfo`]).
     Node(Node),
+    /// A Service (the model keeps what the service table reads: see [`super::ServiceInfo`]).
+    Service(Service),
+    /// An EndpointSlice (the model keeps the IPv4 ones, as [`super::EndpointSliceInfo`]).
+    EndpointSlice(EndpointSlice),
 }
 
 impl Object {
@@ -125,6 +138,8 @@ impl Object {
             Object::Pod(_) => Kind::Pod,
             Object::NetworkPolicy(_) => Kind::NetworkPolicy,
             Object::Node(_) => Kind::Node,
+            Object::Service(_) => Kind::Service,
+            Object::EndpointSlice(_) => Kind::EndpointSlice,
         }
     }
 
@@ -134,6 +149,8 @@ impl Object {
             Object::Pod(o) => &o.metadata,
             Object::NetworkPolicy(o) => &o.metadata,
             Object::Node(o) => &o.metadata,
+            Object::Service(o) => &o.metadata,
+            Object::EndpointSlice(o) => &o.metadata,
         }
     }
 
@@ -165,7 +182,7 @@ impl Object {
 pub struct ObjectRef {
     /// The kind.
     pub kind: Kind,
-    /// The namespace of a Pod or NetworkPolicy.
+    /// The namespace of a namespaced object (none for a Namespace or Node).
     pub namespace: Option<String>,
     /// The name.
     pub name: String,
@@ -216,6 +233,8 @@ fn parse_value(value: serde_yaml_ng::Value, origin: &str, document: usize) -> Re
         ("Pod", "v1") => Kind::Pod,
         ("NetworkPolicy", "networking.k8s.io/v1") => Kind::NetworkPolicy,
         ("Node", "v1") => Kind::Node,
+        ("Service", "v1") => Kind::Service,
+        ("EndpointSlice", "discovery.k8s.io/v1") => Kind::EndpointSlice,
         _ => {
             return Err(ModelError::UnknownKind {
                 origin: origin.to_string(),
@@ -244,6 +263,8 @@ fn parse_value(value: serde_yaml_ng::Value, origin: &str, document: usize) -> Re
         Kind::Pod => Object::Pod(serde_path_to_error::deserialize(value).map_err(decode_err)?),
         Kind::NetworkPolicy => Object::NetworkPolicy(serde_path_to_error::deserialize(value).map_err(decode_err)?),
         Kind::Node => Object::Node(serde_path_to_error::deserialize(value).map_err(decode_err)?),
+        Kind::Service => Object::Service(serde_path_to_error::deserialize(value).map_err(decode_err)?),
+        Kind::EndpointSlice => Object::EndpointSlice(serde_path_to_error::deserialize(value).map_err(decode_err)?),
     };
     let invalid = |source: FieldError| ModelError::Invalid {
         origin: origin.to_string(),
@@ -275,6 +296,16 @@ fn parse_value(value: serde_yaml_ng::Value, origin: &str, document: usize) -> Re
             node.metadata.namespace = None;
             validate_meta(&node.metadata).map_err(invalid)?;
             validate_node(node).map_err(invalid)?;
+        }
+        Object::Service(svc) => {
+            svc.metadata.namespace.get_or_insert_with(|| DEFAULT_NAMESPACE.to_string());
+            validate_meta(&svc.metadata).map_err(invalid)?;
+            validate_service(svc).map_err(invalid)?;
+        }
+        Object::EndpointSlice(slice) => {
+            slice.metadata.namespace.get_or_insert_with(|| DEFAULT_NAMESPACE.to_string());
+            validate_meta(&slice.metadata).map_err(invalid)?;
+            validate_endpoint_slice(slice).map_err(invalid)?;
         }
     }
     Ok(object)
@@ -487,7 +518,7 @@ fn validate_port(port: &NetworkPolicyPort, at: &str) -> Result<(), FieldError> {
 
 /// An IANA service name: 1-15 lowercase alphanumerics or `-`, a letter among them, no `--`,
 /// not starting or ending with `-`.
-fn validate_port_name(name: &str) -> Result<(), String> {
+pub(super) fn validate_port_name(name: &str) -> Result<(), String> {
     let ok = !name.is_empty()
         && name.len() <= 15
         && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')

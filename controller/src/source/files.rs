@@ -110,4 +110,43 @@ mod tests {
         let msg = crate::error_chain(&err);
         assert!(msg.contains("Node n: spec.podCIDR: \"x\" is not an IPv4 or IPv6 CIDR"), "{msg}");
     }
+
+    #[test]
+    fn services_and_slices_in_manifests_reach_the_model_and_the_service_table() {
+        let dir = TempDir(std::env::temp_dir().join(format!("bulkhead-files-services-{}", std::process::id())));
+        let _ = std::fs::remove_dir_all(&dir.0);
+        std::fs::create_dir_all(&dir.0).expect("temp dir");
+        let manifests = "apiVersion: v1\nkind: Service\nmetadata: {name: db, namespace: x}\n\
+                         spec: {clusterIP: 10.96.0.5, ports: [{port: 5432}]}\n---\n\
+                         apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\n\
+                         metadata: {name: db-1, namespace: x, labels: {kubernetes.io/service-name: db}}\n\
+                         addressType: IPv4\nports: [{port: 5432}]\nendpoints: [{addresses: [192.0.2.10]}]\n";
+        std::fs::write(dir.0.join("db.yaml"), manifests).expect("write");
+        let mut source = FileSource::new(&dir.0);
+        let cluster = source.poll(false).expect("valid manifests").expect("a first model");
+        assert_eq!(cluster.services().count(), 1);
+        assert_eq!(cluster.endpoint_slices_of("x", "db").count(), 1);
+        let table = crate::services::ServiceTable::from_cluster(&cluster);
+        let backends: Vec<String> = table
+            .iter()
+            .flat_map(|(k, e)| {
+                e.selected()
+                    .into_iter()
+                    .map(move |b| format!("{}:{} -> {}:{}", k.vip, k.port, b.ip, b.port))
+            })
+            .collect();
+        assert_eq!(backends, ["10.96.0.5:5432 -> 192.0.2.10:5432"]);
+
+        std::fs::write(
+            dir.0.join("db.yaml"),
+            "apiVersion: v1\nkind: Service\nmetadata: {name: db, namespace: x}\nspec: {clusterIP: x}\n",
+        )
+        .expect("write");
+        let err = source.poll(true).expect_err("an invalid cluster ip");
+        let msg = crate::error_chain(&err);
+        assert!(
+            msg.contains("Service x/db: spec.clusterIP: \"x\" is not an IPv4 address or None"),
+            "{msg}"
+        );
+    }
 }

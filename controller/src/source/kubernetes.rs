@@ -1,5 +1,5 @@
 //! The Kubernetes source: kube-rs watchers on Pods (all namespaces), Namespaces,
-//! NetworkPolicies and Nodes feed stores that [`KubeSource::poll`] turns into a [`Cluster`];
+//! NetworkPolicies, Nodes, Services and EndpointSlices feed stores that [`KubeSource::poll`] turns into a [`Cluster`];
 //! this node's own Node also gives its pod CIDR ([`Source::pod_cidr`]).
 //!
 //! Each watcher lists, then watches from the list's resourceVersion with bookmarks; on a
@@ -20,7 +20,8 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use ipnetwork::Ipv4Network;
-use k8s_openapi::api::core::v1::{Container, Namespace, Node, Pod, PodSpec, PodStatus};
+use k8s_openapi::api::core::v1::{Container, Namespace, Node, Pod, PodSpec, PodStatus, Service};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::api::networking::v1::{NetworkPolicy, NetworkPolicySpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::api::{Api, ApiResource, DynamicObject};
@@ -79,9 +80,18 @@ enum Watched {
     Pod,
     NetworkPolicy,
     Node,
+    Service,
+    EndpointSlice,
 }
 
-const WATCHED: [Watched; 4] = [Watched::Namespace, Watched::Pod, Watched::NetworkPolicy, Watched::Node];
+const WATCHED: [Watched; 6] = [
+    Watched::Namespace,
+    Watched::Pod,
+    Watched::NetworkPolicy,
+    Watched::Node,
+    Watched::Service,
+    Watched::EndpointSlice,
+];
 
 impl Watched {
     fn api_resource(self) -> ApiResource {
@@ -90,6 +100,8 @@ impl Watched {
             Watched::Pod => ApiResource::erase::<Pod>(&()),
             Watched::NetworkPolicy => ApiResource::erase::<NetworkPolicy>(&()),
             Watched::Node => ApiResource::erase::<Node>(&()),
+            Watched::Service => ApiResource::erase::<Service>(&()),
+            Watched::EndpointSlice => ApiResource::erase::<EndpointSlice>(&()),
         }
     }
 }
@@ -101,6 +113,8 @@ impl fmt::Display for Watched {
             Watched::Pod => "Pod",
             Watched::NetworkPolicy => "NetworkPolicy",
             Watched::Node => "Node",
+            Watched::Service => "Service",
+            Watched::EndpointSlice => "EndpointSlice",
         })
     }
 }
@@ -192,11 +206,18 @@ impl Stores {
 
     fn cluster(&self) -> Cluster {
         // Namespaces first, so a pod never creates a label-less stand-in for its namespace.
-        let objects = [Watched::Namespace, Watched::Node, Watched::Pod, Watched::NetworkPolicy]
-            .iter()
-            .filter_map(|k| self.kinds.get(k))
-            .flat_map(|s| s.items.values())
-            .cloned();
+        let objects = [
+            Watched::Namespace,
+            Watched::Node,
+            Watched::Pod,
+            Watched::NetworkPolicy,
+            Watched::Service,
+            Watched::EndpointSlice,
+        ]
+        .iter()
+        .filter_map(|k| self.kinds.get(k))
+        .flat_map(|s| s.items.values())
+        .cloned();
         Cluster::from_objects(objects)
     }
 
@@ -253,6 +274,8 @@ fn decode(kind: Watched, obj: DynamicObject, object: &str) -> Result<Option<Obje
         Watched::Pod => slim_pod(typed(value).map_err(path_err)?).map(Object::Pod),
         Watched::NetworkPolicy => Some(Object::NetworkPolicy(enforceable_policy(typed(value).map_err(path_err)?, object)?)),
         Watched::Node => Some(Object::Node(slim_node(&typed(value).map_err(path_err)?))),
+        Watched::Service => Some(Object::Service(slim_service(&typed(value).map_err(path_err)?))),
+        Watched::EndpointSlice => slim_endpoint_slice(&typed(value).map_err(path_err)?).map(Object::EndpointSlice),
     })
 }
 
@@ -368,6 +391,19 @@ fn enforceable_policy(np: NetworkPolicy, object: &str) -> Result<NetworkPolicy, 
 /// makes the frequent status updates compare equal, so they wake nothing.
 fn slim_node(node: &Node) -> Node {
     model::NodeInfo::from_node(node).to_node()
+}
+
+/// A Service reduced to its ClusterIP, selector, ports and session affinity: what the
+/// service table reads. Status (load balancer ingress) and metadata churn compare equal.
+fn slim_service(svc: &Service) -> Service {
+    model::ServiceInfo::from_service(svc).to_service()
+}
+
+/// An EndpointSlice reduced to its Service, endpoints (first address, conditions, node,
+/// pod) and ports; `None` for IPv6 and FQDN slices, which the IPv4 datapath has no use for
+/// (a dual-stack Service has one slice per family, so this is no error).
+fn slim_endpoint_slice(slice: &EndpointSlice) -> Option<EndpointSlice> {
+    model::EndpointSliceInfo::from_slice(slice).map(|s| s.to_endpoint_slice())
 }
 
 /// A [`Source`] fed by Kubernetes watchers running on the agent's tokio runtime.
@@ -578,5 +614,55 @@ mod tests {
         assert!(s.apply(kind, Event::Delete(b("10.244.9.0/24", "4"))));
         assert!(s.cluster().node("node-b").is_none());
         assert_eq!(s.pod_cidr("node-a"), "10.244.1.0/24".parse().ok());
+    }
+
+    fn object(value: serde_json::Value) -> DynamicObject {
+        serde_json::from_value(value).expect("an api object")
+    }
+
+    /// Services and IPv4 EndpointSlices reach the model slimmed: a new resourceVersion or
+    /// status is no change, a new endpoint condition is; an IPv6 slice is no object at all.
+    #[test]
+    fn services_and_endpoint_slices_are_slimmed_and_ipv6_slices_left_out() {
+        let svc = |version: &str, affinity: &str| {
+            object(serde_json::json!({
+                "apiVersion": "v1", "kind": "Service",
+                "metadata": {"name": "web", "namespace": "x", "resourceVersion": version},
+                "spec": {"clusterIP": "10.96.0.1", "ports": [{"port": 80}], "sessionAffinity": affinity},
+                "status": {"loadBalancer": {"ingress": [{"ip": format!("203.0.113.{version}")}]}},
+            }))
+        };
+        let slice = |name: &str, family: &str, version: &str, ready: bool| {
+            object(serde_json::json!({
+                "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+                "metadata": {"name": name, "namespace": "x", "resourceVersion": version,
+                             "labels": {"kubernetes.io/service-name": "web"}},
+                "addressType": family,
+                "endpoints": [{"addresses": ["10.244.1.2"], "conditions": {"ready": ready}}],
+                "ports": [{"port": 8080}],
+            }))
+        };
+        let mut s = Stores::default();
+        for kind in [Watched::Service, Watched::EndpointSlice] {
+            assert!(!s.apply(kind, Event::Init));
+            assert!(s.apply(kind, Event::InitDone));
+        }
+        assert!(s.apply(Watched::Service, Event::Apply(svc("1", "None"))));
+        assert!(!s.apply(Watched::Service, Event::Apply(svc("2", "None"))));
+        assert!(s.apply(Watched::Service, Event::Apply(svc("3", "ClientIP"))));
+        assert!(s.apply(Watched::EndpointSlice, Event::Apply(slice("web-1", "IPv4", "1", true))));
+        assert!(!s.apply(Watched::EndpointSlice, Event::Apply(slice("web-1", "IPv4", "2", true))));
+        assert!(s.apply(Watched::EndpointSlice, Event::Apply(slice("web-1", "IPv4", "3", false))));
+        assert!(!s.apply(Watched::EndpointSlice, Event::Apply(slice("web-2", "IPv6", "1", true))));
+        let c = s.cluster();
+        assert_eq!(
+            c.service("x", "web").map(|s| s.session_affinity),
+            Some(model::SessionAffinity::ClientIp { timeout_seconds: 10_800 })
+        );
+        let slices: Vec<_> = c
+            .endpoint_slices_of("x", "web")
+            .map(|s| (s.name.as_str(), s.endpoints[0].ready))
+            .collect();
+        assert_eq!(slices, [("web-1", false)]);
     }
 }
