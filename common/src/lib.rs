@@ -24,6 +24,20 @@ pub mod map_names {
     pub const FLOWS: &str = "bh_flow_v1";
     /// Per-CPU array, one `u64` slot: flow events the ring buffer could not take.
     pub const FLOWS_LOST: &str = "bh_flost_v1";
+    /// Hash [`ServiceKey`](super::ServiceKey) → [`ServiceValue`](super::ServiceValue):
+    /// slot 0 is a Service port's header, slots 1..=count its backends.
+    pub const SERVICES: &str = "bh_svc_v1";
+    /// Hash backend id (`u32`, host order) → [`Backend`](super::Backend).
+    pub const BACKENDS: &str = "bh_be_v1";
+    /// LRU hash [`CtKey`](super::CtKey) (the client→VIP tuple, egress) →
+    /// [`LbNat`](super::LbNat): the backend each Service connection was given.
+    pub const LB_NAT: &str = "bh_lbnat_v1";
+    /// Hash reverse-NAT index (`u32`, host order: a [`ServiceValue::service_id`](super::ServiceValue))
+    /// → [`RevNat`](super::RevNat): the VIP and port replies get back as their source.
+    pub const REV_NAT: &str = "bh_lbrev_v1";
+    /// LRU hash [`AffinityKey`](super::AffinityKey) → [`AffinityValue`](super::AffinityValue)
+    /// for `sessionAffinity: ClientIP`.
+    pub const AFFINITY: &str = "bh_lbaff_v1";
 }
 
 /// Program names in the eBPF object.
@@ -46,7 +60,25 @@ pub mod capacity {
     pub const CONNTRACK: u32 = 262_144;
     /// Bytes of the flow ring buffer (a power of two, a multiple of the page size).
     pub const FLOW_RING_BYTES: u32 = 1 << 22;
+    /// Service map entries: one header per Service port plus one per backend slot.
+    pub const SERVICES: u32 = 65536;
+    /// Backends per node (every backend of every Service, shared between Services).
+    pub const BACKENDS: u32 = 65536;
+    /// Translation records: one per tracked Service connection.
+    pub const LB_NAT: u32 = CONNTRACK;
+    /// Reverse-NAT entries: one per Service port ([`MAX_SERVICE_ID`](super::MAX_SERVICE_ID)).
+    pub const REV_NAT: u32 = 65536;
+    /// Clients remembered per Service with `sessionAffinity: ClientIP`.
+    pub const AFFINITY: u32 = 65536;
 }
+
+/// Most backends one Service port can have (slots 1..=this); the agent keeps to it.
+pub const MAX_SERVICE_BACKENDS: u16 = 0xfffe;
+
+/// Largest [`ServiceValue::service_id`]: it travels in the upper 16 bits of
+/// [`CtEntry::flags`] as the reverse-NAT index (Cilium's `rev_nat_index` is 16 bits too).
+/// 0 is not a Service.
+pub const MAX_SERVICE_ID: u32 = 0xffff;
 
 /// Reserved identities; allocated identities start at [`identity::FIRST_ALLOCATED`].
 pub mod identity {
@@ -76,6 +108,12 @@ pub const KUBE_PROXY_MASQ_MARK: u32 = 1 << 14;
 /// masqueraded it. Bit 12: clear of kube-proxy's 14 and 15, Cilium's 0x0f00 and
 /// Calico's upper half.
 pub const SNAT_MARK: u32 = 1 << 12;
+
+/// The skb mark bit `from_pod` sets on a reply it crafts itself and sends back to the pod
+/// (the TCP RST for a Service port without backends): `to_pod` delivers it without
+/// conntrack or policy. Pods cannot forge it: the kernel clears the mark when a packet
+/// crosses network namespaces (`skb_scrub_packet`). Bit 13: clear of the other marks above.
+pub const GENERATED_REPLY_MARK: u32 = 1 << 13;
 
 /// Mark bits that say the node forwarded the packet for someone else under its own address.
 pub const MASQUERADED_MARKS: u32 = KUBE_PROXY_MASQ_MARK | SNAT_MARK;
@@ -159,11 +197,13 @@ pub enum DropReason {
     CtInsertFailed = 8,
     /// A packet to the endpoint with another destination address.
     WrongDestination = 9,
+    /// A new connection to a Service port that has no backend.
+    NoServiceBackend = 10,
 }
 
 impl DropReason {
     /// Every reason, in number order.
-    pub const ALL: [DropReason; 10] = [
+    pub const ALL: [DropReason; 11] = [
         DropReason::Forwarded,
         DropReason::UnknownEndpoint,
         DropReason::UnsupportedEthertype,
@@ -174,6 +214,7 @@ impl DropReason {
         DropReason::Fragment,
         DropReason::CtInsertFailed,
         DropReason::WrongDestination,
+        DropReason::NoServiceBackend,
     ];
     /// Number of counter slots per direction (room for reasons to come).
     pub const SLOTS: u32 = 32;
@@ -191,6 +232,7 @@ impl DropReason {
             DropReason::Fragment => "fragment",
             DropReason::CtInsertFailed => "ct_insert_failed",
             DropReason::WrongDestination => "wrong_destination",
+            DropReason::NoServiceBackend => "no_service_backend",
         }
     }
 }
@@ -361,6 +403,26 @@ pub mod ct_flags {
     pub const VERDICT_MASK: u32 = 0xff;
     /// A FIN or RST was seen: the entry ages out after `CT_CLOSING_LIFETIME_NS` idle.
     pub const CLOSING: u32 = 1 << 8;
+    /// The flow is a translated Service connection: its replies look up the reverse-NAT
+    /// index (bits [`REV_NAT_SHIFT`]..) in [`map_names::REV_NAT`](crate::map_names::REV_NAT)
+    /// to restore the VIP.
+    pub const SERVICE: u32 = 1 << 9;
+    /// Where the reverse-NAT index (a `service_id`, at most 16 bits) sits in the flags.
+    pub const REV_NAT_SHIFT: u32 = 16;
+
+    /// The flags a translated flow's conntrack entry carries for Service port `service_id`.
+    pub const fn service(service_id: u32) -> u32 {
+        SERVICE | (service_id & crate::MAX_SERVICE_ID) << REV_NAT_SHIFT
+    }
+
+    /// The reverse-NAT index in `flags`, 0 when the flow is no Service connection.
+    pub const fn rev_nat_index(flags: u32) -> u32 {
+        if flags & SERVICE == 0 {
+            0
+        } else {
+            flags >> REV_NAT_SHIFT
+        }
+    }
 }
 
 /// What happened to the packet a [`FlowEvent`] reports.
@@ -426,6 +488,144 @@ pub struct FlowEvent {
     pub _pad: [u8; 3],
 }
 
+/// A Service map key: a Service port (`vip`, `dport`, `protocol`) and a slot. Slot 0 is
+/// the port's header; slots `1..=backend_count` name its backends (Cilium's lb4 layout), so
+/// a backend is chosen with one computed index and one lookup, never a loop.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ServiceKey {
+    /// The ClusterIP, network byte order.
+    pub vip: [u8; 4],
+    /// The Service port, network byte order.
+    pub dport: [u8; 2],
+    /// IP protocol ([`proto::TCP`], [`proto::UDP`]).
+    pub protocol: u8,
+    /// Explicit padding; zero.
+    pub _pad: u8,
+    /// 0: the header; 1..=`backend_count`: a backend slot. Host byte order.
+    pub slot: u16,
+    /// Explicit padding; zero.
+    pub _pad2: [u8; 2],
+}
+
+impl ServiceKey {
+    /// The key of `slot` of a Service port; `vip` and `port` as on the wire.
+    pub const fn new(vip: [u8; 4], port: u16, protocol: u8, slot: u16) -> Self {
+        ServiceKey {
+            vip,
+            dport: port.to_be_bytes(),
+            protocol,
+            _pad: 0,
+            slot,
+            _pad2: [0; 2],
+        }
+    }
+}
+
+/// A Service map value. In the header (slot 0): `backend_count`, `flags`,
+/// `affinity_timeout_s` and `service_id`; in a backend slot: `backend_id` (and the same
+/// `service_id`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ServiceValue {
+    /// Backend slots only: the [`map_names::BACKENDS`] key. Host byte order.
+    pub backend_id: u32,
+    /// Header only: backends in slots `1..=backend_count` (0: every connection is
+    /// dropped with [`DropReason::NoServiceBackend`]). Host byte order.
+    pub backend_count: u16,
+    /// Header only: [`service_flags`] bits.
+    pub flags: u8,
+    /// Explicit padding; zero.
+    pub _pad: u8,
+    /// Header only: idle seconds after which a client's affinity lapses. Host byte order.
+    pub affinity_timeout_s: u32,
+    /// The agent's id of the Service port, 1..=[`MAX_SERVICE_ID`]: its reverse-NAT index
+    /// ([`map_names::REV_NAT`]), its name in affinity keys and translation records. Host byte
+    /// order.
+    pub service_id: u32,
+}
+
+/// What a reply on a Service connection gets back as its source.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct RevNat {
+    /// The ClusterIP, network byte order.
+    pub vip: [u8; 4],
+    /// The Service port, network byte order.
+    pub port: [u8; 2],
+    /// Explicit padding; zero.
+    pub _pad: [u8; 2],
+}
+
+/// Bits of [`ServiceValue::flags`].
+pub mod service_flags {
+    /// `sessionAffinity: ClientIP`: a client keeps its backend while it stays active.
+    pub const AFFINITY_CLIENT_IP: u8 = 1 << 0;
+}
+
+/// A backend: where a Service connection is translated to.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Backend {
+    /// Backend address, network byte order.
+    pub ip: [u8; 4],
+    /// Backend (target) port, network byte order.
+    pub port: [u8; 2],
+    /// Reserved ([`Backend`] state such as terminating); zero.
+    pub flags: u8,
+    /// Explicit padding; zero.
+    pub _pad: u8,
+}
+
+/// A Service connection's translation, keyed by its client→VIP [`CtKey`]
+/// ([`direction::EGRESS`]): the backend every packet of it goes to.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct LbNat {
+    /// Backend address, network byte order.
+    pub addr: [u8; 4],
+    /// Backend port, network byte order.
+    pub port: [u8; 2],
+    /// Explicit padding; zero.
+    pub _pad: [u8; 2],
+    /// The backend chosen. Host byte order.
+    pub backend_id: u32,
+    /// The Service port ([`ServiceValue::service_id`]). Host byte order.
+    pub service_id: u32,
+}
+
+/// A client of a Service with `sessionAffinity: ClientIP`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct AffinityKey {
+    /// Client address, network byte order.
+    pub client: [u8; 4],
+    /// [`ServiceValue::service_id`]. Host byte order.
+    pub service_id: u32,
+}
+
+/// The backend a client is held to.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct AffinityValue {
+    /// `bpf_ktime_get_ns` of the client's last new connection.
+    pub last_used_ns: u64,
+    /// The backend. Host byte order.
+    pub backend_id: u32,
+    /// Explicit padding; zero.
+    pub _pad: u32,
+}
+
+/// The backend slot (1..=`count`) a new connection takes for a random or hashed `pick`;
+/// `None` when there is no backend. A pure function so the host can test the spread.
+pub const fn backend_slot(pick: u32, count: u16) -> Option<u16> {
+    if count == 0 {
+        None
+    } else {
+        Some((pick % count as u32) as u16 + 1)
+    }
+}
+
 /// Packets and bytes for one (reason, direction) slot.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -445,6 +645,13 @@ const _: () = assert!(core::mem::size_of::<CtKey>() == 16);
 const _: () = assert!(core::mem::size_of::<CtEntry>() == 16);
 const _: () = assert!(core::mem::size_of::<Counter>() == 16);
 const _: () = assert!(core::mem::size_of::<FlowEvent>() == 48);
+const _: () = assert!(core::mem::size_of::<ServiceKey>() == 12);
+const _: () = assert!(core::mem::size_of::<ServiceValue>() == 16);
+const _: () = assert!(core::mem::size_of::<Backend>() == 8);
+const _: () = assert!(core::mem::size_of::<LbNat>() == 16);
+const _: () = assert!(core::mem::size_of::<AffinityKey>() == 8);
+const _: () = assert!(core::mem::size_of::<AffinityValue>() == 16);
+const _: () = assert!(core::mem::size_of::<RevNat>() == 8);
 const _: () = assert!(POLICY_PREFIX_FULL as usize == core::mem::size_of::<PolicyKey>() * 8);
 
 #[cfg(feature = "user")]
@@ -468,6 +675,20 @@ mod pod {
     unsafe impl aya::Pod for super::Counter {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::FlowEvent {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::ServiceKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::ServiceValue {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::Backend {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::LbNat {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::AffinityKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::AffinityValue {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::RevNat {}
 }
 
 #[cfg(test)]
@@ -516,6 +737,31 @@ mod tests {
             ([2; 4], [1; 4], [0, 2], [0, 1], 0)
         );
         assert_eq!(r.reversed(1), k);
+    }
+
+    #[test]
+    fn backend_slots_cover_every_backend_and_skip_the_header() {
+        assert_eq!(backend_slot(7, 0), None);
+        let mut seen = [0u32; 4];
+        for pick in 0..300u32 {
+            let slot = backend_slot(pick.wrapping_mul(2_654_435_761), 3).unwrap();
+            assert!((1..=3).contains(&slot));
+            seen[usize::from(slot)] += 1;
+        }
+        assert_eq!(seen[0], 0);
+        assert!(seen[1..].iter().all(|&n| n >= 60), "{seen:?}");
+        assert_eq!(backend_slot(u32::MAX, MAX_SERVICE_BACKENDS), Some((u32::MAX % 0xfffe) as u16 + 1));
+    }
+
+    #[test]
+    fn the_reverse_nat_index_rides_in_the_conntrack_flags() {
+        let flags = u32::from(verdict::AUDIT) | ct_flags::CLOSING | ct_flags::service(MAX_SERVICE_ID);
+        assert_eq!(ct_flags::rev_nat_index(flags), MAX_SERVICE_ID);
+        assert_eq!(flags & ct_flags::VERDICT_MASK, u32::from(verdict::AUDIT));
+        assert_ne!(flags & ct_flags::CLOSING, 0);
+        assert_eq!(ct_flags::rev_nat_index(ct_flags::service(7)), 7);
+        assert_eq!(ct_flags::rev_nat_index(7 << ct_flags::REV_NAT_SHIFT), 0, "no SERVICE bit, no index");
+        assert_eq!(ct_flags::REV_NAT_SHIFT, 16, "verdict and flag bits end below it");
     }
 
     #[test]

@@ -8,10 +8,11 @@
 #![no_main]
 
 mod packet;
+mod service;
 
 use aya_ebpf::{
     bindings::{TC_ACT_OK, TC_ACT_SHOT},
-    helpers::bpf_ktime_get_ns,
+    helpers::{bpf_ktime_get_ns, bpf_redirect},
     macros::{classifier, map},
     maps::{lpm_trie::Key, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf},
     programs::TcContext,
@@ -19,7 +20,7 @@ use aya_ebpf::{
 use bulkhead_common::{
     capacity, counter_index, ct_flags, ct_lifetime_ns, direction, endpoint_flags, identity, remote_lookup_prefix, rule_id, verdict,
     Counter, CtEntry, CtKey, DropReason, EndpointInfo, FlowEvent, IpcacheValue, Ipv4Key, PolicyKey, PolicyValue, COUNTER_SLOTS,
-    CT_CLOSING_LIFETIME_NS, CT_REFRESH_NS, POLICY_PREFIX_FULL,
+    CT_CLOSING_LIFETIME_NS, CT_REFRESH_NS, GENERATED_REPLY_MARK, POLICY_PREFIX_FULL,
 };
 use packet::{Headers, L3};
 
@@ -53,6 +54,9 @@ enum Pass {
     Quiet,
     /// The first packet of a new flow, with its verdict (`FORWARDED` or `AUDIT`).
     NewFlow(u8),
+    /// Refused for this reason, and turned into the refusal (a TCP RST) sent back to the
+    /// pod through its veth: counted and reported as a drop, redirected rather than shot.
+    Refused(DropReason),
 }
 
 #[classifier]
@@ -75,7 +79,7 @@ fn finish(ctx: &TcContext, dir: u8, result: Result<Pass, DropReason>, flow: &mut
     let (reason, report) = match result {
         Ok(Pass::Quiet) => (DropReason::Forwarded, None),
         Ok(Pass::NewFlow(v)) => (DropReason::Forwarded, Some(v)),
-        Err(reason) => (reason, Some(verdict::DROPPED)),
+        Ok(Pass::Refused(reason)) | Err(reason) => (reason, Some(verdict::DROPPED)),
     };
     if let Some(counter) = COUNTERS.get_ptr_mut(counter_index(reason, dir)) {
         // SAFETY: a per-CPU slot is only written by this CPU, and softirq context does not
@@ -100,8 +104,16 @@ fn finish(ctx: &TcContext, dir: u8, result: Result<Pass, DropReason>, flow: &mut
             }
         }
     }
-    match reason {
-        DropReason::Forwarded => TC_ACT_OK,
+    match (reason, result) {
+        (DropReason::Forwarded, _) => TC_ACT_OK,
+        (_, Ok(Pass::Refused(_))) => {
+            // SAFETY: the context pointer is valid for the program's whole run.
+            let ifindex = unsafe { (*ctx.skb.skb).ifindex };
+            ctx.set_mark(GENERATED_REPLY_MARK);
+            // SAFETY: bpf_redirect has no preconditions; it returns TC_ACT_REDIRECT (or
+            // TC_ACT_SHOT for flags it does not know: none are passed).
+            unsafe { bpf_redirect(ifindex, 0) as i32 }
+        }
         _ => TC_ACT_SHOT,
     }
 }
@@ -146,7 +158,35 @@ fn try_from_pod(ctx: &TcContext, flow: &mut FlowEvent) -> Result<Pass, DropReaso
     if l3.saddr != ep.ipv4 {
         return Err(DropReason::SpoofedIp);
     }
-    admit(&ep, direction::EGRESS, &l3, l3.daddr, 0, flow)
+    // SAFETY: bpf_ktime_get_ns has no preconditions.
+    let now = unsafe { bpf_ktime_get_ns() };
+    let t = match service::forward(&l3, now) {
+        // A connect to a Service port without backends fails at once, as kube-proxy's
+        // REJECT does. TODO(issue 11): ICMP port unreachable for UDP.
+        Err(DropReason::NoServiceBackend) if l3.tcp_syn => {
+            service::reset(ctx, &l3)?;
+            return Ok(Pass::Refused(DropReason::NoServiceBackend));
+        }
+        other => other?,
+    };
+    let Some(t) = t else {
+        return admit(&ep, direction::EGRESS, &l3, l3.daddr, 0, flow, 0).map(|(pass, _)| pass);
+    };
+    // From here the flow is the client's to the backend: conntrack keys on that tuple and
+    // egress policy decides on the backend's identity and port, as if the pod dialled it.
+    service::rewrite(ctx, &l3, service::End::Destination, t.nat.addr, t.nat.port)?;
+    let l3 = L3 {
+        daddr: t.nat.addr,
+        dport: t.nat.port,
+        ..l3
+    };
+    flow.daddr = l3.daddr;
+    flow.dport = l3.dport;
+    let (pass, _) = admit(&ep, direction::EGRESS, &l3, l3.daddr, 0, flow, ct_flags::service(t.nat.service_id))?;
+    if t.new {
+        service::record(&t)?;
+    }
+    Ok(pass)
 }
 
 fn try_to_pod(ctx: &TcContext, flow: &mut FlowEvent) -> Result<Pass, DropReason> {
@@ -160,13 +200,35 @@ fn try_to_pod(ctx: &TcContext, flow: &mut FlowEvent) -> Result<Pass, DropReason>
     }
     // SAFETY: the context pointer is valid for the program's whole run.
     let mark = unsafe { (*ctx.skb.skb).mark };
-    admit(&ep, direction::INGRESS, &l3, l3.saddr, mark, flow)
+    // Our own refusal, sent back by this pod's from_pod (the mark cannot come from a pod).
+    if mark & GENERATED_REPLY_MARK != 0 {
+        return Ok(Pass::Quiet);
+    }
+    let (pass, reply_flags) = admit(&ep, direction::INGRESS, &l3, l3.saddr, mark, flow, 0)?;
+    // A reply on a connection this pod made to a Service: give it the VIP back.
+    let index = ct_flags::rev_nat_index(reply_flags);
+    if index != 0 {
+        if let Some(vip) = service::reverse(index) {
+            service::rewrite(ctx, &l3, service::End::Source, vip.vip, vip.port)?;
+        }
+    }
+    Ok(pass)
 }
 
-/// Conntrack, then policy for a new flow, then a conntrack entry for it. `mark` is the
-/// skb mark: it tells traffic the node forwards for someone else from its own.
+/// Conntrack, then policy for a new flow, then a conntrack entry for it (with `ct_extra`
+/// flags). `mark` is the skb mark: it tells traffic the node forwards for someone else from
+/// its own. Also returns the flags of the entry a reply matched in the other direction (0
+/// when none did).
 #[inline(always)]
-fn admit(ep: &EndpointInfo, dir: u8, l3: &L3, remote: [u8; 4], mark: u32, flow: &mut FlowEvent) -> Result<Pass, DropReason> {
+fn admit(
+    ep: &EndpointInfo,
+    dir: u8,
+    l3: &L3,
+    remote: [u8; 4],
+    mark: u32,
+    flow: &mut FlowEvent,
+    ct_extra: u32,
+) -> Result<(Pass, u32), DropReason> {
     let key = CtKey {
         saddr: l3.saddr,
         daddr: l3.daddr,
@@ -184,27 +246,30 @@ fn admit(ep: &EndpointInfo, dir: u8, l3: &L3, remote: [u8; 4], mark: u32, flow: 
         direction::EGRESS
     };
     let closing = l3.tcp_closing();
-    if !l3.tcp_syn && (ct_alive(&key, now, closing) || ct_alive(&key.reversed(reply_dir), now, closing)) {
-        return Ok(Pass::Quiet);
+    if !l3.tcp_syn {
+        if ct_alive(&key, now, closing).is_some() {
+            return Ok((Pass::Quiet, 0));
+        }
+        if let Some(flags) = ct_alive(&key.reversed(reply_dir), now, closing) {
+            return Ok((Pass::Quiet, flags));
+        }
     }
     let (rule, v) = policy_verdict(ep, dir, remote, mark, l3, flow)?;
     let entry = CtEntry {
         last_seen_ns: now,
         rule_id: rule,
-        flags: u32::from(v),
+        flags: u32::from(v) | ct_extra,
     };
     CONNTRACK.insert(key, entry, 0).map_err(|_| DropReason::CtInsertFailed)?;
-    Ok(Pass::NewFlow(v))
+    Ok((Pass::NewFlow(v), 0))
 }
 
-/// True when `key` is tracked and not idle past its lifetime; refreshes it at most once
+/// The entry's flags when `key` is tracked and not idle past its lifetime; refreshes it at most once
 /// per `CT_REFRESH_NS` so that most packets do no map write. `closing` (a FIN or RST) marks
 /// the entry, which then ages out after `CT_CLOSING_LIFETIME_NS` idle.
 #[inline(always)]
-fn ct_alive(key: &CtKey, now: u64, closing: bool) -> bool {
-    let Some(entry) = CONNTRACK.get_ptr_mut(key) else {
-        return false;
-    };
+fn ct_alive(key: &CtKey, now: u64, closing: bool) -> Option<u32> {
+    let entry = CONNTRACK.get_ptr_mut(key)?;
     // SAFETY: the pointer is valid until the program ends; a racing refresh writes the same
     // kind of value, so a torn read at worst refreshes twice.
     unsafe {
@@ -216,7 +281,7 @@ fn ct_alive(key: &CtKey, now: u64, closing: bool) -> bool {
         };
         let idle = now.saturating_sub((*entry).last_seen_ns);
         if idle > lifetime {
-            return false;
+            return None;
         }
         if closing && flags & ct_flags::CLOSING == 0 {
             (*entry).flags = flags | ct_flags::CLOSING;
@@ -224,8 +289,8 @@ fn ct_alive(key: &CtKey, now: u64, closing: bool) -> bool {
         } else if idle > CT_REFRESH_NS {
             (*entry).last_seen_ns = now;
         }
+        Some(flags)
     }
-    true
 }
 
 /// The rule that allows a new flow and the verdict: `FORWARDED` with the rule (or

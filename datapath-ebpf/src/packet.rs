@@ -3,7 +3,14 @@
 use aya_ebpf::programs::TcContext;
 use bulkhead_common::{proto, DropReason};
 
-const ETH_HLEN: usize = 14;
+pub const ETH_HLEN: usize = 14;
+/// Offsets in the IPv4 header of its checksum and addresses.
+pub const IP_CHECK_OFF: usize = ETH_HLEN + 10;
+pub const IP_SADDR_OFF: usize = ETH_HLEN + 12;
+pub const IP_DADDR_OFF: usize = ETH_HLEN + 16;
+/// Offsets of the checksum in the TCP and UDP headers.
+pub const TCP_CHECK_OFF: usize = 16;
+pub const UDP_CHECK_OFF: usize = 6;
 const ETH_P_IP: [u8; 2] = [0x08, 0x00];
 const ETH_P_ARP: [u8; 2] = [0x08, 0x06];
 /// Largest IPv4 header (IHL 15) plus the 14 bytes of TCP header we read (up to the flags).
@@ -78,6 +85,8 @@ pub struct L3 {
     pub tcp_syn: bool,
     /// TCP flags (0 for other protocols), reported in flow records.
     pub tcp_flags: u8,
+    /// Offset of the L4 header from the start of the frame.
+    pub l4_off: usize,
 }
 
 impl L3 {
@@ -180,6 +189,7 @@ pub fn parse(ctx: &TcContext) -> Result<Headers, DropReason> {
             dport,
             tcp_syn,
             tcp_flags,
+            l4_off: l4,
         },
     })
 }

@@ -129,6 +129,7 @@ impl Datapath {
             take(map_names::FLOWS)?,
             take(map_names::FLOWS_LOST)?,
         );
+        let (services, backends, rev_nat) = (take(map_names::SERVICES)?, take(map_names::BACKENDS)?, take(map_names::REV_NAT)?);
         let wrong = |map: &'static str| {
             move |source| DatapathError::Map {
                 map,
@@ -139,6 +140,9 @@ impl Datapath {
             endpoints: endpoints.try_into().map_err(wrong(map_names::ENDPOINTS))?,
             ipcache: ipcache.try_into().map_err(wrong(map_names::IPCACHE))?,
             policy: policy.try_into().map_err(wrong(map_names::POLICY))?,
+            services: services.try_into().map_err(wrong(map_names::SERVICES))?,
+            backends: backends.try_into().map_err(wrong(map_names::BACKENDS))?,
+            rev_nat: rev_nat.try_into().map_err(wrong(map_names::REV_NAT))?,
         };
         let counters = counters.try_into().map_err(wrong(map_names::COUNTERS))?;
         let flows_lost = flows_lost.try_into().map_err(wrong(map_names::FLOWS_LOST))?;

@@ -1,8 +1,9 @@
 //! The kernel side as the agent drives it: loading and pinning the programs and maps
-//! ([`load`]), what the maps must hold ([`state`]), writing the difference ([`sync`]) and
-//! reading the datapath's counters ([`stats`]).
+//! ([`load`]), what the maps must hold ([`state`], the Service part from the service table:
+//! [`services`]), writing the difference ([`sync`]) and reading the datapath's counters ([`stats`]).
 
 pub mod load;
+pub mod services;
 pub mod state;
 pub mod stats;
 pub mod sync;

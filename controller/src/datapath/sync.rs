@@ -6,7 +6,7 @@ use std::net::Ipv4Addr;
 
 use aya::maps::lpm_trie::{Key, LpmTrie};
 use aya::maps::{HashMap, MapData, MapError};
-use bulkhead_common::{EndpointInfo, IpcacheValue, Ipv4Key, PolicyKey, PolicyValue};
+use bulkhead_common::{Backend, EndpointInfo, IpcacheValue, Ipv4Key, PolicyKey, PolicyValue, RevNat, ServiceKey, ServiceValue};
 
 use crate::datapath::DatapathState;
 
@@ -23,6 +23,12 @@ pub enum MapsError {
         /// Cause.
         #[source]
         source: MapError,
+    },
+    /// The writer has no such map (an implementation that predates it).
+    #[error("map {map} is not supported by this writer")]
+    Unsupported {
+        /// Which map.
+        map: &'static str,
     },
 }
 
@@ -42,6 +48,39 @@ pub trait MapWriter {
     fn remove_policy(&mut self, key: &PolicyKey, prefix_len: u32) -> Result<(), MapsError>;
     /// What the maps hold now: after a failed sync, the only trustworthy baseline.
     fn read_state(&self) -> Result<DatapathState, MapsError>;
+    /// Inserts or replaces a Service header or backend slot.
+    ///
+    /// The default fails loudly: a writer that forgets the Service maps must not look as
+    /// if it had written them.
+    fn set_service(&mut self, key: &ServiceKey, value: &ServiceValue) -> Result<(), MapsError> {
+        let _ = (key, value);
+        Err(MapsError::Unsupported { map: "services" })
+    }
+    /// Removes a Service header or backend slot.
+    fn remove_service(&mut self, key: &ServiceKey) -> Result<(), MapsError> {
+        let _ = key;
+        Err(MapsError::Unsupported { map: "services" })
+    }
+    /// Inserts or replaces a backend.
+    fn set_backend(&mut self, id: u32, value: &Backend) -> Result<(), MapsError> {
+        let _ = (id, value);
+        Err(MapsError::Unsupported { map: "backends" })
+    }
+    /// Removes a backend.
+    fn remove_backend(&mut self, id: u32) -> Result<(), MapsError> {
+        let _ = id;
+        Err(MapsError::Unsupported { map: "backends" })
+    }
+    /// Inserts or replaces a reverse-NAT entry.
+    fn set_rev_nat(&mut self, id: u32, value: &RevNat) -> Result<(), MapsError> {
+        let _ = (id, value);
+        Err(MapsError::Unsupported { map: "rev_nat" })
+    }
+    /// Removes a reverse-NAT entry.
+    fn remove_rev_nat(&mut self, id: u32) -> Result<(), MapsError> {
+        let _ = id;
+        Err(MapsError::Unsupported { map: "rev_nat" })
+    }
 }
 
 /// How many writes a sync made.
@@ -57,7 +96,10 @@ pub struct SyncStats {
 ///
 /// Order keeps the datapath fail-closed and consistent at every step: identities and
 /// policy entries go in before the endpoint that uses them, and an endpoint goes out
-/// before its entries. On error `old` no longer describes the maps; callers resync.
+/// before its entries. Services: backends and reverse-NAT entries go in before the slots
+/// that name them, slots before the header that counts them, and out in the reverse order, so a new connection
+/// is never sent to a slot not yet written or a backend already removed. On error `old`
+/// no longer describes the maps; callers resync.
 pub fn sync(w: &mut (impl MapWriter + ?Sized), old: &DatapathState, new: &DatapathState) -> Result<SyncStats, MapsError> {
     let mut stats = SyncStats::default();
     for (ifindex, _) in removed(&old.endpoints, &new.endpoints) {
@@ -84,7 +126,50 @@ pub fn sync(w: &mut (impl MapWriter + ?Sized), old: &DatapathState, new: &Datapa
         w.remove_ipcache(*addr, *len)?;
         stats.removals += 1;
     }
+    sync_services(w, old, new, &mut stats)?;
     Ok(stats)
+}
+
+/// The Service half of [`sync`].
+fn sync_services(
+    w: &mut (impl MapWriter + ?Sized),
+    old: &DatapathState,
+    new: &DatapathState,
+    stats: &mut SyncStats,
+) -> Result<(), MapsError> {
+    for (id, v) in upserted(&old.backends, &new.backends) {
+        w.set_backend(*id, v)?;
+        stats.upserts += 1;
+    }
+    for (id, v) in upserted(&old.rev_nat, &new.rev_nat) {
+        w.set_rev_nat(*id, v)?;
+        stats.upserts += 1;
+    }
+    // Slots, then headers: a header's count never covers a slot not yet written.
+    for header in [false, true] {
+        for (k, v) in upserted(&old.services, &new.services).filter(|(k, _)| (k.slot == 0) == header) {
+            w.set_service(k, v)?;
+            stats.upserts += 1;
+        }
+    }
+    // Headers, then slots: a shrunk count stops covering a slot before it goes.
+    for header in [true, false] {
+        for (k, _) in removed(&old.services, &new.services).filter(|(k, _)| (k.slot == 0) == header) {
+            w.remove_service(k)?;
+            stats.removals += 1;
+        }
+    }
+    for (id, _) in removed(&old.backends, &new.backends) {
+        w.remove_backend(*id)?;
+        stats.removals += 1;
+    }
+    // Last: replies of connections still open to a removed Service keep their VIP as long
+    // as anything else of it is left.
+    for (id, _) in removed(&old.rev_nat, &new.rev_nat) {
+        w.remove_rev_nat(*id)?;
+        stats.removals += 1;
+    }
+    Ok(())
 }
 
 fn upserted<'a, K: Ord, V: PartialEq>(old: &'a BTreeMap<K, V>, new: &'a BTreeMap<K, V>) -> impl Iterator<Item = (&'a K, &'a V)> {
@@ -103,6 +188,12 @@ pub struct BpfMaps {
     pub ipcache: LpmTrie<MapData, Ipv4Key, IpcacheValue>,
     /// `bh_pol_v1`.
     pub policy: LpmTrie<MapData, PolicyKey, PolicyValue>,
+    /// `bh_svc_v1`.
+    pub services: HashMap<MapData, ServiceKey, ServiceValue>,
+    /// `bh_be_v1`.
+    pub backends: HashMap<MapData, u32, Backend>,
+    /// `bh_lbrev_v1`.
+    pub rev_nat: HashMap<MapData, u32, RevNat>,
 }
 
 impl BpfMaps {
@@ -121,6 +212,18 @@ impl BpfMaps {
         for item in self.policy.iter() {
             let (k, v) = item.map_err(map_err("iterate", "policy"))?;
             s.policy.insert((k.data(), k.prefix_len()), v);
+        }
+        for item in self.services.iter() {
+            let (k, v) = item.map_err(map_err("iterate", "services"))?;
+            s.services.insert(k, v);
+        }
+        for item in self.backends.iter() {
+            let (k, v) = item.map_err(map_err("iterate", "backends"))?;
+            s.backends.insert(k, v);
+        }
+        for item in self.rev_nat.iter() {
+            let (k, v) = item.map_err(map_err("iterate", "rev_nat"))?;
+            s.rev_nat.insert(k, v);
         }
         Ok(s)
     }
@@ -163,6 +266,24 @@ impl MapWriter for BpfMaps {
     }
     fn read_state(&self) -> Result<DatapathState, MapsError> {
         BpfMaps::read_state(self)
+    }
+    fn set_service(&mut self, key: &ServiceKey, value: &ServiceValue) -> Result<(), MapsError> {
+        self.services.insert(key, value, 0).map_err(map_err("insert", "services"))
+    }
+    fn remove_service(&mut self, key: &ServiceKey) -> Result<(), MapsError> {
+        absent_ok(self.services.remove(key)).map_err(map_err("remove", "services"))
+    }
+    fn set_backend(&mut self, id: u32, value: &Backend) -> Result<(), MapsError> {
+        self.backends.insert(id, value, 0).map_err(map_err("insert", "backends"))
+    }
+    fn remove_backend(&mut self, id: u32) -> Result<(), MapsError> {
+        absent_ok(self.backends.remove(&id)).map_err(map_err("remove", "backends"))
+    }
+    fn set_rev_nat(&mut self, id: u32, value: &RevNat) -> Result<(), MapsError> {
+        self.rev_nat.insert(id, value, 0).map_err(map_err("insert", "rev_nat"))
+    }
+    fn remove_rev_nat(&mut self, id: u32) -> Result<(), MapsError> {
+        absent_ok(self.rev_nat.remove(&id)).map_err(map_err("remove", "rev_nat"))
     }
 }
 
@@ -209,6 +330,48 @@ impl MapWriter for MemoryMaps {
     fn read_state(&self) -> Result<DatapathState, MapsError> {
         Ok(self.state.clone())
     }
+    fn set_service(&mut self, key: &ServiceKey, value: &ServiceValue) -> Result<(), MapsError> {
+        self.log.push(format!(
+            "set service {}:{}/{} slot {}",
+            Ipv4Addr::from(key.vip),
+            u16::from_be_bytes(key.dport),
+            key.protocol,
+            key.slot
+        ));
+        self.state.services.insert(*key, *value);
+        Ok(())
+    }
+    fn remove_service(&mut self, key: &ServiceKey) -> Result<(), MapsError> {
+        self.log.push(format!(
+            "remove service {}:{}/{} slot {}",
+            Ipv4Addr::from(key.vip),
+            u16::from_be_bytes(key.dport),
+            key.protocol,
+            key.slot
+        ));
+        self.state.services.remove(key);
+        Ok(())
+    }
+    fn set_backend(&mut self, id: u32, value: &Backend) -> Result<(), MapsError> {
+        self.log.push(format!("set backend {id}"));
+        self.state.backends.insert(id, *value);
+        Ok(())
+    }
+    fn remove_backend(&mut self, id: u32) -> Result<(), MapsError> {
+        self.log.push(format!("remove backend {id}"));
+        self.state.backends.remove(&id);
+        Ok(())
+    }
+    fn set_rev_nat(&mut self, id: u32, value: &RevNat) -> Result<(), MapsError> {
+        self.log.push(format!("set rev_nat {id}"));
+        self.state.rev_nat.insert(id, *value);
+        Ok(())
+    }
+    fn remove_rev_nat(&mut self, id: u32) -> Result<(), MapsError> {
+        self.log.push(format!("remove rev_nat {id}"));
+        self.state.rev_nat.remove(&id);
+        Ok(())
+    }
 }
 
 #[cfg(test)]
@@ -252,6 +415,109 @@ mod tests {
         // endpoint 2 + its ipcache + its policy.
         assert_eq!(stats.removals, 3);
         assert_eq!(sync(&mut m, &new, &new).unwrap(), SyncStats::default());
+    }
+
+    /// One Service port 10.96.0.10:53/UDP with `backends` (ids) in slots 1.., each backend
+    /// 10.0.1.<id>:5353.
+    fn service(backends: &[u32]) -> DatapathState {
+        let mut s = DatapathState::default();
+        let vip = [10, 96, 0, 10];
+        let header = ServiceValue {
+            backend_count: backends.len() as u16,
+            service_id: 5,
+            ..Default::default()
+        };
+        s.services.insert(ServiceKey::new(vip, 53, proto::UDP, 0), header);
+        let rev = RevNat {
+            vip,
+            port: 53u16.to_be_bytes(),
+            _pad: [0; 2],
+        };
+        s.rev_nat.insert(5, rev);
+        for (i, &id) in backends.iter().enumerate() {
+            let slot = ServiceValue {
+                backend_id: id,
+                service_id: 5,
+                ..Default::default()
+            };
+            s.services.insert(ServiceKey::new(vip, 53, proto::UDP, i as u16 + 1), slot);
+            let b = Backend {
+                ip: [10, 0, 1, id as u8],
+                port: 5353u16.to_be_bytes(),
+                ..Default::default()
+            };
+            s.backends.insert(id, b);
+        }
+        s
+    }
+
+    #[test]
+    fn service_slots_are_written_before_their_header_and_backends_removed_last() {
+        let three = service(&[1, 2, 3]);
+        let mut m = MemoryMaps::default();
+        sync(&mut m, &DatapathState::default(), &three).unwrap();
+        assert_eq!(
+            m.log,
+            [
+                "set backend 1",
+                "set backend 2",
+                "set backend 3",
+                "set rev_nat 5",
+                "set service 10.96.0.10:53/17 slot 1",
+                "set service 10.96.0.10:53/17 slot 2",
+                "set service 10.96.0.10:53/17 slot 3",
+                "set service 10.96.0.10:53/17 slot 0",
+            ]
+        );
+        // Backend 2 goes: 3 moves into slot 2 before the count shrinks, slot 3 and backend 2
+        // go after it.
+        let two = service(&[1, 3]);
+        m.log.clear();
+        sync(&mut m, &three, &two).unwrap();
+        assert_eq!(
+            m.log,
+            [
+                "set service 10.96.0.10:53/17 slot 2",
+                "set service 10.96.0.10:53/17 slot 0",
+                "remove service 10.96.0.10:53/17 slot 3",
+                "remove backend 2",
+            ]
+        );
+        assert_eq!(m.state, two);
+        m.log.clear();
+        sync(&mut m, &two, &DatapathState::default()).unwrap();
+        assert_eq!(m.log.first().map(String::as_str), Some("remove service 10.96.0.10:53/17 slot 0"));
+        assert_eq!(m.log.last().map(String::as_str), Some("remove rev_nat 5"));
+    }
+
+    #[test]
+    fn writers_without_service_maps_fail_loudly() {
+        struct Old;
+        impl MapWriter for Old {
+            fn set_endpoint(&mut self, _: u32, _: &EndpointInfo) -> Result<(), MapsError> {
+                Ok(())
+            }
+            fn remove_endpoint(&mut self, _: u32) -> Result<(), MapsError> {
+                Ok(())
+            }
+            fn set_ipcache(&mut self, _: Ipv4Addr, _: u8, _: &IpcacheValue) -> Result<(), MapsError> {
+                Ok(())
+            }
+            fn remove_ipcache(&mut self, _: Ipv4Addr, _: u8) -> Result<(), MapsError> {
+                Ok(())
+            }
+            fn set_policy(&mut self, _: &PolicyKey, _: u32, _: &PolicyValue) -> Result<(), MapsError> {
+                Ok(())
+            }
+            fn remove_policy(&mut self, _: &PolicyKey, _: u32) -> Result<(), MapsError> {
+                Ok(())
+            }
+            fn read_state(&self) -> Result<DatapathState, MapsError> {
+                Ok(DatapathState::default())
+            }
+        }
+        let err = sync(&mut Old, &DatapathState::default(), &service(&[1])).unwrap_err();
+        assert!(matches!(err, MapsError::Unsupported { map: "backends" }), "{err}");
     }
 
     #[test]

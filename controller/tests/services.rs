@@ -1,0 +1,693 @@
+//! ClusterIP translation in the real TC programs on crafted packets (`BPF_PROG_TEST_RUN`):
+//! the packet that comes out, its checksums, conntrack and the translation records, egress
+//! policy on the backend, the spread over backends, affinity and the no-backend drop.
+//!
+//! Test runs put the packet on `lo` (ifindex 1), so the client pod is the endpoint keyed 1.
+#![expect(clippy::unwrap_used, clippy::expect_used, reason = "tests assert by panicking (STYLE 14)")]
+
+use std::collections::BTreeMap;
+use std::net::Ipv4Addr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use aya::maps::{HashMap, Map, MapData, RingBuf};
+use aya::programs::{TestRun, TestRunOptions};
+use bulkhead::datapath::{Datapath, DatapathState};
+use bulkhead_common::{
+    ct_flags, direction, endpoint_flags, map_names, program_names, proto, service_flags, verdict, Backend, CtEntry, CtKey, DropReason,
+    EndpointInfo, FlowEvent, IpcacheValue, LbNat, PolicyKey, PolicyValue, RevNat, ServiceKey, ServiceValue, POLICY_PREFIX_FULL,
+};
+
+const TC_ACT_OK: u32 = 0;
+const TC_ACT_SHOT: u32 = 2;
+const LO: u32 = 1;
+const CLIENT_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x01];
+const HOST_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0xfe];
+const CLIENT: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 1);
+const CLIENT_EP: u32 = 10;
+/// Backends 1..=3: 10.0.1.<id>, identity 400 + id, target port 8080 (TCP) or 5353 (UDP).
+const TARGET_PORT: u16 = 8080;
+const UDP_TARGET_PORT: u16 = 5353;
+/// A TCP Service port on one backend (1), allowed by egress policy.
+const VIP_ONE: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
+/// A TCP Service port on one backend (2), which egress policy does not allow.
+const VIP_DENIED: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 12);
+/// A TCP Service port on backends 1, 2, 3.
+const VIP_THREE: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 13);
+/// As VIP_THREE, with ClientIP affinity.
+const VIP_STICKY: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 14);
+/// A TCP Service port without backends.
+const VIP_EMPTY: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 11);
+const SERVICE_PORT: u16 = 80;
+const DNS_PORT: u16 = 53;
+const SYN: u8 = 0x02;
+const ACK: u8 = 0x10;
+
+fn backend_ip(id: u32) -> Ipv4Addr {
+    Ipv4Addr::new(10, 0, 1, id as u8)
+}
+
+/// The Service table the agent would compile: header and slots per Service port.
+fn services() -> DatapathState {
+    let mut s = DatapathState::default();
+    let mut port = |vip: Ipv4Addr, port: u16, protocol: u8, id: u32, backends: &[u32], flags: u8| {
+        let header = ServiceValue {
+            backend_count: backends.len() as u16,
+            flags,
+            affinity_timeout_s: 10_800,
+            service_id: id,
+            ..Default::default()
+        };
+        s.services.insert(ServiceKey::new(vip.octets(), port, protocol, 0), header);
+        let rev = RevNat {
+            vip: vip.octets(),
+            port: port.to_be_bytes(),
+            _pad: [0; 2],
+        };
+        s.rev_nat.insert(id, rev);
+        for (i, &b) in backends.iter().enumerate() {
+            let slot = ServiceValue {
+                backend_id: b,
+                service_id: id,
+                ..Default::default()
+            };
+            s.services.insert(ServiceKey::new(vip.octets(), port, protocol, i as u16 + 1), slot);
+        }
+    };
+    port(VIP_ONE, SERVICE_PORT, proto::TCP, 1, &[1], 0);
+    port(VIP_EMPTY, SERVICE_PORT, proto::TCP, 2, &[], 0);
+    port(VIP_DENIED, SERVICE_PORT, proto::TCP, 3, &[2], 0);
+    port(VIP_THREE, SERVICE_PORT, proto::TCP, 4, &[1, 2, 3], 0);
+    port(
+        VIP_STICKY,
+        SERVICE_PORT,
+        proto::TCP,
+        5,
+        &[1, 2, 3],
+        service_flags::AFFINITY_CLIENT_IP,
+    );
+    // UDP on the same VIP as TCP: the protocol is part of the key. Backends 11.. are the UDP
+    // target ports of the same pods.
+    port(VIP_ONE, DNS_PORT, proto::UDP, 6, &[11], 0);
+    for id in 1..=3u32 {
+        let tcp = Backend {
+            ip: backend_ip(id).octets(),
+            port: TARGET_PORT.to_be_bytes(),
+            ..Default::default()
+        };
+        s.backends.insert(id, tcp);
+        let udp = Backend {
+            port: UDP_TARGET_PORT.to_be_bytes(),
+            ..tcp
+        };
+        s.backends.insert(10 + id, udp);
+    }
+    s
+}
+
+/// A loaded datapath with its maps pinned in a directory of its own, removed on drop.
+struct Fixture {
+    dp: Datapath,
+    flows: RingBuf<MapData>,
+    pin_dir: PathBuf,
+}
+
+impl Drop for Fixture {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.pin_dir);
+    }
+}
+
+/// The client pod at `lo` with `flags`, backends 1..=3 in the ipcache, egress to backend 1
+/// on TCP/8080 and UDP/5353 allowed (rules 7 and 8), and [`services`].
+fn fixture(name: &str, flags: u32) -> Fixture {
+    let pin_dir = PathBuf::from(format!("/sys/fs/bpf/bulkhead-test-{}-svc-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&pin_dir);
+    let mut dp = Datapath::load(&pin_dir).unwrap_or_else(|e| {
+        let _ = std::fs::remove_dir_all(&pin_dir);
+        panic!("load datapath (needs root and BPF): {e:?}")
+    });
+    let flows = dp.take_flow_ring().expect("flow ring");
+    let mut f = Fixture { dp, flows, pin_dir };
+    let mut state = services();
+    for id in 1..=3u32 {
+        state.ipcache.insert(
+            (backend_ip(id), 32),
+            IpcacheValue {
+                identity: 400 + id,
+                flags: 0,
+            },
+        );
+    }
+    for (protocol, port, rule) in [(proto::TCP, TARGET_PORT, 7), (proto::UDP, UDP_TARGET_PORT, 8)] {
+        state.policy.insert(
+            (
+                PolicyKey::new(CLIENT_EP, 401, direction::EGRESS, protocol, port),
+                POLICY_PREFIX_FULL,
+            ),
+            PolicyValue { rule_id: rule, flags: 0 },
+        );
+    }
+    state.endpoints.insert(
+        LO,
+        EndpointInfo {
+            endpoint_id: CLIENT_EP,
+            identity: 300,
+            ipv4: CLIENT.octets(),
+            flags,
+            mac: CLIENT_MAC,
+            _pad: [0; 2],
+        },
+    );
+    bulkhead::datapath::sync::sync(&mut f.dp.maps, &DatapathState::default(), &state).unwrap();
+    assert_eq!(f.dp.maps.read_state().unwrap(), state, "read back");
+    f
+}
+
+/// The ones' complement sum of `data` (RFC 1071), folded, not inverted.
+fn sum16(data: &[u8], mut acc: u32) -> u32 {
+    for pair in data.chunks(2) {
+        let word = u16::from_be_bytes([pair[0], *pair.get(1).unwrap_or(&0)]);
+        acc += u32::from(word);
+    }
+    while acc > 0xffff {
+        acc = (acc & 0xffff) + (acc >> 16);
+    }
+    acc
+}
+
+fn pseudo_sum(src: Ipv4Addr, dst: Ipv4Addr, protocol: u8, l4_len: usize) -> u32 {
+    let mut p = Vec::new();
+    p.extend_from_slice(&src.octets());
+    p.extend_from_slice(&dst.octets());
+    p.extend_from_slice(&[0, protocol]);
+    p.extend_from_slice(&(l4_len as u16).to_be_bytes());
+    sum16(&p, 0)
+}
+
+/// An Ethernet + IPv4 frame with valid IP and L4 checksums; `l4` with its checksum field
+/// zero at `check_off` (None: leave the L4 checksum as given).
+fn frame(
+    dst_mac: [u8; 6],
+    src_mac: [u8; 6],
+    src: Ipv4Addr,
+    dst: Ipv4Addr,
+    protocol: u8,
+    mut l4: Vec<u8>,
+    check_off: Option<usize>,
+) -> Vec<u8> {
+    if let Some(off) = check_off {
+        let sum = sum16(&l4, pseudo_sum(src, dst, protocol, l4.len()));
+        l4[off..off + 2].copy_from_slice(&(!(sum as u16)).to_be_bytes());
+    }
+    let mut ip = vec![0x45, 0];
+    ip.extend_from_slice(&((20 + l4.len()) as u16).to_be_bytes());
+    ip.extend_from_slice(&[0, 1, 0x40, 0, 64, protocol, 0, 0]);
+    ip.extend_from_slice(&src.octets());
+    ip.extend_from_slice(&dst.octets());
+    let check = !(sum16(&ip, 0) as u16);
+    ip[10..12].copy_from_slice(&check.to_be_bytes());
+    let mut p = Vec::new();
+    p.extend_from_slice(&dst_mac);
+    p.extend_from_slice(&src_mac);
+    p.extend_from_slice(&0x0800u16.to_be_bytes());
+    p.extend_from_slice(&ip);
+    p.extend_from_slice(&l4);
+    p.resize(p.len().max(60), 0);
+    p
+}
+
+fn tcp_l4(sport: u16, dport: u16, flags: u8) -> Vec<u8> {
+    let mut l4 = Vec::new();
+    l4.extend_from_slice(&sport.to_be_bytes());
+    l4.extend_from_slice(&dport.to_be_bytes());
+    l4.extend_from_slice(&[0, 0, 0x12, 0x34, 0, 0, 0, 0, 0x50, flags, 0xff, 0xff, 0, 0, 0, 0]);
+    l4.extend_from_slice(b"hello");
+    l4
+}
+
+/// A TCP segment the client sends (at its `from_pod`).
+fn client_tcp(sport: u16, dst: Ipv4Addr, dport: u16, flags: u8) -> Vec<u8> {
+    frame(HOST_MAC, CLIENT_MAC, CLIENT, dst, proto::TCP, tcp_l4(sport, dport, flags), Some(16))
+}
+
+/// A TCP segment from `src` to the client (at its `to_pod`).
+fn to_client_tcp(src: Ipv4Addr, sport: u16, dport: u16, flags: u8) -> Vec<u8> {
+    frame(CLIENT_MAC, HOST_MAC, src, CLIENT, proto::TCP, tcp_l4(sport, dport, flags), Some(16))
+}
+
+fn udp_l4(sport: u16, dport: u16) -> Vec<u8> {
+    let mut l4 = Vec::new();
+    l4.extend_from_slice(&sport.to_be_bytes());
+    l4.extend_from_slice(&dport.to_be_bytes());
+    l4.extend_from_slice(&[0, 13, 0, 0]);
+    l4.extend_from_slice(b"query");
+    l4
+}
+
+/// What a test run did to a packet.
+struct Out {
+    packet: Vec<u8>,
+    duration: Duration,
+}
+
+impl Out {
+    fn ip(&self) -> &[u8] {
+        let total = usize::from(u16::from_be_bytes([self.packet[16], self.packet[17]]));
+        &self.packet[14..14 + total]
+    }
+    fn src(&self) -> (Ipv4Addr, u16) {
+        let ip = self.ip();
+        (Ipv4Addr::new(ip[12], ip[13], ip[14], ip[15]), u16::from_be_bytes([ip[20], ip[21]]))
+    }
+    fn dst(&self) -> (Ipv4Addr, u16) {
+        let ip = self.ip();
+        (Ipv4Addr::new(ip[16], ip[17], ip[18], ip[19]), u16::from_be_bytes([ip[22], ip[23]]))
+    }
+    /// Recomputes the IPv4 header checksum and the L4 checksum over the pseudo-header: both
+    /// must sum to 0xffff. A UDP checksum of 0 (none) is reported as such.
+    fn assert_checksums(&self) {
+        let ip = self.ip();
+        assert_eq!(sum16(&ip[..20], 0), 0xffff, "IPv4 header checksum of {:02x?}", &ip[..20]);
+        let (src, dst) = (self.src().0, self.dst().0);
+        let l4 = &ip[20..];
+        assert_eq!(
+            sum16(l4, pseudo_sum(src, dst, ip[9], l4.len())),
+            0xffff,
+            "L4 checksum (protocol {}) of {:02x?}",
+            ip[9],
+            l4
+        );
+    }
+}
+
+impl Fixture {
+    /// Runs `program` on `packet` `repeat` times; checks that exactly the counter of `reason`
+    /// moved, by `repeat` packets.
+    fn run_n(&mut self, program: &'static str, packet: &[u8], reason: DropReason, repeat: u32) -> Out {
+        let want = if reason == DropReason::Forwarded { TC_ACT_OK } else { TC_ACT_SHOT };
+        self.run_full(program, packet, reason, repeat, want, 0)
+    }
+
+    /// As [`Fixture::run_n`], expecting TC action `want`, with the skb mark set to `mark`.
+    fn run_full(&mut self, program: &'static str, packet: &[u8], reason: DropReason, repeat: u32, want: u32, mark: u32) -> Out {
+        // struct __sk_buff { __u32 len; __u32 pkt_type; __u32 mark; ... }: only mark set
+        // (test runs reject non-zero fields they do not copy; mark is copied).
+        let mut ctx = [0u8; 12];
+        ctx[8..12].copy_from_slice(&mark.to_ne_bytes());
+        let dir = if program == program_names::FROM_POD {
+            direction::EGRESS
+        } else {
+            direction::INGRESS
+        };
+        let before = self.dp.counters().unwrap();
+        let mut out = vec![0u8; packet.len() + 256];
+        let result = self
+            .dp
+            .program(program)
+            .unwrap()
+            .test_run(TestRunOptions {
+                data_in: Some(packet),
+                data_out: Some(&mut out),
+                ctx_in: (mark != 0).then_some(&ctx[..]),
+                repeat,
+                ..TestRunOptions::default()
+            })
+            .expect("BPF_PROG_TEST_RUN");
+        out.truncate(result.data_size_out as usize);
+        let after = self.dp.counters().unwrap();
+        let moved: Vec<_> = after
+            .iter()
+            .filter_map(|(r, d, c)| {
+                let b = before
+                    .iter()
+                    .find(|(br, bd, _)| br == r && bd == d)
+                    .map_or(0, |(_, _, b)| b.packets);
+                (c.packets != b).then_some((*r, *d, c.packets - b))
+            })
+            .collect();
+        assert_eq!(moved, vec![(reason, dir, u64::from(repeat))], "{program}: counters that moved");
+        assert_eq!(result.return_value, want, "{program}: action");
+        Out {
+            packet: out,
+            duration: result.duration,
+        }
+    }
+
+    fn run(&mut self, program: &'static str, packet: &[u8], reason: DropReason) -> Out {
+        self.run_n(program, packet, reason, 1)
+    }
+
+    fn drain(&mut self) -> Vec<FlowEvent> {
+        let mut out = Vec::new();
+        while let Some(item) = self.flows.next() {
+            assert_eq!(item.len(), std::mem::size_of::<FlowEvent>(), "record size");
+            // SAFETY: FlowEvent is plain old data and the length was checked above.
+            out.push(unsafe { std::ptr::read_unaligned(item.as_ptr().cast::<FlowEvent>()) });
+        }
+        out
+    }
+
+    /// A pinned map of the running datapath, opened as the agent's readers do.
+    fn pinned<K: aya::Pod, V: aya::Pod>(&self, name: &str) -> HashMap<MapData, K, V> {
+        let map = Map::from_map_data(MapData::from_pin(self.pin_dir.join(name)).unwrap()).unwrap();
+        HashMap::try_from(map).unwrap()
+    }
+}
+
+fn ct_key(saddr: Ipv4Addr, sport: u16, daddr: Ipv4Addr, dport: u16, protocol: u8, dir: u8) -> CtKey {
+    CtKey {
+        saddr: saddr.octets(),
+        daddr: daddr.octets(),
+        sport: sport.to_be_bytes(),
+        dport: dport.to_be_bytes(),
+        protocol,
+        direction: dir,
+        _pad: [0; 2],
+    }
+}
+
+const ISOLATED: u32 = endpoint_flags::ISOLATED_INGRESS | endpoint_flags::ISOLATED_EGRESS;
+
+#[test]
+fn a_syn_to_a_vip_goes_to_its_backend_and_the_reply_comes_back_from_the_vip() {
+    let mut f = fixture("tcp", ISOLATED);
+    let out = f.run(
+        program_names::FROM_POD,
+        &client_tcp(40000, VIP_ONE, SERVICE_PORT, SYN),
+        DropReason::Forwarded,
+    );
+    assert_eq!(out.dst(), (backend_ip(1), TARGET_PORT), "translated destination");
+    assert_eq!(out.src(), (CLIENT, 40000), "source untouched");
+    out.assert_checksums();
+    // Egress policy decided on the backend: its identity and target port, rule 7.
+    let records = f.drain();
+    assert_eq!(records.len(), 1, "{records:?}");
+    assert_eq!(
+        (records[0].remote_identity, records[0].rule_id, records[0].verdict),
+        (401, 7, verdict::FORWARDED)
+    );
+    assert_eq!(
+        (records[0].daddr, records[0].dport),
+        (backend_ip(1).octets(), TARGET_PORT.to_be_bytes())
+    );
+
+    // Conntrack holds the backend tuple, marked as a Service flow with the Service port's
+    // reverse-NAT index; the translation record holds the backend, keyed by the VIP tuple;
+    // no per-connection reverse record exists.
+    let ct = f.pinned::<CtKey, CtEntry>(map_names::CONNTRACK);
+    let fwd = ct_key(CLIENT, 40000, backend_ip(1), TARGET_PORT, proto::TCP, direction::EGRESS);
+    let entry = ct.get(&fwd, 0).expect("conntrack entry on the backend tuple");
+    assert_eq!(entry.rule_id, 7);
+    assert_ne!(entry.flags & ct_flags::SERVICE, 0, "service flag");
+    assert_eq!(ct_flags::rev_nat_index(entry.flags), 1, "reverse-NAT index: service id 1");
+    let nat = f.pinned::<CtKey, LbNat>(map_names::LB_NAT);
+    let to_backend = nat
+        .get(&ct_key(CLIENT, 40000, VIP_ONE, SERVICE_PORT, proto::TCP, direction::EGRESS), 0)
+        .unwrap();
+    assert_eq!(
+        (to_backend.addr, to_backend.port, to_backend.backend_id, to_backend.service_id),
+        (backend_ip(1).octets(), TARGET_PORT.to_be_bytes(), 1, 1)
+    );
+    assert_eq!(nat.keys().count(), 1, "one translation record per connection");
+
+    // The next packet of the flow: same backend, no new flow record.
+    let out = f.run(
+        program_names::FROM_POD,
+        &client_tcp(40000, VIP_ONE, SERVICE_PORT, ACK),
+        DropReason::Forwarded,
+    );
+    assert_eq!(out.dst(), (backend_ip(1), TARGET_PORT));
+    out.assert_checksums();
+
+    // The backend's reply at the client's to_pod: source back to VIP:port, checksums valid,
+    // admitted as a reply (no ingress rule allows backend 1 in).
+    let out = f.run(
+        program_names::TO_POD,
+        &to_client_tcp(backend_ip(1), TARGET_PORT, 40000, SYN | ACK),
+        DropReason::Forwarded,
+    );
+    assert_eq!(out.src(), (VIP_ONE, SERVICE_PORT), "reply source restored");
+    assert_eq!(out.dst(), (CLIENT, 40000));
+    out.assert_checksums();
+    assert!(f.drain().is_empty(), "established packets make no records");
+
+    // A packet from the backend that belongs to no connection is not rewritten (and is
+    // decided by ingress policy: denied).
+    f.run(
+        program_names::TO_POD,
+        &to_client_tcp(backend_ip(1), TARGET_PORT, 40001, SYN | ACK),
+        DropReason::PolicyDenied,
+    );
+}
+
+#[test]
+fn egress_policy_that_allows_another_pod_drops_the_connection_to_the_backend() {
+    let mut f = fixture("denied", ISOLATED);
+    f.run(
+        program_names::FROM_POD,
+        &client_tcp(40000, VIP_DENIED, SERVICE_PORT, SYN),
+        DropReason::PolicyDenied,
+    );
+    let records = f.drain();
+    assert_eq!(records.len(), 1);
+    let r = records[0];
+    assert_eq!(
+        (r.reason, r.remote_identity),
+        (DropReason::PolicyDenied as u8, 402),
+        "decided on backend 2"
+    );
+    assert_eq!((r.daddr, r.dport), (backend_ip(2).octets(), TARGET_PORT.to_be_bytes()));
+    // Nothing recorded for a denied connection.
+    assert_eq!(f.pinned::<CtKey, CtEntry>(map_names::CONNTRACK).keys().count(), 0);
+    let nat = f.pinned::<CtKey, LbNat>(map_names::LB_NAT);
+    assert!(nat
+        .get(&ct_key(CLIENT, 40000, VIP_DENIED, SERVICE_PORT, proto::TCP, direction::EGRESS), 0)
+        .is_err());
+}
+
+#[test]
+fn new_connections_spread_over_every_backend_and_each_keeps_its_own() {
+    let mut f = fixture("spread", 0);
+    let mut hits: BTreeMap<Ipv4Addr, u32> = BTreeMap::new();
+    let mut chosen = Vec::new();
+    for sport in 30000..30300u16 {
+        let out = f.run(
+            program_names::FROM_POD,
+            &client_tcp(sport, VIP_THREE, SERVICE_PORT, SYN),
+            DropReason::Forwarded,
+        );
+        out.assert_checksums();
+        let (ip, port) = out.dst();
+        assert_eq!(port, TARGET_PORT);
+        *hits.entry(ip).or_default() += 1;
+        chosen.push((sport, ip));
+    }
+    assert_eq!(
+        hits.keys().copied().collect::<Vec<_>>(),
+        [backend_ip(1), backend_ip(2), backend_ip(3)]
+    );
+    assert!(hits.values().all(|&n| n >= 60), "300 connections over 3 backends: {hits:?}");
+    // Later packets of each connection go where its first one went.
+    for &(sport, ip) in chosen.iter().step_by(7) {
+        let out = f.run(
+            program_names::FROM_POD,
+            &client_tcp(sport, VIP_THREE, SERVICE_PORT, ACK),
+            DropReason::Forwarded,
+        );
+        assert_eq!(out.dst().0, ip, "connection from port {sport}");
+    }
+}
+
+#[test]
+fn a_removed_backend_gets_no_new_connection_and_the_others_keep_theirs() {
+    let mut f = fixture("churn", 0);
+    let before = f.dp.maps.read_state().unwrap();
+    // Open connections until each backend has one.
+    let mut open: BTreeMap<Ipv4Addr, u16> = BTreeMap::new();
+    for sport in 32000..32300u16 {
+        let out = f.run(
+            program_names::FROM_POD,
+            &client_tcp(sport, VIP_THREE, SERVICE_PORT, SYN),
+            DropReason::Forwarded,
+        );
+        open.entry(out.dst().0).or_insert(sport);
+    }
+    assert_eq!(open.len(), 3);
+    // Backend 2 leaves VIP_THREE as the compiler would write it: backend 3 moves into slot
+    // 2, the count drops to 2 (backend 2 stays: VIP_DENIED still names it).
+    let mut after = before.clone();
+    let three = |slot| ServiceKey::new(VIP_THREE.octets(), SERVICE_PORT, proto::TCP, slot);
+    after.services.get_mut(&three(0)).unwrap().backend_count = 2;
+    after.services.get_mut(&three(2)).unwrap().backend_id = 3;
+    after.services.remove(&three(3));
+    bulkhead::datapath::sync::sync(&mut f.dp.maps, &before, &after).unwrap();
+    assert_eq!(f.dp.maps.read_state().unwrap(), after);
+    for sport in 33000..33200u16 {
+        let out = f.run(
+            program_names::FROM_POD,
+            &client_tcp(sport, VIP_THREE, SERVICE_PORT, SYN),
+            DropReason::Forwarded,
+        );
+        assert_ne!(
+            out.dst().0,
+            backend_ip(2),
+            "new connection from port {sport} to the removed backend"
+        );
+    }
+    // Established connections to the remaining backends keep them.
+    for ip in [backend_ip(1), backend_ip(3)] {
+        let out = f.run(
+            program_names::FROM_POD,
+            &client_tcp(open[&ip], VIP_THREE, SERVICE_PORT, ACK),
+            DropReason::Forwarded,
+        );
+        assert_eq!(out.dst().0, ip);
+    }
+}
+
+#[test]
+fn client_ip_affinity_holds_a_client_to_one_backend() {
+    let mut f = fixture("sticky", 0);
+    let mut seen = std::collections::BTreeSet::new();
+    for sport in 31000..31050u16 {
+        let out = f.run(
+            program_names::FROM_POD,
+            &client_tcp(sport, VIP_STICKY, SERVICE_PORT, SYN),
+            DropReason::Forwarded,
+        );
+        seen.insert(out.dst());
+    }
+    assert_eq!(seen.len(), 1, "50 connections with ClientIP affinity: {seen:?}");
+}
+
+#[test]
+fn a_service_port_without_backends_refuses_with_an_rst_counted_as_no_service_backend() {
+    const TC_ACT_REDIRECT: u32 = 7;
+    let mut f = fixture("empty", ISOLATED);
+    let syn = client_tcp(40000, VIP_EMPTY, SERVICE_PORT, SYN);
+    let out = f.run_full(program_names::FROM_POD, &syn, DropReason::NoServiceBackend, 1, TC_ACT_REDIRECT, 0);
+    let records = f.drain();
+    assert_eq!(records.len(), 1);
+    assert_eq!(
+        (records[0].reason, records[0].verdict),
+        (DropReason::NoServiceBackend as u8, verdict::DROPPED)
+    );
+    assert_eq!(
+        (records[0].daddr, records[0].dport),
+        (VIP_EMPTY.octets(), SERVICE_PORT.to_be_bytes())
+    );
+    assert_eq!(DropReason::NoServiceBackend as u32, 10);
+    assert_eq!(DropReason::NoServiceBackend.name(), "no_service_backend");
+    // What goes back to the pod: the VIP's RST|ACK for the SYN (seq 0, ack = the SYN's
+    // seq 0x1234 + 1 + 5 bytes of payload), to the pod's MAC, checksums valid.
+    assert_eq!(&out.packet[..6], &CLIENT_MAC, "to the pod");
+    assert_eq!(&out.packet[6..12], &HOST_MAC);
+    assert_eq!(out.src(), (VIP_EMPTY, SERVICE_PORT));
+    assert_eq!(out.dst(), (CLIENT, 40000));
+    let tcp = &out.ip()[20..];
+    assert_eq!(&tcp[4..8], &[0, 0, 0, 0], "seq");
+    assert_eq!(u32::from_be_bytes([tcp[8], tcp[9], tcp[10], tcp[11]]), 0x1234 + 1 + 5, "ack");
+    assert_eq!(tcp[13], 0x14, "RST|ACK");
+    out.assert_checksums();
+    // Redirected out of the veth towards the pod, it passes the pod's to_pod quietly
+    // (isolated ingress would otherwise deny a packet from the VIP).
+    let marked = f.run_full(
+        program_names::TO_POD,
+        &out.packet,
+        DropReason::Forwarded,
+        1,
+        TC_ACT_OK,
+        bulkhead_common::GENERATED_REPLY_MARK,
+    );
+    assert_eq!(marked.packet, out.packet);
+    assert!(f.drain().is_empty());
+    // Without the mark (a forged RST from the VIP) it is policy's to decide: denied.
+    f.run(program_names::TO_POD, &out.packet, DropReason::PolicyDenied);
+    // A non-SYN to the empty port is dropped, not answered; so is UDP (TODO(issue 11): ICMP).
+    f.run(
+        program_names::FROM_POD,
+        &client_tcp(40000, VIP_EMPTY, SERVICE_PORT, ACK),
+        DropReason::NoServiceBackend,
+    );
+    // Another port of the same address is no Service: the packet goes to policy as before.
+    f.run(
+        program_names::FROM_POD,
+        &client_tcp(40001, VIP_EMPTY, 81, SYN),
+        DropReason::PolicyDenied,
+    );
+}
+
+#[test]
+fn udp_services_translate_and_zero_checksums_stay_zero() {
+    let mut f = fixture("udp", ISOLATED);
+    let query = frame(HOST_MAC, CLIENT_MAC, CLIENT, VIP_ONE, proto::UDP, udp_l4(41000, DNS_PORT), Some(6));
+    let out = f.run(program_names::FROM_POD, &query, DropReason::Forwarded);
+    assert_eq!(out.dst(), (backend_ip(1), UDP_TARGET_PORT));
+    out.assert_checksums();
+    let records = f.drain();
+    assert_eq!((records[0].remote_identity, records[0].rule_id), (401, 8));
+    let mut answer_l4 = udp_l4(UDP_TARGET_PORT, 41000);
+    answer_l4.extend_from_slice(b"!");
+    answer_l4[5] = 14;
+    let answer = frame(CLIENT_MAC, HOST_MAC, backend_ip(1), CLIENT, proto::UDP, answer_l4, Some(6));
+    let out = f.run(program_names::TO_POD, &answer, DropReason::Forwarded);
+    assert_eq!(out.src(), (VIP_ONE, DNS_PORT));
+    out.assert_checksums();
+
+    // A datagram sent without a checksum (0) keeps none.
+    let bare = frame(HOST_MAC, CLIENT_MAC, CLIENT, VIP_ONE, proto::UDP, udp_l4(41001, DNS_PORT), None);
+    let out = f.run(program_names::FROM_POD, &bare, DropReason::Forwarded);
+    assert_eq!(out.dst(), (backend_ip(1), UDP_TARGET_PORT));
+    assert_eq!(&out.ip()[26..28], &[0, 0], "UDP checksum stays 'none'");
+    assert_eq!(sum16(&out.ip()[..20], 0), 0xffff, "IPv4 header checksum");
+}
+
+/// Not a benchmark (those live in bench/), but the per-packet cost the translation adds is
+/// worth seeing next to the direct path: `cargo test --test services -- --nocapture cost`.
+///
+/// One packet per test run: `BPF_PROG_TEST_RUN` runs its repetitions on the same skb, so a
+/// repeated translated packet would be the backend's packet from the second run on.
+#[test]
+fn translation_cost_next_to_the_direct_path() {
+    const N: u16 = 2000;
+    let mut f = fixture("cost", ISOLATED);
+    let median = |mut v: Vec<Duration>| {
+        v.sort();
+        v[v.len() / 2]
+    };
+    let (mut syn_direct, mut syn_via, mut ack_direct, mut ack_via, mut reply_direct, mut reply_via) =
+        (vec![], vec![], vec![], vec![], vec![], vec![]);
+    // Interleaved, so that both paths see the same machine. Every SYN opens a new flow.
+    for i in 0..N {
+        let (direct, via) = (20000 + i, 40000 + i);
+        let run = |f: &mut Fixture, program, packet: Vec<u8>| f.run(program, &packet, DropReason::Forwarded).duration;
+        syn_direct.push(run(
+            &mut f,
+            program_names::FROM_POD,
+            client_tcp(direct, backend_ip(1), TARGET_PORT, SYN),
+        ));
+        syn_via.push(run(&mut f, program_names::FROM_POD, client_tcp(via, VIP_ONE, SERVICE_PORT, SYN)));
+        ack_direct.push(run(
+            &mut f,
+            program_names::FROM_POD,
+            client_tcp(direct, backend_ip(1), TARGET_PORT, ACK),
+        ));
+        ack_via.push(run(&mut f, program_names::FROM_POD, client_tcp(via, VIP_ONE, SERVICE_PORT, ACK)));
+        let to_direct = to_client_tcp(backend_ip(1), TARGET_PORT, direct, ACK);
+        reply_direct.push(run(&mut f, program_names::TO_POD, to_direct));
+        let to_via = to_client_tcp(backend_ip(1), TARGET_PORT, via, ACK);
+        let out = f.run(program_names::TO_POD, &to_via, DropReason::Forwarded);
+        assert_eq!(out.src(), (VIP_ONE, SERVICE_PORT));
+        reply_via.push(out.duration);
+    }
+    eprintln!(
+        "median per packet (one run each, n={N}): new flow direct {:?} / via VIP {:?}; established direct {:?} / via VIP {:?}; reply direct {:?} / restored to VIP {:?}",
+        median(syn_direct),
+        median(syn_via),
+        median(ack_direct),
+        median(ack_via),
+        median(reply_direct),
+        median(reply_via)
+    );
+}

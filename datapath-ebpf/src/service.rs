@@ -1,0 +1,224 @@
+//! ClusterIP translation (Cilium's lb4 is the model): a Service port's header and backend
+//! slots in one hash map, backends in another, and each connection's choice in an LRU map
+//! beside conntrack, so that every later packet goes to the same backend. Replies find the
+//! VIP through the reverse-NAT index their conntrack entry carries (one static entry per
+//! Service port, no per-connection record). Per packet: one header lookup, then one
+//! translation lookup; a new connection adds one slot and one backend lookup (two more with
+//! ClientIP affinity) and one LRU insert. See datapath-ebpf/SERVICES.md.
+
+use aya_ebpf::{
+    bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR},
+    helpers::bpf_get_prandom_u32,
+    macros::map,
+    maps::{HashMap, LruHashMap},
+    programs::TcContext,
+};
+use bulkhead_common::{
+    backend_slot, capacity, direction, proto, service_flags, AffinityKey, AffinityValue, Backend, CtKey, DropReason, LbNat, RevNat,
+    ServiceKey, ServiceValue,
+};
+
+use crate::packet::{IP_CHECK_OFF, IP_DADDR_OFF, IP_SADDR_OFF, L3, TCP_CHECK_OFF, UDP_CHECK_OFF};
+
+// Map names must equal bulkhead_common::map_names (the agent looks them up by those).
+#[map(name = "bh_svc_v1")]
+static SERVICES: HashMap<ServiceKey, ServiceValue> = HashMap::pinned(capacity::SERVICES, 0);
+
+#[map(name = "bh_be_v1")]
+static BACKENDS: HashMap<u32, Backend> = HashMap::pinned(capacity::BACKENDS, 0);
+
+#[map(name = "bh_lbnat_v1")]
+static LB_NAT: LruHashMap<CtKey, LbNat> = LruHashMap::pinned(capacity::LB_NAT, 0);
+
+#[map(name = "bh_lbrev_v1")]
+static REV_NAT: HashMap<u32, RevNat> = HashMap::pinned(capacity::REV_NAT, 0);
+
+#[map(name = "bh_lbaff_v1")]
+static AFFINITY: LruHashMap<AffinityKey, AffinityValue> = LruHashMap::pinned(capacity::AFFINITY, 0);
+
+const NS_PER_SEC: u64 = 1_000_000_000;
+
+/// Where a packet to a Service port goes.
+pub struct Translation {
+    /// The backend's address and port, the backend and the Service port.
+    pub nat: LbNat,
+    /// The client→VIP tuple, the forward record's key.
+    pub key: CtKey,
+    /// Chosen now (no record yet): [`record`] must store it once the flow is admitted.
+    pub new: bool,
+}
+
+/// The translation of a packet from a pod when its destination is a Service port, `None`
+/// when it is not one. Only TCP and UDP: rewriting an SCTP port would need the CRC32c
+/// recomputed over the whole packet (TODO(issue 11)).
+#[inline(always)]
+pub fn forward(l3: &L3, now: u64) -> Result<Option<Translation>, DropReason> {
+    if l3.protocol != proto::TCP && l3.protocol != proto::UDP {
+        return Ok(None);
+    }
+    let mut skey = ServiceKey::new(l3.daddr, u16::from_be_bytes(l3.dport), l3.protocol, 0);
+    // SAFETY: the value is copied out at once; a concurrent update gives the old or the new one.
+    let Some(header) = (unsafe { SERVICES.get(skey) }).copied() else {
+        return Ok(None);
+    };
+    let key = CtKey {
+        saddr: l3.saddr,
+        daddr: l3.daddr,
+        sport: l3.sport,
+        dport: l3.dport,
+        protocol: l3.protocol,
+        direction: direction::EGRESS,
+        _pad: [0; 2],
+    };
+    // SAFETY: as above.
+    if let Some(nat) = unsafe { LB_NAT.get(key) }.copied() {
+        // A record left by an earlier Service on this VIP:port is not this one's.
+        if nat.service_id == header.service_id {
+            return Ok(Some(Translation { nat, key, new: false }));
+        }
+    }
+    let backend_id = pick(&header, &mut skey, l3, now)?;
+    // SAFETY: as above.
+    let backend = unsafe { BACKENDS.get(backend_id) }.copied().ok_or(DropReason::NoServiceBackend)?;
+    let nat = LbNat {
+        addr: backend.ip,
+        port: backend.port,
+        _pad: [0; 2],
+        backend_id,
+        service_id: header.service_id,
+    };
+    Ok(Some(Translation { nat, key, new: true }))
+}
+
+/// The backend for a new connection: the client's affinity when the Service has one and it
+/// is fresh, else a random slot (one computed index, one lookup).
+#[inline(always)]
+fn pick(header: &ServiceValue, skey: &mut ServiceKey, l3: &L3, now: u64) -> Result<u32, DropReason> {
+    let affinity = header.flags & service_flags::AFFINITY_CLIENT_IP != 0;
+    let akey = AffinityKey {
+        client: l3.saddr,
+        service_id: header.service_id,
+    };
+    if affinity {
+        if let Some(a) = AFFINITY.get_ptr_mut(akey) {
+            // SAFETY: the pointer is valid until the program ends; a racing writer stores
+            // the same kind of value.
+            unsafe {
+                let timeout = u64::from(header.affinity_timeout_s) * NS_PER_SEC;
+                let id = (*a).backend_id;
+                // A backend since removed frees the client to pick again.
+                let alive = BACKENDS.get(id).is_some();
+                if alive && now.saturating_sub((*a).last_used_ns) <= timeout {
+                    (*a).last_used_ns = now;
+                    return Ok(id);
+                }
+            }
+        }
+    }
+    // SAFETY: bpf_get_prandom_u32 has no preconditions.
+    let pick = unsafe { bpf_get_prandom_u32() };
+    skey.slot = backend_slot(pick, header.backend_count).ok_or(DropReason::NoServiceBackend)?;
+    // SAFETY: copied out at once, as above.
+    let id = unsafe { SERVICES.get(*skey) }
+        .map(|v| v.backend_id)
+        .ok_or(DropReason::NoServiceBackend)?;
+    if affinity {
+        let value = AffinityValue {
+            last_used_ns: now,
+            backend_id: id,
+            _pad: 0,
+        };
+        // A full LRU evicts; failing to remember affinity must not fail the connection.
+        let _ = AFFINITY.insert(akey, value, 0);
+    }
+    Ok(id)
+}
+
+/// Stores a new connection's translation, for its later packets.
+#[inline(always)]
+pub fn record(t: &Translation) -> Result<(), DropReason> {
+    LB_NAT.insert(t.key, t.nat, 0).map_err(|_| DropReason::CtInsertFailed)
+}
+
+/// The VIP and port a reply on a connection with reverse-NAT index `index` gets back.
+#[inline(always)]
+pub fn reverse(index: u32) -> Option<RevNat> {
+    // SAFETY: copied out at once.
+    unsafe { REV_NAT.get(index) }.copied()
+}
+
+const TCP_RST_ACK: u8 = 0x14;
+
+/// Turns a TCP SYN into the RST|ACK its destination would answer with (RFC 9293 3.10.7.1:
+/// seq 0, ack = SEG.SEQ + SEG.LEN) in place: ends swapped (which leaves both checksums
+/// as they are: a ones' complement sum does not depend on order), seq, ack and flags
+/// changed with incremental checksum updates. The caller redirects it back to the pod.
+#[inline(always)]
+pub fn reset(ctx: &TcContext, l3: &L3) -> Result<(), DropReason> {
+    let fail = |_| DropReason::Malformed;
+    let l4 = l3.l4_off;
+    let eth: [u8; 12] = ctx.load(0).map_err(fail)?;
+    let tot_len: [u8; 2] = ctx.load(IP_CHECK_OFF - 8).map_err(fail)?;
+    let seq: [u8; 4] = ctx.load(l4 + 4).map_err(fail)?;
+    let old_ack: [u8; 4] = ctx.load(l4 + 8).map_err(fail)?;
+    let off_flags: [u8; 2] = ctx.load(l4 + 12).map_err(fail)?;
+    let ihl = l4 - crate::packet::ETH_HLEN;
+    let doff = usize::from(off_flags[0] >> 4) * 4;
+    // SYN counts one, then any payload it carries.
+    let payload = usize::from(u16::from_be_bytes(tot_len)).saturating_sub(ihl + doff) as u32;
+    let ack = u32::from_be_bytes(seq).wrapping_add(1).wrapping_add(payload).to_be_bytes();
+    let new_off_flags = [off_flags[0], TCP_RST_ACK];
+    let check = l4 + TCP_CHECK_OFF;
+    let word = |b: [u8; 4]| u64::from(u32::from_ne_bytes(b));
+    ctx.l4_csum_replace(check, word(seq), 0, 4).map_err(fail)?;
+    ctx.l4_csum_replace(check, word(old_ack), word(ack), 4).map_err(fail)?;
+    let half = |b: [u8; 2]| u64::from(u16::from_ne_bytes(b));
+    ctx.l4_csum_replace(check, half(off_flags), half(new_off_flags), 2).map_err(fail)?;
+    ctx.store(l4 + 4, &[0u8; 4], 0).map_err(fail)?;
+    ctx.store(l4 + 8, &ack, 0).map_err(fail)?;
+    ctx.store(l4 + 12, &new_off_flags, 0).map_err(fail)?;
+    ctx.store(l4, &[l3.dport, l3.sport], 0).map_err(fail)?;
+    ctx.store(IP_SADDR_OFF, &[l3.daddr, l3.saddr], 0).map_err(fail)?;
+    let mut swapped = [0u8; 12];
+    swapped[..6].copy_from_slice(&eth[6..]);
+    swapped[6..].copy_from_slice(&eth[..6]);
+    ctx.store(0, &swapped, 0).map_err(fail)
+}
+
+/// Which end of the packet a rewrite changes.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum End {
+    /// The destination (forward translation).
+    Destination,
+    /// The source (a reply's reverse translation).
+    Source,
+}
+
+/// Rewrites one end's address and port to `addr`/`port`, fixing the IPv4 and the TCP/UDP checksums
+/// incrementally (the address is in the L4 pseudo-header, hence `BPF_F_PSEUDO_HDR`).
+#[inline(always)]
+pub fn rewrite(ctx: &TcContext, l3: &L3, end: End, addr: [u8; 4], port: [u8; 2]) -> Result<(), DropReason> {
+    let (addr_off, port_off, old_addr, old_port) = match end {
+        End::Destination => (IP_DADDR_OFF, l3.l4_off + 2, l3.daddr, l3.dport),
+        End::Source => (IP_SADDR_OFF, l3.l4_off, l3.saddr, l3.sport),
+    };
+    let (check_off, mangled) = match l3.protocol {
+        proto::TCP => (l3.l4_off + TCP_CHECK_OFF, 0),
+        // A zero UDP checksum means "none" and must stay zero; a result of zero is sent as
+        // 0xffff (RFC 768). BPF_F_MARK_MANGLED_0 does both.
+        _ => (l3.l4_off + UDP_CHECK_OFF, u64::from(BPF_F_MARK_MANGLED_0)),
+    };
+    let from_addr = u64::from(u32::from_ne_bytes(old_addr));
+    let to_addr = u64::from(u32::from_ne_bytes(addr));
+    let from_port = u64::from(u16::from_ne_bytes(old_port));
+    let to_port = u64::from(u16::from_ne_bytes(port));
+    let fail = |_| DropReason::Malformed;
+    ctx.l4_csum_replace(check_off, from_addr, to_addr, u64::from(BPF_F_PSEUDO_HDR) | mangled | 4)
+        .map_err(fail)?;
+    if old_port != port {
+        ctx.l4_csum_replace(check_off, from_port, to_port, mangled | 2).map_err(fail)?;
+        ctx.store(port_off, &port, 0).map_err(fail)?;
+    }
+    ctx.l3_csum_replace(IP_CHECK_OFF, from_addr, to_addr, 4).map_err(fail)?;
+    ctx.store(addr_off, &addr, 0).map_err(fail)
+}
