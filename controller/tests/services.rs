@@ -604,6 +604,28 @@ fn a_service_port_without_backends_refuses_with_an_rst_counted_as_no_service_bac
     assert!(f.drain().is_empty());
     // Without the mark (a forged RST from the VIP) it is policy's to decide: denied.
     f.run(program_names::TO_POD, &out.packet, DropReason::PolicyDenied);
+    // The mark opens nothing else: the same RST from an address that is no Service port, or
+    // a marked packet that is no RST, meets policy like any other.
+    let mut not_a_vip = out.packet.clone();
+    not_a_vip[26..30].copy_from_slice(&[10, 9, 9, 9]);
+    f.run_full(
+        program_names::TO_POD,
+        &not_a_vip,
+        DropReason::PolicyDenied,
+        1,
+        TC_ACT_SHOT,
+        bulkhead_common::GENERATED_REPLY_MARK,
+    );
+    let mut not_a_reset = out.packet.clone();
+    not_a_reset[14 + 20 + 13] = 0x10;
+    f.run_full(
+        program_names::TO_POD,
+        &not_a_reset,
+        DropReason::PolicyDenied,
+        1,
+        TC_ACT_SHOT,
+        bulkhead_common::GENERATED_REPLY_MARK,
+    );
     // A non-SYN to the empty port is dropped, not answered; so is UDP (TODO(issue 11): ICMP).
     f.run(
         program_names::FROM_POD,

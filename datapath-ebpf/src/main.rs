@@ -18,11 +18,11 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use bulkhead_common::{
-    capacity, counter_index, ct_flags, ct_lifetime_ns, direction, endpoint_flags, identity, remote_lookup_prefix, rule_id, verdict,
+    capacity, counter_index, ct_flags, ct_lifetime_ns, direction, endpoint_flags, identity, proto, remote_lookup_prefix, rule_id, verdict,
     Counter, CtEntry, CtKey, DropReason, EndpointInfo, FlowEvent, IpcacheValue, Ipv4Key, PolicyKey, PolicyValue, COUNTER_SLOTS,
     CT_CLOSING_LIFETIME_NS, CT_REFRESH_NS, GENERATED_REPLY_MARK, POLICY_PREFIX_FULL,
 };
-use packet::{Headers, L3};
+use packet::{Headers, L3, TCP_RST};
 
 // Map names must equal bulkhead_common::map_names (the agent looks them up by those).
 #[map(name = "bh_endp_v1")]
@@ -200,8 +200,14 @@ fn try_to_pod(ctx: &TcContext, flow: &mut FlowEvent) -> Result<Pass, DropReason>
     }
     // SAFETY: the context pointer is valid for the program's whole run.
     let mark = unsafe { (*ctx.skb.skb).mark };
-    // Our own refusal, sent back by this pod's from_pod (the mark cannot come from a pod).
-    if mark & GENERATED_REPLY_MARK != 0 {
+    // Our own refusal, sent back by this pod's from_pod (the mark cannot come from a pod):
+    // exactly a TCP RST from a Service port, so that a mark set by anyone else on the node
+    // never opens a pod's ingress.
+    if mark & GENERATED_REPLY_MARK != 0
+        && l3.protocol == proto::TCP
+        && l3.tcp_flags & TCP_RST != 0
+        && service::is_service_port(l3.saddr, u16::from_be_bytes(l3.sport), l3.protocol)
+    {
         return Ok(Pass::Quiet);
     }
     let (pass, reply_flags) = admit(&ep, direction::INGRESS, &l3, l3.saddr, mark, flow, 0)?;

@@ -18,7 +18,7 @@ const MAX_PARSE: u32 = (ETH_HLEN + 60 + 14) as u32;
 const TCP_SYN: u8 = 0x02;
 const TCP_ACK: u8 = 0x10;
 const TCP_FIN: u8 = 0x01;
-const TCP_RST: u8 = 0x04;
+pub const TCP_RST: u8 = 0x04;
 const ICMP_ECHO_REPLY: u8 = 0;
 const ICMP_ECHO_REQUEST: u8 = 8;
 

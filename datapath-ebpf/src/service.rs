@@ -90,6 +90,14 @@ pub fn forward(l3: &L3, now: u64) -> Result<Option<Translation>, DropReason> {
     Ok(Some(Translation { nat, key, new: true }))
 }
 
+/// Whether `addr:port`/`protocol` is a Service port (its header exists): the only source a
+/// generated refusal may carry.
+#[inline(always)]
+pub fn is_service_port(addr: [u8; 4], port: u16, protocol: u8) -> bool {
+    // SAFETY: only presence is read.
+    unsafe { SERVICES.get(ServiceKey::new(addr, port, protocol, 0)) }.is_some()
+}
+
 /// The backend for a new connection: the client's affinity when the Service has one and it
 /// is fresh, else a random slot (one computed index, one lookup).
 #[inline(always)]
