@@ -319,6 +319,16 @@ const LISTED_NODES: [&str; 3] = [
     "node-c - 192.168.0.3",
 ];
 
+/// The first watch on `path` resumes from the recorded list's resourceVersion (100), with
+/// bookmarks.
+fn assert_watch_resumes_the_list(api: &FakeApi, path: &str) {
+    let watch = &api.requests(&format!("watch {path}"))[0];
+    assert!(
+        watch.contains("resourceVersion=100") && watch.contains("allowWatchBookmarks=true"),
+        "{watch}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn initial_lists_build_the_model_and_nothing_is_served_before() {
     let api = FakeApi::start().await;
@@ -510,11 +520,7 @@ async fn service_and_endpoint_slice_watch_events_update_the_service_table() {
         want.map(|l| l.split_whitespace().collect::<Vec<_>>().join(" "))
     );
     for path in [SERVICES, SLICES] {
-        let watch = &api.requests(&format!("watch {path}"))[0];
-        assert!(
-            watch.contains("resourceVersion=100") && watch.contains("allowWatchBookmarks=true"),
-            "{watch}"
-        );
+        assert_watch_resumes_the_list(&api, path);
     }
     assert_eq!(source.failures(), 0);
     assert!(source.poll(false).unwrap().is_none());
@@ -578,11 +584,7 @@ async fn watch_events_and_bookmarks_update_the_model() {
     assert_eq!(pod_names(&cluster), ["dev/client2", "prod/db", "prod/web"]);
     assert_eq!(labels(&cluster, "prod", "web"), kv(&[("app", "web"), ("tier", "front")]));
     // The watch started at the list's resourceVersion, with bookmarks on.
-    let watch = &api.requests("watch /api/v1/pods")[0];
-    assert!(
-        watch.contains("resourceVersion=100") && watch.contains("allowWatchBookmarks=true"),
-        "{watch}"
-    );
+    assert_watch_resumes_the_list(&api, PODS);
     assert_eq!(source.failures(), 0);
 }
 
@@ -691,11 +693,7 @@ async fn node_watch_events_update_the_model() {
     );
     // This node's pod CIDR is still its own.
     assert_eq!(source.pod_cidr(), Some("10.244.1.0/24".parse().unwrap()));
-    let watch = &api.requests("watch /api/v1/nodes")[0];
-    assert!(
-        watch.contains("resourceVersion=100") && watch.contains("allowWatchBookmarks=true"),
-        "{watch}"
-    );
+    assert_watch_resumes_the_list(&api, NODES);
     assert_eq!(source.failures(), 0);
     // Nothing changed since.
     assert!(source.poll(false).unwrap().is_none());
