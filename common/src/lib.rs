@@ -485,7 +485,11 @@ pub struct FlowEvent {
     /// TCP flags of the packet (0 for other protocols).
     pub tcp_flags: u8,
     /// Explicit padding; always zero.
-    pub _pad: [u8; 3],
+    pub _pad: u8,
+    /// The Service port ([`ServiceValue::service_id`]) the packet was sent to before it was
+    /// translated to a backend; 0 when it was not. The agent names the Service and the
+    /// original VIP:port from it. (Was padding: older records read as "no Service".)
+    pub service_id: u16,
 }
 
 /// A Service map key: a Service port (`vip`, `dport`, `protocol`) and a slot. Slot 0 is

@@ -117,7 +117,8 @@ fn event(endpoint_id: u32, from: [u8; 4], to: [u8; 4], dir: u8, verdict: u8, rea
         verdict,
         reason: reason as u8,
         tcp_flags: 0x02,
-        _pad: [0; 3],
+        _pad: 0,
+        service_id: 0,
     }
 }
 
