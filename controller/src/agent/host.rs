@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
 use std::path::PathBuf;
 
-use bulkhead_common::{EndpointInfo, IpcacheValue, PolicyKey, PolicyValue};
+use bulkhead_common::{Backend, EndpointInfo, IpcacheValue, PolicyKey, PolicyValue, RevNat, ServiceKey, ServiceValue};
 use bulkhead_hostnet::netlink::{self as cni_netlink, with_handle};
 
 use crate::datapath::sync::{MapWriter, MapsError};
@@ -60,6 +60,24 @@ impl MapWriter for Datapath {
     }
     fn read_state(&self) -> Result<DatapathState, MapsError> {
         self.maps.read_state()
+    }
+    fn set_service(&mut self, key: &ServiceKey, value: &ServiceValue) -> Result<(), MapsError> {
+        self.maps.set_service(key, value)
+    }
+    fn remove_service(&mut self, key: &ServiceKey) -> Result<(), MapsError> {
+        self.maps.remove_service(key)
+    }
+    fn set_backend(&mut self, id: u32, value: &Backend) -> Result<(), MapsError> {
+        self.maps.set_backend(id, value)
+    }
+    fn remove_backend(&mut self, id: u32) -> Result<(), MapsError> {
+        self.maps.remove_backend(id)
+    }
+    fn set_rev_nat(&mut self, id: u32, value: &RevNat) -> Result<(), MapsError> {
+        self.maps.set_rev_nat(id, value)
+    }
+    fn remove_rev_nat(&mut self, id: u32) -> Result<(), MapsError> {
+        self.maps.remove_rev_nat(id)
     }
 }
 

@@ -8,6 +8,7 @@ mod host;
 mod network;
 mod registry;
 mod server;
+mod services;
 #[cfg(test)]
 mod tests;
 
@@ -142,6 +143,8 @@ pub fn run(args: AgentArgs) -> Result<(), AgentError> {
     let listen = metrics::Listen::from_flags(&args.metrics_address, metrics_fd)?;
     // Reconcile against what the pinned maps really hold (an earlier agent's entries).
     let applied = datapath.maps.read_state()?;
+    // Service ids in use stay theirs: open connections name them in conntrack.
+    let services = services::Services::new(args.services, &applied);
     let source: Box<dyn Source> = match (args.source, &args.manifests) {
         (SourceKind::Files, Some(dir)) => Box::new(FileSource::new(dir)),
         (SourceKind::Files, None) => return Err(ConfigError::NoManifests.into()),
@@ -188,6 +191,7 @@ pub fn run(args: AgentArgs) -> Result<(), AgentError> {
         pod_cidr_pinned: args.pod_cidr.is_some(),
         network: network::Network::new(&args, Box::new(network::KernelNetwork)),
         pod_mtu_published: None,
+        services,
     };
     agent.note_host_addresses(addresses);
     agent.refresh(true)?;
