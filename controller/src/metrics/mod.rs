@@ -515,6 +515,14 @@ mod tests {
         m.set_flow_events_lost(2);
         m.observe_implementation_delay(Duration::from_millis(3));
         m.set_state(2, 3, 1, &DatapathState::default());
+        m.record_translation("forwarded", "x/web");
+        m.set_services(
+            3,
+            crate::datapath::services::LeftOut {
+                untranslatable: 1,
+                ..Default::default()
+            },
+        );
         m.cni_request("add", true);
         m.cni_request("del", false);
         m.error(ErrorKind::Source);
@@ -530,6 +538,9 @@ mod tests {
             "bulkhead_drops_total{direction=\"ingress\",reason=\"policy_denied\"} 3",
             "bulkhead_dropped_bytes_total{direction=\"ingress\",reason=\"policy_denied\"} 180",
             "bulkhead_flow_events_lost_total 4",
+            "bulkhead_service_translations_total{service=\"x/web\",verdict=\"forwarded\"} 1",
+            "bulkhead_service_ports 3",
+            "bulkhead_services_left_out{reason=\"untranslatable\"} 1",
             "bulkhead_map_entries{map=\"conntrack\"} 5",
             "bulkhead_map_capacity{map=\"policy\"} 262144",
             "bulkhead_policy_verdicts_total{direction=\"egress\",policy=\"x/allow-b\",verdict=\"forwarded\"} 1",
