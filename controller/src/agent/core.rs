@@ -223,6 +223,17 @@ impl Agent {
         }
     }
 
+    /// Reads this node's addresses; on an error the last good set stays (logged, counted).
+    pub(super) fn read_host_addresses(&mut self) {
+        match self.links.addresses() {
+            Ok(addresses) => self.note_host_addresses(addresses),
+            Err(e) => {
+                self.metrics.error(ErrorKind::Network);
+                tracing::warn!(error = %error_chain(&e), kept = ?self.host_addresses, "cannot list node addresses; keeping the last ones");
+            }
+        }
+    }
+
     /// Takes this node's current addresses; a change is programmed by the next refresh.
     pub(super) fn note_host_addresses(&mut self, addresses: Vec<Ipv4Addr>) {
         if addresses != self.host_addresses {

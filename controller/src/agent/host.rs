@@ -83,9 +83,9 @@ impl MapWriter for Datapath {
 
 /// The host's links and addresses, in the agent's network namespace.
 pub(super) trait HostLinks: Send {
-    /// This node's own IPv4 addresses (empty when they cannot be read: the node then gets
-    /// no HOST allowance, which fails closed).
-    fn addresses(&self) -> Vec<Ipv4Addr>;
+    /// This node's own IPv4 addresses. An error is never an empty list: the caller keeps
+    /// the last good set (an empty one would drop kubelet's probes until the next read).
+    fn addresses(&self) -> Result<Vec<Ipv4Addr>, AgentError>;
     /// The ifindex of each of `names` that exists.
     fn live(&self, names: Vec<String>) -> Result<BTreeMap<String, u32>, AgentError>;
     /// Deletes each of `names` that exists; absence is success.
@@ -97,8 +97,11 @@ pub(super) trait HostLinks: Send {
 pub(super) struct NetlinkLinks;
 
 impl HostLinks for NetlinkLinks {
-    fn addresses(&self) -> Vec<Ipv4Addr> {
-        host_addresses()
+    fn addresses(&self) -> Result<Vec<Ipv4Addr>, AgentError> {
+        with_handle(None, |h| async move { cni_netlink::all_ipv4_addresses(&h).await }).map_err(|e| AgentError::Link {
+            op: "list addresses",
+            source: Box::new(e),
+        })
     }
 
     fn live(&self, names: Vec<String>) -> Result<BTreeMap<String, u32>, AgentError> {
@@ -129,14 +132,6 @@ impl HostLinks for NetlinkLinks {
             source: Box::new(e),
         })
     }
-}
-
-/// This node's own IPv4 addresses over netlink, empty (and logged) when they cannot be read.
-pub(super) fn host_addresses() -> Vec<Ipv4Addr> {
-    with_handle(None, |h| async move { cni_netlink::all_ipv4_addresses(&h).await }).unwrap_or_else(|e| {
-        tracing::warn!(error = %error_chain(&e), "cannot list node addresses");
-        Vec::new()
-    })
 }
 
 /// Where the endpoint registry persists.

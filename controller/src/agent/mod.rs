@@ -165,7 +165,6 @@ pub fn run(args: AgentArgs) -> Result<(), AgentError> {
     let endpoints = store.load()?;
     let changes = source.changes();
     let links = NetlinkLinks;
-    let addresses = links.addresses();
     let mut agent = Agent {
         node_name: args.node_name.clone(),
         source,
@@ -193,7 +192,7 @@ pub fn run(args: AgentArgs) -> Result<(), AgentError> {
         pod_mtu_published: None,
         services,
     };
-    agent.note_host_addresses(addresses);
+    agent.read_host_addresses();
     agent.refresh(true)?;
     // Endpoints deleted while the agent was away (CNI DEL carries on without it).
     match agent.reconcile_links() {

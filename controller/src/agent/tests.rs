@@ -169,14 +169,24 @@ impl Programs for FakeDatapath {
 struct Links {
     live: BTreeMap<String, u32>,
     deleted: Vec<String>,
+    addresses_fail: bool,
 }
 
 #[derive(Clone, Debug, Default)]
 struct FakeLinks(Arc<Mutex<Links>>);
 
 impl HostLinks for FakeLinks {
-    fn addresses(&self) -> Vec<Ipv4Addr> {
-        vec![Ipv4Addr::new(192, 168, 0, 1)]
+    fn addresses(&self) -> Result<Vec<Ipv4Addr>, AgentError> {
+        match self.0.lock().unwrap().addresses_fail {
+            true => Err(AgentError::Link {
+                op: "list addresses",
+                source: Box::new(bulkhead_hostnet::netlink::NetlinkError::Connection {
+                    netns: "node".into(),
+                    source: std::io::Error::from_raw_os_error(libc::ENOBUFS),
+                }),
+            }),
+            false => Ok(vec![Ipv4Addr::new(192, 168, 0, 1)]),
+        }
     }
     fn live(&self, names: Vec<String>) -> Result<BTreeMap<String, u32>, AgentError> {
         let links = self.0.lock().unwrap();
@@ -551,4 +561,22 @@ fn a_service_write_that_fails_half_way_is_read_back_and_completed() {
     f.agent.on_change();
     assert!(f.agent.pending.is_none());
     assert_eq!(service_headers(&f.maps.held()), [(Ipv4Addr::new(10, 96, 0, 20), 80, 1, 1)]);
+}
+
+#[test]
+fn node_addresses_that_cannot_be_read_keep_the_last_good_ones() {
+    let mut f = fixture(true);
+    f.agent.on_tick();
+    let host = (Ipv4Addr::new(192, 168, 0, 1), 32);
+    assert!(f.maps.held().ipcache.contains_key(&host));
+    f.links.0.lock().unwrap().addresses_fail = true;
+    for _ in 0..3 {
+        f.agent.on_tick();
+    }
+    assert_eq!(f.agent.host_addresses, [host.0]);
+    assert_eq!(
+        f.maps.held().ipcache.get(&host).map(|v| v.identity),
+        Some(bulkhead_common::identity::HOST),
+        "a failed read dropped the node's HOST entry"
+    );
 }
