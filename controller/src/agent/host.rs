@@ -12,7 +12,6 @@ use bulkhead_hostnet::netlink::{self as cni_netlink, with_handle};
 
 use crate::datapath::sync::{MapWriter, MapsError};
 use crate::datapath::{Datapath, DatapathError, DatapathState};
-use crate::error_chain;
 
 use super::registry::{self, EndpointRecord, Endpoints};
 use super::AgentError;

@@ -34,7 +34,7 @@ use crate::source::{EmptySource, FileSource, Source, SourceError};
 
 use self::actor::AgentHandle;
 use self::core::Agent;
-use self::host::{HostLinks, NetlinkLinks, RegistryFile, RegistryStore};
+use self::host::{NetlinkLinks, RegistryFile, RegistryStore};
 use self::server::serve_connection;
 use crate::error_chain;
 
