@@ -9,7 +9,7 @@
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bulkhead_common::{capacity, direction, DropReason};
 use prometheus::core::{Collector, Desc};
@@ -20,7 +20,7 @@ use crate::datapath::state::DatapathState;
 use crate::datapath::stats::{DatapathStats, StatsError};
 
 mod server;
-pub use server::{serve, Listen};
+pub use server::{serve, serve_with, Limits, Listen};
 
 /// Where the agent serves metrics unless told otherwise (Cilium's agent uses 9962 too).
 pub const DEFAULT_ADDRESS: &str = "0.0.0.0:9962";
@@ -31,6 +31,9 @@ pub const MAX_POLICY_LABELS: usize = 1000;
 pub const OTHER_POLICY: &str = "other";
 /// The `policy` label value of a verdict no policy decided (not isolated, default deny).
 pub const NO_POLICY: &str = "";
+/// How often a scrape may walk the conntrack map to count its entries; scrapes in between
+/// report the last count.
+pub const CONNTRACK_REFRESH: Duration = Duration::from_secs(5);
 /// Histogram buckets of the policy implementation delay, in seconds.
 const DELAY_BUCKETS: &[f64] = &[0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
 
@@ -253,6 +256,10 @@ pub struct Metrics {
     cni_requests: IntCounterVec,
     errors: IntCounterVec,
     ready: AtomicBool,
+    /// Connections to the metrics port closed at once because every slot was taken.
+    pub(crate) connections_refused: IntCounter,
+    /// When the conntrack map was last walked (it costs up to ~0.3 s when full).
+    conntrack_walked: Mutex<Option<Instant>>,
 }
 
 /// Lets an `Arc`'d collector be registered while the agent keeps a handle on it.
@@ -335,6 +342,15 @@ impl Metrics {
             datapath,
             registry,
             ready: AtomicBool::new(false),
+            connections_refused: IntCounter::new(
+                "bulkhead_metrics_connections_refused_total",
+                "Connections to the metrics port closed on accept because the connection limit was reached.",
+            )
+            .map_err(|source| MetricsError::Register {
+                name: "bulkhead_metrics_connections_refused_total",
+                source,
+            })?,
+            conntrack_walked: Mutex::new(None),
         };
         let reg =
             |c: Box<dyn Collector>, name: &'static str| m.registry.register(c).map_err(|source| MetricsError::Register { name, source });
@@ -356,6 +372,10 @@ impl Metrics {
         reg(Box::new(m.map_capacity.clone()), "bulkhead_map_capacity")?;
         reg(Box::new(m.cni_requests.clone()), "bulkhead_cni_requests_total")?;
         reg(Box::new(m.errors.clone()), "bulkhead_errors_total")?;
+        reg(
+            Box::new(m.connections_refused.clone()),
+            "bulkhead_metrics_connections_refused_total",
+        )?;
         for (map, cap) in [
             ("endpoints", capacity::ENDPOINTS),
             ("ipcache", capacity::IPCACHE),
@@ -467,14 +487,26 @@ impl Metrics {
     fn refresh_from_datapath(&self) {
         let Ok(guard) = self.datapath.stats.read() else { return };
         let Some(stats) = guard.as_deref() else { return };
-        let result = stats.conntrack_entries().and_then(|n| {
-            self.map_entries
-                .with_label_values(&["conntrack"])
-                .set(i64::try_from(n).unwrap_or(i64::MAX));
+        // The conntrack walk is the expensive part: at most once per CONNTRACK_REFRESH, so
+        // a burst of scrapes (anyone on the node can send them) costs one walk.
+        let walk = match self.conntrack_walked.lock() {
+            Ok(mut last) if last.is_none_or(|t| t.elapsed() >= CONNTRACK_REFRESH) => {
+                *last = Some(Instant::now());
+                true
+            }
+            _ => false,
+        };
+        let result = (|| {
+            if walk {
+                let n = stats.conntrack_entries()?;
+                self.map_entries
+                    .with_label_values(&["conntrack"])
+                    .set(i64::try_from(n).unwrap_or(i64::MAX));
+            }
             // The flow reader may report the same total; the counter takes the larger.
             self.set_flow_events_lost(stats.flow_events_lost()?);
-            Ok(())
-        });
+            Ok::<(), StatsError>(())
+        })();
         if let Err(e) = result {
             tracing::warn!(error = %crate::error_chain(&e), "reading datapath maps");
             self.error(ErrorKind::Datapath);
@@ -488,6 +520,91 @@ mod tests {
     use bulkhead_common::Counter;
 
     struct Fake;
+
+    /// Counts the conntrack walks.
+    struct Walks(Arc<std::sync::atomic::AtomicUsize>);
+
+    impl DatapathStats for Walks {
+        fn counters(&self) -> Result<Vec<(DropReason, u8, Counter)>, StatsError> {
+            Ok(Vec::new())
+        }
+        fn conntrack_entries(&self) -> Result<u64, StatsError> {
+            Ok(self.0.fetch_add(1, Ordering::SeqCst) as u64 + 1)
+        }
+        fn flow_events_lost(&self) -> Result<u64, StatsError> {
+            Ok(0)
+        }
+    }
+
+    #[test]
+    fn a_burst_of_scrapes_walks_conntrack_once() {
+        let m = Metrics::new().unwrap();
+        let walks = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        m.set_datapath(Box::new(Walks(walks.clone())));
+        for _ in 0..20 {
+            let text = m.encode().unwrap();
+            assert!(text.contains("bulkhead_map_entries{map=\"conntrack\"} 1"), "{text}");
+        }
+        assert_eq!(walks.load(Ordering::SeqCst), 1);
+        // Once the refresh interval passed, the next scrape counts again.
+        *m.conntrack_walked.lock().unwrap() = Some(Instant::now() - CONNTRACK_REFRESH);
+        assert!(m.encode().unwrap().contains("bulkhead_map_entries{map=\"conntrack\"} 2"));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn slow_and_surplus_clients_are_cut_off_and_scrapes_still_answer() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let m = Arc::new(sample());
+        let listener = Listen::Address("127.0.0.1:0".parse().unwrap()).bind().unwrap().unwrap();
+        let addr = listener.local_addr().unwrap();
+        let limits = Limits {
+            max_connections: 4,
+            header_timeout: Duration::from_millis(300),
+            connection_lifetime: Duration::from_secs(2),
+        };
+        let server = tokio::spawn(serve_with(m.clone(), listener, limits));
+        // Slow clients: half a request head, then nothing. They take every slot...
+        let mut slow = Vec::new();
+        for _ in 0..4 {
+            let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+            s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n").await.unwrap();
+            slow.push(s);
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        // ...so 20 more are closed at once, not queued, and counted.
+        for _ in 0..20 {
+            let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+            let mut buf = [0u8; 16];
+            let n = tokio::time::timeout(Duration::from_secs(2), s.read(&mut buf)).await;
+            assert!(matches!(n, Ok(Ok(0)) | Ok(Err(_))), "a surplus connection was kept: {n:?}");
+        }
+        assert_eq!(m.connections_refused.get(), 20);
+        // The header timeout ends the slow ones (hyper answers 408 or closes).
+        for mut s in slow {
+            let mut out = Vec::new();
+            let read = tokio::time::timeout(Duration::from_secs(2), s.read_to_end(&mut out)).await;
+            assert!(read.is_ok(), "a slow client kept its connection past the header timeout");
+        }
+        // And an honest scrape is served again.
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            .await
+            .unwrap();
+        let mut out = String::new();
+        tokio::time::timeout(Duration::from_secs(2), s.read_to_string(&mut out))
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(out.starts_with("HTTP/1.1 200"), "{out}");
+        // A request head over the limit is refused, not buffered.
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let huge = format!("GET /metrics HTTP/1.1\r\nHost: x\r\nX-Junk: {}\r\n\r\n", "a".repeat(64 * 1024));
+        let _ = s.write_all(huge.as_bytes()).await;
+        let mut out = String::new();
+        let _ = tokio::time::timeout(Duration::from_secs(2), s.read_to_string(&mut out)).await;
+        assert!(!out.starts_with("HTTP/1.1 200"), "a 64 KiB head was served");
+        server.abort();
+    }
 
     impl DatapathStats for Fake {
         fn counters(&self) -> Result<Vec<(DropReason, u8, Counter)>, StatsError> {

@@ -94,8 +94,40 @@ fn inherit_listener(fd: i32) -> Result<std::net::TcpListener, MetricsError> {
     Ok(std::net::TcpListener::from(owned))
 }
 
+/// What one scraper, or anything else that reaches the port (any pod can reach its node's
+/// `:9962`), may take: the agent's memory and its runtime stay bounded whatever it sends.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Limits {
+    /// Connections served at once; more are closed as soon as they are accepted.
+    pub max_connections: usize,
+    /// Time to send a request's head (hyper's header read timeout, with a timer).
+    pub header_timeout: Duration,
+    /// A connection's whole life, idle keep-alive included; the scraper reconnects.
+    pub connection_lifetime: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_connections: 32,
+            header_timeout: Duration::from_secs(5),
+            connection_lifetime: Duration::from_secs(60),
+        }
+    }
+}
+
+/// The smallest read buffer hyper allows (8 KiB): a request head larger than that is refused,
+/// which bounds what each connection can make the agent hold.
+const MAX_REQUEST_HEAD: usize = 8192;
+
 /// Serves `/metrics` and `/healthz` on `listener` until the task is dropped.
 pub async fn serve(metrics: Arc<Metrics>, listener: tokio::net::TcpListener) {
+    serve_with(metrics, listener, Limits::default()).await;
+}
+
+/// [`serve`] with explicit [`Limits`].
+pub async fn serve_with(metrics: Arc<Metrics>, listener: tokio::net::TcpListener, limits: Limits) {
+    let slots = Arc::new(tokio::sync::Semaphore::new(limits.max_connections));
     loop {
         let stream = match listener.accept().await {
             Ok((stream, _)) => stream,
@@ -106,12 +138,19 @@ pub async fn serve(metrics: Arc<Metrics>, listener: tokio::net::TcpListener) {
                 continue;
             }
         };
+        // Full: close at once rather than queue (a queue is memory an attacker controls).
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            metrics.connections_refused.inc();
+            drop(stream);
+            continue;
+        };
         let metrics = metrics.clone();
         tokio::spawn(async move {
+            let _slot = slot;
             let service = hyper::service::service_fn(move |req| {
                 let metrics = metrics.clone();
-                // Encoding walks the conntrack map (up to ~0.3 s when full): off the runtime's
-                // workers, which also serve the CNI plugin and read flow records.
+                // Encoding may walk the conntrack map (cached, see `Metrics::encode`): off
+                // the runtime's workers, which also serve the CNI plugin and read flows.
                 async move {
                     let response = tokio::task::spawn_blocking(move || respond(&metrics, &req))
                         .await
@@ -124,8 +163,15 @@ pub async fn serve(metrics: Arc<Metrics>, listener: tokio::net::TcpListener) {
                 }
             });
             let io = hyper_util::rt::TokioIo::new(stream);
-            if let Err(e) = hyper::server::conn::http1::Builder::new().serve_connection(io, service).await {
-                tracing::debug!(error = %e, "metrics connection");
+            let connection = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(limits.header_timeout)
+                .max_buf_size(MAX_REQUEST_HEAD)
+                .serve_connection(io, service);
+            match tokio::time::timeout(limits.connection_lifetime, connection).await {
+                Ok(Err(e)) => tracing::debug!(error = %e, "metrics connection"),
+                Err(_) => tracing::debug!("metrics connection closed at the end of its lifetime"),
+                Ok(Ok(())) => {}
             }
         });
     }
