@@ -12,7 +12,6 @@ mod services;
 #[cfg(test)]
 mod tests;
 
-use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -209,9 +208,7 @@ pub fn run(args: AgentArgs) -> Result<(), AgentError> {
 
     runtime.block_on(async move {
         let socket = args.state_dir.join("agent.sock");
-        let _ = std::fs::remove_file(&socket);
-        let listener = UnixListener::bind(&socket).map_err(io("bind", &socket))?;
-        std::fs::set_permissions(&socket, std::fs::Permissions::from_mode(0o600)).map_err(io("chmod", &socket))?;
+        let listener = bind_private(&socket).map_err(io("bind", &socket))?;
         let metrics_server = match listen.bind()? {
             Some(listener) => {
                 let addr = listener.local_addr().map(|a| a.to_string()).unwrap_or_default();
@@ -286,5 +283,39 @@ async fn changed(changes: Option<&Notify>) {
     match changes {
         Some(signal) => signal.notified().await,
         None => tokio::time::sleep(POLL_INTERVAL).await,
+    }
+}
+
+/// Binds the endpoint socket with mode 0600 from its first instant: the socket file is
+/// created under a umask that leaves only the owner's bits, so there is no window between
+/// bind and chmod in which another user could connect. The umask is process-wide; this runs
+/// once at start-up, before any other thread creates files. A stale socket is replaced.
+fn bind_private(path: &std::path::Path) -> std::io::Result<UnixListener> {
+    use nix::sys::stat::{umask, Mode};
+    let _ = std::fs::remove_file(path);
+    let previous = umask(Mode::from_bits_truncate(0o177));
+    let bound = UnixListener::bind(path);
+    umask(previous);
+    bound
+}
+
+#[cfg(test)]
+mod socket_tests {
+    use std::os::unix::fs::PermissionsExt;
+
+    #[tokio::test]
+    async fn the_endpoint_socket_is_never_more_than_owner_only() {
+        let dir = std::env::temp_dir().join(format!("bulkhead-socket-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("agent.sock");
+        // A stale file is replaced, and even a permissive umask gives 0600 at bind time.
+        std::fs::write(&path, b"stale").unwrap();
+        let old = nix::sys::stat::umask(nix::sys::stat::Mode::empty());
+        let listener = super::bind_private(&path);
+        nix::sys::stat::umask(old);
+        let _listener = listener.unwrap();
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        std::fs::remove_dir_all(&dir).unwrap();
+        assert_eq!(mode, 0o600);
     }
 }
