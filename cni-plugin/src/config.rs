@@ -171,6 +171,7 @@ impl Env {
         let get = |name: &'static str| var(name).filter(|v| !v.is_empty());
         let required = |name: &'static str| get(name).ok_or(ConfigError::MissingEnv { var: name });
         let container_id = required("CNI_CONTAINERID")?;
+        validate_container_id(&container_id)?;
         let netns = match command {
             // The runtime may call DEL after the sandbox is gone.
             Command::Del => get("CNI_NETNS").map(PathBuf::from),
@@ -188,14 +189,40 @@ impl Env {
             pod_name: args.get("K8S_POD_NAME").cloned(),
             cni_path,
         };
-        // K8S_POD_NAMESPACE may come from the config's `defaultNamespace` instead (ADD checks).
-        if command == Command::Add && env.pod_name.is_none() {
-            return Err(ConfigError::InvalidEnv {
-                var: "CNI_ARGS",
-                reason: "K8S_POD_NAME is missing".into(),
-            });
-        }
+        // K8S_POD_NAMESPACE may come from the config's `defaultNamespace` and K8S_POD_NAME
+        // from the container ID (a runtime that is not Kubernetes): ADD decides.
         Ok(env)
+    }
+
+    /// The pod name: `K8S_POD_NAME`, or for a runtime that sends none (not Kubernetes) one
+    /// derived from the container ID — its first 63 characters, lower-cased, so that it is a
+    /// valid object name the model can hold.
+    pub fn pod_name_or_fallback(&self) -> String {
+        self.pod_name
+            .clone()
+            .unwrap_or_else(|| self.container_id.chars().take(63).collect::<String>().to_ascii_lowercase())
+    }
+}
+
+/// `CNI_CONTAINERID` as libcni accepts it: an alphanumeric first character, then
+/// alphanumerics, `_`, `.` and `-` (it names files and the host veth).
+fn validate_container_id(id: &str) -> Result<(), ConfigError> {
+    let mut chars = id.chars();
+    let first_ok = chars.next().is_some_and(|c| c.is_ascii_alphanumeric());
+    if !first_ok || !chars.all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-')) {
+        return Err(ConfigError::InvalidEnv {
+            var: "CNI_CONTAINERID",
+            reason: format!("{id:?} has characters a container ID cannot have (letters, digits, _ . -; a letter or digit first)"),
+        });
+    }
+    Ok(())
+}
+
+impl ConfigError {
+    /// Whether this is about `CNI_ARGS`, the plugin-specific arguments: the spec's generic
+    /// checks (environment, stdin, version) are reported before it, as libcni's skel does.
+    pub fn is_cni_args(&self) -> bool {
+        matches!(self, Self::InvalidEnv { var: "CNI_ARGS", .. })
     }
 }
 
@@ -471,7 +498,16 @@ mod tests {
         ];
         let e = Env::load(Command::Add, env_of(&full)).unwrap();
         assert_eq!(e.pod_name.as_deref(), Some("p"));
-        assert_eq!(Env::load(Command::Add, env_of(&full[..3])).unwrap_err().code(), 4);
+        // Without K8S_POD_NAME (not Kubernetes): a name from the container ID.
+        let bare = Env::load(Command::Add, env_of(&full[..3])).unwrap();
+        assert_eq!(bare.pod_name_or_fallback(), "c1");
+        let long = "A".repeat(64);
+        let long_id = Env::load(Command::Add, env_of(&[("CNI_CONTAINERID", &long), full[1], full[2]])).unwrap();
+        assert_eq!(long_id.pod_name_or_fallback(), "a".repeat(63));
+        for bad in ["../x", "-x", "a b", "a/b", "é"] {
+            let err = Env::load(Command::Add, env_of(&[("CNI_CONTAINERID", bad), full[1], full[2]])).unwrap_err();
+            assert_eq!(err.code(), 4, "{bad}");
+        }
         // The namespace may come from the config instead.
         let no_ns = [full[0], full[1], full[2], ("CNI_ARGS", "IgnoreUnknown=1;K8S_POD_NAME=p")];
         assert_eq!(Env::load(Command::Add, env_of(&no_ns)).unwrap().pod_namespace, None);

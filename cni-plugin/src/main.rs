@@ -89,8 +89,14 @@ fn run() -> Result<Option<Value>, Failure> {
             commands::gc::run(&conf).map(|()| None)
         }
         Command::Add | Command::Del | Command::Check => {
-            let env = Env::load(command, var).map_err(fail(version))?;
+            // The spec's order (libcni's skel): the generic environment, then stdin and its
+            // version, then the plugin's own CNI_ARGS.
+            let env = match Env::load(command, var) {
+                Err(e) if !e.is_cni_args() => return Err(fail(version)(e)),
+                env => env,
+            };
             let conf = NetConf::parse(&stdin).map_err(fail(version))?;
+            let env = env.map_err(fail(version))?;
             tracing::info!(?command, container = %env.container_id, ifname = %env.ifname, "invoked");
             match command {
                 // In a chain, our result extends the previous plugins' (spec: "Chained plugins").

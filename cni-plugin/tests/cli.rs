@@ -98,13 +98,32 @@ fn missing_environment_is_code_4() {
     let mut env = add_env();
     env[0].1 = "FROB".into();
     assert_error(&env, &conf, &d, 4);
-    // ADD needs the pod's identity.
+    // Without K8S_POD_NAME (a runtime that is not Kubernetes) ADD goes on with a name from
+    // the container ID: here it stops at the missing netns, not at CNI_ARGS.
     let mut env = add_env();
     env[5].1 = "IgnoreUnknown=1;K8S_POD_NAMESPACE=ns".into();
-    assert_error(&env, &conf, &d, 4);
+    let v = assert_error(&env, &conf, &d, 4);
+    assert!(v["msg"].as_str().unwrap().contains("CNI_NETNS"), "{v}");
+    // A container ID that could name a path.
+    let mut env = add_env();
+    env[1].1 = "../../etc".into();
+    let v = assert_error(&env, &conf, &d, 4);
+    assert!(v["msg"].as_str().unwrap().contains("CNI_CONTAINERID"), "{v}");
     // Unknown CNI_ARGS keys need IgnoreUnknown.
+    let mut env = add_env();
     env[5].1 = "K8S_POD_NAMESPACE=ns;K8S_POD_NAME=p;FOO=1".into();
     assert_error(&env, &conf, &d, 4);
+}
+
+#[test]
+fn generic_errors_come_before_plugin_arguments() {
+    let d = DataDir::new();
+    // Bad CNI_ARGS (an unknown key without IgnoreUnknown, no pod name).
+    let mut env = add_env();
+    env[5].1 = "FOO=1".into();
+    assert_error(&env, "{not json", &d, 6);
+    assert_error(&env, &config(&d, "0.2.0", Some("10.251.0.0/24")), &d, 1);
+    assert_error(&env, &config(&d, "1.0.0", Some("10.251.0.0/24")), &d, 4);
 }
 
 #[test]

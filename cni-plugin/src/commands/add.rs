@@ -36,10 +36,7 @@ pub fn run(env: &Env, conf: &NetConf) -> Result<AddResult, CommandError> {
             var: "CNI_ARGS",
             reason: "K8S_POD_NAMESPACE is missing and the config sets no defaultNamespace".into(),
         })?;
-    let pod_name = env.pod_name.clone().ok_or(ConfigError::InvalidEnv {
-        var: "CNI_ARGS",
-        reason: "K8S_POD_NAME is missing".into(),
-    })?;
+    let pod_name = env.pod_name_or_fallback();
     if !pod_ns.exists() {
         return Err(ConfigError::InvalidEnv {
             var: "CNI_NETNS",
