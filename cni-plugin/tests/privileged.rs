@@ -753,3 +753,72 @@ fn without_subnet_add_uses_the_agents_pod_cidr_and_del_needs_none() {
     assert!(!link_exists(&lab.node_name, &lab.host_veth()));
     assert!(lab.allocations().is_empty());
 }
+
+/// Sends `count` ARP requests for `target` out of `ifname` in the calling thread's netns,
+/// each from a different made-up sender address and MAC.
+fn arp_flood(ifname: &str, target: Ipv4Addr, count: u16) {
+    // SAFETY: plain socket calls on a descriptor this function owns and closes.
+    unsafe {
+        let fd = libc::socket(libc::AF_PACKET, libc::SOCK_RAW, i32::from((libc::ETH_P_ARP as u16).to_be()));
+        assert!(fd >= 0, "AF_PACKET socket: {}", std::io::Error::last_os_error());
+        let name = std::ffi::CString::new(ifname).unwrap();
+        let index = libc::if_nametoindex(name.as_ptr());
+        assert!(index > 0);
+        for i in 0..count {
+            let [hi, lo] = i.to_be_bytes();
+            let sha = [0x02, 0x66, 0, 0, hi, lo];
+            let mut frame = Vec::with_capacity(42);
+            frame.extend_from_slice(&[0xff; 6]);
+            frame.extend_from_slice(&sha);
+            frame.extend_from_slice(&[0x08, 0x06, 0, 1, 0x08, 0, 6, 4, 0, 1]);
+            frame.extend_from_slice(&sha);
+            frame.extend_from_slice(&[10, 99, hi, lo]);
+            frame.extend_from_slice(&[0; 6]);
+            frame.extend_from_slice(&target.octets());
+            let mut addr: libc::sockaddr_ll = std::mem::zeroed();
+            addr.sll_family = libc::AF_PACKET as u16;
+            addr.sll_ifindex = index as i32;
+            addr.sll_halen = 6;
+            addr.sll_addr[..6].copy_from_slice(&[0xff; 6]);
+            let sent = libc::sendto(
+                fd,
+                frame.as_ptr().cast(),
+                frame.len(),
+                0,
+                (&raw const addr).cast(),
+                std::mem::size_of::<libc::sockaddr_ll>() as u32,
+            );
+            assert_eq!(sent, 42, "sendto: {}", std::io::Error::last_os_error());
+        }
+        libc::close(fd);
+    }
+}
+
+#[test]
+fn a_pod_cannot_fill_the_node_neighbour_table_with_arp() {
+    let lab = Lab::new(r#"{"result":"ok"}"#);
+    let (ok, result) = lab.cni("ADD", &lab.pod_path());
+    assert!(ok, "{result}");
+    let host = lab.host_veth();
+    for (key, want) in [("arp_ignore", "8"), ("rp_filter", "1")] {
+        let value = netns::run_in(&lab.node, || {
+            std::fs::read_to_string(format!("/proc/sys/net/ipv4/conf/{host}/{key}")).unwrap()
+        })
+        .unwrap();
+        assert_eq!(value.trim(), want, "{key}");
+    }
+    // An address of the node's own, which a pod might ARP for.
+    ip(&lab.node_name, &["link", "set", "lo", "up"]);
+    ip(&lab.node_name, &["addr", "add", "10.251.7.1/32", "dev", "lo"]);
+    netns::run_in(&lab.pod, || arp_flood("eth0", Ipv4Addr::new(10, 251, 7, 1), 200)).unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    let neigh = ip(&lab.node_name, &["-4", "neigh", "show", "dev", &host]);
+    let learnt: Vec<&str> = neigh.lines().filter(|l| l.starts_with("10.99.")).collect();
+    assert!(
+        learnt.is_empty(),
+        "the node learnt {} made-up neighbours, e.g. {:?}",
+        learnt.len(),
+        learnt.first()
+    );
+    assert!(neigh.contains("10.251.7.2") && neigh.contains("PERMANENT"), "{neigh}");
+}

@@ -178,13 +178,15 @@ fn configure_pod(pod_ns: &Path, pair: &VethPair, ip: Ipv4Addr) -> Result<(), Com
     Ok(())
 }
 
-/// In the node: host veth up (IPv6 off), the pod's /32 route and a permanent neighbour for the pod.
+/// In the node: host veth up (IPv6 off, no ARP learning, strict reverse path), the pod's /32
+/// route and a permanent neighbour for the pod.
 fn configure_host(pair: &VethPair, ip: Ipv4Addr) -> Result<(), CommandError> {
     let (host, pod_mac) = (&pair.host, pair.pod.mac.as_bytes());
     with_handle(None, |h| async move {
         // Bulkhead is IPv4 only: without this the host end sends router solicitations and
         // MLD reports into the pod, which the datapath counts as unsupported_ethertype drops.
         netlink::disable_ipv6(&host.name)?;
+        netlink::harden_host_veth(&host.name)?;
         netlink::set_up(&h, host.index, &host.name).await?;
         netlink::ensure_route(&h, ip, 32, host.index, None, RouteScope::Link).await?;
         netlink::ensure_neighbour(&h, host.index, ip, pod_mac).await

@@ -508,6 +508,19 @@ pub fn disable_ipv6(ifname: &str) -> Result<(), NetlinkError> {
     }
 }
 
+/// Hardens a host veth against its pod (call inside [`with_handle`], like [`disable_ipv6`]):
+/// `arp_ignore = 8` answers no ARP request on it and so never creates a neighbour entry
+/// from one (both ends have permanent neighbours: ARP is never needed), and `rp_filter = 1`
+/// drops packets whose source the node would not route back through this veth. Together
+/// they keep a pod from filling the node's neighbour table with made-up senders.
+pub fn harden_host_veth(ifname: &str) -> Result<(), NetlinkError> {
+    for (key, value) in [("arp_ignore", "8"), ("rp_filter", "1")] {
+        let path = PathBuf::from(format!("/proc/sys/net/ipv4/conf/{ifname}/{key}"));
+        std::fs::write(&path, value).map_err(|source| NetlinkError::Sysctl { path, source })?;
+    }
+    Ok(())
+}
+
 /// Name of the host-side veth: `bh` + 11 hex digits of FNV-1a-64 over container id and ifname.
 ///
 /// Stable, so DEL finds the veth without any state; 15 bytes is the kernel's `IFNAMSIZ` limit.
