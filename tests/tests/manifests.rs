@@ -315,8 +315,12 @@ fn daemonset_is_unprivileged_with_the_documented_capabilities() {
     let env = agent["env"].as_sequence().unwrap();
     let node_name = env.iter().find(|e| e["name"].as_str() == Some("BULKHEAD_NODE_NAME")).unwrap();
     assert_eq!(node_name["valueFrom"]["fieldRef"]["fieldPath"].as_str(), Some("spec.nodeName"));
-    for probe in ["livenessProbe", "readinessProbe"] {
-        assert_eq!(agent[probe]["httpGet"]["path"].as_str(), Some("/healthz"), "{probe}");
+    for (probe, path) in [
+        ("startupProbe", "/healthz"),
+        ("livenessProbe", "/livez"),
+        ("readinessProbe", "/healthz"),
+    ] {
+        assert_eq!(agent[probe]["httpGet"]["path"].as_str(), Some(path), "{probe}");
         assert_eq!(agent[probe]["httpGet"]["port"].as_u64(), Some(9962), "{probe}");
     }
     assert_eq!(agent["resources"]["requests"]["cpu"].as_str(), Some("100m"));

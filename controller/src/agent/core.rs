@@ -119,6 +119,7 @@ impl Agent {
         self.services.add_to(&self.cluster, &mut new, &self.metrics);
         match sync::sync(&mut *self.datapath, &self.applied, &new) {
             Ok(stats) => {
+                self.metrics.set_degraded(None);
                 self.applied = new;
                 self.generation += 1;
                 self.pending = None;
@@ -144,6 +145,7 @@ impl Agent {
                 Ok(())
             }
             Err(e) => {
+                self.metrics.set_degraded(Some(error_chain(&e)));
                 // Retried by the next refresh, from when the change was first seen.
                 self.pending = self.pending.or(seen).or_else(|| Some(Instant::now()));
                 // Some writes happened: only the maps know which, so the next sync starts

@@ -345,10 +345,12 @@ fn an_add_whose_map_write_fails_half_way_leaves_the_pod_isolated_and_is_retried(
     assert_eq!(f.agent.applied, f.maps.held());
     assert!(f.agent.endpoints.is_empty() && f.store.saved().is_empty());
     assert!(f.agent.pending.is_some(), "retried by the next refresh");
+    assert!(f.agent.metrics.degraded().is_some(), "/healthz reports the failing write");
 
     f.maps.set(|m| m.writes_left = None);
     f.agent.on_change();
     assert!(f.agent.pending.is_none());
+    assert_eq!(f.agent.metrics.degraded(), None);
     assert_eq!(f.agent.applied, f.maps.held());
     assert!(!f.maps.held().endpoints.contains_key(&7));
     let response = f.agent.try_add(&spec("c1", "a", 7, "net")).expect("the pod is known");

@@ -256,6 +256,8 @@ pub struct Metrics {
     cni_requests: IntCounterVec,
     errors: IntCounterVec,
     ready: AtomicBool,
+    /// Why the agent is degraded (a map write failing, retried), if it is.
+    degraded: Mutex<Option<String>>,
     /// Connections to the metrics port closed at once because every slot was taken.
     pub(crate) connections_refused: IntCounter,
     /// When the conntrack map was last walked (it costs up to ~0.3 s when full).
@@ -342,6 +344,7 @@ impl Metrics {
             datapath,
             registry,
             ready: AtomicBool::new(false),
+            degraded: Mutex::new(None),
             connections_refused: IntCounter::new(
                 "bulkhead_metrics_connections_refused_total",
                 "Connections to the metrics port closed on accept because the connection limit was reached.",
@@ -473,6 +476,19 @@ impl Metrics {
     /// True once [`Metrics::set_ready`] was called.
     pub fn is_ready(&self) -> bool {
         self.ready.load(Ordering::Relaxed)
+    }
+
+    /// Marks the agent degraded (`Some`: why; its last change is not in the maps and is being
+    /// retried) or healthy again (`None`). `/healthz` answers 503 while degraded.
+    pub fn set_degraded(&self, why: Option<String>) {
+        if let Ok(mut d) = self.degraded.lock() {
+            *d = why;
+        }
+    }
+
+    /// Why the agent is degraded, if it is.
+    pub fn degraded(&self) -> Option<String> {
+        self.degraded.lock().ok().and_then(|d| d.clone())
     }
 
     /// The exposition in the text format 0.0.4.
@@ -782,7 +798,17 @@ mod tests {
             out
         };
         assert!(get("/healthz").await.starts_with("HTTP/1.1 503"));
+        assert!(get("/livez").await.starts_with("HTTP/1.1 200"));
         m.set_ready();
+        assert!(get("/healthz").await.starts_with("HTTP/1.1 200"));
+        m.set_degraded(Some("insert on map policy failed".into()));
+        let degraded = get("/healthz").await;
+        assert!(
+            degraded.starts_with("HTTP/1.1 503") && degraded.contains("degraded: insert on map policy failed"),
+            "{degraded}"
+        );
+        assert!(get("/livez").await.starts_with("HTTP/1.1 200"), "alive while degraded");
+        m.set_degraded(None);
         assert!(get("/healthz").await.starts_with("HTTP/1.1 200"));
         let body = get("/metrics").await;
         assert!(body.starts_with("HTTP/1.1 200"), "{body}");

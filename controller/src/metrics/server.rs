@@ -1,4 +1,5 @@
-//! The HTTP endpoint: `/metrics` and `/healthz`, on an address or an inherited socket.
+//! The HTTP endpoint: `/metrics`, `/healthz` (ready) and `/livez` (alive), on an address or an
+//! inherited socket.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -198,8 +199,19 @@ fn respond(metrics: &Metrics, req: &Request<Incoming>) -> Response<Full<Bytes>> 
                 format!("{}\n", crate::error_chain(&e)),
             ),
         },
-        "/healthz" if metrics.is_ready() => reply(StatusCode::OK, "text/plain", "ok\n".into()),
-        "/healthz" => reply(StatusCode::SERVICE_UNAVAILABLE, "text/plain", "maps not programmed yet\n".into()),
-        _ => reply(StatusCode::NOT_FOUND, "text/plain", "not found: try /metrics or /healthz\n".into()),
+        // Ready: the maps hold the model. Degraded (a write failing, retried) is not ready.
+        "/healthz" => match (metrics.is_ready(), metrics.degraded()) {
+            (false, _) => reply(StatusCode::SERVICE_UNAVAILABLE, "text/plain", "maps not programmed yet\n".into()),
+            (true, Some(why)) => reply(StatusCode::SERVICE_UNAVAILABLE, "text/plain", format!("degraded: {why}\n")),
+            (true, None) => reply(StatusCode::OK, "text/plain", "ok\n".into()),
+        },
+        // Alive: the process serves. Restarting a degraded agent would not help (the maps are
+        // pinned; it would retry the same writes), so liveness does not look at the maps.
+        "/livez" => reply(StatusCode::OK, "text/plain", "ok\n".into()),
+        _ => reply(
+            StatusCode::NOT_FOUND,
+            "text/plain",
+            "not found: try /metrics, /healthz or /livez\n".into(),
+        ),
     }
 }
