@@ -441,6 +441,65 @@ fn a_syn_to_a_vip_goes_to_its_backend_and_the_reply_comes_back_from_the_vip() {
     );
 }
 
+/// The id the fixture's Service table gives the Service port `vip:port/protocol`.
+fn service_id(vip: Ipv4Addr, port: u16, protocol: u8) -> u16 {
+    let id = services().services[&ServiceKey::new(vip.octets(), port, protocol, 0)].service_id;
+    u16::try_from(id).unwrap()
+}
+
+#[test]
+fn flow_records_name_the_service_port_a_translated_flow_was_sent_to() {
+    const TC_ACT_REDIRECT: u32 = 7;
+    let mut f = fixture("flow-service", ISOLATED);
+    f.run(
+        program_names::FROM_POD,
+        &client_tcp(40000, VIP_ONE, SERVICE_PORT, SYN),
+        DropReason::Forwarded,
+    );
+    f.run(
+        program_names::FROM_POD,
+        &client_tcp(40001, VIP_DENIED, SERVICE_PORT, SYN),
+        DropReason::PolicyDenied,
+    );
+    f.run_full(
+        program_names::FROM_POD,
+        &client_tcp(40002, VIP_EMPTY, SERVICE_PORT, SYN),
+        DropReason::NoServiceBackend,
+        1,
+        TC_ACT_REDIRECT,
+        0,
+    );
+    let query = frame(HOST_MAC, CLIENT_MAC, CLIENT, VIP_ONE, proto::UDP, udp_l4(41000, DNS_PORT), Some(6));
+    f.run(program_names::FROM_POD, &query, DropReason::Forwarded);
+    // The same backend dialled directly is no Service flow.
+    f.run(
+        program_names::FROM_POD,
+        &client_tcp(40003, backend_ip(1), TARGET_PORT, SYN),
+        DropReason::Forwarded,
+    );
+    let got: Vec<_> = f
+        .drain()
+        .iter()
+        .map(|r| (u16::from_be_bytes(r.sport), r.reason, Ipv4Addr::from(r.daddr), r.service_id))
+        .collect();
+    let (forwarded, denied, no_backend) = (
+        DropReason::Forwarded as u8,
+        DropReason::PolicyDenied as u8,
+        DropReason::NoServiceBackend as u8,
+    );
+    assert_eq!(
+        got,
+        [
+            (40000, forwarded, backend_ip(1), service_id(VIP_ONE, SERVICE_PORT, proto::TCP)),
+            (40001, denied, backend_ip(2), service_id(VIP_DENIED, SERVICE_PORT, proto::TCP)),
+            (40002, no_backend, VIP_EMPTY, service_id(VIP_EMPTY, SERVICE_PORT, proto::TCP)),
+            (41000, forwarded, backend_ip(1), service_id(VIP_ONE, DNS_PORT, proto::UDP)),
+            (40003, forwarded, backend_ip(1), 0),
+        ]
+    );
+    assert!(got[..4].iter().all(|r| r.3 != 0), "every Service port has an id");
+}
+
 #[test]
 fn egress_policy_that_allows_another_pod_drops_the_connection_to_the_backend() {
     let mut f = fixture("denied", ISOLATED);

@@ -161,17 +161,21 @@ fn try_from_pod(ctx: &TcContext, flow: &mut FlowEvent) -> Result<Pass, DropReaso
     // SAFETY: bpf_ktime_get_ns has no preconditions.
     let now = unsafe { bpf_ktime_get_ns() };
     let t = match service::forward(&l3, now) {
-        // A connect to a Service port without backends fails at once, as kube-proxy's
-        // REJECT does. TODO(issue 11): ICMP port unreachable for UDP.
-        Err(DropReason::NoServiceBackend) if l3.tcp_syn => {
-            service::reset(ctx, &l3)?;
-            return Ok(Pass::Refused(DropReason::NoServiceBackend));
+        service::Forward::Direct => {
+            return admit(&ep, direction::EGRESS, &l3, l3.daddr, 0, flow, 0).map(|(pass, _)| pass);
         }
-        other => other?,
+        service::Forward::Refused { service_id, answer } => {
+            flow.service_id = flow_service_id(service_id);
+            // TODO(issue 11): ICMP port unreachable for UDP.
+            if answer && l3.tcp_syn {
+                service::reset(ctx, &l3)?;
+                return Ok(Pass::Refused(DropReason::NoServiceBackend));
+            }
+            return Err(DropReason::NoServiceBackend);
+        }
+        service::Forward::To(t) => t,
     };
-    let Some(t) = t else {
-        return admit(&ep, direction::EGRESS, &l3, l3.daddr, 0, flow, 0).map(|(pass, _)| pass);
-    };
+    flow.service_id = flow_service_id(t.nat.service_id);
     // From here the flow is the client's to the backend: conntrack keys on that tuple and
     // egress policy decides on the backend's identity and port, as if the pod dialled it.
     service::rewrite(ctx, &l3, service::End::Destination, t.nat.addr, t.nat.port)?;
@@ -219,6 +223,12 @@ fn try_to_pod(ctx: &TcContext, flow: &mut FlowEvent) -> Result<Pass, DropReason>
         }
     }
     Ok(pass)
+}
+
+/// A Service port's id as flow records carry it (ids fit: at most `MAX_SERVICE_ID`).
+#[inline(always)]
+fn flow_service_id(service_id: u32) -> u16 {
+    u16::try_from(service_id).unwrap_or(u16::MAX)
 }
 
 /// Conntrack, then policy for a new flow, then a conntrack entry for it (with `ct_extra`

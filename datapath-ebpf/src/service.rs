@@ -48,18 +48,34 @@ pub struct Translation {
     pub new: bool,
 }
 
-/// The translation of a packet from a pod when its destination is a Service port, `None`
-/// when it is not one. Only TCP and UDP: rewriting an SCTP port would need the CRC32c
-/// recomputed over the whole packet (TODO(issue 11)).
+/// What a packet from a pod to a possible Service port becomes.
+pub enum Forward {
+    /// Not a Service port: the packet goes on as sent.
+    Direct,
+    /// Service port traffic, translated to a backend.
+    To(Translation),
+    /// Service port `service_id` cannot take the packet: it has no backend. Dropped and
+    /// counted as `no_service_backend`; `answer`: the client is told (TCP RST, ICMP).
+    Refused {
+        /// The Service port ([`ServiceValue::service_id`]).
+        service_id: u32,
+        /// Whether the client gets a refusal back rather than silence.
+        answer: bool,
+    },
+}
+
+/// The translation of a packet from a pod when its destination is a Service port. Only TCP
+/// and UDP: rewriting an SCTP port would need the CRC32c recomputed over the whole packet
+/// (TODO(issue 11)).
 #[inline(always)]
-pub fn forward(l3: &L3, now: u64) -> Result<Option<Translation>, DropReason> {
+pub fn forward(l3: &L3, now: u64) -> Forward {
     if l3.protocol != proto::TCP && l3.protocol != proto::UDP {
-        return Ok(None);
+        return Forward::Direct;
     }
     let mut skey = ServiceKey::new(l3.daddr, u16::from_be_bytes(l3.dport), l3.protocol, 0);
     // SAFETY: the value is copied out at once; a concurrent update gives the old or the new one.
     let Some(header) = (unsafe { SERVICES.get(skey) }).copied() else {
-        return Ok(None);
+        return Forward::Direct;
     };
     let key = CtKey {
         saddr: l3.saddr,
@@ -74,12 +90,22 @@ pub fn forward(l3: &L3, now: u64) -> Result<Option<Translation>, DropReason> {
     if let Some(nat) = unsafe { LB_NAT.get(key) }.copied() {
         // A record left by an earlier Service on this VIP:port is not this one's.
         if nat.service_id == header.service_id {
-            return Ok(Some(Translation { nat, key, new: false }));
+            return Forward::To(Translation { nat, key, new: false });
         }
     }
-    let backend_id = pick(&header, &mut skey, l3, now)?;
+    let refused = Forward::Refused {
+        service_id: header.service_id,
+        // A connect fails at once, as kube-proxy's REJECT makes it; a stray segment of no
+        // connection gets nothing.
+        answer: l3.protocol != proto::TCP || l3.tcp_syn,
+    };
+    let Ok(backend_id) = pick(&header, &mut skey, l3, now) else {
+        return refused;
+    };
     // SAFETY: as above.
-    let backend = unsafe { BACKENDS.get(backend_id) }.copied().ok_or(DropReason::NoServiceBackend)?;
+    let Some(backend) = unsafe { BACKENDS.get(backend_id) }.copied() else {
+        return refused;
+    };
     let nat = LbNat {
         addr: backend.ip,
         port: backend.port,
@@ -87,7 +113,7 @@ pub fn forward(l3: &L3, now: u64) -> Result<Option<Translation>, DropReason> {
         backend_id,
         service_id: header.service_id,
     };
-    Ok(Some(Translation { nat, key, new: true }))
+    Forward::To(Translation { nat, key, new: true })
 }
 
 /// Whether `addr:port`/`protocol` is a Service port (its header exists): the only source a
