@@ -1059,3 +1059,108 @@ fn a_removed_backends_connections_end_with_a_reset_or_port_unreachable_and_the_o
     );
     assert_eq!(out.dst().0, backend_ip(1));
 }
+
+/// CRC32c (Castagnoli, reflected), as SCTP computes it over its packet (RFC 9260 B).
+fn crc32c(data: &[u8]) -> u32 {
+    let mut crc = !0u32;
+    for &b in data {
+        crc ^= u32::from(b);
+        for _ in 0..8 {
+            crc = if crc & 1 != 0 { (crc >> 1) ^ 0x82f6_3b78 } else { crc >> 1 };
+        }
+    }
+    !crc
+}
+
+/// An SCTP packet: common header (ports, verification tag, CRC32c) and one INIT chunk.
+fn sctp_l4(sport: u16, dport: u16, tag: u32) -> Vec<u8> {
+    let mut l4 = Vec::new();
+    l4.extend_from_slice(&sport.to_be_bytes());
+    l4.extend_from_slice(&dport.to_be_bytes());
+    l4.extend_from_slice(&tag.to_be_bytes());
+    l4.extend_from_slice(&[0; 4]);
+    l4.extend_from_slice(&[1, 0, 0, 20, 0xde, 0xad, 0xbe, 0xef, 0, 1, 0, 0, 0, 10, 0, 10, 0, 0, 0, 1]);
+    // Stored as the Linux stack does (sctp_compute_cksum: little-endian).
+    let crc = crc32c(&l4);
+    l4[8..12].copy_from_slice(&crc.to_le_bytes());
+    l4
+}
+
+/// The SCTP packet in `ip` (an IPv4 packet without options) checks against its CRC32c.
+fn sctp_crc_valid(ip: &[u8]) -> bool {
+    let mut l4 = ip[20..].to_vec();
+    let stored = u32::from_le_bytes(l4[8..12].try_into().unwrap());
+    l4[8..12].fill(0);
+    crc32c(&l4) == stored
+}
+
+#[test]
+fn sctp_services_translate_the_address_only_and_replies_come_back_from_the_vip() {
+    let mut f = fixture("sctp", ISOLATED);
+    let l4 = sctp_l4(45000, SCTP_PORT, 0);
+    let init = frame(HOST_MAC, CLIENT_MAC, CLIENT, VIP_ONE, proto::SCTP, l4.clone(), None);
+    let out = f.run(program_names::FROM_POD, &init, DropReason::Forwarded);
+    assert_eq!(out.dst(), (backend_ip(1), SCTP_PORT), "to backend 1, same port");
+    assert_eq!(out.src(), (CLIENT, 45000));
+    assert_eq!(sum16(&out.ip()[..20], 0), 0xffff, "IPv4 header checksum");
+    assert_eq!(&out.ip()[20..], &l4[..], "the SCTP packet is untouched");
+    assert!(sctp_crc_valid(out.ip()), "CRC32c still valid: it does not cover addresses");
+    let records = f.drain();
+    assert_eq!(records.len(), 1);
+    assert_eq!(
+        (records[0].remote_identity, records[0].rule_id, records[0].service_id),
+        (401, 9, service_id(VIP_ONE, SCTP_PORT, proto::SCTP)),
+        "egress policy decided on the backend"
+    );
+    let ct = f.pinned::<CtKey, CtEntry>(map_names::CONNTRACK);
+    let entry = ct
+        .get(&ct_key(CLIENT, 45000, backend_ip(1), SCTP_PORT, proto::SCTP, direction::EGRESS), 0)
+        .unwrap();
+    assert_eq!(
+        ct_flags::rev_nat_index(entry.flags),
+        u32::from(service_id(VIP_ONE, SCTP_PORT, proto::SCTP))
+    );
+
+    // Later packets of the association go to the same backend.
+    let data = frame(
+        HOST_MAC,
+        CLIENT_MAC,
+        CLIENT,
+        VIP_ONE,
+        proto::SCTP,
+        sctp_l4(45000, SCTP_PORT, 0x1111),
+        None,
+    );
+    let out = f.run(program_names::FROM_POD, &data, DropReason::Forwarded);
+    assert_eq!(out.dst(), (backend_ip(1), SCTP_PORT));
+    assert!(f.drain().is_empty());
+
+    // The backend's INIT-ACK comes back from the VIP, its CRC32c still valid.
+    let reply_l4 = sctp_l4(SCTP_PORT, 45000, 0xdead_beef);
+    let reply = frame(CLIENT_MAC, HOST_MAC, backend_ip(1), CLIENT, proto::SCTP, reply_l4.clone(), None);
+    let out = f.run(program_names::TO_POD, &reply, DropReason::Forwarded);
+    assert_eq!(out.src(), (VIP_ONE, SCTP_PORT), "reply source restored");
+    assert_eq!(sum16(&out.ip()[..20], 0), 0xffff, "IPv4 header checksum");
+    assert_eq!(&out.ip()[20..], &reply_l4[..]);
+    assert!(sctp_crc_valid(out.ip()));
+
+    // A backend whose port differs cannot be reached without recomputing the CRC32c: never
+    // translated, refused like a port without backends (ICMP port unreachable).
+    let init = frame(
+        HOST_MAC,
+        CLIENT_MAC,
+        CLIENT,
+        VIP_THREE,
+        proto::SCTP,
+        sctp_l4(45001, SCTP_PORT, 0),
+        None,
+    );
+    let out = f.run_full(program_names::FROM_POD, &init, DropReason::NoServiceBackend, 1, TC_ACT_REDIRECT, 0);
+    out.assert_port_unreachable(&init, VIP_THREE);
+    assert_eq!(f.drain()[0].service_id, service_id(VIP_THREE, SCTP_PORT, proto::SCTP));
+    delivered_to_the_pod(&mut f, &out.packet);
+    let nat = f.pinned::<CtKey, LbNat>(map_names::LB_NAT);
+    assert!(nat
+        .get(&ct_key(CLIENT, 45001, VIP_THREE, SCTP_PORT, proto::SCTP, direction::EGRESS), 0)
+        .is_err());
+}

@@ -75,7 +75,7 @@ pub enum Forward {
 /// lookup per translated packet. A TCP SYN on its tuple is a new connection and picks anew.
 #[inline(always)]
 pub fn forward(l3: &L3, now: u64) -> Forward {
-    if l3.protocol != proto::TCP && l3.protocol != proto::UDP {
+    if l3.protocol != proto::TCP && l3.protocol != proto::UDP && l3.protocol != proto::SCTP {
         return Forward::Direct;
     }
     let mut skey = ServiceKey::new(l3.daddr, u16::from_be_bytes(l3.dport), l3.protocol, 0);
@@ -128,6 +128,9 @@ pub fn forward(l3: &L3, now: u64) -> Forward {
     let Some(backend) = unsafe { BACKENDS.get(backend_id) }.copied() else {
         return refused;
     };
+    if l3.protocol == proto::SCTP && backend.port != l3.dport {
+        return refused;
+    }
     let nat = LbNat {
         addr: backend.ip,
         port: backend.port,
