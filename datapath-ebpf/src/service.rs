@@ -2,9 +2,10 @@
 //! slots in one hash map, backends in another, and each connection's choice in an LRU map
 //! beside conntrack, so that every later packet goes to the same backend. Replies find the
 //! VIP through the reverse-NAT index their conntrack entry carries (one static entry per
-//! Service port, no per-connection record). Per packet: one header lookup, then one
-//! translation lookup; a new connection adds one slot and one backend lookup (two more with
-//! ClientIP affinity) and one LRU insert. See datapath-ebpf/SERVICES.md.
+//! Service port, no per-connection record). Per packet: one header lookup, one translation
+//! lookup and, on a hit, one backend lookup (is the connection's backend still there?); a
+//! new connection adds one slot and one backend lookup (two more with ClientIP affinity) and
+//! one LRU insert. See datapath-ebpf/SERVICES.md.
 
 use aya_ebpf::{
     bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR},
@@ -54,8 +55,9 @@ pub enum Forward {
     Direct,
     /// Service port traffic, translated to a backend.
     To(Translation),
-    /// Service port `service_id` cannot take the packet: it has no backend. Dropped and
-    /// counted as `no_service_backend`; `answer`: the client is told (TCP RST, ICMP).
+    /// Service port `service_id` cannot take the packet: it has no backend, the
+    /// connection's backend is gone, or (SCTP) its backend's port differs. Dropped and
+    /// counted as `no_service_backend`; `answer`: the client is told (`reject`).
     Refused {
         /// The Service port ([`ServiceValue::service_id`]).
         service_id: u32,
