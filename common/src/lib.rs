@@ -110,9 +110,10 @@ pub const KUBE_PROXY_MASQ_MARK: u32 = 1 << 14;
 pub const SNAT_MARK: u32 = 1 << 12;
 
 /// The skb mark bit `from_pod` sets on a reply it crafts itself and sends back to the pod
-/// (the TCP RST for a Service port without backends): `to_pod` delivers it without
-/// conntrack or policy. Pods cannot forge it: the kernel clears the mark when a packet
-/// crosses network namespaces (`skb_scrub_packet`). Bit 13: clear of the other marks above.
+/// (the TCP RST or ICMP port unreachable a Service port that cannot take a packet answers
+/// with): `to_pod` delivers exactly such a reply without conntrack or policy. Pods cannot
+/// forge it: the kernel clears the mark when a packet crosses network namespaces
+/// (`skb_scrub_packet`). Bit 13: clear of the other marks above.
 pub const GENERATED_REPLY_MARK: u32 = 1 << 13;
 
 /// Mark bits that say the node forwarded the packet for someone else under its own address.
@@ -197,7 +198,8 @@ pub enum DropReason {
     CtInsertFailed = 8,
     /// A packet to the endpoint with another destination address.
     WrongDestination = 9,
-    /// A new connection to a Service port that has no backend.
+    /// A packet to a Service port that has no backend for it: none at all, the connection's
+    /// backend is gone, or (SCTP) the backend's port differs from the Service port.
     NoServiceBackend = 10,
 }
 
@@ -502,7 +504,8 @@ pub struct ServiceKey {
     pub vip: [u8; 4],
     /// The Service port, network byte order.
     pub dport: [u8; 2],
-    /// IP protocol ([`proto::TCP`], [`proto::UDP`]).
+    /// IP protocol ([`proto::TCP`], [`proto::UDP`], [`proto::SCTP`]: the datapath
+    /// translates SCTP only to backends whose port is the Service port).
     pub protocol: u8,
     /// Explicit padding; zero.
     pub _pad: u8,

@@ -36,10 +36,13 @@ const VIP_DENIED: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 12);
 const VIP_THREE: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 13);
 /// As VIP_THREE, with ClientIP affinity.
 const VIP_STICKY: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 14);
-/// A TCP Service port without backends.
+/// A TCP and a UDP Service port without backends.
 const VIP_EMPTY: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 11);
 const SERVICE_PORT: u16 = 80;
 const DNS_PORT: u16 = 53;
+/// SCTP (Diameter): VIP_ONE's goes to backend 1 on the same port; VIP_THREE's names a
+/// backend whose port differs, which the datapath cannot translate.
+const SCTP_PORT: u16 = 3868;
 const SYN: u8 = 0x02;
 const ACK: u8 = 0x10;
 
@@ -89,6 +92,9 @@ fn services() -> DatapathState {
     // UDP on the same VIP as TCP: the protocol is part of the key. Backends 11.. are the UDP
     // target ports of the same pods.
     port(VIP_ONE, DNS_PORT, proto::UDP, 6, &[11], 0);
+    port(VIP_EMPTY, DNS_PORT, proto::UDP, 7, &[], 0);
+    port(VIP_ONE, SCTP_PORT, proto::SCTP, 8, &[21], 0);
+    port(VIP_THREE, SCTP_PORT, proto::SCTP, 9, &[22], 0);
     for id in 1..=3u32 {
         let tcp = Backend {
             ip: backend_ip(id).octets(),
@@ -101,6 +107,14 @@ fn services() -> DatapathState {
             ..tcp
         };
         s.backends.insert(10 + id, udp);
+    }
+    for (id, port) in [(21, SCTP_PORT), (22, SCTP_PORT + 1)] {
+        let sctp = Backend {
+            ip: backend_ip(id - 20).octets(),
+            port: port.to_be_bytes(),
+            ..Default::default()
+        };
+        s.backends.insert(id, sctp);
     }
     s
 }
@@ -119,7 +133,7 @@ impl Drop for Fixture {
 }
 
 /// The client pod at `lo` with `flags`, backends 1..=3 in the ipcache, egress to backend 1
-/// on TCP/8080 and UDP/5353 allowed (rules 7 and 8), and [`services`].
+/// on TCP/8080, UDP/5353 and SCTP/3868 allowed (rules 7, 8, 9), and [`services`].
 fn fixture(name: &str, flags: u32) -> Fixture {
     let pin_dir = PathBuf::from(format!("/sys/fs/bpf/bulkhead-test-{}-svc-{name}", std::process::id()));
     let _ = std::fs::remove_dir_all(&pin_dir);
@@ -139,7 +153,11 @@ fn fixture(name: &str, flags: u32) -> Fixture {
             },
         );
     }
-    for (protocol, port, rule) in [(proto::TCP, TARGET_PORT, 7), (proto::UDP, UDP_TARGET_PORT, 8)] {
+    for (protocol, port, rule) in [
+        (proto::TCP, TARGET_PORT, 7),
+        (proto::UDP, UDP_TARGET_PORT, 8),
+        (proto::SCTP, SCTP_PORT, 9),
+    ] {
         state.policy.insert(
             (
                 PolicyKey::new(CLIENT_EP, 401, direction::EGRESS, protocol, port),
@@ -218,10 +236,17 @@ fn frame(
 }
 
 fn tcp_l4(sport: u16, dport: u16, flags: u8) -> Vec<u8> {
+    tcp_segment(sport, dport, flags, 0x1234, 0)
+}
+
+/// A TCP header with sequence number `seq`, acknowledgment number `ack`, then 5 bytes of data.
+fn tcp_segment(sport: u16, dport: u16, flags: u8, seq: u32, ack: u32) -> Vec<u8> {
     let mut l4 = Vec::new();
     l4.extend_from_slice(&sport.to_be_bytes());
     l4.extend_from_slice(&dport.to_be_bytes());
-    l4.extend_from_slice(&[0, 0, 0x12, 0x34, 0, 0, 0, 0, 0x50, flags, 0xff, 0xff, 0, 0, 0, 0]);
+    l4.extend_from_slice(&seq.to_be_bytes());
+    l4.extend_from_slice(&ack.to_be_bytes());
+    l4.extend_from_slice(&[0x50, flags, 0xff, 0xff, 0, 0, 0, 0]);
     l4.extend_from_slice(b"hello");
     l4
 }
@@ -441,6 +466,64 @@ fn a_syn_to_a_vip_goes_to_its_backend_and_the_reply_comes_back_from_the_vip() {
     );
 }
 
+/// The id the fixture's Service table gives the Service port `vip:port/protocol`.
+fn service_id(vip: Ipv4Addr, port: u16, protocol: u8) -> u16 {
+    let id = services().services[&ServiceKey::new(vip.octets(), port, protocol, 0)].service_id;
+    u16::try_from(id).unwrap()
+}
+
+#[test]
+fn flow_records_name_the_service_port_a_translated_flow_was_sent_to() {
+    let mut f = fixture("flow-service", ISOLATED);
+    f.run(
+        program_names::FROM_POD,
+        &client_tcp(40000, VIP_ONE, SERVICE_PORT, SYN),
+        DropReason::Forwarded,
+    );
+    f.run(
+        program_names::FROM_POD,
+        &client_tcp(40001, VIP_DENIED, SERVICE_PORT, SYN),
+        DropReason::PolicyDenied,
+    );
+    f.run_full(
+        program_names::FROM_POD,
+        &client_tcp(40002, VIP_EMPTY, SERVICE_PORT, SYN),
+        DropReason::NoServiceBackend,
+        1,
+        TC_ACT_REDIRECT,
+        0,
+    );
+    let query = frame(HOST_MAC, CLIENT_MAC, CLIENT, VIP_ONE, proto::UDP, udp_l4(41000, DNS_PORT), Some(6));
+    f.run(program_names::FROM_POD, &query, DropReason::Forwarded);
+    // The same backend dialled directly is no Service flow.
+    f.run(
+        program_names::FROM_POD,
+        &client_tcp(40003, backend_ip(1), TARGET_PORT, SYN),
+        DropReason::Forwarded,
+    );
+    let got: Vec<_> = f
+        .drain()
+        .iter()
+        .map(|r| (u16::from_be_bytes(r.sport), r.reason, Ipv4Addr::from(r.daddr), r.service_id))
+        .collect();
+    let (forwarded, denied, no_backend) = (
+        DropReason::Forwarded as u8,
+        DropReason::PolicyDenied as u8,
+        DropReason::NoServiceBackend as u8,
+    );
+    assert_eq!(
+        got,
+        [
+            (40000, forwarded, backend_ip(1), service_id(VIP_ONE, SERVICE_PORT, proto::TCP)),
+            (40001, denied, backend_ip(2), service_id(VIP_DENIED, SERVICE_PORT, proto::TCP)),
+            (40002, no_backend, VIP_EMPTY, service_id(VIP_EMPTY, SERVICE_PORT, proto::TCP)),
+            (41000, forwarded, backend_ip(1), service_id(VIP_ONE, DNS_PORT, proto::UDP)),
+            (40003, forwarded, backend_ip(1), 0),
+        ]
+    );
+    assert!(got[..4].iter().all(|r| r.3 != 0), "every Service port has an id");
+}
+
 #[test]
 fn egress_policy_that_allows_another_pod_drops_the_connection_to_the_backend() {
     let mut f = fixture("denied", ISOLATED);
@@ -563,7 +646,6 @@ fn client_ip_affinity_holds_a_client_to_one_backend() {
 
 #[test]
 fn a_service_port_without_backends_refuses_with_an_rst_counted_as_no_service_backend() {
-    const TC_ACT_REDIRECT: u32 = 7;
     let mut f = fixture("empty", ISOLATED);
     let syn = client_tcp(40000, VIP_EMPTY, SERVICE_PORT, SYN);
     let out = f.run_full(program_names::FROM_POD, &syn, DropReason::NoServiceBackend, 1, TC_ACT_REDIRECT, 0);
@@ -626,7 +708,7 @@ fn a_service_port_without_backends_refuses_with_an_rst_counted_as_no_service_bac
         TC_ACT_SHOT,
         bulkhead_common::GENERATED_REPLY_MARK,
     );
-    // A non-SYN to the empty port is dropped, not answered; so is UDP (TODO(issue 11): ICMP).
+    // A non-SYN of no connection to the empty port is dropped, not answered.
     f.run(
         program_names::FROM_POD,
         &client_tcp(40000, VIP_EMPTY, SERVICE_PORT, ACK),
@@ -712,4 +794,373 @@ fn translation_cost_next_to_the_direct_path() {
         median(reply_direct),
         median(reply_via)
     );
+}
+
+const TC_ACT_REDIRECT: u32 = 7;
+
+/// A UDP datagram the client sends with `payload` bytes of data and a valid checksum.
+fn client_udp(sport: u16, dst: Ipv4Addr, dport: u16, payload: usize) -> Vec<u8> {
+    let mut l4 = Vec::new();
+    l4.extend_from_slice(&sport.to_be_bytes());
+    l4.extend_from_slice(&dport.to_be_bytes());
+    l4.extend_from_slice(&((8 + payload) as u16).to_be_bytes());
+    l4.extend_from_slice(&[0, 0]);
+    l4.extend((0..payload).map(|i| i as u8));
+    frame(HOST_MAC, CLIENT_MAC, CLIENT, dst, proto::UDP, l4, Some(6))
+}
+
+impl Out {
+    /// Checks that the packet is the VIP's ICMP port unreachable for `original` (a frame the
+    /// client sent to `vip`): to the client's MAC, IPv4 without options, type 3 code 3,
+    /// quoting the original IP header and 8 bytes, both checksums valid.
+    fn assert_port_unreachable(&self, original: &[u8], vip: Ipv4Addr) {
+        assert_eq!(self.packet.len(), 14 + 20 + 8 + 28, "frame length: {:02x?}", self.packet);
+        assert_eq!(&self.packet[..6], &CLIENT_MAC, "to the pod");
+        assert_eq!(&self.packet[6..12], &HOST_MAC);
+        assert_eq!(&self.packet[12..14], &[0x08, 0x00]);
+        let ip = self.ip();
+        assert_eq!((ip[0], ip.len(), ip[9]), (0x45, 56, proto::ICMP), "IPv4 header {:02x?}", &ip[..20]);
+        assert_eq!(Ipv4Addr::new(ip[12], ip[13], ip[14], ip[15]), vip, "from the VIP");
+        assert_eq!(Ipv4Addr::new(ip[16], ip[17], ip[18], ip[19]), CLIENT);
+        assert!(ip[8] > 0, "TTL");
+        assert_eq!(sum16(&ip[..20], 0), 0xffff, "IPv4 header checksum of {:02x?}", &ip[..20]);
+        let icmp = &ip[20..];
+        assert_eq!((icmp[0], icmp[1]), (3, 3), "destination unreachable, port unreachable");
+        assert_eq!(&icmp[4..8], &[0; 4], "unused");
+        assert_eq!(sum16(icmp, 0), 0xffff, "ICMP checksum of {icmp:02x?}");
+        assert_eq!(&icmp[8..], &original[14..14 + 28], "quotes the IP header and 8 bytes");
+    }
+}
+
+/// Runs `packet` through `to_pod` as the redirected refusal (marked): passed, no record.
+fn delivered_to_the_pod(f: &mut Fixture, packet: &[u8]) {
+    let out = f.run_full(
+        program_names::TO_POD,
+        packet,
+        DropReason::Forwarded,
+        1,
+        TC_ACT_OK,
+        bulkhead_common::GENERATED_REPLY_MARK,
+    );
+    assert_eq!(out.packet, packet);
+    assert!(f.drain().is_empty(), "a refusal delivered makes no record");
+}
+
+#[test]
+fn udp_to_a_service_port_without_backends_gets_the_vips_icmp_port_unreachable() {
+    let mut f = fixture("unreachable", ISOLATED);
+    // A short datagram (the frame grows to the error) and a long one (it shrinks).
+    for (sport, payload) in [(42000, 5), (42001, 300)] {
+        let query = client_udp(sport, VIP_EMPTY, DNS_PORT, payload);
+        let before = f.dp.counter(DropReason::NoServiceBackend, direction::EGRESS).unwrap();
+        let out = f.run_full(program_names::FROM_POD, &query, DropReason::NoServiceBackend, 1, TC_ACT_REDIRECT, 0);
+        out.assert_port_unreachable(&query, VIP_EMPTY);
+        let after = f.dp.counter(DropReason::NoServiceBackend, direction::EGRESS).unwrap();
+        assert_eq!(after.bytes - before.bytes, query.len() as u64, "the datagram's bytes are counted");
+        let records = f.drain();
+        assert_eq!(records.len(), 1);
+        let r = records[0];
+        assert_eq!(
+            (r.reason, r.verdict, r.service_id, r.packet_len as usize),
+            (
+                DropReason::NoServiceBackend as u8,
+                verdict::DROPPED,
+                service_id(VIP_EMPTY, DNS_PORT, proto::UDP),
+                query.len()
+            )
+        );
+        assert_eq!(
+            (r.daddr, r.dport, r.sport),
+            (VIP_EMPTY.octets(), DNS_PORT.to_be_bytes(), sport.to_be_bytes())
+        );
+
+        // Sent back out of the veth, it reaches the pod past isolated ingress, marked only.
+        delivered_to_the_pod(&mut f, &out.packet);
+        f.run(program_names::TO_POD, &out.packet, DropReason::PolicyDenied);
+        f.drain();
+    }
+
+    // The mark opens nothing but exactly this error: not another ICMP code, not one quoting
+    // another pod's packet or a port that is no Service, not one from an address whose
+    // quoted destination it is not.
+    let query = client_udp(42002, VIP_EMPTY, DNS_PORT, 5);
+    let error = f
+        .run_full(program_names::FROM_POD, &query, DropReason::NoServiceBackend, 1, TC_ACT_REDIRECT, 0)
+        .packet;
+    f.drain();
+    const ICMP: usize = 14 + 20;
+    const QUOTED: usize = ICMP + 8;
+    // (what, byte offset, new value)
+    let edits = [
+        ("host unreachable", ICMP + 1, 1),
+        ("another pod's datagram", QUOTED + 15, 99),
+        ("a port that is no Service", QUOTED + 23, 54),
+        ("from another address", 14 + 15, 99),
+    ];
+    for (what, offset, value) in edits {
+        let mut forged = error.clone();
+        forged[offset] = value;
+        let out = f.run_full(
+            program_names::TO_POD,
+            &forged,
+            DropReason::PolicyDenied,
+            1,
+            TC_ACT_SHOT,
+            bulkhead_common::GENERATED_REPLY_MARK,
+        );
+        assert_eq!(out.packet.len(), forged.len(), "{what}");
+    }
+}
+
+#[test]
+fn a_removed_backends_connections_end_with_a_reset_or_port_unreachable_and_the_others_keep_theirs() {
+    let mut f = fixture("gone", 0);
+    let before = f.dp.maps.read_state().unwrap();
+    let mut open: BTreeMap<Ipv4Addr, u16> = BTreeMap::new();
+    for sport in 34000..34300u16 {
+        let out = f.run(
+            program_names::FROM_POD,
+            &client_tcp(sport, VIP_THREE, SERVICE_PORT, SYN),
+            DropReason::Forwarded,
+        );
+        open.entry(out.dst().0).or_insert(sport);
+    }
+    assert_eq!(open.len(), 3);
+    let dns = client_udp(43000, VIP_ONE, DNS_PORT, 5);
+    assert_eq!(
+        f.run(program_names::FROM_POD, &dns, DropReason::Forwarded).dst(),
+        (backend_ip(1), UDP_TARGET_PORT)
+    );
+    f.drain();
+
+    // Backend 2 (TCP) leaves every Service and the backend map; backend 11 (UDP) is
+    // replaced by 12, as the compiler would write it.
+    let mut after = before.clone();
+    let key = |vip: Ipv4Addr, port, protocol, slot| ServiceKey::new(vip.octets(), port, protocol, slot);
+    after
+        .services
+        .get_mut(&key(VIP_THREE, SERVICE_PORT, proto::TCP, 0))
+        .unwrap()
+        .backend_count = 2;
+    after
+        .services
+        .get_mut(&key(VIP_THREE, SERVICE_PORT, proto::TCP, 2))
+        .unwrap()
+        .backend_id = 3;
+    after.services.remove(&key(VIP_THREE, SERVICE_PORT, proto::TCP, 3));
+    after
+        .services
+        .get_mut(&key(VIP_DENIED, SERVICE_PORT, proto::TCP, 0))
+        .unwrap()
+        .backend_count = 0;
+    after.services.remove(&key(VIP_DENIED, SERVICE_PORT, proto::TCP, 1));
+    after.backends.remove(&2);
+    after.services.get_mut(&key(VIP_ONE, DNS_PORT, proto::UDP, 1)).unwrap().backend_id = 12;
+    after.backends.remove(&11);
+    bulkhead::datapath::sync::sync(&mut f.dp.maps, &before, &after).unwrap();
+    assert_eq!(f.dp.maps.read_state().unwrap(), after);
+
+    // The next segment of the connection to backend 2 gets the VIP's RST (RFC 9293: seq =
+    // the segment's ack, RST alone, no data), is counted and reported.
+    let dead = open[&backend_ip(2)];
+    let segment = frame(
+        HOST_MAC,
+        CLIENT_MAC,
+        CLIENT,
+        VIP_THREE,
+        proto::TCP,
+        tcp_segment(dead, SERVICE_PORT, ACK, 0x1000, 0xabcd_0123),
+        Some(16),
+    );
+    for _ in 0..2 {
+        let out = f.run_full(
+            program_names::FROM_POD,
+            &segment,
+            DropReason::NoServiceBackend,
+            1,
+            TC_ACT_REDIRECT,
+            0,
+        );
+        assert_eq!(out.packet.len(), 14 + 20 + 20, "no options, no data");
+        assert_eq!(&out.packet[..6], &CLIENT_MAC);
+        assert_eq!(out.src(), (VIP_THREE, SERVICE_PORT));
+        assert_eq!(out.dst(), (CLIENT, dead));
+        let tcp = &out.ip()[20..];
+        assert_eq!(u32::from_be_bytes(tcp[4..8].try_into().unwrap()), 0xabcd_0123, "seq = SEG.ACK");
+        assert_eq!((tcp[12], tcp[13]), (0x50, 0x04), "data offset 5, RST alone");
+        out.assert_checksums();
+        let records = f.drain();
+        assert_eq!(records.len(), 1);
+        assert_eq!(
+            (records[0].reason, records[0].service_id, Ipv4Addr::from(records[0].daddr)),
+            (
+                DropReason::NoServiceBackend as u8,
+                service_id(VIP_THREE, SERVICE_PORT, proto::TCP),
+                VIP_THREE
+            )
+        );
+        delivered_to_the_pod(&mut f, &out.packet);
+    }
+    // The client's own RST on it is dropped, never answered.
+    let rst = client_tcp(dead, VIP_THREE, SERVICE_PORT, 0x04);
+    f.run(program_names::FROM_POD, &rst, DropReason::NoServiceBackend);
+
+    // The connections to the remaining backends keep them.
+    for ip in [backend_ip(1), backend_ip(3)] {
+        let out = f.run(
+            program_names::FROM_POD,
+            &client_tcp(open[&ip], VIP_THREE, SERVICE_PORT, ACK),
+            DropReason::Forwarded,
+        );
+        assert_eq!(out.dst().0, ip);
+    }
+    // A new SYN on the dead connection's tuple is a new connection: a live backend, kept.
+    let out = f.run(
+        program_names::FROM_POD,
+        &client_tcp(dead, VIP_THREE, SERVICE_PORT, SYN),
+        DropReason::Forwarded,
+    );
+    let fresh = out.dst().0;
+    assert!(fresh == backend_ip(1) || fresh == backend_ip(3), "{fresh}");
+    let out = f.run(
+        program_names::FROM_POD,
+        &client_tcp(dead, VIP_THREE, SERVICE_PORT, ACK),
+        DropReason::Forwarded,
+    );
+    assert_eq!(out.dst().0, fresh);
+
+    // UDP: the flow to backend 11 is told once (ICMP port unreachable from the VIP), then
+    // its next datagram goes to the live backend.
+    f.drain();
+    let out = f.run_full(program_names::FROM_POD, &dns, DropReason::NoServiceBackend, 1, TC_ACT_REDIRECT, 0);
+    out.assert_port_unreachable(&dns, VIP_ONE);
+    assert_eq!(f.drain()[0].service_id, service_id(VIP_ONE, DNS_PORT, proto::UDP));
+    delivered_to_the_pod(&mut f, &out.packet);
+    let out = f.run(program_names::FROM_POD, &dns, DropReason::Forwarded);
+    assert_eq!(out.dst(), (backend_ip(2), UDP_TARGET_PORT));
+
+    // A backend id given to another {ip, port} is gone for the connections made to the old
+    // one too.
+    let mut moved = after.clone();
+    moved.backends.get_mut(&3).unwrap().ip = [10, 0, 1, 9];
+    bulkhead::datapath::sync::sync(&mut f.dp.maps, &after, &moved).unwrap();
+    f.run_full(
+        program_names::FROM_POD,
+        &client_tcp(open[&backend_ip(3)], VIP_THREE, SERVICE_PORT, ACK),
+        DropReason::NoServiceBackend,
+        1,
+        TC_ACT_REDIRECT,
+        0,
+    );
+    let out = f.run(
+        program_names::FROM_POD,
+        &client_tcp(open[&backend_ip(1)], VIP_THREE, SERVICE_PORT, ACK),
+        DropReason::Forwarded,
+    );
+    assert_eq!(out.dst().0, backend_ip(1));
+}
+
+/// CRC32c (Castagnoli, reflected), as SCTP computes it over its packet (RFC 9260 B).
+fn crc32c(data: &[u8]) -> u32 {
+    let mut crc = !0u32;
+    for &b in data {
+        crc ^= u32::from(b);
+        for _ in 0..8 {
+            crc = if crc & 1 != 0 { (crc >> 1) ^ 0x82f6_3b78 } else { crc >> 1 };
+        }
+    }
+    !crc
+}
+
+/// An SCTP packet: common header (ports, verification tag, CRC32c) and one INIT chunk.
+fn sctp_l4(sport: u16, dport: u16, tag: u32) -> Vec<u8> {
+    let mut l4 = Vec::new();
+    l4.extend_from_slice(&sport.to_be_bytes());
+    l4.extend_from_slice(&dport.to_be_bytes());
+    l4.extend_from_slice(&tag.to_be_bytes());
+    l4.extend_from_slice(&[0; 4]);
+    l4.extend_from_slice(&[1, 0, 0, 20, 0xde, 0xad, 0xbe, 0xef, 0, 1, 0, 0, 0, 10, 0, 10, 0, 0, 0, 1]);
+    // Stored as the Linux stack does (sctp_compute_cksum: little-endian).
+    let crc = crc32c(&l4);
+    l4[8..12].copy_from_slice(&crc.to_le_bytes());
+    l4
+}
+
+/// The SCTP packet in `ip` (an IPv4 packet without options) checks against its CRC32c.
+fn sctp_crc_valid(ip: &[u8]) -> bool {
+    let mut l4 = ip[20..].to_vec();
+    let stored = u32::from_le_bytes(l4[8..12].try_into().unwrap());
+    l4[8..12].fill(0);
+    crc32c(&l4) == stored
+}
+
+#[test]
+fn sctp_services_translate_the_address_only_and_replies_come_back_from_the_vip() {
+    let mut f = fixture("sctp", ISOLATED);
+    let l4 = sctp_l4(45000, SCTP_PORT, 0);
+    let init = frame(HOST_MAC, CLIENT_MAC, CLIENT, VIP_ONE, proto::SCTP, l4.clone(), None);
+    let out = f.run(program_names::FROM_POD, &init, DropReason::Forwarded);
+    assert_eq!(out.dst(), (backend_ip(1), SCTP_PORT), "to backend 1, same port");
+    assert_eq!(out.src(), (CLIENT, 45000));
+    assert_eq!(sum16(&out.ip()[..20], 0), 0xffff, "IPv4 header checksum");
+    assert_eq!(&out.ip()[20..], &l4[..], "the SCTP packet is untouched");
+    assert!(sctp_crc_valid(out.ip()), "CRC32c still valid: it does not cover addresses");
+    let records = f.drain();
+    assert_eq!(records.len(), 1);
+    assert_eq!(
+        (records[0].remote_identity, records[0].rule_id, records[0].service_id),
+        (401, 9, service_id(VIP_ONE, SCTP_PORT, proto::SCTP)),
+        "egress policy decided on the backend"
+    );
+    let ct = f.pinned::<CtKey, CtEntry>(map_names::CONNTRACK);
+    let entry = ct
+        .get(&ct_key(CLIENT, 45000, backend_ip(1), SCTP_PORT, proto::SCTP, direction::EGRESS), 0)
+        .unwrap();
+    assert_eq!(
+        ct_flags::rev_nat_index(entry.flags),
+        u32::from(service_id(VIP_ONE, SCTP_PORT, proto::SCTP))
+    );
+
+    // Later packets of the association go to the same backend.
+    let data = frame(
+        HOST_MAC,
+        CLIENT_MAC,
+        CLIENT,
+        VIP_ONE,
+        proto::SCTP,
+        sctp_l4(45000, SCTP_PORT, 0x1111),
+        None,
+    );
+    let out = f.run(program_names::FROM_POD, &data, DropReason::Forwarded);
+    assert_eq!(out.dst(), (backend_ip(1), SCTP_PORT));
+    assert!(f.drain().is_empty());
+
+    // The backend's INIT-ACK comes back from the VIP, its CRC32c still valid.
+    let reply_l4 = sctp_l4(SCTP_PORT, 45000, 0xdead_beef);
+    let reply = frame(CLIENT_MAC, HOST_MAC, backend_ip(1), CLIENT, proto::SCTP, reply_l4.clone(), None);
+    let out = f.run(program_names::TO_POD, &reply, DropReason::Forwarded);
+    assert_eq!(out.src(), (VIP_ONE, SCTP_PORT), "reply source restored");
+    assert_eq!(sum16(&out.ip()[..20], 0), 0xffff, "IPv4 header checksum");
+    assert_eq!(&out.ip()[20..], &reply_l4[..]);
+    assert!(sctp_crc_valid(out.ip()));
+
+    // A backend whose port differs cannot be reached without recomputing the CRC32c: never
+    // translated, refused like a port without backends (ICMP port unreachable).
+    let init = frame(
+        HOST_MAC,
+        CLIENT_MAC,
+        CLIENT,
+        VIP_THREE,
+        proto::SCTP,
+        sctp_l4(45001, SCTP_PORT, 0),
+        None,
+    );
+    let out = f.run_full(program_names::FROM_POD, &init, DropReason::NoServiceBackend, 1, TC_ACT_REDIRECT, 0);
+    out.assert_port_unreachable(&init, VIP_THREE);
+    assert_eq!(f.drain()[0].service_id, service_id(VIP_THREE, SCTP_PORT, proto::SCTP));
+    delivered_to_the_pod(&mut f, &out.packet);
+    let nat = f.pinned::<CtKey, LbNat>(map_names::LB_NAT);
+    assert!(nat
+        .get(&ct_key(CLIENT, 45001, VIP_THREE, SCTP_PORT, proto::SCTP, direction::EGRESS), 0)
+        .is_err());
 }

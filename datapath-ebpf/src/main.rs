@@ -8,6 +8,7 @@
 #![no_main]
 
 mod packet;
+mod reject;
 mod service;
 
 use aya_ebpf::{
@@ -18,11 +19,11 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use bulkhead_common::{
-    capacity, counter_index, ct_flags, ct_lifetime_ns, direction, endpoint_flags, identity, proto, remote_lookup_prefix, rule_id, verdict,
+    capacity, counter_index, ct_flags, ct_lifetime_ns, direction, endpoint_flags, identity, remote_lookup_prefix, rule_id, verdict,
     Counter, CtEntry, CtKey, DropReason, EndpointInfo, FlowEvent, IpcacheValue, Ipv4Key, PolicyKey, PolicyValue, COUNTER_SLOTS,
     CT_CLOSING_LIFETIME_NS, CT_REFRESH_NS, GENERATED_REPLY_MARK, POLICY_PREFIX_FULL,
 };
-use packet::{Headers, L3, TCP_RST};
+use packet::{Headers, L3};
 
 // Map names must equal bulkhead_common::map_names (the agent looks them up by those).
 #[map(name = "bh_endp_v1")]
@@ -54,28 +55,34 @@ enum Pass {
     Quiet,
     /// The first packet of a new flow, with its verdict (`FORWARDED` or `AUDIT`).
     NewFlow(u8),
-    /// Refused for this reason, and turned into the refusal (a TCP RST) sent back to the
-    /// pod through its veth: counted and reported as a drop, redirected rather than shot.
+    /// Refused for this reason, and turned into the refusal (a TCP RST, an ICMP port
+    /// unreachable: `reject`) sent back to the pod through its veth: counted and reported
+    /// as a drop, redirected rather than shot.
     Refused(DropReason),
 }
 
 #[classifier]
 pub fn from_pod(ctx: TcContext) -> i32 {
+    // The packet's own length, before a refusal replaces it.
+    let len = ctx.len();
     let mut flow = FlowEvent::default();
     let result = try_from_pod(&ctx, &mut flow);
-    finish(&ctx, direction::EGRESS, result, &mut flow)
+    finish(&ctx, direction::EGRESS, len, result, &mut flow)
 }
 
 #[classifier]
 pub fn to_pod(ctx: TcContext) -> i32 {
+    // The packet's own length, before a refusal replaces it.
+    let len = ctx.len();
     let mut flow = FlowEvent::default();
     let result = try_to_pod(&ctx, &mut flow);
-    finish(&ctx, direction::INGRESS, result, &mut flow)
+    finish(&ctx, direction::INGRESS, len, result, &mut flow)
 }
 
-/// Counts the verdict, reports new flows and drops, and turns the verdict into a TC action.
+/// Counts the verdict (`len`: the packet's length as it came), reports new flows and drops,
+/// and turns the verdict into a TC action.
 #[inline(always)]
-fn finish(ctx: &TcContext, dir: u8, result: Result<Pass, DropReason>, flow: &mut FlowEvent) -> i32 {
+fn finish(ctx: &TcContext, dir: u8, len: u32, result: Result<Pass, DropReason>, flow: &mut FlowEvent) -> i32 {
     let (reason, report) = match result {
         Ok(Pass::Quiet) => (DropReason::Forwarded, None),
         Ok(Pass::NewFlow(v)) => (DropReason::Forwarded, Some(v)),
@@ -86,14 +93,14 @@ fn finish(ctx: &TcContext, dir: u8, result: Result<Pass, DropReason>, flow: &mut
         // preempt itself on it.
         unsafe {
             (*counter).packets += 1;
-            (*counter).bytes += u64::from(ctx.len());
+            (*counter).bytes += u64::from(len);
         }
     }
     if let Some(v) = report {
         flow.verdict = v;
         flow.reason = reason as u8;
         flow.direction = dir;
-        flow.packet_len = ctx.len();
+        flow.packet_len = len;
         // SAFETY: bpf_ktime_get_ns has no preconditions.
         flow.timestamp_ns = unsafe { bpf_ktime_get_ns() };
         if FLOWS.output::<FlowEvent>(&*flow, 0).is_err() {
@@ -161,17 +168,19 @@ fn try_from_pod(ctx: &TcContext, flow: &mut FlowEvent) -> Result<Pass, DropReaso
     // SAFETY: bpf_ktime_get_ns has no preconditions.
     let now = unsafe { bpf_ktime_get_ns() };
     let t = match service::forward(&l3, now) {
-        // A connect to a Service port without backends fails at once, as kube-proxy's
-        // REJECT does. TODO(issue 11): ICMP port unreachable for UDP.
-        Err(DropReason::NoServiceBackend) if l3.tcp_syn => {
-            service::reset(ctx, &l3)?;
-            return Ok(Pass::Refused(DropReason::NoServiceBackend));
+        service::Forward::Direct => {
+            return admit(&ep, direction::EGRESS, &l3, l3.daddr, 0, flow, 0).map(|(pass, _)| pass);
         }
-        other => other?,
+        service::Forward::Refused { service_id, answer } => {
+            flow.service_id = flow_service_id(service_id);
+            if answer && reject::answer(ctx, &l3) {
+                return Ok(Pass::Refused(DropReason::NoServiceBackend));
+            }
+            return Err(DropReason::NoServiceBackend);
+        }
+        service::Forward::To(t) => t,
     };
-    let Some(t) = t else {
-        return admit(&ep, direction::EGRESS, &l3, l3.daddr, 0, flow, 0).map(|(pass, _)| pass);
-    };
+    flow.service_id = flow_service_id(t.nat.service_id);
     // From here the flow is the client's to the backend: conntrack keys on that tuple and
     // egress policy decides on the backend's identity and port, as if the pod dialled it.
     service::rewrite(ctx, &l3, service::End::Destination, t.nat.addr, t.nat.port)?;
@@ -201,13 +210,9 @@ fn try_to_pod(ctx: &TcContext, flow: &mut FlowEvent) -> Result<Pass, DropReason>
     // SAFETY: the context pointer is valid for the program's whole run.
     let mark = unsafe { (*ctx.skb.skb).mark };
     // Our own refusal, sent back by this pod's from_pod (the mark cannot come from a pod):
-    // exactly a TCP RST from a Service port, so that a mark set by anyone else on the node
-    // never opens a pod's ingress.
-    if mark & GENERATED_REPLY_MARK != 0
-        && l3.protocol == proto::TCP
-        && l3.tcp_flags & TCP_RST != 0
-        && service::is_service_port(l3.saddr, u16::from_be_bytes(l3.sport), l3.protocol)
-    {
+    // exactly a TCP RST or ICMP port unreachable from a Service port, so that a mark set by
+    // anyone else on the node never opens a pod's ingress.
+    if mark & GENERATED_REPLY_MARK != 0 && reject::is_generated(ctx, &l3, ep.ipv4) {
         return Ok(Pass::Quiet);
     }
     let (pass, reply_flags) = admit(&ep, direction::INGRESS, &l3, l3.saddr, mark, flow, 0)?;
@@ -219,6 +224,12 @@ fn try_to_pod(ctx: &TcContext, flow: &mut FlowEvent) -> Result<Pass, DropReason>
         }
     }
     Ok(pass)
+}
+
+/// A Service port's id as flow records carry it (ids fit: at most `MAX_SERVICE_ID`).
+#[inline(always)]
+fn flow_service_id(service_id: u32) -> u16 {
+    u16::try_from(service_id).unwrap_or(u16::MAX)
 }
 
 /// Conntrack, then policy for a new flow, then a conntrack entry for it (with `ct_extra`

@@ -15,9 +15,9 @@ const ETH_P_IP: [u8; 2] = [0x08, 0x00];
 const ETH_P_ARP: [u8; 2] = [0x08, 0x06];
 /// Largest IPv4 header (IHL 15) plus the 14 bytes of TCP header we read (up to the flags).
 const MAX_PARSE: u32 = (ETH_HLEN + 60 + 14) as u32;
-const TCP_SYN: u8 = 0x02;
-const TCP_ACK: u8 = 0x10;
-const TCP_FIN: u8 = 0x01;
+pub const TCP_SYN: u8 = 0x02;
+pub const TCP_ACK: u8 = 0x10;
+pub const TCP_FIN: u8 = 0x01;
 pub const TCP_RST: u8 = 0x04;
 const ICMP_ECHO_REPLY: u8 = 0;
 const ICMP_ECHO_REQUEST: u8 = 8;

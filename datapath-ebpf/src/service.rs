@@ -2,9 +2,10 @@
 //! slots in one hash map, backends in another, and each connection's choice in an LRU map
 //! beside conntrack, so that every later packet goes to the same backend. Replies find the
 //! VIP through the reverse-NAT index their conntrack entry carries (one static entry per
-//! Service port, no per-connection record). Per packet: one header lookup, then one
-//! translation lookup; a new connection adds one slot and one backend lookup (two more with
-//! ClientIP affinity) and one LRU insert. See datapath-ebpf/SERVICES.md.
+//! Service port, no per-connection record). Per packet: one header lookup, one translation
+//! lookup and, on a hit, one backend lookup (is the connection's backend still there?); a
+//! new connection adds one slot and one backend lookup (two more with ClientIP affinity) and
+//! one LRU insert. See datapath-ebpf/SERVICES.md.
 
 use aya_ebpf::{
     bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR},
@@ -48,18 +49,41 @@ pub struct Translation {
     pub new: bool,
 }
 
-/// The translation of a packet from a pod when its destination is a Service port, `None`
-/// when it is not one. Only TCP and UDP: rewriting an SCTP port would need the CRC32c
-/// recomputed over the whole packet (TODO(issue 11)).
+/// What a packet from a pod to a possible Service port becomes.
+pub enum Forward {
+    /// Not a Service port: the packet goes on as sent.
+    Direct,
+    /// Service port traffic, translated to a backend.
+    To(Translation),
+    /// Service port `service_id` cannot take the packet: it has no backend, the
+    /// connection's backend is gone, or (SCTP) its backend's port differs. Dropped and
+    /// counted as `no_service_backend`; `answer`: the client is told (`reject`).
+    Refused {
+        /// The Service port ([`ServiceValue::service_id`]).
+        service_id: u32,
+        /// Whether the client gets a refusal back rather than silence.
+        answer: bool,
+    },
+}
+
+/// The translation of a packet from a pod when its destination is a Service port. TCP, UDP,
+/// and SCTP when the backend's port is the Service port (SCTP's CRC32c covers the ports but
+/// not the addresses: an address-only rewrite keeps it valid, a port rewrite would need it
+/// recomputed over the whole packet, which eBPF cannot afford; the agent writes no such
+/// SCTP backend, and one found anyway is refused, never sent with a stale checksum).
+///
+/// An established connection whose backend is gone (removed, or its id given to another
+/// `{ip, port}`) ends: refused and answered (TCP RST, ICMP port unreachable), one backend
+/// lookup per translated packet. A TCP SYN on its tuple is a new connection and picks anew.
 #[inline(always)]
-pub fn forward(l3: &L3, now: u64) -> Result<Option<Translation>, DropReason> {
-    if l3.protocol != proto::TCP && l3.protocol != proto::UDP {
-        return Ok(None);
+pub fn forward(l3: &L3, now: u64) -> Forward {
+    if l3.protocol != proto::TCP && l3.protocol != proto::UDP && l3.protocol != proto::SCTP {
+        return Forward::Direct;
     }
     let mut skey = ServiceKey::new(l3.daddr, u16::from_be_bytes(l3.dport), l3.protocol, 0);
     // SAFETY: the value is copied out at once; a concurrent update gives the old or the new one.
     let Some(header) = (unsafe { SERVICES.get(skey) }).copied() else {
-        return Ok(None);
+        return Forward::Direct;
     };
     let key = CtKey {
         saddr: l3.saddr,
@@ -74,12 +98,41 @@ pub fn forward(l3: &L3, now: u64) -> Result<Option<Translation>, DropReason> {
     if let Some(nat) = unsafe { LB_NAT.get(key) }.copied() {
         // A record left by an earlier Service on this VIP:port is not this one's.
         if nat.service_id == header.service_id {
-            return Ok(Some(Translation { nat, key, new: false }));
+            // SAFETY: as above.
+            let alive = unsafe { BACKENDS.get(nat.backend_id) }.is_some_and(|b| b.ip == nat.addr && b.port == nat.port);
+            if alive {
+                return Forward::To(Translation { nat, key, new: false });
+            }
+            if !l3.tcp_syn {
+                if l3.protocol != proto::TCP {
+                    // Datagrams have no handshake to start over with: once told, the
+                    // client's next datagram on this tuple picks a live backend. (A TCP
+                    // record stays, so every late segment gets its RST, until a SYN.)
+                    let _ = LB_NAT.remove(key);
+                }
+                return Forward::Refused {
+                    service_id: header.service_id,
+                    answer: true,
+                };
+            }
         }
     }
-    let backend_id = pick(&header, &mut skey, l3, now)?;
+    let refused = Forward::Refused {
+        service_id: header.service_id,
+        // A connect fails at once, as kube-proxy's REJECT makes it; a stray segment of no
+        // connection gets nothing.
+        answer: l3.protocol != proto::TCP || l3.tcp_syn,
+    };
+    let Ok(backend_id) = pick(&header, &mut skey, l3, now) else {
+        return refused;
+    };
     // SAFETY: as above.
-    let backend = unsafe { BACKENDS.get(backend_id) }.copied().ok_or(DropReason::NoServiceBackend)?;
+    let Some(backend) = unsafe { BACKENDS.get(backend_id) }.copied() else {
+        return refused;
+    };
+    if l3.protocol == proto::SCTP && backend.port != l3.dport {
+        return refused;
+    }
     let nat = LbNat {
         addr: backend.ip,
         port: backend.port,
@@ -87,7 +140,7 @@ pub fn forward(l3: &L3, now: u64) -> Result<Option<Translation>, DropReason> {
         backend_id,
         service_id: header.service_id,
     };
-    Ok(Some(Translation { nat, key, new: true }))
+    Forward::To(Translation { nat, key, new: true })
 }
 
 /// Whether `addr:port`/`protocol` is a Service port (its header exists): the only source a
@@ -155,44 +208,6 @@ pub fn reverse(index: u32) -> Option<RevNat> {
     unsafe { REV_NAT.get(index) }.copied()
 }
 
-const TCP_RST_ACK: u8 = 0x14;
-
-/// Turns a TCP SYN into the RST|ACK its destination would answer with (RFC 9293 3.10.7.1:
-/// seq 0, ack = SEG.SEQ + SEG.LEN) in place: ends swapped (which leaves both checksums
-/// as they are: a ones' complement sum does not depend on order), seq, ack and flags
-/// changed with incremental checksum updates. The caller redirects it back to the pod.
-#[inline(always)]
-pub fn reset(ctx: &TcContext, l3: &L3) -> Result<(), DropReason> {
-    let fail = |_| DropReason::Malformed;
-    let l4 = l3.l4_off;
-    let eth: [u8; 12] = ctx.load(0).map_err(fail)?;
-    let tot_len: [u8; 2] = ctx.load(IP_CHECK_OFF - 8).map_err(fail)?;
-    let seq: [u8; 4] = ctx.load(l4 + 4).map_err(fail)?;
-    let old_ack: [u8; 4] = ctx.load(l4 + 8).map_err(fail)?;
-    let off_flags: [u8; 2] = ctx.load(l4 + 12).map_err(fail)?;
-    let ihl = l4 - crate::packet::ETH_HLEN;
-    let doff = usize::from(off_flags[0] >> 4) * 4;
-    // SYN counts one, then any payload it carries.
-    let payload = usize::from(u16::from_be_bytes(tot_len)).saturating_sub(ihl + doff) as u32;
-    let ack = u32::from_be_bytes(seq).wrapping_add(1).wrapping_add(payload).to_be_bytes();
-    let new_off_flags = [off_flags[0], TCP_RST_ACK];
-    let check = l4 + TCP_CHECK_OFF;
-    let word = |b: [u8; 4]| u64::from(u32::from_ne_bytes(b));
-    ctx.l4_csum_replace(check, word(seq), 0, 4).map_err(fail)?;
-    ctx.l4_csum_replace(check, word(old_ack), word(ack), 4).map_err(fail)?;
-    let half = |b: [u8; 2]| u64::from(u16::from_ne_bytes(b));
-    ctx.l4_csum_replace(check, half(off_flags), half(new_off_flags), 2).map_err(fail)?;
-    ctx.store(l4 + 4, &[0u8; 4], 0).map_err(fail)?;
-    ctx.store(l4 + 8, &ack, 0).map_err(fail)?;
-    ctx.store(l4 + 12, &new_off_flags, 0).map_err(fail)?;
-    ctx.store(l4, &[l3.dport, l3.sport], 0).map_err(fail)?;
-    ctx.store(IP_SADDR_OFF, &[l3.daddr, l3.saddr], 0).map_err(fail)?;
-    let mut swapped = [0u8; 12];
-    swapped[..6].copy_from_slice(&eth[6..]);
-    swapped[6..].copy_from_slice(&eth[..6]);
-    ctx.store(0, &swapped, 0).map_err(fail)
-}
-
 /// Which end of the packet a rewrite changes.
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub enum End {
@@ -202,30 +217,36 @@ pub enum End {
     Source,
 }
 
-/// Rewrites one end's address and port to `addr`/`port`, fixing the IPv4 and the TCP/UDP checksums
-/// incrementally (the address is in the L4 pseudo-header, hence `BPF_F_PSEUDO_HDR`).
+/// Rewrites one end's address and port to `addr`/`port`, fixing the IPv4 and the TCP/UDP
+/// checksums incrementally (the address is in the L4 pseudo-header, hence
+/// `BPF_F_PSEUDO_HDR`). SCTP: the address only; its CRC32c covers its header and chunks, not
+/// the addresses (RFC 9260 6.8), and [`forward`] never changes an SCTP port.
 #[inline(always)]
 pub fn rewrite(ctx: &TcContext, l3: &L3, end: End, addr: [u8; 4], port: [u8; 2]) -> Result<(), DropReason> {
     let (addr_off, port_off, old_addr, old_port) = match end {
         End::Destination => (IP_DADDR_OFF, l3.l4_off + 2, l3.daddr, l3.dport),
         End::Source => (IP_SADDR_OFF, l3.l4_off, l3.saddr, l3.sport),
     };
-    let (check_off, mangled) = match l3.protocol {
-        proto::TCP => (l3.l4_off + TCP_CHECK_OFF, 0),
+    let l4_check = match l3.protocol {
+        proto::TCP => Some((l3.l4_off + TCP_CHECK_OFF, 0)),
         // A zero UDP checksum means "none" and must stay zero; a result of zero is sent as
         // 0xffff (RFC 768). BPF_F_MARK_MANGLED_0 does both.
-        _ => (l3.l4_off + UDP_CHECK_OFF, u64::from(BPF_F_MARK_MANGLED_0)),
+        proto::UDP => Some((l3.l4_off + UDP_CHECK_OFF, u64::from(BPF_F_MARK_MANGLED_0))),
+        _ if old_port != port => return Err(DropReason::NoServiceBackend),
+        _ => None,
     };
     let from_addr = u64::from(u32::from_ne_bytes(old_addr));
     let to_addr = u64::from(u32::from_ne_bytes(addr));
-    let from_port = u64::from(u16::from_ne_bytes(old_port));
-    let to_port = u64::from(u16::from_ne_bytes(port));
     let fail = |_| DropReason::Malformed;
-    ctx.l4_csum_replace(check_off, from_addr, to_addr, u64::from(BPF_F_PSEUDO_HDR) | mangled | 4)
-        .map_err(fail)?;
-    if old_port != port {
-        ctx.l4_csum_replace(check_off, from_port, to_port, mangled | 2).map_err(fail)?;
-        ctx.store(port_off, &port, 0).map_err(fail)?;
+    if let Some((check_off, mangled)) = l4_check {
+        ctx.l4_csum_replace(check_off, from_addr, to_addr, u64::from(BPF_F_PSEUDO_HDR) | mangled | 4)
+            .map_err(fail)?;
+        if old_port != port {
+            let from_port = u64::from(u16::from_ne_bytes(old_port));
+            let to_port = u64::from(u16::from_ne_bytes(port));
+            ctx.l4_csum_replace(check_off, from_port, to_port, mangled | 2).map_err(fail)?;
+            ctx.store(port_off, &port, 0).map_err(fail)?;
+        }
     }
     ctx.l3_csum_replace(IP_CHECK_OFF, from_addr, to_addr, 4).map_err(fail)?;
     ctx.store(addr_off, &addr, 0).map_err(fail)
