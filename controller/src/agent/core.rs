@@ -73,6 +73,8 @@ pub(super) struct Agent {
     pub(super) pod_mtu_published: Option<Option<u32>>,
     /// ClusterIP translation: the service maps' ids and the switch.
     pub(super) services: Services,
+    /// The over-cap policies last logged (each is logged when it appears, not on every compile).
+    pub(super) over_cap_logged: Vec<crate::policy::OverCap>,
 }
 
 impl Agent {
@@ -115,6 +117,7 @@ impl Agent {
         let started = Instant::now();
         let locals = self.locals();
         let mut new = self.compiler.compile(&self.cluster, &locals);
+        self.report_over_cap();
         add_host_addresses(&mut new, &self.host_addresses);
         self.services.add_to(&self.cluster, &mut new, &self.metrics);
         match sync::sync(&mut *self.datapath, &self.applied, &new) {
@@ -160,6 +163,20 @@ impl Agent {
                 Err(e.into())
             }
         }
+    }
+
+    /// Logs each policy the compiler left out for expanding past the cap, once, and keeps
+    /// the gauge current.
+    fn report_over_cap(&mut self) {
+        let over = self.compiler.over_cap();
+        self.metrics.set_policies_over_cap(over.len());
+        if over == self.over_cap_logged.as_slice() {
+            return;
+        }
+        for o in over.iter().filter(|o| !self.over_cap_logged.contains(o)) {
+            tracing::error!(policy = %format!("{}/{}", o.namespace, o.name), entries = o.entries, cap = o.cap, "{o}");
+        }
+        self.over_cap_logged = over.to_vec();
     }
 
     /// Re-reads the source and this node's addresses; on a change, reprograms.

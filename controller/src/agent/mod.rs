@@ -190,6 +190,7 @@ pub fn run(args: AgentArgs) -> Result<(), AgentError> {
         network: network::Network::new(&args, Box::new(network::KernelNetwork)),
         pod_mtu_published: None,
         services,
+        over_cap_logged: Vec::new(),
     };
     agent.read_host_addresses();
     agent.refresh(true)?;

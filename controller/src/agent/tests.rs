@@ -283,6 +283,7 @@ fn fixture(synced: bool) -> Fixture {
         network: super::network::Network::off(),
         pod_mtu_published: None,
         services: super::services::Services::new(true, &DatapathState::default()),
+        over_cap_logged: Vec::new(),
     };
     let mut f = Fixture {
         agent,

@@ -245,6 +245,7 @@ pub struct Metrics {
     service_translations: IntCounterVec,
     service_labels: Mutex<HashSet<String>>,
     service_ports: IntGauge,
+    policies_over_cap: IntGauge,
     services_left_out: IntGaugeVec,
     flow_events_lost: IntCounter,
     implementation_delay: Histogram,
@@ -306,6 +307,10 @@ impl Metrics {
                 "bulkhead_service_ports",
                 "ClusterIP Service ports in the datapath's service map ({vip, port, protocol}).",
             )?,
+            policies_over_cap: gauge(
+                "bulkhead_policies_over_cap",
+                "NetworkPolicies left out on this node for expanding past the per-policy entry cap (they still isolate; their rules allow nothing here).",
+            )?,
             services_left_out: gauge_vec(
                 "bulkhead_services_left_out",
                 "What the service maps could not hold, by reason: service_ports (no id left), backends (past the per-port cap), untranslatable (SCTP with a port rewrite).",
@@ -363,6 +368,7 @@ impl Metrics {
         reg(Box::new(m.flow_events_lost.clone()), "bulkhead_flow_events_lost_total")?;
         reg(Box::new(m.service_translations.clone()), "bulkhead_service_translations_total")?;
         reg(Box::new(m.service_ports.clone()), "bulkhead_service_ports")?;
+        reg(Box::new(m.policies_over_cap.clone()), "bulkhead_policies_over_cap")?;
         reg(Box::new(m.services_left_out.clone()), "bulkhead_services_left_out")?;
         reg(
             Box::new(m.implementation_delay.clone()),
@@ -415,6 +421,11 @@ impl Metrics {
     pub fn record_translation(&self, verdict: &str, service: &str) {
         let label = capped(&self.service_labels, service);
         self.service_translations.with_label_values(&[verdict, label]).inc();
+    }
+
+    /// How many policies the last compile left out for expanding past the cap.
+    pub fn set_policies_over_cap(&self, count: usize) {
+        self.policies_over_cap.set(i64::try_from(count).unwrap_or(i64::MAX));
     }
 
     /// Updates the Service gauges after the service maps were computed.

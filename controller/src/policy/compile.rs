@@ -23,10 +23,56 @@ use crate::datapath::state::DatapathState;
 
 /// Turns the cluster model into [`DatapathState`], keeping identity and rule ids stable
 /// across compiles.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug)]
 pub struct Compiler {
     identities: IdentityAllocator,
     rules: RuleTable,
+    /// The most policy map entries one NetworkPolicy may expand to on this node.
+    policy_cap: usize,
+    /// The policies the last compile left out for expanding past `policy_cap`.
+    over_cap: Vec<OverCap>,
+}
+
+impl Default for Compiler {
+    fn default() -> Self {
+        Compiler {
+            identities: IdentityAllocator::default(),
+            rules: RuleTable::default(),
+            policy_cap: MAX_ENTRIES_PER_POLICY,
+            over_cap: Vec::new(),
+        }
+    }
+}
+
+/// The most policy map entries one NetworkPolicy may expand to on a node: a quarter of the
+/// map. Tenant input can otherwise fill it (`namespaceSelector: {}` with `endPort` 1–65535
+/// is 16 port prefixes × every identity × every selected local pod), and a full map fails
+/// every later write, other tenants' included.
+pub const MAX_ENTRIES_PER_POLICY: usize = bulkhead_common::capacity::POLICY as usize / 4;
+
+/// A NetworkPolicy the compiler left out because it expands past the cap. Fail closed: it
+/// still isolates the pods it selects, but none of its rules allows anything.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct OverCap {
+    /// The policy's namespace.
+    pub namespace: String,
+    /// The policy's name.
+    pub name: String,
+    /// How many entries it would have taken on this node.
+    pub entries: usize,
+    /// The cap.
+    pub cap: usize,
+}
+
+impl std::fmt::Display for OverCap {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "NetworkPolicy {}/{} expands to {} policy map entries on this node, more than the {} one policy may take: \
+             its rules allow nothing here (the pods it selects stay isolated); narrow its peers or port ranges",
+            self.namespace, self.name, self.entries, self.cap
+        )
+    }
 }
 
 /// A cluster pod as the compiler sees it.
@@ -73,6 +119,17 @@ impl Compiler {
     /// The rule table, to name the rule in flows.
     pub fn rules(&self) -> &RuleTable {
         &self.rules
+    }
+
+    /// Sets how many policy map entries one NetworkPolicy may expand to (tests use small caps).
+    pub fn with_policy_cap(mut self, cap: usize) -> Self {
+        self.policy_cap = cap;
+        self
+    }
+
+    /// The policies the last compile left out for expanding past the cap, by name.
+    pub fn over_cap(&self) -> &[OverCap] {
+        &self.over_cap
     }
 
     /// Computes the map contents for `local` endpoints given the whole cluster.
@@ -181,6 +238,9 @@ impl Compiler {
             pods: &pods,
             cidrs: &cidrs,
         };
+        // Each policy's entries are gathered apart first, so that one expanding past the cap
+        // is left out whole (merging takes the smallest rule id, so the order is free).
+        let mut by_policy: BTreeMap<(String, String), BTreeMap<(PolicyKey, u32), PolicyValue>> = BTreeMap::new();
         for ep in local {
             let Some(me) = pods
                 .iter()
@@ -217,22 +277,34 @@ impl Compiler {
                         Direction::Ingress => spec.ingress.iter().flatten().map(|r| (r.from.as_ref(), r.ports.as_ref())).collect(),
                         Direction::Egress => spec.egress.iter().flatten().map(|r| (r.to.as_ref(), r.ports.as_ref())).collect(),
                     };
+                    let out = by_policy.entry((ns.to_string(), name.to_string())).or_default();
                     for (i, (peers, ports)) in rules.into_iter().enumerate() {
                         let rule_id = self.rule_id(ns, name, dir, i);
                         let remotes = ctx.remotes(ns, peers.map(Vec::as_slice));
-                        ctx.emit(
-                            &mut state.policy,
-                            ep.endpoint_id,
-                            me,
-                            dir,
-                            &remotes,
-                            ports.map(Vec::as_slice),
-                            rule_id,
-                        );
+                        ctx.emit(out, ep.endpoint_id, me, dir, &remotes, ports.map(Vec::as_slice), rule_id);
                     }
                 }
             }
             state.endpoints.insert(ep.host_ifindex, endpoint_info(ep, me.identity, flags));
+        }
+        self.over_cap.clear();
+        for ((namespace, name), entries) in by_policy {
+            if entries.len() > self.policy_cap {
+                self.over_cap.push(OverCap {
+                    namespace,
+                    name,
+                    entries: entries.len(),
+                    cap: self.policy_cap,
+                });
+                continue;
+            }
+            for ((key, prefix), value) in entries {
+                state
+                    .policy
+                    .entry((key, prefix))
+                    .and_modify(|v| v.rule_id = v.rule_id.min(value.rule_id))
+                    .or_insert(value);
+            }
         }
         state
     }

@@ -14,7 +14,7 @@ mod tests;
 
 use std::net::Ipv4Addr;
 
-pub use compile::{port_prefixes, Compiler};
+pub use compile::{port_prefixes, Compiler, OverCap, MAX_ENTRIES_PER_POLICY};
 pub use evaluate::{evaluate, isolating_policies, isolation, Decision, Isolation, Verdict};
 pub use identity::{Direction, RuleRef, RuleTable};
 

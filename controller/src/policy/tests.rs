@@ -911,3 +911,52 @@ fn datapath_lookup_agrees_with_the_spec_over_the_matrix() {
     let all: String = policy_sets().concat();
     compare_everywhere(&cluster(&all), "all policy sets together");
 }
+
+#[test]
+fn a_policy_expanding_past_the_cap_is_left_out_whole_and_still_isolates() {
+    // From every namespace, every port: 16 port prefixes per identity and local pod of x.
+    let wide = np(
+        "x",
+        "wide",
+        "  podSelector: {}\n  ingress: [{from: [{namespaceSelector: {}}], ports: [{port: 1, endPort: 65535}]}]\n",
+    );
+    let narrow = np(
+        "x",
+        "narrow",
+        "  podSelector: {matchLabels: {pod: a}}\n  ingress: [{from: [{podSelector: {matchLabels: {pod: b}}}], ports: [{port: 80}]}]\n",
+    );
+    let c = cluster(&format!("{wide}{narrow}"));
+    let l = locals();
+    let mut unbounded = Compiler::new();
+    let full = unbounded.compile(&c, &l);
+    assert!(unbounded.over_cap().is_empty());
+    let wide_entries = full.policy.len();
+    assert!(wide_entries > 100, "{wide_entries}");
+
+    let mut compiler = Compiler::new().with_policy_cap(100);
+    let state = compiler.compile(&c, &l);
+    let over = compiler.over_cap();
+    assert_eq!(over.len(), 1, "{over:?}");
+    assert_eq!((over[0].namespace.as_str(), over[0].name.as_str(), over[0].cap), ("x", "wide", 100));
+    assert!(over[0].entries > 100);
+    let text = over[0].to_string();
+    assert!(
+        text.starts_with("NetworkPolicy x/wide expands to ") && text.contains("allow nothing"),
+        "{text}"
+    );
+    // Fail closed: x's pods stay isolated; only the narrow policy's rule allows anything.
+    assert_eq!(datapath(&state, &l, "y/a", "x/c", "TCP", 443), (true, false));
+    assert_eq!(datapath(&state, &l, "x/b", "x/a", "TCP", 80), (true, true));
+    assert_eq!(datapath(&state, &l, "x/b", "x/a", "TCP", 81), (true, false));
+    let endpoint = state.endpoints[&ep(&l, "x/c").host_ifindex];
+    assert_ne!(endpoint.flags & bulkhead_common::endpoint_flags::ISOLATED_INGRESS, 0);
+    // Under the cap again (the policy narrowed), it is back.
+    let narrowed = np(
+        "x",
+        "wide",
+        "  podSelector: {}\n  ingress: [{from: [{namespaceSelector: {matchLabels: {ns: y}}}], ports: [{port: 443}]}]\n",
+    );
+    let state = compiler.compile(&cluster(&format!("{narrowed}{narrow}")), &l);
+    assert!(compiler.over_cap().is_empty());
+    assert_eq!(datapath(&state, &l, "y/a", "x/c", "TCP", 443), (true, true));
+}
