@@ -444,3 +444,136 @@ fn established_flow_survives_policy_changes() {
     assert_eq!(new_while_denied, Some(false), "a new connection must be denied by y/deny-in");
     assert!(round_trips.load(Ordering::SeqCst) > 40, "too few round trips to prove anything");
 }
+
+/// The datapath enforces on its own while the agent is gone, and a restarted agent adopts
+/// the pinned maps without flushing conntrack: x/a holds an echo connection to y/b
+/// (round trip every 20 ms) and z/c hammers y/b, which admits only namespace x, while the
+/// agent is SIGKILLed and left down, then restarted by SIGKILL and by SIGTERM as a rollout
+/// does. Not one round trip fails, not one of z/c's handshakes completes, and a new
+/// connection from x/a succeeds while the agent is down (the last policy holds).
+#[test]
+fn enforcement_holds_while_the_agent_is_down_and_across_restarts() {
+    const PORT: u16 = 9100;
+    let lab = Lab::new("agentdown");
+    lab.ok(&[
+        "up",
+        "-f",
+        &lab.file("pods.yaml", &pods_yaml(&[("x", "a"), ("y", "b"), ("z", "c")])),
+    ]);
+    lab.ok(&[
+        "apply",
+        "-f",
+        &lab.file(
+            "allow-x.yaml",
+            &policy(
+                "y",
+                "allow-x",
+                "  podSelector: {}\n  ingress:\n  - from:\n    - namespaceSelector: {matchLabels: {ns: x}}\n",
+            ),
+        ),
+    ]);
+    let (server_ns, client_ns, denied_ns) = (netns_name(&lab, "y/b"), netns_name(&lab, "x/a"), netns_name(&lab, "z/c"));
+    let target = SocketAddr::from((pod_ip(&lab, "y/b"), PORT));
+    let (stop, ready) = (AtomicBool::new(false), AtomicBool::new(false));
+    let round_trips = AtomicU64::new(0);
+    let longest_gap_ms = AtomicU64::new(0);
+    let broken: Mutex<Option<String>> = Mutex::new(None);
+    let tally = Tally::default();
+    let mut new_while_down = None;
+    std::thread::scope(|scope| {
+        struct StopOnDrop<'a>(&'a AtomicBool);
+        impl Drop for StopOnDrop<'_> {
+            fn drop(&mut self) {
+                self.0.store(true, Ordering::SeqCst);
+            }
+        }
+        let _stop = StopOnDrop(&stop);
+        scope.spawn(|| echo_server(&server_ns, PORT, &stop, &ready));
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !ready.load(Ordering::SeqCst) {
+            assert!(Instant::now() < deadline, "echo server did not start");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        scope.spawn(|| {
+            enter(&client_ns);
+            let fail = |why: String| {
+                broken.lock().expect("lock").get_or_insert(why);
+            };
+            let mut stream = match TcpStream::connect_timeout(&target, Duration::from_secs(2)) {
+                Ok(s) => s,
+                Err(e) => return fail(format!("connect: {e}")),
+            };
+            let _ = stream.set_read_timeout(Some(Duration::from_secs(1)));
+            let (mut n, mut last) = (0u8, Instant::now());
+            while !stop.load(Ordering::SeqCst) {
+                n = n.wrapping_add(1);
+                let mut back = [0u8; 1];
+                if let Err(e) = stream.write_all(&[n]).and_then(|()| stream.read_exact(&mut back)) {
+                    return fail(format!("after {} round trips: {e}", round_trips.load(Ordering::SeqCst)));
+                }
+                if back[0] != n {
+                    return fail(format!("echo {} for {n}", back[0]));
+                }
+                let gap = u64::try_from(last.elapsed().as_millis()).unwrap_or(u64::MAX);
+                longest_gap_ms.fetch_max(gap, Ordering::SeqCst);
+                last = Instant::now();
+                round_trips.fetch_add(1, Ordering::SeqCst);
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        });
+        scope.spawn(|| hammer(&denied_ns, false, &[target], &stop, &tally));
+        let wait_trips = |more: u64| {
+            let want = round_trips.load(Ordering::SeqCst) + more;
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while round_trips.load(Ordering::SeqCst) < want && broken.lock().expect("lock").is_none() {
+                assert!(Instant::now() < deadline, "no round trips");
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        };
+        wait_trips(10);
+        // Down: SIGKILL, and nobody restarts it for two seconds.
+        let pid = lab.status()["nodes"][0]["agentPid"].as_u64().expect("agent pid");
+        let killed = std::process::Command::new("kill")
+            .args(["-KILL", &pid.to_string()])
+            .status()
+            .expect("kill");
+        assert!(killed.success());
+        wait_trips(20);
+        new_while_down = Some(connects(&client_ns, target));
+        std::thread::sleep(Duration::from_secs(1));
+        lab.ok(&["restart-agent", "--signal", "KILL"]);
+        wait_trips(20);
+        // Rollouts: the running agent ends by SIGTERM, then by SIGKILL.
+        for signal in ["TERM", "KILL"] {
+            lab.ok(&["restart-agent", "--signal", signal]);
+            wait_trips(20);
+        }
+        stop.store(true, Ordering::SeqCst);
+    });
+    if let Some(why) = broken.lock().expect("lock").take() {
+        panic!("the established connection broke: {why}");
+    }
+    let (attempts, connected, refused) = tally.snapshot();
+    eprintln!(
+        "round trips {}, longest gap {} ms; z/c: {attempts} attempts, {connected} connected, {refused} reset",
+        round_trips.load(Ordering::SeqCst),
+        longest_gap_ms.load(Ordering::SeqCst)
+    );
+    assert_eq!(
+        new_while_down,
+        Some(true),
+        "a new allowed connection failed while the agent was down"
+    );
+    assert!(attempts > 100, "the hammer did not run: {attempts}");
+    assert_eq!(
+        (connected, refused),
+        (0, 0),
+        "z/c reached y/b while the agent was down or restarting"
+    );
+    // A lost packet costs TCP at least its 200 ms minimum retransmission timeout.
+    assert!(
+        longest_gap_ms.load(Ordering::SeqCst) < 200,
+        "a round trip stalled {} ms: packets were lost",
+        longest_gap_ms.load(Ordering::SeqCst)
+    );
+}
