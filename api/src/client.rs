@@ -150,7 +150,12 @@ impl Iterator for ObserveStream {
 /// `idle_timeout` bounds the wait for each line (use `None` with `follow`, where the
 /// agent may stay quiet for as long as nothing happens).
 pub fn observe(socket: &Path, request: &ObserveRequest, idle_timeout: Option<Duration>) -> Result<ObserveStream, ApiError> {
-    let stream = send(socket, Request::Observe(request.clone()), idle_timeout, Duration::from_secs(5))?;
+    let stream = send(
+        socket,
+        Request::Observe(Box::new(request.clone())),
+        idle_timeout,
+        Duration::from_secs(5),
+    )?;
     Ok(ObserveStream {
         path: socket.to_path_buf(),
         reader: BufReader::new(stream),

@@ -71,3 +71,50 @@ pub struct Explanation {
     /// The server's ingress.
     pub ingress: ExplainSide,
 }
+
+/// What [`Request::ExplainService`](crate::Request::ExplainService) answers: a connection
+/// to a Service port, explained for each backend the datapath may pick.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServiceExplanation {
+    /// Client pod, `namespace/name`.
+    #[serde(with = "name::text")]
+    pub from: NamespacedName,
+    /// The Service, `namespace/name`.
+    #[serde(with = "name::text")]
+    pub service: NamespacedName,
+    /// Its ClusterIP (absent for a headless Service, whose clients dial the pods).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vip: Option<std::net::Ipv4Addr>,
+    /// The Service port.
+    pub port: u16,
+    /// The Service port's name (absent for a single unnamed port).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub port_name: String,
+    /// `TCP`, `UDP` or `SCTP`.
+    pub protocol: Protocol,
+    /// Whether the agent translates the ClusterIP (`services: true`): policy is then decided
+    /// on the backend, as below; otherwise on the ClusterIP.
+    pub translated: bool,
+    /// Every endpoint of the port; an empty list means a new connection is refused at once
+    /// (drop reason `no_service_backend`).
+    pub backends: Vec<BackendExplanation>,
+}
+
+/// One backend of an explained Service connection.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BackendExplanation {
+    /// The endpoint's address.
+    pub ip: std::net::Ipv4Addr,
+    /// The port on it (the resolved targetPort).
+    pub port: u16,
+    /// The pod behind it, when the EndpointSlice names one the model knows.
+    #[serde(default, with = "name::opt_text", skip_serializing_if = "Option::is_none")]
+    pub pod: Option<NamespacedName>,
+    /// Whether new connections may go there (ready, or serving while terminating when no
+    /// endpoint is ready).
+    pub selected: bool,
+    /// The connection to this backend, when it is a known pod (an endpoint that is no pod
+    /// is decided by ipBlock rules, which `explain` does not evaluate).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub explanation: Option<Explanation>,
+}

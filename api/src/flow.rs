@@ -123,6 +123,25 @@ pub struct FlowPeer {
     pub port: u16,
     /// Security identity the datapath saw (0 when unknown).
     pub identity: u32,
+    /// The Services this address is a backend of (their EndpointSlices list it).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub services: Vec<NamespacedName>,
+}
+
+/// The Service a connection was addressed to, before the datapath translated its ClusterIP
+/// to the backend the flow's destination shows.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FlowService {
+    /// The Service (JSON: its `namespace` and `name` fields inline).
+    #[serde(flatten)]
+    pub service: NamespacedName,
+    /// The Service port's name (absent for a single unnamed port).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub port_name: String,
+    /// The ClusterIP the client dialled.
+    pub vip: Ipv4Addr,
+    /// The Service port the client dialled.
+    pub port: u16,
 }
 
 impl FlowPeer {
@@ -207,6 +226,24 @@ pub struct Flow {
     pub isolated_by: Vec<PolicyName>,
     /// Whether the packet is a reply of an established connection.
     pub is_reply: bool,
+    /// The Service the client dialled, when the destination was translated from its
+    /// ClusterIP (reported by the client's node).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service: Option<FlowService>,
+}
+
+impl Flow {
+    /// Whether the flow went to `service`: addressed to its ClusterIP, or to one of its
+    /// backends.
+    pub fn to_service(&self, service: &NamespacedName) -> bool {
+        self.service.as_ref().is_some_and(|s| s.service == *service) || self.destination.services.contains(service)
+    }
+
+    /// Whether `service` is on either side: [`Flow::to_service`], or sent by one of its
+    /// backends.
+    pub fn has_service(&self, service: &NamespacedName) -> bool {
+        self.to_service(service) || self.source.services.contains(service)
+    }
 }
 
 /// Which flows to return. Every set field must match (AND); an unset field matches all.
@@ -230,6 +267,13 @@ pub struct FlowFilter {
     /// Verdict.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub verdict: Option<FlowVerdict>,
+    /// `namespace/name` of a Service on either side: the one dialled, or one that the
+    /// source or destination backs.
+    #[serde(default, with = "name::opt_text", skip_serializing_if = "Option::is_none")]
+    pub service: Option<NamespacedName>,
+    /// `namespace/name` of a Service the flow went to: its ClusterIP, or one of its backends.
+    #[serde(default, with = "name::opt_text", skip_serializing_if = "Option::is_none")]
+    pub to_service: Option<NamespacedName>,
     /// Drop reason name.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub drop_reason: Option<String>,
@@ -279,6 +323,8 @@ impl FlowFilter {
                 .as_deref()
                 .is_none_or(|ns| either(&|x| x.namespace.as_deref() == Some(ns)))
             && (self.labels.is_empty() || either(&|x| peer_has_labels(x, &self.labels)))
+            && self.service.as_ref().is_none_or(|s| flow.has_service(s))
+            && self.to_service.as_ref().is_none_or(|s| flow.to_service(s))
             && self.verdict.is_none_or(|v| v == flow.verdict)
             && self.drop_reason.as_deref().is_none_or(|r| flow.drop_reason.as_deref() == Some(r))
             && self.protocol.is_none_or(|p| p == flow.protocol)
@@ -304,6 +350,7 @@ mod tests {
             ip: Ipv4Addr::from(ip),
             port,
             identity: 256,
+            services: vec![],
         }
     }
 
@@ -321,11 +368,45 @@ mod tests {
             allowed_by: vec![],
             isolated_by: vec![PolicyName::new("x", "default-deny-ingress")],
             is_reply: false,
+            service: None,
         }
     }
 
     fn nn(text: &str) -> NamespacedName {
         text.parse().unwrap()
+    }
+
+    #[test]
+    fn service_filters_match_the_dialled_service_and_the_services_a_peer_backs() {
+        let mut to_vip = denied();
+        to_vip.service = Some(FlowService {
+            service: nn("x/web"),
+            port_name: "http".into(),
+            vip: Ipv4Addr::new(10, 96, 0, 20),
+            port: 80,
+        });
+        let mut from_backend = denied();
+        from_backend.source.services = vec![nn("y/api")];
+        let mut to_backend = denied();
+        to_backend.destination.services = vec![nn("x/web")];
+        let filter = |service: Option<&str>, to_service: Option<&str>| FlowFilter {
+            service: service.map(nn),
+            to_service: to_service.map(nn),
+            ..FlowFilter::default()
+        };
+        let matching = |f: &FlowFilter| [&to_vip, &from_backend, &to_backend, &denied()].map(|x| f.matches(x));
+        assert_eq!(matching(&filter(Some("x/web"), None)), [true, false, true, false]);
+        assert_eq!(matching(&filter(Some("y/api"), None)), [false, true, false, false]);
+        assert_eq!(matching(&filter(None, Some("x/web"))), [true, false, true, false]);
+        assert_eq!(matching(&filter(None, Some("y/api"))), [false, false, false, false]);
+        // On the wire: the Service inline, with the VIP and port the client dialled.
+        let json = serde_json::to_value(&to_vip).unwrap();
+        assert_eq!(
+            json["service"],
+            serde_json::json!({"namespace": "x", "name": "web", "port_name": "http", "vip": "10.96.0.20", "port": 80})
+        );
+        let text = serde_json::to_string(&filter(Some("x/web"), Some("x/web"))).unwrap();
+        assert_eq!(text, r#"{"service":"x/web","to_service":"x/web"}"#);
     }
 
     fn f(edit: impl FnOnce(&mut FlowFilter)) -> FlowFilter {
@@ -456,12 +537,12 @@ mod tests {
         assert!(v.get("allowed_by").is_none(), "empty lists are omitted");
         assert_eq!(v["is_reply"], false);
         assert_eq!(serde_json::from_value::<Flow>(v).unwrap(), flow);
-        let req = Request::Observe(ObserveRequest {
+        let req = Request::Observe(Box::new(ObserveRequest {
             filter: f(|x| x.verdict = Some(FlowVerdict::Dropped)),
             since: None,
             last: Some(3),
             follow: false,
-        });
+        }));
         let s = serde_json::to_string(&req).unwrap();
         assert_eq!(s, r#"{"op":"observe","filter":{"verdict":"DROPPED"},"last":3,"follow":false}"#);
         assert_eq!(serde_json::from_str::<Request>(&s).unwrap(), req);

@@ -18,8 +18,8 @@ pub mod protocol;
 
 pub use client::{call, observe, ApiError, ObserveError, ObserveStream};
 pub use endpoint::{EndpointRef, EndpointSpec};
-pub use explain::{ExplainSide, ExplainVerdict, Explanation};
-pub use flow::{Direction, Flow, FlowFilter, FlowPeer, FlowVerdict, ObserveRequest, PolicyName, PolicyRule};
+pub use explain::{BackendExplanation, ExplainSide, ExplainVerdict, Explanation, ServiceExplanation};
+pub use flow::{Direction, Flow, FlowFilter, FlowPeer, FlowService, FlowVerdict, ObserveRequest, PolicyName, PolicyRule};
 pub use frame::{read_line_limited, Envelope, MAX_LINE_BYTES, PROTOCOL_VERSION};
 pub use mac::MacAddr6;
 pub use message::{AgentStatus, Request, Response};

@@ -3,7 +3,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::endpoint::{EndpointRef, EndpointSpec};
-use crate::explain::Explanation;
+use crate::explain::{Explanation, ServiceExplanation};
 use crate::flow::ObserveRequest;
 use crate::name::{self, NamespacedName};
 use crate::protocol::Protocol;
@@ -32,7 +32,7 @@ pub enum Request {
     Status,
     /// Stream flow records: one JSON [`Flow`] per line, closed after the history unless
     /// `follow` is set.
-    Observe(ObserveRequest),
+    Observe(Box<ObserveRequest>),
     /// What the agent's current model decides for a connection, and why; answered with
     /// [`Response::Explain`].
     Explain {
@@ -47,6 +47,20 @@ pub enum Request {
         /// `TCP`, `UDP` or `SCTP` (any case on the wire; the agent refuses others).
         protocol: Protocol,
     },
+    /// What the model decides for a connection to a Service, for each of its backends;
+    /// answered with [`Response::ExplainService`].
+    ExplainService {
+        /// Client pod, `namespace/name`.
+        #[serde(with = "name::text")]
+        from: NamespacedName,
+        /// The Service, `namespace/name`.
+        #[serde(with = "name::text")]
+        service: NamespacedName,
+        /// The Service port the client dials.
+        port: u16,
+        /// `TCP`, `UDP` or `SCTP`.
+        protocol: Protocol,
+    },
 }
 
 /// The agent's answer.
@@ -59,6 +73,8 @@ pub enum Response {
     Status(AgentStatus),
     /// The answer to [`Request::Explain`].
     Explain(Box<Explanation>),
+    /// The answer to [`Request::ExplainService`].
+    ExplainService(Box<ServiceExplanation>),
     /// Failed; `code` follows the CNI error codes (11: try again later; ours from 100).
     Error {
         /// CNI-style error code.

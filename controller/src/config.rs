@@ -5,7 +5,7 @@
 //! ([`Settings::defaults`]). The file's keys are the long flag names: `node-name`, `source`,
 //! `kubeconfig`, `manifests`, `state-dir`, `bpffs`, `pod-cidr`, `metrics-address`,
 //! `flow-history`, `routing`, `vxlan-vni`, `vxlan-port`, `cluster-cidr`,
-//! `non-masquerade-cidrs`, `masquerade`. In a DaemonSet the node name comes from the downward API
+//! `non-masquerade-cidrs`, `masquerade`, `services`. In a DaemonSet the node name comes from the downward API
 //! (`BULKHEAD_NODE_NAME` from `spec.nodeName`) and the rest from a ConfigMap file.
 //!
 //! Every setting is declared once, in [`Settings`]: the same struct is the flags (clap), the
@@ -154,6 +154,11 @@ settings! {
     /// [default: true].
     #[arg(long, env = "BULKHEAD_MASQUERADE", action = clap::ArgAction::Set)]
     masquerade: bool,
+    /// Translate pod traffic to ClusterIP Services in the datapath, before egress policy
+    /// (`--services=false` leaves it to kube-proxy: egress to a ClusterIP is then decided on
+    /// the ClusterIP) [default: true].
+    #[arg(long, env = "BULKHEAD_SERVICES", action = clap::ArgAction::Set)]
+    services: bool,
 }
 
 fn optional_pod_cidr<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Ipv4Network>, D::Error> {
@@ -205,6 +210,7 @@ impl Settings {
             vxlan_port: Some(crate::routing::DEFAULT_VXLAN_PORT),
             non_masquerade_cidrs: Some(Vec::new()),
             masquerade: Some(true),
+            services: Some(true),
             ..Settings::default()
         }
     }
@@ -259,6 +265,7 @@ impl Settings {
             cluster_cidr: s.cluster_cidr,
             non_masquerade_cidrs: s.non_masquerade_cidrs.unwrap_or_default(),
             masquerade: required(s.masquerade, "masquerade", "BULKHEAD_MASQUERADE")?,
+            services: required(s.services, "services", "BULKHEAD_SERVICES")?,
         })
     }
 }
@@ -300,6 +307,8 @@ pub struct AgentConfig {
     pub non_masquerade_cidrs: Vec<Ipv4Network>,
     /// Whether pod traffic leaving the cluster is masqueraded.
     pub masquerade: bool,
+    /// Whether the datapath translates ClusterIP Services.
+    pub services: bool,
 }
 
 /// `bulkhead agent` flags.

@@ -17,7 +17,7 @@ enum Command {
     /// A cluster on this machine made of network namespaces.
     Lab(bulkhead::lab::LabArgs),
     /// Show flow records: what the datapath forwarded and dropped, and which policy decided.
-    Observe(bulkhead::cli::observe::ObserveArgs),
+    Observe(Box<bulkhead::cli::observe::ObserveArgs>),
     /// Explain a connection FROM TO PORT/PROTO: its verdict, which policies isolate each
     /// side and which rule allows it, from the agent's current model.
     Explain(bulkhead::cli::explain::ExplainArgs),
@@ -34,7 +34,7 @@ fn main() {
     let result: anyhow::Result<i32> = match cli.command {
         Command::Agent(args) => bulkhead::agent::run(args).map(|()| 0).map_err(Into::into),
         Command::Lab(args) => bulkhead::lab::run(args).map_err(Into::into),
-        Command::Observe(args) => bulkhead::cli::observe::run(args).map_err(Into::into),
+        Command::Observe(args) => bulkhead::cli::observe::run(*args).map_err(Into::into),
         Command::Explain(args) => bulkhead::cli::explain::run(args).map_err(Into::into),
         Command::InstallCni(args) => bulkhead::cli::install::run(args).map(|()| 0).map_err(Into::into),
     };

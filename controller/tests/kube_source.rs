@@ -482,6 +482,24 @@ async fn services_and_endpoint_slices_reach_the_model_and_the_service_table() {
         service_table(&cluster),
         LISTED_SERVICES.map(|l| l.split_whitespace().collect::<Vec<_>>().join(" "))
     );
+    // And the service maps written from them: web's two selected backends on their own
+    // resolved ports, a header per Service port, one reverse-NAT entry each.
+    let mut state = bulkhead::datapath::DatapathState::default();
+    let left = bulkhead::datapath::services::ServiceIds::default().write(&ServiceTable::from_cluster(&cluster), &mut state);
+    assert!(left.is_empty(), "{left:?}");
+    let web_header = bulkhead_common::ServiceKey::new([10, 96, 0, 20], 80, 6, 0);
+    assert_eq!(state.services[&web_header].backend_count, 2);
+    let web_backends: Vec<(Ipv4Addr, u16)> = (1..=2)
+        .map(|slot| {
+            let id = state.services[&bulkhead_common::ServiceKey::new([10, 96, 0, 20], 80, 6, slot)].backend_id;
+            (Ipv4Addr::from(state.backends[&id].ip), u16::from_be_bytes(state.backends[&id].port))
+        })
+        .collect();
+    assert_eq!(
+        web_backends,
+        [(Ipv4Addr::new(10, 244, 1, 5), 8080), (Ipv4Addr::new(10, 244, 2, 8), 8081)]
+    );
+    assert_eq!((state.services.keys().filter(|k| k.slot == 0).count(), state.rev_nat.len()), (4, 4));
     // Services and slices do not invent namespaces the namespace list lacks.
     assert_eq!(cluster.namespaces().keys().collect::<Vec<_>>(), ["dev", "prod"]);
     for path in [SERVICES, SLICES] {

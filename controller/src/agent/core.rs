@@ -21,6 +21,7 @@ use bulkhead_common::IpcacheValue;
 use super::host::{Dataplane, HostLinks, RegistryStore};
 use super::network::Network;
 use super::registry::{EndpointRecord, Endpoints};
+use super::services::Services;
 use super::AgentError;
 use crate::error_chain;
 use bulkhead_api::code;
@@ -70,6 +71,8 @@ pub(super) struct Agent {
     /// The pod MTU last published for the CNI plugin (`Some(None)`: the file removed);
     /// `None` until the first publication, which also clears a previous agent's file.
     pub(super) pod_mtu_published: Option<Option<u32>>,
+    /// ClusterIP translation: the service maps' ids and the switch.
+    pub(super) services: Services,
 }
 
 impl Agent {
@@ -113,13 +116,16 @@ impl Agent {
         let locals = self.locals();
         let mut new = self.compiler.compile(&self.cluster, &locals);
         add_host_addresses(&mut new, &self.host_addresses);
+        self.services.add_to(&self.cluster, &mut new, &self.metrics);
         match sync::sync(&mut *self.datapath, &self.applied, &new) {
             Ok(stats) => {
                 self.applied = new;
                 self.generation += 1;
                 self.pending = None;
-                self.flows
-                    .set_resolver(Resolver::build(&self.node_name, &self.cluster, self.compiler.rules(), &locals));
+                self.flows.set_resolver(
+                    Resolver::build(&self.node_name, &self.cluster, self.compiler.rules(), &locals)
+                        .with_services(self.services.table(), &self.services.ids()),
+                );
                 self.metrics.set_state(
                     self.endpoints.len(),
                     self.compiler.identities().len(),
@@ -213,6 +219,17 @@ impl Agent {
             Err(e) => {
                 self.metrics.error(ErrorKind::Io);
                 tracing::warn!(path = %path.display(), error = %e, "cannot publish the pod mtu");
+            }
+        }
+    }
+
+    /// Reads this node's addresses; on an error the last good set stays (logged, counted).
+    pub(super) fn read_host_addresses(&mut self) {
+        match self.links.addresses() {
+            Ok(addresses) => self.note_host_addresses(addresses),
+            Err(e) => {
+                self.metrics.error(ErrorKind::Network);
+                tracing::warn!(error = %error_chain(&e), kept = ?self.host_addresses, "cannot list node addresses; keeping the last ones");
             }
         }
     }

@@ -41,8 +41,7 @@ impl Agent {
     /// The slow tick: this node's addresses, lost flow records, and now and then the host
     /// veths; then whatever changed is programmed.
     pub(super) fn on_tick(&mut self) {
-        let addresses = self.links.addresses();
-        self.note_host_addresses(addresses);
+        self.read_host_addresses();
         match self.datapath.flows_lost() {
             Ok(lost) => self.flows.set_lost(lost),
             Err(e) => tracing::debug!(error = %error_chain(&e), "reading lost flow events"),

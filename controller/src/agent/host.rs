@@ -7,12 +7,11 @@ use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
 use std::path::PathBuf;
 
-use bulkhead_common::{EndpointInfo, IpcacheValue, PolicyKey, PolicyValue};
+use bulkhead_common::{Backend, EndpointInfo, IpcacheValue, PolicyKey, PolicyValue, RevNat, ServiceKey, ServiceValue};
 use bulkhead_hostnet::netlink::{self as cni_netlink, with_handle};
 
 use crate::datapath::sync::{MapWriter, MapsError};
 use crate::datapath::{Datapath, DatapathError, DatapathState};
-use crate::error_chain;
 
 use super::registry::{self, EndpointRecord, Endpoints};
 use super::AgentError;
@@ -61,13 +60,31 @@ impl MapWriter for Datapath {
     fn read_state(&self) -> Result<DatapathState, MapsError> {
         self.maps.read_state()
     }
+    fn set_service(&mut self, key: &ServiceKey, value: &ServiceValue) -> Result<(), MapsError> {
+        self.maps.set_service(key, value)
+    }
+    fn remove_service(&mut self, key: &ServiceKey) -> Result<(), MapsError> {
+        self.maps.remove_service(key)
+    }
+    fn set_backend(&mut self, id: u32, value: &Backend) -> Result<(), MapsError> {
+        self.maps.set_backend(id, value)
+    }
+    fn remove_backend(&mut self, id: u32) -> Result<(), MapsError> {
+        self.maps.remove_backend(id)
+    }
+    fn set_rev_nat(&mut self, id: u32, value: &RevNat) -> Result<(), MapsError> {
+        self.maps.set_rev_nat(id, value)
+    }
+    fn remove_rev_nat(&mut self, id: u32) -> Result<(), MapsError> {
+        self.maps.remove_rev_nat(id)
+    }
 }
 
 /// The host's links and addresses, in the agent's network namespace.
 pub(super) trait HostLinks: Send {
-    /// This node's own IPv4 addresses (empty when they cannot be read: the node then gets
-    /// no HOST allowance, which fails closed).
-    fn addresses(&self) -> Vec<Ipv4Addr>;
+    /// This node's own IPv4 addresses. An error is never an empty list: the caller keeps
+    /// the last good set (an empty one would drop kubelet's probes until the next read).
+    fn addresses(&self) -> Result<Vec<Ipv4Addr>, AgentError>;
     /// The ifindex of each of `names` that exists.
     fn live(&self, names: Vec<String>) -> Result<BTreeMap<String, u32>, AgentError>;
     /// Deletes each of `names` that exists; absence is success.
@@ -79,8 +96,11 @@ pub(super) trait HostLinks: Send {
 pub(super) struct NetlinkLinks;
 
 impl HostLinks for NetlinkLinks {
-    fn addresses(&self) -> Vec<Ipv4Addr> {
-        host_addresses()
+    fn addresses(&self) -> Result<Vec<Ipv4Addr>, AgentError> {
+        with_handle(None, |h| async move { cni_netlink::all_ipv4_addresses(&h).await }).map_err(|e| AgentError::Link {
+            op: "list addresses",
+            source: Box::new(e),
+        })
     }
 
     fn live(&self, names: Vec<String>) -> Result<BTreeMap<String, u32>, AgentError> {
@@ -111,14 +131,6 @@ impl HostLinks for NetlinkLinks {
             source: Box::new(e),
         })
     }
-}
-
-/// This node's own IPv4 addresses over netlink, empty (and logged) when they cannot be read.
-pub(super) fn host_addresses() -> Vec<Ipv4Addr> {
-    with_handle(None, |h| async move { cni_netlink::all_ipv4_addresses(&h).await }).unwrap_or_else(|e| {
-        tracing::warn!(error = %error_chain(&e), "cannot list node addresses");
-        Vec::new()
-    })
 }
 
 /// Where the endpoint registry persists.

@@ -8,6 +8,7 @@ mod host;
 mod network;
 mod registry;
 mod server;
+mod services;
 #[cfg(test)]
 mod tests;
 
@@ -33,7 +34,7 @@ use crate::source::{EmptySource, FileSource, Source, SourceError};
 
 use self::actor::AgentHandle;
 use self::core::Agent;
-use self::host::{HostLinks, NetlinkLinks, RegistryFile, RegistryStore};
+use self::host::{NetlinkLinks, RegistryFile, RegistryStore};
 use self::server::serve_connection;
 use crate::error_chain;
 
@@ -142,6 +143,8 @@ pub fn run(args: AgentArgs) -> Result<(), AgentError> {
     let listen = metrics::Listen::from_flags(&args.metrics_address, metrics_fd)?;
     // Reconcile against what the pinned maps really hold (an earlier agent's entries).
     let applied = datapath.maps.read_state()?;
+    // Service ids in use stay theirs: open connections name them in conntrack.
+    let services = services::Services::new(args.services, &applied);
     let source: Box<dyn Source> = match (args.source, &args.manifests) {
         (SourceKind::Files, Some(dir)) => Box::new(FileSource::new(dir)),
         (SourceKind::Files, None) => return Err(ConfigError::NoManifests.into()),
@@ -162,7 +165,6 @@ pub fn run(args: AgentArgs) -> Result<(), AgentError> {
     let endpoints = store.load()?;
     let changes = source.changes();
     let links = NetlinkLinks;
-    let addresses = links.addresses();
     let mut agent = Agent {
         node_name: args.node_name.clone(),
         source,
@@ -188,8 +190,9 @@ pub fn run(args: AgentArgs) -> Result<(), AgentError> {
         pod_cidr_pinned: args.pod_cidr.is_some(),
         network: network::Network::new(&args, Box::new(network::KernelNetwork)),
         pod_mtu_published: None,
+        services,
     };
-    agent.note_host_addresses(addresses);
+    agent.read_host_addresses();
     agent.refresh(true)?;
     // Endpoints deleted while the agent was away (CNI DEL carries on without it).
     match agent.reconcile_links() {

@@ -285,6 +285,7 @@ mod tests {
             cluster_cidr: cluster_cidr.map(|c| c.parse().unwrap()),
             non_masquerade_cidrs: vec!["192.168.0.0/16".parse().unwrap()],
             masquerade: true,
+            services: true,
         };
         Network::new(&config, Box::new(Fake(calls.clone())))
     }

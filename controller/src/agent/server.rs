@@ -26,6 +26,7 @@ pub(super) async fn handle(agent: &AgentHandle, metrics: &Metrics, request: Requ
         Request::Gc { .. } => "gc",
         Request::Observe(_) => "observe",
         Request::Explain { .. } => "explain",
+        Request::ExplainService { .. } => "explain",
     };
     let response = dispatch(agent, request).await;
     metrics.cni_request(verb, !matches!(response, Response::Error { .. }));
@@ -56,6 +57,19 @@ pub(super) async fn dispatch(agent: &AgentHandle, request: Request) -> Response 
         Request::Explain { from, to, port, protocol } => {
             agent
                 .call(move |a| crate::policy::explain::respond(&a.cluster, &from, &to, port, &protocol))
+                .await
+        }
+        Request::ExplainService {
+            from,
+            service,
+            port,
+            protocol,
+        } => {
+            agent
+                .call(move |a| {
+                    let translated = a.services.enabled();
+                    crate::policy::explain::respond_service(&a.cluster, &from, &service, port, &protocol, translated)
+                })
                 .await
         }
         // Streams are answered by `serve_connection`, which never gets here with one.
@@ -119,7 +133,7 @@ pub(super) async fn serve_connection(agent: AgentHandle, flows: Arc<FlowStore>, 
     let mut read = BufReader::new(read);
     let response = match read_request(&mut read).await {
         // Not on the agent's thread: the flow store has its own lock, held only briefly.
-        Ok(Request::Observe(request)) => return flows::serve(flows, request, read, write).await,
+        Ok(Request::Observe(request)) => return flows::serve(flows, *request, read, write).await,
         Ok(request) => handle(&agent, &metrics, request).await,
         Err(refused) => refused,
     };

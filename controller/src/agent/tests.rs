@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bulkhead_api::{code, EndpointRef, EndpointSpec, Response};
-use bulkhead_common::{EndpointInfo, IpcacheValue, PolicyKey, PolicyValue};
+use bulkhead_common::{Backend, EndpointInfo, IpcacheValue, PolicyKey, PolicyValue, RevNat, ServiceKey, ServiceValue};
 
 use tokio::sync::Notify;
 
@@ -128,6 +128,24 @@ impl MapWriter for FakeDatapath {
             false => Ok(m.maps.state.clone()),
         }
     }
+    fn set_service(&mut self, key: &ServiceKey, value: &ServiceValue) -> Result<(), MapsError> {
+        self.write(|m| drop(m.set_service(key, value)))
+    }
+    fn remove_service(&mut self, key: &ServiceKey) -> Result<(), MapsError> {
+        self.write(|m| drop(m.remove_service(key)))
+    }
+    fn set_backend(&mut self, id: u32, value: &Backend) -> Result<(), MapsError> {
+        self.write(|m| drop(m.set_backend(id, value)))
+    }
+    fn remove_backend(&mut self, id: u32) -> Result<(), MapsError> {
+        self.write(|m| drop(m.remove_backend(id)))
+    }
+    fn set_rev_nat(&mut self, id: u32, value: &RevNat) -> Result<(), MapsError> {
+        self.write(|m| drop(m.set_rev_nat(id, value)))
+    }
+    fn remove_rev_nat(&mut self, id: u32) -> Result<(), MapsError> {
+        self.write(|m| drop(m.remove_rev_nat(id)))
+    }
 }
 
 impl Programs for FakeDatapath {
@@ -151,14 +169,24 @@ impl Programs for FakeDatapath {
 struct Links {
     live: BTreeMap<String, u32>,
     deleted: Vec<String>,
+    addresses_fail: bool,
 }
 
 #[derive(Clone, Debug, Default)]
 struct FakeLinks(Arc<Mutex<Links>>);
 
 impl HostLinks for FakeLinks {
-    fn addresses(&self) -> Vec<Ipv4Addr> {
-        vec![Ipv4Addr::new(192, 168, 0, 1)]
+    fn addresses(&self) -> Result<Vec<Ipv4Addr>, AgentError> {
+        match self.0.lock().unwrap().addresses_fail {
+            true => Err(AgentError::Link {
+                op: "list addresses",
+                source: Box::new(bulkhead_hostnet::netlink::NetlinkError::Connection {
+                    netns: "node".into(),
+                    source: std::io::Error::from_raw_os_error(libc::ENOBUFS),
+                }),
+            }),
+            false => Ok(vec![Ipv4Addr::new(192, 168, 0, 1)]),
+        }
     }
     fn live(&self, names: Vec<String>) -> Result<BTreeMap<String, u32>, AgentError> {
         let links = self.0.lock().unwrap();
@@ -254,6 +282,7 @@ fn fixture(synced: bool) -> Fixture {
         pod_cidr_pinned: true,
         network: super::network::Network::off(),
         pod_mtu_published: None,
+        services: super::services::Services::new(true, &DatapathState::default()),
     };
     let mut f = Fixture {
         agent,
@@ -466,4 +495,88 @@ async fn requests_are_answered_from_the_agent_thread() {
     assert!(matches!(del, Response::Ok), "DEL of an unknown endpoint is done");
     let thread = agent.call(|_| std::thread::current().name().map(str::to_string)).await.unwrap();
     assert_eq!(thread.as_deref(), Some("bulkhead-agent"));
+}
+
+const SERVICE: &str = "
+---
+apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: x}
+spec:
+  clusterIP: 10.96.0.20
+  ports: [{name: http, port: 80, targetPort: 8080}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: web-1, namespace: x, labels: {kubernetes.io/service-name: web}}
+addressType: IPv4
+ports: [{name: http, port: 8080, protocol: TCP}]
+endpoints: [{addresses: [10.9.0.2]}]
+";
+
+fn service_headers(state: &DatapathState) -> Vec<(Ipv4Addr, u16, u16, u32)> {
+    state
+        .services
+        .iter()
+        .filter(|(k, _)| k.slot == 0)
+        .map(|(k, v)| (Ipv4Addr::from(k.vip), u16::from_be_bytes(k.dport), v.backend_count, v.service_id))
+        .collect()
+}
+
+#[test]
+fn services_reach_the_maps_keep_their_ids_across_a_restart_and_can_be_switched_off() {
+    let mut f = fixture(true);
+    *f.source.cluster.lock().unwrap() = cluster(SERVICE);
+    f.agent.on_change();
+    let held = f.maps.held();
+    assert_eq!(service_headers(&held), [(Ipv4Addr::new(10, 96, 0, 20), 80, 1, 1)]);
+    assert_eq!(held.backends.len(), 1);
+    assert_eq!(held.rev_nat.len(), 1);
+    assert_eq!(f.agent.applied, held);
+
+    // A restarted agent reads the ids the maps hold: the same table writes nothing.
+    f.agent.services = super::services::Services::new(true, &held);
+    let writes = f.maps.writes();
+    f.agent.reprogram(None).unwrap();
+    assert_eq!(f.maps.writes(), writes, "a restart rewrote service entries");
+
+    // `services: false`: the entries go, nothing is translated.
+    f.agent.services = super::services::Services::new(false, &held);
+    f.agent.reprogram(None).unwrap();
+    let held = f.maps.held();
+    assert!(held.services.is_empty() && held.backends.is_empty() && held.rev_nat.is_empty());
+}
+
+#[test]
+fn a_service_write_that_fails_half_way_is_read_back_and_completed() {
+    let mut f = fixture(true);
+    *f.source.cluster.lock().unwrap() = cluster(SERVICE);
+    f.maps.set(|m| m.writes_left = Some(2));
+    f.agent.on_change();
+    assert!(f.agent.pending.is_some());
+    assert_eq!(f.agent.applied, f.maps.held());
+    // The header goes last: a half-written Service translates nothing yet.
+    assert!(service_headers(&f.maps.held()).is_empty());
+    f.maps.set(|m| m.writes_left = None);
+    f.agent.on_change();
+    assert!(f.agent.pending.is_none());
+    assert_eq!(service_headers(&f.maps.held()), [(Ipv4Addr::new(10, 96, 0, 20), 80, 1, 1)]);
+}
+
+#[test]
+fn node_addresses_that_cannot_be_read_keep_the_last_good_ones() {
+    let mut f = fixture(true);
+    f.agent.on_tick();
+    let host = (Ipv4Addr::new(192, 168, 0, 1), 32);
+    assert!(f.maps.held().ipcache.contains_key(&host));
+    f.links.0.lock().unwrap().addresses_fail = true;
+    for _ in 0..3 {
+        f.agent.on_tick();
+    }
+    assert_eq!(f.agent.host_addresses, [host.0]);
+    assert_eq!(
+        f.maps.held().ipcache.get(&host).map(|v| v.identity),
+        Some(bulkhead_common::identity::HOST),
+        "a failed read dropped the node's HOST entry"
+    );
 }

@@ -7,7 +7,7 @@ use std::io::Write;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use bulkhead_api::{self, ApiError, Explanation, PolicyName, Protocol, Request, Response};
+use bulkhead_api::{self, ApiError, Explanation, PolicyName, Protocol, Request, Response, ServiceExplanation};
 
 use crate::cli::observe::{self, ObserveError};
 use crate::cli::{AgentSelect, Output};
@@ -21,10 +21,11 @@ const TIMEOUT: Duration = Duration::from_secs(10);
 pub struct ExplainArgs {
     /// The client pod, NAMESPACE/NAME.
     pub from: String,
-    /// The server pod, NAMESPACE/NAME.
+    /// The server pod, NAMESPACE/NAME, or a Service, svc:NAMESPACE/NAME (explained for
+    /// each of its backends).
     pub to: String,
     /// Destination port and protocol, e.g. 80/TCP, 53/udp; the protocol defaults to TCP.
-    /// Numbers only: named ports are not resolved.
+    /// Numbers only: named ports are not resolved. For a Service: the Service port.
     #[arg(value_name = "PORT/PROTO")]
     pub port: String,
     /// Output format.
@@ -144,36 +145,88 @@ pub fn table(e: &Explanation) -> String {
     out
 }
 
+/// The prefix of a Service in `TO`.
+pub const SERVICE_PREFIX: &str = "svc:";
+
+/// What `TO` names.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum To {
+    /// A pod.
+    Pod(bulkhead_api::NamespacedName),
+    /// A Service (`svc:NAMESPACE/NAME`).
+    Service(bulkhead_api::NamespacedName),
+}
+
+/// Parses `TO`: `NAMESPACE/NAME` or `svc:NAMESPACE/NAME`.
+pub fn parse_to(text: &str) -> Result<To, ExplainError> {
+    Ok(match text.strip_prefix(SERVICE_PREFIX) {
+        Some(service) => To::Service(policy::explain::pod_ref("TO", service)?),
+        None => To::Pod(policy::explain::pod_ref("TO", text)?),
+    })
+}
+
+/// The human-readable form of a Service explanation: the Service line, then each backend
+/// with its connection's table.
+pub fn service_table(e: &ServiceExplanation) -> String {
+    let vip = e.vip.map_or_else(|| "headless".to_string(), |v| format!("{v}:{}", e.port));
+    let mode = match e.translated {
+        true => "translated: decided on each backend",
+        false => "not translated (services: false): decided on the ClusterIP",
+    };
+    let mut out = format!("{} -> svc:{} {}/{} ({vip}; {mode})\n", e.from, e.service, e.port, e.protocol);
+    if !e.backends.iter().any(|b| b.selected) {
+        out.push_str("no backend: a new connection is refused at once (no_service_backend)\n");
+    }
+    for b in &e.backends {
+        let pod = b.pod.as_ref().map_or_else(|| "not a pod".to_string(), ToString::to_string);
+        let selected = if b.selected { "" } else { " (not selected: not ready)" };
+        let verdict = b.explanation.as_ref().map_or("decided by ipBlock rules", |x| x.verdict.as_str());
+        out.push_str(&format!("\nbackend {}:{} {pod}{selected}: {verdict}\n", b.ip, b.port));
+        if let Some(x) = &b.explanation {
+            out.push_str(&table(x));
+        }
+    }
+    out
+}
+
 /// Runs `bulkhead explain`; the exit code.
 pub fn run(args: ExplainArgs) -> Result<i32, ExplainError> {
     // Checked here too, so bad input fails before any agent is looked for.
     let from = policy::explain::pod_ref("FROM", &args.from)?;
-    let to = policy::explain::pod_ref("TO", &args.to)?;
+    let to = parse_to(&args.to)?;
     let (port, protocol) = parse_port(&args.port)?;
     let targets = observe::agent_targets(&args.agents).map_err(ExplainError::Target)?;
     // Every lab agent holds the whole cluster's model: the first one answers for all.
     let target = targets.into_iter().next().ok_or_else(|| ExplainError::NoNodes {
         lab_dir: args.agents.lab_dir.clone(),
     })?;
-    let request = Request::Explain { from, to, port, protocol };
+    let request = match to {
+        To::Pod(to) => Request::Explain { from, to, port, protocol },
+        To::Service(service) => Request::ExplainService {
+            from,
+            service,
+            port,
+            protocol,
+        },
+    };
     let node = target.node.clone();
-    let explanation = match bulkhead_api::call(&target.socket, &request, TIMEOUT) {
-        Ok(Response::Explain(e)) => *e,
-        Ok(Response::Error { code, message }) => return Err(ExplainError::Refused { node, code, message }),
-        Ok(other) => {
+    let json = |value: Result<String, serde_json::Error>| match value {
+        Ok(json) => json + "\n",
+        Err(e) => format!("{{\"error\": {:?}}}\n", e.to_string()),
+    };
+    let text = match (bulkhead_api::call(&target.socket, &request, TIMEOUT), args.output) {
+        (Ok(Response::Explain(e)), Output::Table) => table(&e),
+        (Ok(Response::Explain(e)), Output::Json) => json(serde_json::to_string_pretty(&e)),
+        (Ok(Response::ExplainService(e)), Output::Table) => service_table(&e),
+        (Ok(Response::ExplainService(e)), Output::Json) => json(serde_json::to_string_pretty(&e)),
+        (Ok(Response::Error { code, message }), _) => return Err(ExplainError::Refused { node, code, message }),
+        (Ok(other), _) => {
             return Err(ExplainError::Unexpected {
                 node,
                 answer: format!("{other:?}"),
             })
         }
-        Err(source) => return Err(ExplainError::Agent { node, source }),
-    };
-    let text = match args.output {
-        Output::Table => table(&explanation),
-        Output::Json => match serde_json::to_string_pretty(&explanation) {
-            Ok(json) => json + "\n",
-            Err(e) => format!("{{\"error\": {:?}}}\n", e.to_string()),
-        },
+        (Err(source), _) => return Err(ExplainError::Agent { node, source }),
     };
     // A closed pipe (`| head`) is not an error worth a message.
     let _ = std::io::stdout().lock().write_all(text.as_bytes());
@@ -310,5 +363,74 @@ spec:
             .unwrap_err()
             .to_string()
             .contains("named ports are not supported"));
+    }
+
+    const SERVICE: &str = "
+---
+apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: x}
+spec: {clusterIP: 10.96.0.20, ports: [{name: http, port: 8000, targetPort: 80}]}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: web-1, namespace: x, labels: {kubernetes.io/service-name: web}}
+addressType: IPv4
+ports: [{name: http, port: 80, protocol: TCP}]
+endpoints:
+- {addresses: [10.9.0.1], targetRef: {kind: Pod, namespace: x, name: a}}
+- {addresses: [10.9.0.2], targetRef: {kind: Pod, namespace: x, name: b}, conditions: {ready: false}}
+- {addresses: [192.0.2.7]}
+";
+
+    #[test]
+    fn a_service_is_explained_for_each_backend_on_its_target_port() {
+        let c = Cluster::from_objects(parse_documents(&format!("{MODEL}{SERVICE}"), "test").unwrap());
+        let (from, web) = (NamespacedName::new("y", "b"), NamespacedName::new("x", "web"));
+        let e = model_explain::explain_service(&c, &from, &web, 8000, Protocol::TCP, true).unwrap();
+        assert_eq!((e.vip, e.port_name.as_str()), (Some("10.96.0.20".parse().unwrap()), "http"));
+        let rows: Vec<_> = e
+            .backends
+            .iter()
+            .map(|b| {
+                (
+                    b.ip.to_string(),
+                    b.port,
+                    b.pod.as_ref().map(ToString::to_string),
+                    b.selected,
+                    b.explanation.as_ref().map(|x| x.verdict),
+                )
+            })
+            .collect();
+        assert_eq!(
+            rows,
+            [
+                // y/b's egress is audited (audit-egress allows 53/UDP only).
+                ("10.9.0.1".into(), 80, Some("x/a".into()), true, Some(ExplainVerdict::Audit)),
+                ("10.9.0.2".into(), 80, Some("x/b".into()), false, Some(ExplainVerdict::Audit)),
+                ("192.0.2.7".into(), 80, None, true, None),
+            ]
+        );
+        // The backend's ingress policy saw the target port, 80: allow-b's rule.
+        let a = e.backends[0].explanation.as_ref().unwrap();
+        assert_eq!(
+            (a.port, a.ingress.allowed_by.as_ref().map(|r| r.policy.name.as_str())),
+            (80, Some("allow-b"))
+        );
+        let text = service_table(&e);
+        assert!(text.starts_with("y/b -> svc:x/web 8000/TCP (10.96.0.20:8000; translated"), "{text}");
+        assert!(text.contains("backend 10.9.0.2:80 x/b (not selected: not ready): AUDIT"), "{text}");
+
+        // Bad input: a clear error naming what exists.
+        let err = model_explain::explain_service(&c, &from, &web, 80, Protocol::TCP, true).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "PORT/PROTO: service x/web has no port 80/TCP (its ports: 8000/TCP)"
+        );
+        let err = model_explain::explain_service(&c, &from, &NamespacedName::new("x", "nope"), 80, Protocol::TCP, true).unwrap_err();
+        assert_eq!(err.to_string(), "TO: unknown service x/nope");
+        assert_eq!(parse_to("svc:x/web").unwrap(), To::Service(web));
+        assert_eq!(parse_to("x/web").unwrap(), To::Pod(NamespacedName::new("x", "web")));
+        assert!(parse_to("svc:web").is_err());
     }
 }

@@ -82,6 +82,14 @@ pub struct ObserveArgs {
     /// Flows to this pod (NAMESPACE/NAME).
     #[arg(long, value_parser = namespaced)]
     pub to_pod: Option<NamespacedName>,
+    /// Flows of this Service (NAMESPACE/NAME) on either side: addressed to its ClusterIP,
+    /// or to or from one of its backends.
+    #[arg(long, value_parser = namespaced)]
+    pub service: Option<NamespacedName>,
+    /// Flows to this Service (NAMESPACE/NAME): addressed to its ClusterIP, or to one of
+    /// its backends.
+    #[arg(long, value_parser = namespaced)]
+    pub to_service: Option<NamespacedName>,
     /// Flows from or to pods of this namespace.
     #[arg(short = 'n', long)]
     pub namespace: Option<String>,
@@ -133,6 +141,8 @@ impl ObserveArgs {
             to_pod: self.to_pod.clone(),
             namespace: self.namespace.clone(),
             labels: self.labels.clone(),
+            service: self.service.clone(),
+            to_service: self.to_service.clone(),
             verdict: self.verdict.map(|v| match v {
                 VerdictArg::Forwarded => FlowVerdict::Forwarded,
                 VerdictArg::Dropped => FlowVerdict::Dropped,
@@ -368,6 +378,9 @@ pub fn table_row(f: &Flow) -> String {
     // `2026-11-28T12:50:08.123456789Z` → `11-28 12:50:08.123`.
     let time = f.time.strftime("%m-%d %H:%M:%S%.3f").to_string();
     let mut detail = Vec::new();
+    if let Some(svc) = &f.service {
+        detail.push(format!("via service {} {}:{}", svc.service, svc.vip, svc.port));
+    }
     if let Some(r) = &f.drop_reason {
         detail.push(r.clone());
     }

@@ -12,6 +12,8 @@ use std::net::Ipv4Addr;
 
 use bulkhead_common::{service_flags, Backend, RevNat, ServiceKey, ServiceValue, MAX_SERVICE_BACKENDS, MAX_SERVICE_ID};
 
+use bulkhead_api::Protocol;
+
 use crate::datapath::DatapathState;
 use crate::model::SessionAffinity;
 use crate::services::{self, ServiceTable};
@@ -33,6 +35,17 @@ pub struct LeftOut {
     pub service_ports: usize,
     /// Backends beyond `MAX_SERVICE_BACKENDS` of one Service port.
     pub backends: usize,
+    /// SCTP Service ports left to kube-proxy: a backend's port differs from the Service
+    /// port, and rewriting an SCTP port means recomputing CRC32c over the whole packet,
+    /// which the datapath does not do (an address-only rewrite needs no checksum change).
+    pub untranslatable: usize,
+}
+
+impl LeftOut {
+    /// Whether everything fitted.
+    pub fn is_empty(&self) -> bool {
+        *self == LeftOut::default()
+    }
 }
 
 /// The next free id after `*next` in `1..=max`, wrapping; `None` when all are taken.
@@ -47,6 +60,38 @@ fn allocate(next: &mut u32, max: u32, taken: impl Fn(u32) -> bool) -> Option<u32
 }
 
 impl ServiceIds {
+    /// The ids the maps already use (a restarted agent's baseline): open connections carry
+    /// their Service port's id in conntrack, so a new agent must keep every id it finds.
+    pub fn from_state(state: &DatapathState) -> ServiceIds {
+        let mut ids = ServiceIds::default();
+        for (key, value) in state.services.iter().filter(|(k, _)| k.slot == 0) {
+            let protocol = Protocol::from_number(key.protocol);
+            let service_key = services::ServiceKey {
+                vip: Ipv4Addr::from(key.vip),
+                port: u16::from_be_bytes(key.dport),
+                protocol,
+            };
+            ids.services.insert(service_key, value.service_id);
+            ids.next_service = ids.next_service.max(value.service_id);
+        }
+        for (id, backend) in &state.backends {
+            ids.backends
+                .insert((Ipv4Addr::from(backend.ip), u16::from_be_bytes(backend.port)), *id);
+            ids.next_backend = ids.next_backend.max(*id);
+        }
+        ids
+    }
+
+    /// The Service port an id names, as last written.
+    pub fn key_of(&self, id: u32) -> Option<services::ServiceKey> {
+        self.services.iter().find(|(_, v)| **v == id).map(|(k, _)| *k)
+    }
+
+    /// Every Service port's id, by id.
+    pub fn by_id(&self) -> BTreeMap<u32, services::ServiceKey> {
+        self.services.iter().map(|(k, v)| (*v, *k)).collect()
+    }
+
     /// Writes `table` into `state`'s Service maps (replacing what they held), allocating
     /// ids for new keys and freeing those of keys gone.
     pub fn write(&mut self, table: &ServiceTable, state: &mut DatapathState) -> LeftOut {
@@ -64,6 +109,10 @@ impl ServiceIds {
         let mut used_services: BTreeSet<u32> = self.services.values().copied().collect();
         let mut used_backends: BTreeSet<u32> = self.backends.values().copied().collect();
         for (key, entry) in table.iter() {
+            if key.protocol == Protocol::SCTP && entry.selected().iter().any(|b| b.port != key.port) {
+                left_out.untranslatable += 1;
+                continue;
+            }
             let id = match self.services.get(key) {
                 Some(id) => *id,
                 None => {
@@ -198,6 +247,53 @@ mod tests {
         let header = next.services[&ServiceKey::new(vip, 80, 6, 0)];
         assert_eq!((header.backend_count, header.flags, header.service_id), (0, 0, 1));
         assert!(next.backends.is_empty());
+    }
+
+    #[test]
+    fn a_restarted_agent_keeps_the_ids_the_maps_hold() {
+        let mut ids = ServiceIds::default();
+        let mut state = DatapathState::default();
+        ids.write(&table("", &["10.244.1.2", "10.244.1.3"]), &mut state);
+        // A new agent: same table, ids read from the maps, so nothing is rewritten.
+        let mut restarted = ServiceIds::from_state(&state);
+        let mut again = DatapathState::default();
+        assert_eq!(
+            restarted.write(&table("", &["10.244.1.2", "10.244.1.3"]), &mut again),
+            LeftOut::default()
+        );
+        assert_eq!(again, state);
+        let key = services::ServiceKey {
+            vip: Ipv4Addr::new(10, 96, 0, 20),
+            port: 80,
+            protocol: Protocol::TCP,
+        };
+        assert_eq!(restarted.key_of(1), Some(key));
+        assert_eq!(restarted.by_id().into_iter().collect::<Vec<_>>(), [(1, key)]);
+        // A new backend gets a fresh id, not one in use.
+        restarted.write(&table("", &["10.244.1.2", "10.244.1.3", "10.244.1.4"]), &mut again);
+        assert_eq!(again.backends.len(), 3);
+    }
+
+    #[test]
+    fn an_sctp_port_with_a_different_target_port_is_left_to_kube_proxy() {
+        let yaml = "---\napiVersion: v1\nkind: Service\nmetadata: {name: s, namespace: x}\n\
+                    spec:\n  clusterIP: \"10.96.0.30\"\n  ports: [{name: a, port: 9, protocol: SCTP, targetPort: 9}, \
+                    {name: b, port: 10, protocol: SCTP, targetPort: 11}]\n\
+                    ---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\n\
+                    metadata: {name: s-1, namespace: x, labels: {kubernetes.io/service-name: s}}\n\
+                    addressType: IPv4\nports: [{name: a, port: 9, protocol: SCTP}, {name: b, port: 11, protocol: SCTP}]\n\
+                    endpoints: [{addresses: [10.244.1.2]}]\n";
+        let table = ServiceTable::from_cluster(&Cluster::from_objects(parse_documents(yaml, "t.yaml").unwrap()));
+        let mut state = DatapathState::default();
+        let left = ServiceIds::default().write(&table, &mut state);
+        assert_eq!(left.untranslatable, 1);
+        let headers: Vec<u16> = state
+            .services
+            .keys()
+            .filter(|k| k.slot == 0)
+            .map(|k| u16::from_be_bytes(k.dport))
+            .collect();
+        assert_eq!(headers, [9]);
     }
 
     #[test]

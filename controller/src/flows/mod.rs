@@ -139,6 +139,9 @@ impl FlowStore {
                         FlowVerdict::Audit => "audit",
                     };
                     m.record_flow(verdict, f.direction.as_str(), policy.as_deref());
+                    if let Some(svc) = &f.service {
+                        m.record_translation(verdict, &svc.service.to_string());
+                    }
                 }
             }
         }

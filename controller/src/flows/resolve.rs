@@ -3,12 +3,13 @@
 use std::collections::{BTreeMap, HashMap};
 use std::net::Ipv4Addr;
 
-use bulkhead_api::{Direction, Flow, FlowPeer, FlowVerdict, PolicyName, PolicyRule, Protocol};
+use bulkhead_api::{Direction, Flow, FlowPeer, FlowService, FlowVerdict, NamespacedName, PolicyName, PolicyRule, Protocol};
 use bulkhead_common::{rule_id, verdict, DropReason, FlowEvent};
 
 use crate::model::{self, Cluster};
 use crate::policy::identity::RuleTable;
 use crate::policy::{self, LocalEndpoint};
+use crate::services::{ServiceKey, ServiceTable};
 
 /// A pod, as flows name it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -31,6 +32,10 @@ pub struct Resolver {
     rules: RuleTable,
     /// (endpoint id, direction number) → the policies that isolate it.
     isolating: HashMap<(u32, u8), Vec<PolicyName>>,
+    /// The datapath's Service port ids → the Service and the VIP:port it stands for.
+    services: HashMap<u16, FlowService>,
+    /// Backend address → the Services it backs.
+    backs: HashMap<Ipv4Addr, Vec<NamespacedName>>,
 }
 
 impl Resolver {
@@ -83,7 +88,40 @@ impl Resolver {
             pods_by_ip,
             rules: rules.clone(),
             isolating,
+            services: HashMap::new(),
+            backs: HashMap::new(),
         }
+    }
+
+    /// Adds the Services: `ids` names the datapath's Service port ids (flow records carry
+    /// them), `table` the backends.
+    pub fn with_services(mut self, table: &ServiceTable, ids: &BTreeMap<u32, ServiceKey>) -> Self {
+        for (id, key) in ids {
+            let (Ok(id), Some(entry)) = (u16::try_from(*id), table.get(key)) else {
+                continue;
+            };
+            self.services.insert(
+                id,
+                FlowService {
+                    service: entry.service.clone(),
+                    port_name: entry.port_name.clone(),
+                    vip: key.vip,
+                    port: key.port,
+                },
+            );
+        }
+        for (_, entry) in table.iter() {
+            for b in &entry.backends {
+                let list = self.backs.entry(b.ip).or_default();
+                if !list.contains(&entry.service) {
+                    list.push(entry.service.clone());
+                }
+            }
+        }
+        for list in self.backs.values_mut() {
+            list.sort();
+        }
+        self
     }
 
     /// The flow record for `ev`, seen at `unix_ns`; `None` when the event carries a
@@ -149,6 +187,7 @@ impl Resolver {
             allowed_by,
             isolated_by,
             is_reply: false,
+            service: (ev.service_id != 0).then(|| self.services.get(&ev.service_id).cloned()).flatten(),
         })
     }
 
@@ -171,6 +210,7 @@ impl Resolver {
             ip,
             port,
             identity,
+            services: self.backs.get(&ip).cloned().unwrap_or_default(),
         }
     }
 }

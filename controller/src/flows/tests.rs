@@ -408,3 +408,51 @@ async fn a_stalled_follower_never_blocks_recording() {
     assert_eq!(s.stats().stored, 8);
     task.abort();
 }
+
+#[test]
+fn a_translated_flow_names_the_service_and_peers_name_the_services_they_back() {
+    let yaml = format!(
+        "{MODEL}\n---\napiVersion: v1\nkind: Service\nmetadata: {{name: web, namespace: x}}\n\
+         spec: {{clusterIP: 10.96.0.20, ports: [{{name: http, port: 80}}]}}\n\
+         ---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\n\
+         metadata: {{name: web-1, namespace: x, labels: {{kubernetes.io/service-name: web}}}}\n\
+         addressType: IPv4\nports: [{{name: http, port: 80, protocol: TCP}}]\n\
+         endpoints: [{{addresses: [10.9.0.3]}}]\n"
+    );
+    let cluster = Cluster::from_objects(parse_documents(&yaml, "test").unwrap());
+    let mut compiler = policy::Compiler::new();
+    compiler.compile(&cluster, &locals());
+    let table = crate::services::ServiceTable::from_cluster(&cluster);
+    let mut ids = crate::datapath::services::ServiceIds::default();
+    ids.write(&table, &mut crate::datapath::DatapathState::default());
+    let r = Resolver::build("node0", &cluster, compiler.rules(), &locals()).with_services(&table, &ids.by_id());
+
+    // a dialled 10.96.0.20:80 and was sent to c (the record shows the backend).
+    let mut ev = event(
+        1,
+        XA,
+        XC,
+        direction::EGRESS,
+        verdict::FORWARDED,
+        DropReason::Forwarded,
+        rule_id::NONE,
+    );
+    ev.service_id = 1;
+    let f = r.resolve(&ev, 1).unwrap();
+    let svc = f.service.as_ref().expect("the Service is named");
+    assert_eq!(svc.service.to_string(), "x/web");
+    assert_eq!(
+        (svc.port_name.as_str(), svc.vip, svc.port),
+        ("http", Ipv4Addr::new(10, 96, 0, 20), 80)
+    );
+    assert_eq!(
+        f.destination.services.iter().map(ToString::to_string).collect::<Vec<_>>(),
+        ["x/web"]
+    );
+    assert!(f.source.services.is_empty());
+    // Without an id the flow was not translated; an unknown id names nothing.
+    ev.service_id = 0;
+    assert_eq!(r.resolve(&ev, 1).unwrap().service, None);
+    ev.service_id = 9;
+    assert_eq!(r.resolve(&ev, 1).unwrap().service, None);
+}

@@ -219,6 +219,19 @@ fn gauge_vec(name: &'static str, help: &str, labels: &[&str]) -> Result<IntGauge
     IntGaugeVec::new(Opts::new(name, help), labels).map_err(|source| MetricsError::Register { name, source })
 }
 
+/// `value` as a label value while fewer than [`MAX_POLICY_LABELS`] distinct ones were seen,
+/// else [`OTHER_POLICY`]: a bound on the series one label can create.
+fn capped<'a>(seen: &Mutex<HashSet<String>>, value: &'a str) -> &'a str {
+    match seen.lock() {
+        Ok(seen) if seen.contains(value) => value,
+        Ok(mut seen) if seen.len() < MAX_POLICY_LABELS => {
+            seen.insert(value.to_string());
+            value
+        }
+        _ => OTHER_POLICY,
+    }
+}
+
 /// Every metric of one agent.
 pub struct Metrics {
     registry: Registry,
@@ -226,6 +239,10 @@ pub struct Metrics {
     flows: IntCounterVec,
     policy_verdicts: IntCounterVec,
     policy_labels: Mutex<HashSet<String>>,
+    service_translations: IntCounterVec,
+    service_labels: Mutex<HashSet<String>>,
+    service_ports: IntGauge,
+    services_left_out: IntGaugeVec,
     flow_events_lost: IntCounter,
     implementation_delay: Histogram,
     endpoints: IntGauge,
@@ -270,6 +287,21 @@ impl Metrics {
                 &["direction", "verdict", "policy"],
             )?,
             policy_labels: Mutex::new(HashSet::new()),
+            service_translations: counter_vec(
+                "bulkhead_service_translations_total",
+                "New connections to a Service's ClusterIP translated to a backend, by verdict and Service (namespace/name; \"other\" past the label cap).",
+                &["verdict", "service"],
+            )?,
+            service_labels: Mutex::new(HashSet::new()),
+            service_ports: gauge(
+                "bulkhead_service_ports",
+                "ClusterIP Service ports in the datapath's service map ({vip, port, protocol}).",
+            )?,
+            services_left_out: gauge_vec(
+                "bulkhead_services_left_out",
+                "What the service maps could not hold, by reason: service_ports (no id left), backends (past the per-port cap), untranslatable (SCTP with a port rewrite).",
+                &["reason"],
+            )?,
             flow_events_lost: IntCounter::new(
                 "bulkhead_flow_events_lost_total",
                 "Flow events the datapath could not hand to the agent (ring buffer full).",
@@ -310,6 +342,9 @@ impl Metrics {
         reg(Box::new(m.flows.clone()), "bulkhead_flows_processed_total")?;
         reg(Box::new(m.policy_verdicts.clone()), "bulkhead_policy_verdicts_total")?;
         reg(Box::new(m.flow_events_lost.clone()), "bulkhead_flow_events_lost_total")?;
+        reg(Box::new(m.service_translations.clone()), "bulkhead_service_translations_total")?;
+        reg(Box::new(m.service_ports.clone()), "bulkhead_service_ports")?;
+        reg(Box::new(m.services_left_out.clone()), "bulkhead_services_left_out")?;
         reg(
             Box::new(m.implementation_delay.clone()),
             "bulkhead_policy_implementation_delay_seconds",
@@ -326,6 +361,9 @@ impl Metrics {
             ("ipcache", capacity::IPCACHE),
             ("policy", capacity::POLICY),
             ("conntrack", capacity::CONNTRACK),
+            ("services", capacity::SERVICES),
+            ("backends", capacity::BACKENDS),
+            ("rev_nat", capacity::REV_NAT),
         ] {
             m.map_capacity.with_label_values(&[map]).set(i64::from(cap));
             m.map_entries.with_label_values(&[map]).set(0);
@@ -346,16 +384,27 @@ impl Metrics {
     /// Counts one flow record; `policy` is the deciding policy's `namespace/name`.
     pub fn record_flow(&self, verdict: &str, direction: &str, policy: Option<&str>) {
         self.flows.with_label_values(&[verdict, direction]).inc();
-        let policy = policy.unwrap_or(NO_POLICY);
-        let label = match self.policy_labels.lock() {
-            Ok(seen) if seen.contains(policy) => policy,
-            Ok(mut seen) if seen.len() < MAX_POLICY_LABELS => {
-                seen.insert(policy.to_string());
-                policy
-            }
-            _ => OTHER_POLICY,
-        };
+        let label = capped(&self.policy_labels, policy.unwrap_or(NO_POLICY));
         self.policy_verdicts.with_label_values(&[direction, verdict, label]).inc();
+    }
+
+    /// Counts one new connection to `service` (`namespace/name`) translated to a backend.
+    pub fn record_translation(&self, verdict: &str, service: &str) {
+        let label = capped(&self.service_labels, service);
+        self.service_translations.with_label_values(&[verdict, label]).inc();
+    }
+
+    /// Updates the Service gauges after the service maps were computed.
+    pub fn set_services(&self, service_ports: usize, left_out: crate::datapath::services::LeftOut) {
+        let n = |v: usize| i64::try_from(v).unwrap_or(i64::MAX);
+        self.service_ports.set(n(service_ports));
+        for (reason, count) in [
+            ("service_ports", left_out.service_ports),
+            ("backends", left_out.backends),
+            ("untranslatable", left_out.untranslatable),
+        ] {
+            self.services_left_out.with_label_values(&[reason]).set(n(count));
+        }
     }
 
     /// Sets the lost flow events to the datapath's running total (never lowers it).
@@ -380,6 +429,9 @@ impl Metrics {
         self.map_entries.with_label_values(&["endpoints"]).set(n(applied.endpoints.len()));
         self.map_entries.with_label_values(&["ipcache"]).set(n(applied.ipcache.len()));
         self.map_entries.with_label_values(&["policy"]).set(n(applied.policy.len()));
+        self.map_entries.with_label_values(&["services"]).set(n(applied.services.len()));
+        self.map_entries.with_label_values(&["backends"]).set(n(applied.backends.len()));
+        self.map_entries.with_label_values(&["rev_nat"]).set(n(applied.rev_nat.len()));
     }
 
     /// Counts one request on the endpoint socket.
@@ -463,6 +515,14 @@ mod tests {
         m.set_flow_events_lost(2);
         m.observe_implementation_delay(Duration::from_millis(3));
         m.set_state(2, 3, 1, &DatapathState::default());
+        m.record_translation("forwarded", "x/web");
+        m.set_services(
+            3,
+            crate::datapath::services::LeftOut {
+                untranslatable: 1,
+                ..Default::default()
+            },
+        );
         m.cni_request("add", true);
         m.cni_request("del", false);
         m.error(ErrorKind::Source);
@@ -478,6 +538,9 @@ mod tests {
             "bulkhead_drops_total{direction=\"ingress\",reason=\"policy_denied\"} 3",
             "bulkhead_dropped_bytes_total{direction=\"ingress\",reason=\"policy_denied\"} 180",
             "bulkhead_flow_events_lost_total 4",
+            "bulkhead_service_translations_total{service=\"x/web\",verdict=\"forwarded\"} 1",
+            "bulkhead_service_ports 3",
+            "bulkhead_services_left_out{reason=\"untranslatable\"} 1",
             "bulkhead_map_entries{map=\"conntrack\"} 5",
             "bulkhead_map_capacity{map=\"policy\"} 262144",
             "bulkhead_policy_verdicts_total{direction=\"egress\",policy=\"x/allow-b\",verdict=\"forwarded\"} 1",

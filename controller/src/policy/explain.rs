@@ -5,11 +5,15 @@
 //! [`isolation`], which the compiler itself uses to choose between enforcing and
 //! audit-mode policies.
 
-use bulkhead_api::{code, Direction, ExplainSide, ExplainVerdict, Explanation, NamespacedName, PolicyName, PolicyRule, Protocol, Response};
+use bulkhead_api::{
+    code, BackendExplanation, Direction, ExplainSide, ExplainVerdict, Explanation, NamespacedName, PolicyName, PolicyRule, Protocol,
+    Response, ServiceExplanation,
+};
 
 use super::evaluate::{evaluate, isolation, Decision};
 use super::identity::RuleRef;
-use crate::model::{self, Cluster};
+use crate::model::{self, Cluster, ClusterIp};
+use crate::services::ServiceEntry;
 
 /// Why a connection cannot be explained.
 #[derive(Debug, thiserror::Error)]
@@ -35,6 +39,24 @@ pub enum ExplainError {
     BadPort {
         /// What is wrong.
         reason: String,
+    },
+    /// The model has no such Service.
+    #[error("TO: unknown service {service}")]
+    UnknownService {
+        /// The Service asked for.
+        service: String,
+    },
+    /// The Service has no such port.
+    #[error("PORT/PROTO: service {service} has no port {port}/{protocol} (its ports: {ports})")]
+    NoSuchServicePort {
+        /// The Service.
+        service: String,
+        /// The port asked for.
+        port: u16,
+        /// Its protocol.
+        protocol: Protocol,
+        /// The ports it has, `PORT/PROTO` comma-separated.
+        ports: String,
     },
 }
 
@@ -139,6 +161,107 @@ pub fn explain(
 pub fn respond(cluster: &Cluster, from: &NamespacedName, to: &NamespacedName, port: u16, protocol: &Protocol) -> Response {
     match explain(cluster, from, to, port, *protocol) {
         Ok(e) => Response::Explain(Box::new(e)),
+        Err(e) => Response::Error {
+            code: code::INVALID_REQUEST,
+            message: e.to_string(),
+        },
+    }
+}
+
+/// Explains a connection from pod `from` to Service port `port`/`protocol` of `service`:
+/// one explanation per endpoint, as if the client had dialled it (which is how the datapath
+/// decides once it has translated the ClusterIP; `translated` says whether it does).
+pub fn explain_service(
+    cluster: &Cluster,
+    from: &NamespacedName,
+    service: &NamespacedName,
+    port: u16,
+    protocol: Protocol,
+    translated: bool,
+) -> Result<ServiceExplanation, ExplainError> {
+    if cluster.pod(&from.namespace, &from.name).is_none() {
+        return Err(ExplainError::UnknownPod {
+            arg: "FROM",
+            pod: from.to_string(),
+        });
+    }
+    let svc = cluster
+        .services()
+        .find(|s| s.namespace == service.namespace && s.name == service.name)
+        .ok_or_else(|| ExplainError::UnknownService {
+            service: service.to_string(),
+        })?;
+    let Some(svc_port) = svc.ports.iter().find(|p| p.port == port && p.protocol == protocol) else {
+        let ports: Vec<String> = svc.ports.iter().map(|p| format!("{}/{}", p.port, p.protocol)).collect();
+        return Err(ExplainError::NoSuchServicePort {
+            service: service.to_string(),
+            port,
+            protocol,
+            ports: if ports.is_empty() { "none".into() } else { ports.join(",") },
+        });
+    };
+    let vip = match svc.cluster_ip {
+        ClusterIp::Ipv4(vip) => Some(vip),
+        ClusterIp::Headless | ClusterIp::Unallocated => None,
+    };
+    // A headless Service has no table entry: its endpoints resolve the same way.
+    let backends = backends(cluster, from, protocol, &ServiceEntry::of_port(cluster, svc, svc_port))?;
+    Ok(ServiceExplanation {
+        from: from.clone(),
+        service: service.clone(),
+        vip,
+        port,
+        port_name: svc_port.name.clone(),
+        protocol,
+        translated,
+        backends,
+    })
+}
+
+fn backends(
+    cluster: &Cluster,
+    from: &NamespacedName,
+    protocol: Protocol,
+    entry: &ServiceEntry,
+) -> Result<Vec<BackendExplanation>, ExplainError> {
+    let selected: Vec<_> = entry.selected().into_iter().map(|b| (b.ip, b.port)).collect();
+    let by_ip: std::collections::HashMap<_, _> = cluster
+        .pods()
+        .iter()
+        .filter_map(|((ns, name), pod)| Some((model::pod_ipv4(pod)?, NamespacedName::new(ns, name))))
+        .collect();
+    entry
+        .backends
+        .iter()
+        .map(|b| {
+            let pod = b
+                .pod
+                .clone()
+                .filter(|p| cluster.pod(&p.namespace, &p.name).is_some())
+                .or_else(|| by_ip.get(&b.ip).cloned());
+            let explanation = pod.as_ref().map(|to| explain(cluster, from, to, b.port, protocol)).transpose()?;
+            Ok(BackendExplanation {
+                ip: b.ip,
+                port: b.port,
+                pod,
+                selected: selected.contains(&(b.ip, b.port)),
+                explanation,
+            })
+        })
+        .collect()
+}
+
+/// The agent's answer to [`Request::ExplainService`](bulkhead_api::Request::ExplainService).
+pub fn respond_service(
+    cluster: &Cluster,
+    from: &NamespacedName,
+    service: &NamespacedName,
+    port: u16,
+    protocol: &Protocol,
+    translated: bool,
+) -> Response {
+    match explain_service(cluster, from, service, port, *protocol, translated) {
+        Ok(e) => Response::ExplainService(Box::new(e)),
         Err(e) => Response::Error {
             code: code::INVALID_REQUEST,
             message: e.to_string(),

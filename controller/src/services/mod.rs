@@ -15,7 +15,7 @@ use std::net::Ipv4Addr;
 
 use bulkhead_api::{NamespacedName, Protocol};
 
-use crate::model::{Cluster, ClusterIp, SessionAffinity};
+use crate::model::{Cluster, ClusterIp, ServiceInfo, ServicePortInfo, SessionAffinity};
 
 /// What a packet's destination is looked up by.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -75,6 +75,46 @@ impl ServiceEntry {
     }
 }
 
+impl ServiceEntry {
+    /// The entry of one port of `svc` (ClusterIP or headless): its endpoints merged from
+    /// every EndpointSlice of the Service.
+    pub fn of_port(cluster: &Cluster, svc: &ServiceInfo, port: &ServicePortInfo) -> ServiceEntry {
+        let mut backends: BTreeMap<(Ipv4Addr, u16), Backend> = BTreeMap::new();
+        for slice in cluster.endpoint_slices_of(&svc.namespace, &svc.name) {
+            let Some(slice_port) = slice.ports.iter().find(|p| p.name == port.name && p.protocol == port.protocol) else {
+                continue;
+            };
+            for e in &slice.endpoints {
+                let backend = Backend {
+                    ip: e.address,
+                    port: slice_port.port,
+                    ready: e.ready,
+                    serving: e.serving,
+                    terminating: e.terminating,
+                    pod: e.pod.clone(),
+                    node: e.node_name.clone(),
+                };
+                // Slices overlap briefly while the controller moves an endpoint: keep the
+                // most usable copy.
+                backends
+                    .entry((e.address, slice_port.port))
+                    .and_modify(|old| {
+                        if rank(&backend) > rank(old) {
+                            *old = backend.clone();
+                        }
+                    })
+                    .or_insert(backend);
+            }
+        }
+        ServiceEntry {
+            service: svc.namespaced_name(),
+            port_name: port.name.clone(),
+            affinity: svc.session_affinity,
+            backends: backends.into_values().collect(),
+        }
+    }
+}
+
 /// Every ClusterIP Service port of the cluster, by `{vip, port, protocol}`.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct ServiceTable {
@@ -90,49 +130,13 @@ impl ServiceTable {
             let ClusterIp::Ipv4(vip) = svc.cluster_ip else {
                 continue;
             };
-            let slices: Vec<_> = cluster.endpoint_slices_of(&svc.namespace, &svc.name).collect();
             for port in &svc.ports {
-                let mut backends: BTreeMap<(Ipv4Addr, u16), Backend> = BTreeMap::new();
-                for slice in &slices {
-                    let Some(slice_port) = slice.ports.iter().find(|p| p.name == port.name && p.protocol == port.protocol) else {
-                        continue;
-                    };
-                    for e in &slice.endpoints {
-                        let backend = Backend {
-                            ip: e.address,
-                            port: slice_port.port,
-                            ready: e.ready,
-                            serving: e.serving,
-                            terminating: e.terminating,
-                            pod: e.pod.clone(),
-                            node: e.node_name.clone(),
-                        };
-                        // Slices overlap briefly while the controller moves an endpoint:
-                        // keep the most usable copy.
-                        backends
-                            .entry((e.address, slice_port.port))
-                            .and_modify(|old| {
-                                if rank(&backend) > rank(old) {
-                                    *old = backend.clone();
-                                }
-                            })
-                            .or_insert(backend);
-                    }
-                }
                 let key = ServiceKey {
                     vip,
                     port: port.port,
                     protocol: port.protocol,
                 };
-                entries.insert(
-                    key,
-                    ServiceEntry {
-                        service: svc.namespaced_name(),
-                        port_name: port.name.clone(),
-                        affinity: svc.session_affinity,
-                        backends: backends.into_values().collect(),
-                    },
-                );
+                entries.insert(key, ServiceEntry::of_port(cluster, svc, port));
             }
         }
         ServiceTable { entries }
