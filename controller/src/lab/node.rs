@@ -119,6 +119,8 @@ pub fn up(paths: &LabPaths, nodes: usize, routing: RoutingKind, files: &[PathBuf
     println!("  bulkhead lab probe --port 80          # who can reach whom");
     println!("  bulkhead lab exec NS/POD -- ip addr   # run a command in a pod");
     println!("  bulkhead lab probe --to world --port 80   # every pod -> the outside host");
+    println!("  bulkhead lab services                 # Services, ClusterIPs and backends");
+    println!("  bulkhead lab probe --port 80 --via service   # every pair through the pods' own Services");
     println!("  bulkhead lab apply -f policy.yaml     # change the cluster");
     println!("  bulkhead lab down                     # remove everything");
     Ok(0)

@@ -107,12 +107,14 @@ pub fn run_via_service(paths: &LabPaths, port: u16, protocol: Protocol, output: 
         .iter()
         .map(|p| Target {
             name: p.key(),
+            // A pod without an address has no backend behind its Service: dropped, as direct.
             ip: cluster
                 .service(&p.namespace, &services::pod_service_name(&p.name))
                 .and_then(|s| match s.cluster_ip {
                     ClusterIp::Ipv4(ip) => Some(ip),
                     _ => None,
-                }),
+                })
+                .filter(|_| p.ip.is_some()),
         })
         .collect();
     let report = probe_all(paths, &pods, &targets, port, protocol)?;
