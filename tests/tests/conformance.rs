@@ -468,9 +468,53 @@ fn mismatches(probe: &Probe, got: &Table) -> usize {
         .count()
 }
 
+/// How the probes reach each destination pod (`lab probe --via`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Via {
+    /// Its IP.
+    Pod,
+    /// The ClusterIP of its own Service: the datapath translates it to the pod before policy,
+    /// so every truth table must come out exactly as for direct probes.
+    Service,
+}
+
+impl Via {
+    fn flag(self) -> &'static str {
+        match self {
+            Via::Pod => "pod",
+            Via::Service => "service",
+        }
+    }
+}
+
+/// The cases the two-node run through Services takes (the whole suite runs through Services
+/// on one node, and directly on three): each kind of peer (pod, namespace, both, ipBlock with
+/// and without except), both directions and both together, named ports and ranges, TCP and
+/// UDP, and label changes — on a lab whose pods sit on two nodes, so about half the pairs
+/// cross nodes after translation.
+const TWO_NODE_SERVICE_SAMPLE: [&str; 16] = [
+    "default-deny-all",
+    "default-deny-ingress-udp",
+    "allow-from-namespace-y",
+    "pod-and-namespace-selector",
+    "pod-or-namespace-selector",
+    "egress-denied-on-client-side",
+    "egress-to-pod-in-other-namespace",
+    "egress-and-ingress-both-needed",
+    "egress-cidr-except",
+    "ingress-ip-block-pod",
+    "named-port-ingress",
+    "named-port-egress",
+    "named-port-udp",
+    "end-port-range",
+    "updated-pod-labels",
+    "updated-namespace-labels",
+];
+
 /// The running lab and what the current case changed in it.
 struct Runner {
     lab: Lab,
+    via: Via,
     ips: BTreeMap<String, Ipv4Addr>,
     fixture: Vec<Doc>,
     pairs_checked: usize,
@@ -505,6 +549,8 @@ impl Runner {
             &probe.port.to_string(),
             "--protocol",
             &probe.protocol,
+            "--via",
+            self.via.flag(),
             "-o",
             "json",
         ]);
@@ -657,8 +703,14 @@ fn pod_ips(lab: &Lab) -> BTreeMap<String, Ipv4Addr> {
     ips
 }
 
-fn run_suite(test: &str, nodes: u8, routing: &str) {
+fn run_suite(test: &str, nodes: u8, routing: &str, via: Via, sample: Option<&[&str]>) {
     let mut cases = load_cases();
+    if let Some(names) = sample {
+        let unknown: Vec<&&str> = names.iter().filter(|n| !cases.iter().any(|c| c.name == **n)).collect();
+        assert!(unknown.is_empty(), "the sample names cases that do not exist: {unknown:?}");
+        cases.retain(|c| names.contains(&c.name.as_str()));
+        println!("sample: {} of the cases", cases.len());
+    }
     // `BULKHEAD_CONFORMANCE_CASES=a,b` runs only the cases whose names contain a or b, for
     // iterating on one failure; the summary says so, so a filtered run never passes unnoticed.
     if let Ok(filter) = std::env::var("BULKHEAD_CONFORMANCE_CASES") {
@@ -682,7 +734,8 @@ fn run_suite(test: &str, nodes: u8, routing: &str) {
     ]);
     let ips = pod_ips(&lab);
     println!(
-        "lab up with {nodes} node(s), {routing} routing, in {:.1?}; pods {ips:?}",
+        "lab up with {nodes} node(s), {routing} routing, probes via {}, in {:.1?}; pods {ips:?}",
+        via.flag(),
         started.elapsed()
     );
     let spread: std::collections::BTreeSet<String> = bulkhead_e2e::pod_nodes(&lab).into_values().collect();
@@ -692,6 +745,7 @@ fn run_suite(test: &str, nodes: u8, routing: &str) {
     }
     let mut runner = Runner {
         lab,
+        via,
         ips,
         fixture,
         pairs_checked: 0,
@@ -745,19 +799,33 @@ fn run_suite(test: &str, nodes: u8, routing: &str) {
 
 #[test]
 fn conformance_one_node() {
-    run_suite("conf1", 1, "native");
+    run_suite("conf1", 1, "native", Via::Pod, None);
 }
 
 /// Three nodes, the agents routing natively between them (the lab installs no route).
 #[test]
 fn conformance_three_nodes_native() {
-    run_suite("conf3n", 3, "native");
+    run_suite("conf3n", 3, "native", Via::Pod, None);
 }
 
 /// Three nodes over the agents' VXLAN overlay.
 #[test]
 fn conformance_three_nodes_vxlan() {
-    run_suite("conf3v", 3, "vxlan");
+    run_suite("conf3v", 3, "vxlan", Via::Pod, None);
+}
+
+/// Every case with each connection made to the destination pod's own Service: the same
+/// truth tables as direct probes (policy is decided on the backend, after translation).
+#[test]
+fn conformance_one_node_via_service() {
+    run_suite("conf1s", 1, "native", Via::Service, None);
+}
+
+/// [`TWO_NODE_SERVICE_SAMPLE`] through Services on two nodes, where a translated connection
+/// often leaves the client's node.
+#[test]
+fn conformance_two_nodes_via_service() {
+    run_suite("conf2s", 2, "native", Via::Service, Some(&TWO_NODE_SERVICE_SAMPLE));
 }
 
 /// Pure: every case file parses, its tables expand and its manifests are well formed.

@@ -9,6 +9,7 @@ mod node;
 mod pod;
 mod probe;
 mod serve;
+mod services;
 mod state;
 mod world;
 
@@ -54,6 +55,16 @@ pub enum ProbeTo {
     World,
 }
 
+/// `lab probe --via`: how a probe reaches each destination pod.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum ProbeVia {
+    /// The pod's own IP.
+    #[default]
+    Pod,
+    /// The ClusterIP of the pod's own Service (`bh-pod-<name>`).
+    Service,
+}
+
 /// `bulkhead lab` arguments.
 #[derive(Debug, clap::Args)]
 pub struct LabArgs {
@@ -80,7 +91,7 @@ pub enum LabCommand {
         #[arg(short = 'f', long = "filename")]
         files: Vec<PathBuf>,
     },
-    /// Apply Namespace, Pod and NetworkPolicy objects.
+    /// Apply Namespace, Pod, NetworkPolicy, Service and EndpointSlice objects.
     Apply {
         /// Multi-document YAML files.
         #[arg(short = 'f', long = "filename", required = true)]
@@ -103,12 +114,21 @@ pub enum LabCommand {
         /// Probe every pod -> this instead of every pair of pods.
         #[arg(long, value_enum)]
         to: Option<ProbeTo>,
+        /// Reach each destination pod by its IP, or through its own Service's ClusterIP.
+        #[arg(long, value_enum, default_value_t = ProbeVia::Pod, conflicts_with = "to")]
+        via: ProbeVia,
         /// Destination port.
         #[arg(long, default_value_t = 80)]
         port: u16,
         /// Protocol.
         #[arg(long, value_parser = probe_protocol, default_value_t = Protocol::TCP)]
         protocol: Protocol,
+        /// Output format.
+        #[arg(short = 'o', long, value_enum, default_value_t = Output::Table)]
+        output: Output,
+    },
+    /// Services with their ClusterIP, ports and backends (the lab's pod Services too).
+    Services {
         /// Output format.
         #[arg(short = 'o', long, value_enum, default_value_t = Output::Table)]
         output: Output,
@@ -145,7 +165,7 @@ pub enum LabCommand {
         /// `namespace/pod`, written to TCP clients of `--tcp` ports.
         #[arg(long)]
         name: String,
-        /// TCP ports that write the name and close.
+        /// TCP ports that write the name, then echo until the client closes.
         #[arg(long)]
         tcp: Vec<u16>,
         /// TCP ports that echo.
@@ -267,6 +287,9 @@ pub enum LabError {
     /// No cluster CIDR is free of the host's routes.
     #[error("no free cluster cidr: 10.244.0.0/16 to 10.254.0.0/16 all overlap host routes")]
     NoFreeCidr,
+    /// No /16 of 10.96.0.0/12 is free for the Services.
+    #[error("no free service cidr: 10.96.0.0/16 to 10.111.0.0/16 all overlap the cluster cidr, the underlay or host routes")]
+    NoFreeServiceCidr,
     /// No /24 for the underlay is free of the cluster CIDR and host routes.
     #[error("no free underlay: every 10.255.N.0/24 overlaps a host route")]
     NoFreeUnderlay,
@@ -315,15 +338,23 @@ pub fn run(args: LabArgs) -> Result<i32, LabError> {
         }
         LabCommand::Probe {
             to,
+            via,
             port,
             protocol,
             output,
-        } => {
-            let state = paths.load_up()?;
-            match to {
-                None => probe::run(&paths, &state, port, protocol, output),
-                Some(ProbeTo::World) => probe::run_to_world(&paths, &state, port, protocol, output),
+        } => match (to, via) {
+            (None, ProbeVia::Pod) => probe::run(&paths, &paths.load_up()?, port, protocol, output),
+            (None, ProbeVia::Service) => probe::run_via_service(&paths, port, protocol, output),
+            (Some(ProbeTo::World), _) => probe::run_to_world(&paths, &paths.load_up()?, port, protocol, output),
+        },
+        LabCommand::Services { output } => {
+            paths.load_up()?;
+            let rows = services::rows(&load_cluster(&paths)?);
+            match output {
+                Output::Json => println!("{}", serde_json::to_string_pretty(&rows).unwrap_or_default()),
+                Output::Table => print!("{}", services::table(&rows)),
             }
+            Ok(0)
         }
         LabCommand::Status { output } => {
             let state = paths.load_up()?;
@@ -380,10 +411,37 @@ fn load_cluster(paths: &LabPaths) -> Result<model::Cluster, LabError> {
     Ok(cluster)
 }
 
-/// Writes the model atomically, then has every agent load it into its maps.
-fn publish(paths: &LabPaths, state: &LabState, cluster: &model::Cluster) -> Result<(), LabError> {
+/// Plays the control plane's part for Services (ClusterIPs, EndpointSlices, pod Services),
+/// saves the state, writes the model atomically, then has every agent load it into its maps.
+fn publish(paths: &LabPaths, state: &mut LabState, cluster: &mut model::Cluster) -> Result<(), LabError> {
+    services::reconcile(cluster, state)?;
+    paths.save(state)?;
     state::write_atomic(&paths.cluster_yaml(), cluster.to_yaml().as_bytes())?;
     reload_agents(paths, state)
+}
+
+/// Makes sure every pod's own Service has `port`/`protocol` (adding it to the lab's probe
+/// ports, so the Services of later pods have it too), so a probe through the Service meets
+/// what a direct probe meets: the pod's server, or the refusal of a port it does not serve.
+/// Returns the state as it is afterwards.
+fn ensure_pod_service_port(paths: &LabPaths, port: u16, protocol: Protocol) -> Result<LabState, LabError> {
+    let _lock = paths.lock()?;
+    let mut state = paths.load_up()?;
+    let mut cluster = load_cluster(paths)?;
+    let missing = state.pods.iter().any(|p| {
+        cluster
+            .service(&p.namespace, &services::pod_service_name(&p.name))
+            .is_none_or(|s| !s.ports.iter().any(|sp| sp.port == port && sp.protocol == protocol))
+    });
+    if missing {
+        let extra = services::ExtraPort { port, protocol };
+        if !state.service_probe_ports.contains(&extra) {
+            state.service_probe_ports.push(extra);
+            state.service_probe_ports.sort();
+        }
+        publish(paths, &mut state, &mut cluster)?;
+    }
+    Ok(state)
 }
 
 /// Sends `Reload` to every agent, in parallel; waits until each has its maps updated.
@@ -512,6 +570,8 @@ struct LabStatus {
     lab_dir: PathBuf,
     id: String,
     routing: String,
+    #[serde(rename = "serviceCIDR")]
+    service_cidr: Option<String>,
     nodes: Vec<NodeStatus>,
     external: Option<ExternalStatus>,
 }
@@ -540,6 +600,7 @@ fn print_status(paths: &LabPaths, state: &LabState, output: Output) {
         lab_dir: paths.dir.clone(),
         id: state.id.clone(),
         routing: state.routing.clone(),
+        service_cidr: state.service_cidr.clone(),
         nodes,
         external: state.world.as_ref().map(|w| ExternalStatus {
             ip: w.ip.clone(),

@@ -62,6 +62,7 @@ pub fn up(paths: &LabPaths, nodes: usize, routing: RoutingKind, files: &[PathBuf
         .collect();
     // Nodes and the outside host meet on a /24 outside the cluster CIDR.
     let underlay = world::pick_underlay(cluster_cidr, &routes)?;
+    let service_cidr = super::services::pick_service_cidr(&[cluster_cidr, underlay], &routes)?;
     let mut state = LabState {
         id: id.clone(),
         cluster_cidr: cluster_cidr.to_string(),
@@ -80,6 +81,9 @@ pub fn up(paths: &LabPaths, nodes: usize, routing: RoutingKind, files: &[PathBuf
             .collect(),
         world: Some(world::plan(&id, underlay)),
         pods: Vec::new(),
+        service_cidr: Some(service_cidr.to_string()),
+        managed_slices: Vec::new(),
+        service_probe_ports: Vec::new(),
     };
     paths.save(&state)?;
     // The lab plays the cloud and kubelet: every node is a Node object with its pod CIDR
@@ -115,6 +119,8 @@ pub fn up(paths: &LabPaths, nodes: usize, routing: RoutingKind, files: &[PathBuf
     println!("  bulkhead lab probe --port 80          # who can reach whom");
     println!("  bulkhead lab exec NS/POD -- ip addr   # run a command in a pod");
     println!("  bulkhead lab probe --to world --port 80   # every pod -> the outside host");
+    println!("  bulkhead lab services                 # Services, ClusterIPs and backends");
+    println!("  bulkhead lab probe --port 80 --via service   # every pair through the pods' own Services");
     println!("  bulkhead lab apply -f policy.yaml     # change the cluster");
     println!("  bulkhead lab down                     # remove everything");
     Ok(0)
@@ -140,7 +146,7 @@ fn nth_24(cidr: Ipv4Network, i: u8) -> Ipv4Addr {
 }
 
 /// The host's IPv4 routes except the default route, from /proc/net/route.
-fn host_routes() -> Vec<Ipv4Network> {
+pub(super) fn host_routes() -> Vec<Ipv4Network> {
     let text = std::fs::read_to_string("/proc/net/route").unwrap_or_default();
     text.lines()
         .skip(1)

@@ -12,6 +12,7 @@ use k8s_openapi::api::core::v1::{Pod, PodStatus};
 
 use super::model::{Object, ObjectRef};
 use super::serve::{self, Ports};
+use super::services;
 use super::state::{LabPaths, LabState, NodeState, PodState};
 use super::LabError;
 
@@ -19,7 +20,7 @@ use super::LabError;
 type CreatedPod = (PodState, Option<u32>, Ipv4Addr);
 
 /// The ports a pod declares: (TCP ports, UDP ports).
-fn declared_ports(pod: &Pod) -> (Vec<u16>, Vec<u16>) {
+pub(super) fn declared_ports(pod: &Pod) -> (Vec<u16>, Vec<u16>) {
     let mut tcp = BTreeSet::new();
     let mut udp = BTreeSet::new();
     let containers = pod.spec.as_ref().map(|s| s.containers.as_slice()).unwrap_or_default();
@@ -38,7 +39,7 @@ fn declared_ports(pod: &Pod) -> (Vec<u16>, Vec<u16>) {
 }
 
 /// FNV-1a, for short stable name suffixes.
-fn fnv1a(s: &str) -> u32 {
+pub(super) fn fnv1a(s: &str) -> u32 {
     s.bytes().fold(0x811c_9dc5u32, |h, b| (h ^ u32::from(b)).wrapping_mul(0x0100_0193))
 }
 
@@ -65,7 +66,7 @@ fn pod_key(pod: &Pod) -> (String, String) {
 }
 
 /// Applies objects: policies and namespaces go to the model, new pods are created.
-pub fn apply(paths: &LabPaths, state: &mut LabState, objects: Vec<Object>) -> Result<(), LabError> {
+pub fn apply(paths: &LabPaths, state: &mut LabState, mut objects: Vec<Object>) -> Result<(), LabError> {
     // Check what the model cannot: that a pinned node exists. Nothing has changed yet.
     for object in &objects {
         if let Object::Pod(pod) = object {
@@ -81,6 +82,9 @@ pub fn apply(paths: &LabPaths, state: &mut LabState, objects: Vec<Object>) -> Re
         }
     }
     let mut cluster = super::load_cluster(paths)?;
+    // ClusterIPs are checked and allocated, as the API server does, before anything changes.
+    let service_cidr = services::service_cidr(state)?;
+    services::admit(&cluster, &mut objects, service_cidr)?;
     let mut created: Vec<PodState> = Vec::new();
     let mut restarted: Vec<PodState> = Vec::new();
     for object in objects {
@@ -128,7 +132,7 @@ pub fn apply(paths: &LabPaths, state: &mut LabState, objects: Vec<Object>) -> Re
     }
     // Recorded before anything is created, so `down` finds it after a crash.
     paths.save(state)?;
-    super::publish(paths, state, &cluster)?;
+    super::publish(paths, state, &mut cluster)?;
 
     let results: Vec<Result<CreatedPod, LabError>> = std::thread::scope(|scope| {
         let handles: Vec<_> = created
@@ -183,7 +187,7 @@ pub fn apply(paths: &LabPaths, state: &mut LabState, objects: Vec<Object>) -> Re
                 }
             }
         }
-        super::publish(paths, state, &cluster)?;
+        super::publish(paths, state, &mut cluster)?;
     }
     first_error.map_or(Ok(()), Err)
 }
@@ -330,6 +334,7 @@ fn kill_server(paths: &LabPaths, pod: &PodState) {
 
 /// Deletes the objects named: pods are unwired and removed, namespaces take theirs along.
 pub fn delete(paths: &LabPaths, state: &mut LabState, objects: &[Object]) -> Result<(), LabError> {
+    services::check_delete(objects)?;
     let mut cluster = super::load_cluster(paths)?;
     let mut doomed: Vec<PodState> = Vec::new();
     for object in objects {
@@ -361,7 +366,7 @@ pub fn delete(paths: &LabPaths, state: &mut LabState, objects: &[Object]) -> Res
         state.pods.retain(|p| p.key() != pod.key());
         paths.save(state)?;
     }
-    super::publish(paths, state, &cluster)
+    super::publish(paths, state, &mut cluster)
 }
 
 /// `bulkhead lab exec NS/POD -- CMD...`: runs CMD in the pod's namespace, passing its exit code.

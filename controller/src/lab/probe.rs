@@ -8,6 +8,8 @@ use std::time::{Duration, Instant};
 use bulkhead_hostnet::netns;
 use serde::Serialize;
 
+use super::model::ClusterIp;
+use super::services;
 use super::state::{LabPaths, LabState, PodState};
 use super::world::WORLD;
 use super::{LabError, Output, Protocol};
@@ -88,6 +90,31 @@ pub fn run(paths: &LabPaths, state: &LabState, port: u16, protocol: Protocol, ou
         .map(|p| Target {
             name: p.key(),
             ip: p.ip.as_deref().and_then(|ip| ip.parse().ok()),
+        })
+        .collect();
+    let report = probe_all(paths, &pods, &targets, port, protocol)?;
+    print(&pods, &targets, &report, output);
+    Ok(0)
+}
+
+/// `bulkhead lab probe --via service`: every ordered pair, each destination reached through
+/// the ClusterIP of its own Service on the same port; the same report as a direct probe.
+pub fn run_via_service(paths: &LabPaths, port: u16, protocol: Protocol, output: Output) -> Result<i32, LabError> {
+    let state = super::ensure_pod_service_port(paths, port, protocol)?;
+    let cluster = super::load_cluster(paths)?;
+    let pods = sorted_pods(&state);
+    let targets: Vec<Target> = pods
+        .iter()
+        .map(|p| Target {
+            name: p.key(),
+            // A pod without an address has no backend behind its Service: dropped, as direct.
+            ip: cluster
+                .service(&p.namespace, &services::pod_service_name(&p.name))
+                .and_then(|s| match s.cluster_ip {
+                    ClusterIp::Ipv4(ip) => Some(ip),
+                    _ => None,
+                })
+                .filter(|_| p.ip.is_some()),
         })
         .collect();
     let report = probe_all(paths, &pods, &targets, port, protocol)?;

@@ -19,7 +19,8 @@ const ECHO_IDLE: Duration = Duration::from_secs(10);
 /// What a server serves, and how each TCP port answers.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Ports {
-    /// TCP ports that write the server's name and close (the pods' ports).
+    /// TCP ports that write the server's name, then echo until the client closes (the pods'
+    /// ports: a client learns which pod answered and may keep the connection established).
     pub tcp: Vec<u16>,
     /// TCP ports that echo what they read until the client closes.
     pub tcp_echo: Vec<u16>,
@@ -39,7 +40,7 @@ impl Ports {
 /// How a TCP listener answers a connection.
 #[derive(Clone, Copy, Debug)]
 enum TcpMode {
-    /// Write the name, close.
+    /// Write the name, then echo until EOF.
     Name,
     /// Echo until EOF.
     Echo,
@@ -155,24 +156,32 @@ pub fn run(name: &str, ports: &Ports) -> Result<i32, LabError> {
 fn answer(mode: TcpMode, mut stream: TcpStream, name: &[u8]) {
     match mode {
         TcpMode::Name => {
-            let _ = stream.write_all(name);
+            let name = name.to_vec();
+            std::thread::spawn(move || {
+                if stream.write_all(&name).is_ok() {
+                    echo(stream);
+                }
+            });
         }
         TcpMode::Peer => {
             if let Ok(peer) = stream.peer_addr() {
                 let _ = stream.write_all(format!("{}\n", peer.ip()).as_bytes());
             }
         }
+        // One thread per connection, so a silent client does not hold up the others.
         TcpMode::Echo => {
-            // One thread per connection, so a silent client does not hold up the others.
-            std::thread::spawn(move || {
-                let _ = stream.set_read_timeout(Some(ECHO_IDLE));
-                let mut buf = [0u8; 2048];
-                while let Ok(n @ 1..) = stream.read(&mut buf) {
-                    if stream.write_all(&buf[..n]).is_err() {
-                        break;
-                    }
-                }
-            });
+            std::thread::spawn(move || echo(stream));
+        }
+    }
+}
+
+/// Echoes what the client sends until it closes or stays silent for [`ECHO_IDLE`].
+fn echo(mut stream: TcpStream) {
+    let _ = stream.set_read_timeout(Some(ECHO_IDLE));
+    let mut buf = [0u8; 2048];
+    while let Ok(n @ 1..) = stream.read(&mut buf) {
+        if stream.write_all(&buf[..n]).is_err() {
+            break;
         }
     }
 }

@@ -31,6 +31,17 @@ pub struct LabState {
     pub world: Option<WorldState>,
     /// The pods.
     pub pods: Vec<PodState>,
+    /// The CIDR ClusterIPs come from, outside the cluster CIDR, the underlay and host routes
+    /// (absent in older labs: picked when first needed).
+    #[serde(default)]
+    pub service_cidr: Option<String>,
+    /// `namespace/name` of every EndpointSlice the lab wrote (its pod Services' and the
+    /// slice controller's), replaced on each change; the user's slices are not listed.
+    #[serde(default)]
+    pub managed_slices: Vec<String>,
+    /// Ports `probe --via service` added to every pod Service.
+    #[serde(default)]
+    pub service_probe_ports: Vec<super::services::ExtraPort>,
 }
 
 fn default_routing() -> String {
