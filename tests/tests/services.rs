@@ -374,14 +374,17 @@ fn probe_via_service_matches_a_direct_probe() {
 fn dns_through_a_cluster_ip_under_egress_policy() {
     let lab = Lab::new("svcdns");
     let mut yaml = namespace_yaml("kube-system") + &namespace_yaml("app");
-    for (i, node) in [(0, "node0"), (1, "node1")] {
-        yaml += &pod_yaml(
+    let dns_pod = |i: usize| {
+        pod_yaml(
             "kube-system",
             &format!("coredns-{i}"),
             "k8s-app: kube-dns",
-            Some(node),
+            Some(["node0", "node1"][i]),
             "{name: dns, containerPort: 53, protocol: UDP}",
-        );
+        )
+    };
+    for i in 0..2 {
+        yaml += &dns_pod(i);
     }
     yaml += &pod_yaml("app", "allowed", "role: allowed", Some("node0"), "");
     yaml += &pod_yaml("app", "denied", "role: denied", Some("node1"), "");
@@ -474,6 +477,21 @@ spec:
         ),
         "the flow names the Service and the address dialled: {flow}"
     );
+    // Without backends a query is refused at once: the ClusterIP's port unreachable makes a
+    // connected UDP socket fail with ECONNREFUSED instead of waiting out its timeout.
+    let gone: String = (0..2).map(dns_pod).collect();
+    lab.ok(&["delete", "-f", &lab.file("dns-gone.yaml", &gone)]);
+    let (result, took) = in_pod(&lab, "app/allowed", || {
+        let socket = std::net::UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0)).expect("bind");
+        socket.connect(addr).expect("connect");
+        socket.set_read_timeout(Some(Duration::from_secs(3))).expect("timeout");
+        let started = Instant::now();
+        socket.send(b"query").expect("send");
+        let mut buf = [0u8; 64];
+        (socket.recv(&mut buf).map(drop).map_err(|e| e.kind()), started.elapsed())
+    });
+    assert_eq!(result, Err(ErrorKind::ConnectionRefused), "after {took:?}");
+    assert!(took < Duration::from_millis(500), "refused at once: {took:?}");
 }
 
 /// Three backends on two nodes: new connections from one client spread over all of them; a
@@ -518,8 +536,11 @@ fn a_service_balances_survives_a_removed_backend_and_refuses_without_backends() 
                 conns
                     .iter_mut()
                     .enumerate()
-                    .filter(|(_, c)| c.backend != "lb/b2")
-                    .map(|(i, c)| (c.backend.clone(), c.echo(&format!("after-{i}")).map_err(|e| e.to_string())))
+                    .map(|(i, c)| {
+                        let started = Instant::now();
+                        let result = c.echo(&format!("after-{i}")).map_err(|e| e.kind());
+                        (c.backend.clone(), result, started.elapsed())
+                    })
                     .collect::<Vec<_>>()
             })
         });
@@ -529,12 +550,25 @@ fn a_service_balances_survives_a_removed_backend_and_refuses_without_backends() 
         lab.ok(&["delete", "-f", &lab.file("del-b2.yaml", &backend("b2", "node1"))]);
         removed_tx.send(()).expect("signal");
         let after = holder.join().expect("holder thread");
-        let broken: Vec<_> = after.iter().filter(|(_, r)| r.is_err()).collect();
+        let (to_removed, kept): (Vec<_>, Vec<_>) = after.iter().partition(|(b, _, _)| b == "lb/b2");
+        let broken: Vec<_> = kept.iter().filter(|(_, r, _)| r.is_err()).collect();
         assert!(
             broken.is_empty(),
             "established connections to the remaining backends broke: {broken:?}"
         );
-        println!("{} established connections to b0/b1 kept working", after.len());
+        println!("{} established connections to b0/b1 kept working", kept.len());
+        // The removed backend's connections end at their next packet (an RST from the
+        // ClusterIP), not after a read timeout.
+        assert!(!to_removed.is_empty(), "some connections went to b2: {opened:?}");
+        for (_, result, took) in &to_removed {
+            assert_eq!(
+                *result,
+                Err(ErrorKind::ConnectionReset),
+                "a connection to the removed b2 after {took:?}"
+            );
+            assert!(*took < Duration::from_millis(500), "ended at once, not by a timeout: {took:?}");
+        }
+        println!("{} connections to the removed b2 were reset", to_removed.len());
     });
     let seen = spread(&lab, "lb/client", addr, 100);
     assert!(
