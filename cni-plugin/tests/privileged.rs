@@ -137,10 +137,24 @@ impl Drop for Lab {
 /// Runs `plugin` in `node` the way a runtime does: `CNI_*` environment, `conf` on stdin.
 /// Returns whether it succeeded and its stdout as JSON (`Null` when empty).
 fn run_plugin(node: &std::path::Path, plugin: &str, command: &str, container_id: &str, netns: &str, conf: &Value) -> (bool, Value) {
+    run_plugin_env(node, plugin, command, container_id, netns, conf, &[])
+}
+
+/// [`run_plugin`] with `extra` environment variables.
+fn run_plugin_env(
+    node: &std::path::Path,
+    plugin: &str,
+    command: &str,
+    container_id: &str,
+    netns: &str,
+    conf: &Value,
+    extra: &[(&str, &str)],
+) -> (bool, Value) {
     let conf = conf.to_string();
     let out = netns::run_in(node, || {
         let mut child = Command::new(plugin)
             .env_clear()
+            .envs(extra.iter().copied())
             // portmap execs iptables.
             .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
             .env("CNI_COMMAND", command)
@@ -821,4 +835,106 @@ fn a_pod_cannot_fill_the_node_neighbour_table_with_arp() {
         learnt.first()
     );
     assert!(neigh.contains("10.251.7.2") && neigh.contains("PERMANENT"), "{neigh}");
+}
+
+/// Host veths of this test's node named like the plugin names them.
+fn host_veths(node: &str) -> Vec<String> {
+    ip(node, &["-o", "link", "show"])
+        .lines()
+        .filter_map(|l| l.split(": ").nth(1))
+        .map(|n| n.split('@').next().unwrap_or(n).to_string())
+        .filter(|n| n.starts_with("bh"))
+        .collect()
+}
+
+/// 100 pods added at once, then deleted at once: every address distinct, and afterwards no
+/// address, host veth or endpoint is left.
+#[test]
+fn a_hundred_parallel_adds_and_dels_leak_nothing() {
+    const PODS: usize = 100;
+    let lab = Lab::new(r#"{"result":"ok"}"#);
+    let pods: Vec<ExtraPod> = (0..PODS).map(|_| ExtraPod::new("par")).collect();
+    let ids: Vec<String> = (0..PODS).map(|i| format!("{}-par{i}", lab.container_id)).collect();
+    let lab_ref = &lab;
+    let run_all = |command: &'static str| -> Vec<(bool, Value)> {
+        std::thread::scope(|scope| {
+            let handles: Vec<_> = pods
+                .iter()
+                .zip(&ids)
+                .map(|(pod, id)| scope.spawn(move || lab_ref.cni_as(id, command, &pod.path(), &serde_json::json!({}))))
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        })
+    };
+    let added = run_all("ADD");
+    let mut addresses = std::collections::BTreeSet::new();
+    for (ok, result) in &added {
+        assert!(ok, "{result}");
+        assert!(
+            addresses.insert(result["ips"][0]["address"].as_str().unwrap().to_string()),
+            "duplicate address {result}"
+        );
+    }
+    assert_eq!(addresses.len(), PODS);
+    assert_eq!(lab.allocations().len(), PODS);
+    assert_eq!(host_veths(&lab.node_name).len(), PODS);
+    for (ok, result) in run_all("DEL") {
+        assert!(ok, "{result}");
+    }
+    assert!(lab.allocations().is_empty(), "leaked addresses: {:?}", lab.allocations());
+    assert!(
+        host_veths(&lab.node_name).is_empty(),
+        "leaked veths: {:?}",
+        host_veths(&lab.node_name)
+    );
+    for pod in &pods {
+        assert!(!link_exists(&pod.name(), "eth0"), "a pod kept its interface");
+    }
+    let requests = lab.requests.lock().unwrap();
+    let adds = requests.iter().filter(|r| matches!(r, Request::AddEndpoint(_))).count();
+    let dels = requests.iter().filter(|r| matches!(r, Request::DelEndpoint(_))).count();
+    assert_eq!((adds, dels), (PODS, PODS));
+}
+
+/// The plugin killed (SIGKILL) after each step of ADD, then DEL — or GC, which a runtime
+/// runs when it lost track of the container — leaves nothing behind.
+#[test]
+fn a_plugin_killed_at_any_step_of_add_is_cleaned_up_by_del_or_gc() {
+    for (i, step) in bulkhead_cni::commands::ADD_STEPS.iter().enumerate() {
+        for cleanup in ["DEL", "GC"] {
+            let lab = Lab::new(r#"{"result":"ok"}"#);
+            let (ok, v) = run_plugin_env(
+                &lab.node,
+                BIN,
+                "ADD",
+                &lab.container_id,
+                &lab.pod_path(),
+                &lab.config(),
+                &[("BULKHEAD_CNI_KILL_AT", step)],
+            );
+            assert!(!ok && v == Value::Null, "ADD killed after {step} printed nothing: {v}");
+            // Something was left: the address from the first step on.
+            assert_eq!(lab.allocations().len(), 1, "after {step}");
+            let (ok, v) = match cleanup {
+                "DEL" => lab.cni("DEL", &lab.pod_path()),
+                _ => lab.cni_with("GC", "", &serde_json::json!({ "cni.dev/valid-attachments": [] })),
+            };
+            assert!(ok, "{cleanup} after a kill at {step}: {v}");
+            assert!(lab.allocations().is_empty(), "{cleanup} after {step} leaked an address");
+            assert!(
+                !link_exists(&lab.node_name, &lab.host_veth()),
+                "{cleanup} after {step} leaked the host veth"
+            );
+            if cleanup == "DEL" || i > 0 {
+                assert!(
+                    !link_exists(&lab.pod_name, "eth0"),
+                    "{cleanup} after {step} left the pod's interface"
+                );
+            }
+            // The agent is told to forget the endpoint whenever it may have heard of it.
+            let requests = lab.requests.lock().unwrap();
+            let forgot = requests.iter().any(|r| matches!(r, Request::DelEndpoint(_) | Request::Gc { .. }));
+            assert!(forgot, "{cleanup} after {step} did not tell the agent");
+        }
+    }
 }

@@ -55,6 +55,7 @@ pub fn run(env: &Env, conf: &NetConf) -> Result<AddResult, CommandError> {
     let allocation = store.allocate(&owner)?;
     let ip = allocation.ip;
     tracing::info!(%ip, container = %env.container_id, created = allocation.created, "ipam: address allocated");
+    super::kill_point("ipam");
     if allocation.created {
         let (store, owner) = (store.clone(), owner.clone());
         rollback.push("ipam allocation", move || store.release(&owner).map(drop).map_err(Into::into));
@@ -62,7 +63,9 @@ pub fn run(env: &Env, conf: &NetConf) -> Result<AddResult, CommandError> {
 
     let mtu = conf.pod_mtu();
     let pair = ensure_veth(&host_ifname, &env.ifname, pod_ns, mtu, &mut rollback)?;
+    super::kill_point("veth");
     configure_pod(pod_ns, &pair, ip)?;
+    super::kill_point("pod");
 
     let spec = EndpointSpec {
         container_id: env.container_id.clone(),
@@ -77,6 +80,7 @@ pub fn run(env: &Env, conf: &NetConf) -> Result<AddResult, CommandError> {
         network: conf.name.clone(),
     };
     call_agent(&conf.agent_socket, &Request::AddEndpoint(spec), "add_endpoint", conf.agent_timeout)?;
+    super::kill_point("agent");
     {
         let (socket, timeout) = (conf.agent_socket.clone(), conf.agent_timeout);
         let endpoint = EndpointRef {
@@ -91,6 +95,7 @@ pub fn run(env: &Env, conf: &NetConf) -> Result<AddResult, CommandError> {
     // Only now that the agent has the endpoint (and its programs) in place does the host
     // side come up: no packet can pass un-enforced.
     configure_host(&pair, ip)?;
+    super::kill_point("host");
 
     rollback.disarm();
     Ok(AddResult {

@@ -17,6 +17,21 @@ use crate::spec::code;
 use bulkhead_api::{ApiError, Request, Response};
 use bulkhead_hostnet::netlink::NetlinkError;
 
+/// Where ADD may be killed in tests: after each step that leaves something behind.
+pub const ADD_STEPS: [&str; 5] = ["ipam", "veth", "pod", "agent", "host"];
+
+/// Debug builds only: `BULKHEAD_CNI_KILL_AT=<step>` makes the plugin SIGKILL itself after
+/// that step of ADD ([`ADD_STEPS`]), as a runtime's timeout or the OOM killer would, so tests
+/// prove a later DEL or GC cleans up from any point. Release builds compile it out.
+pub fn kill_point(step: &str) {
+    #[cfg(debug_assertions)]
+    if std::env::var("BULKHEAD_CNI_KILL_AT").as_deref() == Ok(step) {
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::this(), nix::sys::signal::Signal::SIGKILL);
+    }
+    #[cfg(not(debug_assertions))]
+    let _ = step;
+}
+
 /// Why a verb failed; every variant knows its CNI error code.
 #[derive(Debug, thiserror::Error)]
 pub enum CommandError {
