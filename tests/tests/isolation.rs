@@ -480,6 +480,8 @@ fn enforcement_holds_while_the_agent_is_down_and_across_restarts() {
     let broken: Mutex<Option<String>> = Mutex::new(None);
     let tally = Tally::default();
     let mut new_while_down = None;
+    let node_ns = format!("bh{}-node0", lab.id());
+    let mut programs_before = Vec::new();
     std::thread::scope(|scope| {
         struct StopOnDrop<'a>(&'a AtomicBool);
         impl Drop for StopOnDrop<'_> {
@@ -531,6 +533,7 @@ fn enforcement_holds_while_the_agent_is_down_and_across_restarts() {
             }
         };
         wait_trips(10);
+        programs_before = bulkhead_filters(&node_ns);
         // Down: SIGKILL, and nobody restarts it for two seconds.
         let pid = lab.status()["nodes"][0]["agentPid"].as_u64().expect("agent pid");
         let killed = std::process::Command::new("kill")
@@ -570,10 +573,58 @@ fn enforcement_holds_while_the_agent_is_down_and_across_restarts() {
         (0, 0),
         "z/c reached y/b while the agent was down or restarting"
     );
+    // Each restart put its own programs on the veths, in place: one filter per direction at
+    // Bulkhead's priority, with a program other than the first agent's.
+    let programs_after = bulkhead_filters(&node_ns);
+    assert_eq!(programs_after.len(), 3 * 2, "{programs_after:?}");
+    for (veth, dir, pref, id) in &programs_after {
+        assert_eq!(*pref, 1, "{veth} {dir}: {programs_after:?}");
+        assert!(
+            !programs_before.iter().any(|(v, d, _, old)| v == veth && d == dir && old == id),
+            "{veth} {dir} still runs the first agent's program {id}"
+        );
+    }
     // A lost packet costs TCP at least its 200 ms minimum retransmission timeout.
     assert!(
         longest_gap_ms.load(Ordering::SeqCst) < 200,
         "a round trip stalled {} ms: packets were lost",
         longest_gap_ms.load(Ordering::SeqCst)
     );
+}
+
+/// Bulkhead's tc filters on the pod veths of a node netns: (veth, direction, priority,
+/// program id).
+fn bulkhead_filters(node_ns: &str) -> Vec<(String, &'static str, u32, u32)> {
+    let run = |args: &[&str]| {
+        let out = std::process::Command::new("ip")
+            .args(["netns", "exec", node_ns])
+            .args(args)
+            .output()
+            .expect("ip netns exec");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let veths: Vec<String> = run(&["ip", "-o", "link", "show", "type", "veth"])
+        .lines()
+        .filter_map(|l| l.split(": ").nth(1))
+        .map(|n| n.split('@').next().unwrap_or(n).to_string())
+        .collect();
+    let mut out = Vec::new();
+    for veth in veths {
+        for dir in ["ingress", "egress"] {
+            for line in run(&["tc", "filter", "show", "dev", &veth, dir]).lines() {
+                let words: Vec<&str> = line.split_whitespace().collect();
+                let after = |key: &str| {
+                    words
+                        .iter()
+                        .position(|w| *w == key)
+                        .and_then(|i| words.get(i + 1))
+                        .and_then(|v| v.parse().ok())
+                };
+                if let (Some(pref), Some(id)) = (after("pref"), after("id")) {
+                    out.push((veth.clone(), dir, pref, id));
+                }
+            }
+        }
+    }
+    out
 }

@@ -75,6 +75,10 @@ pub(super) struct Agent {
     pub(super) services: Services,
     /// The over-cap policies last logged (each is logged when it appears, not on every compile).
     pub(super) over_cap_logged: Vec<crate::policy::OverCap>,
+    /// This agent's programs are attached to every registered endpoint's veth. False at
+    /// start: a previous agent's (perhaps older) programs are there until the first sync has
+    /// filled this agent's maps, then each is replaced in place.
+    pub(super) programs_replaced: bool,
 }
 
 impl Agent {
@@ -126,6 +130,9 @@ impl Agent {
                 self.applied = new;
                 self.generation += 1;
                 self.pending = None;
+                if !self.programs_replaced {
+                    self.replace_programs();
+                }
                 self.flows.set_resolver(
                     Resolver::build(&self.node_name, &self.cluster, self.compiler.rules(), &locals)
                         .with_services(self.services.table(), &self.services.ids()),
@@ -163,6 +170,28 @@ impl Agent {
                 Err(e.into())
             }
         }
+    }
+
+    /// Puts this agent's programs on every registered endpoint's veth, replacing what a
+    /// previous agent attached (an upgrade's new programs read the maps just written). A veth
+    /// that fails keeps the previous programs, which still enforce; it is logged, counted and
+    /// retried after the next sync.
+    fn replace_programs(&mut self) {
+        let names: Vec<String> = self.endpoints.values().map(|r| r.spec.host_ifname.clone()).collect();
+        let mut failed = 0usize;
+        for name in &names {
+            if let Err(e) = self.datapath.attach(name) {
+                failed += 1;
+                self.metrics.error(ErrorKind::Datapath);
+                tracing::warn!(veth = %name, error = %error_chain(&e), "cannot replace the programs on a veth; the previous ones keep enforcing");
+            }
+        }
+        tracing::info!(
+            veths = names.len(),
+            failed,
+            "programs of this agent attached to the registered endpoints"
+        );
+        self.programs_replaced = failed == 0;
     }
 
     /// Logs each policy the compiler left out for expanding past the cap, once, and keeps

@@ -191,6 +191,7 @@ pub fn run(args: AgentArgs) -> Result<(), AgentError> {
         pod_mtu_published: None,
         services,
         over_cap_logged: Vec::new(),
+        programs_replaced: false,
     };
     agent.read_host_addresses();
     agent.refresh(true)?;

@@ -284,6 +284,7 @@ fn fixture(synced: bool) -> Fixture {
         pod_mtu_published: None,
         services: super::services::Services::new(true, &DatapathState::default()),
         over_cap_logged: Vec::new(),
+        programs_replaced: false,
     };
     let mut f = Fixture {
         agent,
@@ -582,4 +583,30 @@ fn node_addresses_that_cannot_be_read_keep_the_last_good_ones() {
         Some(bulkhead_common::identity::HOST),
         "a failed read dropped the node's HOST entry"
     );
+}
+
+#[test]
+fn a_starting_agent_replaces_the_programs_on_every_registered_veth_after_its_first_sync() {
+    let mut f = fixture(true);
+    assert!(matches!(f.agent.try_add(&spec("c1", "a", 7, "net")), Some(Response::Ok)));
+    assert!(matches!(f.agent.try_add(&spec("c2", "b", 8, "net")), Some(Response::Ok)));
+    // A new agent: the veths carry the previous agent's programs until its maps are written.
+    f.agent.programs_replaced = false;
+    f.maps.set(|m| m.attached.clear());
+    f.maps.set(|m| m.writes_left = Some(0));
+    *f.source.cluster.lock().unwrap() = cluster(POLICY);
+    f.agent.on_change();
+    assert!(
+        f.maps.0.lock().unwrap().attached.is_empty(),
+        "programs swapped before the maps were written"
+    );
+    f.maps.set(|m| m.writes_left = None);
+    f.agent.on_change();
+    let mut attached = f.maps.0.lock().unwrap().attached.clone();
+    attached.sort();
+    assert_eq!(attached, ["bh7", "bh8"]);
+    assert!(f.agent.programs_replaced);
+    // Once only.
+    f.agent.reprogram(None).unwrap();
+    assert_eq!(f.maps.0.lock().unwrap().attached.len(), 2);
 }

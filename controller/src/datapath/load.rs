@@ -2,7 +2,7 @@
 use std::path::{Path, PathBuf};
 
 use aya::maps::{MapData, PerCpuArray, RingBuf};
-use aya::programs::tc::{self, NlOptions, SchedClassifier, TcAttachOptions, TcAttachType};
+use aya::programs::tc::{self, NlOptions, SchedClassifier, SchedClassifierLink, TcAttachOptions, TcAttachType, TcHandle};
 use aya::{Ebpf, EbpfLoader};
 use bulkhead_common::{counter_index, direction, map_names, program_names, Counter, DropReason};
 
@@ -10,6 +10,12 @@ use crate::datapath::sync::BpfMaps;
 
 /// The datapath object, built from `datapath-ebpf/` by `build.rs`.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/bulkhead-datapath"));
+
+/// The tc priority of Bulkhead's filter on a veth (lower runs first: ahead of any filter an
+/// earlier version attached at a kernel-chosen priority, 49152 and up).
+pub const FILTER_PRIORITY: u16 = 1;
+/// The handle of Bulkhead's filter at [`FILTER_PRIORITY`].
+pub const FILTER_HANDLE: TcHandle = TcHandle::new(0, 1);
 
 /// `statfs` magic of bpffs (`BPF_FS_MAGIC` in linux/magic.h).
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
@@ -162,10 +168,14 @@ impl Datapath {
         &self.pin_dir
     }
 
-    /// Attaches both programs to the host-side veth `ifname` (clsact, direct action).
+    /// Attaches both programs to the host-side veth `ifname` (clsact, direct action), or
+    /// replaces the ones attached there.
     ///
     /// Netlink filters, not TCX links: a filter stays in the kernel when the agent exits, so
-    /// pods stay enforced across agent restarts; deleting the veth removes it.
+    /// pods stay enforced across agent restarts; deleting the veth removes it. Every veth has
+    /// one Bulkhead filter per direction at a fixed priority and handle ([`FILTER_PRIORITY`],
+    /// [`FILTER_HANDLE`]), so a new agent swaps in its programs atomically (the kernel replaces
+    /// the filter's program in place: no packet sees no program or two).
     pub fn attach(&mut self, ifname: &str) -> Result<(), DatapathError> {
         if let Err(e) = tc::qdisc_add_clsact(ifname) {
             // EEXIST: the qdisc is there already (a repeated ADD).
@@ -187,9 +197,21 @@ impl Datapath {
                 ifname: ifname.to_string(),
                 source: Box::new(source),
             };
-            let id = prog
-                .attach_with_options(ifname, attach_type, TcAttachOptions::Netlink(NlOptions::default()))
-                .map_err(|e| err("attach", e))?;
+            let options = NlOptions {
+                priority: FILTER_PRIORITY,
+                handle: FILTER_HANDLE,
+                classid: None,
+            };
+            let id = match prog.attach_with_options(ifname, attach_type, TcAttachOptions::Netlink(options)) {
+                Ok(id) => id,
+                // Ours is there already (an agent restart or upgrade, a repeated ADD): replace it.
+                Err(aya::programs::ProgramError::TcError(tc::TcError::NetlinkError(e))) if e.raw_os_error() == Some(libc::EEXIST) => {
+                    let existing = SchedClassifierLink::attached(ifname, attach_type, FILTER_PRIORITY, FILTER_HANDLE, None)
+                        .map_err(|e| err("find", aya::programs::ProgramError::TcError(tc::TcError::IoError(e))))?;
+                    prog.attach_to_link(existing).map_err(|e| err("replace", e))?
+                }
+                Err(e) => return Err(err("attach", e)),
+            };
             let link = prog.take_link(id).map_err(|e| err("take link", e))?;
             // Dropping the link would detach the filter; the kernel owns it from here.
             std::mem::forget(link);
