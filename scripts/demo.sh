@@ -18,4 +18,10 @@ for port in 80 8080 5432 9090; do
   $BH lab probe --port "$port"
 done
 echo
+echo "== every pod has a ClusterIP Service of its own"
+$BH lab services
+echo
+echo "== probe TCP/5432 through those Services (translated before policy: the same matrix as above)"
+$BH lab probe --port 5432 --via service
+echo
 echo "The lab is still running. Try: $BH lab exec frontend/web -- ip addr; then: $BH lab down"
