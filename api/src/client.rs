@@ -1,6 +1,7 @@
 //! The blocking client: one request per connection, or an observe stream.
 
-use std::io::{BufReader, Write};
+use std::io::{BufReader, Read, Write};
+use std::net::{TcpStream, ToSocketAddrs};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -10,6 +11,10 @@ use serde::Deserialize;
 use crate::flow::{Flow, ObserveRequest};
 use crate::frame::{read_line_limited, Envelope, MAX_LINE_BYTES};
 use crate::message::{Request, Response};
+use crate::relay::{Gap, GapLine};
+
+/// How long connecting to a relay over TCP may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Why a call to the agent failed.
 #[derive(Debug, thiserror::Error)]
@@ -98,28 +103,44 @@ pub fn call(socket: &Path, request: &Request, timeout: Duration) -> Result<Respo
     })
 }
 
-/// One line of an observe stream: a flow, or the agent's error (sent instead of any flow).
+/// One line of an observe stream: a flow, a relay's gap (when asked for), or the agent's
+/// error (sent instead of any flow).
 #[derive(Debug, Deserialize)]
 #[serde(untagged)]
 enum ObserveLine {
     Flow(Box<Flow>),
+    Gap(GapLine),
     Response(Response),
 }
 
-/// The flows an agent streams for [`Request::Observe`]; ends when the agent closes.
-pub struct ObserveStream {
-    path: PathBuf,
-    reader: BufReader<UnixStream>,
+/// An item of an observe stream: a flow, or records a relay knows it never received.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ObserveEvent {
+    /// A flow record.
+    Flow(Box<Flow>),
+    /// A gap (only for requests with `gaps: true`).
+    Gap(Gap),
 }
 
-impl Iterator for ObserveStream {
-    type Item = Result<Flow, ObserveError>;
+/// The flows an agent (or a relay) streams for [`Request::Observe`]; ends when it closes.
+/// As an iterator it yields flows (skipping gaps); [`ObserveStream::events`] yields both.
+pub struct ObserveStream {
+    path: PathBuf,
+    reader: BufReader<Box<dyn Read + Send>>,
+}
 
-    fn next(&mut self) -> Option<Self::Item> {
+impl ObserveStream {
+    /// Flows and gaps, in the order the server sent them.
+    pub fn events(self) -> ObserveEvents {
+        ObserveEvents(self)
+    }
+
+    fn next_event(&mut self) -> Option<Result<ObserveEvent, ObserveError>> {
         match read_line_limited(&mut self.reader, MAX_LINE_BYTES) {
             Ok(None) => None,
             Ok(Some(line)) => Some(match serde_json::from_str::<ObserveLine>(&line) {
-                Ok(ObserveLine::Flow(f)) => Ok(*f),
+                Ok(ObserveLine::Flow(f)) => Ok(ObserveEvent::Flow(f)),
+                Ok(ObserveLine::Gap(g)) => Ok(ObserveEvent::Gap(g.gap)),
                 Ok(ObserveLine::Response(Response::Error { code, message })) => Err(ObserveError::Refused {
                     path: self.path.clone(),
                     code,
@@ -145,6 +166,31 @@ impl Iterator for ObserveStream {
     }
 }
 
+impl Iterator for ObserveStream {
+    type Item = Result<Flow, ObserveError>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        loop {
+            match self.next_event()? {
+                Ok(ObserveEvent::Flow(f)) => return Some(Ok(*f)),
+                Ok(ObserveEvent::Gap(_)) => {}
+                Err(e) => return Some(Err(e)),
+            }
+        }
+    }
+}
+
+/// Flows and gaps of an observe stream; see [`ObserveStream::events`].
+pub struct ObserveEvents(ObserveStream);
+
+impl Iterator for ObserveEvents {
+    type Item = Result<ObserveEvent, ObserveError>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        self.0.next_event()
+    }
+}
+
 /// Sends an observe request; the flows arrive through the returned iterator.
 ///
 /// `idle_timeout` bounds the wait for each line (use `None` with `follow`, where the
@@ -158,8 +204,126 @@ pub fn observe(socket: &Path, request: &ObserveRequest, idle_timeout: Option<Dur
     )?;
     Ok(ObserveStream {
         path: socket.to_path_buf(),
-        reader: BufReader::new(stream),
+        reader: BufReader::new(Box::new(stream)),
     })
+}
+
+/// Where a relay serves: `HOST:PORT` over TCP (the token is required there) or a Unix
+/// socket path (anything with a `/`; its file mode is the authentication).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum RelayAddr {
+    /// `HOST:PORT`.
+    Tcp(String),
+    /// A socket path.
+    Unix(PathBuf),
+}
+
+impl std::str::FromStr for RelayAddr {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, String> {
+        if text.contains('/') {
+            return Ok(RelayAddr::Unix(PathBuf::from(text)));
+        }
+        match text.rsplit_once(':') {
+            Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok() => Ok(RelayAddr::Tcp(text.to_string())),
+            _ => Err(format!("{text:?} is neither HOST:PORT nor a socket path")),
+        }
+    }
+}
+
+impl std::fmt::Display for RelayAddr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            RelayAddr::Tcp(a) => f.write_str(a),
+            RelayAddr::Unix(p) => write!(f, "{}", p.display()),
+        }
+    }
+}
+
+/// A connected stream to anything that reads and writes.
+trait Duplex: Read + Write + Send {}
+impl<T: Read + Write + Send> Duplex for T {}
+
+/// Connects to a relay and writes `request` with `token` as one framed line.
+fn send_relay(
+    addr: &RelayAddr,
+    token: Option<String>,
+    request: Request,
+    read_timeout: Option<Duration>,
+) -> Result<Box<dyn Duplex>, ApiError> {
+    let path = PathBuf::from(addr.to_string());
+    let io = |source| ApiError::Io {
+        path: path.clone(),
+        source,
+    };
+    let connect = |source| ApiError::Connect {
+        path: path.clone(),
+        source,
+    };
+    let mut stream: Box<dyn Duplex> = match addr {
+        RelayAddr::Unix(p) => {
+            let s = UnixStream::connect(p).map_err(connect)?;
+            s.set_read_timeout(read_timeout).map_err(io)?;
+            s.set_write_timeout(Some(CONNECT_TIMEOUT)).map_err(io)?;
+            Box::new(s)
+        }
+        RelayAddr::Tcp(a) => {
+            let mut last = std::io::Error::new(std::io::ErrorKind::NotFound, "no address");
+            let mut connected = None;
+            for sa in a.to_socket_addrs().map_err(connect)? {
+                match TcpStream::connect_timeout(&sa, CONNECT_TIMEOUT) {
+                    Ok(s) => {
+                        connected = Some(s);
+                        break;
+                    }
+                    Err(e) => last = e,
+                }
+            }
+            let s = connected.ok_or_else(|| connect(last))?;
+            s.set_read_timeout(read_timeout).map_err(io)?;
+            s.set_write_timeout(Some(CONNECT_TIMEOUT)).map_err(io)?;
+            let _ = s.set_nodelay(true);
+            Box::new(s)
+        }
+    };
+    let mut envelope = Envelope::new(request);
+    envelope.token = token;
+    let mut line = serde_json::to_vec(&envelope).map_err(|source| ApiError::Decode {
+        path: path.clone(),
+        source,
+    })?;
+    line.push(b'\n');
+    stream.write_all(&line).map_err(io)?;
+    Ok(stream)
+}
+
+/// Sends an observe request to a relay; flows (and gaps, if asked) arrive through the
+/// returned stream.
+pub fn observe_relay(
+    addr: &RelayAddr,
+    token: Option<String>,
+    request: &ObserveRequest,
+    idle_timeout: Option<Duration>,
+) -> Result<ObserveStream, ApiError> {
+    let stream = send_relay(addr, token, Request::Observe(Box::new(request.clone())), idle_timeout)?;
+    Ok(ObserveStream {
+        path: PathBuf::from(addr.to_string()),
+        reader: BufReader::new(Box::new(stream)),
+    })
+}
+
+/// Sends one request to a relay and waits up to `timeout` for the answer.
+pub fn call_relay(addr: &RelayAddr, token: Option<String>, request: &Request, timeout: Duration) -> Result<Response, ApiError> {
+    let path = PathBuf::from(addr.to_string());
+    let stream = send_relay(addr, token, request.clone(), Some(timeout))?;
+    let answer = read_line_limited(&mut BufReader::new(stream), MAX_LINE_BYTES)
+        .map_err(|source| ApiError::Io {
+            path: path.clone(),
+            source,
+        })?
+        .unwrap_or_default();
+    serde_json::from_str(&answer).map_err(|source| ApiError::Decode { path, source })
 }
 
 #[cfg(test)]

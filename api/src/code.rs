@@ -26,3 +26,5 @@ pub const CHECK_FAILED: u32 = 104;
 /// The request was well-formed but a value in it is not acceptable (an unknown drop
 /// reason, a malformed pod name, an unknown protocol).
 pub const INVALID_REQUEST: u32 = 105;
+/// The client did not prove it may read flows (a missing or wrong token).
+pub const UNAUTHORIZED: u32 = 106;

@@ -23,6 +23,10 @@ pub struct ObserveRequest {
     /// Keep the connection open and stream new flows as they come.
     #[serde(default)]
     pub follow: bool,
+    /// Also send the gaps a relay saw, as `{"gap":{…}}` lines in time order (agents have
+    /// none; old clients never ask, so they never meet such a line).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub gaps: bool,
 }
 
 /// What happened to a flow.
@@ -249,6 +253,9 @@ impl Flow {
 /// Which flows to return. Every set field must match (AND); an unset field matches all.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FlowFilter {
+    /// The node whose agent reported the flow.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
     /// `namespace/pod` on either side.
     #[serde(default, with = "name::opt_text", skip_serializing_if = "Option::is_none")]
     pub pod: Option<NamespacedName>,
@@ -315,7 +322,8 @@ impl FlowFilter {
     pub fn matches(&self, flow: &Flow) -> bool {
         let (src, dst) = (&flow.source, &flow.destination);
         let either = |f: &dyn Fn(&FlowPeer) -> bool| f(src) || f(dst);
-        self.pod.as_ref().is_none_or(|p| either(&|x| x.is(p)))
+        self.node.as_deref().is_none_or(|n| n == flow.node)
+            && self.pod.as_ref().is_none_or(|p| either(&|x| x.is(p)))
             && self.from_pod.as_ref().is_none_or(|p| src.is(p))
             && self.to_pod.as_ref().is_none_or(|p| dst.is(p))
             && self
@@ -434,6 +442,7 @@ mod tests {
             f(|x| x.port = Some(40000)),
             f(|x| x.direction = Some(Direction::Ingress)),
             f(|x| x.policy = Some(nn("x/default-deny-ingress"))),
+            f(|x| x.node = Some("node0".into())),
         ];
         for h in hits {
             assert!(h.matches(&flow), "{h:?} should match");
@@ -451,6 +460,7 @@ mod tests {
             f(|x| x.port = Some(81)),
             f(|x| x.direction = Some(Direction::Egress)),
             f(|x| x.policy = Some(nn("x/allow-b"))),
+            f(|x| x.node = Some("node1".into())),
             // Every field must match.
             f(|x| {
                 x.verdict = Some(FlowVerdict::Dropped);
@@ -542,6 +552,7 @@ mod tests {
             since: None,
             last: Some(3),
             follow: false,
+            gaps: false,
         }));
         let s = serde_json::to_string(&req).unwrap();
         assert_eq!(s, r#"{"op":"observe","filter":{"verdict":"DROPPED"},"last":3,"follow":false}"#);

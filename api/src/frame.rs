@@ -25,6 +25,10 @@ pub struct Envelope {
     /// The client's protocol version; 1 when absent (clients from before it existed).
     #[serde(default = "version_one")]
     pub v: u32,
+    /// The shared token, for a listener that asks for one (a relay's TCP port); agents'
+    /// Unix sockets are authenticated by their file mode and ignore it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token: Option<String>,
     /// The request.
     #[serde(flatten)]
     pub request: Request,
@@ -35,6 +39,7 @@ impl Envelope {
     pub fn new(request: Request) -> Self {
         Envelope {
             v: PROTOCOL_VERSION,
+            token: None,
             request,
         }
     }

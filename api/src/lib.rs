@@ -15,8 +15,9 @@ pub mod mac;
 pub mod message;
 pub mod name;
 pub mod protocol;
+pub mod relay;
 
-pub use client::{call, observe, ApiError, ObserveError, ObserveStream};
+pub use client::{call, call_relay, observe, observe_relay, ApiError, ObserveError, ObserveEvent, ObserveEvents, ObserveStream, RelayAddr};
 pub use endpoint::{EndpointRef, EndpointSpec};
 pub use explain::{BackendExplanation, ExplainSide, ExplainVerdict, Explanation, ServiceExplanation};
 pub use flow::{Direction, Flow, FlowFilter, FlowPeer, FlowService, FlowVerdict, ObserveRequest, PolicyName, PolicyRule};
@@ -25,3 +26,4 @@ pub use mac::MacAddr6;
 pub use message::{AgentStatus, Request, Response};
 pub use name::NamespacedName;
 pub use protocol::Protocol;
+pub use relay::{Gap, GapLine, GapReason, RelayNodeStatus, RelayStatus, SeqFlow, StreamCursor, StreamHeader, StreamHello};

@@ -7,6 +7,7 @@ use crate::explain::{Explanation, ServiceExplanation};
 use crate::flow::ObserveRequest;
 use crate::name::{self, NamespacedName};
 use crate::protocol::Protocol;
+use crate::relay::RelayStatus;
 
 /// A request to the agent.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -61,6 +62,9 @@ pub enum Request {
         /// `TCP`, `UDP` or `SCTP`.
         protocol: Protocol,
     },
+    /// A relay's view of every node's stream; answered with [`Response::RelayStatus`]
+    /// (agents refuse it).
+    RelayStatus,
 }
 
 /// The agent's answer.
@@ -75,6 +79,8 @@ pub enum Response {
     Explain(Box<Explanation>),
     /// The answer to [`Request::ExplainService`].
     ExplainService(Box<ServiceExplanation>),
+    /// The answer to [`Request::RelayStatus`].
+    RelayStatus(Box<RelayStatus>),
     /// Failed; `code` follows the CNI error codes (11: try again later; ours from 100).
     Error {
         /// CNI-style error code.

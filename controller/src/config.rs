@@ -5,7 +5,7 @@
 //! ([`Settings::defaults`]). The file's keys are the long flag names: `node-name`, `source`,
 //! `kubeconfig`, `manifests`, `state-dir`, `bpffs`, `pod-cidr`, `metrics-address`,
 //! `flow-history`, `routing`, `vxlan-vni`, `vxlan-port`, `cluster-cidr`,
-//! `non-masquerade-cidrs`, `masquerade`, `services`. In a DaemonSet the node name comes from the downward API
+//! `non-masquerade-cidrs`, `masquerade`, `services`, `flow-address`, `flow-token-file`. In a DaemonSet the node name comes from the downward API
 //! (`BULKHEAD_NODE_NAME` from `spec.nodeName`) and the rest from a ConfigMap file.
 //!
 //! Every setting is declared once, in [`Settings`]: the same struct is the flags (clap), the
@@ -159,6 +159,14 @@ settings! {
     /// the ClusterIP) [default: true].
     #[arg(long, env = "BULKHEAD_SERVICES", action = clap::ArgAction::Set)]
     services: bool,
+    /// Serve this node's flow stream to `bulkhead relay` on this TCP address (`HOST:PORT`),
+    /// token-authenticated; `none` disables [default: none].
+    #[arg(long, env = "BULKHEAD_FLOW_ADDRESS")]
+    flow_address: String,
+    /// A file holding the token a relay must present on the flow port (e.g. a Secret
+    /// mounted into the DaemonSet); required with `flow-address`.
+    #[arg(long, env = "BULKHEAD_FLOW_TOKEN_FILE")]
+    flow_token_file: PathBuf,
 }
 
 fn optional_pod_cidr<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Ipv4Network>, D::Error> {
@@ -211,6 +219,7 @@ impl Settings {
             non_masquerade_cidrs: Some(Vec::new()),
             masquerade: Some(true),
             services: Some(true),
+            flow_address: Some("none".into()),
             ..Settings::default()
         }
     }
@@ -249,6 +258,7 @@ impl Settings {
         if source == SourceKind::Files && s.manifests.is_none() {
             return Err(ConfigError::NoManifests);
         }
+        let flow_address = s.flow_address.filter(|a| a != "none" && !a.is_empty());
         Ok(AgentConfig {
             node_name,
             source,
@@ -266,6 +276,16 @@ impl Settings {
             non_masquerade_cidrs: s.non_masquerade_cidrs.unwrap_or_default(),
             masquerade: required(s.masquerade, "masquerade", "BULKHEAD_MASQUERADE")?,
             services: required(s.services, "services", "BULKHEAD_SERVICES")?,
+            flow_token_file: match (&flow_address, s.flow_token_file) {
+                (Some(_), None) => {
+                    return Err(ConfigError::Missing {
+                        setting: "flow-token-file",
+                        env: "BULKHEAD_FLOW_TOKEN_FILE",
+                    })
+                }
+                (_, file) => file,
+            },
+            flow_address,
         })
     }
 }
@@ -309,6 +329,10 @@ pub struct AgentConfig {
     pub masquerade: bool,
     /// Whether the datapath translates ClusterIP Services.
     pub services: bool,
+    /// Where the flow stream for the relay is served (`None`: not served).
+    pub flow_address: Option<String>,
+    /// The token file the flow stream's readers must match (set with `flow_address`).
+    pub flow_token_file: Option<PathBuf>,
 }
 
 /// `bulkhead agent` flags.
@@ -593,6 +617,33 @@ mod tests {
                 shown: [Some("1"), Some("2"), Some("3"), Some("8192")],
                 get: |c| c.flow_history.to_string(),
             },
+            Row {
+                flag: "flow-token-file",
+                env: "BULKHEAD_FLOW_TOKEN_FILE",
+                values: ["/flag", "/env", "/file"],
+                extra: &[],
+                shown: [
+                    Some("Some(\"/flag\")"),
+                    Some("Some(\"/env\")"),
+                    Some("Some(\"/file\")"),
+                    Some("None"),
+                ],
+                get: |c| format!("{:?}", c.flow_token_file),
+            },
+            Row {
+                // A flow address needs a token file (given in `extra`).
+                flag: "flow-address",
+                env: "BULKHEAD_FLOW_ADDRESS",
+                values: ["127.0.0.1:1", "127.0.0.1:2", "none"],
+                extra: &["--flow-token-file", "/t"],
+                shown: [
+                    Some("Some(\"127.0.0.1:1\")"),
+                    Some("Some(\"127.0.0.1:2\")"),
+                    Some("None"),
+                    Some("None"),
+                ],
+                get: |c| format!("{:?}", c.flow_address),
+            },
         ];
         // Every setting has a row (the file rejects unknown keys, so a key missing here
         // would be one this test does not cover).
@@ -611,6 +662,8 @@ mod tests {
                 && everything.pod_cidr.is_some()
                 && everything.metrics_address.is_some()
                 && everything.flow_history.is_some()
+                && everything.flow_address.is_some()
+                && everything.flow_token_file.is_some()
         );
 
         let _env = ENV.lock().unwrap_or_else(|e| e.into_inner());

@@ -18,6 +18,7 @@ pub mod metrics;
 pub mod model;
 pub mod nat;
 pub mod policy;
+pub mod relay;
 pub mod routing;
 pub mod services;
 pub mod source;

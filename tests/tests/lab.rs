@@ -83,8 +83,8 @@ fn down_after_crash_leaves_nothing() {
             killed += 1;
         }
     }
-    // One agent, nine pod servers and the outside host's server.
-    assert_eq!(killed, 11, "lab processes found");
+    // One agent, the relay, nine pod servers and the outside host's server.
+    assert_eq!(killed, 12, "lab processes found");
     lab.ok(&["down"]);
     lab.assert_gone(&id);
 }

@@ -136,7 +136,28 @@ pub fn run(args: AgentArgs) -> Result<(), AgentError> {
     let mut datapath = Datapath::load(&args.bpffs)?;
     let flow_ring = datapath.take_flow_ring();
     let metrics = Arc::new(Metrics::new()?);
-    let flow_store = Arc::new(FlowStore::new(&args.node_name, args.flow_history, Clock::now()).with_metrics(metrics.clone()));
+    let sequence = flows::sequence::Sequence::open(&args.state_dir).map_err(|e| AgentError::Io {
+        op: "open the flow sequence in",
+        path: e.path,
+        source: e.source,
+    })?;
+    let flow_store = Arc::new(
+        FlowStore::new(&args.node_name, args.flow_history, Clock::now())
+            .with_metrics(metrics.clone())
+            .with_sequence(sequence),
+    );
+    // Read before anything changes, so a missing or empty token file fails at once.
+    let flow_port = match (&args.flow_address, &args.flow_token_file) {
+        (Some(addr), Some(file)) => {
+            let token = flows::stream::Token::read(file).map_err(|e| AgentError::Io {
+                op: "read the flow token",
+                path: file.clone(),
+                source: std::io::Error::other(error_chain(&e)),
+            })?;
+            Some((addr.clone(), Arc::new(token)))
+        }
+        _ => None,
+    };
     metrics.set_datapath(Box::new(PinnedStats::open(datapath.pin_dir()).map_err(MetricsError::from)?));
     // Validate the flags before the maps change, so a typo fails at once.
     let listen = metrics::Listen::from_flags(&args.metrics_address, metrics_fd)?;
@@ -219,6 +240,13 @@ pub fn run(args: AgentArgs) -> Result<(), AgentError> {
             }
             None => None,
         };
+        if let Some((addr, token)) = flow_port {
+            let listener = tokio::net::TcpListener::bind(&addr)
+                .await
+                .map_err(io("bind the flow port", Path::new(&addr)))?;
+            tracing::info!(address = %addr, "serving the flow stream to relays (token required)");
+            tokio::spawn(flows::stream::serve(flow_store.clone(), listener, token));
+        }
         let (agent, agent_thread) = AgentHandle::spawn(agent).map_err(io("start the agent thread", &socket))?;
         match flow_ring {
             Some(ring) => match flows::spawn_reader(ring, flow_store.clone()) {

@@ -286,6 +286,8 @@ mod tests {
             non_masquerade_cidrs: vec!["192.168.0.0/16".parse().unwrap()],
             masquerade: true,
             services: true,
+            flow_address: None,
+            flow_token_file: None,
         };
         Network::new(&config, Box::new(Fake(calls.clone())))
     }

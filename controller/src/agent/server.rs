@@ -27,6 +27,7 @@ pub(super) async fn handle(agent: &AgentHandle, metrics: &Metrics, request: Requ
         Request::Observe(_) => "observe",
         Request::Explain { .. } => "explain",
         Request::ExplainService { .. } => "explain",
+        Request::RelayStatus => "relay_status",
     };
     let response = dispatch(agent, request).await;
     metrics.cni_request(verb, !matches!(response, Response::Error { .. }));
@@ -72,6 +73,10 @@ pub(super) async fn dispatch(agent: &AgentHandle, request: Request) -> Response 
                 })
                 .await
         }
+        Request::RelayStatus => Ok(Response::Error {
+            code: code::INVALID_REQUEST,
+            message: "relay_status is a relay's request; this is an agent".into(),
+        }),
         // Streams are answered by `serve_connection`, which never gets here with one.
         Request::Observe(_) => Ok(Response::Error {
             code: code::DECODING_FAILURE,

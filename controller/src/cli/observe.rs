@@ -130,12 +130,21 @@ pub struct ObserveArgs {
     /// Which agents to ask (observe merges every lab node's flows by time).
     #[command(flatten)]
     pub agents: AgentSelect,
+    /// Ask a relay (`bulkhead relay`) instead of the agents: `HOST:PORT`, a socket path, or
+    /// nothing for the lab's relay. Gaps it knows of are shown in place.
+    #[arg(long, num_args = 0..=1, default_missing_value = "lab", conflicts_with = "socket")]
+    pub relay: Option<String>,
+    /// Token file for a relay reached over TCP.
+    #[arg(long, env = "BULKHEAD_RELAY_TOKEN_FILE", requires = "relay")]
+    pub token_file: Option<PathBuf>,
 }
 
 impl ObserveArgs {
     /// The request the flags describe.
     pub fn request(&self) -> ObserveRequest {
         let filter = FlowFilter {
+            // An agent reports only its own node (chosen by --node); a relay filters.
+            node: self.relay.as_ref().and(self.agents.node.clone()),
             pod: self.pod.clone(),
             from_pod: self.from_pod.clone(),
             to_pod: self.to_pod.clone(),
@@ -164,6 +173,7 @@ impl ObserveArgs {
             since: self.since,
             last,
             follow: self.follow,
+            gaps: self.relay.is_some(),
         }
     }
 }
@@ -190,6 +200,9 @@ pub enum ObserveError {
         /// The lab's nodes.
         known: String,
     },
+    /// The relay could not be found.
+    #[error(transparent)]
+    Relay(#[from] crate::relay::RelayError),
     /// An agent could not be asked or refused.
     #[error("node {node}")]
     Agent {
@@ -267,8 +280,59 @@ fn fetch(target: &Target, request: &ObserveRequest) -> Result<Vec<Flow>, Observe
     stream.collect::<Result<Vec<_>, _>>().map_err(err)
 }
 
+/// `observe --relay`: one stream, already merged and filtered by the relay.
+fn run_relay(args: &ObserveArgs, addr: &str) -> Result<i32, ObserveError> {
+    let request = args.request();
+    let (relay, token) = crate::relay::serve::client_target(addr, args.token_file.as_deref(), &args.agents.lab_dir)?;
+    let err = |source| ObserveError::Agent {
+        node: format!("relay {relay}"),
+        source,
+    };
+    let timeout = (!request.follow).then_some(IDLE_TIMEOUT);
+    let stream = bulkhead_api::observe_relay(&relay, token, &request, timeout).map_err(|e| err(e.into()))?;
+    let stdout = std::io::stdout();
+    let mut out = stdout.lock();
+    if args.output == Output::Table && print_header(&mut out).is_err() {
+        return Ok(0);
+    }
+    for event in stream.events() {
+        let printed = match event.map_err(err)? {
+            bulkhead_api::ObserveEvent::Flow(f) => print_flow(&mut out, &f, args.output),
+            bulkhead_api::ObserveEvent::Gap(g) => print_gap(&mut out, &g, args.output),
+        };
+        if printed.is_err() {
+            break; // stdout closed
+        }
+    }
+    Ok(0)
+}
+
+fn print_gap(out: &mut impl Write, g: &bulkhead_api::Gap, output: Output) -> std::io::Result<()> {
+    match output {
+        Output::Json => {
+            let line = serde_json::to_string(&bulkhead_api::GapLine { gap: g.clone() }).map_err(std::io::Error::other)?;
+            writeln!(out, "{line}")?;
+        }
+        Output::Table => {
+            let time = g.time.strftime("%m-%d %H:%M:%S%.3f").to_string();
+            let what = match g.reason {
+                bulkhead_api::GapReason::NotHeld => format!(
+                    "{} records never received (seq {}..={}, no longer held by the agent)",
+                    g.missing, g.from, g.to
+                ),
+                bulkhead_api::GapReason::Reset => "sequence reset (agent state lost): an unknown number of records missed".to_string(),
+            };
+            writeln!(out, "{time:<18} {:<8} GAP: {what}", g.node)?;
+        }
+    }
+    out.flush()
+}
+
 /// Runs `bulkhead observe`; the exit code.
 pub fn run(args: ObserveArgs) -> Result<i32, ObserveError> {
+    if let Some(addr) = args.relay.clone() {
+        return run_relay(&args, &addr);
+    }
     let request = args.request();
     let targets = targets(&args)?;
     let stdout = std::io::stdout();

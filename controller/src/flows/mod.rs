@@ -7,16 +7,20 @@
 
 mod reader;
 mod resolve;
+pub mod sequence;
+pub mod stream;
 #[cfg(test)]
 mod tests;
 
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 
-use bulkhead_api::{Direction, Flow, FlowVerdict, NamespacedName, ObserveRequest, Response};
+use bulkhead_api::{Direction, Flow, FlowVerdict, NamespacedName, ObserveRequest, Response, StreamHeader};
 use bulkhead_common::{DropReason, FlowEvent};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufWriter};
-use tokio::sync::broadcast;
+use tokio::sync::{broadcast, watch};
+
+use self::sequence::Sequence;
 
 pub use reader::{decode, spawn_reader, Clock, FlowsError};
 pub use resolve::Resolver;
@@ -46,10 +50,12 @@ pub struct FlowStats {
     pub stored: usize,
 }
 
-/// A flow in the history, with its time as a number for `since`.
+/// A flow in the history, with its time as a number for `since` and its sequence number
+/// on this node.
 #[derive(Debug)]
 struct Stored {
     unix_ns: i128,
+    seq: u64,
     flow: Flow,
 }
 
@@ -58,7 +64,12 @@ pub struct FlowStore {
     node: String,
     capacity: usize,
     clock: Clock,
+    /// Sequence numbers are dense: the history holds `front.seq ..= back.seq`.
     history: Mutex<VecDeque<Arc<Stored>>>,
+    /// Locked only inside `history`'s lock.
+    sequence: Mutex<Sequence>,
+    /// The next sequence number, for flow-stream readers waiting for new records.
+    next_seq: watch::Sender<u64>,
     followers: broadcast::Sender<Arc<Stored>>,
     resolver: RwLock<Arc<Resolver>>,
     stats: Mutex<FlowStats>,
@@ -74,16 +85,27 @@ impl FlowStore {
     /// A store keeping the last `capacity` flows of node `node`.
     pub fn new(node: &str, capacity: usize, clock: Clock) -> Self {
         let (followers, _) = broadcast::channel(FOLLOW_BUFFER);
+        let sequence = Sequence::in_memory();
+        let (next_seq, _) = watch::channel(sequence.next());
         FlowStore {
             node: node.to_string(),
             capacity,
             clock,
             history: Mutex::new(VecDeque::with_capacity(capacity.min(DEFAULT_HISTORY))),
+            sequence: Mutex::new(sequence),
+            next_seq,
             followers,
             resolver: RwLock::new(Arc::new(Resolver::empty(node))),
             stats: Mutex::new(FlowStats::default()),
             metrics: None,
         }
+    }
+
+    /// Numbers records from `sequence` (the agent's persisted one) instead of memory.
+    pub fn with_sequence(self, sequence: Sequence) -> Self {
+        self.next_seq.send_replace(sequence.next());
+        *lock(&self.sequence) = sequence;
+        self
     }
 
     /// The node this store reports for.
@@ -106,18 +128,17 @@ impl FlowStore {
     /// Names, stores and broadcasts a batch of events from the ring buffer.
     pub fn record(&self, events: &[FlowEvent]) {
         let resolver = self.resolver.read().unwrap_or_else(std::sync::PoisonError::into_inner).clone();
-        let flows: Vec<Arc<Stored>> = events
+        let flows: Vec<(i128, Flow)> = events
             .iter()
             .filter_map(|ev| {
                 let unix_ns = self.clock.unix_ns(ev.timestamp_ns);
-                resolver.resolve(ev, unix_ns).map(|flow| Arc::new(Stored { unix_ns, flow }))
+                resolver.resolve(ev, unix_ns).map(|flow| (unix_ns, flow))
             })
             .collect();
         {
             let mut stats = lock(&self.stats);
             stats.undecodable += (events.len() - flows.len()) as u64;
-            for s in &flows {
-                let f = &s.flow;
+            for (_, f) in &flows {
                 *stats.flows.entry((f.verdict, f.direction)).or_default() += 1;
                 for r in &f.allowed_by {
                     *stats.by_policy.entry((r.policy.clone(), f.verdict)).or_default() += 1;
@@ -145,11 +166,27 @@ impl FlowStore {
                 }
             }
         }
+        self.store_flows(flows);
+    }
+
+    /// Stores flows directly (tests of the stream and the relay).
+    #[cfg(test)]
+    pub(crate) fn record_flows_for_tests(&self, flows: Vec<Flow>) {
+        self.store_flows(flows.into_iter().map(|f| (f.time.as_nanosecond(), f)).collect());
+    }
+
+    /// Numbers, stores and broadcasts named flows.
+    fn store_flows(&self, flows: Vec<(i128, Flow)>) {
+        if self.capacity == 0 || flows.is_empty() {
+            return;
+        }
         let mut history = lock(&self.history);
-        for s in flows {
-            if self.capacity == 0 {
-                break;
-            }
+        // Numbered (and the numbers persisted) before anyone can see them: a successor
+        // agent never reuses a number a reader may hold.
+        let mut seq = lock(&self.sequence).take(flows.len() as u64);
+        for (unix_ns, flow) in flows {
+            let s = Arc::new(Stored { unix_ns, seq, flow });
+            seq += 1;
             if history.len() == self.capacity {
                 history.pop_front();
             }
@@ -158,6 +195,35 @@ impl FlowStore {
             // (in its snapshot or on its receiver). No receivers is not an error.
             let _ = self.followers.send(s);
         }
+        self.next_seq.send_replace(seq);
+    }
+
+    /// What a flow-stream reader is told first: the sequence numbers held and the next.
+    pub fn stream_header(&self) -> StreamHeader {
+        let history = lock(&self.history);
+        let next = lock(&self.sequence).next();
+        StreamHeader {
+            node: self.node.clone(),
+            epoch: lock(&self.sequence).epoch(),
+            first: history.front().map_or(next, |s| s.seq),
+            next,
+        }
+    }
+
+    /// Up to `max` records from sequence number `from` on (from the oldest held when
+    /// `from` is older), in order.
+    fn records_from(&self, from: u64, max: usize) -> Vec<Arc<Stored>> {
+        let history = lock(&self.history);
+        let Some(front) = history.front().map(|s| s.seq) else {
+            return Vec::new();
+        };
+        let skip = usize::try_from(from.saturating_sub(front)).unwrap_or(usize::MAX).min(history.len());
+        history.range(skip..).take(max).cloned().collect()
+    }
+
+    /// A receiver of the next sequence number, changed after each batch of records.
+    fn watch_next(&self) -> watch::Receiver<u64> {
+        self.next_seq.subscribe()
     }
 
     /// Records the datapath's lost-events count (a running total).

@@ -8,6 +8,7 @@ mod demo;
 mod node;
 mod pod;
 mod probe;
+mod relay;
 mod serve;
 mod services;
 mod state;
@@ -22,6 +23,7 @@ use serde::Serialize;
 use crate::config::RoutingKind;
 use crate::model;
 
+pub use relay::relay_socket;
 pub use state::{LabPaths, LabState, NodeState, PodState, WorldState};
 
 pub use crate::cli::Output;
@@ -154,6 +156,13 @@ pub enum LabCommand {
         #[arg(long)]
         node: Option<String>,
         /// How the old agent ends.
+        #[arg(long, value_enum, default_value_t = StopSignal::Term)]
+        signal: StopSignal,
+    },
+    /// Restart the lab's relay (`bulkhead relay`): the old one ends by SIGNAL, a new one
+    /// starts on the same store file and socket; returns once it answers.
+    RestartRelay {
+        /// How the old relay ends.
         #[arg(long, value_enum, default_value_t = StopSignal::Term)]
         signal: StopSignal,
     },
@@ -363,6 +372,7 @@ pub fn run(args: LabArgs) -> Result<i32, LabError> {
         }
         LabCommand::Exec { pod, command } => pod::exec(&paths, &pod, &command),
         LabCommand::RestartAgent { node, signal } => node::restart_agents(&paths, node.as_deref(), signal),
+        LabCommand::RestartRelay { signal } => relay::restart(&paths, signal),
         LabCommand::Down => node::down(&paths),
         LabCommand::Serve {
             name,

@@ -77,6 +77,7 @@ pub fn up(paths: &LabPaths, nodes: usize, routing: RoutingKind, files: &[PathBuf
                 underlay_ip: world::node_ip(underlay, i).map(|ip| ip.to_string()),
                 agent_pid: None,
                 metrics_port: None,
+                flow_address: None,
             })
             .collect(),
         world: Some(world::plan(&id, underlay)),
@@ -84,6 +85,7 @@ pub fn up(paths: &LabPaths, nodes: usize, routing: RoutingKind, files: &[PathBuf
         service_cidr: Some(service_cidr.to_string()),
         managed_slices: Vec::new(),
         service_probe_ports: Vec::new(),
+        relay_pid: None,
     };
     paths.save(&state)?;
     // The lab plays the cloud and kubelet: every node is a Node object with its pod CIDR
@@ -103,7 +105,9 @@ pub fn up(paths: &LabPaths, nodes: usize, routing: RoutingKind, files: &[PathBuf
         setup_underlay(ul, &state.nodes)?;
     }
     world::setup(paths, &mut state, underlay)?;
+    super::relay::write_token(paths)?;
     for i in 0..state.nodes.len() {
+        state.nodes[i].flow_address = super::relay::flow_address(&state.nodes[i]);
         let (pid, port) = spawn_agent(paths, &state, &state.nodes[i])?;
         state.nodes[i].agent_pid = Some(pid);
         state.nodes[i].metrics_port = Some(port);
@@ -112,6 +116,7 @@ pub fn up(paths: &LabPaths, nodes: usize, routing: RoutingKind, files: &[PathBuf
     for node in &state.nodes {
         wait_ready(paths, node)?;
     }
+    super::relay::start(paths, &mut state)?;
     pod::apply(paths, &mut state, objects)?;
     super::print_pods(paths, &state, super::Output::Table)?;
     println!();
@@ -292,7 +297,7 @@ fn node_object(node: &NodeState) -> Option<model::Object> {
 }
 
 /// The agent executable: `BULKHEAD_AGENT` (for tests) or this binary.
-fn agent_exe() -> Result<PathBuf, LabError> {
+pub(super) fn agent_exe() -> Result<PathBuf, LabError> {
     match std::env::var_os("BULKHEAD_AGENT") {
         Some(p) => Ok(PathBuf::from(p)),
         None => std::env::current_exe().map_err(|source| LabError::Spawn {
@@ -361,6 +366,7 @@ fn spawn_agent(paths: &LabPaths, state: &LabState, node: &NodeState) -> Result<(
         .arg(&state.cluster_cidr)
         .arg("--metrics-fd")
         .arg(listener.as_raw_fd().to_string())
+        .args(super::relay::agent_flags(paths, node))
         .stdin(Stdio::null())
         .stdout(log)
         .stderr(log2)
@@ -404,7 +410,7 @@ fn wait_ready(paths: &LabPaths, node: &NodeState) -> Result<(), LabError> {
     }
 }
 
-fn is_zombie(pid: u32) -> bool {
+pub(super) fn is_zombie(pid: u32) -> bool {
     std::fs::read_to_string(format!("/proc/{pid}/stat"))
         .map(|s| s.rsplit(')').next().is_some_and(|r| r.trim_start().starts_with('Z')))
         .unwrap_or(true)
@@ -422,7 +428,7 @@ fn cmdline(pid: u32) -> Option<Vec<String>> {
 }
 
 /// True when `pid` is a bulkhead process working for the lab in `dir`.
-fn is_lab_process(pid: u32, dir: &Path) -> bool {
+pub(super) fn is_lab_process(pid: u32, dir: &Path) -> bool {
     let Some(args) = cmdline(pid) else {
         return false;
     };
@@ -433,7 +439,7 @@ fn is_lab_process(pid: u32, dir: &Path) -> bool {
 }
 
 /// Sends `signal` to `pid` if it still is one of ours.
-fn signal(pid: u32, dir: &Path, signal: nix::sys::signal::Signal) {
+pub(super) fn signal(pid: u32, dir: &Path, signal: nix::sys::signal::Signal) {
     if !is_lab_process(pid, dir) {
         return;
     }
@@ -530,6 +536,7 @@ pub fn down(paths: &LabPaths) -> Result<i32, LabError> {
         known.extend(s.nodes.iter().filter_map(|n| n.agent_pid));
         known.extend(s.pods.iter().filter_map(|p| p.server_pid));
         known.extend(s.world.iter().filter_map(|w| w.server_pid));
+        known.extend(s.relay_pid);
     }
     terminate(&lab_processes(&paths.dir, &known), &paths.dir);
     let mut errors: Vec<String> = Vec::new();

@@ -42,6 +42,9 @@ pub struct LabState {
     /// Ports `probe --via service` added to every pod Service.
     #[serde(default)]
     pub service_probe_ports: Vec<super::services::ExtraPort>,
+    /// The pid of the lab's relay (absent in older labs).
+    #[serde(default)]
+    pub relay_pid: Option<u32>,
 }
 
 fn default_routing() -> String {
@@ -91,6 +94,9 @@ pub struct NodeState {
     /// The host-namespace loopback port the agent serves `/metrics` on.
     #[serde(default)]
     pub metrics_port: Option<u16>,
+    /// Where the agent serves its flow stream to the relay (`IP:PORT` on the underlay).
+    #[serde(default)]
+    pub flow_address: Option<String>,
 }
 
 impl NodeState {

@@ -1,0 +1,97 @@
+//! Where the agents' flow ports are: `--agent` flags, the lab's state, or the DaemonSet's
+//! pods through the Kubernetes API (hostNetwork: a pod's IP is its node's).
+
+use k8s_openapi::api::core::v1::Pod;
+use kube::api::{Api, ListParams};
+
+use crate::lab::LabPaths;
+
+/// How the relay finds agents.
+pub enum Discovery {
+    /// Fixed `(node, HOST:PORT)` pairs.
+    Static(Vec<(String, String)>),
+    /// The nodes of a lab, from its `lab.json`.
+    Lab(LabPaths),
+    /// The agent pods in a namespace.
+    Kubernetes {
+        /// API client.
+        client: kube::Client,
+        /// The agents' namespace.
+        namespace: String,
+        /// Their label selector.
+        selector: String,
+        /// Their flow port.
+        port: u16,
+    },
+}
+
+/// Parses `NODE=HOST:PORT` flags.
+pub fn parse_agents(flags: &[String]) -> Result<Vec<(String, String)>, String> {
+    flags
+        .iter()
+        .map(|f| match f.split_once('=') {
+            Some((node, addr))
+                if !node.is_empty()
+                    && addr
+                        .parse::<bulkhead_api::RelayAddr>()
+                        .is_ok_and(|a| matches!(a, bulkhead_api::RelayAddr::Tcp(_))) =>
+            {
+                Ok((node.to_string(), addr.to_string()))
+            }
+            _ => Err(format!("--agent {f:?} is not NODE=HOST:PORT")),
+        })
+        .collect()
+}
+
+/// `(node, address)` of every running agent pod with an IP, sorted by node.
+pub fn from_pods(pods: &[Pod], port: u16) -> Vec<(String, String)> {
+    let mut out: Vec<(String, String)> = pods
+        .iter()
+        .filter(|p| p.metadata.deletion_timestamp.is_none())
+        .filter_map(|p| {
+            let node = p.spec.as_ref()?.node_name.clone()?;
+            let status = p.status.as_ref()?;
+            if status.phase.as_deref() != Some("Running") {
+                return None;
+            }
+            let ip: std::net::IpAddr = status.pod_ip.as_deref()?.parse().ok()?;
+            Some((node, std::net::SocketAddr::new(ip, port).to_string()))
+        })
+        .collect();
+    out.sort();
+    out.dedup_by(|a, b| a.0 == b.0);
+    out
+}
+
+impl Discovery {
+    /// The agents now.
+    pub async fn targets(&self) -> Result<Vec<(String, String)>, String> {
+        match self {
+            Discovery::Static(t) => Ok(t.clone()),
+            Discovery::Lab(paths) => {
+                let state = paths.load().map_err(|e| crate::error_chain(&e))?;
+                Ok(state
+                    .map(|s| {
+                        s.nodes
+                            .iter()
+                            .filter_map(|n| Some((n.name.clone(), n.flow_address.clone()?)))
+                            .collect()
+                    })
+                    .unwrap_or_default())
+            }
+            Discovery::Kubernetes {
+                client,
+                namespace,
+                selector,
+                port,
+            } => {
+                let api: Api<Pod> = Api::namespaced(client.clone(), namespace);
+                let list = api
+                    .list(&ListParams::default().labels(selector))
+                    .await
+                    .map_err(|e| format!("list pods in {namespace} ({selector}): {e}"))?;
+                Ok(from_pods(&list.items, *port))
+            }
+        }
+    }
+}
