@@ -16,14 +16,26 @@ pub mod map_names {
     pub const IPCACHE: &str = "bh_ipc_v1";
     /// LPM trie [`PolicyKey`](super::PolicyKey) → [`PolicyValue`](super::PolicyValue).
     pub const POLICY: &str = "bh_pol_v1";
-    /// LRU hash [`CtKey`](super::CtKey) → [`CtEntry`](super::CtEntry).
-    pub const CONNTRACK: &str = "bh_ct_v1";
+    /// Hash of maps: endpoint id (`u32`, host order) → that endpoint's own conntrack table,
+    /// an LRU hash [`CtKey`](super::CtKey) → [`CtEntry`](super::CtEntry) of
+    /// [`capacity::CONNTRACK_PER_ENDPOINT`](super::capacity::CONNTRACK_PER_ENDPOINT) entries:
+    /// a pod churning new flows evicts only its own entries. The agent creates an endpoint's
+    /// table before it writes the endpoint and removes it after the endpoint.
+    pub const CONNTRACK: &str = "bh_ct_v2";
+    /// The one shared LRU hash [`CtKey`](super::CtKey) → [`CtEntry`](super::CtEntry) of
+    /// layout 1: programs attached before an upgrade keep using it; a starting agent copies its
+    /// entries into the endpoints' tables.
+    pub const CONNTRACK_V1: &str = "bh_ct_v1";
     /// Per-CPU array of [`Counter`](super::Counter), indexed by [`counter_index`](super::counter_index).
     pub const COUNTERS: &str = "bh_cnt_v1";
     /// Ring buffer of [`FlowEvent`](crate::FlowEvent)s.
     pub const FLOWS: &str = "bh_flow_v1";
     /// Per-CPU array, one `u64` slot: flow events the ring buffer could not take.
     pub const FLOWS_LOST: &str = "bh_flost_v1";
+    /// LRU per-CPU hash endpoint id (`u32`, host order; 0 for packets of no known endpoint)
+    /// → [`FlowBudget`](super::FlowBudget): each endpoint's flow-record token bucket and
+    /// the records it suppressed (issue 12.5).
+    pub const FLOW_BUDGET: &str = "bh_fbudget_v1";
     /// Hash [`ServiceKey`](super::ServiceKey) → [`ServiceValue`](super::ServiceValue):
     /// slot 0 is a Service port's header, slots 1..=count its backends.
     pub const SERVICES: &str = "bh_svc_v1";
@@ -56,8 +68,15 @@ pub mod capacity {
     pub const IPCACHE: u32 = 65536;
     /// Policy entries per node (all local endpoints, both directions).
     pub const POLICY: u32 = 262_144;
-    /// Tracked connections per node.
+    /// Tracked connections per node of the shared layout-1 table, and the size of the
+    /// Service translation records ([`LB_NAT`]).
     pub const CONNTRACK: u32 = 262_144;
+    /// Tracked connections per endpoint (its own LRU: about 96 bytes an entry, 0.8 MB a
+    /// pod, allocated when the endpoint is written). Past it a pod evicts its own least
+    /// recently used entries, never another pod's.
+    pub const CONNTRACK_PER_ENDPOINT: u32 = 8192;
+    /// Conntrack tables: one per endpoint.
+    pub const CONNTRACK_TABLES: u32 = ENDPOINTS;
     /// Bytes of the flow ring buffer (a power of two, a multiple of the page size).
     pub const FLOW_RING_BYTES: u32 = 1 << 22;
     /// Service map entries: one header per Service port plus one per backend slot.
@@ -70,6 +89,59 @@ pub mod capacity {
     pub const REV_NAT: u32 = 65536;
     /// Clients remembered per Service with `sessionAffinity: ClientIP`.
     pub const AFFINITY: u32 = 65536;
+    /// Flow-record budgets: one per endpoint, and one for packets of no known endpoint.
+    pub const FLOW_BUDGET: u32 = ENDPOINTS + 1;
+}
+
+/// Flow records one endpoint may put on the ring per second, per CPU, once its burst is
+/// spent; past it records are counted as suppressed instead ([`FlowBudget`]).
+pub const FLOW_RECORDS_PER_SEC: u64 = 1000;
+/// Flow records one endpoint may put on the ring at once, per CPU (the bucket's depth).
+/// With 110 pods on 2 CPUs all bursting at once: 440 000 records, several ring buffers'
+/// worth; one pod alone: 4000, about 5 % of the ring (75 000 records).
+pub const FLOW_RECORDS_BURST: u64 = 2000;
+/// One record's worth of credit, in nanoseconds of refill.
+pub const FLOW_RECORD_COST_NS: u64 = 1_000_000_000 / FLOW_RECORDS_PER_SEC;
+
+/// One endpoint's flow-record token bucket on one CPU, credit counted in nanoseconds of
+/// refill (no division on the packet path). The all-zero value is a full bucket (its last
+/// refill was at boot), which is what the kernel gives the other CPUs of a new entry.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FlowBudget {
+    /// Credit left, at most `FLOW_RECORDS_BURST * FLOW_RECORD_COST_NS`.
+    pub credit_ns: u64,
+    /// `bpf_ktime_get_ns` of the last refill.
+    pub last_ns: u64,
+    /// Records not put on the ring for want of credit, since the entry was made.
+    pub suppressed: u64,
+}
+
+impl FlowBudget {
+    /// Most credit a bucket holds.
+    pub const MAX_CREDIT_NS: u64 = FLOW_RECORDS_BURST * FLOW_RECORD_COST_NS;
+
+    /// Refills the bucket to `now` and takes one record's worth: `true` when the record
+    /// may go on the ring, `false` when it is suppressed (and counted).
+    pub fn take(&mut self, now: u64) -> bool {
+        let refilled = self.credit_ns.saturating_add(now.saturating_sub(self.last_ns));
+        let credit = if refilled > Self::MAX_CREDIT_NS {
+            Self::MAX_CREDIT_NS
+        } else {
+            refilled
+        };
+        if now > self.last_ns {
+            self.last_ns = now;
+        }
+        if credit >= FLOW_RECORD_COST_NS {
+            self.credit_ns = credit - FLOW_RECORD_COST_NS;
+            true
+        } else {
+            self.credit_ns = credit;
+            self.suppressed += 1;
+            false
+        }
+    }
 }
 
 /// Most backends one Service port can have (slots 1..=this); the agent keeps to it.
@@ -659,6 +731,7 @@ const _: () = assert!(core::mem::size_of::<LbNat>() == 16);
 const _: () = assert!(core::mem::size_of::<AffinityKey>() == 8);
 const _: () = assert!(core::mem::size_of::<AffinityValue>() == 16);
 const _: () = assert!(core::mem::size_of::<RevNat>() == 8);
+const _: () = assert!(core::mem::size_of::<FlowBudget>() == 24);
 const _: () = assert!(POLICY_PREFIX_FULL as usize == core::mem::size_of::<PolicyKey>() * 8);
 
 #[cfg(feature = "user")]
@@ -696,6 +769,8 @@ mod pod {
     unsafe impl aya::Pod for super::AffinityValue {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::RevNat {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::FlowBudget {}
 }
 
 #[cfg(test)]
@@ -769,6 +844,31 @@ mod tests {
         assert_eq!(ct_flags::rev_nat_index(ct_flags::service(7)), 7);
         assert_eq!(ct_flags::rev_nat_index(7 << ct_flags::REV_NAT_SHIFT), 0, "no SERVICE bit, no index");
         assert_eq!(ct_flags::REV_NAT_SHIFT, 16, "verdict and flag bits end below it");
+    }
+
+    #[test]
+    fn a_flow_budget_passes_its_burst_then_its_rate_and_counts_the_rest() {
+        const SEC: u64 = 1_000_000_000;
+        let start = 1000 * SEC;
+        // A new bucket (all zero) is full: exactly the burst passes at one instant.
+        let mut b = FlowBudget::default();
+        let passed = (0..FLOW_RECORDS_BURST + 500).filter(|_| b.take(start)).count() as u64;
+        assert_eq!((passed, b.suppressed), (FLOW_RECORDS_BURST, 500));
+        // Then the rate: half a second refills half a second's worth, no more.
+        let passed = (0..FLOW_RECORDS_PER_SEC).filter(|_| b.take(start + SEC / 2)).count() as u64;
+        assert_eq!(passed, FLOW_RECORDS_PER_SEC / 2);
+        assert_eq!(b.suppressed, 500 + FLOW_RECORDS_PER_SEC / 2);
+        // An idle hour refills to the burst, not beyond.
+        let passed = (0..3 * FLOW_RECORDS_BURST).filter(|_| b.take(start + 3600 * SEC)).count() as u64;
+        assert_eq!(passed, FLOW_RECORDS_BURST);
+        // A clock that seems to go back (another CPU's timestamp) takes nothing extra.
+        let mut b = FlowBudget {
+            credit_ns: 0,
+            last_ns: start,
+            suppressed: 0,
+        };
+        assert!(!b.take(start - SEC));
+        assert_eq!((b.suppressed, b.last_ns), (1, start));
     }
 
     #[test]

@@ -378,6 +378,13 @@ impl Fixture {
         let map = Map::from_map_data(MapData::from_pin(self.pin_dir.join(name)).unwrap()).unwrap();
         HashMap::try_from(map).unwrap()
     }
+
+    /// The client endpoint's conntrack table (each endpoint has its own: issue 12.4).
+    fn conntrack(&self) -> HashMap<MapData, CtKey, CtEntry> {
+        let outer = Map::from_map_data(MapData::from_pin(self.pin_dir.join(map_names::CONNTRACK)).unwrap()).unwrap();
+        let tables = bulkhead::datapath::conntrack::Tables::try_from(outer).unwrap();
+        bulkhead::datapath::conntrack::table(&tables, CLIENT_EP).unwrap()
+    }
 }
 
 fn ct_key(saddr: Ipv4Addr, sport: u16, daddr: Ipv4Addr, dport: u16, protocol: u8, dir: u8) -> CtKey {
@@ -420,7 +427,7 @@ fn a_syn_to_a_vip_goes_to_its_backend_and_the_reply_comes_back_from_the_vip() {
     // Conntrack holds the backend tuple, marked as a Service flow with the Service port's
     // reverse-NAT index; the translation record holds the backend, keyed by the VIP tuple;
     // no per-connection reverse record exists.
-    let ct = f.pinned::<CtKey, CtEntry>(map_names::CONNTRACK);
+    let ct = f.conntrack();
     let fwd = ct_key(CLIENT, 40000, backend_ip(1), TARGET_PORT, proto::TCP, direction::EGRESS);
     let entry = ct.get(&fwd, 0).expect("conntrack entry on the backend tuple");
     assert_eq!(entry.rule_id, 7);
@@ -542,7 +549,7 @@ fn egress_policy_that_allows_another_pod_drops_the_connection_to_the_backend() {
     );
     assert_eq!((r.daddr, r.dport), (backend_ip(2).octets(), TARGET_PORT.to_be_bytes()));
     // Nothing recorded for a denied connection.
-    assert_eq!(f.pinned::<CtKey, CtEntry>(map_names::CONNTRACK).keys().count(), 0);
+    assert_eq!(f.conntrack().keys().count(), 0);
     let nat = f.pinned::<CtKey, LbNat>(map_names::LB_NAT);
     assert!(nat
         .get(&ct_key(CLIENT, 40000, VIP_DENIED, SERVICE_PORT, proto::TCP, direction::EGRESS), 0)
@@ -1112,7 +1119,7 @@ fn sctp_services_translate_the_address_only_and_replies_come_back_from_the_vip()
         (401, 9, service_id(VIP_ONE, SCTP_PORT, proto::SCTP)),
         "egress policy decided on the backend"
     );
-    let ct = f.pinned::<CtKey, CtEntry>(map_names::CONNTRACK);
+    let ct = f.conntrack();
     let entry = ct
         .get(&ct_key(CLIENT, 45000, backend_ip(1), SCTP_PORT, proto::SCTP, direction::EGRESS), 0)
         .unwrap();

@@ -2,8 +2,9 @@
 //!
 //! `from_pod` runs on the veth's TC ingress (what the pod sends: its egress) and `to_pod`
 //! on its TC egress (what the pod receives: its ingress). Per packet: one endpoint lookup,
-//! at most two conntrack lookups, one ipcache lookup and two policy lookups — never a loop
-//! over rules. See DESIGN.md "Datapath model".
+//! one lookup of the endpoint's conntrack table and at most two conntrack lookups in it, one
+//! ipcache lookup and two policy lookups — never a loop over rules. See DESIGN.md "Datapath
+//! model".
 #![no_std]
 #![no_main]
 
@@ -13,14 +14,15 @@ mod service;
 
 use aya_ebpf::{
     bindings::{TC_ACT_OK, TC_ACT_SHOT},
+    btf_maps::{HashOfMaps, LruHashMap as BtfLruHashMap},
     helpers::{bpf_ktime_get_ns, bpf_redirect},
-    macros::{classifier, map},
-    maps::{lpm_trie::Key, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf},
+    macros::{btf_map, classifier, map},
+    maps::{lpm_trie::Key, HashMap, LpmTrie, LruPerCpuHashMap, PerCpuArray, RingBuf},
     programs::TcContext,
 };
 use bulkhead_common::{
     capacity, counter_index, ct_flags, ct_lifetime_ns, direction, endpoint_flags, identity, remote_lookup_prefix, rule_id, verdict,
-    Counter, CtEntry, CtKey, DropReason, EndpointInfo, FlowEvent, IpcacheValue, Ipv4Key, PolicyKey, PolicyValue, COUNTER_SLOTS,
+    Counter, CtEntry, CtKey, DropReason, EndpointInfo, FlowBudget, FlowEvent, IpcacheValue, Ipv4Key, PolicyKey, PolicyValue, COUNTER_SLOTS,
     CT_CLOSING_LIFETIME_NS, CT_REFRESH_NS, GENERATED_REPLY_MARK, POLICY_PREFIX_FULL,
 };
 use packet::{Headers, L3};
@@ -35,8 +37,14 @@ static IPCACHE: LpmTrie<Ipv4Key, IpcacheValue> = LpmTrie::pinned(capacity::IPCAC
 #[map(name = "bh_pol_v1")]
 static POLICY: LpmTrie<PolicyKey, PolicyValue> = LpmTrie::pinned(capacity::POLICY, 0);
 
-#[map(name = "bh_ct_v1")]
-static CONNTRACK: LruHashMap<CtKey, CtEntry> = LruHashMap::pinned(capacity::CONNTRACK, 0);
+/// One endpoint's conntrack table: an LRU of its own, so a pod churning new flows evicts
+/// only its own entries (issue 12.4).
+type CtTable = BtfLruHashMap<CtKey, CtEntry, { capacity::CONNTRACK_PER_ENDPOINT as usize }>;
+
+// A BTF map (map-in-map needs the inner map's definition in BTF); the agent pins it by name
+// (`EbpfLoader::map_pin_path`) and creates each endpoint's table before the endpoint entry.
+#[btf_map(name = "bh_ct_v2")]
+static CONNTRACK: HashOfMaps<u32, CtTable, { capacity::CONNTRACK_TABLES as usize }> = HashOfMaps::new();
 
 #[map(name = "bh_cnt_v1")]
 static COUNTERS: PerCpuArray<Counter> = PerCpuArray::pinned(COUNTER_SLOTS, 0);
@@ -47,6 +55,11 @@ static FLOWS: RingBuf = RingBuf::pinned(capacity::FLOW_RING_BYTES, 0);
 
 #[map(name = "bh_flost_v1")]
 static FLOWS_LOST: PerCpuArray<u64> = PerCpuArray::pinned(1, 0);
+
+// Per CPU, so a bucket is only ever touched by its own CPU (no atomics, exact counts); LRU,
+// so budgets of endpoints long gone make room by themselves.
+#[map(name = "bh_fbudget_v1")]
+static FLOW_BUDGET: LruPerCpuHashMap<u32, FlowBudget> = LruPerCpuHashMap::pinned(capacity::FLOW_BUDGET, 0);
 
 /// What became of a packet that was not dropped.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -103,7 +116,10 @@ fn finish(ctx: &TcContext, dir: u8, len: u32, result: Result<Pass, DropReason>, 
         flow.packet_len = len;
         // SAFETY: bpf_ktime_get_ns has no preconditions.
         flow.timestamp_ns = unsafe { bpf_ktime_get_ns() };
-        if FLOWS.output::<FlowEvent>(&*flow, 0).is_err() {
+        if !record_allowed(flow.endpoint_id, flow.timestamp_ns) {
+            // Over its budget: counted per endpoint (the agent's suppressed-records metric),
+            // so that one pod flooding cannot crowd the others' records off the ring.
+        } else if FLOWS.output::<FlowEvent>(&*flow, 0).is_err() {
             // The agent is behind (or away): count what was lost instead of blocking.
             if let Some(lost) = FLOWS_LOST.get_ptr_mut(0) {
                 // SAFETY: as for the counters above.
@@ -122,6 +138,24 @@ fn finish(ctx: &TcContext, dir: u8, len: u32, result: Result<Pass, DropReason>, 
             unsafe { bpf_redirect(ifindex, 0) as i32 }
         }
         _ => TC_ACT_SHOT,
+    }
+}
+
+/// Takes one flow record's worth from `endpoint_id`'s bucket on this CPU (issue 12.5): one
+/// lookup, and one insert for an endpoint's first record on this CPU.
+#[inline(always)]
+fn record_allowed(endpoint_id: u32, now: u64) -> bool {
+    match FLOW_BUDGET.get_ptr_mut(endpoint_id) {
+        // SAFETY: this CPU's copy of the value, valid until the program ends; per-CPU values
+        // are not shared and softirq context does not preempt itself.
+        Some(budget) => unsafe { (*budget).take(now) },
+        None => {
+            let mut budget = FlowBudget::default();
+            let allowed = budget.take(now);
+            // A failed insert (it cannot fill: LRU) leaves the next record a fresh bucket.
+            let _ = FLOW_BUDGET.insert(endpoint_id, budget, 0);
+            allowed
+        }
     }
 }
 
@@ -257,17 +291,21 @@ fn admit(
     };
     // SAFETY: bpf_ktime_get_ns has no preconditions.
     let now = unsafe { bpf_ktime_get_ns() };
+    // SAFETY: an inner map pointer stays valid for the program's run (RCU), even if the agent
+    // removes the endpoint's table meanwhile. Without a table nothing is tracked and no new
+    // flow can be (fail closed): the agent writes the table before the endpoint.
+    let table = unsafe { CONNTRACK.get(&ep.endpoint_id) };
     let reply_dir = if dir == direction::EGRESS {
         direction::INGRESS
     } else {
         direction::EGRESS
     };
     let closing = l3.tcp_closing();
-    if !l3.tcp_syn {
-        if ct_alive(&key, now, closing).is_some() {
+    if let (false, Some(table)) = (l3.tcp_syn, table) {
+        if ct_alive(table, &key, now, closing).is_some() {
             return Ok((Pass::Quiet, 0));
         }
-        if let Some(flags) = ct_alive(&key.reversed(reply_dir), now, closing) {
+        if let Some(flags) = ct_alive(table, &key.reversed(reply_dir), now, closing) {
             return Ok((Pass::Quiet, flags));
         }
     }
@@ -277,7 +315,10 @@ fn admit(
         rule_id: rule,
         flags: u32::from(v) | ct_extra,
     };
-    CONNTRACK.insert(key, entry, 0).map_err(|_| DropReason::CtInsertFailed)?;
+    table
+        .ok_or(DropReason::CtInsertFailed)?
+        .insert(key, entry, 0)
+        .map_err(|_| DropReason::CtInsertFailed)?;
     Ok((Pass::NewFlow(v), 0))
 }
 
@@ -285,8 +326,8 @@ fn admit(
 /// per `CT_REFRESH_NS` so that most packets do no map write. `closing` (a FIN or RST) marks
 /// the entry, which then ages out after `CT_CLOSING_LIFETIME_NS` idle.
 #[inline(always)]
-fn ct_alive(key: &CtKey, now: u64, closing: bool) -> Option<u32> {
-    let entry = CONNTRACK.get_ptr_mut(key)?;
+fn ct_alive(table: &CtTable, key: &CtKey, now: u64, closing: bool) -> Option<u32> {
+    let entry = table.get_ptr_mut(key)?;
     // SAFETY: the pointer is valid until the program ends; a racing refresh writes the same
     // kind of value, so a torn read at worst refreshes twice.
     unsafe {

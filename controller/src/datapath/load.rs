@@ -6,6 +6,7 @@ use aya::programs::tc::{self, NlOptions, SchedClassifier, SchedClassifierLink, T
 use aya::{Ebpf, EbpfLoader};
 use bulkhead_common::{counter_index, direction, map_names, program_names, Counter, DropReason};
 
+use crate::datapath::conntrack;
 use crate::datapath::sync::BpfMaps;
 
 /// The datapath object, built from `datapath-ebpf/` by `build.rs`.
@@ -109,6 +110,8 @@ impl Datapath {
         ensure_pin_dir(pin_dir)?;
         let mut ebpf = EbpfLoader::new()
             .default_map_pin_directory(pin_dir)
+            // A BTF map (map-in-map) has no pinning attribute: pinned by name here.
+            .map_pin_path(map_names::CONNTRACK, pin_dir.join(map_names::CONNTRACK))
             .load(OBJECT)
             .map_err(|source| DatapathError::Load {
                 path: pin_dir.to_path_buf(),
@@ -136,20 +139,24 @@ impl Datapath {
             take(map_names::FLOWS_LOST)?,
         );
         let (services, backends, rev_nat) = (take(map_names::SERVICES)?, take(map_names::BACKENDS)?, take(map_names::REV_NAT)?);
+        let (conntrack, flow_budget) = (take(map_names::CONNTRACK)?, take(map_names::FLOW_BUDGET)?);
         let wrong = |map: &'static str| {
             move |source| DatapathError::Map {
                 map,
                 source: Box::new(source),
             }
         };
-        let maps = BpfMaps {
+        let mut maps = BpfMaps {
             endpoints: endpoints.try_into().map_err(wrong(map_names::ENDPOINTS))?,
             ipcache: ipcache.try_into().map_err(wrong(map_names::IPCACHE))?,
             policy: policy.try_into().map_err(wrong(map_names::POLICY))?,
             services: services.try_into().map_err(wrong(map_names::SERVICES))?,
             backends: backends.try_into().map_err(wrong(map_names::BACKENDS))?,
             rev_nat: rev_nat.try_into().map_err(wrong(map_names::REV_NAT))?,
+            conntrack: conntrack.try_into().map_err(wrong(map_names::CONNTRACK))?,
+            flow_budget: flow_budget.try_into().map_err(wrong(map_names::FLOW_BUDGET))?,
         };
+        adopt_conntrack(&mut maps, pin_dir)?;
         let counters = counters.try_into().map_err(wrong(map_names::COUNTERS))?;
         let flows_lost = flows_lost.try_into().map_err(wrong(map_names::FLOWS_LOST))?;
         let flow_ring = Some(flows.try_into().map_err(wrong(map_names::FLOWS))?);
@@ -267,6 +274,34 @@ impl Datapath {
         }
         Ok(out)
     }
+}
+
+/// Gives every endpoint already pinned a conntrack table and copies the layout-1 shared
+/// table into them (`conntrack::adopt`): an agent upgraded on a running node keeps its pods'
+/// connections when their programs are replaced.
+fn adopt_conntrack(maps: &mut BpfMaps, pin_dir: &Path) -> Result<(), DatapathError> {
+    let wrong = |source| DatapathError::Map {
+        map: map_names::CONNTRACK,
+        source: Box::new(source),
+    };
+    let mut endpoints = Vec::new();
+    for item in maps.endpoints.iter() {
+        let (_, ep) = item.map_err(|source| DatapathError::Map {
+            map: map_names::ENDPOINTS,
+            source: Box::new(source),
+        })?;
+        endpoints.push(ep);
+    }
+    let done = conntrack::adopt(&mut maps.conntrack, &endpoints, &pin_dir.join(map_names::CONNTRACK_V1)).map_err(wrong)?;
+    if done != conntrack::Adopted::default() {
+        tracing::info!(
+            tables_created = done.tables_created,
+            entries_copied = done.entries_copied,
+            entries_orphaned = done.entries_orphaned,
+            "conntrack adopted into per-endpoint tables"
+        );
+    }
+    Ok(())
 }
 
 fn classifier<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut SchedClassifier, DatapathError> {

@@ -1,7 +1,8 @@
 //! The kernel side as the agent drives it: loading and pinning the programs and maps
-//! ([`load`]), what the maps must hold ([`state`], the Service part from the service table:
+//! ([`load`]), the per-endpoint conntrack tables ([`conntrack`]), what the maps must hold ([`state`], the Service part from the service table:
 //! [`services`]), writing the difference ([`sync`]) and reading the datapath's counters ([`stats`]).
 
+pub mod conntrack;
 pub mod load;
 pub mod services;
 pub mod state;

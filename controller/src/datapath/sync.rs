@@ -5,10 +5,10 @@ use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
 
 use aya::maps::lpm_trie::{Key, LpmTrie};
-use aya::maps::{HashMap, MapData, MapError};
-use bulkhead_common::{Backend, EndpointInfo, IpcacheValue, Ipv4Key, PolicyKey, PolicyValue, RevNat, ServiceKey, ServiceValue};
+use aya::maps::{HashMap, MapData, MapError, PerCpuHashMap};
+use bulkhead_common::{Backend, EndpointInfo, FlowBudget, IpcacheValue, Ipv4Key, PolicyKey, PolicyValue, RevNat, ServiceKey, ServiceValue};
 
-use crate::datapath::DatapathState;
+use crate::datapath::{conntrack, DatapathState};
 
 /// Why a map write failed.
 #[derive(Debug, thiserror::Error)]
@@ -194,6 +194,11 @@ pub struct BpfMaps {
     pub backends: HashMap<MapData, u32, Backend>,
     /// `bh_lbrev_v1`.
     pub rev_nat: HashMap<MapData, u32, RevNat>,
+    /// `bh_ct_v2`: each endpoint's conntrack table, created with its endpoint entry.
+    pub conntrack: conntrack::Tables,
+    /// `bh_fbudget_v1`: each endpoint's flow-record budget (made by the datapath, removed
+    /// with the endpoint so that a reused id starts afresh).
+    pub flow_budget: PerCpuHashMap<MapData, u32, FlowBudget>,
 }
 
 impl BpfMaps {
@@ -242,11 +247,28 @@ fn absent_ok(result: Result<(), MapError>) -> Result<(), MapError> {
 }
 
 impl MapWriter for BpfMaps {
+    /// The endpoint's conntrack table first (fail closed: without one no flow of it is
+    /// tracked), then the endpoint.
     fn set_endpoint(&mut self, ifindex: u32, value: &EndpointInfo) -> Result<(), MapsError> {
+        conntrack::ensure_table(&mut self.conntrack, value.endpoint_id).map_err(map_err("insert", "conntrack"))?;
         self.endpoints.insert(ifindex, value, 0).map_err(map_err("insert", "endpoints"))
     }
+    /// The endpoint, then its conntrack table: its connections end with it (issue 12.9).
     fn remove_endpoint(&mut self, ifindex: u32) -> Result<(), MapsError> {
-        absent_ok(self.endpoints.remove(&ifindex)).map_err(map_err("remove", "endpoints"))
+        let id = match self.endpoints.get(&ifindex, 0) {
+            Ok(ep) => Some(ep.endpoint_id),
+            Err(MapError::KeyNotFound) => None,
+            Err(e) => return Err(map_err("lookup", "endpoints")(e)),
+        };
+        absent_ok(self.endpoints.remove(&ifindex)).map_err(map_err("remove", "endpoints"))?;
+        match id {
+            // Another interface still carrying the same endpoint id keeps the table.
+            Some(id) if !self.endpoints.iter().any(|e| e.is_ok_and(|(_, v)| v.endpoint_id == id)) => {
+                conntrack::remove_table(&mut self.conntrack, id).map_err(map_err("remove", "conntrack"))?;
+                absent_ok(self.flow_budget.remove(&id)).map_err(map_err("remove", "flow_budget"))
+            }
+            _ => Ok(()),
+        }
     }
     fn set_ipcache(&mut self, addr: Ipv4Addr, prefix_len: u8, value: &IpcacheValue) -> Result<(), MapsError> {
         let key = Key::new(u32::from(prefix_len), Ipv4Key { addr: addr.octets() });

@@ -125,6 +125,7 @@ struct DatapathCollector {
     dropped_bytes: IntCounterVec,
     forwarded: IntCounterVec,
     forwarded_bytes: IntCounterVec,
+    suppressed: IntCounterVec,
     errors: IntCounterVec,
 }
 
@@ -153,12 +154,23 @@ impl DatapathCollector {
                 "Bytes (whole frames) the datapath forwarded, by direction.",
                 &["direction"],
             )?,
+            suppressed: counter_vec(
+                "bulkhead_flow_records_suppressed_total",
+                "Flow records the datapath did not report because their endpoint was over its record budget, by endpoint id (0: no known endpoint).",
+                &["endpoint"],
+            )?,
             errors,
         })
     }
 
-    fn templates(&self) -> [&IntCounterVec; 4] {
-        [&self.drops, &self.dropped_bytes, &self.forwarded, &self.forwarded_bytes]
+    fn templates(&self) -> [&IntCounterVec; 5] {
+        [
+            &self.drops,
+            &self.dropped_bytes,
+            &self.forwarded,
+            &self.forwarded_bytes,
+            &self.suppressed,
+        ]
     }
 }
 
@@ -168,14 +180,14 @@ impl Collector for DatapathCollector {
     }
 
     fn collect(&self) -> Vec<MetricFamily> {
-        let counters = match self.stats.read() {
+        let read = match self.stats.read() {
             Ok(guard) => match guard.as_deref() {
-                Some(stats) => stats.counters(),
+                Some(stats) => stats.counters().and_then(|c| Ok((c, stats.flow_records_suppressed()?))),
                 None => return Vec::new(),
             },
             Err(_) => return Vec::new(),
         };
-        let counters = match counters {
+        let (counters, suppressed_by_endpoint) = match read {
             Ok(c) => c,
             Err(e) => {
                 tracing::warn!(error = %crate::error_chain(&e), "reading datapath counters");
@@ -190,9 +202,13 @@ impl Collector for DatapathCollector {
             let opts = Opts::new(desc.fq_name.clone(), desc.help.clone());
             IntCounterVec::new(opts, &desc.variable_labels.iter().map(String::as_str).collect::<Vec<_>>())
         });
-        let [Ok(drops), Ok(dropped_bytes), Ok(forwarded), Ok(forwarded_bytes)] = fresh else {
+        let [Ok(drops), Ok(dropped_bytes), Ok(forwarded), Ok(forwarded_bytes), Ok(suppressed)] = fresh else {
             return Vec::new();
         };
+        // One series per endpoint that suppressed any: bounded by the endpoints on the node.
+        for (endpoint, n) in suppressed_by_endpoint {
+            suppressed.with_label_values(&[&endpoint.to_string()]).inc_by(n);
+        }
         for (reason, dir, c) in counters {
             let d = direction_name(dir);
             if reason == DropReason::Forwarded {
@@ -203,7 +219,7 @@ impl Collector for DatapathCollector {
                 dropped_bytes.with_label_values(&[reason.name(), d]).inc_by(c.bytes);
             }
         }
-        [drops, dropped_bytes, forwarded, forwarded_bytes]
+        [drops, dropped_bytes, forwarded, forwarded_bytes, suppressed]
             .iter()
             .flat_map(Collector::collect)
             .collect()
@@ -648,6 +664,10 @@ mod tests {
         fn flow_events_lost(&self) -> Result<u64, StatsError> {
             Ok(3)
         }
+
+        fn flow_records_suppressed(&self) -> Result<Vec<(u32, u64)>, StatsError> {
+            Ok(vec![(12, 9)])
+        }
     }
 
     fn sample() -> Metrics {
@@ -682,6 +702,7 @@ mod tests {
             "bulkhead_drops_total{direction=\"ingress\",reason=\"policy_denied\"} 3",
             "bulkhead_dropped_bytes_total{direction=\"ingress\",reason=\"policy_denied\"} 180",
             "bulkhead_flow_events_lost_total 4",
+            "bulkhead_flow_records_suppressed_total{endpoint=\"12\"} 9",
             "bulkhead_service_translations_total{service=\"x/web\",verdict=\"forwarded\"} 1",
             "bulkhead_service_ports 3",
             "bulkhead_services_left_out{reason=\"untranslatable\"} 1",
