@@ -405,7 +405,6 @@ impl Metrics {
             ("endpoints", capacity::ENDPOINTS),
             ("ipcache", capacity::IPCACHE),
             ("policy", capacity::POLICY),
-            ("conntrack", capacity::CONNTRACK),
             ("services", capacity::SERVICES),
             ("backends", capacity::BACKENDS),
             ("rev_nat", capacity::REV_NAT),
@@ -413,6 +412,9 @@ impl Metrics {
             m.map_capacity.with_label_values(&[map]).set(i64::from(cap));
             m.map_entries.with_label_values(&[map]).set(0);
         }
+        // Conntrack: one table per endpoint, so its capacity follows the endpoints (set_state).
+        m.map_capacity.with_label_values(&["conntrack"]).set(0);
+        m.map_entries.with_label_values(&["conntrack"]).set(0);
         for kind in ErrorKind::ALL {
             m.errors.with_label_values(&[kind.as_str()]).inc_by(0);
         }
@@ -477,6 +479,10 @@ impl Metrics {
         self.identities.set(n(identities));
         self.policies.set(n(policies));
         self.map_entries.with_label_values(&["endpoints"]).set(n(applied.endpoints.len()));
+        // Each endpoint has a conntrack table of its own.
+        self.map_capacity
+            .with_label_values(&["conntrack"])
+            .set(n(applied.endpoints.len()).saturating_mul(i64::from(capacity::CONNTRACK_PER_ENDPOINT)));
         self.map_entries.with_label_values(&["ipcache"]).set(n(applied.ipcache.len()));
         self.map_entries.with_label_values(&["policy"]).set(n(applied.policy.len()));
         self.map_entries.with_label_values(&["services"]).set(n(applied.services.len()));
