@@ -21,6 +21,9 @@ enum Command {
     /// Explain a connection FROM TO PORT/PROTO: its verdict, which policies isolate each
     /// side and which rule allows it, from the agent's current model.
     Explain(bulkhead::cli::explain::ExplainArgs),
+    /// Propose NetworkPolicies, one per workload, from observed flows (the agents' history
+    /// or a saved `observe -o json` file).
+    Advise(Box<bulkhead::cli::advise::AdviseArgs>),
     /// Install the bulkhead-cni binary and its conflist on this node (the DaemonSet's init container).
     InstallCni(bulkhead::cli::install::InstallArgs),
 }
@@ -36,6 +39,7 @@ fn main() {
         Command::Lab(args) => bulkhead::lab::run(args).map_err(Into::into),
         Command::Observe(args) => bulkhead::cli::observe::run(*args).map_err(Into::into),
         Command::Explain(args) => bulkhead::cli::explain::run(args).map_err(Into::into),
+        Command::Advise(args) => bulkhead::cli::advise::run(*args).map_err(Into::into),
         Command::InstallCni(args) => bulkhead::cli::install::run(args).map(|()| 0).map_err(Into::into),
     };
     let code = result.unwrap_or_else(|e| {
