@@ -268,6 +268,25 @@ mod tests {
     }
 
     #[test]
+    fn table_has_one_line_per_rule() {
+        let line = r#"{"time":"2026-11-28T12:50:08Z","node":"node0","verdict":"AUDIT","direction":"ingress","protocol":"UDP","source":{"namespace":"x","pod":"a-1","labels":{"app":"a"},"ip":"10.244.0.5","port":40000,"identity":257},"destination":{"namespace":"y","pod":"b-1","labels":{"app":"b"},"ip":"10.244.0.6","port":53,"identity":258},"is_reply":false}"#;
+        let flows = read_flow_lines(line.as_bytes(), Path::new("f")).unwrap();
+        let advice = advisor::learn(&flows, &Options::default()).unwrap();
+        let t = table(&advice);
+        let rows: Vec<&str> = t.lines().collect();
+        assert_eq!(rows.len(), 3, "{t}");
+        assert!(rows[0].starts_with("WORKLOAD"), "{t}");
+        for (row, want) in rows[1..]
+            .iter()
+            .zip([["x/a", "egress", "y/b", "53/UDP"], ["y/b", "ingress", "x/a", "53/UDP"]])
+        {
+            let cols: Vec<&str> = row.split_whitespace().collect();
+            assert_eq!(&cols[..4], want, "{t}");
+            assert_eq!(cols[4], "1", "{t}");
+        }
+    }
+
+    #[test]
     fn flow_file_errors_name_the_line() {
         let good = r#"{"time":"2026-11-28T12:50:08.123456789Z","node":"node0","verdict":"FORWARDED","direction":"egress","protocol":"TCP","source":{"ip":"10.0.0.5","port":40000,"identity":257},"destination":{"ip":"10.0.0.3","port":80,"identity":0},"is_reply":false}"#;
         let text = format!("{good}\n\n{good}\n");

@@ -1103,7 +1103,10 @@ pub fn run(paths: &LabPaths, command: TrafficCommand) -> Result<i32, LabError> {
             notify_ready,
         } => {
             let status = generate(paths, &args, notify_ready)?;
-            print_status(&status, output);
+            // Started by `start`, nobody reads stdout any more: the counts are in status.json.
+            if !notify_ready {
+                print_status(&status, output);
+            }
             Ok(0)
         }
         TrafficCommand::Start { args } => {
