@@ -182,7 +182,18 @@ fn advised_policies_admit_the_shop_deny_the_rest_and_audit_round_trips() {
     assert!(!added.is_empty(), "no new replica in run 2: {:#}", run2["events"]);
     assert!(edges(&run2).is_subset(&observed), "run 2 did something new: {:?}", edges(&run2));
     std::thread::sleep(Duration::from_secs(1));
-    let drops = observe(&lab, &["--since", &t1, "--verdict", "dropped"]);
+    let new_pods: BTreeSet<String> = added
+        .iter()
+        .filter_map(|a| a.as_str()?.split_whitespace().next().map(str::to_string))
+        .collect();
+    let since_t1 = observe(&lab, &["--since", &t1]);
+    assert!(
+        since_t1
+            .iter()
+            .any(|f| new_pods.contains(&end(&f["source"])) || new_pods.contains(&end(&f["destination"]))),
+        "no traffic of the new replicas {new_pods:?}"
+    );
+    let drops: Vec<&Value> = since_t1.iter().filter(|f| f["verdict"] == "DROPPED").collect();
     assert!(drops.is_empty(), "{} drops under the advised policies: {drops:#?}", drops.len());
 
     // The full probe matrix: exactly the observed (workload, workload, port) connect.

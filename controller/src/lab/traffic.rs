@@ -775,7 +775,9 @@ fn workloads_status(shop: &Shop) -> Vec<WorkloadStatus> {
 }
 
 /// A churn event: scale a workload up or down, or roll it; runs while no request is in flight.
-fn churn(paths: &LabPaths, shop: &RwLock<Shop>, rng: &mut Rng, started: Instant) -> Result<Option<Event>, LabError> {
+/// The first event of a run always adds pods (a scale-up, or a rollout at the maximum), so
+/// every run with churn meets new pod addresses.
+fn churn(paths: &LabPaths, shop: &RwLock<Shop>, rng: &mut Rng, started: Instant, first: bool) -> Result<Option<Event>, LabError> {
     let scalable: Vec<usize> = (0..WORKLOADS.len()).filter(|i| WORKLOADS[*i].scalable).collect();
     let i = scalable[rng.below(scalable.len())];
     let roll = rng.unit();
@@ -790,10 +792,10 @@ fn churn(paths: &LabPaths, shop: &RwLock<Shop>, rng: &mut Rng, started: Instant)
     let current = guard.replicas[i].clone();
     let revision = guard.revisions[i].clone().unwrap_or_else(|| new_revision.clone());
     let (kind, added_names, removed): (&str, Vec<(String, String)>, Vec<String>) =
-        if (roll < 0.4 && current.len() < MAX_REPLICAS) || (current.len() <= 1 && roll < 0.7) {
+        if current.len() < MAX_REPLICAS && (first || roll < 0.4 || (current.len() <= 1 && roll < 0.7)) {
             let name = format!("{}-{revision}-{name_suffix}", w.name);
             ("scale-up", vec![(name, revision)], Vec::new())
-        } else if roll < 0.7 && current.len() > 1 {
+        } else if !first && roll < 0.7 && current.len() > 1 {
             let victim = current[rng.below(current.len())].key.clone();
             ("scale-down", Vec::new(), vec![victim])
         } else {
@@ -881,7 +883,11 @@ pub fn generate(paths: &LabPaths, args: &TrafficArgs, notify_ready: bool) -> Res
         .collect();
     let deadline = args.duration.map(|d| started + d);
     let churn_mean = args.churn_every.as_secs_f64().max(0.5);
-    let mut next_churn = started + Duration::from_secs_f64(churn_mean * (0.5 + rng.unit()));
+    // Churn has its own generator: the same seed gives the same events, however many
+    // requests the timing let through before each.
+    let mut churn_rng = Rng::new(args.seed.rotate_left(17) ^ 0xc4e5);
+    let mut next_churn = started + Duration::from_secs_f64(churn_mean * (0.5 + churn_rng.unit()));
+    let mut churned = 0usize;
     let mut next_save = Instant::now() + Duration::from_secs(1);
     let mut sent: u64 = 0;
     let mut churn_error = None;
@@ -891,7 +897,8 @@ pub fn generate(paths: &LabPaths, args: &TrafficArgs, notify_ready: bool) -> Res
             break;
         }
         if !args.no_churn && now >= next_churn {
-            match churn(paths, &shop, &mut rng, started) {
+            churned += 1;
+            match churn(paths, &shop, &mut churn_rng, started, churned == 1) {
                 Ok(Some(event)) => {
                     if let (Ok(mut t), Ok(s)) = (tally.lock(), shop.read()) {
                         t.status.events.push(event);
@@ -904,7 +911,7 @@ pub fn generate(paths: &LabPaths, args: &TrafficArgs, notify_ready: bool) -> Res
                     break;
                 }
             }
-            next_churn = Instant::now() + Duration::from_secs_f64(churn_mean * (0.5 + rng.unit()));
+            next_churn = Instant::now() + Duration::from_secs_f64(churn_mean * (0.5 + churn_rng.unit()));
         }
         // The first requests are one of each kind, so every edge is exercised early.
         let burst = if rng.unit() < 0.05 { 3 + rng.below(4) } else { 1 };
