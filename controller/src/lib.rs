@@ -8,6 +8,7 @@
 //! talk to agents through their socket (`bulkhead_api`). ARCHITECTURE.md at the root of
 //! the repository has the map.
 
+pub mod advisor;
 pub mod agent;
 pub mod cli;
 pub mod config;

@@ -24,6 +24,9 @@ enum Command {
     /// Merge every node's flow stream into one cluster-wide, time-ordered history and serve
     /// it to `bulkhead observe --relay`.
     Relay(Box<bulkhead::relay::RelayArgs>),
+    /// Propose NetworkPolicies, one per workload, from observed flows (the agents' history
+    /// or a saved `observe -o json` file).
+    Advise(Box<bulkhead::cli::advise::AdviseArgs>),
     /// Install the bulkhead-cni binary and its conflist on this node (the DaemonSet's init container).
     InstallCni(bulkhead::cli::install::InstallArgs),
 }
@@ -40,6 +43,7 @@ fn main() {
         Command::Observe(args) => bulkhead::cli::observe::run(*args).map_err(Into::into),
         Command::Explain(args) => bulkhead::cli::explain::run(args).map_err(Into::into),
         Command::Relay(args) => bulkhead::relay::run(*args).map_err(Into::into),
+        Command::Advise(args) => bulkhead::cli::advise::run(*args).map_err(Into::into),
         Command::InstallCni(args) => bulkhead::cli::install::run(args).map(|()| 0).map_err(Into::into),
     };
     let code = result.unwrap_or_else(|e| {

@@ -12,6 +12,7 @@ mod relay;
 mod serve;
 mod services;
 mod state;
+pub mod traffic;
 mod world;
 
 use std::path::PathBuf;
@@ -165,6 +166,12 @@ pub enum LabCommand {
         /// How the old relay ends.
         #[arg(long, value_enum, default_value_t = StopSignal::Term)]
         signal: StopSignal,
+    },
+    /// A small shop making traffic: deploy it, run it (foreground or start/stop), its counts.
+    Traffic {
+        /// What to do.
+        #[command(subcommand)]
+        command: traffic::TrafficCommand,
     },
     /// Remove everything the lab made.
     Down,
@@ -373,6 +380,7 @@ pub fn run(args: LabArgs) -> Result<i32, LabError> {
         LabCommand::Exec { pod, command } => pod::exec(&paths, &pod, &command),
         LabCommand::RestartAgent { node, signal } => node::restart_agents(&paths, node.as_deref(), signal),
         LabCommand::RestartRelay { signal } => relay::restart(&paths, signal),
+        LabCommand::Traffic { command } => traffic::run(&paths, command),
         LabCommand::Down => node::down(&paths),
         LabCommand::Serve {
             name,
