@@ -149,6 +149,13 @@ fn advised_policies_admit_the_shop_deny_the_rest_and_audit_round_trips() {
     let flow_file = lab.file("flows.jsonl", &flows);
     let from_file = ok(bulkhead(&["advise", "--flows", &flow_file]), "advise --flows");
     assert_eq!(advised, from_file, "the agents and their saved flows give the same advice");
+    // The lab's relay holds the same flows, merged (after its merge delay).
+    std::thread::sleep(std::time::Duration::from_millis(700));
+    let from_relay = ok(
+        bulkhead(&["advise", "--lab-dir", &dir, "--relay", "--since", &t0]),
+        "advise --relay",
+    );
+    assert_eq!(advised, from_relay, "the relay's history gives the same advice");
     // One policy per workload, by workload labels; never a pod name or address.
     assert_eq!(advised.matches("kind: NetworkPolicy").count(), 7, "{advised}");
     for pod in workloads(&run1).keys() {

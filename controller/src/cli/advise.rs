@@ -45,10 +45,20 @@ pub struct AdviseArgs {
     /// Allow outside addresses as CIDRs of this prefix length (32: each address alone).
     #[arg(long, default_value_t = 24, value_parser = clap::value_parser!(u8).range(1..=32))]
     pub cidr_prefix: u8,
+    /// Learn from a relay's cluster-wide history (`bulkhead relay`): `HOST:PORT`, a socket
+    /// path, or nothing for the lab's relay. It keeps more history than one agent.
+    #[arg(long, num_args = 0..=1, default_missing_value = "lab", conflicts_with_all = ["flows", "socket"])]
+    pub relay: Option<String>,
+    /// Token file for a relay reached over TCP.
+    #[arg(long, env = "BULKHEAD_RELAY_TOKEN_FILE", requires = "relay")]
+    pub token_file: Option<PathBuf>,
     /// Which agents to ask when no --flows file is given.
     #[command(flatten)]
     pub agents: AgentSelect,
 }
+
+/// How long a relay may stay silent while it sends its history.
+const RELAY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// Where the flows come from.
 ///
@@ -60,6 +70,13 @@ pub enum FlowSource {
     File(PathBuf),
     /// Agents' histories, merged.
     Agents(Vec<Target>),
+    /// A relay's history (already merged): its address and token.
+    Relay {
+        /// Where it serves.
+        address: bulkhead_api::RelayAddr,
+        /// Its token, for TCP.
+        token: Option<String>,
+    },
 }
 
 /// Why `bulkhead advise` failed.
@@ -98,6 +115,11 @@ pub enum AdviseCliError {
 
 /// The source the flags name: `--flows`, else the agents `observe` would ask.
 pub fn source(args: &AdviseArgs) -> Result<FlowSource, AdviseCliError> {
+    if let Some(addr) = &args.relay {
+        let (address, token) = crate::relay::serve::client_target(addr, args.token_file.as_deref(), &args.agents.lab_dir)
+            .map_err(|e| AdviseCliError::Observe(ObserveError::Relay(e)))?;
+        return Ok(FlowSource::Relay { address, token });
+    }
     match &args.flows {
         Some(path) => Ok(FlowSource::File(path.clone())),
         None => Ok(FlowSource::Agents(agent_targets(&args.agents)?)),
@@ -143,6 +165,32 @@ pub fn fetch(source: &FlowSource, since: Option<u64>) -> Result<Vec<Flow>, Advis
                 .into_iter()
                 .filter(|f| since.is_none_or(|s| f.time.as_nanosecond() >= s))
                 .collect())
+        }
+        FlowSource::Relay { address, token } => {
+            let request = ObserveRequest {
+                filter: FlowFilter::default(),
+                since,
+                last: None,
+                follow: false,
+                gaps: false,
+            };
+            let err = |source: bulkhead_api::ApiError| {
+                AdviseCliError::Observe(ObserveError::Agent {
+                    node: format!("relay {address}"),
+                    source: source.into(),
+                })
+            };
+            let stream = bulkhead_api::observe_relay(address, token.clone(), &request, Some(RELAY_TIMEOUT)).map_err(err)?;
+            let mut flows = Vec::new();
+            for flow in stream {
+                flows.push(flow.map_err(|e| {
+                    AdviseCliError::Observe(ObserveError::Agent {
+                        node: format!("relay {address}"),
+                        source: e,
+                    })
+                })?);
+            }
+            Ok(flows)
         }
         FlowSource::Agents(targets) => {
             let request = ObserveRequest {
