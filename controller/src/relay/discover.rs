@@ -95,3 +95,24 @@ impl Discovery {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A recorded `GET /api/v1/namespaces/bulkhead-system/pods?labelSelector=…` during a
+    /// rollout: two running agents, node-c's old one terminating and its new one pending,
+    /// one not scheduled yet.
+    #[test]
+    fn a_recorded_pod_list_gives_the_running_agents_by_node() {
+        let text = include_str!("../../tests/kube-recorded/agent-pods-list.json");
+        let list: k8s_openapi::List<Pod> = serde_json::from_str(text).expect("a PodList");
+        assert_eq!(
+            from_pods(&list.items, 4244),
+            [
+                ("node-a".to_string(), "192.168.0.11:4244".to_string()),
+                ("node-b".to_string(), "192.168.0.12:4244".to_string()),
+            ]
+        );
+    }
+}
