@@ -972,9 +972,12 @@ fn an_icmp_error_passes_only_with_the_flow_it_quotes() {
             "{quote:?}"
         );
     }
-    // A truncated quote is unrelated too.
+    // A truncated quote is unrelated too, and so is an error in fragments.
     let short = icmp(PEER_B, POD, UNREACH, 3, &[0; 12]);
     assert_eq!(run(&mut f, program_names::TO_POD, &short, DropReason::IcmpUnrelated), TC_ACT_SHOT);
+    let mut split = icmp_error(PEER_B, POD, UNREACH, 3, quote);
+    split[20..22].copy_from_slice(&MF.to_be_bytes());
+    assert_eq!(run(&mut f, program_names::TO_POD, &split, DropReason::IcmpUnrelated), TC_ACT_SHOT);
     // An error about the pod's ping.
     let ping = icmp_echo(POD, PEER_B, 8, 0x77);
     assert_eq!(run(&mut f, program_names::FROM_POD, &ping, DropReason::Forwarded), TC_ACT_OK);

@@ -1276,3 +1276,45 @@ fn an_icmp_error_about_a_service_connection_reaches_the_client_naming_the_vip() 
     let error = icmp_error_to_client(backend_ip(1), 3, 3, &other);
     f.run_full(program_names::TO_POD, &error, DropReason::IcmpUnrelated, 1, TC_ACT_SHOT, 0);
 }
+
+/// The per-packet cost of the fragment and ICMP-error paths, next to a whole datagram:
+/// `cargo test --test services -- --nocapture fragment_and_icmp_error_cost`.
+#[test]
+fn fragment_and_icmp_error_cost() {
+    const N: u16 = 2000;
+    const MF: u16 = 0x2000;
+    let mut f = fixture("cost-frag", ISOLATED);
+    let median = |mut v: Vec<Duration>| {
+        v.sort();
+        v[v.len() / 2]
+    };
+    let (mut whole, mut first, mut later, mut error, mut error_vip) = (vec![], vec![], vec![], vec![], vec![]);
+    for i in 0..N {
+        let sport = 20000 + i;
+        let udp = |sport, dst, dport| frame(HOST_MAC, CLIENT_MAC, CLIENT, dst, proto::UDP, udp_l4(sport, dport), Some(6));
+        let run = |f: &mut Fixture, program, packet: &[u8]| f.run(program, packet, DropReason::Forwarded);
+        // The flow's first datagram opens it; the measured one is established.
+        run(&mut f, program_names::FROM_POD, &udp(sport, backend_ip(1), UDP_TARGET_PORT));
+        whole.push(run(&mut f, program_names::FROM_POD, &udp(sport, backend_ip(1), UDP_TARGET_PORT)).duration);
+        let head = as_fragment(udp(sport, backend_ip(1), UDP_TARGET_PORT), i, MF);
+        first.push(run(&mut f, program_names::FROM_POD, &head).duration);
+        let tail = as_fragment(
+            frame(HOST_MAC, CLIENT_MAC, CLIENT, backend_ip(1), proto::UDP, vec![7; 16], None),
+            i,
+            2,
+        );
+        later.push(run(&mut f, program_names::FROM_POD, &tail).duration);
+        let sent = udp(sport, backend_ip(1), UDP_TARGET_PORT);
+        error.push(run(&mut f, program_names::TO_POD, &icmp_error_to_client(backend_ip(1), 3, 3, &sent)).duration);
+        let sent = run(&mut f, program_names::FROM_POD, &udp(40000 + i, VIP_ONE, DNS_PORT)).packet;
+        error_vip.push(run(&mut f, program_names::TO_POD, &icmp_error_to_client(backend_ip(1), 3, 3, &sent)).duration);
+    }
+    eprintln!(
+        "median per packet (one run each, n={N}): whole datagram (established) {:?}; first fragment (established, records) {:?}; later fragment {:?}; ICMP error related {:?}; related and restored to the VIP {:?}",
+        median(whole),
+        median(first),
+        median(later),
+        median(error),
+        median(error_vip)
+    );
+}

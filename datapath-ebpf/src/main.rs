@@ -203,6 +203,11 @@ fn try_from_pod(ctx: &TcContext, flow: &mut FlowEvent) -> Result<Pass, DropReaso
     }
     // SAFETY: bpf_ktime_get_ns has no preconditions.
     let now = unsafe { bpf_ktime_get_ns() };
+    // An ICMP error is a few hundred bytes at most (RFC 1812 4.3.2.3: 576): one that comes
+    // in fragments is no stack's, and would meet conntrack with a tuple of its own.
+    if l3.icmp_error && l3.fragment == Fragment::First {
+        return Err(DropReason::IcmpUnrelated);
+    }
     match l3.fragment {
         Fragment::Later => {
             return fragment::follow(ctx, &l3, direction::EGRESS, service::End::Destination, now).map(|()| Pass::Quiet);
@@ -285,6 +290,11 @@ fn try_to_pod(ctx: &TcContext, flow: &mut FlowEvent) -> Result<Pass, DropReason>
     }
     // SAFETY: bpf_ktime_get_ns has no preconditions.
     let now = unsafe { bpf_ktime_get_ns() };
+    // An ICMP error is a few hundred bytes at most (RFC 1812 4.3.2.3: 576): one that comes
+    // in fragments is no stack's, and would meet conntrack with a tuple of its own.
+    if l3.icmp_error && l3.fragment == Fragment::First {
+        return Err(DropReason::IcmpUnrelated);
+    }
     match l3.fragment {
         Fragment::Later => {
             return fragment::follow(ctx, &l3, direction::INGRESS, service::End::Source, now).map(|()| Pass::Quiet);
