@@ -431,7 +431,9 @@ pub struct CtKey {
     pub saddr: [u8; 4],
     /// Destination address of the flow's first packet.
     pub daddr: [u8; 4],
-    /// Source port (ICMP echo: identifier, else 0).
+    /// Source port. ICMP: a query (echo, timestamp, information, address mask request) has
+    /// its identifier here and its kind in `dport` (`[type, 0]`, echo `[0, 0]`), a reply the
+    /// other way round; any other type but an error is `[type, code]` in both ports.
     pub sport: [u8; 2],
     /// Destination port.
     pub dport: [u8; 2],
@@ -582,7 +584,8 @@ pub mod rule_id {
 /// packets of an established flow.
 ///
 /// Addresses and ports are in network byte order, as on the wire; `saddr`/`sport` are
-/// the packet's source. For ICMP echo, `sport` is the echo id and `dport` 0.
+/// the packet's source. For ICMP, the ports are the conntrack tuple's ([`CtKey::sport`]):
+/// an echo request has its id in `sport` and 0 in `dport`; an ICMP error has 0 in both.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct FlowEvent {

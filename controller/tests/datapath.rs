@@ -1068,3 +1068,15 @@ fn only_the_side_that_opened_a_datagram_flow_keeps_it_alive() {
     .unwrap();
     assert_eq!(run(&mut f, program_names::TO_POD, &reply, DropReason::PolicyDenied), TC_ACT_SHOT);
 }
+
+#[test]
+fn the_readme_lists_every_drop_reason_by_number_and_name() {
+    let readme = include_str!("../../README.md");
+    let start = readme.find("**Drop reasons**").expect("the README's drop reasons");
+    let end = start + readme[start..].find("\n\n").expect("the paragraph's end");
+    let text = readme[start..end].split_whitespace().collect::<Vec<_>>().join(" ");
+    for r in DropReason::ALL {
+        let entry = format!("{} {}", r as u32, r.name());
+        assert!(text.contains(&entry), "README's drop reasons lack {entry:?}: {text}");
+    }
+}
