@@ -1080,3 +1080,51 @@ fn the_readme_lists_every_drop_reason_by_number_and_name() {
         assert!(text.contains(&entry), "README's drop reasons lack {entry:?}: {text}");
     }
 }
+
+#[test]
+fn a_revoked_policy_ends_a_datagram_flow_within_a_second_and_leaves_tcp_connections() {
+    use bulkhead_common::{CtEntry, CtKey};
+    let mut f = fixture("ct-revoke", ISOLATED);
+    // 301 opens a UDP flow and a TCP connection to the pod (ingress allows 301 anything).
+    let udp_in = udp_to(PEER_A, 5353, POD, 9000);
+    assert_eq!(run(&mut f, program_names::TO_POD, &udp_in, DropReason::Forwarded), TC_ACT_OK);
+    let tcp_in = tcp(HOST_MAC, PEER_A, 5555, POD, 9001);
+    assert_eq!(run(&mut f, program_names::TO_POD, &tcp_in, DropReason::Forwarded), TC_ACT_OK);
+    // Still allowed after a second: the datagram passes again, with no new flow record.
+    let key = |sport: u16, dport: u16, protocol| CtKey {
+        saddr: PEER_A.octets(),
+        daddr: POD.octets(),
+        sport: sport.to_be_bytes(),
+        dport: dport.to_be_bytes(),
+        protocol,
+        direction: direction::INGRESS,
+        _pad: [0; 2],
+    };
+    let mut ct: aya::maps::HashMap<_, CtKey, CtEntry> = ct_table(&f, 10);
+    let age = |ct: &mut aya::maps::HashMap<_, CtKey, CtEntry>, k: CtKey| {
+        let e = ct.get(&k, 0).unwrap();
+        ct.insert(
+            k,
+            CtEntry {
+                last_seen_ns: monotonic_ns() - 2_000_000_000,
+                ..e
+            },
+            0,
+        )
+        .unwrap();
+    };
+    f.drain();
+    age(&mut ct, key(5353, 9000, proto::UDP));
+    assert_eq!(run(&mut f, program_names::TO_POD, &udp_in, DropReason::Forwarded), TC_ACT_OK);
+    assert!(f.drain().is_empty(), "a still-allowed flow is reported once");
+    // The rule goes: the datagram flow ends at its next recheck, the TCP connection stays.
+    f.dp.maps
+        .remove_policy(&PolicyKey::new(10, 301, direction::INGRESS, 0, 0), POLICY_PREFIX_ANY_PROTO)
+        .unwrap();
+    age(&mut ct, key(5353, 9000, proto::UDP));
+    age(&mut ct, key(5555, 9001, proto::TCP));
+    assert_eq!(run(&mut f, program_names::TO_POD, &udp_in, DropReason::PolicyDenied), TC_ACT_SHOT);
+    let mut ack = tcp(HOST_MAC, PEER_A, 5555, POD, 9001);
+    ack[14 + 20 + 13] = ACK;
+    assert_eq!(run(&mut f, program_names::TO_POD, &ack, DropReason::Forwarded), TC_ACT_OK);
+}

@@ -430,16 +430,27 @@ fn admit(
         direction::EGRESS
     };
     let closing = l3.tcp_closing();
-    // A datagram flow (UDP, ICMP, anything but TCP and SCTP, whose state the remote cannot
-    // keep alive without answers) lives on its opener's packets only: a remote side alone
-    // never keeps a pinhole open past the lifetime (issue 12.9).
-    let reply_refreshes = l3.protocol == proto::TCP || l3.protocol == proto::SCTP;
+    // A datagram flow (UDP, ICMP, anything but TCP and SCTP) has no handshake or close to
+    // go by (issue 12.9): its replies never extend it, so a remote side alone cannot keep a
+    // pinhole open past the lifetime; and its opener's packets, instead of refreshing it,
+    // meet policy again (at most once per `CT_REFRESH_NS`), so a revoked policy ends it
+    // within a second. TCP and SCTP connections outlive a revocation, as in Cilium.
+    let datagram = l3.protocol != proto::TCP && l3.protocol != proto::SCTP;
+    let (forward, reply) = if datagram {
+        (Refresh::Recheck, Refresh::No)
+    } else {
+        (Refresh::Yes, Refresh::Yes)
+    };
+    let mut recheck = false;
     if let (false, Some(table)) = (l3.tcp_syn, table) {
-        if ct_alive(table, &key, now, closing, true).is_some() {
-            return Ok((Pass::Quiet, 0));
-        }
-        if let Some(flags) = ct_alive(table, &key.reversed(reply_dir), now, closing, reply_refreshes) {
-            return Ok((Pass::Quiet, flags));
+        match ct_alive(table, &key, now, closing, forward) {
+            Some(Tracked::Alive(_)) => return Ok((Pass::Quiet, 0)),
+            Some(Tracked::Recheck) => recheck = true,
+            None => {
+                if let Some(Tracked::Alive(flags)) = ct_alive(table, &key.reversed(reply_dir), now, closing, reply) {
+                    return Ok((Pass::Quiet, flags));
+                }
+            }
         }
     }
     let (rule, v) = policy_verdict(ep, dir, remote, mark, l3, flow)?;
@@ -452,15 +463,34 @@ fn admit(
         .ok_or(DropReason::CtInsertFailed)?
         .insert(key, entry, 0)
         .map_err(|_| DropReason::CtInsertFailed)?;
-    Ok((Pass::NewFlow(v), 0))
+    // A flow that is still allowed is no new flow (no record).
+    Ok((if recheck { Pass::Quiet } else { Pass::NewFlow(v) }, 0))
 }
 
-/// The entry's flags when `key` is tracked and not idle past its lifetime; with `refresh`,
-/// refreshes it at most once per `CT_REFRESH_NS` so that most packets do no map write.
-/// `closing` (a FIN or RST) marks the entry, which then ages out after
-/// `CT_CLOSING_LIFETIME_NS` idle.
+/// What a packet on a tracked flow does to its entry once `CT_REFRESH_NS` passed.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Refresh {
+    /// Refreshes it.
+    Yes,
+    /// Leaves it as it is.
+    No,
+    /// Sends the packet to policy again, which writes a fresh entry if it still allows it.
+    Recheck,
+}
+
+/// A tracked flow's entry as a packet finds it.
+enum Tracked {
+    /// Alive, with its flags.
+    Alive(u32),
+    /// Alive, but policy must decide again ([`Refresh::Recheck`]).
+    Recheck,
+}
+
+/// Whether `key` is tracked and not idle past its lifetime; a refresh (`refresh`) happens
+/// at most once per `CT_REFRESH_NS` so that most packets do no map write. `closing` (a FIN
+/// or RST) marks the entry, which then ages out after `CT_CLOSING_LIFETIME_NS` idle.
 #[inline(always)]
-fn ct_alive(table: &CtTable, key: &CtKey, now: u64, closing: bool, refresh: bool) -> Option<u32> {
+fn ct_alive(table: &CtTable, key: &CtKey, now: u64, closing: bool, refresh: Refresh) -> Option<Tracked> {
     let entry = table.get_ptr_mut(key)?;
     // SAFETY: the pointer is valid until the program ends; a racing refresh writes the same
     // kind of value, so a torn read at worst refreshes twice.
@@ -478,10 +508,14 @@ fn ct_alive(table: &CtTable, key: &CtKey, now: u64, closing: bool, refresh: bool
         if closing && flags & ct_flags::CLOSING == 0 {
             (*entry).flags = flags | ct_flags::CLOSING;
             (*entry).last_seen_ns = now;
-        } else if refresh && idle > CT_REFRESH_NS {
-            (*entry).last_seen_ns = now;
+        } else if idle > CT_REFRESH_NS {
+            match refresh {
+                Refresh::Yes => (*entry).last_seen_ns = now,
+                Refresh::No => {}
+                Refresh::Recheck => return Some(Tracked::Recheck),
+            }
         }
-        Some(flags)
+        Some(Tracked::Alive(flags))
     }
 }
 
