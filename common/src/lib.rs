@@ -50,6 +50,10 @@ pub mod map_names {
     /// LRU hash [`AffinityKey`](super::AffinityKey) → [`AffinityValue`](super::AffinityValue)
     /// for `sessionAffinity: ClientIP`.
     pub const AFFINITY: &str = "bh_lbaff_v1";
+    /// LRU hash [`FragKey`](super::FragKey) → [`FragEntry`](super::FragEntry): the IP
+    /// datagrams whose first fragment was admitted, so that their later fragments (which
+    /// carry no ports) follow it.
+    pub const FRAGMENTS: &str = "bh_frag_v1";
 }
 
 /// Program names in the eBPF object.
@@ -91,6 +95,10 @@ pub mod capacity {
     pub const AFFINITY: u32 = 65536;
     /// Flow-record budgets: one per endpoint, and one for packets of no known endpoint.
     pub const FLOW_BUDGET: u32 = ENDPOINTS + 1;
+    /// Fragmented datagrams in flight per node (Cilium's `CILIUM_IPV4_FRAG_MAP_MAX_ENTRIES`
+    /// is 8192). An entry matters for milliseconds; an evicted one costs its datagram's later
+    /// fragments (they drop as `fragment`), never an allow.
+    pub const FRAGMENTS: u32 = 16384;
 }
 
 /// Flow records one endpoint may put on the ring per second, per CPU, once its burst is
@@ -264,7 +272,9 @@ pub enum DropReason {
     SpoofedIp = 5,
     /// No policy entry allows the flow while the endpoint is isolated.
     PolicyDenied = 6,
-    /// A non-first IP fragment, which carries no ports to check.
+    /// A non-first IP fragment whose datagram's first fragment was not admitted here within
+    /// [`FRAG_LIFETIME_NS`]: denied, not seen yet (out of order) or never sent. It carries no
+    /// ports of its own to check.
     Fragment = 7,
     /// The conntrack map refused a new entry.
     CtInsertFailed = 8,
@@ -273,11 +283,15 @@ pub enum DropReason {
     /// A packet to a Service port that has no backend for it: none at all, the connection's
     /// backend is gone, or (SCTP) the backend's port differs from the Service port.
     NoServiceBackend = 10,
+    /// An ICMP error (destination unreachable, time exceeded, parameter problem) that quotes
+    /// no flow the endpoint's conntrack holds in the direction the quote implies, or quotes
+    /// nothing it can parse.
+    IcmpUnrelated = 11,
 }
 
 impl DropReason {
     /// Every reason, in number order.
-    pub const ALL: [DropReason; 11] = [
+    pub const ALL: [DropReason; 12] = [
         DropReason::Forwarded,
         DropReason::UnknownEndpoint,
         DropReason::UnsupportedEthertype,
@@ -289,6 +303,7 @@ impl DropReason {
         DropReason::CtInsertFailed,
         DropReason::WrongDestination,
         DropReason::NoServiceBackend,
+        DropReason::IcmpUnrelated,
     ];
     /// Number of counter slots per direction (room for reasons to come).
     pub const SLOTS: u32 = 32;
@@ -307,6 +322,7 @@ impl DropReason {
             DropReason::CtInsertFailed => "ct_insert_failed",
             DropReason::WrongDestination => "wrong_destination",
             DropReason::NoServiceBackend => "no_service_backend",
+            DropReason::IcmpUnrelated => "icmp_unrelated",
         }
     }
 }
@@ -415,7 +431,9 @@ pub struct CtKey {
     pub saddr: [u8; 4],
     /// Destination address of the flow's first packet.
     pub daddr: [u8; 4],
-    /// Source port (ICMP echo: identifier, else 0).
+    /// Source port. ICMP: a query (echo, timestamp, information, address mask request) has
+    /// its identifier here and its kind in `dport` (`[type, 0]`, echo `[0, 0]`), a reply the
+    /// other way round; any other type but an error is `[type, code]` in both ports.
     pub sport: [u8; 2],
     /// Destination port.
     pub dport: [u8; 2],
@@ -471,6 +489,48 @@ pub const CT_REFRESH_NS: u64 = 1_000_000_000;
 /// for the established lifetime (Cilium uses the same 10 s).
 pub const CT_CLOSING_LIFETIME_NS: u64 = 10_000_000_000;
 
+/// A fragmented IP datagram as its fragments carry it (Cilium's `ipv4_frag_id`): addresses
+/// and IP id in network byte order, as on the wire before any translation.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct FragKey {
+    /// Source address.
+    pub saddr: [u8; 4],
+    /// Destination address.
+    pub daddr: [u8; 4],
+    /// The IP identification field, network byte order.
+    pub id: [u8; 2],
+    /// IP protocol.
+    pub protocol: u8,
+    /// [`direction`] at the endpoint that admitted the first fragment.
+    pub direction: u8,
+}
+
+/// What a datagram's later fragments get: its first fragment was admitted.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct FragEntry {
+    /// `bpf_ktime_get_ns` when the first fragment was admitted.
+    pub first_ns: u64,
+    /// With [`frag_flags::NAT`]: the address the first fragment's Service translation wrote
+    /// (the backend in `from_pod`, the VIP in `to_pod`), network byte order.
+    pub nat_addr: [u8; 4],
+    /// [`frag_flags`] bits.
+    pub flags: u32,
+}
+
+/// Bits of [`FragEntry::flags`].
+pub mod frag_flags {
+    /// The first fragment was translated: later fragments get `nat_addr` as their destination
+    /// (`from_pod`) or source (`to_pod`). Their ports and L4 checksum are in the first fragment.
+    pub const NAT: u32 = 1 << 0;
+}
+
+/// How long after its first fragment a datagram's later fragments are let through. Linux gives
+/// up reassembling after `ipfrag_time` (30 s); a datagram's fragments leave its sender
+/// back to back, so 10 s is ample and bounds how long an IP id is honoured.
+pub const FRAG_LIFETIME_NS: u64 = 10_000_000_000;
+
 /// Bits of [`CtEntry::flags`].
 pub mod ct_flags {
     /// The low byte: the [`verdict`](crate::verdict) the flow was admitted with.
@@ -524,7 +584,8 @@ pub mod rule_id {
 /// packets of an established flow.
 ///
 /// Addresses and ports are in network byte order, as on the wire; `saddr`/`sport` are
-/// the packet's source. For ICMP echo, `sport` is the echo id and `dport` 0.
+/// the packet's source. For ICMP, the ports are the conntrack tuple's ([`CtKey::sport`]):
+/// an echo request has its id in `sport` and 0 in `dport`; an ICMP error has 0 in both.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct FlowEvent {
@@ -732,6 +793,8 @@ const _: () = assert!(core::mem::size_of::<AffinityKey>() == 8);
 const _: () = assert!(core::mem::size_of::<AffinityValue>() == 16);
 const _: () = assert!(core::mem::size_of::<RevNat>() == 8);
 const _: () = assert!(core::mem::size_of::<FlowBudget>() == 24);
+const _: () = assert!(core::mem::size_of::<FragKey>() == 12);
+const _: () = assert!(core::mem::size_of::<FragEntry>() == 16);
 const _: () = assert!(POLICY_PREFIX_FULL as usize == core::mem::size_of::<PolicyKey>() * 8);
 
 #[cfg(feature = "user")]
@@ -771,6 +834,10 @@ mod pod {
     unsafe impl aya::Pod for super::RevNat {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::FlowBudget {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::FragKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::FragEntry {}
 }
 
 #[cfg(test)]

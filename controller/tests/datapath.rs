@@ -821,3 +821,310 @@ spec:
         ]
     );
 }
+
+/// A fragment of IP datagram `id`: `frag_off` holds the More Fragments bit (0x2000) and the
+/// offset in 8-byte units.
+fn fragment(src: Ipv4Addr, dst: Ipv4Addr, protocol: u8, id: u16, frag_off: u16, payload: &[u8]) -> Vec<u8> {
+    let mut ip = ipv4(src, dst, protocol, frag_off, payload);
+    ip[4..6].copy_from_slice(&id.to_be_bytes());
+    let (dst_mac, src_mac) = if src == POD { (HOST_MAC, POD_MAC) } else { (POD_MAC, HOST_MAC) };
+    eth(dst_mac, src_mac, 0x0800, &ip)
+}
+
+const MF: u16 = 0x2000;
+
+/// A datagram's three fragments: the first (with the L4 header), a middle and a last one.
+fn fragments(src: Ipv4Addr, dst: Ipv4Addr, protocol: u8, id: u16, sport: u16, dport: u16) -> [Vec<u8>; 3] {
+    [
+        fragment(src, dst, protocol, id, MF, &ports(sport, dport, 24)),
+        fragment(src, dst, protocol, id, MF | 3, &[7; 24]),
+        fragment(src, dst, protocol, id, 6, &[7; 16]),
+    ]
+}
+
+#[test]
+fn fragments_of_an_allowed_datagram_pass_and_of_a_denied_one_never() {
+    let mut f = fixture("fragments", ISOLATED);
+    // Ingress from 301 is allowed: a large UDP answer arrives whole.
+    let [first, middle, last] = fragments(PEER_A, POD, proto::UDP, 7, 53, 41000);
+    assert_eq!(run(&mut f, program_names::TO_POD, &first, DropReason::Forwarded), TC_ACT_OK);
+    assert_eq!(run(&mut f, program_names::TO_POD, &middle, DropReason::Forwarded), TC_ACT_OK);
+    assert_eq!(run(&mut f, program_names::TO_POD, &last, DropReason::Forwarded), TC_ACT_OK);
+    // Egress: TCP/80 to 301 is allowed, and its fragments follow.
+    let [first, middle, last] = fragments(POD, PEER_A, proto::TCP, 8, 40000, 80);
+    assert_eq!(run(&mut f, program_names::FROM_POD, &first, DropReason::Forwarded), TC_ACT_OK);
+    assert_eq!(run(&mut f, program_names::FROM_POD, &last, DropReason::Forwarded), TC_ACT_OK);
+    assert_eq!(run(&mut f, program_names::FROM_POD, &middle, DropReason::Forwarded), TC_ACT_OK);
+
+    // From 302 (denied), in every order: the first fragment meets policy, the rest drop.
+    let [first, middle, last] = fragments(PEER_B, POD, proto::UDP, 9, 53, 41000);
+    assert_eq!(run(&mut f, program_names::TO_POD, &last, DropReason::Fragment), TC_ACT_SHOT);
+    assert_eq!(run(&mut f, program_names::TO_POD, &first, DropReason::PolicyDenied), TC_ACT_SHOT);
+    assert_eq!(run(&mut f, program_names::TO_POD, &middle, DropReason::Fragment), TC_ACT_SHOT);
+    assert_eq!(run(&mut f, program_names::TO_POD, &last, DropReason::Fragment), TC_ACT_SHOT);
+    // A lone later fragment of an allowed peer, before its first: nothing to follow yet.
+    let [first, middle, _] = fragments(PEER_A, POD, proto::UDP, 10, 53, 41000);
+    assert_eq!(run(&mut f, program_names::TO_POD, &middle, DropReason::Fragment), TC_ACT_SHOT);
+    assert_eq!(run(&mut f, program_names::TO_POD, &first, DropReason::Forwarded), TC_ACT_OK);
+    // Another protocol under the same IP id is another datagram.
+    let [_, middle, _] = fragments(PEER_A, POD, proto::TCP, 10, 53, 41000);
+    assert_eq!(run(&mut f, program_names::TO_POD, &middle, DropReason::Fragment), TC_ACT_SHOT);
+
+    // An IP id reused by a denied datagram (egress TCP/81) takes the allowed one's record away.
+    let [first, middle, _] = fragments(POD, PEER_A, proto::TCP, 11, 40001, 80);
+    assert_eq!(run(&mut f, program_names::FROM_POD, &first, DropReason::Forwarded), TC_ACT_OK);
+    let [denied, _, _] = fragments(POD, PEER_A, proto::TCP, 11, 40002, 81);
+    assert_eq!(run(&mut f, program_names::FROM_POD, &denied, DropReason::PolicyDenied), TC_ACT_SHOT);
+    assert_eq!(run(&mut f, program_names::FROM_POD, &middle, DropReason::Fragment), TC_ACT_SHOT);
+    // Overlapping: a second first fragment to a denied port drops itself; the allowed
+    // datagram's own first fragment is the only one the pod's stack can reassemble.
+    let [first, middle, _] = fragments(POD, PEER_A, proto::TCP, 12, 40003, 80);
+    assert_eq!(run(&mut f, program_names::FROM_POD, &first, DropReason::Forwarded), TC_ACT_OK);
+    let overlap = fragment(POD, PEER_A, proto::TCP, 12, MF, &ports(40003, 22, 24));
+    assert_eq!(
+        run(&mut f, program_names::FROM_POD, &overlap, DropReason::PolicyDenied),
+        TC_ACT_SHOT
+    );
+    assert_eq!(run(&mut f, program_names::FROM_POD, &middle, DropReason::Fragment), TC_ACT_SHOT);
+}
+
+#[test]
+fn a_fragments_record_lapses_after_its_lifetime() {
+    use bulkhead_common::{FragEntry, FragKey, FRAG_LIFETIME_NS};
+    let mut f = fixture("fragment-age", ISOLATED);
+    let [first, middle, last] = fragments(PEER_A, POD, proto::UDP, 21, 53, 41000);
+    assert_eq!(run(&mut f, program_names::TO_POD, &first, DropReason::Forwarded), TC_ACT_OK);
+    assert_eq!(run(&mut f, program_names::TO_POD, &middle, DropReason::Forwarded), TC_ACT_OK);
+    let data = aya::maps::MapData::from_pin(f.pin_dir.join(bulkhead_common::map_names::FRAGMENTS)).unwrap();
+    let mut records: aya::maps::HashMap<_, FragKey, FragEntry> = aya::maps::Map::LruHashMap(data).try_into().unwrap();
+    let key = FragKey {
+        saddr: PEER_A.octets(),
+        daddr: POD.octets(),
+        id: 21u16.to_be_bytes(),
+        protocol: proto::UDP,
+        direction: direction::INGRESS,
+    };
+    let entry = records.get(&key, 0).expect("the first fragment's record");
+    let past = monotonic_ns() - FRAG_LIFETIME_NS - 1_000_000_000;
+    records.insert(key, FragEntry { first_ns: past, ..entry }, 0).unwrap();
+    assert_eq!(run(&mut f, program_names::TO_POD, &last, DropReason::Fragment), TC_ACT_SHOT);
+}
+
+/// An ICMP message of `kind`/`code` from `src` to `dst` whose body (after the 4 bytes of
+/// checksum... rest of header) is `rest`.
+fn icmp(src: Ipv4Addr, dst: Ipv4Addr, kind: u8, code: u8, rest: &[u8]) -> Vec<u8> {
+    let mut l4 = vec![kind, code, 0, 0];
+    l4.extend_from_slice(rest);
+    let (dst_mac, src_mac) = if src == POD { (HOST_MAC, POD_MAC) } else { (POD_MAC, HOST_MAC) };
+    eth(dst_mac, src_mac, 0x0800, &ipv4(src, dst, proto::ICMP, 0, &l4))
+}
+
+/// An ICMP error quoting the IP header and first 8 bytes of a packet `qsrc:sport` →
+/// `qdst:dport` of `protocol` (for ICMP, `sport` is the quoted type and `dport` its id).
+fn icmp_error(src: Ipv4Addr, dst: Ipv4Addr, kind: u8, code: u8, quote: (Ipv4Addr, u16, Ipv4Addr, u16, u8)) -> Vec<u8> {
+    let (qsrc, sport, qdst, dport, protocol) = quote;
+    let first8 = if protocol == proto::ICMP {
+        let mut e = vec![sport as u8, 0, 0, 0];
+        e.extend_from_slice(&dport.to_be_bytes());
+        e.extend_from_slice(&[0, 1]);
+        e
+    } else {
+        ports(sport, dport, 8)
+    };
+    let mut rest = vec![0; 4];
+    rest.extend_from_slice(&ipv4(qsrc, qdst, protocol, 0, &first8)[..28]);
+    icmp(src, dst, kind, code, &rest)
+}
+
+fn udp_to(src: Ipv4Addr, sport: u16, dst: Ipv4Addr, dport: u16) -> Vec<u8> {
+    let (dst_mac, src_mac) = if src == POD { (HOST_MAC, POD_MAC) } else { (POD_MAC, HOST_MAC) };
+    eth(dst_mac, src_mac, 0x0800, &ipv4(src, dst, proto::UDP, 0, &ports(sport, dport, 12)))
+}
+
+const UNREACH: u8 = 3;
+const TIME_EXCEEDED: u8 = 11;
+
+#[test]
+fn an_icmp_error_passes_only_with_the_flow_it_quotes() {
+    let mut f = fixture("icmp-errors", endpoint_flags::ISOLATED_INGRESS);
+    // The pod's UDP to 302 (egress is open); 302 may not open anything to the pod.
+    let out = udp_to(POD, 41000, PEER_B, 53);
+    assert_eq!(run(&mut f, program_names::FROM_POD, &out, DropReason::Forwarded), TC_ACT_OK);
+    // 302's port unreachable and a router's time exceeded, quoting that datagram, arrive.
+    let quote = (POD, 41000, PEER_B, 53, proto::UDP);
+    let refused = icmp_error(PEER_B, POD, UNREACH, 3, quote);
+    assert_eq!(run(&mut f, program_names::TO_POD, &refused, DropReason::Forwarded), TC_ACT_OK);
+    let expired = icmp_error(UNKNOWN, POD, TIME_EXCEEDED, 0, quote);
+    assert_eq!(run(&mut f, program_names::TO_POD, &expired, DropReason::Forwarded), TC_ACT_OK);
+    // Fragmentation needed (PMTU) for it too.
+    let frag_needed = icmp_error(UNKNOWN, POD, UNREACH, 4, quote);
+    assert_eq!(run(&mut f, program_names::TO_POD, &frag_needed, DropReason::Forwarded), TC_ACT_OK);
+    // Quoting another port, another protocol, or the flow the wrong way round: unrelated.
+    for quote in [
+        (POD, 41001, PEER_B, 53, proto::UDP),
+        (POD, 41000, PEER_B, 53, proto::TCP),
+        (PEER_B, 53, POD, 41000, proto::UDP),
+    ] {
+        let stray = icmp_error(PEER_B, POD, UNREACH, 3, quote);
+        assert_eq!(
+            run(&mut f, program_names::TO_POD, &stray, DropReason::IcmpUnrelated),
+            TC_ACT_SHOT,
+            "{quote:?}"
+        );
+    }
+    // A truncated quote is unrelated too, and so is an error in fragments.
+    let short = icmp(PEER_B, POD, UNREACH, 3, &[0; 12]);
+    assert_eq!(run(&mut f, program_names::TO_POD, &short, DropReason::IcmpUnrelated), TC_ACT_SHOT);
+    let mut split = icmp_error(PEER_B, POD, UNREACH, 3, quote);
+    split[20..22].copy_from_slice(&MF.to_be_bytes());
+    assert_eq!(run(&mut f, program_names::TO_POD, &split, DropReason::IcmpUnrelated), TC_ACT_SHOT);
+    // An error about the pod's ping.
+    let ping = icmp_echo(POD, PEER_B, 8, 0x77);
+    assert_eq!(run(&mut f, program_names::FROM_POD, &ping, DropReason::Forwarded), TC_ACT_OK);
+    let unreachable = icmp_error(UNKNOWN, POD, UNREACH, 1, (POD, 8, PEER_B, 0x77, proto::ICMP));
+    assert_eq!(run(&mut f, program_names::TO_POD, &unreachable, DropReason::Forwarded), TC_ACT_OK);
+    let other_id = icmp_error(UNKNOWN, POD, UNREACH, 1, (POD, 8, PEER_B, 0x78, proto::ICMP));
+    assert_eq!(
+        run(&mut f, program_names::TO_POD, &other_id, DropReason::IcmpUnrelated),
+        TC_ACT_SHOT
+    );
+
+    // The pod's own error about a datagram 301 sent it (ingress allowed) relates to that flow.
+    let inbound = udp_to(PEER_A, 5000, POD, 9000);
+    assert_eq!(run(&mut f, program_names::TO_POD, &inbound, DropReason::Forwarded), TC_ACT_OK);
+    let answer = icmp_error(POD, PEER_A, UNREACH, 3, (PEER_A, 5000, POD, 9000, proto::UDP));
+    assert_eq!(run(&mut f, program_names::FROM_POD, &answer, DropReason::Forwarded), TC_ACT_OK);
+}
+
+#[test]
+fn one_icmp_error_opens_no_pinhole_for_other_icmp() {
+    let mut f = fixture("icmp-pinhole", endpoint_flags::ISOLATED_INGRESS);
+    // The old hole: the pod sends 302 an ICMP error (about nothing it holds) ...
+    let lure = icmp_error(POD, PEER_B, UNREACH, 3, (PEER_B, 53, POD, 41000, proto::UDP));
+    assert_eq!(run(&mut f, program_names::FROM_POD, &lure, DropReason::IcmpUnrelated), TC_ACT_SHOT);
+    // ... and one it may send, about a reply on its own flow.
+    let out = udp_to(POD, 41000, PEER_B, 53);
+    assert_eq!(run(&mut f, program_names::FROM_POD, &out, DropReason::Forwarded), TC_ACT_OK);
+    let reply = udp_to(PEER_B, 53, POD, 41000);
+    assert_eq!(run(&mut f, program_names::TO_POD, &reply, DropReason::Forwarded), TC_ACT_OK);
+    let error = icmp_error(POD, PEER_B, UNREACH, 3, (PEER_B, 53, POD, 41000, proto::UDP));
+    assert_eq!(run(&mut f, program_names::FROM_POD, &error, DropReason::Forwarded), TC_ACT_OK);
+    // None of it lets 302 send the pod ICMP of its own: errors quoting nothing, queries and
+    // other types meet ingress policy (denied) as flows of their own.
+    let forged = icmp_error(PEER_B, POD, UNREACH, 3, (POD, 1, PEER_B, 1, proto::UDP));
+    assert_eq!(run(&mut f, program_names::TO_POD, &forged, DropReason::IcmpUnrelated), TC_ACT_SHOT);
+    for (kind, code) in [(13, 0), (8, 0), (9, 0), (5, 1), (17, 0)] {
+        let query = icmp(PEER_B, POD, kind, code, &[0; 16]);
+        assert_eq!(
+            run(&mut f, program_names::TO_POD, &query, DropReason::PolicyDenied),
+            TC_ACT_SHOT,
+            "type {kind}"
+        );
+    }
+    // A timestamp reply matches the pod's own request, by id.
+    let request = icmp(POD, PEER_B, 13, 0, &[0, 9, 0, 1]);
+    assert_eq!(run(&mut f, program_names::FROM_POD, &request, DropReason::Forwarded), TC_ACT_OK);
+    let answer = icmp(PEER_B, POD, 14, 0, &[0, 9, 0, 1]);
+    assert_eq!(run(&mut f, program_names::TO_POD, &answer, DropReason::Forwarded), TC_ACT_OK);
+    let other = icmp(PEER_B, POD, 14, 0, &[0, 10, 0, 1]);
+    assert_eq!(run(&mut f, program_names::TO_POD, &other, DropReason::PolicyDenied), TC_ACT_SHOT);
+}
+
+#[test]
+fn only_the_side_that_opened_a_datagram_flow_keeps_it_alive() {
+    use bulkhead_common::{CtEntry, CtKey};
+    let mut f = fixture("ct-opener", endpoint_flags::ISOLATED_INGRESS);
+    let out = udp_to(POD, 42000, PEER_B, 53);
+    assert_eq!(run(&mut f, program_names::FROM_POD, &out, DropReason::Forwarded), TC_ACT_OK);
+    let key = CtKey {
+        saddr: POD.octets(),
+        daddr: PEER_B.octets(),
+        sport: 42000u16.to_be_bytes(),
+        dport: 53u16.to_be_bytes(),
+        protocol: proto::UDP,
+        direction: direction::EGRESS,
+        _pad: [0; 2],
+    };
+    let mut ct: aya::maps::HashMap<_, CtKey, CtEntry> = ct_table(&f, 10);
+    let past = monotonic_ns() - 50_000_000_000;
+    let e = ct.get(&key, 0).unwrap();
+    ct.insert(key, CtEntry { last_seen_ns: past, ..e }, 0).unwrap();
+    // The remote's datagrams pass while the entry lives, but do not extend it ...
+    let reply = udp_to(PEER_B, 53, POD, 42000);
+    assert_eq!(run(&mut f, program_names::TO_POD, &reply, DropReason::Forwarded), TC_ACT_OK);
+    assert_eq!(ct_entry(&f, &key).unwrap().last_seen_ns, past, "a reply refreshed a UDP entry");
+    // ... the pod's do.
+    assert_eq!(run(&mut f, program_names::FROM_POD, &out, DropReason::Forwarded), TC_ACT_OK);
+    assert!(ct_entry(&f, &key).unwrap().last_seen_ns > past);
+    // Once it lapses, the remote alone cannot reopen it.
+    ct.insert(
+        key,
+        CtEntry {
+            last_seen_ns: monotonic_ns() - 61_000_000_000,
+            ..e
+        },
+        0,
+    )
+    .unwrap();
+    assert_eq!(run(&mut f, program_names::TO_POD, &reply, DropReason::PolicyDenied), TC_ACT_SHOT);
+}
+
+#[test]
+fn the_readme_lists_every_drop_reason_by_number_and_name() {
+    let readme = include_str!("../../README.md");
+    let start = readme.find("**Drop reasons**").expect("the README's drop reasons");
+    let end = start + readme[start..].find("\n\n").expect("the paragraph's end");
+    let text = readme[start..end].split_whitespace().collect::<Vec<_>>().join(" ");
+    for r in DropReason::ALL {
+        let entry = format!("{} {}", r as u32, r.name());
+        assert!(text.contains(&entry), "README's drop reasons lack {entry:?}: {text}");
+    }
+}
+
+#[test]
+fn a_revoked_policy_ends_a_datagram_flow_within_a_second_and_leaves_tcp_connections() {
+    use bulkhead_common::{CtEntry, CtKey};
+    let mut f = fixture("ct-revoke", ISOLATED);
+    // 301 opens a UDP flow and a TCP connection to the pod (ingress allows 301 anything).
+    let udp_in = udp_to(PEER_A, 5353, POD, 9000);
+    assert_eq!(run(&mut f, program_names::TO_POD, &udp_in, DropReason::Forwarded), TC_ACT_OK);
+    let tcp_in = tcp(HOST_MAC, PEER_A, 5555, POD, 9001);
+    assert_eq!(run(&mut f, program_names::TO_POD, &tcp_in, DropReason::Forwarded), TC_ACT_OK);
+    // Still allowed after a second: the datagram passes again, with no new flow record.
+    let key = |sport: u16, dport: u16, protocol| CtKey {
+        saddr: PEER_A.octets(),
+        daddr: POD.octets(),
+        sport: sport.to_be_bytes(),
+        dport: dport.to_be_bytes(),
+        protocol,
+        direction: direction::INGRESS,
+        _pad: [0; 2],
+    };
+    let mut ct: aya::maps::HashMap<_, CtKey, CtEntry> = ct_table(&f, 10);
+    let age = |ct: &mut aya::maps::HashMap<_, CtKey, CtEntry>, k: CtKey| {
+        let e = ct.get(&k, 0).unwrap();
+        ct.insert(
+            k,
+            CtEntry {
+                last_seen_ns: monotonic_ns() - 2_000_000_000,
+                ..e
+            },
+            0,
+        )
+        .unwrap();
+    };
+    f.drain();
+    age(&mut ct, key(5353, 9000, proto::UDP));
+    assert_eq!(run(&mut f, program_names::TO_POD, &udp_in, DropReason::Forwarded), TC_ACT_OK);
+    assert!(f.drain().is_empty(), "a still-allowed flow is reported once");
+    // The rule goes: the datagram flow ends at its next recheck, the TCP connection stays.
+    f.dp.maps
+        .remove_policy(&PolicyKey::new(10, 301, direction::INGRESS, 0, 0), POLICY_PREFIX_ANY_PROTO)
+        .unwrap();
+    age(&mut ct, key(5353, 9000, proto::UDP));
+    age(&mut ct, key(5555, 9001, proto::TCP));
+    assert_eq!(run(&mut f, program_names::TO_POD, &udp_in, DropReason::PolicyDenied), TC_ACT_SHOT);
+    let mut ack = tcp(HOST_MAC, PEER_A, 5555, POD, 9001);
+    ack[14 + 20 + 13] = ACK;
+    assert_eq!(run(&mut f, program_names::TO_POD, &ack, DropReason::Forwarded), TC_ACT_OK);
+}

@@ -881,9 +881,10 @@ fn udp_to_a_service_port_without_backends_gets_the_vips_icmp_port_unreachable() 
             (VIP_EMPTY.octets(), DNS_PORT.to_be_bytes(), sport.to_be_bytes())
         );
 
-        // Sent back out of the veth, it reaches the pod past isolated ingress, marked only.
+        // Sent back out of the veth, it reaches the pod past isolated ingress, marked only
+        // (unmarked, it is an ICMP error quoting no flow the pod's conntrack holds).
         delivered_to_the_pod(&mut f, &out.packet);
-        f.run(program_names::TO_POD, &out.packet, DropReason::PolicyDenied);
+        f.run(program_names::TO_POD, &out.packet, DropReason::IcmpUnrelated);
         f.drain();
     }
 
@@ -910,7 +911,7 @@ fn udp_to_a_service_port_without_backends_gets_the_vips_icmp_port_unreachable() 
         let out = f.run_full(
             program_names::TO_POD,
             &forged,
-            DropReason::PolicyDenied,
+            DropReason::IcmpUnrelated,
             1,
             TC_ACT_SHOT,
             bulkhead_common::GENERATED_REPLY_MARK,
@@ -1170,4 +1171,150 @@ fn sctp_services_translate_the_address_only_and_replies_come_back_from_the_vip()
     assert!(nat
         .get(&ct_key(CLIENT, 45001, VIP_THREE, SCTP_PORT, proto::SCTP, direction::EGRESS), 0)
         .is_err());
+}
+
+/// `packet` (a frame from [`frame`]) as a fragment of IP datagram `id`: `frag_off` holds the
+/// More Fragments bit (0x2000) and the offset in 8-byte units; the IPv4 checksum redone.
+fn as_fragment(mut packet: Vec<u8>, id: u16, frag_off: u16) -> Vec<u8> {
+    packet[18..20].copy_from_slice(&id.to_be_bytes());
+    packet[20..22].copy_from_slice(&frag_off.to_be_bytes());
+    packet[24..26].copy_from_slice(&[0, 0]);
+    let check = !(sum16(&packet[14..34], 0) as u16);
+    packet[24..26].copy_from_slice(&check.to_be_bytes());
+    packet
+}
+
+#[test]
+fn a_fragmented_datagram_to_a_vip_goes_whole_to_its_backend_and_its_answer_comes_back_from_the_vip() {
+    let mut f = fixture("fragments", ISOLATED);
+    const MF: u16 = 0x2000;
+    let first = as_fragment(
+        frame(HOST_MAC, CLIENT_MAC, CLIENT, VIP_ONE, proto::UDP, udp_l4(41500, DNS_PORT), None),
+        0x99,
+        MF,
+    );
+    let out = f.run(program_names::FROM_POD, &first, DropReason::Forwarded);
+    assert_eq!(out.dst(), (backend_ip(1), UDP_TARGET_PORT));
+    // The later fragment has no ports: it gets the first one's backend address.
+    let later = as_fragment(frame(HOST_MAC, CLIENT_MAC, CLIENT, VIP_ONE, proto::UDP, vec![7; 16], None), 0x99, 2);
+    let out = f.run(program_names::FROM_POD, &later, DropReason::Forwarded);
+    let ip = out.ip();
+    assert_eq!(Ipv4Addr::new(ip[16], ip[17], ip[18], ip[19]), backend_ip(1));
+    assert_eq!(sum16(&ip[..20], 0), 0xffff, "IPv4 header checksum");
+    assert_eq!(&ip[20..], &[7; 16], "payload untouched");
+    // A later fragment of another datagram (id) to the VIP follows nothing.
+    let stray = as_fragment(later.clone(), 0x9a, 2);
+    f.run_full(program_names::FROM_POD, &stray, DropReason::Fragment, 1, TC_ACT_SHOT, 0);
+
+    // The backend's fragmented answer: both fragments come from the VIP.
+    let first = as_fragment(
+        frame(
+            CLIENT_MAC,
+            HOST_MAC,
+            backend_ip(1),
+            CLIENT,
+            proto::UDP,
+            udp_l4(UDP_TARGET_PORT, 41500),
+            None,
+        ),
+        0x55,
+        MF,
+    );
+    let out = f.run(program_names::TO_POD, &first, DropReason::Forwarded);
+    assert_eq!(out.src(), (VIP_ONE, DNS_PORT));
+    let later = as_fragment(
+        frame(CLIENT_MAC, HOST_MAC, backend_ip(1), CLIENT, proto::UDP, vec![8; 16], None),
+        0x55,
+        2,
+    );
+    let out = f.run(program_names::TO_POD, &later, DropReason::Forwarded);
+    let ip = out.ip();
+    assert_eq!(Ipv4Addr::new(ip[12], ip[13], ip[14], ip[15]), VIP_ONE);
+    assert_eq!(sum16(&ip[..20], 0), 0xffff, "IPv4 header checksum");
+}
+
+/// An ICMP error from `src` to the client quoting `quoted` (a frame), with valid checksums.
+fn icmp_error_to_client(src: Ipv4Addr, kind: u8, code: u8, quoted: &[u8]) -> Vec<u8> {
+    let mut l4 = vec![kind, code, 0, 0, 0, 0, 0, 0];
+    l4.extend_from_slice(&quoted[14..14 + 28]);
+    let check = !(sum16(&l4, 0) as u16);
+    l4[2..4].copy_from_slice(&check.to_be_bytes());
+    frame(CLIENT_MAC, HOST_MAC, src, CLIENT, proto::ICMP, l4, None)
+}
+
+#[test]
+fn an_icmp_error_about_a_service_connection_reaches_the_client_naming_the_vip() {
+    let mut f = fixture("icmp-vip", ISOLATED);
+    let query = frame(HOST_MAC, CLIENT_MAC, CLIENT, VIP_ONE, proto::UDP, udp_l4(41600, DNS_PORT), Some(6));
+    let sent = f.run(program_names::FROM_POD, &query, DropReason::Forwarded).packet;
+    // What the backend (or a router on the way) quotes is the translated datagram.
+    for (from, outer) in [(backend_ip(1), VIP_ONE), (Ipv4Addr::new(10, 0, 9, 9), Ipv4Addr::new(10, 0, 9, 9))] {
+        for (kind, code) in [(3, 3), (3, 4), (11, 0)] {
+            let error = icmp_error_to_client(from, kind, code, &sent);
+            let out = f.run(program_names::TO_POD, &error, DropReason::Forwarded);
+            let ip = out.ip();
+            assert_eq!(Ipv4Addr::new(ip[12], ip[13], ip[14], ip[15]), outer, "outer source");
+            assert_eq!(sum16(&ip[..20], 0), 0xffff, "IPv4 header checksum");
+            assert_eq!(sum16(&ip[20..], 0), 0xffff, "ICMP checksum");
+            let q = &ip[28..];
+            assert_eq!(Ipv4Addr::new(q[16], q[17], q[18], q[19]), VIP_ONE, "quoted destination");
+            assert_eq!(u16::from_be_bytes([q[22], q[23]]), DNS_PORT, "quoted port");
+            assert_eq!(u16::from_be_bytes([q[20], q[21]]), 41600);
+            assert_eq!(sum16(&q[..20], 0), 0xffff, "quoted IPv4 header checksum");
+        }
+    }
+    // One quoting a datagram the client never sent is dropped.
+    let other = frame(
+        HOST_MAC,
+        CLIENT_MAC,
+        CLIENT,
+        backend_ip(1),
+        proto::UDP,
+        udp_l4(41601, UDP_TARGET_PORT),
+        Some(6),
+    );
+    let error = icmp_error_to_client(backend_ip(1), 3, 3, &other);
+    f.run_full(program_names::TO_POD, &error, DropReason::IcmpUnrelated, 1, TC_ACT_SHOT, 0);
+}
+
+/// The per-packet cost of the fragment and ICMP-error paths, next to a whole datagram:
+/// `cargo test --test services -- --nocapture fragment_and_icmp_error_cost`.
+#[test]
+fn fragment_and_icmp_error_cost() {
+    const N: u16 = 2000;
+    const MF: u16 = 0x2000;
+    let mut f = fixture("cost-frag", ISOLATED);
+    let median = |mut v: Vec<Duration>| {
+        v.sort();
+        v[v.len() / 2]
+    };
+    let (mut whole, mut first, mut later, mut error, mut error_vip) = (vec![], vec![], vec![], vec![], vec![]);
+    for i in 0..N {
+        let sport = 20000 + i;
+        let udp = |sport, dst, dport| frame(HOST_MAC, CLIENT_MAC, CLIENT, dst, proto::UDP, udp_l4(sport, dport), Some(6));
+        let run = |f: &mut Fixture, program, packet: &[u8]| f.run(program, packet, DropReason::Forwarded);
+        // The flow's first datagram opens it; the measured one is established.
+        run(&mut f, program_names::FROM_POD, &udp(sport, backend_ip(1), UDP_TARGET_PORT));
+        whole.push(run(&mut f, program_names::FROM_POD, &udp(sport, backend_ip(1), UDP_TARGET_PORT)).duration);
+        let head = as_fragment(udp(sport, backend_ip(1), UDP_TARGET_PORT), i, MF);
+        first.push(run(&mut f, program_names::FROM_POD, &head).duration);
+        let tail = as_fragment(
+            frame(HOST_MAC, CLIENT_MAC, CLIENT, backend_ip(1), proto::UDP, vec![7; 16], None),
+            i,
+            2,
+        );
+        later.push(run(&mut f, program_names::FROM_POD, &tail).duration);
+        let sent = udp(sport, backend_ip(1), UDP_TARGET_PORT);
+        error.push(run(&mut f, program_names::TO_POD, &icmp_error_to_client(backend_ip(1), 3, 3, &sent)).duration);
+        let sent = run(&mut f, program_names::FROM_POD, &udp(40000 + i, VIP_ONE, DNS_PORT)).packet;
+        error_vip.push(run(&mut f, program_names::TO_POD, &icmp_error_to_client(backend_ip(1), 3, 3, &sent)).duration);
+    }
+    eprintln!(
+        "median per packet (one run each, n={N}): whole datagram (established) {:?}; first fragment (established, records) {:?}; later fragment {:?}; ICMP error related {:?}; related and restored to the VIP {:?}",
+        median(whole),
+        median(first),
+        median(later),
+        median(error),
+        median(error_vip)
+    );
 }

@@ -3,11 +3,13 @@
 //! `from_pod` runs on the veth's TC ingress (what the pod sends: its egress) and `to_pod`
 //! on its TC egress (what the pod receives: its ingress). Per packet: one endpoint lookup,
 //! one lookup of the endpoint's conntrack table and at most two conntrack lookups in it, one
-//! ipcache lookup and two policy lookups — never a loop over rules. See DESIGN.md "Datapath
-//! model".
+//! ipcache lookup and two policy lookups — never a loop over rules. A first fragment adds
+//! one insert, a later fragment is one lookup (`fragment`); an ICMP error is two conntrack
+//! lookups for the flow it quotes (`related`). See DESIGN.md "Datapath model".
 #![no_std]
 #![no_main]
 
+mod fragment;
 mod packet;
 mod reject;
 mod service;
@@ -21,11 +23,11 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use bulkhead_common::{
-    capacity, counter_index, ct_flags, ct_lifetime_ns, direction, endpoint_flags, identity, remote_lookup_prefix, rule_id, verdict,
+    capacity, counter_index, ct_flags, ct_lifetime_ns, direction, endpoint_flags, identity, proto, remote_lookup_prefix, rule_id, verdict,
     Counter, CtEntry, CtKey, DropReason, EndpointInfo, FlowBudget, FlowEvent, IpcacheValue, Ipv4Key, PolicyKey, PolicyValue, COUNTER_SLOTS,
     CT_CLOSING_LIFETIME_NS, CT_REFRESH_NS, GENERATED_REPLY_MARK, POLICY_PREFIX_FULL,
 };
-use packet::{Headers, L3};
+use packet::{Fragment, Headers, L3};
 
 // Map names must equal bulkhead_common::map_names (the agent looks them up by those).
 #[map(name = "bh_endp_v1")]
@@ -201,14 +203,51 @@ fn try_from_pod(ctx: &TcContext, flow: &mut FlowEvent) -> Result<Pass, DropReaso
     }
     // SAFETY: bpf_ktime_get_ns has no preconditions.
     let now = unsafe { bpf_ktime_get_ns() };
+    // An ICMP error is a few hundred bytes at most (RFC 1812 4.3.2.3: 576): one that comes
+    // in fragments is no stack's, and would meet conntrack with a tuple of its own.
+    if l3.icmp_error && l3.fragment == Fragment::First {
+        return Err(DropReason::IcmpUnrelated);
+    }
+    match l3.fragment {
+        Fragment::Later => {
+            return fragment::follow(ctx, &l3, direction::EGRESS, service::End::Destination, now).map(|()| Pass::Quiet);
+        }
+        Fragment::First => {
+            let key = fragment::key(&l3, direction::EGRESS);
+            let result = from_pod_flow(ctx, &ep, l3, now, flow);
+            let (admitted, nat) = match result {
+                Ok((Pass::Quiet | Pass::NewFlow(_), nat)) => (true, nat),
+                _ => (false, None),
+            };
+            fragment::settle(&key, admitted, nat, now);
+            return result.map(|(pass, _)| pass);
+        }
+        Fragment::Whole => {}
+    }
+    if l3.icmp_error {
+        return related(ctx, &ep, direction::EGRESS, &l3, now).map(|()| Pass::Quiet);
+    }
+    from_pod_flow(ctx, &ep, l3, now, flow).map(|(pass, _)| pass)
+}
+
+/// A pod's packet through Service translation, conntrack and egress policy; also returns
+/// the backend address it was translated to.
+#[inline(always)]
+fn from_pod_flow(
+    ctx: &TcContext,
+    ep: &EndpointInfo,
+    l3: L3,
+    now: u64,
+    flow: &mut FlowEvent,
+) -> Result<(Pass, Option<[u8; 4]>), DropReason> {
     let t = match service::forward(&l3, now) {
         service::Forward::Direct => {
-            return admit(&ep, direction::EGRESS, &l3, l3.daddr, 0, flow, 0).map(|(pass, _)| pass);
+            return admit(ep, direction::EGRESS, &l3, l3.daddr, 0, flow, 0).map(|(pass, _)| (pass, None));
         }
         service::Forward::Refused { service_id, answer } => {
             flow.service_id = flow_service_id(service_id);
             if answer && reject::answer(ctx, &l3) {
-                return Ok(Pass::Refused(DropReason::NoServiceBackend));
+                return Ok((Pass::Refused(DropReason::NoServiceBackend), None));
             }
             return Err(DropReason::NoServiceBackend);
         }
@@ -225,11 +264,11 @@ fn try_from_pod(ctx: &TcContext, flow: &mut FlowEvent) -> Result<Pass, DropReaso
     };
     flow.daddr = l3.daddr;
     flow.dport = l3.dport;
-    let (pass, _) = admit(&ep, direction::EGRESS, &l3, l3.daddr, 0, flow, ct_flags::service(t.nat.service_id))?;
+    let (pass, _) = admit(ep, direction::EGRESS, &l3, l3.daddr, 0, flow, ct_flags::service(t.nat.service_id))?;
     if t.new {
         service::record(&t)?;
     }
-    Ok(pass)
+    Ok((pass, Some(t.nat.addr)))
 }
 
 fn try_to_pod(ctx: &TcContext, flow: &mut FlowEvent) -> Result<Pass, DropReason> {
@@ -246,18 +285,108 @@ fn try_to_pod(ctx: &TcContext, flow: &mut FlowEvent) -> Result<Pass, DropReason>
     // Our own refusal, sent back by this pod's from_pod (the mark cannot come from a pod):
     // exactly a TCP RST or ICMP port unreachable from a Service port, so that a mark set by
     // anyone else on the node never opens a pod's ingress.
-    if mark & GENERATED_REPLY_MARK != 0 && reject::is_generated(ctx, &l3, ep.ipv4) {
+    if mark & GENERATED_REPLY_MARK != 0 && l3.fragment == Fragment::Whole && reject::is_generated(ctx, &l3, ep.ipv4) {
         return Ok(Pass::Quiet);
     }
-    let (pass, reply_flags) = admit(&ep, direction::INGRESS, &l3, l3.saddr, mark, flow, 0)?;
+    // SAFETY: bpf_ktime_get_ns has no preconditions.
+    let now = unsafe { bpf_ktime_get_ns() };
+    // An ICMP error is a few hundred bytes at most (RFC 1812 4.3.2.3: 576): one that comes
+    // in fragments is no stack's, and would meet conntrack with a tuple of its own.
+    if l3.icmp_error && l3.fragment == Fragment::First {
+        return Err(DropReason::IcmpUnrelated);
+    }
+    match l3.fragment {
+        Fragment::Later => {
+            return fragment::follow(ctx, &l3, direction::INGRESS, service::End::Source, now).map(|()| Pass::Quiet);
+        }
+        Fragment::First => {
+            let key = fragment::key(&l3, direction::INGRESS);
+            let result = to_pod_flow(ctx, &ep, &l3, mark, flow);
+            let (admitted, nat) = match result {
+                Ok((Pass::Quiet | Pass::NewFlow(_), nat)) => (true, nat),
+                _ => (false, None),
+            };
+            fragment::settle(&key, admitted, nat, now);
+            return result.map(|(pass, _)| pass);
+        }
+        Fragment::Whole => {}
+    }
+    if l3.icmp_error {
+        return related(ctx, &ep, direction::INGRESS, &l3, now).map(|()| Pass::Quiet);
+    }
+    to_pod_flow(ctx, &ep, &l3, mark, flow).map(|(pass, _)| pass)
+}
+
+/// A packet to the pod through conntrack and ingress policy, and a reply on a Service
+/// connection given its VIP back; also returns that VIP.
+#[inline(always)]
+fn to_pod_flow(
+    ctx: &TcContext,
+    ep: &EndpointInfo,
+    l3: &L3,
+    mark: u32,
+    flow: &mut FlowEvent,
+) -> Result<(Pass, Option<[u8; 4]>), DropReason> {
+    let (pass, reply_flags) = admit(ep, direction::INGRESS, l3, l3.saddr, mark, flow, 0)?;
     // A reply on a connection this pod made to a Service: give it the VIP back.
     let index = ct_flags::rev_nat_index(reply_flags);
     if index != 0 {
         if let Some(vip) = service::reverse(index) {
-            service::rewrite(ctx, &l3, service::End::Source, vip.vip, vip.port)?;
+            service::rewrite(ctx, l3, service::End::Source, vip.vip, vip.port)?;
+            return Ok((pass, Some(vip.vip)));
         }
     }
-    Ok(pass)
+    Ok((pass, None))
+}
+
+/// An ICMP error (`l3`, at the endpoint's `dir`) passes only as part of the flow it quotes:
+/// the quoted packet went the other way, so it is either that flow's opening direction
+/// (key: the quote, in the opposite direction) or its reply (key: the quote reversed, in
+/// `dir`), in the endpoint's own table. Two lookups, no refresh: errors never keep a flow
+/// alive. An error to the pod quoting a translated Service connection gets the VIP back.
+#[inline(always)]
+fn related(ctx: &TcContext, ep: &EndpointInfo, dir: u8, l3: &L3, now: u64) -> Result<(), DropReason> {
+    let q = packet::quoted(ctx, l3).ok_or(DropReason::IcmpUnrelated)?;
+    // SAFETY: as in `admit`.
+    let table = unsafe { CONNTRACK.get(&ep.endpoint_id) }.ok_or(DropReason::IcmpUnrelated)?;
+    let quoted_dir = if dir == direction::EGRESS {
+        direction::INGRESS
+    } else {
+        direction::EGRESS
+    };
+    let key = CtKey {
+        saddr: q.saddr,
+        daddr: q.daddr,
+        sport: q.sport,
+        dport: q.dport,
+        protocol: q.protocol,
+        direction: quoted_dir,
+        _pad: [0; 2],
+    };
+    if let Some(flags) = ct_peek(table, &key, now) {
+        let index = ct_flags::rev_nat_index(flags);
+        if dir == direction::INGRESS && index != 0 {
+            if let Some(vip) = service::reverse(index) {
+                service::restore_quote(ctx, l3, &q, &vip)?;
+            }
+        }
+        return Ok(());
+    }
+    ct_peek(table, &key.reversed(dir), now).map(|_| ()).ok_or(DropReason::IcmpUnrelated)
+}
+
+/// The flags of `key`'s entry when it is tracked and not idle past its lifetime; unlike
+/// [`ct_alive`] it refreshes nothing.
+#[inline(always)]
+fn ct_peek(table: &CtTable, key: &CtKey, now: u64) -> Option<u32> {
+    // SAFETY: copied out at once; a racing refresh writes the same kind of value.
+    let entry = unsafe { table.get(key) }.copied()?;
+    let lifetime = if entry.flags & ct_flags::CLOSING != 0 {
+        CT_CLOSING_LIFETIME_NS
+    } else {
+        ct_lifetime_ns(key.protocol)
+    };
+    (now.saturating_sub(entry.last_seen_ns) <= lifetime).then_some(entry.flags)
 }
 
 /// A Service port's id as flow records carry it (ids fit: at most `MAX_SERVICE_ID`).
@@ -301,12 +430,27 @@ fn admit(
         direction::EGRESS
     };
     let closing = l3.tcp_closing();
+    // A datagram flow (UDP, ICMP, anything but TCP and SCTP) has no handshake or close to
+    // go by (issue 12.9): its replies never extend it, so a remote side alone cannot keep a
+    // pinhole open past the lifetime; and its opener's packets, instead of refreshing it,
+    // meet policy again (at most once per `CT_REFRESH_NS`), so a revoked policy ends it
+    // within a second. TCP and SCTP connections outlive a revocation, as in Cilium.
+    let datagram = l3.protocol != proto::TCP && l3.protocol != proto::SCTP;
+    let (forward, reply) = if datagram {
+        (Refresh::Recheck, Refresh::No)
+    } else {
+        (Refresh::Yes, Refresh::Yes)
+    };
+    let mut recheck = false;
     if let (false, Some(table)) = (l3.tcp_syn, table) {
-        if ct_alive(table, &key, now, closing).is_some() {
-            return Ok((Pass::Quiet, 0));
-        }
-        if let Some(flags) = ct_alive(table, &key.reversed(reply_dir), now, closing) {
-            return Ok((Pass::Quiet, flags));
+        match ct_alive(table, &key, now, closing, forward) {
+            Some(Tracked::Alive(_)) => return Ok((Pass::Quiet, 0)),
+            Some(Tracked::Recheck) => recheck = true,
+            None => {
+                if let Some(Tracked::Alive(flags)) = ct_alive(table, &key.reversed(reply_dir), now, closing, reply) {
+                    return Ok((Pass::Quiet, flags));
+                }
+            }
         }
     }
     let (rule, v) = policy_verdict(ep, dir, remote, mark, l3, flow)?;
@@ -319,14 +463,34 @@ fn admit(
         .ok_or(DropReason::CtInsertFailed)?
         .insert(key, entry, 0)
         .map_err(|_| DropReason::CtInsertFailed)?;
-    Ok((Pass::NewFlow(v), 0))
+    // A flow that is still allowed is no new flow (no record).
+    Ok((if recheck { Pass::Quiet } else { Pass::NewFlow(v) }, 0))
 }
 
-/// The entry's flags when `key` is tracked and not idle past its lifetime; refreshes it at most once
-/// per `CT_REFRESH_NS` so that most packets do no map write. `closing` (a FIN or RST) marks
-/// the entry, which then ages out after `CT_CLOSING_LIFETIME_NS` idle.
+/// What a packet on a tracked flow does to its entry once `CT_REFRESH_NS` passed.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Refresh {
+    /// Refreshes it.
+    Yes,
+    /// Leaves it as it is.
+    No,
+    /// Sends the packet to policy again, which writes a fresh entry if it still allows it.
+    Recheck,
+}
+
+/// A tracked flow's entry as a packet finds it.
+enum Tracked {
+    /// Alive, with its flags.
+    Alive(u32),
+    /// Alive, but policy must decide again ([`Refresh::Recheck`]).
+    Recheck,
+}
+
+/// Whether `key` is tracked and not idle past its lifetime; a refresh (`refresh`) happens
+/// at most once per `CT_REFRESH_NS` so that most packets do no map write. `closing` (a FIN
+/// or RST) marks the entry, which then ages out after `CT_CLOSING_LIFETIME_NS` idle.
 #[inline(always)]
-fn ct_alive(table: &CtTable, key: &CtKey, now: u64, closing: bool) -> Option<u32> {
+fn ct_alive(table: &CtTable, key: &CtKey, now: u64, closing: bool, refresh: Refresh) -> Option<Tracked> {
     let entry = table.get_ptr_mut(key)?;
     // SAFETY: the pointer is valid until the program ends; a racing refresh writes the same
     // kind of value, so a torn read at worst refreshes twice.
@@ -345,9 +509,13 @@ fn ct_alive(table: &CtTable, key: &CtKey, now: u64, closing: bool) -> Option<u32
             (*entry).flags = flags | ct_flags::CLOSING;
             (*entry).last_seen_ns = now;
         } else if idle > CT_REFRESH_NS {
-            (*entry).last_seen_ns = now;
+            match refresh {
+                Refresh::Yes => (*entry).last_seen_ns = now,
+                Refresh::No => {}
+                Refresh::Recheck => return Some(Tracked::Recheck),
+            }
         }
-        Some(flags)
+        Some(Tracked::Alive(flags))
     }
 }
 

@@ -19,7 +19,7 @@ use bulkhead_common::{
     ServiceKey, ServiceValue,
 };
 
-use crate::packet::{IP_CHECK_OFF, IP_DADDR_OFF, IP_SADDR_OFF, L3, TCP_CHECK_OFF, UDP_CHECK_OFF};
+use crate::packet::{Quoted, IP_CHECK_OFF, IP_DADDR_OFF, IP_SADDR_OFF, L3, TCP_CHECK_OFF, UDP_CHECK_OFF};
 
 // Map names must equal bulkhead_common::map_names (the agent looks them up by those).
 #[map(name = "bh_svc_v1")]
@@ -250,4 +250,50 @@ pub fn rewrite(ctx: &TcContext, l3: &L3, end: End, addr: [u8; 4], port: [u8; 2])
     }
     ctx.l3_csum_replace(IP_CHECK_OFF, from_addr, to_addr, 4).map_err(fail)?;
     ctx.store(addr_off, &addr, 0).map_err(fail)
+}
+
+/// Rewrites only one end's address and the IPv4 checksum: a later fragment of a translated
+/// datagram, whose ports and L4 checksum (which covers the addresses) travel in its first
+/// fragment, rewritten there by [`rewrite`].
+#[inline(always)]
+pub fn rewrite_address(ctx: &TcContext, l3: &L3, end: End, addr: [u8; 4]) -> Result<(), DropReason> {
+    let (addr_off, old_addr) = match end {
+        End::Destination => (IP_DADDR_OFF, l3.daddr),
+        End::Source => (IP_SADDR_OFF, l3.saddr),
+    };
+    let fail = |_| DropReason::Malformed;
+    let from_addr = u64::from(u32::from_ne_bytes(old_addr));
+    let to_addr = u64::from(u32::from_ne_bytes(addr));
+    ctx.l3_csum_replace(IP_CHECK_OFF, from_addr, to_addr, 4).map_err(fail)?;
+    ctx.store(addr_off, &addr, 0).map_err(fail)
+}
+
+/// Gives an ICMP error to a client (`l3`) about its translated Service connection (the
+/// quote `q`, client → backend) the VIP back, so that the client's stack matches it to its
+/// socket: the quoted destination address and port become `vip`'s, and the error's own
+/// source too when the backend sent it (a router's address is left as it is). The quoted
+/// IP header's checksum is updated with its address, so the header still sums to the same
+/// value and only the quoted port changes the ICMP checksum (which has no pseudo-header).
+#[inline(always)]
+pub fn restore_quote(ctx: &TcContext, l3: &L3, q: &Quoted, vip: &RevNat) -> Result<(), DropReason> {
+    // The ICMP checksum at 2, the quoted header at 8: its checksum at 10, destination at 16;
+    // the quoted destination port at 8 + 20 + 2.
+    let icmp_check = l3.l4_off + 2;
+    let quote = l3.l4_off + 8;
+    let fail = |_| DropReason::Malformed;
+    let from_addr = u64::from(u32::from_ne_bytes(q.daddr));
+    let to_addr = u64::from(u32::from_ne_bytes(vip.vip));
+    ctx.l3_csum_replace(quote + 10, from_addr, to_addr, 4).map_err(fail)?;
+    ctx.store(quote + 16, &vip.vip, 0).map_err(fail)?;
+    if q.dport != vip.port {
+        let from_port = u64::from(u16::from_ne_bytes(q.dport));
+        let to_port = u64::from(u16::from_ne_bytes(vip.port));
+        ctx.l4_csum_replace(icmp_check, from_port, to_port, 2).map_err(fail)?;
+        ctx.store(quote + 22, &vip.port, 0).map_err(fail)?;
+    }
+    if l3.saddr == q.daddr {
+        ctx.l3_csum_replace(IP_CHECK_OFF, from_addr, to_addr, 4).map_err(fail)?;
+        ctx.store(IP_SADDR_OFF, &vip.vip, 0).map_err(fail)?;
+    }
+    Ok(())
 }
