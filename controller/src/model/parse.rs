@@ -279,6 +279,7 @@ fn parse_value(value: serde_yaml_ng::Value, origin: &str, document: usize) -> Re
         Object::Namespace(ns) => {
             // Namespaces are cluster-scoped; the API server ignores a namespace here.
             ns.metadata.namespace = None;
+            validate_namespace_name(name.as_deref().unwrap_or_default(), "metadata.name").map_err(invalid)?;
             validate_meta(&ns.metadata).map_err(invalid)?;
         }
         Object::Pod(pod) => {
@@ -312,10 +313,31 @@ fn parse_value(value: serde_yaml_ng::Value, origin: &str, document: usize) -> Re
 }
 
 fn validate_meta(meta: &ObjectMeta) -> Result<(), FieldError> {
+    if let Some(ns) = &meta.namespace {
+        validate_namespace_name(ns, "metadata.namespace")?;
+    }
     match &meta.labels {
         Some(labels) => selector::validate_labels(labels, "metadata.labels"),
         None => Ok(()),
     }
+}
+
+/// Checks a namespace name as the API server does (a DNS-1123 label): the model creates the
+/// Namespace of a namespaced object, and the name becomes its `kubernetes.io/metadata.name`
+/// label, so a name that is no label value would leave the model holding what it refuses.
+fn validate_namespace_name(name: &str, field: &str) -> Result<(), FieldError> {
+    let ok = !name.is_empty()
+        && name.len() <= 63
+        && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !name.starts_with('-')
+        && !name.ends_with('-');
+    if ok {
+        return Ok(());
+    }
+    Err(FieldError::new(
+        field,
+        format!("{name:?} is not a namespace name (at most 63 lowercase letters, digits and '-', alphanumeric at both ends)"),
+    ))
 }
 
 fn validate_pod(pod: &Pod) -> Result<(), FieldError> {
@@ -530,5 +552,32 @@ pub(super) fn validate_port_name(name: &str) -> Result<(), String> {
         Ok(())
     } else {
         Err(format!("{name:?} is neither a port number nor a valid port name"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::Cluster;
+
+    /// Found by fuzzing (fuzz/fuzz_targets/manifests.rs): a policy in a namespace whose name
+    /// is no DNS label was accepted, the model created that Namespace, and its own
+    /// `to_yaml` then failed to parse back (the name is its metadata.name label).
+    #[test]
+    fn namespace_names_are_dns_labels() {
+        let policy = |ns: &str| {
+            format!("apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {{name: p, namespace: {ns:?}}}\nspec: {{podSelector: {{}}}}\n")
+        };
+        let long = "x".repeat(64);
+        for bad in [long.as_str(), "X", "a_b", "-a", "a-", "a.b", "\u{fffd}x"] {
+            let err = crate::error_chain(&parse_documents(&policy(bad), "t.yaml").unwrap_err());
+            assert!(err.contains("metadata.namespace"), "{bad}: {err}");
+            let ns = format!("apiVersion: v1\nkind: Namespace\nmetadata: {{name: {bad:?}}}\n");
+            let err = crate::error_chain(&parse_documents(&ns, "t.yaml").unwrap_err());
+            assert!(err.contains("metadata.name"), "{bad}: {err}");
+        }
+        let ok = parse_documents(&policy(&"a-1".repeat(21)), "t.yaml").unwrap();
+        let yaml = Cluster::from_objects(ok).to_yaml();
+        parse_documents(&yaml, "to_yaml").unwrap();
     }
 }
