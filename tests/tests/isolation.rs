@@ -170,12 +170,6 @@ fn hammer_around(
     let stop = AtomicBool::new(false);
     let tally = Tally::default();
     // Stops the hammers even when `during` panics, so the scope can join them.
-    struct StopOnDrop<'a>(&'a AtomicBool);
-    impl Drop for StopOnDrop<'_> {
-        fn drop(&mut self) {
-            self.0.store(true, Ordering::SeqCst);
-        }
-    }
     let marks = std::thread::scope(|scope| {
         let _stop = StopOnDrop(&stop);
         for _ in 0..threads {
@@ -291,6 +285,65 @@ fn new_pod_is_isolated_for_egress_from_the_first_instant() {
     assert!(open.1 > 0, "the hammer never connected once egress was allowed: {open:?}");
 }
 
+/// Sets the flag when dropped: stops the threads of a scope even when its body panics.
+struct StopOnDrop<'a>(&'a AtomicBool);
+
+impl Drop for StopOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::SeqCst);
+    }
+}
+
+/// Waits up to 10 s for `flag`.
+fn wait_for(flag: &AtomicBool, what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !flag.load(Ordering::SeqCst) {
+        assert!(Instant::now() < deadline, "{what}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// What [`hold_echo_connection`] saw.
+#[derive(Default)]
+struct EchoSession {
+    round_trips: AtomicU64,
+    /// The longest time between two round trips, pause included (ms).
+    longest_gap_ms: AtomicU64,
+    /// Why the connection broke, if it did.
+    broken: Mutex<Option<String>>,
+}
+
+/// From `netns`, holds one TCP connection to an echo server and sends a byte every
+/// `pause` until `stop`, checking each comes back within a second (longer than any agent
+/// reload: a stall of a second is a break, not a hiccup).
+fn hold_echo_connection(netns: &str, target: SocketAddr, pause: Duration, stop: &AtomicBool, session: &EchoSession) {
+    enter(netns);
+    let fail = |why: String| {
+        session.broken.lock().expect("lock").get_or_insert(why);
+    };
+    let mut stream = match TcpStream::connect_timeout(&target, Duration::from_secs(2)) {
+        Ok(s) => s,
+        Err(e) => return fail(format!("connect: {e}")),
+    };
+    let _ = stream.set_read_timeout(Some(Duration::from_secs(1)));
+    let (mut n, mut last) = (0u8, Instant::now());
+    while !stop.load(Ordering::SeqCst) {
+        n = n.wrapping_add(1);
+        let mut back = [0u8; 1];
+        if let Err(e) = stream.write_all(&[n]).and_then(|()| stream.read_exact(&mut back)) {
+            return fail(format!("after {} round trips: {e}", session.round_trips.load(Ordering::SeqCst)));
+        }
+        if back[0] != n {
+            return fail(format!("echo {} for {n}", back[0]));
+        }
+        let gap = u64::try_from(last.elapsed().as_millis()).unwrap_or(u64::MAX);
+        session.longest_gap_ms.fetch_max(gap, Ordering::SeqCst);
+        last = Instant::now();
+        session.round_trips.fetch_add(1, Ordering::SeqCst);
+        std::thread::sleep(pause);
+    }
+}
+
 /// Echo server in `netns` on `port`: one thread per connection, until `stop`.
 fn echo_server(netns: &str, port: u16, stop: &AtomicBool, ready: &AtomicBool) {
     enter(netns);
@@ -354,8 +407,8 @@ fn established_flow_survives_policy_changes() {
     let target = SocketAddr::from((pod_ip(&lab, "y/b"), PORT));
     let stop = AtomicBool::new(false);
     let ready = AtomicBool::new(false);
-    let round_trips = AtomicU64::new(0);
-    let broken: Mutex<Option<String>> = Mutex::new(None);
+    let session = EchoSession::default();
+    let (round_trips, broken) = (&session.round_trips, &session.broken);
     let steps: &[(&str, &str, String)] = &[
         ("apply", "z-deny", policy("z", "deny-all", "  podSelector: {}\n  policyTypes: [Ingress, Egress]\n")),
         (
@@ -375,44 +428,10 @@ fn established_flow_survives_policy_changes() {
     ];
     let mut new_while_denied = None;
     std::thread::scope(|scope| {
-        struct StopOnDrop<'a>(&'a AtomicBool);
-        impl Drop for StopOnDrop<'_> {
-            fn drop(&mut self) {
-                self.0.store(true, Ordering::SeqCst);
-            }
-        }
         let _stop = StopOnDrop(&stop);
         scope.spawn(|| echo_server(&server_ns, PORT, &stop, &ready));
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while !ready.load(Ordering::SeqCst) {
-            assert!(Instant::now() < deadline, "echo server did not start");
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        scope.spawn(|| {
-            enter(&client_ns);
-            let fail = |why: String| {
-                broken.lock().expect("lock").get_or_insert(why);
-            };
-            let mut stream = match TcpStream::connect_timeout(&target, Duration::from_secs(2)) {
-                Ok(s) => s,
-                Err(e) => return fail(format!("connect: {e}")),
-            };
-            // Longer than any agent reload: a stall of a second is a break, not a hiccup.
-            let _ = stream.set_read_timeout(Some(Duration::from_secs(1)));
-            let mut n: u8 = 0;
-            while !stop.load(Ordering::SeqCst) {
-                n = n.wrapping_add(1);
-                let mut back = [0u8; 1];
-                if let Err(e) = stream.write_all(&[n]).and_then(|()| stream.read_exact(&mut back)) {
-                    return fail(format!("after {} round trips: {e}", round_trips.load(Ordering::SeqCst)));
-                }
-                if back[0] != n {
-                    return fail(format!("echo {} for {n}", back[0]));
-                }
-                round_trips.fetch_add(1, Ordering::SeqCst);
-                std::thread::sleep(Duration::from_millis(50));
-            }
-        });
+        wait_for(&ready, "echo server did not start");
+        scope.spawn(|| hold_echo_connection(&client_ns, target, Duration::from_millis(50), &stop, &session));
         let wait_trips = |min: u64| {
             let deadline = Instant::now() + Duration::from_secs(10);
             while round_trips.load(Ordering::SeqCst) < min && broken.lock().expect("lock").is_none() {
@@ -475,54 +494,17 @@ fn enforcement_holds_while_the_agent_is_down_and_across_restarts() {
     let (server_ns, client_ns, denied_ns) = (netns_name(&lab, "y/b"), netns_name(&lab, "x/a"), netns_name(&lab, "z/c"));
     let target = SocketAddr::from((pod_ip(&lab, "y/b"), PORT));
     let (stop, ready) = (AtomicBool::new(false), AtomicBool::new(false));
-    let round_trips = AtomicU64::new(0);
-    let longest_gap_ms = AtomicU64::new(0);
-    let broken: Mutex<Option<String>> = Mutex::new(None);
+    let session = EchoSession::default();
+    let (round_trips, broken, longest_gap_ms) = (&session.round_trips, &session.broken, &session.longest_gap_ms);
     let tally = Tally::default();
     let mut new_while_down = None;
     let node_ns = format!("bh{}-node0", lab.id());
     let mut programs_before = Vec::new();
     std::thread::scope(|scope| {
-        struct StopOnDrop<'a>(&'a AtomicBool);
-        impl Drop for StopOnDrop<'_> {
-            fn drop(&mut self) {
-                self.0.store(true, Ordering::SeqCst);
-            }
-        }
         let _stop = StopOnDrop(&stop);
         scope.spawn(|| echo_server(&server_ns, PORT, &stop, &ready));
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while !ready.load(Ordering::SeqCst) {
-            assert!(Instant::now() < deadline, "echo server did not start");
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        scope.spawn(|| {
-            enter(&client_ns);
-            let fail = |why: String| {
-                broken.lock().expect("lock").get_or_insert(why);
-            };
-            let mut stream = match TcpStream::connect_timeout(&target, Duration::from_secs(2)) {
-                Ok(s) => s,
-                Err(e) => return fail(format!("connect: {e}")),
-            };
-            let _ = stream.set_read_timeout(Some(Duration::from_secs(1)));
-            let (mut n, mut last) = (0u8, Instant::now());
-            while !stop.load(Ordering::SeqCst) {
-                n = n.wrapping_add(1);
-                let mut back = [0u8; 1];
-                if let Err(e) = stream.write_all(&[n]).and_then(|()| stream.read_exact(&mut back)) {
-                    return fail(format!("after {} round trips: {e}", round_trips.load(Ordering::SeqCst)));
-                }
-                if back[0] != n {
-                    return fail(format!("echo {} for {n}", back[0]));
-                }
-                let gap = u64::try_from(last.elapsed().as_millis()).unwrap_or(u64::MAX);
-                longest_gap_ms.fetch_max(gap, Ordering::SeqCst);
-                last = Instant::now();
-                round_trips.fetch_add(1, Ordering::SeqCst);
-                std::thread::sleep(Duration::from_millis(20));
-            }
-        });
+        wait_for(&ready, "echo server did not start");
+        scope.spawn(|| hold_echo_connection(&client_ns, target, Duration::from_millis(20), &stop, &session));
         scope.spawn(|| hammer(&denied_ns, false, &[target], &stop, &tally));
         let wait_trips = |more: u64| {
             let want = round_trips.load(Ordering::SeqCst) + more;

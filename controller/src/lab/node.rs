@@ -338,16 +338,7 @@ fn spawn_agent(paths: &LabPaths, state: &LabState, node: &NodeState) -> Result<(
     let (listener, port) = metrics_listener()?;
     let dir = paths.node_dir(&node.name);
     let log_path = dir.join("agent.log");
-    let log = File::create(&log_path).map_err(|source| LabError::Io {
-        op: "create",
-        path: log_path.clone(),
-        source,
-    })?;
-    let log2 = log.try_clone().map_err(|source| LabError::Io {
-        op: "dup",
-        path: log_path.clone(),
-        source,
-    })?;
+    let (log, log2) = log_files(&log_path, false)?;
     let mut cmd = Command::new(&exe);
     cmd.arg("agent")
         .arg("--node-name")
@@ -585,6 +576,27 @@ pub fn down(paths: &LabPaths) -> Result<i32, LabError> {
         }
         Ok(1)
     }
+}
+
+/// A lab process's log file opened twice, for its stdout and stderr; truncated, or appended to
+/// when `append` (a process restarted on the same log).
+pub(super) fn log_files(path: &std::path::Path, append: bool) -> Result<(File, File), LabError> {
+    let err = |op| {
+        move |source| LabError::Io {
+            op,
+            path: path.to_path_buf(),
+            source,
+        }
+    };
+    let log = File::options()
+        .create(true)
+        .write(true)
+        .append(append)
+        .truncate(!append)
+        .open(path)
+        .map_err(err("open"))?;
+    let log2 = log.try_clone().map_err(err("dup"))?;
+    Ok((log, log2))
 }
 
 #[cfg(test)]

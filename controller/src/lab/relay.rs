@@ -83,20 +83,7 @@ pub fn start(paths: &LabPaths, state: &mut LabState) -> Result<(), LabError> {
     let Some(node) = state.nodes.first() else { return Ok(()) };
     let exe = agent_exe()?;
     let log_path = relay_dir(paths).join("relay.log");
-    let log = File::options()
-        .create(true)
-        .append(true)
-        .open(&log_path)
-        .map_err(|source| LabError::Io {
-            op: "open",
-            path: log_path.clone(),
-            source,
-        })?;
-    let log2 = log.try_clone().map_err(|source| LabError::Io {
-        op: "dup",
-        path: log_path.clone(),
-        source,
-    })?;
+    let (log, log2) = super::node::log_files(&log_path, true)?;
     let mut cmd = Command::new(&exe);
     cmd.arg("relay")
         .arg("--lab-dir")
