@@ -589,13 +589,11 @@ fn new_connections_spread_over_every_backend_and_each_keeps_its_own() {
     }
 }
 
-#[test]
-fn a_removed_backend_gets_no_new_connection_and_the_others_keep_theirs() {
-    let mut f = fixture("churn", 0);
-    let before = f.dp.maps.read_state().unwrap();
-    // Open connections until each backend has one.
+/// Opens connections to VIP_THREE from source ports `first..first + 300` until each of its
+/// three backends has one: backend address → the source port of its first connection.
+fn one_connection_per_backend(f: &mut Fixture, first: u16) -> BTreeMap<Ipv4Addr, u16> {
     let mut open: BTreeMap<Ipv4Addr, u16> = BTreeMap::new();
-    for sport in 32000..32300u16 {
+    for sport in first..first + 300 {
         let out = f.run(
             program_names::FROM_POD,
             &client_tcp(sport, VIP_THREE, SERVICE_PORT, SYN),
@@ -604,6 +602,15 @@ fn a_removed_backend_gets_no_new_connection_and_the_others_keep_theirs() {
         open.entry(out.dst().0).or_insert(sport);
     }
     assert_eq!(open.len(), 3);
+    open
+}
+
+#[test]
+fn a_removed_backend_gets_no_new_connection_and_the_others_keep_theirs() {
+    let mut f = fixture("churn", 0);
+    let before = f.dp.maps.read_state().unwrap();
+    // Open connections until each backend has one.
+    let open = one_connection_per_backend(&mut f, 32000);
     // Backend 2 leaves VIP_THREE as the compiler would write it: backend 3 moves into slot
     // 2, the count drops to 2 (backend 2 stays: VIP_DENIED still names it).
     let mut after = before.clone();
@@ -924,16 +931,7 @@ fn udp_to_a_service_port_without_backends_gets_the_vips_icmp_port_unreachable() 
 fn a_removed_backends_connections_end_with_a_reset_or_port_unreachable_and_the_others_keep_theirs() {
     let mut f = fixture("gone", 0);
     let before = f.dp.maps.read_state().unwrap();
-    let mut open: BTreeMap<Ipv4Addr, u16> = BTreeMap::new();
-    for sport in 34000..34300u16 {
-        let out = f.run(
-            program_names::FROM_POD,
-            &client_tcp(sport, VIP_THREE, SERVICE_PORT, SYN),
-            DropReason::Forwarded,
-        );
-        open.entry(out.dst().0).or_insert(sport);
-    }
-    assert_eq!(open.len(), 3);
+    let open = one_connection_per_backend(&mut f, 34000);
     let dns = client_udp(43000, VIP_ONE, DNS_PORT, 5);
     assert_eq!(
         f.run(program_names::FROM_POD, &dns, DropReason::Forwarded).dst(),
