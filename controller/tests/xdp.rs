@@ -357,3 +357,126 @@ fn the_prefilter_drops_denied_sources_and_never_the_keep_list() {
     assert_eq!(run(&mut f, Ipv4Addr::new(203, 0, 113, 9)), (XDP_PASS, 0));
     assert_eq!(run(&mut f, Ipv4Addr::new(9, 9, 9, 9)), (XDP_DROP, 1));
 }
+
+/// A pod (network namespace) on a real veth whose host side carries the programs; removes
+/// both on drop, also when the test fails.
+struct VethPod {
+    netns: String,
+    host: String,
+}
+
+impl Drop for VethPod {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("ip").args(["link", "del", &self.host]).status();
+        let _ = std::process::Command::new("ip").args(["netns", "del", &self.netns]).status();
+    }
+}
+
+fn sh(args: &[&str]) -> std::process::Output {
+    let out = std::process::Command::new(args[0]).args(&args[1..]).output().expect(args[0]);
+    assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    out
+}
+
+fn link_json(netns: Option<&str>, dev: &str) -> serde_json::Value {
+    let mut args = vec!["ip"];
+    if let Some(ns) = netns {
+        args.extend(["-n", ns]);
+    }
+    args.extend(["-j", "-d", "link", "show", dev]);
+    let out = sh(&args);
+    serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()[0].clone()
+}
+
+#[test]
+fn a_denied_flood_from_a_pod_on_a_real_veth_is_dropped_at_xdp_and_allowed_traffic_flows() {
+    let id = std::process::id() % 200 + 20;
+    let mut f = fixture("veth", None);
+    let pod = VethPod {
+        netns: format!("bhxdp{}", std::process::id()),
+        host: format!("bhxdp{}h", std::process::id()),
+    };
+    let (pod_ip, gw, denied) = (
+        Ipv4Addr::new(10, 199, id as u8, 1),
+        Ipv4Addr::new(10, 199, id as u8, 254),
+        Ipv4Addr::new(10, 199, id as u8, 77),
+    );
+    sh(&["ip", "netns", "add", &pod.netns]);
+    sh(&["ip", "link", "add", &pod.host, "type", "veth", "peer", "name", "eth0", "netns", &pod.netns]);
+    sh(&["ip", "addr", "add", &format!("{gw}/32"), "dev", &pod.host]);
+    sh(&["ip", "link", "set", &pod.host, "up"]);
+    sh(&["ip", "route", "add", &format!("{pod_ip}/32"), "dev", &pod.host]);
+    sh(&["ip", "-n", &pod.netns, "addr", "add", &format!("{pod_ip}/32"), "dev", "eth0"]);
+    sh(&["ip", "-n", &pod.netns, "link", "set", "eth0", "up"]);
+    sh(&["ip", "-n", &pod.netns, "route", "add", &format!("{gw}/32"), "dev", "eth0"]);
+    sh(&["ip", "-n", &pod.netns, "route", "add", "default", "via", &gw.to_string(), "dev", "eth0"]);
+    sh(&["sysctl", "-qw", &format!("net.ipv4.conf.{}.proxy_arp=1", pod.host)]);
+    let mac: Vec<u8> = link_json(Some(&pod.netns), "eth0")["address"]
+        .as_str()
+        .unwrap()
+        .split(':')
+        .map(|b| u8::from_str_radix(b, 16).unwrap())
+        .collect();
+    let ifindex = link_json(None, &pod.host)["ifindex"].as_u64().unwrap() as u32;
+    // The node's address is HOST (always allowed); everything else is denied egress.
+    f.dp.maps.set_ipcache(gw, 32, &IpcacheValue { identity: 1, flags: 0 }).unwrap();
+    f.dp.maps
+        .set_endpoint(
+            ifindex,
+            &EndpointInfo {
+                endpoint_id: 10,
+                identity: 300,
+                ipv4: pod_ip.octets(),
+                flags: ISOLATED,
+                mac: mac.try_into().unwrap(),
+                _pad: [0; 2],
+            },
+        )
+        .unwrap();
+    f.dp.attach(&pod.host).unwrap();
+    let xdp = &link_json(None, &pod.host)["xdp"];
+    assert_eq!(xdp["mode"], 1, "xdp_from_pod attached in native (driver) mode: {xdp}");
+
+    // Allowed: the pod connects to its node (through XDP, which passes it, and TC).
+    let node = std::net::TcpListener::bind((gw, 0)).unwrap();
+    let port = node.local_addr().unwrap().port();
+    let connect = format!("import socket\nsocket.create_connection(('{gw}',{port}),3).sendall(b'hello')");
+    let connects = |node: &std::net::TcpListener| {
+        sh(&["ip", "netns", "exec", &pod.netns, "python3", "-c", &connect]);
+        let (mut conn, _) = node.accept().unwrap();
+        let mut got = String::new();
+        std::io::Read::read_to_string(&mut conn, &mut got).unwrap();
+        assert_eq!(got, "hello");
+    };
+    connects(&node);
+
+    // A denied flood: every datagram is a new flow egress policy denies.
+    let (xdp_before, tc_before) = (
+        f.dp.xdp_counter(DropReason::PolicyDenied).unwrap().packets,
+        f.egress_drops(DropReason::PolicyDenied),
+    );
+    let forwarded_before = f.dp.counter(DropReason::Forwarded, direction::EGRESS).unwrap().packets;
+    let script = format!(
+        "import socket\ns=socket.socket(socket.AF_INET,socket.SOCK_DGRAM)\nfor i in range(2000): s.sendto(b'x'*18,('{denied}',9))"
+    );
+    sh(&["ip", "netns", "exec", &pod.netns, "python3", "-c", &script]);
+    let xdp_dropped = f.dp.xdp_counter(DropReason::PolicyDenied).unwrap().packets - xdp_before;
+    let tc_counted = f.egress_drops(DropReason::PolicyDenied) - tc_before;
+    assert_eq!(xdp_dropped, 2000, "the flood dropped at XDP");
+    assert_eq!(tc_counted, 2000, "and counted where TC counts its drops");
+    assert_eq!(
+        f.dp.counter(DropReason::Forwarded, direction::EGRESS).unwrap().packets,
+        forwarded_before,
+        "none of it reached TC's forward path"
+    );
+    // Still allowed afterwards.
+    connects(&node);
+
+    // With XDP off, TC alone makes the same drop.
+    f.dp.set_pod_xdp(false);
+    f.dp.attach(&pod.host).unwrap();
+    assert!(link_json(None, &pod.host).get("xdp").is_none(), "xdp detached");
+    sh(&["ip", "netns", "exec", &pod.netns, "python3", "-c", &script]);
+    assert_eq!(f.dp.xdp_counter(DropReason::PolicyDenied).unwrap().packets - xdp_before, 2000);
+    assert_eq!(f.egress_drops(DropReason::PolicyDenied) - tc_before, 4000, "TC dropped the second flood");
+}
