@@ -82,6 +82,16 @@ for _ in $(seq "$ROUNDS"); do
   xdp_off; neighbour with-flood >>"$WORK/nb.tc"
   neighbour no-flood >>"$WORK/nb.none"
 done
+# Where the flood CPU's time goes in each mode (perf: the top symbols, self time).
+profile() { # mode
+  perf record -q -C "$FLOOD_CPU" -o "$WORK/perf.$1" -- sleep 2 >/dev/null 2>&1 & local p=$!
+  flood 2 >/dev/null; wait "$p" || true
+  # Only the flood's own samples (its sends and the softirq drops it runs): the CPU is shared.
+  perf report -q -i "$WORK/perf.$1" --comms flood --no-children --sort symbol --stdio 2>/dev/null |
+    awk 'NF && $1 ~ /%$/ && n < 14 {print $1, $2, $3; n++}' >"$WORK/top.$1" || true
+}
+xdp_on; profile xdp
+xdp_off; profile tc
 xdp_on
 XDP_DROPS=$(curl -sf "$METRICS" | awk '/^bulkhead_xdp_drops_total\{/ && /policy_denied/ {print $2}')
 
@@ -111,4 +121,9 @@ Neighbour pod TCP throughput without a flood: {nn/1e9:.2f} Gbit/s (XDP on); duri
 it keeps {nx/nn:.2f} of it with XDP, {nt/nn:.2f} with TC.
 """)
 PY
+for m in xdp tc; do
+  printf '\nProfile of the flood process, `%s` (perf on its CPU, self time, top symbols):\n\n```\n' "$m"
+  cat "$WORK/top.$m"
+  printf '```\n'
+done >>bench/xdp.md
 cat bench/xdp.md

@@ -305,7 +305,12 @@ impl Settings {
             },
             flow_address,
             pod_xdp: required(s.pod_xdp, "pod-xdp", "BULKHEAD_POD_XDP")?,
-            prefilter_devices: s.prefilter_devices.unwrap_or_default().into_iter().filter(|d| !d.is_empty()).collect(),
+            prefilter_devices: s
+                .prefilter_devices
+                .unwrap_or_default()
+                .into_iter()
+                .filter(|d| !d.is_empty())
+                .collect(),
             prefilter_deny_file: s.prefilter_deny_file,
         })
     }

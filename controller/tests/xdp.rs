@@ -16,8 +16,8 @@ use bulkhead::datapath::prefilter::keep_list;
 use bulkhead::datapath::sync::MapWriter;
 use bulkhead::datapath::Datapath;
 use bulkhead_common::{
-    direction, endpoint_flags, program_names, proto, verdict, CtEntry, CtKey, DropReason, EndpointInfo, FlowEvent, IpcacheValue,
-    PolicyKey, PolicyValue, ServiceKey, ServiceValue, POLICY_PREFIX_FULL,
+    direction, endpoint_flags, program_names, proto, verdict, CtEntry, CtKey, DropReason, EndpointInfo, FlowEvent, IpcacheValue, PolicyKey,
+    PolicyValue, ServiceKey, ServiceValue, POLICY_PREFIX_FULL,
 };
 use ipnetwork::Ipv4Network;
 
@@ -174,7 +174,11 @@ impl Fixture {
         let (tc_before, xdp_before) = (self.egress_drops(reason), self.dp.xdp_counter(reason).unwrap().packets);
         assert_eq!(self.xdp(program_names::XDP_FROM_POD, packet), XDP_DROP, "{reason:?}: xdp verdict");
         assert_eq!(self.egress_drops(reason), tc_before + 1, "{reason:?}: the TC counter");
-        assert_eq!(self.dp.xdp_counter(reason).unwrap().packets, xdp_before + 1, "{reason:?}: the XDP counter");
+        assert_eq!(
+            self.dp.xdp_counter(reason).unwrap().packets,
+            xdp_before + 1,
+            "{reason:?}: the XDP counter"
+        );
         let records = self.drain();
         assert_eq!(records.len(), 1, "{reason:?}: one record");
         assert_eq!(
@@ -216,7 +220,10 @@ fn a_new_flow_policy_denies_is_dropped_at_xdp_as_tc_would() {
 #[test]
 fn spoofed_sources_are_dropped_at_xdp_with_their_reason() {
     let mut f = fixture("spoof", Some(ISOLATED));
-    f.assert_xdp_drops(&packet([0x02, 0, 0, 0, 0, 0x66], POD, PEER_A, proto::TCP, 80), DropReason::SpoofedMac);
+    f.assert_xdp_drops(
+        &packet([0x02, 0, 0, 0, 0, 0x66], POD, PEER_A, proto::TCP, 80),
+        DropReason::SpoofedMac,
+    );
     f.assert_xdp_drops(
         &packet(POD_MAC, Ipv4Addr::new(10, 0, 0, 66), PEER_A, proto::TCP, 80),
         DropReason::SpoofedIp,
@@ -263,7 +270,11 @@ fn what_xdp_cannot_be_sure_of_passes_to_tc() {
         )
         .unwrap();
     // No backend: TC answers the pod with a RST (redirected back to it).
-    f.assert_xdp_passes(&packet(POD_MAC, POD, VIP, proto::TCP, 80), TC_ACT_REDIRECT, "a Service port with no backend");
+    f.assert_xdp_passes(
+        &packet(POD_MAC, POD, VIP, proto::TCP, 80),
+        TC_ACT_REDIRECT,
+        "a Service port with no backend",
+    );
     f.assert_xdp_drops(&packet(POD_MAC, POD, VIP, proto::TCP, 81), DropReason::PolicyDenied);
 
     // A reply on a flow the pod accepted: conntrack holds it reversed.
@@ -305,7 +316,11 @@ fn endpoints_xdp_does_not_decide_for_pass_to_tc() {
     let mut audit = fixture("audit", Some(endpoint_flags::AUDIT_EGRESS));
     audit.assert_xdp_passes(&packet(POD_MAC, POD, PEER_B, proto::TCP, 80), TC_ACT_OK, "audit");
     let mut both = fixture("audit-iso", Some(ISOLATED | endpoint_flags::AUDIT_EGRESS));
-    both.assert_xdp_passes(&packet(POD_MAC, POD, PEER_A, proto::TCP, 80), TC_ACT_OK, "audit and isolated, allowed");
+    both.assert_xdp_passes(
+        &packet(POD_MAC, POD, PEER_A, proto::TCP, 80),
+        TC_ACT_OK,
+        "audit and isolated, allowed",
+    );
 }
 
 fn conntrack_table(f: &Fixture, endpoint_id: u32) -> aya::maps::HashMap<MapData, CtKey, CtEntry> {
@@ -330,7 +345,13 @@ fn nets(list: &[&str]) -> BTreeSet<Ipv4Network> {
 fn the_prefilter_drops_denied_sources_and_never_the_keep_list() {
     let mut f = fixture("prefilter", Some(ISOLATED));
     let mut lists = f.dp.start_prefilter(&[]).unwrap();
-    let from = |src: Ipv4Addr| eth(HOST_MAC, 0x0800, &ipv4(src, Ipv4Addr::new(192, 168, 7, 9), proto::UDP, 0, &l4(proto::UDP, 1, 2)));
+    let from = |src: Ipv4Addr| {
+        eth(
+            HOST_MAC,
+            0x0800,
+            &ipv4(src, Ipv4Addr::new(192, 168, 7, 9), proto::UDP, 0, &l4(proto::UDP, 1, 2)),
+        )
+    };
     let run = |f: &mut Fixture, src: Ipv4Addr| {
         let before = f.dp.prefilter_drops().unwrap().packets;
         let verdict = f.xdp(program_names::PREFILTER, &from(src));
@@ -402,14 +423,27 @@ fn a_denied_flood_from_a_pod_on_a_real_veth_is_dropped_at_xdp_and_allowed_traffi
         Ipv4Addr::new(10, 199, id as u8, 77),
     );
     sh(&["ip", "netns", "add", &pod.netns]);
-    sh(&["ip", "link", "add", &pod.host, "type", "veth", "peer", "name", "eth0", "netns", &pod.netns]);
+    sh(&[
+        "ip", "link", "add", &pod.host, "type", "veth", "peer", "name", "eth0", "netns", &pod.netns,
+    ]);
     sh(&["ip", "addr", "add", &format!("{gw}/32"), "dev", &pod.host]);
     sh(&["ip", "link", "set", &pod.host, "up"]);
     sh(&["ip", "route", "add", &format!("{pod_ip}/32"), "dev", &pod.host]);
     sh(&["ip", "-n", &pod.netns, "addr", "add", &format!("{pod_ip}/32"), "dev", "eth0"]);
     sh(&["ip", "-n", &pod.netns, "link", "set", "eth0", "up"]);
     sh(&["ip", "-n", &pod.netns, "route", "add", &format!("{gw}/32"), "dev", "eth0"]);
-    sh(&["ip", "-n", &pod.netns, "route", "add", "default", "via", &gw.to_string(), "dev", "eth0"]);
+    sh(&[
+        "ip",
+        "-n",
+        &pod.netns,
+        "route",
+        "add",
+        "default",
+        "via",
+        &gw.to_string(),
+        "dev",
+        "eth0",
+    ]);
     sh(&["sysctl", "-qw", &format!("net.ipv4.conf.{}.proxy_arp=1", pod.host)]);
     let mac: Vec<u8> = link_json(Some(&pod.netns), "eth0")["address"]
         .as_str()
@@ -456,9 +490,8 @@ fn a_denied_flood_from_a_pod_on_a_real_veth_is_dropped_at_xdp_and_allowed_traffi
         f.egress_drops(DropReason::PolicyDenied),
     );
     let forwarded_before = f.dp.counter(DropReason::Forwarded, direction::EGRESS).unwrap().packets;
-    let script = format!(
-        "import socket\ns=socket.socket(socket.AF_INET,socket.SOCK_DGRAM)\nfor i in range(2000): s.sendto(b'x'*18,('{denied}',9))"
-    );
+    let script =
+        format!("import socket\ns=socket.socket(socket.AF_INET,socket.SOCK_DGRAM)\nfor i in range(2000): s.sendto(b'x'*18,('{denied}',9))");
     sh(&["ip", "netns", "exec", &pod.netns, "python3", "-c", &script]);
     let xdp_dropped = f.dp.xdp_counter(DropReason::PolicyDenied).unwrap().packets - xdp_before;
     let tc_counted = f.egress_drops(DropReason::PolicyDenied) - tc_before;
@@ -478,5 +511,9 @@ fn a_denied_flood_from_a_pod_on_a_real_veth_is_dropped_at_xdp_and_allowed_traffi
     assert!(link_json(None, &pod.host).get("xdp").is_none(), "xdp detached");
     sh(&["ip", "netns", "exec", &pod.netns, "python3", "-c", &script]);
     assert_eq!(f.dp.xdp_counter(DropReason::PolicyDenied).unwrap().packets - xdp_before, 2000);
-    assert_eq!(f.egress_drops(DropReason::PolicyDenied) - tc_before, 4000, "TC dropped the second flood");
+    assert_eq!(
+        f.egress_drops(DropReason::PolicyDenied) - tc_before,
+        4000,
+        "TC dropped the second flood"
+    );
 }

@@ -27,7 +27,7 @@ use bulkhead_common::{
     PolicyKey, ServiceKey, POLICY_PREFIX_FULL,
 };
 
-use crate::packet::{self, Fragment, L3, ETH_HLEN};
+use crate::packet::{self, Fragment, ETH_HLEN, L3};
 use crate::{CONNTRACK, COUNTERS, ENDPOINTS, FLOWS, FLOWS_LOST, IPCACHE, POLICY};
 
 #[map(name = "bh_pfdeny_v1")]

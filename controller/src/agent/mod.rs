@@ -139,7 +139,9 @@ pub fn run(args: AgentArgs) -> Result<(), AgentError> {
     let flow_ring = datapath.take_flow_ring();
     let metrics = Arc::new(Metrics::new()?);
     if let Some(prefilter) = prefilter::Prefilter::start(&mut datapath, &args, metrics.clone())? {
-        prefilter.spawn(SLOW_TICK).map_err(io("start the prefilter thread", &args.state_dir))?;
+        prefilter
+            .spawn(SLOW_TICK)
+            .map_err(io("start the prefilter thread", &args.state_dir))?;
     }
     let sequence = flows::sequence::Sequence::open(&args.state_dir).map_err(|e| AgentError::Io {
         op: "open the flow sequence in",

@@ -110,7 +110,10 @@ impl Prefilter {
         let text = match std::fs::read_to_string(path) {
             Ok(t) => t,
             Err(source) => {
-                let e = PrefilterError::Read { path: path.clone(), source };
+                let e = PrefilterError::Read {
+                    path: path.clone(),
+                    source,
+                };
                 // Once per kind of failure, not every second.
                 if self.last_text.as_deref() != Some("\0unreadable") {
                     self.last_text = Some("\0unreadable".into());

@@ -188,8 +188,6 @@ fn sync(trie: &mut LpmTrie<MapData, Ipv4Key, u32>, want: &BTreeSet<Ipv4Network>,
 
 #[cfg(test)]
 mod tests {
-    #![expect(clippy::unwrap_used, reason = "tests assert by panicking (STYLE 14)")]
-
     use std::path::Path;
 
     use super::*;

@@ -240,10 +240,18 @@ impl Collector for DatapathCollector {
                 dropped_bytes.with_label_values(&[reason.name(), d]).inc_by(c.bytes);
             }
         }
-        [drops, dropped_bytes, forwarded, forwarded_bytes, suppressed, xdp_drops, prefilter_drops]
-            .iter()
-            .flat_map(Collector::collect)
-            .collect()
+        [
+            drops,
+            dropped_bytes,
+            forwarded,
+            forwarded_bytes,
+            suppressed,
+            xdp_drops,
+            prefilter_drops,
+        ]
+        .iter()
+        .flat_map(Collector::collect)
+        .collect()
     }
 }
 
