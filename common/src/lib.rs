@@ -54,6 +54,20 @@ pub mod map_names {
     /// datagrams whose first fragment was admitted, so that their later fragments (which
     /// carry no ports) follow it.
     pub const FRAGMENTS: &str = "bh_frag_v1";
+    /// LPM trie [`Ipv4Key`](super::Ipv4Key) → `u32` (reserved, 0): the uplink prefilter's
+    /// deny list. An IPv4 packet whose source it holds is dropped at XDP on the uplink,
+    /// unless [`PREFILTER_KEEP`] holds the source too.
+    pub const PREFILTER_DENY: &str = "bh_pfdeny_v1";
+    /// LPM trie [`Ipv4Key`](super::Ipv4Key) → `u32` (reserved, 0): sources the prefilter
+    /// never drops, whatever the deny list says (this node's addresses and underlay subnets,
+    /// the cluster and pod CIDRs). Looked up only for a source the deny list holds.
+    pub const PREFILTER_KEEP: &str = "bh_pfkeep_v1";
+    /// Per-CPU array, one [`Counter`](super::Counter) slot: packets the prefilter dropped.
+    pub const PREFILTER_COUNTERS: &str = "bh_pfcnt_v1";
+    /// Per-CPU array of [`Counter`](super::Counter) indexed by [`DropReason`](super::DropReason)
+    /// number: pod packets `xdp_from_pod` dropped before TC (also counted in [`COUNTERS`] as
+    /// TC would have counted them, direction egress).
+    pub const XDP_COUNTERS: &str = "bh_xdpcnt_v1";
 }
 
 /// Program names in the eBPF object.
@@ -62,6 +76,11 @@ pub mod program_names {
     pub const FROM_POD: &str = "from_pod";
     /// TC egress of the host-side veth: packets the pod receives (its ingress).
     pub const TO_POD: &str = "to_pod";
+    /// XDP on the host-side veth: drops what `from_pod` would certainly drop (a spoofed
+    /// source, a new flow policy denies) before an skb exists; passes everything else to TC.
+    pub const XDP_FROM_POD: &str = "xdp_from_pod";
+    /// XDP on the node's uplink device(s): drops IPv4 packets from the prefilter's deny list.
+    pub const PREFILTER: &str = "xdp_prefilter";
 }
 
 /// Map capacities.
@@ -99,6 +118,10 @@ pub mod capacity {
     /// is 8192). An entry matters for milliseconds; an evicted one costs its datagram's later
     /// fragments (they drop as `fragment`), never an allow.
     pub const FRAGMENTS: u32 = 16384;
+    /// Entries of the prefilter's deny list.
+    pub const PREFILTER_DENY: u32 = 65536;
+    /// Entries of the prefilter's never-drop list.
+    pub const PREFILTER_KEEP: u32 = 4096;
 }
 
 /// Flow records one endpoint may put on the ring per second, per CPU, once its burst is

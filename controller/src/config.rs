@@ -5,7 +5,8 @@
 //! ([`Settings::defaults`]). The file's keys are the long flag names: `node-name`, `source`,
 //! `kubeconfig`, `manifests`, `state-dir`, `bpffs`, `pod-cidr`, `metrics-address`,
 //! `flow-history`, `routing`, `vxlan-vni`, `vxlan-port`, `cluster-cidr`,
-//! `non-masquerade-cidrs`, `masquerade`, `services`, `flow-address`, `flow-token-file`. In a DaemonSet the node name comes from the downward API
+//! `non-masquerade-cidrs`, `masquerade`, `services`, `flow-address`, `flow-token-file`,
+//! `pod-xdp`, `prefilter-devices`, `prefilter-deny-file`. In a DaemonSet the node name comes from the downward API
 //! (`BULKHEAD_NODE_NAME` from `spec.nodeName`) and the rest from a ConfigMap file.
 //!
 //! Every setting is declared once, in [`Settings`]: the same struct is the flags (clap), the
@@ -167,6 +168,21 @@ settings! {
     /// mounted into the DaemonSet); required with `flow-address`.
     #[arg(long, env = "BULKHEAD_FLOW_TOKEN_FILE")]
     flow_token_file: PathBuf,
+    /// Put XDP on each pod's host veth too: it drops, before an skb exists, what TC would
+    /// certainly drop (a spoofed source, a new flow egress policy denies) and passes the rest
+    /// to TC (`--pod-xdp=false`: TC alone) [default: true].
+    #[arg(long, env = "BULKHEAD_POD_XDP", action = clap::ArgAction::Set)]
+    pod_xdp: bool,
+    /// The node's uplink device(s) the XDP prefilter runs on (comma-separated); without them
+    /// there is no prefilter.
+    #[arg(long, env = "BULKHEAD_PREFILTER_DEVICES", value_delimiter = ',')]
+    prefilter_devices: Vec<String>,
+    /// The prefilter's deny list: a file of IPv4 addresses and CIDRs, one a line (`#`
+    /// comments). Packets from them are dropped on the prefilter devices, except from this
+    /// node's addresses and subnets and the cluster and pod CIDRs. Re-read when it changes;
+    /// a bad line keeps the list in force.
+    #[arg(long, env = "BULKHEAD_PREFILTER_DENY_FILE")]
+    prefilter_deny_file: PathBuf,
 }
 
 fn optional_pod_cidr<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Ipv4Network>, D::Error> {
@@ -220,6 +236,8 @@ impl Settings {
             masquerade: Some(true),
             services: Some(true),
             flow_address: Some("none".into()),
+            pod_xdp: Some(true),
+            prefilter_devices: Some(Vec::new()),
             ..Settings::default()
         }
     }
@@ -286,6 +304,14 @@ impl Settings {
                 (_, file) => file,
             },
             flow_address,
+            pod_xdp: required(s.pod_xdp, "pod-xdp", "BULKHEAD_POD_XDP")?,
+            prefilter_devices: s
+                .prefilter_devices
+                .unwrap_or_default()
+                .into_iter()
+                .filter(|d| !d.is_empty())
+                .collect(),
+            prefilter_deny_file: s.prefilter_deny_file,
         })
     }
 }
@@ -333,6 +359,12 @@ pub struct AgentConfig {
     pub flow_address: Option<String>,
     /// The token file the flow stream's readers must match (set with `flow_address`).
     pub flow_token_file: Option<PathBuf>,
+    /// Whether pods' host veths get `xdp_from_pod` as well as the TC programs.
+    pub pod_xdp: bool,
+    /// The uplink devices the prefilter runs on (none: no prefilter).
+    pub prefilter_devices: Vec<String>,
+    /// The prefilter's deny-list file.
+    pub prefilter_deny_file: Option<PathBuf>,
 }
 
 /// `bulkhead agent` flags.
@@ -631,6 +663,27 @@ mod tests {
                 get: |c| format!("{:?}", c.flow_token_file),
             },
             Row {
+                flag: "pod-xdp",
+                env: "BULKHEAD_POD_XDP",
+                values: ["false", "true", "false"],
+                extra: &[],
+                shown: [Some("false"), Some("true"), Some("false"), Some("true")],
+                get: |c| c.pod_xdp.to_string(),
+            },
+            Row {
+                flag: "prefilter-deny-file",
+                env: "BULKHEAD_PREFILTER_DENY_FILE",
+                values: ["/flag", "/env", "/file"],
+                extra: &[],
+                shown: [
+                    Some("Some(\"/flag\")"),
+                    Some("Some(\"/env\")"),
+                    Some("Some(\"/file\")"),
+                    Some("None"),
+                ],
+                get: |c| format!("{:?}", c.prefilter_deny_file),
+            },
+            Row {
                 // A flow address needs a token file (given in `extra`).
                 flag: "flow-address",
                 env: "BULKHEAD_FLOW_ADDRESS",
@@ -664,6 +717,8 @@ mod tests {
                 && everything.flow_history.is_some()
                 && everything.flow_address.is_some()
                 && everything.flow_token_file.is_some()
+                && everything.pod_xdp.is_some()
+                && everything.prefilter_deny_file.is_some()
         );
 
         let _env = ENV.lock().unwrap_or_else(|e| e.into_inner());

@@ -13,6 +13,7 @@ mod fragment;
 mod packet;
 mod reject;
 mod service;
+mod xdp;
 
 use aya_ebpf::{
     bindings::{TC_ACT_OK, TC_ACT_SHOT},

@@ -143,7 +143,7 @@ pub struct Quoted {
 /// which no request or reply tuple equals (so no other ICMP shares its conntrack entry).
 /// `None` for errors, which have no tuple of their own.
 #[inline(always)]
-fn icmp_ports(kind: u8, code: u8, id: [u8; 2]) -> Option<([u8; 2], [u8; 2])> {
+pub(crate) fn icmp_ports(kind: u8, code: u8, id: [u8; 2]) -> Option<([u8; 2], [u8; 2])> {
     match kind {
         ICMP_DEST_UNREACH | ICMP_TIME_EXCEEDED | ICMP_PARAMETER_PROBLEM => None,
         ICMP_ECHO_REQUEST => Some((id, [0; 2])),

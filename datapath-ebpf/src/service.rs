@@ -23,7 +23,7 @@ use crate::packet::{Quoted, IP_CHECK_OFF, IP_DADDR_OFF, IP_SADDR_OFF, L3, TCP_CH
 
 // Map names must equal bulkhead_common::map_names (the agent looks them up by those).
 #[map(name = "bh_svc_v1")]
-static SERVICES: HashMap<ServiceKey, ServiceValue> = HashMap::pinned(capacity::SERVICES, 0);
+pub(crate) static SERVICES: HashMap<ServiceKey, ServiceValue> = HashMap::pinned(capacity::SERVICES, 0);
 
 #[map(name = "bh_be_v1")]
 static BACKENDS: HashMap<u32, Backend> = HashMap::pinned(capacity::BACKENDS, 0);

@@ -6,6 +6,7 @@ mod core;
 mod events;
 mod host;
 mod network;
+mod prefilter;
 mod registry;
 mod server;
 mod services;
@@ -134,8 +135,14 @@ pub fn run(args: AgentArgs) -> Result<(), AgentError> {
         .build()
         .map_err(io("start runtime", &args.state_dir))?;
     let mut datapath = Datapath::load(&args.bpffs)?;
+    datapath.set_pod_xdp(args.pod_xdp);
     let flow_ring = datapath.take_flow_ring();
     let metrics = Arc::new(Metrics::new()?);
+    if let Some(prefilter) = prefilter::Prefilter::start(&mut datapath, &args, metrics.clone())? {
+        prefilter
+            .spawn(SLOW_TICK)
+            .map_err(io("start the prefilter thread", &args.state_dir))?;
+    }
     let sequence = flows::sequence::Sequence::open(&args.state_dir).map_err(|e| AgentError::Io {
         op: "open the flow sequence in",
         path: e.path,

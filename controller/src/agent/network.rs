@@ -288,6 +288,9 @@ mod tests {
             services: true,
             flow_address: None,
             flow_token_file: None,
+            pod_xdp: true,
+            prefilter_devices: Vec::new(),
+            prefilter_deny_file: None,
         };
         Network::new(&config, Box::new(Fake(calls.clone())))
     }

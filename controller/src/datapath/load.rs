@@ -1,13 +1,17 @@
 //! Loading the eBPF object, pinning its maps, and attaching its programs to pod veths.
+use std::os::fd::{AsFd, AsRawFd};
 use std::path::{Path, PathBuf};
 
 use aya::maps::{MapData, PerCpuArray, RingBuf};
 use aya::programs::tc::{self, NlOptions, SchedClassifier, SchedClassifierLink, TcAttachOptions, TcAttachType, TcHandle};
+use aya::programs::Xdp;
 use aya::{Ebpf, EbpfLoader};
 use bulkhead_common::{counter_index, direction, map_names, program_names, Counter, DropReason};
 
 use crate::datapath::conntrack;
+use crate::datapath::prefilter::PrefilterMaps;
 use crate::datapath::sync::BpfMaps;
+use crate::datapath::xdp;
 
 /// The datapath object, built from `datapath-ebpf/` by `build.rs`.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/bulkhead-datapath"));
@@ -61,6 +65,19 @@ pub enum DatapathError {
         #[source]
         source: Box<aya::programs::ProgramError>,
     },
+    /// An XDP program could not be attached or detached (netlink).
+    #[error("{op} xdp program {program} on {ifname} failed")]
+    Xdp {
+        /// What was attempted.
+        op: &'static str,
+        /// Program name.
+        program: &'static str,
+        /// Interface.
+        ifname: String,
+        /// Cause.
+        #[source]
+        source: Box<bulkhead_hostnet::netlink::NetlinkError>,
+    },
     /// A map could not be read.
     #[error("reading map {map} failed")]
     Map {
@@ -81,6 +98,9 @@ pub struct Datapath {
     flows_lost: PerCpuArray<MapData, u64>,
     flow_ring: Option<RingBuf<MapData>>,
     pin_dir: PathBuf,
+    xdp_counters: PerCpuArray<MapData, Counter>,
+    prefilter_counters: PerCpuArray<MapData, Counter>,
+    pod_xdp: bool,
 }
 
 /// Mounts bpffs at `/sys/fs/bpf` when it is not there (a fresh machine) and creates `dir`.
@@ -125,6 +145,14 @@ impl Datapath {
                 source: Box::new(source),
             })?;
         }
+        for name in [program_names::XDP_FROM_POD, program_names::PREFILTER] {
+            xdp_program(&mut ebpf, name)?.load().map_err(|source| DatapathError::Program {
+                op: "load",
+                program: name,
+                ifname: "-".into(),
+                source: Box::new(source),
+            })?;
+        }
         let mut take = |name: &'static str| {
             ebpf.take_map(name).ok_or_else(|| DatapathError::Object {
                 what: format!("no map {name}"),
@@ -160,6 +188,12 @@ impl Datapath {
         let counters = counters.try_into().map_err(wrong(map_names::COUNTERS))?;
         let flows_lost = flows_lost.try_into().map_err(wrong(map_names::FLOWS_LOST))?;
         let flow_ring = Some(flows.try_into().map_err(wrong(map_names::FLOWS))?);
+        let xdp_counters = take_map(&mut ebpf, map_names::XDP_COUNTERS)?
+            .try_into()
+            .map_err(wrong(map_names::XDP_COUNTERS))?;
+        let prefilter_counters = take_map(&mut ebpf, map_names::PREFILTER_COUNTERS)?
+            .try_into()
+            .map_err(wrong(map_names::PREFILTER_COUNTERS))?;
         Ok(Datapath {
             ebpf,
             maps,
@@ -167,12 +201,21 @@ impl Datapath {
             flows_lost,
             flow_ring,
             pin_dir: pin_dir.to_path_buf(),
+            xdp_counters,
+            prefilter_counters,
+            pod_xdp: true,
         })
     }
 
     /// Where the maps are pinned.
     pub fn pin_dir(&self) -> &Path {
         &self.pin_dir
+    }
+
+    /// Whether [`Datapath::attach`] puts `xdp_from_pod` on the veth too (the default) or
+    /// takes it off (TC alone then decides every packet).
+    pub fn set_pod_xdp(&mut self, on: bool) {
+        self.pod_xdp = on;
     }
 
     /// Attaches both programs to the host-side veth `ifname` (clsact, direct action), or
@@ -223,7 +266,72 @@ impl Datapath {
             // Dropping the link would detach the filter; the kernel owns it from here.
             std::mem::forget(link);
         }
-        Ok(())
+        // After TC: XDP only ever drops what TC would, so TC must be in place first.
+        let fd = xdp_program(&mut self.ebpf, program_names::XDP_FROM_POD)?
+            .fd()
+            .map_err(|source| DatapathError::Program {
+                op: "attach",
+                program: program_names::XDP_FROM_POD,
+                ifname: ifname.to_string(),
+                source: Box::new(source),
+            })?
+            .as_fd()
+            .as_raw_fd();
+        // Native mode: on a veth the program then runs in the veth's NAPI poll, before the
+        // kernel builds an skb for what the pod sent (drivers/net/veth.c, veth_xdp_rcv).
+        let mode = xdp::XdpMode::Native;
+        if self.pod_xdp {
+            xdp::attach(ifname, fd, mode, program_names::XDP_FROM_POD)
+        } else {
+            xdp::detach(ifname, mode, program_names::XDP_FROM_POD)
+        }
+    }
+
+    /// Attaches the prefilter to each of `devices` (native XDP where the driver has it, else
+    /// generic), replacing a program an earlier agent attached; returns its lists to write.
+    /// Call once: the lists' maps are handed over.
+    pub fn start_prefilter(&mut self, devices: &[String]) -> Result<PrefilterMaps, DatapathError> {
+        let fd = xdp_program(&mut self.ebpf, program_names::PREFILTER)?
+            .fd()
+            .map_err(|source| DatapathError::Program {
+                op: "attach",
+                program: program_names::PREFILTER,
+                ifname: devices.join(","),
+                source: Box::new(source),
+            })?
+            .as_fd()
+            .as_raw_fd();
+        let wrong = |map: &'static str| {
+            move |source| DatapathError::Map {
+                map,
+                source: Box::new(source),
+            }
+        };
+        let deny = take_map(&mut self.ebpf, map_names::PREFILTER_DENY)?
+            .try_into()
+            .map_err(wrong(map_names::PREFILTER_DENY))?;
+        let keep = take_map(&mut self.ebpf, map_names::PREFILTER_KEEP)?
+            .try_into()
+            .map_err(wrong(map_names::PREFILTER_KEEP))?;
+        for device in devices {
+            xdp::attach(device, fd, xdp::XdpMode::Auto, program_names::PREFILTER)?;
+        }
+        Ok(PrefilterMaps::new(deny, keep))
+    }
+
+    /// An XDP program, for `BPF_PROG_TEST_RUN`.
+    pub fn xdp_program(&mut self, name: &'static str) -> Result<&mut Xdp, DatapathError> {
+        xdp_program(&mut self.ebpf, name)
+    }
+
+    /// Pod packets `xdp_from_pod` dropped for `reason`, summed over CPUs.
+    pub fn xdp_counter(&self, reason: DropReason) -> Result<Counter, DatapathError> {
+        sum_slot(&self.xdp_counters, reason as u32, map_names::XDP_COUNTERS)
+    }
+
+    /// Packets the uplink prefilter dropped, summed over CPUs.
+    pub fn prefilter_drops(&self) -> Result<Counter, DatapathError> {
+        sum_slot(&self.prefilter_counters, 0, map_names::PREFILTER_COUNTERS)
     }
 
     /// A program, for `BPF_PROG_TEST_RUN`.
@@ -302,6 +410,38 @@ fn adopt_conntrack(maps: &mut BpfMaps, pin_dir: &Path) -> Result<(), DatapathErr
         );
     }
     Ok(())
+}
+
+/// Slot `index` of a per-CPU counter array, summed over CPUs.
+fn sum_slot(map: &PerCpuArray<MapData, Counter>, index: u32, name: &'static str) -> Result<Counter, DatapathError> {
+    let values = map.get(&index, 0).map_err(|source| DatapathError::Map {
+        map: name,
+        source: Box::new(source),
+    })?;
+    Ok(values.iter().fold(Counter::default(), |acc, c| Counter {
+        packets: acc.packets.wrapping_add(c.packets),
+        bytes: acc.bytes.wrapping_add(c.bytes),
+    }))
+}
+
+fn take_map(ebpf: &mut Ebpf, name: &'static str) -> Result<aya::maps::Map, DatapathError> {
+    ebpf.take_map(name).ok_or_else(|| DatapathError::Object {
+        what: format!("no map {name}"),
+    })
+}
+
+fn xdp_program<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut Xdp, DatapathError> {
+    ebpf.program_mut(name)
+        .ok_or_else(|| DatapathError::Object {
+            what: format!("no program {name}"),
+        })?
+        .try_into()
+        .map_err(|source| DatapathError::Program {
+            op: "find",
+            program: name,
+            ifname: "-".into(),
+            source: Box::new(source),
+        })
 }
 
 fn classifier<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut SchedClassifier, DatapathError> {

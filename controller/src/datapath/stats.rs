@@ -33,6 +33,15 @@ pub trait DatapathStats: Send + Sync {
     fn flow_records_suppressed(&self) -> Result<Vec<(u32, u64)>, StatsError> {
         Ok(Vec::new())
     }
+    /// Pod packets `xdp_from_pod` dropped, by reason (summed over CPUs; also in
+    /// [`DatapathStats::counters`]). Readers without the XDP maps have none.
+    fn xdp_drops(&self) -> Result<Vec<(DropReason, Counter)>, StatsError> {
+        Ok(Vec::new())
+    }
+    /// Packets the uplink prefilter dropped, summed over CPUs.
+    fn prefilter_drops(&self) -> Result<Counter, StatsError> {
+        Ok(Counter::default())
+    }
 }
 
 /// [`DatapathStats`] over the maps pinned in an agent's bpffs directory.
@@ -43,6 +52,8 @@ pub struct PinnedStats {
     conntrack: conntrack::Tables,
     flows_lost: PerCpuArray<MapData, u64>,
     flow_budget: PerCpuHashMap<MapData, u32, FlowBudget>,
+    xdp_counters: PerCpuArray<MapData, Counter>,
+    prefilter_counters: PerCpuArray<MapData, Counter>,
 }
 
 impl PinnedStats {
@@ -71,11 +82,17 @@ impl PinnedStats {
         let flows_lost = PerCpuArray::try_from(flows_lost).map_err(err)?;
         let (flow_budget, err) = open(map_names::FLOW_BUDGET)?;
         let flow_budget = PerCpuHashMap::try_from(flow_budget).map_err(err)?;
+        let (xdp_counters, err) = open(map_names::XDP_COUNTERS)?;
+        let xdp_counters = PerCpuArray::try_from(xdp_counters).map_err(err)?;
+        let (prefilter_counters, err) = open(map_names::PREFILTER_COUNTERS)?;
+        let prefilter_counters = PerCpuArray::try_from(prefilter_counters).map_err(err)?;
         Ok(PinnedStats {
             counters,
             conntrack,
             flows_lost,
             flow_budget,
+            xdp_counters,
+            prefilter_counters,
         })
     }
 
@@ -115,6 +132,21 @@ impl DatapathStats for PinnedStats {
         conntrack::count_entries(&self.conntrack).map_err(Self::read_err(map_names::CONNTRACK))
     }
 
+    fn xdp_drops(&self) -> Result<Vec<(DropReason, Counter)>, StatsError> {
+        let mut out = Vec::new();
+        for reason in DropReason::ALL {
+            let c = sum(&self.xdp_counters, reason as u32).map_err(Self::read_err(map_names::XDP_COUNTERS))?;
+            if c.packets > 0 {
+                out.push((reason, c));
+            }
+        }
+        Ok(out)
+    }
+
+    fn prefilter_drops(&self) -> Result<Counter, StatsError> {
+        sum(&self.prefilter_counters, 0).map_err(Self::read_err(map_names::PREFILTER_COUNTERS))
+    }
+
     fn flow_events_lost(&self) -> Result<u64, StatsError> {
         let per_cpu = self.flows_lost.get(&0, 0).map_err(Self::read_err(map_names::FLOWS_LOST))?;
         Ok(per_cpu.iter().fold(0u64, |acc, v| acc.wrapping_add(*v)))
@@ -133,4 +165,12 @@ impl DatapathStats for PinnedStats {
         }
         Ok(out)
     }
+}
+
+/// Slot `index` of a per-CPU counter array, summed over CPUs.
+fn sum(map: &PerCpuArray<MapData, Counter>, index: u32) -> Result<Counter, MapError> {
+    Ok(map.get(&index, 0)?.iter().fold(Counter::default(), |acc, c| Counter {
+        packets: acc.packets.wrapping_add(c.packets),
+        bytes: acc.bytes.wrapping_add(c.bytes),
+    }))
 }

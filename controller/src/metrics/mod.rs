@@ -126,6 +126,8 @@ struct DatapathCollector {
     forwarded: IntCounterVec,
     forwarded_bytes: IntCounterVec,
     suppressed: IntCounterVec,
+    xdp_drops: IntCounterVec,
+    prefilter_drops: IntCounterVec,
     errors: IntCounterVec,
 }
 
@@ -159,17 +161,29 @@ impl DatapathCollector {
                 "Flow records the datapath did not report because their endpoint was over its record budget, by endpoint id (0: no known endpoint).",
                 &["endpoint"],
             )?,
+            xdp_drops: counter_vec(
+                "bulkhead_xdp_drops_total",
+                "Pod packets XDP on the host veth dropped before TC, by drop reason (also in bulkhead_drops_total).",
+                &["reason"],
+            )?,
+            prefilter_drops: counter_vec(
+                "bulkhead_prefilter_drops_total",
+                "Packets the uplink XDP prefilter dropped (source in the deny list).",
+                &[],
+            )?,
             errors,
         })
     }
 
-    fn templates(&self) -> [&IntCounterVec; 5] {
+    fn templates(&self) -> [&IntCounterVec; 7] {
         [
             &self.drops,
             &self.dropped_bytes,
             &self.forwarded,
             &self.forwarded_bytes,
             &self.suppressed,
+            &self.xdp_drops,
+            &self.prefilter_drops,
         ]
     }
 }
@@ -182,12 +196,14 @@ impl Collector for DatapathCollector {
     fn collect(&self) -> Vec<MetricFamily> {
         let read = match self.stats.read() {
             Ok(guard) => match guard.as_deref() {
-                Some(stats) => stats.counters().and_then(|c| Ok((c, stats.flow_records_suppressed()?))),
+                Some(stats) => stats
+                    .counters()
+                    .and_then(|c| Ok((c, stats.flow_records_suppressed()?, stats.xdp_drops()?, stats.prefilter_drops()?))),
                 None => return Vec::new(),
             },
             Err(_) => return Vec::new(),
         };
-        let (counters, suppressed_by_endpoint) = match read {
+        let (counters, suppressed_by_endpoint, xdp_by_reason, prefiltered) = match read {
             Ok(c) => c,
             Err(e) => {
                 tracing::warn!(error = %crate::error_chain(&e), "reading datapath counters");
@@ -202,9 +218,14 @@ impl Collector for DatapathCollector {
             let opts = Opts::new(desc.fq_name.clone(), desc.help.clone());
             IntCounterVec::new(opts, &desc.variable_labels.iter().map(String::as_str).collect::<Vec<_>>())
         });
-        let [Ok(drops), Ok(dropped_bytes), Ok(forwarded), Ok(forwarded_bytes), Ok(suppressed)] = fresh else {
+        let [Ok(drops), Ok(dropped_bytes), Ok(forwarded), Ok(forwarded_bytes), Ok(suppressed), Ok(xdp_drops), Ok(prefilter_drops)] = fresh
+        else {
             return Vec::new();
         };
+        for (reason, c) in xdp_by_reason {
+            xdp_drops.with_label_values(&[reason.name()]).inc_by(c.packets);
+        }
+        prefilter_drops.with_label_values(&[] as &[&str]).inc_by(prefiltered.packets);
         // One series per endpoint that suppressed any: bounded by the endpoints on the node.
         for (endpoint, n) in suppressed_by_endpoint {
             suppressed.with_label_values(&[&endpoint.to_string()]).inc_by(n);
@@ -219,10 +240,18 @@ impl Collector for DatapathCollector {
                 dropped_bytes.with_label_values(&[reason.name(), d]).inc_by(c.bytes);
             }
         }
-        [drops, dropped_bytes, forwarded, forwarded_bytes, suppressed]
-            .iter()
-            .flat_map(Collector::collect)
-            .collect()
+        [
+            drops,
+            dropped_bytes,
+            forwarded,
+            forwarded_bytes,
+            suppressed,
+            xdp_drops,
+            prefilter_drops,
+        ]
+        .iter()
+        .flat_map(Collector::collect)
+        .collect()
     }
 }
 
@@ -665,6 +694,10 @@ mod tests {
 
         fn conntrack_entries(&self) -> Result<u64, StatsError> {
             Ok(5)
+        }
+
+        fn xdp_drops(&self) -> Result<Vec<(DropReason, Counter)>, StatsError> {
+            Ok(vec![(DropReason::PolicyDenied, Counter { packets: 2, bytes: 120 })])
         }
 
         fn flow_events_lost(&self) -> Result<u64, StatsError> {

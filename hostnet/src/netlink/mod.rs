@@ -21,7 +21,9 @@ use rtnetlink::{Handle, LinkBridge, LinkUnspec, LinkVeth, LinkVxlan, RouteMessag
 use crate::netns::{self, NetnsError};
 
 mod overlay;
+mod xdp;
 pub use overlay::*;
+pub use xdp::*;
 
 /// `ENODEV`, what the kernel answers for an unknown link.
 const ENODEV: i32 = 19;

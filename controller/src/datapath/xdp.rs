@@ -1,0 +1,58 @@
+//! Attaching the XDP programs (`xdp_from_pod` on host veths, `xdp_prefilter` on uplinks)
+//! through netlink, so that, like the TC filters, they belong to their device: they outlive
+//! the agent and go with the device (`bulkhead_hostnet::netlink::ensure_xdp`).
+
+use std::os::fd::RawFd;
+
+use bulkhead_hostnet::netlink::{self, with_handle, XDP_FLAGS_DRV_MODE};
+
+use super::DatapathError;
+
+/// Which XDP mode a program is attached in.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum XdpMode {
+    /// Native (`XDP_FLAGS_DRV_MODE`): the driver runs it before an skb exists; an error when
+    /// the driver has no XDP.
+    Native,
+    /// Native when the driver has it, else generic (no flags: the kernel chooses).
+    Auto,
+}
+
+impl XdpMode {
+    fn flags(self) -> u32 {
+        match self {
+            XdpMode::Native => XDP_FLAGS_DRV_MODE,
+            XdpMode::Auto => 0,
+        }
+    }
+}
+
+/// Attaches program `fd` to `ifname` in `mode`, replacing whatever program is there.
+pub(super) fn attach(ifname: &str, fd: RawFd, mode: XdpMode, program: &'static str) -> Result<(), DatapathError> {
+    let name = ifname.to_string();
+    with_handle(None, |h| async move {
+        let link = netlink::require_link(&h, &name, "node").await?;
+        netlink::ensure_xdp(&h, link.index, &name, fd, mode.flags()).await
+    })
+    .map_err(|source| DatapathError::Xdp {
+        op: "attach",
+        program,
+        ifname: ifname.to_string(),
+        source: Box::new(source),
+    })
+}
+
+/// Takes the program attached in `mode` off `ifname`; none there is success.
+pub(super) fn detach(ifname: &str, mode: XdpMode, program: &'static str) -> Result<(), DatapathError> {
+    let name = ifname.to_string();
+    with_handle(None, |h| async move {
+        let link = netlink::require_link(&h, &name, "node").await?;
+        netlink::remove_xdp(&h, link.index, &name, mode.flags()).await
+    })
+    .map_err(|source| DatapathError::Xdp {
+        op: "detach",
+        program,
+        ifname: ifname.to_string(),
+        source: Box::new(source),
+    })
+}
