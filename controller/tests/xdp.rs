@@ -467,6 +467,7 @@ fn a_denied_flood_from_a_pod_on_a_real_veth_is_dropped_at_xdp_and_allowed_traffi
             },
         )
         .unwrap();
+    f.dp.set_pod_xdp(true);
     f.dp.attach(&pod.host).unwrap();
     let xdp = &link_json(None, &pod.host)["xdp"];
     assert_eq!(xdp["mode"], 1, "xdp_from_pod attached in native (driver) mode: {xdp}");

@@ -203,7 +203,7 @@ impl Datapath {
             pin_dir: pin_dir.to_path_buf(),
             xdp_counters,
             prefilter_counters,
-            pod_xdp: true,
+            pod_xdp: false,
         })
     }
 
@@ -212,8 +212,8 @@ impl Datapath {
         &self.pin_dir
     }
 
-    /// Whether [`Datapath::attach`] puts `xdp_from_pod` on the veth too (the default) or
-    /// takes it off (TC alone then decides every packet).
+    /// Whether [`Datapath::attach`] puts `xdp_from_pod` on the veth too, or takes it off
+    /// (TC alone then decides every packet: the default).
     pub fn set_pod_xdp(&mut self, on: bool) {
         self.pod_xdp = on;
     }
