@@ -519,15 +519,13 @@ fn pod_rows(paths: &LabPaths, state: &LabState) -> Result<Vec<PodRow>, LabError>
             _ => None,
         })
         .map(|p| {
-            let namespace = p.metadata.namespace.clone().unwrap_or_default();
-            let name = p.metadata.name.clone().unwrap_or_default();
-            let lab = state.pod(&namespace, &name);
+            let lab = state.pod(&p.namespace, &p.name);
             PodRow {
                 ip: lab.and_then(|l| l.ip.clone()),
                 node: lab.map(|l| l.node.clone()).unwrap_or_default(),
-                labels: p.metadata.labels.clone().unwrap_or_default(),
-                namespace,
-                name,
+                labels: model::pod_labels(&p),
+                namespace: p.namespace,
+                name: p.name,
             }
         })
         .collect();

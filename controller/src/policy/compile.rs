@@ -8,11 +8,11 @@ use bulkhead_common::{
     POLICY_PREFIX_FULL,
 };
 use ipnetwork::Ipv4Network;
-use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::api::networking::v1::{IPBlock, NetworkPolicy, NetworkPolicyPeer, NetworkPolicyPort, NetworkPolicySpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
+use crate::model::PodInfo as Pod;
 use crate::model::selector;
 use crate::model::{self, Cluster};
 use crate::policy::identity::{Direction, IdentityAllocator, IdentityKey, LabelSet, RuleRef, RuleTable};
@@ -244,7 +244,7 @@ impl Compiler {
         for ep in local {
             let Some(me) = pods
                 .iter()
-                .find(|p| p.namespace == ep.namespace && p.pod.metadata.name.as_deref() == Some(&ep.pod))
+                .find(|p| p.namespace == ep.namespace && p.pod.name == ep.pod)
             else {
                 // Unknown pod: fail closed until the model catches up.
                 state.endpoints.insert(
