@@ -33,9 +33,9 @@ use bulkhead_api::{NamespacedName, Protocol};
 use ipnetwork::Ipv4Network;
 use serde::{Deserialize, Serialize};
 
-use super::model::{PodInfo as Pod, 
-    self, Cluster, ClusterIp, EndpointInfo, EndpointPortInfo, EndpointSliceInfo, Object, ServiceInfo, ServicePortInfo, SessionAffinity,
-    TargetPort,
+use super::model::{
+    self, Cluster, ClusterIp, EndpointInfo, EndpointPortInfo, EndpointSliceInfo, Object, PodInfo as Pod, ServiceInfo, ServicePortInfo,
+    SessionAffinity, TargetPort,
 };
 use super::state::LabState;
 use super::LabError;

@@ -290,7 +290,9 @@ impl Cluster {
     /// Whether any namespaced object is in namespace `ns`.
     fn has_members(&self, ns: &str) -> bool {
         fn any<V>(map: &BTreeMap<(String, String), V>, ns: &str) -> bool {
-            map.range((ns.to_string(), String::new())..).next().is_some_and(|((n, _), _)| n == ns)
+            map.range((ns.to_string(), String::new())..)
+                .next()
+                .is_some_and(|((n, _), _)| n == ns)
         }
         any(&self.pods, ns) || any(&self.policies, ns) || any(&self.services, ns) || any(&self.endpoint_slices, ns)
     }
@@ -368,15 +370,19 @@ impl Cluster {
 
     /// Replaces the whole model (a source's resync); returns every object that changed.
     pub fn replace(&mut self, new: Cluster) -> BTreeSet<ObjectRef> {
-        let namespaced = |kind: Kind| move |(ns, name): (String, String)| ObjectRef {
-            kind,
-            namespace: Some(ns),
-            name,
+        let namespaced = |kind: Kind| {
+            move |(ns, name): (String, String)| ObjectRef {
+                kind,
+                namespace: Some(ns),
+                name,
+            }
         };
-        let global = |kind: Kind| move |name: String| ObjectRef {
-            kind,
-            namespace: None,
-            name,
+        let global = |kind: Kind| {
+            move |name: String| ObjectRef {
+                kind,
+                namespace: None,
+                name,
+            }
         };
         let touched = differing(&self.namespaces, &new.namespaces)
             .map(global(Kind::Namespace))
@@ -411,23 +417,7 @@ impl Cluster {
     /// Serialising these types cannot fail in practice (all map keys are strings); should it,
     /// the object is written as a YAML comment carrying the error, never silently dropped.
     pub fn to_yaml(&self) -> String {
-        let mut out = String::new();
-        for o in self.objects() {
-            let doc = match &o {
-                Object::Namespace(x) => serde_yaml_ng::to_string(x),
-                Object::Pod(x) => serde_yaml_ng::to_string(&x.to_pod()),
-                Object::NetworkPolicy(x) => serde_yaml_ng::to_string(x),
-                Object::Node(x) => serde_yaml_ng::to_string(x),
-                Object::Service(x) => serde_yaml_ng::to_string(x),
-                Object::EndpointSlice(x) => serde_yaml_ng::to_string(x),
-            };
-            out.push_str("---\n");
-            match doc {
-                Ok(text) => out.push_str(&text),
-                Err(e) => out.push_str(&format!("# cannot serialise {}: {e}\n", o.to_ref())),
-            }
-        }
-        out
+        self.objects().iter().map(Object::to_yaml).collect()
     }
 
     /// Namespaces by name.
@@ -636,7 +626,11 @@ spec:
     }
 
     fn apply_text(c: &mut Cluster, text: &str) -> Vec<bool> {
-        parse_documents(text, "t.yaml").expect("parses").into_iter().map(|o| c.apply(o)).collect()
+        parse_documents(text, "t.yaml")
+            .expect("parses")
+            .into_iter()
+            .map(|o| c.apply(o))
+            .collect()
     }
 
     fn r(kind: Kind, namespace: Option<&str>, name: &str) -> ObjectRef {
@@ -680,7 +674,10 @@ spec:
         let mut c = Cluster::new();
         apply_text(&mut c, GOOD);
         assert!(c.delete(&r(Kind::Namespace, None, "x")), "labels {{ns: x}} are gone");
-        assert_eq!(c.namespace_labels("x"), BTreeMap::from([(NAMESPACE_NAME_LABEL.to_string(), "x".to_string())]));
+        assert_eq!(
+            c.namespace_labels("x"),
+            BTreeMap::from([(NAMESPACE_NAME_LABEL.to_string(), "x".to_string())])
+        );
         assert!(c.pod("x", "a").is_some());
         assert!(!c.delete(&r(Kind::Namespace, None, "x")), "a stand-in has no object to delete");
         assert!(c.delete(&r(Kind::Pod, Some("x"), "a")));
@@ -704,7 +701,12 @@ spec:
     fn equal_label_sets_are_shared() {
         let mut c = Cluster::new();
         let pods: String = (0..50)
-            .map(|i| format!("---\napiVersion: v1\nkind: Pod\nmetadata: {{name: p{i}, labels: {{app: a{}}}}}\nspec: {{nodeName: n1}}\n", i % 2))
+            .map(|i| {
+                format!(
+                    "---\napiVersion: v1\nkind: Pod\nmetadata: {{name: p{i}, labels: {{app: a{}}}}}\nspec: {{nodeName: n1}}\n",
+                    i % 2
+                )
+            })
             .collect();
         apply_text(&mut c, &pods);
         assert_eq!(c.interner.label_sets(), 2);

@@ -172,6 +172,25 @@ impl Object {
         }
     }
 
+    /// The object as one YAML document (`---` first) that [`parse_documents`] reads back.
+    ///
+    /// Serialising these types cannot fail in practice (all map keys are strings); should it,
+    /// the document is a YAML comment carrying the error, never silently empty.
+    pub fn to_yaml(&self) -> String {
+        let doc = match self {
+            Object::Namespace(x) => serde_yaml_ng::to_string(x),
+            Object::Pod(x) => serde_yaml_ng::to_string(&x.to_pod()),
+            Object::NetworkPolicy(x) => serde_yaml_ng::to_string(x),
+            Object::Node(x) => serde_yaml_ng::to_string(x),
+            Object::Service(x) => serde_yaml_ng::to_string(x),
+            Object::EndpointSlice(x) => serde_yaml_ng::to_string(x),
+        };
+        match doc {
+            Ok(text) => format!("---\n{text}"),
+            Err(e) => format!("---\n# cannot serialise {}: {e}\n", self.to_ref()),
+        }
+    }
+
     /// A reference naming this object.
     pub fn to_ref(&self) -> ObjectRef {
         ObjectRef {

@@ -50,7 +50,35 @@ pub struct FileSource {
     /// The files as last delivered; `None` before the first successful poll.
     files: Option<BTreeMap<Arc<Path>, FileState>>,
     /// Which files define each object; the last one (in name order) wins.
-    defined_in: BTreeMap<ObjectRef, BTreeSet<Arc<Path>>>,
+    defined_in: BTreeMap<ObjectRef, Definers>,
+}
+
+/// The files that define one object, in name order: nearly always one, so a sorted vector
+/// (one small allocation) rather than a set.
+#[derive(Debug, Default)]
+struct Definers(Vec<Arc<Path>>);
+
+impl Definers {
+    fn insert(&mut self, path: Arc<Path>) {
+        if let Err(at) = self.0.binary_search(&path) {
+            self.0.insert(at, path);
+        }
+    }
+
+    fn remove(&mut self, path: &Arc<Path>) {
+        if let Ok(at) = self.0.binary_search(path) {
+            self.0.remove(at);
+        }
+    }
+
+    /// The winning file: the last in name order.
+    fn last(&self) -> Option<&Arc<Path>> {
+        self.0.last()
+    }
+
+    fn iter(&self) -> impl Iterator<Item = &Arc<Path>> {
+        self.0.iter()
+    }
 }
 
 impl FileSource {
@@ -108,8 +136,8 @@ fn read(path: &Path) -> Result<Vec<Object>, SourceError> {
     Ok(parse_documents(&text, &path.display().to_string())?)
 }
 
-fn index(files: &BTreeMap<Arc<Path>, FileState>) -> BTreeMap<ObjectRef, BTreeSet<Arc<Path>>> {
-    let mut defined_in: BTreeMap<ObjectRef, BTreeSet<Arc<Path>>> = BTreeMap::new();
+fn index(files: &BTreeMap<Arc<Path>, FileState>) -> BTreeMap<ObjectRef, Definers> {
+    let mut defined_in: BTreeMap<ObjectRef, Definers> = BTreeMap::new();
     for (path, file) in files {
         for r in &file.refs {
             defined_in.entry(r.clone()).or_default().insert(path.clone());
@@ -120,7 +148,11 @@ fn index(files: &BTreeMap<Arc<Path>, FileState>) -> BTreeMap<ObjectRef, BTreeSet
 
 /// The last definition of `r` among `objects` (a file may define an object twice).
 fn last_definition(objects: &[Object], r: &ObjectRef) -> Option<Object> {
-    objects.iter().rev().find(|o| o.kind() == r.kind && o.name() == r.name && o.namespace() == r.namespace.as_deref()).cloned()
+    objects
+        .iter()
+        .rev()
+        .find(|o| o.kind() == r.kind && o.name() == r.name && o.namespace() == r.namespace.as_deref())
+        .cloned()
 }
 
 impl Source for FileSource {
@@ -142,7 +174,9 @@ impl Source for FileSource {
         let mut parsed: BTreeMap<Arc<Path>, Vec<Object>> = BTreeMap::new();
         for path in changed {
             let objects = read(path)?;
-            let key = files.get_key_value(path.as_path()).map_or_else(|| Arc::from(path.as_path()), |(k, _)| k.clone());
+            let key = files
+                .get_key_value(path.as_path())
+                .map_or_else(|| Arc::from(path.as_path()), |(k, _)| k.clone());
             parsed.insert(key, objects);
         }
 
@@ -171,7 +205,7 @@ impl Source for FileSource {
         for r in &affected {
             let before = self.defined_in.get(r);
             let old = before.and_then(|s| s.last().cloned());
-            let kept = before.into_iter().flatten().filter(|p| !replaced(p));
+            let kept = before.into_iter().flat_map(Definers::iter).filter(|p| !replaced(p));
             let new = kept.chain(defines.get(r).into_iter().flatten()).max().cloned();
             if let Some(path) = &new {
                 // An unchanged file wins again (a later definition went): read it again.
@@ -206,7 +240,7 @@ impl Source for FileSource {
                 for r in old.refs {
                     if let Some(set) = self.defined_in.get_mut(&r) {
                         set.remove(path);
-                        if set.is_empty() {
+                        if set.0.is_empty() {
                             self.defined_in.remove(&r);
                         }
                     }
@@ -265,7 +299,10 @@ mod tests {
     fn document(n: u64) -> String {
         let v = n / 16;
         match n % 16 {
-            0 => format!("apiVersion: v1\nkind: Namespace\nmetadata: {{name: x, labels: {{team: t{}}}}}\n", v % 3),
+            0 => format!(
+                "apiVersion: v1\nkind: Namespace\nmetadata: {{name: x, labels: {{team: t{}}}}}\n",
+                v % 3
+            ),
             1 => "apiVersion: v1\nkind: Namespace\nmetadata: {name: y}\n".into(),
             2..=7 => format!(
                 "apiVersion: v1\nkind: Pod\nmetadata: {{name: p{}, namespace: {}, labels: {{app: a{}}}}}\n\
@@ -285,7 +322,10 @@ mod tests {
                 ["x", "y", "z"][(n % 3) as usize],
                 v % 2
             ),
-            12 => format!("apiVersion: v1\nkind: Node\nmetadata: {{name: n1}}\nspec: {{podCIDR: 10.244.{}.0/24}}\n", v % 2),
+            12 => format!(
+                "apiVersion: v1\nkind: Node\nmetadata: {{name: n1}}\nspec: {{podCIDR: 10.244.{}.0/24}}\n",
+                v % 2
+            ),
             13 => format!(
                 "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: s, namespace: w}}\n\
                  addressType: {}\nendpoints: [{{addresses: [{}]}}]\n",
@@ -293,7 +333,8 @@ mod tests {
                 ["10.1.0.1", "\"fd00::1\""][(v % 2) as usize]
             ),
             14 => "apiVersion: v1\nkind: Pod\nmetadata: {name: lone, namespace: z}\n".into(),
-            _ => "apiVersion: v1\nkind: Service\nmetadata: {name: svc, namespace: y}\nspec: {clusterIP: 10.96.0.1, ports: [{port: 80}]}\n".into(),
+            _ => "apiVersion: v1\nkind: Service\nmetadata: {name: svc, namespace: y}\nspec: {clusterIP: 10.96.0.1, ports: [{port: 80}]}\n"
+                .into(),
         }
     }
 
@@ -394,11 +435,14 @@ mod tests {
         let Some(SourceUpdate::Changes(changes)) = source.poll(false).expect("valid") else {
             panic!("expected changes");
         };
-        assert_eq!(changes, [Change::Delete(ObjectRef {
-            kind: crate::model::Kind::NetworkPolicy,
-            namespace: Some("z".into()),
-            name: "np0".into(),
-        })]);
+        assert_eq!(
+            changes,
+            [Change::Delete(ObjectRef {
+                kind: crate::model::Kind::NetworkPolicy,
+                namespace: Some("z".into()),
+                name: "np0".into(),
+            })]
+        );
     }
 
     #[test]

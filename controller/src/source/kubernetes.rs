@@ -647,13 +647,18 @@ mod tests {
     fn watch_events_become_changes() {
         let mut s = Stores::default();
         let kind = Watched::Namespace;
-        let ns = |name: &str| Some(ObjectRef {
-            kind: Kind::Namespace,
-            namespace: None,
-            name: name.into(),
-        });
+        let ns = |name: &str| {
+            Some(ObjectRef {
+                kind: Kind::Namespace,
+                namespace: None,
+                name: name.into(),
+            })
+        };
         let refs = |s: &mut Stores| -> Vec<(String, bool)> {
-            s.take_changes().iter().map(|c| (c.object_ref().name, matches!(c, Change::Apply(_)))).collect()
+            s.take_changes()
+                .iter()
+                .map(|c| (c.object_ref().name, matches!(c, Change::Apply(_))))
+                .collect()
         };
         s.apply(kind, Event::Init);
         s.apply(kind, Event::InitApply(namespace("x", &[])));
@@ -670,7 +675,10 @@ mod tests {
         let Change::Apply(Object::Namespace(x)) = &changes[0] else {
             panic!("{changes:?}");
         };
-        assert_eq!(x.metadata.labels.as_ref().and_then(|l| l.get("team")).map(String::as_str), Some("b"));
+        assert_eq!(
+            x.metadata.labels.as_ref().and_then(|l| l.get("team")).map(String::as_str),
+            Some("b")
+        );
         assert_eq!(changes[1], Change::Delete(ns("y").expect("ref")));
         // A re-list that lost x and found z.
         s.apply(kind, Event::Init);
@@ -701,8 +709,14 @@ mod tests {
         assert_eq!(info.ipv4, Some(std::net::Ipv4Addr::new(10, 244, 1, 5)));
         assert_eq!(model::named_ports(&info, "http", "TCP"), [8080]);
         assert_eq!(info.node.as_deref(), Some("n1"));
-        assert!(s.apply(Watched::Pod, Event::Apply(pod("Succeeded", false))), "a finished pod is gone");
-        assert!(!s.apply(Watched::Pod, Event::Apply(pod("Running", true))), "host network: no endpoint");
+        assert!(
+            s.apply(Watched::Pod, Event::Apply(pod("Succeeded", false))),
+            "a finished pod is gone"
+        );
+        assert!(
+            !s.apply(Watched::Pod, Event::Apply(pod("Running", true))),
+            "host network: no endpoint"
+        );
     }
 
     /// A Node as the API server sends it; `version` (a digit) moves its resourceVersion and
