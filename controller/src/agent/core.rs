@@ -245,7 +245,7 @@ impl Agent {
     fn update_model(&mut self, update: SourceUpdate) -> bool {
         match update {
             SourceUpdate::Snapshot(cluster) => {
-                let touched = self.cluster.replace(cluster);
+                let touched = self.cluster.replace(*cluster);
                 let changed = !touched.is_empty();
                 self.touched.extend(touched);
                 changed

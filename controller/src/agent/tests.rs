@@ -232,7 +232,9 @@ struct FakeSource {
 
 impl Source for FakeSource {
     fn poll(&mut self, _force: bool) -> Result<Option<SourceUpdate>, SourceError> {
-        Ok(self.synced().then(|| SourceUpdate::Snapshot(self.cluster.lock().unwrap().clone())))
+        Ok(self
+            .synced()
+            .then(|| SourceUpdate::Snapshot(Box::new(self.cluster.lock().unwrap().clone()))))
     }
     fn synced(&self) -> bool {
         self.synced.load(Ordering::SeqCst)

@@ -65,8 +65,8 @@ impl PartialEq for Cluster {
 /// One change of the cluster, as a source delivers it.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Change {
-    /// The object was created or replaced.
-    Apply(Object),
+    /// The object was created or replaced (boxed: objects are large, deletions small).
+    Apply(Box<Object>),
     /// The object is gone (a Namespace's members go by their own deletes: see
     /// [`Cluster::delete`]).
     Delete(ObjectRef),
@@ -272,7 +272,7 @@ impl Cluster {
     /// Applies one change; returns whether the model changed.
     pub fn apply_change(&mut self, change: Change) -> bool {
         match change {
-            Change::Apply(object) => self.apply(object),
+            Change::Apply(object) => self.apply(*object),
             Change::Delete(r) => self.delete(&r),
         }
     }

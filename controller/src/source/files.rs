@@ -124,7 +124,7 @@ impl FileSource {
         }
         self.defined_in = index(&files);
         self.files = Some(files);
-        Ok(SourceUpdate::Snapshot(Cluster::from_objects(objects)))
+        Ok(SourceUpdate::Snapshot(Box::new(Cluster::from_objects(objects))))
     }
 }
 
@@ -226,7 +226,7 @@ impl Source for FileSource {
                 Some(path) if old.as_ref() == Some(&path) && !parsed.contains_key(&path) => {}
                 Some(path) => {
                     let objects = parsed.get(&path).or_else(|| reread.get(&path));
-                    applies.extend(objects.and_then(|o| last_definition(o, r)).map(Change::Apply));
+                    applies.extend(objects.and_then(|o| last_definition(o, r)).map(|o| Change::Apply(Box::new(o))));
                 }
             }
         }
@@ -276,7 +276,7 @@ mod tests {
 
     fn snapshot(update: Option<SourceUpdate>) -> Cluster {
         match update {
-            Some(SourceUpdate::Snapshot(cluster)) => cluster,
+            Some(SourceUpdate::Snapshot(cluster)) => *cluster,
             other => panic!("expected a first model, got {other:?}"),
         }
     }

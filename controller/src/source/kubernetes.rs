@@ -262,7 +262,7 @@ impl Stores {
         std::mem::take(&mut self.pending)
             .into_iter()
             .map(|(r, item)| match item {
-                Some(object) => Change::Apply(object),
+                Some(object) => Change::Apply(Box::new(object)),
                 None => Change::Delete(r),
             })
             .collect()
@@ -586,7 +586,7 @@ impl Source for KubeSource {
         self.served = Some(stores.generation);
         let changes = stores.take_changes();
         if first {
-            return Ok(Some(SourceUpdate::Snapshot(stores.cluster())));
+            return Ok(Some(SourceUpdate::Snapshot(Box::new(stores.cluster()))));
         }
         Ok((!changes.is_empty()).then_some(SourceUpdate::Changes(changes)))
     }
@@ -672,8 +672,11 @@ mod tests {
         s.apply(kind, Event::Delete(namespace("y", &[])));
         let changes = s.take_changes();
         assert_eq!(changes.len(), 2);
-        let Change::Apply(Object::Namespace(x)) = &changes[0] else {
+        let Change::Apply(object) = &changes[0] else {
             panic!("{changes:?}");
+        };
+        let Object::Namespace(x) = &**object else {
+            panic!("{object:?}");
         };
         assert_eq!(
             x.metadata.labels.as_ref().and_then(|l| l.get("team")).map(String::as_str),
@@ -703,7 +706,10 @@ mod tests {
         s.apply(Watched::Pod, Event::Init);
         s.apply(Watched::Pod, Event::InitDone);
         assert!(s.apply(Watched::Pod, Event::Apply(pod("Running", false))));
-        let Some(Change::Apply(Object::Pod(info))) = s.take_changes().pop() else {
+        let Some(Change::Apply(object)) = s.take_changes().pop() else {
+            panic!("a pod change");
+        };
+        let Object::Pod(info) = *object else {
             panic!("a pod change");
         };
         assert_eq!(info.ipv4, Some(std::net::Ipv4Addr::new(10, 244, 1, 5)));

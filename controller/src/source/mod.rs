@@ -49,7 +49,7 @@ pub enum SourceError {
 #[derive(Debug)]
 pub enum SourceUpdate {
     /// The whole model: the first sync, or a resync the source could not express as changes.
-    Snapshot(Cluster),
+    Snapshot(Box<Cluster>),
     /// What changed since the last update, in order. Applying them to the model the source
     /// delivered before gives the model it holds now.
     Changes(Vec<Change>),
@@ -97,6 +97,6 @@ impl Source for EmptySource {
     fn poll(&mut self, _force: bool) -> Result<Option<SourceUpdate>, SourceError> {
         let first = !self.served;
         self.served = true;
-        Ok(first.then(|| SourceUpdate::Snapshot(Cluster::new())))
+        Ok(first.then(|| SourceUpdate::Snapshot(Box::default())))
     }
 }
