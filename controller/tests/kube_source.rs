@@ -21,7 +21,7 @@ use bulkhead::model::{self, Cluster};
 use bulkhead::policy::{Compiler, LocalEndpoint};
 use bulkhead::services::ServiceTable;
 use bulkhead::source::kubernetes::{KubeSource, KubeSourceOptions};
-use bulkhead::source::Source;
+use bulkhead::source::{Source, SourceUpdate};
 use bulkhead_api::{AgentStatus, Request, Response};
 use bulkhead_common::{direction, endpoint_flags, identity, proto, PolicyKey, POLICY_PREFIX_FULL};
 use bulkhead_hostnet::netns;
@@ -188,10 +188,44 @@ impl FakeApi {
         self.watches_ended.send_modify(|n| *n += 1);
     }
 
-    fn source(&self, options: KubeSourceOptions) -> KubeSource {
+    fn source(&self, options: KubeSourceOptions) -> Tracked {
         let config = kube::Config::new(format!("http://{}", self.addr).parse().unwrap());
         let client = kube::Client::try_from(config).unwrap();
-        KubeSource::start(client, "node-a", options)
+        Tracked {
+            source: KubeSource::start(client, "node-a", options),
+            cluster: Cluster::new(),
+        }
+    }
+}
+
+/// The source and the model built from what it delivers, as the agent keeps it: the first
+/// snapshot, then each change applied in place.
+struct Tracked {
+    source: KubeSource,
+    cluster: Cluster,
+}
+
+impl Tracked {
+    /// The model after the source's update, when it delivered one.
+    fn poll(&mut self, force: bool) -> Result<Option<Cluster>, bulkhead::source::SourceError> {
+        Ok(self.source.poll(force)?.map(|update| {
+            match update {
+                SourceUpdate::Snapshot(cluster) => self.cluster = *cluster,
+                SourceUpdate::Changes(changes) => {
+                    for change in changes {
+                        self.cluster.apply_change(change);
+                    }
+                }
+            }
+            self.cluster.clone()
+        }))
+    }
+}
+
+impl std::ops::Deref for Tracked {
+    type Target = KubeSource;
+    fn deref(&self) -> &KubeSource {
+        &self.source
     }
 }
 
@@ -350,8 +384,7 @@ async fn initial_lists_build_the_model_and_nothing_is_served_before() {
     assert_eq!(model::pod_ipv4(web), Some(Ipv4Addr::new(10, 244, 1, 5)));
     assert_eq!(model::pod_node(web), Some("node-a"));
     assert_eq!(model::named_ports(web, "http", "TCP"), [8080]);
-    // Only what the compiler reads is kept, so status-only updates change nothing.
-    assert!(web.metadata.resource_version.is_none() && web.metadata.annotations.is_none());
+    // Pods are kept as `PodInfo`, what the compiler reads: status-only updates change nothing.
     assert_eq!(
         cluster.namespace_labels("prod").into_iter().collect::<Vec<_>>(),
         kv(&[("kubernetes.io/metadata.name", "prod"), ("team", "shop")])
@@ -653,7 +686,8 @@ async fn a_lost_api_server_keeps_the_last_model_and_recovers() {
     until("watch failures", 10, || (source.failures() >= 4).then_some(())).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert!(source.synced(), "a lost connection must not un-sync the source");
-    assert_eq!(source.poll(true).unwrap().as_ref(), Some(&first), "the last model is kept");
+    assert!(source.poll(true).unwrap().is_none(), "a lost connection is no change");
+    assert_eq!(source.cluster, first, "the last model is kept");
 
     // The server returns with new state (its resourceVersion moved on: a re-list).
     api.script(PODS, false, vec![list("pods-list-relisted.json")]);

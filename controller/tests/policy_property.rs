@@ -92,7 +92,13 @@ fn cluster(policies: &str, tiers: &[Option<&str>], audit_namespaces: &[bool]) ->
     for o in &mut objects {
         let (meta, is_namespace) = match o {
             Object::Namespace(x) => (&mut x.metadata, true),
-            Object::Pod(x) => (&mut x.metadata, false),
+            Object::Pod(x) => {
+                if let Some(Some(t)) = tiers.get(n) {
+                    std::sync::Arc::make_mut(&mut x.labels).insert("tier".into(), (*t).into());
+                }
+                n += 1;
+                continue;
+            }
             Object::NetworkPolicy(_) | Object::Node(_) | Object::Service(_) | Object::EndpointSlice(_) => continue,
         };
         if let Some(Some(t)) = tiers.get(n) {

@@ -306,8 +306,8 @@ impl Harness {
             None => {
                 let mut o = self.outside.clone();
                 if let Object::Pod(p) = &mut o {
-                    if let Some(s) = p.status.as_mut() {
-                        s.pod_ip = Some(Ipv4Addr::from(remote).to_string());
+                    if p.ipv4.is_some() {
+                        p.ipv4 = Some(Ipv4Addr::from(remote));
                     }
                 }
                 self.spec.apply(o);

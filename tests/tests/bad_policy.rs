@@ -116,8 +116,9 @@ fn agent_survives_an_invalid_manifest_and_keeps_its_model() {
     assert_eq!(before.len(), PAIRS);
     let pid = agent_pid(&lab);
     let manifests = lab.dir.join("manifests");
+    // The lab writes one file per object there.
     assert!(
-        manifests.join("cluster.yaml").is_file(),
+        manifests.join("lab_networkpolicy_x_allow-b.yaml").is_file(),
         "the lab's agents read {}",
         manifests.display()
     );

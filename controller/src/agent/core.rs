@@ -12,10 +12,10 @@ use crate::datapath::sync::{self};
 use crate::datapath::DatapathState;
 use crate::flows::{FlowStore, Resolver};
 use crate::metrics::{ErrorKind, Metrics};
-use crate::model::Cluster;
+use crate::model::{Cluster, ObjectRef};
 use crate::policy::{Compiler, LocalEndpoint};
 use crate::source::kubernetes::{self as kube_source};
-use crate::source::Source;
+use crate::source::{Source, SourceUpdate};
 use bulkhead_common::IpcacheValue;
 
 use super::host::{Dataplane, HostLinks, RegistryStore};
@@ -31,6 +31,9 @@ pub(super) struct Agent {
     pub(super) node_name: String,
     pub(super) source: Box<dyn Source>,
     pub(super) cluster: Cluster,
+    /// The objects of `cluster` that changed since the maps were last programmed, for an
+    /// incremental compile (cleared by every successful reprogram).
+    pub(super) touched: BTreeSet<ObjectRef>,
     pub(super) compiler: Compiler,
     pub(super) endpoints: Endpoints,
     /// What the maps hold, as far as the agent knows.
@@ -128,6 +131,7 @@ impl Agent {
             Ok(stats) => {
                 self.metrics.set_degraded(None);
                 self.applied = new;
+                self.touched.clear();
                 self.generation += 1;
                 self.pending = None;
                 if !self.programs_replaced {
@@ -211,16 +215,21 @@ impl Agent {
     /// Re-reads the source and this node's addresses; on a change, reprograms.
     pub(super) fn refresh(&mut self, force: bool) -> Result<(), AgentError> {
         let polled = self.source.poll(force);
-        if let Ok(Some(cluster)) = polled.as_ref() {
-            // The first synced model is written even when empty: until then the maps hold
-            // what the previous agent left, which is the last known state.
-            let first = !self.ready && self.source.synced();
-            if first || *cluster != self.cluster {
-                self.cluster = cluster.clone();
-                self.pending.get_or_insert_with(Instant::now);
+        let polled = match polled {
+            Ok(Some(update)) => {
+                let changed = self.update_model(update);
+                // The first synced model is written even when empty: until then the maps hold
+                // what the previous agent left, which is the last known state.
+                let first = !self.ready && self.source.synced();
+                if first || changed {
+                    self.pending.get_or_insert_with(Instant::now);
+                }
+                self.ready |= self.source.synced();
+                Ok(())
             }
-            self.ready |= self.source.synced();
-        }
+            Ok(None) => Ok(()),
+            Err(e) => Err(e),
+        };
         // A change seen earlier whose sync failed is retried here too, with the last good
         // model even when the source fails now.
         if let Some(seen) = self.pending {
@@ -228,7 +237,31 @@ impl Agent {
         }
         self.publish_pod_cidr();
         self.sync_network();
-        polled.map(drop).map_err(Into::into)
+        polled.map_err(Into::into)
+    }
+
+    /// Takes a source's update into the model in place, noting what it touched; true when
+    /// the model changed.
+    fn update_model(&mut self, update: SourceUpdate) -> bool {
+        match update {
+            SourceUpdate::Snapshot(cluster) => {
+                let touched = self.cluster.replace(*cluster);
+                let changed = !touched.is_empty();
+                self.touched.extend(touched);
+                changed
+            }
+            SourceUpdate::Changes(changes) => {
+                let mut changed = false;
+                for change in changes {
+                    let r = change.object_ref();
+                    if self.cluster.apply_change(change) {
+                        self.touched.insert(r);
+                        changed = true;
+                    }
+                }
+                changed
+            }
+        }
     }
 
     /// Routes and masquerade in step with the model's Nodes, once the source has synced;

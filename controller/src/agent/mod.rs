@@ -196,6 +196,7 @@ pub fn run(args: AgentArgs) -> Result<(), AgentError> {
         node_name: args.node_name.clone(),
         source,
         cluster: Cluster::new(),
+        touched: Default::default(),
         compiler: Compiler::new(),
         endpoints,
         applied,

@@ -22,7 +22,7 @@ use crate::flows::{Clock, FlowStore};
 use crate::metrics::Metrics;
 use crate::model::{parse_documents, Cluster};
 use crate::policy::Compiler;
-use crate::source::{Source, SourceError};
+use crate::source::{Source, SourceError, SourceUpdate};
 
 const MODEL: &str = "
 apiVersion: v1
@@ -231,8 +231,10 @@ struct FakeSource {
 }
 
 impl Source for FakeSource {
-    fn poll(&mut self, _force: bool) -> Result<Option<Cluster>, SourceError> {
-        Ok(self.synced().then(|| self.cluster.lock().unwrap().clone()))
+    fn poll(&mut self, _force: bool) -> Result<Option<SourceUpdate>, SourceError> {
+        Ok(self
+            .synced()
+            .then(|| SourceUpdate::Snapshot(Box::new(self.cluster.lock().unwrap().clone()))))
     }
     fn synced(&self) -> bool {
         self.synced.load(Ordering::SeqCst)
@@ -260,6 +262,7 @@ fn fixture(synced: bool) -> Fixture {
         node_name: "node".into(),
         source: Box::new(source.clone()),
         cluster: Cluster::new(),
+        touched: Default::default(),
         compiler: Compiler::new(),
         endpoints: Endpoints::new(),
         applied: DatapathState::default(),

@@ -11,12 +11,12 @@ use crate::policy::identity::RuleTable;
 use crate::policy::{self, LocalEndpoint};
 use crate::services::{ServiceKey, ServiceTable};
 
-/// A pod, as flows name it.
+/// A pod, as flows name it; its label set is the model's own, shared, not a copy.
 #[derive(Clone, Debug, PartialEq, Eq)]
 struct PodInfo {
     namespace: String,
     name: String,
-    labels: BTreeMap<String, String>,
+    labels: model::Labels,
 }
 
 /// Everything needed to name the numbers of a flow event, taken from the agent's state
@@ -57,7 +57,7 @@ impl Resolver {
                     PodInfo {
                         namespace: ns.clone(),
                         name: name.clone(),
-                        labels: model::pod_labels(pod),
+                        labels: pod.labels.clone(),
                     },
                 );
             }
@@ -65,7 +65,7 @@ impl Resolver {
         let mut endpoints = HashMap::new();
         let mut isolating = HashMap::new();
         for ep in locals {
-            let labels = cluster.pod(&ep.namespace, &ep.pod).map(model::pod_labels).unwrap_or_default();
+            let labels = cluster.pod(&ep.namespace, &ep.pod).map(|p| p.labels.clone()).unwrap_or_default();
             for dir in Direction::ALL {
                 let names = policy::isolating_policies(cluster, &ep.namespace, &labels, dir)
                     .into_iter()
@@ -199,7 +199,7 @@ impl Resolver {
             _ => None,
         };
         let labels = match (pod, reserved) {
-            (Some(p), _) => p.labels.clone(),
+            (Some(p), _) => (*p.labels).clone(),
             (None, Some(r)) => BTreeMap::from([(r.to_string(), String::new())]),
             (None, None) => BTreeMap::new(),
         };

@@ -15,7 +15,7 @@ mod state;
 pub mod traffic;
 mod world;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use bulkhead_api::{Request, Response};
@@ -414,27 +414,97 @@ fn read_files(files: &[PathBuf]) -> Result<Vec<model::Object>, LabError> {
     Ok(objects)
 }
 
-/// The model as last written for the agents.
+/// The model as last written for the agents: the lab's own files in the manifests directory
+/// (see [`write_cluster`]), the one place the lab keeps it. Other files there (an operator's
+/// or a test's) are the agents' business, not the lab's.
 fn load_cluster(paths: &LabPaths) -> Result<model::Cluster, LabError> {
-    let path = paths.cluster_yaml();
-    let text = match std::fs::read_to_string(&path) {
-        Ok(text) => text,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
-        Err(source) => return Err(LabError::Io { op: "read", path, source }),
+    let io = |op, path: &Path| {
+        let path = path.to_path_buf();
+        move |source| LabError::Io { op, path, source }
     };
+    let mut files = vec![paths.legacy_cluster_yaml()];
+    match std::fs::read_dir(paths.manifests()) {
+        Ok(entries) => {
+            for entry in entries {
+                let path = entry.map_err(io("list", &paths.manifests()))?.path();
+                if state::is_object_file(&path) {
+                    files.push(path);
+                }
+            }
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(source) => return Err(io("list", &paths.manifests())(source)),
+    }
+    files[1..].sort();
     let mut cluster = model::Cluster::default();
-    for object in model::parse_documents(&text, &path.display().to_string()).map_err(|source| LabError::Model { source })? {
-        cluster.apply(object);
+    for path in files {
+        let text = match std::fs::read_to_string(&path) {
+            Ok(text) => text,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(source) => return Err(LabError::Io { op: "read", path, source }),
+        };
+        for object in model::parse_documents(&text, &path.display().to_string()).map_err(|source| LabError::Model { source })? {
+            cluster.apply(object);
+        }
     }
     Ok(cluster)
 }
 
+/// Writes the model for the agents, one file per object (so a change rewrites only the files
+/// of the objects it changed, and the agents re-read only those), each atomically; files of
+/// objects no longer in the model are removed last. Policies go before pods, so an agent that
+/// reads the directory halfway never sees a new pod without the policies that isolate it.
+fn write_cluster(paths: &LabPaths, cluster: &model::Cluster) -> Result<(), LabError> {
+    let rank = |o: &model::Object| match o.kind() {
+        model::Kind::Namespace => 0,
+        model::Kind::Node => 1,
+        model::Kind::NetworkPolicy => 2,
+        model::Kind::Pod => 3,
+        model::Kind::Service => 4,
+        model::Kind::EndpointSlice => 5,
+    };
+    state::create_dir(&paths.manifests())?;
+    let mut objects = cluster.objects();
+    objects.sort_by_key(rank);
+    let mut wanted = std::collections::BTreeSet::new();
+    for object in &objects {
+        let path = paths.manifests().join(state::object_file_name(&object.to_ref()));
+        bulkhead_hostnet::fs::write_atomic_if_changed(&path, object.to_yaml().as_bytes(), 0o644).map_err(|e| LabError::Io {
+            op: e.op,
+            path: e.path,
+            source: e.source,
+        })?;
+        wanted.insert(path);
+    }
+    let stale = std::fs::read_dir(paths.manifests())
+        .map_err(|source| LabError::Io {
+            op: "list",
+            path: paths.manifests(),
+            source,
+        })?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| (state::is_object_file(p) && !wanted.contains(p)) || *p == paths.legacy_cluster_yaml());
+    for path in stale {
+        match std::fs::remove_file(&path) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                return Err(LabError::Io {
+                    op: "remove",
+                    path,
+                    source: e,
+                })
+            }
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
 /// Plays the control plane's part for Services (ClusterIPs, EndpointSlices, pod Services),
-/// saves the state, writes the model atomically, then has every agent load it into its maps.
+/// saves the state, writes the model, then has every agent load it into its maps.
 fn publish(paths: &LabPaths, state: &mut LabState, cluster: &mut model::Cluster) -> Result<(), LabError> {
     services::reconcile(cluster, state)?;
     paths.save(state)?;
-    state::write_atomic(&paths.cluster_yaml(), cluster.to_yaml().as_bytes())?;
+    write_cluster(paths, cluster)?;
     reload_agents(paths, state)
 }
 
@@ -519,15 +589,13 @@ fn pod_rows(paths: &LabPaths, state: &LabState) -> Result<Vec<PodRow>, LabError>
             _ => None,
         })
         .map(|p| {
-            let namespace = p.metadata.namespace.clone().unwrap_or_default();
-            let name = p.metadata.name.clone().unwrap_or_default();
-            let lab = state.pod(&namespace, &name);
+            let lab = state.pod(&p.namespace, &p.name);
             PodRow {
                 ip: lab.and_then(|l| l.ip.clone()),
                 node: lab.map(|l| l.node.clone()).unwrap_or_default(),
-                labels: p.metadata.labels.clone().unwrap_or_default(),
-                namespace,
-                name,
+                labels: model::pod_labels(&p),
+                namespace: p.namespace,
+                name: p.name,
             }
         })
         .collect();

@@ -16,7 +16,7 @@ use ipnetwork::Ipv4Network;
 use rtnetlink::Handle;
 
 use super::model;
-use super::state::{create_dir, write_atomic, LabPaths, LabState, NodeState};
+use super::state::{create_dir, LabPaths, LabState, NodeState};
 use super::{demo, pod, world, LabError};
 use crate::config::RoutingKind;
 
@@ -91,10 +91,7 @@ pub fn up(paths: &LabPaths, nodes: usize, routing: RoutingKind, files: &[PathBuf
     // The lab plays the cloud and kubelet: every node is a Node object with its pod CIDR
     // and InternalIP. The agents route between them from these; the lab installs no route.
     let node_objects = state.nodes.iter().filter_map(node_object);
-    write_atomic(
-        &paths.cluster_yaml(),
-        model::Cluster::from_objects(node_objects).to_yaml().as_bytes(),
-    )?;
+    super::write_cluster(paths, &model::Cluster::from_objects(node_objects))?;
     ensure_bpffs()?;
     for node in &state.nodes {
         create_dir(&paths.node_dir(&node.name))?;

@@ -1,6 +1,5 @@
 //! Lab pods: namespaces wired by the real CNI plugin, each running a small server.
 
-use std::collections::BTreeSet;
 use std::io::Write;
 use std::net::Ipv4Addr;
 use std::os::unix::process::ExitStatusExt;
@@ -8,9 +7,8 @@ use std::path::PathBuf;
 use std::process::{Command, Stdio};
 
 use bulkhead_hostnet::netns;
-use k8s_openapi::api::core::v1::{Pod, PodStatus};
 
-use super::model::{Object, ObjectRef};
+use super::model::{Kind, Object, ObjectRef, PodInfo};
 use super::serve::{self, Ports};
 use super::services;
 use super::state::{LabPaths, LabState, NodeState, PodState};
@@ -20,22 +18,9 @@ use super::LabError;
 type CreatedPod = (PodState, Option<u32>, Ipv4Addr);
 
 /// The ports a pod declares: (TCP ports, UDP ports).
-pub(super) fn declared_ports(pod: &Pod) -> (Vec<u16>, Vec<u16>) {
-    let mut tcp = BTreeSet::new();
-    let mut udp = BTreeSet::new();
-    let containers = pod.spec.as_ref().map(|s| s.containers.as_slice()).unwrap_or_default();
-    for port in containers.iter().flat_map(|c| c.ports.iter().flatten()) {
-        let Ok(number) = u16::try_from(port.container_port) else {
-            continue;
-        };
-        match port.protocol.as_deref().unwrap_or("TCP") {
-            "UDP" => udp.insert(number),
-            // SCTP sockets do not exist on the lab's kernel; TCP is the default.
-            "TCP" => tcp.insert(number),
-            _ => false,
-        };
-    }
-    (tcp.into_iter().collect(), udp.into_iter().collect())
+/// SCTP ports are left out: SCTP sockets do not exist on the lab's kernel.
+pub(super) fn declared_ports(pod: &PodInfo) -> (Vec<u16>, Vec<u16>) {
+    pod.declared_ports()
 }
 
 /// FNV-1a, for short stable name suffixes.
@@ -58,11 +43,8 @@ fn object_ref(object: &Object) -> ObjectRef {
     object.to_ref()
 }
 
-fn pod_key(pod: &Pod) -> (String, String) {
-    (
-        pod.metadata.namespace.clone().unwrap_or_else(|| "default".into()),
-        pod.metadata.name.clone().unwrap_or_default(),
-    )
+fn pod_key(pod: &PodInfo) -> (String, String) {
+    (pod.namespace.clone(), pod.name.clone())
 }
 
 /// Applies objects: policies and namespaces go to the model, new pods are created.
@@ -70,7 +52,7 @@ pub fn apply(paths: &LabPaths, state: &mut LabState, mut objects: Vec<Object>) -
     // Check what the model cannot: that a pinned node exists. Nothing has changed yet.
     for object in &objects {
         if let Object::Pod(pod) = object {
-            if let Some(node) = pod.spec.as_ref().and_then(|s| s.node_name.as_deref()) {
+            if let Some(node) = pod.node.as_deref() {
                 if state.node(node).is_none() {
                     let (ns, name) = pod_key(pod);
                     return Err(LabError::Unsupported {
@@ -103,8 +85,8 @@ pub fn apply(paths: &LabPaths, state: &mut LabState, mut objects: Vec<Object>) -
             }
             existing.node.clone()
         } else {
-            let node = match pod.spec.as_ref().and_then(|s| s.node_name.clone()) {
-                Some(node) => node,
+            let node = match pod.node.as_deref() {
+                Some(node) => node.to_string(),
                 None => least_loaded(state),
             };
             let lab_pod = PodState {
@@ -122,12 +104,8 @@ pub fn apply(paths: &LabPaths, state: &mut LabState, mut objects: Vec<Object>) -
             created.push(lab_pod);
             node
         };
-        pod.spec.get_or_insert_with(Default::default).node_name = Some(node);
-        let ip = state.pod(&namespace, &name).and_then(|p| p.ip.clone());
-        pod.status = Some(PodStatus {
-            pod_ip: ip,
-            ..Default::default()
-        });
+        pod.node = Some(node.into());
+        pod.ipv4 = state.pod(&namespace, &name).and_then(|p| p.ip.as_deref()?.parse().ok());
         cluster.apply(Object::Pod(pod));
     }
     // Recorded before anything is created, so `down` finds it after a crash.
@@ -181,8 +159,8 @@ pub fn apply(paths: &LabPaths, state: &mut LabState, mut objects: Vec<Object>) -
         for object in cluster.objects() {
             if let Object::Pod(mut pod) = object {
                 let (ns, name) = pod_key(&pod);
-                if let Some(ip) = state.pod(&ns, &name).and_then(|p| p.ip.clone()) {
-                    pod.status.get_or_insert_with(Default::default).pod_ip = Some(ip);
+                if let Some(ip) = state.pod(&ns, &name).and_then(|p| p.ip.as_deref()?.parse().ok()) {
+                    pod.ipv4 = Some(ip);
                     cluster.apply(Object::Pod(pod));
                 }
             }
@@ -347,7 +325,13 @@ pub fn delete(paths: &LabPaths, state: &mut LabState, objects: &[Object]) -> Res
             Object::NetworkPolicy(_) | Object::Node(_) | Object::Service(_) | Object::EndpointSlice(_) => Vec::new(),
         };
         doomed.extend(victims);
-        cluster.delete(&object_ref(object));
+        // `lab delete` of a Namespace takes everything in it along.
+        let r = object_ref(object);
+        if r.kind == Kind::Namespace {
+            cluster.delete_namespace(&r.name);
+        } else {
+            cluster.delete(&r);
+        }
     }
     doomed.sort_by_key(PodState::key);
     doomed.dedup_by_key(|p| p.key());
@@ -414,12 +398,12 @@ mod tests {
 
     #[test]
     fn ports_default_to_tcp() {
-        let pod: Pod = serde_json::from_value(serde_json::json!({
+        let pod: k8s_openapi::api::core::v1::Pod = serde_json::from_value(serde_json::json!({
             "metadata": {"name": "a"},
             "spec": {"containers": [{"name": "c", "ports": [
                 {"containerPort": 80}, {"containerPort": 80, "protocol": "UDP"}, {"containerPort": 81, "protocol": "TCP"}]}]}
         }))
         .unwrap();
-        assert_eq!(declared_ports(&pod), (vec![80, 81], vec![80]));
+        assert_eq!(declared_ports(&PodInfo::from_pod(&pod)), (vec![80, 81], vec![80]));
     }
 }

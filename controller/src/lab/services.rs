@@ -31,12 +31,11 @@ use std::net::Ipv4Addr;
 
 use bulkhead_api::{NamespacedName, Protocol};
 use ipnetwork::Ipv4Network;
-use k8s_openapi::api::core::v1::Pod;
 use serde::{Deserialize, Serialize};
 
 use super::model::{
-    self, Cluster, ClusterIp, EndpointInfo, EndpointPortInfo, EndpointSliceInfo, Object, ServiceInfo, ServicePortInfo, SessionAffinity,
-    TargetPort,
+    self, Cluster, ClusterIp, EndpointInfo, EndpointPortInfo, EndpointSliceInfo, Object, PodInfo as Pod, ServiceInfo, ServicePortInfo,
+    SessionAffinity, TargetPort,
 };
 use super::state::LabState;
 use super::LabError;
@@ -297,10 +296,7 @@ fn endpoint(pod: &Pod, ip: Ipv4Addr) -> EndpointInfo {
         serving: true,
         terminating: false,
         node_name: model::pod_node(pod).map(str::to_string),
-        pod: Some(NamespacedName::new(
-            pod.metadata.namespace.clone().unwrap_or_default(),
-            pod.metadata.name.clone().unwrap_or_default(),
-        )),
+        pod: Some(NamespacedName::new(pod.namespace.clone(), pod.name.clone())),
     }
 }
 

@@ -186,8 +186,9 @@ impl LabPaths {
         self.dir.join("manifests")
     }
 
-    /// The whole model.
-    pub fn cluster_yaml(&self) -> PathBuf {
+    /// Where labs before per-object files kept the whole model: read if present, removed
+    /// by the next write.
+    pub fn legacy_cluster_yaml(&self) -> PathBuf {
         self.manifests().join("cluster.yaml")
     }
 
@@ -283,6 +284,28 @@ impl LabPaths {
         })?;
         write_atomic(&self.state(), &bytes)
     }
+}
+
+/// The prefix of the lab's own files in the manifests directory.
+const OBJECT_FILE_PREFIX: &str = "lab_";
+
+/// The file of one object in the manifests directory: `lab_<kind>_<namespace>_<name>.yaml`
+/// (namespace empty for Namespaces and Nodes). Kubernetes names never hold `_` or `/`, so
+/// the name is unique and safe.
+pub fn object_file_name(r: &crate::model::ObjectRef) -> String {
+    format!(
+        "{OBJECT_FILE_PREFIX}{}_{}_{}.yaml",
+        r.kind.to_string().to_ascii_lowercase(),
+        r.namespace.as_deref().unwrap_or_default(),
+        r.name
+    )
+}
+
+/// Whether `path` is one of the lab's object files.
+pub fn is_object_file(path: &Path) -> bool {
+    path.file_name()
+        .and_then(|n| n.to_str())
+        .is_some_and(|n| n.starts_with(OBJECT_FILE_PREFIX) && n.ends_with(".yaml"))
 }
 
 /// Creates `dir` and its parents.

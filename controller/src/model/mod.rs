@@ -2,18 +2,20 @@
 //! objects parsed from YAML.
 
 mod parse;
+mod pod;
 pub mod selector;
 mod service;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::Ipv4Addr;
 
 use ipnetwork::Ipv4Network;
-use k8s_openapi::api::core::v1::{Namespace, Node, NodeAddress, NodeSpec, NodeStatus, Pod};
+use k8s_openapi::api::core::v1::{Namespace, Node, NodeAddress, NodeSpec, NodeStatus};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 
 pub use parse::{parse_cidr, parse_documents, validate_network_policy, validate_node, Kind, ModelError, Object, ObjectRef};
+pub use pod::{named_ports, pod_ipv4, pod_labels, pod_node, Interner, Labels, PodInfo, PodPort};
 pub use service::{
     validate_endpoint_slice, validate_service, ClusterIp, EndpointInfo, EndpointPortInfo, EndpointSliceInfo, ServiceInfo, ServicePortInfo,
     SessionAffinity, TargetPort, ADDRESS_TYPE_IPV4, DEFAULT_AFFINITY_TIMEOUT_SECONDS, HEADLESS, MAX_AFFINITY_TIMEOUT_SECONDS,
@@ -30,15 +32,70 @@ pub const POLICY_AUDIT_ANNOTATION: &str = "bulkhead.io/audit";
 /// Namespace annotation: `"true"` puts every policy of the namespace in audit mode.
 pub const NAMESPACE_AUDIT_ANNOTATION: &str = "bulkhead.io/policy-audit";
 
-/// Every object of the cluster, as the API server would store them.
-#[derive(Clone, Debug, Default, PartialEq)]
+/// Every object of the cluster, as the API server would store them, reduced to what the
+/// agent reads (pods as [`PodInfo`], sharing their label sets).
+///
+/// Equality compares the objects (a stand-in namespace equals a Namespace object with the
+/// same labels).
+#[derive(Clone, Debug, Default)]
 pub struct Cluster {
     namespaces: BTreeMap<String, Namespace>,
-    pods: BTreeMap<(String, String), Pod>,
+    /// Namespaces no Namespace object defines: stand-ins for the namespace of the objects in
+    /// them, gone with the last of those (as a full rebuild from the objects would have them).
+    implicit: BTreeSet<String>,
+    pods: BTreeMap<(String, String), PodInfo>,
     policies: BTreeMap<(String, String), NetworkPolicy>,
     nodes: BTreeMap<String, NodeInfo>,
     services: BTreeMap<(String, String), ServiceInfo>,
     endpoint_slices: BTreeMap<(String, String), EndpointSliceInfo>,
+    interner: Interner,
+}
+
+impl PartialEq for Cluster {
+    fn eq(&self, other: &Self) -> bool {
+        self.namespaces == other.namespaces
+            && self.pods == other.pods
+            && self.policies == other.policies
+            && self.nodes == other.nodes
+            && self.services == other.services
+            && self.endpoint_slices == other.endpoint_slices
+    }
+}
+
+/// One change of the cluster, as a source delivers it.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Change {
+    /// The object was created or replaced (boxed: objects are large, deletions small).
+    Apply(Box<Object>),
+    /// The object is gone (a Namespace's members go by their own deletes: see
+    /// [`Cluster::delete`]).
+    Delete(ObjectRef),
+}
+
+impl Change {
+    /// The object changed.
+    pub fn object_ref(&self) -> ObjectRef {
+        match self {
+            Change::Apply(o) => o.to_ref(),
+            Change::Delete(r) => r.clone(),
+        }
+    }
+}
+
+/// Inserts `value` under `key` unless it is there already; true when the map changed.
+fn put<K: Ord, V: PartialEq>(map: &mut BTreeMap<K, V>, key: K, value: V) -> bool {
+    if map.get(&key) == Some(&value) {
+        return false;
+    }
+    map.insert(key, value);
+    true
+}
+
+/// The keys whose values differ between `a` and `b` (present in one only, or unequal).
+fn differing<'a, K: Ord + Clone, V: PartialEq>(a: &'a BTreeMap<K, V>, b: &'a BTreeMap<K, V>) -> impl Iterator<Item = K> + 'a {
+    let gone = a.keys().filter(|k| !b.contains_key(k));
+    let changed = b.iter().filter(|(k, v)| a.get(k) != Some(v)).map(|(k, _)| k);
+    gone.chain(changed).cloned()
 }
 
 /// What routing needs of one Node: where its pods live and how to reach it.
@@ -154,9 +211,12 @@ impl Cluster {
         c
     }
 
-    /// Inserts or replaces an object; a namespaced object in a missing namespace creates it.
-    /// An EndpointSlice whose address type is not IPv4 is left out (the datapath is IPv4).
-    pub fn apply(&mut self, object: Object) {
+    /// Inserts or replaces an object; a namespaced object in a missing namespace creates a
+    /// stand-in for it. An EndpointSlice whose address type is not IPv4 is left out (the
+    /// datapath is IPv4), and replaces an IPv4 one of the same name.
+    ///
+    /// Returns whether the model changed: re-applying an object as it is changes nothing.
+    pub fn apply(&mut self, object: Object) -> bool {
         match object {
             Object::Namespace(mut ns) => {
                 let name = ns.metadata.name.clone().unwrap_or_default();
@@ -166,60 +226,174 @@ impl Cluster {
                     .labels
                     .get_or_insert_with(BTreeMap::new)
                     .insert(NAMESPACE_NAME_LABEL.to_string(), name.clone());
-                self.namespaces.insert(name, ns);
+                self.implicit.remove(&name);
+                put(&mut self.namespaces, name, ns)
             }
             Object::Pod(mut pod) => {
-                let ns = pod.metadata.namespace.get_or_insert_with(|| DEFAULT_NAMESPACE.to_string()).clone();
-                self.ensure_namespace(&ns);
-                self.pods.insert((ns, pod.metadata.name.clone().unwrap_or_default()), pod);
+                let created = self.ensure_namespace(&pod.namespace);
+                let key = (pod.namespace.clone(), pod.name.clone());
+                if self.pods.get(&key) == Some(&pod) {
+                    return created;
+                }
+                self.interner.intern(&mut pod);
+                if let Some(old) = self.pods.insert(key, pod) {
+                    self.interner.release(old);
+                }
+                true
             }
             Object::NetworkPolicy(mut np) => {
                 let ns = np.metadata.namespace.get_or_insert_with(|| DEFAULT_NAMESPACE.to_string()).clone();
-                self.ensure_namespace(&ns);
-                self.policies.insert((ns, np.metadata.name.clone().unwrap_or_default()), np);
+                let created = self.ensure_namespace(&ns);
+                let name = np.metadata.name.clone().unwrap_or_default();
+                put(&mut self.policies, (ns, name), np) || created
             }
             Object::Node(node) => {
                 let info = NodeInfo::from_node(&node);
-                self.nodes.insert(info.name.clone(), info);
+                put(&mut self.nodes, info.name.clone(), info)
             }
             Object::Service(svc) => {
                 let info = ServiceInfo::from_service(&svc);
-                self.ensure_namespace(&info.namespace);
-                self.services.insert((info.namespace.clone(), info.name.clone()), info);
+                let created = self.ensure_namespace(&info.namespace);
+                put(&mut self.services, (info.namespace.clone(), info.name.clone()), info) || created
             }
-            Object::EndpointSlice(slice) => {
-                if let Some(info) = EndpointSliceInfo::from_slice(&slice) {
-                    self.ensure_namespace(&info.namespace);
-                    self.endpoint_slices.insert((info.namespace.clone(), info.name.clone()), info);
+            Object::EndpointSlice(slice) => match EndpointSliceInfo::from_slice(&slice) {
+                Some(info) => {
+                    let created = self.ensure_namespace(&info.namespace);
+                    put(&mut self.endpoint_slices, (info.namespace.clone(), info.name.clone()), info) || created
                 }
-            }
+                None => {
+                    let r = Object::EndpointSlice(slice).to_ref();
+                    self.delete(&r)
+                }
+            },
         }
     }
 
-    fn ensure_namespace(&mut self, name: &str) {
-        if !self.namespaces.contains_key(name) {
-            self.apply(Object::Namespace(namespace_object(name)));
+    /// Applies one change; returns whether the model changed.
+    pub fn apply_change(&mut self, change: Change) -> bool {
+        match change {
+            Change::Apply(object) => self.apply(*object),
+            Change::Delete(r) => self.delete(&r),
         }
     }
 
-    /// Removes an object; removing a Namespace removes every object in it.
-    /// Returns whether the object existed.
+    /// Creates a stand-in for a namespace no object defined yet; true when it did.
+    fn ensure_namespace(&mut self, name: &str) -> bool {
+        if self.namespaces.contains_key(name) {
+            return false;
+        }
+        self.apply(Object::Namespace(namespace_object(name)));
+        self.implicit.insert(name.to_string());
+        true
+    }
+
+    /// Whether any namespaced object is in namespace `ns`.
+    fn has_members(&self, ns: &str) -> bool {
+        fn any<V>(map: &BTreeMap<(String, String), V>, ns: &str) -> bool {
+            map.range((ns.to_string(), String::new())..)
+                .next()
+                .is_some_and(|((n, _), _)| n == ns)
+        }
+        any(&self.pods, ns) || any(&self.policies, ns) || any(&self.services, ns) || any(&self.endpoint_slices, ns)
+    }
+
+    /// Drops the stand-in namespace `ns` once nothing is in it.
+    fn drop_stand_in(&mut self, ns: &str) {
+        if self.implicit.contains(ns) && !self.has_members(ns) {
+            self.implicit.remove(ns);
+            self.namespaces.remove(ns);
+        }
+    }
+
+    /// Removes an object, as its deletion in the API server does; returns whether the model
+    /// changed.
+    ///
+    /// A Namespace's members are deleted one by one (the API server's namespace controller
+    /// does so, and a manifests directory lists them apart): while any remain, a deleted
+    /// Namespace leaves a stand-in with only its name label, and a stand-in goes with its
+    /// last member. [`Cluster::delete_namespace`] removes a namespace with everything in it.
     pub fn delete(&mut self, r: &ObjectRef) -> bool {
-        let ns = || r.namespace.clone().unwrap_or_else(|| DEFAULT_NAMESPACE.to_string());
-        match r.kind {
+        let ns = r.namespace.clone().unwrap_or_else(|| DEFAULT_NAMESPACE.to_string());
+        let key = || (ns.clone(), r.name.clone());
+        let removed = match r.kind {
             Kind::Namespace => {
-                self.pods.retain(|(ns, _), _| ns != &r.name);
-                self.policies.retain(|(ns, _), _| ns != &r.name);
-                self.services.retain(|(ns, _), _| ns != &r.name);
-                self.endpoint_slices.retain(|(ns, _), _| ns != &r.name);
-                self.namespaces.remove(&r.name).is_some()
+                if !self.namespaces.contains_key(&r.name) || self.implicit.contains(&r.name) {
+                    return false;
+                }
+                if !self.has_members(&r.name) {
+                    self.namespaces.remove(&r.name);
+                    return true;
+                }
+                let stand_in = namespace_object(&r.name);
+                let changed = self.apply(Object::Namespace(stand_in));
+                self.implicit.insert(r.name.clone());
+                return changed;
             }
-            Kind::Pod => self.pods.remove(&(ns(), r.name.clone())).is_some(),
-            Kind::NetworkPolicy => self.policies.remove(&(ns(), r.name.clone())).is_some(),
-            Kind::Node => self.nodes.remove(&r.name).is_some(),
-            Kind::Service => self.services.remove(&(ns(), r.name.clone())).is_some(),
-            Kind::EndpointSlice => self.endpoint_slices.remove(&(ns(), r.name.clone())).is_some(),
+            Kind::Pod => match self.pods.remove(&key()) {
+                Some(old) => {
+                    self.interner.release(old);
+                    true
+                }
+                None => false,
+            },
+            Kind::NetworkPolicy => self.policies.remove(&key()).is_some(),
+            Kind::Node => return self.nodes.remove(&r.name).is_some(),
+            Kind::Service => self.services.remove(&key()).is_some(),
+            Kind::EndpointSlice => self.endpoint_slices.remove(&key()).is_some(),
+        };
+        if removed {
+            self.drop_stand_in(&ns);
         }
+        removed
+    }
+
+    /// Removes a namespace and every object in it (`lab delete` of a Namespace); returns
+    /// whether it existed.
+    pub fn delete_namespace(&mut self, name: &str) -> bool {
+        let mut gone = Vec::new();
+        self.pods.retain(|(ns, _), pod| {
+            let keep = ns != name;
+            if !keep {
+                gone.push(pod.clone());
+            }
+            keep
+        });
+        for pod in gone {
+            self.interner.release(pod);
+        }
+        self.policies.retain(|(ns, _), _| ns != name);
+        self.services.retain(|(ns, _), _| ns != name);
+        self.endpoint_slices.retain(|(ns, _), _| ns != name);
+        self.implicit.remove(name);
+        self.namespaces.remove(name).is_some()
+    }
+
+    /// Replaces the whole model (a source's resync); returns every object that changed.
+    pub fn replace(&mut self, new: Cluster) -> BTreeSet<ObjectRef> {
+        let namespaced = |kind: Kind| {
+            move |(ns, name): (String, String)| ObjectRef {
+                kind,
+                namespace: Some(ns),
+                name,
+            }
+        };
+        let global = |kind: Kind| {
+            move |name: String| ObjectRef {
+                kind,
+                namespace: None,
+                name,
+            }
+        };
+        let touched = differing(&self.namespaces, &new.namespaces)
+            .map(global(Kind::Namespace))
+            .chain(differing(&self.nodes, &new.nodes).map(global(Kind::Node)))
+            .chain(differing(&self.pods, &new.pods).map(namespaced(Kind::Pod)))
+            .chain(differing(&self.policies, &new.policies).map(namespaced(Kind::NetworkPolicy)))
+            .chain(differing(&self.services, &new.services).map(namespaced(Kind::Service)))
+            .chain(differing(&self.endpoint_slices, &new.endpoint_slices).map(namespaced(Kind::EndpointSlice)))
+            .collect();
+        *self = new;
+        touched
     }
 
     /// Every object: namespaces first, then nodes (as [`NodeInfo::to_node`]), pods,
@@ -243,23 +417,7 @@ impl Cluster {
     /// Serialising these types cannot fail in practice (all map keys are strings); should it,
     /// the object is written as a YAML comment carrying the error, never silently dropped.
     pub fn to_yaml(&self) -> String {
-        let mut out = String::new();
-        for o in self.objects() {
-            let doc = match &o {
-                Object::Namespace(x) => serde_yaml_ng::to_string(x),
-                Object::Pod(x) => serde_yaml_ng::to_string(x),
-                Object::NetworkPolicy(x) => serde_yaml_ng::to_string(x),
-                Object::Node(x) => serde_yaml_ng::to_string(x),
-                Object::Service(x) => serde_yaml_ng::to_string(x),
-                Object::EndpointSlice(x) => serde_yaml_ng::to_string(x),
-            };
-            out.push_str("---\n");
-            match doc {
-                Ok(text) => out.push_str(&text),
-                Err(e) => out.push_str(&format!("# cannot serialise {}: {e}\n", o.to_ref())),
-            }
-        }
-        out
+        self.objects().iter().map(Object::to_yaml).collect()
     }
 
     /// Namespaces by name.
@@ -268,7 +426,7 @@ impl Cluster {
     }
 
     /// Pods by (namespace, name).
-    pub fn pods(&self) -> &BTreeMap<(String, String), Pod> {
+    pub fn pods(&self) -> &BTreeMap<(String, String), PodInfo> {
         &self.pods
     }
 
@@ -318,7 +476,7 @@ impl Cluster {
     }
 
     /// A pod by namespace and name.
-    pub fn pod(&self, namespace: &str, name: &str) -> Option<&Pod> {
+    pub fn pod(&self, namespace: &str, name: &str) -> Option<&PodInfo> {
         self.pods.get(&(namespace.to_string(), name.to_string()))
     }
 
@@ -360,38 +518,10 @@ impl Cluster {
     }
 }
 
-/// A pod's labels (empty if none).
-pub fn pod_labels(pod: &Pod) -> BTreeMap<String, String> {
-    pod.metadata.labels.clone().unwrap_or_default()
-}
-
-/// A pod's IPv4 address from `status.podIP`, if it has one.
-pub fn pod_ipv4(pod: &Pod) -> Option<Ipv4Addr> {
-    pod.status.as_ref()?.pod_ip.as_deref()?.parse().ok()
-}
-
-/// A pod's node from `spec.nodeName`, if scheduled.
-pub fn pod_node(pod: &Pod) -> Option<&str> {
-    pod.spec.as_ref()?.node_name.as_deref()
-}
-
-/// The port numbers a pod declares under `name` for `protocol` (default TCP).
-pub fn named_ports(pod: &Pod, name: &str, protocol: &str) -> Vec<u16> {
-    let mut out: Vec<u16> = pod
-        .spec
-        .iter()
-        .flat_map(|s| &s.containers)
-        .flat_map(|c| c.ports.iter().flatten())
-        .filter(|p| p.name.as_deref() == Some(name) && p.protocol.as_deref().unwrap_or("TCP") == protocol)
-        .filter_map(|p| u16::try_from(p.container_port).ok())
-        .collect();
-    out.sort_unstable();
-    out.dedup();
-    out
-}
-
 #[cfg(test)]
 mod tests {
+    use std::sync::Arc;
+
     use super::*;
 
     const GOOD: &str = r#"
@@ -482,8 +612,9 @@ spec:
             namespace: None,
             name: "x".into(),
         };
-        assert!(c.delete(&ns_ref));
+        assert!(c.delete_namespace("x"));
         assert!(c.pod("x", "a").is_none());
+        assert!(!c.delete_namespace("x"));
         assert!(!c.delete(&ns_ref));
         let np = ObjectRef {
             kind: Kind::NetworkPolicy,
@@ -492,6 +623,101 @@ spec:
         };
         assert!(c.delete(&np));
         assert!(c.policies().is_empty());
+    }
+
+    fn apply_text(c: &mut Cluster, text: &str) -> Vec<bool> {
+        parse_documents(text, "t.yaml")
+            .expect("parses")
+            .into_iter()
+            .map(|o| c.apply(o))
+            .collect()
+    }
+
+    fn r(kind: Kind, namespace: Option<&str>, name: &str) -> ObjectRef {
+        ObjectRef {
+            kind,
+            namespace: namespace.map(str::to_string),
+            name: name.into(),
+        }
+    }
+
+    /// `apply` and `delete` say whether the model changed: an identical re-apply does not.
+    #[test]
+    fn apply_and_delete_report_real_changes_only() {
+        let mut c = Cluster::new();
+        assert_eq!(apply_text(&mut c, GOOD), [true, true, true, true]);
+        assert_eq!(apply_text(&mut c, GOOD), [false, false, false, false]);
+        let relabel = "apiVersion: v1\nkind: Pod\nmetadata: {name: a, namespace: x, labels: {pod: z}}\n";
+        assert_eq!(apply_text(&mut c, relabel), [true]);
+        assert_eq!(apply_text(&mut c, relabel), [false]);
+        let node = "apiVersion: v1\nkind: Node\nmetadata: {name: n}\nspec: {podCIDR: 10.244.1.0/24}\n";
+        assert_eq!(apply_text(&mut c, node), [true]);
+        assert_eq!(apply_text(&mut c, node), [false]);
+        assert!(c.delete(&r(Kind::Node, None, "n")));
+        assert!(!c.delete(&r(Kind::Node, None, "n")));
+        assert!(c.delete(&r(Kind::Pod, Some("x"), "a")));
+        assert!(!c.delete(&r(Kind::Pod, Some("x"), "a")));
+        // An IPv6 slice replaces the IPv4 one of its name, as a full rebuild would leave it out.
+        let slice = |family: &str, ip: &str| {
+            format!("apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: s, namespace: x}}\naddressType: {family}\nendpoints: [{{addresses: [\"{ip}\"]}}]\n")
+        };
+        assert_eq!(apply_text(&mut c, &slice("IPv4", "10.0.0.1")), [true]);
+        assert_eq!(apply_text(&mut c, &slice("IPv6", "fd00::1")), [true]);
+        assert_eq!(c.endpoint_slices().count(), 0);
+        assert_eq!(apply_text(&mut c, &slice("IPv6", "fd00::1")), [false]);
+    }
+
+    /// A deleted Namespace whose members remain turns into a stand-in (only its name label);
+    /// a stand-in goes with its last member: the model a rebuild from the objects gives.
+    #[test]
+    fn namespaces_outlive_their_object_while_members_remain() {
+        let mut c = Cluster::new();
+        apply_text(&mut c, GOOD);
+        assert!(c.delete(&r(Kind::Namespace, None, "x")), "labels {{ns: x}} are gone");
+        assert_eq!(
+            c.namespace_labels("x"),
+            BTreeMap::from([(NAMESPACE_NAME_LABEL.to_string(), "x".to_string())])
+        );
+        assert!(c.pod("x", "a").is_some());
+        assert!(!c.delete(&r(Kind::Namespace, None, "x")), "a stand-in has no object to delete");
+        assert!(c.delete(&r(Kind::Pod, Some("x"), "a")));
+        assert!(c.namespace("x").is_none(), "the stand-in went with its last member");
+        // `y` only exists for its policy.
+        assert!(c.delete(&r(Kind::NetworkPolicy, Some("y"), "allow-b")));
+        assert!(c.namespace("y").is_none());
+        // A Namespace object with no members goes at once; an explicit one outlives its members.
+        apply_text(&mut c, "apiVersion: v1\nkind: Namespace\nmetadata: {name: e}\n");
+        apply_text(&mut c, "apiVersion: v1\nkind: Pod\nmetadata: {name: p, namespace: e}\n");
+        assert!(c.delete(&r(Kind::Pod, Some("e"), "p")));
+        assert!(c.namespace("e").is_some());
+        assert!(c.delete(&r(Kind::Namespace, None, "e")));
+        assert!(c.namespace("e").is_none());
+        let rebuilt = Cluster::from_objects(c.objects());
+        assert_eq!(rebuilt, c);
+    }
+
+    /// Pods of one template share their label set, and a set no pod uses is forgotten.
+    #[test]
+    fn equal_label_sets_are_shared() {
+        let mut c = Cluster::new();
+        let pods: String = (0..50)
+            .map(|i| {
+                format!(
+                    "---\napiVersion: v1\nkind: Pod\nmetadata: {{name: p{i}, labels: {{app: a{}}}}}\nspec: {{nodeName: n1}}\n",
+                    i % 2
+                )
+            })
+            .collect();
+        apply_text(&mut c, &pods);
+        assert_eq!(c.interner.label_sets(), 2);
+        let (p0, p2) = (c.pod("default", "p0").expect("p0"), c.pod("default", "p2").expect("p2"));
+        assert!(Arc::ptr_eq(&p0.labels, &p2.labels));
+        assert!(Arc::ptr_eq(p0.node.as_ref().expect("node"), p2.node.as_ref().expect("node")));
+        for i in (1..50).step_by(2) {
+            assert!(c.delete(&r(Kind::Pod, Some("default"), &format!("p{i}"))));
+        }
+        assert_eq!(c.interner.label_sets(), 1);
+        assert_eq!(c.replace(Cluster::new()).len(), 26, "25 pods and the default namespace");
     }
 
     fn policy_doc(spec: &str) -> String {

@@ -14,6 +14,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use serde::Deserialize;
 
+use super::pod::PodInfo;
 use super::selector::{self, FieldError};
 use super::service::{validate_endpoint_slice, validate_service};
 use super::DEFAULT_NAMESPACE;
@@ -118,8 +119,8 @@ impl fmt::Display for Kind {
 pub enum Object {
     /// A Namespace.
     Namespace(Namespace),
-    /// A Pod.
-    Pod(Pod),
+    /// A Pod, validated then reduced to what the model keeps.
+    Pod(PodInfo),
     /// A NetworkPolicy.
     NetworkPolicy(NetworkPolicy),
     /// A Node (the model keeps what routing reads: see [`super::NodeInfo`]).
@@ -143,14 +144,14 @@ impl Object {
         }
     }
 
-    fn metadata(&self) -> &ObjectMeta {
+    fn metadata(&self) -> Option<&ObjectMeta> {
         match self {
-            Object::Namespace(o) => &o.metadata,
-            Object::Pod(o) => &o.metadata,
-            Object::NetworkPolicy(o) => &o.metadata,
-            Object::Node(o) => &o.metadata,
-            Object::Service(o) => &o.metadata,
-            Object::EndpointSlice(o) => &o.metadata,
+            Object::Namespace(o) => Some(&o.metadata),
+            Object::Pod(_) => None,
+            Object::NetworkPolicy(o) => Some(&o.metadata),
+            Object::Node(o) => Some(&o.metadata),
+            Object::Service(o) => Some(&o.metadata),
+            Object::EndpointSlice(o) => Some(&o.metadata),
         }
     }
 
@@ -158,13 +159,36 @@ impl Object {
     pub fn namespace(&self) -> Option<&str> {
         match self {
             Object::Namespace(_) | Object::Node(_) => None,
-            _ => Some(self.metadata().namespace.as_deref().unwrap_or(DEFAULT_NAMESPACE)),
+            Object::Pod(pod) => Some(&pod.namespace),
+            _ => Some(self.metadata().and_then(|m| m.namespace.as_deref()).unwrap_or(DEFAULT_NAMESPACE)),
         }
     }
 
     /// The object's name (empty only if built by hand without one).
     pub fn name(&self) -> &str {
-        self.metadata().name.as_deref().unwrap_or_default()
+        match self {
+            Object::Pod(pod) => &pod.name,
+            _ => self.metadata().and_then(|m| m.name.as_deref()).unwrap_or_default(),
+        }
+    }
+
+    /// The object as one YAML document (`---` first) that [`parse_documents`] reads back.
+    ///
+    /// Serialising these types cannot fail in practice (all map keys are strings); should it,
+    /// the document is a YAML comment carrying the error, never silently empty.
+    pub fn to_yaml(&self) -> String {
+        let doc = match self {
+            Object::Namespace(x) => serde_yaml_ng::to_string(x),
+            Object::Pod(x) => serde_yaml_ng::to_string(&x.to_pod()),
+            Object::NetworkPolicy(x) => serde_yaml_ng::to_string(x),
+            Object::Node(x) => serde_yaml_ng::to_string(x),
+            Object::Service(x) => serde_yaml_ng::to_string(x),
+            Object::EndpointSlice(x) => serde_yaml_ng::to_string(x),
+        };
+        match doc {
+            Ok(text) => format!("---\n{text}"),
+            Err(e) => format!("---\n# cannot serialise {}: {e}\n", self.to_ref()),
+        }
     }
 
     /// A reference naming this object.
@@ -258,19 +282,29 @@ fn parse_value(value: serde_yaml_ng::Value, origin: &str, document: usize) -> Re
         field: e.path().to_string(),
         source: e.into_inner(),
     };
-    let mut object = match kind_enum {
-        Kind::Namespace => Object::Namespace(serde_path_to_error::deserialize(value).map_err(decode_err)?),
-        Kind::Pod => Object::Pod(serde_path_to_error::deserialize(value).map_err(decode_err)?),
-        Kind::NetworkPolicy => Object::NetworkPolicy(serde_path_to_error::deserialize(value).map_err(decode_err)?),
-        Kind::Node => Object::Node(serde_path_to_error::deserialize(value).map_err(decode_err)?),
-        Kind::Service => Object::Service(serde_path_to_error::deserialize(value).map_err(decode_err)?),
-        Kind::EndpointSlice => Object::EndpointSlice(serde_path_to_error::deserialize(value).map_err(decode_err)?),
-    };
     let invalid = |source: FieldError| ModelError::Invalid {
         origin: origin.to_string(),
         document,
         object: object_name.clone(),
         source,
+    };
+    let mut object = match kind_enum {
+        Kind::Namespace => Object::Namespace(serde_path_to_error::deserialize(value).map_err(decode_err)?),
+        Kind::Pod => {
+            let mut pod: Pod = serde_path_to_error::deserialize(value).map_err(decode_err)?;
+            if name.as_deref().is_none_or(str::is_empty) {
+                return Err(invalid(FieldError::new("metadata.name", "required")));
+            }
+            pod.metadata.namespace.get_or_insert_with(|| DEFAULT_NAMESPACE.to_string());
+            validate_meta(&pod.metadata).map_err(invalid)?;
+            validate_pod(&pod).map_err(invalid)?;
+            // Validated as parsed; the model keeps the compact view.
+            return Ok(Object::Pod(PodInfo::from_pod(&pod)));
+        }
+        Kind::NetworkPolicy => Object::NetworkPolicy(serde_path_to_error::deserialize(value).map_err(decode_err)?),
+        Kind::Node => Object::Node(serde_path_to_error::deserialize(value).map_err(decode_err)?),
+        Kind::Service => Object::Service(serde_path_to_error::deserialize(value).map_err(decode_err)?),
+        Kind::EndpointSlice => Object::EndpointSlice(serde_path_to_error::deserialize(value).map_err(decode_err)?),
     };
     if name.as_deref().is_none_or(str::is_empty) {
         return Err(invalid(FieldError::new("metadata.name", "required")));
@@ -282,11 +316,8 @@ fn parse_value(value: serde_yaml_ng::Value, origin: &str, document: usize) -> Re
             validate_namespace_name(name.as_deref().unwrap_or_default(), "metadata.name").map_err(invalid)?;
             validate_meta(&ns.metadata).map_err(invalid)?;
         }
-        Object::Pod(pod) => {
-            pod.metadata.namespace.get_or_insert_with(|| DEFAULT_NAMESPACE.to_string());
-            validate_meta(&pod.metadata).map_err(invalid)?;
-            validate_pod(pod).map_err(invalid)?;
-        }
+        // Validated above, before the reduction.
+        Object::Pod(_) => {}
         Object::NetworkPolicy(np) => {
             np.metadata.namespace.get_or_insert_with(|| DEFAULT_NAMESPACE.to_string());
             validate_meta(&np.metadata).map_err(invalid)?;

@@ -730,11 +730,7 @@ endpoints: [{addresses: ["fd00::2"]}]
         c.apply(Object::EndpointSlice(
             back.endpoint_slices().next().expect("a slice").to_endpoint_slice(),
         ));
-        assert!(c.delete(&ObjectRef {
-            kind: Kind::Namespace,
-            namespace: None,
-            name: "x".into()
-        }));
+        assert!(c.delete_namespace("x"));
         assert_eq!((c.services().count(), c.endpoint_slices().count()), (0, 0));
     }
 

@@ -8,12 +8,12 @@ use bulkhead_common::{
     POLICY_PREFIX_FULL,
 };
 use ipnetwork::Ipv4Network;
-use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::api::networking::v1::{IPBlock, NetworkPolicy, NetworkPolicyPeer, NetworkPolicyPort, NetworkPolicySpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
 use crate::model::selector;
+use crate::model::PodInfo as Pod;
 use crate::model::{self, Cluster};
 use crate::policy::identity::{Direction, IdentityAllocator, IdentityKey, LabelSet, RuleRef, RuleTable};
 
@@ -242,10 +242,7 @@ impl Compiler {
         // is left out whole (merging takes the smallest rule id, so the order is free).
         let mut by_policy: BTreeMap<(String, String), BTreeMap<(PolicyKey, u32), PolicyValue>> = BTreeMap::new();
         for ep in local {
-            let Some(me) = pods
-                .iter()
-                .find(|p| p.namespace == ep.namespace && p.pod.metadata.name.as_deref() == Some(&ep.pod))
-            else {
+            let Some(me) = pods.iter().find(|p| p.namespace == ep.namespace && p.pod.name == ep.pod) else {
                 // Unknown pod: fail closed until the model catches up.
                 state.endpoints.insert(
                     ep.host_ifindex,

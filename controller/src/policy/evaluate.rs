@@ -4,11 +4,11 @@
 
 use std::collections::BTreeMap;
 
-use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::api::networking::v1::{NetworkPolicyPeer, NetworkPolicyPort};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
 use crate::model::selector;
+use crate::model::PodInfo as Pod;
 use crate::model::{self, Cluster};
 use crate::policy::identity::{Direction, RuleRef};
 

@@ -10,6 +10,10 @@
 //!
 //! Watchers receive `DynamicObject`s and decode each object on its own: one object the agent
 //! cannot decode is logged with its name and skipped, and never fails a whole list.
+//!
+//! The first poll after the first sync delivers the whole model; after that each watch event
+//! that changes a store queues a change (a re-list queues the difference it found), so the
+//! agent updates its model in place instead of rebuilding it.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -20,7 +24,7 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use ipnetwork::Ipv4Network;
-use k8s_openapi::api::core::v1::{Container, Namespace, Node, Pod, PodSpec, PodStatus, Service};
+use k8s_openapi::api::core::v1::{Namespace, Node, Pod, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::api::networking::v1::{NetworkPolicy, NetworkPolicySpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
@@ -31,8 +35,8 @@ use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 
 use crate::model::selector::FieldError;
-use crate::model::{self, Cluster, Object};
-use crate::source::{Source, SourceError};
+use crate::model::{self, Change, Cluster, Interner, Kind, Object, ObjectRef, PodInfo};
+use crate::source::{Source, SourceError, SourceUpdate};
 
 /// Builds a client from `kubeconfig`, or else as `kubectl` would: `KUBECONFIG` or
 /// `~/.kube/config`, then the in-cluster service account.
@@ -106,6 +110,31 @@ impl Watched {
     }
 }
 
+impl Watched {
+    fn kind(self) -> Kind {
+        match self {
+            Watched::Namespace => Kind::Namespace,
+            Watched::Pod => Kind::Pod,
+            Watched::NetworkPolicy => Kind::NetworkPolicy,
+            Watched::Node => Kind::Node,
+            Watched::Service => Kind::Service,
+            Watched::EndpointSlice => Kind::EndpointSlice,
+        }
+    }
+
+    /// The model's name for the object stored under `key`.
+    fn object_ref(self, (namespace, name): &Key) -> ObjectRef {
+        ObjectRef {
+            kind: self.kind(),
+            namespace: match self {
+                Watched::Namespace | Watched::Node => None,
+                _ => Some(namespace.clone()),
+            },
+            name: name.clone(),
+        }
+    }
+}
+
 impl fmt::Display for Watched {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {
@@ -156,12 +185,19 @@ struct Stores {
     kinds: BTreeMap<Watched, KindStore>,
     /// Bumped on every change of the model.
     generation: u64,
+    /// What changed since the last poll, the last change of each object only (the model
+    /// treats objects one by one, so their order does not matter).
+    pending: BTreeMap<ObjectRef, Option<Object>>,
+    /// Shares the stored pods' label sets, node names and port lists.
+    interner: Interner,
 }
 
 impl Stores {
     /// Applies one watch event; true when the model or the sync state changed.
     fn apply(&mut self, kind: Watched, event: Event<DynamicObject>) -> bool {
         let store = self.kinds.entry(kind).or_default();
+        let interner = &mut self.interner;
+        let mut changes: Vec<(Key, Option<Object>)> = Vec::new();
         let changed = match event {
             Event::Init => {
                 store.listing = Some(BTreeMap::new());
@@ -169,15 +205,29 @@ impl Stores {
             }
             Event::InitApply(obj) => {
                 let key = key_of(&obj);
-                if let Some(item) = convert(kind, obj) {
+                if let Some(mut item) = convert(kind, obj) {
+                    intern(interner, &mut item);
                     store.listing.get_or_insert_with(BTreeMap::new).insert(key, item);
                 }
                 false
             }
             Event::InitDone => {
                 let listed = store.listing.take().unwrap_or_default();
-                let changed = !store.synced || listed != store.items;
-                store.items = listed;
+                // A re-list delivers what it found different, as changes.
+                for key in store.items.keys() {
+                    if !listed.contains_key(key) {
+                        changes.push((key.clone(), None));
+                    }
+                }
+                for (key, item) in &listed {
+                    if store.items.get(key) != Some(item) {
+                        changes.push((key.clone(), Some(item.clone())));
+                    }
+                }
+                let changed = !store.synced || !changes.is_empty();
+                for old in std::mem::replace(&mut store.items, listed).into_values() {
+                    release(interner, old);
+                }
                 store.synced = true;
                 changed
             }
@@ -185,19 +235,37 @@ impl Stores {
                 let key = key_of(&obj);
                 match convert(kind, obj) {
                     Some(item) if store.items.get(&key) == Some(&item) => false,
-                    Some(item) => {
-                        store.items.insert(key, item);
+                    Some(mut item) => {
+                        intern(interner, &mut item);
+                        changes.push((key.clone(), Some(item.clone())));
+                        if let Some(old) = store.items.insert(key, item) {
+                            release(interner, old);
+                        }
                         true
                     }
-                    None => store.items.remove(&key).is_some(),
+                    None => remove(store, interner, &key, &mut changes),
                 }
             }
-            Event::Delete(obj) => store.items.remove(&key_of(&obj)).is_some(),
+            Event::Delete(obj) => remove(store, interner, &key_of(&obj), &mut changes),
         };
+        for (key, item) in changes {
+            self.pending.insert(kind.object_ref(&key), item);
+        }
         if changed {
             self.generation += 1;
         }
         changed
+    }
+
+    /// The changes queued since the last call.
+    fn take_changes(&mut self) -> Vec<Change> {
+        std::mem::take(&mut self.pending)
+            .into_iter()
+            .map(|(r, item)| match item {
+                Some(object) => Change::Apply(Box::new(object)),
+                None => Change::Delete(r),
+            })
+            .collect()
     }
 
     fn synced(&self) -> bool {
@@ -227,6 +295,30 @@ impl Stores {
             Object::Node(node) => model::node_pod_cidr(node),
             _ => None,
         }
+    }
+}
+
+/// Removes the object stored under `key`, queueing its deletion; true when it was there.
+fn remove(store: &mut KindStore, interner: &mut Interner, key: &Key, changes: &mut Vec<(Key, Option<Object>)>) -> bool {
+    match store.items.remove(key) {
+        Some(old) => {
+            release(interner, old);
+            changes.push((key.clone(), None));
+            true
+        }
+        None => false,
+    }
+}
+
+fn intern(interner: &mut Interner, item: &mut Object) {
+    if let Object::Pod(pod) = item {
+        interner.intern(pod);
+    }
+}
+
+fn release(interner: &mut Interner, item: Object) {
+    if let Object::Pod(pod) = item {
+        interner.release(pod);
     }
 }
 
@@ -271,7 +363,7 @@ fn decode(kind: Watched, obj: DynamicObject, object: &str) -> Result<Option<Obje
                 ..Namespace::default()
             }))
         }
-        Watched::Pod => slim_pod(typed(value).map_err(path_err)?).map(Object::Pod),
+        Watched::Pod => slim_pod(&typed(value).map_err(path_err)?).map(Object::Pod),
         Watched::NetworkPolicy => Some(Object::NetworkPolicy(enforceable_policy(typed(value).map_err(path_err)?, object)?)),
         Watched::Node => Some(Object::Node(slim_node(&typed(value).map_err(path_err)?))),
         Watched::Service => Some(Object::Service(slim_service(&typed(value).map_err(path_err)?))),
@@ -298,44 +390,25 @@ fn slim_meta(meta: ObjectMeta) -> ObjectMeta {
     }
 }
 
-/// A pod reduced to labels, node, container ports and its IPv4 address; `None` for pods
-/// that are no endpoint: finished pods (their IP may already belong to a new pod) and
-/// host-network pods (their IP is the node's; NetworkPolicy leaves them undefined).
-fn slim_pod(pod: Pod) -> Option<Pod> {
-    let spec = pod.spec.unwrap_or_default();
-    let status = pod.status.unwrap_or_default();
-    if spec.host_network == Some(true) || matches!(status.phase.as_deref(), Some("Succeeded" | "Failed")) {
+/// A pod reduced to labels, node, container ports and its IPv4 address (the model's
+/// [`PodInfo`]); `None` for pods that are no endpoint: finished pods (their IP may already
+/// belong to a new pod) and host-network pods (their IP is the node's; NetworkPolicy leaves
+/// them undefined).
+fn slim_pod(pod: &Pod) -> Option<PodInfo> {
+    let spec = pod.spec.as_ref();
+    let status = pod.status.as_ref();
+    let phase = status.and_then(|s| s.phase.as_deref());
+    if spec.and_then(|s| s.host_network) == Some(true) || matches!(phase, Some("Succeeded" | "Failed")) {
         return None;
     }
     // Dual-stack pods list both families; the datapath is IPv4.
     let ipv4 = status
-        .pod_ips
-        .iter()
-        .flatten()
-        .map(|p| p.ip.as_str())
-        .chain(status.pod_ip.as_deref())
-        .find(|ip| ip.parse::<std::net::Ipv4Addr>().is_ok())
-        .map(str::to_string);
-    Some(Pod {
-        metadata: slim_meta(pod.metadata),
-        spec: Some(PodSpec {
-            node_name: spec.node_name,
-            containers: spec
-                .containers
-                .into_iter()
-                .map(|c| Container {
-                    name: c.name,
-                    ports: c.ports,
-                    ..Container::default()
-                })
-                .collect(),
-            ..PodSpec::default()
-        }),
-        status: Some(PodStatus {
-            pod_ip: ipv4,
-            ..PodStatus::default()
-        }),
-    })
+        .into_iter()
+        .flat_map(|s| s.pod_ips.iter().flatten().map(|p| p.ip.as_str()).chain(s.pod_ip.as_deref()))
+        .find_map(|ip| ip.parse::<std::net::Ipv4Addr>().ok());
+    let mut info = PodInfo::from_pod(pod);
+    info.ipv4 = ipv4;
+    Some(info)
 }
 
 /// The policy as is when the agent can enforce all of it; otherwise (an IPv6 ipBlock, a
@@ -504,13 +577,18 @@ impl Drop for KubeSource {
 }
 
 impl Source for KubeSource {
-    fn poll(&mut self, force: bool) -> Result<Option<Cluster>, SourceError> {
-        let stores = lock(&self.stores);
-        if !stores.synced() || (!force && self.served == Some(stores.generation)) {
+    fn poll(&mut self, _force: bool) -> Result<Option<SourceUpdate>, SourceError> {
+        let mut stores = lock(&self.stores);
+        if !stores.synced() {
             return Ok(None);
         }
+        let first = self.served.is_none();
         self.served = Some(stores.generation);
-        Ok(Some(stores.cluster()))
+        let changes = stores.take_changes();
+        if first {
+            return Ok(Some(SourceUpdate::Snapshot(Box::new(stores.cluster()))));
+        }
+        Ok((!changes.is_empty()).then_some(SourceUpdate::Changes(changes)))
     }
 
     fn synced(&self) -> bool {
@@ -561,6 +639,90 @@ mod tests {
         // A relist that finds what the store holds changes nothing.
         assert!(!s.apply(kind, Event::Init));
         assert!(!s.apply(kind, Event::InitDone));
+    }
+
+    /// Watch events queue changes, the last one of each object; a re-list queues what it
+    /// found different.
+    #[test]
+    fn watch_events_become_changes() {
+        let mut s = Stores::default();
+        let kind = Watched::Namespace;
+        let ns = |name: &str| {
+            Some(ObjectRef {
+                kind: Kind::Namespace,
+                namespace: None,
+                name: name.into(),
+            })
+        };
+        let refs = |s: &mut Stores| -> Vec<(String, bool)> {
+            s.take_changes()
+                .iter()
+                .map(|c| (c.object_ref().name, matches!(c, Change::Apply(_))))
+                .collect()
+        };
+        s.apply(kind, Event::Init);
+        s.apply(kind, Event::InitApply(namespace("x", &[])));
+        s.apply(kind, Event::InitApply(namespace("y", &[])));
+        s.apply(kind, Event::InitDone);
+        assert_eq!(refs(&mut s), [("x".to_string(), true), ("y".to_string(), true)]);
+        s.apply(kind, Event::Apply(namespace("x", &[])));
+        assert!(refs(&mut s).is_empty(), "no change, nothing queued");
+        s.apply(kind, Event::Apply(namespace("x", &[("team", "a")])));
+        s.apply(kind, Event::Apply(namespace("x", &[("team", "b")])));
+        s.apply(kind, Event::Delete(namespace("y", &[])));
+        let changes = s.take_changes();
+        assert_eq!(changes.len(), 2);
+        let Change::Apply(object) = &changes[0] else {
+            panic!("{changes:?}");
+        };
+        let Object::Namespace(x) = &**object else {
+            panic!("{object:?}");
+        };
+        assert_eq!(
+            x.metadata.labels.as_ref().and_then(|l| l.get("team")).map(String::as_str),
+            Some("b")
+        );
+        assert_eq!(changes[1], Change::Delete(ns("y").expect("ref")));
+        // A re-list that lost x and found z.
+        s.apply(kind, Event::Init);
+        s.apply(kind, Event::InitApply(namespace("z", &[])));
+        s.apply(kind, Event::InitDone);
+        assert_eq!(refs(&mut s), [("x".to_string(), false), ("z".to_string(), true)]);
+    }
+
+    /// Pods reach the model slimmed to [`PodInfo`]; finished and host-network pods are none.
+    #[test]
+    fn pods_are_slimmed_and_finished_ones_left_out() {
+        let pod = |phase: &str, host: bool| {
+            object(serde_json::json!({
+                "apiVersion": "v1", "kind": "Pod",
+                "metadata": {"name": "a", "namespace": "x", "labels": {"app": "web"}, "resourceVersion": "7"},
+                "spec": {"nodeName": "n1", "hostNetwork": host, "containers": [{"name": "c", "image": "i",
+                         "ports": [{"name": "http", "containerPort": 8080}]}]},
+                "status": {"phase": phase, "podIP": "fd00::5", "podIPs": [{"ip": "fd00::5"}, {"ip": "10.244.1.5"}]},
+            }))
+        };
+        let mut s = Stores::default();
+        s.apply(Watched::Pod, Event::Init);
+        s.apply(Watched::Pod, Event::InitDone);
+        assert!(s.apply(Watched::Pod, Event::Apply(pod("Running", false))));
+        let Some(Change::Apply(object)) = s.take_changes().pop() else {
+            panic!("a pod change");
+        };
+        let Object::Pod(info) = *object else {
+            panic!("a pod change");
+        };
+        assert_eq!(info.ipv4, Some(std::net::Ipv4Addr::new(10, 244, 1, 5)));
+        assert_eq!(model::named_ports(&info, "http", "TCP"), [8080]);
+        assert_eq!(info.node.as_deref(), Some("n1"));
+        assert!(
+            s.apply(Watched::Pod, Event::Apply(pod("Succeeded", false))),
+            "a finished pod is gone"
+        );
+        assert!(
+            !s.apply(Watched::Pod, Event::Apply(pod("Running", true))),
+            "host network: no endpoint"
+        );
     }
 
     /// A Node as the API server sends it; `version` (a digit) moves its resourceVersion and

@@ -11,6 +11,8 @@ use tokio::sync::Notify;
 
 use crate::model::{Cluster, ModelError};
 
+pub use crate::model::Change;
+
 pub use files::FileSource;
 pub use kubernetes::{KubeSource, KubeSourceOptions};
 
@@ -43,10 +45,23 @@ pub enum SourceError {
     KubeClient(#[source] kube::Error),
 }
 
-/// A source of the whole cluster model.
+/// What a source delivers: the whole model once (and after a resync), then its changes.
+#[derive(Debug)]
+pub enum SourceUpdate {
+    /// The whole model: the first sync, or a resync the source could not express as changes.
+    Snapshot(Box<Cluster>),
+    /// What changed since the last update, in order. Applying them to the model the source
+    /// delivered before gives the model it holds now.
+    Changes(Vec<Change>),
+}
+
+/// A source of the cluster model.
 pub trait Source: Send {
-    /// The model, when it changed since the last successful call or when `force` is set.
-    fn poll(&mut self, force: bool) -> Result<Option<Cluster>, SourceError>;
+    /// What changed since the last successful call: `Ok(None)` when nothing did. With `force`
+    /// the source checks again even where it would otherwise trust a notification (a
+    /// `Reload`); an update is still only what changed. An error changes nothing: the next
+    /// successful call delivers everything since the last one.
+    fn poll(&mut self, force: bool) -> Result<Option<SourceUpdate>, SourceError>;
 
     /// Whether the source holds a complete view of the cluster (its first full sync is done).
     /// Until then `poll` returns `Ok(None)` and the agent reports not ready.
@@ -79,9 +94,9 @@ pub struct EmptySource {
 }
 
 impl Source for EmptySource {
-    fn poll(&mut self, force: bool) -> Result<Option<Cluster>, SourceError> {
+    fn poll(&mut self, _force: bool) -> Result<Option<SourceUpdate>, SourceError> {
         let first = !self.served;
         self.served = true;
-        Ok((first || force).then(Cluster::new))
+        Ok(first.then(|| SourceUpdate::Snapshot(Box::default())))
     }
 }
