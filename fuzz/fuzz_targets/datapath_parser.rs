@@ -241,7 +241,7 @@ fn harness() -> &'static Mutex<Harness> {
 }
 
 extern "C" fn remove_pins() {
-    if let Some(h) = harness().try_lock().ok() {
+    if let Ok(h) = harness().try_lock() {
         let _ = std::fs::remove_dir_all(&h.pin_dir);
     }
 }
@@ -519,10 +519,19 @@ fn reference_parse(frame: &[u8]) -> Result<Option<Parsed>, &'static str> {
     Ok(Some(p))
 }
 
+/// A quoted packet's flow: a conntrack tuple without direction.
+struct Quote {
+    saddr: [u8; 4],
+    daddr: [u8; 4],
+    sport: [u8; 2],
+    dport: [u8; 2],
+    protocol: u8,
+}
+
 /// The flow an ICMP error at `l4` quotes (RFC 792: the IP header, here without options,
-/// and the first 8 bytes of its payload), as a conntrack tuple without direction; `None`
-/// when the quote is cut short, has options, is a later fragment or is itself an error.
-fn reference_quote(frame: &[u8], l4: usize) -> Option<([u8; 4], [u8; 4], [u8; 2], [u8; 2], u8)> {
+/// and the first 8 bytes of its payload); `None` when the quote is cut short, has options,
+/// is a later fragment or is itself an error.
+fn reference_quote(frame: &[u8], l4: usize) -> Option<Quote> {
     let m = frame.get(l4 + 8..l4 + 36)?;
     if m[0] != 0x45 || u16::from_be_bytes([m[6], m[7]]) & 0x1fff != 0 {
         return None;
@@ -534,7 +543,13 @@ fn reference_quote(frame: &[u8], l4: usize) -> Option<([u8; 4], [u8; 4], [u8; 2]
         proto::ICMP => icmp_ports(p[0], p[1], [p[4], p[5]])?,
         _ => ([0; 2], [0; 2]),
     };
-    Some((m[12..16].try_into().ok()?, m[16..20].try_into().ok()?, sport, dport, protocol))
+    Some(Quote {
+        saddr: m[12..16].try_into().ok()?,
+        daddr: m[16..20].try_into().ok()?,
+        sport,
+        dport,
+        protocol,
+    })
 }
 
 fn ct_key(saddr: [u8; 4], daddr: [u8; 4], sport: [u8; 2], dport: [u8; 2], protocol: u8, dir: u8) -> CtKey {
@@ -648,11 +663,11 @@ impl Model {
     /// An ICMP error: the quoted packet went the other way, so it is either the opening
     /// packet of a flow tracked in the other direction, or the reply of one tracked in this.
     fn related(&self, frame: &[u8], p: &Parsed, dir: u8) -> (bool, String) {
-        let Some((s, d, sp, dp, protocol)) = reference_quote(frame, p.l4) else {
+        let Some(q) = reference_quote(frame, p.l4) else {
             return (false, "an ICMP error without a quote of a flow".into());
         };
-        let opening = ct_key(s, d, sp, dp, protocol, opposite(dir));
-        let reply = ct_key(d, s, dp, sp, protocol, dir);
+        let opening = ct_key(q.saddr, q.daddr, q.sport, q.dport, q.protocol, opposite(dir));
+        let reply = ct_key(q.daddr, q.saddr, q.dport, q.sport, q.protocol, dir);
         if self.ct.contains(&opening) || self.ct.contains(&reply) {
             (true, "an ICMP error quoting a tracked flow".into())
         } else {
