@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Runs every `cargo fuzz` target in fuzz/ for FUZZ_SECONDS each (default 20: CI's short run)
+# Runs every `cargo fuzz` target in fuzz/ for FUZZ_SECONDS each (default 20; CI runs 15)
 # and prints each target's executions; exits non-zero on the first crash, leaving the
 # reproducer under $FUZZ_HOME/artifacts/<target>/ (replay: `cargo +nightly fuzz run
 # --fuzz-dir fuzz <target> <file>`). Installs cargo-fuzz when missing. Root: the
