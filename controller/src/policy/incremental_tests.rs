@@ -1,0 +1,454 @@
+//! The incremental compiler against the full one: random event sequences (pod add, delete,
+//! relabel, address and named-port changes; namespace relabel, audit annotation and
+//! deletion; policy add, change and delete with selectors, named ports and ipBlocks; local
+//! endpoint add and delete) go through [`Compiler::update`], and after every event
+//! (1) a clone of the same compiler running [`Compiler::compile`] gives the same state, ids
+//! and over-cap list, and (2) the emitted delta applied to the previous state gives the new
+//! one.
+
+use std::collections::BTreeMap;
+use std::net::Ipv4Addr;
+
+use k8s_openapi::api::core::v1::{Container, ContainerPort, Namespace, Pod, PodSpec, PodStatus};
+use k8s_openapi::api::networking::v1::{
+    IPBlock, NetworkPolicy, NetworkPolicyEgressRule, NetworkPolicyIngressRule, NetworkPolicyPeer, NetworkPolicyPort, NetworkPolicySpec,
+};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, LabelSelectorRequirement, ObjectMeta};
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use proptest::prelude::*;
+
+use crate::datapath::state::DatapathState;
+use crate::model::{Cluster, Kind, Object, ObjectRef, NAMESPACE_AUDIT_ANNOTATION, POLICY_AUDIT_ANNOTATION};
+
+use super::{Compiler, LocalEndpoint};
+
+const NAMESPACES: [&str; 3] = ["x", "y", "z"];
+const PODS: usize = 4;
+const POLICIES: usize = 3;
+const APPS: [&str; 3] = ["web", "db", "api"];
+/// Pod addresses: few, so pods share them (the ipcache `/32` goes to the last by name).
+const IPS: [[u8; 4]; 6] = [[10, 0, 0, 1], [10, 0, 0, 2], [10, 0, 0, 3], [10, 0, 1, 1], [10, 0, 1, 2], [10, 1, 0, 1]];
+/// ipBlock CIDRs and excepts, overlapping the addresses above; one does not parse.
+const CIDRS: [&str; 7] = ["10.0.0.0/16", "10.0.0.0/24", "10.0.1.0/24", "10.0.0.2/31", "10.0.1.2/32", "10.0.0.0/8", "10.0.0.0/33"];
+
+fn labels(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+    pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+}
+
+fn meta(ns: Option<&str>, name: &str, labels: BTreeMap<String, String>, annotations: BTreeMap<String, String>) -> ObjectMeta {
+    ObjectMeta {
+        name: Some(name.to_string()),
+        namespace: ns.map(str::to_string),
+        labels: Some(labels),
+        annotations: Some(annotations),
+        ..ObjectMeta::default()
+    }
+}
+
+#[derive(Clone, Debug)]
+struct PodSpecGen {
+    app: usize,
+    tier: Option<bool>,
+    ip: Option<usize>,
+    /// Container port of `http` (TCP), if declared.
+    http: Option<u16>,
+    dns: bool,
+}
+
+fn pod(ns: usize, i: usize, g: &PodSpecGen) -> Pod {
+    let mut l = vec![("app", APPS[g.app])];
+    if let Some(t) = g.tier {
+        l.push(("tier", if t { "front" } else { "back" }));
+    }
+    let mut ports = Vec::new();
+    if let Some(http) = g.http {
+        ports.push(ContainerPort {
+            name: Some("http".into()),
+            container_port: http.into(),
+            ..ContainerPort::default()
+        });
+    }
+    if g.dns {
+        ports.push(ContainerPort {
+            name: Some("dns".into()),
+            container_port: 53,
+            protocol: Some("UDP".into()),
+            ..ContainerPort::default()
+        });
+    }
+    Pod {
+        metadata: meta(Some(NAMESPACES[ns]), &format!("p{i}"), labels(&l), BTreeMap::new()),
+        spec: Some(PodSpec {
+            node_name: Some("n1".into()),
+            containers: vec![Container {
+                name: "c".into(),
+                ports: Some(ports),
+                ..Container::default()
+            }],
+            ..PodSpec::default()
+        }),
+        status: Some(PodStatus {
+            pod_ip: g.ip.map(|i| Ipv4Addr::from(IPS[i]).to_string()),
+            ..PodStatus::default()
+        }),
+    }
+}
+
+fn arb_pod() -> impl Strategy<Value = PodSpecGen> {
+    (
+        0..APPS.len(),
+        proptest::option::of(any::<bool>()),
+        proptest::option::weighted(0.85, 0..IPS.len()),
+        proptest::option::of(prop_oneof![Just(80u16), Just(8080u16)]),
+        any::<bool>(),
+    )
+        .prop_map(|(app, tier, ip, http, dns)| PodSpecGen { app, tier, ip, http, dns })
+}
+
+fn arb_selector(key: &'static str, values: &'static [&'static str]) -> impl Strategy<Value = LabelSelector> {
+    prop_oneof![
+        Just(LabelSelector::default()),
+        (0..values.len()).prop_map(move |v| LabelSelector {
+            match_labels: Some(labels(&[(key, values[v])])),
+            ..LabelSelector::default()
+        }),
+        (0..values.len(), any::<bool>()).prop_map(move |(v, not_in)| LabelSelector {
+            match_expressions: Some(vec![LabelSelectorRequirement {
+                key: key.to_string(),
+                operator: if not_in { "NotIn" } else { "In" }.to_string(),
+                values: Some(vec![values[v].to_string()]),
+            }]),
+            ..LabelSelector::default()
+        }),
+        Just(LabelSelector {
+            match_expressions: Some(vec![LabelSelectorRequirement {
+                key: "tier".to_string(),
+                operator: "Exists".to_string(),
+                values: None,
+            }]),
+            ..LabelSelector::default()
+        }),
+    ]
+}
+
+fn arb_peer() -> impl Strategy<Value = NetworkPolicyPeer> {
+    let pod_sel = || arb_selector("app", &APPS);
+    let ns_sel = || arb_selector("team", &["a", "b"]);
+    prop_oneof![
+        pod_sel().prop_map(|s| NetworkPolicyPeer {
+            pod_selector: Some(s),
+            ..NetworkPolicyPeer::default()
+        }),
+        ns_sel().prop_map(|s| NetworkPolicyPeer {
+            namespace_selector: Some(s),
+            ..NetworkPolicyPeer::default()
+        }),
+        (pod_sel(), ns_sel()).prop_map(|(p, n)| NetworkPolicyPeer {
+            pod_selector: Some(p),
+            namespace_selector: Some(n),
+            ..NetworkPolicyPeer::default()
+        }),
+        (0..CIDRS.len(), proptest::collection::vec(0..CIDRS.len(), 0..2)).prop_map(|(c, ex)| NetworkPolicyPeer {
+            ip_block: Some(IPBlock {
+                cidr: CIDRS[c].to_string(),
+                except: Some(ex.into_iter().map(|e| CIDRS[e].to_string()).collect()),
+            }),
+            ..NetworkPolicyPeer::default()
+        }),
+    ]
+}
+
+fn arb_port() -> impl Strategy<Value = NetworkPolicyPort> {
+    let p = |protocol: &str, port: Option<IntOrString>, end_port: Option<i32>| NetworkPolicyPort {
+        protocol: Some(protocol.to_string()),
+        port,
+        end_port,
+    };
+    prop_oneof![
+        Just(p("TCP", Some(IntOrString::Int(80)), None)),
+        Just(p("UDP", Some(IntOrString::Int(53)), None)),
+        Just(p("TCP", Some(IntOrString::Int(8000)), Some(8100))),
+        Just(p("SCTP", None, None)),
+        Just(p("TCP", Some(IntOrString::String("http".into())), None)),
+        Just(p("UDP", Some(IntOrString::String("dns".into())), None)),
+    ]
+}
+
+type RuleGen = (Option<Vec<NetworkPolicyPeer>>, Option<Vec<NetworkPolicyPort>>);
+
+fn arb_rule() -> impl Strategy<Value = RuleGen> {
+    (
+        proptest::option::weighted(0.8, proptest::collection::vec(arb_peer(), 0..3)),
+        proptest::option::of(proptest::collection::vec(arb_port(), 0..3)),
+    )
+}
+
+#[derive(Clone, Debug)]
+struct PolicyGen {
+    pod_selector: LabelSelector,
+    types: Option<Vec<String>>,
+    ingress: Option<Vec<RuleGen>>,
+    egress: Option<Vec<RuleGen>>,
+    audit: Option<bool>,
+}
+
+fn arb_policy() -> impl Strategy<Value = PolicyGen> {
+    (
+        arb_selector("app", &APPS),
+        prop_oneof![
+            Just(None),
+            Just(Some(vec!["Ingress".to_string()])),
+            Just(Some(vec!["Egress".to_string()])),
+            Just(Some(vec!["Ingress".to_string(), "Egress".to_string()])),
+        ],
+        proptest::option::of(proptest::collection::vec(arb_rule(), 0..3)),
+        proptest::option::of(proptest::collection::vec(arb_rule(), 0..3)),
+        proptest::option::weighted(0.3, any::<bool>()),
+    )
+        .prop_map(|(pod_selector, types, ingress, egress, audit)| PolicyGen {
+            pod_selector,
+            types,
+            ingress,
+            egress,
+            audit,
+        })
+}
+
+fn policy(ns: usize, i: usize, g: &PolicyGen) -> NetworkPolicy {
+    let mut annotations = BTreeMap::new();
+    if let Some(a) = g.audit {
+        annotations.insert(POLICY_AUDIT_ANNOTATION.to_string(), a.to_string());
+    }
+    NetworkPolicy {
+        metadata: meta(Some(NAMESPACES[ns]), &format!("np{i}"), BTreeMap::new(), annotations),
+        spec: Some(NetworkPolicySpec {
+            pod_selector: Some(g.pod_selector.clone()),
+            policy_types: g.types.clone(),
+            ingress: g.ingress.as_ref().map(|rules| {
+                rules
+                    .iter()
+                    .map(|(from, ports)| NetworkPolicyIngressRule {
+                        from: from.clone(),
+                        ports: ports.clone(),
+                    })
+                    .collect()
+            }),
+            egress: g.egress.as_ref().map(|rules| {
+                rules
+                    .iter()
+                    .map(|(to, ports)| NetworkPolicyEgressRule {
+                        to: to.clone(),
+                        ports: ports.clone(),
+                    })
+                    .collect()
+            }),
+        }),
+    }
+}
+
+fn namespace(ns: usize, team: Option<bool>, audit: bool) -> Namespace {
+    let mut l = BTreeMap::new();
+    if let Some(t) = team {
+        l.insert("team".to_string(), if t { "a" } else { "b" }.to_string());
+    }
+    let mut annotations = BTreeMap::new();
+    if audit {
+        annotations.insert(NAMESPACE_AUDIT_ANNOTATION.to_string(), "true".to_string());
+    }
+    Namespace {
+        metadata: meta(None, NAMESPACES[ns], l, annotations),
+        ..Namespace::default()
+    }
+}
+
+#[derive(Clone, Debug)]
+enum Event {
+    Pod(usize, usize, PodSpecGen),
+    DeletePod(usize, usize),
+    Namespace(usize, Option<bool>, bool),
+    DeleteNamespace(usize),
+    Policy(usize, usize, PolicyGen),
+    DeletePolicy(usize, usize),
+    /// Pod (namespace, index) gets a local endpoint, with the pod's address or another.
+    AddLocal(usize, usize, Option<usize>),
+    DelLocal(usize, usize),
+}
+
+fn arb_event() -> impl Strategy<Value = Event> {
+    let ns = || 0..NAMESPACES.len();
+    prop_oneof![
+        4 => (ns(), 0..PODS, arb_pod()).prop_map(|(n, i, g)| Event::Pod(n, i, g)),
+        1 => (ns(), 0..PODS).prop_map(|(n, i)| Event::DeletePod(n, i)),
+        1 => (ns(), proptest::option::of(any::<bool>()), proptest::bool::weighted(0.2)).prop_map(|(n, t, a)| Event::Namespace(n, t, a)),
+        1 => ns().prop_map(Event::DeleteNamespace),
+        4 => (ns(), 0..POLICIES, arb_policy()).prop_map(|(n, i, g)| Event::Policy(n, i, g)),
+        1 => (ns(), 0..POLICIES).prop_map(|(n, i)| Event::DeletePolicy(n, i)),
+        2 => (ns(), 0..PODS, proptest::option::weighted(0.3, 0..IPS.len())).prop_map(|(n, i, ip)| Event::AddLocal(n, i, ip)),
+        1 => (ns(), 0..PODS).prop_map(|(n, i)| Event::DelLocal(n, i)),
+    ]
+}
+
+/// Endpoint id and ifindex of pod (namespace, index): distinct per pod.
+fn endpoint(cluster: &Cluster, ns: usize, i: usize, ip: Option<usize>) -> LocalEndpoint {
+    let n = u32::try_from(ns * PODS + i).unwrap();
+    let pod_ip = cluster
+        .pod(NAMESPACES[ns], &format!("p{i}"))
+        .and_then(crate::model::pod_ipv4)
+        .unwrap_or(Ipv4Addr::new(10, 9, 9, 9));
+    LocalEndpoint {
+        endpoint_id: 1 + n,
+        host_ifindex: 100 + n,
+        namespace: NAMESPACES[ns].to_string(),
+        pod: format!("p{i}"),
+        ipv4: ip.map_or(pod_ip, |i| Ipv4Addr::from(IPS[i])),
+        mac: [2, 0, 0, 0, 0, u8::try_from(n).unwrap()],
+    }
+}
+
+fn r(kind: Kind, ns: Option<usize>, name: String) -> ObjectRef {
+    ObjectRef {
+        kind,
+        namespace: ns.map(|n| NAMESPACES[n].to_string()),
+        name,
+    }
+}
+
+/// Applies one event to the cluster and endpoints; returns the objects it touched.
+fn apply(cluster: &mut Cluster, local: &mut Vec<LocalEndpoint>, e: &Event) -> Vec<ObjectRef> {
+    match e {
+        Event::Pod(n, i, g) => {
+            cluster.apply(Object::Pod(pod(*n, *i, g)));
+            vec![r(Kind::Pod, Some(*n), format!("p{i}"))]
+        }
+        Event::DeletePod(n, i) => {
+            cluster.delete(&r(Kind::Pod, Some(*n), format!("p{i}")));
+            vec![r(Kind::Pod, Some(*n), format!("p{i}"))]
+        }
+        Event::Namespace(n, team, audit) => {
+            cluster.apply(Object::Namespace(namespace(*n, *team, *audit)));
+            vec![r(Kind::Namespace, None, NAMESPACES[*n].to_string())]
+        }
+        Event::DeleteNamespace(n) => {
+            cluster.delete(&r(Kind::Namespace, None, NAMESPACES[*n].to_string()));
+            vec![r(Kind::Namespace, None, NAMESPACES[*n].to_string())]
+        }
+        Event::Policy(n, i, g) => {
+            cluster.apply(Object::NetworkPolicy(policy(*n, *i, g)));
+            vec![r(Kind::NetworkPolicy, Some(*n), format!("np{i}"))]
+        }
+        Event::DeletePolicy(n, i) => {
+            cluster.delete(&r(Kind::NetworkPolicy, Some(*n), format!("np{i}")));
+            vec![r(Kind::NetworkPolicy, Some(*n), format!("np{i}"))]
+        }
+        Event::AddLocal(n, i, ip) => {
+            let ep = endpoint(cluster, *n, *i, *ip);
+            local.retain(|e| e.endpoint_id != ep.endpoint_id);
+            local.push(ep);
+            // An unrelated kind is ignored.
+            vec![r(Kind::Service, Some(*n), "svc".into())]
+        }
+        Event::DelLocal(n, i) => {
+            local.retain(|e| !(e.namespace == NAMESPACES[*n] && e.pod == format!("p{i}")));
+            Vec::new()
+        }
+    }
+}
+
+fn check(compiler: &Compiler, cluster: &Cluster, local: &[LocalEndpoint], step: &str) {
+    let mut oracle = compiler.clone();
+    let full = oracle.compile(cluster, local);
+    assert_eq!(compiler.state(), &full, "{step}: incremental state differs from a full compile");
+    let ids = |c: &Compiler| c.identities().iter().map(|(i, k)| (i, k.clone())).collect::<Vec<_>>();
+    assert_eq!(ids(compiler), ids(&oracle), "{step}: identities differ");
+    let rules = |c: &Compiler| c.rules().iter().map(|(i, r)| (i, r.clone())).collect::<Vec<_>>();
+    assert_eq!(rules(compiler), rules(&oracle), "{step}: rule ids differ");
+    assert_eq!(compiler.over_cap(), oracle.over_cap(), "{step}: over-cap policies differ");
+}
+
+fn run(initial: &[Event], events: &[Event], cap: Option<usize>, shuffle_local: bool) {
+    let mut cluster = Cluster::new();
+    let mut local = Vec::new();
+    for e in initial {
+        apply(&mut cluster, &mut local, e);
+    }
+    let mut compiler = cap.map_or_else(Compiler::new, |c| Compiler::new().with_policy_cap(c));
+    let mut prev = DatapathState::default();
+    let delta = compiler.update(&cluster, &[], &local);
+    delta.apply_to(&mut prev);
+    assert_eq!(&prev, compiler.state(), "first update: delta from empty");
+    check(&compiler, &cluster, &local, "first update");
+    for (n, e) in events.iter().enumerate() {
+        let touched = apply(&mut cluster, &mut local, e);
+        if shuffle_local {
+            local.reverse();
+        }
+        let delta = compiler.update(&cluster, &touched, &local);
+        let step = format!("event {n} {e:?}");
+        let mut applied = prev.clone();
+        delta.apply_to(&mut applied);
+        assert_eq!(&applied, compiler.state(), "{step}: delta applied to the previous state");
+        for (k, v) in &delta.policy {
+            assert_ne!(prev.policy.get(k), v.as_ref(), "{step}: the delta lists an unchanged policy entry");
+        }
+        for (k, v) in &delta.ipcache {
+            assert_ne!(prev.ipcache.get(k), v.as_ref(), "{step}: the delta lists an unchanged ipcache entry");
+        }
+        for (k, v) in &delta.endpoints {
+            assert_ne!(prev.endpoints.get(k), v.as_ref(), "{step}: the delta lists an unchanged endpoint");
+        }
+        check(&compiler, &cluster, &local, &step);
+        prev = applied;
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
+
+    #[test]
+    fn incremental_updates_equal_a_full_compile_after_every_event(
+        initial in proptest::collection::vec(arb_event(), 0..25),
+        events in proptest::collection::vec(arb_event(), 1..30),
+        cap in proptest::option::weighted(0.3, 1usize..40),
+        shuffle in proptest::bool::weighted(0.2),
+    ) {
+        run(&initial, &events, cap, shuffle);
+    }
+}
+
+#[test]
+fn a_pod_add_in_a_known_identity_writes_only_its_address() {
+    let g = PodSpecGen {
+        app: 0,
+        tier: None,
+        ip: Some(0),
+        http: Some(80),
+        dns: false,
+    };
+    let mut cluster = Cluster::new();
+    let mut local = Vec::new();
+    for e in [
+        Event::Namespace(0, Some(true), false),
+        Event::Pod(0, 0, g.clone()),
+        Event::AddLocal(0, 0, None),
+        Event::Policy(
+            0,
+            0,
+            PolicyGen {
+                pod_selector: LabelSelector::default(),
+                types: None,
+                ingress: Some(vec![(None, None)]),
+                egress: None,
+                audit: None,
+            },
+        ),
+    ] {
+        apply(&mut cluster, &mut local, &e);
+    }
+    let mut compiler = Compiler::new();
+    compiler.update(&cluster, &[], &local);
+    let touched = apply(&mut cluster, &mut local, &Event::Pod(0, 1, PodSpecGen { ip: Some(3), ..g }));
+    let delta = compiler.update(&cluster, &touched, &local);
+    assert_eq!(delta.len(), 1, "{delta:?}");
+    assert_eq!(delta.ipcache.keys().next(), Some(&(Ipv4Addr::from(IPS[3]), 32)));
+    check(&compiler, &cluster, &local, "pod add");
+}
