@@ -452,3 +452,269 @@ fn a_pod_add_in_a_known_identity_writes_only_its_address() {
     assert_eq!(delta.ipcache.keys().next(), Some(&(Ipv4Addr::from(IPS[3]), 32)));
     check(&compiler, &cluster, &local, "pod add");
 }
+
+/// Scale fixtures for the timing run below (issue 13's control-plane shape: 20 local pods,
+/// the rest remote, namespaces with a few labels, policies with pod and namespace selectors).
+mod scale {
+    use super::*;
+
+    pub const NS: usize = 100;
+    pub const LOCAL: usize = 20;
+
+    fn ns_name(k: usize) -> String {
+        format!("ns{k}")
+    }
+
+    pub fn pod_at(i: usize, app_shift: usize) -> Pod {
+        let k = i % NS;
+        let app = format!("a{}", (i / NS + app_shift) % 25);
+        let tier = if (i / NS) % 2 == 0 { "f" } else { "b" };
+        let ip = Ipv4Addr::new(10, 1 + u8::try_from(i / 65536).unwrap(), u8::try_from((i / 256) % 256).unwrap(), u8::try_from(i % 256).unwrap());
+        Pod {
+            metadata: meta(Some(&ns_name(k)), &format!("p{i}"), labels(&[("app", &app), ("tier", tier)]), BTreeMap::new()),
+            spec: Some(PodSpec {
+                node_name: Some(if i < LOCAL { "local" } else { "remote" }.into()),
+                containers: vec![Container {
+                    name: "c".into(),
+                    ports: Some(vec![ContainerPort {
+                        name: Some("http".into()),
+                        container_port: 8080,
+                        ..ContainerPort::default()
+                    }]),
+                    ..Container::default()
+                }],
+                ..PodSpec::default()
+            }),
+            status: Some(PodStatus {
+                pod_ip: Some(ip.to_string()),
+                ..PodStatus::default()
+            }),
+        }
+    }
+
+    fn sel(k: &str, v: String) -> LabelSelector {
+        LabelSelector {
+            match_labels: Some(labels(&[(k, &v)])),
+            ..LabelSelector::default()
+        }
+    }
+
+    pub fn policy_at(j: usize, port: i32) -> NetworkPolicy {
+        let tcp = |p: i32| NetworkPolicyPort {
+            protocol: Some("TCP".into()),
+            port: Some(IntOrString::Int(p)),
+            end_port: None,
+        };
+        let ingress = vec![NetworkPolicyIngressRule {
+            from: Some(vec![
+                NetworkPolicyPeer {
+                    pod_selector: Some(sel("app", format!("a{}", (j + 1) % 25))),
+                    ..NetworkPolicyPeer::default()
+                },
+                NetworkPolicyPeer {
+                    namespace_selector: Some(sel("team", format!("t{}", j % 10))),
+                    pod_selector: Some(sel("tier", "f".into())),
+                    ..NetworkPolicyPeer::default()
+                },
+            ]),
+            ports: Some(vec![tcp(port)]),
+        }];
+        let egress = (j % 4 == 0).then(|| {
+            vec![NetworkPolicyEgressRule {
+                to: Some(vec![NetworkPolicyPeer {
+                    namespace_selector: Some(sel("env", "prod".into())),
+                    ..NetworkPolicyPeer::default()
+                }]),
+                ports: Some(vec![tcp(443)]),
+            }]
+        });
+        NetworkPolicy {
+            metadata: meta(Some(&ns_name(j % NS)), &format!("np{j}"), BTreeMap::new(), BTreeMap::new()),
+            spec: Some(NetworkPolicySpec {
+                pod_selector: Some(sel("app", format!("a{}", (j / NS) % 25))),
+                policy_types: None,
+                ingress: Some(ingress),
+                egress,
+            }),
+        }
+    }
+
+    pub fn cluster(pods: usize, policies: usize) -> (Cluster, Vec<LocalEndpoint>) {
+        let mut c = Cluster::new();
+        for k in 0..NS {
+            let mut m = meta(
+                None,
+                &ns_name(k),
+                labels(&[("team", &format!("t{}", k % 10)), ("env", if k % 2 == 0 { "prod" } else { "dev" })]),
+                BTreeMap::new(),
+            );
+            m.namespace = None;
+            c.apply(Object::Namespace(Namespace {
+                metadata: m,
+                ..Namespace::default()
+            }));
+        }
+        for i in 0..pods {
+            c.apply(Object::Pod(pod_at(i, 0)));
+        }
+        for j in 0..policies {
+            c.apply(Object::NetworkPolicy(policy_at(j, 80)));
+        }
+        let local = (0..LOCAL).map(|i| local_endpoint(&c, i)).collect();
+        (c, local)
+    }
+
+    pub fn local_endpoint(c: &Cluster, i: usize) -> LocalEndpoint {
+        let name = format!("p{i}");
+        let ns = ns_name(i % NS);
+        let n = u32::try_from(i).unwrap();
+        LocalEndpoint {
+            endpoint_id: 1 + n,
+            host_ifindex: 100 + n,
+            ipv4: c.pod(&ns, &name).and_then(crate::model::pod_ipv4).unwrap(),
+            namespace: ns,
+            pod: name,
+            mac: [2, 0, 0, 0, 0, u8::try_from(i % 256).unwrap()],
+        }
+    }
+
+    pub fn policy_ref(j: usize) -> ObjectRef {
+        ObjectRef {
+            kind: Kind::NetworkPolicy,
+            namespace: Some(ns_name(j % NS)),
+            name: format!("np{j}"),
+        }
+    }
+
+    pub fn pod_ref(i: usize) -> ObjectRef {
+        ObjectRef {
+            kind: Kind::Pod,
+            namespace: Some(ns_name(i % NS)),
+            name: format!("p{i}"),
+        }
+    }
+}
+
+fn median(mut v: Vec<std::time::Duration>) -> std::time::Duration {
+    v.sort();
+    v[v.len() / 2]
+}
+
+/// Timing run, not a pass/fail test: `cargo test --release -p bulkhead --lib
+/// policy::incremental_tests::timing -- --ignored --nocapture`. Prints, per cluster size,
+/// the full path (compile + diff against the last state) and `update` for one policy
+/// change, one pod add (known and new identity) and one local endpoint add, as medians
+/// and ratios from the same process; still checks each update against a full compile.
+#[test]
+#[ignore = "timing run"]
+fn timing() {
+    use std::time::{Duration, Instant};
+    let sizes: Vec<(usize, usize)> = std::env::var("BH_TIMING_SIZES")
+        .ok()
+        .map(|s| {
+            s.split(',')
+                .map(|p| {
+                    let (a, b) = p.split_once('x').unwrap();
+                    (a.parse().unwrap(), b.parse().unwrap())
+                })
+                .collect()
+        })
+        .unwrap_or_else(|| vec![(1000, 1000), (10000, 1000)]);
+    let rounds: usize = std::env::var("BH_TIMING_ROUNDS").ok().map_or(11, |r| r.parse().unwrap());
+    println!("| pods × policies | event | full compile + diff | update | ratio | delta keys |");
+    println!("| --- | --- | --- | --- | --- | --- |");
+    for (pods, policies) in sizes {
+        let (mut cluster, mut local) = scale::cluster(pods, policies);
+        let mut compiler = Compiler::new();
+        let t = Instant::now();
+        compiler.update(&cluster, &[], &local);
+        let first = t.elapsed();
+        println!("| {pods} × {policies} | first update (full rebuild) | | {first:.2?} | | {} |", compiler.state().policy.len());
+        let full = |compiler: &Compiler, cluster: &Cluster, local: &[LocalEndpoint]| -> Duration {
+            let mut c = compiler.clone();
+            let before = c.state().clone();
+            let t = Instant::now();
+            let new = c.compile(cluster, local);
+            let d = crate::datapath::state::DatapathDelta::between(&before, &new);
+            let e = t.elapsed();
+            assert!(d.len() < usize::MAX);
+            e
+        };
+        type Step<'a> = Box<dyn Fn(usize, &mut Cluster, &mut Vec<LocalEndpoint>) -> Vec<ObjectRef> + 'a>;
+        let events: Vec<(&str, Step<'_>)> = vec![
+            (
+                "one policy change (port)",
+                Box::new(|r, c: &mut Cluster, _: &mut Vec<LocalEndpoint>| {
+                    // A policy selecting local pods (namespace of pod 3, app of the first pods).
+                    let j = 3;
+                    c.apply(Object::NetworkPolicy(scale::policy_at(j, if r % 2 == 0 { 81 } else { 80 })));
+                    vec![scale::policy_ref(j)]
+                }),
+            ),
+            (
+                "one pod add/delete (known identity)",
+                Box::new(move |r, c: &mut Cluster, _: &mut Vec<LocalEndpoint>| {
+                    // Same namespace and labels as pod 0 (`pods` is a multiple of NS).
+                    let i = pods + 2 * scale::NS;
+                    if r % 2 == 0 {
+                        let mut p = scale::pod_at(i, 0);
+                        p.metadata.labels = scale::pod_at(0, 0).metadata.labels;
+                        c.apply(Object::Pod(p));
+                    } else {
+                        c.delete(&scale::pod_ref(i));
+                    }
+                    vec![scale::pod_ref(i)]
+                }),
+            ),
+            (
+                "one pod add/delete (new identity)",
+                Box::new(move |r, c: &mut Cluster, _: &mut Vec<LocalEndpoint>| {
+                    let i = pods + 3;
+                    if r % 2 == 0 {
+                        let mut p = scale::pod_at(i, 0);
+                        p.metadata.labels.get_or_insert_default().insert("app".into(), "a1".into());
+                        p.metadata.labels.get_or_insert_default().insert("new".into(), "yes".into());
+                        c.apply(Object::Pod(p));
+                    } else {
+                        c.delete(&scale::pod_ref(i));
+                    }
+                    vec![scale::pod_ref(i)]
+                }),
+            ),
+            (
+                "one local endpoint add/delete",
+                Box::new(|r, c: &mut Cluster, l: &mut Vec<LocalEndpoint>| {
+                    let i = scale::LOCAL + 5;
+                    if r % 2 == 0 {
+                        l.push(scale::local_endpoint(c, i));
+                    } else {
+                        l.retain(|e| e.endpoint_id != 1 + u32::try_from(i).unwrap());
+                    }
+                    Vec::new()
+                }),
+            ),
+        ];
+        for (name, step) in &events {
+            let mut full_times = Vec::new();
+            let mut update_times = Vec::new();
+            let mut keys = Vec::new();
+            for r in 0..rounds {
+                let touched = step(r, &mut cluster, &mut local);
+                if r < 3 {
+                    full_times.push(full(&compiler, &cluster, &local));
+                }
+                let t = Instant::now();
+                let delta = compiler.update(&cluster, &touched, &local);
+                update_times.push(t.elapsed());
+                keys.push(delta.len());
+            }
+            check(&compiler, &cluster, &local, name);
+            let (f, u) = (median(full_times), median(update_times));
+            println!(
+                "| {pods} × {policies} | {name} | {f:.2?} | {u:.2?} | {:.0}× | {:?} |",
+                f.as_secs_f64() / u.as_secs_f64().max(1e-9),
+                &keys[..keys.len().min(4)]
+            );
+        }
+    }
+}
