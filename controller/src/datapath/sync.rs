@@ -667,7 +667,10 @@ mod tests {
         assert_eq!(w.inner.log.len(), 1, "no write after the failed one: {:?}", w.inner.log);
         let held = w.read_state().unwrap();
         assert_ne!(held, new);
-        assert!(!held.endpoints.contains_key(&3), "the endpoint is written last, so it is not in yet");
+        assert!(
+            !held.endpoints.contains_key(&3),
+            "the endpoint is written last, so it is not in yet"
+        );
         // Resyncing from what the maps hold reaches the new state.
         w.ok = usize::MAX;
         sync(&mut w, &held, &new).unwrap();

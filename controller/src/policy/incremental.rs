@@ -47,7 +47,9 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::Ipv4Addr;
 use std::sync::Arc;
 
-use bulkhead_common::{endpoint_flags, identity, proto, PolicyKey, PolicyValue, POLICY_PREFIX_ANY_PORT, POLICY_PREFIX_ANY_PROTO, POLICY_PREFIX_FULL};
+use bulkhead_common::{
+    endpoint_flags, identity, proto, PolicyKey, PolicyValue, POLICY_PREFIX_ANY_PORT, POLICY_PREFIX_ANY_PROTO, POLICY_PREFIX_FULL,
+};
 use ipnetwork::Ipv4Network;
 use k8s_openapi::api::networking::v1::{NetworkPolicy, NetworkPolicyPeer, NetworkPolicySpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
@@ -216,7 +218,13 @@ struct EndpointRec {
 impl EndpointRec {
     /// Per direction, the policies whose rules decide (enforcing ones if any).
     fn effective(&self) -> [&BTreeSet<Name>; 2] {
-        [0, 1].map(|i| if self.enforcing[i].is_empty() { &self.audit[i] } else { &self.enforcing[i] })
+        [0, 1].map(|i| {
+            if self.enforcing[i].is_empty() {
+                &self.audit[i]
+            } else {
+                &self.enforcing[i]
+            }
+        })
     }
 
     /// Policy → in which directions it decides.
@@ -336,10 +344,7 @@ fn endpoint_range(id: u32) -> std::ops::RangeInclusive<(PolicyKey, u32)> {
 }
 
 fn networks_of(np: &NetworkPolicy) -> BTreeSet<Net> {
-    ip_blocks(np)
-        .flat_map(block_networks)
-        .map(|n| (n.network(), n.prefix()))
-        .collect()
+    ip_blocks(np).flat_map(block_networks).map(|n| (n.network(), n.prefix())).collect()
 }
 
 impl Compiler {
@@ -528,14 +533,23 @@ impl Compiler {
                 for sid in old.selectors {
                     ix.release_selector(sid, name);
                 }
-                let kept: BTreeSet<u32> = ix.policies.get(name).into_iter().flat_map(|p| p.rules.iter().flatten().map(|r| r.id)).collect();
+                let kept: BTreeSet<u32> = ix
+                    .policies
+                    .get(name)
+                    .into_iter()
+                    .flat_map(|p| p.rules.iter().flatten().map(|r| r.id))
+                    .collect();
                 for r in old.rules.iter().flatten() {
                     if !kept.contains(&r.id) {
                         self.rules.release(r.id);
                     }
                 }
             }
-            if ix.policies.get(name).is_some_and(|p| p.rules[1].iter().any(RuleRec::has_named_port)) {
+            if ix
+                .policies
+                .get(name)
+                .is_some_and(|p| p.rules[1].iter().any(RuleRec::has_named_port))
+            {
                 ix.named_egress.insert(name.clone());
             } else {
                 ix.named_egress.remove(name);
@@ -545,7 +559,10 @@ impl Compiler {
 
         // Pods: records, identities (released at the end, so one emptied and refilled by
         // the same event keeps its id), ipcache.
-        let pod_to_ep: BTreeMap<Name, u32> = local.iter().map(|e| ((e.namespace.clone(), e.pod.clone()), e.endpoint_id)).collect();
+        let pod_to_ep: BTreeMap<Name, u32> = local
+            .iter()
+            .map(|e| ((e.namespace.clone(), e.pod.clone()), e.endpoint_id))
+            .collect();
         let mut full_eps: BTreeSet<u32> = eps_new.clone();
         let mut touched_ids = BTreeSet::new();
         let mut maybe_empty = BTreeSet::new();
@@ -656,9 +673,11 @@ impl Compiler {
                 let Some(rec) = ix.policies.get(name) else { continue };
                 let hit = rec.rules[1].iter().filter(|r| r.has_named_port()).any(|r| match &r.remotes {
                     None => true,
-                    Some(sels) => sels
-                        .iter()
-                        .any(|s| ix.selectors.get(s).is_some_and(|s| touched_ids.iter().any(|i| s.matched.contains(i)))),
+                    Some(sels) => sels.iter().any(|s| {
+                        ix.selectors
+                            .get(s)
+                            .is_some_and(|s| touched_ids.iter().any(|i| s.matched.contains(i)))
+                    }),
                 });
                 if hit {
                     dirty.insert(name.clone());
@@ -701,7 +720,10 @@ impl Compiler {
                 }
             }
         }
-        let reeval = full_eps.iter().map(|id| (*id, None)).chain(partial.into_iter().map(|(id, p)| (id, Some(p))));
+        let reeval = full_eps
+            .iter()
+            .map(|id| (*id, None))
+            .chain(partial.into_iter().map(|(id, p)| (id, Some(p))));
         for (id, policies) in reeval {
             let Some(&ep) = new_eps.get(&id) else { continue };
             let pod_name = (ep.namespace.clone(), ep.pod.clone());
@@ -740,7 +762,12 @@ impl Compiler {
                 Some((identity, _)) => (identity, rec.flags()),
                 None => (identity::WORLD, endpoint_flags::ISOLATED_INGRESS | endpoint_flags::ISOLATED_EGRESS),
             };
-            put(&mut self.state.endpoints, &mut tr.endpoints, ep.host_ifindex, Some(endpoint_info(ep, identity, flags)));
+            put(
+                &mut self.state.endpoints,
+                &mut tr.endpoints,
+                ep.host_ifindex,
+                Some(endpoint_info(ep, identity, flags)),
+            );
             ix.endpoints.insert(id, rec);
             slices.insert(id);
         }
@@ -808,10 +835,7 @@ impl Compiler {
                     continue;
                 }
                 for (k, v) in ix.entries.get(&(pol.clone(), id)).into_iter().flatten() {
-                    merged
-                        .entry(*k)
-                        .and_modify(|m| m.rule_id = m.rule_id.min(v.rule_id))
-                        .or_insert(*v);
+                    merged.entry(*k).and_modify(|m| m.rule_id = m.rule_id.min(v.rule_id)).or_insert(*v);
                 }
             }
             let stale: Vec<(PolicyKey, u32)> = self

@@ -27,9 +27,24 @@ const PODS: usize = 4;
 const POLICIES: usize = 3;
 const APPS: [&str; 3] = ["web", "db", "api"];
 /// Pod addresses: few, so pods share them (the ipcache `/32` goes to the last by name).
-const IPS: [[u8; 4]; 6] = [[10, 0, 0, 1], [10, 0, 0, 2], [10, 0, 0, 3], [10, 0, 1, 1], [10, 0, 1, 2], [10, 1, 0, 1]];
+const IPS: [[u8; 4]; 6] = [
+    [10, 0, 0, 1],
+    [10, 0, 0, 2],
+    [10, 0, 0, 3],
+    [10, 0, 1, 1],
+    [10, 0, 1, 2],
+    [10, 1, 0, 1],
+];
 /// ipBlock CIDRs and excepts, overlapping the addresses above; one does not parse.
-const CIDRS: [&str; 7] = ["10.0.0.0/16", "10.0.0.0/24", "10.0.1.0/24", "10.0.0.2/31", "10.0.1.2/32", "10.0.0.0/8", "10.0.0.0/33"];
+const CIDRS: [&str; 7] = [
+    "10.0.0.0/16",
+    "10.0.0.0/24",
+    "10.0.1.0/24",
+    "10.0.0.2/31",
+    "10.0.1.2/32",
+    "10.0.0.0/8",
+    "10.0.0.0/33",
+];
 
 fn labels(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
     pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
@@ -272,6 +287,9 @@ enum Event {
     /// Pod (namespace, index) gets a local endpoint, with the pod's address or another.
     AddLocal(usize, usize, Option<usize>),
     DelLocal(usize, usize),
+    /// A second endpoint for pod (namespace, index), with its own id and ifindex: the
+    /// full-compile fallback.
+    DuplicateLocal(usize, usize),
 }
 
 fn arb_event() -> impl Strategy<Value = Event> {
@@ -285,6 +303,7 @@ fn arb_event() -> impl Strategy<Value = Event> {
         1 => (ns(), 0..POLICIES).prop_map(|(n, i)| Event::DeletePolicy(n, i)),
         2 => (ns(), 0..PODS, proptest::option::weighted(0.3, 0..IPS.len())).prop_map(|(n, i, ip)| Event::AddLocal(n, i, ip)),
         1 => (ns(), 0..PODS).prop_map(|(n, i)| Event::DelLocal(n, i)),
+        1 => (ns(), 0..PODS).prop_map(|(n, i)| Event::DuplicateLocal(n, i)),
     ]
 }
 
@@ -347,6 +366,14 @@ fn apply(cluster: &mut Cluster, local: &mut Vec<LocalEndpoint>, e: &Event) -> Ve
             // An unrelated kind is ignored.
             vec![r(Kind::Service, Some(*n), "svc".into())]
         }
+        Event::DuplicateLocal(n, i) => {
+            let mut ep = endpoint(cluster, *n, *i, Some(0));
+            ep.endpoint_id += 1000;
+            ep.host_ifindex += 1000;
+            local.retain(|e| e.endpoint_id != ep.endpoint_id);
+            local.push(ep);
+            Vec::new()
+        }
         Event::DelLocal(n, i) => {
             local.retain(|e| !(e.namespace == NAMESPACES[*n] && e.pod == format!("p{i}")));
             Vec::new()
@@ -391,7 +418,11 @@ fn run(initial: &[Event], events: &[Event], cap: Option<usize>, shuffle_local: b
             assert_ne!(prev.policy.get(k), v.as_ref(), "{step}: the delta lists an unchanged policy entry");
         }
         for (k, v) in &delta.ipcache {
-            assert_ne!(prev.ipcache.get(k), v.as_ref(), "{step}: the delta lists an unchanged ipcache entry");
+            assert_ne!(
+                prev.ipcache.get(k),
+                v.as_ref(),
+                "{step}: the delta lists an unchanged ipcache entry"
+            );
         }
         for (k, v) in &delta.endpoints {
             assert_ne!(prev.endpoints.get(k), v.as_ref(), "{step}: the delta lists an unchanged endpoint");
@@ -469,9 +500,19 @@ mod scale {
         let k = i % NS;
         let app = format!("a{}", (i / NS + app_shift) % 25);
         let tier = if (i / NS) % 2 == 0 { "f" } else { "b" };
-        let ip = Ipv4Addr::new(10, 1 + u8::try_from(i / 65536).unwrap(), u8::try_from((i / 256) % 256).unwrap(), u8::try_from(i % 256).unwrap());
+        let ip = Ipv4Addr::new(
+            10,
+            1 + u8::try_from(i / 65536).unwrap(),
+            u8::try_from((i / 256) % 256).unwrap(),
+            u8::try_from(i % 256).unwrap(),
+        );
         Pod {
-            metadata: meta(Some(&ns_name(k)), &format!("p{i}"), labels(&[("app", &app), ("tier", tier)]), BTreeMap::new()),
+            metadata: meta(
+                Some(&ns_name(k)),
+                &format!("p{i}"),
+                labels(&[("app", &app), ("tier", tier)]),
+                BTreeMap::new(),
+            ),
             spec: Some(PodSpec {
                 node_name: Some(if i < LOCAL { "local" } else { "remote" }.into()),
                 containers: vec![Container {
@@ -626,10 +667,26 @@ fn timing() {
     for (pods, policies) in sizes {
         let (mut cluster, mut local) = scale::cluster(pods, policies);
         let mut compiler = Compiler::new();
+        let rss = || {
+            std::fs::read_to_string("/proc/self/status")
+                .ok()
+                .and_then(|s| {
+                    s.lines()
+                        .find(|l| l.starts_with("VmRSS:"))
+                        .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+                })
+                .unwrap_or(0)
+        };
+        let before = rss();
         let t = Instant::now();
         compiler.update(&cluster, &[], &local);
         let first = t.elapsed();
-        println!("| {pods} × {policies} | first update (full rebuild) | | {first:.2?} | | {} |", compiler.state().policy.len());
+        let grown = rss().saturating_sub(before);
+        println!(
+            "| {pods} × {policies} | first update (full rebuild; RSS +{grown} KiB = {:.2} KiB/pod for state and indexes) | | {first:.2?} | | {} |",
+            grown as f64 / pods as f64,
+            compiler.state().policy.len()
+        );
         let full = |compiler: &Compiler, cluster: &Cluster, local: &[LocalEndpoint]| -> Duration {
             let mut c = compiler.clone();
             let before = c.state().clone();
