@@ -499,7 +499,7 @@ mod scale {
     pub fn pod_at(i: usize, app_shift: usize) -> Pod {
         let k = i % NS;
         let app = format!("a{}", (i / NS + app_shift) % 25);
-        let tier = if (i / NS) % 2 == 0 { "f" } else { "b" };
+        let tier = if (i / NS).is_multiple_of(2) { "f" } else { "b" };
         let ip = Ipv4Addr::new(
             10,
             1 + u8::try_from(i / 65536).unwrap(),
@@ -560,7 +560,7 @@ mod scale {
             ]),
             ports: Some(vec![tcp(port)]),
         }];
-        let egress = (j % 4 == 0).then(|| {
+        let egress = j.is_multiple_of(4).then(|| {
             vec![NetworkPolicyEgressRule {
                 to: Some(vec![NetworkPolicyPeer {
                     namespace_selector: Some(sel("env", "prod".into())),
@@ -586,7 +586,10 @@ mod scale {
             let mut m = meta(
                 None,
                 &ns_name(k),
-                labels(&[("team", &format!("t{}", k % 10)), ("env", if k % 2 == 0 { "prod" } else { "dev" })]),
+                labels(&[
+                    ("team", &format!("t{}", k % 10)),
+                    ("env", if k.is_multiple_of(2) { "prod" } else { "dev" }),
+                ]),
                 BTreeMap::new(),
             );
             m.namespace = None;
@@ -704,7 +707,10 @@ fn timing() {
                 Box::new(|r, c: &mut Cluster, _: &mut Vec<LocalEndpoint>| {
                     // A policy selecting local pods (namespace of pod 3, app of the first pods).
                     let j = 3;
-                    c.apply(Object::NetworkPolicy(scale::policy_at(j, if r % 2 == 0 { 81 } else { 80 })));
+                    c.apply(Object::NetworkPolicy(scale::policy_at(
+                        j,
+                        if r.is_multiple_of(2) { 81 } else { 80 },
+                    )));
                     vec![scale::policy_ref(j)]
                 }),
             ),
@@ -713,7 +719,7 @@ fn timing() {
                 Box::new(move |r, c: &mut Cluster, _: &mut Vec<LocalEndpoint>| {
                     // Same namespace and labels as pod 0 (`pods` is a multiple of NS).
                     let i = pods + 2 * scale::NS;
-                    if r % 2 == 0 {
+                    if r.is_multiple_of(2) {
                         let mut p = scale::pod_at(i, 0);
                         p.metadata.labels = scale::pod_at(0, 0).metadata.labels;
                         c.apply(Object::Pod(p));
@@ -727,7 +733,7 @@ fn timing() {
                 "one pod add/delete (new identity)",
                 Box::new(move |r, c: &mut Cluster, _: &mut Vec<LocalEndpoint>| {
                     let i = pods + 3;
-                    if r % 2 == 0 {
+                    if r.is_multiple_of(2) {
                         let mut p = scale::pod_at(i, 0);
                         p.metadata.labels.get_or_insert_default().insert("app".into(), "a1".into());
                         p.metadata.labels.get_or_insert_default().insert("new".into(), "yes".into());
@@ -742,7 +748,7 @@ fn timing() {
                 "one local endpoint add/delete",
                 Box::new(|r, c: &mut Cluster, l: &mut Vec<LocalEndpoint>| {
                     let i = scale::LOCAL + 5;
-                    if r % 2 == 0 {
+                    if r.is_multiple_of(2) {
                         l.push(scale::local_endpoint(c, i));
                     } else {
                         l.retain(|e| e.endpoint_id != 1 + u32::try_from(i).unwrap());
