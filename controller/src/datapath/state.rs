@@ -24,3 +24,69 @@ pub struct DatapathState {
     /// names (1..=`MAX_SERVICE_ID`).
     pub rev_nat: BTreeMap<u32, RevNat>,
 }
+
+/// The changes one incremental compile makes to the endpoint, ipcache and policy maps:
+/// each touched key with its new value, `None` to remove it. Keys whose value did not
+/// change are not listed, so a sync writes exactly these.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct DatapathDelta {
+    /// Host-side ifindex → new endpoint, or `None` to remove it.
+    pub endpoints: BTreeMap<u32, Option<EndpointInfo>>,
+    /// (address, prefix length) → new identity, or `None` to remove the prefix.
+    pub ipcache: BTreeMap<(Ipv4Addr, u8), Option<IpcacheValue>>,
+    /// (key, LPM prefix length) → new verdict, or `None` to remove the entry.
+    pub policy: BTreeMap<(PolicyKey, u32), Option<PolicyValue>>,
+}
+
+impl DatapathDelta {
+    /// The changes that turn `old`'s endpoint, ipcache and policy maps into `new`'s
+    /// (the Service maps are not part of a delta).
+    pub fn between(old: &DatapathState, new: &DatapathState) -> Self {
+        DatapathDelta {
+            endpoints: diff_map(&old.endpoints, &new.endpoints),
+            ipcache: diff_map(&old.ipcache, &new.ipcache),
+            policy: diff_map(&old.policy, &new.policy),
+        }
+    }
+
+    /// Applies the changes to `state`.
+    pub fn apply_to(&self, state: &mut DatapathState) {
+        apply_map(&mut state.endpoints, &self.endpoints);
+        apply_map(&mut state.ipcache, &self.ipcache);
+        apply_map(&mut state.policy, &self.policy);
+    }
+
+    /// How many keys change.
+    pub fn len(&self) -> usize {
+        self.endpoints.len() + self.ipcache.len() + self.policy.len()
+    }
+
+    /// Whether nothing changes.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+fn diff_map<K: Ord + Clone, V: PartialEq + Clone>(old: &BTreeMap<K, V>, new: &BTreeMap<K, V>) -> BTreeMap<K, Option<V>> {
+    let mut out = BTreeMap::new();
+    for (k, v) in new {
+        if old.get(k) != Some(v) {
+            out.insert(k.clone(), Some(v.clone()));
+        }
+    }
+    for k in old.keys() {
+        if !new.contains_key(k) {
+            out.insert(k.clone(), None);
+        }
+    }
+    out
+}
+
+fn apply_map<K: Ord + Clone, V: Clone>(map: &mut BTreeMap<K, V>, changes: &BTreeMap<K, Option<V>>) {
+    for (k, v) in changes {
+        match v {
+            Some(v) => map.insert(k.clone(), v.clone()),
+            None => map.remove(k),
+        };
+    }
+}

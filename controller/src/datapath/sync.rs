@@ -8,6 +8,7 @@ use aya::maps::lpm_trie::{Key, LpmTrie};
 use aya::maps::{HashMap, MapData, MapError, PerCpuHashMap};
 use bulkhead_common::{Backend, EndpointInfo, FlowBudget, IpcacheValue, Ipv4Key, PolicyKey, PolicyValue, RevNat, ServiceKey, ServiceValue};
 
+use crate::datapath::state::DatapathDelta;
 use crate::datapath::{conntrack, DatapathState};
 
 /// Why a map write failed.
@@ -127,6 +128,41 @@ pub fn sync(w: &mut (impl MapWriter + ?Sized), old: &DatapathState, new: &Datapa
         stats.removals += 1;
     }
     sync_services(w, old, new, &mut stats)?;
+    Ok(stats)
+}
+
+/// Writes a compiler delta: only the keys it lists, in [`sync`]'s order (endpoint removals,
+/// ipcache and policy upserts, endpoint upserts, then policy and ipcache removals), so the
+/// datapath stays fail-closed and consistent at every step just as with a full diff.
+///
+/// On error some writes happened and others did not: callers read the maps back
+/// ([`MapWriter::read_state`]) and resync from what they hold, as after a failed [`sync`].
+pub fn sync_delta(w: &mut (impl MapWriter + ?Sized), delta: &DatapathDelta) -> Result<SyncStats, MapsError> {
+    let mut stats = SyncStats::default();
+    for (ifindex, _) in delta.endpoints.iter().filter(|(_, v)| v.is_none()) {
+        w.remove_endpoint(*ifindex)?;
+        stats.removals += 1;
+    }
+    for ((addr, len), v) in delta.ipcache.iter().filter_map(|(k, v)| Some((k, v.as_ref()?))) {
+        w.set_ipcache(*addr, *len, v)?;
+        stats.upserts += 1;
+    }
+    for ((key, len), v) in delta.policy.iter().filter_map(|(k, v)| Some((k, v.as_ref()?))) {
+        w.set_policy(key, *len, v)?;
+        stats.upserts += 1;
+    }
+    for (ifindex, v) in delta.endpoints.iter().filter_map(|(k, v)| Some((k, v.as_ref()?))) {
+        w.set_endpoint(*ifindex, v)?;
+        stats.upserts += 1;
+    }
+    for ((key, len), _) in delta.policy.iter().filter(|(_, v)| v.is_none()) {
+        w.remove_policy(key, *len)?;
+        stats.removals += 1;
+    }
+    for ((addr, len), _) in delta.ipcache.iter().filter(|(_, v)| v.is_none()) {
+        w.remove_ipcache(*addr, *len)?;
+        stats.removals += 1;
+    }
     Ok(stats)
 }
 
@@ -540,6 +576,105 @@ mod tests {
         }
         let err = sync(&mut Old, &DatapathState::default(), &service(&[1])).unwrap_err();
         assert!(matches!(err, MapsError::Unsupported { map: "backends" }), "{err}");
+    }
+
+    /// A writer that fails every write after the first `ok` ones.
+    struct FailAfter {
+        inner: MemoryMaps,
+        ok: usize,
+    }
+
+    impl FailAfter {
+        fn step(&mut self) -> Result<(), MapsError> {
+            if self.ok == 0 {
+                return Err(MapsError::Unsupported { map: "test" });
+            }
+            self.ok -= 1;
+            Ok(())
+        }
+    }
+
+    impl MapWriter for FailAfter {
+        fn set_endpoint(&mut self, i: u32, v: &EndpointInfo) -> Result<(), MapsError> {
+            self.step()?;
+            self.inner.set_endpoint(i, v)
+        }
+        fn remove_endpoint(&mut self, i: u32) -> Result<(), MapsError> {
+            self.step()?;
+            self.inner.remove_endpoint(i)
+        }
+        fn set_ipcache(&mut self, a: Ipv4Addr, l: u8, v: &IpcacheValue) -> Result<(), MapsError> {
+            self.step()?;
+            self.inner.set_ipcache(a, l, v)
+        }
+        fn remove_ipcache(&mut self, a: Ipv4Addr, l: u8) -> Result<(), MapsError> {
+            self.step()?;
+            self.inner.remove_ipcache(a, l)
+        }
+        fn set_policy(&mut self, k: &PolicyKey, l: u32, v: &PolicyValue) -> Result<(), MapsError> {
+            self.step()?;
+            self.inner.set_policy(k, l, v)
+        }
+        fn remove_policy(&mut self, k: &PolicyKey, l: u32) -> Result<(), MapsError> {
+            self.step()?;
+            self.inner.remove_policy(k, l)
+        }
+        fn read_state(&self) -> Result<DatapathState, MapsError> {
+            self.inner.read_state()
+        }
+    }
+
+    #[test]
+    fn a_delta_writes_only_its_keys_in_the_full_syncs_order() {
+        let old = state(&[(1, 300), (2, 301)], &[(1, 80, 1), (1, 81, 2), (2, 80, 3)]);
+        let new = state(&[(1, 300), (3, 302)], &[(1, 80, 1), (1, 81, 9), (3, 80, 4)]);
+        let delta = DatapathDelta::between(&old, &new);
+        let mut full = MemoryMaps {
+            state: old.clone(),
+            log: vec![],
+        };
+        let full_stats = sync(&mut full, &old, &new).unwrap();
+        let mut m = MemoryMaps {
+            state: old.clone(),
+            log: vec![],
+        };
+        let stats = sync_delta(&mut m, &delta).unwrap();
+        assert_eq!(m.state, new);
+        assert_eq!(stats, full_stats);
+        assert_eq!(m.log, full.log, "same writes in the same order as the full diff");
+        assert_eq!(m.log.first().map(String::as_str), Some("remove endpoint 2"));
+        let set_3 = m.log.iter().position(|l| l == "set endpoint 3").unwrap();
+        assert!(m.log[..set_3].iter().any(|l| l.starts_with("set policy")), "{:?}", m.log);
+        // An empty delta writes nothing.
+        m.log.clear();
+        assert_eq!(sync_delta(&mut m, &DatapathDelta::default()).unwrap(), SyncStats::default());
+        assert!(m.log.is_empty());
+    }
+
+    #[test]
+    fn a_failed_delta_write_stops_and_the_maps_tell_what_they_hold() {
+        let old = state(&[(1, 300)], &[(1, 80, 1)]);
+        let new = state(&[(1, 300), (3, 302)], &[(1, 80, 1), (3, 80, 4)]);
+        let delta = DatapathDelta::between(&old, &new);
+        let mut w = FailAfter {
+            inner: MemoryMaps {
+                state: old.clone(),
+                log: vec![],
+            },
+            ok: 1,
+        };
+        sync_delta(&mut w, &delta).unwrap_err();
+        assert_eq!(w.inner.log.len(), 1, "no write after the failed one: {:?}", w.inner.log);
+        let held = w.read_state().unwrap();
+        assert_ne!(held, new);
+        assert!(
+            !held.endpoints.contains_key(&3),
+            "the endpoint is written last, so it is not in yet"
+        );
+        // Resyncing from what the maps hold reaches the new state.
+        w.ok = usize::MAX;
+        sync(&mut w, &held, &new).unwrap();
+        assert_eq!(w.inner.state, new);
     }
 
     #[test]

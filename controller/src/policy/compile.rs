@@ -23,14 +23,23 @@ use crate::datapath::state::DatapathState;
 
 /// Turns the cluster model into [`DatapathState`], keeping identity and rule ids stable
 /// across compiles.
+///
+/// Two ways in: [`Compiler::compile`] recompiles the whole cluster (the reference), and
+/// [`Compiler::update`] (see [`super::incremental`]) recompiles only what changed objects
+/// affect and returns the delta.
 #[derive(Clone, Debug)]
 pub struct Compiler {
-    identities: IdentityAllocator,
-    rules: RuleTable,
+    pub(super) identities: IdentityAllocator,
+    pub(super) rules: RuleTable,
     /// The most policy map entries one NetworkPolicy may expand to on this node.
-    policy_cap: usize,
+    pub(super) policy_cap: usize,
     /// The policies the last compile left out for expanding past `policy_cap`.
-    over_cap: Vec<OverCap>,
+    pub(super) over_cap: Vec<OverCap>,
+    /// What the last compile or update produced: the baseline of the next delta.
+    pub(super) state: DatapathState,
+    /// The incremental compiler's indexes, valid for `state`; `None` until the first
+    /// [`Compiler::update`] and after a [`Compiler::compile`].
+    pub(super) incremental: Option<Box<super::incremental::Indexes>>,
 }
 
 impl Default for Compiler {
@@ -40,6 +49,8 @@ impl Default for Compiler {
             rules: RuleTable::default(),
             policy_cap: MAX_ENTRIES_PER_POLICY,
             over_cap: Vec::new(),
+            state: DatapathState::default(),
+            incremental: None,
         }
     }
 }
@@ -94,7 +105,8 @@ enum Remotes<'p, 'a> {
 }
 
 /// One element of a rule's `ports`, decoded.
-enum PortSpec {
+#[derive(Clone, Debug)]
+pub(super) enum PortSpec {
     /// `ports` missing or empty.
     Any,
     /// A protocol, every port.
@@ -132,8 +144,23 @@ impl Compiler {
         &self.over_cap
     }
 
+    /// What the last [`Self::compile`] or [`Self::update`] produced.
+    pub fn state(&self) -> &DatapathState {
+        &self.state
+    }
+
     /// Computes the map contents for `local` endpoints given the whole cluster.
+    ///
+    /// Also the baseline of the next [`Self::update`], which starts over from the cluster
+    /// (its indexes may describe another cluster than this one).
     pub fn compile(&mut self, cluster: &Cluster, local: &[LocalEndpoint]) -> DatapathState {
+        let state = self.compile_full(cluster, local);
+        self.incremental = None;
+        self.state.clone_from(&state);
+        state
+    }
+
+    pub(super) fn compile_full(&mut self, cluster: &Cluster, local: &[LocalEndpoint]) -> DatapathState {
         let mut state = DatapathState::default();
         let mut local_by_pod: BTreeMap<(&str, &str), &LocalEndpoint> = BTreeMap::new();
         for ep in local {
@@ -316,7 +343,7 @@ impl Compiler {
     }
 }
 
-fn endpoint_info(ep: &LocalEndpoint, identity: u32, flags: u32) -> EndpointInfo {
+pub(super) fn endpoint_info(ep: &LocalEndpoint, identity: u32, flags: u32) -> EndpointInfo {
     EndpointInfo {
         endpoint_id: ep.endpoint_id,
         identity,
@@ -340,7 +367,7 @@ pub(super) fn policy_types(spec: &NetworkPolicySpec) -> (bool, bool) {
     }
 }
 
-fn ip_blocks(np: &NetworkPolicy) -> impl Iterator<Item = &IPBlock> {
+pub(super) fn ip_blocks(np: &NetworkPolicy) -> impl Iterator<Item = &IPBlock> {
     let spec = np.spec.as_ref();
     let from = spec
         .into_iter()
@@ -355,14 +382,14 @@ fn ip_blocks(np: &NetworkPolicy) -> impl Iterator<Item = &IPBlock> {
 
 /// The block's CIDR and its excepts; unparsable ones (rejected by validation) are skipped,
 /// which only ever removes allowed traffic.
-fn block_networks(block: &IPBlock) -> impl Iterator<Item = Ipv4Network> + '_ {
+pub(super) fn block_networks(block: &IPBlock) -> impl Iterator<Item = Ipv4Network> + '_ {
     std::iter::once(&block.cidr)
         .chain(block.except.iter().flatten())
         .filter_map(|c| model::parse_cidr(c).ok())
 }
 
 /// Whether `inner` lies entirely within `outer`.
-fn net_within(inner: Ipv4Network, outer: Ipv4Network) -> bool {
+pub(super) fn net_within(inner: Ipv4Network, outer: Ipv4Network) -> bool {
     inner.prefix() >= outer.prefix() && outer.contains(inner.network())
 }
 
@@ -389,7 +416,7 @@ pub(super) fn protocol_number(name: &str) -> Option<u8> {
 }
 
 /// Decodes one `ports` element; `None` for what validation rejects (skipped: fail closed).
-fn port_spec(p: &NetworkPolicyPort) -> Option<PortSpec> {
+pub(super) fn port_spec(p: &NetworkPolicyPort) -> Option<PortSpec> {
     let protocol_name = p.protocol.clone().unwrap_or_else(|| "TCP".to_string());
     let protocol = protocol_number(&protocol_name)?;
     Some(match &p.port {
@@ -430,7 +457,7 @@ pub fn port_prefixes(lo: u16, hi: u16) -> Vec<(u16, u32)> {
 }
 
 /// Inserts an allow entry, keeping the lowest rule id when several rules produce it.
-fn insert_entry(policy: &mut BTreeMap<(PolicyKey, u32), PolicyValue>, key: PolicyKey, prefix: u32, rule_id: u32) {
+pub(super) fn insert_entry(policy: &mut BTreeMap<(PolicyKey, u32), PolicyValue>, key: PolicyKey, prefix: u32, rule_id: u32) {
     policy
         .entry((key, prefix))
         .and_modify(|v| v.rule_id = v.rule_id.min(rule_id))

@@ -175,6 +175,14 @@ impl IdentityAllocator {
         self.by_key.retain(|_, id| used.contains(id));
     }
 
+    /// Releases one id (the incremental compiler's counterpart of [`Self::retain_only`]);
+    /// released ids are not reused.
+    pub fn release(&mut self, id: u32) {
+        if let Some(key) = self.by_id.remove(&id) {
+            self.by_key.remove(&key);
+        }
+    }
+
     /// Allocated ids in increasing order with their keys.
     pub fn iter(&self) -> impl Iterator<Item = (u32, &IdentityKey)> {
         self.by_id.iter().map(|(id, k)| (*id, k))
@@ -267,6 +275,14 @@ impl RuleTable {
     pub fn retain_only(&mut self, used: &BTreeSet<u32>) {
         self.by_id.retain(|id, _| used.contains(id));
         self.by_rule.retain(|_, id| used.contains(id));
+    }
+
+    /// Forgets one id (the incremental compiler's counterpart of [`Self::retain_only`]);
+    /// forgotten ids are not reused.
+    pub fn release(&mut self, id: u32) {
+        if let Some(rule) = self.by_id.remove(&id) {
+            self.by_rule.remove(&rule);
+        }
     }
 
     /// Known rules in id order.

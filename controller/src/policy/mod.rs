@@ -7,6 +7,9 @@ pub mod compile;
 pub mod evaluate;
 pub mod explain;
 pub mod identity;
+pub mod incremental;
+#[cfg(test)]
+mod incremental_tests;
 #[cfg(test)]
 mod lookup;
 #[cfg(test)]
@@ -19,7 +22,7 @@ pub use evaluate::{evaluate, isolating_policies, isolation, Decision, Isolation,
 pub use identity::{Direction, RuleRef, RuleTable};
 
 /// A pod with a veth on this node, as the endpoint manager knows it.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct LocalEndpoint {
     /// Agent-assigned endpoint id.
     pub endpoint_id: u32,
