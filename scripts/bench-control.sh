@@ -1,18 +1,18 @@
 #!/usr/bin/env bash
 # Control-plane benchmark: one real `bulkhead agent` (files source) in a network namespace of
-# its own, fed PODS pods (20 on its node, with endpoints registered over the agent socket on
-# real veths; the rest on other nodes, with IPs) and POLICIES NetworkPolicies. Prints one
-# markdown row: start -> maps programmed, agent RSS and peak after the endpoints are in,
-# memory per pod, and one policy change end to end (a new file, then `Reload`, answered once
-# the maps hold it), the median of ROUNDS changes.
+# its own, fed PODS pods (140 on its node: 20 added one by one over the agent socket on real
+# veths, then bursts of 20 and 100 simultaneous ADDs; the rest on other nodes, with IPs) and
+# POLICIES NetworkPolicies. Prints one markdown row: start -> maps programmed, one policy
+# change end to end (a new file, then `Reload`, answered once the maps hold it; median of
+# ROUNDS), one ADD, the bursts, agent RSS and peak (scripts/bench-control-timings.py times).
 #
 # Usage (root): bash scripts/bench-control.sh BULKHEAD_BINARY PODS POLICIES [ROUNDS]
 # Reused by the benchmark command; prints the header with `--header`.
 set -euo pipefail
 
 if [ "${1:-}" = --header ]; then
-  echo "| pods × policies | start → maps programmed | one policy change (median) | agent RSS | peak RSS | RSS per pod |"
-  echo "| --- | --- | --- | --- | --- | --- |"
+  echo "| pods × policies | start → maps programmed | one policy change (median) | one ADD (median of 20) | 20 simultaneous ADDs (median / slowest) | 100 simultaneous ADDs (median / slowest) | agent RSS | peak RSS |"
+  echo "| --- | --- | --- | --- | --- | --- | --- | --- |"
   exit 0
 fi
 [ "$(id -u)" = 0 ] || { echo "needs root (network namespaces, BPF)" >&2; exit 1; }
@@ -39,7 +39,7 @@ trap cleanup EXIT
 ip netns add "$ID"
 ip -n "$ID" link set lo up
 
-python3 - "$WORK/manifests" "$PODS" "$POLICIES" "$LOCAL" <<'EOF'
+python3 - "$WORK/manifests" "$PODS" "$POLICIES" "$((LOCAL + 120))" <<'EOF'
 import os, sys
 out, pods, policies, local = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
 os.makedirs(out)
@@ -97,36 +97,12 @@ until status | grep -q '"ready":true'; do
 done
 ready=$(date +%s.%N)
 
-for i in $(seq 0 $((LOCAL - 1))); do
-  ip -n "$ID" link add "bhc$i" type veth peer name "bhp$i"
-  ip -n "$ID" link set "bhc$i" up
-  ifindex=$(ip netns exec "$ID" cat "/sys/class/net/bhc$i/ifindex")
-  answer=$(call "{\"op\":\"add_endpoint\",\"container_id\":\"bench$i\",\"ifname\":\"eth0\",\"netns\":\"/run/netns/$ID\",\"pod_namespace\":\"ns$((i % 10))\",\"pod_name\":\"p$i\",\"host_ifname\":\"bhc$i\",\"host_ifindex\":$ifindex,\"ipv4\":\"10.200.0.$((10 + i))\",\"mac\":\"02:00:00:00:00:$(printf %02x "$i")\",\"network\":\"bench\"}")
-  echo "$answer" | grep -q '"result":"ok"' || { echo "add_endpoint p$i: $answer" >&2; exit 1; }
-done
-
-# One policy change: a new policy selecting local pods appears, then goes, each followed by
-# Reload (answered once the maps hold the result).
-times=()
-for r in $(seq "$ROUNDS"); do
-  file="$WORK/manifests/zz-change.yaml"
-  if [ $((r % 2)) = 1 ]; then
-    printf -- '---\napiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: change, namespace: ns1}\nspec:\n  podSelector: {matchLabels: {app: app1}}\n  ingress:\n  - from: [{podSelector: {matchLabels: {app: app%s}}}]\n' "$r" >"$file.tmp"
-    mv "$file.tmp" "$file"
-  else
-    rm -f "$file"
-  fi
-  t0=$(date +%s%N)
-  answer=$(call '{"op":"reload"}')
-  t1=$(date +%s%N)
-  echo "$answer" | grep -q '"result":"ok"' || { echo "reload: $answer" >&2; exit 1; }
-  times+=($(((t1 - t0) / 1000000)))
-done
-median=$(printf '%s\n' "${times[@]}" | sort -n | sed -n "$(((ROUNDS + 1) / 2))p")
+# The timed requests, from one Python process (see the script for what each is).
+python3 "$(dirname "$0")/bench-control-timings.py" "$WORK/state/agent.sock" "$ID" "$WORK/manifests" "$LOCAL" "$ROUNDS" >"$WORK/times"
+read -r change add b20 b20max b100 b100max <"$WORK/times"
 
 rss=$(awk '/^VmRSS/ {print $2}' "/proc/$AGENT_PID/status")
 hwm=$(awk '/^VmHWM/ {print $2}' "/proc/$AGENT_PID/status")
 startup=$(echo "$ready - $start" | bc -l)
-printf '| %s × %s | %.2f s | %s ms | %d MB | %d MB | %.1f KiB |\n' "$PODS" "$POLICIES" "$startup" "$median" \
-  $((rss / 1024)) $((hwm / 1024)) "$(echo "$rss / $PODS" | bc -l)"
-echo "changes (ms): ${times[*]}" >&2
+printf '| %s × %s | %.2f s | %s ms | %s ms | %s / %s ms | %s / %s ms | %d MB | %d MB |\n' "$PODS" "$POLICIES" "$startup" \
+  "$change" "$add" "$b20" "$b20max" "$b100" "$b100max" $((rss / 1024)) $((hwm / 1024))

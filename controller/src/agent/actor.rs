@@ -30,6 +30,12 @@ impl AgentHandle {
         let thread = std::thread::Builder::new().name("bulkhead-agent".into()).spawn(move || {
             while let Ok(job) = queue.recv() {
                 job(&mut agent);
+                // What is queued already runs before the ADDs admitted so far are
+                // programmed: a burst of ADDs costs one reprogram, not one each.
+                while let Ok(job) = queue.try_recv() {
+                    job(&mut agent);
+                }
+                agent.commit_adds();
             }
         })?;
         Ok((AgentHandle { jobs }, thread))
@@ -46,6 +52,19 @@ impl AgentHandle {
             // The caller may have gone (its connection closed): nobody to answer.
             let _ = reply.send(f(agent));
         });
+        self.jobs.send(job).map_err(|_| Stopped)?;
+        answer.await.map_err(|_| Stopped)
+    }
+
+    /// Runs `f` on the agent's thread, which answers through the sender it is given, then
+    /// or later (an ADD is answered when the agent's thread commits it).
+    pub(super) async fn call_with_reply<R, F>(&self, f: F) -> Result<R, Stopped>
+    where
+        R: Send + 'static,
+        F: FnOnce(&mut Agent, oneshot::Sender<R>) + Send + 'static,
+    {
+        let (reply, answer) = oneshot::channel();
+        let job: Job = Box::new(move |agent| f(agent, reply));
         self.jobs.send(job).map_err(|_| Stopped)?;
         answer.await.map_err(|_| Stopped)
     }

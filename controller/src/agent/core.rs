@@ -7,7 +7,9 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use bulkhead_api::{AgentStatus, EndpointRef, EndpointSpec, Response};
+use tokio::sync::oneshot;
 
+use crate::datapath::state::DatapathDelta;
 use crate::datapath::sync::{self};
 use crate::datapath::DatapathState;
 use crate::flows::{FlowStore, Resolver};
@@ -34,6 +36,15 @@ pub(super) struct Agent {
     /// The objects of `cluster` that changed since the maps were last programmed, for an
     /// incremental compile (cleared by every successful reprogram).
     pub(super) touched: BTreeSet<ObjectRef>,
+    /// `applied` may differ from the compiler's last state plus this agent's additions (at
+    /// start, the pinned maps; after a failed write, what was read back): the next sync diffs
+    /// all of it instead of writing the compiler's delta.
+    pub(super) full_sync: bool,
+    /// The node addresses `applied` gives the HOST identity.
+    pub(super) hosts_applied: Vec<Ipv4Addr>,
+    /// ADDs admitted (programs attached, endpoint registered) and not yet programmed into
+    /// the maps: [`Agent::commit_adds`] answers them.
+    pub(super) admitted: Vec<Admitted>,
     pub(super) compiler: Compiler,
     pub(super) endpoints: Endpoints,
     /// What the maps hold, as far as the agent knows.
@@ -123,15 +134,45 @@ impl Agent {
         }
         let started = Instant::now();
         let locals = self.locals();
-        let mut new = self.compiler.compile(&self.cluster, &locals);
+        // The compiler consumes what changed: from here its state follows the model, whether
+        // or not the maps take the result (a failed write makes the next sync a full one).
+        let touched: Vec<ObjectRef> = std::mem::take(&mut self.touched).into_iter().collect();
+        let delta = self.compiler.update(&self.cluster, &touched, &locals);
         self.report_over_cap();
-        add_host_addresses(&mut new, &self.host_addresses);
-        self.services.add_to(&self.cluster, &mut new, &self.metrics);
-        match sync::sync(&mut *self.datapath, &self.applied, &new) {
-            Ok(stats) => {
+        let mut services = DatapathState::default();
+        self.services.add_to(&self.cluster, &mut services, &self.metrics);
+        let written = match self.full_sync {
+            // After a start or a failed write `applied` is what the maps hold, which the
+            // compiler's last state need not be: diff the whole of it.
+            true => {
+                let mut new = self.compiler.state().clone();
+                add_host_addresses(&mut new, &self.host_addresses);
+                new.services = services.services;
+                new.backends = services.backends;
+                new.rev_nat = services.rev_nat;
+                sync::sync(&mut *self.datapath, &self.applied, &new).map(|stats| (stats, Written::Full(Box::new(new))))
+            }
+            false => {
+                let delta = self.with_host_addresses(delta);
+                sync::sync_delta(&mut *self.datapath, &delta)
+                    .and_then(|a| sync::sync_services(&mut *self.datapath, &self.applied, &services).map(|b| a + b))
+                    .map(|stats| (stats, Written::Delta(delta, Box::new(services))))
+            }
+        };
+        match written {
+            Ok((stats, written)) => {
+                match written {
+                    Written::Full(new) => self.applied = *new,
+                    Written::Delta(delta, services) => {
+                        delta.apply_to(&mut self.applied);
+                        self.applied.services = services.services;
+                        self.applied.backends = services.backends;
+                        self.applied.rev_nat = services.rev_nat;
+                    }
+                }
                 self.metrics.set_degraded(None);
-                self.applied = new;
-                self.touched.clear();
+                self.full_sync = false;
+                self.hosts_applied.clone_from(&self.host_addresses);
                 self.generation += 1;
                 self.pending = None;
                 if !self.programs_replaced {
@@ -160,6 +201,7 @@ impl Agent {
             }
             Err(e) => {
                 self.metrics.set_degraded(Some(error_chain(&e)));
+                self.full_sync = true;
                 // Retried by the next refresh, from when the change was first seen.
                 self.pending = self.pending.or(seen).or_else(|| Some(Instant::now()));
                 // Some writes happened: only the maps know which, so the next sync starts
@@ -174,6 +216,36 @@ impl Agent {
                 Err(e.into())
             }
         }
+    }
+
+    /// Turns the compiler's delta into one against `applied`, which also holds this node's
+    /// addresses with the HOST identity ([`add_host_addresses`]: a compiled entry wins):
+    /// every ipcache key the delta or a node address (current or last written) names gets
+    /// the value the maps must hold, and keys already holding it are dropped.
+    fn with_host_addresses(&self, mut delta: DatapathDelta) -> DatapathDelta {
+        let compiled = &self.compiler.state().ipcache;
+        let host = IpcacheValue {
+            identity: bulkhead_common::identity::HOST,
+            flags: 0,
+        };
+        let keys: BTreeSet<(Ipv4Addr, u8)> = delta
+            .ipcache
+            .keys()
+            .copied()
+            .chain(self.host_addresses.iter().chain(&self.hosts_applied).map(|&a| (a, 32)))
+            .collect();
+        for key in keys {
+            let want = compiled
+                .get(&key)
+                .copied()
+                .or_else(|| (key.1 == 32 && self.host_addresses.contains(&key.0)).then_some(host));
+            if self.applied.ipcache.get(&key) == want.as_ref() {
+                delta.ipcache.remove(&key);
+            } else {
+                delta.ipcache.insert(key, want);
+            }
+        }
+        delta
     }
 
     /// Puts this agent's programs on every registered endpoint's veth, replacing what a
@@ -348,41 +420,114 @@ impl Agent {
         self.store.save(&records)
     }
 
+    /// Adds an endpoint and programs it at once (what a lone ADD costs).
+    #[cfg(test)]
     pub(super) fn add_endpoint(&mut self, spec: EndpointSpec) -> Response {
-        let seen = Instant::now();
+        let (reply, mut answer) = oneshot::channel();
+        self.admit_endpoint(spec, reply);
+        self.commit_adds();
+        answer.try_recv().ok().flatten().unwrap_or_else(|| Response::Error {
+            code: code::AGENT_REJECTED,
+            message: "the ADD was not answered".to_string(),
+        })
+    }
+
+    /// The first half of an ADD: the programs go on the veth (with no endpoint entry yet
+    /// they drop everything: fail closed) and the endpoint joins the registry; `reply` is
+    /// answered by [`Agent::commit_adds`], which programs every endpoint admitted since the
+    /// last commit at once (the agent's thread commits whenever its queue runs dry, so a
+    /// burst of ADDs costs one reprogram and one registry write).
+    pub(super) fn admit_endpoint(&mut self, spec: EndpointSpec, reply: AddReply) {
         let key = (spec.container_id.clone(), spec.ifname.clone());
         let endpoint_id = match self.endpoints.get(&key) {
             Some(r) => r.endpoint_id,
             None => self.endpoints.values().map(|r| r.endpoint_id).max().unwrap_or(0) + 1,
         };
-        // Programs first: with no endpoint entry yet they drop everything (fail closed).
         if let Err(e) = self.datapath.attach(&spec.host_ifname) {
             self.metrics.error(ErrorKind::Datapath);
-            return Response::Error {
+            let _ = reply.send(Some(Response::Error {
                 code: code::AGENT_REJECTED,
                 message: error_chain(&e),
-            };
+            }));
+            return;
         }
-        let previous = self.endpoints.insert(key.clone(), EndpointRecord { endpoint_id, spec });
-        if let Err(e) = self.reprogram(Some(seen)) {
-            self.metrics.error(e.kind());
-            match previous {
-                Some(p) => self.endpoints.insert(key, p),
-                None => self.endpoints.remove(&key),
-            };
-            if let Err(e) = self.reprogram(None) {
-                self.metrics.error(e.kind());
+        let record = EndpointRecord { endpoint_id, spec };
+        let previous = self.endpoints.insert(key.clone(), record.clone());
+        self.admitted.push(Admitted {
+            key,
+            record,
+            previous,
+            seen: Instant::now(),
+            reply,
+        });
+    }
+
+    /// Programs the endpoints admitted since the last commit and answers their ADDs. When
+    /// the maps refuse the batch, each is retried alone, so one endpoint that cannot be
+    /// programmed fails only its own ADD; a failed one is taken out again (its veth keeps
+    /// the programs, which drop everything until a retry or DEL).
+    pub(super) fn commit_adds(&mut self) {
+        let admitted = std::mem::take(&mut self.admitted);
+        if admitted.is_empty() {
+            return;
+        }
+        let seen = admitted.iter().map(|a| a.seen).min();
+        if admitted.len() > 1 {
+            match self.reprogram(seen) {
+                Ok(()) => {
+                    self.persist_registry();
+                    for a in admitted {
+                        let _ = a.reply.send(Some(Response::Ok));
+                    }
+                    return;
+                }
+                Err(e) => {
+                    self.metrics.error(e.kind());
+                    tracing::warn!(adds = admitted.len(), error = %error_chain(&e), "a batch of ADDs failed; retrying each alone");
+                    for a in admitted.iter().rev() {
+                        self.restore(&a.key, a.previous.clone());
+                    }
+                }
             }
-            return Response::Error {
-                code: code::AGENT_REJECTED,
-                message: error_chain(&e),
-            };
         }
+        for a in admitted {
+            self.endpoints.insert(a.key.clone(), a.record);
+            let answer = match self.reprogram(Some(a.seen)) {
+                Ok(()) => {
+                    self.persist_registry();
+                    Response::Ok
+                }
+                Err(e) => {
+                    self.metrics.error(e.kind());
+                    self.restore(&a.key, a.previous);
+                    if let Err(e) = self.reprogram(None) {
+                        self.metrics.error(e.kind());
+                    }
+                    Response::Error {
+                        code: code::AGENT_REJECTED,
+                        message: error_chain(&e),
+                    }
+                }
+            };
+            let _ = a.reply.send(Some(answer));
+        }
+    }
+
+    /// Puts back what the registry held under `key` before an ADD.
+    fn restore(&mut self, key: &(String, String), previous: Option<EndpointRecord>) {
+        match previous {
+            Some(p) => self.endpoints.insert(key.clone(), p),
+            None => self.endpoints.remove(key),
+        };
+    }
+
+    /// Saves the registry; a failure is logged and counted (the maps already hold the
+    /// endpoints, and the next save writes them).
+    fn persist_registry(&mut self) {
         if let Err(e) = self.save_registry() {
             self.metrics.error(e.kind());
             tracing::warn!(error = %error_chain(&e), "cannot persist endpoint registry");
         }
-        Response::Ok
     }
 
     pub(super) fn del_endpoint(&mut self, r: &EndpointRef) -> Response {
@@ -490,6 +635,27 @@ impl Agent {
             generation: self.generation,
         }
     }
+}
+
+/// Where an ADD's answer goes: `None` means "pod not known yet, ask again".
+pub(super) type AddReply = oneshot::Sender<Option<Response>>;
+
+/// An ADD between [`Agent::admit_endpoint`] and [`Agent::commit_adds`].
+pub(super) struct Admitted {
+    key: (String, String),
+    record: EndpointRecord,
+    /// What the registry held under the key before (a repeated ADD).
+    previous: Option<EndpointRecord>,
+    seen: Instant,
+    reply: AddReply,
+}
+
+/// What a successful sync wrote, for `applied` to take.
+enum Written {
+    /// A whole new state.
+    Full(Box<DatapathState>),
+    /// The compiler's delta (host addresses included) and the Service maps.
+    Delta(DatapathDelta, Box<DatapathState>),
 }
 
 /// Gives this node's addresses the reserved HOST identity, which the datapath always admits:

@@ -3,7 +3,7 @@
 
 use bulkhead_api::{code, EndpointSpec, Response};
 
-use super::core::Agent;
+use super::core::{AddReply, Agent};
 use crate::error_chain;
 use crate::metrics::ErrorKind;
 
@@ -55,9 +55,25 @@ impl Agent {
         self.on_change();
     }
 
-    /// Admits `spec` once the agent is ready and knows its pod; `None` means not yet (the
-    /// caller waits and asks again, then answers [`Agent::not_yet`]).
+    /// Adds and programs `spec` once the agent is ready and knows its pod; `None` means not
+    /// yet (the caller waits and asks again, then answers [`Agent::not_yet`]).
+    #[cfg(test)]
     pub(super) fn try_add(&mut self, spec: &EndpointSpec) -> Option<Response> {
+        self.can_add(spec).then(|| self.add_endpoint(spec.clone()))
+    }
+
+    /// Admits `spec` once the agent is ready and knows its pod, for the next commit to
+    /// program and answer ([`Agent::admit_endpoint`]); gives `reply` back when not yet.
+    pub(super) fn try_admit(&mut self, spec: &EndpointSpec, reply: AddReply) -> Result<(), AddReply> {
+        if !self.can_add(spec) {
+            return Err(reply);
+        }
+        self.admit_endpoint(spec.clone(), reply);
+        Ok(())
+    }
+
+    /// Whether the agent is ready and knows the pod of `spec`.
+    fn can_add(&mut self, spec: &EndpointSpec) -> bool {
         // The pod may have been written after the last wake: re-read before waiting.
         if self.cluster.pod(&spec.pod_namespace, &spec.pod_name).is_none() {
             if let Err(e) = self.refresh(true) {
@@ -65,7 +81,7 @@ impl Agent {
                 tracing::warn!(error = %error_chain(&e), "reloading the model");
             }
         }
-        (self.ready && self.cluster.pod(&spec.pod_namespace, &spec.pod_name).is_some()).then(|| self.add_endpoint(spec.clone()))
+        self.ready && self.cluster.pod(&spec.pod_namespace, &spec.pod_name).is_some()
     }
 
     /// The answer to an ADD whose wait ran out: try again later.

@@ -97,10 +97,10 @@ async fn add(agent: &AgentHandle, spec: EndpointSpec) -> Result<Response, Stoppe
         let attempt = spec.clone();
         let expired = Instant::now() > deadline;
         let answer = agent
-            .call(move |a| match a.try_add(&attempt) {
-                Some(response) => Some(response),
-                None if expired => Some(a.not_yet(&attempt)),
-                None => None,
+            .call_with_reply(move |a, reply| {
+                if let Err(reply) = a.try_admit(&attempt, reply) {
+                    let _ = reply.send(expired.then(|| a.not_yet(&attempt)));
+                }
             })
             .await?;
         if let Some(response) = answer {

@@ -263,6 +263,9 @@ fn fixture(synced: bool) -> Fixture {
         source: Box::new(source.clone()),
         cluster: Cluster::new(),
         touched: Default::default(),
+        full_sync: true,
+        hosts_applied: Vec::new(),
+        admitted: Vec::new(),
         compiler: Compiler::new(),
         endpoints: Endpoints::new(),
         applied: DatapathState::default(),
@@ -612,4 +615,60 @@ fn a_starting_agent_replaces_the_programs_on_every_registered_veth_after_its_fir
     // Once only.
     f.agent.reprogram(None).unwrap();
     assert_eq!(f.maps.0.lock().unwrap().attached.len(), 2);
+}
+
+/// Admits `spec` as the socket's ADD does; the receiver gets the answer at the next commit.
+fn admit(f: &mut Fixture, spec: &EndpointSpec) -> tokio::sync::oneshot::Receiver<Option<Response>> {
+    let (reply, answer) = tokio::sync::oneshot::channel();
+    assert!(f.agent.try_admit(spec, reply).is_ok(), "the pod is known");
+    answer
+}
+
+#[test]
+fn a_burst_of_adds_is_programmed_by_one_reprogram_and_answered_after_it() {
+    let mut f = fixture(true);
+    *f.source.cluster.lock().unwrap() = cluster(POLICY);
+    f.agent.on_change();
+    let generation = f.agent.generation;
+    let mut a = admit(&mut f, &spec("c1", "a", 7, "net"));
+    let mut b = admit(&mut f, &spec("c2", "b", 8, "net"));
+    // Admitted: the programs are on the veths, nothing is answered or in the maps yet.
+    assert_eq!(f.maps.0.lock().unwrap().attached, ["bh7", "bh8"]);
+    assert!(a.try_recv().is_err() && b.try_recv().is_err());
+    assert!(f.maps.held().endpoints.is_empty());
+    f.agent.commit_adds();
+    assert!(matches!(a.try_recv(), Ok(Some(Response::Ok))));
+    assert!(matches!(b.try_recv(), Ok(Some(Response::Ok))));
+    assert_eq!(f.agent.generation, generation + 1, "one reprogram for the burst");
+    assert!(f.maps.held().endpoints.contains_key(&7) && f.maps.held().endpoints.contains_key(&8));
+    assert_eq!(f.agent.applied, f.maps.held());
+    assert_eq!(f.store.saved(), ["c1", "c2"]);
+}
+
+#[test]
+fn a_burst_the_maps_refuse_is_retried_one_by_one_and_each_failure_stays_isolated() {
+    let mut f = fixture(true);
+    *f.source.cluster.lock().unwrap() = cluster(POLICY);
+    f.agent.on_change();
+    f.maps.set(|m| m.writes_left = Some(1));
+    let mut a = admit(&mut f, &spec("c1", "a", 7, "net"));
+    let mut b = admit(&mut f, &spec("c2", "b", 8, "net"));
+    f.agent.commit_adds();
+    for answer in [a.try_recv(), b.try_recv()] {
+        let response = answer.expect("answered").expect("not a wait");
+        assert_eq!(code_of(&response), Some(code::AGENT_REJECTED), "{response:?}");
+    }
+    assert!(f.maps.held().endpoints.is_empty(), "fail closed: no endpoint entry");
+    assert!(f.agent.endpoints.is_empty() && f.store.saved().is_empty());
+    assert_eq!(f.agent.applied, f.maps.held());
+
+    // The maps take writes again: a retried burst goes in.
+    f.maps.set(|m| m.writes_left = None);
+    let mut a = admit(&mut f, &spec("c1", "a", 7, "net"));
+    let mut b = admit(&mut f, &spec("c2", "b", 8, "net"));
+    f.agent.commit_adds();
+    assert!(matches!(a.try_recv(), Ok(Some(Response::Ok))));
+    assert!(matches!(b.try_recv(), Ok(Some(Response::Ok))));
+    assert_eq!(f.agent.applied, f.maps.held());
+    assert_eq!(f.store.saved(), ["c1", "c2"]);
 }

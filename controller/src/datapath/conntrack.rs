@@ -36,7 +36,7 @@
 //! open).
 
 use std::collections::HashMap as StdHashMap;
-use std::os::fd::{FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::path::Path;
 
 use aya::maps::{HashMap, HashOfMaps, Map, MapData, MapError};
@@ -124,6 +124,75 @@ pub fn ensure_table(tables: &mut Tables, endpoint_id: u32) -> Result<(), MapErro
         Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::EEXIST) => Ok(()),
         other => other,
     }
+}
+
+/// `BPF_MAP_UPDATE_BATCH` (uapi/linux/bpf.h).
+const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
+
+/// The `batch` member of `union bpf_attr`.
+#[repr(C)]
+struct BatchAttr {
+    in_batch: u64,
+    out_batch: u64,
+    keys: u64,
+    values: u64,
+    count: u32,
+    map_fd: u32,
+    elem_flags: u64,
+    flags: u64,
+}
+
+/// Gives each of `endpoint_ids` that has none a table, storing them all with one
+/// `BPF_MAP_UPDATE_BATCH` on `outer` (the fd of the `tables` map): the kernel waits for an
+/// RCU grace period after every map-in-map update syscall (10–30 ms here), so a burst of
+/// ADDs pays it once instead of once per endpoint. A kernel without batch updates for the
+/// map gets them one by one.
+pub fn ensure_tables(tables: &mut Tables, outer: BorrowedFd<'_>, endpoint_ids: &[u32]) -> Result<(), MapError> {
+    let mut missing = Vec::new();
+    for &id in endpoint_ids {
+        match tables.get(&id, 0) {
+            Ok(_) => {}
+            Err(MapError::KeyNotFound) => missing.push(id),
+            Err(e) => return Err(e),
+        }
+    }
+    missing.sort_unstable();
+    missing.dedup();
+    if missing.len() < 2 {
+        return missing.iter().try_for_each(|&id| ensure_table(tables, id));
+    }
+    let created = missing.iter().map(|_| create_table()).collect::<Result<Vec<MapData>, _>>()?;
+    let fds: Vec<u32> = created
+        .iter()
+        .map(|t| u32::try_from(t.fd().as_fd().as_raw_fd()).unwrap_or(u32::MAX))
+        .collect();
+    let attr = BatchAttr {
+        in_batch: 0,
+        out_batch: 0,
+        keys: missing.as_ptr() as u64,
+        values: fds.as_ptr() as u64,
+        count: u32::try_from(missing.len()).unwrap_or(u32::MAX),
+        map_fd: u32::try_from(outer.as_raw_fd()).unwrap_or(u32::MAX),
+        elem_flags: BPF_NOEXIST,
+        flags: 0,
+    };
+    // SAFETY: `attr` is a valid `batch` member of `union bpf_attr`; `keys` and `values` point
+    // at `count` u32 each, alive for the call; the size passed is the struct's own.
+    let done = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_MAP_UPDATE_BATCH,
+            std::ptr::from_ref(&attr),
+            size_of::<BatchAttr>() as u32,
+        )
+    };
+    if done == 0 {
+        return Ok(());
+    }
+    // Unsupported, or one key taken meanwhile: what is missing still goes in one by one
+    // (`ensure_table` skips what the batch stored).
+    drop(created);
+    missing.iter().try_for_each(|&id| ensure_table(tables, id))
 }
 
 /// Removes `endpoint_id`'s table and with it every connection it tracked; absent is done.

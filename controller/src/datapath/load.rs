@@ -174,7 +174,18 @@ impl Datapath {
                 source: Box::new(source),
             }
         };
+        let conntrack_fd = match &conntrack {
+            aya::maps::Map::HashOfMaps(data) => data.fd().as_fd().try_clone_to_owned().map_err(|e| DatapathError::Object {
+                what: format!("cannot duplicate the descriptor of {}: {e}", map_names::CONNTRACK),
+            })?,
+            _ => {
+                return Err(DatapathError::Object {
+                    what: format!("{} is not a hash of maps", map_names::CONNTRACK),
+                })
+            }
+        };
         let mut maps = BpfMaps {
+            conntrack_fd,
             endpoints: endpoints.try_into().map_err(wrong(map_names::ENDPOINTS))?,
             ipcache: ipcache.try_into().map_err(wrong(map_names::IPCACHE))?,
             policy: policy.try_into().map_err(wrong(map_names::POLICY))?,

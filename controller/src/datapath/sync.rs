@@ -39,6 +39,12 @@ pub trait MapWriter {
     fn set_endpoint(&mut self, ifindex: u32, value: &EndpointInfo) -> Result<(), MapsError>;
     /// Removes an endpoint.
     fn remove_endpoint(&mut self, ifindex: u32) -> Result<(), MapsError>;
+    /// Readies what the endpoints about to be written need (their conntrack tables), all
+    /// at once; [`MapWriter::set_endpoint`] still makes sure of it for each.
+    fn prepare_endpoints(&mut self, values: &[EndpointInfo]) -> Result<(), MapsError> {
+        let _ = values;
+        Ok(())
+    }
     /// Inserts or replaces an ipcache prefix.
     fn set_ipcache(&mut self, addr: Ipv4Addr, prefix_len: u8, value: &IpcacheValue) -> Result<(), MapsError>;
     /// Removes an ipcache prefix.
@@ -93,6 +99,17 @@ pub struct SyncStats {
     pub removals: usize,
 }
 
+impl std::ops::Add for SyncStats {
+    type Output = SyncStats;
+
+    fn add(self, other: SyncStats) -> SyncStats {
+        SyncStats {
+            upserts: self.upserts + other.upserts,
+            removals: self.removals + other.removals,
+        }
+    }
+}
+
 /// Writes the difference between `old` (what the maps hold) and `new`.
 ///
 /// Order keeps the datapath fail-closed and consistent at every step: identities and
@@ -115,6 +132,8 @@ pub fn sync(w: &mut (impl MapWriter + ?Sized), old: &DatapathState, new: &Datapa
         w.set_policy(key, *len, v)?;
         stats.upserts += 1;
     }
+    let endpoints: Vec<EndpointInfo> = upserted(&old.endpoints, &new.endpoints).map(|(_, v)| *v).collect();
+    w.prepare_endpoints(&endpoints)?;
     for (ifindex, v) in upserted(&old.endpoints, &new.endpoints) {
         w.set_endpoint(*ifindex, v)?;
         stats.upserts += 1;
@@ -127,8 +146,7 @@ pub fn sync(w: &mut (impl MapWriter + ?Sized), old: &DatapathState, new: &Datapa
         w.remove_ipcache(*addr, *len)?;
         stats.removals += 1;
     }
-    sync_services(w, old, new, &mut stats)?;
-    Ok(stats)
+    Ok(stats + sync_services(w, old, new)?)
 }
 
 /// Writes a compiler delta: only the keys it lists, in [`sync`]'s order (endpoint removals,
@@ -151,6 +169,8 @@ pub fn sync_delta(w: &mut (impl MapWriter + ?Sized), delta: &DatapathDelta) -> R
         w.set_policy(key, *len, v)?;
         stats.upserts += 1;
     }
+    let endpoints: Vec<EndpointInfo> = delta.endpoints.values().flatten().copied().collect();
+    w.prepare_endpoints(&endpoints)?;
     for (ifindex, v) in delta.endpoints.iter().filter_map(|(k, v)| Some((k, v.as_ref()?))) {
         w.set_endpoint(*ifindex, v)?;
         stats.upserts += 1;
@@ -166,13 +186,11 @@ pub fn sync_delta(w: &mut (impl MapWriter + ?Sized), delta: &DatapathDelta) -> R
     Ok(stats)
 }
 
-/// The Service half of [`sync`].
-fn sync_services(
-    w: &mut (impl MapWriter + ?Sized),
-    old: &DatapathState,
-    new: &DatapathState,
-    stats: &mut SyncStats,
-) -> Result<(), MapsError> {
+/// The Service half of [`sync`]: writes the difference between `old`'s Service maps
+/// (services, backends, reverse NAT) and `new`'s, ignoring the other maps; what
+/// [`sync_delta`] leaves out.
+pub fn sync_services(w: &mut (impl MapWriter + ?Sized), old: &DatapathState, new: &DatapathState) -> Result<SyncStats, MapsError> {
+    let mut stats = SyncStats::default();
     for (id, v) in upserted(&old.backends, &new.backends) {
         w.set_backend(*id, v)?;
         stats.upserts += 1;
@@ -205,7 +223,7 @@ fn sync_services(
         w.remove_rev_nat(*id)?;
         stats.removals += 1;
     }
-    Ok(())
+    Ok(stats)
 }
 
 fn upserted<'a, K: Ord, V: PartialEq>(old: &'a BTreeMap<K, V>, new: &'a BTreeMap<K, V>) -> impl Iterator<Item = (&'a K, &'a V)> {
@@ -232,6 +250,8 @@ pub struct BpfMaps {
     pub rev_nat: HashMap<MapData, u32, RevNat>,
     /// `bh_ct_v2`: each endpoint's conntrack table, created with its endpoint entry.
     pub conntrack: conntrack::Tables,
+    /// Another descriptor of `conntrack`'s map, for batch updates (aya has none).
+    pub conntrack_fd: std::os::fd::OwnedFd,
     /// `bh_fbudget_v1`: each endpoint's flow-record budget (made by the datapath, removed
     /// with the endpoint so that a reused id starts afresh).
     pub flow_budget: PerCpuHashMap<MapData, u32, FlowBudget>,
@@ -285,6 +305,11 @@ fn absent_ok(result: Result<(), MapError>) -> Result<(), MapError> {
 impl MapWriter for BpfMaps {
     /// The endpoint's conntrack table first (fail closed: without one no flow of it is
     /// tracked), then the endpoint.
+    fn prepare_endpoints(&mut self, values: &[EndpointInfo]) -> Result<(), MapsError> {
+        let ids: Vec<u32> = values.iter().map(|v| v.endpoint_id).collect();
+        conntrack::ensure_tables(&mut self.conntrack, std::os::fd::AsFd::as_fd(&self.conntrack_fd), &ids)
+            .map_err(map_err("insert", "conntrack"))
+    }
     fn set_endpoint(&mut self, ifindex: u32, value: &EndpointInfo) -> Result<(), MapsError> {
         conntrack::ensure_table(&mut self.conntrack, value.endpoint_id).map_err(map_err("insert", "conntrack"))?;
         self.endpoints.insert(ifindex, value, 0).map_err(map_err("insert", "endpoints"))

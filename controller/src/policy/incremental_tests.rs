@@ -18,7 +18,7 @@ use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use proptest::prelude::*;
 
 use crate::datapath::state::DatapathState;
-use crate::model::{Cluster, Kind, Object, ObjectRef, NAMESPACE_AUDIT_ANNOTATION, POLICY_AUDIT_ANNOTATION};
+use crate::model::{Cluster, Kind, Object, ObjectRef, PodInfo, NAMESPACE_AUDIT_ANNOTATION, POLICY_AUDIT_ANNOTATION};
 
 use super::{Compiler, LocalEndpoint};
 
@@ -336,7 +336,7 @@ fn r(kind: Kind, ns: Option<usize>, name: String) -> ObjectRef {
 fn apply(cluster: &mut Cluster, local: &mut Vec<LocalEndpoint>, e: &Event) -> Vec<ObjectRef> {
     match e {
         Event::Pod(n, i, g) => {
-            cluster.apply(Object::Pod(pod(*n, *i, g)));
+            cluster.apply(Object::Pod(PodInfo::from_pod(&pod(*n, *i, g))));
             vec![r(Kind::Pod, Some(*n), format!("p{i}"))]
         }
         Event::DeletePod(n, i) => {
@@ -599,7 +599,7 @@ mod scale {
             }));
         }
         for i in 0..pods {
-            c.apply(Object::Pod(pod_at(i, 0)));
+            c.apply(Object::Pod(PodInfo::from_pod(&pod_at(i, 0))));
         }
         for j in 0..policies {
             c.apply(Object::NetworkPolicy(policy_at(j, 80)));
@@ -722,7 +722,7 @@ fn timing() {
                     if r.is_multiple_of(2) {
                         let mut p = scale::pod_at(i, 0);
                         p.metadata.labels = scale::pod_at(0, 0).metadata.labels;
-                        c.apply(Object::Pod(p));
+                        c.apply(Object::Pod(PodInfo::from_pod(&p)));
                     } else {
                         c.delete(&scale::pod_ref(i));
                     }
@@ -737,7 +737,7 @@ fn timing() {
                         let mut p = scale::pod_at(i, 0);
                         p.metadata.labels.get_or_insert_default().insert("app".into(), "a1".into());
                         p.metadata.labels.get_or_insert_default().insert("new".into(), "yes".into());
-                        c.apply(Object::Pod(p));
+                        c.apply(Object::Pod(PodInfo::from_pod(&p)));
                     } else {
                         c.delete(&scale::pod_ref(i));
                     }
