@@ -4,7 +4,6 @@
 //!
 //! Its own test binary, because it counts allocations with a global allocator (only those
 //! made on the test's thread while it measures).
-#![expect(clippy::unwrap_used, clippy::expect_used, reason = "a test fails on setup errors")]
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;

@@ -261,10 +261,8 @@ impl FlowStore {
         // Numbered (and the numbers persisted) before anyone can see them: a successor
         // agent never reuses a number a reader may hold.
         let first = lock(&self.sequence).take(count as u64);
-        let mut seq = first;
-        for (unix_ns, body) in flows.take(count) {
+        for (seq, (unix_ns, body)) in (first..).zip(flows.take(count)) {
             let s = Stored { unix_ns, seq, body };
-            seq += 1;
             if history.len() == self.capacity {
                 history.pop_front();
             }
