@@ -2,6 +2,8 @@
 # The sourcing script sets LAB (`bulkhead lab --lab-dir DIR`) before calling the lab helpers.
 
 # Root, the machine set up, iperf3, a release build; sets BH to the bulkhead binary.
+# BULKHEAD_BIN names a binary to measure instead of building (bulkhead-cni must be next to it),
+# e.g. a copy of an earlier build, to compare two builds with the same script.
 bench_prepare() {
   [ "$(id -u)" = 0 ] || { echo "needs root (network namespaces, BPF)" >&2; exit 1; }
   # scripts/bench.sh sets BENCH_PREPARED=1 once it has run setup and the release build.
@@ -9,6 +11,10 @@ bench_prepare() {
   dpkg-query -W -f='${Status}' iperf3 2>/dev/null | grep -q 'install ok installed' || {
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends iperf3 >/dev/null
   }
+  if [ -n "${BULKHEAD_BIN:-}" ]; then
+    BH=$BULKHEAD_BIN
+    return
+  fi
   [ "${BENCH_PREPARED:-}" = 1 ] || cargo build --locked --release --bins
   BH=${CARGO_TARGET_DIR:-$PWD/target}/release/bulkhead
 }
@@ -62,3 +68,25 @@ else:
 
 # The median of the numbers on stdin, one a line (the lower middle one of an even count).
 bench_median() { sort -g | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
+
+# A Python client loop for `python3 -c "$BENCH_CONNECT_LOOP" HOST PORT SECONDS`: connections
+# per second from one client, one at a time, to a pod's declared port (the lab writes the pod's
+# name and then echoes): connect, read the name's line, close with a reset (SO_LINGER 0), so
+# no TIME_WAIT piles up and ephemeral ports never run out. Fails on a bad reply.
+BENCH_CONNECT_LOOP='
+import socket, struct, sys, time
+host, port, secs = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
+linger = struct.pack("ii", 1, 0)
+n, start = 0, time.monotonic()
+while time.monotonic() - start < secs:
+    s = socket.create_connection((host, port), timeout=5)
+    reply = b""
+    while not reply.endswith(b"\n"):
+        chunk = s.recv(256)
+        if not chunk:
+            sys.exit(f"bad reply {reply!r}")
+        reply += chunk
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, linger)
+    s.close()
+    n += 1
+print(n / (time.monotonic() - start))'

@@ -102,6 +102,11 @@ pub mod capacity {
     pub const CONNTRACK_TABLES: u32 = ENDPOINTS;
     /// Bytes of the flow ring buffer (a power of two, a multiple of the page size).
     pub const FLOW_RING_BYTES: u32 = 1 << 22;
+    /// Unread bytes in the flow ring from which a record wakes the agent's reader at once:
+    /// 1/16 of the ring, about 4000 records. Below it records go in without a wakeup
+    /// (`BPF_RB_NO_WAKEUP`: a wakeup per record cost 3% of a core at a high new-flow rate)
+    /// and wait for the reader's timer, [`FLOW_READ_INTERVAL_MS`](super::FLOW_READ_INTERVAL_MS).
+    pub const FLOW_RING_WAKEUP_BYTES: u64 = FLOW_RING_BYTES as u64 / 16;
     /// Service map entries: one header per Service port plus one per backend slot.
     pub const SERVICES: u32 = 65536;
     /// Backends per node (every backend of every Service, shared between Services).
@@ -123,6 +128,10 @@ pub mod capacity {
     /// Entries of the prefilter's never-drop list.
     pub const PREFILTER_KEEP: u32 = 4096;
 }
+
+/// How often the agent reads the flow ring without being woken: records below
+/// [`capacity::FLOW_RING_WAKEUP_BYTES`] wait at most this long.
+pub const FLOW_READ_INTERVAL_MS: u64 = 50;
 
 /// Flow records one endpoint may put on the ring per second, per CPU, once its burst is
 /// spent; past it records are counted as suppressed instead ([`FlowBudget`]).

@@ -185,7 +185,7 @@ fn drop_reported(ctx: &XdpContext, reason: DropReason, flow: &mut FlowEvent) {
     flow.timestamp_ns = unsafe { bpf_ktime_get_ns() };
     if !crate::record_allowed(flow.endpoint_id, flow.timestamp_ns) {
         // Over its budget: counted as suppressed, as in TC.
-    } else if FLOWS.output::<FlowEvent>(&*flow, 0).is_err() {
+    } else if FLOWS.output::<FlowEvent>(&*flow, crate::ring_wakeup()).is_err() {
         if let Some(lost) = FLOWS_LOST.get_ptr_mut(0) {
             // SAFETY: a per-CPU slot is only written by this CPU.
             unsafe { *lost += 1 };

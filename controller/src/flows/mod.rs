@@ -12,6 +12,7 @@ pub mod stream;
 #[cfg(test)]
 mod tests;
 
+use std::borrow::Cow;
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 
@@ -23,6 +24,7 @@ use tokio::sync::{broadcast, watch};
 use self::sequence::Sequence;
 
 pub use reader::{decode, spawn_reader, Clock, FlowsError};
+use resolve::Named;
 pub use resolve::Resolver;
 
 /// Flows kept in memory when `--flow-history` is not given.
@@ -51,12 +53,95 @@ pub struct FlowStats {
 }
 
 /// A flow in the history, with its time as a number for `since` and its sequence number
-/// on this node.
-#[derive(Debug)]
+/// on this node. Cheap to clone (what it names is shared): followers get clones.
+#[derive(Clone, Debug)]
 struct Stored {
     unix_ns: i128,
     seq: u64,
-    flow: Flow,
+    body: Body,
+}
+
+/// What a stored flow holds.
+#[derive(Clone, Debug)]
+enum Body {
+    /// An event from the ring, named when it was recorded; made into a [`Flow`] only when
+    /// read.
+    Event(Named),
+    /// A flow stored as it is (tests of the stream and the relay).
+    #[cfg(test)]
+    Flow(Arc<Flow>),
+}
+
+impl Stored {
+    /// The flow users see, as node `node` reports it.
+    fn flow(&self, node: &str) -> Cow<'_, Flow> {
+        match &self.body {
+            Body::Event(named) => Cow::Owned(named.flow(node)),
+            #[cfg(test)]
+            Body::Flow(flow) => Cow::Borrowed(flow),
+        }
+    }
+}
+
+/// The counters behind [`FlowStats`], kept in a shape the reader updates without
+/// allocating (a policy's name is copied only the first time it is counted).
+#[derive(Default)]
+struct Counts {
+    flows: BTreeMap<(FlowVerdict, Direction), u64>,
+    /// Policy → count by verdict ([`verdict_index`]).
+    by_policy: BTreeMap<NamespacedName, [u64; 3]>,
+    lost_events: u64,
+    follower_lag_drops: u64,
+    undecodable: u64,
+}
+
+const VERDICTS: [FlowVerdict; 3] = [FlowVerdict::Forwarded, FlowVerdict::Dropped, FlowVerdict::Audit];
+
+fn verdict_index(v: FlowVerdict) -> usize {
+    match v {
+        FlowVerdict::Forwarded => 0,
+        FlowVerdict::Dropped => 1,
+        FlowVerdict::Audit => 2,
+    }
+}
+
+impl Counts {
+    fn count(&mut self, named: &Named) {
+        let (verdict, direction) = (named.verdict(), named.direction());
+        *self.flows.entry((verdict, direction)).or_default() += 1;
+        for policy in named.policies() {
+            match self.by_policy.get_mut(policy) {
+                Some(counts) => counts[verdict_index(verdict)] += 1,
+                None => {
+                    let mut counts = [0; 3];
+                    counts[verdict_index(verdict)] = 1;
+                    self.by_policy.insert(policy.clone(), counts);
+                }
+            }
+        }
+    }
+
+    fn snapshot(&self) -> FlowStats {
+        let by_policy = self
+            .by_policy
+            .iter()
+            .flat_map(|(policy, counts)| {
+                VERDICTS
+                    .iter()
+                    .zip(counts)
+                    .filter(|(_, n)| **n > 0)
+                    .map(|(v, n)| ((policy.clone(), *v), *n))
+            })
+            .collect();
+        FlowStats {
+            flows: self.flows.clone(),
+            by_policy,
+            lost_events: self.lost_events,
+            follower_lag_drops: self.follower_lag_drops,
+            undecodable: self.undecodable,
+            stored: 0,
+        }
+    }
 }
 
 /// The bounded history of flows and the channel followers listen on.
@@ -65,14 +150,14 @@ pub struct FlowStore {
     capacity: usize,
     clock: Clock,
     /// Sequence numbers are dense: the history holds `front.seq ..= back.seq`.
-    history: Mutex<VecDeque<Arc<Stored>>>,
+    history: Mutex<VecDeque<Stored>>,
     /// Locked only inside `history`'s lock.
     sequence: Mutex<Sequence>,
     /// The next sequence number, for flow-stream readers waiting for new records.
     next_seq: watch::Sender<u64>,
-    followers: broadcast::Sender<Arc<Stored>>,
+    followers: broadcast::Sender<Stored>,
     resolver: RwLock<Arc<Resolver>>,
-    stats: Mutex<FlowStats>,
+    stats: Mutex<Counts>,
     metrics: Option<Arc<crate::metrics::Metrics>>,
 }
 
@@ -96,7 +181,7 @@ impl FlowStore {
             next_seq,
             followers,
             resolver: RwLock::new(Arc::new(Resolver::empty(node))),
-            stats: Mutex::new(FlowStats::default()),
+            stats: Mutex::new(Counts::default()),
             metrics: None,
         }
     }
@@ -125,77 +210,68 @@ impl FlowStore {
         self
     }
 
-    /// Names, stores and broadcasts a batch of events from the ring buffer.
+    /// Names, stores and broadcasts a batch of events from the ring buffer. Allocates
+    /// nothing once the history is full: names are shared, flows are made when read.
     pub fn record(&self, events: &[FlowEvent]) {
         let resolver = self.resolver.read().unwrap_or_else(std::sync::PoisonError::into_inner).clone();
-        let flows: Vec<(i128, Flow)> = events
-            .iter()
-            .filter_map(|ev| {
-                let unix_ns = self.clock.unix_ns(ev.timestamp_ns);
-                resolver.resolve(ev, unix_ns).map(|flow| (unix_ns, flow))
-            })
-            .collect();
+        let name = |ev: &FlowEvent| {
+            let unix_ns = self.clock.unix_ns(ev.timestamp_ns);
+            resolver.name(ev, unix_ns).map(|named| (unix_ns, named))
+        };
+        let mut named = 0;
         {
             let mut stats = lock(&self.stats);
-            stats.undecodable += (events.len() - flows.len()) as u64;
-            for (_, f) in &flows {
-                *stats.flows.entry((f.verdict, f.direction)).or_default() += 1;
-                for r in &f.allowed_by {
-                    *stats.by_policy.entry((r.policy.clone(), f.verdict)).or_default() += 1;
-                }
-                for p in &f.isolated_by {
-                    *stats.by_policy.entry((p.clone(), f.verdict)).or_default() += 1;
-                }
+            for (_, n) in events.iter().filter_map(name) {
+                named += 1;
+                stats.count(&n);
                 if let Some(m) = &self.metrics {
-                    // The policy that decided: the allowing rule's, or for a default-deny drop
-                    // the first (by name) policy isolating the pod; none when not isolated.
-                    let policy = f
-                        .allowed_by
-                        .first()
-                        .map(|r| r.policy.to_string())
-                        .or_else(|| f.isolated_by.first().map(ToString::to_string));
-                    let verdict = match f.verdict {
+                    let verdict = match n.verdict() {
                         FlowVerdict::Forwarded => "forwarded",
                         FlowVerdict::Dropped => "dropped",
                         FlowVerdict::Audit => "audit",
                     };
-                    m.record_flow(verdict, f.direction.as_str(), policy.as_deref());
-                    if let Some(svc) = &f.service {
-                        m.record_translation(verdict, &svc.service.to_string());
+                    m.record_flow(verdict, n.direction().as_str(), n.policy_label());
+                    if let Some(svc) = n.service_label() {
+                        m.record_translation(verdict, svc);
                     }
                 }
             }
+            stats.undecodable += (events.len() - named) as u64;
         }
-        self.store_flows(flows);
+        if self.capacity == 0 || named == 0 {
+            return;
+        }
+        // Named twice (cheap: a few lookups) rather than collected, so nothing is allocated.
+        self.store(named, events.iter().filter_map(name).map(|(unix_ns, n)| (unix_ns, Body::Event(n))));
     }
 
     /// Stores flows directly (tests of the stream and the relay).
     #[cfg(test)]
     pub(crate) fn record_flows_for_tests(&self, flows: Vec<Flow>) {
-        self.store_flows(flows.into_iter().map(|f| (f.time.as_nanosecond(), f)).collect());
-    }
-
-    /// Numbers, stores and broadcasts named flows.
-    fn store_flows(&self, flows: Vec<(i128, Flow)>) {
         if self.capacity == 0 || flows.is_empty() {
             return;
         }
+        let count = flows.len();
+        self.store(count, flows.into_iter().map(|f| (f.time.as_nanosecond(), Body::Flow(Arc::new(f)))));
+    }
+
+    /// Numbers, stores and broadcasts `count` flows.
+    fn store(&self, count: usize, flows: impl Iterator<Item = (i128, Body)>) {
         let mut history = lock(&self.history);
         // Numbered (and the numbers persisted) before anyone can see them: a successor
         // agent never reuses a number a reader may hold.
-        let mut seq = lock(&self.sequence).take(flows.len() as u64);
-        for (unix_ns, flow) in flows {
-            let s = Arc::new(Stored { unix_ns, seq, flow });
-            seq += 1;
+        let first = lock(&self.sequence).take(count as u64);
+        for (seq, (unix_ns, body)) in (first..).zip(flows.take(count)) {
+            let s = Stored { unix_ns, seq, body };
             if history.len() == self.capacity {
                 history.pop_front();
             }
-            history.push_back(s.clone());
             // Sent under the history lock so that a new follower sees each flow exactly once
             // (in its snapshot or on its receiver). No receivers is not an error.
-            let _ = self.followers.send(s);
+            let _ = self.followers.send(s.clone());
+            history.push_back(s);
         }
-        self.next_seq.send_replace(seq);
+        self.next_seq.send_replace(first + count as u64);
     }
 
     /// What a flow-stream reader is told first: the sequence numbers held and the next.
@@ -212,7 +288,7 @@ impl FlowStore {
 
     /// Up to `max` records from sequence number `from` on (from the oldest held when
     /// `from` is older), in order.
-    fn records_from(&self, from: u64, max: usize) -> Vec<Arc<Stored>> {
+    fn records_from(&self, from: u64, max: usize) -> Vec<Stored> {
         let history = lock(&self.history);
         let Some(front) = history.front().map(|s| s.seq) else {
             return Vec::new();
@@ -237,24 +313,33 @@ impl FlowStore {
 
     /// A snapshot of the counters.
     pub fn stats(&self) -> FlowStats {
-        let mut s = lock(&self.stats).clone();
+        let mut s = lock(&self.stats).snapshot();
         s.stored = lock(&self.history).len();
         s
     }
 
     /// The history matching `request`, and for `follow` a receiver of everything after it.
-    fn query(&self, request: &ObserveRequest) -> (Vec<Flow>, Option<broadcast::Receiver<Arc<Stored>>>) {
-        let history = lock(&self.history);
-        let mut out: Vec<Flow> = history
+    fn query(&self, request: &ObserveRequest) -> (Vec<Flow>, Option<broadcast::Receiver<Stored>>) {
+        // Copied out (cheap clones) under the lock, named outside it: the reader never
+        // waits for a query's flows to be made.
+        let (held, rx) = {
+            let history = lock(&self.history);
+            let held: Vec<Stored> = history
+                .iter()
+                .filter(|s| request.since.is_none_or(|since| s.unix_ns >= i128::from(since)))
+                .cloned()
+                .collect();
+            (held, request.follow.then(|| self.followers.subscribe()))
+        };
+        let mut out: Vec<Flow> = held
             .iter()
-            .filter(|s| request.since.is_none_or(|since| s.unix_ns >= i128::from(since)))
-            .filter(|s| request.filter.matches(&s.flow))
-            .map(|s| s.flow.clone())
+            .map(|s| s.flow(&self.node))
+            .filter(|f| request.filter.matches(f))
+            .map(Cow::into_owned)
             .collect();
         if let Some(n) = request.last {
             out.drain(..out.len().saturating_sub(n));
         }
-        let rx = request.follow.then(|| self.followers.subscribe());
         (out, rx)
     }
 
@@ -322,7 +407,8 @@ where
         tokio::select! {
             received = rx.recv() => match received {
                 Ok(s) => {
-                    if request.filter.matches(&s.flow) && write_flow(&mut out, &s.flow).await.is_err() {
+                    let flow = s.flow(store.node());
+                    if request.filter.matches(&flow) && write_flow(&mut out, &flow).await.is_err() {
                         return;
                     }
                     // Flush once the burst is written, not per line.

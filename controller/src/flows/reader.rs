@@ -1,10 +1,12 @@
 //! The reader of the datapath's flow ring buffer, and datapath time as Unix time.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use aya::maps::{MapData, RingBuf};
-use bulkhead_common::FlowEvent;
+use bulkhead_common::{FlowEvent, FLOW_READ_INTERVAL_MS};
 use tokio::io::unix::AsyncFd;
+use tokio::time::MissedTickBehavior;
 
 use super::{FlowStore, DRAIN_BATCH};
 
@@ -69,6 +71,12 @@ pub fn decode(bytes: &[u8]) -> Option<FlowEvent> {
 
 /// Starts the task that drains the `bh_flow_v1` ring buffer into `store`; it runs until
 /// the runtime stops. Must be called inside a tokio runtime.
+///
+/// The datapath wakes this task only once the ring holds
+/// [`capacity::FLOW_RING_WAKEUP_BYTES`](bulkhead_common::capacity::FLOW_RING_WAKEUP_BYTES)
+/// unread (a wakeup per record is what made new flows expensive); every
+/// [`FLOW_READ_INTERVAL_MS`] it also reads whatever is there, so a record waits at most that
+/// long.
 pub fn spawn_reader(ring: RingBuf<MapData>, store: Arc<FlowStore>) -> Result<tokio::task::JoinHandle<()>, FlowsError> {
     // SAFETY: the RingBuf owns its map fd; it stays open, and the same fd, until the RingBuf
     // is dropped, which only happens when this AsyncFd is.
@@ -76,35 +84,50 @@ pub fn spawn_reader(ring: RingBuf<MapData>, store: Arc<FlowStore>) -> Result<tok
     let mut ring = registered.map_err(|e| FlowsError::Poll { source: e.into() })?;
     Ok(tokio::spawn(async move {
         let mut batch = Vec::with_capacity(DRAIN_BATCH);
+        let mut tick = tokio::time::interval(Duration::from_millis(FLOW_READ_INTERVAL_MS));
+        tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
         loop {
-            let mut guard = match ring.readable_mut().await {
-                Ok(g) => g,
-                Err(e) => {
-                    tracing::error!(error = %e, "flow ring buffer poll failed; flow records stop");
-                    return;
+            tokio::select! {
+                ready = ring.readable_mut() => match ready {
+                    // Cleared before draining: a record that lands meanwhile is read below
+                    // or wakes the task again, never left behind.
+                    Ok(mut guard) => guard.clear_ready(),
+                    Err(e) => {
+                        tracing::error!(error = %e, "flow ring buffer poll failed; flow records stop");
+                        return;
+                    }
+                },
+                _ = tick.tick() => {}
+            }
+            // Drained in batches until the ring is empty.
+            loop {
+                let full = drain(ring.get_mut(), &mut batch);
+                if batch.is_empty() {
+                    break;
                 }
-            };
-            let inner = guard.get_inner_mut();
-            let mut drained = true;
-            while let Some(item) = inner.next() {
-                match decode(&item) {
-                    Some(ev) => batch.push(ev),
-                    None => tracing::debug!(len = item.len(), "short flow record"),
-                }
-                if batch.len() == DRAIN_BATCH {
-                    drained = false;
+                store.record(&batch);
+                batch.clear();
+                // A busy ring must not starve the socket tasks on the agent's two workers.
+                tokio::task::yield_now().await;
+                if !full {
                     break;
                 }
             }
-            // Only an empty ring may wait for the next wakeup; a full batch comes straight back.
-            if drained {
-                guard.clear_ready();
-            }
-            drop(guard);
-            store.record(&batch);
-            batch.clear();
-            // A busy ring must not starve the socket tasks on the agent's two workers.
-            tokio::task::yield_now().await;
         }
     }))
+}
+
+/// Moves records from `ring` into `batch` until it is empty or `batch` holds
+/// [`DRAIN_BATCH`]; whether it stopped for a full batch. Allocates nothing.
+fn drain(ring: &mut RingBuf<MapData>, batch: &mut Vec<FlowEvent>) -> bool {
+    while let Some(item) = ring.next() {
+        match decode(&item) {
+            Some(ev) => batch.push(ev),
+            None => tracing::debug!(len = item.len(), "short flow record"),
+        }
+        if batch.len() == DRAIN_BATCH {
+            return true;
+        }
+    }
+    false
 }

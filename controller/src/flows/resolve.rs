@@ -2,6 +2,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::Ipv4Addr;
+use std::sync::Arc;
 
 use bulkhead_api::{Direction, Flow, FlowPeer, FlowService, FlowVerdict, NamespacedName, PolicyName, PolicyRule, Protocol};
 use bulkhead_common::{rule_id, verdict, DropReason, FlowEvent};
@@ -19,23 +20,165 @@ struct PodInfo {
     labels: model::Labels,
 }
 
+/// A rule that allows flows, with its policy's `namespace/name` as metrics label it.
+#[derive(Debug)]
+struct NamedRule {
+    rule: PolicyRule,
+    label: String,
+}
+
+/// The policies that isolate an endpoint in one direction, with the first one's
+/// `namespace/name` (the metrics label of a default-deny drop).
+#[derive(Debug)]
+struct Isolation {
+    names: Vec<PolicyName>,
+    label: Option<String>,
+}
+
+/// A Service port a flow was translated from, with the Service's `namespace/name`.
+#[derive(Debug)]
+struct NamedService {
+    service: FlowService,
+    label: String,
+}
+
 /// Everything needed to name the numbers of a flow event, taken from the agent's state
-/// after each reprogram so the reader never takes the agent's lock.
+/// after each reprogram so the reader never takes the agent's lock. Names are shared
+/// (`Arc`), so naming an event ([`Resolver::name`]) allocates nothing.
 #[derive(Clone, Debug, Default)]
 pub struct Resolver {
     node: String,
     /// Local endpoint id → pod.
-    endpoints: HashMap<u32, PodInfo>,
+    endpoints: HashMap<u32, Arc<PodInfo>>,
     /// Pod IP → pod, cluster-wide.
-    pods_by_ip: HashMap<Ipv4Addr, PodInfo>,
-    /// Rule ids as the compiler handed them out.
-    rules: RuleTable,
+    pods_by_ip: HashMap<Ipv4Addr, Arc<PodInfo>>,
+    /// Rule ids as the compiler handed them out → the rule.
+    rules: HashMap<u32, Arc<NamedRule>>,
     /// (endpoint id, direction number) → the policies that isolate it.
-    isolating: HashMap<(u32, u8), Vec<PolicyName>>,
+    isolating: HashMap<(u32, u8), Arc<Isolation>>,
     /// The datapath's Service port ids → the Service and the VIP:port it stands for.
-    services: HashMap<u16, FlowService>,
+    services: HashMap<u16, Arc<NamedService>>,
     /// Backend address → the Services it backs.
-    backs: HashMap<Ipv4Addr, Vec<NamespacedName>>,
+    backs: HashMap<Ipv4Addr, Arc<[NamespacedName]>>,
+}
+
+/// A flow event with its numbers named: what the history keeps. Made without allocating
+/// (everything it names is shared with the [`Resolver`] that made it, and outlives it);
+/// the [`Flow`] users see is made from it only when someone reads it ([`Named::flow`]).
+#[derive(Clone, Debug)]
+pub(crate) struct Named {
+    ev: FlowEvent,
+    time: jiff::Timestamp,
+    verdict: FlowVerdict,
+    direction: Direction,
+    reason: Option<DropReason>,
+    source: Option<Arc<PodInfo>>,
+    destination: Option<Arc<PodInfo>>,
+    source_services: Option<Arc<[NamespacedName]>>,
+    destination_services: Option<Arc<[NamespacedName]>>,
+    allowed_by: Option<Arc<NamedRule>>,
+    isolated_by: Option<Arc<Isolation>>,
+    service: Option<Arc<NamedService>>,
+}
+
+impl Named {
+    /// What happened.
+    pub(crate) fn verdict(&self) -> FlowVerdict {
+        self.verdict
+    }
+
+    /// Direction at the local endpoint.
+    pub(crate) fn direction(&self) -> Direction {
+        self.direction
+    }
+
+    /// The policies the flow counts for: the allowing rule's, or the isolating ones.
+    pub(crate) fn policies(&self) -> impl Iterator<Item = &PolicyName> {
+        let allowed = self.allowed_by.iter().map(|r| &r.rule.policy);
+        allowed.chain(self.isolated_by.iter().flat_map(|i| i.names.iter()))
+    }
+
+    /// The policy that decided, as metrics label it: the allowing rule's, or for a
+    /// default-deny drop the first (by name) policy isolating the pod; none when not isolated.
+    pub(crate) fn policy_label(&self) -> Option<&str> {
+        match (&self.allowed_by, &self.isolated_by) {
+            (Some(r), _) => Some(&r.label),
+            (None, Some(i)) => i.label.as_deref(),
+            (None, None) => None,
+        }
+    }
+
+    /// The Service dialled, as metrics label it (`namespace/name`).
+    pub(crate) fn service_label(&self) -> Option<&str> {
+        self.service.as_ref().map(|s| s.label.as_str())
+    }
+
+    /// The flow record users see, as node `node` reports it.
+    pub(crate) fn flow(&self, node: &str) -> Flow {
+        let ev = &self.ev;
+        let (saddr, daddr) = (Ipv4Addr::from(ev.saddr), Ipv4Addr::from(ev.daddr));
+        let (sport, dport) = (u16::from_be_bytes(ev.sport), u16::from_be_bytes(ev.dport));
+        let (source_identity, destination_identity) = match self.direction {
+            Direction::Egress => (ev.identity, ev.remote_identity),
+            Direction::Ingress => (ev.remote_identity, ev.identity),
+        };
+        let drop_reason = match (self.verdict, self.reason) {
+            (FlowVerdict::Forwarded, _) | (_, Some(DropReason::Forwarded)) => None,
+            (_, Some(r)) => Some(r.name().to_string()),
+            (_, None) => Some(format!("unknown_{}", ev.reason)),
+        };
+        let protocol = Protocol::from_number(ev.protocol);
+        Flow {
+            time: self.time,
+            node: node.to_string(),
+            verdict: self.verdict,
+            drop_reason,
+            direction: self.direction,
+            protocol,
+            tcp_flags: (protocol == Protocol::TCP && ev.tcp_flags != 0).then(|| tcp_flags(ev.tcp_flags)),
+            source: peer(
+                self.source.as_deref(),
+                saddr,
+                sport,
+                source_identity,
+                self.source_services.as_deref(),
+            ),
+            destination: peer(
+                self.destination.as_deref(),
+                daddr,
+                dport,
+                destination_identity,
+                self.destination_services.as_deref(),
+            ),
+            allowed_by: self.allowed_by.iter().map(|r| r.rule.clone()).collect(),
+            isolated_by: self.isolated_by.as_ref().map(|i| i.names.clone()).unwrap_or_default(),
+            is_reply: false,
+            service: self.service.as_ref().map(|s| s.service.clone()),
+        }
+    }
+}
+
+fn peer(pod: Option<&PodInfo>, ip: Ipv4Addr, port: u16, identity: u32, services: Option<&[NamespacedName]>) -> FlowPeer {
+    // Addresses that are not pods carry their reserved identity as a label, as in Cilium.
+    let reserved = match identity {
+        bulkhead_common::identity::HOST => Some("reserved:host"),
+        bulkhead_common::identity::WORLD => Some("reserved:world"),
+        _ => None,
+    };
+    let labels = match (pod, reserved) {
+        (Some(p), _) => (*p.labels).clone(),
+        (None, Some(r)) => BTreeMap::from([(r.to_string(), String::new())]),
+        (None, None) => BTreeMap::new(),
+    };
+    FlowPeer {
+        namespace: pod.map(|p| p.namespace.clone()),
+        pod: pod.map(|p| p.name.clone()),
+        labels,
+        ip,
+        port,
+        identity,
+        services: services.map(<[NamespacedName]>::to_vec).unwrap_or_default(),
+    }
 }
 
 impl Resolver {
@@ -54,11 +197,11 @@ impl Resolver {
             if let Some(ip) = model::pod_ipv4(pod) {
                 pods_by_ip.insert(
                     ip,
-                    PodInfo {
+                    Arc::new(PodInfo {
                         namespace: ns.clone(),
                         name: name.clone(),
                         labels: pod.labels.clone(),
-                    },
+                    }),
                 );
             }
         }
@@ -67,26 +210,41 @@ impl Resolver {
         for ep in locals {
             let labels = cluster.pod(&ep.namespace, &ep.pod).map(|p| p.labels.clone()).unwrap_or_default();
             for dir in Direction::ALL {
-                let names = policy::isolating_policies(cluster, &ep.namespace, &labels, dir)
+                let names: Vec<PolicyName> = policy::isolating_policies(cluster, &ep.namespace, &labels, dir)
                     .into_iter()
                     .map(|(namespace, name)| PolicyName::new(namespace, name))
                     .collect();
-                isolating.insert((ep.endpoint_id, dir.number()), names);
+                let label = names.first().map(ToString::to_string);
+                isolating.insert((ep.endpoint_id, dir.number()), Arc::new(Isolation { names, label }));
             }
-            let info = PodInfo {
+            let info = Arc::new(PodInfo {
                 namespace: ep.namespace.clone(),
                 name: ep.pod.clone(),
                 labels,
-            };
+            });
             // The CNI plugin assigned a local pod's address: it wins over the model's.
             pods_by_ip.insert(ep.ipv4, info.clone());
             endpoints.insert(ep.endpoint_id, info);
         }
+        let rules = rules
+            .iter()
+            .filter(|(id, _)| *id != rule_id::NONE)
+            .map(|(id, r)| {
+                let policy = PolicyName::new(&*r.namespace, &*r.policy);
+                let label = policy.to_string();
+                let rule = PolicyRule {
+                    policy,
+                    direction: r.direction,
+                    rule: r.index,
+                };
+                (id, Arc::new(NamedRule { rule, label }))
+            })
+            .collect();
         Resolver {
             node: node.to_string(),
             endpoints,
             pods_by_ip,
-            rules: rules.clone(),
+            rules,
             isolating,
             services: HashMap::new(),
             backs: HashMap::new(),
@@ -100,67 +258,57 @@ impl Resolver {
             let (Ok(id), Some(entry)) = (u16::try_from(*id), table.get(key)) else {
                 continue;
             };
-            self.services.insert(
-                id,
-                FlowService {
-                    service: entry.service.clone(),
-                    port_name: entry.port_name.clone(),
-                    vip: key.vip,
-                    port: key.port,
-                },
-            );
+            let service = FlowService {
+                service: entry.service.clone(),
+                port_name: entry.port_name.clone(),
+                vip: key.vip,
+                port: key.port,
+            };
+            let label = entry.service.to_string();
+            self.services.insert(id, Arc::new(NamedService { service, label }));
         }
+        let mut backs: HashMap<Ipv4Addr, Vec<NamespacedName>> = HashMap::new();
         for (_, entry) in table.iter() {
             for b in &entry.backends {
-                let list = self.backs.entry(b.ip).or_default();
+                let list = backs.entry(b.ip).or_default();
                 if !list.contains(&entry.service) {
                     list.push(entry.service.clone());
                 }
             }
         }
-        for list in self.backs.values_mut() {
-            list.sort();
-        }
+        self.backs = backs
+            .into_iter()
+            .map(|(ip, mut list)| {
+                list.sort();
+                (ip, Arc::from(list))
+            })
+            .collect();
         self
     }
 
-    /// The flow record for `ev`, seen at `unix_ns`; `None` when the event carries a
-    /// verdict or direction this agent does not know, or a time out of range.
-    pub fn resolve(&self, ev: &FlowEvent, unix_ns: i128) -> Option<Flow> {
+    /// `ev`, seen at `unix_ns`, with its numbers named; `None` when the event carries a
+    /// verdict or direction this agent does not know, or a time out of range. Allocates
+    /// nothing: the reader's path per record.
+    pub(crate) fn name(&self, ev: &FlowEvent, unix_ns: i128) -> Option<Named> {
         let verdict = match ev.verdict {
             verdict::FORWARDED => FlowVerdict::Forwarded,
             verdict::DROPPED => FlowVerdict::Dropped,
             verdict::AUDIT => FlowVerdict::Audit,
             _ => return None,
         };
-        let dir = Direction::from_number(ev.direction)?;
+        let direction = Direction::from_number(ev.direction)?;
         let time = jiff::Timestamp::from_nanosecond(unix_ns).ok()?;
         let reason = DropReason::ALL.get(usize::from(ev.reason)).copied();
-        let drop_reason = match (verdict, reason) {
-            (FlowVerdict::Forwarded, _) | (_, Some(DropReason::Forwarded)) => None,
-            (_, Some(r)) => Some(r.name().to_string()),
-            (_, None) => Some(format!("unknown_{}", ev.reason)),
-        };
         let (saddr, daddr) = (Ipv4Addr::from(ev.saddr), Ipv4Addr::from(ev.daddr));
-        let (sport, dport) = (u16::from_be_bytes(ev.sport), u16::from_be_bytes(ev.dport));
         let local = self.endpoints.get(&ev.endpoint_id);
-        let (source, destination) = match dir {
-            Direction::Egress => (
-                self.peer(local.or_else(|| self.pods_by_ip.get(&saddr)), saddr, sport, ev.identity),
-                self.peer(self.pods_by_ip.get(&daddr), daddr, dport, ev.remote_identity),
-            ),
-            Direction::Ingress => (
-                self.peer(self.pods_by_ip.get(&saddr), saddr, sport, ev.remote_identity),
-                self.peer(local.or_else(|| self.pods_by_ip.get(&daddr)), daddr, dport, ev.identity),
-            ),
+        let (source, destination) = match direction {
+            Direction::Egress => (local.or_else(|| self.pods_by_ip.get(&saddr)), self.pods_by_ip.get(&daddr)),
+            Direction::Ingress => (self.pods_by_ip.get(&saddr), local.or_else(|| self.pods_by_ip.get(&daddr))),
         };
-        let allowed_by = match self.rules.rule(ev.rule_id) {
-            Some(r) if ev.rule_id != rule_id::NONE => vec![PolicyRule {
-                policy: PolicyName::new(&*r.namespace, &*r.policy),
-                direction: r.direction,
-                rule: r.index,
-            }],
-            _ => Vec::new(),
+        let allowed_by = if ev.rule_id == rule_id::NONE {
+            None
+        } else {
+            self.rules.get(&ev.rule_id).cloned()
         };
         // Default deny: no rule decided, so the flow is explained by what isolates the pod.
         let denied_by_default = ev.rule_id == rule_id::NONE
@@ -170,48 +318,37 @@ impl Resolver {
                 FlowVerdict::Forwarded => false,
             };
         let isolated_by = if denied_by_default {
-            self.isolating.get(&(ev.endpoint_id, ev.direction)).cloned().unwrap_or_default()
+            self.isolating
+                .get(&(ev.endpoint_id, ev.direction))
+                .filter(|i| !i.names.is_empty())
+                .cloned()
         } else {
-            Vec::new()
+            None
         };
-        Some(Flow {
+        Some(Named {
+            ev: *ev,
             time,
-            node: self.node.clone(),
             verdict,
-            drop_reason,
-            direction: dir,
-            protocol: Protocol::from_number(ev.protocol),
-            tcp_flags: (Protocol::from_number(ev.protocol) == Protocol::TCP && ev.tcp_flags != 0).then(|| tcp_flags(ev.tcp_flags)),
-            source,
-            destination,
+            direction,
+            reason,
+            source: source.cloned(),
+            destination: destination.cloned(),
+            source_services: self.backs.get(&saddr).cloned(),
+            destination_services: self.backs.get(&daddr).cloned(),
             allowed_by,
             isolated_by,
-            is_reply: false,
-            service: (ev.service_id != 0).then(|| self.services.get(&ev.service_id).cloned()).flatten(),
+            service: if ev.service_id == 0 {
+                None
+            } else {
+                self.services.get(&ev.service_id).cloned()
+            },
         })
     }
 
-    fn peer(&self, pod: Option<&PodInfo>, ip: Ipv4Addr, port: u16, identity: u32) -> FlowPeer {
-        // Addresses that are not pods carry their reserved identity as a label, as in Cilium.
-        let reserved = match identity {
-            bulkhead_common::identity::HOST => Some("reserved:host"),
-            bulkhead_common::identity::WORLD => Some("reserved:world"),
-            _ => None,
-        };
-        let labels = match (pod, reserved) {
-            (Some(p), _) => (*p.labels).clone(),
-            (None, Some(r)) => BTreeMap::from([(r.to_string(), String::new())]),
-            (None, None) => BTreeMap::new(),
-        };
-        FlowPeer {
-            namespace: pod.map(|p| p.namespace.clone()),
-            pod: pod.map(|p| p.name.clone()),
-            labels,
-            ip,
-            port,
-            identity,
-            services: self.backs.get(&ip).cloned().unwrap_or_default(),
-        }
+    /// The flow record for `ev`, seen at `unix_ns`: [`Resolver::name`], then the [`Flow`]
+    /// users see.
+    pub fn resolve(&self, ev: &FlowEvent, unix_ns: i128) -> Option<Flow> {
+        self.name(ev, unix_ns).map(|n| n.flow(&self.node))
     }
 }
 

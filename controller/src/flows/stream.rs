@@ -179,7 +179,8 @@ pub async fn serve_reader<S: AsyncRead + AsyncWrite + Unpin>(store: Arc<FlowStor
     loop {
         let batch = store.records_from(from, BATCH);
         for s in &batch {
-            let Ok(mut line) = serde_json::to_vec(&SeqFlowRef { seq: s.seq, flow: &s.flow }) else {
+            let flow = s.flow(store.node());
+            let Ok(mut line) = serde_json::to_vec(&SeqFlowRef { seq: s.seq, flow: &flow }) else {
                 continue;
             };
             line.push(b'\n');
