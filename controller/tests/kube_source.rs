@@ -316,6 +316,15 @@ async fn until<T>(what: &str, secs: u64, mut f: impl FnMut() -> Option<T>) -> T 
     }
 }
 
+/// Waits for the watcher's next watch request to start at `version`: the model can show a
+/// re-list before the watcher has sent the watch that follows it.
+async fn watch_resumes_at(api: &FakeApi, requests: &str, version: &str) {
+    until(&format!("a {requests} at {version}"), 15, || {
+        api.requests(requests).iter().any(|w| w.contains(version)).then_some(())
+    })
+    .await;
+}
+
 fn labels(cluster: &Cluster, ns: &str, pod: &str) -> Vec<(String, String)> {
     let p = cluster.pod(ns, pod).unwrap_or_else(|| panic!("pod {ns}/{pod} missing"));
     model::pod_labels(p).into_iter().collect()
@@ -614,8 +623,7 @@ async fn a_410_gone_relists_the_endpoint_slices() {
             .join(" ")
     );
     assert_eq!(api.requests(&format!("list {SLICES}")).len(), 2);
-    let resumed = api.requests(&format!("watch {SLICES}")).last().cloned().unwrap();
-    assert!(resumed.contains("resourceVersion=300"), "{resumed}");
+    watch_resumes_at(&api, &format!("watch {SLICES}"), "resourceVersion=300").await;
     assert!(source.failures() >= 1);
 }
 
@@ -653,9 +661,7 @@ async fn a_410_gone_relists() {
     assert_eq!(labels(&cluster, "prod", "web"), kv(&[("app", "web"), ("version", "v2")]));
     assert_eq!(api.requests("list /api/v1/pods").len(), 2);
     // After the re-list the watch resumes from the new list's resourceVersion.
-    let watches = api.requests("watch /api/v1/pods");
-    let resumed = watches.last().unwrap();
-    assert!(resumed.contains("resourceVersion=300"), "{watches:?}");
+    watch_resumes_at(&api, "watch /api/v1/pods", "resourceVersion=300").await;
     assert!(source.failures() >= 1);
 }
 
@@ -767,8 +773,7 @@ async fn a_410_gone_relists_the_nodes() {
         ["node-a 10.244.1.0/24 192.168.0.1", "node-c 10.244.3.0/24 192.168.0.3"]
     );
     assert_eq!(api.requests("list /api/v1/nodes").len(), 2);
-    let watches = api.requests("watch /api/v1/nodes");
-    assert!(watches.last().unwrap().contains("resourceVersion=300"), "{watches:?}");
+    watch_resumes_at(&api, "watch /api/v1/nodes", "resourceVersion=300").await;
     assert!(source.failures() >= 1);
     assert_eq!(source.pod_cidr(), Some("10.244.1.0/24".parse().unwrap()));
     // The other kinds were not re-listed.
