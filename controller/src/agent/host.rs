@@ -39,6 +39,9 @@ impl Programs for Datapath {
 }
 
 impl MapWriter for Datapath {
+    fn prepare_endpoints(&mut self, values: &[EndpointInfo]) -> Result<(), MapsError> {
+        self.maps.prepare_endpoints(values)
+    }
     fn set_endpoint(&mut self, ifindex: u32, value: &EndpointInfo) -> Result<(), MapsError> {
         self.maps.set_endpoint(ifindex, value)
     }
