@@ -104,5 +104,5 @@ read -r change add b20 b20max b100 b100max <"$WORK/times"
 rss=$(awk '/^VmRSS/ {print $2}' "/proc/$AGENT_PID/status")
 hwm=$(awk '/^VmHWM/ {print $2}' "/proc/$AGENT_PID/status")
 startup=$(echo "$ready - $start" | bc -l)
-printf '| %s × %s | %.2f s | %s ms | %s ms | %s / %s ms | %s / %s ms | %d MB | %d MB |\n' "$PODS" "$POLICIES" "$startup" \
-  "$change" "$add" "$b20" "$b20max" "$b100" "$b100max" $((rss / 1024)) $((hwm / 1024))
+printf '| %s × %s | %.2f s | %s ms | %s ms | %s / %s ms | %s / %s ms | %.1f MB | %.1f MB |\n' "$PODS" "$POLICIES" "$startup" \
+  "$change" "$add" "$b20" "$b20max" "$b100" "$b100max" "$(echo "$rss / 1024" | bc -l)" "$(echo "$hwm / 1024" | bc -l)"

@@ -42,9 +42,29 @@ step dataplane env BENCH_BUDGET_SECONDS="${DATAPLANE_BUDGET_SECONDS:-300}" bash 
 if [ -f scripts/bench-xdp.sh ]; then
   step xdp env BENCH_BUDGET_SECONDS="${XDP_BUDGET_SECONDS:-90}" bash scripts/bench-xdp.sh
 fi
-if [ -f scripts/bench-control.sh ]; then
-  step control env BENCH_BUDGET_SECONDS="${CONTROL_BUDGET_SECONDS:-150}" bash scripts/bench-control.sh
-fi
+# The control plane at 1k × 1k, 10k × 1k and 10k × 10k (CONTROL_ROUNDS policy changes each),
+# and the agent memory each pod adds (RSS at 10k pods less RSS at 1k, over the 9,000 between).
+control() {
+  local bh=${CARGO_TARGET_DIR:-$PWD/target}/release/bulkhead rows
+  rows=$(for spec in "1000 1000" "10000 1000" "10000 10000"; do
+    # shellcheck disable=SC2086 # two words: pods and policies
+    bash scripts/bench-control.sh "$bh" $spec "${CONTROL_ROUNDS:-9}" 2>/dev/null || return 1
+  done) || return 1
+  {
+    echo "# Control plane"
+    echo
+    echo "\`bash scripts/bench.sh\` (scripts/bench-control.sh, release build): one agent with the files source, 20 of"
+    echo "its pods added one by one over its socket on real veths, then bursts of 20 and 100 simultaneous ADDs;"
+    echo "the other pods on 50 other nodes. A policy change is a new file, then Reload (answered once the"
+    echo "maps hold it). Times from one Python process; RSS after the bursts."
+    echo
+    bash scripts/bench-control.sh --header
+    echo "$rows"
+    echo
+    echo "$rows" | awk -F'|' 'NR == 1 {a = $8 + 0} NR == 2 {b = $8 + 0} END {printf "Agent memory per pod (RSS at 10k × 1k less 1k × 1k, over 9,000 pods): %.1f KiB\n", (b - a) * 1024 / 9000}'
+  } >bench/control.md
+}
+step control control
 
 echo >&2
 for s in "${!TOOK[@]}"; do echo "  $s: ${TOOK[$s]} s" >&2; done
