@@ -442,20 +442,18 @@ fn take_map(ebpf: &mut Ebpf, name: &'static str) -> Result<aya::maps::Map, Datap
 }
 
 fn xdp_program<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut Xdp, DatapathError> {
-    ebpf.program_mut(name)
-        .ok_or_else(|| DatapathError::Object {
-            what: format!("no program {name}"),
-        })?
-        .try_into()
-        .map_err(|source| DatapathError::Program {
-            op: "find",
-            program: name,
-            ifname: "-".into(),
-            source: Box::new(source),
-        })
+    program(ebpf, name)
 }
 
 fn classifier<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut SchedClassifier, DatapathError> {
+    program(ebpf, name)
+}
+
+/// The object's program `name`, as the program type `P` it must be.
+fn program<'a, P>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut P, DatapathError>
+where
+    &'a mut P: TryFrom<&'a mut aya::programs::Program, Error = aya::programs::ProgramError>,
+{
     ebpf.program_mut(name)
         .ok_or_else(|| DatapathError::Object {
             what: format!("no program {name}"),
