@@ -234,6 +234,43 @@ pub struct Flow {
     /// ClusterIP (reported by the client's node).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub service: Option<FlowService>,
+    /// What the record reports: a packet (absent in JSON), or a tracked connection's byte
+    /// counts (`update`: periodically while it lasts, `end`: when it closes).
+    #[serde(default, skip_serializing_if = "FlowKind::is_packet")]
+    pub kind: FlowKind,
+    /// For `update` and `end` records: the bytes the connection carried so far, counted
+    /// from its first packet, in each direction (`source` is the side that opened it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bytes: Option<FlowBytes>,
+}
+
+/// What a flow record reports.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FlowKind {
+    /// One packet: a new flow's first (its verdict), or a dropped one.
+    #[default]
+    Packet,
+    /// A tracked connection's byte counts so far, while it lasts.
+    Update,
+    /// A tracked connection's final byte counts, when it closed.
+    End,
+}
+
+impl FlowKind {
+    /// Whether this is a packet record (the default, not written in JSON).
+    pub fn is_packet(&self) -> bool {
+        *self == FlowKind::Packet
+    }
+}
+
+/// A connection's byte counts, as `update` and `end` records carry them.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FlowBytes {
+    /// Bytes (IP packets' lengths) from the record's source to its destination.
+    pub to_destination: u64,
+    /// Bytes from the destination back to the source.
+    pub to_source: u64,
 }
 
 impl Flow {
@@ -377,6 +414,8 @@ mod tests {
             isolated_by: vec![PolicyName::new("x", "default-deny-ingress")],
             is_reply: false,
             service: None,
+            kind: Default::default(),
+            bytes: None,
         }
     }
 

@@ -5,6 +5,7 @@
 //! [`Request::Observe`], answered by a stream of [`Flow`] objects, one per line (see
 //! [`observe`]).
 
+pub mod anomaly;
 pub mod client;
 pub mod code;
 pub mod endpoint;
@@ -17,10 +18,13 @@ pub mod name;
 pub mod protocol;
 pub mod relay;
 
+pub use anomaly::{Anomaly, AnomalyKind, AnomalyRequest, ForensicsBundle, QuarantineInfo};
 pub use client::{call, call_relay, observe, observe_relay, ApiError, ObserveError, ObserveEvent, ObserveEvents, ObserveStream, RelayAddr};
 pub use endpoint::{EndpointRef, EndpointSpec};
 pub use explain::{BackendExplanation, ExplainSide, ExplainVerdict, Explanation, ServiceExplanation};
-pub use flow::{Direction, Flow, FlowFilter, FlowPeer, FlowService, FlowVerdict, ObserveRequest, PolicyName, PolicyRule};
+pub use flow::{
+    Direction, Flow, FlowBytes, FlowFilter, FlowKind, FlowPeer, FlowService, FlowVerdict, ObserveRequest, PolicyName, PolicyRule,
+};
 pub use frame::{read_line_limited, Envelope, MAX_LINE_BYTES, PROTOCOL_VERSION};
 pub use mac::MacAddr6;
 pub use message::{AgentStatus, Request, Response};

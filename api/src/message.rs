@@ -65,10 +65,36 @@ pub enum Request {
     /// A relay's view of every node's stream; answered with [`Response::RelayStatus`]
     /// (agents refuse it).
     RelayStatus,
+    /// Isolate a pod in both directions in the datapath, ahead of policy and conntrack
+    /// (traffic with its own node excepted), or lift that (`release`). Every agent accepts
+    /// it: the pod's own node isolates it, the others drop their pods' traffic to it too.
+    /// Answered with [`Response::Ok`] once the maps hold it.
+    Quarantine {
+        /// The pod, `namespace/name`.
+        #[serde(with = "name::text")]
+        pod: NamespacedName,
+        /// Why (shown in status, flows and forensics).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        reason: Option<String>,
+        /// Lift a quarantine set by this request (a pod's `bulkhead.io/quarantine` label
+        /// keeps it quarantined regardless).
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        release: bool,
+    },
+    /// Stream anomalies as JSON [`Anomaly`](crate::anomaly::Anomaly) lines (a relay: the
+    /// cluster's baselines; agents refuse it), closed after the history unless `follow`.
+    Anomalies(Box<crate::anomaly::AnomalyRequest>),
+    /// Everything kept about one pod, live or deleted; answered with
+    /// [`Response::Forensics`].
+    Forensics {
+        /// The pod, `namespace/name`.
+        #[serde(with = "name::text")]
+        pod: NamespacedName,
+    },
 }
 
 /// The agent's answer.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "result", rename_all = "snake_case")]
 pub enum Response {
     /// Done.
@@ -81,6 +107,8 @@ pub enum Response {
     ExplainService(Box<ServiceExplanation>),
     /// The answer to [`Request::RelayStatus`].
     RelayStatus(Box<RelayStatus>),
+    /// The answer to [`Request::Forensics`].
+    Forensics(Box<crate::anomaly::ForensicsBundle>),
     /// Failed; `code` follows the CNI error codes (11: try again later; ours from 100).
     Error {
         /// CNI-style error code.

@@ -47,6 +47,8 @@ fn flow(second: i64, verdict: FlowVerdict, direction: Direction, protocol: Proto
         isolated_by: Vec::new(),
         is_reply: false,
         service: None,
+        kind: Default::default(),
+        bytes: None,
     }
 }
 

@@ -28,6 +28,9 @@ pub(super) async fn handle(agent: &AgentHandle, metrics: &Metrics, request: Requ
         Request::Explain { .. } => "explain",
         Request::ExplainService { .. } => "explain",
         Request::RelayStatus => "relay_status",
+        Request::Quarantine { .. } => "quarantine",
+        Request::Anomalies(_) => "anomalies",
+        Request::Forensics { .. } => "forensics",
     };
     let response = dispatch(agent, request).await;
     metrics.cni_request(verb, !matches!(response, Response::Error { .. }));
@@ -76,6 +79,15 @@ pub(super) async fn dispatch(agent: &AgentHandle, request: Request) -> Response 
         Request::RelayStatus => Ok(Response::Error {
             code: code::INVALID_REQUEST,
             message: "relay_status is a relay's request; this is an agent".into(),
+        }),
+        Request::Anomalies(_) => Ok(Response::Error {
+            code: code::INVALID_REQUEST,
+            message: "anomalies is a relay's request; this is an agent".into(),
+        }),
+        // Issue 15: being built (quarantine, forensics).
+        Request::Quarantine { .. } | Request::Forensics { .. } => Ok(Response::Error {
+            code: code::INVALID_REQUEST,
+            message: "not supported by this agent yet".into(),
         }),
         // Streams are answered by `serve_connection`, which never gets here with one.
         Request::Observe(_) => Ok(Response::Error {

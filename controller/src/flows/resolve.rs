@@ -154,6 +154,8 @@ impl Named {
             isolated_by: self.isolated_by.as_ref().map(|i| i.names.clone()).unwrap_or_default(),
             is_reply: false,
             service: self.service.as_ref().map(|s| s.service.clone()),
+            kind: Default::default(),
+            bytes: None,
         }
     }
 }

@@ -32,6 +32,8 @@ fn flow(node: &str, ns: i64) -> Flow {
         isolated_by: vec![],
         is_reply: false,
         service: None,
+        kind: Default::default(),
+        bytes: None,
     }
 }
 
