@@ -4,7 +4,7 @@
 
 use std::os::fd::RawFd;
 
-use bulkhead_hostnet::netlink::{self, with_handle, XDP_FLAGS_DRV_MODE};
+use bulkhead_hostnet::netlink::{self, XDP_FLAGS_DRV_MODE};
 
 use super::DatapathError;
 
@@ -29,30 +29,27 @@ impl XdpMode {
 
 /// Attaches program `fd` to `ifname` in `mode`, replacing whatever program is there.
 pub(super) fn attach(ifname: &str, fd: RawFd, mode: XdpMode, program: &'static str) -> Result<(), DatapathError> {
-    let name = ifname.to_string();
-    with_handle(None, |h| async move {
-        let link = netlink::require_link(&h, &name, "node").await?;
-        netlink::ensure_xdp(&h, link.index, &name, fd, mode.flags()).await
-    })
-    .map_err(|source| DatapathError::Xdp {
-        op: "attach",
-        program,
-        ifname: ifname.to_string(),
-        source: Box::new(source),
-    })
+    set(ifname, fd, mode, program, "attach")
 }
 
 /// Takes the program attached in `mode` off `ifname`; none there is success.
 pub(super) fn detach(ifname: &str, mode: XdpMode, program: &'static str) -> Result<(), DatapathError> {
-    let name = ifname.to_string();
-    with_handle(None, |h| async move {
-        let link = netlink::require_link(&h, &name, "node").await?;
-        netlink::remove_xdp(&h, link.index, &name, mode.flags()).await
-    })
-    .map_err(|source| DatapathError::Xdp {
-        op: "detach",
+    set(ifname, -1, mode, program, "detach")
+}
+
+/// One request on the calling thread (`netlink::set_xdp_blocking`): every CNI ADD comes here.
+fn set(ifname: &str, fd: RawFd, mode: XdpMode, program: &'static str, op: &'static str) -> Result<(), DatapathError> {
+    let err = |source| DatapathError::Xdp {
+        op,
         program,
         ifname: ifname.to_string(),
         source: Box::new(source),
-    })
+    };
+    let index = nix::net::if_::if_nametoindex(ifname).map_err(|_| {
+        err(netlink::NetlinkError::LinkNotFound {
+            ifname: ifname.to_string(),
+            netns: "node".into(),
+        })
+    })?;
+    netlink::set_xdp_blocking(index, ifname, fd, mode.flags()).map_err(err)
 }
