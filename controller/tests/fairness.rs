@@ -388,3 +388,56 @@ fn a_burst_of_endpoints_gets_its_tables_in_one_batch_and_existing_ones_are_kept(
     f.dp.maps.prepare_endpoints(&burst).expect("idempotent");
     assert_eq!(conntrack::table(&tables, VICTIM.id).unwrap().keys().count(), 1);
 }
+
+/// Issue 13: the agent's reserve — tables readied for endpoint ids no endpoint has yet — are
+/// the ones those endpoints then use (writing the endpoint stores no new table), and a
+/// reserve over ids in use keeps their connections.
+#[test]
+fn reserved_tables_are_the_ones_new_endpoints_get_and_reserving_keeps_live_tables() {
+    let mut f = fixture("ct-reserve");
+    f.become_pod(VICTIM);
+    let out = udp(VICTIM.mac, HOST_MAC, VICTIM.ip, 40000, PEER, 53);
+    assert_eq!(f.run(program_names::FROM_POD, &out), TC_ACT_OK);
+    let tables = tables(&f);
+    assert!(conntrack::table(&tables, 200).is_err(), "no table before");
+    f.dp.maps.reserve_conntrack(200..=207).expect("reserve");
+    for id in 200..=207 {
+        let t = conntrack::table(&tables, id).unwrap_or_else(|e| panic!("endpoint id {id} has no table: {e}"));
+        assert_eq!(t.keys().count(), 0, "empty");
+    }
+    // Mark the reserved table of id 200, to recognise it once an endpoint has that id.
+    let mark = CtKey {
+        saddr: [10, 1, 0, 9],
+        daddr: [10, 9, 9, 9],
+        sport: [0, 1],
+        dport: [0, 2],
+        protocol: 17,
+        direction: 1,
+        _pad: [0; 2],
+    };
+    conntrack::table(&tables, 200).unwrap().insert(mark, CtEntry::default(), 0).unwrap();
+    f.dp.maps
+        .set_endpoint(
+            4242,
+            &EndpointInfo {
+                endpoint_id: 200,
+                identity: 500,
+                ipv4: [10, 1, 0, 9],
+                flags: 0,
+                mac: [2, 0, 0, 0, 0, 9],
+                _pad: [0; 2],
+            },
+        )
+        .unwrap();
+    assert!(
+        conntrack::table(&tables, 200).unwrap().get(&mark, 0).is_ok(),
+        "the endpoint uses the reserved table"
+    );
+    // A reserve over a live endpoint's id changes nothing there.
+    f.dp.maps.reserve_conntrack(VICTIM.id..=VICTIM.id + 1).expect("reserve");
+    assert_eq!(
+        conntrack::table(&tables, VICTIM.id).unwrap().keys().count(),
+        1,
+        "its connection is kept"
+    );
+}

@@ -28,6 +28,11 @@ use super::AgentError;
 use crate::error_chain;
 use bulkhead_api::code;
 
+/// Endpoint ids past the highest in use that keep an empty conntrack table ready, so that
+/// the next ADDs store none (`refill_conntrack_reserve`); 8 tables are about 6 MB of kernel
+/// memory.
+pub(super) const CONNTRACK_RESERVE: u32 = 8;
+
 /// The agent's state; one thread owns it all, so map syncs never interleave.
 pub(super) struct Agent {
     pub(super) node_name: String,
@@ -479,6 +484,7 @@ impl Agent {
                     for a in admitted {
                         let _ = a.reply.send(Some(Response::Ok));
                     }
+                    self.refill_conntrack_reserve();
                     return;
                 }
                 Err(e) => {
@@ -510,6 +516,19 @@ impl Agent {
                 }
             };
             let _ = a.reply.send(Some(answer));
+        }
+        self.refill_conntrack_reserve();
+    }
+
+    /// Readies conntrack tables for the next [`CONNTRACK_RESERVE`] endpoint ids, after the
+    /// ADDs are answered: storing a table in the map of tables makes the kernel wait for an
+    /// RCU grace period (10–30 ms), which a single ADD would otherwise wait for. A failure
+    /// costs only that wait later (the ADD's sync creates what is missing): logged, counted.
+    fn refill_conntrack_reserve(&mut self) {
+        let next = self.endpoints.values().map(|r| r.endpoint_id).max().unwrap_or(0) + 1;
+        if let Err(e) = self.datapath.reserve_conntrack(next..=next + CONNTRACK_RESERVE - 1) {
+            self.metrics.error(ErrorKind::Datapath);
+            tracing::warn!(error = %error_chain(&e), "cannot ready conntrack tables for the next endpoints");
         }
     }
 

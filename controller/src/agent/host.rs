@@ -42,6 +42,9 @@ impl MapWriter for Datapath {
     fn prepare_endpoints(&mut self, values: &[EndpointInfo]) -> Result<(), MapsError> {
         self.maps.prepare_endpoints(values)
     }
+    fn reserve_conntrack(&mut self, ids: std::ops::RangeInclusive<u32>) -> Result<(), MapsError> {
+        self.maps.reserve_conntrack(ids)
+    }
     fn set_endpoint(&mut self, ifindex: u32, value: &EndpointInfo) -> Result<(), MapsError> {
         self.maps.set_endpoint(ifindex, value)
     }

@@ -65,6 +65,8 @@ struct Maps {
     read_fails: bool,
     attach_fails: bool,
     attached: Vec<String>,
+    /// The conntrack reserves asked for, in order (not map writes of the state).
+    reserved: Vec<std::ops::RangeInclusive<u32>>,
 }
 
 #[derive(Clone, Debug, Default)]
@@ -99,6 +101,10 @@ impl FakeDatapath {
 }
 
 impl MapWriter for FakeDatapath {
+    fn reserve_conntrack(&mut self, ids: std::ops::RangeInclusive<u32>) -> Result<(), MapsError> {
+        self.0.lock().unwrap().reserved.push(ids);
+        Ok(())
+    }
     fn set_endpoint(&mut self, ifindex: u32, value: &EndpointInfo) -> Result<(), MapsError> {
         self.write(|m| drop(m.set_endpoint(ifindex, value)))
     }
@@ -643,6 +649,17 @@ fn a_burst_of_adds_is_programmed_by_one_reprogram_and_answered_after_it() {
     assert!(f.maps.held().endpoints.contains_key(&7) && f.maps.held().endpoints.contains_key(&8));
     assert_eq!(f.agent.applied, f.maps.held());
     assert_eq!(f.store.saved(), ["c1", "c2"]);
+    // Once answered, the next endpoints' conntrack tables are readied (ids 3..=10: the
+    // burst took 1 and 2), so a later ADD waits for no table.
+    let next = f.agent.endpoints.values().map(|r| r.endpoint_id).max().unwrap() + 1;
+    assert_eq!(next, 3);
+    assert_eq!(
+        f.maps.0.lock().unwrap().reserved,
+        [next..=next + super::core::CONNTRACK_RESERVE - 1]
+    );
+    // Nothing admitted, nothing to refill.
+    f.agent.commit_adds();
+    assert_eq!(f.maps.0.lock().unwrap().reserved.len(), 1);
 }
 
 #[test]

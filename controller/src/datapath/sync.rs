@@ -3,6 +3,7 @@
 
 use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
+use std::ops::RangeInclusive;
 
 use aya::maps::lpm_trie::{Key, LpmTrie};
 use aya::maps::{HashMap, MapData, MapError, PerCpuHashMap};
@@ -43,6 +44,14 @@ pub trait MapWriter {
     /// at once; [`MapWriter::set_endpoint`] still makes sure of it for each.
     fn prepare_endpoints(&mut self, values: &[EndpointInfo]) -> Result<(), MapsError> {
         let _ = values;
+        Ok(())
+    }
+    /// Gives the endpoint ids `ids` conntrack tables ahead of need (the agent's reserve for
+    /// its next endpoints), so that an ADD waits neither for a table's creation nor for the
+    /// RCU grace period the kernel waits out after storing one. A table no endpoint entry
+    /// names is never looked up.
+    fn reserve_conntrack(&mut self, ids: RangeInclusive<u32>) -> Result<(), MapsError> {
+        let _ = ids;
         Ok(())
     }
     /// Inserts or replaces an ipcache prefix.
@@ -310,6 +319,11 @@ impl MapWriter for BpfMaps {
         conntrack::ensure_tables(&mut self.conntrack, std::os::fd::AsFd::as_fd(&self.conntrack_fd), &ids)
             .map_err(map_err("insert", "conntrack"))
     }
+    fn reserve_conntrack(&mut self, ids: RangeInclusive<u32>) -> Result<(), MapsError> {
+        let ids: Vec<u32> = ids.collect();
+        conntrack::ensure_tables(&mut self.conntrack, std::os::fd::AsFd::as_fd(&self.conntrack_fd), &ids)
+            .map_err(map_err("insert", "conntrack"))
+    }
     fn set_endpoint(&mut self, ifindex: u32, value: &EndpointInfo) -> Result<(), MapsError> {
         conntrack::ensure_table(&mut self.conntrack, value.endpoint_id).map_err(map_err("insert", "conntrack"))?;
         self.endpoints.insert(ifindex, value, 0).map_err(map_err("insert", "endpoints"))
@@ -380,6 +394,10 @@ pub struct MemoryMaps {
 }
 
 impl MapWriter for MemoryMaps {
+    fn reserve_conntrack(&mut self, ids: RangeInclusive<u32>) -> Result<(), MapsError> {
+        self.log.push(format!("reserve conntrack {}..={}", ids.start(), ids.end()));
+        Ok(())
+    }
     fn set_endpoint(&mut self, ifindex: u32, value: &EndpointInfo) -> Result<(), MapsError> {
         self.log.push(format!("set endpoint {ifindex}"));
         self.state.endpoints.insert(ifindex, *value);
