@@ -7,6 +7,7 @@
 # ROUNDS), one ADD, the bursts, agent RSS and peak (scripts/bench-control-timings.py times).
 #
 # Usage (root): bash scripts/bench-control.sh BULKHEAD_BINARY PODS POLICIES [ROUNDS]
+# (BENCH_AGENT_WRAP="perf record -g -o FILE" profiles the agent.)
 # Reused by the benchmark command; prints the header with `--header`.
 set -euo pipefail
 
@@ -68,7 +69,9 @@ for start in range(0, policies, 100):
 EOF
 
 start=$(date +%s.%N)
-ip netns exec "$ID" "$BIN" agent --node-name bench --manifests "$WORK/manifests" --state-dir "$WORK/state" \
+# BENCH_AGENT_WRAP: a command to run the agent under, e.g. "perf record -g -o /tmp/agent.perf".
+# shellcheck disable=SC2086
+ip netns exec "$ID" ${BENCH_AGENT_WRAP:-} "$BIN" agent --node-name bench --manifests "$WORK/manifests" --state-dir "$WORK/state" \
   --bpffs "$PIN" --pod-cidr 10.200.0.0/24 --routing none --metrics-address none >"$WORK/agent.log" 2>&1 &
 AGENT_PID=$!
 

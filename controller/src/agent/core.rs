@@ -12,7 +12,7 @@ use tokio::sync::oneshot;
 use crate::datapath::state::DatapathDelta;
 use crate::datapath::sync::{self};
 use crate::datapath::DatapathState;
-use crate::flows::{FlowStore, Resolver};
+use crate::flows::{FlowStore, PodIndex, Resolver};
 use crate::metrics::{ErrorKind, Metrics};
 use crate::model::{Cluster, ObjectRef};
 use crate::policy::{Compiler, LocalEndpoint};
@@ -67,6 +67,8 @@ pub(super) struct Agent {
     pub(super) host_addresses: Vec<Ipv4Addr>,
     /// Flow history; its resolver is refreshed after every reprogram.
     pub(super) flows: Arc<FlowStore>,
+    /// The model's pods by address for that resolver, updated from what each change touched.
+    pub(super) pod_index: PodIndex,
     /// The source synced and its model reached the maps at least once.
     pub(super) ready: bool,
     /// A change seen (when) that is not in the maps yet: before the first sync, or after a
@@ -143,6 +145,7 @@ impl Agent {
         // or not the maps take the result (a failed write makes the next sync a full one).
         let touched: Vec<ObjectRef> = std::mem::take(&mut self.touched).into_iter().collect();
         let delta = self.compiler.update(&self.cluster, &touched, &locals);
+        self.pod_index.update(&self.cluster, &touched);
         self.report_over_cap();
         let mut services = DatapathState::default();
         self.services.add_to(&self.cluster, &mut services, &self.metrics);
@@ -184,7 +187,7 @@ impl Agent {
                     self.replace_programs();
                 }
                 self.flows.set_resolver(
-                    Resolver::build(&self.node_name, &self.cluster, self.compiler.rules(), &locals)
+                    Resolver::build_with(&self.node_name, &self.pod_index, &self.cluster, self.compiler.rules(), &locals)
                         .with_services(self.services.table(), &self.services.ids()),
                 );
                 self.metrics.set_state(

@@ -211,6 +211,7 @@ pub fn run(args: AgentArgs) -> Result<(), AgentError> {
         metrics: metrics.clone(),
         host_addresses: Vec::new(),
         flows: flow_store.clone(),
+        pod_index: Default::default(),
         ready: false,
         pending: None,
         maps_unknown: false,

@@ -283,6 +283,7 @@ fn fixture(synced: bool) -> Fixture {
         metrics,
         host_addresses: Vec::new(),
         flows: Arc::new(FlowStore::new("node", 16, Clock::now())),
+        pod_index: Default::default(),
         ready: false,
         pending: None,
         maps_unknown: false,

@@ -25,7 +25,7 @@ use self::sequence::Sequence;
 
 pub use reader::{decode, spawn_reader, Clock, FlowsError};
 use resolve::Named;
-pub use resolve::Resolver;
+pub use resolve::{PodIndex, Resolver};
 
 /// Flows kept in memory when `--flow-history` is not given.
 pub const DEFAULT_HISTORY: usize = 8192;

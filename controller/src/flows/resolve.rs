@@ -7,7 +7,7 @@ use std::sync::Arc;
 use bulkhead_api::{Direction, Flow, FlowPeer, FlowService, FlowVerdict, NamespacedName, PolicyName, PolicyRule, Protocol};
 use bulkhead_common::{rule_id, verdict, DropReason, FlowEvent};
 
-use crate::model::{self, Cluster};
+use crate::model::{self, Cluster, Kind, ObjectRef};
 use crate::policy::identity::RuleTable;
 use crate::policy::{self, LocalEndpoint};
 use crate::services::{ServiceKey, ServiceTable};
@@ -50,8 +50,11 @@ pub struct Resolver {
     node: String,
     /// Local endpoint id → pod.
     endpoints: HashMap<u32, Arc<PodInfo>>,
-    /// Pod IP → pod, cluster-wide.
-    pods_by_ip: HashMap<Ipv4Addr, Arc<PodInfo>>,
+    /// Pod IP → pod, cluster-wide (shared with the agent's [`PodIndex`]).
+    pods_by_ip: Arc<HashMap<Ipv4Addr, Arc<PodInfo>>>,
+    /// Local endpoints' addresses → pod: the CNI plugin assigned them, so they win over
+    /// the model's.
+    local_by_ip: HashMap<Ipv4Addr, Arc<PodInfo>>,
     /// Rule ids as the compiler handed them out → the rule.
     rules: HashMap<u32, Arc<NamedRule>>,
     /// (endpoint id, direction number) → the policies that isolate it.
@@ -183,6 +186,113 @@ fn peer(pod: Option<&PodInfo>, ip: Ipv4Addr, port: u16, identity: u32, services:
     }
 }
 
+/// The model's pods by IPv4 address, as flows name them, kept up to date from the objects
+/// each change touched ([`PodIndex::update`]): the agent rebuilt it from every pod for each
+/// reprogram, O(pods) per CNI ADD (issue 13 profile at 10k pods: `Resolver::build` and its
+/// copies were the largest user-space cost of an ADD). When two pods claim one address (a
+/// finished pod and the one that got its address), the last in (namespace, name) order is
+/// named, as a rebuild would.
+#[derive(Clone, Debug, Default)]
+pub struct PodIndex {
+    by_ip: Arc<HashMap<Ipv4Addr, Arc<PodInfo>>>,
+    /// Each indexed pod's address.
+    ips: HashMap<(String, String), Ipv4Addr>,
+    /// How many pods claim each address (more than one only in the case above).
+    claims: HashMap<Ipv4Addr, u32>,
+    /// Built from a whole model once (the first update builds it: what came before is
+    /// not in `touched`).
+    built: bool,
+}
+
+impl PodIndex {
+    /// Every pod of `cluster` with an address.
+    pub fn new(cluster: &Cluster) -> Self {
+        let mut index = PodIndex::default();
+        let by_ip = Arc::make_mut(&mut index.by_ip);
+        for ((ns, name), pod) in cluster.pods() {
+            if let Some(ip) = model::pod_ipv4(pod) {
+                by_ip.insert(ip, pod_info(ns, name, pod));
+                index.ips.insert((ns.clone(), name.clone()), ip);
+                *index.claims.entry(ip).or_default() += 1;
+            }
+        }
+        index.built = true;
+        index
+    }
+
+    /// Takes the pods among `touched` from `cluster` as they are now (added, changed,
+    /// re-addressed or gone). Costs the touched pods, plus one copy of the address map's
+    /// pointers when a resolver still shares it.
+    pub fn update(&mut self, cluster: &Cluster, touched: &[ObjectRef]) {
+        if !self.built {
+            *self = PodIndex::new(cluster);
+            return;
+        }
+        let mut pods = touched.iter().filter(|r| r.kind == Kind::Pod).peekable();
+        if pods.peek().is_none() {
+            return;
+        }
+        let by_ip = Arc::make_mut(&mut self.by_ip);
+        for r in pods {
+            let Some(ns) = &r.namespace else { continue };
+            let key = (ns.clone(), r.name.clone());
+            if let Some(old) = self.ips.remove(&key) {
+                let left = self.claims.get_mut(&old).map_or(0, |n| {
+                    *n -= 1;
+                    *n
+                });
+                if left == 0 {
+                    self.claims.remove(&old);
+                    by_ip.remove(&old);
+                } else if by_ip.get(&old).is_some_and(|p| p.namespace == key.0 && p.name == key.1) {
+                    // Another pod claims the address too (rare): name the one a rebuild would.
+                    let winner = cluster
+                        .pods()
+                        .iter()
+                        .rev()
+                        .find(|(k, p)| **k != key && model::pod_ipv4(p) == Some(old));
+                    match winner {
+                        Some(((wns, wname), p)) => by_ip.insert(old, pod_info(wns, wname, p)),
+                        None => by_ip.remove(&old),
+                    };
+                }
+            }
+            let Some(pod) = cluster.pod(ns, &r.name) else { continue };
+            let Some(ip) = model::pod_ipv4(pod) else { continue };
+            self.ips.insert(key.clone(), ip);
+            *self.claims.entry(ip).or_default() += 1;
+            let later_claims = by_ip
+                .get(&ip)
+                .is_some_and(|p| (p.namespace.as_str(), p.name.as_str()) > (key.0.as_str(), key.1.as_str()));
+            if !later_claims {
+                by_ip.insert(ip, pod_info(&key.0, &key.1, pod));
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+impl PodIndex {
+    /// Address → (namespace, name, labels), for comparing indexes in tests.
+    pub(crate) fn snapshot(&self) -> BTreeMap<Ipv4Addr, (String, String, Vec<(String, String)>)> {
+        self.by_ip
+            .iter()
+            .map(|(ip, p)| {
+                let labels = p.labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+                (*ip, (p.namespace.clone(), p.name.clone(), labels))
+            })
+            .collect()
+    }
+}
+
+fn pod_info(namespace: &str, name: &str, pod: &model::PodInfo) -> Arc<PodInfo> {
+    Arc::new(PodInfo {
+        namespace: namespace.to_string(),
+        name: name.to_string(),
+        labels: pod.labels.clone(),
+    })
+}
+
 impl Resolver {
     /// A resolver that knows nothing yet (every flow shows addresses only).
     pub fn empty(node: &str) -> Self {
@@ -194,19 +304,14 @@ impl Resolver {
 
     /// Takes what naming flows needs from the model, the rule table and local endpoints.
     pub fn build(node: &str, cluster: &Cluster, rules: &RuleTable, locals: &[LocalEndpoint]) -> Self {
-        let mut pods_by_ip = HashMap::new();
-        for ((ns, name), pod) in cluster.pods() {
-            if let Some(ip) = model::pod_ipv4(pod) {
-                pods_by_ip.insert(
-                    ip,
-                    Arc::new(PodInfo {
-                        namespace: ns.clone(),
-                        name: name.clone(),
-                        labels: pod.labels.clone(),
-                    }),
-                );
-            }
-        }
+        Self::build_with(node, &PodIndex::new(cluster), cluster, rules, locals)
+    }
+
+    /// [`Resolver::build`] with the model's pods from `pods`, kept up to date by the caller
+    /// (the agent's reprogram: building it afresh was O(pods) per CNI ADD).
+    pub fn build_with(node: &str, pods: &PodIndex, cluster: &Cluster, rules: &RuleTable, locals: &[LocalEndpoint]) -> Self {
+        let pods_by_ip = Arc::clone(&pods.by_ip);
+        let mut local_by_ip = HashMap::new();
         let mut endpoints = HashMap::new();
         let mut isolating = HashMap::new();
         for ep in locals {
@@ -225,7 +330,7 @@ impl Resolver {
                 labels,
             });
             // The CNI plugin assigned a local pod's address: it wins over the model's.
-            pods_by_ip.insert(ep.ipv4, info.clone());
+            local_by_ip.insert(ep.ipv4, info.clone());
             endpoints.insert(ep.endpoint_id, info);
         }
         let rules = rules
@@ -246,6 +351,7 @@ impl Resolver {
             node: node.to_string(),
             endpoints,
             pods_by_ip,
+            local_by_ip,
             rules,
             isolating,
             services: HashMap::new(),
@@ -303,9 +409,10 @@ impl Resolver {
         let reason = DropReason::ALL.get(usize::from(ev.reason)).copied();
         let (saddr, daddr) = (Ipv4Addr::from(ev.saddr), Ipv4Addr::from(ev.daddr));
         let local = self.endpoints.get(&ev.endpoint_id);
+        let pod = |ip: &Ipv4Addr| self.local_by_ip.get(ip).or_else(|| self.pods_by_ip.get(ip));
         let (source, destination) = match direction {
-            Direction::Egress => (local.or_else(|| self.pods_by_ip.get(&saddr)), self.pods_by_ip.get(&daddr)),
-            Direction::Ingress => (self.pods_by_ip.get(&saddr), local.or_else(|| self.pods_by_ip.get(&daddr))),
+            Direction::Egress => (local.or_else(|| pod(&saddr)), pod(&daddr)),
+            Direction::Ingress => (pod(&saddr), local.or_else(|| pod(&daddr))),
         };
         let allowed_by = if ev.rule_id == rule_id::NONE {
             None

@@ -456,3 +456,73 @@ fn a_translated_flow_names_the_service_and_peers_name_the_services_they_back() {
     ev.service_id = 9;
     assert_eq!(r.resolve(&ev, 1).unwrap().service, None);
 }
+
+/// The agent's pod index, updated from what each change touched, names every address as
+/// one built from the whole model does — through adds, relabels, moves to another address,
+/// deletes, and two pods claiming one address.
+#[test]
+fn the_pod_index_updated_from_changes_equals_one_rebuilt_from_the_model() {
+    use crate::flows::PodIndex;
+    use crate::model::{parse_documents, Kind, ObjectRef};
+    let pod = |ns: &str, name: &str, ip: &str, app: &str| {
+        format!("apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: {ns}, labels: {{app: {app}}}}}\nstatus: {{podIP: {ip}}}\n")
+    };
+    let r = |ns: &str, name: &str| ObjectRef {
+        kind: Kind::Pod,
+        namespace: Some(ns.into()),
+        name: name.into(),
+    };
+    let mut cluster = Cluster::default();
+    let mut index = PodIndex::default();
+    let mut step = |cluster: &mut Cluster, index: &mut PodIndex, apply: &[String], delete: &[ObjectRef], what: &str| {
+        let mut touched = Vec::new();
+        for text in apply {
+            for object in parse_documents(text, "test").unwrap() {
+                touched.push(object.to_ref());
+                cluster.apply(object);
+            }
+        }
+        for d in delete {
+            cluster.delete(d);
+            touched.push(d.clone());
+        }
+        index.update(cluster, &touched);
+        assert_eq!(index.snapshot(), PodIndex::new(cluster).snapshot(), "after {what}");
+    };
+    step(
+        &mut cluster,
+        &mut index,
+        &[pod("a", "p1", "10.0.0.1", "x"), pod("a", "p2", "10.0.0.2", "y")],
+        &[],
+        "the first pods",
+    );
+    assert_eq!(index.snapshot().len(), 2);
+    step(&mut cluster, &mut index, &[pod("b", "p3", "10.0.0.3", "z")], &[], "an add");
+    step(&mut cluster, &mut index, &[pod("a", "p1", "10.0.0.1", "x2")], &[], "a relabel");
+    step(&mut cluster, &mut index, &[pod("a", "p2", "10.0.0.9", "y")], &[], "a new address");
+    // Two pods on one address: the later one by (namespace, name) is named; then either goes.
+    step(
+        &mut cluster,
+        &mut index,
+        &[pod("c", "p4", "10.0.0.1", "w")],
+        &[],
+        "a second claim (later)",
+    );
+    step(
+        &mut cluster,
+        &mut index,
+        &[pod("aa", "p5", "10.0.0.1", "v")],
+        &[],
+        "a third claim (earlier)",
+    );
+    step(&mut cluster, &mut index, &[], &[r("c", "p4")], "the named claimant's delete");
+    step(&mut cluster, &mut index, &[], &[r("aa", "p5")], "an unnamed claimant's delete");
+    step(
+        &mut cluster,
+        &mut index,
+        &[],
+        &[r("a", "p1"), r("b", "p3"), r("x", "never")],
+        "deletes",
+    );
+    assert_eq!(index.snapshot().len(), 1);
+}
