@@ -349,6 +349,10 @@ fn lab_relay_args_traffic_controls_and_attacks_do_what_they_say() {
     let bad = lab.run(&["attack", "scan", "--from", "shop-web/nobody"]);
     assert_eq!(bad.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&bad.stderr).contains("no pod shop-web/nobody"));
+    // Nothing of it is left: the outside host's other address went with its namespace.
+    let id = lab.id();
+    lab.ok(&["down"]);
+    lab.assert_gone(&id);
     eprintln!("lab attack e2e took {:?}", started.elapsed());
 }
 

@@ -1311,6 +1311,9 @@ pub fn generate(paths: &LabPaths, args: &TrafficArgs, notify_ready: bool) -> Res
                         t.status.events.push(event.clone());
                         t.status.workloads = workloads_status(&s);
                         t.status.rate_factor = rate_factor;
+                        // Saved before the answer, so the caller reads the shop it asked for.
+                        t.status.elapsed = started.elapsed().as_secs_f64();
+                        let _ = save_status(paths, &t.status);
                     }
                     ControlDone {
                         event: Some(event),
