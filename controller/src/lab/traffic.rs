@@ -1708,6 +1708,57 @@ mod tests {
     }
 
     #[test]
+    fn scale_and_roll_make_the_pods_they_say() {
+        let mut shop = Shop {
+            replicas: vec![Vec::new(); WORKLOADS.len()],
+            revisions: vec![None; WORKLOADS.len()],
+            ..Shop::default()
+        };
+        shop.replicas[FRONTEND] = ["shop-web/frontend-aaaaa-00001", "shop-web/frontend-aaaaa-00002"]
+            .iter()
+            .map(|k| Replica {
+                key: k.to_string(),
+                netns: "n".into(),
+            })
+            .collect();
+        shop.revisions[FRONTEND] = Some("aaaaa".into());
+        let mut rng = Rng::new(1);
+        let up = scale_change(&shop, FRONTEND, 4, &mut rng);
+        assert_eq!(up.kind, "scale-up");
+        assert_eq!(up.added.len(), 2);
+        assert!(
+            up.added.iter().all(|(n, h)| n.starts_with("frontend-aaaaa-") && h == "aaaaa"),
+            "{up:?}"
+        );
+        assert!(up.removed.is_empty());
+        let down = scale_change(&shop, FRONTEND, 1, &mut rng);
+        assert_eq!(down.kind, "scale-down");
+        assert!(down.added.is_empty());
+        assert_eq!(down.removed, ["shop-web/frontend-aaaaa-00002"]);
+        assert!(scale_change(&shop, FRONTEND, 2, &mut rng).added.is_empty());
+        let roll = roll_change(&shop, FRONTEND, &mut rng);
+        assert_eq!(roll.kind, "restart");
+        assert_eq!(roll.removed.len(), 2);
+        assert_eq!(roll.added.len(), 2);
+        assert!(
+            roll.added
+                .iter()
+                .all(|(n, h)| h != "aaaaa" && n.starts_with(&format!("frontend-{h}-"))),
+            "{roll:?}"
+        );
+        assert_ne!(roll.added[0].0, roll.added[1].0);
+
+        assert_eq!(scalable_workload("orders").unwrap(), ORDERS);
+        assert_eq!(scalable_workload("shop-web/frontend").unwrap(), FRONTEND);
+        assert!(scalable_workload("postgres").is_err());
+        assert!(scalable_workload("shop-api/frontend").is_err());
+        let c = Control::Scale { workload: 1, replicas: 3 };
+        let text = serde_json::to_string(&c).unwrap();
+        assert_eq!(text, r#"{"op":"scale","workload":1,"replicas":3}"#);
+        assert_eq!(serde_json::from_str::<Control>(&text).unwrap(), c);
+    }
+
+    #[test]
     fn durations() {
         assert_eq!(parse_duration("30s"), Ok(Duration::from_secs(30)));
         assert_eq!(parse_duration("1m30s"), Ok(Duration::from_secs(90)));
