@@ -77,12 +77,14 @@ struct Counter {
 }
 
 impl Counter {
-    fn add(&self, stream: &TcpStream, bytes: u64, connections: u64) {
-        let (Ok(local), Ok(peer)) = (stream.local_addr(), stream.peer_addr()) else {
-            return;
-        };
+    /// The key of a connection: (local address, client address).
+    fn key(stream: &TcpStream) -> Option<(String, String)> {
+        Some((stream.local_addr().ok()?.to_string(), stream.peer_addr().ok()?.ip().to_string()))
+    }
+
+    fn add(&self, key: &(String, String), bytes: u64, connections: u64) {
         if let Ok(mut c) = self.counts.lock() {
-            let e = c.0.entry((local.to_string(), peer.ip().to_string())).or_default();
+            let e = c.0.entry(key.clone()).or_default();
             e.0 += bytes;
             e.1 += connections;
             c.1 = true;
@@ -226,8 +228,8 @@ pub fn run(name: &str, ports: &Ports) -> Result<i32, LabError> {
             let counter = ports.count_file.as_ref().map(|_| std::sync::Arc::clone(&counter));
             scope.spawn(move || {
                 for stream in listener.incoming().flatten() {
-                    if let Some(c) = &counter {
-                        c.add(&stream, 0, 1);
+                    if let (Some(c), Some(key)) = (&counter, Counter::key(&stream)) {
+                        c.add(&key, 0, 1);
                     }
                     answer(mode, stream, reply, counter.clone());
                 }
@@ -279,9 +281,10 @@ fn answer(mode: TcpMode, mut stream: TcpStream, name: &[u8], counter: Option<std
 fn echo(mut stream: TcpStream, counter: Option<std::sync::Arc<Counter>>) {
     let _ = stream.set_read_timeout(Some(ECHO_IDLE));
     let mut buf = [0u8; 16384];
+    let counter = counter.and_then(|c| Some((c, Counter::key(&stream)?)));
     while let Ok(n @ 1..) = stream.read(&mut buf) {
-        if let Some(c) = &counter {
-            c.add(&stream, n as u64, 0);
+        if let Some((c, key)) = &counter {
+            c.add(key, n as u64, 0);
         }
         if stream.write_all(&buf[..n]).is_err() {
             break;

@@ -1435,6 +1435,12 @@ fn print_status(status: &TrafficStatus, output: Output) {
                 status.failed,
                 status.events.len()
             );
+            if let Some(u) = &status.upload {
+                println!(
+                    "uploads {} -> {}: {} bytes every {:.2}s ({:.0} B/s), {} ok, {} failed; rate x{}",
+                    u.workload, u.to, u.bytes, u.every, u.bytes_per_sec, u.ok, u.failed, status.rate_factor
+                );
+            }
             println!("{:<20} {:<20} {:<10} {:>7} {:>7}", "FROM", "TO", "PORT", "OK", "FAILED");
             for e in &status.edges {
                 let proto = match e.protocol {
