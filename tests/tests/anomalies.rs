@@ -250,6 +250,13 @@ fn lab_relay_args_traffic_controls_and_attacks_do_what_they_say() {
         .filter_map(|e| e["kind"].as_str())
         .collect();
     assert_eq!(kinds, ["scale-up", "restart", "rate", "scale-down"]);
+    // Without a generator, scale and roll change the lab directly; a rate needs one.
+    let direct: Value = json(&lab.ok(&["traffic", "scale", "catalog", "1", "-o", "json"]), "scale event");
+    assert_eq!(direct["kind"], "scale-down", "{direct:#}");
+    assert_eq!(direct["removed"].as_array().expect("removed").len(), 1, "{direct:#}");
+    let catalog = lab.pod_names().into_iter().filter(|p| p.starts_with("shop-api/catalog-")).count();
+    assert_eq!(catalog, 1);
+    assert_eq!(lab.run(&["traffic", "rate", "2"]).status.code(), Some(1));
     let frontend = workload_pods(&t, "shop-web/frontend")[0].clone();
     let orders = workload_pods(&t, "shop-api/orders")[0].clone();
     // The outside host counted every upload (and the checkouts' small calls).
