@@ -352,6 +352,25 @@ fn lab_relay_args_traffic_controls_and_attacks_do_what_they_say() {
     let rate = got as f64 / 4.0;
     assert!((rate / 4000.0 - 20.0).abs() < 0.01, "measured at the server: {rate} B/s");
 
+    // An attack that got nowhere says so: the load generator's policy drops port 50.
+    let blocked = lab.run(&[
+        "attack",
+        "new-peer",
+        "--from",
+        &frontend,
+        "--to-pod",
+        "shop-web/loadgen-0",
+        "--port",
+        "50",
+        "--count",
+        "1",
+        "-o",
+        "json",
+    ]);
+    assert_eq!(blocked.status.code(), Some(1), "{}", String::from_utf8_lossy(&blocked.stderr));
+    let blocked = json(&String::from_utf8_lossy(&blocked.stdout), "blocked report");
+    assert_eq!((blocked["connections"].as_u64(), blocked["failed"].as_u64()), (Some(1), Some(1)));
+
     // Bad input fails clearly, before anything is sent.
     let bad = lab.run(&["attack", "scan", "--from", "shop-web/nobody"]);
     assert_eq!(bad.status.code(), Some(1));

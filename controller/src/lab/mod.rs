@@ -770,7 +770,12 @@ fn print_status(paths: &LabPaths, state: &LabState, output: Output) {
             }
             if let Some(w) = &status.external {
                 let ports: Vec<String> = w.ports.iter().map(u16::to_string).collect();
-                println!("outside host {} ({}), ports {}", world::WORLD, w.ip, ports.join(", "));
+                let others = if w.other_ips.is_empty() {
+                    String::new()
+                } else {
+                    format!(" and {}", w.other_ips.join(", "))
+                };
+                println!("outside host {} ({}{others}), ports {}", world::WORLD, w.ip, ports.join(", "));
             }
         }
     }
