@@ -6,6 +6,8 @@
 #                       enforced vs detached, 10 vs 10,000 policies, iptables + ipset 1k / 10k rules
 #   bench/xdp.md        XDP vs TC drop rates (scripts/bench-xdp.sh, when present)
 #   bench/control.md    the control plane's times and memory (scripts/bench-control.sh, when present)
+#   bench/anomalies.md  anomaly detection latency and false alerts (scripts/bench-anomalies.sh): only with
+#                       BENCH_ANOMALIES=1, as it runs 15 minutes or more (RUN_MINUTES, LEARNING_SECS, ...)
 # A benchmark that fails is reported and the others still run; the exit code is then 1.
 # Never part of scripts/test.sh. Needs root (BPF, network namespaces). Usage: bash scripts/bench.sh
 # Each lab script takes BENCH_BUDGET_SECONDS (the share of the 10 minutes it should fit in) and
@@ -65,6 +67,10 @@ control() {
   } >bench/control.md
 }
 step control control
+# Optional: longer than this script's 10 minutes.
+if [ "${BENCH_ANOMALIES:-}" = 1 ]; then
+  step anomalies bash scripts/bench-anomalies.sh
+fi
 
 echo >&2
 for s in "${!TOOK[@]}"; do echo "  $s: ${TOOK[$s]} s" >&2; done

@@ -3,6 +3,7 @@
 //! Nodes run the real agent and pods are wired by the real `bulkhead-cni`, invoked exactly
 //! as a container runtime does, so the lab exercises the product end to end.
 
+pub mod attack;
 mod demo;
 
 mod node;
@@ -93,6 +94,10 @@ pub enum LabCommand {
         /// Manifests to apply.
         #[arg(short = 'f', long = "filename")]
         files: Vec<PathBuf>,
+        /// An argument for the lab's relay (`bulkhead relay`), e.g.
+        /// `--relay-arg=--learning-secs=20`; repeat for more. Kept for `restart-relay`.
+        #[arg(long = "relay-arg", value_name = "ARG", allow_hyphen_values = true)]
+        relay_args: Vec<String>,
     },
     /// Apply Namespace, Pod, NetworkPolicy, Service and EndpointSlice objects.
     Apply {
@@ -166,12 +171,32 @@ pub enum LabCommand {
         /// How the old relay ends.
         #[arg(long, value_enum, default_value_t = StopSignal::Term)]
         signal: StopSignal,
+        /// Replace the relay's extra arguments (all of them; repeat for more). Without it,
+        /// the relay restarts with those of `up` or of the last `restart-relay`.
+        #[arg(long = "relay-arg", value_name = "ARG", allow_hyphen_values = true)]
+        relay_args: Vec<String>,
+        /// Restart the relay without extra arguments.
+        #[arg(long, conflicts_with = "relay_args")]
+        no_relay_args: bool,
     },
     /// A small shop making traffic: deploy it, run it (foreground or start/stop), its counts.
     Traffic {
         /// What to do.
         #[command(subcommand)]
         command: traffic::TrafficCommand,
+    },
+    /// Misbehave from inside a pod, as a compromised one would: scan, a new peer, an upload
+    /// to a new outside address, a slow exfiltration; prints what it did.
+    Attack {
+        /// What to do.
+        #[command(subcommand)]
+        command: attack::AttackCommand,
+    },
+    /// The outside host: its addresses, ports, and the bytes its server received.
+    World {
+        /// Output format.
+        #[arg(short = 'o', long, value_enum, default_value_t = Output::Table)]
+        output: Output,
     },
     /// Remove everything the lab made.
     Down,
@@ -193,6 +218,9 @@ pub enum LabCommand {
         /// UDP echo ports.
         #[arg(long)]
         udp: Vec<u16>,
+        /// Keep the bytes received over TCP in this file.
+        #[arg(long)]
+        count_file: Option<PathBuf>,
     },
 }
 
@@ -332,7 +360,12 @@ const RELOAD_TIMEOUT: Duration = Duration::from_secs(60);
 pub fn run(args: LabArgs) -> Result<i32, LabError> {
     let paths = LabPaths::new(&args.lab_dir)?;
     match args.command {
-        LabCommand::Up { nodes, routing, files } => node::up(&paths, usize::from(nodes), routing, &files),
+        LabCommand::Up {
+            nodes,
+            routing,
+            files,
+            relay_args,
+        } => node::up(&paths, usize::from(nodes), routing, &files, relay_args),
         LabCommand::Apply { files } => {
             let _lock = paths.lock()?;
             let mut state = paths.load_up()?;
@@ -379,8 +412,17 @@ pub fn run(args: LabArgs) -> Result<i32, LabError> {
         }
         LabCommand::Exec { pod, command } => pod::exec(&paths, &pod, &command),
         LabCommand::RestartAgent { node, signal } => node::restart_agents(&paths, node.as_deref(), signal),
-        LabCommand::RestartRelay { signal } => relay::restart(&paths, signal),
+        LabCommand::RestartRelay {
+            signal,
+            relay_args,
+            no_relay_args,
+        } => {
+            let replace = (no_relay_args || !relay_args.is_empty()).then_some(relay_args);
+            relay::restart(&paths, signal, replace)
+        }
         LabCommand::Traffic { command } => traffic::run(&paths, command),
+        LabCommand::Attack { command } => attack::run(&paths, command),
+        LabCommand::World { output } => world::print(&paths, &paths.load_up()?, output),
         LabCommand::Down => node::down(&paths),
         LabCommand::Serve {
             name,
@@ -388,6 +430,7 @@ pub fn run(args: LabArgs) -> Result<i32, LabError> {
             tcp_echo,
             tcp_peer,
             udp,
+            count_file,
         } => serve::run(
             &name,
             &serve::Ports {
@@ -395,6 +438,7 @@ pub fn run(args: LabArgs) -> Result<i32, LabError> {
                 tcp_echo,
                 tcp_peer,
                 udp,
+                count_file,
             },
         ),
     }
@@ -644,9 +688,13 @@ struct NodeStatus {
 
 /// The outside host in `lab status -o json`.
 #[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
 struct ExternalStatus {
     ip: String,
     ports: Vec<u16>,
+    /// Its addresses in other /16s, which no workload uses.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    other_ips: Vec<String>,
 }
 
 /// `lab status -o json`.
@@ -691,6 +739,7 @@ fn print_status(paths: &LabPaths, state: &LabState, output: Output) {
         external: state.world.as_ref().map(|w| ExternalStatus {
             ip: w.ip.clone(),
             ports: w.ports(),
+            other_ips: w.other_ips.clone(),
         }),
     };
     match output {
@@ -721,7 +770,12 @@ fn print_status(paths: &LabPaths, state: &LabState, output: Output) {
             }
             if let Some(w) = &status.external {
                 let ports: Vec<String> = w.ports.iter().map(u16::to_string).collect();
-                println!("outside host {} ({}), ports {}", world::WORLD, w.ip, ports.join(", "));
+                let others = if w.other_ips.is_empty() {
+                    String::new()
+                } else {
+                    format!(" and {}", w.other_ips.join(", "))
+                };
+                println!("outside host {} ({}{others}), ports {}", world::WORLD, w.ip, ports.join(", "));
             }
         }
     }

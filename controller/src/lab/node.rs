@@ -29,7 +29,7 @@ const KILL_GRACE: Duration = Duration::from_secs(3);
 /// The bridge in the underlay namespace.
 pub(super) const UNDERLAY_BRIDGE: &str = "br0";
 /// A node's interface on the underlay.
-const UNDERLAY_IFNAME: &str = "ul0";
+pub(super) const UNDERLAY_IFNAME: &str = "ul0";
 
 /// The bpffs pin dir of a node's agent.
 pub fn pin_dir(id: &str, node: &str) -> PathBuf {
@@ -41,7 +41,7 @@ fn lab_pin_root(id: &str) -> PathBuf {
 }
 
 /// `bulkhead lab up`.
-pub fn up(paths: &LabPaths, nodes: usize, routing: RoutingKind, files: &[PathBuf]) -> Result<i32, LabError> {
+pub fn up(paths: &LabPaths, nodes: usize, routing: RoutingKind, files: &[PathBuf], relay_args: Vec<String>) -> Result<i32, LabError> {
     let _lock = paths.lock()?;
     if paths.load()?.is_some() {
         return Err(LabError::AlreadyUp {
@@ -80,12 +80,13 @@ pub fn up(paths: &LabPaths, nodes: usize, routing: RoutingKind, files: &[PathBuf
                 flow_address: None,
             })
             .collect(),
-        world: Some(world::plan(&id, underlay)),
+        world: Some(world::plan(&id, underlay, world::pick_other_ip(&routes))),
         pods: Vec::new(),
         service_cidr: Some(service_cidr.to_string()),
         managed_slices: Vec::new(),
         service_probe_ports: Vec::new(),
         relay_pid: None,
+        relay_args,
     };
     paths.save(&state)?;
     // The lab plays the cloud and kubelet: every node is a Node object with its pod CIDR

@@ -94,6 +94,7 @@ pub fn start(paths: &LabPaths, state: &mut LabState) -> Result<(), LabError> {
         .arg(token_file(paths))
         .arg("--store")
         .arg(store_file(paths))
+        .args(&state.relay_args)
         .stdin(Stdio::null())
         .stdout(log)
         .stderr(log2)
@@ -133,11 +134,14 @@ pub fn start(paths: &LabPaths, state: &mut LabState) -> Result<(), LabError> {
     }
 }
 
-/// `bulkhead lab restart-relay`.
-pub fn restart(paths: &LabPaths, how: StopSignal) -> Result<i32, LabError> {
+/// `bulkhead lab restart-relay`; `args` replaces the relay's extra arguments when given.
+pub fn restart(paths: &LabPaths, how: StopSignal, args: Option<Vec<String>>) -> Result<i32, LabError> {
     use nix::sys::signal::Signal;
     let _lock = paths.lock()?;
     let mut state = paths.load_up()?;
+    if let Some(args) = args {
+        state.relay_args = args;
+    }
     if let Some(pid) = state.relay_pid {
         let sig = match how {
             StopSignal::Term => Signal::SIGTERM,

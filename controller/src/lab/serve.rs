@@ -1,12 +1,16 @@
 //! The lab's server, for pods and the outside host: answers on every declared port so probes
 //! can tell connected from dropped from refused.
 
+use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{Ipv4Addr, TcpListener, TcpStream, UdpSocket};
 use std::os::unix::process::CommandExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
+use std::sync::Mutex;
 use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
 
 use bulkhead_hostnet::netns;
 
@@ -28,6 +32,89 @@ pub struct Ports {
     pub tcp_peer: Vec<u16>,
     /// UDP ports that echo each datagram.
     pub udp: Vec<u16>,
+    /// Where to keep the bytes received over TCP, per local address and client address.
+    pub count_file: Option<PathBuf>,
+}
+
+/// Bytes a server received from one client address on one of its addresses.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Received {
+    /// The server's address and port the client connected to (`IP:PORT`).
+    pub address: String,
+    /// The client's address as the server saw it.
+    pub from: String,
+    /// TCP payload bytes received.
+    pub bytes: u64,
+    /// Connections accepted.
+    pub connections: u64,
+}
+
+/// What `--count-file` holds.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReceivedFile {
+    /// Per (address, client), sorted.
+    pub received: Vec<Received>,
+}
+
+/// Reads a count file; empty when the server has received nothing yet.
+pub fn read_received(path: &Path) -> ReceivedFile {
+    std::fs::read(path)
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok())
+        .unwrap_or_default()
+}
+
+/// How often the counts are written while they change.
+const COUNT_FLUSH: Duration = Duration::from_millis(100);
+
+/// (local address, client address) → (bytes, connections).
+type Counts = BTreeMap<(String, String), (u64, u64)>;
+
+/// The server's counters, and whether they changed since the last write.
+#[derive(Debug, Default)]
+struct Counter {
+    counts: Mutex<(Counts, bool)>,
+}
+
+impl Counter {
+    /// The key of a connection: (local address, client address).
+    fn key(stream: &TcpStream) -> Option<(String, String)> {
+        Some((stream.local_addr().ok()?.to_string(), stream.peer_addr().ok()?.ip().to_string()))
+    }
+
+    fn add(&self, key: &(String, String), bytes: u64, connections: u64) {
+        if let Ok(mut c) = self.counts.lock() {
+            let e = c.0.entry(key.clone()).or_default();
+            e.0 += bytes;
+            e.1 += connections;
+            c.1 = true;
+        }
+    }
+
+    /// Writes the counts when they changed since the last write.
+    fn flush(&self, path: &Path) {
+        let file = match self.counts.lock() {
+            Ok(mut c) if c.1 => {
+                c.1 = false;
+                ReceivedFile {
+                    received: c
+                        .0
+                        .iter()
+                        .map(|((address, from), (bytes, connections))| Received {
+                            address: address.clone(),
+                            from: from.clone(),
+                            bytes: *bytes,
+                            connections: *connections,
+                        })
+                        .collect(),
+                }
+            }
+            _ => return,
+        };
+        if let Ok(bytes) = serde_json::to_vec_pretty(&file) {
+            let _ = bulkhead_hostnet::fs::write_atomic(path, &bytes, 0o644);
+        }
+    }
 }
 
 impl Ports {
@@ -71,6 +158,9 @@ pub fn spawn(paths: &LabPaths, netns_name: &str, name: &str, ports: &Ports, log_
         for p in list {
             cmd.arg(flag).arg(p.to_string());
         }
+    }
+    if let Some(f) = &ports.count_file {
+        cmd.arg("--count-file").arg(f);
     }
     // The server says "ready" on stdout once every socket is bound.
     cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(log).process_group(0);
@@ -123,13 +213,25 @@ pub fn run(name: &str, ports: &Ports) -> Result<i32, LabError> {
     println!("ready");
     let _ = std::io::stdout().flush();
     let reply = format!("{name}\n");
+    let counter = std::sync::Arc::new(Counter::default());
     std::thread::scope(|scope| {
+        if let Some(path) = &ports.count_file {
+            let counter = &counter;
+            scope.spawn(move || loop {
+                counter.flush(path);
+                std::thread::sleep(COUNT_FLUSH);
+            });
+        }
         for (mode, listener) in &tcp_listeners {
             let reply = reply.as_bytes();
             let mode = *mode;
+            let counter = ports.count_file.as_ref().map(|_| std::sync::Arc::clone(&counter));
             scope.spawn(move || {
                 for stream in listener.incoming().flatten() {
-                    answer(mode, stream, reply);
+                    if let (Some(c), Some(key)) = (&counter, Counter::key(&stream)) {
+                        c.add(&key, 0, 1);
+                    }
+                    answer(mode, stream, reply, counter.clone());
                 }
             });
         }
@@ -153,13 +255,13 @@ pub fn run(name: &str, ports: &Ports) -> Result<i32, LabError> {
 }
 
 /// Answers one TCP connection. A client that went away is no concern of the server.
-fn answer(mode: TcpMode, mut stream: TcpStream, name: &[u8]) {
+fn answer(mode: TcpMode, mut stream: TcpStream, name: &[u8], counter: Option<std::sync::Arc<Counter>>) {
     match mode {
         TcpMode::Name => {
             let name = name.to_vec();
             std::thread::spawn(move || {
                 if stream.write_all(&name).is_ok() {
-                    echo(stream);
+                    echo(stream, counter);
                 }
             });
         }
@@ -170,16 +272,20 @@ fn answer(mode: TcpMode, mut stream: TcpStream, name: &[u8]) {
         }
         // One thread per connection, so a silent client does not hold up the others.
         TcpMode::Echo => {
-            std::thread::spawn(move || echo(stream));
+            std::thread::spawn(move || echo(stream, counter));
         }
     }
 }
 
 /// Echoes what the client sends until it closes or stays silent for [`ECHO_IDLE`].
-fn echo(mut stream: TcpStream) {
+fn echo(mut stream: TcpStream, counter: Option<std::sync::Arc<Counter>>) {
     let _ = stream.set_read_timeout(Some(ECHO_IDLE));
-    let mut buf = [0u8; 2048];
+    let mut buf = [0u8; 16384];
+    let counter = counter.and_then(|c| Some((c, Counter::key(&stream)?)));
     while let Ok(n @ 1..) = stream.read(&mut buf) {
+        if let Some((c, key)) = &counter {
+            c.add(key, n as u64, 0);
+        }
         if stream.write_all(&buf[..n]).is_err() {
             break;
         }

@@ -45,6 +45,9 @@ pub struct LabState {
     /// The pid of the lab's relay (absent in older labs).
     #[serde(default)]
     pub relay_pid: Option<u32>,
+    /// Extra arguments of the lab's relay (`lab up --relay-arg`), kept across restarts.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub relay_args: Vec<String>,
 }
 
 fn default_routing() -> String {
@@ -65,6 +68,10 @@ pub struct WorldState {
     pub peer_ports: Vec<u16>,
     /// Its server's pid.
     pub server_pid: Option<u32>,
+    /// Addresses of the outside host in other /16s, which no workload of the lab uses: a
+    /// destination that is new to every baseline (absent in older labs).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub other_ips: Vec<String>,
 }
 
 impl WorldState {

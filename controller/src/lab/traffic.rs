@@ -26,7 +26,7 @@ use super::state::{self, LabPaths, LabState};
 use super::{pod, LabError, Output};
 
 /// How long one call may take to connect or answer.
-const CALL_TIMEOUT: Duration = Duration::from_secs(2);
+pub(super) const CALL_TIMEOUT: Duration = Duration::from_secs(2);
 /// Workers executing requests concurrently.
 const WORKERS: usize = 6;
 /// At most this many replicas of a scalable workload.
@@ -258,9 +258,16 @@ pub struct TrafficArgs {
     /// Mean time between churn events (scale up, scale down, rolling restart).
     #[arg(long, value_parser = parse_duration, default_value = "6s")]
     pub churn_every: Duration,
-    /// No churn: the replicas stay as they are.
+    /// No churn: the replicas stay as they are (`lab traffic scale`/`roll` still work).
     #[arg(long)]
     pub no_churn: bool,
+    /// Bytes of each upload `orders` sends the payment provider (TCP 80 on the outside
+    /// host), steadily, whatever the load: the shop's known outside byte rate. 0: none.
+    #[arg(long, default_value_t = 4096)]
+    pub upload_bytes: u64,
+    /// Time between two uploads.
+    #[arg(long, value_parser = parse_duration, default_value = "1s")]
+    pub upload_every: Duration,
 }
 
 /// `lab traffic` subcommands.
@@ -302,6 +309,32 @@ pub enum TrafficCommand {
         #[arg(long, default_value_t = 1)]
         seed: u64,
     },
+    /// Multiply the running generator's request rate by FACTOR (1 is the `--rate` given);
+    /// the steady uploads stay as they are.
+    Rate {
+        /// The factor, above 0.
+        factor: f64,
+    },
+    /// Scale a workload (`frontend`, `catalog`, `orders`, or `NAMESPACE/NAME`) to N replicas;
+    /// through the running generator when there is one, so no request is in flight.
+    Scale {
+        /// The workload.
+        workload: String,
+        /// Replicas wanted, 1 to 5.
+        #[arg(value_parser = clap::value_parser!(u8).range(1..=5))]
+        replicas: u8,
+        /// Output format of the event.
+        #[arg(short = 'o', long, value_enum, default_value_t = Output::Table)]
+        output: Output,
+    },
+    /// Roll a workload: every replica replaced by one of a new revision (new pods, new IPs).
+    Roll {
+        /// The workload.
+        workload: String,
+        /// Output format of the event.
+        #[arg(short = 'o', long, value_enum, default_value_t = Output::Table)]
+        output: Output,
+    },
     /// Print the shop's manifests (for `lab up -f` or `lab apply -f`).
     Manifests {
         /// Seed of the pod names.
@@ -311,7 +344,7 @@ pub enum TrafficCommand {
 }
 
 /// `30s`, `2m`, `1m30s`, `500ms`.
-fn parse_duration(text: &str) -> Result<Duration, String> {
+pub(super) fn parse_duration(text: &str) -> Result<Duration, String> {
     let span: jiff::Span = text
         .parse()
         .map_err(|e| format!("{text:?} is not a duration like 30s or 2m: {e}"))?;
@@ -346,7 +379,7 @@ pub struct EdgeStats {
 pub struct Event {
     /// Seconds since the start.
     pub at: f64,
-    /// `scale-up`, `scale-down` or `restart`.
+    /// `scale-up`, `scale-down`, `restart`, or `rate` (the workload is then `-`).
     pub kind: String,
     /// `namespace/name` of the workload.
     pub workload: String,
@@ -354,6 +387,9 @@ pub struct Event {
     pub added: Vec<String>,
     /// Pods removed.
     pub removed: Vec<String>,
+    /// The new factor on the request rate, for `rate` events.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub factor: Option<f64>,
 }
 
 /// A failed call.
@@ -405,6 +441,35 @@ pub struct TrafficStatus {
     pub failures: Vec<Failure>,
     /// The shop's workloads and their pods at the last update.
     pub workloads: Vec<WorkloadStatus>,
+    /// The steady uploads, when there are.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub upload: Option<UploadStatus>,
+    /// The factor on the request rate (`lab traffic rate`).
+    #[serde(default = "one")]
+    pub rate_factor: f64,
+}
+
+fn one() -> f64 {
+    1.0
+}
+
+/// The steady uploads of one workload to the outside host.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct UploadStatus {
+    /// The uploading workload, `namespace/name`.
+    pub workload: String,
+    /// Where to, `IP:PORT`.
+    pub to: String,
+    /// Bytes of each upload.
+    pub bytes: u64,
+    /// Seconds between uploads.
+    pub every: f64,
+    /// The resulting byte rate, bytes per second.
+    pub bytes_per_sec: f64,
+    /// Uploads answered.
+    pub ok: u64,
+    /// Uploads that failed.
+    pub failed: u64,
 }
 
 fn workload_key(w: &WorkloadSpec) -> String {
@@ -638,6 +703,58 @@ fn call(addr: SocketAddr, protocol: CallProtocol) -> Result<(), String> {
     }
 }
 
+/// Sends `bytes` bytes of payload over one TCP connection to an echo server, from the
+/// calling thread's namespace, reading the echo meanwhile (so neither side blocks on a full
+/// buffer); returns the bytes echoed back. The payload starts like an HTTP upload.
+pub(super) fn upload(addr: SocketAddr, bytes: u64, timeout: Duration) -> Result<u64, String> {
+    let mut s = TcpStream::connect_timeout(&addr, timeout).map_err(|e| format!("connect: {e}"))?;
+    s.set_read_timeout(Some(timeout)).map_err(|e| e.to_string())?;
+    s.set_write_timeout(Some(timeout)).map_err(|e| e.to_string())?;
+    let mut reader = s.try_clone().map_err(|e| e.to_string())?;
+    std::thread::scope(|scope| {
+        let echoed = scope.spawn(move || {
+            let mut buf = [0u8; 16384];
+            let mut total = 0u64;
+            loop {
+                match reader.read(&mut buf) {
+                    Ok(0) => return Ok(total),
+                    Ok(n) => total += n as u64,
+                    Err(e) => return Err(format!("receive: {e}")),
+                }
+            }
+        });
+        let header = format!("POST /pay HTTP/1.0\r\nContent-Length: {bytes}\r\n\r\n");
+        let mut chunk = [b'x'; 16384];
+        let head = header.len().min(chunk.len());
+        let mut left = bytes;
+        let mut first = true;
+        let sent: Result<(), String> = loop {
+            if left == 0 {
+                break Ok(());
+            }
+            if first {
+                chunk[..head].copy_from_slice(&header.as_bytes()[..head]);
+            }
+            let n = left.min(chunk.len() as u64) as usize;
+            if let Err(e) = s.write_all(&chunk[..n]) {
+                break Err(format!("send: {e}"));
+            }
+            if first {
+                chunk[..head].fill(b'x');
+                first = false;
+            }
+            left -= n as u64;
+        };
+        let _ = s.shutdown(std::net::Shutdown::Write);
+        let echoed = echoed.join().unwrap_or_else(|_| Err("reader panicked".into()));
+        sent?;
+        match echoed? {
+            n if n == bytes => Ok(n),
+            n => Err(format!("{n} of {bytes} bytes echoed")),
+        }
+    })
+}
+
 /// What a request does: its kind and one random number per call to pick the replica.
 #[derive(Clone, Debug)]
 struct Plan {
@@ -758,6 +875,12 @@ fn save_status(paths: &LabPaths, status: &TrafficStatus) -> Result<(), LabError>
     state::write_atomic(&status_path(paths), &bytes)
 }
 
+/// The steady uploads of the generator running or last run: (bytes per second, interval).
+pub(super) fn upload_settings(paths: &LabPaths) -> Option<(f64, Duration)> {
+    let u = load_status(paths)?.upload?;
+    Some((u.bytes_per_sec, Duration::from_secs_f64(u.every.max(0.0))))
+}
+
 fn load_status(paths: &LabPaths) -> Option<TrafficStatus> {
     serde_json::from_slice(&std::fs::read(status_path(paths)).ok()?).ok()
 }
@@ -774,6 +897,92 @@ fn workloads_status(shop: &Shop) -> Vec<WorkloadStatus> {
         .collect()
 }
 
+/// A change of a workload's pods: pods to add (name, revision) and pods to remove.
+#[derive(Clone, Debug, Default)]
+struct Change {
+    kind: &'static str,
+    added: Vec<(String, String)>,
+    removed: Vec<String>,
+}
+
+fn poisoned() -> LabError {
+    LabError::AgentFailed {
+        node: "-".into(),
+        message: "traffic state poisoned".into(),
+    }
+}
+
+/// Applies a change to workload `i` while no request is in flight (the caller holds the
+/// shop's write lock) and reads the shop back.
+fn apply_change(paths: &LabPaths, shop: &mut Shop, i: usize, change: Change, started: Instant) -> Result<Event, LabError> {
+    let w = &WORKLOADS[i];
+    let mut text = String::new();
+    for (name, hash) in &change.added {
+        text.push_str(&pod_yaml(w, name, Some(hash)));
+    }
+    if !text.is_empty() {
+        apply_text(paths, &text)?;
+    }
+    if !change.removed.is_empty() {
+        delete_pods(paths, &change.removed)?;
+    }
+    let state = paths.load_up()?;
+    *shop = discover(paths, &state)?;
+    let added = change
+        .added
+        .iter()
+        .map(|(name, _)| {
+            let ip = state.pod(w.namespace, name).and_then(|p| p.ip.clone()).unwrap_or_default();
+            format!("{}/{name} {ip}", w.namespace)
+        })
+        .collect();
+    Ok(Event {
+        at: started.elapsed().as_secs_f64(),
+        kind: change.kind.into(),
+        workload: workload_key(w),
+        added,
+        removed: change.removed,
+        factor: None,
+    })
+}
+
+/// A rollout of workload `i`: every replica replaced by one of a new revision.
+fn roll_change(shop: &Shop, i: usize, rng: &mut Rng) -> Change {
+    let w = &WORKLOADS[i];
+    let revision = rng.suffix();
+    let current = &shop.replicas[i];
+    Change {
+        kind: "restart",
+        added: (0..current.len().max(1))
+            .map(|_| (format!("{}-{revision}-{}", w.name, rng.suffix()), revision.clone()))
+            .collect(),
+        removed: current.iter().map(|r| r.key.clone()).collect(),
+    }
+}
+
+/// Workload `i` scaled to `n` replicas: new ones of its current revision, or the last ones
+/// removed.
+fn scale_change(shop: &Shop, i: usize, n: usize, rng: &mut Rng) -> Change {
+    let w = &WORKLOADS[i];
+    let current = &shop.replicas[i];
+    let revision = shop.revisions[i].clone().unwrap_or_else(|| rng.suffix());
+    if n >= current.len() {
+        Change {
+            kind: "scale-up",
+            added: (current.len()..n)
+                .map(|_| (format!("{}-{revision}-{}", w.name, rng.suffix()), revision.clone()))
+                .collect(),
+            removed: Vec::new(),
+        }
+    } else {
+        Change {
+            kind: "scale-down",
+            added: Vec::new(),
+            removed: current[n..].iter().map(|r| r.key.clone()).collect(),
+        }
+    }
+}
+
 /// A churn event: scale a workload up or down, or roll it; runs while no request is in flight.
 /// The first event of a run always adds pods (a scale-up, or a rollout at the maximum), so
 /// every run with churn meets new pod addresses.
@@ -785,54 +994,34 @@ fn churn(paths: &LabPaths, shop: &RwLock<Shop>, rng: &mut Rng, started: Instant,
     let new_revision = rng.suffix();
     let w = &WORKLOADS[i];
     // Waits for the requests in flight; new ones wait for the change.
-    let mut guard = shop.write().map_err(|_| LabError::AgentFailed {
-        node: "-".into(),
-        message: "traffic state poisoned".into(),
-    })?;
+    let mut guard = shop.write().map_err(|_| poisoned())?;
     let current = guard.replicas[i].clone();
     let revision = guard.revisions[i].clone().unwrap_or_else(|| new_revision.clone());
-    let (kind, added_names, removed): (&str, Vec<(String, String)>, Vec<String>) =
-        if current.len() < MAX_REPLICAS && (first || roll < 0.4 || (current.len() <= 1 && roll < 0.7)) {
-            let name = format!("{}-{revision}-{name_suffix}", w.name);
-            ("scale-up", vec![(name, revision)], Vec::new())
-        } else if !first && roll < 0.7 && current.len() > 1 {
-            let victim = current[rng.below(current.len())].key.clone();
-            ("scale-down", Vec::new(), vec![victim])
-        } else {
-            // A rollout: every replica replaced by one of the new revision.
-            let mut added = Vec::new();
-            let mut suffix = Rng::new(rng.next_u64());
-            for _ in &current {
-                added.push((format!("{}-{new_revision}-{}", w.name, suffix.suffix()), new_revision.clone()));
-            }
-            ("restart", added, current.iter().map(|r| r.key.clone()).collect())
-        };
-    let mut text = String::new();
-    for (name, hash) in &added_names {
-        text.push_str(&pod_yaml(w, name, Some(hash)));
-    }
-    if !text.is_empty() {
-        apply_text(paths, &text)?;
-    }
-    if !removed.is_empty() {
-        delete_pods(paths, &removed)?;
-    }
-    let state = paths.load_up()?;
-    *guard = discover(paths, &state)?;
-    let added = added_names
-        .iter()
-        .map(|(name, _)| {
-            let ip = state.pod(w.namespace, name).and_then(|p| p.ip.clone()).unwrap_or_default();
-            format!("{}/{name} {ip}", w.namespace)
-        })
-        .collect();
-    Ok(Some(Event {
-        at: started.elapsed().as_secs_f64(),
-        kind: kind.into(),
-        workload: workload_key(w),
-        added,
-        removed,
-    }))
+    let change = if current.len() < MAX_REPLICAS && (first || roll < 0.4 || (current.len() <= 1 && roll < 0.7)) {
+        Change {
+            kind: "scale-up",
+            added: vec![(format!("{}-{revision}-{name_suffix}", w.name), revision)],
+            removed: Vec::new(),
+        }
+    } else if !first && roll < 0.7 && current.len() > 1 {
+        Change {
+            kind: "scale-down",
+            added: Vec::new(),
+            removed: vec![current[rng.below(current.len())].key.clone()],
+        }
+    } else {
+        // A rollout: every replica replaced by one of the new revision.
+        let mut suffix = Rng::new(rng.next_u64());
+        Change {
+            kind: "restart",
+            added: current
+                .iter()
+                .map(|_| (format!("{}-{new_revision}-{}", w.name, suffix.suffix()), new_revision.clone()))
+                .collect(),
+            removed: current.iter().map(|r| r.key.clone()).collect(),
+        }
+    };
+    apply_change(paths, &mut guard, i, change, started).map(Some)
 }
 
 /// Whether the generator should stop: asked to, or the lab went away.
@@ -840,19 +1029,225 @@ fn should_stop(paths: &LabPaths) -> bool {
     stop_path(paths).exists() || !paths.state().exists()
 }
 
+/// A request to the running generator (`lab traffic rate|scale|roll`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+enum Control {
+    /// Set the factor on the request rate.
+    Rate { factor: f64 },
+    /// Scale a workload.
+    Scale { workload: usize, replicas: usize },
+    /// Roll a workload.
+    Roll { workload: usize },
+}
+
+/// The generator's answer to a [`Control`].
+#[derive(Clone, Debug, Serialize, Deserialize)]
+struct ControlDone {
+    event: Option<Event>,
+    error: Option<String>,
+}
+
+fn control_dir(paths: &LabPaths) -> PathBuf {
+    dir(paths).join("control")
+}
+
+/// The requests waiting, oldest first: (id, request).
+fn pending_controls(paths: &LabPaths) -> Vec<(String, Control)> {
+    let Ok(entries) = std::fs::read_dir(control_dir(paths)) else {
+        return Vec::new();
+    };
+    let mut out: Vec<(String, Control)> = entries
+        .filter_map(|e| {
+            let name = e.ok()?.file_name().into_string().ok()?;
+            let id = name.strip_prefix("req-")?.strip_suffix(".json")?.to_string();
+            let bytes = std::fs::read(control_dir(paths).join(&name)).ok()?;
+            Some((id, serde_json::from_slice(&bytes).ok()?))
+        })
+        .collect();
+    out.sort_by(|a, b| a.0.cmp(&b.0));
+    out
+}
+
+/// Carries out one request on the shop; the event it made.
+fn do_control(paths: &LabPaths, shop: &RwLock<Shop>, control: &Control, rng: &mut Rng, started: Instant) -> Result<Event, LabError> {
+    match *control {
+        Control::Rate { factor } => Ok(Event {
+            at: started.elapsed().as_secs_f64(),
+            kind: "rate".into(),
+            workload: "-".into(),
+            added: Vec::new(),
+            removed: Vec::new(),
+            factor: Some(factor),
+        }),
+        Control::Scale { workload, replicas } => {
+            let mut guard = shop.write().map_err(|_| poisoned())?;
+            let change = scale_change(&guard, workload, replicas, rng);
+            apply_change(paths, &mut guard, workload, change, started)
+        }
+        Control::Roll { workload } => {
+            let mut guard = shop.write().map_err(|_| poisoned())?;
+            let change = roll_change(&guard, workload, rng);
+            apply_change(paths, &mut guard, workload, change, started)
+        }
+    }
+}
+
+/// Sends a request to the running generator and waits for its answer; without a running
+/// generator, carries it out here (a rate needs a generator).
+fn send_control(paths: &LabPaths, control: Control) -> Result<Event, LabError> {
+    let unsupported = |message: String| LabError::Unsupported {
+        object: "lab traffic".into(),
+        message,
+    };
+    let running = load_status(paths).is_some_and(|s| s.running && alive(s.pid));
+    if !running {
+        if matches!(control, Control::Rate { .. }) {
+            return Err(unsupported("no generator is running: `bulkhead lab traffic start` first".into()));
+        }
+        let shop = RwLock::new(discover(paths, &paths.load_up()?)?);
+        let mut rng = Rng::new(u64::from(std::process::id()) ^ now_nanos());
+        return do_control(paths, &shop, &control, &mut rng, Instant::now());
+    }
+    state::create_dir(&control_dir(paths))?;
+    let id = format!("{:020}-{}", now_nanos(), std::process::id());
+    let req = control_dir(paths).join(format!("req-{id}.json"));
+    let done = control_dir(paths).join(format!("done-{id}.json"));
+    let bytes = serde_json::to_vec(&control).map_err(|source| LabError::State { path: req.clone(), source })?;
+    state::write_atomic(&req, &bytes)?;
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        if let Some(answer) = std::fs::read(&done)
+            .ok()
+            .and_then(|b| serde_json::from_slice::<ControlDone>(&b).ok())
+        {
+            let _ = std::fs::remove_file(&done);
+            return match (answer.event, answer.error) {
+                (Some(event), _) => Ok(event),
+                (None, e) => Err(unsupported(e.unwrap_or_else(|| "the generator gave no answer".into()))),
+            };
+        }
+        let gone = !load_status(paths).is_some_and(|s| s.running && alive(s.pid));
+        if gone || Instant::now() > deadline {
+            let _ = std::fs::remove_file(&req);
+            return Err(unsupported(format!(
+                "the generator {} before carrying out the request",
+                if gone { "stopped" } else { "did not answer in 120 s" }
+            )));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn now_nanos() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or_default()
+}
+
+/// The workload named `text` (`orders` or `shop-api/orders`), when it can be scaled.
+fn scalable_workload(text: &str) -> Result<usize, LabError> {
+    WORKLOADS
+        .iter()
+        .position(|w| w.scalable && (text == w.name || text == workload_key(w)))
+        .ok_or_else(|| LabError::Unsupported {
+            object: format!("workload {text}"),
+            message: format!(
+                "not a scalable workload of the shop (one of {})",
+                WORKLOADS
+                    .iter()
+                    .filter(|w| w.scalable)
+                    .map(workload_key)
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        })
+}
+
+/// The steady uploads: one every `args.upload_every`, from the `orders` replicas in turn to
+/// the payment provider, until `stop` is set.
+fn uploader(args: &TrafficArgs, shop: &RwLock<Shop>, tally: &Mutex<Tally>, stop: &std::sync::atomic::AtomicBool, started: Instant) {
+    let every = args.upload_every.max(Duration::from_millis(10));
+    let mut next = Instant::now();
+    let mut turn = 0usize;
+    let call = Call {
+        from: ORDERS,
+        to: Callee::World,
+    };
+    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+        let now = Instant::now();
+        if now < next {
+            std::thread::sleep((next - now).min(Duration::from_millis(100)));
+            continue;
+        }
+        next += every;
+        let Ok(s) = shop.read() else { return };
+        let (Some(world), false) = (s.world, s.replicas[ORDERS].is_empty()) else {
+            continue;
+        };
+        let from = &s.replicas[ORDERS][turn % s.replicas[ORDERS].len()];
+        turn += 1;
+        let addr = SocketAddr::from((world, WORLD_PORT));
+        let result = netns::run_in(&netns::named_path(&from.netns), || upload(addr, args.upload_bytes, CALL_TIMEOUT))
+            .unwrap_or_else(|e| Err(e.to_string()));
+        let Ok(mut t) = tally.lock() else { return };
+        let i = edge_index(&mut t.status, &call);
+        let ok = result.is_ok();
+        if let Some(u) = t.status.upload.as_mut() {
+            if ok {
+                u.ok += 1;
+            } else {
+                u.failed += 1;
+            }
+        }
+        match result {
+            Ok(_) => {
+                t.status.edges[i].ok += 1;
+                t.status.ok += 1;
+            }
+            Err(error) => {
+                t.status.edges[i].failed += 1;
+                t.status.failed += 1;
+                if t.status.failures.len() < KEPT_FAILURES {
+                    t.status.failures.push(Failure {
+                        at: started.elapsed().as_secs_f64(),
+                        from: from.key.clone(),
+                        to: format!("{addr}/TCP (upload)"),
+                        error,
+                    });
+                }
+            }
+        }
+    }
+}
+
 /// The foreground generator: deploys, makes traffic until the deadline or a stop, returns
 /// the final counts (also saved in `status.json`).
 pub fn generate(paths: &LabPaths, args: &TrafficArgs, notify_ready: bool) -> Result<TrafficStatus, LabError> {
     state::create_dir(&dir(paths))?;
+    let _ = std::fs::remove_dir_all(control_dir(paths));
     let shop = deploy(paths, args.seed)?;
     let started = Instant::now();
     let mut rng = Rng::new(args.seed);
+    let upload = (args.upload_bytes > 0).then_some(shop.world).flatten().map(|world| UploadStatus {
+        workload: workload_key(&WORKLOADS[ORDERS]),
+        to: SocketAddr::from((world, WORLD_PORT)).to_string(),
+        bytes: args.upload_bytes,
+        every: args.upload_every.as_secs_f64(),
+        bytes_per_sec: args.upload_bytes as f64 / args.upload_every.as_secs_f64().max(0.01),
+        ok: 0,
+        failed: 0,
+    });
+    let uploading = upload.is_some();
     let tally = Arc::new(Mutex::new(Tally {
         status: TrafficStatus {
             running: true,
             pid: std::process::id(),
             seed: args.seed,
             workloads: workloads_status(&shop),
+            upload,
+            rate_factor: 1.0,
             ..TrafficStatus::default()
         },
     }));
@@ -881,20 +1276,58 @@ pub fn generate(paths: &LabPaths, args: &TrafficArgs, notify_ready: bool) -> Res
             })
         })
         .collect();
+    let stop_uploads = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let upload_thread = uploading.then(|| {
+        let (shop, tally, stop, args) = (Arc::clone(&shop), Arc::clone(&tally), Arc::clone(&stop_uploads), args.clone());
+        std::thread::spawn(move || uploader(&args, &shop, &tally, &stop, started))
+    });
     let deadline = args.duration.map(|d| started + d);
     let churn_mean = args.churn_every.as_secs_f64().max(0.5);
     // Churn has its own generator: the same seed gives the same events, however many
     // requests the timing let through before each.
     let mut churn_rng = Rng::new(args.seed.rotate_left(17) ^ 0xc4e5);
+    let mut control_rng = Rng::new(args.seed.rotate_left(29) ^ 0xc0de);
     let mut next_churn = started + Duration::from_secs_f64(churn_mean * (0.5 + churn_rng.unit()));
     let mut churned = 0usize;
     let mut next_save = Instant::now() + Duration::from_secs(1);
+    let mut next_request = Instant::now();
+    let mut rate_factor = 1.0f64;
     let mut sent: u64 = 0;
     let mut churn_error = None;
     loop {
         let now = Instant::now();
         if deadline.is_some_and(|d| now >= d) || should_stop(paths) {
             break;
+        }
+        for (id, control) in pending_controls(paths) {
+            let _ = std::fs::remove_file(control_dir(paths).join(format!("req-{id}.json")));
+            let result = do_control(paths, &shop, &control, &mut control_rng, started);
+            if let (Ok(_), Control::Rate { factor }) = (&result, &control) {
+                rate_factor = *factor;
+            }
+            let done = match result {
+                Ok(event) => {
+                    if let (Ok(mut t), Ok(s)) = (tally.lock(), shop.read()) {
+                        t.status.events.push(event.clone());
+                        t.status.workloads = workloads_status(&s);
+                        t.status.rate_factor = rate_factor;
+                        // Saved before the answer, so the caller reads the shop it asked for.
+                        t.status.elapsed = started.elapsed().as_secs_f64();
+                        let _ = save_status(paths, &t.status);
+                    }
+                    ControlDone {
+                        event: Some(event),
+                        error: None,
+                    }
+                }
+                Err(e) => ControlDone {
+                    event: None,
+                    error: Some(crate::error_chain(&e)),
+                },
+            };
+            if let Ok(bytes) = serde_json::to_vec(&done) {
+                let _ = state::write_atomic(&control_dir(paths).join(format!("done-{id}.json")), &bytes);
+            }
         }
         if !args.no_churn && now >= next_churn {
             churned += 1;
@@ -913,19 +1346,26 @@ pub fn generate(paths: &LabPaths, args: &TrafficArgs, notify_ready: bool) -> Res
             }
             next_churn = Instant::now() + Duration::from_secs_f64(churn_mean * (0.5 + churn_rng.unit()));
         }
-        // The first requests are one of each kind, so every edge is exercised early.
-        let burst = if rng.unit() < 0.05 { 3 + rng.below(4) } else { 1 };
-        for _ in 0..burst {
-            let kind = if (sent as usize) < KINDS.len() {
-                sent as usize
-            } else {
-                pick_kind(&mut rng)
-            };
-            let picks = (0..KINDS[kind].2.len()).map(|_| rng.next_u64()).collect();
-            if tx.send(Plan { kind, picks }).is_err() {
-                break;
+        if Instant::now() >= next_request {
+            // The first requests are one of each kind, so every edge is exercised early.
+            let burst = if rng.unit() < 0.05 { 3 + rng.below(4) } else { 1 };
+            for _ in 0..burst {
+                let kind = if (sent as usize) < KINDS.len() {
+                    sent as usize
+                } else {
+                    pick_kind(&mut rng)
+                };
+                let picks = (0..KINDS[kind].2.len()).map(|_| rng.next_u64()).collect();
+                if tx.send(Plan { kind, picks }).is_err() {
+                    break;
+                }
+                sent += 1;
             }
-            sent += 1;
+            // A day in 20 s: the rate swings between half and one and a half of the mean.
+            let phase = started.elapsed().as_secs_f64() / 20.0 * std::f64::consts::TAU;
+            let rate = (args.rate * rate_factor * (1.0 + 0.5 * phase.sin())).max(0.1);
+            let wait = -(1.0 - rng.unit()).ln() / rate;
+            next_request = Instant::now() + Duration::from_secs_f64(wait.min(2.0));
         }
         if let Ok(mut t) = tally.lock() {
             t.status.requests = sent;
@@ -935,15 +1375,17 @@ pub fn generate(paths: &LabPaths, args: &TrafficArgs, notify_ready: bool) -> Res
                 next_save = Instant::now() + Duration::from_secs(1);
             }
         }
-        // A day in 20 s: the rate swings between half and one and a half of the mean.
-        let phase = started.elapsed().as_secs_f64() / 20.0 * std::f64::consts::TAU;
-        let rate = (args.rate * (1.0 + 0.5 * phase.sin())).max(0.1);
-        let wait = -(1.0 - rng.unit()).ln() / rate;
-        std::thread::sleep(Duration::from_secs_f64(wait.min(2.0)));
+        // Wake for the next request, and at least every 100 ms for requests and a stop.
+        let now = Instant::now();
+        std::thread::sleep(next_request.saturating_duration_since(now).min(Duration::from_millis(100)));
     }
     drop(tx);
     for w in workers {
         let _ = w.join();
+    }
+    stop_uploads.store(true, std::sync::atomic::Ordering::Relaxed);
+    if let Some(t) = upload_thread {
+        let _ = t.join();
     }
     let mut status = tally.lock().map(|t| t.status.clone()).unwrap_or_default();
     status.running = false;
@@ -993,6 +1435,12 @@ fn print_status(status: &TrafficStatus, output: Output) {
                 status.failed,
                 status.events.len()
             );
+            if let Some(u) = &status.upload {
+                println!(
+                    "uploads {} -> {}: {} bytes every {:.2}s ({:.0} B/s), {} ok, {} failed; rate x{}",
+                    u.workload, u.to, u.bytes, u.every, u.bytes_per_sec, u.ok, u.failed, status.rate_factor
+                );
+            }
             println!("{:<20} {:<20} {:<10} {:>7} {:>7}", "FROM", "TO", "PORT", "OK", "FAILED");
             for e in &status.edges {
                 let proto = match e.protocol {
@@ -1015,6 +1463,13 @@ fn print_status(status: &TrafficStatus, output: Output) {
                 println!("{:>6.1}s failed {} -> {}: {}", f.at, f.from, f.to, f.error);
             }
         }
+    }
+}
+
+fn print_event(event: &Event, output: Output) {
+    match output {
+        Output::Json => println!("{}", serde_json::to_string_pretty(event).unwrap_or_default()),
+        Output::Table => println!("{} {}: +{:?} -{:?}", event.kind, event.workload, event.added, event.removed),
     }
 }
 
@@ -1054,6 +1509,10 @@ fn start(paths: &LabPaths, args: &TrafficArgs) -> Result<u32, LabError> {
     if args.no_churn {
         cmd.arg("--no-churn");
     }
+    cmd.arg("--upload-bytes")
+        .arg(args.upload_bytes.to_string())
+        .arg("--upload-every")
+        .arg(format!("{}ms", args.upload_every.as_millis()));
     use std::os::unix::process::CommandExt;
     cmd.stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::piped())
@@ -1153,6 +1612,42 @@ pub fn run(paths: &LabPaths, command: TrafficCommand) -> Result<i32, LabError> {
             }
             Ok(0)
         }
+        TrafficCommand::Rate { factor } => {
+            if !(factor.is_finite() && factor > 0.0) {
+                return Err(LabError::Unsupported {
+                    object: "lab traffic rate".into(),
+                    message: format!("{factor} is not a factor above 0"),
+                });
+            }
+            paths.load_up()?;
+            send_control(paths, Control::Rate { factor })?;
+            println!("traffic rate x{factor}");
+            Ok(0)
+        }
+        TrafficCommand::Scale {
+            workload,
+            replicas,
+            output,
+        } => {
+            paths.load_up()?;
+            let workload = scalable_workload(&workload)?;
+            let event = send_control(
+                paths,
+                Control::Scale {
+                    workload,
+                    replicas: usize::from(replicas),
+                },
+            )?;
+            print_event(&event, output);
+            Ok(0)
+        }
+        TrafficCommand::Roll { workload, output } => {
+            paths.load_up()?;
+            let workload = scalable_workload(&workload)?;
+            let event = send_control(paths, Control::Roll { workload })?;
+            print_event(&event, output);
+            Ok(0)
+        }
         TrafficCommand::Manifests { seed } => {
             print!("{}", manifests(seed));
             Ok(0)
@@ -1216,6 +1711,57 @@ mod tests {
         for (_, _, calls) in KINDS {
             assert_eq!(calls[0].from, LOADGEN);
         }
+    }
+
+    #[test]
+    fn scale_and_roll_make_the_pods_they_say() {
+        let mut shop = Shop {
+            replicas: vec![Vec::new(); WORKLOADS.len()],
+            revisions: vec![None; WORKLOADS.len()],
+            ..Shop::default()
+        };
+        shop.replicas[FRONTEND] = ["shop-web/frontend-aaaaa-00001", "shop-web/frontend-aaaaa-00002"]
+            .iter()
+            .map(|k| Replica {
+                key: k.to_string(),
+                netns: "n".into(),
+            })
+            .collect();
+        shop.revisions[FRONTEND] = Some("aaaaa".into());
+        let mut rng = Rng::new(1);
+        let up = scale_change(&shop, FRONTEND, 4, &mut rng);
+        assert_eq!(up.kind, "scale-up");
+        assert_eq!(up.added.len(), 2);
+        assert!(
+            up.added.iter().all(|(n, h)| n.starts_with("frontend-aaaaa-") && h == "aaaaa"),
+            "{up:?}"
+        );
+        assert!(up.removed.is_empty());
+        let down = scale_change(&shop, FRONTEND, 1, &mut rng);
+        assert_eq!(down.kind, "scale-down");
+        assert!(down.added.is_empty());
+        assert_eq!(down.removed, ["shop-web/frontend-aaaaa-00002"]);
+        assert!(scale_change(&shop, FRONTEND, 2, &mut rng).added.is_empty());
+        let roll = roll_change(&shop, FRONTEND, &mut rng);
+        assert_eq!(roll.kind, "restart");
+        assert_eq!(roll.removed.len(), 2);
+        assert_eq!(roll.added.len(), 2);
+        assert!(
+            roll.added
+                .iter()
+                .all(|(n, h)| h != "aaaaa" && n.starts_with(&format!("frontend-{h}-"))),
+            "{roll:?}"
+        );
+        assert_ne!(roll.added[0].0, roll.added[1].0);
+
+        assert_eq!(scalable_workload("orders").unwrap(), ORDERS);
+        assert_eq!(scalable_workload("shop-web/frontend").unwrap(), FRONTEND);
+        assert!(scalable_workload("postgres").is_err());
+        assert!(scalable_workload("shop-api/frontend").is_err());
+        let c = Control::Scale { workload: 1, replicas: 3 };
+        let text = serde_json::to_string(&c).unwrap();
+        assert_eq!(text, r#"{"op":"scale","workload":1,"replicas":3}"#);
+        assert_eq!(serde_json::from_str::<Control>(&text).unwrap(), c);
     }
 
     #[test]

@@ -8,7 +8,9 @@ use bulkhead_hostnet::netlink;
 use bulkhead_hostnet::netns;
 use ipnetwork::Ipv4Network;
 
-use super::node::{in_netns, link_up, UNDERLAY_BRIDGE};
+use netlink_packet_route::route::RouteScope;
+
+use super::node::{in_netns, link_up, UNDERLAY_BRIDGE, UNDERLAY_IFNAME};
 use super::serve::{self, Ports};
 use super::state::{LabPaths, LabState, WorldState};
 use super::LabError;
@@ -25,6 +27,24 @@ const WORLD_HOST: u32 = 254;
 const BRIDGE_PORT: &str = "ul-world";
 /// Its interface.
 const IFNAME: &str = "eth0";
+/// Where the outside host's other address may live: the documentation ranges (RFC 5737),
+/// never routed on the internet, each in another /16 than the underlay and the cluster.
+const OTHER_RANGES: [[u8; 3]; 3] = [[203, 0, 113], [198, 51, 100], [192, 0, 2]];
+/// Host number of the outside host's other address in its /24.
+const OTHER_HOST: u8 = 7;
+
+/// The outside host's other address: in the first documentation /24 that overlaps no host
+/// route, so a packet to it can only mean the lab's outside host. `None` when all overlap.
+pub fn pick_other_ip(routes: &[Ipv4Network]) -> Option<Ipv4Addr> {
+    OTHER_RANGES
+        .iter()
+        .filter_map(|[a, b, c]| Ipv4Network::new(Ipv4Addr::new(*a, *b, *c, 0), 24).ok())
+        .find(|n| !routes.iter().any(|r| r.overlaps(*n)))
+        .map(|n| {
+            let [a, b, c, _] = n.network().octets();
+            Ipv4Addr::new(a, b, c, OTHER_HOST)
+        })
+}
 
 /// The first 10.255.N.0/24 that overlaps neither the cluster CIDR nor any host route: the
 /// underlay, where nodes and the outside host live.
@@ -44,14 +64,20 @@ pub fn node_ip(underlay: Ipv4Network, i: usize) -> Option<Ipv4Addr> {
 }
 
 /// What the outside host of lab `id` will be, before anything is made.
-pub fn plan(id: &str, underlay: Ipv4Network) -> WorldState {
+pub fn plan(id: &str, underlay: Ipv4Network, other: Option<Ipv4Addr>) -> WorldState {
     WorldState {
         netns: format!("bh{id}-{WORLD}"),
         ip: underlay.nth(WORLD_HOST).map(|ip| ip.to_string()).unwrap_or_default(),
         echo_ports: ECHO_PORTS.to_vec(),
         peer_ports: vec![PEER_PORT],
         server_pid: None,
+        other_ips: other.into_iter().map(|ip| ip.to_string()).collect(),
     }
+}
+
+/// The file where the outside host's server keeps the bytes it received.
+pub fn received_file(paths: &LabPaths) -> std::path::PathBuf {
+    paths.dir.join("world-received.json")
 }
 
 /// Creates the outside host on the underlay and starts its server; saves its pid.
@@ -85,10 +111,36 @@ pub fn setup(paths: &LabPaths, state: &mut LabState, underlay: Ipv4Network) -> R
         netlink::ensure_address(&h, link.index, ip, underlay.prefix()).await?;
         netlink::set_up(&h, link.index, IFNAME).await
     })?;
+    let others: Vec<Ipv4Addr> = world.other_ips.iter().filter_map(|s| s.parse().ok()).collect();
+    if !others.is_empty() {
+        let others = others.as_slice();
+        in_netns(netns_name, |h| async move {
+            let lo = netlink::require_link(&h, "lo", netns_name).await?;
+            for other in others {
+                netlink::ensure_address(&h, lo.index, *other, 32).await?;
+            }
+            Ok(())
+        })?;
+        // Each machine's route to that part of the internet: through the outside host, its
+        // gateway. Machine configuration, as a cloud's route table; the agents still own
+        // every pod route and the masquerade.
+        for node in &state.nodes {
+            let netns_node = node.netns.as_str();
+            in_netns(netns_node, |h| async move {
+                let link = netlink::require_link(&h, UNDERLAY_IFNAME, netns_node).await?;
+                for other in others {
+                    let [a, b, c, _] = other.octets();
+                    netlink::ensure_route(&h, Ipv4Addr::new(a, b, c, 0), 24, link.index, Some(ip), RouteScope::Universe).await?;
+                }
+                Ok(())
+            })?;
+        }
+    }
     let ports = Ports {
         tcp_echo: world.echo_ports.clone(),
         tcp_peer: world.peer_ports.clone(),
         udp: world.echo_ports.clone(),
+        count_file: Some(received_file(paths)),
         ..Ports::default()
     };
     let pid = serve::spawn(paths, netns_name, WORLD, &ports, &paths.world_log())?;
@@ -96,6 +148,50 @@ pub fn setup(paths: &LabPaths, state: &mut LabState, underlay: Ipv4Network) -> R
         w.server_pid = Some(pid);
     }
     paths.save(state)
+}
+
+/// `lab world -o json`.
+#[derive(Debug, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+struct WorldView {
+    ip: String,
+    other_ips: Vec<String>,
+    ports: Vec<u16>,
+    received: Vec<serve::Received>,
+}
+
+/// `bulkhead lab world`: the outside host's addresses, ports and the bytes it received.
+pub fn print(paths: &LabPaths, state: &LabState, output: super::Output) -> Result<i32, LabError> {
+    let world = state.world.as_ref().ok_or_else(|| LabError::UnknownPod {
+        pod: format!("{WORLD} (this lab has no outside host)"),
+    })?;
+    let view = WorldView {
+        ip: world.ip.clone(),
+        other_ips: world.other_ips.clone(),
+        ports: world.ports(),
+        received: serve::read_received(&received_file(paths)).received,
+    };
+    match output {
+        super::Output::Json => println!("{}", serde_json::to_string_pretty(&view).unwrap_or_default()),
+        super::Output::Table => {
+            let ports: Vec<String> = view.ports.iter().map(u16::to_string).collect();
+            println!(
+                "outside host {WORLD}: {} (other addresses: {}), ports {}",
+                view.ip,
+                if view.other_ips.is_empty() {
+                    "none".to_string()
+                } else {
+                    view.other_ips.join(", ")
+                },
+                ports.join(", ")
+            );
+            println!("{:<24} {:<16} {:>12} {:>11}", "ADDRESS", "FROM", "BYTES", "CONNECTIONS");
+            for r in &view.received {
+                println!("{:<24} {:<16} {:>12} {:>11}", r.address, r.from, r.bytes, r.connections);
+            }
+        }
+    }
+    Ok(0)
 }
 
 #[cfg(test)]
@@ -112,7 +208,10 @@ mod tests {
         let u = r("10.255.0.0/24");
         assert_eq!(node_ip(u, 0), Some(Ipv4Addr::new(10, 255, 0, 1)));
         assert_eq!(node_ip(u, 199), Some(Ipv4Addr::new(10, 255, 0, 200)));
-        let w = plan("ab12", u);
+        let w = plan("ab12", u, pick_other_ip(&[]));
+        assert_eq!(w.other_ips, vec!["203.0.113.7".to_string()]);
+        assert_eq!(pick_other_ip(&[r("203.0.113.0/24")]), Some(Ipv4Addr::new(198, 51, 100, 7)));
+        assert_eq!(pick_other_ip(&[r("192.0.0.0/2"), r("198.0.0.0/8")]), None);
         assert_eq!(w.netns, "bhab12-world");
         assert_eq!(w.ip, "10.255.0.254");
         assert!(!cluster.contains(Ipv4Addr::new(10, 255, 0, 254)));
