@@ -1197,7 +1197,13 @@ fn a_quarantined_endpoint_loses_established_and_new_flows_both_ways_but_not_its_
     // Traffic the node forwards for someone else under its address is not the node's.
     let forwarded = tcp(HOST_MAC, NODE, 5556, POD, 8080);
     assert_eq!(
-        run_marked(&mut f, program_names::TO_POD, &forwarded, bulkhead_common::KUBE_PROXY_MASQ_MARK, DropReason::Quarantined),
+        run_marked(
+            &mut f,
+            program_names::TO_POD,
+            &forwarded,
+            bulkhead_common::KUBE_PROXY_MASQ_MARK,
+            DropReason::Quarantined
+        ),
         TC_ACT_SHOT
     );
     // Without the node exception the node is cut off too.

@@ -185,7 +185,16 @@ fn quarantined_drops(lab: &Lab) -> Vec<serde_json::Value> {
 /// Whether a TCP connection from the node namespace `netns` to `ip:80` completes.
 fn node_connects(netns: &str, ip: Ipv4Addr) -> bool {
     Command::new("ip")
-        .args(["netns", "exec", netns, "timeout", "3", "bash", "-c", &format!("exec 3<>/dev/tcp/{ip}/80")])
+        .args([
+            "netns",
+            "exec",
+            netns,
+            "timeout",
+            "3",
+            "bash",
+            "-c",
+            &format!("exec 3<>/dev/tcp/{ip}/80"),
+        ])
         .status()
         .expect("ip netns exec")
         .success()
@@ -234,7 +243,11 @@ fn quarantine_cuts_a_session_at_once_both_ways_spares_the_node_and_release_resto
             std::thread::sleep(Duration::from_millis(20));
         }
         let after = round_trips.load(Ordering::SeqCst);
-        assert!(after <= at_return + 1, "{} round trips after the command returned", after - at_return);
+        assert!(
+            after <= at_return + 1,
+            "{} round trips after the command returned",
+            after - at_return
+        );
         stop.store(true, Ordering::SeqCst);
     });
 
@@ -250,7 +263,10 @@ fn quarantine_cuts_a_session_at_once_both_ways_spares_the_node_and_release_resto
     // Counted as `quarantined` on both nodes: b's own, and a's dropping its traffic to b.
     let drops = quarantined_drops(&lab);
     let nodes: std::collections::BTreeSet<&str> = drops.iter().filter_map(|f| f["node"].as_str()).collect();
-    assert!(nodes.contains("node0") && nodes.contains("node1"), "quarantined drops by node: {nodes:?}");
+    assert!(
+        nodes.contains("node0") && nodes.contains("node1"),
+        "quarantined drops by node: {nodes:?}"
+    );
 
     // Released: policy alone decides (b admits a, not c).
     let (ok, report, stderr) = quarantine(&lab, &["x/b", "--release"]);
@@ -261,7 +277,10 @@ fn quarantine_cuts_a_session_at_once_both_ways_spares_the_node_and_release_resto
 
     // The label path: relabelling b quarantines it, unlabelling releases it.
     lab.ok(&["apply", "-f", &lab.file("b-label.yaml", &pod("b", "node1", true))]);
-    assert!(settles(&ns("a"), SocketAddr::from((b, 80)), false), "the label did not quarantine b");
+    assert!(
+        settles(&ns("a"), SocketAddr::from((b, 80)), false),
+        "the label did not quarantine b"
+    );
     assert!(!connects(&ns("b"), SocketAddr::from((c, 80))), "a labelled b reached c");
     assert!(node_connects(&format!("bh{id}-node1"), b), "b's node cannot reach the labelled b");
     // A release by command does not lift a label's quarantine, and says so.
@@ -269,7 +288,10 @@ fn quarantine_cuts_a_session_at_once_both_ways_spares_the_node_and_release_resto
     assert!(!ok && stderr.contains("bulkhead.io/quarantine"), "{stderr}");
     assert!(!connects(&ns("a"), SocketAddr::from((b, 80))), "a reached the labelled b");
     lab.ok(&["apply", "-f", &lab.file("b-unlabel.yaml", &pod("b", "node1", false))]);
-    assert!(settles(&ns("a"), SocketAddr::from((b, 80)), true), "removing the label did not release b");
+    assert!(
+        settles(&ns("a"), SocketAddr::from((b, 80)), true),
+        "removing the label did not release b"
+    );
 }
 
 #[test]

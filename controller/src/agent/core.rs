@@ -22,8 +22,8 @@ use bulkhead_common::IpcacheValue;
 
 use super::host::{Dataplane, HostLinks, RegistryStore};
 use super::network::Network;
-use super::registry::{EndpointRecord, Endpoints};
 use super::quarantine::{self, Quarantine};
+use super::registry::{EndpointRecord, Endpoints};
 use super::services::Services;
 use super::AgentError;
 use crate::error_chain;
@@ -159,9 +159,9 @@ impl Agent {
             }
             false => {
                 let delta = self.with_host_addresses(delta);
-                let delta =
-                    self.quarantine
-                        .overlay_delta(delta, self.compiler.state(), &self.applied, &self.cluster, &self.endpoints);
+                let delta = self
+                    .quarantine
+                    .overlay_delta(delta, self.compiler.state(), &self.applied, &self.cluster, &self.endpoints);
                 sync::sync_delta(&mut *self.datapath, &delta)
                     .and_then(|a| sync::sync_services(&mut *self.datapath, &self.applied, &services).map(|b| a + b))
                     .map(|stats| (stats, Written::Delta(delta, Box::new(services))))
@@ -685,10 +685,16 @@ impl Agent {
         }
         if let Err(e) = self.reprogram(Some(Instant::now())) {
             self.metrics.error(e.kind());
-            return refuse(code::AGENT_REJECTED, format!("{pod}: recorded, not in the maps yet (retried): {}", error_chain(&e)));
+            return refuse(
+                code::AGENT_REJECTED,
+                format!("{pod}: recorded, not in the maps yet (retried): {}", error_chain(&e)),
+            );
         }
         if let Some(e) = not_persisted {
-            return refuse(code::AGENT_REJECTED, format!("{pod} is quarantined in the maps but not persisted: {e}"));
+            return refuse(
+                code::AGENT_REJECTED,
+                format!("{pod} is quarantined in the maps but not persisted: {e}"),
+            );
         }
         if release && self.quarantine.by_label(&pod) {
             return refuse(

@@ -58,11 +58,10 @@ impl Quarantine {
         let path = state_dir.join(FILE);
         let requested = match std::fs::read(&path) {
             Ok(bytes) => {
-                let by_text: BTreeMap<String, QuarantineInfo> =
-                    serde_json::from_slice(&bytes).map_err(|e| AgentError::Quarantine {
-                        path: path.clone(),
-                        source: Box::new(e),
-                    })?;
+                let by_text: BTreeMap<String, QuarantineInfo> = serde_json::from_slice(&bytes).map_err(|e| AgentError::Quarantine {
+                    path: path.clone(),
+                    source: Box::new(e),
+                })?;
                 let mut requested = BTreeMap::new();
                 for (text, info) in by_text {
                     let pod: NamespacedName = text.parse().map_err(|e| AgentError::Quarantine {
@@ -74,12 +73,7 @@ impl Quarantine {
                 requested
             }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => BTreeMap::new(),
-            Err(e) => {
-                return Err(AgentError::Quarantine {
-                    path,
-                    source: Box::new(e),
-                })
-            }
+            Err(e) => return Err(AgentError::Quarantine { path, source: Box::new(e) }),
         };
         Ok(Quarantine {
             requested,

@@ -748,11 +748,17 @@ fn quarantine_by_command_and_by_label_reaches_the_maps_and_release_restores_them
     // The local pod: its endpoint flag and its address, in the same answer.
     assert_eq!(quarantine(&mut f, "a", false), Response::Ok);
     assert_eq!(f.maps.held().endpoints[&7].flags, plain.flags | QUARANTINED);
-    assert_eq!(quarantined_addresses(&f), (vec![Ipv4Addr::new(10, 9, 0, 1), Ipv4Addr::new(10, 9, 0, 2)], 2));
+    assert_eq!(
+        quarantined_addresses(&f),
+        (vec![Ipv4Addr::new(10, 9, 0, 1), Ipv4Addr::new(10, 9, 0, 2)], 2)
+    );
     assert_eq!(f.agent.applied, f.maps.held());
     let status = f.agent.status();
     assert_eq!(status.quarantined.keys().collect::<Vec<_>>(), ["x/a", "x/b"]);
-    assert_eq!((status.quarantined["x/a"].by.as_str(), status.quarantined["x/a"].reason.as_str()), ("command", "test"));
+    assert_eq!(
+        (status.quarantined["x/a"].by.as_str(), status.quarantined["x/a"].reason.as_str()),
+        ("command", "test")
+    );
 
     // b also labelled: released by command, it stays quarantined by its label (and says so).
     *f.source.cluster.lock().unwrap() = labelled_model(true);
@@ -848,7 +854,10 @@ fn a_quarantine_that_cannot_be_persisted_still_reaches_the_maps_and_a_release_do
     std::fs::create_dir(&file).unwrap();
     let response = quarantine(&mut f, "b", false);
     assert_eq!(code_of(&response), Some(code::AGENT_REJECTED), "{response:?}");
-    assert!(quarantined_addresses(&f).0.contains(&Ipv4Addr::new(10, 9, 0, 2)), "in the maps all the same");
+    assert!(
+        quarantined_addresses(&f).0.contains(&Ipv4Addr::new(10, 9, 0, 2)),
+        "in the maps all the same"
+    );
     let response = quarantine(&mut f, "a", true);
     assert_eq!(code_of(&response), Some(code::AGENT_REJECTED), "{response:?}");
     assert_eq!(f.maps.held().endpoints[&7].flags & QUARANTINED, QUARANTINED, "not released");

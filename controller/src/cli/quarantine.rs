@@ -156,7 +156,10 @@ mod tests {
     #[test]
     fn the_pod_must_be_namespace_slash_name_and_reason_excludes_release() {
         let ok = Cli::try_parse_from(["q", "x/a", "--reason", "r"]).unwrap();
-        assert_eq!((ok.args.pod, ok.args.reason.as_deref(), ok.args.release), (NamespacedName::new("x", "a"), Some("r"), false));
+        assert_eq!(
+            (ok.args.pod, ok.args.reason.as_deref(), ok.args.release),
+            (NamespacedName::new("x", "a"), Some("r"), false)
+        );
         let bad = Cli::try_parse_from(["q", "a"]).err().unwrap().to_string();
         assert!(bad.contains("NAMESPACE/NAME"), "{bad}");
         assert!(Cli::try_parse_from(["q", "x/a", "--reason", "r", "--release"]).is_err());
@@ -165,8 +168,13 @@ mod tests {
     #[test]
     fn an_agent_that_cannot_be_reached_fails_the_command_and_names_itself() {
         let dir = std::env::temp_dir().join(format!("bh-quar-cli-{}", std::process::id()));
-        let args = Cli::try_parse_from(["q", "x/a", "--socket", dir.join("none.sock").to_str().unwrap()]).unwrap().args;
+        let args = Cli::try_parse_from(["q", "x/a", "--socket", dir.join("none.sock").to_str().unwrap()])
+            .unwrap()
+            .args;
         let err = run(args).unwrap_err().to_string();
-        assert!(err.contains("quarantine x/a failed on 1 of 1") && err.contains("none.sock"), "{err}");
+        assert!(
+            err.contains("quarantine x/a failed on 1 of 1") && err.contains("none.sock"),
+            "{err}"
+        );
     }
 }

@@ -435,7 +435,9 @@ impl MapWriter for BpfMaps {
         absent_ok(self.quarantine.remove(&key)).map_err(map_err("remove", "quarantine"))
     }
     fn set_quarantine_count(&mut self, count: u32) -> Result<(), MapsError> {
-        self.quarantine_count.set(0, count, 0).map_err(map_err("update", "quarantine_count"))
+        self.quarantine_count
+            .set(0, count, 0)
+            .map_err(map_err("update", "quarantine_count"))
     }
 }
 
