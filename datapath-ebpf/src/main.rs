@@ -356,6 +356,10 @@ fn from_pod_flow(
     };
     flow.daddr = l3.daddr;
     flow.dport = l3.dport;
+    // A backend that is a quarantined pod: checked again on the address the VIP became.
+    if peer_quarantined(l3.daddr) {
+        return Err(DropReason::Quarantined);
+    }
     let (pass, _) = admit(ep, direction::EGRESS, &l3, 0, now, flow, ct_flags::service(t.nat.service_id))?;
     if t.new {
         service::record(&t)?;
