@@ -1347,7 +1347,11 @@ fn a_quarantined_backend_is_dropped_after_translation() {
     let records = f.drain();
     assert_eq!(records.len(), 3, "{records:?}");
     assert!(records.iter().all(|r| r.reason == DropReason::Quarantined as u8), "{records:?}");
-    assert_eq!((records[0].daddr, records[0].service_id), (backend_ip(1).octets(), 1), "{records:?}");
+    assert_eq!(
+        (records[0].daddr, records[0].service_id),
+        (backend_ip(1).octets(), 1),
+        "{records:?}"
+    );
     // Released: the VIP works again.
     f.dp.maps.remove_quarantine(backend_ip(1)).unwrap();
     f.dp.maps.set_quarantine_count(0).unwrap();
