@@ -142,7 +142,8 @@ impl Agent {
         let touched: Vec<ObjectRef> = std::mem::take(&mut self.touched).into_iter().collect();
         let delta = self.compiler.update(&self.cluster, &touched, &locals);
         self.report_over_cap();
-        self.quarantine.note_labels(&self.cluster, jiff::Timestamp::now());
+        let scope = (!self.full_sync).then_some(touched.as_slice());
+        self.quarantine.note_labels(&self.cluster, scope, jiff::Timestamp::now());
         let mut services = DatapathState::default();
         self.services.add_to(&self.cluster, &mut services, &self.metrics);
         let written = match self.full_sync {

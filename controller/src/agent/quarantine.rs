@@ -17,7 +17,7 @@ use bulkhead_common::endpoint_flags;
 
 use crate::datapath::state::DatapathDelta;
 use crate::datapath::DatapathState;
-use crate::model::Cluster;
+use crate::model::{Cluster, Kind, ObjectRef, PodInfo};
 
 use super::registry::Endpoints;
 use super::AgentError;
@@ -125,22 +125,40 @@ impl Quarantine {
     }
 
     /// Takes the model's labels: a pod labelled [`LABEL`]`: "true"` is quarantined (since the
-    /// first time this agent saw it so), one that lost the label no longer by label.
-    pub(super) fn note_labels(&mut self, cluster: &Cluster, now: jiff::Timestamp) {
-        let mut labelled = BTreeMap::new();
-        for pod in cluster.pods().values() {
-            if pod.labels.get(LABEL).map(String::as_str) != Some("true") {
-                continue;
+    /// first time this agent saw it so), one that lost the label no longer by label. With
+    /// `touched` only those objects are looked at (an incremental reprogram: every model
+    /// change is in it); without, every pod (a full sync).
+    pub(super) fn note_labels(&mut self, cluster: &Cluster, touched: Option<&[ObjectRef]>, now: jiff::Timestamp) {
+        let labelled = |pod: &PodInfo| pod.labels.get(LABEL).map(String::as_str) == Some("true");
+        let fresh = || QuarantineInfo {
+            since: now,
+            reason: format!("label {LABEL}=true"),
+            by: by::LABEL.to_string(),
+        };
+        match touched {
+            None => {
+                let mut all = BTreeMap::new();
+                for pod in cluster.pods().values().filter(|p| labelled(p)) {
+                    let name = NamespacedName::new(pod.namespace.clone(), pod.name.clone());
+                    let info = self.labelled.remove(&name).unwrap_or_else(fresh);
+                    all.insert(name, info);
+                }
+                self.labelled = all;
             }
-            let name = NamespacedName::new(pod.namespace.clone(), pod.name.clone());
-            let info = self.labelled.remove(&name).unwrap_or_else(|| QuarantineInfo {
-                since: now,
-                reason: format!("label {LABEL}=true"),
-                by: by::LABEL.to_string(),
-            });
-            labelled.insert(name, info);
+            Some(touched) => {
+                for r in touched.iter().filter(|r| r.kind == Kind::Pod) {
+                    let name = NamespacedName::new(r.namespace.clone().unwrap_or_default(), r.name.clone());
+                    match cluster.pod(&name.namespace, &name.name).is_some_and(labelled) {
+                        true => {
+                            self.labelled.entry(name).or_insert_with(fresh);
+                        }
+                        false => {
+                            self.labelled.remove(&name);
+                        }
+                    }
+                }
+            }
         }
-        self.labelled = labelled;
     }
 
     /// Whether `pod` is quarantined by its label.

@@ -874,3 +874,27 @@ fn a_quarantine_before_the_first_sync_is_recorded_and_written_by_it() {
     f.agent.on_change();
     assert_eq!(quarantined_addresses(&f), (vec![Ipv4Addr::new(10, 9, 0, 2)], 1));
 }
+
+#[test]
+fn a_label_present_at_the_first_sync_quarantines_and_a_deleted_pod_leaves_the_maps() {
+    let mut f = fixture(false);
+    *f.source.cluster.lock().unwrap() = labelled_model(true);
+    f.source.synced.store(true, Ordering::SeqCst);
+    f.agent.on_change();
+    assert_eq!(quarantined_addresses(&f), (vec![Ipv4Addr::new(10, 9, 0, 2)], 1));
+    let metrics = f.agent.metrics.encode().unwrap();
+    assert!(metrics.contains("bulkhead_quarantined_pods 1"), "{metrics}");
+    // The labelled pod deleted: neither its label nor its address is held any more.
+    *f.source.cluster.lock().unwrap() = Cluster::from_objects(
+        parse_documents(
+            &MODEL
+                .replace("name: b,", "name: gone-b,")
+                .replace("labels: {pod: b}", "labels: {pod: b, bulkhead.io/quarantine: \"x\"}"),
+            "model",
+        )
+        .unwrap(),
+    );
+    f.agent.on_change();
+    assert_eq!(quarantined_addresses(&f), (vec![], 0));
+    assert!(f.agent.quarantined_pods().is_empty());
+}
