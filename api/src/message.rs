@@ -135,6 +135,9 @@ pub struct AgentStatus {
     pub policy_entries: usize,
     /// Bumped each time the maps are reprogrammed.
     pub generation: u64,
+    /// Quarantined pods (`namespace/name`), by request or label, on any node.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub quarantined: std::collections::BTreeMap<String, crate::anomaly::QuarantineInfo>,
 }
 
 #[cfg(test)]

@@ -68,6 +68,16 @@ pub mod map_names {
     /// number: pod packets `xdp_from_pod` dropped before TC (also counted in [`COUNTERS`] as
     /// TC would have counted them, direction egress).
     pub const XDP_COUNTERS: &str = "bh_xdpcnt_v1";
+    /// Hash [`Ipv4Key`](super::Ipv4Key) → `u32` (reserved, 0): the address of every
+    /// quarantined pod in the cluster, whatever its node. A packet whose remote end it holds
+    /// is dropped with [`DropReason::Quarantined`](super::DropReason::Quarantined), so that a
+    /// node's own pods cannot reach a quarantined pod elsewhere, nor it them.
+    pub const QUARANTINE: &str = "bh_quar_v1";
+    /// Array of one `u32`: how many addresses [`QUARANTINE`] holds, at least when there are
+    /// any. While it is 0 the datapath skips the [`QUARANTINE`] lookup (one array read per
+    /// packet when nothing is quarantined). The agent writes it after adding addresses and
+    /// after removing them.
+    pub const QUARANTINE_COUNT: &str = "bh_quarn_v1";
 }
 
 /// Program names in the eBPF object.
@@ -127,6 +137,8 @@ pub mod capacity {
     pub const PREFILTER_DENY: u32 = 65536;
     /// Entries of the prefilter's never-drop list.
     pub const PREFILTER_KEEP: u32 = 4096;
+    /// Quarantined pod addresses, cluster-wide.
+    pub const QUARANTINE: u32 = 4096;
 }
 
 /// How often the agent reads the flow ring without being woken: records below
@@ -268,6 +280,17 @@ pub mod endpoint_flags {
     pub const AUDIT_INGRESS: u32 = 1 << 2;
     /// As [`AUDIT_INGRESS`], for egress.
     pub const AUDIT_EGRESS: u32 = 1 << 3;
+    /// The endpoint is quarantined: every IPv4 packet it sends or receives is dropped with
+    /// [`DropReason::Quarantined`](crate::DropReason::Quarantined), ahead of Service
+    /// translation, conntrack and policy (so established connections stop too), except
+    /// with its own node when [`QUARANTINE_ALLOW_HOST`] is set too.
+    pub const QUARANTINED: u32 = 1 << 4;
+    /// With [`QUARANTINED`]: packets whose remote end resolves to
+    /// [`identity::HOST`](crate::identity::HOST) (with
+    /// [`remote_lookup_prefix`](crate::remote_lookup_prefix), as policy resolves it) still
+    /// pass, so that probes and forensics from the node reach the pod. Without it, the node
+    /// is cut off too (the stricter default of a missing bit).
+    pub const QUARANTINE_ALLOW_HOST: u32 = 1 << 5;
 }
 
 /// IP protocol numbers the datapath parses.
@@ -319,11 +342,14 @@ pub enum DropReason {
     /// no flow the endpoint's conntrack holds in the direction the quote implies, or quotes
     /// nothing it can parse.
     IcmpUnrelated = 11,
+    /// The local endpoint is quarantined ([`endpoint_flags::QUARANTINED`]), or the packet's
+    /// remote end is a quarantined pod ([`map_names::QUARANTINE`]).
+    Quarantined = 12,
 }
 
 impl DropReason {
     /// Every reason, in number order.
-    pub const ALL: [DropReason; 12] = [
+    pub const ALL: [DropReason; 13] = [
         DropReason::Forwarded,
         DropReason::UnknownEndpoint,
         DropReason::UnsupportedEthertype,
@@ -336,6 +362,7 @@ impl DropReason {
         DropReason::WrongDestination,
         DropReason::NoServiceBackend,
         DropReason::IcmpUnrelated,
+        DropReason::Quarantined,
     ];
     /// Number of counter slots per direction (room for reasons to come).
     pub const SLOTS: u32 = 32;
@@ -355,6 +382,7 @@ impl DropReason {
             DropReason::WrongDestination => "wrong_destination",
             DropReason::NoServiceBackend => "no_service_backend",
             DropReason::IcmpUnrelated => "icmp_unrelated",
+            DropReason::Quarantined => "quarantined",
         }
     }
 }

@@ -6,7 +6,7 @@
 //! `kubeconfig`, `manifests`, `state-dir`, `bpffs`, `pod-cidr`, `metrics-address`,
 //! `flow-history`, `routing`, `vxlan-vni`, `vxlan-port`, `cluster-cidr`,
 //! `non-masquerade-cidrs`, `masquerade`, `services`, `flow-address`, `flow-token-file`,
-//! `pod-xdp`, `prefilter-devices`, `prefilter-deny-file`. In a DaemonSet the node name comes from the downward API
+//! `pod-xdp`, `prefilter-devices`, `prefilter-deny-file`, `quarantine-allow-node`. In a DaemonSet the node name comes from the downward API
 //! (`BULKHEAD_NODE_NAME` from `spec.nodeName`) and the rest from a ConfigMap file.
 //!
 //! Every setting is declared once, in [`Settings`]: the same struct is the flags (clap), the
@@ -185,6 +185,10 @@ settings! {
     /// a bad line keeps the list in force.
     #[arg(long, env = "BULKHEAD_PREFILTER_DENY_FILE")]
     prefilter_deny_file: PathBuf,
+    /// A quarantined pod still exchanges packets with its own node (kubelet probes,
+    /// forensics from the node); `false` cuts the node off too [default: true].
+    #[arg(long, env = "BULKHEAD_QUARANTINE_ALLOW_NODE", action = clap::ArgAction::Set)]
+    quarantine_allow_node: bool,
 }
 
 fn optional_pod_cidr<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Ipv4Network>, D::Error> {
@@ -240,6 +244,7 @@ impl Settings {
             flow_address: Some("none".into()),
             pod_xdp: Some(false),
             prefilter_devices: Some(Vec::new()),
+            quarantine_allow_node: Some(true),
             ..Settings::default()
         }
     }
@@ -307,6 +312,7 @@ impl Settings {
             },
             flow_address,
             pod_xdp: required(s.pod_xdp, "pod-xdp", "BULKHEAD_POD_XDP")?,
+            quarantine_allow_node: required(s.quarantine_allow_node, "quarantine-allow-node", "BULKHEAD_QUARANTINE_ALLOW_NODE")?,
             prefilter_devices: s
                 .prefilter_devices
                 .unwrap_or_default()
@@ -363,6 +369,8 @@ pub struct AgentConfig {
     pub flow_token_file: Option<PathBuf>,
     /// Whether pods' host veths get `xdp_from_pod` as well as the TC programs.
     pub pod_xdp: bool,
+    /// Whether a quarantined pod still exchanges packets with its own node.
+    pub quarantine_allow_node: bool,
     /// The uplink devices the prefilter runs on (none: no prefilter).
     pub prefilter_devices: Vec<String>,
     /// The prefilter's deny-list file.
@@ -673,6 +681,14 @@ mod tests {
                 get: |c| c.pod_xdp.to_string(),
             },
             Row {
+                flag: "quarantine-allow-node",
+                env: "BULKHEAD_QUARANTINE_ALLOW_NODE",
+                values: ["false", "true", "false"],
+                extra: &[],
+                shown: [Some("false"), Some("true"), Some("false"), Some("true")],
+                get: |c| c.quarantine_allow_node.to_string(),
+            },
+            Row {
                 flag: "prefilter-deny-file",
                 env: "BULKHEAD_PREFILTER_DENY_FILE",
                 values: ["/flag", "/env", "/file"],
@@ -720,6 +736,7 @@ mod tests {
                 && everything.flow_address.is_some()
                 && everything.flow_token_file.is_some()
                 && everything.pod_xdp.is_some()
+                && everything.quarantine_allow_node.is_some()
                 && everything.prefilter_deny_file.is_some()
         );
 

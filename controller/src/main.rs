@@ -27,6 +27,10 @@ enum Command {
     /// Propose NetworkPolicies, one per workload, from observed flows (the agents' history
     /// or a saved `observe -o json` file).
     Advise(Box<bulkhead::cli::advise::AdviseArgs>),
+    /// Isolate a pod NAMESPACE/NAME in the datapath, both directions, established connections
+    /// included (its own node excepted), or lift that with --release; the label
+    /// `bulkhead.io/quarantine: "true"` does the same through the API.
+    Quarantine(Box<bulkhead::cli::quarantine::QuarantineArgs>),
     /// Install the bulkhead-cni binary and its conflist on this node (the DaemonSet's init container).
     InstallCni(bulkhead::cli::install::InstallArgs),
 }
@@ -44,6 +48,7 @@ fn main() {
         Command::Explain(args) => bulkhead::cli::explain::run(args).map_err(Into::into),
         Command::Relay(args) => bulkhead::relay::run(*args).map_err(Into::into),
         Command::Advise(args) => bulkhead::cli::advise::run(*args).map_err(Into::into),
+        Command::Quarantine(args) => bulkhead::cli::quarantine::run(*args).map_err(Into::into),
         Command::InstallCni(args) => bulkhead::cli::install::run(args).map(|()| 0).map_err(Into::into),
     };
     let code = result.unwrap_or_else(|e| {

@@ -1128,3 +1128,124 @@ fn a_revoked_policy_ends_a_datagram_flow_within_a_second_and_leaves_tcp_connecti
     ack[14 + 20 + 13] = ACK;
     assert_eq!(run(&mut f, program_names::TO_POD, &ack, DropReason::Forwarded), TC_ACT_OK);
 }
+
+/// Rewrites the fixture's endpoint with `flags` (what the agent does to quarantine it).
+fn set_flags(f: &mut Fixture, flags: u32) {
+    f.dp.maps
+        .set_endpoint(
+            LO,
+            &EndpointInfo {
+                endpoint_id: 10,
+                identity: 300,
+                ipv4: POD.octets(),
+                flags,
+                mac: POD_MAC,
+                _pad: [0; 2],
+            },
+        )
+        .unwrap();
+}
+
+const QUARANTINED: u32 = endpoint_flags::QUARANTINED | endpoint_flags::QUARANTINE_ALLOW_HOST;
+
+#[test]
+fn a_quarantined_endpoint_loses_established_and_new_flows_both_ways_but_not_its_node() {
+    let mut f = fixture("quarantine", ISOLATED);
+    ipcache(&mut f, NODE, 32, identity::HOST);
+    // An established connection to 301 (egress rule 7), and its reply.
+    let out = tcp(POD_MAC, POD, 40000, PEER_A, 80);
+    let back = tcp(HOST_MAC, PEER_A, 80, POD, 40000);
+    assert_eq!(run(&mut f, program_names::FROM_POD, &out, DropReason::Forwarded), TC_ACT_OK);
+    assert_eq!(run(&mut f, program_names::TO_POD, &back, DropReason::Forwarded), TC_ACT_OK);
+    f.drain();
+
+    set_flags(&mut f, ISOLATED | QUARANTINED);
+    // Conntrack still holds the flow: the quarantine comes first.
+    let key = bulkhead_common::CtKey {
+        saddr: POD.octets(),
+        daddr: PEER_A.octets(),
+        sport: 40000u16.to_be_bytes(),
+        dport: 80u16.to_be_bytes(),
+        protocol: proto::TCP,
+        direction: direction::EGRESS,
+        _pad: [0; 2],
+    };
+    assert!(ct_entry(&f, &key).is_some(), "the connection is tracked");
+    assert_eq!(run(&mut f, program_names::FROM_POD, &out, DropReason::Quarantined), TC_ACT_SHOT);
+    assert_eq!(run(&mut f, program_names::TO_POD, &back, DropReason::Quarantined), TC_ACT_SHOT);
+    // New flows policy would allow, both ways, and ICMP.
+    let inbound = tcp(HOST_MAC, PEER_A, 5555, POD, 9999);
+    assert_eq!(run(&mut f, program_names::TO_POD, &inbound, DropReason::Quarantined), TC_ACT_SHOT);
+    let ping = icmp_echo(POD, PEER_A, 8, 7);
+    assert_eq!(run(&mut f, program_names::FROM_POD, &ping, DropReason::Quarantined), TC_ACT_SHOT);
+    // Each drop is reported with its reason and the remote's identity.
+    let records = verdicts(&mut f);
+    assert_eq!(records.len(), 4, "{records:?}");
+    assert!(
+        records
+            .iter()
+            .all(|&(v, r, id, _)| v == verdict::DROPPED && r == DropReason::Quarantined as u8 && id == 301),
+        "{records:?}"
+    );
+    // The node still reaches the pod and the pod its node; ARP passes.
+    let probe = tcp(HOST_MAC, NODE, 5555, POD, 8080);
+    assert_eq!(run(&mut f, program_names::TO_POD, &probe, DropReason::Forwarded), TC_ACT_OK);
+    let to_node = tcp(POD_MAC, POD, 40030, NODE, 10250);
+    assert_eq!(run(&mut f, program_names::FROM_POD, &to_node, DropReason::Forwarded), TC_ACT_OK);
+    let arp = eth([0xff; 6], POD_MAC, 0x0806, &[0, 1, 8, 0, 6, 4, 0, 1]);
+    assert_eq!(run(&mut f, program_names::FROM_POD, &arp, DropReason::Forwarded), TC_ACT_OK);
+    // Traffic the node forwards for someone else under its address is not the node's.
+    let forwarded = tcp(HOST_MAC, NODE, 5556, POD, 8080);
+    assert_eq!(
+        run_marked(
+            &mut f,
+            program_names::TO_POD,
+            &forwarded,
+            bulkhead_common::KUBE_PROXY_MASQ_MARK,
+            DropReason::Quarantined
+        ),
+        TC_ACT_SHOT
+    );
+    // Without the node exception the node is cut off too.
+    set_flags(&mut f, ISOLATED | endpoint_flags::QUARANTINED);
+    let probe = tcp(HOST_MAC, NODE, 5557, POD, 8080);
+    assert_eq!(run(&mut f, program_names::TO_POD, &probe, DropReason::Quarantined), TC_ACT_SHOT);
+    assert_eq!(run(&mut f, program_names::FROM_POD, &to_node, DropReason::Quarantined), TC_ACT_SHOT);
+
+    // Released: policy alone decides again, and the tracked connection carries on.
+    set_flags(&mut f, ISOLATED);
+    assert_eq!(run(&mut f, program_names::FROM_POD, &out, DropReason::Forwarded), TC_ACT_OK);
+    assert_eq!(run(&mut f, program_names::TO_POD, &back, DropReason::Forwarded), TC_ACT_OK);
+    let denied = tcp(POD_MAC, POD, 40001, PEER_B, 80);
+    assert_eq!(run(&mut f, program_names::FROM_POD, &denied, DropReason::PolicyDenied), TC_ACT_SHOT);
+}
+
+#[test]
+fn a_quarantined_peer_address_is_dropped_both_ways_once_the_count_opens_its_lookup() {
+    // Not isolated: policy would forward everything.
+    let mut f = fixture("quarantine-peer", 0);
+    let to_b = tcp(POD_MAC, POD, 40000, PEER_B, 80);
+    let from_b = tcp(HOST_MAC, PEER_B, 5555, POD, 80);
+    assert_eq!(run(&mut f, program_names::FROM_POD, &to_b, DropReason::Forwarded), TC_ACT_OK);
+    // The address alone, count 0: the lookup is skipped (the agent writes the count after
+    // the addresses, so this is only ever a moment).
+    f.dp.maps.set_quarantine(PEER_B, 0).unwrap();
+    assert_eq!(run(&mut f, program_names::FROM_POD, &to_b, DropReason::Forwarded), TC_ACT_OK);
+    f.dp.maps.set_quarantine_count(1).unwrap();
+    assert_eq!(f.dp.maps.read_state().unwrap().quarantine_count, 1);
+    // The tracked flow stops, new ones both ways fail; others are untouched.
+    assert_eq!(run(&mut f, program_names::FROM_POD, &to_b, DropReason::Quarantined), TC_ACT_SHOT);
+    assert_eq!(run(&mut f, program_names::TO_POD, &from_b, DropReason::Quarantined), TC_ACT_SHOT);
+    let to_a = tcp(POD_MAC, POD, 40001, PEER_A, 80);
+    assert_eq!(run(&mut f, program_names::FROM_POD, &to_a, DropReason::Forwarded), TC_ACT_OK);
+    let records = verdicts(&mut f);
+    let dropped: Vec<_> = records.iter().filter(|r| r.0 == verdict::DROPPED).collect();
+    assert_eq!(dropped.len(), 2, "{records:?}");
+    assert!(dropped.iter().all(|r| r.1 == DropReason::Quarantined as u8), "{records:?}");
+    // Released: forwarded again.
+    f.dp.maps.remove_quarantine(PEER_B).unwrap();
+    f.dp.maps.set_quarantine_count(0).unwrap();
+    assert!(f.dp.maps.read_state().unwrap().quarantine.is_empty());
+    assert_eq!(run(&mut f, program_names::FROM_POD, &to_b, DropReason::Forwarded), TC_ACT_OK);
+    assert_eq!(run(&mut f, program_names::TO_POD, &from_b, DropReason::Forwarded), TC_ACT_OK);
+}

@@ -1316,3 +1316,48 @@ fn fragment_and_icmp_error_cost() {
         median(error_vip)
     );
 }
+
+/// A Service whose backend is a quarantined pod: the client's connection to the VIP is
+/// dropped as `quarantined` on the backend address the VIP became, and its reply too.
+#[test]
+fn a_quarantined_backend_is_dropped_after_translation() {
+    use bulkhead::datapath::sync::MapWriter;
+    let mut f = fixture("quarantine", ISOLATED);
+    f.run(
+        program_names::FROM_POD,
+        &client_tcp(40000, VIP_ONE, SERVICE_PORT, SYN),
+        DropReason::Forwarded,
+    );
+    f.drain();
+    f.dp.maps.set_quarantine(backend_ip(1), 0).unwrap();
+    f.dp.maps.set_quarantine_count(1).unwrap();
+    // The established connection and a new one, both through the VIP.
+    for sport in [40000, 40001] {
+        f.run(
+            program_names::FROM_POD,
+            &client_tcp(sport, VIP_ONE, SERVICE_PORT, if sport == 40000 { ACK } else { SYN }),
+            DropReason::Quarantined,
+        );
+    }
+    f.run(
+        program_names::TO_POD,
+        &to_client_tcp(backend_ip(1), TARGET_PORT, 40000, ACK),
+        DropReason::Quarantined,
+    );
+    let records = f.drain();
+    assert_eq!(records.len(), 3, "{records:?}");
+    assert!(records.iter().all(|r| r.reason == DropReason::Quarantined as u8), "{records:?}");
+    assert_eq!(
+        (records[0].daddr, records[0].service_id),
+        (backend_ip(1).octets(), 1),
+        "{records:?}"
+    );
+    // Released: the VIP works again.
+    f.dp.maps.remove_quarantine(backend_ip(1)).unwrap();
+    f.dp.maps.set_quarantine_count(0).unwrap();
+    f.run(
+        program_names::FROM_POD,
+        &client_tcp(40002, VIP_ONE, SERVICE_PORT, SYN),
+        DropReason::Forwarded,
+    );
+}

@@ -518,3 +518,37 @@ fn a_denied_flood_from_a_pod_on_a_real_veth_is_dropped_at_xdp_and_allowed_traffi
         "TC dropped the second flood"
     );
 }
+
+/// Quarantine comes before policy in `from_pod`: XDP leaves a quarantined endpoint's packets
+/// and packets to a quarantined address to TC, which drops them as `quarantined` (or lets the
+/// node's through) instead of XDP dropping them as `policy_denied`.
+#[test]
+fn quarantine_is_left_to_tc_with_its_own_reason() {
+    use bulkhead::datapath::sync::MapWriter;
+    let quarantined = ISOLATED | endpoint_flags::QUARANTINED | endpoint_flags::QUARANTINE_ALLOW_HOST;
+    let mut f = fixture("quarantine", Some(quarantined));
+    let denied = packet(POD_MAC, POD, PEER_B, proto::TCP, 80);
+    let before = f.egress_drops(DropReason::Quarantined);
+    f.assert_xdp_passes(&denied, TC_ACT_SHOT, "quarantined endpoint, a flow policy denies");
+    assert_eq!(f.egress_drops(DropReason::Quarantined), before + 1, "TC's reason");
+    f.assert_xdp_passes(
+        &packet(POD_MAC, POD, NODE, proto::TCP, 10250),
+        TC_ACT_OK,
+        "quarantined endpoint to its node",
+    );
+    // Spoofing is still XDP's, ahead of quarantine in both programs.
+    f.assert_xdp_drops(
+        &packet(POD_MAC, Ipv4Addr::new(10, 0, 0, 66), PEER_A, proto::TCP, 80),
+        DropReason::SpoofedIp,
+    );
+
+    // A quarantined destination, from a pod that is not quarantined.
+    let mut f = fixture("quarantine-peer", Some(ISOLATED));
+    f.dp.maps.set_quarantine(PEER_B, 0).unwrap();
+    f.dp.maps.set_quarantine_count(1).unwrap();
+    let before = f.egress_drops(DropReason::Quarantined);
+    f.assert_xdp_passes(&denied, TC_ACT_SHOT, "to a quarantined address");
+    assert_eq!(f.egress_drops(DropReason::Quarantined), before + 1, "TC's reason");
+    // Anything else is still XDP's to drop.
+    f.assert_xdp_drops(&packet(POD_MAC, POD, PEER_A, proto::TCP, 81), DropReason::PolicyDenied);
+}

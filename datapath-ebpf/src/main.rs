@@ -20,7 +20,7 @@ use aya_ebpf::{
     btf_maps::{HashOfMaps, LruHashMap as BtfLruHashMap},
     helpers::{bpf_ktime_get_coarse_ns, bpf_ktime_get_ns, bpf_redirect},
     macros::{btf_map, classifier, map},
-    maps::{lpm_trie::Key, HashMap, LpmTrie, LruPerCpuHashMap, PerCpuArray, RingBuf},
+    maps::{lpm_trie::Key, Array, HashMap, LpmTrie, LruPerCpuHashMap, PerCpuArray, RingBuf},
     programs::TcContext,
 };
 use bulkhead_common::{
@@ -64,6 +64,14 @@ static FLOWS_LOST: PerCpuArray<u64> = PerCpuArray::pinned(1, 0);
 // so budgets of endpoints long gone make room by themselves.
 #[map(name = "bh_fbudget_v1")]
 static FLOW_BUDGET: LruPerCpuHashMap<u32, FlowBudget> = LruPerCpuHashMap::pinned(capacity::FLOW_BUDGET, 0);
+
+// Every quarantined pod's address, cluster-wide; looked up only while the count says it
+// holds any (`peer_quarantined`).
+#[map(name = "bh_quar_v1")]
+pub(crate) static QUARANTINE: HashMap<Ipv4Key, u32> = HashMap::pinned(capacity::QUARANTINE, 0);
+
+#[map(name = "bh_quarn_v1")]
+pub(crate) static QUARANTINE_COUNT: Array<u32> = Array::pinned(1, 0);
 
 /// What became of a packet that was not dropped.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -248,6 +256,7 @@ fn try_from_pod(ctx: &TcContext, flow: &mut FlowEvent) -> Result<Pass, DropReaso
     if l3.saddr != ep.ipv4 {
         return Err(DropReason::SpoofedIp);
     }
+    quarantine(&ep, direction::EGRESS, l3.daddr, 0, flow)?;
     let now = coarse_now();
     // An ICMP error is a few hundred bytes at most (RFC 1812 4.3.2.3: 576): one that comes
     // in fragments is no stack's, and would meet conntrack with a tuple of its own.
@@ -274,6 +283,43 @@ fn try_from_pod(ctx: &TcContext, flow: &mut FlowEvent) -> Result<Pass, DropReaso
         return related(ctx, &ep, direction::EGRESS, &l3, now).map(|()| Pass::Quiet);
     }
     from_pod_flow(ctx, &ep, l3, now, flow).map(|(pass, _)| pass)
+}
+
+/// Quarantine, ahead of fragments, ICMP errors, Service translation, conntrack and policy
+/// (so an established connection stops at its next packet): a quarantined endpoint loses
+/// every IPv4 packet except, when the agent allows it, those with its own node (the remote
+/// address resolves to HOST exactly as policy resolves it); any endpoint loses packets whose
+/// remote end (`remote`, as the packet carries it) is a quarantined pod. When nothing is
+/// quarantined this is one flag test and one array read.
+#[inline(always)]
+fn quarantine(ep: &EndpointInfo, dir: u8, remote: [u8; 4], mark: u32, flow: &mut FlowEvent) -> Result<(), DropReason> {
+    if ep.flags & endpoint_flags::QUARANTINED != 0 {
+        let remote_identity = IPCACHE
+            .get(Key::new(remote_lookup_prefix(dir, mark), Ipv4Key { addr: remote }))
+            .map_or(identity::WORLD, |v| v.identity);
+        flow.remote_identity = remote_identity;
+        if remote_identity == identity::HOST && ep.flags & endpoint_flags::QUARANTINE_ALLOW_HOST != 0 {
+            return Ok(());
+        }
+        return Err(DropReason::Quarantined);
+    }
+    if peer_quarantined(remote) {
+        return Err(DropReason::Quarantined);
+    }
+    Ok(())
+}
+
+/// Whether `addr` is a quarantined pod's: one array read, and one hash lookup only while
+/// some pod is quarantined.
+#[inline(always)]
+pub(crate) fn peer_quarantined(addr: [u8; 4]) -> bool {
+    match QUARANTINE_COUNT.get(0) {
+        Some(&n) if n != 0 => {
+            // SAFETY: only the presence of the key is read.
+            unsafe { QUARANTINE.get(Ipv4Key { addr }) }.is_some()
+        }
+        _ => false,
+    }
 }
 
 /// A pod's packet through Service translation, conntrack and egress policy; also returns
@@ -310,6 +356,10 @@ fn from_pod_flow(
     };
     flow.daddr = l3.daddr;
     flow.dport = l3.dport;
+    // A backend that is a quarantined pod: checked again on the address the VIP became.
+    if peer_quarantined(l3.daddr) {
+        return Err(DropReason::Quarantined);
+    }
     let (pass, _) = admit(ep, direction::EGRESS, &l3, 0, now, flow, ct_flags::service(t.nat.service_id))?;
     if t.new {
         service::record(&t)?;
@@ -328,6 +378,7 @@ fn try_to_pod(ctx: &TcContext, flow: &mut FlowEvent) -> Result<Pass, DropReason>
     }
     // SAFETY: the context pointer is valid for the program's whole run.
     let mark = unsafe { (*ctx.skb.skb).mark };
+    quarantine(&ep, direction::INGRESS, l3.saddr, mark, flow)?;
     // Our own refusal, sent back by this pod's from_pod (the mark cannot come from a pod):
     // exactly a TCP RST or ICMP port unreachable from a Service port, so that a mark set by
     // anyone else on the node never opens a pod's ingress.

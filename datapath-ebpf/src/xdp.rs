@@ -28,7 +28,7 @@ use bulkhead_common::{
 };
 
 use crate::packet::{self, Fragment, ETH_HLEN, L3};
-use crate::{CONNTRACK, COUNTERS, ENDPOINTS, FLOWS, FLOWS_LOST, IPCACHE, POLICY};
+use crate::{peer_quarantined, CONNTRACK, COUNTERS, ENDPOINTS, FLOWS, FLOWS_LOST, IPCACHE, POLICY};
 
 #[map(name = "bh_pfdeny_v1")]
 static PREFILTER_DENY: LpmTrie<Ipv4Key, u32> = LpmTrie::pinned(capacity::PREFILTER_DENY, 0);
@@ -114,6 +114,11 @@ fn try_xdp_from_pod(ctx: &XdpContext, flow: &mut FlowEvent) -> Result<(), DropRe
         return Err(DropReason::SpoofedIp);
     }
     if l3.fragment != Fragment::Whole || l3.icmp_error {
+        return Ok(());
+    }
+    // Quarantine comes before policy in from_pod, which drops these with its own reason
+    // (or lets the node's traffic through): TC decides them.
+    if ep.flags & endpoint_flags::QUARANTINED != 0 || peer_quarantined(l3.daddr) {
         return Ok(());
     }
     let isolated = ep.flags & endpoint_flags::ISOLATED_EGRESS != 0;

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Instant;
 
-use bulkhead_api::{AgentStatus, EndpointRef, EndpointSpec, Response};
+use bulkhead_api::{AgentStatus, EndpointRef, EndpointSpec, NamespacedName, QuarantineInfo, Response};
 use tokio::sync::oneshot;
 
 use crate::datapath::state::DatapathDelta;
@@ -22,6 +22,7 @@ use bulkhead_common::IpcacheValue;
 
 use super::host::{Dataplane, HostLinks, RegistryStore};
 use super::network::Network;
+use super::quarantine::{self, Quarantine};
 use super::registry::{EndpointRecord, Endpoints};
 use super::services::Services;
 use super::AgentError;
@@ -100,6 +101,8 @@ pub(super) struct Agent {
     /// start: a previous agent's (perhaps older) programs are there until the first sync has
     /// filled this agent's maps, then each is replaced in place.
     pub(super) programs_replaced: bool,
+    /// Quarantined pods, by request and by label, laid on top of the compiled state.
+    pub(super) quarantine: Quarantine,
 }
 
 impl Agent {
@@ -147,6 +150,8 @@ impl Agent {
         let delta = self.compiler.update(&self.cluster, &touched, &locals);
         self.pod_index.update(&self.cluster, &touched);
         self.report_over_cap();
+        let scope = (!self.full_sync).then_some(touched.as_slice());
+        self.quarantine.note_labels(&self.cluster, scope, jiff::Timestamp::now());
         let mut services = DatapathState::default();
         self.services.add_to(&self.cluster, &mut services, &self.metrics);
         let written = match self.full_sync {
@@ -155,6 +160,7 @@ impl Agent {
             true => {
                 let mut new = self.compiler.state().clone();
                 add_host_addresses(&mut new, &self.host_addresses);
+                self.quarantine.overlay(&mut new, &self.cluster, &self.endpoints);
                 new.services = services.services;
                 new.backends = services.backends;
                 new.rev_nat = services.rev_nat;
@@ -162,6 +168,9 @@ impl Agent {
             }
             false => {
                 let delta = self.with_host_addresses(delta);
+                let delta = self
+                    .quarantine
+                    .overlay_delta(delta, self.compiler.state(), &self.applied, &self.cluster, &self.endpoints);
                 sync::sync_delta(&mut *self.datapath, &delta)
                     .and_then(|a| sync::sync_services(&mut *self.datapath, &self.applied, &services).map(|b| a + b))
                     .map(|stats| (stats, Written::Delta(delta, Box::new(services))))
@@ -196,6 +205,7 @@ impl Agent {
                     self.cluster.policies().len(),
                     &self.applied,
                 );
+                self.metrics.set_quarantined_pods(self.quarantine.effective().len());
                 if let Some(seen) = seen {
                     self.metrics.observe_implementation_delay(seen.elapsed());
                 }
@@ -655,7 +665,67 @@ impl Agent {
             policies: self.cluster.policies().len(),
             policy_entries: self.applied.policy.len(),
             generation: self.generation,
+            quarantined: self.quarantined_pods().into_iter().map(|(p, q)| (p.to_string(), q)).collect(),
         }
+    }
+
+    /// Every pod this agent holds quarantined (by request or label, on any node), with
+    /// why, since when and by whom. The forensics store keeps these pods' flows.
+    pub(crate) fn quarantined_pods(&self) -> std::collections::BTreeMap<NamespacedName, QuarantineInfo> {
+        self.quarantine.effective()
+    }
+
+    /// `Request::Quarantine`: records the request (persisted), then reprograms; answered
+    /// `Ok` once the maps hold it. A pod the model does not know yet is recorded too (it is
+    /// isolated when it appears). A release leaves a pod labelled quarantined as it is, and
+    /// says so.
+    pub(super) fn quarantine_request(&mut self, pod: NamespacedName, reason: Option<String>, release: bool) -> Response {
+        let recorded = match release {
+            true => self.quarantine.release(&pod),
+            false => self.quarantine.request(pod.clone(), reason, jiff::Timestamp::now()),
+        };
+        let refuse = |code: u32, message: String| Response::Error { code, message };
+        // A release that cannot be persisted has not happened (the pod stays quarantined);
+        // a quarantine that cannot be persisted still goes into the maps, and says so.
+        let not_persisted = match recorded {
+            Ok(()) => None,
+            Err(e) => {
+                self.metrics.error(e.kind());
+                tracing::warn!(pod = %pod, release, error = %error_chain(&e), "cannot persist the quarantine");
+                if release {
+                    return refuse(code::AGENT_REJECTED, format!("{pod} stays quarantined: {}", error_chain(&e)));
+                }
+                Some(error_chain(&e))
+            }
+        };
+        tracing::info!(pod = %pod, release, "quarantine request");
+        if !self.ready {
+            self.pending.get_or_insert_with(Instant::now);
+            return refuse(
+                code::TRY_AGAIN_LATER,
+                format!("{pod}: recorded, but the agent has not synced its model yet; not in the maps"),
+            );
+        }
+        if let Err(e) = self.reprogram(Some(Instant::now())) {
+            self.metrics.error(e.kind());
+            return refuse(
+                code::AGENT_REJECTED,
+                format!("{pod}: recorded, not in the maps yet (retried): {}", error_chain(&e)),
+            );
+        }
+        if let Some(e) = not_persisted {
+            return refuse(
+                code::AGENT_REJECTED,
+                format!("{pod} is quarantined in the maps but not persisted: {e}"),
+            );
+        }
+        if release && self.quarantine.by_label(&pod) {
+            return refuse(
+                code::AGENT_REJECTED,
+                format!("{pod} stays quarantined: its label {} is \"true\"", quarantine::LABEL),
+            );
+        }
+        Response::Ok
     }
 }
 

@@ -84,6 +84,15 @@ impl MapWriter for Datapath {
     fn remove_rev_nat(&mut self, id: u32) -> Result<(), MapsError> {
         self.maps.remove_rev_nat(id)
     }
+    fn set_quarantine(&mut self, addr: Ipv4Addr, value: u32) -> Result<(), MapsError> {
+        self.maps.set_quarantine(addr, value)
+    }
+    fn remove_quarantine(&mut self, addr: Ipv4Addr) -> Result<(), MapsError> {
+        self.maps.remove_quarantine(addr)
+    }
+    fn set_quarantine_count(&mut self, count: u32) -> Result<(), MapsError> {
+        self.maps.set_quarantine_count(count)
+    }
 }
 
 /// The host's links and addresses, in the agent's network namespace.

@@ -7,6 +7,7 @@ mod events;
 mod host;
 mod network;
 mod prefilter;
+mod quarantine;
 mod registry;
 mod server;
 mod services;
@@ -82,6 +83,16 @@ pub enum AgentError {
         #[source]
         source: Box<dyn std::error::Error + Send + Sync>,
     },
+    /// The quarantine file exists but cannot be read, parsed or written: taking it as empty
+    /// would release every quarantined pod.
+    #[error("quarantine state {path}")]
+    Quarantine {
+        /// The file.
+        path: PathBuf,
+        /// Cause.
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
     /// The thread holding the agent's state stopped (it panicked).
     #[error("the agent's state thread stopped")]
     Stopped,
@@ -109,7 +120,7 @@ impl AgentError {
             AgentError::Config(_) => ErrorKind::Io,
             AgentError::Maps(_) => ErrorKind::Maps,
             AgentError::Source(_) => ErrorKind::Source,
-            AgentError::Io { .. } | AgentError::Write(_) | AgentError::Registry { .. } => ErrorKind::Io,
+            AgentError::Io { .. } | AgentError::Write(_) | AgentError::Registry { .. } | AgentError::Quarantine { .. } => ErrorKind::Io,
         }
     }
 }
@@ -190,6 +201,7 @@ pub fn run(args: AgentArgs) -> Result<(), AgentError> {
         path: args.state_dir.join("endpoints.json"),
     };
     let endpoints = store.load()?;
+    let quarantine = quarantine::Quarantine::load(&args.state_dir, args.quarantine_allow_node)?;
     let changes = source.changes();
     let links = NetlinkLinks;
     let mut agent = Agent {
@@ -225,6 +237,7 @@ pub fn run(args: AgentArgs) -> Result<(), AgentError> {
         services,
         over_cap_logged: Vec::new(),
         programs_replaced: false,
+        quarantine,
     };
     agent.read_host_addresses();
     agent.refresh(true)?;

@@ -289,6 +289,7 @@ mod tests {
             flow_address: None,
             flow_token_file: None,
             pod_xdp: true,
+            quarantine_allow_node: true,
             prefilter_devices: Vec::new(),
             prefilter_deny_file: None,
         };

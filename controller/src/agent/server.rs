@@ -84,8 +84,9 @@ pub(super) async fn dispatch(agent: &AgentHandle, request: Request) -> Response 
             code: code::INVALID_REQUEST,
             message: "anomalies is a relay's request; this is an agent".into(),
         }),
-        // Issue 15: being built (quarantine, forensics).
-        Request::Quarantine { .. } | Request::Forensics { .. } => Ok(Response::Error {
+        Request::Quarantine { pod, reason, release } => agent.call(move |a| a.quarantine_request(pod, reason, release)).await,
+        // Issue 15: being built (forensics).
+        Request::Forensics { .. } => Ok(Response::Error {
             code: code::INVALID_REQUEST,
             message: "not supported by this agent yet".into(),
         }),

@@ -152,6 +152,15 @@ impl MapWriter for FakeDatapath {
     fn remove_rev_nat(&mut self, id: u32) -> Result<(), MapsError> {
         self.write(|m| drop(m.remove_rev_nat(id)))
     }
+    fn set_quarantine(&mut self, addr: Ipv4Addr, value: u32) -> Result<(), MapsError> {
+        self.write(|m| drop(m.set_quarantine(addr, value)))
+    }
+    fn remove_quarantine(&mut self, addr: Ipv4Addr) -> Result<(), MapsError> {
+        self.write(|m| drop(m.remove_quarantine(addr)))
+    }
+    fn set_quarantine_count(&mut self, count: u32) -> Result<(), MapsError> {
+        self.write(|m| drop(m.set_quarantine_count(count)))
+    }
 }
 
 impl Programs for FakeDatapath {
@@ -253,9 +262,35 @@ struct Fixture {
     links: FakeLinks,
     store: FakeStore,
     source: FakeSource,
+    /// The agent's quarantine file lives here.
+    dir: Arc<StateDir>,
+}
+
+/// A fresh state directory of its own, removed when dropped.
+struct StateDir(std::path::PathBuf);
+
+impl StateDir {
+    fn new() -> Self {
+        static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = NEXT.fetch_add(1, Ordering::SeqCst);
+        let dir = std::env::temp_dir().join(format!("bh-agent-test-{}-{n}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        StateDir(dir)
+    }
+}
+
+impl Drop for StateDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
 }
 
 fn fixture(synced: bool) -> Fixture {
+    fixture_in(synced, Arc::new(StateDir::new()))
+}
+
+fn fixture_in(synced: bool, dir: Arc<StateDir>) -> Fixture {
     let maps = FakeDatapath::default();
     let links = FakeLinks::default();
     let store = FakeStore::default();
@@ -298,6 +333,7 @@ fn fixture(synced: bool) -> Fixture {
         services: super::services::Services::new(true, &DatapathState::default()),
         over_cap_logged: Vec::new(),
         programs_replaced: false,
+        quarantine: super::quarantine::Quarantine::load(&dir.0, true).unwrap(),
     };
     let mut f = Fixture {
         agent,
@@ -305,6 +341,7 @@ fn fixture(synced: bool) -> Fixture {
         links,
         store,
         source,
+        dir,
     };
     f.agent.on_change();
     f
@@ -689,4 +726,193 @@ fn a_burst_the_maps_refuse_is_retried_one_by_one_and_each_failure_stays_isolated
     assert!(matches!(b.try_recv(), Ok(Some(Response::Ok))));
     assert_eq!(f.agent.applied, f.maps.held());
     assert_eq!(f.store.saved(), ["c1", "c2"]);
+}
+
+fn pod(name: &str) -> bulkhead_api::NamespacedName {
+    bulkhead_api::NamespacedName::new("x", name)
+}
+
+fn quarantine(f: &mut Fixture, name: &str, release: bool) -> Response {
+    f.agent.quarantine_request(pod(name), Some("test".into()), release)
+}
+
+/// The model, with pod b labelled quarantined when `labelled`.
+fn labelled_model(labelled: bool) -> Cluster {
+    let text = match labelled {
+        true => MODEL.replace("labels: {pod: b}", "labels: {pod: b, bulkhead.io/quarantine: \"true\"}"),
+        false => MODEL.to_string(),
+    };
+    Cluster::from_objects(parse_documents(&text, "model").unwrap())
+}
+
+const QUARANTINED: u32 = bulkhead_common::endpoint_flags::QUARANTINED | bulkhead_common::endpoint_flags::QUARANTINE_ALLOW_HOST;
+
+fn quarantined_addresses(f: &Fixture) -> (Vec<Ipv4Addr>, u32) {
+    let held = f.maps.held();
+    (held.quarantine.keys().copied().collect(), held.quarantine_count)
+}
+
+#[test]
+fn quarantine_by_command_and_by_label_reaches_the_maps_and_release_restores_them() {
+    let mut f = fixture(true);
+    assert!(matches!(f.agent.try_add(&spec("c1", "a", 7, "net")), Some(Response::Ok)));
+    let plain = f.maps.held().endpoints[&7];
+    assert_eq!(plain.flags & QUARANTINED, 0);
+
+    // Another node's pod (b has no endpoint here): its address only.
+    assert_eq!(quarantine(&mut f, "b", false), Response::Ok);
+    assert_eq!(quarantined_addresses(&f), (vec![Ipv4Addr::new(10, 9, 0, 2)], 1));
+    assert_eq!(f.maps.held().endpoints[&7], plain);
+    // The local pod: its endpoint flag and its address, in the same answer.
+    assert_eq!(quarantine(&mut f, "a", false), Response::Ok);
+    assert_eq!(f.maps.held().endpoints[&7].flags, plain.flags | QUARANTINED);
+    assert_eq!(
+        quarantined_addresses(&f),
+        (vec![Ipv4Addr::new(10, 9, 0, 1), Ipv4Addr::new(10, 9, 0, 2)], 2)
+    );
+    assert_eq!(f.agent.applied, f.maps.held());
+    let status = f.agent.status();
+    assert_eq!(status.quarantined.keys().collect::<Vec<_>>(), ["x/a", "x/b"]);
+    assert_eq!(
+        (status.quarantined["x/a"].by.as_str(), status.quarantined["x/a"].reason.as_str()),
+        ("command", "test")
+    );
+
+    // b also labelled: released by command, it stays quarantined by its label (and says so).
+    *f.source.cluster.lock().unwrap() = labelled_model(true);
+    f.agent.on_change();
+    let refused = quarantine(&mut f, "b", true);
+    assert_eq!(code_of(&refused), Some(code::AGENT_REJECTED), "{refused:?}");
+    assert!(format!("{refused:?}").contains("bulkhead.io/quarantine"), "{refused:?}");
+    assert!(quarantined_addresses(&f).0.contains(&Ipv4Addr::new(10, 9, 0, 2)));
+    assert_eq!(f.agent.quarantined_pods()[&pod("b")].by, "label");
+    // The label gone, b is released by the next reprogram.
+    *f.source.cluster.lock().unwrap() = labelled_model(false);
+    f.agent.on_change();
+    assert_eq!(quarantined_addresses(&f), (vec![Ipv4Addr::new(10, 9, 0, 1)], 1));
+
+    // Release of a: policy-only enforcement again, nothing left in the quarantine maps.
+    assert_eq!(quarantine(&mut f, "a", true), Response::Ok);
+    assert_eq!(f.maps.held().endpoints[&7], plain);
+    assert_eq!(quarantined_addresses(&f), (vec![], 0));
+    assert!(f.agent.quarantined_pods().is_empty());
+    assert_eq!(f.agent.applied, f.maps.held());
+}
+
+#[test]
+fn a_label_alone_quarantines_a_local_pod() {
+    let mut f = fixture(true);
+    assert!(matches!(f.agent.try_add(&spec("c2", "b", 8, "net")), Some(Response::Ok)));
+    *f.source.cluster.lock().unwrap() = labelled_model(true);
+    f.agent.on_change();
+    assert_eq!(f.maps.held().endpoints[&8].flags & QUARANTINED, QUARANTINED);
+    assert_eq!(quarantined_addresses(&f), (vec![Ipv4Addr::new(10, 9, 0, 2)], 1));
+    // Nothing was requested: nothing persisted.
+    assert!(!f.dir.0.join(super::quarantine::FILE).exists());
+}
+
+#[test]
+fn requested_quarantines_survive_a_restart_and_an_unreadable_file_is_an_error() {
+    let dir = Arc::new(StateDir::new());
+    let mut f = fixture_in(true, dir.clone());
+    assert_eq!(quarantine(&mut f, "a", false), Response::Ok);
+    let since = f.agent.quarantined_pods()[&pod("a")].since;
+    drop(f);
+
+    let mut f = fixture_in(true, dir.clone());
+    let held = f.agent.quarantined_pods();
+    assert_eq!(held.len(), 1);
+    assert_eq!((held[&pod("a")].since, held[&pod("a")].reason.as_str()), (since, "test"));
+    assert!(matches!(f.agent.try_add(&spec("c1", "a", 7, "net")), Some(Response::Ok)));
+    assert_eq!(f.maps.held().endpoints[&7].flags & QUARANTINED, QUARANTINED);
+    drop(f);
+
+    std::fs::write(dir.0.join(super::quarantine::FILE), b"{not json").unwrap();
+    let err = super::quarantine::Quarantine::load(&dir.0, true).unwrap_err();
+    assert!(matches!(err, AgentError::Quarantine { .. }), "{err}");
+}
+
+#[test]
+fn a_quarantine_whose_map_write_fails_stays_requested_and_is_retried() {
+    let mut f = fixture(true);
+    assert!(matches!(f.agent.try_add(&spec("c1", "a", 7, "net")), Some(Response::Ok)));
+    f.maps.set(|m| m.writes_left = Some(0));
+    let response = quarantine(&mut f, "a", false);
+    assert_eq!(code_of(&response), Some(code::AGENT_REJECTED), "{response:?}");
+    assert!(f.agent.quarantined_pods().contains_key(&pod("a")));
+    assert!(f.agent.pending.is_some(), "retried by the next refresh");
+    assert_eq!(f.maps.held().endpoints[&7].flags & QUARANTINED, 0);
+
+    f.maps.set(|m| m.writes_left = None);
+    f.agent.on_change();
+    assert!(f.agent.pending.is_none());
+    assert_eq!(f.maps.held().endpoints[&7].flags & QUARANTINED, QUARANTINED);
+    assert_eq!(quarantined_addresses(&f), (vec![Ipv4Addr::new(10, 9, 0, 1)], 1));
+
+    // A release the maps refuse leaves the pod quarantined in them until the retry.
+    f.maps.set(|m| m.writes_left = Some(0));
+    let response = quarantine(&mut f, "a", true);
+    assert_eq!(code_of(&response), Some(code::AGENT_REJECTED), "{response:?}");
+    assert_eq!(f.maps.held().endpoints[&7].flags & QUARANTINED, QUARANTINED);
+    assert_eq!(f.agent.applied, f.maps.held());
+    f.maps.set(|m| m.writes_left = None);
+    f.agent.on_change();
+    assert_eq!(f.maps.held().endpoints[&7].flags & QUARANTINED, 0);
+    assert_eq!(quarantined_addresses(&f), (vec![], 0));
+}
+
+#[test]
+fn a_quarantine_that_cannot_be_persisted_still_reaches_the_maps_and_a_release_does_not_happen() {
+    let mut f = fixture(true);
+    assert!(matches!(f.agent.try_add(&spec("c1", "a", 7, "net")), Some(Response::Ok)));
+    assert_eq!(quarantine(&mut f, "a", false), Response::Ok);
+    // The file's place taken by a directory: every atomic write fails.
+    let file = f.dir.0.join(super::quarantine::FILE);
+    std::fs::remove_file(&file).unwrap();
+    std::fs::create_dir(&file).unwrap();
+    let response = quarantine(&mut f, "b", false);
+    assert_eq!(code_of(&response), Some(code::AGENT_REJECTED), "{response:?}");
+    assert!(
+        quarantined_addresses(&f).0.contains(&Ipv4Addr::new(10, 9, 0, 2)),
+        "in the maps all the same"
+    );
+    let response = quarantine(&mut f, "a", true);
+    assert_eq!(code_of(&response), Some(code::AGENT_REJECTED), "{response:?}");
+    assert_eq!(f.maps.held().endpoints[&7].flags & QUARANTINED, QUARANTINED, "not released");
+    assert!(f.agent.quarantined_pods().contains_key(&pod("a")));
+}
+
+#[test]
+fn a_quarantine_before_the_first_sync_is_recorded_and_written_by_it() {
+    let mut f = fixture(false);
+    let response = quarantine(&mut f, "b", false);
+    assert_eq!(code_of(&response), Some(code::TRY_AGAIN_LATER), "{response:?}");
+    assert_eq!(quarantined_addresses(&f), (vec![], 0));
+    f.source.synced.store(true, Ordering::SeqCst);
+    f.agent.on_change();
+    assert_eq!(quarantined_addresses(&f), (vec![Ipv4Addr::new(10, 9, 0, 2)], 1));
+}
+
+#[test]
+fn a_label_present_at_the_first_sync_quarantines_and_a_deleted_pod_leaves_the_maps() {
+    let mut f = fixture(false);
+    *f.source.cluster.lock().unwrap() = labelled_model(true);
+    f.source.synced.store(true, Ordering::SeqCst);
+    f.agent.on_change();
+    assert_eq!(quarantined_addresses(&f), (vec![Ipv4Addr::new(10, 9, 0, 2)], 1));
+    let metrics = f.agent.metrics.encode().unwrap();
+    assert!(metrics.contains("bulkhead_quarantined_pods 1"), "{metrics}");
+    // The labelled pod deleted: neither its label nor its address is held any more.
+    *f.source.cluster.lock().unwrap() = Cluster::from_objects(
+        parse_documents(
+            &MODEL
+                .replace("name: b,", "name: gone-b,")
+                .replace("labels: {pod: b}", "labels: {pod: b, bulkhead.io/quarantine: \"x\"}"),
+            "model",
+        )
+        .unwrap(),
+    );
+    f.agent.on_change();
+    assert_eq!(quarantined_addresses(&f), (vec![], 0));
+    assert!(f.agent.quarantined_pods().is_empty());
 }

@@ -1,10 +1,11 @@
-//! The user-facing commands besides the agent and the lab: `observe`, `explain` and
-//! `install-cni`, and what they share (output format, finding the agents to ask).
+//! The user-facing commands besides the agent and the lab: `observe`, `explain`,
+//! `quarantine` and `install-cni`, and what they share (output format, finding the agents to ask).
 
 pub mod advise;
 pub mod explain;
 pub mod install;
 pub mod observe;
+pub mod quarantine;
 
 /// Output format.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]

@@ -168,6 +168,7 @@ impl Datapath {
         );
         let (services, backends, rev_nat) = (take(map_names::SERVICES)?, take(map_names::BACKENDS)?, take(map_names::REV_NAT)?);
         let (conntrack, flow_budget) = (take(map_names::CONNTRACK)?, take(map_names::FLOW_BUDGET)?);
+        let (quarantine, quarantine_count) = (take(map_names::QUARANTINE)?, take(map_names::QUARANTINE_COUNT)?);
         let wrong = |map: &'static str| {
             move |source| DatapathError::Map {
                 map,
@@ -194,6 +195,8 @@ impl Datapath {
             rev_nat: rev_nat.try_into().map_err(wrong(map_names::REV_NAT))?,
             conntrack: conntrack.try_into().map_err(wrong(map_names::CONNTRACK))?,
             flow_budget: flow_budget.try_into().map_err(wrong(map_names::FLOW_BUDGET))?,
+            quarantine: quarantine.try_into().map_err(wrong(map_names::QUARANTINE))?,
+            quarantine_count: quarantine_count.try_into().map_err(wrong(map_names::QUARANTINE_COUNT))?,
         };
         adopt_conntrack(&mut maps, pin_dir)?;
         let counters = counters.try_into().map_err(wrong(map_names::COUNTERS))?;

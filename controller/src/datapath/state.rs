@@ -23,9 +23,15 @@ pub struct DatapathState {
     /// Service id → the VIP and port replies get back, for every `service_id` a header
     /// names (1..=`MAX_SERVICE_ID`).
     pub rev_nat: BTreeMap<u32, RevNat>,
+    /// Every quarantined pod's address (cluster-wide) → the reserved value (0). Not the
+    /// compiler's: the agent lays it on top, with the endpoints' quarantine flags.
+    pub quarantine: BTreeMap<Ipv4Addr, u32>,
+    /// What the quarantine count (`bh_quarn_v1`) holds: `quarantine.len()` once written.
+    pub quarantine_count: u32,
 }
 
-/// The changes one incremental compile makes to the endpoint, ipcache and policy maps:
+/// The changes one incremental compile makes to the endpoint, ipcache and policy maps (and
+/// the agent's quarantine on top of them):
 /// each touched key with its new value, `None` to remove it. Keys whose value did not
 /// change are not listed, so a sync writes exactly these.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -36,6 +42,10 @@ pub struct DatapathDelta {
     pub ipcache: BTreeMap<(Ipv4Addr, u8), Option<IpcacheValue>>,
     /// (key, LPM prefix length) → new verdict, or `None` to remove the entry.
     pub policy: BTreeMap<(PolicyKey, u32), Option<PolicyValue>>,
+    /// Quarantined address → new value, or `None` to remove it.
+    pub quarantine: BTreeMap<Ipv4Addr, Option<u32>>,
+    /// The quarantine count to write, if it changes.
+    pub quarantine_count: Option<u32>,
 }
 
 impl DatapathDelta {
@@ -46,6 +56,17 @@ impl DatapathDelta {
             endpoints: diff_map(&old.endpoints, &new.endpoints),
             ipcache: diff_map(&old.ipcache, &new.ipcache),
             policy: diff_map(&old.policy, &new.policy),
+            quarantine: diff_map(&old.quarantine, &new.quarantine),
+            quarantine_count: (old.quarantine_count != new.quarantine_count).then_some(new.quarantine_count),
+        }
+    }
+
+    /// The quarantine half of [`DatapathDelta::between`] alone.
+    pub fn between_quarantine(old: &DatapathState, new: &DatapathState) -> Self {
+        DatapathDelta {
+            quarantine: diff_map(&old.quarantine, &new.quarantine),
+            quarantine_count: (old.quarantine_count != new.quarantine_count).then_some(new.quarantine_count),
+            ..DatapathDelta::default()
         }
     }
 
@@ -54,11 +75,15 @@ impl DatapathDelta {
         apply_map(&mut state.endpoints, &self.endpoints);
         apply_map(&mut state.ipcache, &self.ipcache);
         apply_map(&mut state.policy, &self.policy);
+        apply_map(&mut state.quarantine, &self.quarantine);
+        if let Some(n) = self.quarantine_count {
+            state.quarantine_count = n;
+        }
     }
 
     /// How many keys change.
     pub fn len(&self) -> usize {
-        self.endpoints.len() + self.ipcache.len() + self.policy.len()
+        self.endpoints.len() + self.ipcache.len() + self.policy.len() + self.quarantine.len() + usize::from(self.quarantine_count.is_some())
     }
 
     /// Whether nothing changes.

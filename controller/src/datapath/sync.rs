@@ -6,7 +6,7 @@ use std::net::Ipv4Addr;
 use std::ops::RangeInclusive;
 
 use aya::maps::lpm_trie::{Key, LpmTrie};
-use aya::maps::{HashMap, MapData, MapError, PerCpuHashMap};
+use aya::maps::{Array, HashMap, MapData, MapError, PerCpuHashMap};
 use bulkhead_common::{Backend, EndpointInfo, FlowBudget, IpcacheValue, Ipv4Key, PolicyKey, PolicyValue, RevNat, ServiceKey, ServiceValue};
 
 use crate::datapath::state::DatapathDelta;
@@ -97,6 +97,21 @@ pub trait MapWriter {
         let _ = id;
         Err(MapsError::Unsupported { map: "rev_nat" })
     }
+    /// Adds a quarantined pod's address. The default fails loudly, as for Services.
+    fn set_quarantine(&mut self, addr: Ipv4Addr, value: u32) -> Result<(), MapsError> {
+        let _ = (addr, value);
+        Err(MapsError::Unsupported { map: "quarantine" })
+    }
+    /// Removes a quarantined pod's address.
+    fn remove_quarantine(&mut self, addr: Ipv4Addr) -> Result<(), MapsError> {
+        let _ = addr;
+        Err(MapsError::Unsupported { map: "quarantine" })
+    }
+    /// Writes the quarantine count, which gates the datapath's address lookup.
+    fn set_quarantine_count(&mut self, count: u32) -> Result<(), MapsError> {
+        let _ = count;
+        Err(MapsError::Unsupported { map: "quarantine_count" })
+    }
 }
 
 /// How many writes a sync made.
@@ -121,14 +136,16 @@ impl std::ops::Add for SyncStats {
 
 /// Writes the difference between `old` (what the maps hold) and `new`.
 ///
-/// Order keeps the datapath fail-closed and consistent at every step: identities and
+/// Order keeps the datapath fail-closed and consistent at every step: quarantined addresses
+/// go in before anything else and out after everything else; identities and
 /// policy entries go in before the endpoint that uses them, and an endpoint goes out
 /// before its entries. Services: backends and reverse-NAT entries go in before the slots
 /// that name them, slots before the header that counts them, and out in the reverse order, so a new connection
 /// is never sent to a slot not yet written or a backend already removed. On error `old`
 /// no longer describes the maps; callers resync.
 pub fn sync(w: &mut (impl MapWriter + ?Sized), old: &DatapathState, new: &DatapathState) -> Result<SyncStats, MapsError> {
-    let mut stats = SyncStats::default();
+    let quarantine = DatapathDelta::between_quarantine(old, new);
+    let mut stats = quarantine_in(w, &quarantine)?;
     for (ifindex, _) in removed(&old.endpoints, &new.endpoints) {
         w.remove_endpoint(*ifindex)?;
         stats.removals += 1;
@@ -155,17 +172,49 @@ pub fn sync(w: &mut (impl MapWriter + ?Sized), old: &DatapathState, new: &Datapa
         w.remove_ipcache(*addr, *len)?;
         stats.removals += 1;
     }
+    stats = stats + quarantine_out(w, &quarantine)?;
     Ok(stats + sync_services(w, old, new)?)
 }
 
-/// Writes a compiler delta: only the keys it lists, in [`sync`]'s order (endpoint removals,
-/// ipcache and policy upserts, endpoint upserts, then policy and ipcache removals), so the
+/// The quarantine's first half, before anything else is written (a quarantine takes effect
+/// first): new addresses, then the count that opens their lookup when it grows.
+fn quarantine_in(w: &mut (impl MapWriter + ?Sized), delta: &DatapathDelta) -> Result<SyncStats, MapsError> {
+    let mut stats = SyncStats::default();
+    for (addr, v) in delta.quarantine.iter().filter_map(|(k, v)| Some((k, v.as_ref()?))) {
+        w.set_quarantine(*addr, *v)?;
+        stats.upserts += 1;
+    }
+    if let Some(n) = delta.quarantine_count.filter(|&n| n != 0) {
+        w.set_quarantine_count(n)?;
+        stats.upserts += 1;
+    }
+    Ok(stats)
+}
+
+/// The quarantine's second half, after everything else (a release takes effect last):
+/// addresses removed, then the count when it falls to 0.
+fn quarantine_out(w: &mut (impl MapWriter + ?Sized), delta: &DatapathDelta) -> Result<SyncStats, MapsError> {
+    let mut stats = SyncStats::default();
+    for (addr, _) in delta.quarantine.iter().filter(|(_, v)| v.is_none()) {
+        w.remove_quarantine(*addr)?;
+        stats.removals += 1;
+    }
+    if delta.quarantine_count == Some(0) {
+        w.set_quarantine_count(0)?;
+        stats.upserts += 1;
+    }
+    Ok(stats)
+}
+
+/// Writes a compiler delta: only the keys it lists, in [`sync`]'s order (quarantined
+/// addresses added, endpoint removals, ipcache and policy upserts, endpoint upserts, policy
+/// and ipcache removals, quarantined addresses removed), so the
 /// datapath stays fail-closed and consistent at every step just as with a full diff.
 ///
 /// On error some writes happened and others did not: callers read the maps back
 /// ([`MapWriter::read_state`]) and resync from what they hold, as after a failed [`sync`].
 pub fn sync_delta(w: &mut (impl MapWriter + ?Sized), delta: &DatapathDelta) -> Result<SyncStats, MapsError> {
-    let mut stats = SyncStats::default();
+    let mut stats = quarantine_in(w, delta)?;
     for (ifindex, _) in delta.endpoints.iter().filter(|(_, v)| v.is_none()) {
         w.remove_endpoint(*ifindex)?;
         stats.removals += 1;
@@ -192,7 +241,7 @@ pub fn sync_delta(w: &mut (impl MapWriter + ?Sized), delta: &DatapathDelta) -> R
         w.remove_ipcache(*addr, *len)?;
         stats.removals += 1;
     }
-    Ok(stats)
+    Ok(stats + quarantine_out(w, delta)?)
 }
 
 /// The Service half of [`sync`]: writes the difference between `old`'s Service maps
@@ -264,6 +313,10 @@ pub struct BpfMaps {
     /// `bh_fbudget_v1`: each endpoint's flow-record budget (made by the datapath, removed
     /// with the endpoint so that a reused id starts afresh).
     pub flow_budget: PerCpuHashMap<MapData, u32, FlowBudget>,
+    /// `bh_quar_v1`: every quarantined pod's address.
+    pub quarantine: HashMap<MapData, Ipv4Key, u32>,
+    /// `bh_quarn_v1`: how many addresses `quarantine` holds (gates its lookup).
+    pub quarantine_count: Array<MapData, u32>,
 }
 
 impl BpfMaps {
@@ -295,6 +348,11 @@ impl BpfMaps {
             let (k, v) = item.map_err(map_err("iterate", "rev_nat"))?;
             s.rev_nat.insert(k, v);
         }
+        for item in self.quarantine.iter() {
+            let (k, v) = item.map_err(map_err("iterate", "quarantine"))?;
+            s.quarantine.insert(Ipv4Addr::from(k.addr), v);
+        }
+        s.quarantine_count = self.quarantine_count.get(&0, 0).map_err(map_err("lookup", "quarantine_count"))?;
         Ok(s)
     }
 }
@@ -381,6 +439,19 @@ impl MapWriter for BpfMaps {
     }
     fn remove_rev_nat(&mut self, id: u32) -> Result<(), MapsError> {
         absent_ok(self.rev_nat.remove(&id)).map_err(map_err("remove", "rev_nat"))
+    }
+    fn set_quarantine(&mut self, addr: Ipv4Addr, value: u32) -> Result<(), MapsError> {
+        let key = Ipv4Key { addr: addr.octets() };
+        self.quarantine.insert(key, value, 0).map_err(map_err("insert", "quarantine"))
+    }
+    fn remove_quarantine(&mut self, addr: Ipv4Addr) -> Result<(), MapsError> {
+        let key = Ipv4Key { addr: addr.octets() };
+        absent_ok(self.quarantine.remove(&key)).map_err(map_err("remove", "quarantine"))
+    }
+    fn set_quarantine_count(&mut self, count: u32) -> Result<(), MapsError> {
+        self.quarantine_count
+            .set(0, count, 0)
+            .map_err(map_err("update", "quarantine_count"))
     }
 }
 
@@ -471,6 +542,21 @@ impl MapWriter for MemoryMaps {
     fn remove_rev_nat(&mut self, id: u32) -> Result<(), MapsError> {
         self.log.push(format!("remove rev_nat {id}"));
         self.state.rev_nat.remove(&id);
+        Ok(())
+    }
+    fn set_quarantine(&mut self, addr: Ipv4Addr, value: u32) -> Result<(), MapsError> {
+        self.log.push(format!("set quarantine {addr}"));
+        self.state.quarantine.insert(addr, value);
+        Ok(())
+    }
+    fn remove_quarantine(&mut self, addr: Ipv4Addr) -> Result<(), MapsError> {
+        self.log.push(format!("remove quarantine {addr}"));
+        self.state.quarantine.remove(&addr);
+        Ok(())
+    }
+    fn set_quarantine_count(&mut self, count: u32) -> Result<(), MapsError> {
+        self.log.push(format!("set quarantine count {count}"));
+        self.state.quarantine_count = count;
         Ok(())
     }
 }

@@ -291,6 +291,7 @@ pub struct Metrics {
     service_labels: Mutex<HashSet<String>>,
     service_ports: IntGauge,
     policies_over_cap: IntGauge,
+    quarantined_pods: IntGauge,
     services_left_out: IntGaugeVec,
     flow_events_lost: IntCounter,
     implementation_delay: Histogram,
@@ -351,6 +352,10 @@ impl Metrics {
             service_ports: gauge(
                 "bulkhead_service_ports",
                 "ClusterIP Service ports in the datapath's service map ({vip, port, protocol}).",
+            )?,
+            quarantined_pods: gauge(
+                "bulkhead_quarantined_pods",
+                "Pods this agent holds quarantined (by command, automatic response or label), on any node.",
             )?,
             policies_over_cap: gauge(
                 "bulkhead_policies_over_cap",
@@ -414,6 +419,7 @@ impl Metrics {
         reg(Box::new(m.service_translations.clone()), "bulkhead_service_translations_total")?;
         reg(Box::new(m.service_ports.clone()), "bulkhead_service_ports")?;
         reg(Box::new(m.policies_over_cap.clone()), "bulkhead_policies_over_cap")?;
+        reg(Box::new(m.quarantined_pods.clone()), "bulkhead_quarantined_pods")?;
         reg(Box::new(m.services_left_out.clone()), "bulkhead_services_left_out")?;
         reg(
             Box::new(m.implementation_delay.clone()),
@@ -468,6 +474,11 @@ impl Metrics {
     pub fn record_translation(&self, verdict: &str, service: &str) {
         let label = capped(&self.service_labels, service);
         self.service_translations.with_label_values(&[verdict, label]).inc();
+    }
+
+    /// How many pods the agent holds quarantined (by request or label, on any node).
+    pub fn set_quarantined_pods(&self, count: usize) {
+        self.quarantined_pods.set(i64::try_from(count).unwrap_or(i64::MAX));
     }
 
     /// How many policies the last compile left out for expanding past the cap.

@@ -319,6 +319,7 @@ impl Tracker {
             endpoints: changes(&state.endpoints, self.endpoints),
             ipcache: changes(&state.ipcache, self.ipcache),
             policy: changes(&state.policy, self.policy),
+            ..DatapathDelta::default()
         }
     }
 }
