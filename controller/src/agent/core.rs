@@ -315,6 +315,59 @@ impl Agent {
     /// Takes a source's update into the model in place, noting what it touched; true when
     /// the model changed.
     fn update_model(&mut self, update: SourceUpdate) -> bool {
+        let deleted = self.deleted_pods(&update);
+        let changed = self.apply_update(update);
+        self.keep_deleted(deleted);
+        changed
+    }
+
+    /// The records (labels, address, node, policies) of the pods `update` deletes, taken
+    /// from the model before it applies.
+    fn deleted_pods(&self, update: &SourceUpdate) -> Vec<bulkhead_api::ForensicsBundle> {
+        let gone: Vec<bulkhead_api::NamespacedName> = match update {
+            SourceUpdate::Snapshot(new) => self
+                .cluster
+                .pods()
+                .keys()
+                .filter(|(ns, name)| new.pod(ns, name).is_none())
+                .map(|(ns, name)| bulkhead_api::NamespacedName::new(ns.clone(), name.clone()))
+                .collect(),
+            SourceUpdate::Changes(changes) => changes
+                .iter()
+                .filter_map(|c| match c {
+                    crate::model::Change::Delete(r) if r.kind == crate::model::Kind::Pod => {
+                        let ns = r.namespace.as_deref().unwrap_or(crate::model::DEFAULT_NAMESPACE);
+                        Some(bulkhead_api::NamespacedName::new(ns, r.name.clone()))
+                    }
+                    _ => None,
+                })
+                .collect(),
+        };
+        gone.iter()
+            .filter_map(|pod| crate::flows::forensics::describe(&self.cluster, pod))
+            .collect()
+    }
+
+    /// Keeps the flows of deleted pods on disk (each node keeps those it saw; the pod's own
+    /// node keeps its record even without flows). A failure is logged, counted and retried
+    /// by the slow tick.
+    fn keep_deleted(&self, deleted: Vec<bulkhead_api::ForensicsBundle>) {
+        let now = jiff::Timestamp::now();
+        for mut record in deleted {
+            record.deleted = Some(now);
+            let local = record.node.as_deref() == Some(self.node_name.as_str());
+            let pod = record.pod.clone();
+            match self.flows.keep_deleted(record, local) {
+                Ok(()) => tracing::debug!(%pod, "deleted pod's flows kept"),
+                Err(e) => {
+                    self.metrics.error(ErrorKind::Io);
+                    tracing::warn!(%pod, error = %error_chain(&e), "cannot keep a deleted pod's flows; retried");
+                }
+            }
+        }
+    }
+
+    fn apply_update(&mut self, update: SourceUpdate) -> bool {
         match update {
             SourceUpdate::Snapshot(cluster) => {
                 let touched = self.cluster.replace(*cluster);
@@ -622,6 +675,26 @@ impl Agent {
             self.save_registry()?;
         }
         Ok(dropped)
+    }
+
+    /// `Request::Forensics`: a live pod's record from the model, or what was kept of a
+    /// deleted one, with its flows (history and kept, merged).
+    pub(super) fn forensics(&self, pod: &bulkhead_api::NamespacedName) -> Response {
+        let live = crate::flows::forensics::describe(&self.cluster, pod);
+        match self.flows.bundle(pod, live) {
+            Ok(Some(bundle)) => Response::Forensics(Box::new(bundle)),
+            Ok(None) => Response::Error {
+                code: code::UNKNOWN_POD,
+                message: format!("pod {pod} is unknown to node {}: not in the model, and nothing is kept of it", self.node_name),
+            },
+            Err(e) => {
+                self.metrics.error(ErrorKind::Io);
+                Response::Error {
+                    code: code::AGENT_REJECTED,
+                    message: error_chain(&e),
+                }
+            }
+        }
     }
 
     pub(super) fn status(&self) -> AgentStatus {

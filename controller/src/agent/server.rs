@@ -84,8 +84,9 @@ pub(super) async fn dispatch(agent: &AgentHandle, request: Request) -> Response 
             code: code::INVALID_REQUEST,
             message: "anomalies is a relay's request; this is an agent".into(),
         }),
-        // Issue 15: being built (quarantine, forensics).
-        Request::Quarantine { .. } | Request::Forensics { .. } => Ok(Response::Error {
+        Request::Forensics { pod } => agent.call(move |a| a.forensics(&pod)).await,
+        // Issue 15: being built (quarantine).
+        Request::Quarantine { .. } => Ok(Response::Error {
             code: code::INVALID_REQUEST,
             message: "not supported by this agent yet".into(),
         }),

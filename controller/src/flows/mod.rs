@@ -5,6 +5,7 @@
 //! channel and moves on; a follower that reads too slowly misses flows (counted in
 //! [`FlowStats::follower_lag_drops`]), the datapath and the agent never wait for it.
 
+pub mod forensics;
 mod reader;
 mod resolve;
 pub mod sequence;
@@ -21,6 +22,7 @@ use bulkhead_common::{DropReason, FlowEvent};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufWriter};
 use tokio::sync::{broadcast, watch};
 
+use self::forensics::{ForensicStore, ForensicsError, KeptFlow};
 use self::sequence::Sequence;
 
 pub use reader::{decode, spawn_reader, Clock, FlowsError};
@@ -159,6 +161,8 @@ pub struct FlowStore {
     resolver: RwLock<Arc<Resolver>>,
     stats: Mutex<Counts>,
     metrics: Option<Arc<crate::metrics::Metrics>>,
+    /// Where the flows of deleted and quarantined pods are kept beyond the history.
+    forensics: Option<Arc<ForensicStore>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -183,6 +187,7 @@ impl FlowStore {
             resolver: RwLock::new(Arc::new(Resolver::empty(node))),
             stats: Mutex::new(Counts::default()),
             metrics: None,
+            forensics: None,
         }
     }
 
@@ -191,6 +196,18 @@ impl FlowStore {
         self.next_seq.send_replace(sequence.next());
         *lock(&self.sequence) = sequence;
         self
+    }
+
+    /// Keeps the flows of deleted and quarantined pods in `forensics`, and answers pod
+    /// queries from it too.
+    pub fn with_forensics(mut self, forensics: Arc<ForensicStore>) -> Self {
+        self.forensics = Some(forensics);
+        self
+    }
+
+    /// The forensic store, if any.
+    pub fn forensics(&self) -> Option<&Arc<ForensicStore>> {
+        self.forensics.as_ref()
     }
 
     /// The node this store reports for.
@@ -257,6 +274,8 @@ impl FlowStore {
 
     /// Numbers, stores and broadcasts `count` flows.
     fn store(&self, count: usize, flows: impl Iterator<Item = (i128, Body)>) {
+        let watching = self.forensics.as_ref().is_some_and(|f| f.watching());
+        let mut fresh = Vec::new();
         let mut history = lock(&self.history);
         // Numbered (and the numbers persisted) before anyone can see them: a successor
         // agent never reuses a number a reader may hold.
@@ -269,9 +288,111 @@ impl FlowStore {
             // Sent under the history lock so that a new follower sees each flow exactly once
             // (in its snapshot or on its receiver). No receivers is not an error.
             let _ = self.followers.send(s.clone());
+            if watching {
+                fresh.push(s.clone());
+            }
             history.push_back(s);
         }
         self.next_seq.send_replace(first + count as u64);
+        let epoch = lock(&self.sequence).epoch();
+        drop(history);
+        // Quarantined pods' flows reach their files here, outside the history's lock.
+        if let (Some(forensics), false) = (&self.forensics, fresh.is_empty()) {
+            let kept: Vec<KeptFlow> = fresh.iter().map(|s| self.kept(epoch, s)).collect();
+            forensics.append(&kept);
+        }
+    }
+
+    fn kept(&self, epoch: u64, s: &Stored) -> KeptFlow {
+        KeptFlow {
+            epoch,
+            seq: s.seq,
+            flow: s.flow(&self.node).into_owned(),
+        }
+    }
+
+    /// The flows of the history `filter` matches, with their sequence numbers.
+    fn kept_matching(&self, filter: &bulkhead_api::FlowFilter, since: Option<u64>) -> Vec<KeptFlow> {
+        let (epoch, held) = {
+            let history = lock(&self.history);
+            let epoch = lock(&self.sequence).epoch();
+            let held: Vec<Stored> = history
+                .iter()
+                .filter(|s| since.is_none_or(|since| s.unix_ns >= i128::from(since)))
+                .cloned()
+                .collect();
+            (epoch, held)
+        };
+        held.iter()
+            .map(|s| self.kept(epoch, s))
+            .filter(|k| filter.matches(&k.flow))
+            .collect()
+    }
+
+    /// The history's flows of `pod`, with their sequence numbers.
+    pub fn pod_flows(&self, pod: &NamespacedName) -> Vec<KeptFlow> {
+        let filter = bulkhead_api::FlowFilter {
+            pod: Some(pod.clone()),
+            ..Default::default()
+        };
+        self.kept_matching(&filter, None)
+    }
+
+    /// Keeps a deleted pod's flows on disk with `record` (its labels, address, node and
+    /// policies when it was deleted). Only when the history holds some of its flows, it is
+    /// kept already (quarantined), or `always` (the pod ran on this node). Without a
+    /// forensic store, nothing.
+    pub fn keep_deleted(&self, record: bulkhead_api::ForensicsBundle, always: bool) -> Result<(), ForensicsError> {
+        let Some(forensics) = &self.forensics else { return Ok(()) };
+        let flows = self.pod_flows(&record.pod);
+        if flows.is_empty() && !always && !forensics.kept().contains_key(&record.pod) {
+            return Ok(());
+        }
+        forensics.save_deleted(record, flows)
+    }
+
+    /// Everything known of `pod`: `live` (its record from the model, when it exists) or what
+    /// was kept of it, with the history's and the kept flows merged; `None` when nothing is
+    /// known. An unreadable kept file is an error, never an empty answer.
+    pub fn bundle(
+        &self,
+        pod: &NamespacedName,
+        live: Option<bulkhead_api::ForensicsBundle>,
+    ) -> Result<Option<bulkhead_api::ForensicsBundle>, ForensicsError> {
+        let mut flows = self.pod_flows(pod);
+        let kept = match &self.forensics {
+            Some(f) => f.read(pod)?,
+            None => None,
+        };
+        let quarantine = self.forensics.as_ref().and_then(|f| f.kept().get(pod).cloned());
+        let mut bundle = match (live, kept) {
+            (Some(mut live), kept) => {
+                if let Some((_, kept_flows)) = kept {
+                    flows.extend(kept_flows);
+                }
+                live.quarantine = live.quarantine.or(quarantine);
+                live
+            }
+            (None, Some((record, kept_flows))) => {
+                flows.extend(kept_flows);
+                record
+            }
+            (None, None) if !flows.is_empty() => bulkhead_api::ForensicsBundle {
+                pod: pod.clone(),
+                labels: BTreeMap::new(),
+                ip: None,
+                node: None,
+                deleted: None,
+                quarantine,
+                policies: Vec::new(),
+                flows: Vec::new(),
+                anomalies: Vec::new(),
+            },
+            (None, None) => return Ok(None),
+        };
+        forensics::merge(&mut flows);
+        bundle.flows = flows.into_iter().map(|k| k.flow).collect();
+        Ok(Some(bundle))
     }
 
     /// What a flow-stream reader is told first: the sequence numbers held and the next.
@@ -318,8 +439,29 @@ impl FlowStore {
         s
     }
 
-    /// The history matching `request`, and for `follow` a receiver of everything after it.
-    fn query(&self, request: &ObserveRequest) -> (Vec<Flow>, Option<broadcast::Receiver<Stored>>) {
+    /// The history matching `request` (with the flows kept of the pods it names, for a pod
+    /// filter), and for `follow` a receiver of everything after it.
+    fn query(&self, request: &ObserveRequest) -> Result<(Vec<Flow>, Option<broadcast::Receiver<Stored>>), ForensicsError> {
+        let names_pod = [&request.filter.pod, &request.filter.from_pod, &request.filter.to_pod]
+            .iter()
+            .any(|p| p.is_some());
+        if let (Some(forensics), true) = (&self.forensics, names_pod) {
+            let rx = request.follow.then(|| self.followers.subscribe());
+            let mut flows = self.kept_matching(&request.filter, request.since);
+            let since = request.since.map_or(i128::MIN, i128::from);
+            flows.extend(
+                forensics
+                    .flows_for(&request.filter)?
+                    .into_iter()
+                    .filter(|k| k.flow.time.as_nanosecond() >= since),
+            );
+            forensics::merge(&mut flows);
+            let mut out: Vec<Flow> = flows.into_iter().map(|k| k.flow).collect();
+            if let Some(n) = request.last {
+                out.drain(..out.len().saturating_sub(n));
+            }
+            return Ok((out, rx));
+        }
         // Copied out (cheap clones) under the lock, named outside it: the reader never
         // waits for a query's flows to be made.
         let (held, rx) = {
@@ -340,16 +482,17 @@ impl FlowStore {
         if let Some(n) = request.last {
             out.drain(..out.len().saturating_sub(n));
         }
-        (out, rx)
+        Ok((out, rx))
     }
 
-    /// The flows `request` asks for, read straight from the history (no follow).
-    pub fn snapshot(&self, request: &ObserveRequest) -> Vec<Flow> {
+    /// The flows `request` asks for, read straight from the history and the kept flows (no
+    /// follow).
+    pub fn snapshot(&self, request: &ObserveRequest) -> Result<Vec<Flow>, ForensicsError> {
         self.query(&ObserveRequest {
             follow: false,
             ..request.clone()
         })
-        .0
+        .map(|(flows, _)| flows)
     }
 }
 
@@ -380,19 +523,25 @@ where
     W: AsyncWrite + Unpin,
 {
     let mut out = BufWriter::new(out);
-    if let Err(message) = validate(&request) {
-        let answer = Response::Error {
-            code: bulkhead_api::code::INVALID_REQUEST,
-            message,
-        };
+    let checked = validate(&request).map_err(|message| (bulkhead_api::code::INVALID_REQUEST, message));
+    let queried = checked.and_then(|()| {
+        store.query(&request).map_err(|e| {
+            tracing::warn!(error = %crate::error_chain(&e), "observe: kept flows cannot be read; refused");
+            (bulkhead_api::code::AGENT_REJECTED, crate::error_chain(&e))
+        })
+    });
+    let (history, rx) = match queried {
+        Ok(answer) => answer,
+        Err((code, message)) => {
+            let answer = Response::Error { code, message };
         if let Ok(mut line) = serde_json::to_vec(&answer) {
             line.push(b'\n');
             let _ = out.write_all(&line).await;
-            let _ = out.flush().await;
+                let _ = out.flush().await;
+            }
+            return;
         }
-        return;
-    }
-    let (history, rx) = store.query(&request);
+    };
     for flow in &history {
         if write_flow(&mut out, flow).await.is_err() {
             return;
