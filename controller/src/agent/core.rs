@@ -685,7 +685,10 @@ impl Agent {
             Ok(Some(bundle)) => Response::Forensics(Box::new(bundle)),
             Ok(None) => Response::Error {
                 code: code::UNKNOWN_POD,
-                message: format!("pod {pod} is unknown to node {}: not in the model, and nothing is kept of it", self.node_name),
+                message: format!(
+                    "pod {pod} is unknown to node {}: not in the model, and nothing is kept of it",
+                    self.node_name
+                ),
             },
             Err(e) => {
                 self.metrics.error(ErrorKind::Io);

@@ -1,8 +1,9 @@
-//! The user-facing commands besides the agent and the lab: `observe`, `explain` and
-//! `install-cni`, and what they share (output format, finding the agents to ask).
+//! The user-facing commands besides the agent and the lab: `observe`, `explain`,
+//! `forensics`, `advise` and `install-cni`, and what they share (output format, finding the agents to ask).
 
 pub mod advise;
 pub mod explain;
+pub mod forensics;
 pub mod install;
 pub mod observe;
 

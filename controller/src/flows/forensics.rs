@@ -30,7 +30,6 @@ use crate::model::Cluster;
 use crate::policy::evaluate::isolation;
 use crate::policy::identity::Direction;
 
-
 /// The store's directory in the agent's state directory.
 pub const DIR_NAME: &str = "forensics";
 /// A pod file's extension.
@@ -710,3 +709,7 @@ pub fn describe(cluster: &Cluster, pod: &NamespacedName) -> Option<ForensicsBund
         anomalies: Vec::new(),
     })
 }
+
+#[cfg(test)]
+#[path = "forensics_tests.rs"]
+mod tests;

@@ -534,9 +534,9 @@ where
         Ok(answer) => answer,
         Err((code, message)) => {
             let answer = Response::Error { code, message };
-        if let Ok(mut line) = serde_json::to_vec(&answer) {
-            line.push(b'\n');
-            let _ = out.write_all(&line).await;
+            if let Ok(mut line) = serde_json::to_vec(&answer) {
+                line.push(b'\n');
+                let _ = out.write_all(&line).await;
                 let _ = out.flush().await;
             }
             return;
