@@ -385,3 +385,45 @@ spec: {podSelector: {matchLabels: {app: db}}, policyTypes: [Ingress]}
     assert_eq!(r.labels.get("app").map(String::as_str), Some("web"));
     assert!(describe(&cluster, &pod("b")).is_none());
 }
+
+#[tokio::test]
+async fn observe_over_the_socket_refuses_when_a_kept_file_cannot_be_read() {
+    let dir = TempDir::new("serve");
+    let store = flow_store(&dir.0);
+    store.keep_deleted(record("a"), true).unwrap();
+    drop(store);
+    std::fs::write(dir.0.join(file_name(&pod("a"))), b"garbage\n").unwrap();
+    let store = Arc::new(flow_store(&dir.0));
+    let mut out = Vec::new();
+    crate::flows::serve(store.clone(), pod_request("a"), tokio::io::empty(), &mut out).await;
+    let text = String::from_utf8(out).unwrap();
+    let answer: serde_json::Value = serde_json::from_str(text.trim()).unwrap();
+    assert_eq!(answer["result"], "error", "{text}");
+    assert!(answer["message"].as_str().unwrap().contains("cannot be read"), "{text}");
+    // Other questions are still answered.
+    let mut out = Vec::new();
+    crate::flows::serve(store, pod_request("b"), tokio::io::empty(), &mut out).await;
+    assert!(out.is_empty());
+}
+
+#[test]
+fn a_kept_pods_flows_reach_its_file_as_the_history_records_them() {
+    let dir = TempDir::new("record");
+    let store = flow_store(&dir.0);
+    let q = QuarantineInfo {
+        since: jiff::Timestamp::from_second(1_800_000_000).unwrap(),
+        reason: "test".into(),
+        by: "command".into(),
+    };
+    let mut live = record("a");
+    live.deleted = None;
+    store.forensics().unwrap().keep(live, q, store.pod_flows(&pod("a"))).unwrap();
+    store.record_flows_for_tests(vec![flow("a", "z", 1), flow("b", "z", 2), flow("z", "a", 3)]);
+    drop(store);
+    // Read back by a restarted agent: the quarantined pod's flows, numbered, only its own.
+    let store = flow_store(&dir.0);
+    let (rec, flows) = store.forensics().unwrap().read(&pod("a")).unwrap().unwrap();
+    assert!(rec.quarantine.is_some());
+    assert_eq!(ports(&flows), vec![1, 3]);
+    assert_eq!(flows.iter().map(|f| f.seq).collect::<Vec<_>>(), vec![0, 2]);
+}
