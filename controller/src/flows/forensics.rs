@@ -123,7 +123,7 @@ impl KeptFlow {
 
 /// Orders flows by time (then sequence) and keeps each sequence number once.
 pub fn merge(flows: &mut Vec<KeptFlow>) {
-    flows.sort_by(|a, b| (a.flow.time, a.epoch, a.seq).cmp(&(b.flow.time, b.epoch, b.seq)));
+    flows.sort_by_key(|a| (a.flow.time, a.epoch, a.seq));
     let mut seen = BTreeSet::new();
     flows.retain(|f| seen.insert(f.key()));
 }

@@ -307,10 +307,10 @@ fn observe_and_bundles_answer_from_history_and_kept_flows_without_duplicates() {
     let store = flow_store(&dir.0);
     store.record_flows_for_tests(vec![flow("a", "z", 1), flow("b", "z", 2), flow("z", "a", 3)]);
     // Not deleted yet: the history answers alone.
-    assert_eq!(sports(&store.snapshot(&pod_request("a")).unwrap()), vec![1, 3]);
+    assert_eq!(sports(&store.snapshot_with_kept(&pod_request("a")).unwrap()), vec![1, 3]);
     store.keep_deleted(record("a"), false).unwrap();
     // Both hold the flows now: each once.
-    assert_eq!(sports(&store.snapshot(&pod_request("a")).unwrap()), vec![1, 3]);
+    assert_eq!(sports(&store.snapshot_with_kept(&pod_request("a")).unwrap()), vec![1, 3]);
     // A pod with no flows here, not local: nothing written.
     store.keep_deleted(record("q"), false).unwrap();
     assert!(store.forensics().unwrap().read(&pod("q")).unwrap().is_none());
@@ -321,19 +321,19 @@ fn observe_and_bundles_answer_from_history_and_kept_flows_without_duplicates() {
     // A restarted agent: empty history, the kept flows answer.
     let store = flow_store(&dir.0);
     store.record_flows_for_tests(vec![flow("b", "z", 4)]);
-    assert_eq!(sports(&store.snapshot(&pod_request("a")).unwrap()), vec![1, 3]);
+    assert_eq!(sports(&store.snapshot_with_kept(&pod_request("a")).unwrap()), vec![1, 3]);
     let since = ObserveRequest {
         since: Some(u64::try_from(flow("a", "z", 2).time.as_nanosecond()).unwrap()),
         ..pod_request("a")
     };
-    assert_eq!(sports(&store.snapshot(&since).unwrap()), vec![3]);
+    assert_eq!(sports(&store.snapshot_with_kept(&since).unwrap()), vec![3]);
     let last = ObserveRequest {
         last: Some(1),
         ..pod_request("a")
     };
-    assert_eq!(sports(&store.snapshot(&last).unwrap()), vec![3]);
+    assert_eq!(sports(&store.snapshot_with_kept(&last).unwrap()), vec![3]);
     // Without a pod filter only the history answers.
-    assert_eq!(sports(&store.snapshot(&ObserveRequest::default()).unwrap()), vec![4]);
+    assert_eq!(sports(&store.snapshot_with_kept(&ObserveRequest::default()).unwrap()), vec![4]);
     let bundle = store.bundle(&pod("a"), None).unwrap().unwrap();
     assert_eq!((bundle.labels, sports(&bundle.flows)), (record("a").labels, vec![1, 3]));
     assert_eq!(bundle.policies, record("a").policies);

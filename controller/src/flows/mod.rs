@@ -313,7 +313,18 @@ impl FlowStore {
 
     /// The flows of the history `filter` matches, with their sequence numbers.
     fn kept_matching(&self, filter: &bulkhead_api::FlowFilter, since: Option<u64>) -> Vec<KeptFlow> {
-        let (epoch, held) = {
+        self.kept_matching_then(filter, since, false).0
+    }
+
+    /// [`FlowStore::kept_matching`], and with `follow` a receiver of everything after it
+    /// (subscribed under the history's lock: each flow is seen exactly once).
+    fn kept_matching_then(
+        &self,
+        filter: &bulkhead_api::FlowFilter,
+        since: Option<u64>,
+        follow: bool,
+    ) -> (Vec<KeptFlow>, Option<broadcast::Receiver<Stored>>) {
+        let (epoch, held, rx) = {
             let history = lock(&self.history);
             let epoch = lock(&self.sequence).epoch();
             let held: Vec<Stored> = history
@@ -321,12 +332,14 @@ impl FlowStore {
                 .filter(|s| since.is_none_or(|since| s.unix_ns >= i128::from(since)))
                 .cloned()
                 .collect();
-            (epoch, held)
+            (epoch, held, follow.then(|| self.followers.subscribe()))
         };
-        held.iter()
+        let flows = held
+            .iter()
             .map(|s| self.kept(epoch, s))
             .filter(|k| filter.matches(&k.flow))
-            .collect()
+            .collect();
+        (flows, rx)
     }
 
     /// The history's flows of `pod`, with their sequence numbers.
@@ -446,8 +459,7 @@ impl FlowStore {
             .iter()
             .any(|p| p.is_some());
         if let (Some(forensics), true) = (&self.forensics, names_pod) {
-            let rx = request.follow.then(|| self.followers.subscribe());
-            let mut flows = self.kept_matching(&request.filter, request.since);
+            let (mut flows, rx) = self.kept_matching_then(&request.filter, request.since, request.follow);
             let since = request.since.map_or(i128::MIN, i128::from);
             flows.extend(
                 forensics
@@ -462,6 +474,11 @@ impl FlowStore {
             }
             return Ok((out, rx));
         }
+        Ok(self.query_history(request))
+    }
+
+    /// The history matching `request`, and for `follow` a receiver of everything after it.
+    fn query_history(&self, request: &ObserveRequest) -> (Vec<Flow>, Option<broadcast::Receiver<Stored>>) {
         // Copied out (cheap clones) under the lock, named outside it: the reader never
         // waits for a query's flows to be made.
         let (held, rx) = {
@@ -482,12 +499,21 @@ impl FlowStore {
         if let Some(n) = request.last {
             out.drain(..out.len().saturating_sub(n));
         }
-        Ok((out, rx))
+        (out, rx)
     }
 
-    /// The flows `request` asks for, read straight from the history and the kept flows (no
-    /// follow).
-    pub fn snapshot(&self, request: &ObserveRequest) -> Result<Vec<Flow>, ForensicsError> {
+    /// The flows `request` asks for, read straight from the history (no follow).
+    pub fn snapshot(&self, request: &ObserveRequest) -> Vec<Flow> {
+        self.query_history(&ObserveRequest {
+            follow: false,
+            ..request.clone()
+        })
+        .0
+    }
+
+    /// [`FlowStore::snapshot`] with, for a pod filter, the flows kept of the pods it names
+    /// (what `observe` answers); an unreadable kept file is an error.
+    pub fn snapshot_with_kept(&self, request: &ObserveRequest) -> Result<Vec<Flow>, ForensicsError> {
         self.query(&ObserveRequest {
             follow: false,
             ..request.clone()
