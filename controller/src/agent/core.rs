@@ -321,10 +321,14 @@ impl Agent {
         changed
     }
 
-    /// The records (labels, address, node, policies) of the pods `update` deletes, taken
-    /// from the model before it applies.
+    /// The records (labels, address, node, policies) of the pods `update` deletes that the
+    /// forensic store keeps (see [`FlowStore::pods_to_keep`]; this node's own pods always),
+    /// taken from the model before it applies.
     fn deleted_pods(&self, update: &SourceUpdate) -> Vec<bulkhead_api::ForensicsBundle> {
-        let gone: Vec<bulkhead_api::NamespacedName> = match update {
+        if self.flows.forensics().is_none() {
+            return Vec::new();
+        }
+        let gone: BTreeSet<bulkhead_api::NamespacedName> = match update {
             SourceUpdate::Snapshot(new) => self
                 .cluster
                 .pods()
@@ -343,7 +347,13 @@ impl Agent {
                 })
                 .collect(),
         };
-        gone.iter()
+        let mut keep = self.flows.pods_to_keep(&gone);
+        keep.extend(gone.into_iter().filter(|p| {
+            self.cluster
+                .pod(&p.namespace, &p.name)
+                .is_some_and(|info| info.node.as_deref() == Some(self.node_name.as_str()))
+        }));
+        keep.iter()
             .filter_map(|pod| crate::flows::forensics::describe(&self.cluster, pod))
             .collect()
     }
@@ -353,11 +363,16 @@ impl Agent {
     /// by the slow tick.
     fn keep_deleted(&self, deleted: Vec<bulkhead_api::ForensicsBundle>) {
         let now = jiff::Timestamp::now();
-        for mut record in deleted {
-            record.deleted = Some(now);
-            let local = record.node.as_deref() == Some(self.node_name.as_str());
-            let pod = record.pod.clone();
-            match self.flows.keep_deleted(record, local) {
+        let records = deleted
+            .into_iter()
+            .map(|mut record| {
+                record.deleted = Some(now);
+                let local = record.node.as_deref() == Some(self.node_name.as_str());
+                (record, local)
+            })
+            .collect();
+        for (pod, result) in self.flows.keep_deleted(records) {
+            match result {
                 Ok(()) => tracing::debug!(%pod, "deleted pod's flows kept"),
                 Err(e) => {
                     self.metrics.error(ErrorKind::Io);

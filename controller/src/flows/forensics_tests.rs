@@ -308,14 +308,17 @@ fn observe_and_bundles_answer_from_history_and_kept_flows_without_duplicates() {
     store.record_flows_for_tests(vec![flow("a", "z", 1), flow("b", "z", 2), flow("z", "a", 3)]);
     // Not deleted yet: the history answers alone.
     assert_eq!(sports(&store.snapshot_with_kept(&pod_request("a")).unwrap()), vec![1, 3]);
-    store.keep_deleted(record("a"), false).unwrap();
+    assert_eq!(store.pods_to_keep(&[pod("a"), pod("q")].into()), [pod("a")].into());
+    for (_, result) in store.keep_deleted(vec![(record("a"), false)]) {
+        result.unwrap();
+    }
     // Both hold the flows now: each once.
     assert_eq!(sports(&store.snapshot_with_kept(&pod_request("a")).unwrap()), vec![1, 3]);
     // A pod with no flows here, not local: nothing written.
-    store.keep_deleted(record("q"), false).unwrap();
+    assert!(store.keep_deleted(vec![(record("q"), false)]).is_empty());
     assert!(store.forensics().unwrap().read(&pod("q")).unwrap().is_none());
     // The pod's own node keeps its record even without flows.
-    store.keep_deleted(record("r"), true).unwrap();
+    assert_eq!(store.keep_deleted(vec![(record("r"), true)]).len(), 1);
     assert!(store.forensics().unwrap().read(&pod("r")).unwrap().is_some());
     drop(store);
     // A restarted agent: empty history, the kept flows answer.
@@ -390,7 +393,7 @@ spec: {podSelector: {matchLabels: {app: db}}, policyTypes: [Ingress]}
 async fn observe_over_the_socket_refuses_when_a_kept_file_cannot_be_read() {
     let dir = TempDir::new("serve");
     let store = flow_store(&dir.0);
-    store.keep_deleted(record("a"), true).unwrap();
+    assert_eq!(store.keep_deleted(vec![(record("a"), true)]).len(), 1);
     drop(store);
     std::fs::write(dir.0.join(file_name(&pod("a"))), b"garbage\n").unwrap();
     let store = Arc::new(flow_store(&dir.0));

@@ -14,7 +14,7 @@ pub mod stream;
 mod tests;
 
 use std::borrow::Cow;
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 
 use bulkhead_api::{Direction, Flow, FlowVerdict, NamespacedName, ObserveRequest, Response, StreamHeader};
@@ -351,17 +351,61 @@ impl FlowStore {
         self.kept_matching(&filter, None)
     }
 
-    /// Keeps a deleted pod's flows on disk with `record` (its labels, address, node and
-    /// policies when it was deleted). Only when the history holds some of its flows, it is
-    /// kept already (quarantined), or `always` (the pod ran on this node). Without a
-    /// forensic store, nothing.
-    pub fn keep_deleted(&self, record: bulkhead_api::ForensicsBundle, always: bool) -> Result<(), ForensicsError> {
-        let Some(forensics) = &self.forensics else { return Ok(()) };
-        let flows = self.pod_flows(&record.pod);
-        if flows.is_empty() && !always && !forensics.kept().contains_key(&record.pod) {
-            return Ok(());
+    /// Which of `pods` the forensic store would keep on deletion: those the history holds
+    /// flows of, and those kept already (quarantined). Empty without a forensic store. One
+    /// pass over the history, whatever the number of pods.
+    pub fn pods_to_keep(&self, pods: &BTreeSet<NamespacedName>) -> BTreeSet<NamespacedName> {
+        let Some(forensics) = &self.forensics else {
+            return BTreeSet::new();
+        };
+        if pods.is_empty() {
+            return BTreeSet::new();
         }
-        forensics.save_deleted(record, flows)
+        let mut out: BTreeSet<NamespacedName> = forensics.kept().into_keys().filter(|p| pods.contains(p)).collect();
+        for k in self.kept_matching(&bulkhead_api::FlowFilter::default(), None) {
+            for peer in [&k.flow.source, &k.flow.destination] {
+                if let Some(p) = peer.pod_name().filter(|p| pods.contains(p)) {
+                    out.insert(p);
+                }
+            }
+        }
+        out
+    }
+
+    /// Keeps deleted pods' flows on disk, each with its record (labels, address, node and
+    /// policies when it was deleted): when the history holds some of its flows, it is kept
+    /// already (quarantined), or its `always` is set (the pod ran on this node). One pass
+    /// over the history for all of them; each pod's outcome. Without a forensic store,
+    /// nothing.
+    pub fn keep_deleted(&self, records: Vec<(bulkhead_api::ForensicsBundle, bool)>) -> Vec<(NamespacedName, Result<(), ForensicsError>)> {
+        let Some(forensics) = &self.forensics else {
+            return Vec::new();
+        };
+        if records.is_empty() {
+            return Vec::new();
+        }
+        let wanted: BTreeSet<&NamespacedName> = records.iter().map(|(r, _)| &r.pod).collect();
+        let mut by_pod: BTreeMap<NamespacedName, Vec<KeptFlow>> = BTreeMap::new();
+        for k in self.kept_matching(&bulkhead_api::FlowFilter::default(), None) {
+            let (src, dst) = (k.flow.source.pod_name(), k.flow.destination.pod_name());
+            if let Some(p) = dst.filter(|p| wanted.contains(p) && src.as_ref() != Some(p)) {
+                by_pod.entry(p).or_default().push(k.clone());
+            }
+            if let Some(p) = src.filter(|p| wanted.contains(p)) {
+                by_pod.entry(p).or_default().push(k);
+            }
+        }
+        let kept = forensics.kept();
+        let mut out = Vec::new();
+        for (record, always) in records {
+            let flows = by_pod.remove(&record.pod).unwrap_or_default();
+            if flows.is_empty() && !always && !kept.contains_key(&record.pod) {
+                continue;
+            }
+            let pod = record.pod.clone();
+            out.push((pod, forensics.save_deleted(record, flows)));
+        }
+        out
     }
 
     /// Everything known of `pod`: `live` (its record from the model, when it exists) or what
