@@ -420,13 +420,15 @@ fn a_kept_pods_flows_reach_its_file_as_the_history_records_them() {
     };
     let mut live = record("a");
     live.deleted = None;
-    store.forensics().unwrap().keep(live, q, store.pod_flows(&pod("a"))).unwrap();
+    store.keep_forensics(live, q).unwrap();
     store.record_flows_for_tests(vec![flow("a", "z", 1), flow("b", "z", 2), flow("z", "a", 3)]);
+    store.release_forensics(&pod("a")).unwrap();
+    store.record_flows_for_tests(vec![flow("a", "z", 4)]);
     drop(store);
     // Read back by a restarted agent: the quarantined pod's flows, numbered, only its own.
     let store = flow_store(&dir.0);
     let (rec, flows) = store.forensics().unwrap().read(&pod("a")).unwrap().unwrap();
-    assert!(rec.quarantine.is_some());
-    assert_eq!(ports(&flows), vec![1, 3]);
+    assert!(rec.quarantine.is_none(), "released");
+    assert_eq!(ports(&flows), vec![1, 3], "only its own, and none after the release");
     assert_eq!(flows.iter().map(|f| f.seq).collect::<Vec<_>>(), vec![0, 2]);
 }

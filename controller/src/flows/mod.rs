@@ -351,6 +351,31 @@ impl FlowStore {
         self.kept_matching(&filter, None)
     }
 
+    /// The seam for quarantine: from now on `record.pod`'s flows (the history's first) are
+    /// kept on disk as they arrive, until [`FlowStore::release_forensics`] or its deletion.
+    /// Idempotent: call it when a quarantine begins and, for every pod still quarantined,
+    /// when the agent starts (which pods are kept is not itself persisted). `record` is the
+    /// pod's record from the model ([`forensics::describe`]). Without a forensic store,
+    /// nothing.
+    pub fn keep_forensics(
+        &self,
+        record: bulkhead_api::ForensicsBundle,
+        quarantine: bulkhead_api::QuarantineInfo,
+    ) -> Result<(), ForensicsError> {
+        let Some(forensics) = &self.forensics else { return Ok(()) };
+        let flows = self.pod_flows(&record.pod);
+        forensics.keep(record, quarantine, flows)
+    }
+
+    /// The seam for quarantine: `pod`'s quarantine was lifted; what was kept stays (bounded
+    /// as every record), new flows are no longer appended.
+    pub fn release_forensics(&self, pod: &NamespacedName) -> Result<(), ForensicsError> {
+        match &self.forensics {
+            Some(forensics) => forensics.release(pod),
+            None => Ok(()),
+        }
+    }
+
     /// Which of `pods` the forensic store would keep on deletion: those the history holds
     /// flows of, and those kept already (quarantined). Empty without a forensic store. One
     /// pass over the history, whatever the number of pods.
