@@ -227,18 +227,23 @@ pub fn run(args: ForensicsArgs) -> Result<i32, ForensicsError> {
     };
     let stdout = std::io::stdout();
     let mut out = stdout.lock();
-    match args.output {
+    let written = match args.output {
         Output::Json => {
             if let Some(why) = &unavailable {
                 // The bundle has no field for it: said on stderr, so stdout stays the bundle.
                 eprintln!("bulkhead: anomalies not available: {why}");
             }
             let text = serde_json::to_string_pretty(&bundle).map_err(|e| ForensicsError::Output(e.into()))?;
-            writeln!(out, "{text}").map_err(ForensicsError::Output)?;
+            writeln!(out, "{text}")
         }
-        Output::Table => write!(out, "{}", table(&bundle, unavailable.as_deref())).map_err(ForensicsError::Output)?,
+        Output::Table => write!(out, "{}", table(&bundle, unavailable.as_deref())),
+    };
+    match written.and_then(|()| out.flush()) {
+        // stdout closed (piped into head): not an error, as for `observe`.
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(0),
+        Err(e) => Err(ForensicsError::Output(e)),
+        Ok(()) => Ok(0),
     }
-    Ok(0)
 }
 
 /// The human-readable bundle.
