@@ -28,3 +28,5 @@ pub const CHECK_FAILED: u32 = 104;
 pub const INVALID_REQUEST: u32 = 105;
 /// The client did not prove it may read flows (a missing or wrong token).
 pub const UNAUTHORIZED: u32 = 106;
+/// The pod named is not known: not in the model, and nothing is kept of it.
+pub const UNKNOWN_POD: u32 = 107;

@@ -21,6 +21,9 @@ enum Command {
     /// Explain a connection FROM TO PORT/PROTO: its verdict, which policies isolate each
     /// side and which rule allows it, from the agent's current model.
     Explain(bulkhead::cli::explain::ExplainArgs),
+    /// Everything kept about one pod NS/POD, live or deleted: labels, policies, flows of
+    /// every node, anomalies.
+    Forensics(Box<bulkhead::cli::forensics::ForensicsArgs>),
     /// Merge every node's flow stream into one cluster-wide, time-ordered history and serve
     /// it to `bulkhead observe --relay`.
     Relay(Box<bulkhead::relay::RelayArgs>),
@@ -46,6 +49,7 @@ fn main() {
         Command::Lab(args) => bulkhead::lab::run(args).map_err(Into::into),
         Command::Observe(args) => bulkhead::cli::observe::run(*args).map_err(Into::into),
         Command::Explain(args) => bulkhead::cli::explain::run(args).map_err(Into::into),
+        Command::Forensics(args) => bulkhead::cli::forensics::run(*args).map_err(Into::into),
         Command::Relay(args) => bulkhead::relay::run(*args).map_err(Into::into),
         Command::Advise(args) => bulkhead::cli::advise::run(*args).map_err(Into::into),
         Command::Quarantine(args) => bulkhead::cli::quarantine::run(*args).map_err(Into::into),

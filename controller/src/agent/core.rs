@@ -199,6 +199,7 @@ impl Agent {
                     Resolver::build_with(&self.node_name, &self.pod_index, &self.cluster, self.compiler.rules(), &locals)
                         .with_services(self.services.table(), &self.services.ids()),
                 );
+                self.sync_forensic_quarantine();
                 self.metrics.set_state(
                     self.endpoints.len(),
                     self.compiler.identities().len(),
@@ -333,6 +334,74 @@ impl Agent {
     /// Takes a source's update into the model in place, noting what it touched; true when
     /// the model changed.
     fn update_model(&mut self, update: SourceUpdate) -> bool {
+        let deleted = self.deleted_pods(&update);
+        let changed = self.apply_update(update);
+        self.keep_deleted(deleted);
+        changed
+    }
+
+    /// The records (labels, address, node, policies) of the pods `update` deletes that the
+    /// forensic store keeps (see [`FlowStore::pods_to_keep`]; this node's own pods always),
+    /// taken from the model before it applies.
+    fn deleted_pods(&self, update: &SourceUpdate) -> Vec<bulkhead_api::ForensicsBundle> {
+        if self.flows.forensics().is_none() {
+            return Vec::new();
+        }
+        let gone: BTreeSet<bulkhead_api::NamespacedName> = match update {
+            SourceUpdate::Snapshot(new) => self
+                .cluster
+                .pods()
+                .keys()
+                .filter(|(ns, name)| new.pod(ns, name).is_none())
+                .map(|(ns, name)| bulkhead_api::NamespacedName::new(ns.clone(), name.clone()))
+                .collect(),
+            SourceUpdate::Changes(changes) => changes
+                .iter()
+                .filter_map(|c| match c {
+                    crate::model::Change::Delete(r) if r.kind == crate::model::Kind::Pod => {
+                        let ns = r.namespace.as_deref().unwrap_or(crate::model::DEFAULT_NAMESPACE);
+                        Some(bulkhead_api::NamespacedName::new(ns, r.name.clone()))
+                    }
+                    _ => None,
+                })
+                .collect(),
+        };
+        let mut keep = self.flows.pods_to_keep(&gone);
+        keep.extend(gone.into_iter().filter(|p| {
+            self.cluster
+                .pod(&p.namespace, &p.name)
+                .is_some_and(|info| info.node.as_deref() == Some(self.node_name.as_str()))
+        }));
+        keep.iter()
+            .filter_map(|pod| crate::flows::forensics::describe(&self.cluster, pod))
+            .collect()
+    }
+
+    /// Keeps the flows of deleted pods on disk (each node keeps those it saw; the pod's own
+    /// node keeps its record even without flows). A failure is logged, counted and retried
+    /// by the slow tick.
+    fn keep_deleted(&self, deleted: Vec<bulkhead_api::ForensicsBundle>) {
+        let now = jiff::Timestamp::now();
+        let records = deleted
+            .into_iter()
+            .map(|mut record| {
+                record.deleted = Some(now);
+                let local = record.node.as_deref() == Some(self.node_name.as_str());
+                (record, local)
+            })
+            .collect();
+        for (pod, result) in self.flows.keep_deleted(records) {
+            match result {
+                Ok(()) => tracing::debug!(%pod, "deleted pod's flows kept"),
+                Err(e) => {
+                    self.metrics.error(ErrorKind::Io);
+                    tracing::warn!(%pod, error = %error_chain(&e), "cannot keep a deleted pod's flows; retried");
+                }
+            }
+        }
+    }
+
+    fn apply_update(&mut self, update: SourceUpdate) -> bool {
         match update {
             SourceUpdate::Snapshot(cluster) => {
                 let touched = self.cluster.replace(*cluster);
@@ -656,6 +725,29 @@ impl Agent {
         Ok(dropped)
     }
 
+    /// `Request::Forensics`: a live pod's record from the model, or what was kept of a
+    /// deleted one, with its flows (history and kept, merged).
+    pub(super) fn forensics(&self, pod: &bulkhead_api::NamespacedName) -> Response {
+        let live = crate::flows::forensics::describe(&self.cluster, pod);
+        match self.flows.bundle(pod, live) {
+            Ok(Some(bundle)) => Response::Forensics(Box::new(bundle)),
+            Ok(None) => Response::Error {
+                code: code::UNKNOWN_POD,
+                message: format!(
+                    "pod {pod} is unknown to node {}: not in the model, and nothing is kept of it",
+                    self.node_name
+                ),
+            },
+            Err(e) => {
+                self.metrics.error(ErrorKind::Io);
+                Response::Error {
+                    code: code::AGENT_REJECTED,
+                    message: error_chain(&e),
+                }
+            }
+        }
+    }
+
     pub(super) fn status(&self) -> AgentStatus {
         AgentStatus {
             node_name: self.node_name.clone(),
@@ -673,6 +765,34 @@ impl Agent {
     /// why, since when and by whom. The forensics store keeps these pods' flows.
     pub(crate) fn quarantined_pods(&self) -> std::collections::BTreeMap<NamespacedName, QuarantineInfo> {
         self.quarantine.effective()
+    }
+
+    /// Makes the forensic store keep, as they arrive, the flows of exactly the quarantined
+    /// pods the model knows (by request or label, and again after a restart: the store does
+    /// not remember whom it watched), and stop for released ones; what was kept stays. A
+    /// failure is logged and counted, and retried by the next reprogram.
+    fn sync_forensic_quarantine(&mut self) {
+        let Some(store) = self.flows.forensics() else { return };
+        let want = self.quarantined_pods();
+        let have = store.kept();
+        for (pod, info) in &want {
+            if have.contains_key(pod) {
+                continue;
+            }
+            let Some(record) = crate::flows::forensics::describe(&self.cluster, pod) else {
+                continue;
+            };
+            if let Err(e) = self.flows.keep_forensics(record, info.clone()) {
+                self.metrics.error(ErrorKind::Io);
+                tracing::warn!(pod = %pod, error = %error_chain(&e), "cannot keep a quarantined pod's flows");
+            }
+        }
+        for pod in have.keys().filter(|p| !want.contains_key(*p)) {
+            if let Err(e) = self.flows.release_forensics(pod) {
+                self.metrics.error(ErrorKind::Io);
+                tracing::warn!(pod = %pod, error = %error_chain(&e), "cannot stop keeping a released pod's flows");
+            }
+        }
     }
 
     /// `Request::Quarantine`: records the request (persisted), then reprograms; answered

@@ -46,6 +46,9 @@ impl Agent {
             Ok(lost) => self.flows.set_lost(lost),
             Err(e) => tracing::debug!(error = %error_chain(&e), "reading lost flow events"),
         }
+        if let Some(forensics) = self.flows.forensics() {
+            forensics.retry();
+        }
         self.ticks = self.ticks.wrapping_add(1);
         if self.ticks.is_multiple_of(RECONCILE_EVERY_TICKS) {
             if let Err(e) = self.reconcile_links() {

@@ -159,10 +159,19 @@ pub fn run(args: AgentArgs) -> Result<(), AgentError> {
         path: e.path,
         source: e.source,
     })?;
+    // The flows of deleted and quarantined pods, kept beyond the history and restarts.
+    let forensic_dir = args.state_dir.join(flows::forensics::DIR_NAME);
+    let forensics =
+        flows::forensics::ForensicStore::open(&forensic_dir, Default::default(), Some(metrics.clone())).map_err(|e| AgentError::Io {
+            op: "open the forensic store in",
+            path: forensic_dir.clone(),
+            source: std::io::Error::other(error_chain(&e)),
+        })?;
     let flow_store = Arc::new(
         FlowStore::new(&args.node_name, args.flow_history, Clock::now())
             .with_metrics(metrics.clone())
-            .with_sequence(sequence),
+            .with_sequence(sequence)
+            .with_forensics(Arc::new(forensics)),
     );
     // Read before anything changes, so a missing or empty token file fails at once.
     let flow_port = match (&args.flow_address, &args.flow_token_file) {

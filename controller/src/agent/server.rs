@@ -85,11 +85,7 @@ pub(super) async fn dispatch(agent: &AgentHandle, request: Request) -> Response 
             message: "anomalies is a relay's request; this is an agent".into(),
         }),
         Request::Quarantine { pod, reason, release } => agent.call(move |a| a.quarantine_request(pod, reason, release)).await,
-        // Issue 15: being built (forensics).
-        Request::Forensics { .. } => Ok(Response::Error {
-            code: code::INVALID_REQUEST,
-            message: "not supported by this agent yet".into(),
-        }),
+        Request::Forensics { pod } => agent.call(move |a| a.forensics(&pod)).await,
         // Streams are answered by `serve_connection`, which never gets here with one.
         Request::Observe(_) => Ok(Response::Error {
             code: code::DECODING_FAILURE,

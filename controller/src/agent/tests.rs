@@ -916,3 +916,152 @@ fn a_label_present_at_the_first_sync_quarantines_and_a_deleted_pod_leaves_the_ma
     assert_eq!(quarantined_addresses(&f), (vec![], 0));
     assert!(f.agent.quarantined_pods().is_empty());
 }
+
+/// A forwarded flow from `from` to `to` (pods of x) at second `n`.
+fn flow_between(from: &str, to: &str, n: u16) -> bulkhead_api::Flow {
+    serde_json::from_value(serde_json::json!({
+        "time": format!("2026-11-30T05:00:{n:02}Z"),
+        "node": "node",
+        "verdict": "FORWARDED",
+        "direction": "ingress",
+        "protocol": "TCP",
+        "source": {"namespace": "x", "pod": from, "ip": "10.9.0.2", "port": 40000 + n, "identity": 256},
+        "destination": {"namespace": "x", "pod": to, "ip": "10.9.0.1", "port": 80, "identity": 257},
+        "is_reply": false
+    }))
+    .unwrap()
+}
+
+/// A unique directory removed when dropped (also when a test fails).
+struct ScratchDir(std::path::PathBuf);
+
+impl Drop for ScratchDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn forensic_flows(dir: &std::path::Path) -> Arc<FlowStore> {
+    let forensics = crate::flows::forensics::ForensicStore::open(dir, Default::default(), None).unwrap();
+    Arc::new(FlowStore::new("node", 16, Clock::now()).with_forensics(Arc::new(forensics)))
+}
+
+fn bundle_of(response: Response) -> bulkhead_api::ForensicsBundle {
+    match response {
+        Response::Forensics(b) => *b,
+        other => panic!("expected a bundle, got {other:?}"),
+    }
+}
+
+#[test]
+fn a_deleted_pods_flows_and_record_are_kept_and_answered_after_a_restart() {
+    let dir = ScratchDir(std::env::temp_dir().join(format!("bh-agent-forensics-{}", std::process::id())));
+    let _ = std::fs::remove_dir_all(&dir.0);
+    let mut f = fixture(true);
+    f.agent.flows = forensic_flows(&dir.0);
+    *f.source.cluster.lock().unwrap() = cluster(POLICY);
+    f.agent.on_change();
+    f.agent
+        .flows
+        .record_flows_for_tests(vec![flow_between("b", "a", 1), flow_between("a", "b", 2)]);
+    let pod_a = bulkhead_api::NamespacedName::new("x", "a");
+    let live = bundle_of(f.agent.forensics(&pod_a));
+    assert_eq!((live.deleted, live.flows.len()), (None, 2));
+    assert_eq!(live.policies, vec![bulkhead_api::NamespacedName::new("x", "allow-b")]);
+
+    // The pod is deleted from the model (a snapshot without it): its flows go to disk.
+    let mut without_a = cluster(POLICY);
+    without_a.delete(&crate::model::ObjectRef {
+        kind: crate::model::Kind::Pod,
+        namespace: Some("x".into()),
+        name: "a".into(),
+    });
+    *f.source.cluster.lock().unwrap() = without_a;
+    f.agent.on_change();
+    let kept = f.agent.flows.forensics().unwrap().read(&pod_a).unwrap().expect("kept on delete");
+    assert_eq!(kept.0.labels.get("pod").map(String::as_str), Some("a"));
+    assert_eq!(kept.0.ip, Some(Ipv4Addr::new(10, 9, 0, 1)));
+    assert_eq!(kept.0.policies, live.policies, "the policies that selected it then");
+    assert!(kept.0.deleted.is_some());
+    assert_eq!(kept.1.len(), 2);
+    // x/b is alive and was not deleted: nothing kept of it.
+    assert!(f
+        .agent
+        .flows
+        .forensics()
+        .unwrap()
+        .read(&bulkhead_api::NamespacedName::new("x", "b"))
+        .unwrap()
+        .is_none());
+
+    // A restarted agent: an empty history, the same state dir.
+    f.agent.flows = forensic_flows(&dir.0);
+    let gone = bundle_of(f.agent.forensics(&pod_a));
+    assert_eq!(gone.flows, live.flows);
+    assert_eq!((gone.labels, gone.policies), (live.labels, live.policies));
+    assert!(gone.deleted.is_some());
+    let nobody = f.agent.forensics(&bulkhead_api::NamespacedName::new("x", "nobody"));
+    assert_eq!(code_of(&nobody), Some(code::UNKNOWN_POD), "{nobody:?}");
+}
+
+#[test]
+fn a_deleted_pods_record_that_cannot_be_written_is_counted_and_retried_by_the_tick() {
+    let dir = ScratchDir(std::env::temp_dir().join(format!("bh-agent-forensics-retry-{}", std::process::id())));
+    let _ = std::fs::remove_dir_all(&dir.0);
+    let mut f = fixture(true);
+    f.agent.flows = forensic_flows(&dir.0);
+    f.agent.flows.record_flows_for_tests(vec![flow_between("b", "a", 1)]);
+    // The store's directory replaced by a file: writes fail.
+    std::fs::remove_dir_all(&dir.0).unwrap();
+    std::fs::write(&dir.0, b"in the way").unwrap();
+    let mut without_a = cluster("");
+    without_a.delete(&crate::model::ObjectRef {
+        kind: crate::model::Kind::Pod,
+        namespace: Some("x".into()),
+        name: "a".into(),
+    });
+    *f.source.cluster.lock().unwrap() = without_a;
+    f.agent.on_change();
+    let metrics = f.agent.metrics.encode().unwrap();
+    assert!(metrics.contains("bulkhead_errors_total{kind=\"io\"} 1"), "{metrics}");
+    let stats = f.agent.flows.forensics().unwrap().stats();
+    assert_eq!((stats.pending, stats.errors.get("write")), (1, Some(&1)));
+    // Still answered from what waits for the retry.
+    let pod_a = bulkhead_api::NamespacedName::new("x", "a");
+    assert_eq!(bundle_of(f.agent.forensics(&pod_a)).flows.len(), 1);
+    std::fs::remove_file(&dir.0).unwrap();
+    f.agent.on_tick();
+    assert_eq!(f.agent.flows.forensics().unwrap().stats().pending, 0);
+    assert!(dir.0.join(crate::flows::forensics::file_name(&pod_a)).exists());
+}
+
+#[test]
+fn a_quarantined_pods_flows_are_kept_as_they_come_until_it_is_released() {
+    let dir = ScratchDir(std::env::temp_dir().join(format!("bh-agent-quarantine-forensics-{}", std::process::id())));
+    let _ = std::fs::remove_dir_all(&dir.0);
+    let mut f = fixture(true);
+    f.agent.flows = forensic_flows(&dir.0);
+    *f.source.cluster.lock().unwrap() = cluster(POLICY);
+    f.agent.on_change();
+    let store = Arc::clone(f.agent.flows.forensics().unwrap());
+    assert!(store.kept().is_empty());
+    assert!(matches!(quarantine(&mut f, "b", false), Response::Ok));
+    let kept = store.kept();
+    assert_eq!(kept.keys().collect::<Vec<_>>(), [&pod("b")], "watched from the quarantine on");
+    assert_eq!(kept[&pod("b")].reason, "test");
+    // Its flows reach the disk as they are recorded.
+    f.agent.flows.record_flows_for_tests(vec![flow_between("a", "b", 3)]);
+    let (_, flows) = store.read(&pod("b")).unwrap().expect("a record on disk");
+    assert_eq!(flows.len(), 1);
+    // A restarted agent's store knows nothing of whom it watched: the first reprogram
+    // watches the quarantined pods again.
+    f.agent.flows = forensic_flows(&dir.0);
+    assert!(f.agent.flows.forensics().unwrap().kept().is_empty());
+    f.agent.on_change();
+    f.agent.reprogram(None).unwrap();
+    assert!(f.agent.flows.forensics().unwrap().kept().contains_key(&pod("b")));
+    // Released: no longer watched; what was kept stays.
+    assert!(matches!(quarantine(&mut f, "b", true), Response::Ok));
+    assert!(f.agent.flows.forensics().unwrap().kept().is_empty());
+    assert!(f.agent.flows.forensics().unwrap().read(&pod("b")).unwrap().is_some());
+}

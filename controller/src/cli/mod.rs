@@ -1,8 +1,10 @@
 //! The user-facing commands besides the agent and the lab: `observe`, `explain`,
-//! `quarantine` and `install-cni`, and what they share (output format, finding the agents to ask).
+//! `forensics`, `advise`, `quarantine` and `install-cni`, and what they share (output format, finding
+//! the agents to ask).
 
 pub mod advise;
 pub mod explain;
+pub mod forensics;
 pub mod install;
 pub mod observe;
 pub mod quarantine;

@@ -5,6 +5,7 @@
 //! channel and moves on; a follower that reads too slowly misses flows (counted in
 //! [`FlowStats::follower_lag_drops`]), the datapath and the agent never wait for it.
 
+pub mod forensics;
 mod reader;
 mod resolve;
 pub mod sequence;
@@ -13,7 +14,7 @@ pub mod stream;
 mod tests;
 
 use std::borrow::Cow;
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 
 use bulkhead_api::{Direction, Flow, FlowVerdict, NamespacedName, ObserveRequest, Response, StreamHeader};
@@ -21,6 +22,7 @@ use bulkhead_common::{DropReason, FlowEvent};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufWriter};
 use tokio::sync::{broadcast, watch};
 
+use self::forensics::{ForensicStore, ForensicsError, KeptFlow};
 use self::sequence::Sequence;
 
 pub use reader::{decode, spawn_reader, Clock, FlowsError};
@@ -159,6 +161,8 @@ pub struct FlowStore {
     resolver: RwLock<Arc<Resolver>>,
     stats: Mutex<Counts>,
     metrics: Option<Arc<crate::metrics::Metrics>>,
+    /// Where the flows of deleted and quarantined pods are kept beyond the history.
+    forensics: Option<Arc<ForensicStore>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -183,6 +187,7 @@ impl FlowStore {
             resolver: RwLock::new(Arc::new(Resolver::empty(node))),
             stats: Mutex::new(Counts::default()),
             metrics: None,
+            forensics: None,
         }
     }
 
@@ -191,6 +196,18 @@ impl FlowStore {
         self.next_seq.send_replace(sequence.next());
         *lock(&self.sequence) = sequence;
         self
+    }
+
+    /// Keeps the flows of deleted and quarantined pods in `forensics`, and answers pod
+    /// queries from it too.
+    pub fn with_forensics(mut self, forensics: Arc<ForensicStore>) -> Self {
+        self.forensics = Some(forensics);
+        self
+    }
+
+    /// The forensic store, if any.
+    pub fn forensics(&self) -> Option<&Arc<ForensicStore>> {
+        self.forensics.as_ref()
     }
 
     /// The node this store reports for.
@@ -257,6 +274,8 @@ impl FlowStore {
 
     /// Numbers, stores and broadcasts `count` flows.
     fn store(&self, count: usize, flows: impl Iterator<Item = (i128, Body)>) {
+        let watching = self.forensics.as_ref().is_some_and(|f| f.watching());
+        let mut fresh = Vec::new();
         let mut history = lock(&self.history);
         // Numbered (and the numbers persisted) before anyone can see them: a successor
         // agent never reuses a number a reader may hold.
@@ -269,9 +288,193 @@ impl FlowStore {
             // Sent under the history lock so that a new follower sees each flow exactly once
             // (in its snapshot or on its receiver). No receivers is not an error.
             let _ = self.followers.send(s.clone());
+            if watching {
+                fresh.push(s.clone());
+            }
             history.push_back(s);
         }
         self.next_seq.send_replace(first + count as u64);
+        let epoch = lock(&self.sequence).epoch();
+        drop(history);
+        // Quarantined pods' flows reach their files here, outside the history's lock.
+        if let (Some(forensics), false) = (&self.forensics, fresh.is_empty()) {
+            let kept: Vec<KeptFlow> = fresh.iter().map(|s| self.kept(epoch, s)).collect();
+            forensics.append(&kept);
+        }
+    }
+
+    fn kept(&self, epoch: u64, s: &Stored) -> KeptFlow {
+        KeptFlow {
+            epoch,
+            seq: s.seq,
+            flow: s.flow(&self.node).into_owned(),
+        }
+    }
+
+    /// The flows of the history `filter` matches, with their sequence numbers.
+    fn kept_matching(&self, filter: &bulkhead_api::FlowFilter, since: Option<u64>) -> Vec<KeptFlow> {
+        self.kept_matching_then(filter, since, false).0
+    }
+
+    /// [`FlowStore::kept_matching`], and with `follow` a receiver of everything after it
+    /// (subscribed under the history's lock: each flow is seen exactly once).
+    fn kept_matching_then(
+        &self,
+        filter: &bulkhead_api::FlowFilter,
+        since: Option<u64>,
+        follow: bool,
+    ) -> (Vec<KeptFlow>, Option<broadcast::Receiver<Stored>>) {
+        let (epoch, held, rx) = {
+            let history = lock(&self.history);
+            let epoch = lock(&self.sequence).epoch();
+            let held: Vec<Stored> = history
+                .iter()
+                .filter(|s| since.is_none_or(|since| s.unix_ns >= i128::from(since)))
+                .cloned()
+                .collect();
+            (epoch, held, follow.then(|| self.followers.subscribe()))
+        };
+        let flows = held
+            .iter()
+            .map(|s| self.kept(epoch, s))
+            .filter(|k| filter.matches(&k.flow))
+            .collect();
+        (flows, rx)
+    }
+
+    /// The history's flows of `pod`, with their sequence numbers.
+    pub fn pod_flows(&self, pod: &NamespacedName) -> Vec<KeptFlow> {
+        let filter = bulkhead_api::FlowFilter {
+            pod: Some(pod.clone()),
+            ..Default::default()
+        };
+        self.kept_matching(&filter, None)
+    }
+
+    /// The seam for quarantine: from now on `record.pod`'s flows (the history's first) are
+    /// kept on disk as they arrive, until [`FlowStore::release_forensics`] or its deletion.
+    /// Idempotent: call it when a quarantine begins and, for every pod still quarantined,
+    /// when the agent starts (which pods are kept is not itself persisted). `record` is the
+    /// pod's record from the model ([`forensics::describe`]). Without a forensic store,
+    /// nothing.
+    pub fn keep_forensics(
+        &self,
+        record: bulkhead_api::ForensicsBundle,
+        quarantine: bulkhead_api::QuarantineInfo,
+    ) -> Result<(), ForensicsError> {
+        let Some(forensics) = &self.forensics else { return Ok(()) };
+        let flows = self.pod_flows(&record.pod);
+        forensics.keep(record, quarantine, flows)
+    }
+
+    /// The seam for quarantine: `pod`'s quarantine was lifted; what was kept stays (bounded
+    /// as every record), new flows are no longer appended.
+    pub fn release_forensics(&self, pod: &NamespacedName) -> Result<(), ForensicsError> {
+        match &self.forensics {
+            Some(forensics) => forensics.release(pod),
+            None => Ok(()),
+        }
+    }
+
+    /// Which of `pods` the forensic store would keep on deletion: those the history holds
+    /// flows of, and those kept already (quarantined). Empty without a forensic store. One
+    /// pass over the history, whatever the number of pods.
+    pub fn pods_to_keep(&self, pods: &BTreeSet<NamespacedName>) -> BTreeSet<NamespacedName> {
+        let Some(forensics) = &self.forensics else {
+            return BTreeSet::new();
+        };
+        if pods.is_empty() {
+            return BTreeSet::new();
+        }
+        let mut out: BTreeSet<NamespacedName> = forensics.kept().into_keys().filter(|p| pods.contains(p)).collect();
+        for k in self.kept_matching(&bulkhead_api::FlowFilter::default(), None) {
+            for peer in [&k.flow.source, &k.flow.destination] {
+                if let Some(p) = peer.pod_name().filter(|p| pods.contains(p)) {
+                    out.insert(p);
+                }
+            }
+        }
+        out
+    }
+
+    /// Keeps deleted pods' flows on disk, each with its record (labels, address, node and
+    /// policies when it was deleted): when the history holds some of its flows, it is kept
+    /// already (quarantined), or its `always` is set (the pod ran on this node). One pass
+    /// over the history for all of them; each pod's outcome. Without a forensic store,
+    /// nothing.
+    pub fn keep_deleted(&self, records: Vec<(bulkhead_api::ForensicsBundle, bool)>) -> Vec<(NamespacedName, Result<(), ForensicsError>)> {
+        let Some(forensics) = &self.forensics else {
+            return Vec::new();
+        };
+        if records.is_empty() {
+            return Vec::new();
+        }
+        let wanted: BTreeSet<&NamespacedName> = records.iter().map(|(r, _)| &r.pod).collect();
+        let mut by_pod: BTreeMap<NamespacedName, Vec<KeptFlow>> = BTreeMap::new();
+        for k in self.kept_matching(&bulkhead_api::FlowFilter::default(), None) {
+            let (src, dst) = (k.flow.source.pod_name(), k.flow.destination.pod_name());
+            if let Some(p) = dst.filter(|p| wanted.contains(p) && src.as_ref() != Some(p)) {
+                by_pod.entry(p).or_default().push(k.clone());
+            }
+            if let Some(p) = src.filter(|p| wanted.contains(p)) {
+                by_pod.entry(p).or_default().push(k);
+            }
+        }
+        let kept = forensics.kept();
+        let mut out = Vec::new();
+        for (record, always) in records {
+            let flows = by_pod.remove(&record.pod).unwrap_or_default();
+            if flows.is_empty() && !always && !kept.contains_key(&record.pod) {
+                continue;
+            }
+            let pod = record.pod.clone();
+            out.push((pod, forensics.save_deleted(record, flows)));
+        }
+        out
+    }
+
+    /// Everything known of `pod`: `live` (its record from the model, when it exists) or what
+    /// was kept of it, with the history's and the kept flows merged; `None` when nothing is
+    /// known. An unreadable kept file is an error, never an empty answer.
+    pub fn bundle(
+        &self,
+        pod: &NamespacedName,
+        live: Option<bulkhead_api::ForensicsBundle>,
+    ) -> Result<Option<bulkhead_api::ForensicsBundle>, ForensicsError> {
+        let mut flows = self.pod_flows(pod);
+        let kept = match &self.forensics {
+            Some(f) => f.read(pod)?,
+            None => None,
+        };
+        let quarantine = self.forensics.as_ref().and_then(|f| f.kept().get(pod).cloned());
+        let mut bundle = match (live, kept) {
+            (Some(mut live), kept) => {
+                if let Some((_, kept_flows)) = kept {
+                    flows.extend(kept_flows);
+                }
+                live.quarantine = live.quarantine.or(quarantine);
+                live
+            }
+            (None, Some((record, kept_flows))) => {
+                flows.extend(kept_flows);
+                record
+            }
+            (None, None) if !flows.is_empty() => bulkhead_api::ForensicsBundle {
+                pod: pod.clone(),
+                labels: BTreeMap::new(),
+                ip: None,
+                node: None,
+                deleted: None,
+                quarantine,
+                policies: Vec::new(),
+                flows: Vec::new(),
+                anomalies: Vec::new(),
+            },
+            (None, None) => return Ok(None),
+        };
+        forensics::merge(&mut flows);
+        bundle.flows = flows.into_iter().map(|k| k.flow).collect();
+        Ok(Some(bundle))
     }
 
     /// What a flow-stream reader is told first: the sequence numbers held and the next.
@@ -318,8 +521,33 @@ impl FlowStore {
         s
     }
 
+    /// The history matching `request` (with the flows kept of the pods it names, for a pod
+    /// filter), and for `follow` a receiver of everything after it.
+    fn query(&self, request: &ObserveRequest) -> Result<(Vec<Flow>, Option<broadcast::Receiver<Stored>>), ForensicsError> {
+        let names_pod = [&request.filter.pod, &request.filter.from_pod, &request.filter.to_pod]
+            .iter()
+            .any(|p| p.is_some());
+        if let (Some(forensics), true) = (&self.forensics, names_pod) {
+            let (mut flows, rx) = self.kept_matching_then(&request.filter, request.since, request.follow);
+            let since = request.since.map_or(i128::MIN, i128::from);
+            flows.extend(
+                forensics
+                    .flows_for(&request.filter)?
+                    .into_iter()
+                    .filter(|k| k.flow.time.as_nanosecond() >= since),
+            );
+            forensics::merge(&mut flows);
+            let mut out: Vec<Flow> = flows.into_iter().map(|k| k.flow).collect();
+            if let Some(n) = request.last {
+                out.drain(..out.len().saturating_sub(n));
+            }
+            return Ok((out, rx));
+        }
+        Ok(self.query_history(request))
+    }
+
     /// The history matching `request`, and for `follow` a receiver of everything after it.
-    fn query(&self, request: &ObserveRequest) -> (Vec<Flow>, Option<broadcast::Receiver<Stored>>) {
+    fn query_history(&self, request: &ObserveRequest) -> (Vec<Flow>, Option<broadcast::Receiver<Stored>>) {
         // Copied out (cheap clones) under the lock, named outside it: the reader never
         // waits for a query's flows to be made.
         let (held, rx) = {
@@ -345,11 +573,21 @@ impl FlowStore {
 
     /// The flows `request` asks for, read straight from the history (no follow).
     pub fn snapshot(&self, request: &ObserveRequest) -> Vec<Flow> {
-        self.query(&ObserveRequest {
+        self.query_history(&ObserveRequest {
             follow: false,
             ..request.clone()
         })
         .0
+    }
+
+    /// [`FlowStore::snapshot`] with, for a pod filter, the flows kept of the pods it names
+    /// (what `observe` answers); an unreadable kept file is an error.
+    pub fn snapshot_with_kept(&self, request: &ObserveRequest) -> Result<Vec<Flow>, ForensicsError> {
+        self.query(&ObserveRequest {
+            follow: false,
+            ..request.clone()
+        })
+        .map(|(flows, _)| flows)
     }
 }
 
@@ -380,19 +618,25 @@ where
     W: AsyncWrite + Unpin,
 {
     let mut out = BufWriter::new(out);
-    if let Err(message) = validate(&request) {
-        let answer = Response::Error {
-            code: bulkhead_api::code::INVALID_REQUEST,
-            message,
-        };
-        if let Ok(mut line) = serde_json::to_vec(&answer) {
-            line.push(b'\n');
-            let _ = out.write_all(&line).await;
-            let _ = out.flush().await;
+    let checked = validate(&request).map_err(|message| (bulkhead_api::code::INVALID_REQUEST, message));
+    let queried = checked.and_then(|()| {
+        store.query(&request).map_err(|e| {
+            tracing::warn!(error = %crate::error_chain(&e), "observe: kept flows cannot be read; refused");
+            (bulkhead_api::code::AGENT_REJECTED, crate::error_chain(&e))
+        })
+    });
+    let (history, rx) = match queried {
+        Ok(answer) => answer,
+        Err((code, message)) => {
+            let answer = Response::Error { code, message };
+            if let Ok(mut line) = serde_json::to_vec(&answer) {
+                line.push(b'\n');
+                let _ = out.write_all(&line).await;
+                let _ = out.flush().await;
+            }
+            return;
         }
-        return;
-    }
-    let (history, rx) = store.query(&request);
+    };
     for flow in &history {
         if write_flow(&mut out, flow).await.is_err() {
             return;

@@ -302,6 +302,10 @@ pub struct Metrics {
     map_capacity: IntGaugeVec,
     cni_requests: IntCounterVec,
     errors: IntCounterVec,
+    forensics_errors: IntCounterVec,
+    forensics_pods: IntGauge,
+    forensics_bytes: IntGauge,
+    forensics_evicted: IntCounter,
     ready: AtomicBool,
     /// Why the agent is degraded (a map write failing, retried), if it is.
     degraded: Mutex<Option<String>>,
@@ -396,6 +400,21 @@ impl Metrics {
                 &["verb", "result"],
             )?,
             errors,
+            forensics_errors: counter_vec(
+                "bulkhead_forensics_errors_total",
+                "Forensic store errors, by op: read (a question about a kept file that cannot be read), write, corrupt (a kept file found unreadable).",
+                &["op"],
+            )?,
+            forensics_pods: gauge("bulkhead_forensics_pods", "Pods whose flows the forensic store keeps on disk.")?,
+            forensics_bytes: gauge("bulkhead_forensics_bytes", "Bytes the forensic store's files take.")?,
+            forensics_evicted: IntCounter::new(
+                "bulkhead_forensics_evicted_total",
+                "Pods' kept flows evicted (oldest first) to stay within the forensic store's bounds.",
+            )
+            .map_err(|source| MetricsError::Register {
+                name: "bulkhead_forensics_evicted_total",
+                source,
+            })?,
             datapath,
             registry,
             ready: AtomicBool::new(false),
@@ -432,6 +451,10 @@ impl Metrics {
         reg(Box::new(m.map_capacity.clone()), "bulkhead_map_capacity")?;
         reg(Box::new(m.cni_requests.clone()), "bulkhead_cni_requests_total")?;
         reg(Box::new(m.errors.clone()), "bulkhead_errors_total")?;
+        reg(Box::new(m.forensics_errors.clone()), "bulkhead_forensics_errors_total")?;
+        reg(Box::new(m.forensics_pods.clone()), "bulkhead_forensics_pods")?;
+        reg(Box::new(m.forensics_bytes.clone()), "bulkhead_forensics_bytes")?;
+        reg(Box::new(m.forensics_evicted.clone()), "bulkhead_forensics_evicted_total")?;
         reg(
             Box::new(m.connections_refused.clone()),
             "bulkhead_metrics_connections_refused_total",
@@ -453,6 +476,9 @@ impl Metrics {
         for kind in ErrorKind::ALL {
             m.errors.with_label_values(&[kind.as_str()]).inc_by(0);
         }
+        for op in ["read", "write", "corrupt"] {
+            m.forensics_errors.with_label_values(&[op]).inc_by(0);
+        }
         Ok(m)
     }
 
@@ -461,6 +487,22 @@ impl Metrics {
         if let Ok(mut slot) = self.datapath.stats.write() {
             *slot = Some(stats);
         }
+    }
+
+    /// Counts a forensic store error (`read`, `write`, `corrupt`).
+    pub fn forensics_error(&self, op: &str) {
+        self.forensics_errors.with_label_values(&[op]).inc();
+    }
+
+    /// The forensic store's size.
+    pub fn set_forensics(&self, pods: usize, bytes: u64) {
+        self.forensics_pods.set(i64::try_from(pods).unwrap_or(i64::MAX));
+        self.forensics_bytes.set(i64::try_from(bytes).unwrap_or(i64::MAX));
+    }
+
+    /// Counts a pod evicted from the forensic store.
+    pub fn forensics_evicted(&self) {
+        self.forensics_evicted.inc();
     }
 
     /// Counts one flow record; `policy` is the deciding policy's `namespace/name`.
