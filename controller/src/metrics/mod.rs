@@ -20,7 +20,7 @@ use crate::datapath::state::DatapathState;
 use crate::datapath::stats::{DatapathStats, StatsError};
 
 mod server;
-pub use server::{serve, serve_with, Limits, Listen};
+pub use server::{serve, serve_with, Exposition, Limits, Listen};
 
 /// Where the agent serves metrics unless told otherwise (Cilium's agent uses 9962 too).
 pub const DEFAULT_ADDRESS: &str = "0.0.0.0:9962";
@@ -255,15 +255,15 @@ impl Collector for DatapathCollector {
     }
 }
 
-fn counter_vec(name: &'static str, help: &str, labels: &[&str]) -> Result<IntCounterVec, MetricsError> {
+pub(crate) fn counter_vec(name: &'static str, help: &str, labels: &[&str]) -> Result<IntCounterVec, MetricsError> {
     IntCounterVec::new(Opts::new(name, help), labels).map_err(|source| MetricsError::Register { name, source })
 }
 
-fn gauge(name: &'static str, help: &str) -> Result<IntGauge, MetricsError> {
+pub(crate) fn gauge(name: &'static str, help: &str) -> Result<IntGauge, MetricsError> {
     IntGauge::new(name, help).map_err(|source| MetricsError::Register { name, source })
 }
 
-fn gauge_vec(name: &'static str, help: &str, labels: &[&str]) -> Result<IntGaugeVec, MetricsError> {
+pub(crate) fn gauge_vec(name: &'static str, help: &str, labels: &[&str]) -> Result<IntGaugeVec, MetricsError> {
     IntGaugeVec::new(Opts::new(name, help), labels).map_err(|source| MetricsError::Register { name, source })
 }
 

@@ -64,6 +64,24 @@ pub fn from_pods(pods: &[Pod], port: u16) -> Vec<(String, String)> {
 }
 
 impl Discovery {
+    /// The agents' API sockets the relay can reach, `(node, socket)`: the lab's (on this
+    /// machine's filesystem, whatever namespace the relay runs in). `--agent` flags and
+    /// Kubernetes give only flow ports: there the automatic response cannot reach agents
+    /// (the pod label `bulkhead.io/quarantine` is Kubernetes' path).
+    pub async fn agent_apis(&self) -> Vec<(String, std::path::PathBuf)> {
+        match self {
+            Discovery::Lab(paths) => match paths.load() {
+                Ok(Some(state)) => state.nodes.iter().map(|n| (n.name.clone(), paths.agent_socket(&n.name))).collect(),
+                Ok(None) => Vec::new(),
+                Err(e) => {
+                    tracing::warn!(error = %crate::error_chain(&e), "reading the lab state for the agents' sockets");
+                    Vec::new()
+                }
+            },
+            Discovery::Static(_) | Discovery::Kubernetes { .. } => Vec::new(),
+        }
+    }
+
     /// The agents now.
     pub async fn targets(&self) -> Result<Vec<(String, String)>, String> {
         match self {
