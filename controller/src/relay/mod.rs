@@ -10,6 +10,8 @@
 //! sees, counts and reports the records it missed as a gap.
 
 pub mod detect;
+#[cfg(test)]
+mod detect_tests;
 pub mod discover;
 pub mod file;
 pub mod serve;

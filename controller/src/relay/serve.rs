@@ -91,7 +91,7 @@ async fn write_line<W: AsyncWrite + Unpin>(out: &mut W, value: &impl Serialize) 
 }
 
 /// One client: a request line (with the token when `token` is set), then the answer.
-async fn serve_client<S: AsyncRead + AsyncWrite + Unpin>(shared: Arc<Shared>, token: Option<Arc<Token>>, stream: S) {
+pub(super) async fn serve_client<S: AsyncRead + AsyncWrite + Unpin>(shared: Arc<Shared>, token: Option<Arc<Token>>, stream: S) {
     let (read, write) = tokio::io::split(stream);
     let mut read = BufReader::new(read);
     let mut out = BufWriter::new(write);
@@ -117,11 +117,7 @@ async fn serve_client<S: AsyncRead + AsyncWrite + Unpin>(shared: Arc<Shared>, to
             Err(r) => r,
             Ok(Request::Observe(request)) => return observe(shared, *request, read, out).await,
             Ok(Request::Anomalies(request)) => return anomalies(shared, *request, read, out).await,
-            Ok(Request::RelayStatus) => {
-                let mut status = shared.lock().store.status();
-                status.anomalies = shared.detection.log().total();
-                Response::RelayStatus(Box::new(status))
-            }
+            Ok(Request::RelayStatus) => relay_status(&shared),
             Ok(_) => refuse(
                 code::INVALID_REQUEST,
                 "this is a relay: it answers observe, anomalies and relay_status",
@@ -130,6 +126,19 @@ async fn serve_client<S: AsyncRead + AsyncWrite + Unpin>(shared: Arc<Shared>, to
     };
     let _ = write_line(&mut out, &answer).await;
     let _ = out.flush().await;
+}
+
+/// The answer to `Request::RelayStatus`.
+fn relay_status(shared: &Shared) -> Response {
+    let mut status = shared.lock().store.status();
+    status.anomalies = shared.detection.log().total();
+    Response::RelayStatus(Box::new(status))
+}
+
+/// [`relay_status`], for tests.
+#[cfg(test)]
+pub(super) fn status_for_tests(shared: &Shared) -> Response {
+    relay_status(shared)
 }
 
 fn write_entry(e: &Entry) -> Option<Vec<u8>> {
