@@ -593,7 +593,7 @@ impl Metrics {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use bulkhead_common::Counter;
 
@@ -804,8 +804,20 @@ mod tests {
         );
     }
 
+    /// The README's agent metrics (before "### The relay's metrics"), or the relay's
+    /// (that section, to the next heading of the same or a higher level).
+    pub(crate) fn readme_table(relay: bool) -> &'static str {
+        let readme = include_str!("../../../README.md");
+        let (agent, rest) = readme.split_once("### The relay's metrics").expect("README has the relay's metrics");
+        if !relay {
+            return agent;
+        }
+        let end = rest.find("\n## ").or_else(|| rest.find("\n### ")).unwrap_or(rest.len());
+        &rest[..end]
+    }
+
     /// Metric names a text mentions (`bulkhead_...`), histogram suffixes stripped.
-    fn mentioned(text: &str) -> std::collections::BTreeSet<String> {
+    pub(crate) fn mentioned(text: &str) -> std::collections::BTreeSet<String> {
         let mut out = std::collections::BTreeSet::new();
         let mut rest = text;
         while let Some(i) = rest.find("bulkhead_") {
@@ -836,8 +848,7 @@ mod tests {
         let _: serde_json::Value = serde_json::from_str(dashboard).unwrap();
         let unknown: Vec<_> = mentioned(dashboard).difference(&exported).cloned().collect();
         assert!(unknown.is_empty(), "dashboard uses unknown metrics {unknown:?}");
-        let readme = include_str!("../../../README.md");
-        let table: String = readme.lines().filter(|l| l.starts_with("| `bulkhead_")).collect();
+        let table: String = readme_table(false).lines().filter(|l| l.starts_with("| `bulkhead_")).collect();
         assert_eq!(mentioned(&table), exported, "README metrics table vs the exposition");
     }
 

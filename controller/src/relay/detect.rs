@@ -222,6 +222,12 @@ impl RelayMetrics {
         self.responses.with_label_values(&[result]).inc();
     }
 
+    /// Counts an anomaly (what [`Detection::observe`] does), for tests.
+    #[cfg(test)]
+    pub fn anomalies_for_tests(&self, a: &Anomaly) {
+        self.anomalies.with_label_values(&[a.kind.as_str(), &a.namespace, &a.workload]).inc();
+    }
+
     /// Counts a baseline file error.
     pub fn baseline_error(&self, op: &str) {
         self.baseline_errors.with_label_values(&[op]).inc();

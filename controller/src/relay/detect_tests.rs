@@ -318,3 +318,23 @@ async fn a_scan_queues_the_scanning_pod_or_reports_it_in_a_dry_run() {
         }
     }
 }
+
+#[test]
+fn the_readme_lists_every_relay_metric() {
+    let m = RelayMetrics::new().unwrap();
+    m.anomalies_for_tests(&anomaly(AnomalyKind::Scan, 1.0, None));
+    let exported: std::collections::BTreeSet<String> = m
+        .encode()
+        .unwrap()
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .filter_map(|l| l.split_whitespace().next())
+        .map(str::to_string)
+        .collect();
+    assert!(exported.contains("bulkhead_anomalies_total"), "{exported:?}");
+    let table: String = crate::metrics::tests::readme_table(true)
+        .lines()
+        .filter(|l| l.starts_with("| `bulkhead_"))
+        .collect();
+    assert_eq!(crate::metrics::tests::mentioned(&table), exported, "README relay metrics table vs the exposition");
+}
