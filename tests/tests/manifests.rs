@@ -417,7 +417,10 @@ fn the_prometheus_rule_alerts_on_anomalies_and_passes_promtool() {
     let (_, relay) = readme.split_once("### The relay's metrics").unwrap();
     for e in &exprs {
         let metric = e.split(['(', '{', '[', ' ']).find(|w| w.starts_with("bulkhead_")).unwrap();
-        assert!(relay.contains(&format!("| `{metric}` |")), "{metric} is not in the README's relay metrics table");
+        assert!(
+            relay.contains(&format!("| `{metric}` |")),
+            "{metric} is not in the README's relay metrics table"
+        );
     }
     // promtool reads the plain rule-file format: the spec.
     let dir = TempDir::new("prometheus-rule");

@@ -610,6 +610,61 @@ mod tests {
     }
 
     #[test]
+    fn anomalies_flags_build_the_relay_request_and_refuse_flow_filters() {
+        let a = parse(&[
+            "--anomalies",
+            "-n",
+            "shop",
+            "--pod",
+            "shop/f-1",
+            "--kind",
+            "scan,new_peer",
+            "--follow",
+        ])
+        .unwrap();
+        assert!(a.anomalies);
+        let r = a.anomaly_request();
+        assert_eq!(r.namespace.as_deref(), Some("shop"));
+        assert_eq!(r.pod, Some(NamespacedName::new("shop", "f-1")));
+        assert_eq!(r.kinds, [AnomalyKind::Scan, AnomalyKind::NewPeer]);
+        assert!(r.follow);
+        assert_eq!(
+            serde_json::to_string(&bulkhead_api::Request::Anomalies(Box::new(r))).unwrap(),
+            r#"{"op":"anomalies","namespace":"shop","pod":"shop/f-1","kinds":["scan","new_peer"],"follow":true}"#
+        );
+        let e = parse(&["--anomalies", "--kind", "portscan"]).err().unwrap();
+        assert!(e.contains("unknown anomaly kind"), "{e}");
+        let e = parse(&["--kind", "scan"]).err().unwrap();
+        assert!(e.contains("--anomalies"), "{e}");
+        let e = parse(&["--anomalies", "--verdict", "dropped"]).err().unwrap();
+        assert!(e.contains("cannot be used with"), "{e}");
+    }
+
+    #[test]
+    fn an_anomaly_row_reads_well() {
+        let a = Anomaly {
+            time: "2026-11-30T05:40:12.201Z".parse().unwrap(),
+            kind: AnomalyKind::Scan,
+            score: 2.345,
+            namespace: "shop".into(),
+            workload: "frontend".into(),
+            pod: Some(NamespacedName::new("shop", "frontend-1")),
+            explanation: "reached 40 distinct peer ports in 10 s".into(),
+            flows: vec![],
+            response: Some("would quarantine shop/frontend-1 (dry run)".into()),
+        };
+        let row = anomaly_row(&a);
+        assert!(row.starts_with("11-30 05:40:12.201 scan            2.35  shop/frontend "), "{row}");
+        assert!(
+            row.ends_with(
+                "shop/frontend-1                  reached 40 distinct peer ports in 10 s [would quarantine shop/frontend-1 (dry run)]"
+            ),
+            "{row}"
+        );
+        assert!(anomaly_header().starts_with("TIME "));
+    }
+
+    #[test]
     fn bad_input_is_refused_before_connecting() {
         for (args, needle) in [
             (vec!["--verdict", "maybe"], "maybe"),

@@ -808,7 +808,9 @@ pub(crate) mod tests {
     /// (that section, to the next heading of the same or a higher level).
     pub(crate) fn readme_table(relay: bool) -> &'static str {
         let readme = include_str!("../../../README.md");
-        let (agent, rest) = readme.split_once("### The relay's metrics").expect("README has the relay's metrics");
+        let (agent, rest) = readme
+            .split_once("### The relay's metrics")
+            .expect("README has the relay's metrics");
         if !relay {
             return agent;
         }

@@ -225,7 +225,9 @@ impl RelayMetrics {
     /// Counts an anomaly (what [`Detection::observe`] does), for tests.
     #[cfg(test)]
     pub fn anomalies_for_tests(&self, a: &Anomaly) {
-        self.anomalies.with_label_values(&[a.kind.as_str(), &a.namespace, &a.workload]).inc();
+        self.anomalies
+            .with_label_values(&[a.kind.as_str(), &a.namespace, &a.workload])
+            .inc();
     }
 
     /// Counts a baseline file error.

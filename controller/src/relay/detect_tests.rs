@@ -336,5 +336,9 @@ fn the_readme_lists_every_relay_metric() {
         .lines()
         .filter(|l| l.starts_with("| `bulkhead_"))
         .collect();
-    assert_eq!(crate::metrics::tests::mentioned(&table), exported, "README relay metrics table vs the exposition");
+    assert_eq!(
+        crate::metrics::tests::mentioned(&table),
+        exported,
+        "README relay metrics table vs the exposition"
+    );
 }
