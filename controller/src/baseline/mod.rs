@@ -77,6 +77,12 @@ pub const MAX_CONNECTIONS: usize = 131_072;
 const MAX_TARGETS: usize = 4096;
 /// Flows attached to an anomaly.
 pub const MAX_ANOMALY_FLOWS: usize = 5;
+/// An address a pod had is still that pod's workload for this long after.
+const RECENT_POD_NS: i128 = 900_000_000_000;
+/// /24s with pods remembered.
+const MAX_SUBNETS: usize = 4096;
+/// A second.
+const SEC_NS: i128 = 1_000_000_000;
 /// Dedupe entries kept.
 const MAX_REPORTED: usize = 16_384;
 /// Pods whose share of a bucket is tracked per workload.
@@ -160,6 +166,8 @@ struct ConnState {
     to_destination: u64,
     /// Last cumulative bytes receiver → opener.
     to_source: u64,
+    /// Some record of it was a drop.
+    denied: bool,
 }
 
 /// Two generations: bounded, and what was used recently survives a turnover.
@@ -236,7 +244,52 @@ pub struct Engine {
     connections: Connections,
     /// (kind, workload, peer) → (time reported, score reported).
     reported: HashMap<(AnomalyKind, String, String), (i128, f64)>,
+    pods: RecentPods,
     stats: Stats,
+}
+
+/// Addresses pods had recently, and the /24s pods were seen in: a record whose address
+/// the agent could not name (the pod just went, or is too new for the resolver) is still
+/// that workload, or at least not the outside world.
+#[derive(Default)]
+struct RecentPods {
+    current: HashMap<Ipv4Addr, (String, String, i128)>,
+    previous: HashMap<Ipv4Addr, (String, String, i128)>,
+    subnets: HashMap<[u8; 3], i128>,
+}
+
+impl RecentPods {
+    fn note(&mut self, peer: &FlowPeer, t: i128) {
+        if peer.namespace.is_none() {
+            return;
+        }
+        let o = peer.ip.octets();
+        if self.subnets.len() >= MAX_SUBNETS && !self.subnets.contains_key(&[o[0], o[1], o[2]]) {
+            self.subnets.retain(|_, last| t - *last < RECENT_POD_NS);
+            if self.subnets.len() >= MAX_SUBNETS {
+                return;
+            }
+        }
+        self.subnets.insert([o[0], o[1], o[2]], t);
+        if self.current.get(&peer.ip).is_some_and(|(_, _, last)| t - last < SEC_NS) {
+            return;
+        }
+        let (key, text, _) = peer_key(peer);
+        if self.current.len() >= MAX_CONNECTIONS / 4 && !self.current.contains_key(&peer.ip) {
+            self.previous = std::mem::take(&mut self.current);
+        }
+        self.current.insert(peer.ip, (key, text, t));
+    }
+
+    fn pod(&self, ip: Ipv4Addr, t: i128) -> Option<(String, String)> {
+        let (key, text, last) = self.current.get(&ip).or_else(|| self.previous.get(&ip))?;
+        (t - last < RECENT_POD_NS).then(|| (key.clone(), text.clone()))
+    }
+
+    fn in_pod_subnet(&self, ip: Ipv4Addr, t: i128) -> bool {
+        let o = ip.octets();
+        self.subnets.get(&[o[0], o[1], o[2]]).is_some_and(|last| t - last < RECENT_POD_NS)
+    }
 }
 
 /// How the workload's pod side of a flow is named.
@@ -301,6 +354,7 @@ impl Engine {
             live: HashMap::new(),
             connections: Connections::default(),
             reported: HashMap::new(),
+            pods: RecentPods::default(),
             stats: Stats::default(),
         }
     }
@@ -408,6 +462,9 @@ impl Engine {
     /// timed `now`.
     pub fn observe(&mut self, flow: &Flow, now: jiff::Timestamp) -> Vec<Anomaly> {
         self.stats.flows += 1;
+        let t = flow.time.as_nanosecond();
+        self.pods.note(&flow.source, t);
+        self.pods.note(&flow.destination, t);
         let raised = match flow.kind {
             FlowKind::Packet if flow.is_reply => Vec::new(),
             FlowKind::Packet => self.on_packet(flow, now),
@@ -423,6 +480,21 @@ impl Engine {
             }
         }
         out
+    }
+
+    /// Where `peer` is: `(baseline key, text, outside)`; `None` for an address in a pod
+    /// subnet that no pod is known to have had recently.
+    fn place(&self, peer: &FlowPeer, t: i128) -> Option<(String, String, bool)> {
+        if peer.namespace.is_some() {
+            return Some(peer_key(peer));
+        }
+        if let Some((key, text)) = self.pods.pod(peer.ip, t) {
+            return Some((key, text, false));
+        }
+        if self.pods.in_pod_subnet(peer.ip, t) {
+            return None;
+        }
+        Some(peer_key(peer))
     }
 
     /// Whether an anomaly is not a repeat: first for its key in [`DEDUPE_NS`], or twice
@@ -517,13 +589,18 @@ impl Engine {
         if let Some(c) = self.connections.get(&key) {
             if (t - c.last_ns).abs() < SAME_CONNECTION_NS {
                 // The other node's record of it, or a retransmission.
+                let denied = flow.verdict == FlowVerdict::Dropped;
                 self.connections.put(
                     key,
                     ConnState {
                         last_ns: t.max(c.last_ns),
+                        denied: c.denied || denied,
                         ..c
                     },
                 );
+                if denied && !c.denied {
+                    return self.denied_later(flow, now);
+                }
                 return Vec::new();
             }
         }
@@ -531,6 +608,7 @@ impl Engine {
             key,
             ConnState {
                 last_ns: t,
+                denied: flow.verdict == FlowVerdict::Dropped,
                 ..ConnState::default()
             },
         );
@@ -539,8 +617,8 @@ impl Engine {
         let now_secs = secs(t);
         // The receiver learns who opens connections to it.
         if let Some(w) = workload_of(&flow.destination) {
-            if let Some(k) = self.workload(&w, t) {
-                let (peer, _, _) = peer_key(&flow.source);
+            let place = self.place(&flow.source, t);
+            if let (Some(k), Some((peer, _, _))) = (self.workload(&w, t), place) {
                 let port = format!("{}/{}", flow.destination.port, flow.protocol);
                 if let Some(b) = self.baselines.get_mut(&k) {
                     let learning = learning_at(self.config.learning_secs, b, now_secs);
@@ -555,7 +633,11 @@ impl Engine {
             return out;
         };
         let Some(k) = self.workload(&w, t) else { return out };
-        let (peer, peer_text, outside) = peer_key(&flow.destination);
+        // An address in a pod subnet that no pod is known to have: a pod the resolver does
+        // not know yet (or any more). Never an outside destination; only its fan-out counts.
+        let place = self.place(&flow.destination, t);
+        let unresolved = place.is_none();
+        let (peer, peer_text, outside) = place.unwrap_or_else(|| (String::new(), flow.destination.ip.to_string(), true));
         let port = format!("{}/{}", flow.destination.port, flow.protocol);
         let denied = flow.verdict == FlowVerdict::Dropped;
         let pod = pod_text(&flow.source);
@@ -566,7 +648,9 @@ impl Engine {
         let namespace = flow.destination.namespace.clone();
         let namespace_learnt = namespace.as_ref().is_none_or(|ns| b.namespaces.get(ns).is_some_and(|s| s.learnt));
         let received_before = b.ingress.contains_key(&peer);
-        record(&mut b.egress, &peer, &port, now_secs, learning);
+        if !unresolved {
+            record(&mut b.egress, &peer, &port, now_secs, learning);
+        }
         if let Some(ns) = &namespace {
             if insert_bounded(&mut b.namespaces, ns, MAX_PEERS, || Seen::new(now_secs, learning), |s| s) {
                 if let Some(s) = b.namespaces.get_mut(ns) {
@@ -587,7 +671,7 @@ impl Engine {
         };
         let verb = if denied { "tried to connect" } else { "connected" };
         let who = pod.clone().unwrap_or_else(|| flow.source.ip.to_string());
-        if !learning {
+        if !learning && !unresolved {
             if !peer_learnt && outside {
                 out.push(Raised {
                     peer: peer.clone(),
@@ -639,7 +723,11 @@ impl Engine {
             }
         }
         // Fan-out: distinct targets in this bucket (an outside target by its address).
-        let target_peer = if outside { flow.destination.ip.to_string() } else { peer.clone() };
+        let target_peer = if outside || unresolved {
+            flow.destination.ip.to_string()
+        } else {
+            peer.clone()
+        };
         let Some(live) = self.live.get_mut(&k) else { return out };
         live.connections += 1;
         let target = (target_peer, flow.protocol, flow.destination.port);
@@ -655,34 +743,71 @@ impl Engine {
             }
             push_bounded(&mut live.fanout_flows, flow);
             if !learning {
-                let value = live.fanout * PER_MINUTE;
-                let threshold = b.fanout.threshold(SCAN_FACTOR, SCAN_FLOOR);
-                if value >= threshold {
-                    let top = top_pod(&live.fanout_pods);
-                    let targets = live.targets.len();
-                    let mut a = anomaly(
-                        AnomalyKind::Scan,
-                        value / threshold,
-                        format!(
-                            "{} reached {} distinct peer ports in 10 s ({} denied): {:.0}/min weighted, against a learnt {:.1}/min (threshold {:.0}/min)",
-                            top.as_deref().unwrap_or(&b.name),
-                            targets,
-                            live.denied_targets,
-                            value,
-                            b.fanout.mean,
-                            threshold
-                        ),
-                        live.fanout_flows.iter().cloned().collect(),
-                    );
-                    a.pod = top.and_then(|p| p.parse().ok());
-                    out.push(Raised {
-                        peer: String::new(),
-                        anomaly: a,
-                    });
-                }
+                out.extend(self.scan_check(&k, now));
             }
         }
         out
+    }
+
+    /// A scan when the bucket's weighted fan-out of `k` is at or above its threshold.
+    fn scan_check(&self, k: &str, now: jiff::Timestamp) -> Option<Raised> {
+        let (b, live) = (self.baselines.get(k)?, self.live.get(k)?);
+        let value = live.fanout * PER_MINUTE;
+        let threshold = b.fanout.threshold(SCAN_FACTOR, SCAN_FLOOR);
+        if value < threshold {
+            return None;
+        }
+        let top = top_pod(&live.fanout_pods);
+        let explanation = format!(
+            "{} reached {} distinct peer ports in 10 s ({} denied): {:.0}/min weighted, against a learnt {:.1}/min (threshold {:.0}/min)",
+            top.as_deref().unwrap_or(&b.name),
+            live.targets.len(),
+            live.denied_targets,
+            value,
+            b.fanout.mean,
+            threshold
+        );
+        Some(Raised {
+            peer: String::new(),
+            anomaly: Anomaly {
+                time: now,
+                kind: AnomalyKind::Scan,
+                score: value / threshold,
+                namespace: b.namespace.clone(),
+                workload: b.name.clone(),
+                pod: top.and_then(|p| p.parse().ok()),
+                explanation,
+                flows: live.fanout_flows.iter().cloned().collect(),
+                response: None,
+            },
+        })
+    }
+
+    /// A connection first counted as allowed turned out denied (the receiver's node
+    /// dropped it): its target weighs [`DENIED_WEIGHT`] after all.
+    fn denied_later(&mut self, flow: &Flow, now: jiff::Timestamp) -> Vec<Raised> {
+        let Some(w) = workload_of(&flow.source) else { return Vec::new() };
+        let k = workload_key(&w);
+        let learning = match self.baselines.get(&k) {
+            Some(b) => learning_at(self.config.learning_secs, b, secs(flow.time.as_nanosecond())),
+            None => return Vec::new(),
+        };
+        let Some(live) = self.live.get_mut(&k) else { return Vec::new() };
+        if flow.time.as_nanosecond().div_euclid(BUCKET_NS) != live.bucket {
+            return Vec::new();
+        }
+        live.fanout += DENIED_WEIGHT - 1.0;
+        live.denied_targets += 1;
+        if let Some(p) = pod_text(&flow.source) {
+            if let Some(share) = live.fanout_pods.get_mut(&p) {
+                *share += DENIED_WEIGHT - 1.0;
+            }
+        }
+        push_bounded(&mut live.fanout_flows, flow);
+        if learning {
+            return Vec::new();
+        }
+        self.scan_check(&k, now).into_iter().collect()
     }
 
     fn on_bytes(&mut self, flow: &Flow, now: jiff::Timestamp) -> Vec<Raised> {
@@ -708,14 +833,18 @@ impl Engine {
                     last_ns: t,
                     to_destination: bytes.to_destination.max(previous.to_destination),
                     to_source: bytes.to_source.max(previous.to_source),
+                    denied: previous.denied,
                 },
             );
         }
         // Bytes from a pod to an address outside the pods, whichever side opened.
-        let (pod_side, out_bytes) = match (flow.source.namespace.is_some(), flow.destination.namespace.is_some()) {
-            (true, false) => (&flow.source, to_destination),
-            (false, true) => (&flow.destination, to_source),
-            _ => return Vec::new(),
+        let outside = |p: &FlowPeer| p.namespace.is_none() && self.place(p, t).is_some_and(|(_, _, o)| o);
+        let (pod_side, out_bytes) = if flow.source.namespace.is_some() && outside(&flow.destination) {
+            (&flow.source, to_destination)
+        } else if flow.destination.namespace.is_some() && outside(&flow.source) {
+            (&flow.destination, to_source)
+        } else {
+            return Vec::new();
         };
         if out_bytes == 0 {
             return Vec::new();

@@ -433,3 +433,53 @@ fn memory_is_bounded_under_a_flood_of_workloads_and_connections() {
     assert!(engine.stats().unattributed >= 100);
     assert!(engine.tracked_connections() <= super::MAX_CONNECTIONS);
 }
+
+#[test]
+fn a_gone_pod_or_one_the_resolver_does_not_know_yet_is_not_an_outside_address() {
+    let anomalies = attack(|sim, shop, t| {
+        // The api pod was deleted: its address no longer names a pod.
+        let mut gone = peer(&shop.api[0], 8080);
+        (gone.namespace, gone.pod, gone.labels) = (None, None, BTreeMap::new());
+        let f = record(t, peer(&shop.front[0], 41000), gone, FlowVerdict::Forwarded, Direction::Egress);
+        sim.flows.push(f);
+        // A new pod of the same subnet the front-end's node cannot name yet.
+        let f = record(
+            t + SEC,
+            peer(&shop.front[0], 41001),
+            outside([10, 1, 0, 77], 8080),
+            FlowVerdict::Forwarded,
+            Direction::Egress,
+        );
+        sim.flows.push(f);
+    });
+    assert_eq!(anomalies, vec![], "neither is new_external");
+}
+
+#[test]
+fn a_probe_the_receiver_drops_weighs_as_denied_though_the_sender_forwarded_it() {
+    let probes = |ingress_drops: bool| {
+        attack(|sim, shop, t| {
+            for i in 0..6u16 {
+                let (s, d) = (peer(&shop.front[0], 45000 + i), peer(&shop.db, 1000 + i));
+                let t = t + i128::from(i) * SEC / 10;
+                sim.flows
+                    .push(record(t, s.clone(), d.clone(), FlowVerdict::Forwarded, Direction::Egress));
+                let verdict = if ingress_drops {
+                    FlowVerdict::Dropped
+                } else {
+                    FlowVerdict::Forwarded
+                };
+                sim.flows.push(record(t + SEC / 1000, s, d, verdict, Direction::Ingress));
+            }
+        })
+    };
+    assert!(
+        kinds(&probes(true)).contains(&AnomalyKind::Scan),
+        "6 probes dropped at the receiver: {:#?}",
+        probes(true)
+    );
+    assert!(
+        !kinds(&probes(false)).contains(&AnomalyKind::Scan),
+        "6 allowed connections are no scan"
+    );
+}
