@@ -68,9 +68,14 @@ const SAME_CONNECTION_NS: i128 = 5_000_000_000;
 /// Workloads kept (beyond: their flows are counted, not learnt).
 pub const MAX_WORKLOADS: usize = 4096;
 /// Peers kept per workload and direction.
-pub const MAX_PEERS: usize = 1024;
+pub const MAX_PEERS: usize = 512;
 /// Ports kept per peer.
-pub const MAX_PORTS: usize = 256;
+pub const MAX_PORTS: usize = 128;
+/// A peer or port not part of the baseline is forgotten when unseen this long…
+pub const FORGET_CANDIDATE_SECS: i64 = 86_400;
+/// …and one that is, when unseen this long (a workload that stopped talking to a peer
+/// for a month has to earn it again).
+pub const FORGET_LEARNT_SECS: i64 = 30 * 86_400;
 /// Connections whose last byte counts are kept (two generations of half each).
 pub const MAX_CONNECTIONS: usize = 131_072;
 /// Distinct targets counted per bucket and workload (beyond: each new one counts).
@@ -447,6 +452,30 @@ impl Engine {
     /// Connections whose byte counts are remembered.
     pub fn tracked_connections(&self) -> usize {
         self.connections.len()
+    }
+
+    /// Forgets peers, ports and namespaces unseen for long ([`FORGET_CANDIDATE_SECS`],
+    /// [`FORGET_LEARNT_SECS`]); returns how many entries went.
+    pub fn prune(&mut self, now: jiff::Timestamp) -> usize {
+        let now = secs(now.as_nanosecond());
+        let keep = |s: &Seen| now - s.last < if s.learnt { FORGET_LEARNT_SECS } else { FORGET_CANDIDATE_SECS };
+        let mut gone = 0;
+        for b in self.baselines.values_mut() {
+            for map in [&mut b.egress, &mut b.ingress] {
+                for p in map.values_mut() {
+                    let before = p.ports.len();
+                    p.ports.retain(|_, s| keep(s));
+                    gone += before - p.ports.len();
+                }
+                let before = map.len();
+                map.retain(|_, p| keep(&p.seen));
+                gone += before - map.len();
+            }
+            let before = b.namespaces.len();
+            b.namespaces.retain(|_, s| keep(s));
+            gone += before - b.namespaces.len();
+        }
+        gone
     }
 
     /// The baseline of the workload of pods with `labels` in `namespace`.

@@ -483,3 +483,25 @@ fn a_probe_the_receiver_drops_weighs_as_denied_though_the_sender_forwarded_it() 
         "6 allowed connections are no scan"
     );
 }
+
+#[test]
+fn what_goes_unseen_for_long_is_forgotten_candidates_first() {
+    let (mut engine, shop, t) = learnt();
+    let mut sim = Sim::default();
+    sim.connect(t, &shop.front[0], &shop.db, 5432, FlowVerdict::Forwarded);
+    sim.run(&mut engine);
+    let egress = |e: &Engine| engine_peers(e, &shop);
+    assert_eq!(egress(&engine), 3, "api, the outside /24 and the db candidate");
+    assert_eq!(engine.prune(at(t + 3600 * SEC)), 0, "an hour is not long");
+    // A day later the candidates go: the db and its port in the front-end's egress, the
+    // front-end and the port in the db's ingress (the namespace shop is learnt: it stays).
+    assert_eq!(engine.prune(at(t + 2 * 86_400 * SEC)), 4, "the candidates on both sides");
+    assert_eq!(egress(&engine), 2);
+    // Two months later everything learnt goes too: the workload learns again by promotion.
+    assert!(engine.prune(at(t + 60 * 86_400 * SEC)) > 0);
+    assert_eq!(egress(&engine), 0);
+}
+
+fn engine_peers(e: &Engine, shop: &Shop) -> usize {
+    e.baseline("shop", &shop.front[0].labels).unwrap().egress.len()
+}

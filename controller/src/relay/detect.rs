@@ -330,9 +330,17 @@ impl Detection {
         }
     }
 
-    /// Refreshes the workload gauges.
+    /// Forgets what went unseen for long and refreshes the workload gauges.
     pub fn refresh(&self) {
-        let (all, learning) = lock(&self.engine).workloads(jiff::Timestamp::now());
+        let now = jiff::Timestamp::now();
+        let (all, learning) = {
+            let mut engine = lock(&self.engine);
+            let forgotten = engine.prune(now);
+            if forgotten > 0 {
+                tracing::info!(forgotten, "baseline entries unseen for long forgotten");
+            }
+            engine.workloads(now)
+        };
         let gauge = |s: &str, n: usize| {
             self.metrics
                 .workloads
