@@ -428,18 +428,38 @@ pub async fn respond(mut queue: mpsc::Receiver<(NamespacedName, String)>, discov
         if pending.is_empty() {
             continue;
         }
+        let now = tokio::time::Instant::now();
+        let mut finished = Vec::new();
+        if discovery.is_kubernetes() {
+            // In a cluster: the pod's label, which every agent watches.
+            for (pod, p) in pending.iter_mut().filter(|(_, p)| p.next <= now) {
+                match discovery.quarantine_by_label(pod, &p.reason).await {
+                    Ok(()) => {
+                        tracing::warn!(%pod, "quarantine label set");
+                        metrics.response("accepted");
+                        finished.push(pod.clone());
+                    }
+                    Err(e) => {
+                        tracing::warn!(%pod, error = %e, "labelling the pod for quarantine failed; retrying later");
+                        metrics.response("refused");
+                        p.attempts = p.attempts.saturating_add(1);
+                        p.next = now + RETRY_MIN.saturating_mul(1u32 << p.attempts.min(5)).min(RETRY_MAX);
+                    }
+                }
+            }
+            for pod in finished {
+                pending.remove(&pod);
+            }
+            continue;
+        }
         let agents = discovery.agent_apis().await;
         if agents.is_empty() {
             if !warned {
-                tracing::error!(
-                    "no agent API this relay can reach: quarantines wait (in Kubernetes, label the pod bulkhead.io/quarantine=true)"
-                );
+                tracing::error!("no agent API this relay can reach (--agent flags give only flow ports): quarantines wait");
                 warned = true;
             }
             continue;
         }
-        let now = tokio::time::Instant::now();
-        let mut finished = Vec::new();
         for (pod, p) in pending.iter_mut().filter(|(_, p)| p.next <= now) {
             let mut failed = false;
             let todo: Vec<&(String, PathBuf)> = agents.iter().filter(|(n, _)| !p.accepted.contains(n)).collect();
