@@ -59,9 +59,11 @@ pub const SCAN_FACTOR: f64 = 4.0;
 pub const SCAN_FLOOR: f64 = 60.0;
 /// Bytes-out threshold: this many times the learnt mean plus deviation…
 pub const EXFIL_FACTOR: f64 = 4.0;
-/// …and at least this many bytes per minute.
-pub const EXFIL_FLOOR: f64 = 16_384.0;
-/// One anomaly per (kind, workload, peer) per this period, unless its score doubles.
+/// …and at least this many bytes per minute (a workload that sends almost nothing out
+/// is not an exfiltration for every small upload).
+pub const EXFIL_FLOOR: f64 = 8_192.0;
+/// One anomaly per (kind, workload, peer) per this period, unless its score doubles
+/// (for `scan` and `exfiltration` the "peer" is the pod, so each pod gets its own).
 pub const DEDUPE_NS: i128 = 600_000_000_000;
 /// Two records of one 5-tuple closer than this are one connection.
 const SAME_CONNECTION_NS: i128 = 5_000_000_000;
@@ -797,7 +799,7 @@ impl Engine {
             threshold
         );
         Some(Raised {
-            peer: String::new(),
+            peer: top.clone().unwrap_or_default(),
             anomaly: Anomaly {
                 time: now,
                 kind: AnomalyKind::Scan,
@@ -926,7 +928,7 @@ impl Engine {
             response: None,
         };
         vec![Raised {
-            peer: String::new(),
+            peer: anomaly.pod.as_ref().map(ToString::to_string).unwrap_or_default(),
             anomaly,
         }]
     }
