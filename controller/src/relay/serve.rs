@@ -340,8 +340,8 @@ pub fn status(args: &StatusArgs) -> Result<i32, RelayError> {
                 );
             }
             println!(
-                "history {}/{}, late {}, follower lag drops {}",
-                status.stored, status.capacity, status.late, status.follower_lag_drops
+                "history {}/{}, late {}, follower lag drops {}, anomalies {}",
+                status.stored, status.capacity, status.late, status.follower_lag_drops, status.anomalies
             );
         }
     }
