@@ -390,9 +390,13 @@ pub async fn keep(detection: Arc<Detection>) {
     tick.tick().await;
     loop {
         tick.tick().await;
-        detection.refresh();
+        // Pruning walks every baseline and saving writes a file: off the async workers.
         let d = detection.clone();
-        let _ = tokio::task::spawn_blocking(move || d.save()).await;
+        let _ = tokio::task::spawn_blocking(move || {
+            d.refresh();
+            d.save()
+        })
+        .await;
     }
 }
 
