@@ -85,6 +85,10 @@ pub struct Anomaly {
     /// The flows that triggered it (bounded).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub flows: Vec<Flow>,
+    /// What the relay's automatic response did about it, e.g. `quarantine requested for
+    /// x/a` or `would quarantine x/a (dry run)`; absent when it did nothing.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub response: Option<String>,
 }
 
 /// What `Request::Anomalies` asks for.

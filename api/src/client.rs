@@ -313,6 +313,71 @@ pub fn observe_relay(
     })
 }
 
+/// The anomalies a relay streams for [`Request::Anomalies`]; ends when it closes.
+pub struct AnomalyStream {
+    path: PathBuf,
+    reader: BufReader<Box<dyn Read + Send>>,
+}
+
+/// One line of an anomalies stream: an anomaly, or the relay's error.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum AnomalyLine {
+    Anomaly(Box<crate::anomaly::Anomaly>),
+    Response(Response),
+}
+
+impl Iterator for AnomalyStream {
+    type Item = Result<crate::anomaly::Anomaly, ObserveError>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        let line = match read_line_limited(&mut self.reader, MAX_LINE_BYTES) {
+            Ok(None) => return None,
+            Ok(Some(line)) => line,
+            Err(source) => {
+                return Some(Err(ApiError::Io {
+                    path: self.path.clone(),
+                    source,
+                }
+                .into()))
+            }
+        };
+        Some(match serde_json::from_str::<AnomalyLine>(&line) {
+            Ok(AnomalyLine::Anomaly(a)) => Ok(*a),
+            Ok(AnomalyLine::Response(Response::Error { code, message })) => Err(ObserveError::Refused {
+                path: self.path.clone(),
+                code,
+                message,
+            }),
+            Ok(AnomalyLine::Response(other)) => Err(ObserveError::Refused {
+                path: self.path.clone(),
+                code: 0,
+                message: format!("unexpected answer {other:?}"),
+            }),
+            Err(source) => Err(ApiError::Decode {
+                path: self.path.clone(),
+                source,
+            }
+            .into()),
+        })
+    }
+}
+
+/// Asks a relay for anomalies (`Request::Anomalies`); they arrive through the returned
+/// iterator, history first, then (with `follow`) new ones.
+pub fn anomalies_relay(
+    addr: &RelayAddr,
+    token: Option<String>,
+    request: &crate::anomaly::AnomalyRequest,
+    idle_timeout: Option<Duration>,
+) -> Result<AnomalyStream, ApiError> {
+    let stream = send_relay(addr, token, Request::Anomalies(Box::new(request.clone())), idle_timeout)?;
+    Ok(AnomalyStream {
+        path: PathBuf::from(addr.to_string()),
+        reader: BufReader::new(Box::new(stream)),
+    })
+}
+
 /// Sends one request to a relay and waits up to `timeout` for the answer.
 pub fn call_relay(addr: &RelayAddr, token: Option<String>, request: &Request, timeout: Duration) -> Result<Response, ApiError> {
     let path = PathBuf::from(addr.to_string());

@@ -19,7 +19,10 @@ pub mod protocol;
 pub mod relay;
 
 pub use anomaly::{Anomaly, AnomalyKind, AnomalyRequest, ForensicsBundle, QuarantineInfo};
-pub use client::{call, call_relay, observe, observe_relay, ApiError, ObserveError, ObserveEvent, ObserveEvents, ObserveStream, RelayAddr};
+pub use client::{
+    anomalies_relay, call, call_relay, observe, observe_relay, AnomalyStream, ApiError, ObserveError, ObserveEvent, ObserveEvents,
+    ObserveStream, RelayAddr,
+};
 pub use endpoint::{EndpointRef, EndpointSpec};
 pub use explain::{BackendExplanation, ExplainSide, ExplainVerdict, Explanation, ServiceExplanation};
 pub use flow::{

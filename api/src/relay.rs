@@ -145,6 +145,9 @@ pub struct RelayStatus {
     pub follower_lag_drops: u64,
     /// Records that arrived after the merge delay, sent to followers out of time order.
     pub late: u64,
+    /// Anomalies the relay's baselines raised since it started.
+    #[serde(default)]
+    pub anomalies: u64,
 }
 
 /// Whether two secrets are equal, in time that depends only on their lengths (so a

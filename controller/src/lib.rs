@@ -10,6 +10,7 @@
 
 pub mod advisor;
 pub mod agent;
+pub mod baseline;
 pub mod cli;
 pub mod config;
 pub mod datapath;

@@ -384,3 +384,53 @@ fn configmap_conflist_installs_with_the_real_install_cni() {
     let supported = version["supportedVersions"].as_array().unwrap();
     assert!(supported.contains(&written["cniVersion"]), "{version}");
 }
+
+/// The relay's PrometheusRule (a CRD kubernetes-validate has no schema for, so it lives in
+/// `manifests/monitoring/`, outside the validated set): its rule groups pass the real
+/// `promtool check rules`, it alerts on the anomalies by kind, namespace and workload, and
+/// it uses only metrics the README's relay table lists.
+#[test]
+fn the_prometheus_rule_alerts_on_anomalies_and_passes_promtool() {
+    let path = manifests_dir().join("monitoring/prometheus-rule.yaml");
+    let text = std::fs::read_to_string(&path).unwrap();
+    let docs = documents(&text);
+    assert_eq!(docs.len(), 1, "one object");
+    let rule = &docs[0];
+    assert_eq!(rule["apiVersion"].as_str(), Some("monitoring.coreos.com/v1"));
+    assert_eq!(kind(rule), "PrometheusRule");
+    assert_eq!(rule["metadata"]["namespace"].as_str(), Some("bulkhead-system"));
+    let exprs: Vec<String> = rule["spec"]["groups"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .flat_map(|g| g["rules"].as_sequence().unwrap().iter())
+        .map(|r| r["expr"].as_str().unwrap().to_string())
+        .collect();
+    assert!(
+        exprs.iter().any(|e| e.contains("increase(bulkhead_anomalies_total[5m])")
+            && e.contains("by (kind, namespace, workload)")
+            && e.ends_with("> 0")),
+        "{exprs:?}"
+    );
+    // The README's relay metrics table names every metric the rules use.
+    let readme = std::fs::read_to_string(root().join("README.md")).unwrap();
+    let (_, relay) = readme.split_once("### The relay's metrics").unwrap();
+    for e in &exprs {
+        let metric = e.split(['(', '{', '[', ' ']).find(|w| w.starts_with("bulkhead_")).unwrap();
+        assert!(
+            relay.contains(&format!("| `{metric}` |")),
+            "{metric} is not in the README's relay metrics table"
+        );
+    }
+    // promtool reads the plain rule-file format: the spec.
+    let dir = TempDir::new("prometheus-rule");
+    let spec = dir.0.join("rules.yaml");
+    std::fs::write(&spec, serde_yaml_ng::to_string(&rule["spec"]).unwrap()).unwrap();
+    let out = tool("promtool", &["check", "rules", spec.to_str().unwrap()]);
+    assert!(
+        out.status.success(),
+        "promtool check rules:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

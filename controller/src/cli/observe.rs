@@ -6,7 +6,9 @@ use std::path::PathBuf;
 use std::sync::mpsc;
 use std::time::Duration;
 
-use bulkhead_api::{Direction, Flow, FlowFilter, FlowVerdict, NamespacedName, ObserveRequest, Protocol};
+use bulkhead_api::{
+    Anomaly, AnomalyKind, AnomalyRequest, Direction, Flow, FlowFilter, FlowVerdict, NamespacedName, ObserveRequest, Protocol,
+};
 use bulkhead_common::DropReason;
 use clap::builder::PossibleValuesParser;
 
@@ -137,6 +139,18 @@ pub struct ObserveArgs {
     /// Token file for a relay reached over TCP.
     #[arg(long, env = "BULKHEAD_RELAY_TOKEN_FILE", requires = "relay")]
     pub token_file: Option<PathBuf>,
+    /// Show the relay's anomalies (deviations from the workloads' learnt baselines)
+    /// instead of flows; filters: --namespace, --pod, --kind, --since; with --follow.
+    #[arg(long, conflicts_with_all = ["from_pod", "to_pod", "service", "to_service", "labels", "verdict", "drop_reason", "protocol", "port", "direction", "policy", "last"])]
+    pub anomalies: bool,
+    /// With --anomalies: only these kinds (comma-separated: new_peer, new_port,
+    /// new_external, scan, exfiltration).
+    #[arg(long, value_delimiter = ',', value_parser = anomaly_kind, requires = "anomalies")]
+    pub kind: Vec<AnomalyKind>,
+}
+
+fn anomaly_kind(text: &str) -> Result<AnomalyKind, String> {
+    text.trim().parse()
 }
 
 impl ObserveArgs {
@@ -328,8 +342,76 @@ fn print_gap(out: &mut impl Write, g: &bulkhead_api::Gap, output: Output) -> std
     out.flush()
 }
 
+impl ObserveArgs {
+    /// The relay request `--anomalies` sends.
+    pub fn anomaly_request(&self) -> AnomalyRequest {
+        AnomalyRequest {
+            namespace: self.namespace.clone(),
+            pod: self.pod.clone(),
+            kinds: self.kind.clone(),
+            since: self.since,
+            follow: self.follow,
+        }
+    }
+}
+
+/// `observe --anomalies`: the relay's anomalies (the lab's relay unless --relay says).
+fn run_anomalies(args: &ObserveArgs) -> Result<i32, ObserveError> {
+    let addr = args.relay.as_deref().unwrap_or("lab");
+    let request = args.anomaly_request();
+    let (relay, token) = crate::relay::serve::client_target(addr, args.token_file.as_deref(), &args.agents.lab_dir)?;
+    let err = |source| ObserveError::Agent {
+        node: format!("relay {relay}"),
+        source,
+    };
+    let timeout = (!request.follow).then_some(IDLE_TIMEOUT);
+    let stream = bulkhead_api::anomalies_relay(&relay, token, &request, timeout).map_err(|e| err(e.into()))?;
+    let stdout = std::io::stdout();
+    let mut out = stdout.lock();
+    if args.output == Output::Table && writeln!(out, "{}", anomaly_header()).is_err() {
+        return Ok(0);
+    }
+    for a in stream {
+        let a = a.map_err(err)?;
+        let line = match args.output {
+            Output::Json => serde_json::to_string(&a).unwrap_or_default(),
+            Output::Table => anomaly_row(&a),
+        };
+        if writeln!(out, "{line}").and_then(|()| out.flush()).is_err() {
+            break; // stdout closed
+        }
+    }
+    Ok(0)
+}
+
+/// The anomaly table's header.
+pub fn anomaly_header() -> String {
+    format!(
+        "{:<18} {:<13} {:>6}  {:<28} {:<32} EXPLANATION",
+        "TIME", "KIND", "SCORE", "WORKLOAD", "POD"
+    )
+}
+
+/// One anomaly as a table row (the automatic response, if any, after the explanation).
+pub fn anomaly_row(a: &Anomaly) -> String {
+    let time = a.time.strftime("%m-%d %H:%M:%S%.3f").to_string();
+    let pod = a.pod.as_ref().map_or("-".to_string(), |p| p.to_string());
+    let response = a.response.as_ref().map_or(String::new(), |r| format!(" [{r}]"));
+    format!(
+        "{time:<18} {:<13} {:>6.2}  {:<28} {:<32} {}{response}",
+        a.kind.as_str(),
+        a.score,
+        format!("{}/{}", a.namespace, a.workload),
+        pod,
+        a.explanation
+    )
+}
+
 /// Runs `bulkhead observe`; the exit code.
 pub fn run(args: ObserveArgs) -> Result<i32, ObserveError> {
+    if args.anomalies {
+        return run_anomalies(&args);
+    }
     if let Some(addr) = args.relay.clone() {
         return run_relay(&args, &addr);
     }
@@ -525,6 +607,61 @@ mod tests {
         assert_eq!(parse(&["--verdict", "DROPPED"]).unwrap().verdict, Some(VerdictArg::Dropped));
         let follow = parse(&["--follow"]).unwrap().request();
         assert_eq!((follow.last, follow.follow), (Some(0), true), "follow alone: new flows only");
+    }
+
+    #[test]
+    fn anomalies_flags_build_the_relay_request_and_refuse_flow_filters() {
+        let a = parse(&[
+            "--anomalies",
+            "-n",
+            "shop",
+            "--pod",
+            "shop/f-1",
+            "--kind",
+            "scan,new_peer",
+            "--follow",
+        ])
+        .unwrap();
+        assert!(a.anomalies);
+        let r = a.anomaly_request();
+        assert_eq!(r.namespace.as_deref(), Some("shop"));
+        assert_eq!(r.pod, Some(NamespacedName::new("shop", "f-1")));
+        assert_eq!(r.kinds, [AnomalyKind::Scan, AnomalyKind::NewPeer]);
+        assert!(r.follow);
+        assert_eq!(
+            serde_json::to_string(&bulkhead_api::Request::Anomalies(Box::new(r))).unwrap(),
+            r#"{"op":"anomalies","namespace":"shop","pod":"shop/f-1","kinds":["scan","new_peer"],"follow":true}"#
+        );
+        let e = parse(&["--anomalies", "--kind", "portscan"]).err().unwrap();
+        assert!(e.contains("unknown anomaly kind"), "{e}");
+        let e = parse(&["--kind", "scan"]).err().unwrap();
+        assert!(e.contains("--anomalies"), "{e}");
+        let e = parse(&["--anomalies", "--verdict", "dropped"]).err().unwrap();
+        assert!(e.contains("cannot be used with"), "{e}");
+    }
+
+    #[test]
+    fn an_anomaly_row_reads_well() {
+        let a = Anomaly {
+            time: "2026-11-30T05:40:12.201Z".parse().unwrap(),
+            kind: AnomalyKind::Scan,
+            score: 2.345,
+            namespace: "shop".into(),
+            workload: "frontend".into(),
+            pod: Some(NamespacedName::new("shop", "frontend-1")),
+            explanation: "reached 40 distinct peer ports in 10 s".into(),
+            flows: vec![],
+            response: Some("would quarantine shop/frontend-1 (dry run)".into()),
+        };
+        let row = anomaly_row(&a);
+        assert!(row.starts_with("11-30 05:40:12.201 scan            2.35  shop/frontend "), "{row}");
+        assert!(
+            row.ends_with(
+                "shop/frontend-1                  reached 40 distinct peer ports in 10 s [would quarantine shop/frontend-1 (dry run)]"
+            ),
+            "{row}"
+        );
+        assert!(anomaly_header().starts_with("TIME "));
     }
 
     #[test]

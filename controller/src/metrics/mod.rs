@@ -20,7 +20,7 @@ use crate::datapath::state::DatapathState;
 use crate::datapath::stats::{DatapathStats, StatsError};
 
 mod server;
-pub use server::{serve, serve_with, Limits, Listen};
+pub use server::{serve, serve_with, Exposition, Limits, Listen};
 
 /// Where the agent serves metrics unless told otherwise (Cilium's agent uses 9962 too).
 pub const DEFAULT_ADDRESS: &str = "0.0.0.0:9962";
@@ -255,15 +255,15 @@ impl Collector for DatapathCollector {
     }
 }
 
-fn counter_vec(name: &'static str, help: &str, labels: &[&str]) -> Result<IntCounterVec, MetricsError> {
+pub(crate) fn counter_vec(name: &'static str, help: &str, labels: &[&str]) -> Result<IntCounterVec, MetricsError> {
     IntCounterVec::new(Opts::new(name, help), labels).map_err(|source| MetricsError::Register { name, source })
 }
 
-fn gauge(name: &'static str, help: &str) -> Result<IntGauge, MetricsError> {
+pub(crate) fn gauge(name: &'static str, help: &str) -> Result<IntGauge, MetricsError> {
     IntGauge::new(name, help).map_err(|source| MetricsError::Register { name, source })
 }
 
-fn gauge_vec(name: &'static str, help: &str, labels: &[&str]) -> Result<IntGaugeVec, MetricsError> {
+pub(crate) fn gauge_vec(name: &'static str, help: &str, labels: &[&str]) -> Result<IntGaugeVec, MetricsError> {
     IntGaugeVec::new(Opts::new(name, help), labels).map_err(|source| MetricsError::Register { name, source })
 }
 
@@ -646,7 +646,7 @@ impl Metrics {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use bulkhead_common::Counter;
 
@@ -857,8 +857,22 @@ mod tests {
         );
     }
 
+    /// The README's agent metrics (before "### The relay's metrics"), or the relay's
+    /// (that section, to the next heading of the same or a higher level).
+    pub(crate) fn readme_table(relay: bool) -> &'static str {
+        let readme = include_str!("../../../README.md");
+        let (agent, rest) = readme
+            .split_once("### The relay's metrics")
+            .expect("README has the relay's metrics");
+        if !relay {
+            return agent;
+        }
+        let end = rest.find("\n## ").or_else(|| rest.find("\n### ")).unwrap_or(rest.len());
+        &rest[..end]
+    }
+
     /// Metric names a text mentions (`bulkhead_...`), histogram suffixes stripped.
-    fn mentioned(text: &str) -> std::collections::BTreeSet<String> {
+    pub(crate) fn mentioned(text: &str) -> std::collections::BTreeSet<String> {
         let mut out = std::collections::BTreeSet::new();
         let mut rest = text;
         while let Some(i) = rest.find("bulkhead_") {
@@ -889,8 +903,7 @@ mod tests {
         let _: serde_json::Value = serde_json::from_str(dashboard).unwrap();
         let unknown: Vec<_> = mentioned(dashboard).difference(&exported).cloned().collect();
         assert!(unknown.is_empty(), "dashboard uses unknown metrics {unknown:?}");
-        let readme = include_str!("../../../README.md");
-        let table: String = readme.lines().filter(|l| l.starts_with("| `bulkhead_")).collect();
+        let table: String = readme_table(false).lines().filter(|l| l.starts_with("| `bulkhead_")).collect();
         assert_eq!(mentioned(&table), exported, "README metrics table vs the exposition");
     }
 

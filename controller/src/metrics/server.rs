@@ -121,13 +121,42 @@ impl Default for Limits {
 /// which bounds what each connection can make the agent hold.
 const MAX_REQUEST_HEAD: usize = 8192;
 
+/// What the endpoint serves: the agent's [`Metrics`], or the relay's.
+pub trait Exposition: Send + Sync + 'static {
+    /// The exposition in the text format 0.0.4.
+    fn encode(&self) -> Result<String, MetricsError>;
+    /// `Ok` when ready, else why not (`/healthz`).
+    fn health(&self) -> Result<(), String>;
+    /// Counts a connection closed at once because every slot was taken.
+    fn refused(&self);
+}
+
+impl Exposition for Metrics {
+    fn encode(&self) -> Result<String, MetricsError> {
+        Metrics::encode(self)
+    }
+
+    fn health(&self) -> Result<(), String> {
+        // Ready: the maps hold the model. Degraded (a write failing, retried) is not ready.
+        match (self.is_ready(), self.degraded()) {
+            (false, _) => Err("maps not programmed yet".into()),
+            (true, Some(why)) => Err(format!("degraded: {why}")),
+            (true, None) => Ok(()),
+        }
+    }
+
+    fn refused(&self) {
+        self.connections_refused.inc();
+    }
+}
+
 /// Serves `/metrics` and `/healthz` on `listener` until the task is dropped.
-pub async fn serve(metrics: Arc<Metrics>, listener: tokio::net::TcpListener) {
+pub async fn serve<M: Exposition>(metrics: Arc<M>, listener: tokio::net::TcpListener) {
     serve_with(metrics, listener, Limits::default()).await;
 }
 
 /// [`serve`] with explicit [`Limits`].
-pub async fn serve_with(metrics: Arc<Metrics>, listener: tokio::net::TcpListener, limits: Limits) {
+pub async fn serve_with<M: Exposition>(metrics: Arc<M>, listener: tokio::net::TcpListener, limits: Limits) {
     let slots = Arc::new(tokio::sync::Semaphore::new(limits.max_connections));
     loop {
         let stream = match listener.accept().await {
@@ -141,7 +170,7 @@ pub async fn serve_with(metrics: Arc<Metrics>, listener: tokio::net::TcpListener
         };
         // Full: close at once rather than queue (a queue is memory an attacker controls).
         let Ok(slot) = slots.clone().try_acquire_owned() else {
-            metrics.connections_refused.inc();
+            metrics.refused();
             drop(stream);
             continue;
         };
@@ -153,7 +182,7 @@ pub async fn serve_with(metrics: Arc<Metrics>, listener: tokio::net::TcpListener
                 // Encoding may walk the conntrack map (cached, see `Metrics::encode`): off
                 // the runtime's workers, which also serve the CNI plugin and read flows.
                 async move {
-                    let response = tokio::task::spawn_blocking(move || respond(&metrics, &req))
+                    let response = tokio::task::spawn_blocking(move || respond(&*metrics, &req))
                         .await
                         .unwrap_or_else(|_| {
                             let mut r = Response::new(Full::new(Bytes::from("metrics encoder failed\n")));
@@ -178,7 +207,7 @@ pub async fn serve_with(metrics: Arc<Metrics>, listener: tokio::net::TcpListener
     }
 }
 
-fn respond(metrics: &Metrics, req: &Request<Incoming>) -> Response<Full<Bytes>> {
+fn respond<M: Exposition>(metrics: &M, req: &Request<Incoming>) -> Response<Full<Bytes>> {
     let reply = |status: StatusCode, content_type: &str, body: String| {
         let mut r = Response::new(Full::new(Bytes::from(body)));
         *r.status_mut() = status;
@@ -199,11 +228,9 @@ fn respond(metrics: &Metrics, req: &Request<Incoming>) -> Response<Full<Bytes>> 
                 format!("{}\n", crate::error_chain(&e)),
             ),
         },
-        // Ready: the maps hold the model. Degraded (a write failing, retried) is not ready.
-        "/healthz" => match (metrics.is_ready(), metrics.degraded()) {
-            (false, _) => reply(StatusCode::SERVICE_UNAVAILABLE, "text/plain", "maps not programmed yet\n".into()),
-            (true, Some(why)) => reply(StatusCode::SERVICE_UNAVAILABLE, "text/plain", format!("degraded: {why}\n")),
-            (true, None) => reply(StatusCode::OK, "text/plain", "ok\n".into()),
+        "/healthz" => match metrics.health() {
+            Err(why) => reply(StatusCode::SERVICE_UNAVAILABLE, "text/plain", format!("{why}\n")),
+            Ok(()) => reply(StatusCode::OK, "text/plain", "ok\n".into()),
         },
         // Alive: the process serves. Restarting a degraded agent would not help (the maps are
         // pinned; it would retry the same writes), so liveness does not look at the maps.

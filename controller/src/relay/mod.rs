@@ -9,6 +9,9 @@
 //! serves its own history at the relay's pace, and a relay that falls too far behind
 //! sees, counts and reports the records it missed as a gap.
 
+pub mod detect;
+#[cfg(test)]
+mod detect_tests;
 pub mod discover;
 pub mod file;
 pub mod serve;
@@ -21,13 +24,14 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use bulkhead_api::{Response, SeqFlow, StreamHeader, StreamHello};
+use bulkhead_api::{AnomalyKind, Response, SeqFlow, StreamHeader, StreamHello};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
 
 use crate::flows::stream::Token;
 use crate::lab::LabPaths;
 
+use self::detect::{Detection, RelayMetrics, ResponseConfig};
 use self::discover::Discovery;
 use self::file::RelayFile;
 use self::store::{Ingested, RelayStore};
@@ -108,6 +112,32 @@ pub struct ServeArgs {
     /// come out in time order (milliseconds).
     #[arg(long, default_value_t = 500)]
     pub merge_delay_ms: u64,
+    /// Each workload's baseline learning window from its first flow (seconds); after it,
+    /// deviations are anomalies.
+    #[arg(long, default_value_t = 600)]
+    pub learning_secs: u64,
+    /// Save the baselines here (and read them on start); default `baselines.json` next to
+    /// `--store`, else kept in memory only.
+    #[arg(long, env = "BULKHEAD_RELAY_BASELINE_FILE")]
+    pub baseline_file: Option<PathBuf>,
+    /// Quarantine the pod of an anomaly of these kinds (`new_peer`, `new_port`,
+    /// `new_external`, `scan`, `exfiltration`; comma-separated) scoring at least
+    /// `--auto-quarantine-score`. Off by default.
+    #[arg(long, value_delimiter = ',', value_parser = parse_kind)]
+    pub auto_quarantine: Vec<AnomalyKind>,
+    /// The score at or above which `--auto-quarantine` acts (1.0 is an anomaly's threshold).
+    #[arg(long, default_value_t = 2.0)]
+    pub auto_quarantine_score: f64,
+    /// Only report what `--auto-quarantine` would do ("would quarantine NS/POD").
+    #[arg(long)]
+    pub auto_quarantine_dry_run: bool,
+    /// Serve the relay's Prometheus metrics (`/metrics`) on this `HOST:PORT`.
+    #[arg(long, env = "BULKHEAD_RELAY_METRICS_ADDRESS")]
+    pub metrics_address: Option<String>,
+}
+
+fn parse_kind(text: &str) -> Result<AnomalyKind, String> {
+    text.trim().parse()
 }
 
 /// Why the relay failed.
@@ -156,6 +186,13 @@ pub enum RelayError {
     /// The Kubernetes client could not be made.
     #[error("kubernetes client")]
     Kube(#[source] Box<crate::source::SourceError>),
+    /// The baseline file is unreadable: the relay refuses to start rather than learn
+    /// again from nothing (an attacker already present would be learnt as normal).
+    #[error(transparent)]
+    Baseline(#[from] crate::baseline::BaselineError),
+    /// The metrics endpoint cannot be served.
+    #[error(transparent)]
+    Metrics(#[from] crate::metrics::MetricsError),
 }
 
 /// The store and its file, under one lock: what the file holds is what the store took.
@@ -169,6 +206,8 @@ pub struct Inner {
 /// What the relay's tasks share.
 pub struct Shared {
     inner: Mutex<Inner>,
+    /// The baselines and anomalies.
+    pub detection: Arc<Detection>,
 }
 
 impl Shared {
@@ -230,10 +269,66 @@ pub fn run(args: RelayArgs) -> Result<i32, RelayError> {
         (None, false, false) => Discovery::Static(discover::parse_agents(&args.agents).map_err(RelayError::Usage)?),
         _ => return Err(RelayError::Usage("give exactly one of --agent, --lab-dir, --kubernetes".into())),
     };
+    let baseline_file = args
+        .baseline_file
+        .clone()
+        .or_else(|| args.store.as_ref().map(|s| s.with_file_name("baselines.json")));
+    let config = crate::baseline::Config {
+        learning_secs: args.learning_secs,
+    };
+    let metrics = Arc::new(RelayMetrics::new()?);
+    let engine = match &baseline_file {
+        Some(path) => match crate::baseline::Engine::load(path, config) {
+            Ok(e) => e,
+            Err(e) => {
+                metrics.baseline_error("load");
+                tracing::error!(error = %crate::error_chain(&e), "baselines unreadable: refusing to start");
+                return Err(e.into());
+            }
+        },
+        None => crate::baseline::Engine::new(config),
+    };
+    if !(args.auto_quarantine_score.is_finite() && args.auto_quarantine_score > 0.0) {
+        return Err(RelayError::Usage("--auto-quarantine-score must be a positive number".into()));
+    }
+    let response = ResponseConfig {
+        kinds: args.auto_quarantine.clone(),
+        score: args.auto_quarantine_score,
+        dry_run: args.auto_quarantine_dry_run,
+    };
+    let (queue, queued) = tokio::sync::mpsc::channel(64);
+    let detection = Arc::new(Detection::new(
+        engine,
+        baseline_file.clone(),
+        response,
+        Some(queue),
+        metrics.clone(),
+    ));
+    let discovery = Arc::new(discovery);
     let shared = Arc::new(Shared {
         inner: Mutex::new(Inner { store, file }),
+        detection: detection.clone(),
     });
+    tracing::info!(
+        baseline_file = ?baseline_file,
+        learning_secs = args.learning_secs,
+        auto_quarantine = ?args.auto_quarantine,
+        score = args.auto_quarantine_score,
+        dry_run = args.auto_quarantine_dry_run,
+        "baselines"
+    );
     runtime.block_on(async move {
+        if let Some(address) = &args.metrics_address {
+            let addr = address
+                .parse()
+                .map_err(|_| RelayError::Usage(format!("--metrics-address {address:?} is not HOST:PORT")))?;
+            if let Some(listener) = crate::metrics::Listen::Address(addr).bind()? {
+                tokio::spawn(crate::metrics::serve(metrics.clone(), listener));
+            }
+        }
+        tokio::spawn(detect::feed(shared.clone(), detection.clone()));
+        tokio::spawn(detect::keep(detection.clone()));
+        tokio::spawn(detect::respond(queued, discovery.clone(), metrics.clone()));
         let delay = i128::from(args.merge_delay_ms) * 1_000_000;
         let releaser = shared.clone();
         tokio::spawn(async move {
@@ -262,6 +357,8 @@ pub fn run(args: RelayArgs) -> Result<i32, RelayError> {
                 tracing::warn!(error = %crate::error_chain(&e), "flushing the relay store");
             }
         }
+        drop(inner);
+        let _ = shared.detection.save();
         if let Some(socket) = &args.socket {
             let _ = std::fs::remove_file(socket);
         }
@@ -271,7 +368,7 @@ pub fn run(args: RelayArgs) -> Result<i32, RelayError> {
 }
 
 /// Keeps one connection task per discovered node, replacing it when its address changes.
-async fn supervise(shared: Arc<Shared>, discovery: Discovery, token: Arc<Token>) {
+async fn supervise(shared: Arc<Shared>, discovery: Arc<Discovery>, token: Arc<Token>) {
     let mut tasks: HashMap<String, (String, tokio::task::JoinHandle<()>)> = HashMap::new();
     loop {
         match discovery.targets().await {

@@ -91,7 +91,7 @@ async fn write_line<W: AsyncWrite + Unpin>(out: &mut W, value: &impl Serialize) 
 }
 
 /// One client: a request line (with the token when `token` is set), then the answer.
-async fn serve_client<S: AsyncRead + AsyncWrite + Unpin>(shared: Arc<Shared>, token: Option<Arc<Token>>, stream: S) {
+pub(super) async fn serve_client<S: AsyncRead + AsyncWrite + Unpin>(shared: Arc<Shared>, token: Option<Arc<Token>>, stream: S) {
     let (read, write) = tokio::io::split(stream);
     let mut read = BufReader::new(read);
     let mut out = BufWriter::new(write);
@@ -116,12 +116,29 @@ async fn serve_client<S: AsyncRead + AsyncWrite + Unpin>(shared: Arc<Shared>, to
         Some(e) => match e.into_request() {
             Err(r) => r,
             Ok(Request::Observe(request)) => return observe(shared, *request, read, out).await,
-            Ok(Request::RelayStatus) => Response::RelayStatus(Box::new(shared.lock().store.status())),
-            Ok(_) => refuse(code::INVALID_REQUEST, "this is a relay: it answers observe and relay_status"),
+            Ok(Request::Anomalies(request)) => return anomalies(shared, *request, read, out).await,
+            Ok(Request::RelayStatus) => relay_status(&shared),
+            Ok(_) => refuse(
+                code::INVALID_REQUEST,
+                "this is a relay: it answers observe, anomalies and relay_status",
+            ),
         },
     };
     let _ = write_line(&mut out, &answer).await;
     let _ = out.flush().await;
+}
+
+/// The answer to `Request::RelayStatus`.
+fn relay_status(shared: &Shared) -> Response {
+    let mut status = shared.lock().store.status();
+    status.anomalies = shared.detection.log().total();
+    Response::RelayStatus(Box::new(status))
+}
+
+/// [`relay_status`], for tests.
+#[cfg(test)]
+pub(super) fn status_for_tests(shared: &Shared) -> Response {
+    relay_status(shared)
 }
 
 fn write_entry(e: &Entry) -> Option<Vec<u8>> {
@@ -190,6 +207,45 @@ where
                     }
                 }
                 Err(broadcast::error::RecvError::Lagged(missed)) => shared.lock().store.note_lagged(missed),
+                Err(broadcast::error::RecvError::Closed) => return,
+            },
+            read = client.read(&mut scratch) => match read {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            },
+        }
+    }
+}
+
+/// Answers an anomalies request: the kept anomalies it asks for, one JSON line each,
+/// then (`follow`) new ones as they are raised, until the client closes.
+pub async fn anomalies<R, W>(shared: Arc<Shared>, request: bulkhead_api::AnomalyRequest, mut client: R, mut out: W)
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let (history, rx) = shared.detection.log().query(&request);
+    for a in &history {
+        if write_line(&mut out, &**a).await.is_err() {
+            return;
+        }
+    }
+    if out.flush().await.is_err() {
+        return;
+    }
+    let Some(mut rx) = rx else { return };
+    let mut scratch = [0u8; 64];
+    loop {
+        tokio::select! {
+            received = rx.recv() => match received {
+                Ok(a) => {
+                    if super::detect::wanted(&request, &a) && (write_line(&mut out, &*a).await.is_err() || out.flush().await.is_err()) {
+                        return;
+                    }
+                }
+                Err(broadcast::error::RecvError::Lagged(missed)) => {
+                    tracing::warn!(missed, "an anomalies follower fell behind");
+                }
                 Err(broadcast::error::RecvError::Closed) => return,
             },
             read = client.read(&mut scratch) => match read {
@@ -284,8 +340,8 @@ pub fn status(args: &StatusArgs) -> Result<i32, RelayError> {
                 );
             }
             println!(
-                "history {}/{}, late {}, follower lag drops {}",
-                status.stored, status.capacity, status.late, status.follower_lag_drops
+                "history {}/{}, late {}, follower lag drops {}, anomalies {}",
+                status.stored, status.capacity, status.late, status.follower_lag_drops, status.anomalies
             );
         }
     }

@@ -341,6 +341,11 @@ impl RelayStore {
         self.released = Some(until);
     }
 
+    /// A receiver of every entry released from now on (the baseline engine's feed).
+    pub fn subscribe(&self) -> broadcast::Receiver<Arc<Entry>> {
+        self.followers.subscribe()
+    }
+
     /// Counts records a follower skipped.
     pub fn note_lagged(&mut self, missed: u64) {
         self.lagged += missed;
@@ -403,6 +408,7 @@ impl RelayStore {
             capacity: self.capacity,
             follower_lag_drops: self.lagged,
             late: self.late,
+            anomalies: 0,
         }
     }
 
