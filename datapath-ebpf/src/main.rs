@@ -520,7 +520,7 @@ fn admit(ep: &EndpointInfo, dir: u8, l3: &L3, mark: u32, now: u64, flow: &mut Fl
     // retransmission) keeps its entry and its counts, so that nothing it sent goes
     // uncounted; a closing or expired one starts afresh (its end was reported).
     if recheck || l3.tcp_syn {
-        if let Some(e) = table.get_ptr_mut(&key) {
+        if let Some(e) = table.get_ptr_mut(key) {
             // SAFETY: valid until the program ends; racing writers store the same kind of value.
             let live = unsafe {
                 recheck || ((*e).flags & ct_flags::CLOSING == 0 && now.saturating_sub((*e).last_seen_ns) <= ct_lifetime_ns(key.protocol))
