@@ -736,6 +736,7 @@ mod tests {
         m.observe_implementation_delay(Duration::from_millis(3));
         m.set_state(2, 3, 1, &DatapathState::default());
         m.record_translation("forwarded", "x/web");
+        m.record_byte_report(bulkhead_api::FlowKind::Update);
         m.set_services(
             3,
             crate::datapath::services::LeftOut {
