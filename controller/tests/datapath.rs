@@ -1291,3 +1291,49 @@ fn a_busy_connection_reports_its_counts_once_per_interval() {
     assert_eq!(f.drain(), vec![], "no new flow, no report before the interval");
     assert_eq!(f.dp.flows_lost().unwrap(), 0);
 }
+
+/// Byte reports spend only the upper half of their endpoint's flow-record budget: with the
+/// bucket down to the reserve, a connection's End is suppressed (and counted), while a drop
+/// after it still gets its record.
+#[test]
+fn byte_reports_leave_the_budgets_reserve_to_drops() {
+    use aya::maps::{PerCpuHashMap, PerCpuValues};
+    use bulkhead_common::{flow_kind, map_names, FlowBudget};
+    let mut f = fixture("bytes-budget", ISOLATED);
+    let cpus = aya::util::nr_cpus().expect("possible cpus");
+    let pin = f.pin_dir.join(map_names::FLOW_BUDGET);
+    let open = || -> PerCpuHashMap<MapData, u32, FlowBudget> {
+        let data = MapData::from_pin(&pin).unwrap();
+        PerCpuHashMap::try_from(aya::maps::Map::from_map_data(data).unwrap()).unwrap()
+    };
+    // Every CPU's bucket holds exactly the reserve, and its last refill lies ahead (no refill).
+    let low = FlowBudget {
+        credit_ns: FlowBudget::REPORT_RESERVE_NS,
+        last_ns: u64::MAX / 2,
+        suppressed: 0,
+    };
+    open().insert(10, PerCpuValues::try_from(vec![low; cpus]).unwrap(), 0).unwrap();
+    let syn = segment(POD, 40200, PEER_A, 80, SYN, 0);
+    assert_eq!(run(&mut f, program_names::FROM_POD, &syn, DropReason::Forwarded), TC_ACT_OK);
+    let fin = segment(PEER_A, 80, POD, 40200, FIN | ACK, 0);
+    assert_eq!(run(&mut f, program_names::TO_POD, &fin, DropReason::Forwarded), TC_ACT_OK);
+    let denied = segment(PEER_B, 999, POD, 22, SYN, 0);
+    assert_eq!(run(&mut f, program_names::TO_POD, &denied, DropReason::PolicyDenied), TC_ACT_SHOT);
+    let records = f.drain();
+    let kinds: Vec<(u8, u8)> = records.iter().map(|r| (r.kind, r.verdict)).collect();
+    assert_eq!(
+        kinds,
+        [(flow_kind::PACKET, verdict::FORWARDED), (flow_kind::PACKET, verdict::DROPPED)],
+        "the new flow and the drop, not the End"
+    );
+    let suppressed: u64 = open().get(&10, 0).unwrap().iter().map(|b| b.suppressed).sum();
+    assert_eq!(suppressed, 1, "the End, counted as suppressed");
+    assert_ne!(
+        ct_entry(&f, &opened((POD, 40200), (PEER_A, 80), proto::TCP, direction::EGRESS))
+            .unwrap()
+            .flags
+            & bulkhead_common::ct_flags::CLOSING,
+        0,
+        "closing all the same"
+    );
+}
