@@ -333,6 +333,9 @@ pub struct FlowFilter {
     /// `namespace/name` of a policy that allowed or isolated the flow.
     #[serde(default, with = "name::opt_text", skip_serializing_if = "Option::is_none")]
     pub policy: Option<NamespacedName>,
+    /// What the record reports: packets only, or one kind of byte report.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kind: Option<FlowKind>,
 }
 
 fn peer_has_labels(peer: &FlowPeer, labels: &[String]) -> bool {
@@ -379,6 +382,7 @@ impl FlowFilter {
                 .policy
                 .as_ref()
                 .is_none_or(|p| flow.allowed_by.iter().any(|r| r.policy == *p) || flow.isolated_by.contains(p))
+            && self.kind.is_none_or(|k| k == flow.kind)
     }
 }
 
@@ -442,6 +446,21 @@ mod tests {
             ..FlowFilter::default()
         };
         let matching = |f: &FlowFilter| [&to_vip, &from_backend, &to_backend, &denied()].map(|x| f.matches(x));
+        let mut update = denied();
+        update.kind = FlowKind::Update;
+        let by_kind = |k: Option<FlowKind>| {
+            let f = FlowFilter {
+                kind: k,
+                ..FlowFilter::default()
+            };
+            [f.matches(&denied()), f.matches(&update)]
+        };
+        assert_eq!(by_kind(None), [true, true]);
+        assert_eq!(by_kind(Some(FlowKind::Packet)), [true, false]);
+        assert_eq!(by_kind(Some(FlowKind::Update)), [false, true]);
+        assert_eq!(by_kind(Some(FlowKind::End)), [false, false]);
+        let json: FlowFilter = serde_json::from_str(r#"{"kind":"update"}"#).unwrap();
+        assert_eq!(json.kind, Some(FlowKind::Update));
         assert_eq!(matching(&filter(Some("x/web"), None)), [true, false, true, false]);
         assert_eq!(matching(&filter(Some("y/api"), None)), [false, true, false, false]);
         assert_eq!(matching(&filter(None, Some("x/web"))), [true, false, true, false]);

@@ -20,9 +20,14 @@ pub mod map_names {
     /// an LRU hash [`CtKey`](super::CtKey) → [`CtEntry`](super::CtEntry) of
     /// [`capacity::CONNTRACK_PER_ENDPOINT`](super::capacity::CONNTRACK_PER_ENDPOINT) entries:
     /// a pod churning new flows evicts only its own entries. The agent creates an endpoint's
-    /// table before it writes the endpoint and removes it after the endpoint.
-    pub const CONNTRACK: &str = "bh_ct_v2";
-    /// The one shared LRU hash [`CtKey`](super::CtKey) → [`CtEntry`](super::CtEntry) of
+    /// table before it writes the endpoint and removes it after the endpoint. Layout 3: the
+    /// entries carry byte counts.
+    pub const CONNTRACK: &str = "bh_ct_v3";
+    /// Layout 2 of [`CONNTRACK`]: the same hash of per-endpoint tables, of
+    /// [`CtEntryV2`](super::CtEntryV2) entries (no byte counts); a starting agent copies
+    /// them into the layout-3 tables and unpins it.
+    pub const CONNTRACK_V2: &str = "bh_ct_v2";
+    /// The one shared LRU hash [`CtKey`](super::CtKey) → [`CtEntryV2`](super::CtEntryV2) of
     /// layout 1: programs attached before an upgrade keep using it; a starting agent copies its
     /// entries into the endpoints' tables.
     pub const CONNTRACK_V1: &str = "bh_ct_v1";
@@ -172,10 +177,25 @@ pub struct FlowBudget {
 impl FlowBudget {
     /// Most credit a bucket holds.
     pub const MAX_CREDIT_NS: u64 = FLOW_RECORDS_BURST * FLOW_RECORD_COST_NS;
+    /// Credit byte reports leave in the bucket: half of it is only ever spent on packet
+    /// records (drops, new flows), so that a pod's busy connections cannot silence its drops.
+    pub const REPORT_RESERVE_NS: u64 = Self::MAX_CREDIT_NS / 2;
 
     /// Refills the bucket to `now` and takes one record's worth: `true` when the record
     /// may go on the ring, `false` when it is suppressed (and counted).
     pub fn take(&mut self, now: u64) -> bool {
+        self.take_above(now, 0)
+    }
+
+    /// [`FlowBudget::take`] for a byte report ([`flow_kind::UPDATE`], [`flow_kind::END`]):
+    /// only out of the credit above [`FlowBudget::REPORT_RESERVE_NS`].
+    pub fn take_report(&mut self, now: u64) -> bool {
+        self.take_above(now, Self::REPORT_RESERVE_NS)
+    }
+
+    /// Takes one record's worth when that leaves at least `reserve` credit.
+    #[inline(always)]
+    fn take_above(&mut self, now: u64, reserve: u64) -> bool {
         let refilled = self.credit_ns.saturating_add(now.saturating_sub(self.last_ns));
         let credit = if refilled > Self::MAX_CREDIT_NS {
             Self::MAX_CREDIT_NS
@@ -185,7 +205,7 @@ impl FlowBudget {
         if now > self.last_ns {
             self.last_ns = now;
         }
-        if credit >= FLOW_RECORD_COST_NS {
+        if credit >= FLOW_RECORD_COST_NS + reserve {
             self.credit_ns = credit - FLOW_RECORD_COST_NS;
             true
         } else {
@@ -520,7 +540,13 @@ impl CtKey {
     }
 }
 
-/// State of a tracked connection.
+/// State of a tracked connection (layout 3, [`map_names::CONNTRACK`]).
+///
+/// The byte counts are those of the connection from the point of view of the side that
+/// opened it (the key's source): `to_destination` counts the packets that matched the key
+/// itself, `to_source` the replies that matched its reverse. A packet counts its bytes past
+/// the Ethernet header (the IP header and everything after it; a GSO packet its whole
+/// payload), added atomically, so that CPUs racing on one connection lose nothing.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct CtEntry {
@@ -530,6 +556,59 @@ pub struct CtEntry {
     pub rule_id: u32,
     /// [`ct_flags`] bits: the admitting verdict and whether the flow is closing.
     pub flags: u32,
+    /// Bytes from the opener to its destination, since the entry was made.
+    pub to_destination: u64,
+    /// Bytes back from the destination to the opener, since the entry was made.
+    pub to_source: u64,
+    /// `bpf_ktime_get_ns` (coarse) of the last byte report ([`flow_kind::UPDATE`]), or of
+    /// the entry's making: the next report is due [`FLOW_BYTES_REPORT_NS`] after it.
+    pub reported_ns: u64,
+}
+
+impl CtEntry {
+    /// A layout-1 or layout-2 entry in layout 3: its counts start at 0 and its next byte
+    /// report is due one interval after `now` (the upgrade).
+    pub const fn from_v2(old: CtEntryV2, now: u64) -> CtEntry {
+        CtEntry {
+            last_seen_ns: old.last_seen_ns,
+            rule_id: old.rule_id,
+            flags: old.flags,
+            to_destination: 0,
+            to_source: 0,
+            reported_ns: now,
+        }
+    }
+}
+
+/// A conntrack entry of layouts 1 and 2 ([`map_names::CONNTRACK_V1`],
+/// [`map_names::CONNTRACK_V2`]), read only to adopt it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct CtEntryV2 {
+    /// As [`CtEntry::last_seen_ns`].
+    pub last_seen_ns: u64,
+    /// As [`CtEntry::rule_id`].
+    pub rule_id: u32,
+    /// As [`CtEntry::flags`].
+    pub flags: u32,
+}
+
+/// A busy connection reports its byte counts ([`flow_kind::UPDATE`]) at most this often:
+/// the first packet past this long since the last report (or since the entry was made)
+/// writes one record. Two seconds keep an upload visible within a few seconds (issue 15:
+/// an exfiltration must be flagged within 10 s) at one record per connection per interval.
+pub const FLOW_BYTES_REPORT_NS: u64 = 2_000_000_000;
+
+/// What a [`FlowEvent`] reports ([`FlowEvent::kind`]).
+pub mod flow_kind {
+    /// One packet: a new flow's first, or a dropped one. Records of programs older than the
+    /// byte counts have 0 here (it was padding).
+    pub const PACKET: u8 = 0;
+    /// A tracked connection's byte counts so far, at most once per
+    /// [`FLOW_BYTES_REPORT_NS`](crate::FLOW_BYTES_REPORT_NS) while packets flow.
+    pub const UPDATE: u8 = 1;
+    /// A TCP connection's byte counts when a FIN or RST first marked it closing.
+    pub const END: u8 = 2;
 }
 
 /// Idle time after which a conntrack entry no longer admits packets, by protocol.
@@ -641,7 +720,12 @@ pub mod rule_id {
 
 /// One flow record, sent through the [`map_names::FLOWS`] ring buffer for the first
 /// packet of every new flow (conntrack miss) and for every dropped packet — never for
-/// packets of an established flow.
+/// packets of an established flow, except a tracked connection's byte reports
+/// ([`flow_kind::UPDATE`], [`flow_kind::END`]): at most one per connection per
+/// [`FLOW_BYTES_REPORT_NS`] while packets flow, and one when a FIN or RST first marks it
+/// closing. A byte report carries the conntrack key's tuple (`saddr`/`sport`: the opener),
+/// its direction, the entry's rule, `verdict` `FORWARDED`, and the packet that triggered it
+/// only in `tcp_flags`, `packet_len` and `timestamp_ns`.
 ///
 /// Addresses and ports are in network byte order, as on the wire; `saddr`/`sport` are
 /// the packet's source. For ICMP, the ports are the conntrack tuple's ([`CtKey::sport`]):
@@ -679,13 +763,24 @@ pub struct FlowEvent {
     pub reason: u8,
     /// TCP flags of the packet (0 for other protocols).
     pub tcp_flags: u8,
-    /// Explicit padding; always zero.
-    pub _pad: u8,
+    /// A [`flow_kind`] value. (Was padding: records of older programs read as packets.)
+    pub kind: u8,
     /// The Service port ([`ServiceValue::service_id`]) the packet was sent to before it was
     /// translated to a backend; 0 when it was not. The agent names the Service and the
     /// original VIP:port from it. (Was padding: older records read as "no Service".)
     pub service_id: u16,
+    /// [`flow_kind::UPDATE`] and [`flow_kind::END`]: [`CtEntry::to_destination`] (the
+    /// record's source is the connection's opener); 0 in packet records.
+    pub to_destination: u64,
+    /// [`flow_kind::UPDATE`] and [`flow_kind::END`]: [`CtEntry::to_source`]; 0 in packet
+    /// records.
+    pub to_source: u64,
 }
+
+/// Size of a [`FlowEvent`] as programs before the byte counts wrote it (no `to_destination`,
+/// `to_source`): programs attached by an older agent keep writing these into the shared
+/// ring until they are replaced, so readers take both sizes.
+pub const FLOW_EVENT_V1_SIZE: usize = 48;
 
 /// A Service map key: a Service port (`vip`, `dport`, `protocol`) and a slot. Slot 0 is
 /// the port's header; slots `1..=backend_count` name its backends (Cilium's lb4 layout), so
@@ -842,9 +937,14 @@ const _: () = assert!(core::mem::size_of::<IpcacheValue>() == 8);
 const _: () = assert!(core::mem::size_of::<PolicyKey>() == 12);
 const _: () = assert!(core::mem::size_of::<PolicyValue>() == 8);
 const _: () = assert!(core::mem::size_of::<CtKey>() == 16);
-const _: () = assert!(core::mem::size_of::<CtEntry>() == 16);
+const _: () = assert!(core::mem::size_of::<CtEntry>() == 40);
+const _: () = assert!(core::mem::size_of::<CtEntryV2>() == 16);
+// The datapath sets `CLOSING` by a compare-and-swap of the u64 at `rule_id`, `flags` its
+// high half (little-endian BPF).
+const _: () = assert!(core::mem::offset_of!(CtEntry, rule_id) == 8 && core::mem::offset_of!(CtEntry, flags) == 12);
 const _: () = assert!(core::mem::size_of::<Counter>() == 16);
-const _: () = assert!(core::mem::size_of::<FlowEvent>() == 48);
+const _: () = assert!(core::mem::size_of::<FlowEvent>() == 64);
+const _: () = assert!(core::mem::offset_of!(FlowEvent, to_destination) == FLOW_EVENT_V1_SIZE);
 const _: () = assert!(core::mem::size_of::<ServiceKey>() == 12);
 const _: () = assert!(core::mem::size_of::<ServiceValue>() == 16);
 const _: () = assert!(core::mem::size_of::<Backend>() == 8);
@@ -874,6 +974,8 @@ mod pod {
     unsafe impl aya::Pod for super::CtKey {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::CtEntry {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::CtEntryV2 {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::Counter {}
     // SAFETY: as above.
@@ -996,6 +1098,32 @@ mod tests {
         };
         assert!(!b.take(start - SEC));
         assert_eq!((b.suppressed, b.last_ns), (1, start));
+    }
+
+    #[test]
+    fn byte_reports_leave_half_the_budget_to_packet_records() {
+        const SEC: u64 = 1_000_000_000;
+        let start = 100 * SEC;
+        let mut b = FlowBudget::default();
+        let reports = (0..FLOW_RECORDS_BURST).filter(|_| b.take_report(start)).count() as u64;
+        assert_eq!(reports, FLOW_RECORDS_BURST / 2);
+        assert_eq!(b.suppressed, FLOW_RECORDS_BURST / 2);
+        // The reserve is still there for drops.
+        let drops = (0..FLOW_RECORDS_BURST).filter(|_| b.take(start)).count() as u64;
+        assert_eq!(drops, FLOW_RECORDS_BURST / 2);
+        assert!(!b.take_report(start));
+    }
+
+    #[test]
+    fn an_adopted_entry_keeps_its_state_and_counts_from_zero() {
+        let old = CtEntryV2 {
+            last_seen_ns: 5,
+            rule_id: 7,
+            flags: ct_flags::CLOSING | 1,
+        };
+        let e = CtEntry::from_v2(old, 99);
+        assert_eq!((e.last_seen_ns, e.rule_id, e.flags), (5, 7, ct_flags::CLOSING | 1));
+        assert_eq!((e.to_destination, e.to_source, e.reported_ns), (0, 0, 99));
     }
 
     #[test]

@@ -1249,3 +1249,212 @@ fn a_quarantined_peer_address_is_dropped_both_ways_once_the_count_opens_its_look
     assert_eq!(run(&mut f, program_names::FROM_POD, &to_b, DropReason::Forwarded), TC_ACT_OK);
     assert_eq!(run(&mut f, program_names::TO_POD, &from_b, DropReason::Forwarded), TC_ACT_OK);
 }
+
+/// A TCP segment with `flags` and `payload` bytes of data, in either direction (the MACs
+/// follow the sender: the pod's own, or the host's towards it).
+fn segment(src: Ipv4Addr, sport: u16, dst: Ipv4Addr, dport: u16, flags: u8, payload: usize) -> Vec<u8> {
+    let (dst_mac, src_mac) = if src == POD { (HOST_MAC, POD_MAC) } else { (POD_MAC, HOST_MAC) };
+    let mut l4 = ports(sport, dport, 20 + payload);
+    l4[12] = 0x50;
+    l4[13] = flags;
+    eth(dst_mac, src_mac, 0x0800, &ipv4(src, dst, proto::TCP, 0, &l4))
+}
+
+/// A UDP datagram of `payload` bytes, in either direction.
+fn datagram(src: Ipv4Addr, sport: u16, dst: Ipv4Addr, dport: u16, payload: usize) -> Vec<u8> {
+    let (dst_mac, src_mac) = if src == POD { (HOST_MAC, POD_MAC) } else { (POD_MAC, HOST_MAC) };
+    eth(
+        dst_mac,
+        src_mac,
+        0x0800,
+        &ipv4(src, dst, proto::UDP, 0, &ports(sport, dport, 8 + payload)),
+    )
+}
+
+/// What a packet adds to its connection's count: its bytes past the Ethernet header.
+fn counted(packet: &[u8]) -> u64 {
+    packet.len() as u64 - 14
+}
+
+/// The conntrack key of a connection `from` opened to `to`, at the endpoint's `dir`.
+fn opened(from: (Ipv4Addr, u16), to: (Ipv4Addr, u16), protocol: u8, dir: u8) -> bulkhead_common::CtKey {
+    bulkhead_common::CtKey {
+        saddr: from.0.octets(),
+        daddr: to.0.octets(),
+        sport: from.1.to_be_bytes(),
+        dport: to.1.to_be_bytes(),
+        protocol,
+        direction: dir,
+        _pad: [0; 2],
+    }
+}
+
+/// The counts of `key`'s entry in the endpoint's table.
+fn counts(f: &Fixture, key: &bulkhead_common::CtKey) -> (u64, u64) {
+    let e = ct_entry(f, key).expect("tracked");
+    (e.to_destination, e.to_source)
+}
+
+const FIN: u8 = 0x01;
+const RST: u8 = 0x04;
+
+#[test]
+fn a_tcp_connection_counts_its_bytes_both_ways_and_reports_them_once_at_its_fin() {
+    use bulkhead_common::flow_kind;
+    let mut f = fixture("bytes-tcp", ISOLATED);
+    let key = opened((POD, 40100), (PEER_A, 80), proto::TCP, direction::EGRESS);
+    let fwd = |flags, payload| segment(POD, 40100, PEER_A, 80, flags, payload);
+    let back = |flags, payload| segment(PEER_A, 80, POD, 40100, flags, payload);
+    // The handshake, then data both ways in sizes of their own; the first packet counts too.
+    let sent = [fwd(SYN, 0), fwd(ACK, 0), fwd(ACK, 700), fwd(ACK, 1400), fwd(ACK, 3)];
+    let got = [back(SYN | ACK, 0), back(ACK, 1200), back(ACK, 90)];
+    assert_eq!(run(&mut f, program_names::FROM_POD, &sent[0], DropReason::Forwarded), TC_ACT_OK);
+    assert_eq!(counts(&f, &key), (counted(&sent[0]), 0), "the SYN counts");
+    assert_eq!(run(&mut f, program_names::TO_POD, &got[0], DropReason::Forwarded), TC_ACT_OK);
+    for p in &sent[1..] {
+        assert_eq!(run(&mut f, program_names::FROM_POD, p, DropReason::Forwarded), TC_ACT_OK);
+    }
+    for p in &got[1..] {
+        assert_eq!(run(&mut f, program_names::TO_POD, p, DropReason::Forwarded), TC_ACT_OK);
+    }
+    let to_destination: u64 = sent.iter().map(|p| counted(p)).sum();
+    let to_source: u64 = got.iter().map(|p| counted(p)).sum();
+    assert_eq!(counts(&f, &key), (to_destination, to_source));
+    // Only the new flow's record: established packets make none.
+    let records = f.drain();
+    assert_eq!(records.len(), 1, "{records:?}");
+    assert_eq!(records[0].kind, flow_kind::PACKET);
+    assert_eq!((records[0].to_destination, records[0].to_source), (0, 0));
+
+    // A repeated SYN on the live connection (a retransmission) keeps its counts.
+    assert_eq!(run(&mut f, program_names::FROM_POD, &sent[0], DropReason::Forwarded), TC_ACT_OK);
+    let to_destination = to_destination + counted(&sent[0]);
+    assert_eq!(counts(&f, &key), (to_destination, to_source));
+    assert_eq!(f.drain().len(), 1, "its packet record, as before");
+
+    // The peer's FIN ends it: one End record with the final counts, FIN included, on the
+    // connection's own tuple (the pod opened it) and its rule.
+    let fin = back(FIN | ACK, 10);
+    assert_eq!(run(&mut f, program_names::TO_POD, &fin, DropReason::Forwarded), TC_ACT_OK);
+    let to_source = to_source + counted(&fin);
+    let records = f.drain();
+    assert_eq!(records.len(), 1, "{records:?}");
+    let end = records[0];
+    assert_eq!(end.kind, flow_kind::END);
+    assert_eq!((end.to_destination, end.to_source), (to_destination, to_source));
+    assert_eq!((end.saddr, end.daddr), (POD.octets(), PEER_A.octets()));
+    assert_eq!((u16::from_be_bytes(end.sport), u16::from_be_bytes(end.dport)), (40100, 80));
+    assert_eq!((end.direction, end.protocol, end.rule_id), (direction::EGRESS, proto::TCP, 7));
+    assert_eq!((end.endpoint_id, end.identity, end.remote_identity), (10, 300, 301));
+    assert_eq!((end.verdict, end.reason, end.service_id), (verdict::FORWARDED, 0, 0));
+    assert_eq!(end.tcp_flags, FIN | ACK);
+    assert_eq!(end.packet_len as usize, fin.len());
+    // The rest of the close is counted, but ends nothing again.
+    let last = [fwd(FIN | ACK, 0), fwd(ACK, 0)];
+    for p in &last {
+        assert_eq!(run(&mut f, program_names::FROM_POD, p, DropReason::Forwarded), TC_ACT_OK);
+    }
+    let rst = back(RST, 0);
+    assert_eq!(run(&mut f, program_names::TO_POD, &rst, DropReason::Forwarded), TC_ACT_OK);
+    assert_eq!(f.drain(), vec![], "one End per connection");
+    assert_eq!(
+        counts(&f, &key),
+        (
+            to_destination + last.iter().map(|p| counted(p)).sum::<u64>(),
+            to_source + counted(&rst)
+        )
+    );
+    // A SYN on the closing tuple is a new connection: counts start afresh.
+    assert_eq!(run(&mut f, program_names::FROM_POD, &sent[0], DropReason::Forwarded), TC_ACT_OK);
+    assert_eq!(counts(&f, &key), (counted(&sent[0]), 0));
+    assert_eq!(f.dp.flows_lost().unwrap(), 0);
+}
+
+#[test]
+fn a_busy_connection_reports_its_counts_once_per_interval() {
+    use bulkhead_common::{flow_kind, FLOW_BYTES_REPORT_NS};
+    let mut f = fixture("bytes-update", ISOLATED);
+    // UDP the peer opened to the pod (ingress, rule 8), replies from the pod.
+    let key = opened((PEER_A, 5300), (POD, 53), proto::UDP, direction::INGRESS);
+    let query = datagram(PEER_A, 5300, POD, 53, 40);
+    let answer = datagram(POD, 53, PEER_A, 5300, 300);
+    assert_eq!(run(&mut f, program_names::TO_POD, &query, DropReason::Forwarded), TC_ACT_OK);
+    assert_eq!(run_repeat(&mut f, program_names::TO_POD, &query, 9), TC_ACT_OK);
+    assert_eq!(run_repeat(&mut f, program_names::FROM_POD, &answer, 10), TC_ACT_OK);
+    assert_eq!(counts(&f, &key), (10 * counted(&query), 10 * counted(&answer)));
+    assert_eq!(f.drain().len(), 1, "the new flow's record only");
+
+    // Past the interval, the next packet (a reply here) reports the counts, once.
+    std::thread::sleep(std::time::Duration::from_nanos(FLOW_BYTES_REPORT_NS + 100_000_000));
+    assert_eq!(run_repeat(&mut f, program_names::FROM_POD, &answer, 5), TC_ACT_OK);
+    let records = f.drain();
+    assert_eq!(records.len(), 1, "{records:?}");
+    let u = records[0];
+    assert_eq!(u.kind, flow_kind::UPDATE);
+    assert_eq!((u.to_destination, u.to_source), (10 * counted(&query), 11 * counted(&answer)));
+    assert_eq!((u.saddr, u.daddr), (PEER_A.octets(), POD.octets()), "the opener is the source");
+    assert_eq!((u16::from_be_bytes(u.sport), u16::from_be_bytes(u.dport)), (5300, 53));
+    assert_eq!(
+        (u.direction, u.protocol, u.rule_id, u.remote_identity),
+        (direction::INGRESS, proto::UDP, 8, 301)
+    );
+    assert_eq!(u.verdict, verdict::FORWARDED);
+    let reported = ct_entry(&f, &key).unwrap().reported_ns;
+    assert!(reported > 0);
+    assert_eq!(counts(&f, &key), (10 * counted(&query), 15 * counted(&answer)));
+
+    // The opener's packet after a second idle goes back to policy (a datagram flow's
+    // recheck): still allowed, it keeps the entry's counts and its report time.
+    std::thread::sleep(std::time::Duration::from_millis(1100));
+    assert_eq!(run(&mut f, program_names::TO_POD, &query, DropReason::Forwarded), TC_ACT_OK);
+    assert_eq!(counts(&f, &key), (11 * counted(&query), 15 * counted(&answer)));
+    assert_eq!(ct_entry(&f, &key).unwrap().reported_ns, reported);
+    assert_eq!(f.drain(), vec![], "no new flow, no report before the interval");
+    assert_eq!(f.dp.flows_lost().unwrap(), 0);
+}
+
+/// Byte reports spend only the upper half of their endpoint's flow-record budget: with the
+/// bucket down to the reserve, a connection's End is suppressed (and counted), while a drop
+/// after it still gets its record.
+#[test]
+fn byte_reports_leave_the_budgets_reserve_to_drops() {
+    use aya::maps::{PerCpuHashMap, PerCpuValues};
+    use bulkhead_common::{flow_kind, map_names, FlowBudget};
+    let mut f = fixture("bytes-budget", ISOLATED);
+    let cpus = aya::util::nr_cpus().expect("possible cpus");
+    let pin = f.pin_dir.join(map_names::FLOW_BUDGET);
+    let open = || -> PerCpuHashMap<MapData, u32, FlowBudget> {
+        let data = MapData::from_pin(&pin).unwrap();
+        PerCpuHashMap::try_from(aya::maps::Map::from_map_data(data).unwrap()).unwrap()
+    };
+    // Every CPU's bucket holds exactly the reserve, and its last refill lies ahead (no refill).
+    let low = FlowBudget {
+        credit_ns: FlowBudget::REPORT_RESERVE_NS,
+        last_ns: u64::MAX / 2,
+        suppressed: 0,
+    };
+    open().insert(10, PerCpuValues::try_from(vec![low; cpus]).unwrap(), 0).unwrap();
+    let syn = segment(POD, 40200, PEER_A, 80, SYN, 0);
+    assert_eq!(run(&mut f, program_names::FROM_POD, &syn, DropReason::Forwarded), TC_ACT_OK);
+    let fin = segment(PEER_A, 80, POD, 40200, FIN | ACK, 0);
+    assert_eq!(run(&mut f, program_names::TO_POD, &fin, DropReason::Forwarded), TC_ACT_OK);
+    let denied = segment(PEER_B, 999, POD, 22, SYN, 0);
+    assert_eq!(run(&mut f, program_names::TO_POD, &denied, DropReason::PolicyDenied), TC_ACT_SHOT);
+    let records = f.drain();
+    let kinds: Vec<(u8, u8)> = records.iter().map(|r| (r.kind, r.verdict)).collect();
+    assert_eq!(
+        kinds,
+        [(flow_kind::PACKET, verdict::FORWARDED), (flow_kind::PACKET, verdict::DROPPED)],
+        "the new flow and the drop, not the End"
+    );
+    let suppressed: u64 = open().get(&10, 0).unwrap().iter().map(|b| b.suppressed).sum();
+    assert_eq!(suppressed, 1, "the End, counted as suppressed");
+    assert_ne!(
+        ct_entry(&f, &opened((POD, 40200), (PEER_A, 80), proto::TCP, direction::EGRESS))
+            .unwrap()
+            .flags
+            & bulkhead_common::ct_flags::CLOSING,
+        0,
+        "closing all the same"
+    );
+}

@@ -17,8 +17,8 @@ use bulkhead::datapath::stats::{DatapathStats, PinnedStats};
 use bulkhead::datapath::sync::MapWriter;
 use bulkhead::datapath::Datapath;
 use bulkhead_common::{
-    capacity, direction, endpoint_flags, identity, map_names, program_names, proto, CtEntry, CtKey, DropReason, EndpointInfo, FlowEvent,
-    IpcacheValue, FLOW_RECORDS_BURST, FLOW_RECORDS_PER_SEC,
+    capacity, direction, endpoint_flags, identity, map_names, program_names, proto, CtEntry, CtEntryV2, CtKey, DropReason, EndpointInfo,
+    FlowEvent, IpcacheValue, FLOW_RECORDS_BURST, FLOW_RECORDS_PER_SEC,
 };
 
 const TC_ACT_OK: u32 = 0;
@@ -248,9 +248,9 @@ fn an_agent_on_a_previous_pin_directory_adopts_the_shared_table() {
     // holding the victim's connection to the peer (and one of a pod that is gone).
     let mut outer = tables(&f);
     conntrack::remove_table(&mut outer, VICTIM.id).unwrap();
-    let shared = conntrack::create_table().unwrap();
+    let shared = old_table();
     shared.pin(f.pin_dir.join(map_names::CONNTRACK_V1)).unwrap();
-    let mut shared: HashMap<MapData, CtKey, CtEntry> = HashMap::try_from(Map::from_map_data(shared).unwrap()).unwrap();
+    let mut shared: HashMap<MapData, CtKey, CtEntryV2> = HashMap::try_from(Map::from_map_data(shared).unwrap()).unwrap();
     let key = |local: Ipv4Addr| CtKey {
         saddr: local.octets(),
         daddr: PEER.octets(),
@@ -260,7 +260,7 @@ fn an_agent_on_a_previous_pin_directory_adopts_the_shared_table() {
         direction: direction::EGRESS,
         _pad: [0; 2],
     };
-    let entry = CtEntry {
+    let entry = CtEntryV2 {
         last_seen_ns: monotonic_ns(),
         rule_id: 0,
         flags: 0,
@@ -274,10 +274,154 @@ fn an_agent_on_a_previous_pin_directory_adopts_the_shared_table() {
     // A new agent starts on the same pins.
     f.dp = Datapath::load(&f.pin_dir).expect("a new agent on the same pins");
     let copied = conntrack::table(&tables(&f), VICTIM.id).unwrap();
-    assert_eq!(copied.get(&key(VICTIM.ip), 0).unwrap(), entry);
+    let got = copied.get(&key(VICTIM.ip), 0).unwrap();
+    assert_eq!(got, CtEntry::from_v2(entry, got.reported_ns));
     assert_eq!(copied.keys().count(), 1, "only the victim's own entry");
     assert_eq!(f.run(program_names::TO_POD, &reply), TC_ACT_OK);
     assert!(f.pin_dir.join(map_names::CONNTRACK_V1).exists(), "left for the old programs");
+}
+
+/// `bpf(BPF_MAP_CREATE)` of a map an older agent would have made (aya creates no LRU or
+/// map-in-map standalone): `inner_fd` is the template of a map of maps, else 0.
+fn create_map(map_type: u32, key_size: u32, value_size: u32, max_entries: u32, inner_fd: u32) -> MapData {
+    use std::os::fd::{FromRawFd, OwnedFd};
+    #[repr(C)]
+    struct Attr {
+        map_type: u32,
+        key_size: u32,
+        value_size: u32,
+        max_entries: u32,
+        map_flags: u32,
+        inner_map_fd: u32,
+    }
+    let attr = Attr {
+        map_type,
+        key_size,
+        value_size,
+        max_entries,
+        map_flags: 0,
+        inner_map_fd: inner_fd,
+    };
+    // SAFETY: a valid prefix of `union bpf_attr` that outlives the call; its own size passed.
+    let fd = unsafe { libc::syscall(libc::SYS_bpf, 0, std::ptr::from_ref(&attr), size_of::<Attr>() as u32) };
+    assert!(fd >= 0, "bpf_map_create: {}", std::io::Error::last_os_error());
+    // SAFETY: the kernel just returned this descriptor and nothing else owns it.
+    MapData::from_fd(unsafe { OwnedFd::from_raw_fd(fd as i32) }).unwrap()
+}
+
+/// `BPF_MAP_TYPE_LRU_HASH`, `BPF_MAP_TYPE_HASH_OF_MAPS`, `BPF_MAP_TYPE_ARRAY`.
+const LRU_HASH: u32 = 9;
+const HASH_OF_MAPS: u32 = 13;
+const ARRAY: u32 = 2;
+
+/// A conntrack table of layouts 1 and 2: `CtKey` → `CtEntryV2`.
+fn old_table() -> MapData {
+    create_map(
+        LRU_HASH,
+        size_of::<CtKey>() as u32,
+        size_of::<CtEntryV2>() as u32,
+        capacity::CONNTRACK_PER_ENDPOINT,
+        0,
+    )
+}
+
+/// What an agent of layout 2 left pinned at `bh_ct_v2`: endpoint id → a table of
+/// `CtEntryV2` holding `entries`.
+fn pin_v2(f: &Fixture, tables: &[(u32, Vec<(CtKey, CtEntryV2)>)]) {
+    use std::os::fd::{AsFd, AsRawFd};
+    let template = old_table();
+    let outer = create_map(
+        HASH_OF_MAPS,
+        4,
+        4,
+        capacity::CONNTRACK_TABLES,
+        template.fd().as_fd().as_raw_fd() as u32,
+    );
+    outer.pin(f.pin_dir.join(map_names::CONNTRACK_V2)).unwrap();
+    let mut outer: conntrack::Tables = conntrack::Tables::try_from(Map::from_map_data(outer).unwrap()).unwrap();
+    for (id, entries) in tables {
+        let inner = old_table();
+        outer.insert(id, &inner, 0).unwrap();
+        let mut inner: HashMap<MapData, CtKey, CtEntryV2> = HashMap::try_from(Map::from_map_data(inner).unwrap()).unwrap();
+        for (k, e) in entries {
+            inner.insert(k, e, 0).unwrap();
+        }
+    }
+}
+
+/// Issue 15, upgrade from layout 2: the per-endpoint tables without byte counts are copied
+/// into the layout-3 tables (counts 0, the next report one interval away), so the pod's
+/// open connection keeps passing on the new programs; the old pin is removed once copied,
+/// and a table of an endpoint that is gone is left out.
+#[test]
+fn an_agent_on_a_layout_2_pin_directory_adopts_its_tables_and_unpins_them() {
+    let mut f = fixture("ct-adopt-v2");
+    f.become_pod(VICTIM);
+    let key = CtKey {
+        saddr: VICTIM.ip.octets(),
+        daddr: PEER.octets(),
+        sport: 40001u16.to_be_bytes(),
+        dport: 53u16.to_be_bytes(),
+        protocol: proto::UDP,
+        direction: direction::EGRESS,
+        _pad: [0; 2],
+    };
+    let entry = CtEntryV2 {
+        last_seen_ns: monotonic_ns(),
+        rule_id: 5,
+        flags: 0,
+    };
+    // The upgrade: the victim's layout-3 table is empty, its connection only in layout 2.
+    let mut outer = tables(&f);
+    conntrack::remove_table(&mut outer, VICTIM.id).unwrap();
+    conntrack::ensure_table(&mut outer, VICTIM.id).unwrap();
+    pin_v2(
+        &f,
+        &[(VICTIM.id, vec![(key, entry)]), (77, vec![(CtKey { sport: [1, 2], ..key }, entry)])],
+    );
+    let reply = udp(HOST_MAC, VICTIM.mac, PEER, 53, VICTIM.ip, 40001);
+    assert_eq!(f.run(program_names::TO_POD, &reply), TC_ACT_SHOT, "not adopted yet: closed");
+
+    let before = monotonic_ns();
+    f.dp = Datapath::load(&f.pin_dir).expect("a new agent on the same pins");
+    let copied = conntrack::table(&tables(&f), VICTIM.id).unwrap();
+    let got = copied.get(&key, 0).unwrap();
+    assert_eq!((got.last_seen_ns, got.rule_id, got.flags), (entry.last_seen_ns, 5, 0));
+    assert_eq!((got.to_destination, got.to_source), (0, 0));
+    assert!(got.reported_ns >= before && got.reported_ns <= monotonic_ns());
+    assert_eq!(copied.keys().count(), 1);
+    assert!(conntrack::table(&tables(&f), 77).is_err(), "no table for an endpoint that is gone");
+    assert!(!f.pin_dir.join(map_names::CONNTRACK_V2).exists(), "unpinned once copied");
+    // The connection passes on the adopted entry and counts from there.
+    assert_eq!(f.run(program_names::TO_POD, &reply), TC_ACT_OK);
+    let counted = conntrack::table(&tables(&f), VICTIM.id).unwrap().get(&key, 0).unwrap();
+    assert_eq!((counted.to_destination, counted.to_source), (0, reply.len() as u64 - 14));
+    // A second start finds nothing to adopt and keeps the entry.
+    f.dp = Datapath::load(&f.pin_dir).expect("again");
+    assert_eq!(conntrack::table(&tables(&f), VICTIM.id).unwrap().get(&key, 0).unwrap(), counted);
+}
+
+/// An old conntrack pin that is not what its name says (here an array at `bh_ct_v2`) is
+/// an error: the agent does not start as if there were nothing to adopt, and leaves it.
+#[test]
+fn an_old_conntrack_pin_that_cannot_be_read_stops_the_agent() {
+    let mut f = fixture("ct-adopt-bad");
+    f.become_pod(VICTIM);
+    let bogus = create_map(ARRAY, 4, 16, 4, 0);
+    bogus.pin(f.pin_dir.join(map_names::CONNTRACK_V2)).unwrap();
+    let e = Datapath::load(&f.pin_dir)
+        .err()
+        .expect("a layout-2 pin that is no table of tables is refused");
+    assert!(format!("{e:?}").contains(map_names::CONNTRACK), "{e:?}");
+    assert!(f.pin_dir.join(map_names::CONNTRACK_V2).exists(), "left as it was");
+    // A shared layout-1 table of another entry size is refused too.
+    std::fs::remove_file(f.pin_dir.join(map_names::CONNTRACK_V2)).unwrap();
+    let wrong = create_map(LRU_HASH, size_of::<CtKey>() as u32, 24, 16, 0);
+    wrong.pin(f.pin_dir.join(map_names::CONNTRACK_V1)).unwrap();
+    assert!(
+        Datapath::load(&f.pin_dir).is_err(),
+        "a layout-1 table of another entry size is refused"
+    );
 }
 
 /// CLOCK_MONOTONIC now, the clock of `bpf_ktime_get_ns`.

@@ -1361,3 +1361,45 @@ fn a_quarantined_backend_is_dropped_after_translation() {
         DropReason::Forwarded,
     );
 }
+
+/// Issue 15: a Service connection's bytes count on its conntrack entry, the translated
+/// (client → backend) tuple, both ways; its End record names the backend and the Service
+/// port it was dialled on.
+#[test]
+fn a_service_connection_counts_its_bytes_on_the_backend_tuple() {
+    use bulkhead_common::flow_kind;
+    let mut f = fixture("bytes-service", ISOLATED);
+    let sent = [
+        client_tcp(40500, VIP_ONE, SERVICE_PORT, SYN),
+        client_tcp(40500, VIP_ONE, SERVICE_PORT, ACK),
+        client_tcp(40500, VIP_ONE, SERVICE_PORT, ACK),
+    ];
+    for p in &sent {
+        f.run(program_names::FROM_POD, p, DropReason::Forwarded);
+    }
+    let got = [
+        to_client_tcp(backend_ip(1), TARGET_PORT, 40500, SYN | ACK),
+        to_client_tcp(backend_ip(1), TARGET_PORT, 40500, ACK),
+    ];
+    for p in &got {
+        f.run(program_names::TO_POD, p, DropReason::Forwarded);
+    }
+    let bytes = |packets: &[Vec<u8>]| packets.iter().map(|p| p.len() as u64 - 14).sum::<u64>();
+    let key = ct_key(CLIENT, 40500, backend_ip(1), TARGET_PORT, proto::TCP, direction::EGRESS);
+    let entry = f.conntrack().get(&key, 0).expect("the backend tuple is tracked");
+    assert_eq!((entry.to_destination, entry.to_source), (bytes(&sent), bytes(&got)));
+    assert_eq!(f.drain().len(), 1, "the new flow's record only");
+    let fin = client_tcp(40500, VIP_ONE, SERVICE_PORT, ACK | 0x01);
+    f.run(program_names::FROM_POD, &fin, DropReason::Forwarded);
+    let records = f.drain();
+    assert_eq!(records.len(), 1, "{records:?}");
+    let end = records[0];
+    assert_eq!(end.kind, flow_kind::END);
+    assert_eq!(
+        (end.to_destination, end.to_source),
+        (bytes(&sent) + fin.len() as u64 - 14, bytes(&got))
+    );
+    assert_eq!((end.daddr, end.dport), (backend_ip(1).octets(), TARGET_PORT.to_be_bytes()));
+    assert_eq!(end.service_id, service_id(VIP_ONE, SERVICE_PORT, proto::TCP));
+    assert_eq!(end.rule_id, 7);
+}

@@ -297,6 +297,7 @@ fn what_xdp_cannot_be_sure_of_passes_to_tc() {
                 last_seen_ns: monotonic_ns(),
                 rule_id: 8,
                 flags: 0,
+                ..CtEntry::default()
             },
             0,
         )

@@ -8,6 +8,10 @@
 //! lookups for the flow it quotes (`related`). See DESIGN.md "Datapath model".
 #![no_std]
 #![no_main]
+// `atomic_xadd`/`atomic_cxchg`: the target has 64-bit atomics in BPF (`BPF_ATOMIC`) but
+// declares no compare-and-swap, so core's atomic types offer loads and stores only.
+#![feature(core_intrinsics)]
+#![expect(internal_features, reason = "core::intrinsics atomics, see above")]
 
 mod fragment;
 mod packet;
@@ -24,11 +28,13 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use bulkhead_common::{
-    capacity, counter_index, ct_flags, ct_lifetime_ns, direction, endpoint_flags, identity, proto, remote_lookup_prefix, rule_id, verdict,
-    Counter, CtEntry, CtKey, DropReason, EndpointInfo, FlowBudget, FlowEvent, IpcacheValue, Ipv4Key, PolicyKey, PolicyValue, COUNTER_SLOTS,
-    CT_CLOSING_LIFETIME_NS, CT_REFRESH_NS, GENERATED_REPLY_MARK, POLICY_PREFIX_FULL,
+    capacity, counter_index, ct_flags, ct_lifetime_ns, direction, endpoint_flags, flow_kind, identity, proto, remote_lookup_prefix,
+    rule_id, verdict, Counter, CtEntry, CtKey, DropReason, EndpointInfo, FlowBudget, FlowEvent, IpcacheValue, Ipv4Key, PolicyKey,
+    PolicyValue, COUNTER_SLOTS, CT_CLOSING_LIFETIME_NS, CT_REFRESH_NS, FLOW_BYTES_REPORT_NS, GENERATED_REPLY_MARK, POLICY_PREFIX_FULL,
 };
+use core::intrinsics::{atomic_cxchg, atomic_xadd, AtomicOrdering::Relaxed};
 use core::mem::MaybeUninit;
+use core::ptr::addr_of_mut;
 use packet::{Fragment, Headers, L3};
 
 // Map names must equal bulkhead_common::map_names (the agent looks them up by those).
@@ -47,7 +53,7 @@ type CtTable = BtfLruHashMap<CtKey, CtEntry, { capacity::CONNTRACK_PER_ENDPOINT 
 
 // A BTF map (map-in-map needs the inner map's definition in BTF); the agent pins it by name
 // (`EbpfLoader::map_pin_path`) and creates each endpoint's table before the endpoint entry.
-#[btf_map(name = "bh_ct_v2")]
+#[btf_map(name = "bh_ct_v3")]
 static CONNTRACK: HashOfMaps<u32, CtTable, { capacity::CONNTRACK_TABLES as usize }> = HashOfMaps::new();
 
 #[map(name = "bh_cnt_v1")]
@@ -92,6 +98,8 @@ pub fn from_pod(ctx: TcContext) -> i32 {
     let len = ctx.len();
     let mut slot = MaybeUninit::uninit();
     let flow = blank_flow(&mut slot);
+    // Conntrack counts the packet's bytes from here (`admit`).
+    flow.packet_len = len;
     let result = try_from_pod(&ctx, flow);
     finish(&ctx, direction::EGRESS, len, result, flow)
 }
@@ -102,6 +110,8 @@ pub fn to_pod(ctx: TcContext) -> i32 {
     let len = ctx.len();
     let mut slot = MaybeUninit::uninit();
     let flow = blank_flow(&mut slot);
+    // Conntrack counts the packet's bytes from here (`admit`).
+    flow.packet_len = len;
     let result = try_to_pod(&ctx, flow);
     finish(&ctx, direction::INGRESS, len, result, flow)
 }
@@ -202,13 +212,21 @@ pub(crate) fn ring_wakeup() -> u64 {
 /// lookup, and one insert for an endpoint's first record on this CPU.
 #[inline(always)]
 fn record_allowed(endpoint_id: u32, now: u64) -> bool {
+    budget_take(endpoint_id, now, false)
+}
+
+/// [`record_allowed`] for a byte report: the same bucket, but only above its reserve for
+/// packet records ([`FlowBudget::take_report`]).
+#[inline(always)]
+fn budget_take(endpoint_id: u32, now: u64, report: bool) -> bool {
+    let take = |b: &mut FlowBudget| if report { b.take_report(now) } else { b.take(now) };
     match FLOW_BUDGET.get_ptr_mut(endpoint_id) {
         // SAFETY: this CPU's copy of the value, valid until the program ends; per-CPU values
         // are not shared and softirq context does not preempt itself.
-        Some(budget) => unsafe { (*budget).take(now) },
+        Some(budget) => take(unsafe { &mut *budget }),
         None => {
             let mut budget = FlowBudget::default();
-            let allowed = budget.take(now);
+            let allowed = take(&mut budget);
             // A failed insert (it cannot fill: LRU) leaves the next record a fresh bucket.
             let _ = FLOW_BUDGET.insert(endpoint_id, budget, 0);
             allowed
@@ -529,13 +547,17 @@ fn admit(ep: &EndpointInfo, dir: u8, l3: &L3, mark: u32, now: u64, flow: &mut Fl
     } else {
         (Refresh::Yes, Refresh::Yes)
     };
+    // The bytes this packet adds to its connection's count: all but the Ethernet header.
+    let bytes = u64::from(flow.packet_len.saturating_sub(ETH_HLEN));
     let mut recheck = false;
     if let (false, Some(table)) = (l3.tcp_syn, table) {
-        match ct_alive(table, &key, now, closing, forward) {
+        let sent = Seen { bytes, reply: false, mark };
+        match ct_alive(table, &key, now, closing, forward, &sent, flow) {
             Some(Tracked::Alive(_)) => return Ok((Pass::Quiet, 0)),
             Some(Tracked::Recheck) => recheck = true,
             None => {
-                if let Some(Tracked::Alive(flags)) = ct_alive(table, &key.reversed(reply_dir), now, closing, reply) {
+                let back = Seen { bytes, reply: true, mark };
+                if let Some(Tracked::Alive(flags)) = ct_alive(table, &key.reversed(reply_dir), now, closing, reply, &back, flow) {
                     return Ok((Pass::Quiet, flags));
                 }
             }
@@ -543,17 +565,131 @@ fn admit(ep: &EndpointInfo, dir: u8, l3: &L3, mark: u32, now: u64, flow: &mut Fl
     }
     let remote = if dir == direction::EGRESS { l3.daddr } else { l3.saddr };
     let (rule, v) = policy_verdict(ep, dir, remote, mark, l3, flow)?;
+    let table = table.ok_or(DropReason::CtInsertFailed)?;
+    let flags = u32::from(v) | ct_extra;
+    // A flow policy admits again (a datagram flow's recheck, a TCP SYN on a live tuple: a
+    // retransmission) keeps its entry and its counts, so that nothing it sent goes
+    // uncounted; a closing or expired one starts afresh (its end was reported).
+    if recheck || l3.tcp_syn {
+        if let Some(e) = table.get_ptr_mut(key) {
+            // SAFETY: valid until the program ends; racing writers store the same kind of value.
+            let live = unsafe {
+                recheck || ((*e).flags & ct_flags::CLOSING == 0 && now.saturating_sub((*e).last_seen_ns) <= ct_lifetime_ns(key.protocol))
+            };
+            if live {
+                // SAFETY: as above.
+                unsafe {
+                    (*e).last_seen_ns = now;
+                    (*e).rule_id = rule;
+                    (*e).flags = flags;
+                }
+                account(e, &key, now, &Seen { bytes, reply: false, mark }, flow);
+                return Ok((if recheck { Pass::Quiet } else { Pass::NewFlow(v) }, 0));
+            }
+        }
+    }
     let entry = CtEntry {
         last_seen_ns: now,
         rule_id: rule,
-        flags: u32::from(v) | ct_extra,
+        flags,
+        to_destination: bytes,
+        to_source: 0,
+        reported_ns: now,
     };
-    table
-        .ok_or(DropReason::CtInsertFailed)?
-        .insert(key, entry, 0)
-        .map_err(|_| DropReason::CtInsertFailed)?;
+    table.insert(key, entry, 0).map_err(|_| DropReason::CtInsertFailed)?;
     // A flow that is still allowed is no new flow (no record).
     Ok((if recheck { Pass::Quiet } else { Pass::NewFlow(v) }, 0))
+}
+
+/// Ethernet header length: what a packet's byte count leaves out.
+const ETH_HLEN: u32 = 14;
+
+/// A packet on a tracked connection, as its byte count sees it.
+struct Seen {
+    /// Bytes past the Ethernet header.
+    bytes: u64,
+    /// A reply (it matched the opener's key reversed): counts to the source.
+    reply: bool,
+    /// The skb mark, for the remote's identity in a report.
+    mark: u32,
+}
+
+/// Adds `seen`'s bytes to the entry `e` of `key` (the opener's tuple) and, when its last
+/// report is older than `FLOW_BYTES_REPORT_NS`, claims the next one and reports the counts
+/// ([`flow_kind::UPDATE`]).
+///
+/// The addition is an atomic add (`BPF_ATOMIC | BPF_ADD`, no fetch): CPUs racing on one
+/// connection lose no byte. The report is claimed by a compare-and-swap on `reported_ns`
+/// (`BPF_CMPXCHG`), so that exactly one of the CPUs that see it due writes it.
+#[inline(always)]
+fn account(e: *mut CtEntry, key: &CtKey, now: u64, seen: &Seen, flow: &FlowEvent) {
+    // SAFETY: `e` points into a map value, valid until the program ends and 8-byte aligned
+    // (`CtEntry` is `repr(C)` of u64s first); every CPU touches the counters atomically.
+    unsafe {
+        let counter = if seen.reply {
+            addr_of_mut!((*e).to_source)
+        } else {
+            addr_of_mut!((*e).to_destination)
+        };
+        atomic_xadd::<u64, u64, { Relaxed }>(counter, seen.bytes);
+        let reported = addr_of_mut!((*e).reported_ns);
+        let last = reported.read_volatile();
+        if now.saturating_sub(last) > FLOW_BYTES_REPORT_NS && atomic_cxchg::<u64, { Relaxed }, { Relaxed }>(reported, last, now).1 {
+            report(e, key, flow_kind::UPDATE, seen.mark, flow);
+        }
+    }
+}
+
+/// Writes a byte report of `kind` for the entry `e` of `key` onto the flow ring, within the
+/// endpoint's budget above its reserve for packet records ([`FlowBudget::take_report`]). A
+/// report the budget or a full ring refuses is lost, not retried: the next one carries the
+/// same cumulative counts. A function of its own (a BPF-to-BPF call) so that its code is not
+/// repeated at each of its callers.
+#[inline(never)]
+fn report(e: *const CtEntry, key: &CtKey, kind: u8, mark: u32, flow: &FlowEvent) {
+    // SAFETY: bpf_ktime_get_ns has no preconditions.
+    let time = unsafe { bpf_ktime_get_ns() };
+    if !budget_take(flow.endpoint_id, time, true) {
+        return;
+    }
+    let Some(mut slot) = FLOWS.reserve::<FlowEvent>(0) else {
+        if let Some(lost) = FLOWS_LOST.get_ptr_mut(0) {
+            // SAFETY: a per-CPU slot, only written by this CPU.
+            unsafe { *lost += 1 };
+        }
+        return;
+    };
+    let remote = if key.direction == direction::EGRESS { key.daddr } else { key.saddr };
+    let remote_identity = IPCACHE
+        .get(Key::new(remote_lookup_prefix(key.direction, mark), Ipv4Key { addr: remote }))
+        .map_or(identity::WORLD, |v| v.identity);
+    let r = slot.as_mut_ptr();
+    // SAFETY: `r` is the reserved record, `size_of::<FlowEvent>()` bytes, 8-byte aligned;
+    // every field is written (no byte of the ring's memory is left as it was). `e` points
+    // into a map value, valid until the program ends; its counters are read atomically.
+    unsafe {
+        let flags = (*e).flags;
+        (*r).timestamp_ns = time;
+        (*r).endpoint_id = flow.endpoint_id;
+        (*r).identity = flow.identity;
+        (*r).remote_identity = remote_identity;
+        (*r).rule_id = (*e).rule_id;
+        (*r).saddr = key.saddr;
+        (*r).daddr = key.daddr;
+        (*r).sport = key.sport;
+        (*r).dport = key.dport;
+        (*r).packet_len = flow.packet_len;
+        (*r).protocol = key.protocol;
+        (*r).direction = key.direction;
+        (*r).verdict = verdict::FORWARDED;
+        (*r).reason = DropReason::Forwarded as u8;
+        (*r).tcp_flags = flow.tcp_flags;
+        (*r).kind = kind;
+        (*r).service_id = flow_service_id(ct_flags::rev_nat_index(flags));
+        (*r).to_destination = core::ptr::addr_of!((*e).to_destination).read_volatile();
+        (*r).to_source = core::ptr::addr_of!((*e).to_source).read_volatile();
+    }
+    slot.submit(ring_wakeup());
 }
 
 /// What a packet on a tracked flow does to its entry once `CT_REFRESH_NS` passed.
@@ -577,9 +713,12 @@ enum Tracked {
 
 /// Whether `key` is tracked and not idle past its lifetime; a refresh (`refresh`) happens
 /// at most once per `CT_REFRESH_NS` so that most packets do no map write. `closing` (a FIN
-/// or RST) marks the entry, which then ages out after `CT_CLOSING_LIFETIME_NS` idle.
+/// or RST) marks the entry, which then ages out after `CT_CLOSING_LIFETIME_NS` idle, and
+/// reports its counts ([`flow_kind::END`]) once. A packet that passes on the entry adds its
+/// bytes to it ([`account`]); one sent back to policy ([`Tracked::Recheck`]) is counted by
+/// `admit` if policy still allows it.
 #[inline(always)]
-fn ct_alive(table: &CtTable, key: &CtKey, now: u64, closing: bool, refresh: Refresh) -> Option<Tracked> {
+fn ct_alive(table: &CtTable, key: &CtKey, now: u64, closing: bool, refresh: Refresh, seen: &Seen, flow: &FlowEvent) -> Option<Tracked> {
     let entry = table.get_ptr_mut(key)?;
     // SAFETY: the pointer is valid until the program ends; a racing refresh writes the same
     // kind of value, so a torn read at worst refreshes twice.
@@ -595,15 +734,33 @@ fn ct_alive(table: &CtTable, key: &CtKey, now: u64, closing: bool, refresh: Refr
             return None;
         }
         if closing && flags & ct_flags::CLOSING == 0 {
-            (*entry).flags = flags | ct_flags::CLOSING;
             (*entry).last_seen_ns = now;
-        } else if idle > CT_REFRESH_NS {
+            // The CPU whose compare-and-swap sets the bit reports the end, exactly once: on
+            // the 64-bit word of `rule_id` and `flags` (flags high, little-endian; asserted
+            // in the ABI crate), as BPF before v3 has no 32-bit atomics.
+            let word = addr_of_mut!((*entry).rule_id).cast::<u64>();
+            let old = word.read_volatile();
+            let closed = old | u64::from(ct_flags::CLOSING) << 32;
+            let ended = old & u64::from(ct_flags::CLOSING) << 32 == 0 && atomic_cxchg::<u64, { Relaxed }, { Relaxed }>(word, old, closed).1;
+            let counter = if seen.reply {
+                addr_of_mut!((*entry).to_source)
+            } else {
+                addr_of_mut!((*entry).to_destination)
+            };
+            atomic_xadd::<u64, u64, { Relaxed }>(counter, seen.bytes);
+            if ended {
+                report(entry, key, flow_kind::END, seen.mark, flow);
+            }
+            return Some(Tracked::Alive(flags));
+        }
+        if idle > CT_REFRESH_NS {
             match refresh {
                 Refresh::Yes => (*entry).last_seen_ns = now,
                 Refresh::No => {}
                 Refresh::Recheck => return Some(Tracked::Recheck),
             }
         }
+        account(entry, key, now, seen, flow);
         Some(Tracked::Alive(flags))
     }
 }

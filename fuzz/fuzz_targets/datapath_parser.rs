@@ -9,9 +9,13 @@
 //! datapath's contract (datapath-ebpf/src/{main,packet,fragment}.rs, DESIGN.md):
 //! - ARP passes; any other frame that is not well-formed IPv4 drops; a pod's frame must carry
 //!   its MAC and address, a frame to a pod its address;
-//! - conntrack, the endpoint's own table (`bh_ct_v2`): a packet that is not a TCP SYN passes
+//! - conntrack, the endpoint's own table (`bh_ct_v3`): a packet that is not a TCP SYN passes
 //!   on its flow's entry, or its reverse's in the other direction; a new flow the spec
-//!   allows is tracked;
+//!   allows is tracked; every packet that passes on an entry or makes one adds its bytes
+//!   past the Ethernet header to the entry's count for its way (the opener's packets to
+//!   `to_destination`, the replies to `to_source`); a TCP FIN or RST marks the entry
+//!   closing; a SYN the spec allows keeps the counts of its tuple's entry unless that one
+//!   is closing (then it starts at the SYN's bytes);
 //! - fragments (`bh_frag_v1`): a first fragment meets conntrack and policy like a whole
 //!   packet; admitted, it records {source, destination, IP id, protocol, direction},
 //!   refused it removes that record; a later fragment passes only on a record (one seen
@@ -31,13 +35,14 @@
 //! make it an ICMP error quoting the frame before it, so that the fuzzer reaches policy,
 //! conntrack and the related-error path as well as the parser's corners. The endpoint's
 //! conntrack table and the fragment records are emptied before each input, so an input's
-//! verdicts depend on nothing but itself.
+//! verdicts depend on nothing but itself. After the input, the table must hold exactly the
+//! model's entries, with its byte counts.
 //!
 //! Needs root and BPF; maps are pinned under `/sys/fs/bpf/bulkhead-fuzz-<pid>`, removed at
 //! exit (scripts/fuzz.sh also removes what a crashed run leaves).
 #![no_main]
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::net::Ipv4Addr;
 use std::path::PathBuf;
 use std::sync::{Mutex, OnceLock};
@@ -314,9 +319,17 @@ impl Harness {
             .get_or_insert_with(|| conntrack::table(tables, id).expect("the endpoint's conntrack table"))
     }
 
-    /// What the installed endpoint's conntrack table and the fragment records hold.
-    fn tracked(&mut self) -> (HashSet<CtKey>, HashSet<FragKey>) {
-        let ct = self.table().keys().map(|k| k.expect("read conntrack")).collect();
+    /// What the installed endpoint's conntrack table (each entry's byte counts) and the
+    /// fragment records hold.
+    fn tracked(&mut self) -> (HashMap<CtKey, Counts>, HashSet<FragKey>) {
+        let ct = self
+            .table()
+            .iter()
+            .map(|item| {
+                let (k, e) = item.expect("read conntrack");
+                (k, (e.to_destination, e.to_source))
+            })
+            .collect();
         let frags = self.fragments.keys().map(|k| k.expect("read fragment records")).collect();
         (ct, frags)
     }
@@ -325,7 +338,7 @@ impl Harness {
     fn clear(&mut self) {
         let (ct, frags) = self.tracked();
         let table = self.table();
-        for k in ct {
+        for k in ct.into_keys() {
             table.remove(&k).expect("remove a conntrack entry");
         }
         for k in frags {
@@ -428,6 +441,8 @@ struct Parsed {
     policy_port: u16,
     /// TCP SYN without ACK.
     syn: bool,
+    /// TCP FIN or RST: the connection is closing.
+    closing: bool,
     /// ICMP destination unreachable, time exceeded or parameter problem.
     icmp_error: bool,
     /// Offset of the L4 header in the frame.
@@ -483,6 +498,7 @@ fn reference_parse(frame: &[u8]) -> Result<Option<Parsed>, &'static str> {
         dport: [0; 2],
         policy_port: 0,
         syn: false,
+        closing: false,
         icmp_error: false,
         l4: ETH_HLEN + ihl,
     };
@@ -508,6 +524,7 @@ fn reference_parse(frame: &[u8]) -> Result<Option<Parsed>, &'static str> {
             p.policy_port = u16::from_be_bytes(p.dport);
             if p.protocol == proto::TCP {
                 p.syn = h[13] & 0x12 == 0x02;
+                p.closing = h[13] & 0x05 != 0;
             }
         }
         proto::ICMP => match icmp_ports(h[0], h[1], [h[4], h[5]]) {
@@ -568,11 +585,22 @@ fn passes(d: &Decision) -> bool {
     matches!(d, Decision::NotIsolated | Decision::Allowed(_) | Decision::Audited(_))
 }
 
+/// A conntrack entry's byte counts: (to its destination, back to its source).
+type Counts = (u64, u64);
+
+/// What the model knows of a conntrack entry.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Entry {
+    counts: Counts,
+    /// A FIN or RST was seen on it.
+    closing: bool,
+}
+
 /// The datapath as it must be, for one input: the endpoint's conntrack entries and the
 /// fragment records its frames made.
 #[derive(Default)]
 struct Model {
-    ct: HashSet<CtKey>,
+    ct: HashMap<CtKey, Entry>,
     fragments: HashSet<FragKey>,
 }
 
@@ -614,7 +642,7 @@ impl Model {
             Place::Later if self.fragments.contains(&frag) => return (true, "a later fragment of an admitted datagram".into()),
             Place::Later => return (false, "a later fragment with no admitted first fragment".into()),
             Place::First => {
-                let v = self.flow(h, local, dir, mark, &p);
+                let v = self.flow(h, local, dir, mark, &p, frame.len());
                 if v.0 {
                     self.fragments.insert(frag);
                 } else {
@@ -627,18 +655,23 @@ impl Model {
         if p.icmp_error {
             return self.related(frame, &p, dir);
         }
-        self.flow(h, local, dir, mark, &p)
+        self.flow(h, local, dir, mark, &p, frame.len())
     }
 
-    /// Conntrack, then the spec for a new flow.
-    fn flow(&mut self, h: &mut Harness, local: usize, dir: u8, mark: u32, p: &Parsed) -> (bool, String) {
+    /// Conntrack, then the spec for a new flow; `len`: the frame's length.
+    fn flow(&mut self, h: &mut Harness, local: usize, dir: u8, mark: u32, p: &Parsed, len: usize) -> (bool, String) {
         let key = ct_key(p.saddr, p.daddr, p.sport, p.dport, p.protocol, dir);
         let reply = ct_key(p.daddr, p.saddr, p.dport, p.sport, p.protocol, opposite(dir));
+        let bytes = (len - ETH_HLEN) as u64;
         if !p.syn {
-            if self.ct.contains(&key) {
+            if let Some(e) = self.ct.get_mut(&key) {
+                e.counts.0 += bytes;
+                e.closing |= p.closing;
                 return (true, "a tracked flow".into());
             }
-            if self.ct.contains(&reply) {
+            if let Some(e) = self.ct.get_mut(&reply) {
+                e.counts.1 += bytes;
+                e.closing |= p.closing;
                 return (true, "a tracked flow's reply".into());
             }
         }
@@ -655,7 +688,19 @@ impl Model {
         let decision = h.decide(local, remote, dir, p.protocol, p.policy_port);
         let allowed = passes(&decision);
         if allowed {
-            self.ct.insert(key);
+            match self.ct.get_mut(&key) {
+                // A SYN again on a live connection (a retransmission): its counts go on.
+                Some(e) if !e.closing => e.counts.0 += bytes,
+                _ => {
+                    self.ct.insert(
+                        key,
+                        Entry {
+                            counts: (bytes, 0),
+                            closing: false,
+                        },
+                    );
+                }
+            }
         }
         (allowed, format!("a new flow, spec: {decision:?}"))
     }
@@ -668,7 +713,7 @@ impl Model {
         };
         let opening = ct_key(q.saddr, q.daddr, q.sport, q.dport, q.protocol, opposite(dir));
         let reply = ct_key(q.daddr, q.saddr, q.dport, q.sport, q.protocol, dir);
-        if self.ct.contains(&opening) || self.ct.contains(&reply) {
+        if self.ct.contains_key(&opening) || self.ct.contains_key(&reply) {
             (true, "an ICMP error quoting a tracked flow".into())
         } else {
             (false, "an ICMP error quoting no tracked flow".into())
@@ -837,9 +882,10 @@ fuzz_target!(|data: &[u8]| {
     }
     // What the frames left behind: exactly the flows and datagrams the model admitted.
     let (ct, frags) = h.tracked();
+    let expected: HashMap<CtKey, Counts> = model.ct.iter().map(|(k, e)| (*k, e.counts)).collect();
     assert_eq!(
-        ct, model.ct,
-        "the endpoint's conntrack table (left) differs from the model's (right)"
+        ct, expected,
+        "the endpoint's conntrack table and its byte counts (left) differ from the model's (right)"
     );
     assert_eq!(
         frags, model.fragments,

@@ -577,7 +577,9 @@ fn normal_variation_is_quiet_each_attack_is_detected_in_10s_and_only_the_scanner
         });
         // The advisor's workload name: the app label, with the tier when there is one.
         assert!(
-            a["workload"].as_str().is_some_and(|w| w == attack.workload || w.starts_with(&format!("{}-", attack.workload))),
+            a["workload"]
+                .as_str()
+                .is_some_and(|w| w == attack.workload || w.starts_with(&format!("{}-", attack.workload))),
             "{a:#}"
         );
         let latency = anomaly_ms(&a).saturating_sub(t0);

@@ -236,7 +236,9 @@ pub fn learn(flows: &[Flow], options: &Options) -> Result<Advice, AdviseError> {
     if !(1..=32).contains(&options.cidr_prefix) {
         return Err(AdviseError::BadPrefix(options.cidr_prefix));
     }
-    let mut sorted: Vec<&Flow> = flows.iter().collect();
+    // Byte reports (kind update, end) are no flows: a connection's packet record already
+    // showed it, and counting them would make one long connection look like many.
+    let mut sorted: Vec<&Flow> = flows.iter().filter(|f| f.kind.is_packet()).collect();
     sorted.sort_by_key(|f| f.time);
     let mut ignored = Ignored::default();
     let mut used = 0;

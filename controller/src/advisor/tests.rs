@@ -390,3 +390,27 @@ fn rendered_policies_allow_exactly_what_was_learnt() {
     // web-1 and web-3 to api-1; api-1 to dns-1.
     assert_eq!(allowed, 3);
 }
+
+#[test]
+fn byte_reports_teach_nothing_and_count_no_connection() {
+    let options = Options::default();
+    let base = learn(&shop(), &options).unwrap();
+    // Every connection of the shop again as update and end records, at later times and
+    // with other source ports, which would be new connections if they counted.
+    let mut flows = shop();
+    for (i, f) in shop().into_iter().enumerate() {
+        for kind in [bulkhead_api::FlowKind::Update, bulkhead_api::FlowKind::End] {
+            let mut r = f.clone();
+            r.time = jiff::Timestamp::from_second(1_795_867_200 + 3600 + i as i64).unwrap();
+            r.source.port = r.source.port.wrapping_add(7);
+            r.kind = kind;
+            r.bytes = Some(bulkhead_api::FlowBytes {
+                to_destination: 100,
+                to_source: 50,
+            });
+            flows.push(r);
+        }
+    }
+    let with_reports = learn(&flows, &options).unwrap();
+    assert_eq!(format!("{with_reports:?}"), format!("{base:?}"));
+}

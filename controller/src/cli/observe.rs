@@ -7,7 +7,7 @@ use std::sync::mpsc;
 use std::time::Duration;
 
 use bulkhead_api::{
-    Anomaly, AnomalyKind, AnomalyRequest, Direction, Flow, FlowFilter, FlowVerdict, NamespacedName, ObserveRequest, Protocol,
+    Anomaly, AnomalyKind, AnomalyRequest, Direction, Flow, FlowFilter, FlowKind, FlowVerdict, NamespacedName, ObserveRequest, Protocol,
 };
 use bulkhead_common::DropReason;
 use clap::builder::PossibleValuesParser;
@@ -19,6 +19,17 @@ use crate::lab::{LabError, LabPaths};
 pub const DEFAULT_SOCKET: &str = "/run/bulkhead/agent.sock";
 /// How long a non-follow request may wait for the agent's next line.
 const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// `--record` values.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum KindArg {
+    /// Packet records: new flows and drops.
+    Packet,
+    /// Periodic byte counts of tracked connections.
+    Update,
+    /// Final byte counts of connections at their FIN or RST.
+    End,
+}
 
 /// `--verdict` values.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -102,6 +113,10 @@ pub struct ObserveArgs {
     /// Verdict.
     #[arg(long, value_enum)]
     pub verdict: Option<VerdictArg>,
+    /// Only records of this kind: packet (new flows, drops), or a tracked connection's byte
+    /// counts, update (every few seconds while it carries traffic) or end (at its FIN or RST).
+    #[arg(long = "record", value_enum)]
+    pub record: Option<KindArg>,
     /// Drop reason.
     #[arg(long, value_parser = drop_reasons())]
     pub drop_reason: Option<String>,
@@ -141,7 +156,7 @@ pub struct ObserveArgs {
     pub token_file: Option<PathBuf>,
     /// Show the relay's anomalies (deviations from the workloads' learnt baselines)
     /// instead of flows; filters: --namespace, --pod, --kind, --since; with --follow.
-    #[arg(long, conflicts_with_all = ["from_pod", "to_pod", "service", "to_service", "labels", "verdict", "drop_reason", "protocol", "port", "direction", "policy", "last"])]
+    #[arg(long, conflicts_with_all = ["from_pod", "to_pod", "service", "to_service", "labels", "verdict", "drop_reason", "protocol", "port", "direction", "policy", "last", "record"])]
     pub anomalies: bool,
     /// With --anomalies: only these kinds (comma-separated: new_peer, new_port,
     /// new_external, scan, exfiltration).
@@ -176,6 +191,11 @@ impl ObserveArgs {
             port: self.port,
             direction: self.direction,
             policy: self.policy.clone(),
+            kind: self.record.map(|k| match k {
+                KindArg::Packet => FlowKind::Packet,
+                KindArg::Update => FlowKind::Update,
+                KindArg::End => FlowKind::End,
+            }),
         };
         // Following with no window asks for new flows only, as `tail -f` would after 0 lines.
         let last = match (self.last, self.follow, self.since) {
@@ -524,6 +544,9 @@ pub fn table_row(f: &Flow) -> String {
     // `2026-11-28T12:50:08.123456789Z` → `11-28 12:50:08.123`.
     let time = f.time.strftime("%m-%d %H:%M:%S%.3f").to_string();
     let mut detail = Vec::new();
+    if let Some(b) = &f.bytes {
+        detail.push(format!("bytes {} to destination, {} to source", b.to_destination, b.to_source));
+    }
     if let Some(svc) = &f.service {
         detail.push(format!("via service {} {}:{}", svc.service, svc.vip, svc.port));
     }
@@ -548,7 +571,12 @@ pub fn table_row(f: &Flow) -> String {
         endpoint(&f.destination),
         f.protocol,
         f.direction.as_str(),
-        f.verdict.as_str(),
+        // A byte report is no verdict of its own: its kind instead.
+        match f.kind {
+            FlowKind::Packet => f.verdict.as_str(),
+            FlowKind::Update => "UPDATE",
+            FlowKind::End => "END",
+        },
         detail.join("; ")
     )
 }
@@ -761,5 +789,48 @@ mod tests {
         ] {
             assert!(row.contains(part), "{part:?} missing in {row}");
         }
+    }
+
+    #[test]
+    fn byte_reports_show_their_kind_and_counts() {
+        let json = r#"{"time":"2026-11-28T12:50:08.123456789Z","node":"node0","verdict":"FORWARDED",
+            "direction":"egress","protocol":"TCP","tcp_flags":"FIN|ACK",
+            "source":{"namespace":"y","pod":"b","ip":"10.0.0.5","port":40000,"identity":257},
+            "destination":{"ip":"192.0.2.9","port":443,"identity":2},
+            "is_reply":false,"kind":"end","bytes":{"to_destination":123456,"to_source":789}}"#;
+        let flow: Flow = serde_json::from_str(json).unwrap();
+        assert_eq!(flow.kind, FlowKind::End);
+        let row = table_row(&flow);
+        for part in [
+            "y/b:40000",
+            "192.0.2.9:443",
+            " END ",
+            "bytes 123456 to destination, 789 to source",
+            "FIN|ACK",
+        ] {
+            assert!(row.contains(part), "{part:?} missing in {row}");
+        }
+        assert!(!row.contains("FORWARDED"), "{row}");
+        let mut update = flow.clone();
+        update.kind = FlowKind::Update;
+        assert!(table_row(&update).contains(" UPDATE "), "{}", table_row(&update));
+        // JSON carries the kind and both counts; a packet record carries neither.
+        let mut out = Vec::new();
+        print_flow(&mut out, &flow, Output::Json).unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
+        assert_eq!(v["kind"], "end");
+        assert_eq!(v["bytes"]["to_destination"], 123456);
+        assert_eq!(v["bytes"]["to_source"], 789);
+        let packet = Flow {
+            kind: FlowKind::Packet,
+            bytes: None,
+            ..flow
+        };
+        let v = serde_json::to_value(&packet).unwrap();
+        assert!(v.get("kind").is_none() && v.get("bytes").is_none(), "{v}");
+        // --record selects them.
+        let args = parse(&["--record", "update"]).unwrap();
+        assert_eq!(args.request().filter.kind, Some(FlowKind::Update));
+        assert_eq!(parse(&[]).unwrap().request().filter.kind, None);
     }
 }

@@ -20,8 +20,8 @@
 //!   the pod that caused it, with nothing to count and nothing for the agent to collect. The
 //!   cost per packet is one more hash lookup (the endpoint's table, once per packet), and
 //!   removing an endpoint's table ends its connections with it. The price is memory: LRU
-//!   maps are preallocated, 8192 entries of about 96 bytes, 0.8 MB per endpoint (110 pods:
-//!   86 MB, about what Cilium's default global tables take).
+//!   maps are preallocated, 8192 entries of about 120 bytes (layout 3, with byte counts),
+//!   1 MB per endpoint (110 pods: 108 MB, about what Cilium's default global tables take).
 //!
 //! # Lifecycle and upgrades
 //!
@@ -29,11 +29,15 @@
 //! after the endpoint entry. Packets of an endpoint without a table match nothing and open
 //! nothing (`ct_insert_failed`): fail closed. A starting agent gives every endpoint already in
 //! the pinned endpoint map a table, and copies the entries of the layout-1 shared table
-//! (`bh_ct_v1`), if one is pinned, into their endpoints' tables ([`adopt`]). Programs attached
-//! by the older agent keep running on the shared table (a restarted agent does not re-attach
-//! them), so it is left pinned; entries they add after the copy are not seen by the new
-//! programs once a pod's programs are replaced: such a flow meets policy again (closed, never
-//! open).
+//! (`bh_ct_v1`) and of the layout-2 per-endpoint tables (`bh_ct_v2`, the same tables without
+//! byte counts), if pinned, into their endpoints' tables ([`adopt`]); the copies count bytes
+//! from 0. Programs attached by the older agent keep running on the old tables until theirs
+//! are replaced; entries they add after the copy are not seen by the new programs: such a
+//! flow meets policy again (closed, never open). The shared layout-1 table is left pinned (as
+//! before); the layout-2 tables are unpinned once copied, since every entry they held is now
+//! in a pinned layout-3 table and the programs still using them hold them open themselves.
+//! An old table that cannot be read (another type, another entry size) is an error: the
+//! agent does not start on conntrack it could not adopt.
 
 use std::collections::HashMap as StdHashMap;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
@@ -41,7 +45,7 @@ use std::path::Path;
 
 use aya::maps::{HashMap, HashOfMaps, Map, MapData, MapError};
 use aya::sys::SyscallError;
-use bulkhead_common::{capacity, direction, CtEntry, CtKey, EndpointInfo};
+use bulkhead_common::{capacity, direction, CtEntry, CtEntryV2, CtKey, EndpointInfo};
 
 /// The outer map: endpoint id → that endpoint's table.
 pub type Tables = HashOfMaps<MapData, u32, MapData>;
@@ -226,18 +230,38 @@ pub fn count_entries(tables: &Tables) -> Result<u64, MapError> {
 pub struct Adopted {
     /// Tables created for endpoints that had none (pinned by an older agent).
     pub tables_created: usize,
-    /// Entries copied from the layout-1 shared table.
+    /// Entries copied from the layout-1 shared table and the layout-2 tables.
     pub entries_copied: usize,
-    /// Entries of the shared table no local endpoint owns (left where they are).
+    /// Entries of the shared table no local endpoint owns (left where they are), and
+    /// layout-2 tables of endpoints no longer local (left to go with their pin).
     pub entries_orphaned: usize,
 }
 
+/// `CLOCK_MONOTONIC` now, the datapath's clock (`bpf_ktime_get_coarse_ns` reads it too).
+fn monotonic_ns() -> u64 {
+    nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
+        .map(|ts| u64::try_from(ts.tv_sec()).unwrap_or(0) * 1_000_000_000 + u64::try_from(ts.tv_nsec()).unwrap_or(0))
+        .unwrap_or(0)
+}
+
+/// Inserts `entry` under `key` unless the table holds it (a newer entry); whether it did.
+fn copy_entry(t: &mut HashMap<MapData, CtKey, CtEntry>, key: CtKey, entry: CtEntry) -> Result<bool, MapError> {
+    match t.insert(key, entry, BPF_NOEXIST) {
+        Ok(()) => Ok(true),
+        Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::EEXIST) => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
 /// Gives every endpoint in `endpoints` a table, then copies the layout-1 shared table pinned
-/// at `v1` (if any) into them: an entry belongs to the endpoint whose address is its local
-/// end (the source of an egress entry, the destination of an ingress one). Entries a table
-/// already holds are kept (they are newer). The shared table is left pinned: programs
-/// attached by an older agent still use it.
-pub fn adopt(tables: &mut Tables, endpoints: &[EndpointInfo], v1: &Path) -> Result<Adopted, MapError> {
+/// at `v1` and the layout-2 tables pinned at `v2` (if any) into them, counts from 0: an
+/// entry of the shared table belongs to the endpoint whose address is its local end (the
+/// source of an egress entry, the destination of an ingress one), a layout-2 table to its
+/// endpoint id. Entries a table already holds are kept (they are newer). The shared table
+/// is left pinned (programs attached by an older agent still use it); the layout-2 pin is
+/// removed once everything in it is copied. An old map that cannot be read as what its name
+/// says is an error, never taken for empty.
+pub fn adopt(tables: &mut Tables, endpoints: &[EndpointInfo], v1: &Path, v2: &Path) -> Result<Adopted, MapError> {
     let mut done = Adopted::default();
     for ep in endpoints {
         if matches!(tables.get(&ep.endpoint_id, 0), Err(MapError::KeyNotFound)) {
@@ -245,10 +269,14 @@ pub fn adopt(tables: &mut Tables, endpoints: &[EndpointInfo], v1: &Path) -> Resu
             done.tables_created += 1;
         }
     }
+    let now = monotonic_ns();
+    if v2.exists() {
+        adopt_v2(tables, endpoints, v2, now, &mut done)?;
+    }
     if !v1.exists() {
         return Ok(done);
     }
-    let old: HashMap<MapData, CtKey, CtEntry> = HashMap::try_from(Map::from_map_data(MapData::from_pin(v1)?)?)?;
+    let old: HashMap<MapData, CtKey, CtEntryV2> = HashMap::try_from(Map::from_map_data(MapData::from_pin(v1)?)?)?;
     let by_ip: StdHashMap<[u8; 4], u32> = endpoints.iter().map(|e| (e.ipv4, e.endpoint_id)).collect();
     let mut opened: StdHashMap<u32, HashMap<MapData, CtKey, CtEntry>> = StdHashMap::new();
     for item in old.iter() {
@@ -264,11 +292,43 @@ pub fn adopt(tables: &mut Tables, endpoints: &[EndpointInfo], v1: &Path) -> Resu
             std::collections::hash_map::Entry::Occupied(o) => o.into_mut(),
             std::collections::hash_map::Entry::Vacant(v) => v.insert(table(tables, id)?),
         };
-        match t.insert(key, entry, BPF_NOEXIST) {
-            Ok(()) => done.entries_copied += 1,
-            Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::EEXIST) => {}
-            Err(e) => return Err(e),
+        if copy_entry(t, key, CtEntry::from_v2(entry, now))? {
+            done.entries_copied += 1;
         }
     }
     Ok(done)
+}
+
+/// Copies the layout-2 tables pinned at `v2` (endpoint id → table of [`CtEntryV2`]) into
+/// the local endpoints' tables, then unpins them.
+fn adopt_v2(tables: &mut Tables, endpoints: &[EndpointInfo], v2: &Path, now: u64, done: &mut Adopted) -> Result<(), MapError> {
+    let old: HashOfMaps<MapData, u32, MapData> = HashOfMaps::try_from(Map::from_map_data(MapData::from_pin(v2)?)?)?;
+    let ids: Vec<u32> = old.keys().collect::<Result<_, _>>()?;
+    for id in ids {
+        let inner: HashMap<MapData, CtKey, CtEntryV2> = match old.get(&id, 0) {
+            Ok(inner) => HashMap::try_from(Map::from_map_data(inner)?)?,
+            // Removed meanwhile (its endpoint went away): nothing to keep.
+            Err(MapError::KeyNotFound) => continue,
+            Err(e) => return Err(e),
+        };
+        if !endpoints.iter().any(|e| e.endpoint_id == id) {
+            done.entries_orphaned += inner.keys().take_while(Result::is_ok).count();
+            continue;
+        }
+        let mut t = table(tables, id)?;
+        for item in inner.iter() {
+            // As for the shared table: an entry evicted while walking ends the walk; a
+            // missing entry fails closed.
+            let Ok((key, entry)) = item else { break };
+            if copy_entry(&mut t, key, CtEntry::from_v2(entry, now))? {
+                done.entries_copied += 1;
+            }
+        }
+    }
+    std::fs::remove_file(v2).map_err(|io_error| {
+        MapError::SyscallError(SyscallError {
+            call: "unlink bh_ct_v2",
+            io_error,
+        })
+    })
 }

@@ -399,8 +399,8 @@ impl Datapath {
 }
 
 /// Gives every endpoint already pinned a conntrack table and copies the layout-1 shared
-/// table into them (`conntrack::adopt`): an agent upgraded on a running node keeps its pods'
-/// connections when their programs are replaced.
+/// table and the layout-2 tables into them (`conntrack::adopt`): an agent upgraded on a
+/// running node keeps its pods' connections when their programs are replaced.
 fn adopt_conntrack(maps: &mut BpfMaps, pin_dir: &Path) -> Result<(), DatapathError> {
     let wrong = |source| DatapathError::Map {
         map: map_names::CONNTRACK,
@@ -414,7 +414,13 @@ fn adopt_conntrack(maps: &mut BpfMaps, pin_dir: &Path) -> Result<(), DatapathErr
         })?;
         endpoints.push(ep);
     }
-    let done = conntrack::adopt(&mut maps.conntrack, &endpoints, &pin_dir.join(map_names::CONNTRACK_V1)).map_err(wrong)?;
+    let done = conntrack::adopt(
+        &mut maps.conntrack,
+        &endpoints,
+        &pin_dir.join(map_names::CONNTRACK_V1),
+        &pin_dir.join(map_names::CONNTRACK_V2),
+    )
+    .map_err(wrong)?;
     if done != conntrack::Adopted::default() {
         tracing::info!(
             tables_created = done.tables_created,

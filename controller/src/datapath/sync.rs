@@ -306,7 +306,7 @@ pub struct BpfMaps {
     pub backends: HashMap<MapData, u32, Backend>,
     /// `bh_lbrev_v1`.
     pub rev_nat: HashMap<MapData, u32, RevNat>,
-    /// `bh_ct_v2`: each endpoint's conntrack table, created with its endpoint entry.
+    /// `bh_ct_v3`: each endpoint's conntrack table, created with its endpoint entry.
     pub conntrack: conntrack::Tables,
     /// Another descriptor of `conntrack`'s map, for batch updates (aya has none).
     pub conntrack_fd: std::os::fd::OwnedFd,

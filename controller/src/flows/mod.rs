@@ -17,7 +17,7 @@ use std::borrow::Cow;
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 
-use bulkhead_api::{Direction, Flow, FlowVerdict, NamespacedName, ObserveRequest, Response, StreamHeader};
+use bulkhead_api::{Direction, Flow, FlowKind, FlowVerdict, NamespacedName, ObserveRequest, Response, StreamHeader};
 use bulkhead_common::{DropReason, FlowEvent};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufWriter};
 use tokio::sync::{broadcast, watch};
@@ -39,8 +39,11 @@ pub(crate) const DRAIN_BATCH: usize = 1024;
 /// Counts for metrics; a snapshot from [`FlowStore::stats`].
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct FlowStats {
-    /// Flow records by verdict and direction.
+    /// Flow records by verdict and direction (packet records: new flows and drops; byte
+    /// reports are in `byte_reports`).
     pub flows: BTreeMap<(FlowVerdict, Direction), u64>,
+    /// Byte reports of tracked connections: `[update, end]`.
+    pub byte_reports: [u64; 2],
     /// Flow records naming a policy: (policy, verdict) → count. A forwarded flow
     /// counts for the policy that allowed it, a dropped one for each policy isolating the pod.
     pub by_policy: BTreeMap<(NamespacedName, FlowVerdict), u64>,
@@ -90,6 +93,7 @@ impl Stored {
 #[derive(Default)]
 struct Counts {
     flows: BTreeMap<(FlowVerdict, Direction), u64>,
+    byte_reports: [u64; 2],
     /// Policy → count by verdict ([`verdict_index`]).
     by_policy: BTreeMap<NamespacedName, [u64; 3]>,
     lost_events: u64,
@@ -109,6 +113,12 @@ fn verdict_index(v: FlowVerdict) -> usize {
 
 impl Counts {
     fn count(&mut self, named: &Named) {
+        // A byte report is no new flow: it counts apart, for no policy.
+        match named.kind() {
+            FlowKind::Packet => {}
+            FlowKind::Update => return self.byte_reports[0] += 1,
+            FlowKind::End => return self.byte_reports[1] += 1,
+        }
         let (verdict, direction) = (named.verdict(), named.direction());
         *self.flows.entry((verdict, direction)).or_default() += 1;
         for policy in named.policies() {
@@ -137,6 +147,7 @@ impl Counts {
             .collect();
         FlowStats {
             flows: self.flows.clone(),
+            byte_reports: self.byte_reports,
             by_policy,
             lost_events: self.lost_events,
             follower_lag_drops: self.follower_lag_drops,
@@ -241,6 +252,12 @@ impl FlowStore {
             for (_, n) in events.iter().filter_map(name) {
                 named += 1;
                 stats.count(&n);
+                if n.kind() != FlowKind::Packet {
+                    if let Some(m) = &self.metrics {
+                        m.record_byte_report(n.kind());
+                    }
+                    continue;
+                }
                 if let Some(m) = &self.metrics {
                     let verdict = match n.verdict() {
                         FlowVerdict::Forwarded => "forwarded",

@@ -4,7 +4,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use aya::maps::{MapData, RingBuf};
-use bulkhead_common::{FlowEvent, FLOW_READ_INTERVAL_MS};
+use bulkhead_common::{FlowEvent, FLOW_EVENT_V1_SIZE, FLOW_READ_INTERVAL_MS};
 use tokio::io::unix::AsyncFd;
 use tokio::time::MissedTickBehavior;
 
@@ -60,13 +60,21 @@ fn monotonic_ns() -> i128 {
 }
 
 /// Reads one [`FlowEvent`] out of a ring buffer record; `None` when it is too short.
+///
+/// A record of [`FLOW_EVENT_V1_SIZE`] bytes comes from a program attached before the byte
+/// counts (it runs until the upgraded agent replaces it): it reads as a packet record, its
+/// counts 0 (its `kind` byte was padding, always 0).
 pub fn decode(bytes: &[u8]) -> Option<FlowEvent> {
-    if bytes.len() < size_of::<FlowEvent>() {
+    let len = bytes.len().min(size_of::<FlowEvent>());
+    if len < FLOW_EVENT_V1_SIZE {
         return None;
     }
-    // SAFETY: the length is checked above, FlowEvent is #[repr(C)] plain data for which every
-    // bit pattern is valid (it is aya::Pod), and read_unaligned has no alignment requirement.
-    Some(unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast::<FlowEvent>()) })
+    let mut ev = FlowEvent::default();
+    // SAFETY: `len` bytes are in `bytes` and fit in `ev` (at most its size); FlowEvent is
+    // #[repr(C)] plain data for which every bit pattern is valid (it is aya::Pod), so any
+    // prefix of it written over a valid value leaves a valid value.
+    unsafe { std::ptr::copy_nonoverlapping(bytes.as_ptr(), std::ptr::from_mut(&mut ev).cast::<u8>(), len) };
+    Some(ev)
 }
 
 /// Starts the task that drains the `bh_flow_v1` ring buffer into `store`; it runs until
@@ -130,4 +138,52 @@ fn drain(ring: &mut RingBuf<MapData>, batch: &mut Vec<FlowEvent>) -> bool {
         }
     }
     false
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bulkhead_common::flow_kind;
+
+    fn bytes_of(ev: &FlowEvent) -> Vec<u8> {
+        // SAFETY: FlowEvent is plain data without padding (asserted in the ABI crate).
+        unsafe { std::slice::from_raw_parts(std::ptr::from_ref(ev).cast::<u8>(), size_of::<FlowEvent>()) }.to_vec()
+    }
+
+    #[test]
+    fn records_of_both_sizes_decode_and_shorter_ones_do_not() {
+        let ev = FlowEvent {
+            timestamp_ns: 7,
+            endpoint_id: 10,
+            saddr: [10, 0, 0, 1],
+            sport: [0x9c, 0x40],
+            packet_len: 60,
+            protocol: 6,
+            service_id: 3,
+            kind: flow_kind::UPDATE,
+            to_destination: 1234,
+            to_source: 99_999,
+            ..FlowEvent::default()
+        };
+        let new = bytes_of(&ev);
+        assert_eq!(new.len(), 64);
+        assert_eq!(decode(&new), Some(ev));
+        // A ring record may be padded past the struct: the rest is ignored.
+        let mut padded = new.clone();
+        padded.extend_from_slice(&[0xff; 8]);
+        assert_eq!(decode(&padded), Some(ev));
+        // An old program's record: the first 48 bytes, kind 0 (was padding), no counts.
+        let old_ev = FlowEvent {
+            kind: flow_kind::PACKET,
+            to_destination: 0,
+            to_source: 0,
+            ..ev
+        };
+        let old = &bytes_of(&old_ev)[..FLOW_EVENT_V1_SIZE];
+        let decoded = decode(old).expect("an old record decodes");
+        assert_eq!(decoded, old_ev);
+        assert_eq!((decoded.kind, decoded.to_destination, decoded.to_source), (flow_kind::PACKET, 0, 0));
+        assert_eq!(decode(&new[..FLOW_EVENT_V1_SIZE - 1]), None);
+        assert_eq!(decode(&[]), None);
+    }
 }

@@ -4,8 +4,10 @@ use std::collections::{BTreeMap, HashMap};
 use std::net::Ipv4Addr;
 use std::sync::Arc;
 
-use bulkhead_api::{Direction, Flow, FlowPeer, FlowService, FlowVerdict, NamespacedName, PolicyName, PolicyRule, Protocol};
-use bulkhead_common::{rule_id, verdict, DropReason, FlowEvent};
+use bulkhead_api::{
+    Direction, Flow, FlowBytes, FlowKind, FlowPeer, FlowService, FlowVerdict, NamespacedName, PolicyName, PolicyRule, Protocol,
+};
+use bulkhead_common::{flow_kind, rule_id, verdict, DropReason, FlowEvent};
 
 use crate::model::{self, Cluster, Kind, ObjectRef};
 use crate::policy::identity::RuleTable;
@@ -72,6 +74,7 @@ pub struct Resolver {
 pub(crate) struct Named {
     ev: FlowEvent,
     time: jiff::Timestamp,
+    kind: FlowKind,
     verdict: FlowVerdict,
     direction: Direction,
     reason: Option<DropReason>,
@@ -85,6 +88,11 @@ pub(crate) struct Named {
 }
 
 impl Named {
+    /// What the record reports: a packet, or a connection's byte counts.
+    pub(crate) fn kind(&self) -> FlowKind {
+        self.kind
+    }
+
     /// What happened.
     pub(crate) fn verdict(&self) -> FlowVerdict {
         self.verdict
@@ -138,7 +146,8 @@ impl Named {
             drop_reason,
             direction: self.direction,
             protocol,
-            tcp_flags: (protocol == Protocol::TCP && ev.tcp_flags != 0).then(|| tcp_flags(ev.tcp_flags)),
+            // A byte update's packet is just the one that found the report due.
+            tcp_flags: (protocol == Protocol::TCP && ev.tcp_flags != 0 && self.kind != FlowKind::Update).then(|| tcp_flags(ev.tcp_flags)),
             source: peer(
                 self.source.as_deref(),
                 saddr,
@@ -157,8 +166,11 @@ impl Named {
             isolated_by: self.isolated_by.as_ref().map(|i| i.names.clone()).unwrap_or_default(),
             is_reply: false,
             service: self.service.as_ref().map(|s| s.service.clone()),
-            kind: Default::default(),
-            bytes: None,
+            kind: self.kind,
+            bytes: (self.kind != FlowKind::Packet).then_some(FlowBytes {
+                to_destination: ev.to_destination,
+                to_source: ev.to_source,
+            }),
         }
     }
 }
@@ -271,10 +283,14 @@ impl PodIndex {
     }
 }
 
+/// An index's contents as tests compare them: address → (namespace, name, labels).
+#[cfg(test)]
+pub(crate) type PodIndexSnapshot = BTreeMap<Ipv4Addr, (String, String, Vec<(String, String)>)>;
+
 #[cfg(test)]
 impl PodIndex {
-    /// Address → (namespace, name, labels), for comparing indexes in tests.
-    pub(crate) fn snapshot(&self) -> BTreeMap<Ipv4Addr, (String, String, Vec<(String, String)>)> {
+    /// The index's contents, for comparing indexes in tests.
+    pub(crate) fn snapshot(&self) -> PodIndexSnapshot {
         self.by_ip
             .iter()
             .map(|(ip, p)| {
@@ -395,9 +411,18 @@ impl Resolver {
     }
 
     /// `ev`, seen at `unix_ns`, with its numbers named; `None` when the event carries a
-    /// verdict or direction this agent does not know, or a time out of range. Allocates
-    /// nothing: the reader's path per record.
+    /// kind, verdict or direction this agent does not know, or a time out of range.
+    /// Allocates nothing: the reader's path per record.
+    ///
+    /// A byte report (kind update or end) carries its connection's conntrack tuple: source
+    /// and destination are the side that opened it and its peer, whichever packet made it.
     pub(crate) fn name(&self, ev: &FlowEvent, unix_ns: i128) -> Option<Named> {
+        let kind = match ev.kind {
+            flow_kind::PACKET => FlowKind::Packet,
+            flow_kind::UPDATE => FlowKind::Update,
+            flow_kind::END => FlowKind::End,
+            _ => return None,
+        };
         let verdict = match ev.verdict {
             verdict::FORWARDED => FlowVerdict::Forwarded,
             verdict::DROPPED => FlowVerdict::Dropped,
@@ -437,6 +462,7 @@ impl Resolver {
         Some(Named {
             ev: *ev,
             time,
+            kind,
             verdict,
             direction,
             reason,

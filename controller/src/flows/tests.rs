@@ -117,8 +117,10 @@ fn event(endpoint_id: u32, from: [u8; 4], to: [u8; 4], dir: u8, verdict: u8, rea
         verdict,
         reason: reason as u8,
         tcp_flags: 0x02,
-        _pad: 0,
+        kind: bulkhead_common::flow_kind::PACKET,
         service_id: 0,
+        to_destination: 0,
+        to_source: 0,
     }
 }
 
@@ -474,7 +476,7 @@ fn the_pod_index_updated_from_changes_equals_one_rebuilt_from_the_model() {
     };
     let mut cluster = Cluster::default();
     let mut index = PodIndex::default();
-    let mut step = |cluster: &mut Cluster, index: &mut PodIndex, apply: &[String], delete: &[ObjectRef], what: &str| {
+    let step = |cluster: &mut Cluster, index: &mut PodIndex, apply: &[String], delete: &[ObjectRef], what: &str| {
         let mut touched = Vec::new();
         for text in apply {
             for object in parse_documents(text, "test").unwrap() {
@@ -525,4 +527,84 @@ fn the_pod_index_updated_from_changes_equals_one_rebuilt_from_the_model() {
         "deletes",
     );
     assert_eq!(index.snapshot().len(), 1);
+}
+
+/// A byte report as the datapath writes it: the connection's tuple (x/a opened it to y/b's
+/// port 80, seen at x/a's egress), its rule, FORWARDED, and the counts.
+fn byte_report(kind: u8, rule: u32) -> FlowEvent {
+    let mut ev = event(1, XA, B, direction::EGRESS, verdict::FORWARDED, DropReason::Forwarded, rule);
+    ev.kind = kind;
+    ev.tcp_flags = 0x11;
+    ev.to_destination = 5_000;
+    ev.to_source = 70_000;
+    ev
+}
+
+#[test]
+fn byte_reports_name_the_opener_and_its_peer_and_carry_the_counts() {
+    use bulkhead_api::{FlowBytes, FlowKind};
+    use bulkhead_common::flow_kind;
+    let (r, allow_id) = resolver();
+    let f = r.resolve(&byte_report(flow_kind::END, allow_id), 0).unwrap();
+    assert_eq!(f.kind, FlowKind::End);
+    assert_eq!(
+        f.bytes,
+        Some(FlowBytes {
+            to_destination: 5_000,
+            to_source: 70_000
+        })
+    );
+    assert_eq!(f.verdict, FlowVerdict::Forwarded);
+    assert_eq!(f.direction, Direction::Egress);
+    assert_eq!(f.source.pod_name().map(|p| p.to_string()).as_deref(), Some("x/a"));
+    assert_eq!(f.destination.pod_name().map(|p| p.to_string()).as_deref(), Some("y/b"));
+    assert_eq!((f.source.port, f.destination.port), (40000, 80));
+    assert_eq!(f.allowed_by.len(), 1);
+    assert_eq!(f.tcp_flags.as_deref(), Some("FIN|ACK"), "the end's FIN or RST is shown");
+    let u = r.resolve(&byte_report(flow_kind::UPDATE, allow_id), 0).unwrap();
+    assert_eq!(u.kind, FlowKind::Update);
+    assert_eq!(u.tcp_flags, None, "an update's packet is any packet");
+    // A packet record has no counts; an unknown kind is not named.
+    let p = r.resolve(&byte_report(flow_kind::PACKET, allow_id), 0).unwrap();
+    assert_eq!((p.kind, p.bytes), (FlowKind::Packet, None));
+    assert!(r.resolve(&byte_report(9, allow_id), 0).is_none());
+}
+
+#[test]
+fn byte_reports_are_stored_but_counted_apart_from_flows() {
+    use bulkhead_api::FlowKind;
+    use bulkhead_common::flow_kind;
+    let metrics = Arc::new(crate::metrics::Metrics::new().unwrap());
+    let s = store(16).with_metrics(metrics.clone());
+    s.record(&[
+        numbered(1),
+        byte_report(flow_kind::UPDATE, 0),
+        byte_report(flow_kind::UPDATE, 0),
+        byte_report(flow_kind::END, 0),
+        byte_report(7, 0),
+    ]);
+    let stats = s.stats();
+    assert_eq!(stats.flows.values().sum::<u64>(), 1, "only the packet record is a flow");
+    assert_eq!(stats.byte_reports, [2, 1]);
+    assert_eq!(stats.undecodable, 1, "the unknown kind");
+    let all = s.snapshot(&ObserveRequest::default());
+    assert_eq!(all.len(), 4);
+    let ends = s.snapshot(&ObserveRequest {
+        filter: FlowFilter {
+            kind: Some(FlowKind::End),
+            ..FlowFilter::default()
+        },
+        ..ObserveRequest::default()
+    });
+    assert_eq!(ends.len(), 1);
+    assert_eq!(ends[0].kind, FlowKind::End);
+    let text = metrics.encode().unwrap();
+    assert!(text.contains("bulkhead_flow_byte_reports_total{kind=\"update\"} 2"), "{text}");
+    assert!(text.contains("bulkhead_flow_byte_reports_total{kind=\"end\"} 1"), "{text}");
+    let flows: u64 = text
+        .lines()
+        .filter(|l| l.starts_with("bulkhead_flows_processed_total{"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+        .sum();
+    assert_eq!(flows, 1, "{text}");
 }

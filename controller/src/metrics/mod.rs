@@ -286,6 +286,7 @@ pub struct Metrics {
     datapath: Arc<DatapathCollector>,
     flows: IntCounterVec,
     policy_verdicts: IntCounterVec,
+    byte_reports: IntCounterVec,
     policy_labels: Mutex<HashSet<String>>,
     service_translations: IntCounterVec,
     service_labels: Mutex<HashSet<String>>,
@@ -345,6 +346,11 @@ impl Metrics {
                 "bulkhead_policy_verdicts_total",
                 "Policy verdicts on new flows, by direction, verdict and deciding policy (namespace/name; \"\" when none decided, \"other\" past the label cap).",
                 &["direction", "verdict", "policy"],
+            )?,
+            byte_reports: counter_vec(
+                "bulkhead_flow_byte_reports_total",
+                "Byte reports of tracked connections read from the datapath, by kind (update: periodic, end: at FIN/RST); not counted as flows.",
+                &["kind"],
             )?,
             policy_labels: Mutex::new(HashSet::new()),
             service_translations: counter_vec(
@@ -434,6 +440,7 @@ impl Metrics {
         reg(Box::new(Shared(m.datapath.clone())), "bulkhead_drops_total")?;
         reg(Box::new(m.flows.clone()), "bulkhead_flows_processed_total")?;
         reg(Box::new(m.policy_verdicts.clone()), "bulkhead_policy_verdicts_total")?;
+        reg(Box::new(m.byte_reports.clone()), "bulkhead_flow_byte_reports_total")?;
         reg(Box::new(m.flow_events_lost.clone()), "bulkhead_flow_events_lost_total")?;
         reg(Box::new(m.service_translations.clone()), "bulkhead_service_translations_total")?;
         reg(Box::new(m.service_ports.clone()), "bulkhead_service_ports")?;
@@ -510,6 +517,16 @@ impl Metrics {
         self.flows.with_label_values(&[verdict, direction]).inc();
         let label = capped(&self.policy_labels, policy.unwrap_or(NO_POLICY));
         self.policy_verdicts.with_label_values(&[direction, verdict, label]).inc();
+    }
+
+    /// Counts one byte report of a tracked connection (kind update or end).
+    pub fn record_byte_report(&self, kind: bulkhead_api::FlowKind) {
+        let label = match kind {
+            bulkhead_api::FlowKind::Packet => return,
+            bulkhead_api::FlowKind::Update => "update",
+            bulkhead_api::FlowKind::End => "end",
+        };
+        self.byte_reports.with_label_values(&[label]).inc();
     }
 
     /// Counts one new connection to `service` (`namespace/name`) translated to a backend.
@@ -772,6 +789,7 @@ pub(crate) mod tests {
         m.observe_implementation_delay(Duration::from_millis(3));
         m.set_state(2, 3, 1, &DatapathState::default());
         m.record_translation("forwarded", "x/web");
+        m.record_byte_report(bulkhead_api::FlowKind::Update);
         m.set_services(
             3,
             crate::datapath::services::LeftOut {
