@@ -68,6 +68,10 @@ struct NodeState {
     status: RelayNodeStatus,
     /// The epoch of the current connection (from its header).
     epoch: Option<u64>,
+    /// Without a cursor (a first connection, or after a reset): the number the header said
+    /// comes first, so that records the agent dropped before the relay read its first one
+    /// are a counted gap like any other.
+    expected: Option<u64>,
 }
 
 /// The history and every node's accounting.
@@ -115,6 +119,7 @@ impl RelayStore {
                 ..RelayNodeStatus::default()
             },
             epoch: None,
+            expected: None,
         });
         self.index.insert(node.to_string(), i);
         i
@@ -155,10 +160,15 @@ impl RelayStore {
     pub fn on_header(&mut self, header: &StreamHeader, now: jiff::Timestamp) -> Option<Arc<Entry>> {
         let n = self.node(&header.node);
         n.epoch = Some(header.epoch);
-        let cursor = n.status.cursor?;
+        n.expected = None;
+        let Some(cursor) = n.status.cursor else {
+            n.expected = Some(header.first);
+            return None;
+        };
         let gap = if cursor.epoch != header.epoch {
             n.status.resets += 1;
             n.status.cursor = None;
+            n.expected = Some(header.first);
             Gap {
                 time: now,
                 node: header.node.clone(),
@@ -218,6 +228,22 @@ impl RelayStore {
         };
         let mut out = Vec::new();
         let mut gap = None;
+        let expected = n.expected.take();
+        if let (None, Some(first)) = (n.status.cursor.filter(|c| c.epoch == epoch), expected) {
+            if seq > first {
+                n.status.gaps += 1;
+                n.status.missing += seq - first;
+                gap = Some(Gap {
+                    time: now,
+                    node: node.to_string(),
+                    epoch,
+                    from: first,
+                    to: seq - 1,
+                    missing: seq - first,
+                    reason: GapReason::NotHeld,
+                });
+            }
+        }
         if let Some(c) = n.status.cursor.filter(|c| c.epoch == epoch) {
             if seq <= c.seq {
                 n.status.duplicates += 1;
@@ -270,14 +296,21 @@ impl RelayStore {
                 (unix_ns(f.time), 1)
             }
             Record::Gap(g) => {
+                // A restarted relay's status counts the gaps its file holds, as the one
+                // that saw them did: what it shows and what it counts stay equal.
                 match g.reason {
                     // The cursor moved past the gap when it was seen.
                     GapReason::NotHeld => {
+                        n.status.gaps += 1;
+                        n.status.missing += g.missing;
                         if n.status.cursor.is_none_or(|c| c.epoch != epoch || c.seq < g.to) {
                             n.status.cursor = Some(StreamCursor { epoch, seq: g.to });
                         }
                     }
-                    GapReason::Reset => n.status.cursor = None,
+                    GapReason::Reset => {
+                        n.status.resets += 1;
+                        n.status.cursor = None;
+                    }
                 }
                 (unix_ns(g.time), 0)
             }

@@ -120,6 +120,27 @@ fn a_reconnect_resumes_after_the_cursor_and_drops_duplicates() {
     assert_eq!(listing(&s).len(), 4);
 }
 
+/// A first connection: records the agent dropped before the relay read its first one (the
+/// header said 0 comes first, the first record is 32) are a counted gap, not silence.
+#[test]
+fn records_lost_before_a_first_connections_first_record_are_a_counted_gap() {
+    let mut s = RelayStore::new(100);
+    assert!(s.on_header(&header("n0", 7, 0, 0), now()).is_none());
+    let out = s.on_record("n0", 32, flow("n0", 1), now());
+    assert_eq!(out.len(), 2, "the gap, then the record: {out:?}");
+    let status = s.status();
+    let n = &status.nodes[0];
+    assert_eq!((n.gaps, n.missing, n.received), (1, 32, 1));
+    // The next records follow on; nothing more is missing.
+    s.on_record("n0", 33, flow("n0", 2), now());
+    assert_eq!(s.status().nodes[0].missing, 32);
+    // A header whose first record is the first one read: no gap.
+    let mut s = RelayStore::new(100);
+    s.on_header(&header("n0", 7, 5, 9), now());
+    assert_eq!(s.on_record("n0", 5, flow("n0", 1), now()).len(), 1);
+    assert_eq!(s.status().nodes[0].gaps, 0);
+}
+
 #[test]
 fn records_no_longer_held_are_a_counted_gap_of_their_size() {
     let mut s = RelayStore::new(100);
@@ -225,6 +246,9 @@ fn the_file_brings_back_history_and_cursors_so_a_restart_resumes_exactly() {
     assert_eq!(skipped, 1);
     assert_eq!(s.cursor("n0"), Some(StreamCursor { epoch: 5, seq: 8 }), "past the recorded gap");
     assert_eq!(listing(&s).len(), 5);
+    // The restarted relay counts the gap its file holds, as it shows it.
+    let n = &s.status().nodes[0];
+    assert_eq!((n.gaps, n.missing), (1, 5), "{n:?}");
     // Resuming: the agent sends from 9; nothing is a duplicate or a new gap.
     assert!(s.on_header(&header("n0", 5, 9, 10), now()).is_none());
     let out = s.on_record("n0", 9, flow("n0", 9), now());
