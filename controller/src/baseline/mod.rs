@@ -218,6 +218,10 @@ struct Live {
     bytes_previous: u64,
     fanout_pods: HashMap<String, f64>,
     bytes_pods: HashMap<String, u64>,
+    /// Each pod's bytes in the bucket before, for the same sliding window as `bytes_previous`
+    /// (naming the pod from this bucket alone named whoever sent a little after a bucket
+    /// boundary, not the pod whose bytes filled the window).
+    bytes_pods_previous: HashMap<String, u64>,
     fanout_flows: VecDeque<Flow>,
     bytes_flows: VecDeque<Flow>,
 }
@@ -609,9 +613,14 @@ impl Engine {
             learn(&mut b.fanout, f, SCAN_FACTOR, SCAN_FLOOR);
             learn(&mut b.external_bytes, x, EXFIL_FACTOR, EXFIL_FLOOR);
         }
-        let previous = if bucket - live.bucket == 1 { live.bytes } else { 0 };
+        let (previous, previous_pods) = if bucket - live.bucket == 1 {
+            (live.bytes, std::mem::take(&mut live.bytes_pods))
+        } else {
+            (0, HashMap::new())
+        };
         *live = Live::new(bucket);
         live.bytes_previous = previous;
+        live.bytes_pods_previous = previous_pods;
     }
 
     fn on_packet(&mut self, flow: &Flow, now: jiff::Timestamp) -> Vec<Raised> {
@@ -907,7 +916,12 @@ impl Engine {
         if value < threshold {
             return Vec::new();
         }
-        let top = top_pod(&live.bytes_pods.iter().map(|(p, v)| (p.clone(), *v as f64)).collect());
+        // The pod with the largest share of the same window.
+        let mut shares: HashMap<String, f64> = live.bytes_pods.iter().map(|(p, v)| (p.clone(), *v as f64)).collect();
+        for (p, v) in &live.bytes_pods_previous {
+            *shares.entry(p.clone()).or_default() += *v as f64 * (1.0 - into);
+        }
+        let top = top_pod(&shares);
         let who = top.clone().unwrap_or_else(|| b.name.clone());
         let anomaly = Anomaly {
             time: now,

@@ -6,7 +6,7 @@ use std::net::Ipv4Addr;
 
 use bulkhead_api::{Anomaly, AnomalyKind, Direction, Flow, FlowBytes, FlowKind, FlowPeer, FlowVerdict, Protocol};
 
-use super::{Config, Engine};
+use super::{Config, Engine, BUCKET_NS, EXFIL_FACTOR, EXFIL_FLOOR};
 
 const SEC: i128 = 1_000_000_000;
 const T0: i128 = 1_800_000_000 * SEC;
@@ -504,4 +504,27 @@ fn what_goes_unseen_for_long_is_forgotten_candidates_first() {
 
 fn engine_peers(e: &Engine, shop: &Shop) -> usize {
     e.baseline("shop", &shop.front[0].labels).unwrap().egress.len()
+}
+
+/// An exfiltration names the pod whose bytes filled the sliding window: here the attacker's
+/// bytes are in the bucket before, and another replica's small upload just after the
+/// boundary is what takes the window over the threshold (naming the pod from the current
+/// bucket alone named that replica).
+#[test]
+fn an_exfiltration_names_the_pod_whose_bytes_filled_the_window_across_a_bucket_boundary() {
+    let (mut engine, shop, t) = learnt();
+    let replica = pod("shop", "frontend", "aaa", 11, 0);
+    let rate = engine.baseline("shop", &shop.front[0].labels).unwrap().external_bytes.clone();
+    // Bytes in 10 s that reach the threshold.
+    let full = rate.threshold(EXFIL_FACTOR, EXFIL_FLOOR) / 6.0;
+    let boundary = (t / BUCKET_NS + 3) * BUCKET_NS;
+    let mut sim = Sim::default();
+    // The attacker: 90 % of a window, ending 2 s before the boundary (alone: no anomaly).
+    sim.upload(boundary - 4 * SEC, &shop.front[0], KNOWN_OUTSIDE, (0.9 * full) as u64);
+    // The replica: half a window just after it.
+    sim.upload(boundary + SEC / 10, &replica, KNOWN_OUTSIDE, (0.5 * full) as u64);
+    let anomalies = sim.run(&mut engine);
+    assert_eq!(kinds(&anomalies), [AnomalyKind::Exfiltration], "{anomalies:#?}");
+    let named: Vec<String> = anomalies.iter().filter_map(|a| a.pod.as_ref().map(ToString::to_string)).collect();
+    assert_eq!(named, ["shop/frontend-aaa-10"], "{anomalies:#?}");
 }
