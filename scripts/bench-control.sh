@@ -33,6 +33,8 @@ cleanup() {
     for _ in $(seq 50); do kill -0 "$AGENT_PID" 2>/dev/null || break; sleep 0.1; done
     kill -KILL "$AGENT_PID" 2>/dev/null || true
   fi
+  # Under BENCH_AGENT_WRAP the PID above is the wrapper's: anything left in the namespace goes too.
+  ip netns pids "$ID" 2>/dev/null | xargs -r kill -KILL 2>/dev/null || true
   ip netns del "$ID" 2>/dev/null || true
   rm -rf "$PIN" "$WORK"
 }
