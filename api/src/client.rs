@@ -141,16 +141,7 @@ impl ObserveStream {
             Ok(Some(line)) => Some(match serde_json::from_str::<ObserveLine>(&line) {
                 Ok(ObserveLine::Flow(f)) => Ok(ObserveEvent::Flow(f)),
                 Ok(ObserveLine::Gap(g)) => Ok(ObserveEvent::Gap(g.gap)),
-                Ok(ObserveLine::Response(Response::Error { code, message })) => Err(ObserveError::Refused {
-                    path: self.path.clone(),
-                    code,
-                    message,
-                }),
-                Ok(ObserveLine::Response(other)) => Err(ObserveError::Refused {
-                    path: self.path.clone(),
-                    code: 0,
-                    message: format!("unexpected answer {other:?}"),
-                }),
+                Ok(ObserveLine::Response(r)) => Err(refused(&self.path, r)),
                 Err(source) => Err(ApiError::Decode {
                     path: self.path.clone(),
                     source,
@@ -163,6 +154,22 @@ impl ObserveStream {
             }
             .into())),
         }
+    }
+}
+
+/// A stream's answer that is no record: the server's error, or something it should not send.
+fn refused(path: &std::path::Path, response: Response) -> ObserveError {
+    match response {
+        Response::Error { code, message } => ObserveError::Refused {
+            path: path.to_path_buf(),
+            code,
+            message,
+        },
+        other => ObserveError::Refused {
+            path: path.to_path_buf(),
+            code: 0,
+            message: format!("unexpected answer {other:?}"),
+        },
     }
 }
 
@@ -344,16 +351,7 @@ impl Iterator for AnomalyStream {
         };
         Some(match serde_json::from_str::<AnomalyLine>(&line) {
             Ok(AnomalyLine::Anomaly(a)) => Ok(*a),
-            Ok(AnomalyLine::Response(Response::Error { code, message })) => Err(ObserveError::Refused {
-                path: self.path.clone(),
-                code,
-                message,
-            }),
-            Ok(AnomalyLine::Response(other)) => Err(ObserveError::Refused {
-                path: self.path.clone(),
-                code: 0,
-                message: format!("unexpected answer {other:?}"),
-            }),
+            Ok(AnomalyLine::Response(r)) => Err(refused(&self.path, r)),
             Err(source) => Err(ApiError::Decode {
                 path: self.path.clone(),
                 source,
