@@ -474,3 +474,38 @@ pub fn assert_agent_routes(lab: &Lab) {
         }
     }
 }
+
+/// Echo server in network namespace `netns` (entered on the calling thread) on `port`: one thread per connection, until `stop`.
+pub fn echo_server(netns: &str, port: u16, stop: &std::sync::atomic::AtomicBool, ready: &std::sync::atomic::AtomicBool) {
+    let file = std::fs::File::open(format!("/run/netns/{netns}")).unwrap_or_else(|e| panic!("netns {netns}: {e}"));
+    nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET).expect("setns");
+    let listener = std::net::TcpListener::bind((std::net::Ipv4Addr::UNSPECIFIED, port)).expect("bind echo port");
+    listener.set_nonblocking(true).expect("nonblocking");
+    ready.store(true, Ordering::SeqCst);
+    std::thread::scope(|scope| {
+        while !stop.load(Ordering::SeqCst) {
+            match listener.accept() {
+                Ok((mut stream, _)) => {
+                    scope.spawn(move || {
+                        let _ = stream.set_nonblocking(false);
+                        let _ = stream.set_read_timeout(Some(std::time::Duration::from_millis(200)));
+                        let mut buf = [0u8; 64];
+                        while !stop.load(Ordering::SeqCst) {
+                            match std::io::Read::read(&mut stream, &mut buf) {
+                                Ok(0) => return,
+                                Ok(n) => {
+                                    if std::io::Write::write_all(&mut stream, &buf[..n]).is_err() {
+                                        return;
+                                    }
+                                }
+                                Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {}
+                                Err(_) => return,
+                            }
+                        }
+                    });
+                }
+                Err(_) => std::thread::sleep(std::time::Duration::from_millis(5)),
+            }
+        }
+    });
+}

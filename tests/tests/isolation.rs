@@ -6,12 +6,12 @@
 #![expect(clippy::expect_used, reason = "tests assert by panicking (STYLE 14)")]
 
 use std::io::{ErrorKind, Read, Write};
-use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::net::{Ipv4Addr, SocketAddr, TcpStream};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use bulkhead_e2e::Lab;
+use bulkhead_e2e::{echo_server, Lab};
 use nix::sched::{setns, CloneFlags};
 
 /// Namespaces with one pod each serving TCP 80: `ns/pod` pairs.
@@ -342,40 +342,6 @@ fn hold_echo_connection(netns: &str, target: SocketAddr, pause: Duration, stop: 
         session.round_trips.fetch_add(1, Ordering::SeqCst);
         std::thread::sleep(pause);
     }
-}
-
-/// Echo server in `netns` on `port`: one thread per connection, until `stop`.
-fn echo_server(netns: &str, port: u16, stop: &AtomicBool, ready: &AtomicBool) {
-    enter(netns);
-    let listener = TcpListener::bind((Ipv4Addr::UNSPECIFIED, port)).expect("bind echo port");
-    listener.set_nonblocking(true).expect("nonblocking");
-    ready.store(true, Ordering::SeqCst);
-    std::thread::scope(|scope| {
-        while !stop.load(Ordering::SeqCst) {
-            match listener.accept() {
-                Ok((mut stream, _)) => {
-                    scope.spawn(move || {
-                        let _ = stream.set_nonblocking(false);
-                        let _ = stream.set_read_timeout(Some(Duration::from_millis(200)));
-                        let mut buf = [0u8; 64];
-                        while !stop.load(Ordering::SeqCst) {
-                            match stream.read(&mut buf) {
-                                Ok(0) => return,
-                                Ok(n) => {
-                                    if stream.write_all(&buf[..n]).is_err() {
-                                        return;
-                                    }
-                                }
-                                Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {}
-                                Err(_) => return,
-                            }
-                        }
-                    });
-                }
-                Err(_) => std::thread::sleep(Duration::from_millis(5)),
-            }
-        }
-    });
 }
 
 /// Whether a new TCP connection from `netns` to `target` completes within a second.

@@ -5,14 +5,14 @@
 //! Needs `cargo build` at the workspace root first; runs as root.
 #![expect(clippy::expect_used, reason = "tests assert by panicking (STYLE 14)")]
 
-use std::io::{ErrorKind, Read, Write};
-use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::io::{Read, Write};
+use std::net::{Ipv4Addr, SocketAddr, TcpStream};
 use std::process::Command;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use bulkhead_e2e::{binary, json_lines, Lab};
+use bulkhead_e2e::{binary, echo_server, json_lines, Lab};
 use nix::sched::{setns, CloneFlags};
 
 const PORT: u16 = 9300;
@@ -60,40 +60,6 @@ impl Drop for StopOnDrop<'_> {
     fn drop(&mut self) {
         self.0.store(true, Ordering::SeqCst);
     }
-}
-
-/// Echo server in `netns` on [`PORT`]: one thread per connection, until `stop`.
-fn echo_server(netns: &str, stop: &AtomicBool, ready: &AtomicBool) {
-    enter(netns);
-    let listener = TcpListener::bind((Ipv4Addr::UNSPECIFIED, PORT)).expect("bind echo port");
-    listener.set_nonblocking(true).expect("nonblocking");
-    ready.store(true, Ordering::SeqCst);
-    std::thread::scope(|scope| {
-        while !stop.load(Ordering::SeqCst) {
-            match listener.accept() {
-                Ok((mut stream, _)) => {
-                    scope.spawn(move || {
-                        let _ = stream.set_nonblocking(false);
-                        let _ = stream.set_read_timeout(Some(Duration::from_millis(200)));
-                        let mut buf = [0u8; 64];
-                        while !stop.load(Ordering::SeqCst) {
-                            match stream.read(&mut buf) {
-                                Ok(0) => return,
-                                Ok(n) => {
-                                    if stream.write_all(&buf[..n]).is_err() {
-                                        return;
-                                    }
-                                }
-                                Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {}
-                                Err(_) => return,
-                            }
-                        }
-                    });
-                }
-                Err(_) => std::thread::sleep(Duration::from_millis(5)),
-            }
-        }
-    });
 }
 
 /// What [`hold_echo_connection`] saw.
@@ -215,7 +181,7 @@ fn quarantine_cuts_a_session_at_once_both_ways_spares_the_node_and_release_resto
     let (server_ns, client_ns) = (ns("b"), ns("a"));
     std::thread::scope(|scope| {
         let _stop = StopOnDrop(&stop);
-        scope.spawn(|| echo_server(&server_ns, &stop, &ready));
+        scope.spawn(|| echo_server(&server_ns, PORT, &stop, &ready));
         let deadline = Instant::now() + Duration::from_secs(10);
         while !ready.load(Ordering::SeqCst) {
             assert!(Instant::now() < deadline, "echo server did not start");
