@@ -8,7 +8,7 @@ use std::collections::BTreeSet;
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
-use bulkhead_e2e::{binary, flow_pod, json_lines, pod_nodes, policy_names, Lab};
+use bulkhead_e2e::{binary, flow_pod, json_lines, pod_nodes, policy_names, Lab, X_A_FROM_B};
 use serde_json::Value;
 
 const PODS: &str = "---
@@ -30,25 +30,6 @@ apiVersion: v1
 kind: Pod
 metadata: {name: c, namespace: x, labels: {pod: c}}
 spec: {containers: [{name: c, image: agnhost, ports: [{containerPort: 80, protocol: TCP}]}]}
-";
-
-/// Default-deny ingress in x; x/a admits x/b.
-const POLICY: &str = "---
-apiVersion: networking.k8s.io/v1
-kind: NetworkPolicy
-metadata: {name: default-deny-ingress, namespace: x}
-spec:
-  podSelector: {}
-  policyTypes: [Ingress]
----
-apiVersion: networking.k8s.io/v1
-kind: NetworkPolicy
-metadata: {name: allow-b, namespace: x}
-spec:
-  podSelector: {matchLabels: {pod: a}}
-  ingress:
-  - from:
-    - podSelector: {matchLabels: {pod: b}}
 ";
 
 const POD_A: &str = "---
@@ -132,7 +113,7 @@ fn eventually(what: &str, mut check: impl FnMut() -> Result<(), String>) {
 fn a_deleted_pods_flows_and_bundle_outlive_the_pod_and_the_agents() {
     let lab = Lab::new("forensics");
     lab.ok(&["up", "--nodes", "2", "-f", &lab.file("pods.yaml", PODS)]);
-    lab.ok(&["apply", "-f", &lab.file("policy.yaml", POLICY)]);
+    lab.ok(&["apply", "-f", &lab.file("policy.yaml", X_A_FROM_B)]);
     let nodes = pod_nodes(&lab);
     let node_a = nodes.get("x/a").expect("x/a placed").clone();
     let peers_elsewhere = nodes.iter().any(|(p, n)| p != "x/a" && *n != node_a);
